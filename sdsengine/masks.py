@@ -1,0 +1,40 @@
+"""The one mask convention of sdsengine: a mask is a bool tensor, True = keep.
+
+Selection helpers work on *scores* (higher = more important) and break ties by position, lower index
+first, so every backend can reproduce a mask exactly.
+"""
+import torch
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim."""
+    if scores.shape[-1] % m:
+        raise ValueError(f"last dimension {scores.shape[-1]} is not divisible by M={m} for an {n}:{m} pattern")
+    groups = scores.reshape(-1, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, order[:, :n], True)
+    return mask.reshape(scores.shape)
+
+
+def prune_lowest_mask(scores: torch.Tensor, sparsity: float, dim: int | None = -1) -> torch.Tensor:
+    """Drop exactly int(size * sparsity) lowest scores along `dim` (None: over the whole tensor)."""
+    flat = scores.reshape(1, -1) if dim is None else scores.movedim(dim, -1)
+    k = int(flat.shape[-1] * sparsity)
+    order = torch.sort(flat, dim=-1, stable=True).indices
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :k], False)
+    return mask.reshape(scores.shape) if dim is None else mask.movedim(-1, dim)
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Number of groups of m that hold more than n nonzeros (0 means the pattern holds exactly)."""
+    if weight.shape[-1] % m:
+        return weight.numel() // max(weight.shape[-1], 1)
+    nonzero = (weight.reshape(-1, m) != 0).sum(dim=-1)
+    return int((nonzero > n).sum())
+
+
+def counted_sparsity(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros, counted."""
+    return float((weight == 0).sum()) / weight.numel()

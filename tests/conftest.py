@@ -1,0 +1,23 @@
+"""The only place that decides what runs where: GPU tests skip without CUDA; Triton kernels run under
+the interpreter on CPU (TRITON_INTERPRET must be set before triton is imported)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by the GPU suite)")
+    config.addinivalue_line("markers", "slow: real-model or large-shape test")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
