@@ -1,0 +1,15 @@
+"""sdsengine: one-shot pruning of language models to 2:4 and other sparsity."""
+__version__ = "0.1.0"
+
+from sdsengine.api import PruneResult, prune  # noqa: E402
+from sdsengine.config import (  # noqa: E402
+    CalibrationConfig,
+    MagnitudeConfig,
+    PruneConfig,
+    SparseGPTConfig,
+    SparsityPattern,
+    WandaConfig,
+)
+
+__all__ = ["prune", "PruneResult", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SparseGPTConfig",
+           "SparsityPattern", "WandaConfig"]

@@ -1,0 +1,28 @@
+"""The registry of pruning methods: name -> (config class, algorithm module).
+
+An algorithm module exposes STATS (a statistics class from stats.py, or None when no calibration is
+needed) and prune(weight (out, in), stats, config) -> pruned weight with exact zeros.
+"""
+from sdsengine.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
+
+from . import magnitude, sparsegpt, wanda
+
+METHODS = {
+    "magnitude": (MagnitudeConfig, magnitude),
+    "wanda": (WandaConfig, wanda),
+    "sparsegpt": (SparseGPTConfig, sparsegpt),
+}
+
+
+def register(name, config_class, module):
+    METHODS[name] = (config_class, module)
+
+
+def algorithm_for(config):
+    return lookup(config.method)[1]
+
+
+def lookup(name):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,54 @@
+"""The Python API: one verb per job. `prune(model, config, calibration)` prunes in place."""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sdsengine import report
+from sdsengine.config import CalibrationConfig
+from sdsengine.data import calibration_samples
+from sdsengine.pipeline import adapters
+from sdsengine.pipeline.sequential import prune_model
+
+
+@dataclass
+class PruneResult:
+    layers: list
+    seconds: float
+    report: dict
+
+
+def prune(model, config, calibration=None, tokenizer=None, progress=True, model_source=None) -> PruneResult:
+    """Prune `model` in place by `config` (a method config such as SparseGPTConfig).
+
+    `calibration` is a (nsamples, seqlen) LongTensor of token ids, or a CalibrationConfig (then
+    `tokenizer` is needed to build the windows), or None for methods that need no data (magnitude).
+    """
+    samples, protocol = _calibration(model, config, calibration, tokenizer)
+    start = time.perf_counter()
+    layers = prune_model(model, config, samples, progress=progress)
+    seconds = time.perf_counter() - start
+    info = report.build(config, protocol, layers, seconds, model_source)
+    return PruneResult(layers, seconds, info)
+
+
+def _calibration(model, config, calibration, tokenizer):
+    if isinstance(calibration, CalibrationConfig):
+        _check_seqlen(model, calibration.seqlen)
+        if tokenizer is None:
+            raise ValueError("a CalibrationConfig needs the tokenizer to build its windows")
+        samples = calibration_samples(tokenizer, calibration)
+        return samples, calibration.to_dict()
+    if calibration is None:
+        return None, None
+    samples = torch.as_tensor(calibration)
+    if samples.dim() != 2:
+        raise ValueError(f"calibration tokens must be (nsamples, seqlen), got shape {tuple(samples.shape)}")
+    _check_seqlen(model, samples.shape[1])
+    return samples, {"dataset": "user tokens", "nsamples": samples.shape[0], "seqlen": samples.shape[1]}
+
+
+def _check_seqlen(model, seqlen):
+    limit = adapters.max_positions(model)
+    if limit and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {limit} positions")

