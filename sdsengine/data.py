@@ -18,20 +18,28 @@ PTB_TEST = "ptb/ptb.test.txt"
 EVAL_TASKS = ("wikitext2", "c4", "ptb")
 
 
-def resolve_data_dir(data_dir=None) -> Path | None:
-    data_dir = data_dir or os.environ.get("SDSENGINE_DATA_DIR")
-    if not data_dir:
+DATA_ENV = "SDSENGINE_DATA_DIR"
+DATA_HINT = f"pass --data-dir or set {DATA_ENV} (the offline data directory, see ../shared/data/SOURCES.md)"
+
+
+def resolve_data_dir(data_dir=None, required=False) -> Path | None:
+    """The offline data directory (argument, else $SDSENGINE_DATA_DIR); None means use the hub."""
+    given = data_dir or os.environ.get(DATA_ENV)
+    if not given:
+        if required:
+            raise FileNotFoundError(f"no data directory given: {DATA_HINT}")
         return None
-    path = Path(data_dir).expanduser()
+    path = Path(given).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data directory {path} does not exist (from --data-dir or SDSENGINE_DATA_DIR)")
+        source = "the data_dir argument" if data_dir else DATA_ENV
+        raise FileNotFoundError(f"data directory {path} (from {source}) does not exist: {DATA_HINT}")
     return path
 
 
 def data_file(data_dir: Path, relative: str) -> Path:
     path = data_dir / relative
     if not path.is_file():
-        raise FileNotFoundError(f"data directory {data_dir} lacks {relative}, needed for this dataset")
+        raise FileNotFoundError(f"{path} not found: the data directory must hold {relative}; {DATA_HINT}")
     return path
 
 

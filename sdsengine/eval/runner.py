@@ -1,26 +1,33 @@
-"""Runs a list of evaluation tasks and formats their results."""
+"""Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
 from sdsengine.data import EVAL_TASKS, eval_tokens
 
 from .perplexity import perplexity
+from .tasks import TASKS, load_task
+from .zeroshot import evaluate_zeroshot
 
-TASK_HELP = f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}"
+TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-shot tasks {', '.join(TASKS)}, "
+             "or a .jsonl file of {context, choices, label}")
 
 
 def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", progress=True) -> dict:
-    """{task: result}; perplexity results hold ppl, tokens, windows, seqlen and the protocol."""
-    for task in tasks:  # fail on a bad name before spending time on the good ones
-        if task not in EVAL_TASKS:
-            raise ValueError(f"unknown evaluation task {task!r}; {TASK_HELP}")
+    """{task: result}: perplexity tasks give ppl, tokens, windows, seqlen, protocol; zero-shot ones acc,
+    acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot)."""
+    # Load every zero-shot task first: a bad name or file fails in seconds, before any model time.
+    items = {t: load_task(t, data_dir, limit) for t in tasks if t not in EVAL_TASKS}
     results = {}
     for task in tasks:
-        ids, protocol = eval_tokens(tokenizer, task, data_dir, seqlen)
-        results[task] = {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
+        if task in items:
+            results[task] = evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task,
+                                              progress=progress)
+        else:
+            ids, protocol = eval_tokens(tokenizer, task, data_dir, seqlen)
+            results[task] = {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
     return results
 
 
 def results_table(rows: dict) -> str:
-    """rows: {label: {task: result}} -> a Markdown table."""
-    tasks = sorted({t for r in rows.values() for t in r})
+    """rows: {label: {task: result}} -> a Markdown table (ppl, or acc / acc_norm in %)."""
+    tasks = list(dict.fromkeys(t for r in rows.values() for t in r))
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for label, results in rows.items():
         cells = [_cell(results.get(t)) for t in tasks]

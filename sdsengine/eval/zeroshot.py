@@ -1,0 +1,161 @@
+"""Zero-shot multiple-choice accuracy by log-likelihood, computed as lm-evaluation-harness does.
+
+For an item with context c and choices x_1..x_k, ll_j = sum_t log p(x_j[t] | c, x_j[<t]) over the tokens of
+x_j. acc takes argmax_j ll_j; acc_norm takes argmax_j ll_j / len(x_j), the length in characters without
+the leading " " delimiter (lm-eval's `lls / completion_len` over doc_to_choice). Ties go to the first
+choice, as with np.argmax. Stderr is the standard error of the mean over items (lm-eval's mean_stderr).
+
+Tokenization follows lm-eval's HF model: no special tokens, trailing context whitespace moved onto the
+continuation, the continuation's tokens taken from encode(context + continuation) after the context's.
+Where the tokenizer merges across the boundary, context and continuation are encoded apart instead
+(lm-eval v0.4 splits the whole encoding at the context's length regardless). An empty context is
+replaced by the BOS token, or EOS where there is none. Sequences longer than the model's window lose
+tokens from the left. The model must be in eval mode.
+"""
+import math
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from sdsengine.eval.tasks import TASKS, Item, load_task
+
+__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_pair",
+           "loglikelihoods", "predictions", "model_max_length"]
+
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
+
+
+def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_length=None,
+                      desc="zero-shot", progress=True) -> dict:
+    """acc, acc_norm and their standard errors over `items` (a list of Item), and n."""
+    if not items:
+        raise ValueError("no items to evaluate")
+    max_length = max_length or model_max_length(model, tokenizer)
+    pairs = [encode_pair(tokenizer, item.context, choice) for item in items for choice in item.choices]
+    lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
+    preds = predictions(items, lls)
+    acc = sum(pred == item.label for (pred, _), item in zip(preds, items)) / len(items)
+    acc_norm = sum(pred == item.label for (_, pred), item in zip(preds, items)) / len(items)
+    return {"acc": acc, "acc_stderr": _stderr(acc, len(items)),
+            "acc_norm": acc_norm, "acc_norm_stderr": _stderr(acc_norm, len(items)), "n": len(items)}
+
+
+# ---- tokenization ----------------------------------------------------------------------------------------
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval builds them for a causal LM."""
+    # BPE vocabularies attach a space to the word after it, so "Answer: " + "yes" is scored as
+    # "Answer:" + " yes".
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    if not context:
+        return [_prefix_token(tokenizer)], _encode(tokenizer, continuation)
+    whole, ctx = _encode(tokenizer, context + continuation), _encode(tokenizer, context)
+    if whole[:len(ctx)] == ctx:
+        return ctx, whole[len(ctx):]
+    # A token spans the boundary: splitting `whole` at len(ctx) would score context text as answer text.
+    return ctx, _encode(tokenizer, continuation)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # lm-eval adds no BOS for causal LMs unless asked (add_bos_token), so the numbers compare only without it.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _prefix_token(tokenizer) -> int:
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("an empty context needs a BOS or EOS token to condition on; the tokenizer has neither")
+    return token
+
+
+def model_max_length(model, tokenizer=None) -> int:
+    """The context window, looked up in lm-eval's order: model config, then tokenizer, then 2048."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (about 1e30) instead of None.
+    return int(limit) if limit and limit < 1e12 else DEFAULT_MAX_LENGTH
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, desc="loglikelihood",
+                   progress=True) -> list[float]:
+    """Summed log-probability of each (context ids, continuation ids) pair's continuation."""
+    device = device or next(model.parameters()).device
+    max_length = max_length or model_max_length(model)
+    windows = [_window(ctx, cont, max_length) for ctx, cont in pairs]
+    # Pairs with the same model input (one-token answers such as BoolQ's " no"/" yes") share one row.
+    users = defaultdict(list)
+    for index, (inp, _) in enumerate(windows):
+        users[inp].append(index)
+    # Longest first, as lm-eval: batches hold similar lengths, and running out of memory shows at once.
+    order = sorted(users, key=lambda inp: (-len(inp), inp))
+    out = [0.0] * len(pairs)
+    with tqdm(total=len(pairs), desc=desc, unit="choice", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            logits = _forward(model, batch, device)
+            for row, inp in enumerate(batch):
+                _score_row(logits[row], len(inp), [(i, windows[i][1]) for i in users[inp]], out)
+                bar.update(len(users[inp]))
+    return out
+
+
+def _window(ctx, cont, max_length):
+    """(model input, scored tokens): the input is context + continuation without its last token."""
+    if not cont:
+        raise ValueError("a continuation encodes to no tokens; choices must be non-empty")
+    if len(cont) > max_length:
+        raise ValueError(f"a continuation of {len(cont)} tokens does not fit the {max_length}-token window")
+    full = (list(ctx) + list(cont))[-(max_length + 1):]
+    return tuple(full[:-1]), tuple(cont)
+
+
+def _forward(model, inputs, device):
+    ids = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
+    for row, inp in enumerate(inputs):
+        ids[row, :len(inp)] = torch.tensor(inp)
+    # Right padding needs no attention mask in a causal LM: no real token attends to a later position,
+    # so pads cannot change a scored logit (lm-eval relies on the same), and the causal kernel path is kept.
+    return model(ids.to(device), use_cache=False).logits
+
+
+def _score_row(logits, length, requests, out):
+    """Write into `out` the log-likelihood of each (index, targets) whose last token ends at `length`."""
+    span = max(len(targets) for _, targets in requests)
+    logp = logits[length - span:length].float().log_softmax(-1)
+    for index, targets in requests:
+        ids = torch.tensor(targets, device=logp.device).unsqueeze(-1)
+        out[index] = float(logp[span - len(targets):].gather(-1, ids).sum())
+
+
+def predictions(items, lls) -> list[tuple[int, int]]:
+    """(acc prediction, acc_norm prediction) per item, from the flat list of per-choice log-likelihoods."""
+    preds, start = [], 0
+    for item in items:
+        scores = lls[start:start + len(item.choices)]
+        start += len(item.choices)
+        normed = [score / _norm_length(choice) for score, choice in zip(scores, item.choices)]
+        preds.append((_argmax(scores), _argmax(normed)))
+    return preds
+
+
+def _norm_length(choice: str) -> int:
+    # lm-eval divides by len(doc_to_choice), the choice before the " " delimiter is put in front of it;
+    # a choice of only that space would divide by zero there, here by one.
+    return max(1, len(choice) - choice.startswith(" "))
+
+
+def _argmax(values) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _stderr(p: float, n: int) -> float:
+    # Sample standard deviation over sqrt(n) for 0/1 scores, as lm-eval's mean_stderr.
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
