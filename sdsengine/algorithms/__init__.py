@@ -1,7 +1,9 @@
 """The registry of pruning methods: name -> (config class, algorithm module).
 
 An algorithm module exposes STATS (a statistics class from stats.py, or None when no calibration is
-needed) and prune(weight (out, in), stats, config) -> pruned weight with exact zeros.
+needed) and either prune(weight (out, in), stats, config) -> pruned weight with exact zeros (or
+(weight, info dict) for the run report), or, for block-wise methods, prune_layer(ctx, config) that
+prunes ctx.targets in place given a pipeline.sequential.LayerContext and returns {name: info}.
 """
 from sdsengine.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
 

@@ -25,6 +25,7 @@ class LayerReport:
     seconds: float = 0.0
     error: float | None = None  # relative squared error of the layer's output on calibration data
     linears: dict = field(default_factory=dict)  # name -> {"shape", "sparsity", "nm_violations"}
+    steps: dict = field(default_factory=dict)  # name -> what the algorithm reports (e.g. errors per step)
 
 
 def prune_model(model, config, samples=None, progress=True) -> list[LayerReport]:
@@ -59,12 +60,37 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
     finally:
         for h in hooks:
             h.remove()
-    for name, module in targets.items():
-        adapters.set_weight(module, algo.prune(adapters.get_weight(module), stats[name], config))
+    if hasattr(algo, "prune_layer"):  # block-wise methods (BESA) see the whole layer and its dense outputs
+        steps = algo.prune_layer(LayerContext(layer, targets, stats, inps, outs, kwargs, device), config)
+    else:
+        steps = {name: _prune_linear(algo, module, stats[name], config) for name, module in targets.items()}
     del stats
     error = run_layer(layer, inps, outs, kwargs, device, reference=outs)
     layer.to(home)
-    return _report(index, targets, config.sparsity, time.perf_counter() - start, error)
+    report = _report(index, targets, config.sparsity, time.perf_counter() - start, error)
+    report.steps = {name: info for name, info in (steps or {}).items() if info}
+    return report
+
+
+@dataclass
+class LayerContext:
+    """What a block-wise algorithm gets: the layer on its device, its targeted linears, their input
+    statistics, the calibration inputs and the dense outputs (outs), and the layer's keyword arguments."""
+    layer: torch.nn.Module
+    targets: dict
+    stats: dict
+    inps: torch.Tensor
+    outs: torch.Tensor
+    kwargs: dict
+    device: torch.device
+
+
+def _prune_linear(algo, module, stats, config):
+    """Per-linear methods return the pruned weight, or (weight, info) where info goes into the report."""
+    result = algo.prune(adapters.get_weight(module), stats, config)
+    weight, info = result if isinstance(result, tuple) else (result, None)
+    adapters.set_weight(module, weight)
+    return info
 
 
 @torch.no_grad()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Quality runs behind the README's tables, by the published protocol: the embedded SmolLM2-135M,
+# calibration 128 x 2048 C4 windows (seed 0), WikiText-2 test perplexity at seqlen 2048 (whole set).
+#
+#   bash benchmarks/quality.sh NAME [prune flags...]
+#   bash benchmarks/quality.sh dense                                   # no pruning
+#   bash benchmarks/quality.sh sparsegpt_2-4 --method sparsegpt --sparsity 2:4
+#
+# Writes benchmarks/results/quality/NAME.json (eval results + the exact commands, wall times) and
+# NAME.prune.json (the run report: recipe, per-layer sparsity and error, time, peak memory).
+# TASKS (default wikitext2) and CALIB ("--nsamples 128 --seqlen 2048 --seed 0") can be overridden.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=$1; shift
+tasks=${TASKS:-wikitext2}
+calib=${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
+out=benchmarks/results/quality; runs=${SDSENGINE_RUNS:-runs}
+mkdir -p "$out" "$runs"
+model_args=()
+prune_cmd=""
+prune_s=0
+if [ $# -gt 0 ]; then
+  prune_cmd="sdsengine prune $* $calib --out $runs/$name --overwrite"
+  start=$(date +%s)
+  $prune_cmd
+  prune_s=$(( $(date +%s) - start ))
+  cp "$runs/$name/sdsengine.json" "$out/$name.prune.json"
+  model_args=(--model "$runs/$name")
+fi
+eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 --json $out/$name.eval.json"
+start=$(date +%s)
+$eval_cmd
+eval_s=$(( $(date +%s) - start ))
+python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" <<'PY'
+import json, sys
+base, prune_cmd, eval_cmd, prune_s, eval_s = sys.argv[1:]
+record = json.load(open(base + ".eval.json"))
+record.update(prune_command=prune_cmd or None, eval_command=eval_cmd,
+              prune_wall_s=int(prune_s), eval_wall_s=int(eval_s))
+json.dump(record, open(base + ".json", "w"), indent=2)
+PY
+rm -f "$out/$name.eval.json"
