@@ -1,5 +1,47 @@
-"""Installs sdsengine (with kernels/ as sdsengine.kernels) and, where CUDA can build it, the 2:4 extension."""
+"""Installs sdsengine (with kernels/ as sdsengine.kernels) and, where CUDA can build it, the 2:4 extension.
+
+The extension sdsengine._C is built only where it can and should be: torch with CUDA, a CUDA toolkit
+(CUDA_HOME / nvcc), and either a visible GPU or SDSENGINE_BUILD_CUDA=1 (build machines without a GPU).
+SDSENGINE_BUILD_CUDA=0 never builds it. pip's build isolation hides the installed torch, so build it with
+`pip install --no-build-isolation -e .`; otherwise sdsengine.ops JIT-builds it on first use on a GPU.
+"""
+import glob
+import os
+import warnings
+
 from setuptools import setup
+
+# mma.sp runs on every GPU from Ampere on: sm_80 code serves 8.x, sm_90 code Hopper, compute_90 PTX later GPUs.
+# No sm_90a: there is no wgmma.sp kernel yet.
+GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for sdsengine._C, or ([], {}) with a warning saying why not."""
+    wanted = os.environ.get("SDSENGINE_BUILD_CUDA")
+    if wanted == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        warnings.warn("sdsengine: torch is not importable at build time (build isolation?); installing without "
+                      "the CUDA extension (use `pip install --no-build-isolation`; sdsengine.ops can JIT-build it)")
+        return [], {}
+    missing = [why for why, hit in (("torch has no CUDA", torch.version.cuda is None),
+                                     ("no CUDA toolkit (CUDA_HOME / nvcc)", CUDA_HOME is None),
+                                     ("no GPU visible and SDSENGINE_BUILD_CUDA is not 1",
+                                      wanted != "1" and not torch.cuda.is_available())) if hit]
+    if missing:
+        warnings.warn(f"sdsengine: installing without the CUDA extension: {'; '.join(missing)}")
+        return [], {}
+    extension = CUDAExtension(
+        "sdsengine._C", sources=["csrc/bindings.cpp", *sorted(glob.glob("csrc/*.cu"))],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo", *GENCODE]})
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="sdsengine",
@@ -16,5 +58,7 @@ setup(
         "triton": ["triton"],
         "dev": ["pytest", "gguf", "accelerate", "triton", "ninja"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={"console_scripts": ["sdsengine=sdsengine.cli:main"]},
 )

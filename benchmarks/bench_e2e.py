@@ -1,0 +1,172 @@
+"""End-to-end prefill and decode tokens/s of a Llama-shaped model with random weights pruned 2:4 (magnitude):
+dense vs the same model after sdsengine.nn.convert, in one run.
+
+Prefill: one forward over --prefill tokens (only the last position's logits). Decode: --steps single-token
+steps against a static KV cache, replayed as a CUDA graph (the eager fallback is reported as such: Python
+overhead then hides kernel time). The layer count is cut to fit GPU memory, and the output says so.
+
+    python benchmarks/bench_e2e.py [--model llama-3-8b] [--layers 32] [--dtype float16]
+
+Writes benchmarks/results/<name>.json and .md; exits with a message where no CUDA GPU is visible.
+"""
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+try:
+    from harness import env_info, time_cuda, write_results
+except ImportError:  # benchmarks/harness.py not there yet: the same three functions
+    from sdsengine.bench import env_info, time_cuda, write_results
+from sdsengine.masks import nm_mask
+from sdsengine.nn import convert, sparse_linear
+
+CONFIGS = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       vocab_size=32000, num_hidden_layers=32),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       vocab_size=128256, num_hidden_layers=32, rope_theta=500000.0),
+}
+
+
+def build_model(name, layers, dtype, max_len):
+    """A random Llama-shaped model on the GPU with every decoder Linear pruned 2:4 by magnitude."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    config = LlamaConfig(**dict(CONFIGS[name], num_hidden_layers=layers), max_position_embeddings=max_len)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+    return model
+
+
+def layers_that_fit(name, wanted, dtype):
+    """Dense weights plus room for a decompressed copy and activations must fit: cut layers, never OOM."""
+    c = CONFIGS[name]
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    per_layer = (2 * c["hidden_size"] ** 2 + 2 * c["hidden_size"] * c["num_key_value_heads"] * head_dim
+                 + 3 * c["hidden_size"] * c["intermediate_size"]) * dtype.itemsize
+    embeddings = 2 * c["vocab_size"] * c["hidden_size"] * dtype.itemsize
+    free = torch.cuda.mem_get_info()[0] * 0.8 - embeddings - (4 << 30)
+    return max(1, min(wanted, int(free // (2 * per_layer))))
+
+
+def time_prefill(model, batch, tokens):
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
+    with torch.no_grad():
+        return time_cuda(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 2, 5)
+
+
+def time_decode(model, batch, prompt, steps, graphs=True):
+    """(ms per step, mode): single-token steps over a StaticCache holding `prompt` tokens."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    step_ids = ids[:, -1:].clone()
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"))
+
+        def step():
+            return model(input_ids=step_ids, past_key_values=cache, cache_position=pos,
+                         position_ids=pos.view(1, 1).expand(batch, 1)).logits
+        pos.fill_(prompt)
+        step()  # tunes SparseLinear for this token count before any capture
+        run, mode = step, "eager"
+        if graphs:
+            run, mode = _captured(step)
+        return _time_steps(run, pos, prompt, steps), mode
+
+
+def _captured(step):
+    """The step as a CUDA graph replay, or the eager step with the reason capture failed."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay, "cuda-graph"
+    except Exception as exc:  # capture is best effort; the eager number is still a number
+        torch.cuda.synchronize()
+        return step, f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
+
+
+def _time_steps(run, pos, prompt, steps):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(steps):
+        pos.fill_(prompt + i)
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def measure_model(model, args):
+    prefill_ms = time_prefill(model, args.batch, args.prefill)
+    decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs)
+    return {"prefill": prefill_ms, "decode": decode_ms, "mode": mode}
+
+
+def records_for(args, layers, dense, sparse, gpu):
+    shape = f"{args.model}/{layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
+    choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}:{b}" for k, b in sorted(sparse_linear.autotune_choices().items(),
+                                                                       key=str))
+    base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices}
+    prefill_tokens, decode_tokens = args.batch * args.prefill, args.batch
+    return [
+        dict(base, bench="e2e_prefill", tokens=args.prefill, backend="sparse", ms=sparse["prefill"],
+             dense_ms=dense["prefill"], speedup=dense["prefill"] / sparse["prefill"],
+             tokens_per_s=prefill_tokens / sparse["prefill"] * 1e3,
+             dense_tokens_per_s=prefill_tokens / dense["prefill"] * 1e3),
+        dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend="sparse", ms=sparse["decode"],
+             dense_ms=dense["decode"], speedup=dense["decode"] / sparse["decode"], mode=sparse["mode"],
+             dense_mode=dense["mode"], tokens_per_s=decode_tokens / sparse["decode"] * 1e3,
+             dense_tokens_per_s=decode_tokens / dense["decode"] * 1e3),
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prefill", type=int, default=2048, help="prefill tokens per sequence")
+    parser.add_argument("--prompt", type=int, default=512, help="tokens in the KV cache while decoding")
+    parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph)")
+    parser.add_argument("--name", default="e2e", help="results file stem")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_e2e: no CUDA GPU visible; nothing measured")
+        return 0
+    dtype = getattr(torch, args.dtype)
+    layers = layers_that_fit(args.model, args.layers, dtype)
+    note = "" if layers == args.layers else f" (cut from {args.layers} to fit GPU memory)"
+    print(f"bench_e2e: {args.model} with {layers} decoder layers{note}, random weights pruned 2:4; {env_info()}")
+    model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
+    dense = measure_model(model, args)
+    print(f"dense: {dense}", flush=True)
+    convert(model)
+    torch.cuda.empty_cache()
+    sparse = measure_model(model, args)
+    print(f"sparse: {sparse}", flush=True)
+    records = records_for(args, layers, dense, sparse, torch.cuda.get_device_name())
+    for r in records:
+        print(f"{r['bench']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
+              f"({r['speedup']:.3f}x){note}")
+    print(f"wrote {write_results(args.name, records)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""2:4 sparse x dense matmul on the Linear shapes of Llama-2-7B and Llama-3-8B, tokens 1..4096, fp16 and bf16:
+dense cuBLAS, PyTorch's cuSPARSELt (and CUTLASS on 8.x GPUs), ours, and what SparseLinear's autotuner picks,
+all in one run with the speedup against dense. Weights are rotated so every call reads them from HBM.
+
+    python benchmarks/bench_spmm.py [--tokens 1,16,128] [--dtypes float16] [--iters 50]
+
+Writes benchmarks/results/<name>.json and .md; exits with a message where no CUDA GPU is visible.
+"""
+import argparse
+import sys
+
+import torch
+
+try:
+    from harness import env_info, time_cuda, write_results
+except ImportError:  # benchmarks/harness.py not there yet: the same three functions
+    from sdsengine.bench import env_info, time_cuda, write_results
+from sdsengine.bench import LLAMA_SHAPES, measure, table
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def llm_shapes():
+    """{(out, in): 'llama-2-7b:q,k,v,o llama-3-8b:q,o'}: each shape timed once, its users named."""
+    shapes = {}
+    for model, layers in LLAMA_SHAPES.items():
+        for shape, names in layers.items():
+            shapes.setdefault(shape, []).append(f"{model}:{names}")
+    return {shape: " ".join(users) for shape, users in shapes.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--dtypes", default="float16,bfloat16")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--name", default="spmm", help="results file stem")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_spmm: no CUDA GPU visible; nothing measured")
+        return 0
+    print(f"bench_spmm on {env_info()}")
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    records = []
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",") if d):
+        for shape, users in llm_shapes().items():
+            rows = measure(shape, tokens, dtype, iters=args.iters, timer=time_cuda, users=users)
+            print(table(rows), flush=True)
+            records += rows
+    print(f"wrote {write_results(args.name, records)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+// Python bindings of sdsengine._C: the door to the CUDA kernels. Every input is checked here (device,
+// dtype, shape, alignment, contiguity) with the offending values named, so the kernels can assume
+// valid input.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "spmm24.h"
+
+namespace {
+
+#define SDS_CHECK(cond, ...) TORCH_CHECK(cond, "sdsengine._C.spmm24: ", __VA_ARGS__)
+
+constexpr int64_t kRowsPerTile = 16;
+constexpr int64_t kColsPerBlock = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Straight from the runtime (ATen's device-properties header pulls in cuBLAS/cuSPARSE headers we do not
+// need), cached so the hot path and CUDA-graph capture make no driver query after the first call.
+int device_attribute(const at::Device& device, cudaDeviceAttr attr) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(device.index()), static_cast<int>(attr));
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device.index()));
+    it = cache.emplace(key, value).first;
+  }
+  return it->second;
+}
+
+void check_placed(const at::Tensor& t, const char* name, const at::Device& device) {
+  SDS_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
+  SDS_CHECK(t.is_contiguous(), name, " must be contiguous (shape ", t.sizes(), ", strides ", t.strides(), ")");
+  SDS_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned, its data starts at ",
+            t.data_ptr());
+}
+
+void check_x(const at::Tensor& x) {
+  SDS_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
+  SDS_CHECK(x.dim() == 2, "x must be 2-D (tokens, in_features), got shape ", x.sizes());
+  SDS_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+            "x must be float16 or bfloat16, got ", x.scalar_type());
+  SDS_CHECK(x.size(1) % 32 == 0, "in_features must be divisible by 32, got ", x.size(1));
+  check_placed(x, "x", x.device());
+  const int major = device_attribute(x.device(), cudaDevAttrComputeCapabilityMajor);
+  SDS_CHECK(major >= 8, "needs compute capability 8.0 or newer (sparse tensor cores), device ", x.device().index(),
+            " is ", major, ".", device_attribute(x.device(), cudaDevAttrComputeCapabilityMinor));
+}
+
+// values [Mt, KB*8, 32, 8] and meta [Mt, KB, 32, 4] as written by sdsengine.ops.reorder_24.
+void check_weight(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t m) {
+  const int64_t k = x.size(1), mt = ceil_div(m, kRowsPerTile), kb = ceil_div(k, kColsPerBlock);
+  SDS_CHECK(m > 0, "out_features must be positive, got ", m);
+  SDS_CHECK(values.scalar_type() == x.scalar_type(), "values dtype ", values.scalar_type(), " differs from x dtype ",
+            x.scalar_type());
+  SDS_CHECK(meta.scalar_type() == at::kInt, "meta must be int32, got ", meta.scalar_type());
+  const std::vector<int64_t> values_shape{mt, kb * 8, 32, 8}, meta_shape{mt, kb, 32, 4};
+  const at::IntArrayRef want_values(values_shape), want_meta(meta_shape);
+  SDS_CHECK(values.sizes() == want_values, "values must have the reordered shape ", want_values,
+            " for out_features=", m, ", in_features=", k, "; got ", values.sizes(),
+            " (was it passed through sdsengine.ops.reorder_24?)");
+  SDS_CHECK(meta.sizes() == want_meta, "meta must have the reordered shape ", want_meta,
+            " for out_features=", m, ", in_features=", k, "; got ", meta.sizes());
+  check_placed(values, "values", x.device());
+  check_placed(meta, "meta", x.device());
+}
+
+void check_bias(const at::Tensor& x, const at::Tensor& bias, int64_t m) {
+  SDS_CHECK(bias.dim() == 1 && bias.size(0) == m, "bias must have shape (", m, ",), got ", bias.sizes());
+  SDS_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(), " differs from x dtype ",
+            x.scalar_type());
+  SDS_CHECK(bias.device() == x.device(), "bias is on ", bias.device(), " but x is on ", x.device());
+  SDS_CHECK(bias.is_contiguous(), "bias must be contiguous, strides ", bias.strides());
+}
+
+sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k) {
+  SDS_CHECK(split_k >= 0, "split_k must be >= 0 (0 = automatic), got ", split_k);
+  SDS_CHECK(m < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), "sizes must fit in int32, got M=", m,
+            ", N=", x.size(0));
+  const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
+  return sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), sms,
+                                static_cast<int>(split_k));
+}
+
+// Split-K tickets: the caller's zeroed buffer (kept zero by the kernel) when it is large enough, so a
+// call launches nothing but the kernel; otherwise fresh zeros for this call.
+at::Tensor counters_for(const at::Tensor& x, const c10::optional<at::Tensor>& locks, int64_t needed) {
+  if (locks.has_value()) {
+    SDS_CHECK(locks->scalar_type() == at::kInt && locks->dim() == 1 && locks->is_contiguous(),
+              "locks must be a contiguous 1-D int32 tensor, got ", locks->scalar_type(), " of shape ", locks->sizes());
+    SDS_CHECK(locks->device() == x.device(), "locks is on ", locks->device(), " but x is on ", x.device());
+    if (locks->numel() >= needed) return *locks;
+  }
+  return at::zeros({needed}, x.options().dtype(at::kInt));
+}
+
+}  // namespace
+
+// Y = X . W^T (+ bias) with W 2:4-compressed and reordered; X (N, K) -> Y (N, out_features).
+// locks: optional int32 zeros reused across calls (see counters_for); they must not be shared by calls
+// that run concurrently on different streams.
+at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
+                  const c10::optional<at::Tensor>& bias, int64_t split_k, const c10::optional<at::Tensor>& locks) {
+  check_x(x);
+  check_weight(x, values, meta, out_features);
+  if (bias.has_value()) check_bias(x, *bias, out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({x.size(0), out_features}, x.options());
+  if (x.size(0) == 0) return y;
+  const auto plan = plan_for(x, out_features, split_k);
+  at::Tensor workspace, counters;
+  if (plan.splits > 1) {
+    workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
+    counters = counters_for(x, locks, int64_t{plan.m_blocks} * plan.token_blocks);
+  }
+  const sdsengine::Spmm24Args args{x.data_ptr(),
+                                   values.data_ptr(),
+                                   meta.data_ptr<int32_t>(),
+                                   bias.has_value() ? bias->data_ptr() : nullptr,
+                                   y.data_ptr(),
+                                   plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
+                                   plan.splits > 1 ? counters.data_ptr<int>() : nullptr,
+                                   static_cast<int>(out_features),
+                                   static_cast<int>(x.size(0)),
+                                   static_cast<int>(x.size(1)),
+                                   static_cast<int>(values.size(0)),
+                                   static_cast<int>(meta.size(1))};
+  const auto dtype = x.scalar_type() == at::kHalf ? sdsengine::DType::kHalf : sdsengine::DType::kBFloat16;
+  const cudaError_t err = sdsengine::spmm24_launch(args, plan, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  SDS_CHECK(err == cudaSuccess, "kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+// The launch plan the kernel would use, for tests and benchmarks: a dict of ints.
+pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t split_k) {
+  check_x(x);
+  const auto plan = plan_for(x, out_features, split_k);
+  pybind11::dict d;
+  d["n_tiles"] = plan.n_tiles;
+  d["token_blocks"] = plan.token_blocks;
+  d["m_blocks"] = plan.m_blocks;
+  d["splits"] = plan.splits;
+  d["kb_per_split"] = plan.kb_per_split;
+  d["kb_per_chunk"] = plan.kb_per_chunk;
+  d["smem_bytes"] = plan.smem_bytes;
+  return d;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sdsengine CUDA kernels: 2:4 sparse x dense matmul on sparse tensor cores";
+  m.def("spmm24", &spmm24, "Y = X W^T (+ bias), W 2:4 in the reorder_24 layout", pybind11::arg("x"),
+        pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("split_k") = 0,
+        pybind11::arg("locks") = pybind11::none());
+  m.def("spmm24_plan", &spmm24_plan, "launch plan of spmm24 for x and out_features", pybind11::arg("x"),
+        pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
+}

@@ -1,0 +1,45 @@
+// 2:4 sparse x dense matmul on sparse tensor cores: Y[N, M] = X[N, K] . W[M, K]^T (+ bias).
+//
+// W enters as the sparse A operand of mma.sp and X^T as B, so tokens are the N dimension of the
+// instruction (granularity 8) and decode needs no padding to 16 rows. W must already be in the fragment
+// order written by sdsengine.ops.reorder_24 (an offline step from the canonical compress_24 layout):
+//   values  [Mt][KB * 8][32 lanes][8 elements]  one 16-byte load per lane per 16x32 tile
+//   meta    [Mt][KB][32 lanes][4 words]          one 16-byte load per lane per 16x256 block
+// with Mt = ceil(M / 16) and KB = ceil(K / 256). This header is free of torch so the kernels compile alone.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace sdsengine {
+
+enum class DType { kHalf, kBFloat16 };
+
+// How one call is cut into thread blocks; computed on the host, also reported to Python for tests.
+struct Spmm24Plan {
+  int n_tiles;       // 8-token MMA tiles per warp: 1, 2, 4 or 8
+  int token_blocks;  // grid.z: blocks of n_tiles * 8 tokens
+  int m_blocks;      // grid.x: blocks of kWarps m-tiles of 16 rows
+  int splits;        // grid.y: K is cut into this many slices (1: no workspace)
+  int kb_per_split;  // 256-wide K blocks per slice
+  int kb_per_chunk;  // K blocks of X staged in shared memory at a time
+  int smem_bytes;
+};
+
+struct Spmm24Args {
+  const void* x;         // [N, K], 16-byte aligned
+  const void* values;    // reordered values, dtype of x
+  const int32_t* meta;   // reordered metadata
+  const void* bias;      // [M] or nullptr
+  void* y;               // [N, M]
+  float* workspace;      // [splits, N, M] fp32 partial sums; used only when splits > 1
+  int* counters;         // [m_blocks * token_blocks] zeros, left zero again; used only when splits > 1
+  int M, N, K, Mt, KB;
+};
+
+// split_k > 0 forces the number of K slices (clamped to [1, KB]); 0 picks one that fills num_sms.
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k);
+
+cudaError_t spmm24_launch(const Spmm24Args& args, const Spmm24Plan& plan, DType dtype, cudaStream_t stream);
+
+}  // namespace sdsengine

@@ -1,0 +1,204 @@
+"""`sdsengine bench`: dense vs 2:4 sparse for each Linear shape of your model and each token count, on your GPU.
+
+Every call reads its weight from HBM, as in a real forward pass: the weights are rotated over enough random
+2:4 copies to overflow the L2 cache. Each backend is checked against dense once before it is timed. The
+`auto` column is what SparseLinear picks for that token count after its own measurement.
+"""
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from sdsengine import ops
+from sdsengine.kernels import compress_24
+from sdsengine.masks import nm_mask
+from sdsengine.nn import sparse_linear
+
+LLAMA_SHAPES = {  # (out_features, in_features): projections sharing it
+    "llama-2-7b": {(4096, 4096): "q,k,v,o", (11008, 4096): "gate,up", (4096, 11008): "down"},
+    "llama-3-8b": {(4096, 4096): "q,o", (1024, 4096): "k,v", (14336, 4096): "gate,up", (4096, 14336): "down"},
+}
+DEFAULT_TOKENS = "1,16,128,512,2048"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default=None, help="time the Linear shapes of this model (loaded by the CLI)")
+    parser.add_argument("--shapes", default=None, help="OUTxIN list, e.g. 4096x4096,11008x4096 "
+                                                       "(default: the model's, else Llama-2-7B's)")
+    parser.add_argument("--tokens", default=DEFAULT_TOKENS, help=f"token counts (default {DEFAULT_TOKENS})")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--iters", type=int, default=50, help="timed calls per measurement (median)")
+    parser.add_argument("--json", default=None, help="also write the records to this JSON file")
+
+
+def run(args, load_model=None):
+    """Print the table; returns a process exit code. load_model(name) -> model (or a tuple led by it)."""
+    if not torch.cuda.is_available():
+        print("sdsengine bench: needs a CUDA GPU; none is visible, nothing measured")
+        return 1
+    shapes = _shapes_from_args(args, load_model)
+    dtype = getattr(torch, args.dtype)
+    checked = ops.probe("cuda", dtype, self_check=True)["backends"]
+    print("backends (self-checked against dense): " + "; ".join(f"{b}: {s}" for b, s in checked.items()))
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    records = []
+    for shape, users in shapes.items():
+        records += measure(shape, tokens, dtype, iters=args.iters, users=users)
+    print(header(dtype))
+    print(table(records))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env_info(), "records": records}, indent=2))
+    return 0
+
+
+def _shapes_from_args(args, load_model):
+    if args.shapes:
+        return {tuple(int(v) for v in s.lower().split("x")): "" for s in args.shapes.split(",") if s}
+    if args.model:
+        if load_model is None:
+            raise ValueError("--model needs a model loader; pass --shapes instead")
+        loaded = load_model(args.model)
+        return model_shapes(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return LLAMA_SHAPES["llama-2-7b"]
+
+
+def model_shapes(model, ignore=("lm_head",)):
+    """{(out, in): 'names'} of the model's Linear/Conv1D layers that SparseLinear can hold (in % 32 == 0)."""
+    from sdsengine.nn.convert import Conv1D
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in ignore:
+            out_in = tuple(module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape)
+            if out_in[1] % 32 == 0:
+                shapes.setdefault(out_in, set()).add(name.rsplit(".", 1)[-1])
+    return {shape: ",".join(sorted(names)) for shape, names in shapes.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------------
+
+def measure(shape, tokens, dtype, iters=50, timer=None, users=""):
+    """Records for one weight shape: per token count, dense and every available sparse backend, then auto."""
+    timer = timer or time_cuda
+    weights = random_24_weights(shape, dtype)
+    forms = {"dense": [ops.prepare("dense", v, m) for v, m in weights]}
+    for backend in ops.available("cuda", dtype):
+        if backend != "dense":
+            try:
+                forms[backend] = [ops.prepare(backend, v, m) for v, m in weights]
+            except ops.BackendUnavailable:
+                pass
+    layer = sparse_linear.SparseLinear(shape[1], shape[0], bias=False, device="cuda", dtype=dtype)
+    layer.values.copy_(weights[0][0])
+    layer.meta.copy_(weights[0][1])
+    records = []
+    for n in tokens:
+        records += _measure_tokens(shape, n, dtype, forms, layer, iters, timer, users)
+    return records
+
+
+def random_24_weights(shape, dtype):
+    """Enough random 2:4 weights (compressed) that cycling through them overflows L2 three times."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    copies = max(1, min(16, math.ceil(3 * l2 / (shape[0] * shape[1] * 2))))
+    weights = []
+    for seed in range(copies):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        w = torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+        weights.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
+    return weights
+
+
+def _measure_tokens(shape, n, dtype, forms, layer, iters, timer, users):
+    x = torch.randn(n, shape[1], device="cuda", dtype=dtype)
+    ref = ops.run("dense", forms["dense"][0], x, None, shape[0])
+    base = {"bench": "spmm", "shape": f"{shape[0]}x{shape[1]}", "layers": users, "tokens": n,
+            "dtype": str(dtype).removeprefix("torch."), "gpu": torch.cuda.get_device_name()}
+    times = {}
+    for backend, copies in forms.items():
+        try:
+            err = ops.relative_error(ops.run(backend, copies[0], x, None, shape[0]), ref)
+            times[backend] = (timer(_cycling(backend, copies, x, shape[0]), 5, iters), err)
+        except RuntimeError as exc:  # a backend refusing a token count is a result, not a crash
+            print(f"sdsengine bench: {backend} failed on {shape} x {n}: {exc}")
+    with torch.no_grad():
+        layer(x)
+    choice = sparse_linear.autotune_choices()[layer._key(n)]
+    dense_ms = times["dense"][0]
+    records = [dict(base, backend=b, ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms, rel_err=err,
+                    **rates(shape, n, ms, sparse=b != "dense")) for b, (ms, err) in times.items()]
+    if choice in times:
+        ms = times[choice][0]
+        records.append(dict(base, backend=f"auto:{choice}", ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms,
+                            rel_err=times[choice][1], **rates(shape, n, ms, sparse=choice != "dense")))
+    return records
+
+
+def _cycling(backend, copies, x, out_features):
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return ops.run(backend, copies[state["i"]], x, None, out_features)
+    return call
+
+
+def rates(shape, n, ms, sparse):
+    """Dense-equivalent TFLOP/s, and TB/s of the bytes one call must move (2:4: 9 bits per weight)."""
+    out_features, in_features = shape
+    weight_bytes = out_features * in_features * (9 / 8 if sparse else 2)
+    moved = weight_bytes + 2 * n * (in_features + out_features)
+    return {"tflops": 2 * n * out_features * in_features / ms / 1e9, "tbps": moved / ms / 1e9}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output and the harness twins (benchmarks/harness.py may provide its own)
+# ---------------------------------------------------------------------------------------------------
+
+def time_cuda(fn, warmup=5, iters=50):
+    """Median milliseconds of fn() with CUDA events (weights stay cold by rotation, not by flushing)."""
+    return ops.time_ms(fn, warmup, iters, flush=False)
+
+
+def env_info():
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability()
+        info["backends"] = ops.probe()["backends"]
+    return info
+
+
+def write_results(name, records, directory="benchmarks/results"):
+    """benchmarks/results/<name>.json (env + records) and <name>.md (the table)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"env": env_info(), "records": records}, indent=2))
+    (out / f"{name}.md").write_text(f"{header(None)}\n\n{table(records)}\n")
+    return out / f"{name}.json"
+
+
+def header(dtype):
+    env = env_info()
+    dt = f", {str(dtype).removeprefix('torch.')}" if dtype else ""
+    return (f"sdsengine bench on {env.get('gpu', 'cpu')} ({env.get('capability')}){dt}; torch {env['torch']}, "
+            f"CUDA {env['cuda']}; ms = median over calls reading cold weights")
+
+
+def table(records):
+    """Markdown table: one row per record, speedup against dense cuBLAS in the same run."""
+    cols = ["bench", "shape", "layers", "tokens", "dtype", "backend", "ms", "dense_ms", "speedup", "tflops", "tbps"]
+    cols = [c for c in cols if any(c in r for r in records)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,153 @@
+"""Prune, then convert: swap the 2:4 linears of a pruned model for SparseLinear, and save/load the result.
+
+`convert` leaves a layer dense when it is ignored, not 2:4, or has in_features % 32 != 0, and says so.
+transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn.Linear's (out, in).
+
+A compressed checkpoint is a directory holding model.safetensors (the state dict: values/meta/bias
+buffers for every SparseLinear, tied tensors stored once), sdsengine_compressed.json naming the
+SparseLinear modules and their shapes, and the model's config.json when it has one. It is written to a
+temporary sibling and renamed into place; a non-empty directory is never overwritten.
+"""
+import fnmatch
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from sdsengine.masks import nm_violations
+from sdsengine.nn.sparse_linear import SparseLinear
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency; keep nn importable without it
+    class Conv1D:  # nothing is an instance of it
+        pass
+
+MANIFEST = "sdsengine_compressed.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "sdsengine-2:4-compressed"
+
+log = logging.getLogger("sdsengine")
+
+
+@dataclass
+class Conversion:
+    name: str
+    shape: tuple  # (out_features, in_features)
+    action: str  # "converted" or "skipped"
+    reason: str = ""
+
+
+def convert(model, ignore=("lm_head",), report=None):
+    """Replace every 2:4 nn.Linear / Conv1D of `model` with SparseLinear, in place; returns the model.
+
+    ignore: fnmatch patterns matched against a module's full name or its last name component.
+    report: a list to receive one Conversion per linear layer; a summary is logged either way.
+    """
+    records = [] if report is None else report
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, Conv1D)):
+            record, replacement = _convert_one(name, module, ignore)
+            records.append(record)
+            if replacement is not None:
+                _set_submodule(model, name, replacement)
+    _log_summary(records)
+    return model
+
+
+def _convert_one(name, module, ignore):
+    weight = module.weight.detach()
+    weight = weight.T if isinstance(module, Conv1D) else weight
+    out_features, in_features = weight.shape
+    shape = (out_features, in_features)
+    if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], p) for p in ignore):
+        return Conversion(name, shape, "skipped", "ignored"), None
+    if in_features % 32:
+        return Conversion(name, shape, "skipped", f"in_features {in_features} not divisible by 32"), None
+    violations = nm_violations(weight, 2, 4)
+    if violations:
+        return Conversion(name, shape, "skipped", f"not 2:4 ({violations} groups with more than 2 nonzeros)"), None
+    return Conversion(name, shape, "converted"), SparseLinear.from_dense(weight, module.bias)
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _log_summary(records):
+    done = [r for r in records if r.action == "converted"]
+    log.info("sdsengine.convert: %d of %d linear layers converted to SparseLinear", len(done), len(records))
+    for r in records:
+        if r.action != "converted":
+            log.info("  kept dense: %s %s: %s", r.name, r.shape, r.reason)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compressed checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def save_compressed(model, directory):
+    """Write `model` (after convert) to a new or empty `directory`; returns its path."""
+    out = Path(directory).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        if hasattr(getattr(model, "config", None), "save_pretrained"):
+            model.config.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(model), indent=2))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _manifest(model):
+    sparse = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                     "dtype": str(m.values.dtype).removeprefix("torch.")}
+              for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    return {"format": FORMAT, "version": 1, "pattern": "2:4", "sparse_modules": sparse}
+
+
+def load_compressed(directory, model=None):
+    """Load a checkpoint written by save_compressed (on the CPU).
+
+    model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced);
+    without it the model is built from the saved config.json with transformers, which allocates the
+    dense model once before the linears are swapped, so peak host memory is the dense model's size.
+    """
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint")
+    sparse = manifest["sparse_modules"]
+    if model is None:
+        model = _model_from_config(directory, sparse)
+    for name, spec in sparse.items():
+        dtype = getattr(torch, spec["dtype"])
+        shell = SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype)
+        _set_submodule(model, name, shell)
+    load_model(model, str(directory / WEIGHTS), strict=True)
+    return model.eval()
+
+
+def _model_from_config(directory, sparse):
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(directory)
+    dtype = getattr(torch, next(iter(sparse.values()))["dtype"]) if sparse else torch.float32
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return AutoModelForCausalLM.from_config(config, **{key: dtype})
+

@@ -1,0 +1,187 @@
+"""SparseLinear: a drop-in nn.Linear that holds its weight 2:4-compressed and runs the fastest backend.
+
+The weight lives as the canonical compress_24 pair (values, meta) plus the bias, all persistent buffers,
+so a state dict is the compressed checkpoint. Each backend's own form of the weight (sdsengine.ops.prepare)
+is derived on first use and dropped whenever the buffers move or are reloaded.
+
+On CUDA, forward picks per (weight shape, token-count bucket, dtype, device, bias) the backend measured
+fastest: every available backend, dense included, is timed once on a random input of the bucket's size and
+checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
+beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the
+CPU it decompresses once (cached) and runs dense, so everything is testable without a GPU.
+"""
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdsengine import ops
+from sdsengine.kernels import compress_24, decompress_24
+from sdsengine.masks import nm_violations
+
+NOISE_MARGIN = 0.02  # a sparse backend must beat dense by this fraction to be chosen
+MAX_BUCKET = 8192
+
+_choices = {}  # (out, in, bucket, dtype, device, has_bias) -> backend name, shared by layers of one shape
+_forced = None
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run every SparseLinear on one backend inside a with-block (tests, benchmarks); None: autotune."""
+    global _forced
+    if name is not None and name not in ops.BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {ops.BACKENDS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def clear_autotune_cache():
+    _choices.clear()
+
+
+def autotune_choices():
+    """A copy of the decisions so far: {(out, in, bucket, dtype, device, has_bias): backend}."""
+    return dict(_choices)
+
+
+def token_bucket(n):
+    """Token counts share a decision by power-of-two bucket: 3 -> 4, 100 -> 128."""
+    return min(1 << max(0, (n - 1).bit_length()), MAX_BUCKET)
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b with W stored 2:4-compressed; same constructor arguments and forward as nn.Linear."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__()
+        if in_features % 32:
+            raise ValueError(f"SparseLinear needs in_features divisible by 32, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
+        self.register_buffer("meta", torch.full((out_features, in_features // 32), ops.PAD_META, device=device,
+                                                dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
+        self._forms = {}
+
+    @classmethod
+    def from_dense(cls, weight, bias=None):
+        """From a (out, in) weight that already holds exact 2:4 zeros; refuses anything else."""
+        out_features, in_features = weight.shape
+        if in_features % 32:
+            raise ValueError(f"cannot compress a ({out_features}, {in_features}) weight: 2:4 kernels need "
+                             f"in_features divisible by 32, got {in_features}")
+        violations = nm_violations(weight, 2, 4)
+        if violations:
+            raise ValueError(f"weight ({out_features}, {in_features}) is not 2:4 sparse: {violations} groups of 4 "
+                             "hold more than 2 nonzeros (prune it to 2:4 first)")
+        layer = cls(in_features, out_features, bias is not None, device=weight.device, dtype=weight.dtype)
+        values, meta = compress_24(weight.detach())
+        layer.values.copy_(values)
+        layer.meta.copy_(meta)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear):
+        """SparseLinear with the same weight and bias as a 2:4-pruned nn.Linear."""
+        return cls.from_dense(linear.weight, linear.bias)
+
+    @property
+    def weight(self):
+        """The dense weight, decompressed on every access: for code that inspects .weight, not for compute."""
+        return decompress_24(self.values, self.meta)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        if not x.is_cuda:
+            y = F.linear(x2, self._form("dense"), self.bias)
+        elif x2.shape[0] == 0:
+            y = x2.new_empty(0, self.out_features)
+        else:
+            if x.dtype != self.values.dtype:
+                raise RuntimeError(f"SparseLinear: input dtype {x.dtype} differs from weight dtype {self.values.dtype}")
+            backend = self._backend_for(x2.shape[0])
+            y = ops.run(backend, self._form(backend), x2, self.bias, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # -- derived forms ------------------------------------------------------------------------------
+
+    def _form(self, backend):
+        if backend not in self._forms:
+            self._forms[backend] = ops.prepare(backend, self.values, self.meta)
+        return self._forms[backend]
+
+    def _apply(self, fn, recurse=True):
+        self._forms = {}  # device or dtype moves invalidate every derived form
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forms = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # -- backend choice -----------------------------------------------------------------------------
+
+    def _key(self, tokens):
+        return (self.out_features, self.in_features, token_bucket(tokens), self.values.dtype,
+                str(self.values.device), self.bias is not None)
+
+    def _backend_for(self, tokens):
+        if _forced is not None:
+            return _forced
+        key = self._key(tokens)
+        if key not in _choices:
+            if ops.capturing():
+                return "dense"  # timing is impossible while capturing; warm up before capture to tune
+            _choices[key] = self._tune(key[2])
+            self._keep_chosen_forms()
+        return _choices[key]
+
+    def _tune(self, tokens):
+        """The fastest correct backend for `tokens` rows; dense unless a sparse one beats it beyond noise."""
+        candidates = ops.available(self.values.device, self.values.dtype)
+        if candidates == ["dense"]:
+            return "dense"
+        g = torch.Generator(device=self.values.device).manual_seed(0)
+        x = torch.randn(tokens, self.in_features, device=self.values.device, dtype=self.values.dtype, generator=g)
+        ref = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        times = {b: t for b in candidates if (t := self._time_checked(b, x, ref)) is not None}
+        best = min(times, key=times.get)
+        dense = times.get("dense")
+        return best if dense is None or times[best] < dense * (1 - NOISE_MARGIN) else "dense"
+
+    def _time_checked(self, backend, x, ref):
+        """Milliseconds of `backend` on x, or None if it cannot run or gets a wrong answer."""
+        try:
+            form = self._form(backend)
+            fn = lambda: ops.run(backend, form, x, self.bias, self.out_features)  # noqa: E731
+            err = ops.relative_error(fn(), ref)
+        except ops.BackendUnavailable:
+            return None
+        except RuntimeError as exc:  # a library refusing this token count: not a reason to fail the forward
+            warnings.warn(f"SparseLinear: backend {backend!r} failed on ({self.out_features}, {self.in_features}) x "
+                          f"{x.shape[0]} tokens: {exc}; not using it")
+            self._forms.pop(backend, None)
+            return None
+        if err > 2e-2:
+            warnings.warn(f"SparseLinear: backend {backend!r} disagrees with dense (relative error {err:.3g}) on "
+                          f"shape ({self.out_features}, {self.in_features}) x {x.shape[0]} tokens; not using it")
+            self._forms.pop(backend, None)
+            return None
+        return ops.time_ms(fn)
+
+    def _keep_chosen_forms(self):
+        """Tuning prepared every backend's form; keep only those some bucket of this shape chose."""
+        mine = self._key(1)
+        chosen = {b for k, b in _choices.items() if k[:2] == mine[:2] and k[3:] == mine[3:]}
+        self._forms = {b: f for b, f in self._forms.items() if b in chosen}

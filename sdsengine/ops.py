@@ -1,0 +1,283 @@
+"""The 2:4 sparse x dense matmul Y = X·Wᵀ (+ bias), and the chain of backends that can run it.
+
+W arrives in the canonical layout of sdsengine.kernels.compress_24 (values rows×K/2, int32 meta rows×K/32).
+Each backend *prepares* it once into its own form and then *runs* it per call:
+
+    sdsengine   our mma.sp kernel (csrc/, built as sdsengine._C or JIT-built here); form: reorder_24
+    cusparselt  PyTorch's cuSPARSELt binding (torch._cslt_*): compressed once, algorithm searched once
+    cutlass     PyTorch's CUTLASS semi-structured kernel; compute capability 8.x only (it refuses Hopper)
+    dense       cuBLAS (or the CPU) on the decompressed weight: always there, the fallback
+
+`probe()` names which backends run on a device and why the others do not. Choosing among them per shape
+and token count is SparseLinear's job (sdsengine.nn.sparse_linear), by measurement.
+"""
+import logging
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sdsengine.kernels import compress_24, decompress_24
+
+BACKENDS = ("sdsengine", "cusparselt", "cutlass", "dense")
+ROWS_PER_TILE = 16  # m16n8k32: one warp tile of W rows
+COLS_PER_BLOCK = 256  # 8 k-steps of 32: one 16-byte metadata load per lane
+PAD_META = 0x44444444  # every group "keeps" columns 0 and 1 (valid, ordered) of an all-zero pad
+LOCKS = 4096  # split-K tickets per prepared weight; automatic split-K needs fewer than 4 x (number of SMs)
+
+log = logging.getLogger("sdsengine")
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_extension = {"module": None, "error": None, "tried": False}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run this weight here (device, dtype, shape or a missing library)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout: canonical compress_24 -> the fragment order of csrc/spmm24_sm80.cu (offline, any device)
+# ---------------------------------------------------------------------------------------------------
+
+def reorder_24(values, meta):
+    """Canonical (values, meta) -> (values [Mt, KB*8, 32, 8], meta int32 [Mt, KB, 32, 4]) for the kernel.
+
+    Rows are padded to Mt*16 and K to KB*256 with zero weights. mma.sp m16n8k32 hands lane (g, t) of a
+    16x32 tile the kept pairs of groups t and t+4 of rows g and g+8: values[mt, ks, lane] is those four
+    pairs, one 16-byte load. Metadata: the lanes that selector s names (t // 2 == s) hold, for k-step
+    2q+s, the 16-bit half t % 2 of row g (low) and row g+8 (high); word q of a lane's 16 bytes.
+    """
+    rows, half = values.shape
+    cols = half * 2
+    mt, kb = -(-rows // ROWS_PER_TILE), -(-cols // COLS_PER_BLOCK)
+    pad_rows, pad_cols = mt * ROWS_PER_TILE - rows, kb * COLS_PER_BLOCK - cols
+    v = F.pad(values, (0, pad_cols // 2, 0, pad_rows))
+    m = F.pad(meta, (0, pad_cols // 32, 0, pad_rows), value=PAD_META)
+    # value index: row = (mt, h, g), compressed column = (ks, half, t, e) -> (mt, ks, g, t, half, h, e)
+    v = v.reshape(mt, 2, 8, kb * 8, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6)
+    # metadata half-words: row = (mt, h, g), half-word = (kb, q, sel, khalf) -> (mt, kb, g, sel, khalf, q, h)
+    m16 = m.contiguous().view(torch.int16).reshape(mt, 2, 8, kb, 4, 2, 2).permute(0, 3, 2, 5, 6, 4, 1)
+    m32 = m16.contiguous().view(torch.int32)
+    return v.reshape(mt, kb * 8, 32, 8).contiguous(), m32.reshape(mt, kb, 32, 4).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The extension: pre-built sdsengine._C, else a JIT build from csrc/ where CUDA can build it
+# ---------------------------------------------------------------------------------------------------
+
+def load_extension():
+    """The compiled module (or None; extension_error() says why). Tried once per process."""
+    if not _extension["tried"]:
+        _extension["tried"] = True
+        try:
+            from sdsengine import _C
+            _extension["module"] = _C
+        except ImportError as exc:
+            _extension["module"], _extension["error"] = _jit_build(f"no pre-built sdsengine._C ({exc})")
+    return _extension["module"]
+
+
+def extension_error():
+    load_extension()
+    return _extension["error"]
+
+
+def _jit_build(why_not_prebuilt):
+    """JIT-compile csrc/ for the visible GPU (minutes, once; cached by torch). SDSENGINE_JIT=0 turns it off."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
+    sources = [_CSRC / "bindings.cpp", *sorted(_CSRC.glob("*.cu"))]
+    reasons = {
+        "SDSENGINE_JIT=0": os.environ.get("SDSENGINE_JIT") == "0",
+        "no CUDA device": not torch.cuda.is_available(),
+        "torch has no CUDA": torch.version.cuda is None,
+        "no CUDA toolkit (CUDA_HOME / nvcc)": CUDA_HOME is None,
+        f"sources not found in {_CSRC}": len(sources) < 2 or not all(s.exists() for s in sources),
+    }
+    blocked = [text for text, hit in reasons.items() if hit]
+    if blocked:
+        return None, f"{why_not_prebuilt}; no JIT build: {', '.join(blocked)}"
+    log.warning("sdsengine: building the CUDA extension from %s (first use only; takes a few minutes)", _CSRC)
+    try:
+        module = load(name="sdsengine_C", sources=[str(s) for s in sources],
+                      extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+        return module, None
+    except Exception as exc:  # a failed build must leave the other backends usable
+        return None, f"{why_not_prebuilt}; JIT build failed: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capability probe
+# ---------------------------------------------------------------------------------------------------
+
+def _why_not(backend, device, dtype):
+    """None if `backend` can run here, else the reason."""
+    if backend == "dense":
+        return None
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16, got {dtype}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"needs compute capability >= 8.0 (sparse tensor cores), device has {major}.{minor}"
+    if backend == "sdsengine":
+        return None if load_extension() is not None else extension_error()
+    if backend == "cusparselt":
+        ok = hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()
+        return None if ok else "this PyTorch build has no cuSPARSELt"
+    if backend == "cutlass":
+        return None if major == 8 else f"PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x, not {major}.{minor}"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def available(device, dtype):
+    """Backends that can run on `device` in `dtype`, in order of preference."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _why_not(b, device, dtype) is None]
+
+
+def probe(device=None, dtype=torch.float16, self_check=False):
+    """{'device', 'name', 'capability', 'backends': {backend: 'ok' | reason}}.
+
+    self_check runs a small 2:4 matmul through every available backend against an fp32 dense reference and
+    reports a backend that disagrees as failed (cuSPARSELt has shipped wrong-result algorithms).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = {"device": str(device), "name": "cpu", "capability": None}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
+    info["backends"] = {b: _why_not(b, device, dtype) or "ok" for b in BACKENDS}
+    if self_check:
+        for backend, status in info["backends"].items():
+            if status == "ok":
+                info["backends"][backend] = _self_check(backend, device, dtype)
+    return info
+
+
+def _self_check(backend, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g)
+    values, meta = compress_24(w)
+    x = torch.randn(5, 512, generator=g)
+    ref = x @ decompress_24(values, meta).T
+    try:
+        y = spmm24(x.to(device, dtype), values.to(device, dtype), meta.to(device), backend=backend)
+    except Exception as exc:  # a probe reports, it does not raise
+        return f"failed: {type(exc).__name__}: {exc}"
+    err = relative_error(y.float().cpu(), ref)
+    return "ok" if err < 2e-2 else f"failed: relative error {err:.3g} against dense fp32"
+
+
+def relative_error(y, ref):
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare / run per backend
+# ---------------------------------------------------------------------------------------------------
+
+def prepare(backend, values, meta):
+    """The backend's own form of a compressed weight; raises BackendUnavailable where it cannot run."""
+    reason = _why_not(backend, values.device, values.dtype)
+    if reason:
+        raise BackendUnavailable(f"{backend}: {reason}")
+    if backend == "sdsengine":  # zeroed tickets the kernel leaves zeroed: no memset per call
+        return (*reorder_24(values, meta), torch.zeros(LOCKS, dtype=torch.int32, device=values.device))
+    dense = decompress_24(values, meta)
+    if backend == "dense":
+        return dense
+    try:  # the libraries have their own shape constraints (CUTLASS fp16: rows % 32, cols % 64)
+        if backend == "cusparselt":
+            return {"packed": torch._cslt_compress(dense), "alg": {}}
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS
+        return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
+    except (RuntimeError, ValueError) as exc:
+        raise BackendUnavailable(f"{backend}: {exc}") from exc
+
+
+def run(backend, form, x, bias, out_features):
+    """Y (N, out_features) = x (N, K) · Wᵀ + bias with a prepared form."""
+    if backend == "sdsengine":
+        values_r, meta_r, locks = form
+        x = x.contiguous()
+        if x.data_ptr() % 16:  # the kernel copies X with 16-byte cp.async
+            x = x.clone()
+        return load_extension().spmm24(x, values_r, meta_r, out_features, bias, 0, locks)
+    if backend == "dense":
+        return F.linear(x, form, bias)
+    if backend == "cusparselt":
+        return _run_cusparselt(form, x, bias)
+    return F.linear(x, form, bias)  # cutlass: PyTorch's subclass dispatches (and pads) itself
+
+
+def _run_cusparselt(form, x, bias):
+    """cuSPARSELt wants the token dim padded to 8; the (tokens, out) result comes straight out."""
+    n = x.shape[0]
+    pad = -n % 8
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    alg = form["alg"].get(n + pad)
+    if alg is None:
+        alg = _search_alg(form["packed"], xp, bias)
+        form["alg"][n + pad] = alg
+    y = torch._cslt_sparse_mm(form["packed"], xp.t(), bias=bias, transpose_result=True, alg_id=alg)
+    return y[:n] if pad else y
+
+
+def _search_alg(packed, xp, bias):
+    """Searched once per token count; the search cannot run inside CUDA-graph capture, default alg 0 there."""
+    if capturing():
+        return 0
+    try:
+        return int(torch._cslt_sparse_mm_search(packed, xp.t(), bias=bias, transpose_result=True))
+    except (RuntimeError, AttributeError):
+        return 0
+
+
+def capturing():
+    """True inside CUDA-graph capture, where nothing may be timed, searched or synchronized."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def spmm24(x, values, meta, bias=None, backend="auto"):
+    """One-shot Y = X·Wᵀ (+ bias) from canonical (values, meta); prepares every call, so use SparseLinear
+    where the weight is reused. backend='auto' takes the first available in BACKENDS order."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if backend == "auto":
+        backend = available(x.device, x.dtype)[0]
+    form = prepare(backend, values, meta)
+    return run(backend, form, x2, bias, values.shape[0]).reshape(*shape[:-1], values.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing, shared by the autotuner and `sdsengine bench`
+# ---------------------------------------------------------------------------------------------------
+
+_flush_buffers = {}
+
+
+def flush_l2(device):
+    """Overwrite the L2 cache, so the next kernel reads its weights from HBM as a real decode step does."""
+    device = torch.device(device)
+    if device not in _flush_buffers:
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        _flush_buffers[device] = torch.empty(2 * size, dtype=torch.uint8, device=device)
+    _flush_buffers[device].zero_()
+
+
+def time_ms(fn, warmup=3, iters=20, flush=True):
+    """Median milliseconds of fn() on the current CUDA stream, timed with CUDA events (L2 flushed before each)."""
+    for _ in range(warmup):
+        fn()
+    device = torch.device("cuda", torch.cuda.current_device())
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        if flush:
+            flush_l2(device)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)

@@ -1,0 +1,309 @@
+"""SparseLinear, convert and compressed checkpoints: CPU first (the dense path must equal the pruned layer),
+then every backend through SparseLinear on a GPU."""
+import importlib
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+import sdsengine.nn.sparse_linear as sl
+from sdsengine import ops
+from sdsengine.kernels import compress_24, decompress_24
+from sdsengine.masks import nm_mask, nm_violations
+from sdsengine.nn import SparseLinear, convert, load_compressed, save_compressed, use_backend
+
+
+def prune_24_(module):
+    """Magnitude 2:4 on |W| along the input dimension, in place."""
+    w = module.weight.data
+    module.weight.data = w * nm_mask(w.abs(), 2, 4)
+    return module
+
+
+def pruned_linear(in_features, out_features, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return prune_24_(nn.Linear(in_features, out_features, bias=bias)).to(dtype)
+
+
+def tiny_llama(seed=0, tie=False):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                prune_24_(module)
+    return model
+
+
+def tokens(batch=2, seqlen=12, vocab=128):
+    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compressed format and the CPU path
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compress_roundtrip_is_exact(dtype):
+    w = pruned_linear(96, 40).weight.data.to(dtype)
+    w[0, :4] = torch.tensor([-0.0, 0.0, 1.0, 0.0])  # fewer than 2 nonzeros, and a -0.0
+    values, meta = compress_24(w)
+    assert values.shape == (40, 48) and meta.shape == (40, 3) and meta.dtype == torch.int32
+    assert torch.equal(decompress_24(values, meta), w)
+    assert not torch.signbit(values[values == 0]).any()  # -0.0 stored as 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_forward_equals_dense_fp32(bias):
+    linear = pruned_linear(128, 48, bias)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), linear(x), rtol=0, atol=1e-6)
+    assert sparse(x).shape == (3, 5, 48)
+
+
+def test_cpu_forward_bf16_within_tolerance():
+    linear = pruned_linear(256, 64, dtype=torch.bfloat16)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(7, 256, dtype=torch.bfloat16)
+    ref = x.float() @ linear.weight.float().T + linear.bias.float()
+    torch.testing.assert_close(sparse(x).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_weight_property_and_repr():
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    assert torch.equal(sparse.weight, linear.weight.data)
+    assert "2:4" in repr(sparse)
+    assert set(sparse.state_dict()) == {"values", "meta", "bias"}
+
+
+def test_moving_dtype_drops_cached_forms():
+    sparse = SparseLinear.from_linear(pruned_linear(64, 32))
+    x = torch.randn(2, 64)
+    sparse(x)
+    assert "dense" in sparse._forms
+    sparse.to(torch.bfloat16)
+    assert sparse._forms == {}
+    assert sparse(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_load_state_dict_drops_cached_forms():
+    a = SparseLinear.from_linear(pruned_linear(64, 32, seed=0))
+    b = SparseLinear.from_linear(pruned_linear(64, 32, seed=1))
+    x = torch.randn(2, 64)
+    a(x)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_from_linear_refuses_dense_weights():
+    with pytest.raises(ValueError, match=r"\(16, 64\) is not 2:4 sparse: \d+ groups"):
+        SparseLinear.from_linear(nn.Linear(64, 16))
+
+
+def test_from_linear_refuses_in_features_not_divisible_by_32():
+    with pytest.raises(ValueError, match="in_features divisible by 32, got 48"):
+        SparseLinear.from_linear(pruned_linear(48, 16))
+
+
+def test_token_buckets():
+    assert [sl.token_bucket(n) for n in (1, 2, 3, 7, 13, 17, 100, 4096, 10 ** 6)] == \
+        [1, 2, 4, 8, 16, 32, 128, 4096, sl.MAX_BUCKET]
+
+
+def test_use_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        with use_backend("fast"):
+            pass
+
+
+@pytest.fixture
+def fresh_choices():
+    sl.clear_autotune_cache()
+    yield
+    sl.clear_autotune_cache()
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """The tuning policy on the CPU: backends with made-up timings; 'wrong' returns a wrong answer and
+    'broken' raises. Returns the dict of timings to edit."""
+    timings = {"sdsengine": 1.0, "wrong": 0.5, "broken": 0.1, "dense": 2.0}
+    last = []
+
+    def run(backend, form, x, bias, out_features):
+        last.append(backend)
+        if backend == "broken":
+            raise RuntimeError("unsupported token count")
+        y = torch.nn.functional.linear(x, form, bias)
+        return 3 * y if backend == "wrong" else y
+
+    def time_ms(fn):
+        fn()
+        return timings[last[-1]]
+    monkeypatch.setattr(ops, "available", lambda device, dtype: list(timings))
+    monkeypatch.setattr(ops, "prepare", lambda backend, values, meta: decompress_24(values, meta))
+    monkeypatch.setattr(ops, "run", run)
+    monkeypatch.setattr(ops, "time_ms", time_ms)
+    return timings
+
+
+def test_autotune_takes_the_fastest_correct_backend(fake_backends, fresh_choices):
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    with pytest.warns(UserWarning) as caught:
+        assert layer._backend_for(3) == "sdsengine"
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'wrong' disagrees with dense" in messages and "'broken' failed" in messages
+    assert sl.autotune_choices() == {(32, 64, 4, torch.float32, "cpu", True): "sdsengine"}
+    assert set(layer._forms) == {"sdsengine"}  # forms prepared for tuning and not chosen are released
+    assert layer._backend_for(4) == "sdsengine"  # same bucket: no new measurement
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_autotune_keeps_dense_within_noise(fake_backends, fresh_choices):
+    fake_backends.update(sdsengine=1.99, wrong=5.0, broken=5.0)
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    assert layer._backend_for(1) == "dense"  # 0.5% faster is noise, not a win
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert and checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def test_convert_tiny_llama_same_logits():
+    model = tiny_llama()
+    model.model.layers[1].mlp.down_proj.weight.data += 1.0  # no longer 2:4: must stay dense
+    ids = tokens()
+    before = logits(model, ids)
+    report = []
+    assert convert(model, report=report) is model
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+    by_name = {r.name: r for r in report}
+    assert by_name["lm_head"].reason == "ignored"
+    assert "not 2:4" in by_name["model.layers.1.mlp.down_proj"].reason
+    assert sum(r.action == "converted" for r in report) == 13
+    assert isinstance(model.model.layers[0].self_attn.k_proj, SparseLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
+
+
+def test_convert_gpt2_conv1d_transposes():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                        n_positions=64)).eval()
+    for block in model.transformer.h:
+        for conv in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            w = conv.weight.data.T  # Conv1D keeps (in, out)
+            conv.weight.data = (w * nm_mask(w.abs(), 2, 4)).T.contiguous()
+    ids = tokens()
+    before = logits(model, ids)
+    report = []
+    convert(model, report=report)
+    assert sum(r.action == "converted" for r in report) == 8
+    assert model.transformer.h[0].attn.c_attn.out_features == 192
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_roundtrip(tmp_path, tie):
+    model = convert(tiny_llama(tie=tie))
+    ids = tokens()
+    before = logits(model, ids)
+    out = save_compressed(model, tmp_path / "ckpt")
+    manifest = json.loads((out / "sdsengine_compressed.json").read_text())
+    assert len(manifest["sparse_modules"]) == 14
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sdsengine_compressed.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    loaded = load_compressed(out)
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, SparseLinear)
+    torch.testing.assert_close(logits(loaded, ids), before, rtol=0, atol=0)
+    skeleton_loaded = load_compressed(out, model=tiny_llama(seed=5, tie=tie))
+    torch.testing.assert_close(logits(skeleton_loaded, ids), before, rtol=0, atol=0)
+
+
+def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
+    model = convert(tiny_llama())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        save_compressed(model, tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    assert (save_compressed(model, tmp_path / "empty") / "model.safetensors").exists()
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    conv = importlib.import_module("sdsengine.nn.convert")  # the package attribute is the function
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(conv, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed(convert(tiny_llama()), tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: every backend through SparseLinear, and the autotuner
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [1, 3, 7, 13, 17, 100])
+def test_forced_backend_matches_dense(backend, dtype, n_tokens):
+    linear = pruned_linear(512, 384, dtype=dtype).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    if backend not in ops.available("cuda", dtype):
+        pytest.skip(ops.probe("cuda", dtype)["backends"][backend])
+    x = torch.randn(1, n_tokens, 512, device="cuda", dtype=dtype)
+    with use_backend(backend), torch.no_grad():
+        try:
+            y = sparse(x)
+        except ops.BackendUnavailable as exc:
+            pytest.skip(str(exc))
+        ref = linear(x)
+    scale = ref.abs().max().item()
+    assert (y.float() - ref.float()).abs().max().item() <= 2e-2 * scale, backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autotune_picks_a_correct_backend_once(dtype, fresh_choices):
+    linear = pruned_linear(1024, 1024, dtype=dtype).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(5, 1024, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        y = sparse(x)
+        torch.testing.assert_close(y.float(), linear(x).float(), rtol=2e-2, atol=2e-2 * linear(x).abs().max().item())
+    choices = sl.autotune_choices()
+    assert len(choices) == 1
+    (key, backend), = choices.items()
+    assert key[2] == 8 and backend in ops.available("cuda", dtype)
+    assert set(sparse._forms) == {backend}  # the other prepared forms were released
+    sparse(x[:3].repeat(2, 1))  # 6 tokens: the same bucket, no second tuning
+    assert sl.autotune_choices() == choices
+    sparse(x[:3])  # bucket 4: tuned on its own
+    assert len(sl.autotune_choices()) == 2
+
+
+@pytest.mark.gpu
+def test_converted_model_on_gpu_matches_dense(fresh_choices):
+    model = tiny_llama().cuda().half()
+    ids = tokens().cuda()
+    before = logits(model, ids)
+    convert(model)
+    after = logits(model, ids)
+    torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
+    assert nm_violations(model.model.layers[0].mlp.up_proj.weight, 2, 4) == 0

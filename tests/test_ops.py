@@ -1,0 +1,271 @@
+"""sdsengine.ops: the fragment-order layout (CPU, against the PTX rules) and every backend on a GPU.
+
+The GPU tests compare each backend with an fp32 dense reference; a low-precision backend may have at most
+twice the error of PyTorch's dense matmul in the same dtype (plus one ulp of the output scale).
+"""
+import pytest
+import torch
+
+from sdsengine import ops
+from sdsengine.kernels import compress_24
+from sdsengine.masks import nm_mask
+
+TOKENS = (1, 3, 7, 13, 17, 100)
+EXTRA_TOKENS = (8, 9, 16, 32, 33, 64, 65, 256)  # every n_tiles choice and token-block boundary of our kernel
+SHAPES = ((16, 32), (64, 256), (80, 288), (200, 544))  # (out, in): odd tiles, K not a multiple of 256, M % 16
+LLM_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def pruned(out_features, in_features, dtype=torch.float32, device="cpu", seed=0):
+    """A random weight with exact 2:4 zeros, made where it is used (LLM shapes are slow to prune on a CPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g, device=device).to(dtype)
+    return w * nm_mask(w.abs(), 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout (CPU)
+# ---------------------------------------------------------------------------------------------------
+
+def tile_seen_by_mma(values_r, meta_r, mt, ks):
+    """The dense 16x32 tile of W that mma.sp m16n8k32 reconstructs at (m-tile, k-step) from the
+    registers the kernel loads, following the PTX ISA rules written out independently of reorder_24:
+    A: lane 4g+t holds, in registers 2*half + h, the kept pair of group t + 4*half of row g + 8*h.
+    Metadata (selector ks % 2): lane 4g + 2*sel + (group // 4) holds the 4-bit index pair of group
+    `group` of row g + 8*h at bits 16*h + 4*(group % 4), in word (ks % 8) // 2 of its 16 bytes."""
+    kb, step = divmod(ks, 8)
+    sel, word_index = step % 2, step // 2
+    tile = torch.zeros(16, 32, dtype=values_r.dtype)
+    for row in range(16):
+        g, h = row % 8, row // 8
+        for group in range(8):
+            reg = (group // 4) * 2 + h
+            pair = values_r[mt, ks, 4 * g + group % 4, 2 * reg:2 * reg + 2]
+            word = int(meta_r[mt, kb, 4 * g + 2 * sel + group // 4, word_index]) & 0xFFFFFFFF
+            nibble = (word >> (16 * h + 4 * (group % 4))) & 0xF
+            i0, i1 = nibble & 3, nibble >> 2
+            assert i0 < i1, f"unordered metadata {nibble:#x} at tile ({mt}, {ks}) row {row} group {group}"
+            tile[row, 4 * group + i0], tile[row, 4 * group + i1] = pair[0], pair[1]
+    return tile
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (40, 96), (48, 288)])
+def test_reorder_gives_mma_the_weight(shape):
+    w = pruned(*shape)
+    values, meta = compress_24(w)
+    values_r, meta_r = ops.reorder_24(values, meta)
+    mt, kb = values_r.shape[0], meta_r.shape[1]
+    assert values_r.shape == (mt, kb * 8, 32, 8) and meta_r.shape == (mt, kb, 32, 4)
+    rebuilt = torch.cat([torch.cat([tile_seen_by_mma(values_r, meta_r, i, ks) for ks in range(kb * 8)], dim=1)
+                         for i in range(mt)], dim=0)
+    assert torch.equal(rebuilt[:shape[0], :shape[1]], w)
+    assert not rebuilt[shape[0]:].any() and not rebuilt[:, shape[1]:].any()  # padding is zero weight
+
+
+def test_reorder_keeps_dtype_and_pads_with_valid_metadata():
+    values, meta = compress_24(pruned(20, 64, torch.bfloat16))
+    values_r, meta_r = ops.reorder_24(values, meta)
+    assert values_r.dtype == torch.bfloat16 and meta_r.dtype == torch.int32
+    nibbles = (meta_r.reshape(-1, 1).to(torch.int64) & 0xFFFFFFFF) >> torch.arange(0, 32, 4)
+    nibbles = nibbles & 0xF
+    assert ((nibbles & 3) < (nibbles >> 2)).all()  # ordered_metadata needs i0 < i1 everywhere, pads too
+
+
+def test_probe_on_cpu_names_dense_only():
+    info = ops.probe("cpu")
+    assert info["backends"]["dense"] == "ok"
+    assert all("CUDA" in reason for b, reason in info["backends"].items() if b != "dense")
+    assert ops.available("cpu", torch.float32) == ["dense"]
+
+
+def test_spmm24_cpu_dense_path():
+    w = pruned(48, 64)
+    values, meta = compress_24(w)
+    x = torch.randn(2, 3, 64)
+    bias = torch.randn(48)
+    torch.testing.assert_close(ops.spmm24(x, values, meta, bias), x @ w.T + bias)
+
+
+def test_prepare_refuses_unavailable_backend_on_cpu():
+    values, meta = compress_24(pruned(16, 32))
+    with pytest.raises(ops.BackendUnavailable, match="sdsengine: needs a CUDA device"):
+        ops.prepare("sdsengine", values, meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every backend on a GPU
+# ---------------------------------------------------------------------------------------------------
+
+def assert_matches_reference(y, x, w, bias, label):
+    """y within twice PyTorch's own error in the same dtype (plus one output ulp) of the fp32 reference."""
+    ref = x.float() @ w.float().T + (0 if bias is None else bias.float())
+    torch_y = torch.nn.functional.linear(x, w, bias)
+    torch_err = (torch_y.float() - ref).abs().max().item()
+    diff = (y.float() - ref).abs()
+    err = diff.max().item()
+    ulp = torch.finfo(y.dtype).eps * ref.abs().max().item()
+    if not err <= 2 * torch_err + ulp:
+        n, m = divmod(int(diff.argmax()), diff.shape[-1])
+        bad = (diff > 2 * torch_err + ulp).nonzero()[:8].tolist()
+        pytest.fail(f"{label}: max error {err:.4g} > 2 x torch {torch_err:.4g} + {ulp:.3g}; worst at token {n}, "
+                    f"row {m}: got {y.reshape(-1, diff.shape[-1])[n, m].item():.5g}, want {ref[n, m].item():.5g}; "
+                    f"first bad (token, row): {bad}")
+
+
+def gpu_case(shape, tokens, dtype, bias=True, seed=0):
+    w = pruned(*shape, dtype=dtype, device="cuda", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype, generator=g)
+    b = torch.randn(shape[0], device="cuda", dtype=dtype, generator=g) if bias else None
+    return w, x, b
+
+
+def run_backend(backend, w, x, b):
+    values, meta = compress_24(w)
+    try:
+        form = ops.prepare(backend, values, meta)
+    except ops.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        return ops.run(backend, form, x, b, w.shape[0])
+    except RuntimeError as exc:
+        if backend == "sdsengine":
+            raise
+        pytest.skip(f"{backend} cannot run ({tuple(w.shape)}, {x.shape[0]} tokens): {exc}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_backend_against_fp32(backend, dtype, shape, tokens):
+    w, x, b = gpu_case(shape, tokens, dtype)
+    y = run_backend(backend, w, x, b)
+    assert y.shape == (tokens, shape[0]) and y.dtype == dtype
+    assert_matches_reference(y, x, w, b, f"{backend} {dtype} {shape} x {tokens}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LLM_SHAPES)
+@pytest.mark.parametrize("tokens", (1, 16, 100, 2048))
+def test_backend_llm_shapes(backend, dtype, shape, tokens):
+    w, x, b = gpu_case(shape, tokens, dtype, bias=False)
+    assert_matches_reference(run_backend(backend, w, x, b), x, w, b, f"{backend} {dtype} {shape} x {tokens}")
+
+
+def extension():
+    ext = ops.load_extension()
+    if ext is None:
+        pytest.skip(f"sdsengine extension unavailable: {ops.extension_error()}")
+    return ext
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS + EXTRA_TOKENS)
+@pytest.mark.parametrize("split_k", (0, 1, 2, 3, 1000))
+@pytest.mark.parametrize("bias", (False, True))
+def test_kernel_split_k_and_token_tiles(dtype, tokens, split_k, bias):
+    ext = extension()
+    w, x, b = gpu_case((272, 800), tokens, dtype, bias)  # 17 m-tiles (5 m-blocks, 3 idle warps), K 3.1 blocks
+    values_r, meta_r = ops.reorder_24(*compress_24(w))
+    y = ext.spmm24(x, values_r, meta_r, w.shape[0], b, split_k)
+    plan = ext.spmm24_plan(x, w.shape[0], split_k)
+    assert_matches_reference(y, x, w, b, f"{dtype} x {tokens} split_k={split_k} plan={plan}")
+
+
+@pytest.mark.gpu
+def test_decode_plan_splits_k_to_fill_the_gpu():
+    ext = extension()
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    plan = ext.spmm24_plan(x, 4096, 0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert plan["splits"] > 1 and plan["m_blocks"] * plan["splits"] >= 2 * sms, plan
+
+
+@pytest.mark.gpu
+def test_kernel_is_deterministic_and_accepts_views():
+    ext = extension()
+    w, x, b = gpu_case((512, 1024), 12, torch.float16)
+    values_r, meta_r = ops.reorder_24(*compress_24(w))
+    first = ext.spmm24(x, values_r, meta_r, 512, b)
+    assert torch.equal(first, ext.spmm24(x, values_r, meta_r, 512, b))
+    wide = torch.randn(12, 2048, device="cuda", dtype=torch.float16)
+    locks = torch.zeros(ops.LOCKS, dtype=torch.int32, device="cuda")
+    y = ops.run("sdsengine", (values_r, meta_r, locks), wide[:, :1024], b, 512)  # strided view: run copies it
+    assert_matches_reference(y, wide[:, :1024].contiguous(), w, b, "strided x")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", (1, 13, 40))
+def test_split_k_tickets_are_left_zero_for_the_next_call(tokens):
+    ext = extension()
+    w, x, b = gpu_case((1024, 4096), tokens, torch.float16)
+    values_r, meta_r = ops.reorder_24(*compress_24(w))
+    locks = torch.zeros(ops.LOCKS, dtype=torch.int32, device="cuda")
+    assert ext.spmm24_plan(x, 1024, 4)["splits"] == 4
+    outputs = [ext.spmm24(x, values_r, meta_r, 1024, b, 4, locks) for _ in range(3)]
+    assert not locks.any(), locks.nonzero()
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    assert_matches_reference(outputs[0], x, w, b, f"split-K with reused tickets x {tokens}")
+    tiny = torch.zeros(1, dtype=torch.int32, device="cuda")  # too small: the binding uses its own zeros
+    assert torch.equal(ext.spmm24(x, values_r, meta_r, 1024, b, 4, tiny), outputs[0]) and not tiny.any()
+
+
+@pytest.mark.gpu
+def test_kernel_under_cuda_graph():
+    ext = extension()
+    w, x, b = gpu_case((1024, 2048), 4, torch.bfloat16)
+    values_r, meta_r = ops.reorder_24(*compress_24(w))
+    locks = torch.zeros(ops.LOCKS, dtype=torch.int32, device="cuda")
+    assert ext.spmm24_plan(x, 1024)["splits"] > 1  # the graph holds the split-K path
+    ext.spmm24(x, values_r, meta_r, 1024, b, 0, locks)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ext.spmm24(x, values_r, meta_r, 1024, b, 0, locks)
+    for seed in (1, 2):  # new inputs each replay; the second replay also needs the tickets reset
+        x.copy_(gpu_case((1024, 2048), 4, torch.bfloat16, seed=seed)[1])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, ext.spmm24(x, values_r, meta_r, 1024, b)), seed
+
+
+@pytest.mark.gpu
+def test_reorder_on_gpu_equals_cpu():
+    values, meta = compress_24(pruned(200, 544, torch.float16))
+    cpu = ops.reorder_24(values, meta)
+    gpu = ops.reorder_24(values.cuda(), meta.cuda())
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mutate, message", [
+    (lambda x, v, m, b: (x.float(), v, m, b), "x must be float16 or bfloat16"),
+    (lambda x, v, m, b: (x.t().contiguous().t(), v, m, b), "x must be contiguous"),
+    (lambda x, v, m, b: (x, v.bfloat16(), m, b), "values dtype"),
+    (lambda x, v, m, b: (x, v[:, :-8], m, b), "values must have the reordered shape"),
+    (lambda x, v, m, b: (x, v, m.float(), b), "meta must be int32"),
+    (lambda x, v, m, b: (x, v, m.cpu(), b), "meta is on cpu"),
+    (lambda x, v, m, b: (x, v, m, b[:-1]), "bias must have shape"),
+    (lambda x, v, m, b: (x.cpu(), v, m, b), "x must be a CUDA tensor"),
+])
+def test_binding_names_bad_inputs(mutate, message):
+    ext = extension()
+    w, x, b = gpu_case((64, 256), 4, torch.float16)
+    values_r, meta_r = ops.reorder_24(*compress_24(w))
+    args = mutate(x, values_r, meta_r, b)
+    with pytest.raises(RuntimeError, match=message):
+        ext.spmm24(*args[:3], 64, args[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probe_self_check_passes(dtype):
+    info = ops.probe("cuda", dtype, self_check=True)
+    failed = {b: s for b, s in info["backends"].items() if s.startswith("failed")}
+    assert not failed, info
