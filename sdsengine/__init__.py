@@ -11,5 +11,7 @@ from sdsengine.config import (  # noqa: E402
     WandaConfig,
 )
 
-__all__ = ["prune", "PruneResult", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SparseGPTConfig",
+from sdsengine.nn import SparseLinear, convert, load_compressed, save_compressed  # noqa: E402
+
+__all__ = ["convert", "SparseLinear", "load_compressed", "save_compressed", "prune", "PruneResult", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SparseGPTConfig",
            "SparsityPattern", "WandaConfig"]

@@ -6,7 +6,7 @@ import torch
 
 from sdsengine import report
 from sdsengine.config import CalibrationConfig
-from sdsengine.data import calibration_samples
+from sdsengine.data import calibration_protocol, calibration_samples
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.sequential import prune_model
 
@@ -38,7 +38,7 @@ def _calibration(model, config, calibration, tokenizer):
         if tokenizer is None:
             raise ValueError("a CalibrationConfig needs the tokenizer to build its windows")
         samples = calibration_samples(tokenizer, calibration)
-        return samples, calibration.to_dict()
+        return samples, {**calibration.to_dict(), "sampler": calibration_protocol(calibration)}
     if calibration is None:
         return None, None
     samples = torch.as_tensor(calibration)

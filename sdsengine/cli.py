@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from sdsengine import api, checkpoint, report
+from sdsengine import api, bench, checkpoint, report
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
+from sdsengine.nn import convert, save_compressed
 
 
 def _add_config_flags(parser, classes, required=()):
@@ -74,6 +75,13 @@ def build_parser():
     _add_eval_flags(e)
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
 
+    c = sub.add_parser("convert", help="replace the 2:4 linears of a pruned checkpoint by SparseLinear and save")
+    _add_model_flags(c)
+    c.add_argument("--out", required=True, help="output directory (compressed checkpoint)")
+
+    b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
+    bench.add_arguments(b)
+
     d = sub.add_parser("demo", help="prune the embedded SmolLM2-135M to 2:4 and compare with dense")
     d.add_argument("--method", default="sparsegpt")
     d.add_argument("--nsamples", type=int, default=16)
@@ -119,6 +127,19 @@ def cmd_eval(args):
         Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
+def cmd_convert(args):
+    model, _, source = load_model(args.model, getattr(torch, args.dtype))
+    records = []
+    convert(model, report=records)
+    save_compressed(model, args.out)
+    done = sum(r.action == "converted" for r in records)
+    print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
+
+
+def cmd_bench(args):
+    return bench.run(args, load_model=lambda name: load_model(name, torch.float16))
+
+
 def cmd_demo(args):
     """Dense vs 2:4 on the embedded model, with a reduced protocol so it fits in minutes on a laptop."""
     from sdsengine.config import SparsityPattern  # noqa: F401  (documented in the printed recipe)
@@ -144,11 +165,11 @@ def main(argv=None):
     args._config_flags = {f.name for c in [PruneConfig, CalibrationConfig] + [c for c, _ in METHODS.values()]
                           for f in dataclasses.fields(c)}
     try:
-        {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench, "demo": cmd_demo}
+        return commands[args.command](args) or 0
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"sdsengine: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

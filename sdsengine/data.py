@@ -104,15 +104,29 @@ def calibration_samples(tokenizer, config) -> torch.Tensor:
     """(nsamples, seqlen) token windows drawn at random with config.seed."""
     data_dir = resolve_data_dir(config.data_dir)
     rng = random.Random(config.seed)
-    if config.dataset == "c4":
+    if config.dataset == "c4" and not data_dir:
         return _windows_from_documents(tokenizer, c4_documents(data_dir, "train"), config, rng)
-    if config.dataset == "wikitext2":
+    if config.dataset == "c4":
+        # The local sample holds too few documents longer than 2048 tokens (27) for SparseGPT's
+        # per-document sampler; windows come from the documents joined into one stream instead.
+        text = "\n\n".join(c4_documents(data_dir, "train"))
+    elif config.dataset == "wikitext2":
         text = wikitext_text("validation" if data_dir else "train", data_dir)
     elif config.dataset.endswith((".txt", ".jsonl")):
         text = file_text(config.dataset)
     else:
         raise ValueError(f"unknown calibration dataset {config.dataset!r}: use c4, wikitext2 or a .txt/.jsonl path")
     return _windows_from_stream(tokenizer(text, return_tensors="pt").input_ids[0], config, rng)
+
+
+def calibration_protocol(config) -> str:
+    data_dir = resolve_data_dir(config.data_dir)
+    if config.dataset == "c4":
+        return ("C4 train shard 0, random document then random window (SparseGPT sampler), hub" if not data_dir else
+                f"C4 offline sample, documents 0-{C4_HELD_OUT - 1} joined by blank lines, random windows")
+    if config.dataset == "wikitext2":
+        return "WikiText-2 train, random windows (hub)" if not data_dir else "WikiText-2 validation, random windows"
+    return f"{config.dataset}, random windows"
 
 
 def _windows_from_documents(tokenizer, docs, config, rng):

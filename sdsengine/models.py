@@ -48,5 +48,15 @@ def load_model(name=None, dtype=torch.float32):
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load model {source!r}: {exc}") from exc
     layout_for(model)  # fail now on a layout we cannot prune
+    if kwargs.get("gguf_file"):
+        _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
+
+
+def _forget_gguf_quantization(model):
+    """GGUF weights arrive dequantized, but transformers keeps a GGUF quantizer that refuses to save:
+    drop it so the pruned model saves as a plain checkpoint."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -1,0 +1,107 @@
+"""The CLI end to end on the real SmolLM2-135M (a few samples), and the errors a user can meet."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdsengine.cli import main
+from sdsengine.masks import nm_violations
+
+DATA = Path(os.environ.get("SDSENGINE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory):
+    """The embedded GGUF, converted once to a local HF directory (GGUF dequantizes on every load)."""
+    pytest.importorskip("gguf")
+    from sdsengine.models import load_model
+    try:
+        model, tokenizer, _ = load_model(None)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def data_env(monkeypatch):
+    if not (DATA / "c4").is_dir():
+        pytest.skip(f"no offline data directory at {DATA}")
+    monkeypatch.setenv("SDSENGINE_DATA_DIR", str(DATA))
+
+
+def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(smollm_dir), "--method", "sparsegpt", "--sparsity", "2:4",
+                 "--calib", "c4", "--nsamples", "4", "--seqlen", "128", "--out", str(out)]) == 0
+    report = json.loads((out / "sdsengine.json").read_text())
+    assert report["calibration"]["nsamples"] == 4 and len(report["layers"]) == 30
+    assert all(info["nm_violations"] == 0 for layer in report["layers"] for info in layer["linears"].values())
+    from safetensors.torch import load_file
+    weights = load_file(out / "model.safetensors")
+    down = weights["model.layers.3.mlp.down_proj.weight"]
+    assert nm_violations(down, 2, 4) == 0 and (down == 0).float().mean() == 0.5
+    assert "lm_head.weight" not in weights or (weights["lm_head.weight"] != 0).float().mean() > 0.99
+
+    results = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--tasks", "wikitext2", "--seqlen", "128", "--limit", "2",
+                 "--json", str(results)]) == 0
+    dense = tmp_path / "dense.json"
+    assert main(["eval", "--model", str(smollm_dir), "--tasks", "wikitext2", "--seqlen", "128", "--limit", "2",
+                 "--json", str(dense)]) == 0
+    pruned_r = json.loads(results.read_text())["results"]["wikitext2"]
+    dense_r = json.loads(dense.read_text())["results"]["wikitext2"]
+    assert {"ppl", "tokens", "windows", "seqlen"} <= set(pruned_r)
+    assert pruned_r["windows"] == 2 and pruned_r["tokens"] == 256
+    assert torch.isfinite(torch.tensor(pruned_r["ppl"])) and pruned_r["ppl"] > dense_r["ppl"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "obs", "--sparsity", "2:4"], "unknown method 'obs'"),
+    (["--method", "wanda", "--sparsity", "4:2"], "0 < N < M"),
+    (["--method", "wanda", "--sparsity", "1.5"], r"\[0, 1\)"),
+    (["--method", "wanda", "--sparsity", "2:4", "--blocksize", "64"], "--blocksize does not apply to method 'wanda'"),
+    (["--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent/model.gguf"], "GGUF model file not found"),
+    (["--method", "wanda", "--sparsity", "2:4", "--model", "/tmp"], "not a Hugging Face model directory"),
+])
+def test_bad_input_is_named(args, message, tmp_path, capsys):
+    assert main(["prune", *args, "--out", str(tmp_path / "o")]) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    assert main(["prune", "--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent.gguf",
+                 "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_real_model_limits(smollm_dir, data_env, tmp_path, capsys):
+    assert main(["prune", "--model", str(smollm_dir), "--method", "wanda", "--sparsity", "2:4", "--seqlen",
+                 "100000", "--nsamples", "1", "--out", str(tmp_path / "a")]) == 2
+    assert "exceeds the model's maximum" in capsys.readouterr().err
+    assert main(["prune", "--model", str(smollm_dir), "--method", "wanda", "--sparsity", "2:4", "--seqlen",
+                 "2048", "--nsamples", "5000", "--out", str(tmp_path / "b")]) == 2
+    assert "fewer than nsamples=5000" in capsys.readouterr().err
+    assert main(["eval", "--model", str(smollm_dir), "--tasks", "lambada"]) == 2
+    assert "unknown task 'lambada'" in capsys.readouterr().err
+
+
+def test_convert_cli_round_trip(tmp_path, capsys):
+    """Prune a tiny GPT-2 (Conv1D weights) 2:4, convert through the CLI, load it back: same logits."""
+    import sdsengine
+    from tiny_models import tiny_model, tiny_tokens
+    from sdsengine.checkpoint import save_checkpoint
+    model = tiny_model("gpt2")
+    result = sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    src = save_checkpoint(model, None, tmp_path / "pruned", result.report)
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "packed")]) == 0
+    assert "8 of 9 linears converted" in capsys.readouterr().out  # lm_head stays dense
+    packed = sdsengine.load_compressed(tmp_path / "packed")
+    ids = tiny_tokens(1, 8)
+    torch.testing.assert_close(packed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
