@@ -98,6 +98,106 @@ class SparseGPTConfig(PruneConfig):
 
 
 @dataclass
+class BESAConfig(PruneConfig):
+    """BESA (arXiv 2402.16880): learn each row's (or layer's) sparsity under the block-output loss.
+
+    Unstructured: the block's counted sparsity meets the target exactly; rows and layers inside it are free.
+    N:M: every group keeps N, and what is learned is which N, by mixing candidate scores (docs/BESA.md).
+    """
+
+    mode: str = field(default="row", metadata={"help": "BESA: learn a sparsity per row or per layer (row, layer)"})
+    epochs: int = field(default=1, metadata={"help": "BESA: passes over the calibration windows (0: Wanda)"})
+    lr: float = field(default=0.05, metadata={"help": "BESA: learning rate (Adam; use 1.0 with --optimizer prodigy)"})
+    optimizer: str = field(default="adam", metadata={"help": "BESA: adam, or prodigy (needs prodigyopt)"})
+    penalty: float = field(default=5.0, metadata={"help": "BESA: weight of the ((S - s*)/s*)^2 sparsity penalty"})
+    candidates: int = field(default=100, metadata={"help": "BESA: rates k/candidates, k = 0..candidates"})
+    smoothing: str = field(default="auto", metadata={
+        "help": "BESA: sigmoid before the softmax over rates: on, off, auto (on up to 0.6 sparsity); "
+                "on confines rates to about [0.38, 0.62]"})
+    target: str = field(default="dense_block", metadata={
+        "help": "BESA: the dense block on the pruned inputs (dense_block; dense_model needs a pipeline change)"})
+    nm_scores: str = field(default="magnitude,channel", metadata={
+        "help": "BESA N:M: what is mixed with Wanda's score: magnitude, channel (comma list, may be empty)"})
+    nm_temperature: float = field(default=0.2, metadata={"help": "BESA N:M: temperature of the soft keep in backward"})
+    method = "besa"
+
+    SMOOTHING_MAX = 0.6  # sigmoid(θ) in (0, 1) caps each rate near 0.624; leave room for the penalty to act
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_choice("mode", ("row", "layer"))
+        self._check_choice("optimizer", ("adam", "prodigy"))
+        self._check_choice("smoothing", ("auto", "on", "off"))
+        self._check_choice("target", ("dense_block",), "; dense_model needs the dense model's block outputs, "
+                           "which the pipeline does not provide yet")
+        if self.epochs < 0 or self.candidates < 2 or self.lr <= 0 or self.penalty < 0 or self.nm_temperature <= 0:
+            raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0; "
+                             f"got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, {self.nm_temperature}")
+        self.nm_scores = ",".join(s.strip() for s in str(self.nm_scores).split(",") if s.strip())
+        unknown = set(self.nm_score_list) - {"magnitude", "channel"}
+        if unknown:
+            raise ValueError(f"unknown nm_scores {sorted(unknown)}; known: magnitude, channel")
+        if self.smoothing == "on" and not self.sparsity.nm and self.sparsity.sparsity > self.SMOOTHING_MAX:
+            raise ValueError(f"sigmoid smoothing confines row sparsity to about [0.38, 0.62]; target "
+                             f"{self.sparsity} needs --smoothing off (or auto)")
+        if not self.sparsity.nm and self.sparsity.sparsity == 0:
+            raise ValueError("besa needs a sparsity above 0 (the penalty divides by the target)")
+
+    def _check_choice(self, name, allowed, why=""):
+        if getattr(self, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}{why}")
+
+    @property
+    def nm_score_list(self) -> tuple[str, ...]:
+        return tuple(s for s in self.nm_scores.split(",") if s)
+
+    @property
+    def sigmoid(self) -> bool:
+        """Whether rates go through the sigmoid: 'auto' turns it off where it could not reach the target."""
+        if self.smoothing == "auto":
+            return self.sparsity.nm is not None or self.sparsity.sparsity <= self.SMOOTHING_MAX
+        return self.smoothing == "on"
+
+
+@dataclass
+class SDSConfig(SparseGPTConfig):
+    """SDS, Sparse-Dense-Sparse (arXiv 2408.10473): base prune, re-dense, second prune, adjust.
+
+    blocksize/percdamp serve the SparseGPT base. lr, iters, l1, l2 are the paper's values; solver,
+    reduction, adjust and teacher are where the paper is silent (defaults measured: docs/SDS.md).
+    """
+
+    base: str = field(default="sparsegpt", metadata={"help": "SDS: the pruner of both S steps (sparsegpt, wanda)"})
+    lr: float = field(default=0.1, metadata={"help": "SDS: step in units of 1/L (L: top eigenvalue of the loss), in (0, 1]"})
+    iters: int = field(default=200, metadata={"help": "SDS: iterations of the re-dense and of the adjustment"})
+    l1: float = field(default=0.1, metadata={"help": "SDS: L1 weight of the re-dense step"})
+    l2: float = field(default=0.1, metadata={"help": "SDS: L2 (squared) weight of the re-dense step"})
+    solver: str = field(default="fista", metadata={"help": "SDS re-dense solver: fista, ista, closed (needs l1=0)"})
+    reduction: str = field(default="element", metadata={
+        "help": "SDS: loss scale that l1/l2 are relative to: element (mean error per output, mean penalty "
+                "per weight) or token (error summed over outputs, penalty summed over weights)"})
+    adjust: str = field(default="on", metadata={"help": "SDS: weight adjustment after the second prune (on, off)"})
+    teacher: str = field(default="sd", metadata={
+        "help": "SDS: teacher inputs: sd (W_dense on the pruned-path inputs); dense needs a pipeline change"})
+    method = "sds"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (("base", ("sparsegpt", "wanda")), ("solver", ("fista", "ista", "closed")),
+                              ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd",))):
+            if getattr(self, name) not in allowed:
+                why = "; dense needs the dense model's inputs, which the pipeline does not provide" \
+                    if name == "teacher" else ""
+                raise ValueError(f"sds {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}{why}")
+        if not 0.0 < self.lr <= 1.0:
+            raise ValueError(f"sds lr is a fraction of the stable step 1/L and must be in (0, 1], got {self.lr}")
+        if self.iters < 0 or self.l1 < 0 or self.l2 < 0:
+            raise ValueError(f"sds needs iters, l1, l2 >= 0, got {self.iters}, {self.l1}, {self.l2}")
+        if self.solver == "closed" and self.l1 > 0:
+            raise ValueError(f"the closed-form re-dense solves L2 only: set --l1 0 or --solver fista (l1={self.l1})")
+
+
+@dataclass
 class CalibrationConfig:
     """Calibration data: `dataset` is c4, wikitext2 or a path to a .txt/.jsonl file."""
 

@@ -5,14 +5,16 @@ needed) and either prune(weight (out, in), stats, config) -> pruned weight with 
 (weight, info dict) for the run report), or, for block-wise methods, prune_layer(ctx, config) that
 prunes ctx.targets in place given a pipeline.sequential.LayerContext and returns {name: info}.
 """
-from sdsengine.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from sdsengine.config import BESAConfig, MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig
 
-from . import magnitude, sparsegpt, wanda
+from . import besa, magnitude, sds, sparsegpt, wanda
 
 METHODS = {
     "magnitude": (MagnitudeConfig, magnitude),
     "wanda": (WandaConfig, wanda),
     "sparsegpt": (SparseGPTConfig, sparsegpt),
+    "besa": (BESAConfig, besa),
+    "sds": (SDSConfig, sds),
 }
 
 

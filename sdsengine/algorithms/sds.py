@@ -1,0 +1,155 @@
+"""SDS, Sparse-Dense-Sparse (Li et al. 2024, arXiv 2408.10473), one linear at a time from its Hessian.
+
+    S  W1  = base(W, H)                                   SparseGPT or Wanda at the target pattern
+    D  W_re = argmin_V ½ tr((V - W) H (V - W)^T) + λ1' ||V||_1 + λ2' ||V||_2^2,   started at W1
+    S  W2  = base(W_re, H)
+       W3  = argmin over V with the pattern of ½ tr((V - W) H (V - W)^T)    (mask re-selected by magnitude)
+
+H = 2/N X X^T are the pipeline's Hessian statistics of this linear's inputs, which already come from the
+pruned model (the paper's SD-data), so ½ tr(ΔW H ΔW^T) = (1/N) sum_t ||ΔW x_t||^2: the output error
+summed over outputs, averaged over calibration tokens. The teacher is W_dense on these same inputs (the
+literal equation); a teacher on dense-model inputs would need C = X_dense X_sd^T and a second activation
+stream in the pipeline, which is not built. No step revisits the calibration tokens.
+
+Choices the paper leaves open (config fields; defaults measured by held-out perplexity, docs/SDS.md):
+- reduction: "element" divides the error by out_features and the penalties by the weight count (λ per
+  weight, like a mean-reduced MSE), so λ1' = λ1 / in, λ2' = λ2 / in; "token" uses λ1, λ2 as they are.
+- solver: proximal gradient (soft threshold for L1) with step lr / L, L the top eigenvalue of the smooth
+  part: "fista" (accelerated) or "ista"; "closed" solves the L2-only problem exactly. Starting from W1
+  with a finite number of steps is itself a regularizer (the paper's "start from the pruned weights").
+- adjust: projected gradient (iterative hard thresholding) on the output error, the mask re-selected by
+  magnitude each step within the pattern; the best iterate is kept, so it never loses to W2.
+A guard returns W1 when the SDS weight has a higher calibration error than W1.
+"""
+import torch
+
+from sdsengine.masks import nm_mask
+
+from . import sparsegpt, wanda
+from .stats import Hessian
+
+STATS = Hessian
+BASES = {"sparsegpt": sparsegpt, "wanda": wanda}
+
+
+def prune(weight, stats, config):
+    """(pruned weight, info): info holds the relative calibration error after each step."""
+    w = weight.float()
+    H = stats.H.float()
+    base = BASES[config.base]
+    error = _relative_error(w, H)
+    w1 = base.prune(w, stats, config).float()
+    w_re = redense(w1, w, H, config)
+    w2 = base.prune(w_re, stats, config).float()
+    w3 = adjust(w2, w, H, config) if config.adjust == "on" else w2
+    steps = {"initial": error(w1), "redense": error(w_re), "second": error(w2), "adjust": error(w3)}
+    chosen, choice = (w3, "sds") if steps["adjust"] <= steps["initial"] else (w1, "base")
+    return chosen.to(weight.dtype), {**steps, "chosen": error(chosen), "choice": choice}
+
+
+def _relative_error(w, H):
+    """tr(ΔW H ΔW^T) / tr(W H W^T): the output error on the calibration inputs relative to the output."""
+    ref = float(_quadratic(w, H)) or 1e-30
+
+    def error(v):
+        return float(_quadratic(v - w, H)) / ref
+    return error
+
+
+def _quadratic(d, H):
+    return ((d @ H) * d).sum()
+
+
+def penalties(config, in_features):
+    """(λ1', λ2') on the scale of ½ tr(ΔW H ΔW^T), per the config's loss reduction."""
+    scale = 1.0 / in_features if config.reduction == "element" else 1.0
+    return config.l1 * scale, config.l2 * scale
+
+
+def redense(w1, w, H, config):
+    """The D step: every entry trainable, started at the pruned weights."""
+    l1, l2 = penalties(config, w.shape[1])
+    if config.solver == "closed":
+        return _ridge(w, H, l2, config.percdamp)
+    return _proximal_gradient(w1, w, H, l1, l2, config)
+
+
+def _ridge(w, H, l2, percdamp):
+    """argmin ½ tr((V - W) H (V - W)^T) + l2 ||V||^2  =  W H (H + 2 l2 I)^-1 (H symmetric)."""
+    reg = 2 * l2 + percdamp * float(torch.diagonal(H).mean())  # damping keeps a singular H solvable
+    A = H + reg * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    return torch.linalg.solve(A, (w @ H).T).T
+
+
+def _proximal_gradient(w1, w, H, l1, l2, config):
+    """ISTA/FISTA: gradient (V - W) H + 2 l2 V, soft threshold for l1, step lr / L."""
+    step = config.lr / (top_eigenvalue(H) + 2 * l2)
+    wH = w @ H
+    x = y = w1
+    t = 1.0
+    for _ in range(config.iters):
+        grad = y @ H - wH + 2 * l2 * y
+        x_next = _soft_threshold(y - step * grad, step * l1)
+        if config.solver == "fista":
+            t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+            y = x_next + ((t - 1) / t_next) * (x_next - x)
+            t = t_next
+        else:
+            y = x_next
+        x = x_next
+    return x
+
+
+def _soft_threshold(v, threshold):
+    return torch.sign(v) * (v.abs() - threshold).clamp_min(0) if threshold > 0 else v
+
+
+def top_eigenvalue(H, iters=64, margin=1.05):
+    """Largest eigenvalue of the PSD H by power iteration; the margin covers its underestimate."""
+    v = torch.ones(H.shape[0], device=H.device, dtype=H.dtype)
+    for _ in range(iters):
+        v = H @ v
+        norm = v.norm()
+        if norm == 0:
+            return 1.0  # H = 0: no data, any step is stable
+        v = v / norm
+    return float(v @ H @ v) * margin
+
+
+def adjust(w2, w, H, config):
+    """Projected gradient toward the dense output, the mask re-selected by magnitude each step; the best
+    iterate (W2 included) wins, so the result never has a higher calibration error than W2."""
+    project = _projector(w2, config)
+    step = config.lr / top_eigenvalue(H)
+    wH = w @ H
+    x, best, best_loss = w2, w2, float("inf")
+    for i in range(config.iters + 1):
+        grad = x @ H - wH
+        loss = float(((grad) * (x - w)).sum())  # tr(ΔW H ΔW^T), reusing the gradient's product
+        if loss < best_loss:
+            best, best_loss = x, loss
+        if i == config.iters:
+            break
+        z = x - step * grad
+        x = z * project(z)
+    return best
+
+
+def _projector(w2, config):
+    """z -> keep mask of the pattern by |z|: N:M per group; unstructured with the base's counts (per row
+    for Wanda, per layer for SparseGPT), taken from W2's nonzeros so the sparsity never drops."""
+    pattern = config.sparsity
+    if pattern.nm:
+        return lambda z: nm_mask(z.abs(), *pattern.nm)
+    keep = w2 != 0
+    if config.base == "wanda":
+        return lambda z: _top_k_mask(z.abs(), keep.sum(dim=1))
+    total = keep.sum().reshape(1)
+    return lambda z: _top_k_mask(z.abs().reshape(1, -1), total).reshape(z.shape)
+
+
+def _top_k_mask(scores, k):
+    """Keep the k[r] highest scores of row r (ties: lower index first, as in sdsengine.masks)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank_kept = torch.arange(scores.shape[1], device=scores.device).reshape(1, -1) < k.reshape(-1, 1)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, rank_kept)

@@ -1,0 +1,235 @@
+"""BESA: gradients of the relaxation, exact block sparsity, Wanda at zero steps, N:M validity, end to end."""
+import json
+
+import pytest
+import torch
+
+import sdsengine
+from sdsengine import cli
+from sdsengine.algorithms import besa, besa_plot
+from sdsengine.algorithms.besa_block import block_loss, channel_energy
+from sdsengine.algorithms.besa_nm import SelectionLearner
+from sdsengine.algorithms.stats import InputNorms
+from sdsengine.config import BESAConfig, WandaConfig
+from sdsengine.masks import nm_violations
+from sdsengine.pipeline import adapters
+from sdsengine.pipeline.sequential import LayerContext, run_layer
+from tiny_models import tiny_model, tiny_tokens
+
+FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
+
+
+class _ToyBlock(torch.nn.Module):
+    """A residual MLP block in float64 end to end (real decoder layers upcast norms and softmax to fp32,
+    which would drown a finite-difference check)."""
+
+    def __init__(self, hidden=16, inner=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(hidden, inner)
+        self.down = torch.nn.Linear(inner, hidden)
+
+    def forward(self, x, **kwargs):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _context(dtype=torch.float64, nsamples=2, seqlen=8):
+    """A block with its statistics, inputs and dense outputs, as the pipeline builds them."""
+    layer = _ToyBlock().to(dtype)
+    inps, kwargs = torch.randn(nsamples, seqlen, 16, dtype=dtype, generator=torch.Generator().manual_seed(0)), {}
+    targets = adapters.linear_modules(layer)
+    stats = {name: InputNorms(adapters.get_weight(m).shape[1], "cpu") for name, m in targets.items()}
+    hooks = [m.register_forward_hook(lambda mod, a, out, s=stats[n]: s.add_batch(a[0])) for n, m in targets.items()]
+    outs = torch.empty_like(inps)
+    run_layer(layer, inps, outs, kwargs, "cpu")
+    for h in hooks:
+        h.remove()
+    return LayerContext(layer, targets, stats, inps, outs, kwargs, torch.device("cpu"))
+
+
+def _objective(ctx, learner, kind):
+    energy = channel_energy(ctx.outs, ctx.device)
+    loss = sum(block_loss(ctx, learner.masked_weights(kind), j, energy) for j in range(ctx.inps.shape[0]))
+    return loss + learner.penalty()
+
+
+def _randomize(params, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _probe(params, count=6, seed=1):
+    """A few (parameter number, flat index) pairs to check by finite differences."""
+    g = torch.Generator().manual_seed(seed)
+    return [(k, int(torch.randint(p.numel(), (1,), generator=g)))
+            for k, p in enumerate(params) for _ in range(count // len(params) + 1)]
+
+
+def _central_difference(f, p, i, eps=1e-5):
+    with torch.no_grad():
+        flat = p.view(-1)
+        flat[i] += eps
+        up = f()
+        flat[i] -= 2 * eps
+        down = f()
+        flat[i] += eps
+    return (up - down) / (2 * eps)
+
+
+def _learners(ctx):
+    yield besa.RateLearner(ctx, BESAConfig(sparsity="0.5", mode="layer", candidates=10))
+    yield SelectionLearner(ctx, BESAConfig(sparsity="2:4", mode="layer"))
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["rates", "nm-selection"])
+def test_soft_path_gradient_matches_finite_differences(which):
+    ctx = _context()
+    learner = list(_learners(ctx))[which]
+    params = learner.parameters()
+    _randomize(params)
+    loss = _objective(ctx, learner, "soft")
+    grads = torch.autograd.grad(loss, params)
+    for k, i in _probe(params):
+        fd = _central_difference(lambda: float(_objective(ctx, learner, "soft")), params[k], i)
+        assert float(grads[k].view(-1)[i]) == pytest.approx(fd, rel=1e-5, abs=1e-10), (k, i)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["rates", "nm-selection"])
+def test_ste_gradient_is_hard_path_gradient_through_soft_keep(which):
+    """STE: dL/dθ = Σ dL/dM|_{M_hard} · dP/dθ; dP/dθ checked by finite differences."""
+    ctx = _context()
+    learner = list(_learners(ctx))[which]
+    params = learner.parameters()
+    _randomize(params)
+    grads = torch.autograd.grad(_objective(ctx, learner, "ste"), params)
+    parts = learner.rates if which == 0 else learner.selections
+    hard = {name: part.mask("hard").double().requires_grad_() for name, part in parts.items()}
+    energy = channel_energy(ctx.outs, ctx.device)
+    weights = {name: adapters.get_weight(ctx.targets[name]) * m for name, m in hard.items()}
+    rec = sum(block_loss(ctx, weights, j, energy) for j in range(ctx.inps.shape[0]))
+    g_mask = dict(zip(hard, torch.autograd.grad(rec, list(hard.values()))))
+
+    def contracted():
+        return sum(float((g_mask[name] * part.mask("soft")).sum()) for name, part in parts.items())
+
+    for k, i in _probe(params):
+        penalty_grad = _central_difference(lambda: float(learner.penalty()), params[k], i)
+        expected = _central_difference(contracted, params[k], i) + penalty_grad
+        assert float(grads[k].view(-1)[i]) == pytest.approx(expected, rel=1e-5, abs=1e-10), (k, i)
+
+
+def test_project_counts_hand_checked():
+    alpha = torch.tensor([0.25, 0.5, 0.75])
+    cols = torch.tensor([4.0, 4.0, 4.0])
+    assert besa.project_counts(alpha, cols, 6).tolist() == [1, 2, 3]
+    assert besa.project_counts(alpha, cols, 7).tolist() == [2, 2, 3]  # equal remainders: lower row first
+    assert besa.project_counts(alpha, cols, 12).tolist() == [4, 4, 4]
+    assert besa.project_counts(torch.full((3,), 0.5), torch.tensor([6.0, 4.0, 2.0]), 6).tolist() == [3, 2, 1]
+
+
+def _block_sparsity(layer_report):
+    infos = layer_report.linears.values()
+    zeros = sum(i["sparsity"] * i["shape"][0] * i["shape"][1] for i in infos)
+    return zeros / sum(i["shape"][0] * i["shape"][1] for i in infos)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("target,mode", [("0.5", "row"), ("0.3", "row"), ("0.7", "row"), ("0.6", "layer")])
+def test_counted_block_sparsity_meets_target(family, target, mode):
+    result = sdsengine.prune(tiny_model(family), BESAConfig(sparsity=target, mode=mode, lr=0.5),
+                             tiny_tokens(), progress=False)
+    for layer in result.layers:
+        assert abs(_block_sparsity(layer) - float(target)) <= 1e-3, layer.index
+
+
+def _pruned_weights(config, family="llama"):
+    model = tiny_model(family)
+    sdsengine.prune(model, config, tiny_tokens(), progress=False)
+    return {f"{i}.{n}": adapters.get_weight(m).clone() for i, layer in enumerate(adapters.decoder_layers(model))
+            for n, m in adapters.linear_modules(layer).items()}
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4", "4:8"])
+@pytest.mark.parametrize("mode", ["row", "layer"])
+def test_zero_epochs_is_wanda_exactly(pattern, mode):
+    ours = _pruned_weights(BESAConfig(sparsity=pattern, epochs=0, mode=mode))
+    wanda = _pruned_weights(WandaConfig(sparsity=pattern))
+    for name in wanda:
+        assert torch.equal(ours[name], wanda[name]), name
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_nm_always_valid_and_learns(pattern, family):
+    config = BESAConfig(sparsity=pattern, epochs=3, lr=0.5)
+    result = sdsengine.prune(tiny_model(family), config, tiny_tokens(), progress=False)
+    moved = []
+    for layer in result.layers:
+        for name, info in layer.linears.items():
+            assert info["nm_violations"] == 0 and info["sparsity"] == 0.5, name
+            moved.append(layer.steps[name]["changed_vs_wanda"])
+    assert max(moved) > 0  # with a large lr the selection does leave Wanda's
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_end_to_end_leaves_model_clean(family, pattern):
+    model = tiny_model(family)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    result = sdsengine.prune(model, BESAConfig(sparsity=pattern), tiny_tokens(), progress=False)
+    assert len(result.layers) == 2 and all(r.error > 0 for r in result.layers)
+    assert all(abs(_block_sparsity(r) - 0.5) <= 1e-3 for r in result.layers)
+    for name, p in model.named_parameters():
+        assert p.grad is None, name
+        if not any(k in name for k in ("proj", "fc", "attn.c_", "mlp.c_")) or "bias" in name:
+            assert torch.equal(p, before[name]), name  # only the targeted weights change
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert not hasattr(module, "parametrizations")
+    assert torch.isfinite(model(tiny_tokens(1, 8)).logits).all()
+    json.dumps(result.report)  # the report (with the allocation) is JSON
+
+
+def test_allocation_report_and_plot():
+    model = tiny_model("llama")
+    result = sdsengine.prune(model, BESAConfig(sparsity="0.5", lr=0.5), tiny_tokens(), progress=False)
+    report = json.loads(json.dumps(result.report))
+    items = besa_plot.allocations(report)
+    assert len(items) == 2 * 7
+    info = report["layers"][0]["steps"]["mlp.down_proj"]
+    rows = besa_plot.row_sparsity(info)
+    assert len(rows) == 64 and rows.min() == pytest.approx(info["row_sparsity_min"])
+    assert sum(info["row_sparsity_hist10"]) == 64
+    assert "mlp.down_proj" in besa_plot.text_report(report)
+    assert besa_plot.svg(report).startswith("<svg")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "column"}, "mode must be one of row, layer"),
+    ({"epochs": -1}, "epochs >= 0"),
+    ({"lr": 0.0}, "lr > 0"),
+    ({"candidates": 1}, "candidates >= 2"),
+    ({"smoothing": "yes"}, "smoothing must be one of"),
+    ({"smoothing": "on", "sparsity": "0.7"}, "needs --smoothing off"),
+    ({"target": "dense_model"}, "dense_model needs the dense model"),
+    ({"nm_scores": "magnitude,hessian"}, "unknown nm_scores"),
+    ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ({"sparsity": "0"}, "sparsity above 0"),
+])
+def test_bad_config_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BESAConfig(**{"sparsity": "0.5", **kwargs})
+
+
+def test_smoothing_auto_turns_off_above_reach():
+    assert BESAConfig(sparsity="0.5").sigmoid and not BESAConfig(sparsity="0.7").sigmoid
+    assert not BESAConfig(sparsity="0.5", smoothing="off").sigmoid
+
+
+def test_cli_flags(tmp_path, capsys):
+    args = ["prune", "--method", "besa", "--sparsity", "0.7", "--smoothing", "on", "--out", str(tmp_path / "x")]
+    assert cli.main(args) == 2
+    assert "needs --smoothing off" in capsys.readouterr().err
+    assert cli.main(["prune", "--method", "wanda", "--sparsity", "0.5", "--mode", "row", "--out", str(tmp_path / "y")]) == 2

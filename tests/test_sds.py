@@ -1,0 +1,165 @@
+"""SDS (Sparse-Dense-Sparse): each step on hand-made statistics, the pattern invariants, the guard, the
+per-step report through the pipeline, and the config/CLI surface."""
+import pytest
+import torch
+
+import sdsengine
+from sdsengine.algorithms import sds
+from sdsengine.algorithms.stats import Hessian
+from sdsengine.cli import build_parser, main
+from sdsengine.config import SDSConfig
+from sdsengine.masks import nm_violations
+from sdsengine.pipeline import adapters
+from tiny_models import tiny_model, tiny_tokens
+
+STEPS = ("initial", "redense", "second", "adjust", "chosen")
+
+
+def _layer(out=24, inp=32, tokens=256, seed=0):
+    """A weight and the Hessian of correlated inputs (as real activations are)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    x = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g))
+    stats = Hessian(inp, "cpu")
+    stats.add_batch(x)
+    return w, stats
+
+
+def _config(**kw):
+    return SDSConfig(**{"blocksize": 16, **kw})
+
+
+def _calibration_error(v, w, H):
+    return float(sds._quadratic(v - w, H) / sds._quadratic(w, H))
+
+
+def test_redense_without_regularization_returns_to_dense():
+    w, stats = _layer()
+    config = _config(l1=0.0, l2=0.0, lr=1.0, iters=2000)
+    w1 = sds.BASES["sparsegpt"].prune(w, stats, config)
+    w_re = sds.redense(w1, w, stats.H, config)
+    assert _calibration_error(w1, w, stats.H) > 1e-2
+    assert _calibration_error(w_re, w, stats.H) < 1e-6
+
+
+def test_closed_form_matches_iterations():
+    w, stats = _layer()
+    closed = sds.redense(w, w, stats.H, _config(solver="closed", l1=0.0, l2=0.5, reduction="token", percdamp=0.0))
+    fista = sds.redense(w, w, stats.H, _config(l1=0.0, l2=0.5, reduction="token", lr=1.0, iters=3000))
+    torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
+
+
+def test_l1_shrinks_the_redense_weights():
+    w, stats = _layer()
+    free = sds.redense(w, w, stats.H, _config(l1=0.0, l2=0.0, reduction="token", lr=1.0))
+    shrunk = sds.redense(w, w, stats.H, _config(l1=5.0, l2=0.0, reduction="token", lr=1.0))
+    assert shrunk.abs().sum() < free.abs().sum()
+    assert (shrunk == 0).sum() > (free == 0).sum()
+
+
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_adjust_keeps_nm_pattern(base, pattern):
+    w, stats = _layer()
+    config = _config(base=base, sparsity=pattern, lr=1.0, iters=50)
+    w2 = sds.BASES[base].prune(w, stats, config)
+    w3 = sds.adjust(w2, w, stats.H, config)
+    assert nm_violations(w3, *config.sparsity.nm) == 0
+    assert (w3 == 0).float().mean() == 1 - config.sparsity.n / config.sparsity.m
+    assert _calibration_error(w3, w, stats.H) <= _calibration_error(w2, w, stats.H)
+
+
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+def test_adjust_keeps_unstructured_counts(base):
+    w, stats = _layer()
+    config = _config(base=base, sparsity="0.5", lr=1.0, iters=50)
+    w2 = sds.BASES[base].prune(w, stats, config)
+    w3 = sds.adjust(w2, w, stats.H, config)
+    if base == "wanda":  # Wanda's count holds per row
+        assert torch.equal((w3 != 0).sum(dim=1), (w2 != 0).sum(dim=1))
+    assert (w3 != 0).sum() == (w2 != 0).sum()
+    assert not torch.equal(w3 != 0, w2 != 0)  # the mask is re-selected, not frozen
+
+
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("seed", range(4))
+def test_guard_never_worse_than_base(base, seed):
+    w, stats = _layer(seed=seed)
+    # a harsh re-dense (strong L1, few steps) and no adjustment make the base win some layers
+    config = _config(base=base, l1=50.0, reduction="token", lr=1.0, iters=5, adjust="off")
+    pruned, info = sds.prune(w, stats, config)
+    base_weight = sds.BASES[base].prune(w, stats, config)
+    assert set(STEPS) <= set(info)
+    assert _calibration_error(pruned, w, stats.H) <= _calibration_error(base_weight, w, stats.H) + 1e-7
+    if info["choice"] == "base":
+        assert torch.equal(pruned, base_weight)
+    assert info["chosen"] == min(info["initial"], info["adjust"])
+
+
+def test_guard_falls_back_when_sds_loses():
+    w, stats = _layer()
+    config = _config(l1=50.0, reduction="token", lr=1.0, iters=5, adjust="off")
+    _, info = sds.prune(w, stats, config)
+    assert info["choice"] == "base" and info["chosen"] == info["initial"]
+
+
+def test_pipeline_reports_every_step():
+    model = tiny_model("llama")
+    result = sdsengine.prune(model, _config(iters=20, l1=0.0, l2=0.0, lr=1.0), tiny_tokens(), progress=False)
+    for layer in result.layers:
+        assert set(layer.steps) == set(adapters.linear_modules(model.model.layers[0]))
+        for name, info in layer.steps.items():
+            assert all(isinstance(info[s], float) and info[s] >= 0 for s in STEPS), name
+            assert info["redense"] < info["initial"], name  # unregularized, the D step nears the dense output
+            assert info["adjust"] <= info["second"], name
+            assert info["chosen"] <= info["initial"], name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
+@pytest.mark.parametrize("base,pattern", [("sparsegpt", "2:4"), ("wanda", "4:8"), ("wanda", "0.5")])
+def test_end_to_end_counted(family, base, pattern):
+    model = tiny_model(family)
+    config = _config(base=base, sparsity=pattern, iters=10)
+    result = sdsengine.prune(model, config, tiny_tokens(), progress=False)
+    for i, layer in enumerate(adapters.decoder_layers(model)):
+        for name, module in adapters.linear_modules(layer).items():
+            w = adapters.get_weight(module)
+            if config.sparsity.nm:
+                assert nm_violations(w, *config.sparsity.nm) == 0, (i, name)
+                assert (w == 0).float().mean() == 0.5, (i, name)
+            else:  # Wanda's per-row count: int(in * 0.5) zeros per row, exactly
+                assert ((w == 0).sum(dim=1) >= w.shape[1] // 2).all(), (i, name)
+                assert abs((w == 0).float().mean() - 0.5) < 0.01, (i, name)
+    assert all(r.error is not None and r.error > 0 for r in result.layers)
+    assert torch.isfinite(model(tiny_tokens(1, 8)).logits).all()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"base": "magnitude"}, "base must be one of sparsegpt, wanda"),
+    ({"solver": "adam"}, "solver must be one of fista, ista, closed"),
+    ({"reduction": "sum"}, "reduction must be one of element, token"),
+    ({"adjust": "yes"}, "adjust must be one of on, off"),
+    ({"teacher": "dense"}, "pipeline does not provide"),
+    ({"lr": 0.0}, r"lr .* must be in \(0, 1\]"),
+    ({"lr": 1.5}, r"lr .* must be in \(0, 1\]"),
+    ({"iters": -1}, "iters, l1, l2 >= 0"),
+    ({"l1": -0.1}, "iters, l1, l2 >= 0"),
+    ({"solver": "closed"}, "closed-form re-dense solves L2 only"),
+    ({"sparsity": "2:4", "blocksize": 6}, "multiple of M=4"),
+])
+def test_bad_config_values(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SDSConfig(**kw)
+
+
+def test_cli_parses_sds_flags():
+    args = build_parser().parse_args(["prune", "--method", "sds", "--base", "wanda", "--sparsity", "2:4",
+                                      "--lr", "0.5", "--iters", "7", "--l1", "0", "--l2", "0.2",
+                                      "--solver", "ista", "--reduction", "token", "--adjust", "off", "--out", "x"])
+    assert (args.base, args.lr, args.iters, args.l1, args.l2) == ("wanda", 0.5, 7, 0.0, 0.2)
+    assert (args.solver, args.reduction, args.adjust) == ("ista", "token", "off")
+
+
+def test_cli_rejects_sds_flag_for_other_method(tmp_path, capsys):
+    assert main(["prune", "--method", "wanda", "--base", "wanda", "--sparsity", "2:4", "--out", str(tmp_path)]) == 2
+    assert "--base does not apply to method 'wanda'" in capsys.readouterr().err
