@@ -8,12 +8,15 @@
 #
 # Writes benchmarks/results/quality/NAME.json (eval results + the exact commands, wall times) and
 # NAME.prune.json (the run report: recipe, per-layer sparsity and error, time, peak memory).
+# Then zero-shot accuracy on ZS_TASKS (default piqa,arc_easy,boolq; empty: skip) over the first ZS_LIMIT
+# items of each (default 500: the whole sets cost ~30 min per model on 2 cores).
 # TASKS (default wikitext2) and CALIB ("--nsamples 128 --seqlen 2048 --seed 0") can be overridden.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
 tasks=${TASKS:-wikitext2}
 calib=${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
+zs_tasks=${ZS_TASKS-piqa,arc_easy,boolq}; zs_limit=${ZS_LIMIT:-500}
 out=benchmarks/results/quality; runs=${SDSENGINE_RUNS:-runs}
 mkdir -p "$out" "$runs"
 model_args=()
@@ -31,12 +34,20 @@ eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 --json $o
 start=$(date +%s)
 $eval_cmd
 eval_s=$(( $(date +%s) - start ))
-python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" <<'PY'
-import json, sys
-base, prune_cmd, eval_cmd, prune_s, eval_s = sys.argv[1:]
+zs_cmd=""
+if [ -n "$zs_tasks" ]; then
+  zs_cmd="sdsengine eval ${model_args[*]} --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
+  $zs_cmd
+fi
+python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" "$zs_cmd" <<'PY'
+import json, os, sys
+base, prune_cmd, eval_cmd, prune_s, eval_s, zs_cmd = sys.argv[1:]
 record = json.load(open(base + ".eval.json"))
 record.update(prune_command=prune_cmd or None, eval_command=eval_cmd,
-              prune_wall_s=int(prune_s), eval_wall_s=int(eval_s))
+              prune_wall_s=int(prune_s), eval_wall_s=int(eval_s), zeroshot_command=zs_cmd or None)
+if zs_cmd:
+    record["results"].update(json.load(open(base + ".zs.json"))["results"])
+    os.remove(base + ".zs.json")
 json.dump(record, open(base + ".json", "w"), indent=2)
 PY
 rm -f "$out/$name.eval.json"

@@ -21,18 +21,21 @@ def rows():
 
 def line(name, run, report):
     wiki = run["results"].get("wikitext2", {})
-    zeroshot = [f"{k} {100 * v['acc']:.1f}/{100 * v['acc_norm']:.1f}" for k, v in run["results"].items() if "acc" in v]
+    tasks = {k: v for k, v in run["results"].items() if "acc" in v}
+    zeroshot = [f"{k} {100 * v['acc']:.1f}/{100 * v['acc_norm']:.1f}" for k, v in tasks.items()]
+    average = f"{100 * sum(v['acc'] for v in tasks.values()) / len(tasks):.1f}" if tasks else "-"
     prune_s = f"{run['prune_wall_s']}" if run.get("prune_command") else "-"
     mem = report["memory"]["cpu_peak_rss_gib"] if report else "-"
     sparsity = f"{report['overall_sparsity']:.3f}" if report else "0"
     command = run.get("prune_command") or run["eval_command"]
     ppl = f"{wiki['ppl']:.2f}" if wiki else "-"
-    return f"| {name} | {sparsity} | {ppl} | {' '.join(zeroshot) or '-'} | {prune_s} | {mem} | `{command}` |"
+    return f"| {name} | {sparsity} | {ppl} | {' '.join(zeroshot) or '-'} | {average} | {prune_s} | {mem} | `{command}` |"
 
 
 def main():
-    print("| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | prune wall s | peak RSS GiB | command |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | zero-shot mean acc % "
+          "| prune wall s | peak RSS GiB | command |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, run, report in rows():
         print(line(name, run, report))
 

@@ -18,16 +18,19 @@ from sdsengine.nn import convert, save_compressed
 
 
 def _add_config_flags(parser, classes, required=()):
-    """One flag per dataclass field (first class that defines it wins); defaults stay in the configs."""
-    seen = set()
+    """One flag per dataclass field; a field several methods define (--lr) gets each one's help, and
+    defaults stay in the configs (each method keeps its own)."""
+    fields, helps = {}, {}
     for cls in classes:
         for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            kind = str if f.type in ("str | None", "tuple[str, ...]") else type(f.default)
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                                required=f.name in required, help=f.metadata.get("help", ""))
+            fields.setdefault(f.name, f)
+            text = f.metadata.get("help", "")
+            if text and text not in helps.setdefault(f.name, []):
+                helps[f.name].append(text)
+    for name, f in fields.items():
+        kind = str if f.type in ("str | None", "tuple[str, ...]") else type(f.default)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                            required=name in required, help="; ".join(helps.get(name, [])))
 
 
 def _config_from(args, cls):

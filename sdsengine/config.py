@@ -167,7 +167,9 @@ class SDSConfig(SparseGPTConfig):
     reduction, adjust and teacher are where the paper is silent (defaults measured: docs/SDS.md).
     """
 
-    base: str = field(default="sparsegpt", metadata={"help": "SDS: the pruner of both S steps (sparsegpt, wanda)"})
+    base: str = field(default="sparsegpt", metadata={
+        "help": "SDS: the pruner of both S steps (sparsegpt, wanda), or besa: BESA's learned masks (its "
+                "default settings), then SDS's reconstruction"})
     lr: float = field(default=0.1, metadata={"help": "SDS: step in units of 1/L (L: top eigenvalue of the loss), in (0, 1]"})
     iters: int = field(default=200, metadata={"help": "SDS: iterations of the re-dense and of the adjustment"})
     l1: float = field(default=0.1, metadata={"help": "SDS: L1 weight of the re-dense step"})
@@ -183,7 +185,7 @@ class SDSConfig(SparseGPTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, allowed in (("base", ("sparsegpt", "wanda")), ("solver", ("fista", "ista", "closed")),
+        for name, allowed in (("base", ("sparsegpt", "wanda", "besa")), ("solver", ("fista", "ista", "closed")),
                               ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd",))):
             if getattr(self, name) not in allowed:
                 why = "; dense needs the dense model's inputs, which the pipeline does not provide" \

@@ -134,8 +134,27 @@ def test_end_to_end_counted(family, base, pattern):
     assert torch.isfinite(model(tiny_tokens(1, 8)).logits).all()
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
+def test_sds_on_besa_masks(pattern):
+    """--base besa: BESA's masks, then SDS's reconstruction: pattern and block sparsity hold, every linear
+    reports both BESA's allocation and SDS's steps, and the guard keeps SDS no worse than BESA's weights."""
+    model = tiny_model("llama")
+    config = _config(base="besa", sparsity=pattern, iters=10)
+    result = sdsengine.prune(model, config, tiny_tokens(), progress=False)
+    for layer, report in zip(adapters.decoder_layers(model), result.layers):
+        weights = [adapters.get_weight(m) for m in adapters.linear_modules(layer).values()]
+        zeros = sum(int((w == 0).sum()) for w in weights)
+        assert zeros == round(0.5 * sum(w.numel() for w in weights))
+        if config.sparsity.nm:
+            assert all(nm_violations(w, 2, 4) == 0 for w in weights)
+        for name in adapters.linear_modules(layer):
+            steps = report.steps[name]["sds"]
+            assert steps["chosen"] == min(steps["initial"], steps["adjust"]), name
+        assert "_block" in report.steps
+
+
 @pytest.mark.parametrize("kw,message", [
-    ({"base": "magnitude"}, "base must be one of sparsegpt, wanda"),
+    ({"base": "magnitude"}, "base must be one of sparsegpt, wanda, besa"),
     ({"solver": "adam"}, "solver must be one of fista, ista, closed"),
     ({"reduction": "sum"}, "reduction must be one of element, token"),
     ({"adjust": "yes"}, "adjust must be one of on, off"),

@@ -23,7 +23,9 @@ def register(name, config_class, module):
 
 
 def algorithm_for(config):
-    return lookup(config.method)[1]
+    """The module that runs config; a method whose options change its shape picks it with variant()."""
+    module = lookup(config.method)[1]
+    return module.variant(config) if hasattr(module, "variant") else module
 
 
 def lookup(name):

@@ -21,6 +21,8 @@ Choices the paper leaves open (config fields; defaults measured by held-out perp
   magnitude each step within the pattern; the best iterate is kept, so it never loses to W2.
 A guard returns W1 when the SDS weight has a higher calibration error than W1.
 """
+import sys
+
 import torch
 
 from sdsengine.masks import nm_mask
@@ -32,19 +34,33 @@ STATS = Hessian
 BASES = {"sparsegpt": sparsegpt, "wanda": wanda}
 
 
+def variant(config):
+    """The module that runs this config: SDS on BESA's masks is block-wise (sds_besa)."""
+    if config.base == "besa":
+        from . import sds_besa
+        return sds_besa
+    return sys.modules[__name__]
+
+
 def prune(weight, stats, config):
     """(pruned weight, info): info holds the relative calibration error after each step."""
-    w = weight.float()
-    H = stats.H.float()
     base = BASES[config.base]
+    w1 = base.prune(weight.float(), stats, config).float()
+    chosen, info = reconstruct(weight, w1, stats.H, config, lambda v: base.prune(v, stats, config).float())
+    return chosen.to(weight.dtype), info
+
+
+def reconstruct(weight, w1, H, config, second_prune, keep=None):
+    """The D-S-adjust steps after an initial prune w1, and the guard; second_prune(W_re) is the base's.
+    keep: the mask whose counts the adjustment holds (default: W2's nonzeros)."""
+    w, H = weight.float(), H.float()
     error = _relative_error(w, H)
-    w1 = base.prune(w, stats, config).float()
     w_re = redense(w1, w, H, config)
-    w2 = base.prune(w_re, stats, config).float()
-    w3 = adjust(w2, w, H, config) if config.adjust == "on" else w2
+    w2 = second_prune(w_re)
+    w3 = adjust(w2, w, H, config, keep) if config.adjust == "on" else w2
     steps = {"initial": error(w1), "redense": error(w_re), "second": error(w2), "adjust": error(w3)}
     chosen, choice = (w3, "sds") if steps["adjust"] <= steps["initial"] else (w1, "base")
-    return chosen.to(weight.dtype), {**steps, "chosen": error(chosen), "choice": choice}
+    return chosen, {**steps, "chosen": error(chosen), "choice": choice}
 
 
 def _relative_error(w, H):
@@ -116,10 +132,10 @@ def top_eigenvalue(H, iters=64, margin=1.05):
     return float(v @ H @ v) * margin
 
 
-def adjust(w2, w, H, config):
+def adjust(w2, w, H, config, keep=None):
     """Projected gradient toward the dense output, the mask re-selected by magnitude each step; the best
     iterate (W2 included) wins, so the result never has a higher calibration error than W2."""
-    project = _projector(w2, config)
+    project = _projector(w2 != 0 if keep is None else keep, config)
     step = config.lr / top_eigenvalue(H)
     wH = w @ H
     x, best, best_loss = w2, w2, float("inf")
@@ -135,14 +151,13 @@ def adjust(w2, w, H, config):
     return best
 
 
-def _projector(w2, config):
+def _projector(keep, config):
     """z -> keep mask of the pattern by |z|: N:M per group; unstructured with the base's counts (per row
-    for Wanda, per layer for SparseGPT), taken from W2's nonzeros so the sparsity never drops."""
+    for Wanda and BESA, per layer for SparseGPT), taken from `keep` (W2's nonzeros by default) so the sparsity never drops."""
     pattern = config.sparsity
     if pattern.nm:
         return lambda z: nm_mask(z.abs(), *pattern.nm)
-    keep = w2 != 0
-    if config.base == "wanda":
+    if config.base in ("wanda", "besa"):  # their counts are per row
         return lambda z: _top_k_mask(z.abs(), keep.sum(dim=1))
     total = keep.sum().reshape(1)
     return lambda z: _top_k_mask(z.abs().reshape(1, -1), total).reshape(z.shape)

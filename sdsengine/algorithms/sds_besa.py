@@ -1,0 +1,36 @@
+"""SDS on BESA's masks (`--method sds --base besa`): BESA learns the block's masks, then SDS reconstructs.
+
+    S  W1  = BESA's masked weights (learned per-row allocation, or learned N:M selection; BESA defaults)
+    D  W_re = SDS's re-dense from W1, per linear, from its Hessian                       (sds.redense)
+    S  W2  = W_re ⊙ M1, BESA's own mask again: re-learning it would need another block pass per step
+       adjust and guard as in sds.reconstruct (per-row counts for unstructured, per group for N:M)
+
+STATS is the Hessian: SDS needs it, and BESA's Wanda ranking reads its diagonal (norms up to a common
+scale, which ranks the same).
+"""
+from sdsengine.config import BESAConfig
+from sdsengine.pipeline import adapters
+
+from . import besa, sds
+from .stats import Hessian
+
+STATS = Hessian
+
+
+def prune_layer(ctx, config):
+    """Prune ctx.targets in place; returns BESA's report with SDS's per-step errors under 'sds'."""
+    dense = {name: adapters.get_weight(m).detach().clone() for name, m in ctx.targets.items()}
+    info = besa.prune_layer(ctx, besa_config(config))
+    for name, module in ctx.targets.items():
+        w1 = adapters.get_weight(module).float()
+        keep = w1 != 0
+        chosen, steps = sds.reconstruct(dense[name], w1, ctx.stats[name].H, config,
+                                       lambda v: v * keep, keep)
+        adapters.set_weight(module, chosen.to(dense[name].dtype))
+        info[name] = {**info.get(name, {}), "sds": steps}
+    return info
+
+
+def besa_config(config):
+    """BESA with its defaults on the SDS run's pattern, device and ignore list."""
+    return BESAConfig(sparsity=str(config.sparsity), ignore=config.ignore, device=config.device)
