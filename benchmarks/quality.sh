@@ -10,14 +10,16 @@
 # NAME.prune.json (the run report: recipe, per-layer sparsity and error, time, peak memory).
 # Then zero-shot accuracy on ZS_TASKS (default piqa,arc_easy,boolq; empty: skip) over the first ZS_LIMIT
 # items of each (default 500: the whole sets cost ~30 min per model on 2 cores).
-# TASKS (default wikitext2) and CALIB ("--nsamples 128 --seqlen 2048 --seed 0") can be overridden.
+# TASKS (default wikitext2), CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), EVAL_LIMIT
+# (WikiText-2 windows; default all) and QUALITY_OUT (default benchmarks/results/quality) can be overridden:
+# a reduced protocol must go to its own QUALITY_OUT, never beside the full-protocol results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
 tasks=${TASKS:-wikitext2}
 calib=${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
 zs_tasks=${ZS_TASKS-piqa,arc_easy,boolq}; zs_limit=${ZS_LIMIT:-500}
-out=benchmarks/results/quality; runs=${SDSENGINE_RUNS:-runs}
+out=${QUALITY_OUT:-benchmarks/results/quality}; runs=${SDSENGINE_RUNS:-runs}
 mkdir -p "$out" "$runs"
 model_args=()
 prune_cmd=""
@@ -30,7 +32,7 @@ if [ $# -gt 0 ]; then
   cp "$runs/$name/sdsengine.json" "$out/$name.prune.json"
   model_args=(--model "$runs/$name")
 fi
-eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 --json $out/$name.eval.json"
+eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --json $out/$name.eval.json"
 start=$(date +%s)
 $eval_cmd
 eval_s=$(( $(date +%s) - start ))

@@ -1,6 +1,6 @@
 """Markdown table of the quality runs in benchmarks/results/quality (written by quality.sh).
 
-    python benchmarks/quality_table.py
+    python benchmarks/quality_table.py [RESULTS_DIR]
 """
 import json
 import sys
@@ -9,12 +9,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "quality"
 
 
-def rows():
-    for path in sorted(RESULTS.glob("*.json")):
+def rows(results=RESULTS):
+    for path in sorted(results.glob("*.json")):
         if path.name.endswith(".prune.json"):
             continue
         run = json.loads(path.read_text())
-        prune = RESULTS / f"{path.stem}.prune.json"
+        prune = results / f"{path.stem}.prune.json"
         report = json.loads(prune.read_text()) if prune.exists() else None
         yield path.stem, run, report
 
@@ -32,11 +32,12 @@ def line(name, run, report):
     return f"| {name} | {sparsity} | {ppl} | {' '.join(zeroshot) or '-'} | {average} | {prune_s} | {mem} | `{command}` |"
 
 
-def main():
+def main(argv=sys.argv[1:]):
+    results = Path(argv[0]) if argv else RESULTS
     print("| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | zero-shot mean acc % "
           "| prune wall s | peak RSS GiB | command |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, run, report in rows():
+    for name, run, report in rows(results):
         print(line(name, run, report))
 
 

@@ -3,9 +3,11 @@ __version__ = "0.1.0"
 
 from sdsengine.api import PruneResult, prune  # noqa: E402
 from sdsengine.config import (  # noqa: E402
+    BESAConfig,
     CalibrationConfig,
     MagnitudeConfig,
     PruneConfig,
+    SDSConfig,
     SparseGPTConfig,
     SparsityPattern,
     WandaConfig,
@@ -13,5 +15,6 @@ from sdsengine.config import (  # noqa: E402
 
 from sdsengine.nn import SparseLinear, convert, load_compressed, save_compressed  # noqa: E402
 
-__all__ = ["convert", "SparseLinear", "load_compressed", "save_compressed", "prune", "PruneResult", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SparseGPTConfig",
+__all__ = ["convert", "SparseLinear", "load_compressed", "save_compressed", "prune", "PruneResult",
+           "BESAConfig", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SDSConfig", "SparseGPTConfig",
            "SparsityPattern", "WandaConfig"]

@@ -3,10 +3,18 @@
 Every call reads its weight from HBM, as in a real forward pass: the weights are rotated over enough random
 2:4 copies to overflow the L2 cache. Each backend is checked against dense once before it is timed. The
 `auto` column is what SparseLinear picks for that token count after its own measurement.
+
+The second half of this module is the one benchmark harness (timing, GPU and library versions, copy
+bandwidth, records as JSON and Markdown); benchmarks/harness.py re-exports it.
 """
+import functools
+import importlib.metadata
 import json
 import math
 import platform
+import statistics
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -49,19 +57,24 @@ def run(args, load_model=None):
     print(header(dtype))
     print(table(records))
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env_info(), "records": records}, indent=2))
+        write_json(args.json, records)
     return 0
 
 
 def _shapes_from_args(args, load_model):
     if args.shapes:
-        return {tuple(int(v) for v in s.lower().split("x")): "" for s in args.shapes.split(",") if s}
+        return dict.fromkeys(parse_shapes(args.shapes), "")
     if args.model:
         if load_model is None:
             raise ValueError("--model needs a model loader; pass --shapes instead")
         loaded = load_model(args.model)
         return model_shapes(loaded[0] if isinstance(loaded, tuple) else loaded)
     return LLAMA_SHAPES["llama-2-7b"]
+
+
+def parse_shapes(text):
+    """'4096x4096,11008x4096' -> [(4096, 4096), (11008, 4096)] as (out_features, in_features)."""
+    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
 
 
 def model_shapes(model, ignore=("lm_head",)):
@@ -80,9 +93,8 @@ def model_shapes(model, ignore=("lm_head",)):
 # Measurement
 # ---------------------------------------------------------------------------------------------------
 
-def measure(shape, tokens, dtype, iters=50, timer=None, users=""):
+def measure(shape, tokens, dtype, iters=50, users=""):
     """Records for one weight shape: per token count, dense and every available sparse backend, then auto."""
-    timer = timer or time_cuda
     weights = random_24_weights(shape, dtype)
     forms = {"dense": [ops.prepare("dense", v, m) for v, m in weights]}
     for backend in ops.available("cuda", dtype):
@@ -96,7 +108,7 @@ def measure(shape, tokens, dtype, iters=50, timer=None, users=""):
     layer.meta.copy_(weights[0][1])
     records = []
     for n in tokens:
-        records += _measure_tokens(shape, n, dtype, forms, layer, iters, timer, users)
+        records += _measure_tokens(shape, n, dtype, forms, layer, iters, users)
     return records
 
 
@@ -112,7 +124,7 @@ def random_24_weights(shape, dtype):
     return weights
 
 
-def _measure_tokens(shape, n, dtype, forms, layer, iters, timer, users):
+def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
     x = torch.randn(n, shape[1], device="cuda", dtype=dtype)
     ref = ops.run("dense", forms["dense"][0], x, None, shape[0])
     base = {"bench": "spmm", "shape": f"{shape[0]}x{shape[1]}", "layers": users, "tokens": n,
@@ -121,7 +133,7 @@ def _measure_tokens(shape, n, dtype, forms, layer, iters, timer, users):
     for backend, copies in forms.items():
         try:
             err = ops.relative_error(ops.run(backend, copies[0], x, None, shape[0]), ref)
-            times[backend] = (timer(_cycling(backend, copies, x, shape[0]), 5, iters), err)
+            times[backend] = (time_ms(_cycling(backend, copies, x, shape[0]), 5, iters), err)  # cold by rotation
         except RuntimeError as exc:  # a backend refusing a token count is a result, not a crash
             print(f"sdsengine bench: {backend} failed on {shape} x {n}: {exc}")
     with torch.no_grad():
@@ -155,43 +167,101 @@ def rates(shape, n, ms, sparse):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Output and the harness twins (benchmarks/harness.py may provide its own)
+# The harness: timing, environment and records, shared by `sdsengine bench` and benchmarks/ (whose
+# harness.py re-exports these); the CUDA-event timer itself is ops.time_ms, shared with the autotuner
 # ---------------------------------------------------------------------------------------------------
 
-def time_cuda(fn, warmup=5, iters=50):
-    """Median milliseconds of fn() with CUDA events (weights stay cold by rotation, not by flushing)."""
-    return ops.time_ms(fn, warmup, iters, flush=False)
+ENV_KEYS = ("gpu", "capability", "driver", "torch", "cuda", "triton", "python")
+COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "ms", "baseline_ms", "dense_ms",
+           "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "mismatch", "rel_err",
+           "target_met", "status")
 
 
-def env_info():
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+def time_ms(fn, warmup=5, reps=50, flush=False):
+    """Median milliseconds of fn(): CUDA events where a GPU is visible (L2 overwritten before each call if
+    `flush`), else the host clock, for CPU smoke runs."""
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["capability"] = "%d.%d" % torch.cuda.get_device_capability()
-        info["backends"] = ops.probe()["backends"]
+        return ops.time_ms(fn, warmup, reps, flush=flush)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(nbytes=1 << 30, reps=20):
+    """GB/s of a device-to-device copy of random bytes, counting bytes read plus written: the ceiling a
+    memory-bound kernel is held to, measured in the same run as the kernel."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, reps=reps)
+    return 2 * nbytes / ms / 1e6
+
+
+def gpu_info():
+    """GPU name, compute capability, driver and library versions (gpu 'cpu' where no GPU is visible)."""
+    return dict(_gpu_info())
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_info():
+    info = {"gpu": "cpu", "capability": None, "driver": None, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": _package_version("triton"), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(), capability="%d.%d" % torch.cuda.get_device_capability(),
+                    driver=_driver_version())
     return info
 
 
+def _package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def stamped(records):
+    """The records with the GPU and library versions in each (a record's own fields win)."""
+    env = gpu_info()
+    return [{**r, **{k: v for k, v in env.items() if k not in r}} for r in records]
+
+
+def write_json(path, records):
+    Path(path).write_text(json.dumps(stamped(records), indent=1) + "\n")
+
+
 def write_results(name, records, directory="benchmarks/results"):
-    """benchmarks/results/<name>.json (env + records) and <name>.md (the table)."""
+    """<directory>/<name>.json (a list of records, versions stamped in each) and <name>.md (the table)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"env": env_info(), "records": records}, indent=2))
-    (out / f"{name}.md").write_text(f"{header(None)}\n\n{table(records)}\n")
+    write_json(out / f"{name}.json", records)
+    (out / f"{name}.md").write_text(f"{header()}\n\n{table(records)}\n")
     return out / f"{name}.json"
 
 
-def header(dtype):
-    env = env_info()
+def header(dtype=None):
+    env = gpu_info()
     dt = f", {str(dtype).removeprefix('torch.')}" if dtype else ""
-    return (f"sdsengine bench on {env.get('gpu', 'cpu')} ({env.get('capability')}){dt}; torch {env['torch']}, "
-            f"CUDA {env['cuda']}; ms = median over calls reading cold weights")
+    return (f"sdsengine bench on {env['gpu']} ({env['capability']}){dt}; driver {env['driver']}, torch "
+            f"{env['torch']}, CUDA {env['cuda']}, triton {env['triton']}; ms = median of timed calls")
 
 
-def table(records):
-    """Markdown table: one row per record, speedup against dense cuBLAS in the same run."""
-    cols = ["bench", "shape", "layers", "tokens", "dtype", "backend", "ms", "dense_ms", "speedup", "tflops", "tbps"]
-    cols = [c for c in cols if any(c in r for r in records)]
+def table(records, columns=COLUMNS):
+    """Markdown table, one row per record, of those `columns` that some record has."""
+    cols = [c for c in columns if any(c in r for r in records)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")

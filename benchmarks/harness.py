@@ -1,0 +1,127 @@
+"""The benchmarks' one harness.
+
+Timing (CUDA events, median of N, L2 overwritten before each call; the host clock on CPU), GPU and
+library versions, device copy bandwidth and the JSON/Markdown records live in sdsengine.bench, shared with
+`sdsengine bench`, and are re-exported here. This file adds what the kernel benchmarks (bench_wanda,
+bench_sparsegpt, bench_compress) share: their flags, the Llama layer shapes, timing a public function of
+sdsengine.kernels under the backend being tested and under the PyTorch reference, the record fields, and a
+case loop that keeps to a time budget and rewrites its results after every case.
+"""
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton runs under its interpreter on CPU; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sdsengine import kernels  # noqa: E402
+from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, table, time_ms,  # noqa: E402
+                             write_results)
+
+__all__ = ["RESULTS", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "parse_args",
+           "run", "time_backends", "record", "bandwidth", "target", "mismatch"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYER_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"  # Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up
+SMOKE_SHAPES = "64x128,96x256"
+SMOKE_COPY_BYTES = 16 << 20
+
+
+def parse_args(doc, bench, dtypes, warmup, reps, argv=None):
+    """The kernel benchmarks' shared flags; the defaults of dtypes, warmup and reps are the bench's own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help=f"shapes {SMOKE_SHAPES}, 1 warmup + 2 reps (CPU too)")
+    p.add_argument("--shapes", default=None, help=f"OUTxIN list (default {LAYER_SHAPES})")
+    p.add_argument("--dtypes", default=dtypes, help=f"default {dtypes}")
+    p.add_argument("--reps", type=int, default=None, help=f"timed calls per measurement, median (default {reps})")
+    p.add_argument("--budget", type=float, default=float("inf"),
+                   help="seconds; cases not started by then are recorded as skipped")
+    p.add_argument("--backend", default="triton", choices=["triton", "torch"],
+                   help="the side under test (the baseline is always the torch reference)")
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
+    p.add_argument("--name", default=None, help=f"results file stem (default {bench}, or {bench}-smoke)")
+    args = p.parse_args(argv)
+    args.bench, args.device = bench, "cuda" if torch.cuda.is_available() else "cpu"
+    args.shapes = parse_shapes(args.shapes or (SMOKE_SHAPES if args.smoke else LAYER_SHAPES))
+    args.dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    args.warmup, args.reps = (1, args.reps or 2) if args.smoke else (warmup, args.reps or reps)
+    args.name = args.name or (f"{bench}-smoke" if args.smoke else bench)
+    return args
+
+
+def run(args, patterns, measure):
+    """measure(case, args) -> records, for each shape x dtype x pattern, until args.budget seconds have passed;
+    later cases are recorded as skipped, one that raises as failed. Results are rewritten after each case,
+    so a run stopped by its time limit leaves what it measured."""
+    args.copy_gbps = measure_copy_bandwidth(SMOKE_COPY_BYTES if args.smoke else 1 << 30)
+    print(f"{args.bench}: {args.backend} vs torch on {args.device}; copy bandwidth {args.copy_gbps:.0f} GB/s; "
+          f"{gpu_info()}", flush=True)
+    deadline = time.monotonic() + args.budget
+    records = []
+    for case in ({"shape": s, "dtype": d, "pattern": p} for s in args.shapes for d in args.dtypes for p in patterns):
+        if time.monotonic() > deadline:
+            records.append(_status(args, case, "skipped", "time budget spent"))
+        else:
+            records += _attempt(args, case, measure)
+        write_results(args.name, records, args.out)
+    print(table(records))
+    print(f"wrote {Path(args.out) / args.name}.json and .md")
+    return records
+
+
+def _attempt(args, case, measure):
+    try:
+        rows = measure(case, args)
+    except Exception as exc:  # a kernel error or OOM in one case is a result; the other cases still run
+        rows = [_status(args, case, "failed", f"{type(exc).__name__}: {exc}"[:400])]
+    for r in rows:
+        print(f"{r['bench']} {r['shape']} {r['dtype']} {r['pattern']}: {r['status']} "
+              f"{r.get('ms', 0):.4g} ms vs {r.get('baseline_ms', 0):.4g} ms, target met: {r.get('target_met')}",
+              flush=True)
+    return rows
+
+
+def _status(args, case, status, why):
+    return {**_case_fields(args, case), "status": status, "error": why}
+
+
+def _case_fields(args, case):
+    out_features, in_features = case["shape"]
+    return {"bench": args.bench, "shape": f"{out_features}x{in_features}",
+            "dtype": str(case["dtype"]).removeprefix("torch."), "pattern": case["pattern"],
+            "backend": args.backend, "baseline": "torch", "device": args.device, "reps": args.reps}
+
+
+def time_backends(fn, args, flush):
+    """(ms under args.backend, ms under the torch reference, output of each): fn() calls sdsengine.kernels."""
+    timed = []
+    for backend in (args.backend, "torch"):
+        with kernels.use_backend(backend):
+            out = fn()
+            timed.append((time_ms(fn, args.warmup, args.reps, flush=flush), out))
+    (ms, out), (baseline_ms, ref) = timed
+    return ms, baseline_ms, out, ref
+
+
+def record(args, case, ms, baseline_ms, **fields):
+    """One measurement: the case, both times, the speedup over the reference, then the bench's own fields."""
+    return {**_case_fields(args, case), "ms": ms, "baseline_ms": baseline_ms, "speedup": baseline_ms / ms,
+            **fields, "status": "ok"}
+
+
+def bandwidth(nbytes, ms, copy_gbps):
+    """GB/s of the bytes a call must read plus write, and its fraction of the copy bandwidth of this run."""
+    gbps = nbytes / ms / 1e6
+    return {"bytes": nbytes, "gbps": gbps, "copy_gbps": copy_gbps, "frac_copy_bw": gbps / copy_gbps}
+
+
+def target(text, met):
+    return {"target": text, "target_met": bool(met)}
+
+
+def mismatch(outputs, refs):
+    """Largest fraction of elements differing between two tuples of tensors (masks and packed data match exactly)."""
+    return max(float((a != b).float().mean()) for a, b in zip(outputs, refs))
