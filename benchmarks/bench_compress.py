@@ -32,9 +32,7 @@ def measure(case, args):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__, "compress", "float16,bfloat16", warmup=5, reps=50, argv=argv)
-    harness.run(args, PATTERNS, measure)
-    return 0
+    return harness.main(__doc__, "compress", PATTERNS, measure, "float16,bfloat16", warmup=5, reps=50, argv=argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ overhead then hides kernel time). The layer count is cut to fit GPU memory, and 
 
     python benchmarks/bench_e2e.py [--model llama-3-8b] [--layers 32] [--dtype float16]
 
-Writes benchmarks/results/<name>.json and .md; exits with a message where no CUDA GPU is visible.
+Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is visible.
 """
 import argparse
 import sys
@@ -15,10 +15,7 @@ import sys
 import torch
 from torch import nn
 
-try:
-    from harness import env_info, time_cuda, write_results
-except ImportError:  # benchmarks/harness.py not there yet: the same three functions
-    from sdsengine.bench import env_info, time_cuda, write_results
+from harness import RESULTS, gpu_info, time_ms, write_results
 from sdsengine.masks import nm_mask
 from sdsengine.nn import convert, sparse_linear
 
@@ -57,7 +54,7 @@ def layers_that_fit(name, wanted, dtype):
 def time_prefill(model, batch, tokens):
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
     with torch.no_grad():
-        return time_cuda(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 2, 5)
+        return time_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 2, 5)
 
 
 def time_decode(model, batch, prompt, steps, graphs=True):
@@ -145,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph)")
     parser.add_argument("--name", default="e2e", help="results file stem")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_e2e: no CUDA GPU visible; nothing measured")
@@ -152,7 +150,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     layers = layers_that_fit(args.model, args.layers, dtype)
     note = "" if layers == args.layers else f" (cut from {args.layers} to fit GPU memory)"
-    print(f"bench_e2e: {args.model} with {layers} decoder layers{note}, random weights pruned 2:4; {env_info()}")
+    print(f"bench_e2e: {args.model} with {layers} decoder layers{note}, random weights pruned 2:4; {gpu_info()}")
     model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
     dense = measure_model(model, args)
     print(f"dense: {dense}", flush=True)
@@ -164,7 +162,7 @@ def main(argv=None):
     for r in records:
         print(f"{r['bench']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
               f"({r['speedup']:.3f}x){note}")
-    print(f"wrote {write_results(args.name, records)}")
+    print(f"wrote {write_results(args.name, records, args.out)}")
     return 0
 
 

@@ -38,9 +38,7 @@ def measure(case, args):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__, "sparsegpt", "float32", warmup=1, reps=3, argv=argv)
-    harness.run(args, PATTERNS, measure)
-    return 0
+    return harness.main(__doc__, "sparsegpt", PATTERNS, measure, "float32", warmup=1, reps=3, argv=argv)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,16 @@ all in one run with the speedup against dense. Weights are rotated so every call
 
     python benchmarks/bench_spmm.py [--tokens 1,16,128] [--dtypes float16] [--iters 50]
 
-Writes benchmarks/results/<name>.json and .md; exits with a message where no CUDA GPU is visible.
+Writes benchmarks/results/<name>.json (a list of records) and .md, rewritten after each shape; exits with a
+message where no CUDA GPU is visible.
 """
 import argparse
 import sys
 
 import torch
 
-try:
-    from harness import env_info, time_cuda, write_results
-except ImportError:  # benchmarks/harness.py not there yet: the same three functions
-    from sdsengine.bench import env_info, time_cuda, write_results
+from harness import RESULTS, gpu_info, write_results
+from sdsengine import ops
 from sdsengine.bench import LLAMA_SHAPES, measure, table
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -35,19 +34,21 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--name", default="spmm", help="results file stem")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_spmm: no CUDA GPU visible; nothing measured")
         return 0
-    print(f"bench_spmm on {env_info()}")
+    print(f"bench_spmm on {gpu_info()}; backends {ops.probe()['backends']}")
     tokens = [int(t) for t in args.tokens.split(",") if t]
     records = []
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",") if d):
         for shape, users in llm_shapes().items():
-            rows = measure(shape, tokens, dtype, iters=args.iters, timer=time_cuda, users=users)
+            rows = measure(shape, tokens, dtype, iters=args.iters, users=users)
             print(table(rows), flush=True)
             records += rows
-    print(f"wrote {write_results(args.name, records)}")
+            path = write_results(args.name, records, args.out)  # after each shape: a run cut short keeps them
+    print(f"wrote {path}")
     return 0
 
 

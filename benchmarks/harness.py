@@ -21,8 +21,8 @@ from sdsengine import kernels  # noqa: E402
 from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, table, time_ms,  # noqa: E402
                              write_results)
 
-__all__ = ["RESULTS", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "parse_args",
-           "run", "time_backends", "record", "bandwidth", "target", "mismatch"]
+__all__ = ["RESULTS", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "main",
+           "parse_args", "run", "time_backends", "record", "bandwidth", "target", "mismatch"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"  # Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up
@@ -50,6 +50,12 @@ def parse_args(doc, bench, dtypes, warmup, reps, argv=None):
     args.warmup, args.reps = (1, args.reps or 2) if args.smoke else (warmup, args.reps or reps)
     args.name = args.name or (f"{bench}-smoke" if args.smoke else bench)
     return args
+
+
+def main(doc, bench, patterns, measure, dtypes, warmup, reps, argv=None):
+    """A kernel benchmark's whole run: its flags, then `run`; returns the exit code."""
+    run(parse_args(doc, bench, dtypes, warmup, reps, argv), patterns, measure)
+    return 0
 
 
 def run(args, patterns, measure):

@@ -171,7 +171,6 @@ def rates(shape, n, ms, sparse):
 # harness.py re-exports these); the CUDA-event timer itself is ops.time_ms, shared with the autotuner
 # ---------------------------------------------------------------------------------------------------
 
-ENV_KEYS = ("gpu", "capability", "driver", "torch", "cuda", "triton", "python")
 COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "ms", "baseline_ms", "dense_ms",
            "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "mismatch", "rel_err",
            "target_met", "status")

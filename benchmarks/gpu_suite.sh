@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The GPU suite: one command for a CUDA machine (the lent H100/H200 included: no internet, python3 with torch,
+# triton, nvcc and ninja already there), from the repository root or anywhere:
+#
+#   bash benchmarks/gpu_suite.sh
+#
+#   1. install      pip install --no-deps --no-build-isolation -e .  (builds sdsengine._C with ninja)
+#   2. versions     nvidia-smi, nvcc, torch/triton/CUDA/driver, and which 2:4 matmul backends self-check ok
+#   3. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto)
+#   4. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible)
+#   5. wanda, compress, sparsegpt   benchmarks/bench_<name>.py: Triton vs the PyTorch reference
+#   6. spmm, e2e    benchmarks/bench_spmm.py and bench_e2e.py, cut down to fit
+#   7. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
+#
+# Each step runs under `timeout` with its own budget (seconds, below) and never past SUITE_SECONDS in all
+# (default 560: a device call allows 600); a step that fails, times out or finds no time left is recorded and
+# the suite goes on. The kernel benchmarks stop starting new cases at 3/4 of their budget.
+# Writes into $RESULTS (default benchmarks/results) {wanda,compress,sparsegpt,spmm,e2e}.{json,md}, removing
+# older ones first, and suite_steps.tsv (step, status, rc, seconds). Where $OUT is set (the device machine),
+# also $OUT/suite.log, $OUT/results.tar.gz (those results, refreshed after every step) and $OUT/summary.txt.
+# Exit status: 0 when every step ended ok, else 1.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SUITE_SECONDS=${SUITE_SECONDS:-560}
+RESULTS=${RESULTS:-benchmarks/results}
+STEPS=$RESULTS/suite_steps.tsv
+BENCHES="wanda compress sparsegpt spmm e2e"
+FILES="suite_steps.tsv"
+for b in $BENCHES; do FILES="$FILES $b.json $b.md"; done
+BENCH_ARGS=${BENCH_ARGS:-}  # more flags for the kernel benchmarks, e.g. --smoke for a quick dry run
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+VERSIONS='from sdsengine import ops
+from sdsengine.bench import gpu_info
+print(gpu_info())
+print("2:4 matmul backends:", ops.probe("cuda", self_check=True)["backends"])'
+
+fit() {  # fit BUDGET: the budget, or what is left of SUITE_SECONDS if less
+  local left=$((SUITE_SECONDS - SECONDS))
+  echo $(($1 < left ? $1 : left))
+}
+
+save() {  # this run's results so far to $OUT, so that a call cut off at its limit still returns them
+  [ -n "${OUT:-}" ] || return 0
+  (cd "$RESULTS" && tar czf "$OUT/results.tar.gz" $(ls $FILES 2>/dev/null))
+}
+
+step() {  # step NAME BUDGET COMMAND...: run it under timeout, record its status, save the results
+  local name=$1 budget start=$SECONDS rc status
+  budget=$(fit "$2"); shift 2
+  echo "=== $name: budget ${budget}s, $((SUITE_SECONDS - SECONDS))s of the suite left ==="
+  if [ "$budget" -lt 10 ]; then
+    status=skipped rc=-
+    echo "$name: skipped, no time left"
+  else
+    timeout -k 10 "$budget" "$@"
+    rc=$?
+    case $rc in 0) status=ok ;; 5) status=no-tests ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" $((SECONDS - start)) >>"$STEPS"
+  save
+}
+
+bench() {  # bench NAME BUDGET ARGS...: a kernel benchmark, told to start no case after 3/4 of its budget
+  local name=$1 budget
+  budget=$(fit "$2"); shift 2
+  step "$name" "$budget" "$PY" "benchmarks/bench_$name.py" --name "$name" --out "$RESULTS" \
+    --budget $((budget * 3 / 4)) $BENCH_ARGS "$@"
+}
+
+suite() {
+  mkdir -p "$RESULTS"
+  (cd "$RESULTS" && rm -f $FILES)  # a step that does not run must not leave an older run's numbers behind
+  printf 'step\tstatus\trc\tseconds\n' >"$STEPS"
+  step install 150 "$PY" -m pip install --no-deps --no-build-isolation -e .
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  nvcc --version | tail -n 2
+  step versions 40 "$PY" -c "$VERSIONS"
+  if [ -d tests/kernels ]; then
+    step kernel_tests 75 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+  else
+    printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
+  fi
+  step gpu_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/kernels
+  bench wanda 40
+  bench compress 30
+  bench sparsegpt 90
+  step spmm 50 "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 --out "$RESULTS"
+  step e2e 60 "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --out "$RESULTS"
+  echo "=== summary ($SECONDS s) ==="
+  "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
+  ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'
+}
+
+if [ -n "${OUT:-}" ]; then
+  suite 2>&1 | tee "$OUT/suite.log"
+  exit "${PIPESTATUS[0]}"
+fi
+suite

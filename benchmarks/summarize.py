@@ -1,0 +1,109 @@
+"""The short summary of a benchmark run: per benchmark and group, the key ratios (median [min, max]) and how
+many records met their target; then every suite step, record and target that failed or was skipped.
+
+    python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
+
+Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm and e2e (lists of records; see README.md) and
+the step table gpu_suite.sh writes. Standard library only, so it still reports when the install failed.
+"""
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "e2e")
+GROUP_BY = {"spmm": ("backend", "dtype"), "e2e": ("bench", "dtype")}  # default: pattern, dtype
+RATIOS = ("speedup", "frac_copy_bw", "vs_copy")
+MAX_LISTED = 25
+
+
+def load(path):
+    """The records of one results file ([] if absent); older files held {"env": ..., "records": [...]}."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return data["records"] if isinstance(data, dict) else data
+
+
+def groups(name, records):
+    """One summary row per group of a bench's measured records."""
+    keys = GROUP_BY.get(name, ("pattern", "dtype"))
+    grouped = {}
+    for r in records:
+        if r.get("status", "ok") == "ok":
+            grouped.setdefault(" ".join(str(r.get(k)) for k in keys), []).append(r)
+    return [_row(name, group, rows) for group, rows in grouped.items()]
+
+
+def _row(name, group, rows):
+    row = {"bench": name, "group": group, "n": str(len(rows))}
+    for ratio in RATIOS:
+        values = [r[ratio] for r in rows if r.get(ratio) is not None]
+        row[ratio] = f"{statistics.median(values):.3g} [{min(values):.3g}, {max(values):.3g}]" if values else ""
+    judged = [r["target_met"] for r in rows if r.get("target_met") is not None]
+    row["targets met"] = f"{sum(judged)}/{len(judged)}" if judged else ""
+    return row
+
+
+def problems(name, records):
+    """(lines for records that failed or were skipped, lines for records that missed their target)."""
+    failed, missed = [], []
+    for r in records:
+        where = f"{name} {r.get('shape')} {r.get('dtype')} {r.get('pattern', r.get('backend', ''))}"
+        if r.get("status", "ok") != "ok":
+            failed.append(f"{where}: {r['status']} ({r.get('error', '')})")
+        elif r.get("target_met") is False:
+            ratios = ", ".join(f"{k} {r[k]:.3g}" for k in RATIOS if r.get(k) is not None)
+            missed.append(f"{where}: target missed ({r.get('target')}; {ratios})")
+    return failed, missed
+
+
+def step_problems(path):
+    """Lines for suite steps that did not end ok (the file: step, status, rc, seconds; tab-separated)."""
+    if not path or not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [f"step {r['step']}: {r['status']} (rc {r['rc']}, {r['seconds']} s)" for r in rows if r["status"] != "ok"]
+
+
+def print_rows(rows):
+    cols = list(rows[0])
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
+    for line in [dict(zip(cols, cols)), *rows]:
+        print("  ".join(line[c].ljust(w) for c, w in zip(cols, widths)).rstrip())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--steps", default=None, help="the step table of gpu_suite.sh (default <dir>/suite_steps.tsv)")
+    args = parser.parse_args(argv)
+    rows, issues = collect(Path(args.dir))
+    if rows:
+        print_rows(rows)
+    issues = step_problems(args.steps or Path(args.dir) / "suite_steps.tsv") + issues
+    print(f"\n{len(issues)} failed, skipped or missed:" if issues else "\nnothing failed, skipped or missed")
+    for line in issues[:MAX_LISTED]:
+        print(f"  {line}")
+    if len(issues) > MAX_LISTED:
+        print(f"  ... and {len(issues) - MAX_LISTED} more")
+    return 0
+
+
+def collect(directory):
+    """(summary rows, problem lines) over every bench's results: failures before target misses, so that they
+    survive the cut at MAX_LISTED."""
+    rows, failures, misses = [], [], []
+    for name in BENCHES:
+        records = load(directory / f"{name}.json")
+        rows += groups(name, records)
+        failed, missed = problems(name, records)
+        failures += failed if records else [f"{name}: no results"]
+        misses += missed
+    return rows, failures + misses
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Selection helpers shared by the Triton kernels, with the exact tie rules of sdsengine.masks.
+
+Scores are compared as int32 *sort keys*: a key orders like the float in torch.sort (-0.0 equals 0.0,
+every NaN sorts above +inf and NaNs tie), so two kernels and the reference agree bit for bit, and
+integer compares are cheaper than NaN-aware float compares.
+"""
+import triton
+import triton.language as tl
+
+PAD_KEY = tl.constexpr(0x7FFFFFFF)  # above every real key (a NaN's is 0x7FC00000): padding is never selected as lowest
+
+
+@triton.jit
+def sort_key(x):
+    """int32 key of fp32 x, ordered like x (flip the magnitude bits of negatives)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(x == 0, 0, key)  # -0.0 ties with 0.0, as in torch.sort
+    return tl.where(x != x, 0x7FC00000, key)
+
+
+@triton.jit
+def nm_keep(key, pos, AXIS: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
+    """Keep mask of the N best keys in each group of M along AXIS (pos = index inside the group).
+
+    An entry's rank is its place in a stable descending sort of its group (nm_mask): the entries with
+    a higher key, plus the equal ones at a lower index. M is small, so each peer is pulled out of the
+    group with a masked sum (in registers) and compared with every entry: M^2 integer compares.
+    """
+    rank = tl.zeros(key.shape, tl.int32)
+    for j in tl.static_range(M):
+        peer = tl.sum(tl.where(pos == j, key, 0), axis=AXIS, keep_dims=True)
+        beats = tl.where(pos > j, peer >= key, peer > key)
+        rank += beats.to(tl.int32)
+    return rank < N
+
+
+@triton.jit
+def lowest_k(key, k, SIZE: tl.constexpr):
+    """Prune mask of the k entries a stable ascending sort puts first (prune_lowest_mask), 1-D key.
+
+    Finds T, the k-th smallest key, by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi =
+    #(key <= hi). Each step probes by interpolating the counts (keys are near log-scale, so the counts
+    are smooth and ~7 steps suffice on LLM rows) and falls back to bisection when a step did not halve
+    the bracket (at most ~2 x 32 steps on adversarial rows). Bracket ends snap to real keys, which ends
+    the search as soon as a count hits k exactly. Ties at T are then pruned lowest index first.
+    """
+    lo = tl.min(key, axis=0).to(tl.int64) - 1  # lo + 1 is always a real key
+    hi = tl.max(key, axis=0).to(tl.int64)      # hi is always a real key
+    n_lo = lo * 0
+    n_hi = n_lo + SIZE
+    k = n_lo + k
+    bisect = n_lo != 0
+    while (lo + 1 < hi) & (n_hi != k) & (n_lo != k - 1) & (k > 0):
+        width = hi - lo
+        frac = ((k - n_lo).to(tl.float32) - 0.5) / (n_hi - n_lo).to(tl.float32)
+        guess = lo + (width.to(tl.float32) * frac).to(tl.int64)
+        probe = tl.where(bisect, lo + width // 2, guess)
+        probe = tl.minimum(tl.maximum(probe, lo + 1), hi - 1).to(tl.int32)
+        below = key <= probe
+        n = tl.sum(below.to(tl.int32), axis=0).to(tl.int64)
+        top_below = tl.max(tl.where(below, key, -PAD_KEY), axis=0).to(tl.int64)
+        low_above = tl.min(tl.where(below, PAD_KEY, key), axis=0).to(tl.int64)
+        hi, n_hi = tl.where(n >= k, top_below, hi), tl.where(n >= k, n, n_hi)
+        lo, n_lo = tl.where(n >= k, lo, low_above - 1), tl.where(n >= k, n_lo, n)
+        bisect = (hi - lo) * 2 > width
+    # n_lo == k - 1 means T is the first key above lo; k == 0 takes the smallest key, pruning nothing
+    T = tl.where((n_lo == k - 1) | (k == 0), lo + 1, hi).to(tl.int32)
+    less = key < T
+    ties = key == T
+    need = k - tl.sum(less.to(tl.int32), axis=0)
+    return less | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= need))

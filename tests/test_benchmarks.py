@@ -1,0 +1,72 @@
+"""The kernel benchmarks' smoke paths and the summary, on CPU with tiny shapes.
+
+Both sides run the PyTorch reference (--backend torch): the Triton kernels have their own tests in
+tests/kernels, and under the interpreter they would only slow this down. What is checked here is the
+harness: cases, timing, records with every required field, the time budget, the results files, summarize.
+"""
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+REQUIRED = {"bench", "shape", "dtype", "pattern", "gpu", "torch", "triton", "cuda", "ms", "baseline_ms", "speedup",
+            "target", "target_met", "status"}
+BANDWIDTH = {"bytes", "gbps", "copy_gbps", "frac_copy_bw"}
+BENCHES = {  # name: (fields beyond REQUIRED, patterns, dtypes)
+    "wanda": (BANDWIDTH | {"mismatch"}, {"2:4", "0.5"}, {"float16", "bfloat16"}),
+    "compress": (BANDWIDTH | {"mismatch", "copy_ms", "vs_copy"}, {"2:4"}, {"float16", "bfloat16"}),
+    "sparsegpt": ({"rel_err"}, {"2:4", "0.5"}, {"float32"}),
+}
+
+
+@pytest.fixture
+def benchmark(monkeypatch):
+    """Imports a module of benchmarks/ as its scripts do (their folder first on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def run_smoke(benchmark, name, out, *flags, stem=None):
+    assert benchmark(f"bench_{name}").main(["--smoke", "--backend", "torch", "--out", str(out), *flags]) == 0
+    return json.loads((out / f"{stem or name + '-smoke'}.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_smoke_records_have_the_fields(benchmark, name, tmp_path):
+    fields, patterns, dtypes = BENCHES[name]
+    records = run_smoke(benchmark, name, tmp_path)
+    assert (tmp_path / f"{name}-smoke.md").read_text().count("\n| ") == len(records) + 1
+    assert {r["pattern"] for r in records} == patterns and {r["dtype"] for r in records} == dtypes
+    assert {r["shape"] for r in records} == {"64x128", "96x256"}
+    for r in records:
+        assert r["status"] == "ok", r
+        assert REQUIRED | fields <= r.keys(), REQUIRED | fields - r.keys()
+        assert r["bench"] == name and r["gpu"] == "cpu"
+        assert r["ms"] > 0 and r["speedup"] == pytest.approx(r["baseline_ms"] / r["ms"])
+        assert isinstance(r["target_met"], bool)
+        assert r.get("mismatch", 0) == 0 and r.get("rel_err", 0) == 0  # the same reference on both sides
+
+
+def test_spent_budget_records_skips(benchmark, tmp_path):
+    records = run_smoke(benchmark, "compress", tmp_path, "--budget", "0")
+    assert len(records) == 4
+    assert all(r["status"] == "skipped" and r["error"] == "time budget spent" for r in records)
+
+
+def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
+    tiny = ("--shapes", "32x64", "--dtypes", "float16")
+    run_smoke(benchmark, "wanda", tmp_path, "--name", "wanda", *tiny, stem="wanda")
+    run_smoke(benchmark, "compress", tmp_path, "--name", "compress", *tiny, "--budget", "0", stem="compress")
+    steps = ["step\tstatus\trc\tseconds", "install\tok\t0\t50", "e2e\ttimeout\t124\t60"]
+    (tmp_path / "suite_steps.tsv").write_text("\n".join(steps) + "\n")
+    capsys.readouterr()
+    assert benchmark("summarize").main(["--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    assert ["wanda", "2:4", "float16", "1"] in [row[:4] for row in rows]
+    assert ["wanda", "0.5", "float16", "1"] in [row[:4] for row in rows]
+    assert "step e2e: timeout (rc 124, 60 s)" in out and "step install" not in out
+    assert "compress 32x64 float16 2:4: skipped (time budget spent)" in out
+    assert "sparsegpt: no results" in out and "spmm: no results" in out
