@@ -3,13 +3,24 @@
 One switch picks the backend: SDSENGINE_KERNELS=auto (default: Triton for CUDA tensors, the
 reference otherwise), =triton (force Triton, e.g. under TRITON_INTERPRET=1 on CPU), =torch (force the
 reference). `use_backend` overrides it in-process (tests).
+
+Inputs are checked here, once, for every backend. Triton is imported only when a kernel runs, so the
+package imports without it; inputs a kernel does not cover (other dtypes, non-power-of-2 M, rows or
+blocks too wide for registers) take the reference, which defines the result anyway. See README.md.
 """
 import contextlib
+import importlib.util
 import os
+
+import torch
 
 from . import reference
 
 _forced = None
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_M = 32          # N:M groups are ranked with M^2 compares, unrolled
+_MAX_ROW = 65536     # unstructured Wanda keeps a whole row in registers
+_MAX_BLOCK = 1024    # SparseGPT keeps rows x the whole block in registers
 
 
 @contextlib.contextmanager
@@ -32,19 +43,119 @@ def _backend_for(tensor):
     return choice
 
 
+def _use_triton(tensor, covered=True):
+    """Whether the Triton kernel runs on `tensor`; raises where Triton is forced but cannot run."""
+    if _backend_for(tensor) != "triton":
+        return False
+    forced = (_forced or os.environ.get("SDSENGINE_KERNELS", "auto")) == "triton"
+    if importlib.util.find_spec("triton") is None:
+        if forced:
+            raise RuntimeError("SDSENGINE_KERNELS=triton, but triton is not installed (pip install triton)")
+        return False
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton kernels need CUDA tensors (got {tensor.device}), or TRITON_INTERPRET=1 "
+                           "set before triton is first imported")
+    return covered
+
+
+def _device_of(tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
     """(pruned weight, keep mask) by Wanda scores; nm=(n, m) for N:M, else per-row `sparsity`."""
-    return reference.wanda_prune(weight, act_norm, sparsity, nm)
+    _check_matrix("wanda_prune", "weight", weight)
+    _check_same_device("wanda_prune", weight, act_norm)
+    if act_norm.numel() != weight.shape[1] or not act_norm.is_floating_point():
+        raise ValueError(f"wanda_prune: act_norm must be a float vector of {weight.shape[1]} (weight's columns), "
+                         f"got shape {tuple(act_norm.shape)} {act_norm.dtype}")
+    _check_pattern("wanda_prune", weight.shape[1], sparsity, nm)
+    covered = weight.dtype in _KERNEL_DTYPES and _m_covered(nm) and (nm or weight.shape[1] <= _MAX_ROW)
+    if not _use_triton(weight, covered):
+        return reference.wanda_prune(weight, act_norm, sparsity, nm)
+    norm = act_norm.reshape(-1)
+    with _device_of(weight):
+        return _kernel("wanda").wanda_prune(weight, norm if norm.dtype in _KERNEL_DTYPES else norm.float(),
+                                            sparsity, nm)
 
 
 def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):
     """(Q, E, losses) for one SparseGPT block; see reference.sparsegpt_block."""
-    return reference.sparsegpt_block(w_block, hinv_block, sparsity, nm)
+    _check_matrix("sparsegpt_block", "w_block", w_block)
+    _check_same_device("sparsegpt_block", w_block, hinv_block)
+    width = w_block.shape[1]
+    if hinv_block.shape != (width, width) or not hinv_block.is_floating_point():
+        raise ValueError(f"sparsegpt_block: hinv_block must be a float ({width}, {width}) matrix for a block of "
+                         f"{width} columns, got {tuple(hinv_block.shape)} {hinv_block.dtype}")
+    _check_pattern("sparsegpt_block", width, sparsity, nm)
+    covered = (w_block.dtype in _KERNEL_DTYPES and hinv_block.dtype == torch.float32 and _m_covered(nm)
+               and width <= _MAX_BLOCK)
+    if not _use_triton(w_block, covered):
+        return reference.sparsegpt_block(w_block, hinv_block, sparsity, nm)
+    with _device_of(w_block):
+        return _kernel("sparsegpt").sparsegpt_block(w_block, hinv_block, sparsity, nm)
 
 
 def compress_24(weight, scores=None):
     """(values, meta) in the 2:4 layout the CUDA matmul consumes; see reference.compress_24."""
-    return reference.compress_24(weight, scores)
+    _check_matrix("compress_24", "weight", weight)
+    if weight.shape[1] % 32:
+        raise ValueError(f"compress_24: 2:4 compression needs in_features divisible by 32, got {weight.shape[1]}")
+    if scores is not None:
+        _check_same_device("compress_24", weight, scores)
+        if scores.shape != weight.shape or not scores.is_floating_point():
+            raise ValueError(f"compress_24: scores must be float and shaped like weight {tuple(weight.shape)}, "
+                             f"got {tuple(scores.shape)} {scores.dtype}")
+    covered = weight.dtype in _KERNEL_DTYPES and (scores is None or scores.dtype in _KERNEL_DTYPES)
+    if not _use_triton(weight, covered):
+        return reference.compress_24(weight, scores)
+    with _device_of(weight):
+        return _kernel("compress").compress_24(weight, scores)
 
 
-decompress_24 = reference.decompress_24
+def decompress_24(values, meta):
+    """Inverse of compress_24: the dense (rows, K) weight with exact zeros."""
+    _check_matrix("decompress_24", "values", values)
+    _check_same_device("decompress_24", values, meta)
+    rows, half = values.shape
+    if half % 16 or meta.dtype != torch.int32 or meta.shape != (rows, half // 16):
+        raise ValueError(f"decompress_24: needs values (rows, K/2) with K % 32 == 0 and int32 meta (rows, K/32); "
+                         f"got values {tuple(values.shape)}, meta {tuple(meta.shape)} {meta.dtype}")
+    if not _use_triton(values, values.dtype in _KERNEL_DTYPES):
+        return reference.decompress_24(values, meta)
+    with _device_of(values):
+        return _kernel("compress").decompress_24(values, meta)
+
+
+def _kernel(name):
+    """The Triton module `name`, imported on first use (importing it imports triton)."""
+    return importlib.import_module(f".{name}", __name__)
+
+
+def _m_covered(nm):
+    return not nm or (nm[1] <= _MAX_M and nm[1] & (nm[1] - 1) == 0)
+
+
+def _check_matrix(fn, name, t):
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        dtype = t.dtype if isinstance(t, torch.Tensor) else ""
+        raise ValueError(f"{fn}: {name} must be a 2-D float tensor, got {shape} {dtype}")
+
+
+def _check_same_device(fn, a, b):
+    if not isinstance(b, torch.Tensor) or b.device != a.device:
+        where = b.device if isinstance(b, torch.Tensor) else type(b).__name__
+        raise ValueError(f"{fn}: inputs must be tensors on one device, got {a.device} and {where}")
+
+
+def _check_pattern(fn, cols, sparsity, nm):
+    if nm:
+        n, m = nm
+        if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
+            raise ValueError(f"{fn}: N:M needs integers 0 <= N <= M, got {n}:{m}")
+        if cols % m:
+            raise ValueError(f"{fn}: {cols} columns are not divisible by M={m} for an {n}:{m} pattern")
+    elif not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"{fn}: sparsity must be in [0, 1], got {sparsity}")

@@ -115,7 +115,8 @@ class BESAConfig(PruneConfig):
         "help": "BESA: sigmoid before the softmax over rates: on, off, auto (on up to 0.6 sparsity); "
                 "on confines rates to about [0.38, 0.62]"})
     target: str = field(default="dense_block", metadata={
-        "help": "BESA: the dense block on the pruned inputs (dense_block; dense_model needs a pipeline change)"})
+        "help": "BESA: the block's target: dense_block (the dense block on the pruned inputs) or dense_model "
+                "(the dense model's block outputs; one more forward pass per layer)"})
     nm_scores: str = field(default="magnitude,channel", metadata={
         "help": "BESA N:M: what is mixed with Wanda's score: magnitude, channel (comma list, may be empty)"})
     nm_temperature: float = field(default=0.2, metadata={"help": "BESA N:M: temperature of the soft keep in backward"})
@@ -128,8 +129,7 @@ class BESAConfig(PruneConfig):
         self._check_choice("mode", ("row", "layer"))
         self._check_choice("optimizer", ("adam", "prodigy"))
         self._check_choice("smoothing", ("auto", "on", "off"))
-        self._check_choice("target", ("dense_block",), "; dense_model needs the dense model's block outputs, "
-                           "which the pipeline does not provide yet")
+        self._check_choice("target", ("dense_block", "dense_model"))
         if self.epochs < 0 or self.candidates < 2 or self.lr <= 0 or self.penalty < 0 or self.nm_temperature <= 0:
             raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0; "
                              f"got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, {self.nm_temperature}")
@@ -180,17 +180,16 @@ class SDSConfig(SparseGPTConfig):
                 "per weight) or token (error summed over outputs, penalty summed over weights)"})
     adjust: str = field(default="on", metadata={"help": "SDS: weight adjustment after the second prune (on, off)"})
     teacher: str = field(default="sd", metadata={
-        "help": "SDS: teacher inputs: sd (W_dense on the pruned-path inputs); dense needs a pipeline change"})
+        "help": "SDS: the teacher's inputs: sd (W_dense on the pruned model's inputs, the literal equation) "
+                "or dense (W_dense on the dense model's inputs; one more forward pass per layer)"})
     method = "sds"
 
     def __post_init__(self):
         super().__post_init__()
         for name, allowed in (("base", ("sparsegpt", "wanda", "besa")), ("solver", ("fista", "ista", "closed")),
-                              ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd",))):
+                              ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd", "dense"))):
             if getattr(self, name) not in allowed:
-                why = "; dense needs the dense model's inputs, which the pipeline does not provide" \
-                    if name == "teacher" else ""
-                raise ValueError(f"sds {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}{why}")
+                raise ValueError(f"sds {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 < self.lr <= 1.0:
             raise ValueError(f"sds lr is a fraction of the stable step 1/L and must be in (0, 1], got {self.lr}")
         if self.iters < 0 or self.l1 < 0 or self.l2 < 0:

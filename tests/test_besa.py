@@ -49,7 +49,7 @@ def _context(dtype=torch.float64, nsamples=2, seqlen=8):
 
 def _objective(ctx, learner, kind):
     energy = channel_energy(ctx.outs, ctx.device)
-    loss = sum(block_loss(ctx, learner.masked_weights(kind), j, energy) for j in range(ctx.inps.shape[0]))
+    loss = sum(block_loss(ctx, learner.masked_weights(kind), j, ctx.outs, energy) for j in range(ctx.inps.shape[0]))
     return loss + learner.penalty()
 
 
@@ -108,7 +108,7 @@ def test_ste_gradient_is_hard_path_gradient_through_soft_keep(which):
     hard = {name: part.mask("hard").double().requires_grad_() for name, part in parts.items()}
     energy = channel_energy(ctx.outs, ctx.device)
     weights = {name: adapters.get_weight(ctx.targets[name]) * m for name, m in hard.items()}
-    rec = sum(block_loss(ctx, weights, j, energy) for j in range(ctx.inps.shape[0]))
+    rec = sum(block_loss(ctx, weights, j, ctx.outs, energy) for j in range(ctx.inps.shape[0]))
     g_mask = dict(zip(hard, torch.autograd.grad(rec, list(hard.values()))))
 
     def contracted():
@@ -213,7 +213,7 @@ def test_allocation_report_and_plot():
     ({"candidates": 1}, "candidates >= 2"),
     ({"smoothing": "yes"}, "smoothing must be one of"),
     ({"smoothing": "on", "sparsity": "0.7"}, "needs --smoothing off"),
-    ({"target": "dense_model"}, "dense_model needs the dense model"),
+    ({"target": "dense"}, "target must be one of dense_block, dense_model"),
     ({"nm_scores": "magnitude,hessian"}, "unknown nm_scores"),
     ({"optimizer": "sgd"}, "optimizer must be one of"),
     ({"sparsity": "0"}, "sparsity above 0"),
@@ -233,3 +233,19 @@ def test_cli_flags(tmp_path, capsys):
     assert cli.main(args) == 2
     assert "needs --smoothing off" in capsys.readouterr().err
     assert cli.main(["prune", "--method", "wanda", "--sparsity", "0.5", "--mode", "row", "--out", str(tmp_path / "y")]) == 2
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_dense_model_target(pattern):
+    """target dense_model regresses on the dense model's block outputs: layer 0 (same inputs on both
+    streams) learns exactly what dense_block learns; layer 1 learns against another target; the pattern and
+    the block's count hold either way."""
+    runs = {t: sdsengine.prune(tiny_model("llama"), BESAConfig(sparsity=pattern, target=t, epochs=3, lr=0.5),
+                               tiny_tokens(), progress=False) for t in ("dense_block", "dense_model")}
+    first = {t: r.layers[0].steps["_block"] for t, r in runs.items()}
+    assert first["dense_model"]["loss_last"] == pytest.approx(first["dense_block"]["loss_last"], rel=1e-5)
+    second = {t: r.layers[1].steps["_block"]["loss_first"] for t, r in runs.items()}
+    assert second["dense_model"] != pytest.approx(second["dense_block"], rel=1e-3)
+    for layer in runs["dense_model"].layers:
+        assert abs(_block_sparsity(layer) - 0.5) <= 1e-3
+        assert all(info["nm_violations"] in (0, None) for info in layer.linears.values())

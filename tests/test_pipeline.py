@@ -103,3 +103,51 @@ def _odd_model():
 def test_seqlen_above_model_maximum():
     with pytest.raises(ValueError, match="exceeds the model's maximum of 128"):
         sdsengine.prune(tiny_model("llama"), WandaConfig(), tiny_tokens(2, 200), progress=False)
+
+
+class _RecordConfig(sdsengine.PruneConfig):
+    method = "record-dense-stream"
+
+
+class _RecordDenseStream:
+    """A block-wise method that asks for the dense stream, records what it gets, and prunes by magnitude
+    (so that the pruned stream drifts away from the dense one)."""
+    from sdsengine.algorithms.stats import Hessian as STATS
+
+    def __init__(self):
+        self.dense_outs, self.cross = [], []
+
+    def needs_dense_stream(self, config):
+        return True
+
+    def prune_layer(self, ctx, config):
+        self.dense_outs.append(ctx.dense_outs.clone())
+        stats = ctx.stats["mlp.up_proj"]
+        self.cross.append((stats.C.clone(), stats.H.clone()))
+        for module in ctx.targets.values():
+            w = adapters.get_weight(module)
+            adapters.set_weight(module, w * (w.abs() > w.abs().median()))
+
+
+def test_dense_stream_carries_the_unpruned_model(monkeypatch):
+    """ctx.dense_outs of every layer equals that layer's output in the unpruned model, while the pruned
+    stream differs; in layer 0 both streams see the same inputs, so C = H there."""
+    method = _RecordDenseStream()
+    monkeypatch.setitem(sdsengine.algorithms.METHODS, _RecordConfig.method, (_RecordConfig, method))
+    dense, model = tiny_model("llama"), tiny_model("llama")
+    samples = tiny_tokens(3, 16)
+    seen = {i: [] for i in range(len(adapters.decoder_layers(dense)))}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen[i].append(adapters.layer_output(out)))
+             for i, layer in enumerate(adapters.decoder_layers(dense))]
+    with torch.no_grad():
+        for j in range(3):
+            dense(samples[j:j + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    sdsengine.prune(model, _RecordConfig(sparsity="0.5"), samples, progress=False)
+    for i, recorded in enumerate(method.dense_outs):
+        torch.testing.assert_close(recorded, torch.cat(seen[i]), atol=1e-5, rtol=1e-5)
+    C0, H0 = method.cross[0]
+    torch.testing.assert_close(C0, H0)
+    C1, H1 = method.cross[1]
+    assert not torch.allclose(C1, H1, rtol=1e-3, atol=1e-5)

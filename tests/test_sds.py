@@ -37,22 +37,22 @@ def test_redense_without_regularization_returns_to_dense():
     w, stats = _layer()
     config = _config(l1=0.0, l2=0.0, lr=1.0, iters=2000)
     w1 = sds.BASES["sparsegpt"].prune(w, stats, config)
-    w_re = sds.redense(w1, w, stats.H, config)
+    w_re = sds.redense(w1, sds.Objective(w, stats), config)
     assert _calibration_error(w1, w, stats.H) > 1e-2
     assert _calibration_error(w_re, w, stats.H) < 1e-6
 
 
 def test_closed_form_matches_iterations():
     w, stats = _layer()
-    closed = sds.redense(w, w, stats.H, _config(solver="closed", l1=0.0, l2=0.5, reduction="token", percdamp=0.0))
-    fista = sds.redense(w, w, stats.H, _config(l1=0.0, l2=0.5, reduction="token", lr=1.0, iters=3000))
+    closed = sds.redense(w, sds.Objective(w, stats), _config(solver="closed", l1=0.0, l2=0.5, reduction="token", percdamp=0.0))
+    fista = sds.redense(w, sds.Objective(w, stats), _config(l1=0.0, l2=0.5, reduction="token", lr=1.0, iters=3000))
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
 
 
 def test_l1_shrinks_the_redense_weights():
     w, stats = _layer()
-    free = sds.redense(w, w, stats.H, _config(l1=0.0, l2=0.0, reduction="token", lr=1.0))
-    shrunk = sds.redense(w, w, stats.H, _config(l1=5.0, l2=0.0, reduction="token", lr=1.0))
+    free = sds.redense(w, sds.Objective(w, stats), _config(l1=0.0, l2=0.0, reduction="token", lr=1.0))
+    shrunk = sds.redense(w, sds.Objective(w, stats), _config(l1=5.0, l2=0.0, reduction="token", lr=1.0))
     assert shrunk.abs().sum() < free.abs().sum()
     assert (shrunk == 0).sum() > (free == 0).sum()
 
@@ -63,7 +63,7 @@ def test_adjust_keeps_nm_pattern(base, pattern):
     w, stats = _layer()
     config = _config(base=base, sparsity=pattern, lr=1.0, iters=50)
     w2 = sds.BASES[base].prune(w, stats, config)
-    w3 = sds.adjust(w2, w, stats.H, config)
+    w3 = sds.adjust(w2, sds.Objective(w, stats), config)
     assert nm_violations(w3, *config.sparsity.nm) == 0
     assert (w3 == 0).float().mean() == 1 - config.sparsity.n / config.sparsity.m
     assert _calibration_error(w3, w, stats.H) <= _calibration_error(w2, w, stats.H)
@@ -74,7 +74,7 @@ def test_adjust_keeps_unstructured_counts(base):
     w, stats = _layer()
     config = _config(base=base, sparsity="0.5", lr=1.0, iters=50)
     w2 = sds.BASES[base].prune(w, stats, config)
-    w3 = sds.adjust(w2, w, stats.H, config)
+    w3 = sds.adjust(w2, sds.Objective(w, stats), config)
     if base == "wanda":  # Wanda's count holds per row
         assert torch.equal((w3 != 0).sum(dim=1), (w2 != 0).sum(dim=1))
     assert (w3 != 0).sum() == (w2 != 0).sum()
@@ -158,7 +158,7 @@ def test_sds_on_besa_masks(pattern):
     ({"solver": "adam"}, "solver must be one of fista, ista, closed"),
     ({"reduction": "sum"}, "reduction must be one of element, token"),
     ({"adjust": "yes"}, "adjust must be one of on, off"),
-    ({"teacher": "dense"}, "pipeline does not provide"),
+    ({"teacher": "teacher"}, "teacher must be one of sd, dense"),
     ({"lr": 0.0}, r"lr .* must be in \(0, 1\]"),
     ({"lr": 1.5}, r"lr .* must be in \(0, 1\]"),
     ({"iters": -1}, "iters, l1, l2 >= 0"),
@@ -182,3 +182,41 @@ def test_cli_parses_sds_flags():
 def test_cli_rejects_sds_flag_for_other_method(tmp_path, capsys):
     assert main(["prune", "--method", "wanda", "--base", "wanda", "--sparsity", "2:4", "--out", str(tmp_path)]) == 2
     assert "--base does not apply to method 'wanda'" in capsys.readouterr().err
+
+
+def test_dense_teacher_objective_matches_tokens():
+    """With dense-stream inputs d, error() and grad() are the token-level error ||W d - V x||^2 and its
+    gradient, from the accumulated H, C, T alone."""
+    w, _ = _layer()
+    g = torch.Generator().manual_seed(1)
+    x, d = torch.randn(300, 32, generator=g), torch.randn(300, 32, generator=g)
+    stats = Hessian(32, "cpu")
+    for rows in (slice(0, 100), slice(100, 300)):  # two batches: the running average must hold
+        stats.add_batch(x[rows], d[rows])
+    v = torch.randn(24, 32, generator=g).requires_grad_()
+    objective = sds.Objective(w, stats, "dense")
+    loss = ((d @ w.T - x @ v.T) ** 2).sum() / 300  # = ½ · 2/N · sum ||W d - V x||^2
+    loss.backward()
+    torch.testing.assert_close(objective.grad(v.detach()), v.grad, rtol=1e-4, atol=1e-4)
+    reference = float(loss.detach()) / float(((d @ w.T) ** 2).sum() / 300)
+    assert abs(objective.error(v.detach()) - reference) < 1e-4 * reference
+
+
+def test_dense_teacher_needs_dense_stream():
+    w, stats = _layer()
+    with pytest.raises(ValueError, match="dense stream"):
+        sds.Objective(w, stats, "dense")
+
+
+def test_dense_teacher_through_the_pipeline():
+    """Layer 0 sees the same inputs on both streams, so its steps equal the sd teacher's; later layers
+    differ, since their dense-stream inputs come from the unpruned model."""
+    runs = {}
+    for teacher in ("sd", "dense"):
+        model = tiny_model("llama")
+        runs[teacher] = sdsengine.prune(model, _config(teacher=teacher, iters=10), tiny_tokens(), progress=False)
+    first = {t: runs[t].layers[0].steps["self_attn.q_proj"] for t in runs}
+    assert first["dense"]["initial"] == pytest.approx(first["sd"]["initial"], rel=1e-4)
+    assert first["dense"]["chosen"] == pytest.approx(first["sd"]["chosen"], rel=1e-3)
+    last = {t: runs[t].layers[-1].steps["mlp.down_proj"]["initial"] for t in runs}
+    assert last["dense"] != pytest.approx(last["sd"], rel=1e-3)

@@ -9,7 +9,8 @@ linear (mode layer), under the block-output loss:
     backward  P_rj = Σ_{d: ⌊C p_d⌋ ≤ rank_r(j)} β_rd,   M = M_hard − sg(P) + P,   W' = sg(W) ⊙ M
     loss = mean_c ‖y_c − t_c‖² / E_c  +  λ ((S − s*) / s*)²,    S = Σ_r C_r α_r / Σ_r C_r
 
-t is the dense block on the same (already pruned upstream) inputs, E_c the energy of its channel c. The
+t is the dense block on the same (already pruned upstream) inputs, or with target 'dense_model' the dense
+model's output of this block (the pipeline's dense stream); E_c the energy of its channel c. The
 constraint is per block: rows and linears inside it are free. Afterwards the counts are projected so the
 block's counted zeros equal round(s*·N) (project_counts). N:M patterns learn which N to keep (besa_nm).
 """
@@ -25,6 +26,10 @@ from .besa_block import learn, loss_summary, ste
 from .stats import InputNorms
 
 STATS = InputNorms
+
+
+def needs_dense_stream(config):
+    return config.target == "dense_model"
 
 
 def prune_layer(ctx, config):

@@ -16,12 +16,13 @@ def learn(ctx, learner, config):
     if config.epochs == 0:
         return []
     optimizer = make_optimizer(learner.parameters(), config)
-    energy = channel_energy(ctx.outs, ctx.device)
+    targets = block_targets(ctx, config)
+    energy = channel_energy(targets, ctx.device)
     losses = []
     with torch.enable_grad():
         for _ in range(config.epochs):
             for j in range(ctx.inps.shape[0]):
-                rec = block_loss(ctx, learner.masked_weights("ste"), j, energy)
+                rec = block_loss(ctx, learner.masked_weights("ste"), j, targets, energy)
                 loss = rec + learner.penalty()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -30,11 +31,21 @@ def learn(ctx, learner, config):
     return losses
 
 
-def block_loss(ctx, weights, j, energy):
+def block_targets(ctx, config):
+    """What the masked block must reproduce: the dense block on the same (pruned-stream) inputs, or the
+    dense model's outputs of this block (which also asks the block to undo the error upstream)."""
+    if config.target == "dense_block":
+        return ctx.outs
+    if ctx.dense_outs is None:
+        raise ValueError("BESA target 'dense_model' needs the dense stream; run it through the pipeline")
+    return ctx.dense_outs
+
+
+def block_loss(ctx, weights, j, targets, energy):
     """Channel-normalized MSE of the block on window j: each hidden channel's error over its energy."""
     y = masked_forward(ctx.layer, weights, ctx.targets, ctx.inps[j:j + 1].to(ctx.device), ctx.kwargs)
     dtype = _accumulation_dtype(y)
-    target = ctx.outs[j:j + 1].to(ctx.device, dtype)
+    target = targets[j:j + 1].to(ctx.device, dtype)
     err = (y.to(dtype) - target).pow(2).reshape(-1, y.shape[-1]).mean(dim=0)
     return (err / energy).mean()
 

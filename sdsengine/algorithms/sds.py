@@ -7,13 +7,14 @@
 
 H = 2/N X X^T are the pipeline's Hessian statistics of this linear's inputs, which already come from the
 pruned model (the paper's SD-data), so ½ tr(ΔW H ΔW^T) = (1/N) sum_t ||ΔW x_t||^2: the output error
-summed over outputs, averaged over calibration tokens. The teacher is W_dense on these same inputs (the
-literal equation); a teacher on dense-model inputs would need C = X_dense X_sd^T and a second activation
-stream in the pipeline, which is not built. No step revisits the calibration tokens.
+summed over outputs, averaged over calibration tokens. The teacher (config.teacher) is W_dense on these
+same inputs ("sd", the literal equation), or on the dense model's inputs ("dense": W d_t with d_t from the
+pipeline's dense stream, through C = 2/N sum d x^T; see Objective). No step revisits the calibration tokens.
 
 Choices the paper leaves open (config fields; defaults measured by held-out perplexity, docs/SDS.md):
 - reduction: "element" divides the error by out_features and the penalties by the weight count (λ per
   weight, like a mean-reduced MSE), so λ1' = λ1 / in, λ2' = λ2 / in; "token" uses λ1, λ2 as they are.
+- teacher: "sd" (default) or "dense", as above.
 - solver: proximal gradient (soft threshold for L1) with step lr / L, L the top eigenvalue of the smooth
   part: "fista" (accelerated) or "ista"; "closed" solves the L2-only problem exactly. Starting from W1
   with a finite number of steps is itself a regularizer (the paper's "start from the pruned weights").
@@ -42,34 +43,65 @@ def variant(config):
     return sys.modules[__name__]
 
 
+def needs_dense_stream(config):
+    return config.teacher == "dense"
+
+
 def prune(weight, stats, config):
     """(pruned weight, info): info holds the relative calibration error after each step."""
     base = BASES[config.base]
     w1 = base.prune(weight.float(), stats, config).float()
-    chosen, info = reconstruct(weight, w1, stats.H, config, lambda v: base.prune(v, stats, config).float())
+    objective = Objective(weight, stats, config.teacher)
+    chosen, info = reconstruct(objective, w1, config, lambda v: base.prune(v, stats, config).float())
     return chosen.to(weight.dtype), info
 
 
-def reconstruct(weight, w1, H, config, second_prune, keep=None):
+def reconstruct(objective, w1, config, second_prune, keep=None):
     """The D-S-adjust steps after an initial prune w1, and the guard; second_prune(W_re) is the base's.
     keep: the mask whose counts the adjustment holds (default: W2's nonzeros)."""
-    w, H = weight.float(), H.float()
-    error = _relative_error(w, H)
-    w_re = redense(w1, w, H, config)
+    error = objective.error
+    w_re = redense(w1, objective, config)
     w2 = second_prune(w_re)
-    w3 = adjust(w2, w, H, config, keep) if config.adjust == "on" else w2
+    w3 = adjust(w2, objective, config, keep) if config.adjust == "on" else w2
     steps = {"initial": error(w1), "redense": error(w_re), "second": error(w2), "adjust": error(w3)}
     chosen, choice = (w3, "sds") if steps["adjust"] <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice}
 
 
-def _relative_error(w, H):
-    """tr(ΔW H ΔW^T) / tr(W H W^T): the output error on the calibration inputs relative to the output."""
-    ref = float(_quadratic(w, H)) or 1e-30
+class Objective:
+    """The calibration output error of V against the teacher W, from statistics:
 
-    def error(v):
-        return float(_quadratic(v - w, H)) / ref
-    return error
+        ½ · 2/N · sum_t ||W d_t - V x_t||^2  =  ½ tr(V H V^T) - tr(B V^T) + ½ tr(W T W^T),   B = W C
+
+    x: this linear's inputs in the pruned model (H); d: the teacher's inputs, the same x ("sd": C = T = H)
+    or the dense model's (C, T from the dense stream). error() is relative to the teacher's output energy.
+    """
+
+    def __init__(self, weight, stats, teacher="sd"):
+        self.w, self.H = weight.float(), stats.H.float()
+        self.dense = teacher == "dense"
+        if self.dense and stats.C is None:
+            raise ValueError("the dense teacher needs the dense stream's statistics (Hessian.C, T): run SDS "
+                             "through the pipeline with teacher='dense'")
+        C, T = (stats.C.float(), stats.T.float()) if self.dense else (self.H, self.H)
+        self.B = self.w @ C
+        self.ref = float(_quadratic(self.w, T)) or 1e-30
+        self._top = None
+
+    def grad(self, v):
+        return v @ self.H - self.B
+
+    def error(self, v, grad=None):
+        if not self.dense:  # the difference form: no cancellation when V is close to W
+            return float(_quadratic(v - self.w, self.H)) / self.ref
+        g = self.grad(v) if grad is None else grad
+        return (float(((g - self.B).double() * v.double()).sum()) + self.ref) / self.ref
+
+    @property
+    def top_eigenvalue(self):
+        if self._top is None:
+            self._top = top_eigenvalue(self.H)
+        return self._top
 
 
 def _quadratic(d, H):
@@ -82,29 +114,29 @@ def penalties(config, in_features):
     return config.l1 * scale, config.l2 * scale
 
 
-def redense(w1, w, H, config):
+def redense(w1, objective, config):
     """The D step: every entry trainable, started at the pruned weights."""
-    l1, l2 = penalties(config, w.shape[1])
+    l1, l2 = penalties(config, w1.shape[1])
     if config.solver == "closed":
-        return _ridge(w, H, l2, config.percdamp)
-    return _proximal_gradient(w1, w, H, l1, l2, config)
+        return _ridge(objective, l2, config.percdamp)
+    return _proximal_gradient(w1, objective, l1, l2, config)
 
 
-def _ridge(w, H, l2, percdamp):
-    """argmin ½ tr((V - W) H (V - W)^T) + l2 ||V||^2  =  W H (H + 2 l2 I)^-1 (H symmetric)."""
+def _ridge(objective, l2, percdamp):
+    """argmin ½ tr(V H V^T) - tr(B V^T) + l2 ||V||^2  =  B (H + 2 l2 I)^-1 (H symmetric)."""
+    H = objective.H
     reg = 2 * l2 + percdamp * float(torch.diagonal(H).mean())  # damping keeps a singular H solvable
     A = H + reg * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    return torch.linalg.solve(A, (w @ H).T).T
+    return torch.linalg.solve(A, objective.B.T).T
 
 
-def _proximal_gradient(w1, w, H, l1, l2, config):
-    """ISTA/FISTA: gradient (V - W) H + 2 l2 V, soft threshold for l1, step lr / L."""
-    step = config.lr / (top_eigenvalue(H) + 2 * l2)
-    wH = w @ H
+def _proximal_gradient(w1, objective, l1, l2, config):
+    """ISTA/FISTA: gradient V H - B + 2 l2 V, soft threshold for l1, step lr / L."""
+    step = config.lr / (objective.top_eigenvalue + 2 * l2)
     x = y = w1
     t = 1.0
     for _ in range(config.iters):
-        grad = y @ H - wH + 2 * l2 * y
+        grad = objective.grad(y) + 2 * l2 * y
         x_next = _soft_threshold(y - step * grad, step * l1)
         if config.solver == "fista":
             t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
@@ -132,16 +164,15 @@ def top_eigenvalue(H, iters=64, margin=1.05):
     return float(v @ H @ v) * margin
 
 
-def adjust(w2, w, H, config, keep=None):
-    """Projected gradient toward the dense output, the mask re-selected by magnitude each step; the best
+def adjust(w2, objective, config, keep=None):
+    """Projected gradient toward the teacher's output, the mask re-selected by magnitude each step; the best
     iterate (W2 included) wins, so the result never has a higher calibration error than W2."""
     project = _projector(w2 != 0 if keep is None else keep, config)
-    step = config.lr / top_eigenvalue(H)
-    wH = w @ H
+    step = config.lr / objective.top_eigenvalue
     x, best, best_loss = w2, w2, float("inf")
     for i in range(config.iters + 1):
-        grad = x @ H - wH
-        loss = float(((grad) * (x - w)).sum())  # tr(ΔW H ΔW^T), reusing the gradient's product
+        grad = objective.grad(x)
+        loss = float(((grad - objective.B) * x).sum())  # the error up to a constant, from the gradient's product
         if loss < best_loss:
             best, best_loss = x, loss
         if i == config.iters:

@@ -17,6 +17,10 @@ from .stats import Hessian
 STATS = Hessian
 
 
+def needs_dense_stream(config):
+    return sds.needs_dense_stream(config)
+
+
 def prune_layer(ctx, config):
     """Prune ctx.targets in place; returns BESA's report with SDS's per-step errors under 'sds'."""
     dense = {name: adapters.get_weight(m).detach().clone() for name, m in ctx.targets.items()}
@@ -24,8 +28,8 @@ def prune_layer(ctx, config):
     for name, module in ctx.targets.items():
         w1 = adapters.get_weight(module).float()
         keep = w1 != 0
-        chosen, steps = sds.reconstruct(dense[name], w1, ctx.stats[name].H, config,
-                                       lambda v: v * keep, keep)
+        objective = sds.Objective(dense[name], ctx.stats[name], config.teacher)
+        chosen, steps = sds.reconstruct(objective, w1, config, lambda v: v * keep, keep)
         adapters.set_weight(module, chosen.to(dense[name].dtype))
         info[name] = {**info.get(name, {}), "sds": steps}
     return info

@@ -1,6 +1,8 @@
 """Calibration statistics accumulated from a linear layer's inputs, in fp32.
 
-Each takes batches of inputs (..., in_features) and is consumed by an algorithm's `prune`.
+Each takes batches of inputs (..., in_features) and is consumed by an algorithm's `prune`. Where the
+method asked for the dense stream, add_batch also gets the same tokens' inputs in the unpruned model
+(dense_x); otherwise dense_x is None.
 """
 import torch
 
@@ -12,7 +14,7 @@ class InputNorms:
         self.sq = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
-    def add_batch(self, x):
+    def add_batch(self, x, dense_x=None):
         x = x.reshape(-1, x.shape[-1]).float()
         self.sq += (x * x).sum(dim=0)
         self.tokens += x.shape[0]
@@ -22,18 +24,27 @@ class InputNorms:
 
 
 class Hessian:
-    """H = 2/N * sum x x^T over the calibration tokens (SparseGPT's layer-wise Hessian)."""
+    """H = 2/N * sum x x^T over the calibration tokens (SparseGPT's layer-wise Hessian). Given the dense
+    stream's inputs d too: C = 2/N * sum d x^T and T = 2/N * sum d d^T, so that for a teacher W on dense
+    inputs, ½ * 2/N * sum ||W d - V x||^2 = ½ (tr(V H V^T) - 2 tr(W C V^T) + tr(W T W^T))."""
 
     def __init__(self, in_features, device):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.C = self.T = None
         self.tokens = 0
 
-    def add_batch(self, x):
+    def add_batch(self, x, dense_x=None):
         x = x.reshape(-1, x.shape[-1]).float()
         total = self.tokens + x.shape[0]
-        self.H *= self.tokens / total
-        x = x * (2.0 / total) ** 0.5
-        self.H += x.T @ x
+        keep, scale = self.tokens / total, (2.0 / total) ** 0.5
+        x = x * scale
+        self.H.mul_(keep).addmm_(x.T, x)
+        if dense_x is not None:
+            d = dense_x.reshape(-1, dense_x.shape[-1]).float() * scale
+            if self.C is None:
+                self.C, self.T = torch.zeros_like(self.H), torch.zeros_like(self.H)
+            self.C.mul_(keep).addmm_(d.T, x)
+            self.T.mul_(keep).addmm_(d.T, d)
         self.tokens = total
 
     def norms(self):

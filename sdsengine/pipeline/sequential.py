@@ -4,6 +4,11 @@ Inputs of the first decoder layer are captured once. For each layer: accumulate 
 targeted linear's inputs with hooks while computing the dense outputs, prune, then recompute the
 layer's outputs with the pruned weights: they are the next layer's inputs, and their distance to the
 dense outputs is the layer's reconstruction error. Only the current layer sits on the compute device.
+
+A method may also ask for the dense stream (needs_dense_stream(config)): the activations of the unpruned
+model, carried alongside. Each linear's statistics then also see its dense-model inputs (stats.add_batch(x,
+dense_x)), and the layer context holds the dense model's layer outputs (dense_outs). It costs one more
+forward pass per layer and two more activation buffers.
 """
 import fnmatch
 import time
@@ -42,26 +47,36 @@ def prune_model(model, config, samples=None, progress=True) -> list[LayerReport]
     inps, kwargs = capture_layer_inputs(model, samples, device, _store_device(device, samples, model))
     kwargs = to_device(kwargs, device)
     outs = torch.empty_like(inps)
+    dense = DenseStream(inps.clone(), torch.empty_like(inps)) if _needs_dense_stream(algo, config) else None
     reports = []
     for i, layer in enumerate(_bar(layers, progress)):
-        reports.append(_prune_layer(i, layer, targets[i], algo, config, inps, outs, kwargs, device))
+        reports.append(_prune_layer(i, layer, targets[i], algo, config, inps, outs, kwargs, device, dense))
         inps, outs = outs, inps
+        if dense is not None:
+            dense.inps, dense.outs = dense.outs, dense.inps
     return reports
 
 
-def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device):
+@dataclass
+class DenseStream:
+    """The unpruned model's activations: inputs of the current layer, and a buffer for its outputs."""
+    inps: torch.Tensor
+    outs: torch.Tensor
+
+
+def _needs_dense_stream(algo, config):
+    return bool(getattr(algo, "needs_dense_stream", lambda c: False)(config))
+
+
+def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device, dense=None):
     start = time.perf_counter()
     home = next(layer.parameters()).device
     layer.to(device)
     stats = {name: algo.STATS(adapters.get_weight(m).shape[1], device) for name, m in targets.items()}
-    hooks = [m.register_forward_hook(_accumulate(stats[name])) for name, m in targets.items()]
-    try:
-        run_layer(layer, inps, outs, kwargs, device)
-    finally:
-        for h in hooks:
-            h.remove()
+    collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense)
     if hasattr(algo, "prune_layer"):  # block-wise methods (BESA) see the whole layer and its dense outputs
-        steps = algo.prune_layer(LayerContext(layer, targets, stats, inps, outs, kwargs, device), config)
+        ctx = LayerContext(layer, targets, stats, inps, outs, kwargs, device, dense and dense.outs)
+        steps = algo.prune_layer(ctx, config)
     else:
         steps = {name: _prune_linear(algo, module, stats[name], config) for name, module in targets.items()}
     del stats
@@ -83,6 +98,7 @@ class LayerContext:
     outs: torch.Tensor
     kwargs: dict
     device: torch.device
+    dense_outs: torch.Tensor | None = None  # the dense model's outputs of this layer, if the method asked
 
 
 def _prune_linear(algo, module, stats, config):
@@ -98,7 +114,7 @@ def run_layer(layer, inps, outs, kwargs, device, reference=None):
     """outs[j] = layer(inps[j]); with `reference` (may alias outs), also the relative error against it."""
     err = ref = 0.0
     for j in range(inps.shape[0]):
-        y = adapters.layer_output(layer(inps[j:j + 1].to(device), **kwargs))
+        y = _forward(layer, inps[j:j + 1], kwargs, device)
         if reference is not None:
             target = reference[j:j + 1].to(device).float()
             err += float((y.float() - target).pow(2).sum())
@@ -107,10 +123,38 @@ def run_layer(layer, inps, outs, kwargs, device, reference=None):
     return err / max(ref, 1e-30) if reference is not None else None
 
 
-def _accumulate(stats):
-    def hook(module, args, output):
-        stats.add_batch(args[0].detach())
-    return hook
+@torch.no_grad()
+def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None):
+    """outs = layer(inps), adding every targeted linear's inputs to its stats. With a dense stream, each
+    window first runs the dense stream (dense.outs[j] = layer(dense.inps[j])), and the inputs each linear saw
+    there go to its stats beside the pruned-stream ones."""
+    seen = {}  # linear name -> its input on the dense stream, for the current window
+    phase = ["pruned"]
+
+    def hook_for(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if phase[0] == "dense":
+                seen[name] = x
+            else:
+                stats[name].add_batch(x, seen.pop(name, None))
+        return hook
+
+    hooks = [m.register_forward_hook(hook_for(name)) for name, m in targets.items()]
+    try:
+        for j in range(inps.shape[0]):
+            if dense is not None:
+                phase[0] = "dense"
+                dense.outs[j:j + 1] = _forward(layer, dense.inps[j:j + 1], kwargs, device).to(dense.outs.device)
+                phase[0] = "pruned"
+            outs[j:j + 1] = _forward(layer, inps[j:j + 1], kwargs, device).to(outs.device)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _forward(layer, x, kwargs, device):
+    return adapters.layer_output(layer(x.to(device), **kwargs))
 
 
 def _prune_without_data(index, targets, algo, config):

@@ -1,0 +1,35 @@
+"""Checks shared by the kernel tests. Policy: masks, metadata and copied values compare exactly; computed
+floats against the fp32 reference within a stated tolerance. Failures say where they differ."""
+import pytest
+import torch
+
+from sdsengine.kernels import use_backend
+
+
+def _assert_exact(actual, expected, what="tensor"):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+        f"{what}: got {tuple(actual.shape)} {actual.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
+    same = actual == expected
+    if actual.is_floating_point():
+        same |= actual.isnan() & expected.isnan()
+    if not same.all():
+        bad = (~same).nonzero()
+        first = tuple(bad[0].tolist())
+        raise AssertionError(f"{what}: {len(bad)} of {same.numel()} entries differ, first at {first}: "
+                             f"{actual[first].item()} vs {expected[first].item()}")
+
+
+@pytest.fixture
+def assert_exact():
+    return _assert_exact
+
+
+@pytest.fixture
+def both_backends():
+    """fn -> (output under Triton, output under the torch reference)."""
+    def run(fn):
+        with use_backend("triton"):
+            fast = fn()
+        with use_backend("torch"):
+            return fast, fn()
+    return run

@@ -1,0 +1,71 @@
+"""2:4 select-and-compress (kernels/compress.py) against reference.compress_24: values, metadata and the
+decompressed weight exact, bit for bit (-0.0 written as 0)."""
+import pytest
+import torch
+
+from sdsengine.kernels import compress_24, decompress_24, use_backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHAPES = ((1, 32), (3, 96), (17, 160), (64, 128), (2, 288))  # chunk tiles of 4: partial and several
+
+
+def _bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _check(both_backends, assert_exact, weight, scores=None):
+    (values, meta), (ref_values, ref_meta) = both_backends(lambda: compress_24(weight, scores))
+    assert_exact(meta, ref_meta, "meta")
+    assert_exact(_bits(values), _bits(ref_values), "value bits")
+    dense, ref_dense = both_backends(lambda: decompress_24(ref_values, ref_meta))
+    assert_exact(_bits(dense), _bits(ref_dense), "decompressed bits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(both_backends, assert_exact, dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    _check(both_backends, assert_exact, torch.randn(*shape, generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scores_pick_the_pair(both_backends, assert_exact, dtype):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 64, generator=gen).to(dtype)
+    _check(both_backends, assert_exact, weight, torch.randn(5, 64, generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize("kind", ["all_equal", "signed_integers", "zeros"])
+def test_ties_and_negative_zero(both_backends, assert_exact, kind):
+    gen = torch.Generator().manual_seed(2)
+    weight = {"all_equal": torch.full((3, 64), -1.5),
+              "signed_integers": torch.randint(-1, 2, (3, 64), generator=gen).float(),
+              "zeros": torch.zeros(3, 64)}[kind]
+    weight[weight == 0] = -0.0
+    _check(both_backends, assert_exact, weight.half())
+    with use_backend("triton"):
+        values, _ = compress_24(weight.half())
+    assert not torch.signbit(values[values == 0]).any(), "-0.0 must be written as +0.0"
+
+
+def test_layout_by_hand():
+    """Row 0 keeps columns {0, 2} of every group (nibble 0b1000); row 1 keeps {1, 3} (0b1101)."""
+    row0 = torch.tensor([4.0, 1.0, -3.0, 2.0] * 8)
+    row1 = torch.tensor([0.5, -6.0, 0.25, 7.0] * 8)
+    with use_backend("triton"):
+        values, meta = compress_24(torch.stack([row0, row1]))
+    assert meta.tolist() == [[0x88888888 - 2 ** 32], [0xDDDDDDDD - 2 ** 32]]
+    assert values[0, :4].tolist() == [4.0, -3.0, 4.0, -3.0] and values[1, :4].tolist() == [-6.0, 7.0, -6.0, 7.0]
+
+
+def test_decompress_any_valid_meta(both_backends, assert_exact):
+    """Metadata not made by compress: every ordered pair i0 < i1 in every nibble position."""
+    gen = torch.Generator().manual_seed(3)
+    pairs = torch.tensor([(a, b) for a in range(4) for b in range(a + 1, 4)])
+    pick = pairs[torch.randint(0, len(pairs), (6, 4, 8), generator=gen)]
+    nibbles = (pick[..., 0] | (pick[..., 1] << 2)).to(torch.int64) << torch.arange(0, 32, 4)
+    meta = nibbles.sum(-1)
+    meta = torch.where(meta >= 2 ** 31, meta - 2 ** 32, meta).to(torch.int32)
+    values = torch.randn(6, 64, generator=gen).bfloat16()
+    dense, ref_dense = both_backends(lambda: decompress_24(values, meta))
+    assert_exact(_bits(dense), _bits(ref_dense), "decompressed bits")
