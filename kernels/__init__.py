@@ -44,8 +44,9 @@ def _backend_for(tensor):
 
 
 def _use_triton(tensor, covered=True):
-    """Whether the Triton kernel runs on `tensor`; raises where Triton is forced but cannot run."""
-    if _backend_for(tensor) != "triton":
+    """Whether the Triton kernel runs on `tensor` (inputs it does not cover never need triton); raises
+    where Triton is forced but cannot run."""
+    if _backend_for(tensor) != "triton" or not covered:
         return False
     forced = (_forced or os.environ.get("SDSENGINE_KERNELS", "auto")) == "triton"
     if importlib.util.find_spec("triton") is None:
@@ -55,7 +56,7 @@ def _use_triton(tensor, covered=True):
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"the Triton kernels need CUDA tensors (got {tensor.device}), or TRITON_INTERPRET=1 "
                            "set before triton is first imported")
-    return covered
+    return True
 
 
 def _device_of(tensor):
@@ -71,7 +72,7 @@ def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
         raise ValueError(f"wanda_prune: act_norm must be a float vector of {weight.shape[1]} (weight's columns), "
                          f"got shape {tuple(act_norm.shape)} {act_norm.dtype}")
     _check_pattern("wanda_prune", weight.shape[1], sparsity, nm)
-    covered = weight.dtype in _KERNEL_DTYPES and _m_covered(nm) and (nm or weight.shape[1] <= _MAX_ROW)
+    covered = weight.dtype in _KERNEL_DTYPES and _m_covered(nm) and (bool(nm) or weight.shape[1] <= _MAX_ROW)
     if not _use_triton(weight, covered):
         return reference.wanda_prune(weight, act_norm, sparsity, nm)
     norm = act_norm.reshape(-1)

@@ -31,7 +31,10 @@ def _compress_kernel(W, S, VALUES, META, rows, cols, HAS_SCORES: tl.constexpr,
     inside = (r < rows) & (c < cols // 32)
     offs = r.to(tl.int64) * cols + c * 32 + g * 4 + pos
     w = tl.load(W + offs, mask=inside, other=0.0)
-    score = tl.load(S + offs, mask=inside, other=0.0).to(tl.float32) if HAS_SCORES else tl.abs(w.to(tl.float32))
+    if HAS_SCORES:
+        score = tl.load(S + offs, mask=inside, other=0.0).to(tl.float32)
+    else:
+        score = tl.abs(w.to(tl.float32))
     keep = nm_keep(sort_key(score), pos, 3, 2, 4)
     # the kept pair in increasing column order: i0 < i1
     i0 = tl.min(tl.where(keep, pos, 4), axis=3, keep_dims=True)
@@ -55,14 +58,14 @@ def _compress_kernel(W, S, VALUES, META, rows, cols, HAS_SCORES: tl.constexpr,
 @triton.jit
 def _decompress_kernel(VALUES, META, OUT, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r, c, g, pos = _tile(BLOCK_R, BLOCK_C, 4)
-    pair = tl.arange(0, 2)[None, None, None, :]
     inside = (r < rows) & (c < cols // 32)
     meta = tl.load(META + r.to(tl.int64) * (cols // 32) + c, mask=inside, other=0)
     nibble = (meta >> (g * 4)) & 0xF  # arithmetic shift is fine: only the low 4 bits are kept
     i0, i1 = nibble & 3, nibble >> 2
-    values = tl.load(VALUES + r.to(tl.int64) * (cols // 2) + c * 16 + g * 2 + pair, mask=inside, other=0.0)
-    v0 = tl.sum(tl.where(pair == 0, values, tl.zeros_like(values)), axis=3, keep_dims=True)
-    v1 = tl.sum(tl.where(pair == 1, values, tl.zeros_like(values)), axis=3, keep_dims=True)
+    # the pair as two (.., 8, 1) loads of the same cache lines: values pass through bit for bit
+    pairs = VALUES + r.to(tl.int64) * (cols // 2) + c * 16 + g * 2
+    v0 = tl.load(pairs, mask=inside, other=0.0)
+    v1 = tl.load(pairs + 1, mask=inside, other=0.0)
     dense = tl.where(pos == i0, v0, tl.where(pos == i1, v1, tl.zeros_like(v1)))
     tl.store(OUT + r.to(tl.int64) * cols + c * 32 + g * 4 + pos, dense.to(OUT.dtype.element_ty), mask=inside)
 

@@ -25,6 +25,12 @@ def assert_exact():
 
 
 @pytest.fixture
+def device():
+    """Where the kernels run: CUDA when there is one, else the CPU under the Triton interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
 def both_backends():
     """fn -> (output under Triton, output under the torch reference)."""
     def run(fn):

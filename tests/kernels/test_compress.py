@@ -13,7 +13,8 @@ def _bits(t):
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def _check(both_backends, assert_exact, weight, scores=None):
+def _check(both_backends, assert_exact, device, weight, scores=None):
+    weight, scores = weight.to(device), None if scores is None else scores.to(device)
     (values, meta), (ref_values, ref_meta) = both_backends(lambda: compress_24(weight, scores))
     assert_exact(meta, ref_meta, "meta")
     assert_exact(_bits(values), _bits(ref_values), "value bits")
@@ -23,42 +24,42 @@ def _check(both_backends, assert_exact, weight, scores=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(both_backends, assert_exact, dtype, shape):
+def test_matches_reference(both_backends, assert_exact, device, dtype, shape):
     gen = torch.Generator().manual_seed(0)
-    _check(both_backends, assert_exact, torch.randn(*shape, generator=gen).to(dtype))
+    _check(both_backends, assert_exact, device, torch.randn(*shape, generator=gen).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scores_pick_the_pair(both_backends, assert_exact, dtype):
+def test_scores_pick_the_pair(both_backends, assert_exact, device, dtype):
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(5, 64, generator=gen).to(dtype)
-    _check(both_backends, assert_exact, weight, torch.randn(5, 64, generator=gen).to(dtype))
+    _check(both_backends, assert_exact, device, weight, torch.randn(5, 64, generator=gen).to(dtype))
 
 
 @pytest.mark.parametrize("kind", ["all_equal", "signed_integers", "zeros"])
-def test_ties_and_negative_zero(both_backends, assert_exact, kind):
+def test_ties_and_negative_zero(both_backends, assert_exact, device, kind):
     gen = torch.Generator().manual_seed(2)
     weight = {"all_equal": torch.full((3, 64), -1.5),
               "signed_integers": torch.randint(-1, 2, (3, 64), generator=gen).float(),
               "zeros": torch.zeros(3, 64)}[kind]
     weight[weight == 0] = -0.0
-    _check(both_backends, assert_exact, weight.half())
+    _check(both_backends, assert_exact, device, weight.half())
     with use_backend("triton"):
-        values, _ = compress_24(weight.half())
+        values, _ = compress_24(weight.half().to(device))
     assert not torch.signbit(values[values == 0]).any(), "-0.0 must be written as +0.0"
 
 
-def test_layout_by_hand():
+def test_layout_by_hand(device):
     """Row 0 keeps columns {0, 2} of every group (nibble 0b1000); row 1 keeps {1, 3} (0b1101)."""
     row0 = torch.tensor([4.0, 1.0, -3.0, 2.0] * 8)
     row1 = torch.tensor([0.5, -6.0, 0.25, 7.0] * 8)
     with use_backend("triton"):
-        values, meta = compress_24(torch.stack([row0, row1]))
+        values, meta = compress_24(torch.stack([row0, row1]).to(device))
     assert meta.tolist() == [[0x88888888 - 2 ** 32], [0xDDDDDDDD - 2 ** 32]]
     assert values[0, :4].tolist() == [4.0, -3.0, 4.0, -3.0] and values[1, :4].tolist() == [-6.0, 7.0, -6.0, 7.0]
 
 
-def test_decompress_any_valid_meta(both_backends, assert_exact):
+def test_decompress_any_valid_meta(both_backends, assert_exact, device):
     """Metadata not made by compress: every ordered pair i0 < i1 in every nibble position."""
     gen = torch.Generator().manual_seed(3)
     pairs = torch.tensor([(a, b) for a in range(4) for b in range(a + 1, 4)])
@@ -67,5 +68,7 @@ def test_decompress_any_valid_meta(both_backends, assert_exact):
     meta = nibbles.sum(-1)
     meta = torch.where(meta >= 2 ** 31, meta - 2 ** 32, meta).to(torch.int32)
     values = torch.randn(6, 64, generator=gen).bfloat16()
+    values[0, :4] = -0.0  # passes through as it is, like the reference's scatter
+    values, meta = values.to(device), meta.to(device)
     dense, ref_dense = both_backends(lambda: decompress_24(values, meta))
     assert_exact(_bits(dense), _bits(ref_dense), "decompressed bits")

@@ -5,7 +5,7 @@ import torch
 from sdsengine.algorithms import wanda
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.config import WandaConfig
-from sdsengine.kernels import wanda_prune
+from sdsengine.kernels import use_backend, wanda_prune
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((1, 32), (3, 96), (17, 160), (64, 128))  # one row, odd rows, a partial column tile, 4 row tiles
@@ -16,7 +16,8 @@ def _inputs(rows, cols, dtype, seed=0):
     return torch.randn(rows, cols, generator=gen).to(dtype), torch.rand(cols, generator=gen) + 0.1
 
 
-def _check(both_backends, assert_exact, weight, norm, sparsity, nm):
+def _check(both_backends, assert_exact, device, weight, norm, sparsity, nm):
+    weight, norm = weight.to(device), norm.to(device)
     (out, mask), (ref_out, ref_mask) = both_backends(lambda: wanda_prune(weight, norm, sparsity, nm))
     assert_exact(mask, ref_mask, "mask")
     assert_exact(out, ref_out, "pruned weight")
@@ -25,25 +26,25 @@ def _check(both_backends, assert_exact, weight, norm, sparsity, nm):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
-def test_nm_matches_reference(both_backends, assert_exact, dtype, shape, nm):
-    _check(both_backends, assert_exact, *_inputs(*shape, dtype), 0.5, nm)
+def test_nm_matches_reference(both_backends, assert_exact, device, dtype, shape, nm):
+    _check(both_backends, assert_exact, device, *_inputs(*shape, dtype), 0.5, nm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_unstructured_matches_reference(both_backends, assert_exact, dtype, shape):
-    _check(both_backends, assert_exact, *_inputs(*shape, dtype), 0.5, None)
+def test_unstructured_matches_reference(both_backends, assert_exact, device, dtype, shape):
+    _check(both_backends, assert_exact, device, *_inputs(*shape, dtype), 0.5, None)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.73, 0.99])
-def test_unstructured_counts(both_backends, assert_exact, sparsity):
+def test_unstructured_counts(both_backends, assert_exact, device, sparsity):
     """Exactly int(cols * sparsity) pruned per row, at sparsities whose count is not cols / 2."""
-    _check(both_backends, assert_exact, *_inputs(5, 200, torch.float32), sparsity, None)
+    _check(both_backends, assert_exact, device, *_inputs(5, 200, torch.float32), sparsity, None)
 
 
 @pytest.mark.parametrize("nm", [(1, 4), (3, 8), (2, 2), (8, 16)])
-def test_other_nm(both_backends, assert_exact, nm):
-    _check(both_backends, assert_exact, *_inputs(4, 64, torch.float16), 0.5, nm)
+def test_other_nm(both_backends, assert_exact, device, nm):
+    _check(both_backends, assert_exact, device, *_inputs(4, 64, torch.float16), 0.5, nm)
 
 
 def _tied(kind, rows=5, cols=64):
@@ -67,27 +68,27 @@ def _tied(kind, rows=5, cols=64):
 
 @pytest.mark.parametrize("kind", ["all_equal", "integers", "signed_zeros", "nan_inf", "negative_norms"])
 @pytest.mark.parametrize("pattern", [(2, 4), (3, 8), 0.5, 0.3])
-def test_ties_match_reference(both_backends, assert_exact, kind, pattern):
+def test_ties_match_reference(both_backends, assert_exact, device, kind, pattern):
     nm, sparsity = (pattern, 0.5) if isinstance(pattern, tuple) else (None, pattern)
-    _check(both_backends, assert_exact, *_tied(kind), sparsity, nm)
+    _check(both_backends, assert_exact, device, *_tied(kind), sparsity, nm)
 
 
-def test_all_equal_by_hand():
+def test_all_equal_by_hand(device):
     """Ties go to the lower index: N:M keeps the first n of a group; unstructured prunes the first k."""
-    from sdsengine.kernels import use_backend
     with use_backend("triton"):
-        _, nm_keep = wanda_prune(torch.ones(1, 8), torch.ones(8), nm=(2, 4))
-        _, row_keep = wanda_prune(torch.ones(1, 8), torch.ones(8), sparsity=0.25)
+        ones = torch.ones(1, 8, device=device)
+        _, nm_keep = wanda_prune(ones, ones[0], nm=(2, 4))
+        _, row_keep = wanda_prune(ones, ones[0], sparsity=0.25)
     assert nm_keep.tolist() == [[True, True, False, False] * 2]
     assert row_keep.tolist() == [[False, False] + [True] * 6]
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "0.5"])
-def test_algorithm_same_under_both_backends(both_backends, assert_exact, pattern):
+def test_algorithm_same_under_both_backends(both_backends, assert_exact, device, pattern):
     gen = torch.Generator().manual_seed(2)
-    weight = torch.randn(24, 96, generator=gen).to(torch.bfloat16)
-    stats = InputNorms(96, "cpu")
-    stats.add_batch(torch.randn(40, 96, generator=gen))
+    weight = torch.randn(24, 96, generator=gen).to(device, torch.bfloat16)
+    stats = InputNorms(96, device)
+    stats.add_batch(torch.randn(40, 96, generator=gen).to(device))
     fast, ref = both_backends(lambda: wanda.prune(weight, stats, WandaConfig(sparsity=pattern)))
     assert_exact(fast != 0, ref != 0, "mask")
     assert_exact(fast, ref, "pruned weight")
