@@ -12,6 +12,7 @@ from ._select import nm_keep, sort_key
 
 TILE_ROWS = 16
 TILE_CHUNKS = 4  # 16 rows x 128 columns per program
+WARPS = 4
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def compress_24(weight, scores=None):
         has_scores = scores is not None
         scores = scores.contiguous() if has_scores else weight  # unused pointer when HAS_SCORES is off
         _compress_kernel[_grid(rows, cols)](weight, scores, values, meta, rows, cols, HAS_SCORES=has_scores,
-                                            BLOCK_R=TILE_ROWS, BLOCK_C=TILE_CHUNKS)
+                                            BLOCK_R=TILE_ROWS, BLOCK_C=TILE_CHUNKS, num_warps=WARPS)
     return values, meta
 
 
@@ -91,7 +92,7 @@ def decompress_24(values, meta):
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if rows and cols:
         _decompress_kernel[_grid(rows, cols)](values, meta, out, rows, cols, BLOCK_R=TILE_ROWS,
-                                              BLOCK_C=TILE_CHUNKS)
+                                              BLOCK_C=TILE_CHUNKS, num_warps=WARPS)
     return out
 
 

@@ -11,6 +11,8 @@ from ._select import PAD_KEY, lowest_k, nm_keep, sort_key
 
 NM_TILE_ROWS = 16
 NM_TILE_COLS = 256  # per program: 16 x 256 elements, 32 per thread at 4 warps
+NM_WARPS = 4
+ROW_ELEMS_PER_WARP = 512  # unstructured: one program per row, warps = row length / this, 4 to 16
 
 
 @triton.jit
@@ -67,9 +69,9 @@ def _launch(weight, act_norm, out, mask, sparsity, nm):
         block_g = max(1, NM_TILE_COLS // m)
         grid = (triton.cdiv(rows, NM_TILE_ROWS), triton.cdiv(cols // m, block_g))
         _wanda_nm_kernel[grid](weight, act_norm, out, mask, rows, cols, N=n, M=m,
-                               BLOCK_R=NM_TILE_ROWS, BLOCK_G=block_g)
+                               BLOCK_R=NM_TILE_ROWS, BLOCK_G=block_g, num_warps=NM_WARPS)
     else:
         block = triton.next_power_of_2(cols)
         n_prune = int(cols * sparsity)  # the count prune_lowest_mask drops, computed the same way
         _wanda_row_kernel[(rows,)](weight, act_norm, out, mask, cols, n_prune, BLOCK=block,
-                                   num_warps=min(16, max(4, block // 512)))
+                                   num_warps=min(16, max(4, block // ROW_ELEMS_PER_WARP)))

@@ -14,6 +14,8 @@ and token count is SparseLinear's job (sdsengine.nn.sparse_linear), by measureme
 import logging
 import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -125,10 +127,49 @@ def _why_not(backend, device, dtype):
         return None if load_extension() is not None else extension_error()
     if backend == "cusparselt":
         ok = hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()
-        return None if ok else "this PyTorch build has no cuSPARSELt"
+        return cusparselt_error() if ok else "this PyTorch build has no cuSPARSELt"
     if backend == "cutlass":
         return None if major == 8 else f"PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x, not {major}.{minor}"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+# A cuSPARSELt failure can leave an illegal instruction behind that kills the process's CUDA context for
+# every later kernel (seen on an H100 with torch 2.11+cu130), so it is tried once in a child process first.
+# SDSENGINE_CUSPARSELT=1 skips that check, 0 turns the backend off.
+_CUSPARSELT_CHECK = """
+import torch
+w = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+w[:, 0::4] = 0
+w[:, 1::4] = 0
+x = torch.randn(64, 16, device="cuda", dtype=torch.float16)
+packed = torch._cslt_compress(w)
+alg = int(torch._cslt_sparse_mm_search(packed, x))
+y = torch._cslt_sparse_mm(packed, x, alg_id=alg)
+err = float((y.float() - w.float() @ x.float()).norm() / (w.float() @ x.float()).norm())
+assert err < 1e-2, f"relative error {err:.3g}"
+"""
+_cusparselt = {}
+
+
+def cusparselt_error():
+    """None if cuSPARSELt ran a small product correctly in a child process (checked once), else why not."""
+    wanted = os.environ.get("SDSENGINE_CUSPARSELT")
+    if wanted in ("0", "1"):
+        return None if wanted == "1" else "turned off by SDSENGINE_CUSPARSELT=0"
+    if "error" not in _cusparselt:
+        _cusparselt["error"] = _run_check(_CUSPARSELT_CHECK, "cuSPARSELt")
+    return _cusparselt["error"]
+
+
+def _run_check(code, what):
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{what} self-check did not run: {exc}"
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+    return f"{what} failed its self-check in a child process: {lines[-1]}"
 
 
 def available(device, dtype):

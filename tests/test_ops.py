@@ -269,3 +269,9 @@ def test_probe_self_check_passes(dtype):
     info = ops.probe("cuda", dtype, self_check=True)
     failed = {b: s for b, s in info["backends"].items() if s.startswith("failed")}
     assert not failed, info
+
+
+def test_child_process_check_reports_the_failure_and_passes_a_clean_run():
+    assert ops._run_check("pass", "probe") is None
+    reason = ops._run_check("raise SystemExit('no sparse tensor cores here')", "probe")
+    assert "probe failed its self-check" in reason and "no sparse tensor cores here" in reason
