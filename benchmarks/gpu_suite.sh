@@ -77,11 +77,11 @@ suite() {
   nvcc --version | tail -n 2
   step versions 40 "$PY" -c "$VERSIONS"
   if [ -d tests/kernels ]; then
-    step kernel_tests 75 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+    step kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
   else
     printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
   fi
-  step gpu_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/kernels
+  step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/kernels
   bench wanda 40
   bench compress 30
   bench sparsegpt 90

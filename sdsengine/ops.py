@@ -134,19 +134,15 @@ def _why_not(backend, device, dtype):
 
 
 # A cuSPARSELt failure can leave an illegal instruction behind that kills the process's CUDA context for
-# every later kernel (seen on an H100 with torch 2.11+cu130), so it is tried once in a child process first.
+# every later kernel (seen on an H100 with torch 2.11+cu130: cusparseLtMatmulSearch failed with an internal error
+# on the transpose_result form used here), so the same self-check is run once in a child process first.
 # SDSENGINE_CUSPARSELT=1 skips that check, 0 turns the backend off.
 _CUSPARSELT_CHECK = """
-import torch
-w = torch.randn(64, 64, device="cuda", dtype=torch.float16)
-w[:, 0::4] = 0
-w[:, 1::4] = 0
-x = torch.randn(64, 16, device="cuda", dtype=torch.float16)
-packed = torch._cslt_compress(w)
-alg = int(torch._cslt_sparse_mm_search(packed, x))
-y = torch._cslt_sparse_mm(packed, x, alg_id=alg)
-err = float((y.float() - w.float() @ x.float()).norm() / (w.float() @ x.float()).norm())
-assert err < 1e-2, f"relative error {err:.3g}"
+import os, torch
+os.environ["SDSENGINE_CUSPARSELT"] = "1"
+from sdsengine import ops
+status = ops._self_check("cusparselt", torch.device("cuda"), torch.float16)
+assert status == "ok", status
 """
 _cusparselt = {}
 
