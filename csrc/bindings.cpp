@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <map>
+#include <string>
 #include <mutex>
 #include <utility>
 
@@ -19,6 +20,14 @@ constexpr int64_t kRowsPerTile = 16;
 constexpr int64_t kColsPerBlock = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// "[a, b, c]" for error messages. Streaming an IntArrayRef into TORCH_CHECK crashed the process (SIGSEGV) on
+// the H100 machine (torch 2.11+cu130) instead of raising; plain strings do not go through c10's printer.
+std::string dims(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
 
 // Straight from the runtime (ATen's device-properties header pulls in cuBLAS/cuSPARSE headers we do not
 // need), cached so the hot path and CUDA-graph capture make no driver query after the first call.
@@ -38,14 +47,15 @@ int device_attribute(const at::Device& device, cudaDeviceAttr attr) {
 
 void check_placed(const at::Tensor& t, const char* name, const at::Device& device) {
   SDS_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
-  SDS_CHECK(t.is_contiguous(), name, " must be contiguous (shape ", t.sizes(), ", strides ", t.strides(), ")");
+  SDS_CHECK(t.is_contiguous(), name, " must be contiguous (shape ", dims(t.sizes()), ", strides ", dims(t.strides()),
+            ")");
   SDS_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned, its data starts at ",
             t.data_ptr());
 }
 
 void check_x(const at::Tensor& x) {
   SDS_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
-  SDS_CHECK(x.dim() == 2, "x must be 2-D (tokens, in_features), got shape ", x.sizes());
+  SDS_CHECK(x.dim() == 2, "x must be 2-D (tokens, in_features), got shape ", dims(x.sizes()));
   SDS_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
             "x must be float16 or bfloat16, got ", x.scalar_type());
   SDS_CHECK(x.size(1) % 32 == 0, "in_features must be divisible by 32, got ", x.size(1));
@@ -64,21 +74,21 @@ void check_weight(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   SDS_CHECK(meta.scalar_type() == at::kInt, "meta must be int32, got ", meta.scalar_type());
   const std::vector<int64_t> values_shape{mt, kb * 8, 32, 8}, meta_shape{mt, kb, 32, 4};
   const at::IntArrayRef want_values(values_shape), want_meta(meta_shape);
-  SDS_CHECK(values.sizes() == want_values, "values must have the reordered shape ", want_values,
-            " for out_features=", m, ", in_features=", k, "; got ", values.sizes(),
+  SDS_CHECK(values.sizes() == want_values, "values must have the reordered shape ", dims(want_values),
+            " for out_features=", m, ", in_features=", k, "; got ", dims(values.sizes()),
             " (was it passed through sdsengine.ops.reorder_24?)");
-  SDS_CHECK(meta.sizes() == want_meta, "meta must have the reordered shape ", want_meta,
-            " for out_features=", m, ", in_features=", k, "; got ", meta.sizes());
+  SDS_CHECK(meta.sizes() == want_meta, "meta must have the reordered shape ", dims(want_meta),
+            " for out_features=", m, ", in_features=", k, "; got ", dims(meta.sizes()));
   check_placed(values, "values", x.device());
   check_placed(meta, "meta", x.device());
 }
 
 void check_bias(const at::Tensor& x, const at::Tensor& bias, int64_t m) {
-  SDS_CHECK(bias.dim() == 1 && bias.size(0) == m, "bias must have shape (", m, ",), got ", bias.sizes());
+  SDS_CHECK(bias.dim() == 1 && bias.size(0) == m, "bias must have shape (", m, ",), got ", dims(bias.sizes()));
   SDS_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(), " differs from x dtype ",
             x.scalar_type());
   SDS_CHECK(bias.device() == x.device(), "bias is on ", bias.device(), " but x is on ", x.device());
-  SDS_CHECK(bias.is_contiguous(), "bias must be contiguous, strides ", bias.strides());
+  SDS_CHECK(bias.is_contiguous(), "bias must be contiguous, strides ", dims(bias.strides()));
 }
 
 sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k) {
@@ -95,7 +105,8 @@ sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k) 
 at::Tensor counters_for(const at::Tensor& x, const c10::optional<at::Tensor>& locks, int64_t needed) {
   if (locks.has_value()) {
     SDS_CHECK(locks->scalar_type() == at::kInt && locks->dim() == 1 && locks->is_contiguous(),
-              "locks must be a contiguous 1-D int32 tensor, got ", locks->scalar_type(), " of shape ", locks->sizes());
+              "locks must be a contiguous 1-D int32 tensor, got ", locks->scalar_type(), " of shape ",
+              dims(locks->sizes()));
     SDS_CHECK(locks->device() == x.device(), "locks is on ", locks->device(), " but x is on ", x.device());
     if (locks->numel() >= needed) return *locks;
   }
