@@ -275,3 +275,19 @@ def test_child_process_check_reports_the_failure_and_passes_a_clean_run():
     assert ops._run_check("pass", "probe") is None
     reason = ops._run_check("raise SystemExit('no sparse tensor cores here')", "probe")
     assert "probe failed its self-check" in reason and "no sparse tensor cores here" in reason
+
+
+def test_cusparselt_switch_skips_the_child_check(monkeypatch):
+    monkeypatch.setattr(ops, "_run_check", lambda code, what: pytest.fail("the child check must not run"))
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT", "0")
+    assert "turned off" in ops.cusparselt_error()
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT", "1")
+    assert ops.cusparselt_error() is None
+
+
+@pytest.mark.gpu
+def test_probe_leaves_the_cuda_context_usable():
+    # cuSPARSELt once failed inside the probe and every later kernel of the process died (H100, torch 2.11)
+    ops.probe("cuda", torch.float16, self_check=True)
+    x = torch.randn(256, 256, device="cuda", dtype=torch.float64)
+    assert torch.allclose((x @ x).cpu(), x.cpu() @ x.cpu())
