@@ -49,6 +49,23 @@ def test_closed_form_matches_iterations():
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
 
 
+def test_anchor_in_closed_form_and_iterations_alike():
+    w, stats = _layer()
+    config = dict(l1=0.0, l2=0.1, anchor=0.5, reduction="token")
+    w1 = sds.BASES["sparsegpt"].prune(w, stats, _config(**config))
+    closed = sds.redense(w1, sds.Objective(w, stats), _config(solver="closed", percdamp=0.0, **config))
+    fista = sds.redense(w1, sds.Objective(w, stats), _config(lr=1.0, iters=3000, **config))
+    torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
+
+
+def test_anchor_limits_how_far_each_step_moves():
+    w, stats = _layer()
+    w1 = sds.BASES["sparsegpt"].prune(w, stats, _config())
+    moved = {a: float((sds.redense(w1, sds.Objective(w, stats), _config(anchor=a, lr=1.0)) - w1).norm())
+             for a in (0.0, 0.1, 10.0)}
+    assert moved[0.0] > moved[0.1] > moved[10.0] > 0
+
+
 def test_l1_shrinks_the_redense_weights():
     w, stats = _layer()
     free = sds.redense(w, sds.Objective(w, stats), _config(l1=0.0, l2=0.0, reduction="token", lr=1.0))
@@ -161,8 +178,9 @@ def test_sds_on_besa_masks(pattern):
     ({"teacher": "teacher"}, "teacher must be one of sd, dense"),
     ({"lr": 0.0}, r"lr .* must be in \(0, 1\]"),
     ({"lr": 1.5}, r"lr .* must be in \(0, 1\]"),
-    ({"iters": -1}, "iters, l1, l2 >= 0"),
-    ({"l1": -0.1}, "iters, l1, l2 >= 0"),
+    ({"iters": -1}, "iters, l1, l2, anchor >= 0"),
+    ({"l1": -0.1}, "iters, l1, l2, anchor >= 0"),
+    ({"anchor": -1.0}, "iters, l1, l2, anchor >= 0"),
     ({"solver": "closed"}, "closed-form re-dense solves L2 only"),
     ({"sparsity": "2:4", "blocksize": 6}, "multiple of M=4"),
 ])

@@ -118,25 +118,31 @@ def redense(w1, objective, config):
     """The D step: every entry trainable, started at the pruned weights."""
     l1, l2 = penalties(config, w1.shape[1])
     if config.solver == "closed":
-        return _ridge(objective, l2, config.percdamp)
+        return _ridge(objective, w1, l2, anchor_weight(objective, config), config.percdamp)
     return _proximal_gradient(w1, objective, l1, l2, config)
 
 
-def _ridge(objective, l2, percdamp):
-    """argmin ½ tr(V H V^T) - tr(B V^T) + l2 ||V||^2  =  B (H + 2 l2 I)^-1 (H symmetric)."""
+def _ridge(objective, w1, l2, a, percdamp):
+    """argmin ½ tr(V H V^T) - tr(B V^T) + l2 ||V||^2 + a ||V - W1||^2  =  (B + 2a W1) (H + 2 (l2 + a) I)^-1."""
     H = objective.H
-    reg = 2 * l2 + percdamp * float(torch.diagonal(H).mean())  # damping keeps a singular H solvable
+    reg = 2 * (l2 + a) + percdamp * float(torch.diagonal(H).mean())  # damping keeps a singular H solvable
     A = H + reg * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    return torch.linalg.solve(A, objective.B.T).T
+    return torch.linalg.solve(A, (objective.B + 2 * a * w1).T).T
+
+
+def anchor_weight(objective, config):
+    """The anchor's a in a ||V - V0||^2: config.anchor in units of H's mean diagonal."""
+    return config.anchor * float(torch.diagonal(objective.H).mean()) if config.anchor else 0.0
 
 
 def _proximal_gradient(w1, objective, l1, l2, config):
-    """ISTA/FISTA: gradient V H - B + 2 l2 V, soft threshold for l1, step lr / L."""
-    step = config.lr / (objective.top_eigenvalue + 2 * l2)
+    """ISTA/FISTA: gradient V H - B + 2 l2 V + 2 a (V - W1), soft threshold for l1, step lr / L."""
+    a = anchor_weight(objective, config)
+    step = config.lr / (objective.top_eigenvalue + 2 * l2 + 2 * a)
     x = y = w1
     t = 1.0
     for _ in range(config.iters):
-        grad = objective.grad(y) + 2 * l2 * y
+        grad = objective.grad(y) + 2 * l2 * y + 2 * a * (y - w1)
         x_next = _soft_threshold(y - step * grad, step * l1)
         if config.solver == "fista":
             t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
@@ -168,7 +174,8 @@ def adjust(w2, objective, config, keep=None):
     """Projected gradient toward the teacher's output, the mask re-selected by magnitude each step; the best
     iterate (W2 included) wins, so the result never has a higher calibration error than W2."""
     project = _projector(w2 != 0 if keep is None else keep, config)
-    step = config.lr / objective.top_eigenvalue
+    a = anchor_weight(objective, config)
+    step = config.lr / (objective.top_eigenvalue + 2 * a)
     x, best, best_loss = w2, w2, float("inf")
     for i in range(config.iters + 1):
         grad = objective.grad(x)
@@ -177,7 +184,7 @@ def adjust(w2, objective, config, keep=None):
             best, best_loss = x, loss
         if i == config.iters:
             break
-        z = x - step * grad
+        z = x - step * (grad + 2 * a * (x - w2))
         x = z * project(z)
     return best
 

@@ -1,0 +1,118 @@
+"""Does a pruning step that lowers a linear's calibration error also lower its error on held-out text?
+
+For a few decoder layers of the embedded model: H_cal from C4 calibration windows and H_val from
+WikiText-2 *validation* windows (the test split stays untouched), both from the dense model's inputs.
+Each variant prunes with H_cal only; the table gives its relative output error
+tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) under H_cal and under H_val, as a ratio to SparseGPT's. A variant that lowers
+the first and raises the second fits the calibration set, not the layer.
+
+    python benchmarks/sds_heldout.py [--layers 0,7,15,23] [--nsamples 16] [--json FILE]
+"""
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+
+import torch
+
+from sdsengine.algorithms import sds, sparsegpt
+from sdsengine.algorithms.stats import Hessian
+from sdsengine.config import CalibrationConfig, SDSConfig
+from sdsengine.data import calibration_samples
+from sdsengine.models import load_model
+
+VARIANTS = {  # name -> SDSConfig changes (None: the SparseGPT base alone)
+    "sparsegpt": None,
+    "sds default": {},
+    "sds no adjust": {"adjust": "off"},
+    "sds iters 50": {"iters": 50},
+    "sds anchor 0.01": {"anchor": 0.01},
+    "sds anchor 0.1": {"anchor": 0.1},
+    "sds anchor 1": {"anchor": 1.0},
+}
+
+
+def hessians(model, windows, layers):
+    """{linear name: Hessian} of the chosen layers' linears, over the windows, dense-model inputs."""
+    stats, hooks = {}, []
+    for i in layers:
+        for name, module in model.model.layers[i].named_modules():
+            if isinstance(module, torch.nn.Linear):
+                key = f"{i}.{name}"
+                stats[key] = Hessian(module.in_features, "cpu")
+                hooks.append(module.register_forward_pre_hook(
+                    lambda m, args, key=key: stats[key].add_batch(args[0].detach())))
+    last = max(layers)
+    with torch.no_grad():
+        for w in windows:
+            try:  # stop after the last layer of interest
+                model.model.layers[last].register_forward_hook(_stop)
+                model(w.unsqueeze(0))
+            except _Stop:
+                pass
+            finally:
+                model.model.layers[last]._forward_hooks.clear()
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*_):
+    raise _Stop
+
+
+def rel_error(w, v, H):
+    d = (v - w).double()
+    return float(((d @ H.double()) * d).sum() / ((w.double() @ H.double()) * w.double()).sum())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="0,7,15,23")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_model()
+    layers = [int(i) for i in args.layers.split(",")]
+    cal = calibration_samples(tokenizer, CalibrationConfig("c4", nsamples=args.nsamples, seqlen=2048, seed=0))
+    val = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.nsamples, seqlen=2048, seed=0))
+    H_cal, H_val = hessians(model, cal, layers), hessians(model, val, layers)
+    base = SDSConfig(sparsity=args.sparsity)
+    modules = dict(model.model.layers.named_modules())
+    rows = []
+    for key, stats in H_cal.items():
+        layer, name = key.split(".", 1)
+        w = modules[f"{layer}.{name}"].weight.detach().float()
+        results = {}
+        for variant, changes in VARIANTS.items():
+            if changes is None:
+                v = sparsegpt.prune(w, stats, base).float()
+            else:
+                v, _ = sds.prune(w, stats, replace(base, **changes))
+            results[variant] = (rel_error(w, v.float(), stats.H), rel_error(w, v.float(), H_val[key].H))
+        ref_cal, ref_val = results["sparsegpt"]
+        rows.append({"linear": key, **{f"{k} cal": c / ref_cal for k, (c, _) in results.items()},
+                     **{f"{k} val": v / ref_val for k, (_, v) in results.items()},
+                     "sparsegpt cal abs": ref_cal, "sparsegpt val abs": ref_val})
+        print(key, " ".join(f"{k}: {c / ref_cal:.3f}/{v / ref_val:.3f}" for k, (c, v) in results.items()), flush=True)
+    print("\nmean ratio to SparseGPT (calibration C4 / held-out WikiText-2 validation):")
+    for variant in VARIANTS:
+        cal_mean = statistics.mean(r[f"{variant} cal"] for r in rows)
+        val_mean = statistics.mean(r[f"{variant} val"] for r in rows)
+        print(f"  {variant:20s} {cal_mean:.3f} / {val_mean:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity, "rows": rows}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
