@@ -21,6 +21,9 @@ from sdsengine.algorithms.stats import Hessian
 from sdsengine.config import CalibrationConfig, SDSConfig
 from sdsengine.data import calibration_samples
 from sdsengine.models import load_model
+from sdsengine.pipeline import adapters
+from sdsengine.pipeline.capture import capture_layer_inputs
+from sdsengine.pipeline.sequential import collect_stats
 
 VARIANTS = {  # name -> SDSConfig changes (None: the SparseGPT base alone)
     "sparsegpt": None,
@@ -34,36 +37,18 @@ VARIANTS = {  # name -> SDSConfig changes (None: the SparseGPT base alone)
 
 
 def hessians(model, windows, layers):
-    """{linear name: Hessian} of the chosen layers' linears, over the windows, dense-model inputs."""
-    stats, hooks = {}, []
-    for i in layers:
-        for name, module in model.model.layers[i].named_modules():
-            if isinstance(module, torch.nn.Linear):
-                key = f"{i}.{name}"
-                stats[key] = Hessian(module.in_features, "cpu")
-                hooks.append(module.register_forward_pre_hook(
-                    lambda m, args, key=key: stats[key].add_batch(args[0].detach())))
-    last = max(layers)
-    with torch.no_grad():
-        for w in windows:
-            try:  # stop after the last layer of interest
-                model.model.layers[last].register_forward_hook(_stop)
-                model(w.unsqueeze(0))
-            except _Stop:
-                pass
-            finally:
-                model.model.layers[last]._forward_hooks.clear()
-    for h in hooks:
-        h.remove()
+    """{"layer.linear": Hessian} for the chosen layers, from the dense model's inputs, through the
+    pipeline's own capture and layer replay (so any supported family works)."""
+    inps, kwargs = capture_layer_inputs(model, windows, "cpu", "cpu")
+    outs = torch.empty_like(inps)
+    stats = {}
+    for i, layer in enumerate(adapters.decoder_layers(model)[:max(layers) + 1]):
+        targets = adapters.linear_modules(layer) if i in layers else {}
+        mine = {name: Hessian(adapters.get_weight(m).shape[1], "cpu") for name, m in targets.items()}
+        collect_stats(layer, targets, mine, inps, outs, kwargs, "cpu")
+        stats.update({f"{i}.{name}": h for name, h in mine.items()})
+        inps, outs = outs, inps
     return stats
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop(*_):
-    raise _Stop
 
 
 def rel_error(w, v, H):
@@ -85,11 +70,11 @@ def main(argv=None):
     val = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.nsamples, seqlen=2048, seed=0))
     H_cal, H_val = hessians(model, cal, layers), hessians(model, val, layers)
     base = SDSConfig(sparsity=args.sparsity)
-    modules = dict(model.model.layers.named_modules())
+    modules = dict(adapters.decoder_layers(model).named_modules())
     rows = []
     for key, stats in H_cal.items():
         layer, name = key.split(".", 1)
-        w = modules[f"{layer}.{name}"].weight.detach().float()
+        w = adapters.get_weight(modules[f"{layer}.{name}"]).detach().float()
         results = {}
         for variant, changes in VARIANTS.items():
             if changes is None:
