@@ -49,6 +49,8 @@ setup(
     description="One-shot pruning of language models to 2:4 and other sparsity, with fast sparse kernels",
     packages=["sdsengine", "sdsengine.algorithms", "sdsengine.pipeline", "sdsengine.eval", "sdsengine.nn",
               "sdsengine.kernels"],
+    # kernels/ installs only as sdsengine.kernels, never as a top-level `kernels` (Hugging Face ships a
+    # package of that name that transformers probes for); tests/test_packaging.py checks the built wheel.
     package_dir={"sdsengine.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.45", "safetensors", "tqdm", "numpy"],

@@ -20,14 +20,18 @@ PATTERNS = ("2:4",)
 TARGET = 2.0  # at most this many times the copy of W
 
 
+def bytes_moved(weight):
+    """The fewest bytes a compress must move: W in, half of W and its 4-bit metadata out."""
+    return weight.numel() * weight.element_size() * 3 // 2 + weight.numel() // 8
+
+
 def measure(case, args):
     weight = torch.randn(*case["shape"], dtype=case["dtype"], device=args.device)
     ms, baseline_ms, out, ref = harness.time_backends(lambda: compress_24(weight), args, flush=True)
     copy = torch.empty_like(weight)
     copy_ms = harness.time_ms(lambda: copy.copy_(weight), args.warmup, args.reps, flush=True)
-    moved = weight.numel() * weight.element_size() * 3 // 2 + weight.numel() // 8  # W, values, 4-bit meta
     return [harness.record(args, case, ms, baseline_ms, copy_ms=copy_ms, vs_copy=ms / copy_ms,
-                           mismatch=harness.mismatch(out, ref), **harness.bandwidth(moved, ms, args.copy_gbps),
+                           mismatch=harness.mismatch(out, ref), **harness.bandwidth(bytes_moved(weight), ms, args.copy_gbps),
                            **harness.target(f"ms <= {TARGET} x copy of W", ms <= TARGET * copy_ms))]
 
 

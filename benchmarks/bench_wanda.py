@@ -21,6 +21,11 @@ PATTERNS = ("2:4", "0.5")
 TARGET = 0.70  # fraction of copy bandwidth
 
 
+def bytes_moved(weight, norms):
+    """The fewest bytes a Wanda call must move: W and the norms in, the pruned W and an int8 mask out."""
+    return weight.numel() * (2 * weight.element_size() + 1) + norms.numel() * norms.element_size()
+
+
 def measure(case, args):
     out_features, in_features = case["shape"]
     pattern = SparsityPattern.parse(case["pattern"])
@@ -28,8 +33,7 @@ def measure(case, args):
     norms = torch.rand(in_features, device=args.device) + 0.1  # InputNorms.norms(): fp32, positive
     ms, baseline_ms, out, ref = harness.time_backends(
         lambda: wanda_prune(weight, norms, pattern.sparsity, pattern.nm), args, flush=True)
-    moved = weight.numel() * (2 * weight.element_size() + 1) + norms.numel() * norms.element_size()
-    rates = harness.bandwidth(moved, ms, args.copy_gbps)
+    rates = harness.bandwidth(bytes_moved(weight, norms), ms, args.copy_gbps)
     return [harness.record(args, case, ms, baseline_ms, mismatch=harness.mismatch(out, ref), **rates,
                            **harness.target(f"gbps >= {TARGET} x copy", rates["frac_copy_bw"] >= TARGET))]
 

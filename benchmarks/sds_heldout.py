@@ -73,15 +73,14 @@ def main(argv=None):
     modules = dict(adapters.decoder_layers(model).named_modules())
     rows = []
     for key, stats in H_cal.items():
-        layer, name = key.split(".", 1)
-        w = adapters.get_weight(modules[f"{layer}.{name}"]).detach().float()
+        w = adapters.get_weight(modules[key]).detach().float()
         results = {}
         for variant, changes in VARIANTS.items():
             if changes is None:
-                v = sparsegpt.prune(w, stats, base).float()
+                v = sparsegpt.prune(w, stats, base)
             else:
                 v, _ = sds.prune(w, stats, replace(base, **changes))
-            results[variant] = (rel_error(w, v.float(), stats.H), rel_error(w, v.float(), H_val[key].H))
+            results[variant] = (rel_error(w, v, stats.H), rel_error(w, v, H_val[key].H))
         ref_cal, ref_val = results["sparsegpt"]
         rows.append({"linear": key, **{f"{k} cal": c / ref_cal for k, (c, _) in results.items()},
                      **{f"{k} val": v / ref_val for k, (_, v) in results.items()},

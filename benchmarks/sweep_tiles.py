@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+import bench_compress
+import bench_wanda
 import harness
 from sdsengine.kernels import compress as compress_mod
 from sdsengine.kernels import compress_24, wanda_prune
@@ -30,9 +32,7 @@ def calls(shape, dtype):
     """Per kernel: (the call, bytes it must move at least)."""
     weight = torch.randn(*shape, dtype=dtype, device="cuda")
     norms = torch.rand(shape[1], device="cuda") + 0.1
-    size = weight.element_size()
-    wanda_bytes = weight.numel() * (2 * size + 1) + norms.numel() * 4
-    compress_bytes = weight.numel() * size * 3 // 2 + weight.numel() // 8  # W in; half W and int32/32 out
+    wanda_bytes, compress_bytes = bench_wanda.bytes_moved(weight, norms), bench_compress.bytes_moved(weight)
     return {"wanda_2:4": (lambda: wanda_prune(weight, norms, 0.5, (2, 4)), wanda_bytes),
             "wanda_0.5": (lambda: wanda_prune(weight, norms, 0.5, None), wanda_bytes),
             "compress": (lambda: compress_24(weight), compress_bytes)}

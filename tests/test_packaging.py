@@ -19,13 +19,24 @@ def test_build_goes_through_pep_517():
     assert build["build-backend"] == "setuptools.build_meta"
 
 
-def test_editable_wheel_builds_offline_with_the_installed_setuptools(tmp_path):
-    hook = ("import sys, setuptools.build_meta as b; "
-            "print(b.build_editable(sys.argv[1]))")
-    env = {**os.environ, "SDSENGINE_BUILD_CUDA": "0", "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
-    done = subprocess.run([sys.executable, "-c", hook, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+def _build(hook, out_dir):
+    """Names in the wheel that setuptools' PEP 517 `hook` (build_wheel, build_editable) writes, offline."""
+    code = f"import sys, setuptools.build_meta as b; print(b.{hook}(sys.argv[1]))"
+    env = {**os.environ, "SDSENGINE_BUILD_CUDA": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(out_dir)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    wheel = tmp_path / done.stdout.strip().splitlines()[-1]
-    names = zipfile.ZipFile(wheel).namelist()
+    return zipfile.ZipFile(out_dir / done.stdout.strip().splitlines()[-1]).namelist()
+
+
+def test_editable_wheel_builds_offline_with_the_installed_setuptools(tmp_path):
+    names = _build("build_editable", tmp_path)
     assert any(n.endswith(".pth") for n in names), names  # the editable hook that maps sdsengine(.kernels)
+
+
+def test_wheel_installs_kernels_only_inside_sdsengine(tmp_path):
+    # kernels/ ships as sdsengine.kernels; a top-level `kernels` would shadow Hugging Face's package
+    names = _build("build_wheel", tmp_path)
+    assert "sdsengine/kernels/__init__.py" in names
+    stray = [n for n in names if not n.startswith(("sdsengine/", "sdsengine-"))]
+    assert not stray, stray
