@@ -55,6 +55,11 @@ class PruneConfig:
     sparsity: str = field(default="2:4", metadata={"help": "fraction of zeros (0.5) or N:M (2:4, 4:8)"})
     ignore: tuple[str, ...] = field(default=(), metadata={"help": "module-name patterns to keep dense"})
     device: str = field(default="cpu", metadata={"help": "compute device for the current layer: cpu or cuda"})
+    sequential: str = field(default="layer", metadata={
+        "help": "inputs each linear is pruned on: layer (every linear of a decoder layer sees the layer's "
+                "unpruned forward; one pass, the SparseGPT/Wanda protocol) or linear (linears are pruned in "
+                "forward order, each on inputs from the already-pruned ones before it; one partial pass "
+                "more per group of linears that share an input)"})
     method = "base"
 
     def __post_init__(self):
@@ -62,6 +67,8 @@ class PruneConfig:
         self.ignore = tuple(self.ignore)
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.sequential not in ("layer", "linear"):
+            raise ValueError(f"sequential must be layer or linear, got {self.sequential!r}")
 
     def to_dict(self):
         out = {"method": self.method}
@@ -185,12 +192,17 @@ class SDSConfig(SparseGPTConfig):
     teacher: str = field(default="sd", metadata={
         "help": "SDS: the teacher's inputs: sd (W_dense on the pruned model's inputs, the literal equation) "
                 "or dense (W_dense on the dense model's inputs; one more forward pass per layer)"})
+    guard: str = field(default="linear", metadata={
+        "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
+                "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
+                "two more forward passes per layer)"})
     method = "sds"
 
     def __post_init__(self):
         super().__post_init__()
         for name, allowed in (("base", ("sparsegpt", "wanda", "besa")), ("solver", ("fista", "ista", "closed")),
-                              ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd", "dense"))):
+                              ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd", "dense")),
+                              ("guard", ("linear", "layer"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"sds {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 < self.lr <= 1.0:

@@ -1,5 +1,7 @@
 """SDS (Sparse-Dense-Sparse): each step on hand-made statistics, the pattern invariants, the guard, the
 per-step report through the pipeline, and the config/CLI surface."""
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from sdsengine.cli import build_parser, main
 from sdsengine.config import SDSConfig
 from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
+from sdsengine.pipeline.capture import capture_layer_inputs
+from sdsengine.pipeline.sequential import layer_guard, run_layer
 from tiny_models import tiny_model, tiny_tokens
 
 STEPS = ("initial", "redense", "second", "adjust", "chosen")
@@ -151,12 +155,12 @@ def test_end_to_end_counted(family, base, pattern):
     assert torch.isfinite(model(tiny_tokens(1, 8)).logits).all()
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
-def test_sds_on_besa_masks(pattern):
+@pytest.mark.parametrize("pattern,guard", [("2:4", "linear"), ("0.5", "layer")])
+def test_sds_on_besa_masks(pattern, guard):
     """--base besa: BESA's masks, then SDS's reconstruction: pattern and block sparsity hold, every linear
     reports both BESA's allocation and SDS's steps, and the guard keeps SDS no worse than BESA's weights."""
     model = tiny_model("llama")
-    config = _config(base="besa", sparsity=pattern, iters=10)
+    config = _config(base="besa", sparsity=pattern, iters=10, guard=guard)
     result = sdsengine.prune(model, config, tiny_tokens(), progress=False)
     for layer, report in zip(adapters.decoder_layers(model), result.layers):
         weights = [adapters.get_weight(m) for m in adapters.linear_modules(layer).values()]
@@ -167,7 +171,43 @@ def test_sds_on_besa_masks(pattern):
         for name in adapters.linear_modules(layer):
             steps = report.steps[name]["sds"]
             assert steps["chosen"] == min(steps["initial"], steps["adjust"]), name
+            assert ("layer_guard" in report.steps[name]) == (guard == "layer"), name
         assert "_block" in report.steps
+
+
+def test_layer_guard_reports_both_and_keeps_the_better():
+    """guard=layer: every linear's report holds the layer's error with SDS's weights and with the base's,
+    the layer's final error is the smaller one, and no weight leaks into the (JSON) report."""
+    model = tiny_model("llama")
+    result = sdsengine.prune(model, _config(iters=10, guard="layer"), tiny_tokens(), progress=False)
+    for report in result.layers:
+        guards = [info["layer_guard"] for info in report.steps.values()]
+        assert all(g == guards[0] for g in guards)
+        assert all("fallback" not in info for info in report.steps.values())
+        assert report.error == pytest.approx(min(guards[0]["chosen"], guards[0]["fallback"]), rel=1e-5)
+    json.dumps(result.report)
+
+
+@pytest.mark.parametrize("fallback,kept", [("dense", "fallback"), ("zeros", "chosen")])
+def test_layer_guard_swaps_all_or_nothing(fallback, kept):
+    """The dense weights as fallbacks beat any pruned layer (error 0); zero weights lose to it."""
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    targets = adapters.linear_modules(layer)
+    dense = {name: adapters.get_weight(m).detach().clone() for name, m in targets.items()}
+    inps, kwargs = capture_layer_inputs(model, tiny_tokens(2, 16), torch.device("cpu"), torch.device("cpu"))
+    reference = torch.empty_like(inps)
+    run_layer(layer, inps, reference, kwargs, "cpu")
+    for name, m in targets.items():
+        adapters.set_weight(m, dense[name] * (torch.rand_like(dense[name]) > 0.5))
+    pruned = {name: adapters.get_weight(m).detach().clone() for name, m in targets.items()}
+    fallbacks = dense if fallback == "dense" else {name: torch.zeros_like(w) for name, w in dense.items()}
+    steps = {name: {} for name in targets}
+    layer_guard(layer, targets, fallbacks, steps, inps, reference, kwargs, "cpu")
+    expected = fallbacks if kept == "fallback" else pruned
+    for name, m in targets.items():
+        assert torch.equal(adapters.get_weight(m), expected[name]), name
+        assert steps[name]["layer_guard"]["kept"] == kept
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -176,6 +216,7 @@ def test_sds_on_besa_masks(pattern):
     ({"reduction": "sum"}, "reduction must be one of element, token"),
     ({"adjust": "yes"}, "adjust must be one of on, off"),
     ({"teacher": "teacher"}, "teacher must be one of sd, dense"),
+    ({"guard": "block"}, "guard must be one of linear, layer"),
     ({"lr": 0.0}, r"lr .* must be in \(0, 1\]"),
     ({"lr": 1.5}, r"lr .* must be in \(0, 1\]"),
     ({"iters": -1}, "iters, l1, l2, anchor >= 0"),

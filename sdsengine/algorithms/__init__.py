@@ -4,6 +4,8 @@ An algorithm module exposes STATS (a statistics class from stats.py, or None whe
 needed) and either prune(weight (out, in), stats, config) -> pruned weight with exact zeros (or
 (weight, info dict) for the run report), or, for block-wise methods, prune_layer(ctx, config) that
 prunes ctx.targets in place given a pipeline.sequential.LayerContext and returns {name: info}.
+An info may hold "fallback": another weight for that linear. Once the layer is pruned, the pipeline
+tries all of the layer's fallbacks together and keeps them if the layer's output error drops (a layer guard).
 """
 from sdsengine.config import BESAConfig, MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig
 

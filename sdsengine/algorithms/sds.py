@@ -20,7 +20,9 @@ Choices the paper leaves open (config fields; defaults measured by held-out perp
   with a finite number of steps is itself a regularizer (the paper's "start from the pruned weights").
 - adjust: projected gradient (iterative hard thresholding) on the output error, the mask re-selected by
   magnitude each step within the pattern; the best iterate is kept, so it never loses to W2.
-A guard returns W1 when the SDS weight has a higher calibration error than W1.
+A guard returns W1 when the SDS weight has a higher calibration error than W1. With guard "layer", W1 is
+also handed to the pipeline as the linear's fallback: the decoder layer then returns to all of its W1s
+when they give a lower layer output error (the per-linear errors need not add up within a layer).
 """
 import sys
 
@@ -53,6 +55,8 @@ def prune(weight, stats, config):
     w1 = base.prune(weight.float(), stats, config).float()
     objective = Objective(weight, stats, config.teacher)
     chosen, info = reconstruct(objective, w1, config, lambda v: base.prune(v, stats, config).float())
+    if config.guard == "layer":
+        info["fallback"] = w1.to(weight.dtype)
     return chosen.to(weight.dtype), info
 
 

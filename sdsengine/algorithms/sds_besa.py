@@ -32,6 +32,8 @@ def prune_layer(ctx, config):
         chosen, steps = sds.reconstruct(objective, w1, config, lambda v: v * keep, keep)
         adapters.set_weight(module, chosen.to(dense[name].dtype))
         info[name] = {**info.get(name, {}), "sds": steps}
+        if config.guard == "layer":
+            info[name]["fallback"] = w1.to(dense[name].dtype)
     return info
 
 

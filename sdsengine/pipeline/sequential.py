@@ -9,6 +9,11 @@ A method may also ask for the dense stream (needs_dense_stream(config)): the act
 model, carried alongside. Each linear's statistics then also see its dense-model inputs (stats.add_batch(x,
 dense_x)), and the layer context holds the dense model's layer outputs (dense_outs). It costs one more
 forward pass per layer and two more activation buffers.
+
+With config.sequential == "linear" (GPTQ's "true sequential"), per-linear methods prune a layer's linears
+group by group in forward order (a group: the linears that read the same input, like q/k/v), each group on
+inputs that already pass through the pruned groups before it. The first pass is the full dense forward
+(its outputs are the reference); each later group's pass stops once the group has seen its inputs.
 """
 import fnmatch
 import time
@@ -39,6 +44,9 @@ def prune_model(model, config, samples=None, progress=True) -> list[LayerReport]
     layers = adapters.decoder_layers(model)
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
     check_prunable(targets, config.sparsity)
+    if config.sequential == "linear" and hasattr(algo, "prune_layer"):
+        raise ValueError(f"--sequential linear applies to per-linear methods; {config.method!r} with these "
+                         "settings learns each decoder layer as a whole: use --sequential layer")
     if algo.STATS is None:
         return [_prune_without_data(i, t, algo, config) for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
@@ -72,14 +80,24 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
     start = time.perf_counter()
     home = next(layer.parameters()).device
     layer.to(device)
-    stats = {name: algo.STATS(adapters.get_weight(m).shape[1], device) for name, m in targets.items()}
-    collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense)
     if hasattr(algo, "prune_layer"):  # block-wise methods (BESA) see the whole layer and its dense outputs
+        stats = _new_stats(algo, targets, device)
+        collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense)
         ctx = LayerContext(layer, targets, stats, inps, outs, kwargs, device, dense and dense.outs)
         steps = algo.prune_layer(ctx, config)
+        del ctx, stats
     else:
-        steps = {name: _prune_linear(algo, module, stats[name], config) for name, module in targets.items()}
-    del stats
+        steps = {}
+        groups = linear_groups(layer, targets, inps[:1], kwargs, device) if config.sequential == "linear" else [targets]
+        for g, group in enumerate(groups):
+            stats = _new_stats(algo, group, device)
+            # the first pass also computes the dense outputs (the reference); later ones stop early
+            collect_stats(layer, group, stats, inps, outs if g == 0 else None, kwargs, device, dense)
+            steps.update({name: _prune_linear(algo, module, stats[name], config) for name, module in group.items()})
+            del stats
+    fallbacks = {name: info.pop("fallback") for name, info in (steps or {}).items() if info and "fallback" in info}
+    if fallbacks:
+        layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device)
     error = run_layer(layer, inps, outs, kwargs, device, reference=outs)
     layer.to(home)
     report = _report(index, targets, config.sparsity, time.perf_counter() - start, error)
@@ -101,6 +119,54 @@ class LayerContext:
     dense_outs: torch.Tensor | None = None  # the dense model's outputs of this layer, if the method asked
 
 
+def _new_stats(algo, targets, device):
+    return {name: algo.STATS(adapters.get_weight(m).shape[1], device) for name, m in targets.items()}
+
+
+@torch.no_grad()
+def linear_groups(layer, targets, window, kwargs, device) -> list[dict]:
+    """The targets in the order the layer's forward calls them, grouped by shared input (q/k/v read the
+    same tensor; o_proj reads attention's output): one forward of `window` with recording hooks. Targets
+    the forward never calls form a last group."""
+    calls = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            calls.append((name, args[0]))
+        return hook
+
+    hooks = [m.register_forward_hook(hook_for(name)) for name, m in targets.items()]
+    try:
+        _forward(layer, window, kwargs, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups, last_input = [], None
+    for name, x in calls:
+        if x is not last_input:
+            groups.append({})
+            last_input = x
+        groups[-1][name] = targets[name]
+    unseen = {name: m for name, m in targets.items() if all(name not in g for g in groups)}
+    return groups + ([unseen] if unseen else [])
+
+
+def layer_guard(layer, targets, fallbacks, steps, inps, reference, kwargs, device):
+    """Swap in all fallback weights at once and keep them if the layer's output error against `reference`
+    drops; each linear's steps[name]["layer_guard"] records both errors and what was kept."""
+    chosen = {name: adapters.get_weight(targets[name]).detach().clone() for name in fallbacks}
+    errors = {"chosen": run_layer(layer, inps, None, kwargs, device, reference)}
+    for name, weight in fallbacks.items():
+        adapters.set_weight(targets[name], weight)
+    errors["fallback"] = run_layer(layer, inps, None, kwargs, device, reference)
+    kept = "fallback" if errors["fallback"] < errors["chosen"] else "chosen"
+    if kept == "chosen":
+        for name, weight in chosen.items():
+            adapters.set_weight(targets[name], weight)
+    for name in fallbacks:
+        steps[name]["layer_guard"] = {**errors, "kept": kept}
+
+
 def _prune_linear(algo, module, stats, config):
     """Per-linear methods return the pruned weight, or (weight, info) where info goes into the report."""
     result = algo.prune(adapters.get_weight(module), stats, config)
@@ -111,7 +177,8 @@ def _prune_linear(algo, module, stats, config):
 
 @torch.no_grad()
 def run_layer(layer, inps, outs, kwargs, device, reference=None):
-    """outs[j] = layer(inps[j]); with `reference` (may alias outs), also the relative error against it."""
+    """outs[j] = layer(inps[j]) (outs None: not kept); with `reference` (may alias outs), also the relative
+    error against it."""
     err = ref = 0.0
     for j in range(inps.shape[0]):
         y = _forward(layer, inps[j:j + 1], kwargs, device)
@@ -119,17 +186,24 @@ def run_layer(layer, inps, outs, kwargs, device, reference=None):
             target = reference[j:j + 1].to(device).float()
             err += float((y.float() - target).pow(2).sum())
             ref += float(target.pow(2).sum())
-        outs[j:j + 1] = y.to(outs.device)
+        if outs is not None:
+            outs[j:j + 1] = y.to(outs.device)
     return err / max(ref, 1e-30) if reference is not None else None
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every linear of interest has seen the window: the rest of the forward is moot."""
 
 
 @torch.no_grad()
 def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None):
     """outs = layer(inps), adding every targeted linear's inputs to its stats. With a dense stream, each
     window first runs the dense stream (dense.outs[j] = layer(dense.inps[j])), and the inputs each linear saw
-    there go to its stats beside the pruned-stream ones."""
+    there go to its stats beside the pruned-stream ones. outs=None: no outputs are kept (dense.outs
+    neither), and each forward stops as soon as every target has seen its input."""
     seen = {}  # linear name -> its input on the dense stream, for the current window
     phase = ["pruned"]
+    fired = set()
 
     def hook_for(name):
         def hook(module, args, output):
@@ -138,16 +212,30 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None)
                 seen[name] = x
             else:
                 stats[name].add_batch(x, seen.pop(name, None))
+            fired.add(name)
+            if outs is None and len(fired) == len(targets):
+                raise _StopForward
         return hook
+
+    def run(x):
+        fired.clear()
+        try:
+            return _forward(layer, x, kwargs, device)
+        except _StopForward:
+            return None
 
     hooks = [m.register_forward_hook(hook_for(name)) for name, m in targets.items()]
     try:
         for j in range(inps.shape[0]):
             if dense is not None:
                 phase[0] = "dense"
-                dense.outs[j:j + 1] = _forward(layer, dense.inps[j:j + 1], kwargs, device).to(dense.outs.device)
+                y = run(dense.inps[j:j + 1])
+                if outs is not None:
+                    dense.outs[j:j + 1] = y.to(dense.outs.device)
                 phase[0] = "pruned"
-            outs[j:j + 1] = _forward(layer, inps[j:j + 1], kwargs, device).to(outs.device)
+            y = run(inps[j:j + 1])
+            if outs is not None:
+                outs[j:j + 1] = y.to(outs.device)
     finally:
         for h in hooks:
             h.remove()

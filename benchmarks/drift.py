@@ -1,0 +1,75 @@
+"""Where does a pruned model drift away from the dense one? Per-layer hidden-state error on held-out text.
+
+For each pruned model (a saved run directory), on WikiText-2 *validation* windows (the test split stays
+untouched): the relative squared error ||h_pruned - h_dense||² / ||h_dense||² of the residual stream after
+every decoder layer, and the mean KL(dense || pruned) of the next-token distributions. Unlike the layer
+report's `error` (one layer, both fed the pruned stream), this is the accumulated drift the perplexity sees.
+
+    python benchmarks/drift.py runs/sparsegpt_2-4 runs/sds-sparsegpt_2-4 [--windows 4] [--json FILE]
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sdsengine.config import CalibrationConfig
+from sdsengine.data import calibration_samples
+from sdsengine.models import load_model
+
+
+@torch.no_grad()
+def states(model, window):
+    """(hidden states after each decoder layer, log-probabilities) for one window."""
+    out = model(window, output_hidden_states=True)
+    return [h.float() for h in out.hidden_states[1:]], torch.log_softmax(out.logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def drift(dense, pruned, windows):
+    """{"layers": [relative error after layer i], "kl": mean KL(dense || pruned) per token}."""
+    err = ref = None
+    kl, tokens = 0.0, 0
+    for window in windows:
+        hd, ld = states(dense, window.unsqueeze(0))
+        hp, lp = states(pruned, window.unsqueeze(0))
+        e = torch.tensor([float((a - b).pow(2).sum()) for a, b in zip(hp, hd)])
+        r = torch.tensor([float(b.pow(2).sum()) for b in hd])
+        err, ref = (e, r) if err is None else (err + e, ref + r)
+        kl += float((ld.exp() * (ld - lp)).sum())
+        tokens += window.numel()
+    return {"layers": (err / ref).tolist(), "kl": kl / tokens}
+
+
+def table(results):
+    names = list(results)
+    lines = ["| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i in range(len(results[names[0]]["layers"])):
+        lines.append(f"| {i} | " + " | ".join(f"{results[n]['layers'][i]:.4f}" for n in names) + " |")
+    lines.append("| KL/token | " + " | ".join(f"{results[n]['kl']:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="saved pruned-model directories")
+    parser.add_argument("--windows", type=int, default=4, help="WikiText-2 validation windows of 2048 tokens")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        if not (Path(run) / "config.json").is_file():
+            raise SystemExit(f"{run} is not a saved model directory (no config.json)")
+    dense, tokenizer, _ = load_model()
+    windows = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.windows, seqlen=2048, seed=0))
+    results = {}
+    for run in args.runs:
+        pruned, _, _ = load_model(run)
+        results[Path(run).name] = drift(dense, pruned, windows)
+        del pruned
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"windows": args.windows, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

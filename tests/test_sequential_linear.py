@@ -1,0 +1,102 @@
+"""--sequential linear: a layer's linears pruned group by group, each on inputs from the pruned ones before it."""
+import copy
+
+import pytest
+import torch
+
+import sdsengine
+from sdsengine.algorithms.stats import Hessian
+from sdsengine.config import BESAConfig, SparseGPTConfig
+from sdsengine.masks import nm_violations
+from sdsengine.pipeline import adapters
+from sdsengine.pipeline.capture import capture_layer_inputs
+from sdsengine.pipeline.sequential import linear_groups, run_layer
+from tiny_models import tiny_model, tiny_tokens
+
+GROUPS = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+}
+
+
+def _layer0(model, samples):
+    inps, kwargs = capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
+    return adapters.decoder_layers(model)[0], inps, kwargs
+
+
+@pytest.mark.parametrize("family", sorted(GROUPS))
+def test_groups_follow_the_forward_and_its_shared_inputs(family):
+    model = tiny_model(family)
+    layer, inps, kwargs = _layer0(model, tiny_tokens(1, 16))
+    groups = linear_groups(layer, adapters.linear_modules(layer), inps, kwargs, "cpu")
+    assert [sorted(g) for g in groups] == [sorted(g) for g in GROUPS[family]]
+
+
+def test_later_groups_see_the_pruned_earlier_ones(monkeypatch):
+    """o_proj's Hessian comes from a forward through the pruned q/k/v; q/k/v (the first group) are pruned
+    exactly as in the one-pass mode; the layer's error is still measured against the dense layer."""
+    samples = tiny_tokens(3, 16)
+    dense = tiny_model("llama")
+    seen = {}
+    original = sdsengine.algorithms.sparsegpt.prune
+
+    def recording_prune(weight, stats, config):
+        seen.setdefault(weight.data_ptr(), stats.H.clone())
+        return original(weight, stats, config)
+
+    monkeypatch.setattr(sdsengine.algorithms.sparsegpt, "prune", recording_prune)
+    results = {}
+    for mode in ("layer", "linear"):
+        model = copy.deepcopy(dense)
+        seen.clear()
+        config = SparseGPTConfig(sparsity="2:4", blocksize=16, sequential=mode)
+        results[mode] = (model, sdsengine.prune(model, config, samples, progress=False), dict(seen))
+    model, result, hessians = results["linear"]
+    one_pass = results["layer"][0].model.layers[0]
+    layer = model.model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(layer.self_attn, name).weight, getattr(one_pass.self_attn, name).weight)
+    assert not torch.equal(layer.self_attn.o_proj.weight, one_pass.self_attn.o_proj.weight)
+
+    # o_proj's inputs, recomputed: dense layer 0 with only q/k/v replaced by their pruned weights
+    check = copy.deepcopy(dense)
+    dense_layer, inps, kwargs = _layer0(check, samples)
+    reference = torch.empty_like(inps)
+    run_layer(dense_layer, inps, reference, kwargs, "cpu")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(dense_layer.self_attn, name).weight.data.copy_(getattr(layer.self_attn, name).weight)
+    expected = Hessian(64, "cpu")
+    hook = dense_layer.self_attn.o_proj.register_forward_hook(lambda m, a, out: expected.add_batch(a[0]))
+    run_layer(dense_layer, inps, torch.empty_like(inps), kwargs, "cpu")
+    hook.remove()
+    o_proj = layer.self_attn.o_proj.weight
+    torch.testing.assert_close(hessians[o_proj.data_ptr()], expected.H)
+
+    # the report's error: pruned layer 0 against the dense layer 0, on the same inputs
+    err = run_layer(layer, inps, torch.empty_like(inps), kwargs, "cpu", reference=reference)
+    assert result.layers[0].error == pytest.approx(err, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(GROUPS))
+def test_linear_mode_end_to_end(family):
+    model = tiny_model(family)
+    result = sdsengine.prune(model, SparseGPTConfig(sparsity="2:4", blocksize=16, sequential="linear"),
+                             tiny_tokens(), progress=False)
+    for layer in adapters.decoder_layers(model):
+        for name, m in adapters.linear_modules(layer).items():
+            assert nm_violations(adapters.get_weight(m), 2, 4) == 0, name
+    assert all(r.error is not None and r.error > 0 for r in result.layers)
+    assert result.report["recipe"]["sequential"] == "linear"
+
+
+def test_blockwise_methods_refuse_linear_mode():
+    with pytest.raises(ValueError, match="--sequential linear applies to per-linear methods"):
+        sdsengine.prune(tiny_model("llama"), BESAConfig(sparsity="0.5", sequential="linear"), tiny_tokens(),
+                        progress=False)
+
+
+def test_unknown_mode_named():
+    with pytest.raises(ValueError, match="sequential must be layer or linear"):
+        SparseGPTConfig(sequential="block")
