@@ -100,3 +100,9 @@ def test_blockwise_methods_refuse_linear_mode():
 def test_unknown_mode_named():
     with pytest.raises(ValueError, match="sequential must be layer or linear"):
         SparseGPTConfig(sequential="block")
+
+
+def test_cli_takes_the_flag():
+    from sdsengine.cli import build_parser
+    args = build_parser().parse_args(["prune", "--method", "wanda", "--sequential", "linear", "--out", "x"])
+    assert args.sequential == "linear"
