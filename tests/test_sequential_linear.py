@@ -104,5 +104,6 @@ def test_unknown_mode_named():
 
 def test_cli_takes_the_flag():
     from sdsengine.cli import build_parser
-    args = build_parser().parse_args(["prune", "--method", "wanda", "--sequential", "linear", "--out", "x"])
+    args = build_parser().parse_args(["prune", "--method", "wanda", "--sparsity", "2:4", "--sequential", "linear",
+                                      "--out", "x"])
     assert args.sequential == "linear"
