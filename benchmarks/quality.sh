@@ -13,6 +13,9 @@
 # TASKS (default wikitext2), CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), EVAL_LIMIT
 # (WikiText-2 windows; default all) and QUALITY_OUT (default benchmarks/results/quality) can be overridden:
 # a reduced protocol must go to its own QUALITY_OUT, never beside the full-protocol results.
+#
+#   ZS_ONLY=1 bash benchmarks/quality.sh NAME    # zero-shot only, added to an existing NAME.json record:
+#                                                # the model is runs/NAME (none for a NAME ending in dense)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
@@ -21,6 +24,26 @@ calib=${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
 zs_tasks=${ZS_TASKS-piqa,arc_easy,boolq}; zs_limit=${ZS_LIMIT:-500}
 out=${QUALITY_OUT:-benchmarks/results/quality}; runs=${SDSENGINE_RUNS:-runs}
 mkdir -p "$out" "$runs"
+if [ -n "${ZS_ONLY:-}" ]; then
+  [ -f "$out/$name.json" ] || { echo "quality.sh: no record $out/$name.json to add zero-shot results to" >&2; exit 2; }
+  model_args=()
+  if [[ $name != *dense ]]; then
+    [ -d "$runs/$name" ] || { echo "quality.sh: no saved model $runs/$name" >&2; exit 2; }
+    model_args=(--model "$runs/$name")
+  fi
+  zs_cmd="sdsengine eval ${model_args[*]} --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
+  $zs_cmd
+  python - "$out/$name" "$zs_cmd" <<'PY'
+import json, os, sys
+base, zs_cmd = sys.argv[1:]
+record = json.load(open(base + ".json"))
+record["results"].update(json.load(open(base + ".zs.json"))["results"])
+record["zeroshot_command"] = zs_cmd
+json.dump(record, open(base + ".json", "w"), indent=2)
+os.remove(base + ".zs.json")
+PY
+  exit 0
+fi
 model_args=()
 prune_cmd=""
 prune_s=0
