@@ -55,11 +55,11 @@ class PruneConfig:
     sparsity: str = field(default="2:4", metadata={"help": "fraction of zeros (0.5) or N:M (2:4, 4:8)"})
     ignore: tuple[str, ...] = field(default=(), metadata={"help": "module-name patterns to keep dense"})
     device: str = field(default="cpu", metadata={"help": "compute device for the current layer: cpu or cuda"})
-    sequential: str = field(default="layer", metadata={
+    sequential: str | None = field(default=None, metadata={
         "help": "inputs each linear is pruned on: layer (every linear of a decoder layer sees the layer's "
                 "unpruned forward; one pass, the SparseGPT/Wanda protocol) or linear (linears are pruned in "
                 "forward order, each on inputs from the already-pruned ones before it; one partial pass "
-                "more per group of linears that share an input)"})
+                "more per group of linears that share an input). Default: layer; sds: linear"})
     method = "base"
 
     def __post_init__(self):
@@ -67,8 +67,13 @@ class PruneConfig:
         self.ignore = tuple(self.ignore)
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.sequential is None:
+            self.sequential = self.default_sequential()
         if self.sequential not in ("layer", "linear"):
             raise ValueError(f"sequential must be layer or linear, got {self.sequential!r}")
+
+    def default_sequential(self):
+        return "layer"
 
     def to_dict(self):
         out = {"method": self.method}
@@ -192,11 +197,15 @@ class SDSConfig(SparseGPTConfig):
     teacher: str = field(default="sd", metadata={
         "help": "SDS: the teacher's inputs: sd (W_dense on the pruned model's inputs, the literal equation) "
                 "or dense (W_dense on the dense model's inputs; one more forward pass per layer)"})
-    guard: str = field(default="linear", metadata={
+    guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
                 "two more forward passes per layer)"})
     method = "sds"
+
+    def default_sequential(self):
+        """Measured (docs/SDS.md): linear; BESA's masks are learned per whole layer, so not with base besa."""
+        return "layer" if self.base == "besa" else "linear"
 
     def __post_init__(self):
         super().__post_init__()

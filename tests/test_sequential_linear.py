@@ -107,3 +107,11 @@ def test_cli_takes_the_flag():
     args = build_parser().parse_args(["prune", "--method", "wanda", "--sparsity", "2:4", "--sequential", "linear",
                                       "--out", "x"])
     assert args.sequential == "linear"
+
+
+def test_defaults_per_method():
+    """SDS defaults to linear (measured, docs/SDS.md) except on BESA's whole-layer masks; others to layer."""
+    from sdsengine.config import SDSConfig, WandaConfig
+    assert SparseGPTConfig().sequential == WandaConfig().sequential == "layer"
+    assert SDSConfig().sequential == "linear" and SDSConfig(base="besa").sequential == "layer"
+    assert SDSConfig(sequential="layer").sequential == "layer"
