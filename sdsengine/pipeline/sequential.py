@@ -97,8 +97,9 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
             del stats
     fallbacks = {name: info.pop("fallback") for name, info in (steps or {}).items() if info and "fallback" in info}
     if fallbacks:
-        layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device)
-    error = run_layer(layer, inps, outs, kwargs, device, reference=outs)
+        error = layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device)
+    else:
+        error = run_layer(layer, inps, outs, kwargs, device, reference=outs)
     layer.to(home)
     report = _report(index, targets, config.sparsity, time.perf_counter() - start, error)
     report.steps = {name: info for name, info in (steps or {}).items() if info}
@@ -151,20 +152,27 @@ def linear_groups(layer, targets, window, kwargs, device) -> list[dict]:
     return groups + ([unseen] if unseen else [])
 
 
-def layer_guard(layer, targets, fallbacks, steps, inps, reference, kwargs, device):
-    """Swap in all fallback weights at once and keep them if the layer's output error against `reference`
-    drops; each linear's steps[name]["layer_guard"] records both errors and what was kept."""
+def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device):
+    """Keep the chosen weights, or all fallback weights together if they give a lower output error against
+    the reference in `outs`. Like run_layer, leaves the kept weights' outputs in `outs` and returns their
+    error; each linear's steps[name]["layer_guard"] records both errors and what was kept."""
     chosen = {name: adapters.get_weight(targets[name]).detach().clone() for name in fallbacks}
-    errors = {"chosen": run_layer(layer, inps, None, kwargs, device, reference)}
-    for name, weight in fallbacks.items():
-        adapters.set_weight(targets[name], weight)
-    errors["fallback"] = run_layer(layer, inps, None, kwargs, device, reference)
+    _set_weights(targets, fallbacks)
+    errors = {"fallback": run_layer(layer, inps, None, kwargs, device, reference=outs)}
+    _set_weights(targets, chosen)
+    errors["chosen"] = run_layer(layer, inps, outs, kwargs, device, reference=outs)  # the usual final pass
     kept = "fallback" if errors["fallback"] < errors["chosen"] else "chosen"
-    if kept == "chosen":
-        for name, weight in chosen.items():
-            adapters.set_weight(targets[name], weight)
+    if kept == "fallback":  # rare: one more pass, for the outputs the next layer reads
+        _set_weights(targets, fallbacks)
+        run_layer(layer, inps, outs, kwargs, device)
     for name in fallbacks:
         steps[name]["layer_guard"] = {**errors, "kept": kept}
+    return errors[kept]
+
+
+def _set_weights(targets, weights):
+    for name, weight in weights.items():
+        adapters.set_weight(targets[name], weight)
 
 
 def _prune_linear(algo, module, stats, config):
