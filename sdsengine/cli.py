@@ -28,7 +28,7 @@ def _add_config_flags(parser, classes, required=()):
             if text and text not in helps.setdefault(f.name, []):
                 helps[f.name].append(text)
     for name, f in fields.items():
-        kind = str if f.default is None or f.type in ("str | None", "tuple[str, ...]") else type(f.default)
+        kind = type(f.default) if type(f.default) in (int, float) else str  # lists (--ignore) split later
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             required=name in required, help="; ".join(helps.get(name, [])))
 

@@ -105,3 +105,13 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     packed = sdsengine.load_compressed(tmp_path / "packed")
     ids = tiny_tokens(1, 8)
     torch.testing.assert_close(packed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_ignore_flag_reaches_the_config_as_patterns():
+    """--ignore takes comma-separated patterns (it once reached the config split into characters)."""
+    from sdsengine.cli import _config_from, build_parser
+    from sdsengine.config import WandaConfig
+    args = build_parser().parse_args(["prune", "--method", "wanda", "--sparsity", "2:4", "--ignore",
+                                      "model.layers.0.*,*.down_proj", "--out", "x"])
+    args._config_flags = {"sparsity", "ignore"}
+    assert _config_from(args, WandaConfig).ignore == ("model.layers.0.*", "*.down_proj")
