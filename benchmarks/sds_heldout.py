@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from sdsengine.algorithms import sds, sparsegpt
+from sdsengine.algorithms import sds, sparsegpt, wanda
 from sdsengine.algorithms.stats import Hessian
 from sdsengine.config import CalibrationConfig, SDSConfig
 from sdsengine.data import calibration_samples
@@ -25,14 +25,15 @@ from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import collect_stats
 
-VARIANTS = {  # name -> SDSConfig changes (None: the SparseGPT base alone)
-    "sparsegpt": None,
+REFERENCES = {"sparsegpt": sparsegpt, "wanda": wanda}  # the base pruners alone; ratios are to SparseGPT's
+VARIANTS = {  # name -> SDSConfig changes
     "sds default": {},
     "sds no adjust": {"adjust": "off"},
     "sds iters 50": {"iters": 50},
     "sds anchor 0.01": {"anchor": 0.01},
     "sds anchor 0.1": {"anchor": 0.1},
     "sds anchor 1": {"anchor": 1.0},
+    "sds refit 50": {"refit": 50},
 }
 
 
@@ -61,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--layers", default="0,7,15,23")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--base", default="sparsegpt", help="SDS's base pruner (the ratios stay against SparseGPT)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -69,15 +72,20 @@ def main(argv=None):
     cal = calibration_samples(tokenizer, CalibrationConfig("c4", nsamples=args.nsamples, seqlen=2048, seed=0))
     val = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.nsamples, seqlen=2048, seed=0))
     H_cal, H_val = hessians(model, cal, layers), hessians(model, val, layers)
-    base = SDSConfig(sparsity=args.sparsity)
+    base = SDSConfig(sparsity=args.sparsity, base=args.base)
+    chosen = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = {**dict.fromkeys(REFERENCES), **{name: VARIANTS[name] for name in chosen}}
     modules = dict(adapters.decoder_layers(model).named_modules())
     rows = []
     for key, stats in H_cal.items():
         w = adapters.get_weight(modules[key]).detach().float()
         results = {}
-        for variant, changes in VARIANTS.items():
+        for variant, changes in variants.items():
             if changes is None:
-                v = sparsegpt.prune(w, stats, base)
+                v = REFERENCES[variant].prune(w, stats, base)
             else:
                 v, _ = sds.prune(w, stats, replace(base, **changes))
             results[variant] = (rel_error(w, v, stats.H), rel_error(w, v, H_val[key].H))
@@ -87,13 +95,14 @@ def main(argv=None):
                      "sparsegpt cal abs": ref_cal, "sparsegpt val abs": ref_val})
         print(key, " ".join(f"{k}: {c / ref_cal:.3f}/{v / ref_val:.3f}" for k, (c, v) in results.items()), flush=True)
     print("\nmean ratio to SparseGPT (calibration C4 / held-out WikiText-2 validation):")
-    for variant in VARIANTS:
+    for variant in variants:
         cal_mean = statistics.mean(r[f"{variant} cal"] for r in rows)
         val_mean = statistics.mean(r[f"{variant} val"] for r in rows)
         print(f"  {variant:20s} {cal_mean:.3f} / {val_mean:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity, "rows": rows}, f,
+            json.dump({"layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity, "base": args.base,
+                       "rows": rows}, f,
                       indent=1)
     return 0
 

@@ -90,6 +90,44 @@ def test_adjust_keeps_nm_pattern(base, pattern):
     assert _calibration_error(w3, w, stats.H) <= _calibration_error(w2, w, stats.H)
 
 
+@pytest.mark.parametrize("teacher", ["sd", "dense"])
+def test_refit_solves_least_squares_on_the_mask(teacher):
+    """refit = per row, the exact minimiser of the calibration error over the kept weights (a solve on
+    H restricted to the row's support), the zeros untouched; on the dense teacher's statistics too."""
+    w, stats = _layer(out=6, inp=48, tokens=512)
+    if teacher == "dense":  # a teacher on other inputs: C, T from a shifted copy of the same tokens
+        stats = _dense_stream_stats(seed=1)
+    objective = sds.Objective(w, stats, teacher)
+    w2 = sds.BASES["wanda"].prune(w, stats, _config(base="wanda"))
+    fitted = sds.refit(w2, objective, iters=200)
+    assert torch.equal(fitted != 0, w2 != 0)
+    H, B = stats.H.double(), objective.B.double()
+    exact = torch.zeros_like(B)
+    for r in range(w.shape[0]):
+        kept = (w2[r] != 0).nonzero().squeeze(1)
+        exact[r, kept] = torch.linalg.solve(H[kept][:, kept], B[r, kept])
+    torch.testing.assert_close(fitted.double(), exact, atol=1e-4, rtol=1e-3)
+    assert objective.error(fitted) < objective.error(w2)
+
+
+def _dense_stream_stats(inp=48, tokens=512, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g))
+    stats = Hessian(inp, "cpu")
+    stats.add_batch(d + 0.2 * torch.randn(tokens, inp, generator=g), dense_x=d)
+    return stats
+
+
+def test_refit_never_raises_the_error():
+    """Zero steps, or a weight already at its optimum, come back unchanged."""
+    w, stats = _layer()
+    objective = sds.Objective(w, stats)
+    w2 = sds.BASES["sparsegpt"].prune(w, stats, _config())
+    assert torch.equal(sds.refit(w2, objective, iters=0), w2)
+    once = sds.refit(w2, objective, iters=100)
+    assert objective.error(sds.refit(once, objective, iters=100)) <= objective.error(once)
+
+
 @pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
 def test_adjust_keeps_unstructured_counts(base):
     w, stats = _layer()
@@ -219,9 +257,10 @@ def test_layer_guard_swaps_all_or_nothing(fallback, kept):
     ({"guard": "block"}, "guard must be one of linear, layer"),
     ({"lr": 0.0}, r"lr .* must be in \(0, 1\]"),
     ({"lr": 1.5}, r"lr .* must be in \(0, 1\]"),
-    ({"iters": -1}, "iters, l1, l2, anchor >= 0"),
-    ({"l1": -0.1}, "iters, l1, l2, anchor >= 0"),
-    ({"anchor": -1.0}, "iters, l1, l2, anchor >= 0"),
+    ({"iters": -1}, "iters, refit, l1, l2, anchor >= 0"),
+    ({"refit": -1}, "iters, refit, l1, l2, anchor >= 0"),
+    ({"l1": -0.1}, "iters, refit, l1, l2, anchor >= 0"),
+    ({"anchor": -1.0}, "iters, refit, l1, l2, anchor >= 0"),
     ({"solver": "closed"}, "closed-form re-dense solves L2 only"),
     ({"sparsity": "2:4", "blocksize": 6}, "multiple of M=4"),
 ])
@@ -233,8 +272,9 @@ def test_bad_config_values(kw, message):
 def test_cli_parses_sds_flags():
     args = build_parser().parse_args(["prune", "--method", "sds", "--base", "wanda", "--sparsity", "2:4",
                                       "--lr", "0.5", "--iters", "7", "--l1", "0", "--l2", "0.2",
-                                      "--solver", "ista", "--reduction", "token", "--adjust", "off", "--out", "x"])
-    assert (args.base, args.lr, args.iters, args.l1, args.l2) == ("wanda", 0.5, 7, 0.0, 0.2)
+                                      "--solver", "ista", "--reduction", "token", "--adjust", "off", "--refit", "30",
+                                      "--out", "x"])
+    assert (args.base, args.lr, args.iters, args.l1, args.l2, args.refit) == ("wanda", 0.5, 7, 0.0, 0.2, 30)
     assert (args.solver, args.reduction, args.adjust) == ("ista", "token", "off")
 
 
