@@ -191,9 +191,9 @@ class SDSConfig(SparseGPTConfig):
         "help": "SDS: loss scale that l1/l2 are relative to: element (mean error per output, mean penalty "
                 "per weight) or token (error summed over outputs, penalty summed over weights)"})
     adjust: str = field(default="on", metadata={"help": "SDS: weight adjustment after the second prune (on, off)"})
-    refit: int = field(default=0, metadata={
+    refit: int = field(default=50, metadata={
         "help": "SDS: conjugate-gradient steps of an exact least-squares refit of the kept weights on the final "
-                "mask, after the adjustment (0: off; ours)"})
+                "mask, after the adjustment (0: off, the paper's method; ours)"})
     anchor: float = field(default=0.0, metadata={
         "help": "SDS: weight of a pull toward each step's start (W1 for the re-dense, W2 for the adjustment), "
                 "in units of H's mean diagonal: limits moves where the calibration data says little"})

@@ -16,7 +16,12 @@ from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import layer_guard, run_layer
 from tiny_models import tiny_model, tiny_tokens
 
-STEPS = ("initial", "redense", "second", "adjust", "chosen")
+STEPS = ("initial", "redense", "second", "adjust", "refit", "chosen")
+
+
+def _final(steps):
+    """The error of SDS's own result: after the refit, or after the adjustment with the refit off."""
+    return steps.get("refit", steps["adjust"])
 
 
 def _layer(out=24, inp=32, tokens=256, seed=0):
@@ -118,6 +123,19 @@ def _dense_stream_stats(inp=48, tokens=512, seed=1):
     return stats
 
 
+def test_refit_restores_the_patterns_count_when_the_second_prune_overshoots():
+    """Where the re-dense's L1 zeroed weights, the second prune keeps zeros among its kept entries: the
+    refit's support comes from the pattern's counts (W1's), so the result is never sparser than asked."""
+    w, stats = _layer()
+    config = _config(base="wanda", sparsity="0.5", adjust="off", refit=50)
+    w1 = sds.BASES["wanda"].prune(w, stats, config)
+    g = torch.Generator().manual_seed(3)
+    overshoot = lambda v: sds.BASES["wanda"].prune(v, stats, config) * (torch.rand(v.shape, generator=g) > 0.05)
+    chosen, info = sds.reconstruct(sds.Objective(w, stats), w1, config, overshoot)
+    assert info["choice"] == "sds" and info["refit"] < info["initial"]
+    assert torch.equal((chosen != 0).sum(dim=1), (w1 != 0).sum(dim=1))
+
+
 def test_refit_never_raises_the_error():
     """Zero steps, or a weight already at its optimum, come back unchanged."""
     w, stats = _layer()
@@ -152,14 +170,14 @@ def test_guard_never_worse_than_base(base, seed):
     assert _calibration_error(pruned, w, stats.H) <= _calibration_error(base_weight, w, stats.H) + 1e-7
     if info["choice"] == "base":
         assert torch.equal(pruned, base_weight)
-    assert info["chosen"] == min(info["initial"], info["adjust"])
+    assert info["chosen"] == min(info["initial"], _final(info))
 
 
 def test_guard_falls_back_when_sds_loses():
     w, stats = _layer()
-    config = _config(l1=50.0, reduction="token", lr=1.0, iters=5, adjust="off")
+    config = _config(l1=50.0, reduction="token", lr=1.0, iters=5, adjust="off", refit=0)
     _, info = sds.prune(w, stats, config)
-    assert info["choice"] == "base" and info["chosen"] == info["initial"]
+    assert info["choice"] == "base" and info["chosen"] == info["initial"] and "refit" not in info
 
 
 def test_pipeline_reports_every_step():
@@ -170,7 +188,7 @@ def test_pipeline_reports_every_step():
         for name, info in layer.steps.items():
             assert all(isinstance(info[s], float) and info[s] >= 0 for s in STEPS), name
             assert info["redense"] < info["initial"], name  # unregularized, the D step nears the dense output
-            assert info["adjust"] <= info["second"], name
+            assert info["refit"] <= info["adjust"] <= info["second"], name
             assert info["chosen"] <= info["initial"], name
 
 
@@ -208,7 +226,7 @@ def test_sds_on_besa_masks(pattern, guard):
             assert all(nm_violations(w, 2, 4) == 0 for w in weights)
         for name in adapters.linear_modules(layer):
             steps = report.steps[name]["sds"]
-            assert steps["chosen"] == min(steps["initial"], steps["adjust"]), name
+            assert steps["chosen"] == min(steps["initial"], _final(steps)), name
             assert ("layer_guard" in report.steps[name]) == (guard == "layer"), name
         assert "_block" in report.steps
 

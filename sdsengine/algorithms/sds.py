@@ -20,6 +20,8 @@ Choices the paper leaves open (config fields; defaults measured by held-out perp
   with a finite number of steps is itself a regularizer (the paper's "start from the pruned weights").
 - adjust: projected gradient (iterative hard thresholding) on the output error, the mask re-selected by
   magnitude each step within the pattern; the best iterate is kept, so it never loses to W2.
+- refit (ours): the same output error minimised exactly over the kept weights, the mask fixed (conjugate
+  gradient per row). The adjustment's small steps leave most of that minimum unreached.
 A guard returns W1 when the SDS weight has a higher calibration error than W1. With guard "layer", W1 is
 also handed to the pipeline as the linear's fallback: the decoder layer then returns to all of its W1s
 when they give a lower layer output error (the per-linear errors need not add up within a layer).
@@ -62,14 +64,19 @@ def prune(weight, stats, config):
 
 def reconstruct(objective, w1, config, second_prune, keep=None):
     """The D-S-adjust steps after an initial prune w1, and the guard; second_prune(W_re) is the base's.
-    keep: the mask whose counts the adjustment holds (default: W2's nonzeros)."""
+    keep: the mask whose counts the adjustment and the refit hold (default: W1's nonzeros, the pattern's
+    counts; W2 may hold fewer where the re-dense's L1 zeroed weights, and the refit fills those back)."""
     error = objective.error
+    keep = w1 != 0 if keep is None else keep
     w_re = redense(w1, objective, config)
     w2 = second_prune(w_re)
     w3 = adjust(w2, objective, config, keep) if config.adjust == "on" else w2
-    w3 = refit(w3, objective, config.refit) if config.refit else w3
     steps = {"initial": error(w1), "redense": error(w_re), "second": error(w2), "adjust": error(w3)}
-    chosen, choice = (w3, "sds") if steps["adjust"] <= steps["initial"] else (w1, "base")
+    if config.refit:
+        w3 = refit(w3, objective, config.refit, support=_projector(keep, config)(w3))
+        steps["refit"] = error(w3)
+    final = steps.get("refit", steps["adjust"])
+    chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice}
 
 
@@ -194,12 +201,13 @@ def adjust(w2, objective, config, keep=None):
     return best
 
 
-def refit(w, objective, iters):
-    """Least squares on W's support: the calibration error minimised over the kept weights only, the mask
-    fixed, by `iters` steps of Jacobi-preconditioned conjugate gradient (rows are independent problems, so
-    every row runs its own CG in one batched product per step). The adjustment's gradient steps of lr/L barely
-    move along H's low-curvature directions; CG reaches them in few steps. Returns W if that is better."""
-    keep = (w != 0).to(w.dtype)
+def refit(w, objective, iters, support=None):
+    """Least squares on a fixed mask: the calibration error minimised over the weights in `support` (default:
+    W's nonzeros) by `iters` steps of Jacobi-preconditioned conjugate gradient (rows are independent
+    problems, so every row runs its own CG in one batched product per step). The adjustment's gradient steps
+    of lr/L barely move along H's low-curvature directions; CG reaches them in few steps. Returns W if that
+    is better. W must be zero outside `support`."""
+    keep = ((w != 0) if support is None else support).to(w.dtype)
     inv_diag = 1.0 / torch.diagonal(objective.H).clamp_min(1e-12)
     x = w
     r = -objective.grad(x) * keep
