@@ -25,7 +25,7 @@ from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import collect_stats
 
-REFERENCES = {"sparsegpt": sparsegpt, "wanda": wanda}  # the base pruners alone; ratios are to SparseGPT's
+REFERENCES = {"sparsegpt": sparsegpt.obs_prune, "wanda": wanda.prune}  # the base pruners alone; ratios are to SparseGPT's
 VARIANTS = {  # name -> SDSConfig changes
     "sds default": {},
     "sds no adjust": {"adjust": "off"},
@@ -85,7 +85,7 @@ def main(argv=None):
         results = {}
         for variant, changes in variants.items():
             if changes is None:
-                v = REFERENCES[variant].prune(w, stats, base)
+                v = REFERENCES[variant](w, stats, base)
             else:
                 v, _ = sds.prune(w, stats, replace(base, **changes))
             results[variant] = (rel_error(w, v, stats.H), rel_error(w, v, H_val[key].H))

@@ -97,10 +97,15 @@ class WandaConfig(PruneConfig):
 class SparseGPTConfig(PruneConfig):
     blocksize: int = field(default=128, metadata={"help": "SparseGPT columns per lazy-update block"})
     percdamp: float = field(default=0.01, metadata={"help": "Hessian dampening, fraction of its mean diagonal"})
+    refit: int = field(default=0, metadata={
+        "help": "conjugate-gradient steps of an exact least-squares refit of the kept weights on the final mask "
+                "(0: off; ours)"})
     method = "sparsegpt"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.refit < 0:
+            raise ValueError(f"refit must be >= 0 conjugate-gradient steps, got {self.refit}")
         if self.blocksize <= 0:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
         if self.sparsity.m and self.blocksize % self.sparsity.m:
@@ -192,8 +197,7 @@ class SDSConfig(SparseGPTConfig):
                 "per weight) or token (error summed over outputs, penalty summed over weights)"})
     adjust: str = field(default="on", metadata={"help": "SDS: weight adjustment after the second prune (on, off)"})
     refit: int = field(default=50, metadata={
-        "help": "SDS: conjugate-gradient steps of an exact least-squares refit of the kept weights on the final "
-                "mask, after the adjustment (0: off, the paper's method; ours)"})
+        "help": "SDS: after the adjustment, on by default (50; 0: the paper's method)"})
     anchor: float = field(default=0.0, metadata={
         "help": "SDS: weight of a pull toward each step's start (W1 for the re-dense, W2 for the adjustment), "
                 "in units of H's mean diagonal: limits moves where the calibration data says little"})
@@ -219,9 +223,9 @@ class SDSConfig(SparseGPTConfig):
                 raise ValueError(f"sds {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 < self.lr <= 1.0:
             raise ValueError(f"sds lr is a fraction of the stable step 1/L and must be in (0, 1], got {self.lr}")
-        if min(self.iters, self.refit, self.l1, self.l2, self.anchor) < 0:
-            raise ValueError(f"sds needs iters, refit, l1, l2, anchor >= 0, got {self.iters}, {self.refit}, {self.l1}, "
-                             f"{self.l2}, {self.anchor}")
+        if min(self.iters, self.l1, self.l2, self.anchor) < 0:
+            raise ValueError(f"sds needs iters, l1, l2, anchor >= 0, got {self.iters}, {self.l1}, {self.l2}, "
+                             f"{self.anchor}")
         if self.solver == "closed" and self.l1 > 0:
             raise ValueError(f"the closed-form re-dense solves L2 only: set --l1 0 or --solver fista (l1={self.l1})")
 

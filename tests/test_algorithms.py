@@ -2,10 +2,13 @@
 import pytest
 import torch
 
+import sdsengine
 from sdsengine.algorithms import magnitude, sparsegpt, wanda
 from sdsengine.algorithms.stats import Hessian, InputNorms
 from sdsengine.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from sdsengine.cli import build_parser
 from sdsengine.masks import nm_mask, nm_violations
+from tiny_models import tiny_model, tiny_tokens
 
 
 def test_magnitude_by_hand():
@@ -54,6 +57,30 @@ def test_sparsegpt_compensates_on_correlated_inputs():
     assert nm_violations(pruned, 2, 4) == 0
     assert pruned[0, 0] == 0 or pruned[0, 1] == 0
     torch.testing.assert_close(X[:, :2] @ pruned[0, :2], X[:, :2] @ w[0, :2], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
+def test_sparsegpt_refit_keeps_the_mask_and_lowers_the_error(pattern):
+    """--refit: SparseGPT's mask exactly, its kept weights refitted; the report holds both errors."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g)
+    stats = Hessian(32, "cpu")
+    stats.add_batch(torch.randn(256, 8, generator=g) @ torch.randn(8, 32, generator=g) + 0.1 * torch.randn(256, 32, generator=g))
+    plain = sparsegpt.prune(w, stats, SparseGPTConfig(sparsity=pattern, blocksize=8))
+    fitted, info = sparsegpt.prune(w, stats, SparseGPTConfig(sparsity=pattern, blocksize=8, refit=50))
+    assert torch.equal(fitted != 0, plain != 0)
+    assert info["refit"] < 0.9 * info["initial"]
+    assert not torch.equal(fitted, plain)
+
+
+def test_sparsegpt_refit_through_the_pipeline_and_cli():
+    """`--method sparsegpt --refit N` reaches the config, and every linear's report holds both errors."""
+    args = build_parser().parse_args(["prune", "--method", "sparsegpt", "--sparsity", "2:4", "--refit", "7", "--out", "x"])
+    assert args.refit == 7
+    result = sdsengine.prune(tiny_model("llama"), SparseGPTConfig(sparsity="2:4", blocksize=16, refit=20),
+                             tiny_tokens(), progress=False)
+    for layer in result.layers:
+        assert layer.steps and all(info["refit"] <= info["initial"] for info in layer.steps.values())
 
 
 def slow_sparsegpt(w, H, sparsity, nm, blocksize, percdamp):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdsengine
-from sdsengine.algorithms import sds
+from sdsengine.algorithms import least_squares, sds
 from sdsengine.algorithms.stats import Hessian
 from sdsengine.cli import build_parser, main
 from sdsengine.config import SDSConfig
@@ -39,46 +39,46 @@ def _config(**kw):
 
 
 def _calibration_error(v, w, H):
-    return float(sds._quadratic(v - w, H) / sds._quadratic(w, H))
+    return float(least_squares.quadratic(v - w, H) / least_squares.quadratic(w, H))
 
 
 def test_redense_without_regularization_returns_to_dense():
     w, stats = _layer()
     config = _config(l1=0.0, l2=0.0, lr=1.0, iters=2000)
-    w1 = sds.BASES["sparsegpt"].prune(w, stats, config)
-    w_re = sds.redense(w1, sds.Objective(w, stats), config)
+    w1 = sds.BASES["sparsegpt"](w, stats, config)
+    w_re = sds.redense(w1, least_squares.Objective(w, stats), config)
     assert _calibration_error(w1, w, stats.H) > 1e-2
     assert _calibration_error(w_re, w, stats.H) < 1e-6
 
 
 def test_closed_form_matches_iterations():
     w, stats = _layer()
-    closed = sds.redense(w, sds.Objective(w, stats), _config(solver="closed", l1=0.0, l2=0.5, reduction="token", percdamp=0.0))
-    fista = sds.redense(w, sds.Objective(w, stats), _config(l1=0.0, l2=0.5, reduction="token", lr=1.0, iters=3000))
+    closed = sds.redense(w, least_squares.Objective(w, stats), _config(solver="closed", l1=0.0, l2=0.5, reduction="token", percdamp=0.0))
+    fista = sds.redense(w, least_squares.Objective(w, stats), _config(l1=0.0, l2=0.5, reduction="token", lr=1.0, iters=3000))
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
 
 
 def test_anchor_in_closed_form_and_iterations_alike():
     w, stats = _layer()
     config = dict(l1=0.0, l2=0.1, anchor=0.5, reduction="token")
-    w1 = sds.BASES["sparsegpt"].prune(w, stats, _config(**config))
-    closed = sds.redense(w1, sds.Objective(w, stats), _config(solver="closed", percdamp=0.0, **config))
-    fista = sds.redense(w1, sds.Objective(w, stats), _config(lr=1.0, iters=3000, **config))
+    w1 = sds.BASES["sparsegpt"](w, stats, _config(**config))
+    closed = sds.redense(w1, least_squares.Objective(w, stats), _config(solver="closed", percdamp=0.0, **config))
+    fista = sds.redense(w1, least_squares.Objective(w, stats), _config(lr=1.0, iters=3000, **config))
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
 
 
 def test_anchor_limits_how_far_each_step_moves():
     w, stats = _layer()
-    w1 = sds.BASES["sparsegpt"].prune(w, stats, _config())
-    moved = {a: float((sds.redense(w1, sds.Objective(w, stats), _config(anchor=a, lr=1.0)) - w1).norm())
+    w1 = sds.BASES["sparsegpt"](w, stats, _config())
+    moved = {a: float((sds.redense(w1, least_squares.Objective(w, stats), _config(anchor=a, lr=1.0)) - w1).norm())
              for a in (0.0, 0.1, 10.0)}
     assert moved[0.0] > moved[0.1] > moved[10.0] > 0
 
 
 def test_l1_shrinks_the_redense_weights():
     w, stats = _layer()
-    free = sds.redense(w, sds.Objective(w, stats), _config(l1=0.0, l2=0.0, reduction="token", lr=1.0))
-    shrunk = sds.redense(w, sds.Objective(w, stats), _config(l1=5.0, l2=0.0, reduction="token", lr=1.0))
+    free = sds.redense(w, least_squares.Objective(w, stats), _config(l1=0.0, l2=0.0, reduction="token", lr=1.0))
+    shrunk = sds.redense(w, least_squares.Objective(w, stats), _config(l1=5.0, l2=0.0, reduction="token", lr=1.0))
     assert shrunk.abs().sum() < free.abs().sum()
     assert (shrunk == 0).sum() > (free == 0).sum()
 
@@ -88,8 +88,8 @@ def test_l1_shrinks_the_redense_weights():
 def test_adjust_keeps_nm_pattern(base, pattern):
     w, stats = _layer()
     config = _config(base=base, sparsity=pattern, lr=1.0, iters=50)
-    w2 = sds.BASES[base].prune(w, stats, config)
-    w3 = sds.adjust(w2, sds.Objective(w, stats), config)
+    w2 = sds.BASES[base](w, stats, config)
+    w3 = sds.adjust(w2, least_squares.Objective(w, stats), config)
     assert nm_violations(w3, *config.sparsity.nm) == 0
     assert (w3 == 0).float().mean() == 1 - config.sparsity.n / config.sparsity.m
     assert _calibration_error(w3, w, stats.H) <= _calibration_error(w2, w, stats.H)
@@ -102,9 +102,9 @@ def test_refit_solves_least_squares_on_the_mask(teacher):
     w, stats = _layer(out=6, inp=48, tokens=512)
     if teacher == "dense":  # a teacher on other inputs: C, T from a shifted copy of the same tokens
         stats = _dense_stream_stats(seed=1)
-    objective = sds.Objective(w, stats, teacher)
-    w2 = sds.BASES["wanda"].prune(w, stats, _config(base="wanda"))
-    fitted = sds.refit(w2, objective, iters=200)
+    objective = least_squares.Objective(w, stats, teacher)
+    w2 = sds.BASES["wanda"](w, stats, _config(base="wanda"))
+    fitted = least_squares.refit(w2, objective, iters=200)
     assert torch.equal(fitted != 0, w2 != 0)
     H, B = stats.H.double(), objective.B.double()
     exact = torch.zeros_like(B)
@@ -128,10 +128,10 @@ def test_refit_restores_the_patterns_count_when_the_second_prune_overshoots():
     refit's support comes from the pattern's counts (W1's), so the result is never sparser than asked."""
     w, stats = _layer()
     config = _config(base="wanda", sparsity="0.5", adjust="off", refit=50)
-    w1 = sds.BASES["wanda"].prune(w, stats, config)
+    w1 = sds.BASES["wanda"](w, stats, config)
     g = torch.Generator().manual_seed(3)
-    overshoot = lambda v: sds.BASES["wanda"].prune(v, stats, config) * (torch.rand(v.shape, generator=g) > 0.05)
-    chosen, info = sds.reconstruct(sds.Objective(w, stats), w1, config, overshoot)
+    overshoot = lambda v: sds.BASES["wanda"](v, stats, config) * (torch.rand(v.shape, generator=g) > 0.05)
+    chosen, info = sds.reconstruct(least_squares.Objective(w, stats), w1, config, overshoot)
     assert info["choice"] == "sds" and info["refit"] < info["initial"]
     assert torch.equal((chosen != 0).sum(dim=1), (w1 != 0).sum(dim=1))
 
@@ -139,19 +139,19 @@ def test_refit_restores_the_patterns_count_when_the_second_prune_overshoots():
 def test_refit_never_raises_the_error():
     """Zero steps, or a weight already at its optimum, come back unchanged."""
     w, stats = _layer()
-    objective = sds.Objective(w, stats)
-    w2 = sds.BASES["sparsegpt"].prune(w, stats, _config())
-    assert torch.equal(sds.refit(w2, objective, iters=0), w2)
-    once = sds.refit(w2, objective, iters=100)
-    assert objective.error(sds.refit(once, objective, iters=100)) <= objective.error(once)
+    objective = least_squares.Objective(w, stats)
+    w2 = sds.BASES["sparsegpt"](w, stats, _config())
+    assert torch.equal(least_squares.refit(w2, objective, iters=0), w2)
+    once = least_squares.refit(w2, objective, iters=100)
+    assert objective.error(least_squares.refit(once, objective, iters=100)) <= objective.error(once)
 
 
 @pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
 def test_adjust_keeps_unstructured_counts(base):
     w, stats = _layer()
     config = _config(base=base, sparsity="0.5", lr=1.0, iters=50)
-    w2 = sds.BASES[base].prune(w, stats, config)
-    w3 = sds.adjust(w2, sds.Objective(w, stats), config)
+    w2 = sds.BASES[base](w, stats, config)
+    w3 = sds.adjust(w2, least_squares.Objective(w, stats), config)
     if base == "wanda":  # Wanda's count holds per row
         assert torch.equal((w3 != 0).sum(dim=1), (w2 != 0).sum(dim=1))
     assert (w3 != 0).sum() == (w2 != 0).sum()
@@ -165,7 +165,7 @@ def test_guard_never_worse_than_base(base, seed):
     # a harsh re-dense (strong L1, few steps) and no adjustment make the base win some layers
     config = _config(base=base, l1=50.0, reduction="token", lr=1.0, iters=5, adjust="off")
     pruned, info = sds.prune(w, stats, config)
-    base_weight = sds.BASES[base].prune(w, stats, config)
+    base_weight = sds.BASES[base](w, stats, config)
     assert set(STEPS) <= set(info)
     assert _calibration_error(pruned, w, stats.H) <= _calibration_error(base_weight, w, stats.H) + 1e-7
     if info["choice"] == "base":
@@ -275,10 +275,10 @@ def test_layer_guard_swaps_all_or_nothing(fallback, kept):
     ({"guard": "block"}, "guard must be one of linear, layer"),
     ({"lr": 0.0}, r"lr .* must be in \(0, 1\]"),
     ({"lr": 1.5}, r"lr .* must be in \(0, 1\]"),
-    ({"iters": -1}, "iters, refit, l1, l2, anchor >= 0"),
-    ({"refit": -1}, "iters, refit, l1, l2, anchor >= 0"),
-    ({"l1": -0.1}, "iters, refit, l1, l2, anchor >= 0"),
-    ({"anchor": -1.0}, "iters, refit, l1, l2, anchor >= 0"),
+    ({"iters": -1}, "iters, l1, l2, anchor >= 0"),
+    ({"refit": -1}, "refit must be >= 0"),
+    ({"l1": -0.1}, "iters, l1, l2, anchor >= 0"),
+    ({"anchor": -1.0}, "iters, l1, l2, anchor >= 0"),
     ({"solver": "closed"}, "closed-form re-dense solves L2 only"),
     ({"sparsity": "2:4", "blocksize": 6}, "multiple of M=4"),
 ])
@@ -311,7 +311,7 @@ def test_dense_teacher_objective_matches_tokens():
     for rows in (slice(0, 100), slice(100, 300)):  # two batches: the running average must hold
         stats.add_batch(x[rows], d[rows])
     v = torch.randn(24, 32, generator=g).requires_grad_()
-    objective = sds.Objective(w, stats, "dense")
+    objective = least_squares.Objective(w, stats, "dense")
     loss = ((d @ w.T - x @ v.T) ** 2).sum() / 300  # = ½ · 2/N · sum ||W d - V x||^2
     loss.backward()
     torch.testing.assert_close(objective.grad(v.detach()), v.grad, rtol=1e-4, atol=1e-4)
@@ -322,7 +322,7 @@ def test_dense_teacher_objective_matches_tokens():
 def test_dense_teacher_needs_dense_stream():
     w, stats = _layer()
     with pytest.raises(ValueError, match="dense stream"):
-        sds.Objective(w, stats, "dense")
+        least_squares.Objective(w, stats, "dense")
 
 
 def test_dense_teacher_through_the_pipeline():

@@ -33,10 +33,11 @@ import torch
 from sdsengine.masks import nm_mask
 
 from . import sparsegpt, wanda
+from .least_squares import Objective, refit
 from .stats import Hessian
 
 STATS = Hessian
-BASES = {"sparsegpt": sparsegpt, "wanda": wanda}
+BASES = {"sparsegpt": sparsegpt.obs_prune, "wanda": wanda.prune}  # the base pruners, without any refit
 
 
 def variant(config):
@@ -54,9 +55,9 @@ def needs_dense_stream(config):
 def prune(weight, stats, config):
     """(pruned weight, info): info holds the relative calibration error after each step."""
     base = BASES[config.base]
-    w1 = base.prune(weight.float(), stats, config).float()
+    w1 = base(weight.float(), stats, config).float()
     objective = Objective(weight, stats, config.teacher)
-    chosen, info = reconstruct(objective, w1, config, lambda v: base.prune(v, stats, config).float())
+    chosen, info = reconstruct(objective, w1, config, lambda v: base(v, stats, config).float())
     if config.guard == "layer":
         info["fallback"] = w1.to(weight.dtype)
     return chosen.to(weight.dtype), info
@@ -78,46 +79,6 @@ def reconstruct(objective, w1, config, second_prune, keep=None):
     final = steps.get("refit", steps["adjust"])
     chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice}
-
-
-class Objective:
-    """The calibration output error of V against the teacher W, from statistics:
-
-        ½ · 2/N · sum_t ||W d_t - V x_t||^2  =  ½ tr(V H V^T) - tr(B V^T) + ½ tr(W T W^T),   B = W C
-
-    x: this linear's inputs in the pruned model (H); d: the teacher's inputs, the same x ("sd": C = T = H)
-    or the dense model's (C, T from the dense stream). error() is relative to the teacher's output energy.
-    """
-
-    def __init__(self, weight, stats, teacher="sd"):
-        self.w, self.H = weight.float(), stats.H.float()
-        self.dense = teacher == "dense"
-        if self.dense and stats.C is None:
-            raise ValueError("the dense teacher needs the dense stream's statistics (Hessian.C, T): run SDS "
-                             "through the pipeline with teacher='dense'")
-        C, T = (stats.C.float(), stats.T.float()) if self.dense else (self.H, self.H)
-        self.B = self.w @ C
-        self.ref = float(_quadratic(self.w, T)) or 1e-30
-        self._top = None
-
-    def grad(self, v):
-        return v @ self.H - self.B
-
-    def error(self, v, grad=None):
-        if not self.dense:  # the difference form: no cancellation when V is close to W
-            return float(_quadratic(v - self.w, self.H)) / self.ref
-        g = self.grad(v) if grad is None else grad
-        return (float(((g - self.B).double() * v.double()).sum()) + self.ref) / self.ref
-
-    @property
-    def top_eigenvalue(self):
-        if self._top is None:
-            self._top = top_eigenvalue(self.H)
-        return self._top
-
-
-def _quadratic(d, H):
-    return ((d @ H) * d).sum()
 
 
 def penalties(config, in_features):
@@ -170,18 +131,6 @@ def _soft_threshold(v, threshold):
     return torch.sign(v) * (v.abs() - threshold).clamp_min(0) if threshold > 0 else v
 
 
-def top_eigenvalue(H, iters=64, margin=1.05):
-    """Largest eigenvalue of the PSD H by power iteration; the margin covers its underestimate."""
-    v = torch.ones(H.shape[0], device=H.device, dtype=H.dtype)
-    for _ in range(iters):
-        v = H @ v
-        norm = v.norm()
-        if norm == 0:
-            return 1.0  # H = 0: no data, any step is stable
-        v = v / norm
-    return float(v @ H @ v) * margin
-
-
 def adjust(w2, objective, config, keep=None):
     """Projected gradient toward the teacher's output, the mask re-selected by magnitude each step; the best
     iterate (W2 included) wins, so the result never has a higher calibration error than W2."""
@@ -199,34 +148,6 @@ def adjust(w2, objective, config, keep=None):
         z = x - step * (grad + 2 * a * (x - w2))
         x = z * project(z)
     return best
-
-
-def refit(w, objective, iters, support=None):
-    """Least squares on a fixed mask: the calibration error minimised over the weights in `support` (default:
-    W's nonzeros) by `iters` steps of Jacobi-preconditioned conjugate gradient (rows are independent
-    problems, so every row runs its own CG in one batched product per step). The adjustment's gradient steps
-    of lr/L barely move along H's low-curvature directions; CG reaches them in few steps. Returns W if that
-    is better. W must be zero outside `support`."""
-    keep = ((w != 0) if support is None else support).to(w.dtype)
-    inv_diag = 1.0 / torch.diagonal(objective.H).clamp_min(1e-12)
-    x = w
-    r = -objective.grad(x) * keep
-    z = r * inv_diag
-    p, rz = z, (r * z).sum(dim=1, keepdim=True)
-    for _ in range(iters):
-        hp = (p @ objective.H) * keep
-        alpha = _safe_ratio(rz, (p * hp).sum(dim=1, keepdim=True))
-        x = x + alpha * p
-        r = r - alpha * hp
-        z = r * inv_diag
-        rz_next = (r * z).sum(dim=1, keepdim=True)
-        p, rz = z + _safe_ratio(rz_next, rz) * p, rz_next
-    return x if objective.error(x) <= objective.error(w) else w
-
-
-def _safe_ratio(a, b):
-    """a / b per row, 0 where b is 0 (a row whose search direction vanished has converged)."""
-    return torch.where(b > 0, a / b.clamp_min(1e-30), torch.zeros_like(a))
 
 
 def _projector(keep, config):

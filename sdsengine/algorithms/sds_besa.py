@@ -12,6 +12,7 @@ from sdsengine.config import BESAConfig
 from sdsengine.pipeline import adapters
 
 from . import besa, sds
+from .least_squares import Objective
 from .stats import Hessian
 
 STATS = Hessian
@@ -28,7 +29,7 @@ def prune_layer(ctx, config):
     for name, module in ctx.targets.items():
         w1 = adapters.get_weight(module).float()
         keep = w1 != 0
-        objective = sds.Objective(dense[name], ctx.stats[name], config.teacher)
+        objective = Objective(dense[name], ctx.stats[name], config.teacher)
         chosen, steps = sds.reconstruct(objective, w1, config, lambda v: v * keep, keep)
         adapters.set_weight(module, chosen.to(dense[name].dtype))
         info[name] = {**info.get(name, {}), "sds": steps}

@@ -4,17 +4,35 @@ For a layer with Hessian H = 2 X X^T, removing w_q and updating the rest by -w_q
 minimizes the output error; masks are chosen by w^2 / [H^-1]_qq^2 per block (unstructured) or per
 group of M (N:M). The per-column work of each block runs in sdsengine.kernels.sparsegpt_block; the
 update of the columns after the block is one matrix product.
+
+With config.refit > 0 (ours), the kept weights are then refitted exactly on SparseGPT's mask: each row's
+least squares over its kept weights (least_squares.refit). SparseGPT's updates compensate each pruned
+weight once, in column order, and never revisit earlier columns; the refit solves the same objective
+outright.
 """
 import torch
 
 from sdsengine import kernels
 
+from .least_squares import Objective, refit
 from .stats import Hessian
 
 STATS = Hessian
 
 
 def prune(weight, stats, config):
+    """The method: SparseGPT, then the refit if asked (its errors before and after go into the report)."""
+    pruned = obs_prune(weight, stats, config)
+    if not config.refit:
+        return pruned
+    objective = Objective(weight, stats)
+    fitted = refit(pruned.float(), objective, config.refit)
+    info = {"initial": objective.error(pruned.float()), "refit": objective.error(fitted)}
+    return fitted.to(weight.dtype), info
+
+
+def obs_prune(weight, stats, config):
+    """SparseGPT itself (also SDS's base): OBS pruning block by block."""
     w = weight.float().clone()
     hinv = _inverse_hessian_factor(stats.H.clone(), w, config.percdamp)
     pattern, cols = config.sparsity, w.shape[1]

@@ -1,0 +1,88 @@
+"""The calibration output error of a linear as a quadratic in its weight, and its exact minimiser on a
+fixed mask (the refit that SparseGPT's --refit and SDS share).
+
+With H = 2/N sum x x^T over the linear's calibration inputs, ½ tr(ΔW H ΔW^T) is the squared output error
+averaged over tokens: every step below works from H (and C, T for a teacher on other inputs), never from
+the tokens.
+"""
+import torch
+
+
+class Objective:
+    """The calibration output error of V against the teacher W, from statistics:
+
+        ½ · 2/N · sum_t ||W d_t - V x_t||^2  =  ½ tr(V H V^T) - tr(B V^T) + ½ tr(W T W^T),   B = W C
+
+    x: this linear's inputs in the pruned model (H); d: the teacher's inputs, the same x ("sd": C = T = H)
+    or the dense model's (C, T from the dense stream). error() is relative to the teacher's output energy.
+    """
+
+    def __init__(self, weight, stats, teacher="sd"):
+        self.w, self.H = weight.float(), stats.H.float()
+        self.dense = teacher == "dense"
+        if self.dense and stats.C is None:
+            raise ValueError("the dense teacher needs the dense stream's statistics (Hessian.C, T): run SDS "
+                             "through the pipeline with teacher='dense'")
+        C, T = (stats.C.float(), stats.T.float()) if self.dense else (self.H, self.H)
+        self.B = self.w @ C
+        self.ref = float(quadratic(self.w, T)) or 1e-30
+        self._top = None
+
+    def grad(self, v):
+        return v @ self.H - self.B
+
+    def error(self, v, grad=None):
+        if not self.dense:  # the difference form: no cancellation when V is close to W
+            return float(quadratic(v - self.w, self.H)) / self.ref
+        g = self.grad(v) if grad is None else grad
+        return (float(((g - self.B).double() * v.double()).sum()) + self.ref) / self.ref
+
+    @property
+    def top_eigenvalue(self):
+        if self._top is None:
+            self._top = top_eigenvalue(self.H)
+        return self._top
+
+
+def quadratic(d, H):
+    return ((d @ H) * d).sum()
+
+
+def top_eigenvalue(H, iters=64, margin=1.05):
+    """Largest eigenvalue of the PSD H by power iteration; the margin covers its underestimate."""
+    v = torch.ones(H.shape[0], device=H.device, dtype=H.dtype)
+    for _ in range(iters):
+        v = H @ v
+        norm = v.norm()
+        if norm == 0:
+            return 1.0  # H = 0: no data, any step is stable
+        v = v / norm
+    return float(v @ H @ v) * margin
+
+
+def refit(w, objective, iters, support=None):
+    """Least squares on a fixed mask: the calibration error minimised over the weights in `support` (default:
+    W's nonzeros) by `iters` steps of Jacobi-preconditioned conjugate gradient (rows are independent
+    problems, so every row runs its own CG in one batched product per step). The adjustment's gradient steps
+    of lr/L barely move along H's low-curvature directions; CG reaches them in few steps. Returns W if that
+    is better. W must be zero outside `support`."""
+    keep = ((w != 0) if support is None else support).to(w.dtype)
+    inv_diag = 1.0 / torch.diagonal(objective.H).clamp_min(1e-12)
+    x = w
+    r = -objective.grad(x) * keep
+    z = r * inv_diag
+    p, rz = z, (r * z).sum(dim=1, keepdim=True)
+    for _ in range(iters):
+        hp = (p @ objective.H) * keep
+        alpha = _safe_ratio(rz, (p * hp).sum(dim=1, keepdim=True))
+        x = x + alpha * p
+        r = r - alpha * hp
+        z = r * inv_diag
+        rz_next = (r * z).sum(dim=1, keepdim=True)
+        p, rz = z + _safe_ratio(rz_next, rz) * p, rz_next
+    return x if objective.error(x) <= objective.error(w) else w
+
+
+def _safe_ratio(a, b):
+    """a / b per row, 0 where b is 0 (a row whose search direction vanished has converged)."""
+    return torch.where(b > 0, a / b.clamp_min(1e-30), torch.zeros_like(a))
