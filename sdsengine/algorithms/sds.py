@@ -131,10 +131,11 @@ def _soft_threshold(v, threshold):
     return torch.sign(v) * (v.abs() - threshold).clamp_min(0) if threshold > 0 else v
 
 
-def adjust(w2, objective, config, keep=None):
-    """Projected gradient toward the teacher's output, the mask re-selected by magnitude each step; the best
-    iterate (W2 included) wins, so the result never has a higher calibration error than W2."""
-    project = _projector(w2 != 0 if keep is None else keep, config)
+def adjust(w2, objective, config, keep):
+    """Projected gradient toward the teacher's output, the mask re-selected by magnitude each step with the
+    counts of `keep`; the best iterate (W2 included) wins, so the result never has a higher calibration
+    error than W2."""
+    project = _projector(keep, config)
     a = anchor_weight(objective, config)
     step = config.lr / (objective.top_eigenvalue + 2 * a)
     x, best, best_loss = w2, w2, float("inf")
@@ -152,7 +153,8 @@ def adjust(w2, objective, config, keep=None):
 
 def _projector(keep, config):
     """z -> keep mask of the pattern by |z|: N:M per group; unstructured with the base's counts (per row
-    for Wanda and BESA, per layer for SparseGPT), taken from `keep` (W2's nonzeros by default) so the sparsity never drops."""
+    for Wanda and BESA, per layer for SparseGPT), taken from `keep` (reconstruct: W1's nonzeros, or BESA's
+    mask), so the sparsity is the pattern's."""
     pattern = config.sparsity
     if pattern.nm:
         return lambda z: nm_mask(z.abs(), *pattern.nm)
