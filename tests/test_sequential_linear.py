@@ -10,7 +10,7 @@ from sdsengine.config import BESAConfig, SparseGPTConfig
 from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
-from sdsengine.pipeline.sequential import linear_groups, run_layer
+from sdsengine.pipeline.sequential import collect_stats, linear_groups, run_layer
 from tiny_models import tiny_model, tiny_tokens
 
 GROUPS = {
@@ -32,6 +32,30 @@ def test_groups_follow_the_forward_and_its_shared_inputs(family):
     layer, inps, kwargs = _layer0(model, tiny_tokens(1, 16))
     groups = linear_groups(layer, adapters.linear_modules(layer), inps, kwargs, "cpu")
     assert [sorted(g) for g in groups] == [sorted(g) for g in GROUPS[family]]
+
+
+@pytest.mark.parametrize("family", sorted(GROUPS))
+def test_linears_reading_one_input_share_its_statistics(family):
+    """q/k/v (and gate/up) read one tensor: they end up with one Hessian, fed once per window, equal to the
+    one each linear's own inputs give."""
+    samples = 3
+    layer, inps, kwargs = _layer0(tiny_model(family), tiny_tokens(samples, 16))
+    targets = adapters.linear_modules(layer)
+    width = {name: adapters.get_weight(m).shape[1] for name, m in targets.items()}
+    expected = {name: Hessian(width[name], "cpu") for name in targets}
+    hooks = [m.register_forward_hook(lambda mod, a, out, name=name: expected[name].add_batch(a[0]))
+             for name, m in targets.items()]
+    run_layer(layer, inps, None, kwargs, "cpu")
+    for h in hooks:
+        h.remove()
+    stats = {name: Hessian(width[name], "cpu") for name in targets}
+    collect_stats(layer, targets, stats, inps, torch.empty_like(inps), kwargs, "cpu")
+    for group in GROUPS[family]:
+        assert all(stats[name] is stats[group[0]] for name in group)
+        assert stats[group[0]].tokens == samples * 16
+    assert len({id(s) for s in stats.values()}) == len(GROUPS[family])
+    for name in targets:
+        torch.testing.assert_close(stats[name].H, expected[name].H)
 
 
 def test_later_groups_see_the_pruned_earlier_ones(monkeypatch):

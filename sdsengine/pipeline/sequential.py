@@ -207,19 +207,21 @@ class _StopForward(Exception):
 def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None):
     """outs = layer(inps), adding every targeted linear's inputs to its stats. With a dense stream, each
     window first runs the dense stream (dense.outs[j] = layer(dense.inps[j])), and the inputs each linear saw
-    there go to its stats beside the pruned-stream ones. outs=None: no outputs are kept (dense.outs
+    there go to its stats beside the pruned-stream ones. Linears that read one tensor come to share one
+    statistics object in `stats`, accumulated once (_add_once). outs=None: no outputs are kept (dense.outs
     neither), and each forward stops as soon as every target has seen its input."""
     seen = {}  # linear name -> its input on the dense stream, for the current window
     phase = ["pruned"]
     fired = set()
+    fed = []  # (statistics, the input it took) for the current window, pruned stream
 
     def hook_for(name):
         def hook(module, args, output):
-            x = args[0].detach()
+            x = args[0]  # not detached here: identity tells which linears read the same tensor
             if phase[0] == "dense":
-                seen[name] = x
+                seen[name] = x.detach()
             else:
-                stats[name].add_batch(x, seen.pop(name, None))
+                _add_once(stats, name, x, seen.pop(name, None), fed)
             fired.add(name)
             if outs is None and len(fired) == len(targets):
                 raise _StopForward
@@ -227,6 +229,7 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None)
 
     def run(x):
         fired.clear()
+        fed.clear()
         try:
             return _forward(layer, x, kwargs, device)
         except _StopForward:
@@ -247,6 +250,21 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _add_once(stats, name, x, dense_x, fed):
+    """Add this window's input x to stats[name], sharing: linears that read the same tensor (q/k/v, gate/up)
+    end up holding one statistics object, accumulated once per window (for a Hessian, the in² work per token
+    that dominates a statistics pass). stats[name] is replaced by the shared object on the first window."""
+    own = stats[name]
+    taken = [s for s, seen in fed if seen is x]
+    if taken and (own is taken[0] or own.tokens == 0):
+        stats[name] = taken[0]
+        return
+    if any(s is own for s, _ in fed):
+        raise RuntimeError(f"{name}: its statistics are shared with a linear whose input differs in this window")
+    own.add_batch(x.detach(), dense_x)
+    fed.append((own, x))
 
 
 def _forward(layer, x, kwargs, device):
