@@ -229,11 +229,12 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None)
 
     def run(x):
         fired.clear()
-        fed.clear()
         try:
             return _forward(layer, x, kwargs, device)
         except _StopForward:
             return None
+        finally:
+            fed.clear()  # holds the window's inputs: let them go
 
     hooks = [m.register_forward_hook(hook_for(name)) for name, m in targets.items()]
     try:
