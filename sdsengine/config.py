@@ -137,6 +137,9 @@ class BESAConfig(PruneConfig):
     nm_scores: str = field(default="magnitude,channel", metadata={
         "help": "BESA N:M: what is mixed with Wanda's score: magnitude, channel (comma list, may be empty)"})
     nm_temperature: float = field(default=0.2, metadata={"help": "BESA N:M: temperature of the soft keep in backward"})
+    guard: str = field(default="layer", metadata={
+        "help": "BESA: layer (a decoder layer whose output error Wanda's masks at the target make lower "
+                "keeps those; one more forward pass per layer) or off (always the learned masks)"})
     method = "besa"
 
     SMOOTHING_MAX = 0.6  # sigmoid(θ) in (0, 1) caps each rate near 0.624; leave room for the penalty to act
@@ -147,6 +150,7 @@ class BESAConfig(PruneConfig):
         self._check_choice("optimizer", ("adam", "prodigy"))
         self._check_choice("smoothing", ("auto", "on", "off"))
         self._check_choice("target", ("dense_block", "dense_model"))
+        self._check_choice("guard", ("layer", "off"))
         if self.epochs < 0 or self.candidates < 2 or self.lr <= 0 or self.penalty < 0 or self.nm_temperature <= 0:
             raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0; "
                              f"got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, {self.nm_temperature}")

@@ -249,3 +249,21 @@ def test_dense_model_target(pattern):
     for layer in runs["dense_model"].layers:
         assert abs(_block_sparsity(layer) - 0.5) <= 1e-3
         assert all(info["nm_violations"] in (0, None) for info in layer.linears.values())
+
+
+@pytest.mark.parametrize("pattern", ["0.6", "2:4"])
+def test_guard_keeps_the_lower_layer_error(pattern):
+    """Layer 0 sees the same inputs in every run: with the guard its error is the lower of the learned
+    masks' (guard off) and the start's (zero epochs); the block's count still meets the target."""
+    harsh = dict(sparsity=pattern, epochs=3, lr=2.0)  # a step size that can make learning hurt
+    errors = {}
+    for name, config in (("learned", BESAConfig(**harsh, guard="off")), ("start", BESAConfig(**harsh | {"epochs": 0})),
+                         ("guarded", BESAConfig(**harsh))):
+        result = sdsengine.prune(tiny_model("llama"), config, tiny_tokens(), progress=False)
+        errors[name] = result.layers[0].error
+        if name == "guarded":
+            guard = result.layers[0].steps["self_attn.q_proj"]["layer_guard"]
+            assert abs(_block_sparsity(result.layers[0]) - float(config.sparsity.sparsity)) <= 1e-3
+    assert errors["guarded"] == pytest.approx(min(errors["learned"], errors["start"]), rel=1e-5)
+    assert guard["chosen"] == pytest.approx(errors["learned"], rel=1e-5)
+    assert guard["fallback"] == pytest.approx(errors["start"], rel=1e-5)

@@ -105,6 +105,10 @@ class SelectionLearner:
     def masked_weights(self, kind="ste"):
         return {name: adapters.get_weight(self.targets[name]) * s.mask(kind) for name, s in self.selections.items()}
 
+    def start(self):
+        """The masked weights learning starts from: Wanda's N:M masks."""
+        return {name: adapters.get_weight(self.targets[name]) * s.wanda_mask for name, s in self.selections.items()}
+
     def penalty(self):
         return 0.0
 

@@ -39,5 +39,6 @@ def prune_layer(ctx, config):
 
 
 def besa_config(config):
-    """BESA with its defaults on the SDS run's pattern, device and ignore list."""
-    return BESAConfig(sparsity=str(config.sparsity), ignore=config.ignore, device=config.device)
+    """BESA with its defaults on the SDS run's pattern, device and ignore list; its guard off, since SDS's
+    guard (W1 = BESA's masked weights as the fallback) is the one the pipeline applies."""
+    return BESAConfig(sparsity=str(config.sparsity), ignore=config.ignore, device=config.device, guard="off")
