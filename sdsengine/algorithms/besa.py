@@ -41,9 +41,9 @@ def needs_dense_stream(config):
 def prune_layer(ctx, config):
     """Learn the block's masks, apply them to ctx.targets in place; returns {linear: info, '_block': info}."""
     learner = (besa_nm.SelectionLearner if config.sparsity.nm else RateLearner)(ctx, config)
-    starts = learner.start() if config.guard == "layer" else {}
     losses = learn(ctx, learner, config)
     with torch.no_grad():
+        starts = learner.start() if config.guard == "layer" else {}  # after learning: no copy held through it
         info = learner.apply()
         info["_block"] = {**loss_summary(losses), **learner.block_info()}
     for name, start in starts.items():
