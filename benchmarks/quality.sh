@@ -9,7 +9,8 @@
 # Writes benchmarks/results/quality/NAME.json (eval results + the exact commands, wall times) and
 # NAME.prune.json (the run report: recipe, per-layer sparsity and error, time, peak memory).
 # Then zero-shot accuracy on ZS_TASKS (default piqa,arc_easy,boolq; empty: skip) over the first ZS_LIMIT
-# items of each (default 500: the whole sets cost ~30 min per model on 2 cores).
+# items of each (default 500: the whole sets cost ~30 min per model on 2 cores), added to the record
+# (which is written first, so a failed or stopped zero-shot run loses no perplexity).
 # TASKS (default wikitext2), CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), EVAL_LIMIT
 # (WikiText-2 windows; default all) and QUALITY_OUT (default benchmarks/results/quality) can be overridden:
 # a reduced protocol must go to its own QUALITY_OUT, never beside the full-protocol results.
@@ -24,14 +25,9 @@ calib=${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
 zs_tasks=${ZS_TASKS-piqa,arc_easy,boolq}; zs_limit=${ZS_LIMIT:-500}
 out=${QUALITY_OUT:-benchmarks/results/quality}; runs=${SDSENGINE_RUNS:-runs}
 mkdir -p "$out" "$runs"
-if [ -n "${ZS_ONLY:-}" ]; then
-  [ -f "$out/$name.json" ] || { echo "quality.sh: no record $out/$name.json to add zero-shot results to" >&2; exit 2; }
-  model_args=()
-  if [[ $name != *dense ]]; then
-    [ -d "$runs/$name" ] || { echo "quality.sh: no saved model $runs/$name" >&2; exit 2; }
-    model_args=(--model "$runs/$name")
-  fi
-  zs_cmd="sdsengine eval ${model_args[*]} --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
+
+add_zeroshot() {  # zero-shot on the model in "$@", merged into $out/$name.json
+  local zs_cmd="sdsengine eval $* --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
   $zs_cmd
   python - "$out/$name" "$zs_cmd" <<'PY'
 import json, os, sys
@@ -42,9 +38,18 @@ record["zeroshot_command"] = zs_cmd
 json.dump(record, open(base + ".json", "w"), indent=2)
 os.remove(base + ".zs.json")
 PY
+}
+
+model_args=()
+if [ -n "${ZS_ONLY:-}" ]; then
+  [ -f "$out/$name.json" ] || { echo "quality.sh: no record $out/$name.json to add zero-shot results to" >&2; exit 2; }
+  if [[ $name != *dense ]]; then
+    [ -d "$runs/$name" ] || { echo "quality.sh: no saved model $runs/$name" >&2; exit 2; }
+    model_args=(--model "$runs/$name")
+  fi
+  add_zeroshot "${model_args[@]}"
   exit 0
 fi
-model_args=()
 prune_cmd=""
 prune_s=0
 if [ $# -gt 0 ]; then
@@ -59,20 +64,15 @@ eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 ${EVAL_LI
 start=$(date +%s)
 $eval_cmd
 eval_s=$(( $(date +%s) - start ))
-zs_cmd=""
-if [ -n "$zs_tasks" ]; then
-  zs_cmd="sdsengine eval ${model_args[*]} --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
-  $zs_cmd
-fi
-python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" "$zs_cmd" <<'PY'
+python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" <<'PY'
 import json, os, sys
-base, prune_cmd, eval_cmd, prune_s, eval_s, zs_cmd = sys.argv[1:]
+base, prune_cmd, eval_cmd, prune_s, eval_s = sys.argv[1:]
 record = json.load(open(base + ".eval.json"))
 record.update(prune_command=prune_cmd or None, eval_command=eval_cmd,
-              prune_wall_s=int(prune_s), eval_wall_s=int(eval_s), zeroshot_command=zs_cmd or None)
-if zs_cmd:
-    record["results"].update(json.load(open(base + ".zs.json"))["results"])
-    os.remove(base + ".zs.json")
+              prune_wall_s=int(prune_s), eval_wall_s=int(eval_s), zeroshot_command=None)
 json.dump(record, open(base + ".json", "w"), indent=2)
+os.remove(base + ".eval.json")
 PY
-rm -f "$out/$name.eval.json"
+if [ -n "$zs_tasks" ]; then
+  add_zeroshot "${model_args[@]}"
+fi
