@@ -137,6 +137,10 @@ class BESAConfig(PruneConfig):
     nm_scores: str = field(default="magnitude,channel", metadata={
         "help": "BESA N:M: what is mixed with Wanda's score: magnitude, channel (comma list, may be empty)"})
     nm_temperature: float = field(default=0.2, metadata={"help": "BESA N:M: temperature of the soft keep in backward"})
+    nm_checks: int = field(default=0, metadata={
+        "help": "BESA N:M: measure the hard-mask block loss on this many windows at the start and at steps 8, 16, "
+                "32, ... and the last, and keep the lowest iterate (0, the default until measured end to end: "
+                "always the last; try 16)"})
     guard: str = field(default="layer", metadata={
         "help": "BESA: layer (a decoder layer whose output error Wanda's masks at the target make lower "
                 "keeps those; one more forward pass per layer) or off (always the learned masks)"})
@@ -151,9 +155,11 @@ class BESAConfig(PruneConfig):
         self._check_choice("smoothing", ("auto", "on", "off"))
         self._check_choice("target", ("dense_block", "dense_model"))
         self._check_choice("guard", ("layer", "off"))
-        if self.epochs < 0 or self.candidates < 2 or self.lr <= 0 or self.penalty < 0 or self.nm_temperature <= 0:
-            raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0; "
-                             f"got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, {self.nm_temperature}")
+        if (self.epochs < 0 or self.candidates < 2 or self.lr <= 0 or self.penalty < 0 or self.nm_temperature <= 0
+                or self.nm_checks < 0):
+            raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0, "
+                             f"nm_checks >= 0; got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, "
+                             f"{self.nm_temperature}, {self.nm_checks}")
         self.nm_scores = ",".join(s.strip() for s in str(self.nm_scores).split(",") if s.strip())
         unknown = set(self.nm_score_list) - {"magnitude", "channel"}
         if unknown:

@@ -7,7 +7,7 @@ import torch
 import sdsengine
 from sdsengine import cli
 from sdsengine.algorithms import besa, besa_plot
-from sdsengine.algorithms.besa_block import block_loss, channel_energy
+from sdsengine.algorithms.besa_block import BestIterate, block_loss, channel_energy, learn
 from sdsengine.algorithms.besa_nm import SelectionLearner
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.config import BESAConfig, WandaConfig
@@ -217,6 +217,7 @@ def test_allocation_report_and_plot():
     ({"nm_scores": "magnitude,hessian"}, "unknown nm_scores"),
     ({"optimizer": "sgd"}, "optimizer must be one of"),
     ({"sparsity": "0"}, "sparsity above 0"),
+    ({"nm_checks": -1}, "nm_checks >= 0"),
 ])
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -267,3 +268,45 @@ def test_guard_keeps_the_lower_layer_error(pattern):
     assert errors["guarded"] == pytest.approx(min(errors["learned"], errors["start"]), rel=1e-5)
     assert guard["chosen"] == pytest.approx(errors["learned"], rel=1e-5)
     assert guard["fallback"] == pytest.approx(errors["start"], rel=1e-5)
+
+
+def test_best_iterate_check_steps():
+    assert [s for s in range(70) if BestIterate.due(s)] == [0, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("lr", [0.05, 3.0])
+def test_nm_learning_keeps_the_best_checked_iterate(lr):
+    """The learner ends at the checked iterate with the lowest hard-mask loss on the check windows (the
+    start among them), which is what the record says; without checks it ends at the last step."""
+    ctx = _context(nsamples=20)
+    config = BESAConfig(sparsity="2:4", lr=lr)
+    learner = SelectionLearner(ctx, config)
+    _, record = learn(ctx, learner, config, checks=5)
+    steps, losses = zip(*record["checks"])
+    assert steps == (0, 8, 16, 20) and record["kept_step"] == steps[losses.index(min(losses))]
+    windows = [0, 5, 10, 14, 19]
+    energy = channel_energy(ctx.outs, ctx.device)
+    with torch.no_grad():
+        weights = learner.masked_weights("hard")
+        now = sum(float(block_loss(ctx, weights, j, ctx.outs, energy)) for j in windows) / len(windows)
+    assert now == pytest.approx(min(losses), rel=1e-12) and min(losses) <= losses[0]
+    last = SelectionLearner(ctx, config)
+    assert learn(ctx, last, config)[1] == {}
+    with torch.no_grad():
+        moved = [float(p.abs().sum()) for p in last.parameters()]
+    assert max(moved) > 0
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
+def test_nm_checks_in_the_report(pattern):
+    """The pipeline passes --nm-checks to N:M learning and reports the checks; unstructured ignores it
+    (its iterates are not yet projected onto the block's count, so their losses do not compare)."""
+    config = BESAConfig(sparsity=pattern, epochs=2, lr=0.5, nm_checks=4)
+    result = sdsengine.prune(tiny_model("llama"), config, tiny_tokens(), progress=False)
+    for layer in result.layers:
+        block = layer.steps["_block"]
+        if pattern == "2:4":
+            assert block["checks"][0][0] == 0 and block["kept_step"] in [s for s, _ in block["checks"]]
+            assert all(info["nm_violations"] == 0 for info in layer.linears.values())
+        else:
+            assert "checks" not in block

@@ -41,11 +41,13 @@ def needs_dense_stream(config):
 def prune_layer(ctx, config):
     """Learn the block's masks, apply them to ctx.targets in place; returns {linear: info, '_block': info}."""
     learner = (besa_nm.SelectionLearner if config.sparsity.nm else RateLearner)(ctx, config)
-    losses = learn(ctx, learner, config)
+    # Only N:M compares iterates: its count is fixed, while an unstructured iterate's hard mask is not yet
+    # projected onto the block's count, so its loss is not comparable.
+    losses, checked = learn(ctx, learner, config, checks=config.nm_checks if config.sparsity.nm else 0)
     with torch.no_grad():
         starts = learner.start() if config.guard == "layer" else {}  # after learning: no copy held through it
         info = learner.apply()
-        info["_block"] = {**loss_summary(losses), **learner.block_info()}
+        info["_block"] = {**loss_summary(losses), **checked, **learner.block_info()}
     for name, start in starts.items():
         info[name]["fallback"] = start
     return info
