@@ -231,6 +231,26 @@ def test_sds_on_besa_masks(pattern, guard):
         assert "_block" in report.steps
 
 
+def test_sds_on_besa_guard_falls_back_to_besas_weights(monkeypatch):
+    """--base besa with guard=layer: the fallback handed to the layer guard is BESA's masked weights as they
+    were before SDS, not the module's weight after it (an fp32 weight's .float() is the same tensor)."""
+    seen = []
+
+    def recording_guard(layer, targets, fallbacks, steps, *args):
+        seen.extend((name, fallbacks[name].clone(), adapters.get_weight(targets[name]).clone(), steps[name]["sds"])
+                    for name in fallbacks)
+        return layer_guard(layer, targets, fallbacks, steps, *args)
+
+    monkeypatch.setattr("sdsengine.pipeline.sequential.layer_guard", recording_guard)
+    sdsengine.prune(tiny_model("llama"), _config(base="besa", sparsity="2:4", iters=10, guard="layer"),
+                    tiny_tokens(), progress=False)
+    improved = [(name, fallback, weight) for name, fallback, weight, steps in seen
+                if steps["choice"] == "sds" and steps["chosen"] < steps["initial"]]
+    assert improved, "SDS improved no linear: the test shows nothing"
+    for name, fallback, weight in improved:
+        assert not torch.equal(fallback, weight), name
+
+
 def test_layer_guard_reports_both_and_keeps_the_better():
     """guard=layer: every linear's report holds the layer's error with SDS's weights and with the base's,
     the layer's final error is the smaller one, and no weight leaks into the (JSON) report."""

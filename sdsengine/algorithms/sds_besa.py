@@ -27,7 +27,7 @@ def prune_layer(ctx, config):
     dense = {name: adapters.get_weight(m).detach().clone() for name, m in ctx.targets.items()}
     info = besa.prune_layer(ctx, besa_config(config))
     for name, module in ctx.targets.items():
-        w1 = adapters.get_weight(module).float()
+        w1 = adapters.get_weight(module).float().clone()  # a copy: set_weight below overwrites the module's
         keep = w1 != 0
         objective = Objective(dense[name], ctx.stats[name], config.teacher)
         chosen, steps = sds.reconstruct(objective, w1, config, lambda v: v * keep, keep)
