@@ -8,6 +8,7 @@ from sdsengine import report
 from sdsengine.config import CalibrationConfig
 from sdsengine.data import calibration_protocol, calibration_samples
 from sdsengine.pipeline import adapters
+from sdsengine.pipeline.resume import ResumeStore
 from sdsengine.pipeline.sequential import prune_model
 
 
@@ -18,17 +19,25 @@ class PruneResult:
     report: dict
 
 
-def prune(model, config, calibration=None, tokenizer=None, progress=True, model_source=None) -> PruneResult:
+def prune(model, config, calibration=None, tokenizer=None, progress=True, model_source=None,
+          resume_dir=None) -> PruneResult:
     """Prune `model` in place by `config` (a method config such as SparseGPTConfig).
 
     `calibration` is a (nsamples, seqlen) LongTensor of token ids, or a CalibrationConfig (then
     `tokenizer` is needed to build the windows), or None for methods that need no data (magnitude).
+    `resume_dir`: keep the progress there after every layer, and continue from the progress of the same
+    run if it holds some (see pipeline/resume.py); the directory stays until `ResumeStore(d).clear()`.
     """
     samples, protocol = _calibration(model, config, calibration, tokenizer)
+    store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     start = time.perf_counter()
-    layers = prune_model(model, config, samples, progress=progress)
+    layers = prune_model(model, config, samples, progress=progress, resume=store)
     seconds = time.perf_counter() - start
+    if store and store.resumed_from:
+        seconds += store.earlier_seconds
     info = report.build(config, protocol, layers, seconds, model_source)
+    if store and store.resumed_from:
+        info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)
 
 

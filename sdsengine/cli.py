@@ -15,6 +15,7 @@ from sdsengine.config import CalibrationConfig, PruneConfig
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
+from sdsengine.pipeline.resume import ResumeStore
 
 
 def _add_config_flags(parser, classes, required=()):
@@ -72,6 +73,8 @@ def build_parser():
     p.add_argument("--calib", dest="dataset", default=None, help="alias of --dataset")
     p.add_argument("--out", required=True, help="output directory (a HF checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--resume-dir", default=None, help="keep the run's progress here after every layer; the "
+                   "same command run again goes on after the last finished layer (removed once saved)")
 
     e = sub.add_parser("eval", help="perplexity (and zero-shot) evaluation")
     _add_model_flags(e)
@@ -109,10 +112,15 @@ def cmd_prune(args):
     config = _config_from(args, config_class)
     calib = _config_from(args, CalibrationConfig)
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before any work
+    if args.resume_dir:
+        ResumeStore(args.resume_dir).check()
     model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     needs_data = lookup(args.method)[1].STATS is not None
-    result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source)
+    result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
+                       resume_dir=args.resume_dir)
     checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
+    if args.resume_dir:
+        ResumeStore(args.resume_dir).clear()
     print(report.layer_table(result.layers))
     print(f"\n{config.method} {config.sparsity}: overall sparsity {result.report['overall_sparsity']:.4f}, "
           f"{result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")

@@ -37,7 +37,9 @@ def data_env(monkeypatch):
 def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(smollm_dir), "--method", "sparsegpt", "--sparsity", "2:4",
-                 "--calib", "c4", "--nsamples", "4", "--seqlen", "128", "--out", str(out)]) == 0
+                 "--calib", "c4", "--nsamples", "4", "--seqlen", "128", "--out", str(out),
+                 "--resume-dir", str(tmp_path / "progress")]) == 0
+    assert not (tmp_path / "progress").exists()  # the progress goes once the checkpoint is saved
     report = json.loads((out / "sdsengine.json").read_text())
     assert report["calibration"]["nsamples"] == 4 and len(report["layers"]) == 30
     assert all(info["nm_violations"] == 0 for layer in report["layers"] for info in layer["linears"].values())
@@ -79,6 +81,14 @@ def test_existing_output_is_refused_before_work(tmp_path, capsys):
     assert main(["prune", "--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent.gguf",
                  "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_foreign_resume_directory_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    assert main(["prune", "--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent.gguf",
+                 "--out", str(tmp_path / "o"), "--resume-dir", str(tmp_path)]) == 2
+    assert "holds no sdsengine progress" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
 def test_real_model_limits(smollm_dir, data_env, tmp_path, capsys):

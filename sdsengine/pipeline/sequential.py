@@ -38,8 +38,10 @@ class LayerReport:
     steps: dict = field(default_factory=dict)  # name -> what the algorithm reports (e.g. errors per step)
 
 
-def prune_model(model, config, samples=None, progress=True) -> list[LayerReport]:
-    """Prune every targeted linear of every decoder layer in place; returns one report per layer."""
+def prune_model(model, config, samples=None, progress=True, resume=None) -> list[LayerReport]:
+    """Prune every targeted linear of every decoder layer in place; returns one report per layer.
+    resume: a ResumeStore (methods with calibration data): keeps the progress after every layer and
+    continues from it."""
     algo = algorithm_for(config)
     layers = adapters.decoder_layers(model)
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
@@ -56,12 +58,14 @@ def prune_model(model, config, samples=None, progress=True) -> list[LayerReport]
     kwargs = to_device(kwargs, device)
     outs = torch.empty_like(inps)
     dense = DenseStream(inps.clone(), torch.empty_like(inps)) if _needs_dense_stream(algo, config) else None
-    reports = []
-    for i, layer in enumerate(_bar(layers, progress)):
-        reports.append(_prune_layer(i, layer, targets[i], algo, config, inps, outs, kwargs, device, dense))
+    reports = resume.begin(model, config, samples, layers, inps, dense, LayerReport) if resume else []
+    for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
+        reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense))
         inps, outs = outs, inps
         if dense is not None:
             dense.inps, dense.outs = dense.outs, dense.inps
+        if resume:
+            resume.save(layers, reports, inps, dense)
     return reports
 
 
@@ -316,5 +320,5 @@ def _store_device(device, samples, model):
     return device if need < free / 2 else torch.device("cpu")
 
 
-def _bar(items, progress):
-    return tqdm(items, desc="pruning layers", unit="layer", disable=not progress)
+def _bar(items, progress, **kwargs):
+    return tqdm(items, desc="pruning layers", unit="layer", disable=not progress, **kwargs)

@@ -1,0 +1,113 @@
+"""Resumable runs: a long prune keeps its progress after every decoder layer, so a run that is stopped (a
+preempted job, a lost session, an out-of-memory kill) goes on from the last finished layer instead of
+starting over. A full-protocol SDS or BESA run on a CPU takes hours.
+
+The progress directory holds, once layers 0..k are done: their pruned weights (one file per layer), the
+activations layer k+1 reads (the pruned stream and, when the method carries it, the dense stream), and
+progress.json: a fingerprint of the run (recipe, calibration tokens, original weights), how many layers are
+done, and their reports. Each file is written under a temporary name and renamed into place, progress.json
+last, so a run stopped while saving resumes from the layer before. Progress made with another recipe,
+other calibration tokens or another model is refused, never mixed in.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+MANIFEST = "progress.json"
+ACTIVATIONS = "activations.pt"
+
+
+class ResumeStore:
+    """One run's progress in `directory`: call begin() before the first layer, then save() after each."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory).expanduser().resolve()
+        self.fingerprint = None
+        self.resumed_from = 0  # layers taken from an earlier run
+        self.earlier_seconds = 0.0  # their pruning time, as that run measured it
+
+    def check(self):
+        """Fail before any work if the directory holds something other than sdsengine progress."""
+        self._manifest()
+        return self
+
+    def begin(self, model, config, samples, layers, inps, dense, report_type) -> list:
+        """Fingerprint the run (before any weight changes); if the directory holds this run's progress, load
+        it into `layers`, `inps` and `dense` and return the finished layers' reports, else return []."""
+        self.fingerprint = fingerprint(model, config, samples)
+        manifest = self._manifest()
+        if manifest is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return []
+        if manifest["fingerprint"] != self.fingerprint:
+            raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
+                             "recipe, calibration data or model); pass a new directory or delete that one")
+        done = manifest["done"]
+        for i in range(done):
+            layers[i].load_state_dict(torch.load(self._layer_file(i), map_location="cpu"))
+        saved = torch.load(self.dir / ACTIVATIONS, map_location="cpu")
+        if saved["done"] != done:
+            raise ValueError(f"resume directory {self.dir}: activations after layer {saved['done']} do not "
+                             f"match the {done} layers recorded as done; delete the directory")
+        inps.copy_(saved["inps"])
+        if dense is not None:
+            dense.inps.copy_(saved["dense"])
+        reports = [report_type(**r) for r in manifest["reports"]]
+        self.resumed_from = done
+        self.earlier_seconds = sum(r.seconds for r in reports)
+        return reports
+
+    def save(self, layers, reports, inps, dense):
+        """After layer len(reports)-1: its weights, the next layer's inputs, then the manifest."""
+        done = len(reports)
+        _atomic_save(layers[done - 1].state_dict(), self._layer_file(done - 1))
+        _atomic_save({"done": done, "inps": inps, "dense": dense.inps if dense is not None else None},
+                     self.dir / ACTIVATIONS)
+        manifest = {"fingerprint": self.fingerprint, "done": done, "layers": len(layers),
+                    "reports": [dataclasses.asdict(r) for r in reports]}
+        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, self.dir / MANIFEST)
+
+    def clear(self):
+        """Remove the files this store wrote, and the directory once empty (call after the model is saved)."""
+        if not (self.dir / MANIFEST).exists():
+            return
+        for path in [self.dir / MANIFEST, self.dir / ACTIVATIONS, *self.dir.glob("layer-*.pt")]:
+            path.unlink(missing_ok=True)
+        if not any(self.dir.iterdir()):
+            self.dir.rmdir()
+
+    def _manifest(self):
+        path = self.dir / MANIFEST
+        if path.exists():
+            return json.loads(path.read_text())
+        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+            raise FileExistsError(f"resume directory {self.dir} exists and holds no sdsengine progress; "
+                                  "pass an empty or new directory")
+        return None
+
+    def _layer_file(self, index):
+        return self.dir / f"layer-{index:04d}.pt"
+
+
+def fingerprint(model, config, samples) -> str:
+    """What the result depends on: the recipe, the calibration tokens and the original weights (each
+    tensor's name, shape, dtype and two sums: cheap, and any different checkpoint changes them)."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(samples.cpu().numpy().tobytes())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t64 = t.detach().double()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t64.sum())!r}{float(t64.abs().sum())!r}".encode())
+    return h.hexdigest()
+
+
+def _atomic_save(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

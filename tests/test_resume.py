@@ -1,0 +1,103 @@
+"""Resumable runs: a run stopped after some layers and started again ends where an unbroken run ends."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sdsengine
+from sdsengine.algorithms import algorithm_for
+from sdsengine.config import SDSConfig, SparseGPTConfig, WandaConfig
+from sdsengine.pipeline import adapters, sequential
+from sdsengine.pipeline.resume import MANIFEST, ResumeStore
+from tiny_models import tiny_config, tiny_tokens
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _config(kind):
+    if kind == "sparsegpt":
+        return SparseGPTConfig(sparsity="2:4", blocksize=16)
+    return SDSConfig(sparsity="2:4", base="wanda", iters=5, refit=3, teacher="dense")  # carries the dense stream
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(monkeypatch, index):
+    """Make the pipeline fail when it reaches layer `index`, as a killed run would stop there."""
+    real = sequential._prune_layer
+    calls = []
+
+    def prune_layer(i, *args, **kwargs):
+        calls.append(i)
+        if i == index:
+            raise _Stop
+        return real(i, *args, **kwargs)
+    monkeypatch.setattr(sequential, "_prune_layer", prune_layer)
+    return calls
+
+
+def _layer_weights(model):
+    return [{n: adapters.get_weight(m).clone() for n, m in adapters.linear_modules(layer).items()}
+            for layer in adapters.decoder_layers(model)]
+
+
+@pytest.mark.parametrize("kind", ["sparsegpt", "sds"])
+def test_stopped_then_resumed_run_equals_an_unbroken_run(tmp_path, monkeypatch, kind):
+    config, samples = _config(kind), tiny_tokens(3, 16)
+    if kind == "sds":
+        assert algorithm_for(config).needs_dense_stream(config)
+    unbroken = _model()
+    expected = sdsengine.prune(unbroken, config, samples, progress=False)
+
+    stopped = _model()
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(_Stop):
+            sdsengine.prune(stopped, config, samples, progress=False, resume_dir=tmp_path / "progress")
+    resumed = _model()  # a fresh process: the original weights again
+    with monkeypatch.context() as m:
+        calls = _stop_at(m, -1)
+        result = sdsengine.prune(resumed, config, samples, progress=False, resume_dir=tmp_path / "progress")
+    assert calls == [2]  # layers 0 and 1 came from the progress directory
+    assert result.report["resumed"]["from_layer"] == 2
+    for got, want in zip(_layer_weights(resumed), _layer_weights(unbroken)):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert [r.error for r in result.layers] == [r.error for r in expected.layers]
+    assert [r.steps for r in result.layers] == [r.steps for r in expected.layers]
+
+
+def test_progress_of_another_run_is_refused(tmp_path, monkeypatch):
+    samples = tiny_tokens(3, 16)
+    with monkeypatch.context() as m:
+        _stop_at(m, 1)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
+    for model, config, tokens in [(_model(), WandaConfig(sparsity="4:8"), samples),
+                                  (_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16, seed=1)),
+                                  (_model(seed=1), WandaConfig(sparsity="2:4"), samples)]:
+        with pytest.raises(ValueError, match="progress of another run"):
+            sdsengine.prune(model, config, tokens, progress=False, resume_dir=tmp_path)
+
+
+def test_directory_holding_other_files_is_refused_and_kept(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no sdsengine progress"):
+        sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
+                        resume_dir=tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_clear_removes_only_the_progress(tmp_path):
+    progress = tmp_path / "progress"
+    sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
+                    resume_dir=progress)
+    assert (progress / MANIFEST).exists() and len(list(progress.glob("layer-*.pt"))) == 3
+    ResumeStore(progress).clear()
+    assert not progress.exists()
