@@ -11,6 +11,7 @@ Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a 
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -114,6 +115,25 @@ def measure_model(model, args):
     return {"prefill": prefill_ms, "decode": decode_ms, "mode": mode}
 
 
+def profile_prefill(model, batch, tokens, rows=20):
+    """torch.profiler's busiest operators (host and device time) over 3 prefills, as Markdown:
+    where a converted model's prefill loses to dense although both run the same GEMMs."""
+    from torch.profiler import ProfilerActivity, profile
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sync()
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def records_for(args, layers, dense, sparse, gpu):
     shape = f"{args.model}/{layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
     choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}:{b}" for k, b in sorted(sparse_linear.autotune_choices().items(),
@@ -142,6 +162,8 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=512, help="tokens in the KV cache while decoding")
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write <name>_prefill_profile.md: profiler tables of dense and 2:4 prefills")
     parser.add_argument("--name", default="e2e", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
@@ -155,16 +177,29 @@ def main(argv=None):
     model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
     dense = measure_model(model, args)
     print(f"dense: {dense}", flush=True)
+    profiles = {"dense": profile_prefill(model, args.batch, args.prefill)} if args.profile else {}
     convert(model)
     torch.cuda.empty_cache()
     sparse = measure_model(model, args)
     print(f"sparse: {sparse}", flush=True)
+    if args.profile:
+        profiles["2:4 (converted)"] = profile_prefill(model, args.batch, args.prefill)
+        write_profiles(Path(args.out) / f"{args.name}_prefill_profile.md", profiles, args, layers)
     records = records_for(args, layers, dense, sparse, torch.cuda.get_device_name())
     for r in records:
         print(f"{r['bench']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
               f"({r['speedup']:.3f}x){note}")
     print(f"wrote {write_results(args.name, records, args.out)}")
     return 0
+
+
+def write_profiles(path, profiles, args, layers):
+    lines = [f"# Prefill profiles: {args.model}, {layers} layers, batch {args.batch}, {args.prefill} tokens, "
+             f"{args.dtype}", "", ", ".join(f"{k} {v}" for k, v in gpu_info().items()), ""]
+    for label, text in profiles.items():
+        lines += [f"## {label}", "", "```", text, "```", ""]
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,16 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     assert "step e2e: timeout (rc 124, 60 s)" in out and "step install" not in out
     assert "compress 32x64 float16 2:4: skipped (time budget spent)" in out
     assert "sparsegpt: no results" in out and "spmm: no results" in out
+
+
+def test_prefill_profile_names_the_linears(benchmark, tmp_path):
+    """bench_e2e --profile's table, on a tiny model on the CPU: it lists the linears' matmuls, and
+    write_profiles puts one section per model into the file."""
+    from tiny_models import tiny_model
+    e2e = benchmark("bench_e2e")
+    text = e2e.profile_prefill(tiny_model("llama"), batch=1, tokens=8)
+    assert "aten::linear" in text or "aten::addmm" in text or "aten::mm" in text
+    args = type("Args", (), {"model": "tiny", "batch": 1, "prefill": 8, "dtype": "float32"})()
+    e2e.write_profiles(tmp_path / "p.md", {"dense": text, "2:4 (converted)": text}, args, 2)
+    written = (tmp_path / "p.md").read_text()
+    assert written.count("## ") == 2 and "aten::" in written
