@@ -17,6 +17,7 @@
 #
 #   ZS_ONLY=1 bash benchmarks/quality.sh NAME    # zero-shot only, added to an existing NAME.json record:
 #                                                # the model is runs/NAME (none for a NAME ending in dense)
+# A stopped prune resumes: the same command goes on after the last finished layer (--resume-dir).
 #   EVAL_ONLY=1 bash benchmarks/quality.sh NAME [prune flags...]
 #       # a run stopped after its prune: evaluate the saved runs/NAME without pruning again; the record
 #       # names the prune command those flags give and the prune time from the run's own report
@@ -57,14 +58,12 @@ prune_cmd=""
 prune_s=0
 if [ $# -gt 0 ]; then
   prune_cmd="sdsengine prune $* $calib --out $runs/$name --overwrite"
-  if [ -n "${EVAL_ONLY:-}" ]; then
-    [ -f "$runs/$name/sdsengine.json" ] || { echo "quality.sh: no saved model $runs/$name to evaluate" >&2; exit 2; }
-    prune_s=$(python -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' "$runs/$name/sdsengine.json")
-  else
-    start=$(date +%s)
-    $prune_cmd
-    prune_s=$(( $(date +%s) - start ))
+  if [ -z "${EVAL_ONLY:-}" ]; then
+    $prune_cmd --resume-dir "$runs/$name.progress"  # results do not depend on it: not in the record
   fi
+  [ -f "$runs/$name/sdsengine.json" ] || { echo "quality.sh: no saved model $runs/$name to evaluate" >&2; exit 2; }
+  # the pruning time the run measured, over all its resumed parts
+  prune_s=$(python -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' "$runs/$name/sdsengine.json")
   cp "$runs/$name/sdsengine.json" "$out/$name.prune.json"
   model_args=(--model "$runs/$name")
 fi
