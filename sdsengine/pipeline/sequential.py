@@ -16,6 +16,7 @@ inputs that already pass through the pruned groups before it. The first pass is 
 (its outputs are the reference); each later group's pass stops once the group has seen its inputs.
 """
 import fnmatch
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from sdsengine.algorithms import algorithm_for
 from sdsengine.masks import counted_sparsity, nm_violations
 
-from . import adapters
+from . import adapters, memory
 from .capture import capture_layer_inputs, to_device
 
 
@@ -54,10 +55,12 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     if samples is None:
         raise ValueError(f"method {config.method!r} needs calibration samples")
     device = torch.device(config.device)
-    inps, kwargs = capture_layer_inputs(model, samples, device, _store_device(device, samples, model))
+    dense_stream = _needs_dense_stream(algo, config)
+    inps, kwargs = capture_layer_inputs(model, samples, device,
+                                        _activation_store(model, samples, device, dense_stream, progress))
     kwargs = to_device(kwargs, device)
     outs = torch.empty_like(inps)
-    dense = DenseStream(inps.clone(), torch.empty_like(inps)) if _needs_dense_stream(algo, config) else None
+    dense = DenseStream(inps.clone(), torch.empty_like(inps)) if dense_stream else None
     reports = resume.begin(model, config, samples, layers, inps, dense, LayerReport) if resume else []
     for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
         reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense))
@@ -310,14 +313,14 @@ def _report(index, targets, pattern, seconds, error):
     return LayerReport(index, seconds, error, linears)
 
 
-def _store_device(device, samples, model):
-    """Keep calibration activations on the compute device when two buffers fit in half its free memory."""
-    if device.type != "cuda":
-        return torch.device("cpu")
-    hidden = model.config.hidden_size
-    need = 2 * samples.numel() * hidden * next(model.parameters()).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need < free / 2 else torch.device("cpu")
+def _activation_store(model, samples, device, dense_stream, progress):
+    """Where the calibration activations will live; refuses before any work if they cannot fit there."""
+    need = memory.activation_bytes(model, *samples.shape, dense_stream)
+    store = memory.store_device(device, need)
+    memory.check_fits(need, store, tuple(samples.shape))
+    if progress:
+        print(f"calibration activations: {need / memory.GiB:.2f} GiB on {store}", file=sys.stderr)
+    return store
 
 
 def _bar(items, progress, **kwargs):

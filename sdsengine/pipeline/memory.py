@@ -1,0 +1,50 @@
+"""The memory a prune's calibration activations take, known before any work.
+
+They dominate a prune's memory: nsamples x seqlen x hidden per buffer (4 GiB for a Llama-7B layer width at
+128 x 2048 in fp32; wanda #68), two buffers (a layer's inputs and outputs), four with the dense model's
+stream. A run that cannot hold them used to fail after loading the model and calibrating, or take the
+machine into swap; so the pipeline sizes them first, keeps them on the GPU only when they fit in half its
+free memory, and refuses to start, naming the sizes, where they cannot fit at all.
+"""
+import torch
+
+GiB = 2 ** 30
+
+
+def activation_bytes(model, nsamples, seqlen, dense_stream) -> int:
+    """Bytes of the activation buffers kept between layers (in the model's dtype)."""
+    buffers = 4 if dense_stream else 2
+    return buffers * nsamples * seqlen * model.config.hidden_size * next(model.parameters()).element_size()
+
+
+def available_bytes(device) -> int | None:
+    """Memory free for new tensors on `device` (the host: MemAvailable, which counts reclaimable cache);
+    None where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def store_device(device, need) -> torch.device:
+    """Where the activations live: the compute device when they fit in half its free memory (the rest is
+    for the layer's work), else the host, from which each window moves to the device in turn."""
+    if device.type == "cuda" and need < available_bytes(device) / 2:
+        return device
+    return torch.device("cpu")
+
+
+def check_fits(need, store, samples_shape):
+    """Raise before any work if the activations cannot fit where they are to be stored."""
+    free = available_bytes(store)
+    if free is not None and need > free:
+        nsamples, seqlen = samples_shape
+        raise ValueError(f"the calibration activations need {need / GiB:.2f} GiB on {store} ({nsamples} windows "
+                         f"x {seqlen} tokens), but {free / GiB:.2f} GiB is available there: lower --nsamples "
+                         "or --seqlen")
