@@ -31,14 +31,14 @@ def layer_context(layer_index, nsamples, sparsity):
     inps, kwargs = capture_layer_inputs(model, samples, device, device)
     layers = adapters.decoder_layers(model)
     outs = torch.empty_like(inps)
-    for layer in layers[:layer_index]:
-        seq.run_layer(layer, inps, outs, kwargs, device)
+    for i, layer in enumerate(layers[:layer_index]):
+        seq.run_layer(layer, inps, outs, kwargs[i], device)
         inps, outs = outs, inps
     layer = layers[layer_index]
     targets = seq._targets(model, layer, layer_index, [])
     stats = seq._new_stats(besa, targets, device)
-    seq.collect_stats(layer, targets, stats, inps, outs, kwargs, device)
-    return seq.LayerContext(layer, targets, stats, inps, outs, kwargs, device)
+    seq.collect_stats(layer, targets, stats, inps, outs, kwargs[layer_index], device)
+    return seq.LayerContext(layer, targets, stats, inps, outs, kwargs[layer_index], device)
 
 
 def curve(ctx, spec, sparsity, eval_windows):

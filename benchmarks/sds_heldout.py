@@ -46,7 +46,7 @@ def hessians(model, windows, layers):
     for i, layer in enumerate(adapters.decoder_layers(model)[:max(layers) + 1]):
         targets = adapters.linear_modules(layer) if i in layers else {}
         mine = {name: Hessian(adapters.get_weight(m).shape[1], "cpu") for name, m in targets.items()}
-        collect_stats(layer, targets, mine, inps, outs, kwargs, "cpu")
+        collect_stats(layer, targets, mine, inps, outs, kwargs[i], "cpu")
         stats.update({f"{i}.{name}": h for name, h in mine.items()})
         inps, outs = outs, inps
     return stats

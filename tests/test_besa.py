@@ -16,7 +16,7 @@ from sdsengine.pipeline import adapters
 from sdsengine.pipeline.sequential import LayerContext, run_layer
 from tiny_models import tiny_model, tiny_tokens
 
-FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma3", "phi3", "opt", "gpt2"]
 
 
 class _ToyBlock(torch.nn.Module):

@@ -10,7 +10,7 @@ from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import run_layer
 from tiny_models import tiny_model, tiny_tokens
 
-FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
 CONFIGS = [MagnitudeConfig, WandaConfig, SparseGPTConfig]
 
 
@@ -27,8 +27,8 @@ def test_replayed_layers_match_plain_forward(family):
     samples = tiny_tokens(3, 16)
     inps, kwargs = capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
     outs = torch.empty_like(inps)
-    for layer in adapters.decoder_layers(model):
-        run_layer(layer, inps, outs, kwargs, "cpu")
+    for layer, layer_kwargs in zip(adapters.decoder_layers(model), kwargs):
+        run_layer(layer, inps, outs, layer_kwargs, "cpu")
         inps, outs = outs, inps
     seen = []
     last = adapters.decoder_layers(model)[-1]

@@ -192,7 +192,7 @@ def test_pipeline_reports_every_step():
             assert info["chosen"] <= info["initial"], name
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt2"])
 @pytest.mark.parametrize("base,pattern", [("sparsegpt", "2:4"), ("wanda", "4:8"), ("wanda", "0.5")])
 def test_end_to_end_counted(family, base, pattern):
     model = tiny_model(family)
@@ -271,7 +271,8 @@ def test_layer_guard_swaps_all_or_nothing(fallback, kept):
     layer = model.model.layers[0]
     targets = adapters.linear_modules(layer)
     dense = {name: adapters.get_weight(m).detach().clone() for name, m in targets.items()}
-    inps, kwargs = capture_layer_inputs(model, tiny_tokens(2, 16), torch.device("cpu"), torch.device("cpu"))
+    inps, layer_kwargs = capture_layer_inputs(model, tiny_tokens(2, 16), torch.device("cpu"), torch.device("cpu"))
+    kwargs = layer_kwargs[0]
     reference = torch.empty_like(inps)
     run_layer(layer, inps, reference, kwargs, "cpu")
     for name, m in targets.items():

@@ -18,12 +18,13 @@ GROUPS = {
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
     "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
     "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+    "phi3": [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
 }
 
 
 def _layer0(model, samples):
     inps, kwargs = capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
-    return adapters.decoder_layers(model)[0], inps, kwargs
+    return adapters.decoder_layers(model)[0], inps, kwargs[0]
 
 
 @pytest.mark.parametrize("family", sorted(GROUPS))

@@ -1,6 +1,7 @@
 """Tiny random models of each supported family, built from transformers configs (no hub needed)."""
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig,
+                          MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 VOCAB = 96
 
@@ -9,9 +10,22 @@ def tiny_config(family):
     if family == "llama":  # grouped-query attention: 4 heads, 2 kv heads
         return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    llama_like = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if family == "qwen2":
-        return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        return Qwen2Config(**llama_like)
+    if family == "qwen3":  # adds q/k norms
+        return Qwen3Config(**llama_like, head_dim=16)
+    if family == "mistral":
+        return MistralConfig(**llama_like)
+    if family == "gemma":  # scales the embeddings before layer 0; head_dim is its own setting
+        return GemmaConfig(**llama_like, head_dim=16)
+    if family in ("gemma2", "gemma3"):  # layers alternate a sliding window (4 here, shorter than the windows
+        # tests use) and full attention, each with its own mask
+        config = Gemma2Config if family == "gemma2" else Gemma3TextConfig
+        return config(**llama_like, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=128, word_embed_proj_dim=64)

@@ -1,6 +1,8 @@
 """The only file that knows where models keep their decoder layers and linear weights.
 
-Supported families: LLaMA-like (llama, mistral, qwen2, and SmolLM2, which is llama), OPT, GPT-2.
+Supported families: LLaMA-like (llama, which SmolLM2 and Llama 3 are; mistral, qwen2, qwen3, gemma; gemma2 and
+gemma3_text, whose layers alternate sliding-window and full attention; phi3 with its fused qkv_proj and
+gate_up_proj), OPT, GPT-2.
 GPT-2 stores its projections as transformers' Conv1D with weight (in, out); everything else here sees
 weights as (out, in), so the transpose happens in get_weight/set_weight only.
 """
@@ -22,10 +24,11 @@ class Layout:
     pre_layers: tuple[str, ...]  # modules that run before the first layer (moved for input capture)
 
 
+_LLAMA_LIKE = Layout("model.layers", ("model.embed_tokens", "model.rotary_emb"))
+
 LAYOUTS = {
-    "llama": Layout("model.layers", ("model.embed_tokens", "model.rotary_emb")),
-    "mistral": Layout("model.layers", ("model.embed_tokens", "model.rotary_emb")),
-    "qwen2": Layout("model.layers", ("model.embed_tokens", "model.rotary_emb")),
+    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                      "phi3")},
     "opt": Layout("model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions",
                                             "model.decoder.project_in")),
     "gpt2": Layout("transformer.h", ("transformer.wte", "transformer.wpe")),

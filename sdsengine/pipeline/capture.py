@@ -1,9 +1,11 @@
-"""Capture what the first decoder layer receives, so layers can be replayed one at a time.
+"""Capture what the decoder layers receive, so layers can be replayed one at a time.
 
-The model runs up to the first layer, which is swapped for a catcher that records its inputs and stops
-the forward pass. The keyword arguments (position embeddings, masks) are kept once: all calibration
-windows have the same length. The KV cache is dropped (see PITFALLS: a cache replayed across samples
-makes every sample attend to the previous ones).
+Every decoder layer is swapped for a recorder that passes its input through unchanged: the model's forward
+then runs its own set-up (embeddings, rotary tables, one attention mask per kind of layer) at the cost of
+the embeddings alone. Layer 0's recorder keeps the hidden states; each layer's keeps its keyword arguments,
+once: all calibration windows have the same length. Per layer, because some families give layers different
+masks (Gemma 2/3 alternate sliding-window and full attention). The KV cache is dropped (see PITFALLS: a cache
+replayed across samples makes every sample attend to the previous ones).
 """
 import torch
 from torch import nn
@@ -15,14 +17,24 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    def __init__(self, layer, sink):
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index`: records its keyword arguments (the first window's only: later
+    ones hold the same values, and keeping every window's masks would cost memory), layer 0's also the
+    hidden states, moved to where they are stored; passes the hidden states on, and the last layer's stops
+    the forward (the head is moot)."""
+
+    def __init__(self, index, last, inputs, kwargs, store_device):
         super().__init__()
-        self.layer, self.sink = layer, sink
+        self.index, self.last, self.inputs, self.kwargs, self.store = index, last, inputs, kwargs, store_device
+        self.attention_type = None  # read by some models' forward to pick this layer's mask
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.sink.append((hidden_states, kwargs))
-        raise _Stop
+        if self.index == 0:
+            self.inputs.append(hidden_states.to(self.store))
+        self.kwargs.setdefault(self.index, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
 
 
 def to_device(obj, device):
@@ -38,13 +50,17 @@ def to_device(obj, device):
 
 @torch.no_grad()
 def capture_layer_inputs(model, samples, device, store_device):
-    """Run `samples` (nsamples, seqlen) up to layer 0; returns (inputs on store_device, layer kwargs)."""
+    """Run `samples` (nsamples, seqlen) through the model's set-up; returns (layer 0's inputs on
+    store_device, one dict of keyword arguments per decoder layer)."""
     layers = adapters.decoder_layers(model)
-    sink = []
-    first = layers[0]
-    layers[0] = _Catcher(first, sink)
+    inputs, kwargs = [], {}
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        recorder = _Recorder(i, i == len(originals) - 1, inputs, kwargs, store_device)
+        recorder.attention_type = getattr(layer, "attention_type", None)
+        layers[i] = recorder
     moved = adapters.pre_layer_modules(model)
-    originals = [next(m.parameters(), torch.empty(0)).device for m in moved]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     for m in moved:
         m.to(device)
     try:
@@ -54,11 +70,11 @@ def capture_layer_inputs(model, samples, device, store_device):
             except _Stop:
                 pass
     finally:
-        layers[0] = first
-        for m, d in zip(moved, originals):
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        for m, d in zip(moved, homes):
             m.to(d)
-    inputs = torch.cat([h.to(store_device) for h, _ in sink])
-    return inputs, _replay_kwargs(sink[0][1])
+    return torch.cat(inputs), [_replay_kwargs(kwargs[i]) for i in range(len(originals))]
 
 
 def _replay_kwargs(kwargs):

@@ -56,13 +56,13 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
         raise ValueError(f"method {config.method!r} needs calibration samples")
     device = torch.device(config.device)
     dense_stream = _needs_dense_stream(algo, config)
-    inps, kwargs = capture_layer_inputs(model, samples, device,
-                                        _activation_store(model, samples, device, dense_stream, progress))
-    kwargs = to_device(kwargs, device)
+    inps, layer_kwargs = capture_layer_inputs(model, samples, device,
+                                              _activation_store(model, samples, device, dense_stream, progress))
     outs = torch.empty_like(inps)
     dense = DenseStream(inps.clone(), torch.empty_like(inps)) if dense_stream else None
     reports = resume.begin(model, config, samples, layers, inps, dense, LayerReport) if resume else []
     for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
+        kwargs = to_device(layer_kwargs[i], device)
         reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense))
         inps, outs = outs, inps
         if dense is not None:
