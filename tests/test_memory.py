@@ -38,12 +38,17 @@ def test_refused_before_any_work_when_they_cannot_fit(monkeypatch, config, buffe
     need = buffers * 4 * 32 * model.config.hidden_size * 4
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
     before = _weights(model)
-    with pytest.raises(ValueError, match=r"calibration activations need .* GiB on cpu .*4 windows x 32 tokens.*--nsamples"):
+    with pytest.raises(ValueError, match=r"calibration activations need .* MiB on cpu .*4 windows x 32 tokens.*--nsamples"):
         sdsengine.prune(model, config, samples, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
     monkeypatch.setattr(memory, "available_bytes", lambda device: need)
     sdsengine.prune(model, config, samples, progress=False)
     assert not all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+def test_sizes_read_in_mib_or_gib():
+    assert memory.describe(3 * 2 ** 20) == "3.0 MiB"
+    assert memory.describe(5 * 2 ** 29) == "2.50 GiB"
 
 
 def test_unknown_free_memory_does_not_refuse(monkeypatch):

@@ -11,6 +11,11 @@ import torch
 GiB = 2 ** 30
 
 
+def describe(nbytes) -> str:
+    """Bytes for people: GiB, or MiB below one GiB."""
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 2 ** 20:.1f} MiB"
+
+
 def activation_bytes(model, nsamples, seqlen, dense_stream) -> int:
     """Bytes of the activation buffers kept between layers (in the model's dtype)."""
     buffers = 4 if dense_stream else 2
@@ -45,6 +50,6 @@ def check_fits(need, store, samples_shape):
     free = available_bytes(store)
     if free is not None and need > free:
         nsamples, seqlen = samples_shape
-        raise ValueError(f"the calibration activations need {need / GiB:.2f} GiB on {store} ({nsamples} windows "
-                         f"x {seqlen} tokens), but {free / GiB:.2f} GiB is available there: lower --nsamples "
+        raise ValueError(f"the calibration activations need {describe(need)} on {store} ({nsamples} windows "
+                         f"x {seqlen} tokens), but {describe(free)} is available there: lower --nsamples "
                          "or --seqlen")

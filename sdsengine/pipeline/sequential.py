@@ -319,7 +319,7 @@ def _activation_store(model, samples, device, dense_stream, progress):
     store = memory.store_device(device, need)
     memory.check_fits(need, store, tuple(samples.shape))
     if progress:
-        print(f"calibration activations: {need / memory.GiB:.2f} GiB on {store}", file=sys.stderr)
+        print(f"calibration activations: {memory.describe(need)} on {store}", file=sys.stderr)
     return store
 
 
