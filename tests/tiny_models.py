@@ -10,11 +10,11 @@ VOCAB = 96
 
 
 def tiny_config(family):
-    if family == "llama":  # grouped-query attention: 4 heads, 2 kv heads
-        return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    # grouped-query attention: 4 heads, 2 kv heads
     llama_like = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "llama":
+        return LlamaConfig(**llama_like)
     if family == "qwen2":
         return Qwen2Config(**llama_like)
     if family == "qwen3":  # adds q/k norms

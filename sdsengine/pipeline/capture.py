@@ -23,10 +23,11 @@ class _Recorder(nn.Module):
     hidden states, moved to where they are stored; passes the hidden states on, and the last layer's stops
     the forward (the head is moot)."""
 
-    def __init__(self, index, last, inputs, kwargs, store_device):
+    def __init__(self, layer, index, last, inputs, kwargs, store_device):
         super().__init__()
         self.index, self.last, self.inputs, self.kwargs, self.store = index, last, inputs, kwargs, store_device
-        self.attention_type = None  # read by some models' forward to pick this layer's mask
+        # some models' forward reads it to pick this layer's mask
+        self.attention_type = getattr(layer, "attention_type", None)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
@@ -56,9 +57,7 @@ def capture_layer_inputs(model, samples, device, store_device):
     inputs, kwargs = [], {}
     originals = list(layers)
     for i, layer in enumerate(originals):
-        recorder = _Recorder(i, i == len(originals) - 1, inputs, kwargs, store_device)
-        recorder.attention_type = getattr(layer, "attention_type", None)
-        layers[i] = recorder
+        layers[i] = _Recorder(layer, i, i == len(originals) - 1, inputs, kwargs, store_device)
     moved = adapters.pre_layer_modules(model)
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     for m in moved:
