@@ -27,6 +27,31 @@ def prune_lowest_mask(scores: torch.Tensor, sparsity: float, dim: int | None = -
     return mask.reshape(scores.shape) if dim is None else mask.movedim(-1, dim)
 
 
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k[r] highest scores of row r of a 2-D tensor (k: one count per row).
+
+    A selection, not a sort: each row's threshold is its k-th highest score (torch.kthvalue, linear time),
+    and among scores equal to it the lowest indices fill the count. SDS's adjustment re-selects a mask
+    every step, where a full sort per step dominated its time on unstructured patterns.
+    """
+    rows, cols = scores.shape
+    k = torch.as_tensor(k, device=scores.device).reshape(-1).expand(rows)
+    if bool(((k < 0) | (k > cols)).any()):
+        raise ValueError(f"top_k_mask: counts must lie in [0, {cols}], got {k.min().item()}..{k.max().item()}")
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for count in torch.unique(k).tolist():  # one selection per distinct count (BESA's rows differ)
+        if count == 0:
+            continue
+        rows_k = (k == count).nonzero().reshape(-1)
+        part = scores[rows_k]
+        threshold = torch.kthvalue(part, cols - count + 1, dim=1, keepdim=True).values
+        above = part > threshold
+        ties = part == threshold
+        room = count - above.sum(dim=1, keepdim=True)  # ties to keep, lowest index first
+        mask[rows_k] = above | (ties & (ties.cumsum(dim=1) <= room))
+    return mask
+
+
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of groups of m that hold more than n nonzeros (0 means the pattern holds exactly)."""
     if weight.shape[-1] % m:

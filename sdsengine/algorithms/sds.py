@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from sdsengine.masks import nm_mask
+from sdsengine.masks import nm_mask, top_k_mask
 
 from . import sparsegpt, wanda
 from .least_squares import Objective, refit
@@ -159,13 +159,7 @@ def _projector(keep, config):
     if pattern.nm:
         return lambda z: nm_mask(z.abs(), *pattern.nm)
     if config.base in ("wanda", "besa"):  # their counts are per row
-        return lambda z: _top_k_mask(z.abs(), keep.sum(dim=1))
+        counts = keep.sum(dim=1)
+        return lambda z: top_k_mask(z.abs(), counts)
     total = keep.sum().reshape(1)
-    return lambda z: _top_k_mask(z.abs().reshape(1, -1), total).reshape(z.shape)
-
-
-def _top_k_mask(scores, k):
-    """Keep the k[r] highest scores of row r (ties: lower index first, as in sdsengine.masks)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank_kept = torch.arange(scores.shape[1], device=scores.device).reshape(1, -1) < k.reshape(-1, 1)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, rank_kept)
+    return lambda z: top_k_mask(z.abs().reshape(1, -1), total).reshape(z.shape)
