@@ -12,6 +12,7 @@ import torch
 from sdsengine import api, bench, checkpoint, report
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig
+from sdsengine.data import EVAL_TASKS
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
@@ -80,6 +81,8 @@ def build_parser():
     _add_model_flags(e)
     _add_eval_flags(e)
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
+    e.add_argument("--samples", default=None, help="write every zero-shot item's answer to this JSONL file: "
+                   "task, index, label, pred, pred_norm, choices, loglikelihoods (to compare models' answers)")
 
     c = sub.add_parser("convert", help="replace the 2:4 linears of a pruned checkpoint by SparseLinear and save")
     _add_model_flags(c)
@@ -127,15 +130,21 @@ def cmd_prune(args):
 
 
 def cmd_eval(args):
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.samples and all(t in EVAL_TASKS for t in tasks):
+        raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     model.to(args.device)
-    tasks = [t for t in args.tasks.split(",") if t]
+    samples = {} if args.samples else None
     results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
-                       device=args.device)
+                       device=args.device, samples=samples)
     print(results_table({source: results}))
     if args.json:
         payload = {"model": source, "versions": report.versions(), "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=2))
+    if args.samples:
+        lines = [json.dumps({"task": task, **record}) for task, records in samples.items() for record in records]
+        Path(args.samples).write_text("".join(line + "\n" for line in lines))
 
 
 def cmd_convert(args):

@@ -83,3 +83,26 @@ def test_prefill_profile_names_the_linears(benchmark, tmp_path):
     e2e.write_profiles(tmp_path / "p.md", {"dense": text, "2:4 (converted)": text}, args, 2)
     written = (tmp_path / "p.md").read_text()
     assert written.count("## ") == 2 and "aten::" in written
+
+
+def test_zeroshot_answers_compares_item_by_item(benchmark, tmp_path, capsys):
+    """Answer shares, accuracy and agreement with the first file, on hand-made --samples files."""
+    def write(name, preds, labels=(1, 1, 0, 1)):
+        rows = [{"task": "boolq", "index": i, "label": y, "pred": p, "pred_norm": p, "choices": [" no", " yes"],
+                 "loglikelihoods": [0.0, 0.0]} for i, (p, y) in enumerate(zip(preds, labels))]
+        rows.append({"task": "mine", "index": 0, "label": 0, "pred": 1, "pred_norm": 1, "choices": ["a", "b", "c"],
+                     "loglikelihoods": [0.0, 1.0, 0.0]})
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    ref, other = write("ref.jsonl", [0, 0, 0, 1]), write("other.jsonl", [1, 0, 1, 1])
+    out = tmp_path / "summary.json"
+    assert benchmark("zeroshot_answers").main([ref, other, "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary[ref]["boolq"] == {"n": 4, "acc": 0.5, "answers": {" no": 0.75, " yes": 0.25}, "agreement": 1.0}
+    assert summary[other]["boolq"] == {"n": 4, "acc": 0.5, "answers": {" no": 0.25, " yes": 0.75}, "agreement": 0.5}
+    assert summary[other]["mine"]["answers"] == {"a": 0.0, "b": 1.0, "c": 0.0}
+    assert "| boolq | 4 | 50.0 | no 25.0, yes 75.0 | 50.0 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="boolq: the files disagree on labels"):
+        benchmark("zeroshot_answers").main([ref, write("relabelled.jsonl", [0, 0, 0, 1], labels=(0, 0, 0, 0))])

@@ -100,6 +100,27 @@ def test_real_model_limits(smollm_dir, data_env, tmp_path, capsys):
     assert "fewer than nsamples=5000" in capsys.readouterr().err
     assert main(["eval", "--model", str(smollm_dir), "--tasks", "lambada"]) == 2
     assert "unknown task 'lambada'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(smollm_dir), "--tasks", "wikitext2", "--samples", str(tmp_path / "s")]) == 2
+    assert "none of the tasks 'wikitext2' is zero-shot" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_eval_writes_each_items_answer(smollm_dir, tmp_path):
+    """--samples: one JSONL line per zero-shot item, whose answers give the --json file's accuracy."""
+    task = tmp_path / "mine.jsonl"
+    rows = [{"context": "The capital of France is", "choices": [" Paris", " a banana"], "label": 0},
+            {"context": "Two plus two is", "choices": [" four", " purple"], "label": 1},
+            {"context": "Water is", "choices": [" wet", " dry", " loud"], "label": 0}]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, results = tmp_path / "samples.jsonl", tmp_path / "eval.json"
+    assert main(["eval", "--model", str(smollm_dir), "--tasks", str(task), "--json", str(results),
+                 "--samples", str(samples)]) == 0
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(r["task"], r["index"], r["label"], r["choices"]) for r in lines] == [
+        (str(task), i, row["label"], row["choices"]) for i, row in enumerate(rows)]
+    assert all(r["pred"] == max(range(len(r["choices"])), key=r["loglikelihoods"].__getitem__) for r in lines)
+    acc = json.loads(results.read_text())["results"][str(task)]["acc"]
+    assert acc == pytest.approx(sum(r["pred"] == r["label"] for r in lines) / len(lines))
 
 
 def test_convert_cli_round_trip(tmp_path, capsys):

@@ -9,16 +9,19 @@ TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-s
              "or a .jsonl file of {context, choices, label}")
 
 
-def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", progress=True) -> dict:
+def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", progress=True,
+             samples=None) -> dict:
     """{task: result}: perplexity tasks give ppl, tokens, windows, seqlen, protocol; zero-shot ones acc,
-    acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot)."""
+    acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot). `samples`: a dict that receives,
+    per zero-shot task, its per-item records (zeroshot.item_records)."""
     # Load every zero-shot task first: a bad name or file fails in seconds, before any model time.
     items = {t: load_task(t, data_dir, limit) for t in tasks if t not in EVAL_TASKS}
     results = {}
     for task in tasks:
         if task in items:
+            records = samples.setdefault(task, []) if samples is not None else None
             results[task] = evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task,
-                                              progress=progress)
+                                              progress=progress, samples=records)
         else:
             ids, protocol = eval_tokens(tokenizer, task, data_dir, seqlen)
             results[task] = {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}

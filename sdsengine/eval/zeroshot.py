@@ -21,20 +21,23 @@ from tqdm import tqdm
 from sdsengine.eval.tasks import TASKS, Item, load_task
 
 __all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_pair",
-           "loglikelihoods", "predictions", "model_max_length"]
+           "loglikelihoods", "predictions", "item_records", "model_max_length"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
 
 
 def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_length=None,
-                      desc="zero-shot", progress=True) -> dict:
-    """acc, acc_norm and their standard errors over `items` (a list of Item), and n."""
+                      desc="zero-shot", progress=True, samples=None) -> dict:
+    """acc, acc_norm and their standard errors over `items` (a list of Item), and n. `samples`: a list that
+    receives one record per item (see item_records), for looking at answers rather than scores."""
     if not items:
         raise ValueError("no items to evaluate")
     max_length = max_length or model_max_length(model, tokenizer)
     pairs = [encode_pair(tokenizer, item.context, choice) for item in items for choice in item.choices]
     lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
     preds = predictions(items, lls)
+    if samples is not None:
+        samples.extend(item_records(items, lls, preds))
     acc = sum(pred == item.label for (pred, _), item in zip(preds, items)) / len(items)
     acc_norm = sum(pred == item.label for (_, pred), item in zip(preds, items)) / len(items)
     return {"acc": acc, "acc_stderr": _stderr(acc, len(items)),
@@ -144,6 +147,18 @@ def predictions(items, lls) -> list[tuple[int, int]]:
         normed = [score / _norm_length(choice) for score, choice in zip(scores, item.choices)]
         preds.append((_argmax(scores), _argmax(normed)))
     return preds
+
+
+def item_records(items, lls, preds) -> list[dict]:
+    """Per item, in order: its index, label, the acc and acc_norm predictions and each choice's
+    log-likelihood (lm-eval's --log_samples, reduced to what comparing two models' answers needs)."""
+    records, start = [], 0
+    for index, (item, (pred, pred_norm)) in enumerate(zip(items, preds)):
+        scores = lls[start:start + len(item.choices)]
+        start += len(item.choices)
+        records.append({"index": index, "label": item.label, "pred": pred, "pred_norm": pred_norm,
+                        "choices": list(item.choices), "loglikelihoods": scores})
+    return records
 
 
 def _norm_length(choice: str) -> int:

@@ -123,9 +123,15 @@ def test_acc_and_acc_norm_on_hand_set_log_probs(tokenizer):
                          batch_size=2, progress=False)
     assert lls == pytest.approx([-3, -10, -10, -3, -3, -10], abs=1e-5)
     assert predictions(items, lls) == [(0, 1), (1, 0), (0, 1)]
-    result = evaluate_zeroshot(model, tokenizer, items, batch_size=2, progress=False)
+    samples = []
+    result = evaluate_zeroshot(model, tokenizer, items, batch_size=2, progress=False, samples=samples)
     assert (result["acc"], result["acc_norm"], result["n"]) == (pytest.approx(2 / 3), pytest.approx(1 / 3), 3)
     assert result["acc_stderr"] == pytest.approx(math.sqrt(2 / 9 / 2))
+    # one record per item: what it was asked, what each choice scored, what was answered
+    assert [(r["index"], r["label"], r["pred"], r["pred_norm"]) for r in samples] == [(0, 0, 0, 1), (1, 1, 1, 0),
+                                                                                        (2, 1, 0, 1)]
+    assert [r["choices"] for r in samples] == [list(it.choices) for it in items]
+    assert [ll for r in samples for ll in r["loglikelihoods"]] == pytest.approx(lls, abs=1e-5)
 
 
 def test_acc_norm_divides_by_characters_not_bytes():
