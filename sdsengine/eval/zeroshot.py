@@ -140,10 +140,8 @@ def _score_row(logits, length, requests, out):
 
 def predictions(items, lls) -> list[tuple[int, int]]:
     """(acc prediction, acc_norm prediction) per item, from the flat list of per-choice log-likelihoods."""
-    preds, start = [], 0
-    for item in items:
-        scores = lls[start:start + len(item.choices)]
-        start += len(item.choices)
+    preds = []
+    for item, scores in zip(items, _per_item(items, lls)):
         normed = [score / _norm_length(choice) for score, choice in zip(scores, item.choices)]
         preds.append((_argmax(scores), _argmax(normed)))
     return preds
@@ -152,13 +150,17 @@ def predictions(items, lls) -> list[tuple[int, int]]:
 def item_records(items, lls, preds) -> list[dict]:
     """Per item, in order: its index, label, the acc and acc_norm predictions and each choice's
     log-likelihood (lm-eval's --log_samples, reduced to what comparing two models' answers needs)."""
-    records, start = [], 0
-    for index, (item, (pred, pred_norm)) in enumerate(zip(items, preds)):
-        scores = lls[start:start + len(item.choices)]
+    return [{"index": index, "label": item.label, "pred": pred, "pred_norm": pred_norm,
+             "choices": list(item.choices), "loglikelihoods": scores}
+            for index, (item, scores, (pred, pred_norm)) in enumerate(zip(items, _per_item(items, lls), preds))]
+
+
+def _per_item(items, lls):
+    """The flat per-choice log-likelihoods, cut into one list per item."""
+    start = 0
+    for item in items:
+        yield lls[start:start + len(item.choices)]
         start += len(item.choices)
-        records.append({"index": index, "label": item.label, "pred": pred, "pred_norm": pred_norm,
-                        "choices": list(item.choices), "loglikelihoods": scores})
-    return records
 
 
 def _norm_length(choice: str) -> int:
