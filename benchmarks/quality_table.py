@@ -1,12 +1,26 @@
-"""Markdown table of the quality runs in benchmarks/results/quality (written by quality.sh).
+"""Markdown tables of the quality runs in benchmarks/results/quality (written by quality.sh).
 
-    python benchmarks/quality_table.py [RESULTS_DIR]
+    python benchmarks/quality_table.py [RESULTS_DIR]            # every run, one row each
+    python benchmarks/quality_table.py --versus [RESULTS_DIR]   # SDS and BESA against their base pruners
+
+A record is NAME.json (eval results and commands) beside NAME.prune.json (the run report); NAME ends in
+the pattern (_2-4, _4-8, _50). --versus pairs each SDS or BESA run with the base run of its pattern (SDS:
+its --base; BESA: Wanda, whose masks it starts from) and lists the SDS pairs the issue asks for even where
+they are not measured yet, so that a missing number shows as missing.
 """
 import json
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "quality"
+PATTERNS = ("2-4", "4-8", "50")
+SDS_BASES = ("sparsegpt", "wanda")
+TARGETS = {  # (method, base, pattern): the perplexity targets the SDS and BESA issues set
+    ("sds", "sparsegpt", "2-4"): "≤ 0.85",
+    ("sds", "wanda", "2-4"): "≤ 0.75",
+    ("besa", "wanda", "2-4"): "< 1",
+    ("besa", "wanda", "50"): "< 1, and below sparsegpt_50",
+}
 
 
 def rows(results=RESULTS):
@@ -19,26 +33,100 @@ def rows(results=RESULTS):
         yield path.stem, run, report
 
 
+def perplexity(run):
+    wiki = run["results"].get("wikitext2")
+    return wiki["ppl"] if wiki else None
+
+
+def zeroshot(run):
+    """{task: result} of the multiple-choice tasks in a record."""
+    return {k: v for k, v in run["results"].items() if "acc" in v}
+
+
+def zeroshot_mean(run):
+    tasks = zeroshot(run)
+    return 100 * sum(v["acc"] for v in tasks.values()) / len(tasks) if tasks else None
+
+
+def peak_rss(report):
+    return report["memory"]["cpu_peak_rss_gib"] if report else None
+
+
 def line(name, run, report):
-    wiki = run["results"].get("wikitext2", {})
-    tasks = {k: v for k, v in run["results"].items() if "acc" in v}
-    zeroshot = [f"{k} {100 * v['acc']:.1f}/{100 * v['acc_norm']:.1f}" for k, v in tasks.items()]
-    average = f"{100 * sum(v['acc'] for v in tasks.values()) / len(tasks):.1f}" if tasks else "-"
+    tasks = zeroshot(run)
+    scores = [f"{k} {100 * v['acc']:.1f}/{100 * v['acc_norm']:.1f}" for k, v in tasks.items()]
     prune_s = f"{run['prune_wall_s']}" if run.get("prune_command") else "-"
-    mem = report["memory"]["cpu_peak_rss_gib"] if report else "-"
     sparsity = f"{report['overall_sparsity']:.3f}" if report else "0"
     command = run.get("prune_command") or run["eval_command"]
-    ppl = f"{wiki['ppl']:.2f}" if wiki else "-"
-    return f"| {name} | {sparsity} | {ppl} | {' '.join(zeroshot) or '-'} | {average} | {prune_s} | {mem} | `{command}` |"
+    return (f"| {name} | {sparsity} | {_num(perplexity(run), '.2f')} | {' '.join(scores) or '-'} "
+            f"| {_num(zeroshot_mean(run), '.1f')} | {prune_s} | {_num(peak_rss(report))} | `{command}` |")
+
+
+def pair_of(name, report):
+    """(method, base, pattern) of an SDS or BESA run, None for any other; the base run is BASE_PATTERN."""
+    recipe = report["recipe"] if report else {}
+    method, pattern = recipe.get("method"), name.rpartition("_")[2]
+    if method == "sds":
+        return method, recipe["base"], pattern
+    if method == "besa":
+        return method, "wanda", pattern
+    return None
+
+
+def versus_lines(results=RESULTS):
+    """One row per SDS/BESA run against its base; the issue's SDS pairs included when not yet measured."""
+    runs = {name: (run, report) for name, run, report in rows(results)}
+    pairs = {name: pair_of(name, report) for name, (_, report) in runs.items()}
+    pairs = {name: pair for name, pair in pairs.items() if pair}
+    for pattern in PATTERNS:
+        for base in SDS_BASES:
+            pairs.setdefault(f"sds-{base}_{pattern}", ("sds", base, pattern))
+    order = sorted(pairs, key=lambda n: (_rank(pairs[n][2]), n))
+    return [_versus_line(name, pairs[name], runs) for name in order]
+
+
+def _rank(pattern):
+    return PATTERNS.index(pattern) if pattern in PATTERNS else len(PATTERNS)
+
+
+def _versus_line(name, pair, runs):
+    base, target = f"{pair[1]}_{pair[2]}", TARGETS.get(pair, "")
+    if name not in runs:
+        return f"| {name} | {base} | not measured | | | {target} | | | |"
+    run, report = runs[name]
+    base_run, base_report = runs.get(base, (None, None))
+    ppl, base_ppl = perplexity(run), base_run and perplexity(base_run)
+    ratio = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
+    zs, base_zs = zeroshot_mean(run), base_run and zeroshot_mean(base_run)
+    seconds = run.get("prune_wall_s"), base_run and base_run.get("prune_wall_s")
+    return (f"| {name} | {base} | {_num(ppl, '.2f')} | {_num(base_ppl, '.2f')} | {ratio} | {target} "
+            f"| {_pair(zs, base_zs, '.1f')} | {_pair(*seconds)} | {_pair(peak_rss(report), peak_rss(base_report))} |")
+
+
+def _num(value, fmt=""):
+    return "-" if value is None else format(value, fmt)
+
+
+def _pair(value, base, fmt=""):
+    return f"{_num(value, fmt)} / {_num(base, fmt)}"
 
 
 def main(argv=sys.argv[1:]):
-    results = Path(argv[0]) if argv else RESULTS
+    versus = "--versus" in argv
+    paths = [a for a in argv if a != "--versus"]
+    results = Path(paths[0]) if paths else RESULTS
+    if versus:
+        print("| run | base | ppl | base ppl | × base | target | zero-shot mean % (base) | prune s (base) "
+              "| peak RSS GiB (base) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(versus_lines(results)))
+        return 0
     print("| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | zero-shot mean acc % "
           "| prune wall s | peak RSS GiB | command |")
     print("|---|---|---|---|---|---|---|---|")
     for name, run, report in rows(results):
         print(line(name, run, report))
+    return 0
 
 
 if __name__ == "__main__":

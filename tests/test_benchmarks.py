@@ -106,3 +106,37 @@ def test_zeroshot_answers_compares_item_by_item(benchmark, tmp_path, capsys):
     assert "| boolq | 4 | 50.0 | no 25.0, yes 75.0 | 50.0 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="boolq: the files disagree on labels"):
         benchmark("zeroshot_answers").main([ref, write("relabelled.jsonl", [0, 0, 0, 1], labels=(0, 0, 0, 0))])
+
+
+def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, capsys):
+    """--versus: each SDS/BESA record against its pattern's base record, targets named, the issue's SDS pairs
+    listed as not measured when their record is missing, and a missing base shown as '-'."""
+    def write(name, ppl, recipe=None, accs=(), seconds=100, rss=2.0):
+        results = {"wikitext2": {"ppl": ppl}}
+        results.update({f"task{i}": {"acc": a, "acc_norm": a} for i, a in enumerate(accs)})
+        run = {"results": results, "eval_command": "eval", "prune_command": "prune", "prune_wall_s": seconds}
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+        report = {"recipe": recipe or {"method": name.split("_")[0]}, "memory": {"cpu_peak_rss_gib": rss},
+                  "overall_sparsity": 0.5}
+        (tmp_path / f"{name}.prune.json").write_text(json.dumps(report))
+
+    write("wanda_2-4", 200.0, accs=(0.5, 0.4), seconds=800, rss=2.3)
+    write("sds-wanda_2-4", 80.0, {"method": "sds", "base": "wanda"}, accs=(0.6, 0.4), seconds=6000, rss=2.4)
+    write("besa_50", 43.0, {"method": "besa"})
+    assert benchmark("quality_table").main(["--versus", str(tmp_path)]) == 0
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["sds-wanda_2-4"] == ("| sds-wanda_2-4 | wanda_2-4 | 80.00 | 200.00 | 0.400 | ≤ 0.75 | 50.0 / 45.0 "
+                                      "| 6000 / 800 | 2.4 / 2.3 |")
+    assert lines["besa_50"].startswith("| besa_50 | wanda_50 | 43.00 | - | - | < 1, and below sparsegpt_50 |")
+    assert "not measured" in lines["sds-sparsegpt_4-8"] and "not measured" in lines["sds-wanda_50"]
+    assert "wanda_2-4" not in lines  # base runs are columns, not rows
+    assert list(lines).index("sds-wanda_2-4") < list(lines).index("sds-wanda_4-8") < list(lines).index("besa_50")
+
+
+@pytest.mark.parametrize("flags", [[], ["--versus"]])
+def test_readme_quality_tables_match_the_records(benchmark, capsys, flags):
+    """The README's full-protocol tables are quality_table.py's output on the committed records, verbatim:
+    a record added or remade without regenerating them fails here."""
+    assert benchmark("quality_table").main(flags) == 0
+    table = capsys.readouterr().out.strip()
+    assert table in (BENCHMARKS.parent / "README.md").read_text()
