@@ -5,12 +5,20 @@ Prefill: one forward over --prefill tokens (only the last position's logits). De
 steps against a static KV cache, replayed as a CUDA graph (the eager fallback is reported as such: Python
 overhead then hides kernel time). The layer count is cut to fit GPU memory, and the output says so.
 
+Prefill is also timed as a CUDA-graph replay (no host overhead), the converted model again with every
+SparseLinear forced onto the dense backend, and the dense model once more after the converted one (a
+copy kept for that), so that one run tells a host-bound gap, SparseLinear's own overhead and drift between
+measurements apart; they go into the e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms and
+dense_ms_after.
+
     python benchmarks/bench_e2e.py [--model llama-3-8b] [--layers 32] [--dtype float16]
 
 Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is visible.
 """
 import argparse
+import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,26 +56,37 @@ def layers_that_fit(name, wanted, dtype):
     per_layer = (2 * c["hidden_size"] ** 2 + 2 * c["hidden_size"] * c["num_key_value_heads"] * head_dim
                  + 3 * c["hidden_size"] * c["intermediate_size"]) * dtype.itemsize
     embeddings = 2 * c["vocab_size"] * c["hidden_size"] * dtype.itemsize
-    free = torch.cuda.mem_get_info()[0] * 0.8 - embeddings - (4 << 30)
-    return max(1, min(wanted, int(free // (2 * per_layer))))
+    free = torch.cuda.mem_get_info()[0] * 0.8 - 2 * embeddings - (4 << 30)
+    # the dense copy, and the converted model: compressed values plus the dense and sdsengine forms it derives
+    return max(1, min(wanted, int(free // (4 * per_layer))))
 
 
-def time_prefill(model, batch, tokens):
-    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
+def time_prefill(model, batch, tokens, graph=False):
+    """ms per prefill; graph=True: replayed as a CUDA graph, or None where capture fails."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=model.device)
     with torch.no_grad():
+        def prefill():
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        prefill()  # tunes SparseLinear for this token count before any capture
+        run = prefill
+        if graph:
+            run, mode = _captured(prefill)
+            if mode != "cuda-graph":
+                print(f"prefill graph: {mode}")
+                return None
         # enough warm-up for the clocks to rise from idle: 2 warm-ups and 5 calls once timed dense 7.1 and 11.9 ms
-        return time_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 10, 20)
+        return time_ms(run, 10, 20)
 
 
 def time_decode(model, batch, prompt, steps, graphs=True):
     """(ms per step, mode): single-token steps over a StaticCache holding `prompt` tokens."""
     from transformers import StaticCache
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=model.device)
     step_ids = ids[:, -1:].clone()
-    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    pos = torch.zeros(1, dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"))
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=model.device))
 
         def step():
             return model(input_ids=step_ids, past_key_values=cache, cache_position=pos,
@@ -94,16 +113,24 @@ def _captured(step):
             step()
         return graph.replay, "cuda-graph"
     except Exception as exc:  # capture is best effort; the eager number is still a number
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         return step, f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
 
 
 def _time_steps(run, pos, prompt, steps):
+    """ms per step over `steps` steps in a row: CUDA events on a GPU, the host clock on the CPU (tests)."""
+    def steps_in_a_row():
+        for i in range(steps):
+            pos.fill_(prompt + i)
+            run()
+    if pos.device.type != "cuda":
+        start = time.perf_counter()
+        steps_in_a_row()
+        return (time.perf_counter() - start) * 1e3 / steps
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for i in range(steps):
-        pos.fill_(prompt + i)
-        run()
+    steps_in_a_row()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / steps
@@ -111,8 +138,18 @@ def _time_steps(run, pos, prompt, steps):
 
 def measure_model(model, args):
     prefill_ms = time_prefill(model, args.batch, args.prefill)
+    graph_ms = None if args.no_graphs else time_prefill(model, args.batch, args.prefill, graph=True)
     decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs)
-    return {"prefill": prefill_ms, "decode": decode_ms, "mode": mode}
+    return {"prefill": prefill_ms, "prefill_graph": graph_ms, "decode": decode_ms, "mode": mode}
+
+
+def measure_converted(model, args):
+    """measure_model, plus the prefill with every SparseLinear on the dense backend: the same GEMMs as the
+    dense model, so what remains of a gap there is SparseLinear's own cost."""
+    measured = measure_model(model, args)
+    with sparse_linear.use_backend("dense"):
+        measured["prefill_forced_dense"] = time_prefill(model, args.batch, args.prefill)
+    return measured
 
 
 def profile_prefill(model, batch, tokens, rows=20):
@@ -144,12 +181,28 @@ def records_for(args, layers, dense, sparse, gpu):
         dict(base, bench="e2e_prefill", tokens=args.prefill, backend="sparse", ms=sparse["prefill"],
              dense_ms=dense["prefill"], speedup=dense["prefill"] / sparse["prefill"],
              tokens_per_s=prefill_tokens / sparse["prefill"] * 1e3,
-             dense_tokens_per_s=prefill_tokens / dense["prefill"] * 1e3),
+             dense_tokens_per_s=prefill_tokens / dense["prefill"] * 1e3,
+             graph_ms=sparse["prefill_graph"], dense_graph_ms=dense["prefill_graph"],
+             graph_speedup=_ratio(dense["prefill_graph"], sparse["prefill_graph"]),
+             forced_dense_ms=sparse["prefill_forced_dense"], dense_ms_after=dense.get("prefill_after")),
         dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend="sparse", ms=sparse["decode"],
              dense_ms=dense["decode"], speedup=dense["decode"] / sparse["decode"], mode=sparse["mode"],
              dense_mode=dense["mode"], tokens_per_s=decode_tokens / sparse["decode"] * 1e3,
              dense_tokens_per_s=decode_tokens / dense["decode"] * 1e3),
     ]
+
+
+def prefill_diagnosis(record):
+    """One line that reads the e2e_prefill record's extra timings (None: not measured)."""
+    ms = {k: record.get(k) for k in ("dense_ms", "ms", "dense_graph_ms", "graph_ms", "forced_dense_ms",
+                                      "dense_ms_after")}
+    text = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in ms.items())
+    return (f"prefill ms: {text} (graph: replayed as a CUDA graph, no host overhead; forced_dense: the converted "
+            "model with every SparseLinear on the dense backend; dense_ms_after: dense again, last)")
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
 
 
 def main(argv=None):
@@ -161,7 +214,8 @@ def main(argv=None):
     parser.add_argument("--prefill", type=int, default=2048, help="prefill tokens per sequence")
     parser.add_argument("--prompt", type=int, default=512, help="tokens in the KV cache while decoding")
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
-    parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph)")
+    parser.add_argument("--no-graphs", action="store_true",
+                        help="no CUDA graphs: decode eagerly, and no graph-replayed prefill")
     parser.add_argument("--profile", action="store_true",
                         help="also write <name>_prefill_profile.md: profiler tables of dense and 2:4 prefills")
     parser.add_argument("--name", default="e2e", help="results file stem")
@@ -174,14 +228,16 @@ def main(argv=None):
     layers = layers_that_fit(args.model, args.layers, dtype)
     note = "" if layers == args.layers else f" (cut from {args.layers} to fit GPU memory)"
     print(f"bench_e2e: {args.model} with {layers} decoder layers{note}, random weights pruned 2:4; {gpu_info()}")
-    model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
-    dense = measure_model(model, args)
+    dense_model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
+    dense = measure_model(dense_model, args)
     print(f"dense: {dense}", flush=True)
-    profiles = {"dense": profile_prefill(model, args.batch, args.prefill)} if args.profile else {}
-    convert(model)
+    profiles = {"dense": profile_prefill(dense_model, args.batch, args.prefill)} if args.profile else {}
+    model = convert(copy.deepcopy(dense_model))
     torch.cuda.empty_cache()
-    sparse = measure_model(model, args)
+    sparse = measure_converted(model, args)
     print(f"sparse: {sparse}", flush=True)
+    dense["prefill_after"] = time_prefill(dense_model, args.batch, args.prefill)  # drift since the first
+    print(f"dense prefill again, after the converted model: {dense['prefill_after']:.3f} ms", flush=True)
     if args.profile:
         profiles["2:4 (converted)"] = profile_prefill(model, args.batch, args.prefill)
         write_profiles(Path(args.out) / f"{args.name}_prefill_profile.md", profiles, args, layers)
@@ -189,6 +245,7 @@ def main(argv=None):
     for r in records:
         print(f"{r['bench']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
               f"({r['speedup']:.3f}x){note}")
+    print(prefill_diagnosis(records[0]))
     print(f"wrote {write_results(args.name, records, args.out)}")
     return 0
 

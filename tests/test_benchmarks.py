@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 REQUIRED = {"bench", "shape", "dtype", "pattern", "gpu", "torch", "triton", "cuda", "ms", "baseline_ms", "speedup",
@@ -83,6 +84,32 @@ def test_prefill_profile_names_the_linears(benchmark, tmp_path):
     e2e.write_profiles(tmp_path / "p.md", {"dense": text, "2:4 (converted)": text}, args, 2)
     written = (tmp_path / "p.md").read_text()
     assert written.count("## ") == 2 and "aten::" in written
+
+
+def test_e2e_measurements_run_on_a_tiny_model(benchmark):
+    """bench_e2e's timing path on the CPU (no graphs there: prefill_graph is None, decode eager): every
+    field the e2e_prefill record and its diagnosis line read is filled, forced_dense included."""
+    from tiny_models import tiny_model
+    from sdsengine.masks import nm_mask
+    from sdsengine.nn import convert
+    e2e = benchmark("bench_e2e")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+    args = type("Args", (), {"batch": 1, "prefill": 8, "prompt": 4, "steps": 2, "no_graphs": False,
+                             "model": "llama-3-8b", "dtype": "float32"})()
+    dense = e2e.measure_model(model, args)
+    assert dense["prefill_graph"] is None and dense["mode"].startswith("eager (graph capture failed")
+    sparse = e2e.measure_converted(convert(model), args)
+    assert sparse["prefill_forced_dense"] > 0 and sparse["decode"] > 0
+    dense["prefill_after"] = e2e.time_prefill(model, 1, 8)
+    prefill, decode = e2e.records_for(args, 2, dense, sparse, "cpu")
+    assert prefill["bench"] == "e2e_prefill" and decode["bench"] == "e2e_decode"
+    assert prefill["graph_speedup"] is None and prefill["forced_dense_ms"] == sparse["prefill_forced_dense"]
+    line = e2e.prefill_diagnosis(prefill)
+    assert "graph_ms -" in line and f"forced_dense_ms {sparse['prefill_forced_dense']:.3f}" in line
 
 
 def test_zeroshot_answers_compares_item_by_item(benchmark, tmp_path, capsys):

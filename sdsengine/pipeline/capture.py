@@ -78,8 +78,7 @@ def capture_layer_inputs(model, samples, device, store_device):
 
 def _replay_kwargs(kwargs):
     kwargs = dict(kwargs)
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs.pop("layer_past", None)
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):  # the KV cache, by its names
+        kwargs.pop(name, None)                                                # across transformers versions
     kwargs["use_cache"] = False
     return kwargs
