@@ -17,6 +17,7 @@ Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a 
 """
 import argparse
 import copy
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -85,11 +86,12 @@ def time_decode(model, batch, prompt, steps, graphs=True):
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=model.device)
     step_ids = ids[:, -1:].clone()
     pos = torch.zeros(1, dtype=torch.long, device=model.device)
+    kv = {_cache_argument(model): cache}
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=model.device))
+        model(input_ids=ids, **kv, cache_position=torch.arange(prompt, device=model.device))
 
         def step():
-            return model(input_ids=step_ids, past_key_values=cache, cache_position=pos,
+            return model(input_ids=step_ids, **kv, cache_position=pos,
                          position_ids=pos.view(1, 1).expand(batch, 1)).logits
         pos.fill_(prompt)
         step()  # tunes SparseLinear for this token count before any capture
@@ -97,6 +99,11 @@ def time_decode(model, batch, prompt, steps, graphs=True):
         if graphs:
             run, mode = _captured(step)
         return _time_steps(run, pos, prompt, steps), mode
+
+
+def _cache_argument(model):
+    """The KV cache's keyword: transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _captured(step):
