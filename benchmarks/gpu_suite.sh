@@ -86,7 +86,7 @@ suite() {
   bench compress 30
   bench sparsegpt 90
   step spmm 50 "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 --out "$RESULTS"
-  step e2e 60 "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --out "$RESULTS"
+  step e2e 90 "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'
