@@ -2,13 +2,20 @@
 
     python benchmarks/quality_table.py [RESULTS_DIR]            # every run, one row each
     python benchmarks/quality_table.py --versus [RESULTS_DIR]   # SDS and BESA against their base pruners
+    python benchmarks/quality_table.py --readme README.md       # regenerate every marked table in place
 
 A record is NAME.json (eval results and commands) beside NAME.prune.json (the run report); NAME ends in
 the pattern (_2-4, _4-8, _50). --versus pairs each SDS or BESA run with the base run of its pattern (SDS:
 its --base; BESA: Wanda, whose masks it starts from) and lists the SDS pairs the issue asks for even where
 they are not measured yet, so that a missing number shows as missing.
+
+--readme rewrites each table that follows a marker line `<!-- quality_table.py [ARGS] -->` with this script's
+output for ARGS (a results folder in ARGS is relative to the file's folder), and nothing else in the file.
+A test checks that the README's tables equal that output, so a record added without this step fails CI.
 """
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -111,21 +118,61 @@ def _pair(value, base, fmt=""):
     return f"{_num(value, fmt)} / {_num(base, fmt)}"
 
 
-def main(argv=sys.argv[1:]):
+def render(argv, root=None):
+    """The table for quality_table.py's ARGS (--versus and/or a results folder, relative to root or here)."""
     versus = "--versus" in argv
     paths = [a for a in argv if a != "--versus"]
-    results = Path(paths[0]) if paths else RESULTS
+    results = Path(root or Path.cwd()) / paths[0] if paths else RESULTS
+    if not results.is_dir():
+        raise SystemExit(f"quality_table.py: no results folder {results}")
     if versus:
-        print("| run | base | ppl | base ppl | × base | target | zero-shot mean % (base) | prune s (base) "
-              "| peak RSS GiB (base) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(versus_lines(results)))
+        header = ["| run | base | ppl | base ppl | × base | target | zero-shot mean % (base) | prune s (base) "
+                  "| peak RSS GiB (base) |", "|---|---|---|---|---|---|---|---|---|"]
+        return "\n".join(header + versus_lines(results))
+    header = ["| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | zero-shot mean acc % "
+              "| prune wall s | peak RSS GiB | command |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(header + [line(*row) for row in rows(results)])
+
+
+MARKER = re.compile(r"<!-- quality_table\.py(?P<args>[^>]*)-->")
+
+
+def marked_blocks(lines):
+    """(marker's line index, end of the table right below it, marker's ARGS) for each marker line."""
+    for i, text in enumerate(lines):
+        match = MARKER.fullmatch(text.strip())
+        if match:
+            end = i + 1
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            yield i, end, shlex.split(match["args"])
+
+
+def rewrite_readme(path):
+    """Replace each marked table of a Markdown file with its regenerated one; returns how many changed."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"quality_table.py: no file {path}")
+    lines = path.read_text().split("\n")
+    blocks = list(marked_blocks(lines))
+    if not blocks:
+        raise SystemExit(f"quality_table.py: {path} has no '<!-- quality_table.py [ARGS] -->' marker line")
+    tables = [render(args, path.parent).split("\n") for _, _, args in blocks]  # all rendered before writing
+    changed = 0
+    for (i, end, _), table in reversed(list(zip(blocks, tables))):  # from the end: earlier indices stay valid
+        changed += lines[i + 1:end] != table
+        lines[i + 1:end] = table
+    path.write_text("\n".join(lines))
+    return changed
+
+
+def main(argv=sys.argv[1:]):
+    if argv and argv[0] == "--readme":
+        if len(argv) != 2:
+            raise SystemExit("usage: quality_table.py --readme FILE.md")
+        print(f"{argv[1]}: {rewrite_readme(argv[1])} table(s) regenerated")
         return 0
-    print("| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | zero-shot mean acc % "
-          "| prune wall s | peak RSS GiB | command |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, run, report in rows(results):
-        print(line(name, run, report))
+    print(render(argv))
     return 0
 
 

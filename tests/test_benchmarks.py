@@ -160,10 +160,39 @@ def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, ca
     assert list(lines).index("sds-wanda_2-4") < list(lines).index("sds-wanda_4-8") < list(lines).index("besa_50")
 
 
-@pytest.mark.parametrize("flags", [[], ["--versus"]])
-def test_readme_quality_tables_match_the_records(benchmark, capsys, flags):
-    """The README's full-protocol tables are quality_table.py's output on the committed records, verbatim:
-    a record added or remade without regenerating them fails here."""
-    assert benchmark("quality_table").main(flags) == 0
-    table = capsys.readouterr().out.strip()
-    assert table in (BENCHMARKS.parent / "README.md").read_text()
+def test_readme_quality_tables_match_the_records(benchmark):
+    """Each table of the README under a quality_table.py marker is that script's output on the committed
+    records, verbatim: a record added or remade without `quality_table.py --readme README.md` fails here."""
+    quality_table, readme = benchmark("quality_table"), BENCHMARKS.parent / "README.md"
+    lines = readme.read_text().split("\n")
+    blocks = list(quality_table.marked_blocks(lines))
+    assert {(), ("--versus",)} <= {tuple(args) for _, _, args in blocks}  # the full-protocol tables are marked
+    for start, end, args in blocks:
+        assert "\n".join(lines[start + 1:end]) == quality_table.render(args, readme.parent), args
+
+
+def test_readme_rewrite_replaces_only_the_marked_tables(benchmark, tmp_path):
+    quality_table = benchmark("quality_table")
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "wanda_50.json").write_text(json.dumps(
+        {"results": {"wikitext2": {"ppl": 50.0}}, "prune_command": "sdsengine prune x", "prune_wall_s": 9}))
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- quality_table.py res -->\n| stale |\n|---|\n| old row |\nafter\n\n"
+                   "<!-- quality_table.py res -->\nend\n")
+    assert quality_table.rewrite_readme(doc) == 2
+    table = quality_table.render(["res"], tmp_path)
+    assert "| wanda_50 | 0 | 50.00 |" in table
+    assert doc.read_text() == (f"intro\n<!-- quality_table.py res -->\n{table}\nafter\n\n"
+                               f"<!-- quality_table.py res -->\n{table}\nend\n")
+    assert quality_table.rewrite_readme(doc) == 0  # regenerating again changes nothing
+
+
+@pytest.mark.parametrize("text, error", [(None, "no file"), ("no marker here\n", "no '<!-- quality_table.py"),
+                                         ("<!-- quality_table.py missing -->\n| old |\n", "no results folder")])
+def test_readme_rewrite_bad_input_names_the_problem_and_keeps_the_file(benchmark, tmp_path, text, error):
+    doc = tmp_path / "doc.md"
+    if text is not None:
+        doc.write_text(text)
+    with pytest.raises(SystemExit, match=error):
+        benchmark("quality_table").main(["--readme", str(doc)])
+    assert (doc.read_text() if text is not None else None) == text
