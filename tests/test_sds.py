@@ -264,6 +264,47 @@ def test_layer_guard_reports_both_and_keeps_the_better():
     json.dumps(result.report)
 
 
+def _layer_outputs(model, samples):
+    """Each decoder layer's output over the windows, from plain forward passes of the whole model."""
+    seen = {i: [] for i in range(len(adapters.decoder_layers(model)))}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen[i].append(adapters.layer_output(out)))
+             for i, layer in enumerate(adapters.decoder_layers(model))]
+    with torch.no_grad():
+        for j in range(samples.shape[0]):
+            model(samples[j:j + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return [torch.cat(seen[i]) for i in sorted(seen)]
+
+
+@pytest.mark.parametrize("teacher", ["sd", "dense"])
+def test_layer_error_is_against_what_the_teacher_fits(teacher):
+    """teacher=dense fits the dense model's outputs, so the layer guard judges, and the report measures,
+    each layer against the dense model's output of that layer; teacher=sd against the dense layer on the
+    pruned model's inputs. Checked from plain forward passes of the dense and the pruned models."""
+    samples = tiny_tokens(3, 16)
+    dense, model = tiny_model("llama"), tiny_model("llama")
+    result = sdsengine.prune(model, _config(iters=10, guard="layer", teacher=teacher), samples, progress=False)
+    dense_outs, pruned_outs = _layer_outputs(dense, samples), _layer_outputs(model, samples)
+    for i, report in enumerate(result.layers[1:], start=1):  # layer 0: both references are the same
+        if teacher == "dense":
+            target = dense_outs[i]
+        else:
+            target = _dense_layer_on(dense, i, pruned_outs[i - 1], samples)
+        expected = float((pruned_outs[i] - target).pow(2).sum() / target.pow(2).sum())
+        assert report.error == pytest.approx(expected, rel=1e-3), i
+        guard = next(iter(report.steps.values()))["layer_guard"]
+        assert report.error == pytest.approx(min(guard["chosen"], guard["fallback"]), rel=1e-5), i
+
+
+def _dense_layer_on(model, index, inputs, samples):
+    """Decoder layer `index` of `model` on given inputs, one window at a time, with its captured keywords."""
+    _, layer_kwargs = capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
+    outs = torch.empty_like(inputs)
+    run_layer(adapters.decoder_layers(model)[index], inputs, outs, layer_kwargs[index], "cpu")
+    return outs
+
+
 @pytest.mark.parametrize("fallback,kept", [("dense", "fallback"), ("zeros", "chosen")])
 def test_layer_guard_swaps_all_or_nothing(fallback, kept):
     """The dense weights as fallbacks beat any pruned layer (error 0); zero weights lose to it."""

@@ -8,7 +8,8 @@ dense outputs is the layer's reconstruction error. Only the current layer sits o
 A method may also ask for the dense stream (needs_dense_stream(config)): the activations of the unpruned
 model, carried alongside. Each linear's statistics then also see its dense-model inputs (stats.add_batch(x,
 dense_x)), and the layer context holds the dense model's layer outputs (dense_outs). It costs one more
-forward pass per layer and two more activation buffers.
+forward pass per layer and two more activation buffers. Such a method fits the dense model's outputs, so
+the layer guard and the layer's reported error are then against the dense model's outputs of the layer.
 
 With config.sequential == "linear" (GPTQ's "true sequential"), per-linear methods prune a layer's linears
 group by group in forward order (a group: the linears that read the same input, like q/k/v), each group on
@@ -103,10 +104,13 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
             steps.update({name: _prune_linear(algo, module, stats[name], config) for name, module in group.items()})
             del stats
     fallbacks = {name: info.pop("fallback") for name, info in (steps or {}).items() if info and "fallback" in info}
+    # a method that asked for the dense stream fits the dense model's outputs: the guard judges, and the
+    # report measures, against those; otherwise against the dense layer on the same (pruned) inputs
+    reference = dense.outs if dense is not None else outs
     if fallbacks:
-        error = layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device)
+        error = layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, reference)
     else:
-        error = run_layer(layer, inps, outs, kwargs, device, reference=outs)
+        error = run_layer(layer, inps, outs, kwargs, device, reference=reference)
     layer.to(home)
     report = _report(index, targets, config.sparsity, time.perf_counter() - start, error)
     report.steps = {name: info for name, info in (steps or {}).items() if info}
@@ -159,15 +163,17 @@ def linear_groups(layer, targets, window, kwargs, device) -> list[dict]:
     return groups + ([unseen] if unseen else [])
 
 
-def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device):
+def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, reference=None):
     """Keep the chosen weights, or all fallback weights together if they give a lower output error against
-    the reference in `outs`. Like run_layer, leaves the kept weights' outputs in `outs` and returns their
-    error; each linear's steps[name]["layer_guard"] records both errors and what was kept."""
+    `reference` (default: the dense outputs in `outs`). Like run_layer, leaves the kept weights' outputs in
+    `outs` and returns their error; each linear's steps[name]["layer_guard"] records both errors and what
+    was kept."""
+    reference = outs if reference is None else reference
     chosen = {name: adapters.get_weight(targets[name]).detach().clone() for name in fallbacks}
     _set_weights(targets, fallbacks)
-    errors = {"fallback": run_layer(layer, inps, None, kwargs, device, reference=outs)}
+    errors = {"fallback": run_layer(layer, inps, None, kwargs, device, reference=reference)}
     _set_weights(targets, chosen)
-    errors["chosen"] = run_layer(layer, inps, outs, kwargs, device, reference=outs)  # the usual final pass
+    errors["chosen"] = run_layer(layer, inps, outs, kwargs, device, reference=reference)  # the usual final pass
     kept = "fallback" if errors["fallback"] < errors["chosen"] else "chosen"
     if kept == "fallback":  # rare: one more pass, for the outputs the next layer reads
         _set_weights(targets, fallbacks)
