@@ -11,7 +11,7 @@ summed over outputs, averaged over calibration tokens. The teacher (config.teach
 same inputs ("sd", the literal equation), or on the dense model's inputs ("dense": W d_t with d_t from the
 pipeline's dense stream, through C = 2/N sum d x^T; see Objective). No step revisits the calibration tokens.
 
-Choices the paper leaves open (config fields; defaults measured by held-out perplexity, docs/SDS.md):
+Choices the paper leaves open (config fields; defaults chosen by measured perplexity, docs/SDS.md):
 - reduction: "element" divides the error by out_features and the penalties by the weight count (λ per
   weight, like a mean-reduced MSE), so λ1' = λ1 / in, λ2' = λ2 / in; "token" uses λ1, λ2 as they are.
 - teacher: "sd" (default) or "dense", as above.
