@@ -8,7 +8,7 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import run_layer
-from tiny_models import tiny_model, tiny_tokens
+from tiny_models import layer_outputs, tiny_model, tiny_tokens
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
 CONFIGS = [MagnitudeConfig, WandaConfig, SparseGPTConfig]
@@ -30,14 +30,7 @@ def test_replayed_layers_match_plain_forward(family):
     for layer, layer_kwargs in zip(adapters.decoder_layers(model), kwargs):
         run_layer(layer, inps, outs, layer_kwargs, "cpu")
         inps, outs = outs, inps
-    seen = []
-    last = adapters.decoder_layers(model)[-1]
-    hook = last.register_forward_hook(lambda m, a, out: seen.append(adapters.layer_output(out)))
-    with torch.no_grad():
-        for j in range(3):
-            model(samples[j:j + 1], use_cache=False)
-    hook.remove()
-    torch.testing.assert_close(inps, torch.cat(seen), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inps, layer_outputs(model, samples)[-1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -136,17 +129,10 @@ def test_dense_stream_carries_the_unpruned_model(monkeypatch):
     monkeypatch.setitem(sdsengine.algorithms.METHODS, _RecordConfig.method, (_RecordConfig, method))
     dense, model = tiny_model("llama"), tiny_model("llama")
     samples = tiny_tokens(3, 16)
-    seen = {i: [] for i in range(len(adapters.decoder_layers(dense)))}
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen[i].append(adapters.layer_output(out)))
-             for i, layer in enumerate(adapters.decoder_layers(dense))]
-    with torch.no_grad():
-        for j in range(3):
-            dense(samples[j:j + 1], use_cache=False)
-    for h in hooks:
-        h.remove()
+    seen = layer_outputs(dense, samples)
     sdsengine.prune(model, _RecordConfig(sparsity="0.5"), samples, progress=False)
     for i, recorded in enumerate(method.dense_outs):
-        torch.testing.assert_close(recorded, torch.cat(seen[i]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(recorded, seen[i], atol=1e-5, rtol=1e-5)
     C0, H0 = method.cross[0]
     torch.testing.assert_close(C0, H0)
     C1, H1 = method.cross[1]

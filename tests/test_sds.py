@@ -14,7 +14,7 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import layer_guard, run_layer
-from tiny_models import tiny_model, tiny_tokens
+from tiny_models import layer_outputs, tiny_model, tiny_tokens
 
 STEPS = ("initial", "redense", "second", "adjust", "refit", "chosen")
 
@@ -264,19 +264,6 @@ def test_layer_guard_reports_both_and_keeps_the_better():
     json.dumps(result.report)
 
 
-def _layer_outputs(model, samples):
-    """Each decoder layer's output over the windows, from plain forward passes of the whole model."""
-    seen = {i: [] for i in range(len(adapters.decoder_layers(model)))}
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen[i].append(adapters.layer_output(out)))
-             for i, layer in enumerate(adapters.decoder_layers(model))]
-    with torch.no_grad():
-        for j in range(samples.shape[0]):
-            model(samples[j:j + 1], use_cache=False)
-    for h in hooks:
-        h.remove()
-    return [torch.cat(seen[i]) for i in sorted(seen)]
-
-
 @pytest.mark.parametrize("teacher", ["sd", "dense"])
 def test_layer_error_is_against_what_the_teacher_fits(teacher):
     """teacher=dense fits the dense model's outputs, so the layer guard judges, and the report measures,
@@ -285,24 +272,18 @@ def test_layer_error_is_against_what_the_teacher_fits(teacher):
     samples = tiny_tokens(3, 16)
     dense, model = tiny_model("llama"), tiny_model("llama")
     result = sdsengine.prune(model, _config(iters=10, guard="layer", teacher=teacher), samples, progress=False)
-    dense_outs, pruned_outs = _layer_outputs(dense, samples), _layer_outputs(model, samples)
+    dense_outs, pruned_outs = layer_outputs(dense, samples), layer_outputs(model, samples)
+    _, layer_kwargs = capture_layer_inputs(dense, samples, torch.device("cpu"), torch.device("cpu"))
     for i, report in enumerate(result.layers[1:], start=1):  # layer 0: both references are the same
         if teacher == "dense":
             target = dense_outs[i]
-        else:
-            target = _dense_layer_on(dense, i, pruned_outs[i - 1], samples)
+        else:  # the dense layer on the pruned model's inputs
+            target = torch.empty_like(pruned_outs[i - 1])
+            run_layer(adapters.decoder_layers(dense)[i], pruned_outs[i - 1], target, layer_kwargs[i], "cpu")
         expected = float((pruned_outs[i] - target).pow(2).sum() / target.pow(2).sum())
         assert report.error == pytest.approx(expected, rel=1e-3), i
         guard = next(iter(report.steps.values()))["layer_guard"]
         assert report.error == pytest.approx(min(guard["chosen"], guard["fallback"]), rel=1e-5), i
-
-
-def _dense_layer_on(model, index, inputs, samples):
-    """Decoder layer `index` of `model` on given inputs, one window at a time, with its captured keywords."""
-    _, layer_kwargs = capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
-    outs = torch.empty_like(inputs)
-    run_layer(adapters.decoder_layers(model)[index], inputs, outs, layer_kwargs[index], "cpu")
-    return outs
 
 
 @pytest.mark.parametrize("fallback,kept", [("dense", "fallback"), ("zeros", "chosen")])

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
+from sdsengine.pipeline import adapters
+
 VOCAB = 96
 
 
@@ -53,3 +55,19 @@ def tiny_model(family, seed=0):
 def tiny_tokens(nsamples=4, seqlen=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (nsamples, seqlen), generator=g)
+
+
+def layer_outputs(model, samples):
+    """Each decoder layer's output over the windows, from plain forward passes of the whole model, one
+    window at a time (as the pipeline feeds them)."""
+    seen = {i: [] for i in range(len(adapters.decoder_layers(model)))}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen[i].append(adapters.layer_output(out)))
+             for i, layer in enumerate(adapters.decoder_layers(model))]
+    try:
+        with torch.no_grad():
+            for j in range(samples.shape[0]):
+                model(samples[j:j + 1], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(seen[i]) for i in sorted(seen)]
