@@ -30,9 +30,19 @@ def _add_config_flags(parser, classes, required=()):
             if text and text not in helps.setdefault(f.name, []):
                 helps[f.name].append(text)
     for name, f in fields.items():
-        kind = type(f.default) if type(f.default) in (int, float) else str  # lists (--ignore) split later
+        kind = _flag_type(name, classes)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             required=name in required, help="; ".join(helps.get(name, [])))
+
+
+def _flag_type(name, classes):
+    """int or float where some method's default for the field is one (BESA's lr defaults to None, SDS's
+    to 0.1); str otherwise (lists such as --ignore are split later)."""
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name == name and type(f.default) in (int, float):
+                return type(f.default)
+    return str
 
 
 def _config_from(args, cls):

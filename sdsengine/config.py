@@ -124,7 +124,9 @@ class BESAConfig(PruneConfig):
 
     mode: str = field(default="row", metadata={"help": "BESA: learn a sparsity per row or per layer (row, layer)"})
     epochs: int = field(default=1, metadata={"help": "BESA: passes over the calibration windows (0: Wanda)"})
-    lr: float = field(default=0.05, metadata={"help": "BESA: learning rate (Adam; use 1.0 with --optimizer prodigy)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "BESA: learning rate; default: Prodigy 1.0, Adam 0.05 for unstructured and 0.8 / steps for N:M "
+                "(steps = epochs x windows: 0.05 at 16 windows, 0.00625 at 128; docs/BESA.md)"})
     optimizer: str = field(default="adam", metadata={"help": "BESA: adam, or prodigy (needs prodigyopt)"})
     penalty: float = field(default=5.0, metadata={"help": "BESA: weight of the ((S - s*)/s*)^2 sparsity penalty"})
     candidates: int = field(default=100, metadata={"help": "BESA: rates k/candidates, k = 0..candidates"})
@@ -137,15 +139,15 @@ class BESAConfig(PruneConfig):
     nm_scores: str = field(default="magnitude,channel", metadata={
         "help": "BESA N:M: what is mixed with Wanda's score: magnitude, channel (comma list, may be empty)"})
     nm_temperature: float = field(default=0.2, metadata={"help": "BESA N:M: temperature of the soft keep in backward"})
-    nm_checks: int = field(default=0, metadata={
+    nm_checks: int = field(default=16, metadata={
         "help": "BESA N:M: measure the hard-mask block loss on this many windows at the start and at steps 8, 16, "
-                "32, ... and the last, and keep the lowest iterate (0, the default until measured end to end: "
-                "always the last; try 16)"})
+                "32, ... and the last, and keep the lowest iterate (0: always the last)"})
     guard: str = field(default="layer", metadata={
         "help": "BESA: layer (a decoder layer whose output error Wanda's masks at the target make lower "
                 "keeps those; one more forward pass per layer) or off (always the learned masks)"})
     method = "besa"
 
+    NM_LR_TIMES_STEPS = 0.8  # N:M's default Adam step size times the step count (docs/BESA.md, "Step size")
     SMOOTHING_MAX = 0.6  # sigmoid(θ) in (0, 1) caps each rate near 0.624; leave room for the penalty to act
 
     def __post_init__(self):
@@ -155,8 +157,8 @@ class BESAConfig(PruneConfig):
         self._check_choice("smoothing", ("auto", "on", "off"))
         self._check_choice("target", ("dense_block", "dense_model"))
         self._check_choice("guard", ("layer", "off"))
-        if (self.epochs < 0 or self.candidates < 2 or self.lr <= 0 or self.penalty < 0 or self.nm_temperature <= 0
-                or self.nm_checks < 0):
+        if (self.epochs < 0 or self.candidates < 2 or (self.lr is not None and self.lr <= 0) or self.penalty < 0
+                or self.nm_temperature <= 0 or self.nm_checks < 0):
             raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0, "
                              f"nm_checks >= 0; got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, "
                              f"{self.nm_temperature}, {self.nm_checks}")
@@ -173,6 +175,16 @@ class BESAConfig(PruneConfig):
     def _check_choice(self, name, allowed, why=""):
         if getattr(self, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}{why}")
+
+    def step_size(self, steps) -> float:
+        """The optimizer's learning rate for a block learned in `steps` steps: --lr where given. Otherwise
+        Prodigy's own 1.0; Adam 0.05 for unstructured rates; for N:M, NM_LR_TIMES_STEPS / steps, since the
+        hard-mask loss turns back up after a fixed amount of travel (0.05 is best at 16 steps, 0.00625 at 128)."""
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer == "prodigy":
+            return 1.0
+        return self.NM_LR_TIMES_STEPS / max(steps, 1) if self.sparsity.nm else 0.05
 
     @property
     def nm_score_list(self) -> tuple[str, ...]:

@@ -163,7 +163,8 @@ def test_zero_epochs_is_wanda_exactly(pattern, mode):
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_nm_always_valid_and_learns(pattern, family):
-    config = BESAConfig(sparsity=pattern, epochs=3, lr=0.5)
+    # the last iterate (no checks): with the default checks, the tiny model may keep Wanda's start
+    config = BESAConfig(sparsity=pattern, epochs=3, lr=0.5, nm_checks=0)
     result = sdsengine.prune(tiny_model(family), config, tiny_tokens(), progress=False)
     moved = []
     for layer in result.layers:
@@ -229,6 +230,28 @@ def test_smoothing_auto_turns_off_above_reach():
     assert not BESAConfig(sparsity="0.5", smoothing="off").sigmoid
 
 
+def test_step_size_default_follows_the_step_count():
+    """N:M's Adam step size is 0.8 / steps unless --lr is given; unstructured keeps 0.05, Prodigy 1.0."""
+    assert BESAConfig(sparsity="2:4").step_size(16) == pytest.approx(0.05)
+    assert BESAConfig(sparsity="4:8").step_size(128) == pytest.approx(0.00625)
+    assert BESAConfig(sparsity="0.5").step_size(128) == 0.05
+    assert BESAConfig(sparsity="2:4", lr=0.3).step_size(128) == 0.3
+    assert BESAConfig(sparsity="2:4", optimizer="prodigy").step_size(128) == 1.0
+
+
+def test_cli_lr_is_a_number_for_besa():
+    """BESA's lr defaults to None, SDS's to 0.1: the shared --lr flag still parses as a float."""
+    args = cli.build_parser().parse_args(["prune", "--method", "besa", "--sparsity", "2:4", "--lr", "0.01",
+                                          "--out", "x"])
+    assert args.lr == 0.01
+
+
+def test_report_names_the_step_size_used():
+    config = BESAConfig(sparsity="2:4", nm_checks=0)
+    result = sdsengine.prune(tiny_model("llama"), config, tiny_tokens(nsamples=4), progress=False)
+    assert all(layer.steps["_block"]["lr"] == pytest.approx(0.8 / 4) for layer in result.layers)
+
+
 def test_cli_flags(tmp_path, capsys):
     args = ["prune", "--method", "besa", "--sparsity", "0.7", "--smoothing", "on", "--out", str(tmp_path / "x")]
     assert cli.main(args) == 2
@@ -291,7 +314,7 @@ def test_nm_learning_keeps_the_best_checked_iterate(lr):
         now = sum(float(block_loss(ctx, weights, j, ctx.outs, energy)) for j in windows) / len(windows)
     assert now == pytest.approx(min(losses), rel=1e-12) and min(losses) <= losses[0]
     last = SelectionLearner(ctx, config)
-    assert learn(ctx, last, config)[1] == {}
+    assert learn(ctx, last, config)[1] == {"lr": lr}  # no checks: no record of them
     with torch.no_grad():
         moved = [float(p.abs().sum()) for p in last.parameters()]
     assert max(moved) > 0

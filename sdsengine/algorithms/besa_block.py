@@ -12,15 +12,17 @@ from sdsengine.pipeline import adapters
 
 
 def learn(ctx, learner, config, checks=0):
-    """Run config.epochs passes of one calibration window per step; returns the block losses seen and,
-    with checks > 0, the BestIterate record (the learner is left at its best checked iterate)."""
+    """Run config.epochs passes of one calibration window per step; returns the block losses seen and the
+    step size used plus, with checks > 0, the BestIterate record (the learner is left at its best checked
+    iterate)."""
     if config.epochs == 0:
         return [], {}
-    optimizer = make_optimizer(learner.parameters(), config)
+    steps = config.epochs * ctx.inps.shape[0]
+    lr = config.step_size(steps)
+    optimizer = make_optimizer(learner.parameters(), config, lr)
     targets = block_targets(ctx, config)
     energy = channel_energy(targets, ctx.device)
     best = BestIterate(ctx, learner, targets, energy, checks) if checks else None
-    steps = config.epochs * ctx.inps.shape[0]
     losses = []
     with torch.enable_grad():
         for _ in range(config.epochs):
@@ -33,7 +35,7 @@ def learn(ctx, learner, config, checks=0):
                 loss.backward()
                 optimizer.step()
                 losses.append(float(rec.detach()))
-    return losses, best.restore(steps) if best else {}
+    return losses, {"lr": lr, **(best.restore(steps) if best else {})}
 
 
 class BestIterate:
@@ -116,7 +118,7 @@ def channel_energy(outs, device):
     return energy.clamp_min(1e-6 * float(energy.mean()) + 1e-30)
 
 
-def make_optimizer(params, config):
+def make_optimizer(params, config, lr):
     params = list(params)
     if config.optimizer == "prodigy":
         try:
@@ -124,8 +126,8 @@ def make_optimizer(params, config):
         except ImportError:
             raise RuntimeError("--optimizer prodigy needs the optional package prodigyopt "
                                "(pip install prodigyopt)") from None
-        return Prodigy(params, lr=config.lr)
-    return torch.optim.Adam(params, lr=config.lr)
+        return Prodigy(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
 
 
 def ste(hard, soft):
