@@ -22,27 +22,19 @@ from sdsengine.pipeline.resume import ResumeStore
 def _add_config_flags(parser, classes, required=()):
     """One flag per dataclass field; a field several methods define (--lr) gets each one's help, and
     defaults stay in the configs (each method keeps its own)."""
-    fields, helps = {}, {}
+    kinds, helps = {}, {}
     for cls in classes:
         for f in dataclasses.fields(cls):
-            fields.setdefault(f.name, f)
+            # a number where any method's default is one (BESA's lr defaults to None, SDS's to 0.1); else
+            # str (lists such as --ignore are split later)
+            if kinds.get(f.name, str) is str:
+                kinds[f.name] = type(f.default) if type(f.default) in (int, float) else str
             text = f.metadata.get("help", "")
             if text and text not in helps.setdefault(f.name, []):
                 helps[f.name].append(text)
-    for name, f in fields.items():
-        kind = _flag_type(name, classes)
+    for name, kind in kinds.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             required=name in required, help="; ".join(helps.get(name, [])))
-
-
-def _flag_type(name, classes):
-    """int or float where some method's default for the field is one (BESA's lr defaults to None, SDS's
-    to 0.1); str otherwise (lists such as --ignore are split later)."""
-    for cls in classes:
-        for f in dataclasses.fields(cls):
-            if f.name == name and type(f.default) in (int, float):
-                return type(f.default)
-    return str
 
 
 def _config_from(args, cls):
