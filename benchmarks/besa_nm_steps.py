@@ -53,7 +53,7 @@ def curve(ctx, spec, sparsity, eval_windows):
 
     learner = besa_nm.SelectionLearner(ctx, config)
     start = hard_loss(learner.start())
-    optimizer = besa_block.make_optimizer(learner.parameters(), config, float(lr))
+    optimizer = besa_block.make_optimizer(learner.parameters(), config, config.lr)
     steps, points = ctx.inps.shape[0], []
     with torch.enable_grad():
         for j in range(steps):
