@@ -11,7 +11,7 @@ import torch
 
 from sdsengine import api, bench, checkpoint, report
 from sdsengine.algorithms import METHODS, lookup
-from sdsengine.config import CalibrationConfig, PruneConfig
+from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern
 from sdsengine.data import EVAL_TASKS
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
@@ -70,11 +70,11 @@ def build_parser():
 
     p = sub.add_parser("prune", help="prune a model layer by layer and save a HF checkpoint")
     _add_model_flags(p)
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
-    _add_config_flags(p, [PruneConfig] + [c for c, _ in METHODS.values()] + [CalibrationConfig],
-                      required=("sparsity",))
+    p.add_argument("--method", "--prune_method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    _add_config_flags(p, [PruneConfig] + [c for c, _ in METHODS.values()] + [CalibrationConfig])
     p.add_argument("--calib", dest="dataset", default=None, help="alias of --dataset")
-    p.add_argument("--out", required=True, help="output directory (a HF checkpoint)")
+    p.add_argument("--out", "--save_model", required=True, help="output directory (a HF checkpoint)")
+    _add_wanda_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--resume-dir", default=None, help="keep the run's progress here after every layer; the "
                    "same command run again goes on after the last finished layer (removed once saved)")
@@ -103,6 +103,42 @@ def build_parser():
     return parser
 
 
+def _add_wanda_flags(parser):
+    """The flags of Wanda's main.py, which many follow-ups copy, so that its commands run here as written
+    (--prune_method and --save_model are aliases above; --nsamples and --seed are ours already)."""
+    wanda = parser.add_argument_group("Wanda's flags", "--sparsity_ratio R --sparsity_type {unstructured,N:M} "
+                                      "mean --sparsity R or --sparsity N:M")
+    wanda.add_argument("--sparsity_ratio", type=float, default=None)
+    wanda.add_argument("--sparsity_type", default=None)
+    # without it, argparse would read Wanda's --save (a log directory) as an abbreviation of --save_model
+    wanda.add_argument("--save", default=None, help=argparse.SUPPRESS)
+
+
+def sparsity_from(args) -> str:
+    """The pattern from --sparsity, or from Wanda's --sparsity_ratio and --sparsity_type (not both)."""
+    ratio, kind = args.sparsity_ratio, args.sparsity_type
+    if args.save is not None:
+        raise ValueError("Wanda's --save (a log directory) is not taken: the run report is saved with the model "
+                         "(sdsengine.json in --out / --save_model)")
+    if ratio is None and kind is None:
+        if args.sparsity is None:
+            raise ValueError("the sparsity is required: --sparsity 0.5 or 2:4 (or Wanda's --sparsity_ratio "
+                             "and --sparsity_type)")
+        return args.sparsity
+    if args.sparsity is not None:
+        raise ValueError("give --sparsity or Wanda's --sparsity_ratio/--sparsity_type, not both")
+    if kind in (None, "unstructured"):
+        if ratio is None:
+            raise ValueError("--sparsity_type unstructured needs --sparsity_ratio")
+        return str(ratio)
+    pattern = SparsityPattern.parse(kind)
+    if not pattern.nm:
+        raise ValueError(f"--sparsity_type {kind!r}: use unstructured or N:M (2:4, 4:8)")
+    if ratio is not None and abs(ratio - pattern.sparsity) > 1e-9:
+        raise ValueError(f"--sparsity_type {kind} is {pattern.sparsity:g} sparse, but --sparsity_ratio is {ratio:g}")
+    return kind
+
+
 def _add_eval_flags(parser):
     parser.add_argument("--tasks", default="wikitext2", help=TASK_HELP)
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -114,6 +150,7 @@ def _add_eval_flags(parser):
 def cmd_prune(args):
     config_class, _ = lookup(args.method)
     _reject_foreign_flags(args, config_class)
+    args.sparsity = sparsity_from(args)
     config = _config_from(args, config_class)
     calib = _config_from(args, CalibrationConfig)
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before any work
@@ -164,7 +201,6 @@ def cmd_bench(args):
 
 def cmd_demo(args):
     """Dense vs 2:4 on the embedded model, with a reduced protocol so it fits in minutes on a laptop."""
-    from sdsengine.config import SparsityPattern  # noqa: F401  (documented in the printed recipe)
     start = time.perf_counter()
     model, tokenizer, source = load_model(None)
     limit = args.limit or None

@@ -146,3 +146,33 @@ def test_ignore_flag_reaches_the_config_as_patterns():
                                       "model.layers.0.*,*.down_proj", "--out", "x"])
     args._config_flags = {"sparsity", "ignore"}
     assert _config_from(args, WandaConfig).ignore == ("model.layers.0.*", "*.down_proj")
+
+
+@pytest.mark.parametrize("wanda_flags,ours", [
+    (["--sparsity_ratio", "0.5", "--sparsity_type", "unstructured"], "0.5"),
+    (["--sparsity_ratio", "0.6"], "0.6"),
+    (["--sparsity_ratio", "0.5", "--sparsity_type", "2:4"], "2:4"),
+    (["--sparsity_type", "4:8"], "4:8"),
+])
+def test_wanda_flags_mean_our_sparsity(wanda_flags, ours):
+    """A command copied from Wanda's README (--prune_method, --sparsity_ratio/--sparsity_type,
+    --save_model) runs as the same prune written with our flags."""
+    from sdsengine.cli import build_parser, sparsity_from
+    args = build_parser().parse_args(["prune", "--prune_method", "wanda", *wanda_flags, "--nsamples", "128",
+                                      "--seed", "0", "--save_model", "out/llama"])
+    assert (args.method, sparsity_from(args), args.out, args.nsamples) == ("wanda", ours, "out/llama", 128)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "2:4", "--sparsity_type", "2:4"], "not both"),
+    (["--sparsity_type", "2:4", "--sparsity_ratio", "0.6"], "2:4 is 0.5 sparse, but --sparsity_ratio is 0.6"),
+    (["--sparsity_type", "unstructured"], "needs --sparsity_ratio"),
+    (["--sparsity_type", "0.5"], "use unstructured or N:M"),
+    ([], "the sparsity is required"),
+    (["--sparsity", "2:4", "--save", "logs"], "Wanda's --save"),
+])
+def test_bad_sparsity_flags_are_named(args, message, tmp_path, capsys):
+    assert main(["prune", "--method", "wanda", *args, "--model", "/nonexistent.gguf",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
