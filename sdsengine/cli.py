@@ -104,8 +104,8 @@ def build_parser():
 
 
 def _add_wanda_flags(parser):
-    """The flags of Wanda's main.py, which many follow-ups copy, so that its commands run here as written
-    (--prune_method and --save_model are aliases above; --nsamples and --seed are ours already)."""
+    """The flags of Wanda's main.py, which many follow-ups copy, so that its commands run here with only its
+    --save dropped (--prune_method and --save_model are aliases above; --nsamples and --seed are ours)."""
     wanda = parser.add_argument_group("Wanda's flags", "--sparsity_ratio R --sparsity_type {unstructured,N:M} "
                                       "mean --sparsity R or --sparsity N:M")
     wanda.add_argument("--sparsity_ratio", type=float, default=None)
@@ -117,9 +117,6 @@ def _add_wanda_flags(parser):
 def sparsity_from(args) -> str:
     """The pattern from --sparsity, or from Wanda's --sparsity_ratio and --sparsity_type (not both)."""
     ratio, kind = args.sparsity_ratio, args.sparsity_type
-    if args.save is not None:
-        raise ValueError("Wanda's --save (a log directory) is not taken: the run report is saved with the model "
-                         "(sdsengine.json in --out / --save_model)")
     if ratio is None and kind is None:
         if args.sparsity is None:
             raise ValueError("the sparsity is required: --sparsity 0.5 or 2:4 (or Wanda's --sparsity_ratio "
@@ -150,6 +147,9 @@ def _add_eval_flags(parser):
 def cmd_prune(args):
     config_class, _ = lookup(args.method)
     _reject_foreign_flags(args, config_class)
+    if args.save is not None:
+        raise ValueError("Wanda's --save (a log directory) is not taken: the run report is saved with the model "
+                         "(sdsengine.json in --out / --save_model)")
     args.sparsity = sparsity_from(args)
     config = _config_from(args, config_class)
     calib = _config_from(args, CalibrationConfig)
