@@ -19,7 +19,7 @@ from sdsengine.nn import convert, save_compressed
 from sdsengine.pipeline.resume import ResumeStore
 
 
-def _add_config_flags(parser, classes, required=()):
+def _add_config_flags(parser, classes):
     """One flag per dataclass field; a field several methods define (--lr) gets each one's help, and
     defaults stay in the configs (each method keeps its own)."""
     kinds, helps = {}, {}
@@ -34,7 +34,7 @@ def _add_config_flags(parser, classes, required=()):
                 helps[f.name].append(text)
     for name, kind in kinds.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
-                            required=name in required, help="; ".join(helps.get(name, [])))
+                            help="; ".join(helps.get(name, [])))
 
 
 def _config_from(args, cls):

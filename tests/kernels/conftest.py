@@ -3,7 +3,7 @@ floats against the fp32 reference within a stated tolerance. Failures say where 
 import pytest
 import torch
 
-from sdsengine.kernels import use_backend
+from sdsengine.kernels import reference, use_backend
 
 
 def _assert_exact(actual, expected, what="tensor"):
@@ -39,3 +39,13 @@ def both_backends():
         with use_backend("torch"):
             return fast, fn()
     return run
+
+
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """fn_name -> a list that grows by one at each call of that PyTorch reference (which still runs)."""
+    def count(fn_name):
+        calls, original = [], getattr(reference, fn_name)
+        monkeypatch.setattr(reference, fn_name, lambda *a, **k: calls.append(1) or original(*a, **k))
+        return calls
+    return count

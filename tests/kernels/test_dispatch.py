@@ -7,14 +7,7 @@ import sys
 import pytest
 import torch
 
-from sdsengine.kernels import compress_24, decompress_24, reference, sparsegpt_block, use_backend, wanda_prune
-
-
-def _calls(fn_name, monkeypatch):
-    """Count calls of the reference function `fn_name` while still running it."""
-    calls, original = [], getattr(reference, fn_name)
-    monkeypatch.setattr(reference, fn_name, lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
+from sdsengine.kernels import compress_24, decompress_24, sparsegpt_block, use_backend, wanda_prune
 
 
 def test_interpreter_is_set_before_triton_loads():
@@ -31,17 +24,17 @@ AUTO_CALLS = 0 if torch.cuda.is_available() else 1  # auto: Triton on CUDA, the 
 
 
 @pytest.mark.parametrize("backend,expected_calls", [("triton", 0), ("torch", 1), ("auto", AUTO_CALLS)])
-def test_backend_choice(monkeypatch, backend, expected_calls):
-    calls = _calls("wanda_prune", monkeypatch)
+def test_backend_choice(reference_calls, backend, expected_calls):
+    calls = reference_calls("wanda_prune")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with use_backend(backend):
         wanda_prune(torch.randn(2, 32, device=device), torch.ones(32, device=device), nm=(2, 4))
     assert len(calls) == expected_calls
 
 
-def test_uncovered_inputs_take_the_reference(monkeypatch):
+def test_uncovered_inputs_take_the_reference(monkeypatch, reference_calls):
     """float64, M = 3 (not a power of 2): same answer, from the reference, without triton."""
-    calls = _calls("wanda_prune", monkeypatch)
+    calls = reference_calls("wanda_prune")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     with use_backend("triton"):

@@ -7,7 +7,7 @@ import torch
 
 import sdsengine
 from sdsengine.config import SparseGPTConfig, WandaConfig
-from sdsengine.kernels import reference, use_backend
+from sdsengine.kernels import use_backend
 from sdsengine.pipeline import adapters
 from tiny_models import tiny_model, tiny_tokens
 
@@ -19,27 +19,25 @@ CONFIGS = {  # name -> (config, the kernel it runs)
 }
 
 
-def _pruned_weights(config, backend, reference_calls):
-    """The pruned model's linear weights, and how often the kernel's PyTorch reference ran meanwhile."""
+def _pruned_weights(config, backend):
+    """The pruned model's linear weights."""
     model = tiny_model("llama")
-    calls = len(reference_calls)
     with use_backend(backend):
         sdsengine.prune(model, config, tiny_tokens(4, 32), progress=False)
-    weights = {f"{i}.{name}": adapters.get_weight(m).detach().clone()
-               for i, layer in enumerate(adapters.decoder_layers(model))
-               for name, m in adapters.linear_modules(layer).items()}
-    return weights, len(reference_calls) - calls
+    return {f"{i}.{name}": adapters.get_weight(m).detach().clone()
+            for i, layer in enumerate(adapters.decoder_layers(model))
+            for name, m in adapters.linear_modules(layer).items()}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_model_same_under_both_backends(name, device, monkeypatch):
+def test_model_same_under_both_backends(name, device, reference_calls):
     make_config, kernel = CONFIGS[name]
-    calls, original = [], getattr(reference, kernel)
-    monkeypatch.setattr(reference, kernel, lambda *a, **k: calls.append(1) or original(*a, **k))
-    fast, fast_reference_calls = _pruned_weights(make_config(device), "triton", calls)
-    ref, reference_calls = _pruned_weights(make_config(device), "torch", calls)
+    calls = reference_calls(kernel)
+    fast = _pruned_weights(make_config(device), "triton")
     # every call took the kernel under "triton" (none fell back to the reference as uncovered)
-    assert fast_reference_calls == 0 and reference_calls > 0
+    assert len(calls) == 0
+    ref = _pruned_weights(make_config(device), "torch")
+    assert len(calls) > 0
     for linear, w in ref.items():
         # the Triton masks may differ from the reference only where scores tie exactly, which random
         # weights of a random model do not produce
