@@ -10,8 +10,8 @@ import triton.language as tl
 from ._select import PAD_KEY, lowest_k, nm_keep, sort_key
 
 NM_TILE_ROWS = 16
-NM_TILE_COLS = 256  # per program: 16 x 256 elements, 32 per thread at 4 warps
-NM_WARPS = 4
+NM_TILE_COLS = 256  # per program: 16 x 256 elements, 16 per thread at 8 warps
+NM_WARPS = 8
 ROW_ELEMS_PER_WARP = 512  # unstructured: one program per row, warps = row length / this, 4 to 16
 
 
@@ -23,16 +23,18 @@ def _scores(w, norm):
 @triton.jit
 def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    # The tile is (rows, groups, M): groups of M sit along the last axis, whole, in one program.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[None, :, None]
-    pos = tl.arange(0, M)[None, None, :]
-    col = g * M + pos
+    # The tile is (BLOCK_R * BLOCK_G groups, M): one group per tile row, so a thread holds whole groups and
+    # the rank's masked sums stay in its registers. The 3-D (rows, groups, M) tile this replaced spread a
+    # group over lanes: the sums took warp shuffles and the loads a trip through shared memory.
+    i = tl.arange(0, BLOCK_R * BLOCK_G)[:, None]
+    r = tl.program_id(0) * BLOCK_R + i // BLOCK_G
+    pos = tl.arange(0, M)[None, :]
+    col = (tl.program_id(1) * BLOCK_G + i % BLOCK_G) * M + pos
     inside = (r < rows) & (col < cols)
     offs = r.to(tl.int64) * cols + col
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
-    keep = nm_keep(_scores(w, norm), pos, 2, N, M)
+    keep = nm_keep(_scores(w, norm), pos, 1, N, M)
     tl.store(OUT + offs, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
     tl.store(MASK + offs, keep.to(tl.int8), mask=inside)
 

@@ -1,0 +1,110 @@
+"""Static SASS profile of the straight-line Triton kernels, compiled for a GPU on any machine (no GPU needed).
+
+Run it with TRITON_INTERPRET unset: under the interpreter the kernels are not compilable functions.
+
+    python benchmarks/kernel_sass.py [--arch 90] [--out benchmarks/results]
+
+Each kernel is compiled with its default tile settings, specialized as a launch on 16-aligned pointers and
+sizes would be, and its SASS counted: instructions per element a thread handles, warp shuffles, barriers,
+shared-memory accesses and the width of each global access. These are static counts, a proxy that shows
+a kernel's structure (a trip through shared memory, a reduction across lanes, scalar accesses); they are
+not a speed. Speed is measured by bench_wanda.py and bench_compress.py on a GPU.
+Writes kernel_sass.json (one record per kernel and dtype) and kernel_sass.md.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from sdsengine.kernels import compress as compress_mod
+from sdsengine.bench import table, write_json
+from sdsengine.kernels import wanda as wanda_mod
+
+DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)")
+
+
+def kernels(ty):
+    """(name, jit function, signature, constexprs, warps, elements per program) for weights of type ty."""
+    wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8", "rows": "i32", "cols": "i32"}
+    rows, cols, warps = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS, wanda_mod.NM_WARPS
+    out = [(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, wanda_sig,
+            {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols) for n, m in ((2, 4), (4, 8))]
+    tile = {"BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_C": compress_mod.TILE_CHUNKS}
+    per_program = compress_mod.TILE_ROWS * compress_mod.TILE_CHUNKS * 32
+    out.append(("compress 2:4", compress_mod._compress_kernel,
+                {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META": "*i32", "rows": "i32", "cols": "i32"},
+                {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program))
+    out.append(("decompress 2:4", compress_mod._decompress_kernel,
+                {"VALUES": f"*{ty}", "META": "*i32", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
+                tile, compress_mod.WARPS, per_program))
+    return out
+
+
+def sass(fn, signature, constexprs, warps, arch):
+    """The kernel's SASS text, compiled for sm_<arch> with every runtime argument 16-divisible."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))}
+    source = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                                       constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+
+
+def profile(text, elements_per_thread):
+    """Counts from SASS text: per-element instructions, and the instructions that show the kernel's shape."""
+    ops = collections.Counter()
+    for line in text.splitlines():
+        if m := INSTRUCTION.match(line):
+            ops[m.group(1) + (m.group(2) if m.group(1) in ("LDG", "STG") else "")] += 1
+    total = sum(ops.values())
+    return {"instructions": total, "per_element": round(total / elements_per_thread, 1),
+            "shfl": ops["SHFL"], "bar": ops["BAR"], "shared": ops["LDS"] + ops["STS"],
+            "global_accesses": ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()) if op.startswith(("LDG", "STG")))}
+
+
+def run(arch):
+    records = []
+    for dtype, ty in DTYPES.items():
+        for name, fn, signature, constexprs, warps, elements in kernels(ty):
+            stats = profile(sass(fn, signature, constexprs, warps, arch), elements / (32 * warps))
+            records.append({"bench": "kernel_sass", "kernel": name, "dtype": dtype, "arch": f"sm_{arch}",
+                            "warps": warps, "elements_per_program": elements, **stats})
+    return records
+
+
+COLUMNS = ("kernel", "dtype", "arch", "warps", "elements_per_program", "per_element", "shfl", "bar", "shared",
+           "global_accesses")
+
+
+def markdown(records):
+    return (f"Static SASS counts per thread, Triton {triton.__version__}, compiled without a GPU "
+            "(`python benchmarks/kernel_sass.py`): a proxy for a kernel's structure, not a speed. per_element: "
+            "instructions / elements per thread; shared: LDS + STS.\n\n" + table(records, COLUMNS) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (80, 90)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    records = run(args.arch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "kernel_sass.json", records)
+    (out / "kernel_sass.md").write_text(markdown(records))
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    main()
