@@ -6,6 +6,9 @@ harness: cases, timing, records with every required field, the time budget, the 
 """
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,10 +206,6 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
 
     The N:M Wanda kernel's tile puts each group in one thread: its rank needs no warp shuffle and no trip
     through shared memory (the 3-D tile it replaced had both, at 61 instructions per element against 30)."""
-    import os
-    import subprocess
-    import sys
-
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton has no CUDA toolchain to compile with")
