@@ -167,6 +167,9 @@ def rewrite_readme(path):
 
 
 def main(argv=sys.argv[1:]):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if argv and argv[0] == "--readme":
         if len(argv) != 2:
             raise SystemExit("usage: quality_table.py --readme FILE.md")
