@@ -22,8 +22,8 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from sdsengine.kernels import compress as compress_mod
 from sdsengine.bench import table, write_json
+from sdsengine.kernels import compress as compress_mod
 from sdsengine.kernels import wanda as wanda_mod
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}

@@ -14,11 +14,10 @@ import sys
 
 import torch
 
-from sds_heldout import hessians, rel_error
+from sds_heldout import dense_hessians, rel_error
 from sdsengine.algorithms import sparsegpt
 from sdsengine.algorithms.least_squares import Objective, refit
-from sdsengine.config import CalibrationConfig, SparseGPTConfig
-from sdsengine.data import calibration_samples
+from sdsengine.config import SparseGPTConfig
 from sdsengine.models import load_model
 from sdsengine.pipeline import adapters
 
@@ -44,11 +43,10 @@ def main(argv=None):
     torch.manual_seed(0)
     model, tokenizer, _ = load_model()
     layers = [int(i) for i in args.layers.split(",")]
-    windows = calibration_samples(tokenizer, CalibrationConfig("c4", nsamples=args.nsamples, seqlen=2048, seed=0))
     modules = dict(adapters.decoder_layers(model).named_modules())
     config = SparseGPTConfig(sparsity="2:4")
     rows = []
-    for key, stats in hessians(model, windows, layers).items():
+    for key, stats in dense_hessians(model, tokenizer, "c4", args.nsamples, layers).items():
         w = adapters.get_weight(modules[key]).detach().float()
         pruned = sparsegpt.obs_prune(w, stats, config).float()
         objective = Objective(w, stats)

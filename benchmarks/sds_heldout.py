@@ -52,6 +52,12 @@ def hessians(model, windows, layers):
     return stats
 
 
+def dense_hessians(model, tokenizer, source, nsamples, layers):
+    """hessians() on `nsamples` windows of 2048 tokens from `source` (seed 0)."""
+    windows = calibration_samples(tokenizer, CalibrationConfig(source, nsamples=nsamples, seqlen=2048, seed=0))
+    return hessians(model, windows, layers)
+
+
 def rel_error(w, v, H):
     d = (v - w).double()
     return float(((d @ H.double()) * d).sum() / ((w.double() @ H.double()) * w.double()).sum())
@@ -69,9 +75,8 @@ def main(argv=None):
     torch.manual_seed(0)
     model, tokenizer, _ = load_model()
     layers = [int(i) for i in args.layers.split(",")]
-    cal = calibration_samples(tokenizer, CalibrationConfig("c4", nsamples=args.nsamples, seqlen=2048, seed=0))
-    val = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.nsamples, seqlen=2048, seed=0))
-    H_cal, H_val = hessians(model, cal, layers), hessians(model, val, layers)
+    H_cal = dense_hessians(model, tokenizer, "c4", args.nsamples, layers)
+    H_val = dense_hessians(model, tokenizer, "wikitext2", args.nsamples, layers)
     base = SDSConfig(sparsity=args.sparsity, base=args.base)
     chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = set(chosen) - set(VARIANTS)
