@@ -22,6 +22,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "quality"
 PATTERNS = ("2-4", "4-8", "50")
 SDS_BASES = ("sparsegpt", "wanda")
+# The record an SDS --base runs at: `--base besa` runs BESA at today's defaults, which besa-lr-checks_P names
+# in full; besa_P holds BESA's old defaults
+BASE_RECORDS = {"besa": "besa-lr-checks"}
 TARGETS = {  # (method, base, pattern): the perplexity targets the SDS and BESA issues set
     ("sds", "sparsegpt", "2-4"): "≤ 0.85",
     ("sds", "wanda", "2-4"): "≤ 0.75",
@@ -97,7 +100,7 @@ def _rank(pattern):
 
 
 def _versus_line(name, pair, runs):
-    base, target = f"{pair[1]}_{pair[2]}", TARGETS.get(pair, "")
+    base, target = f"{BASE_RECORDS.get(pair[1], pair[1])}_{pair[2]}", TARGETS.get(pair, "")
     if name not in runs:
         return f"| {name} | {base} | not measured | | | {target} | | | |"
     run, report = runs[name]
