@@ -73,7 +73,8 @@ def line(name, run, report):
 
 
 def pair_of(name, report):
-    """(method, base, pattern) of an SDS or BESA run, None for any other; the base run is BASE_PATTERN."""
+    """(method, base, pattern) of an SDS or BESA run, None for any other; the base's record is named
+    BASE_PATTERN, with BASE_RECORDS' name for BASE where it has one."""
     recipe = report["recipe"] if report else {}
     method, pattern = recipe.get("method"), name.rpartition("_")[2]
     if method == "sds":
