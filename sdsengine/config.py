@@ -251,6 +251,18 @@ class SDSConfig(SparseGPTConfig):
         if self.solver == "closed" and self.l1 > 0:
             raise ValueError(f"the closed-form re-dense solves L2 only: set --l1 0 or --solver fista (l1={self.l1})")
 
+    def besa_base(self):
+        """The BESA run of `--base besa`: BESA's defaults on this run's pattern, device and ignore list, its guard
+        off, since SDS's guard (BESA's masked weights as the fallback) is the one the pipeline applies."""
+        return BESAConfig(sparsity=str(self.sparsity), ignore=self.ignore, device=self.device, guard="off")
+
+    def to_dict(self):
+        """The recipe; with base besa also the BESA settings it ran, which are BESA's defaults of the day."""
+        out = super().to_dict()
+        if self.base == "besa":
+            out["base_recipe"] = self.besa_base().to_dict()
+        return out
+
 
 @dataclass
 class CalibrationConfig:

@@ -9,7 +9,7 @@ import sdsengine
 from sdsengine.algorithms import least_squares, sds
 from sdsengine.algorithms.stats import Hessian
 from sdsengine.cli import build_parser, main
-from sdsengine.config import SDSConfig
+from sdsengine.config import BESAConfig, SDSConfig
 from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
@@ -229,6 +229,17 @@ def test_sds_on_besa_masks(pattern, guard):
             assert steps["chosen"] == min(steps["initial"], _final(steps)), name
             assert ("layer_guard" in report.steps[name]) == (guard == "layer"), name
         assert "_block" in report.steps
+    # the recipe names the BESA settings the base ran with, so a change of BESA's defaults shows in it
+    base = result.report["recipe"]["base_recipe"]
+    assert base["method"] == "besa" and base["sparsity"] == pattern and base["guard"] == "off"
+    assert base == config.besa_base().to_dict()
+
+
+def test_only_a_besa_base_adds_its_recipe():
+    assert "base_recipe" not in _config(base="wanda").to_dict()
+    assert "base_recipe" not in _config(base="sparsegpt").to_dict()
+    assert _config(base="besa", sparsity="4:8").to_dict()["base_recipe"] == BESAConfig(sparsity="4:8",
+                                                                                         guard="off").to_dict()
 
 
 def test_sds_on_besa_guard_falls_back_to_besas_weights(monkeypatch):

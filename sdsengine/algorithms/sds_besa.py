@@ -8,7 +8,6 @@
 STATS is the Hessian: SDS needs it, and BESA's Wanda ranking reads its diagonal (norms up to a common
 scale, which ranks the same).
 """
-from sdsengine.config import BESAConfig
 from sdsengine.pipeline import adapters
 
 from . import besa, sds
@@ -25,7 +24,7 @@ def needs_dense_stream(config):
 def prune_layer(ctx, config):
     """Prune ctx.targets in place; returns BESA's report with SDS's per-step errors under 'sds'."""
     dense = {name: adapters.get_weight(m).detach().clone() for name, m in ctx.targets.items()}
-    info = besa.prune_layer(ctx, besa_config(config))
+    info = besa.prune_layer(ctx, config.besa_base())
     for name, module in ctx.targets.items():
         w1 = adapters.get_weight(module).float().clone()  # a copy: set_weight below overwrites the module's
         keep = w1 != 0
@@ -37,8 +36,3 @@ def prune_layer(ctx, config):
             info[name]["fallback"] = w1.to(dense[name].dtype)
     return info
 
-
-def besa_config(config):
-    """BESA with its defaults on the SDS run's pattern, device and ignore list; its guard off, since SDS's
-    guard (W1 = BESA's masked weights as the fallback) is the one the pipeline applies."""
-    return BESAConfig(sparsity=str(config.sparsity), ignore=config.ignore, device=config.device, guard="off")
