@@ -15,10 +15,15 @@ def versions() -> dict:
             "python": platform.python_version(), "cuda": torch.version.cuda}
 
 
+def cpu_peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2 ** 20 if sys.platform != "darwin" else peak / 2 ** 30, 3)
+
+
 def peak_memory(device) -> dict:
-    """Peak resident memory of this process (Linux reports KiB) and, on CUDA, peak allocated GPU memory."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"cpu_peak_rss_gib": round(kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30, 3)}
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory."""
+    out = {"cpu_peak_rss_gib": cpu_peak_rss_gib()}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         out["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
     return out

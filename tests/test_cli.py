@@ -43,6 +43,8 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     report = json.loads((out / "sdsengine.json").read_text())
     assert report["calibration"]["nsamples"] == 4 and len(report["layers"]) == 30
     assert all(info["nm_violations"] == 0 for layer in report["layers"] for info in layer["linears"].values())
+    peaks = [layer["cpu_peak_rss_gib"] for layer in report["layers"]]  # the peak so far, after each layer
+    assert 0 < peaks[0] and peaks == sorted(peaks) and peaks[-1] <= report["memory"]["cpu_peak_rss_gib"]
     from safetensors.torch import load_file
     weights = load_file(out / "model.safetensors")
     down = weights["model.layers.3.mlp.down_proj.weight"]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from sdsengine.algorithms import algorithm_for
 from sdsengine.masks import counted_sparsity, nm_violations
+from sdsengine.report import cpu_peak_rss_gib
 
 from . import adapters, memory
 from .capture import capture_layer_inputs, to_device
@@ -38,6 +39,9 @@ class LayerReport:
     error: float | None = None  # relative squared error of the layer's output on calibration data
     linears: dict = field(default_factory=dict)  # name -> {"shape", "sparsity", "nm_violations"}
     steps: dict = field(default_factory=dict)  # name -> what the algorithm reports (e.g. errors per step)
+    # the process's peak resident memory once this layer is done; it only grows, so the layer where it
+    # rises is the one that set the run's peak (None in reports saved before it was recorded)
+    cpu_peak_rss_gib: float | None = None
 
 
 def prune_model(model, config, samples=None, progress=True, resume=None) -> list[LayerReport]:
@@ -316,7 +320,7 @@ def _report(index, targets, pattern, seconds, error):
         w = adapters.get_weight(module)
         linears[name] = {"shape": list(w.shape), "sparsity": counted_sparsity(w),
                          "nm_violations": nm_violations(w, *pattern.nm) if pattern.nm else None}
-    return LayerReport(index, seconds, error, linears)
+    return LayerReport(index, seconds, error, linears, cpu_peak_rss_gib=cpu_peak_rss_gib())
 
 
 def _activation_store(model, samples, device, dense_stream, progress):
