@@ -1,14 +1,16 @@
-"""Static SASS profile of the straight-line Triton kernels, compiled for a GPU on any machine (no GPU needed).
+"""Static SASS profile of the Triton kernels, compiled for a GPU on any machine (no GPU needed).
 
 Run it with TRITON_INTERPRET unset: under the interpreter the kernels are not compilable functions.
 
     python benchmarks/kernel_sass.py [--arch 90] [--out benchmarks/results]
 
 Each kernel is compiled with its default tile settings, specialized as a launch on 16-aligned pointers and
-sizes would be, and its SASS counted: instructions per element a thread handles, warp shuffles, barriers,
-shared-memory accesses and the width of each global access. These are static counts, a proxy that shows
-a kernel's structure (a trip through shared memory, a reduction across lanes, scalar accesses); they are
-not a speed. Speed is measured by bench_wanda.py and bench_compress.py on a GPU.
+sizes would be, and its SASS counted: instructions per element a thread handles (straight-line kernels
+only: a loop's trip count is not in the code), warp shuffles, barriers, shared-memory accesses and the
+width of each global access; plus registers per thread and the programs an SM can hold at once, which they
+and the shared memory allow. These are static counts, a proxy that shows a kernel's structure (a trip
+through shared memory, a reduction across lanes, scalar accesses, an SM left with one program to hide
+its latency); they are not a speed. Speed is measured by bench_wanda.py and bench_compress.py on a GPU.
 Writes kernel_sass.json (one record per kernel and dtype) and kernel_sass.md.
 """
 import argparse
@@ -27,28 +29,39 @@ from sdsengine.kernels import compress as compress_mod
 from sdsengine.kernels import wanda as wanda_mod
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+ROW_LENGTHS = (4096, 11008)  # the unstructured Wanda kernel holds a row padded to a power of two
+# per SM, for the occupancy column: 64K registers allocated per warp in steps of 8 per thread, at most 64
+# warps and 32 programs; shared memory (KiB) usable by programs, each of which also reserves 1 KiB
+SM_LIMITS = {80: 164, 86: 100, 89: 100, 90: 228}
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)")
 
 
 def kernels(ty):
-    """(name, jit function, signature, constexprs, warps, elements per program) for weights of type ty."""
-    wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8", "rows": "i32", "cols": "i32"}
+    """(name, jit function, signature, constexprs, warps, elements per program, straight-line?) for weights
+    of type ty."""
+    wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8"}
     rows, cols, warps = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS, wanda_mod.NM_WARPS
-    out = [(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, wanda_sig,
-            {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols) for n, m in ((2, 4), (4, 8))]
+    out = [(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, {**wanda_sig, "rows": "i32", "cols": "i32"},
+            {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols, True) for n, m in ((2, 4), (4, 8))]
+    for length in ROW_LENGTHS:
+        block, warps, tie_block = wanda_mod.row_launch(length)
+        out.append((f"wanda 50% ({length} cols)", wanda_mod._wanda_row_kernel,
+                    {**wanda_sig, "cols": "i32", "n_prune": "i32"}, {"BLOCK": block, "TIE_BLOCK": tie_block},
+                    warps, block, False))
     tile = {"BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_C": compress_mod.TILE_CHUNKS}
     per_program = compress_mod.TILE_ROWS * compress_mod.TILE_CHUNKS * 32
     out.append(("compress 2:4", compress_mod._compress_kernel,
                 {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META": "*i32", "rows": "i32", "cols": "i32"},
-                {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program))
+                {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program, True))
     out.append(("decompress 2:4", compress_mod._decompress_kernel,
                 {"VALUES": f"*{ty}", "META": "*i32", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
-                tile, compress_mod.WARPS, per_program))
+                tile, compress_mod.WARPS, per_program, True))
     return out
 
 
-def sass(fn, signature, constexprs, warps, arch):
-    """The kernel's SASS text, compiled for sm_<arch> with every runtime argument 16-divisible."""
+def compile_sass(fn, signature, constexprs, warps, arch):
+    """(SASS text, registers per thread, shared bytes per program) of the kernel compiled for sm_<arch>, with
+    every runtime argument 16-divisible."""
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))}
     source = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                                        constexprs=constexprs, attrs=attrs)
@@ -58,17 +71,28 @@ def sass(fn, signature, constexprs, warps, arch):
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        return subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    return text, int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared
+
+
+def programs_per_sm(regs, shared, warps, arch):
+    """How many programs of this kernel an SM holds at once, as its registers, shared memory and warps allow."""
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32) // warps
+    by_shared = SM_LIMITS[arch] * 1024 // (shared + 1024)
+    return min(by_regs, by_shared, 64 // warps, 32)
 
 
 def profile(text, elements_per_thread):
-    """Counts from SASS text: per-element instructions, and the instructions that show the kernel's shape."""
+    """Counts from SASS text: per-element instructions (None: a loop's trip count is not in the code), and the
+    instructions that show the kernel's shape."""
     ops = collections.Counter()
     for line in text.splitlines():
         if m := INSTRUCTION.match(line):
             ops[m.group(1) + (m.group(2) if m.group(1) in ("LDG", "STG") else "")] += 1
     total = sum(ops.values())
-    return {"instructions": total, "per_element": round(total / elements_per_thread, 1),
+    return {"instructions": total,
+            "per_element": round(total / elements_per_thread, 1) if elements_per_thread else None,
             "shfl": ops["SHFL"], "bar": ops["BAR"], "shared": ops["LDS"] + ops["STS"],
             "global_accesses": ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()) if op.startswith(("LDG", "STG")))}
 
@@ -76,26 +100,30 @@ def profile(text, elements_per_thread):
 def run(arch):
     records = []
     for dtype, ty in DTYPES.items():
-        for name, fn, signature, constexprs, warps, elements in kernels(ty):
-            stats = profile(sass(fn, signature, constexprs, warps, arch), elements / (32 * warps))
+        for name, fn, signature, constexprs, warps, elements, straight in kernels(ty):
+            text, regs, shared = compile_sass(fn, signature, constexprs, warps, arch)
+            stats = profile(text, elements / (32 * warps) if straight else None)
             records.append({"bench": "kernel_sass", "kernel": name, "dtype": dtype, "arch": f"sm_{arch}",
-                            "warps": warps, "elements_per_program": elements, **stats})
+                            "warps": warps, "elements_per_program": elements, **stats, "regs": regs,
+                            "programs_per_sm": programs_per_sm(regs, shared, warps, arch)})
     return records
 
 
 COLUMNS = ("kernel", "dtype", "arch", "warps", "elements_per_program", "per_element", "shfl", "bar", "shared",
-           "global_accesses")
+           "regs", "programs_per_sm", "global_accesses")
 
 
 def markdown(records):
     return (f"Static SASS counts per thread, Triton {triton.__version__}, compiled without a GPU "
             "(`python benchmarks/kernel_sass.py`): a proxy for a kernel's structure, not a speed. per_element: "
-            "instructions / elements per thread; shared: LDS + STS.\n\n" + table(records, COLUMNS) + "\n")
+            "instructions / elements per thread (- for a kernel with loops); shared: LDS + STS; regs: registers per "
+            "thread; programs_per_sm: programs an SM holds at once.\n\n" + table(records, COLUMNS) + "\n")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (80, 90)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                        help="compute capability as an integer")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     records = run(args.arch)

@@ -36,14 +36,15 @@ def nm_keep(key, pos, AXIS: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def lowest_k(key, k, SIZE: tl.constexpr):
-    """Prune mask of the k entries a stable ascending sort puts first (prune_lowest_mask), 1-D key.
+def kth_key(key, k, SIZE: tl.constexpr):
+    """T, the k-th smallest of the 1-D keys (the smallest for k == 0): a stable ascending sort puts the
+    keys below T and the first k - #(key < T) ties at T into its first k places (prune_lowest_mask).
 
-    Finds T, the k-th smallest key, by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi =
-    #(key <= hi). Each step probes by interpolating the counts (keys are near log-scale, so the counts
-    are smooth and ~7 steps suffice on LLM rows) and falls back to bisection when a step did not halve
-    the bracket (at most ~2 x 32 steps on adversarial rows). Bracket ends snap to real keys, which ends
-    the search as soon as a count hits k exactly. Ties at T are then pruned lowest index first.
+    Finds T by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi = #(key <= hi). Each step
+    probes by interpolating the counts (keys are near log-scale, so the counts are smooth and ~7 steps
+    suffice on LLM rows) and falls back to bisection when a step did not halve the bracket (at most ~2 x 32
+    steps on adversarial rows). Bracket ends snap to real keys, which ends the search as soon as a count
+    hits k exactly.
     """
     lo = tl.min(key, axis=0).to(tl.int64) - 1  # lo + 1 is always a real key
     hi = tl.max(key, axis=0).to(tl.int64)      # hi is always a real key
@@ -64,9 +65,5 @@ def lowest_k(key, k, SIZE: tl.constexpr):
         hi, n_hi = tl.where(n >= k, top_below, hi), tl.where(n >= k, n, n_hi)
         lo, n_lo = tl.where(n >= k, lo, low_above - 1), tl.where(n >= k, n_lo, n)
         bisect = (hi - lo) * 2 > width
-    # n_lo == k - 1 means T is the first key above lo; k == 0 takes the smallest key, pruning nothing
-    T = tl.where((n_lo == k - 1) | (k == 0), lo + 1, hi).to(tl.int32)
-    less = key < T
-    ties = key == T
-    need = k - tl.sum(less.to(tl.int32), axis=0)
-    return less | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= need))
+    # n_lo == k - 1 means T is the first key above lo; k == 0 takes the smallest key
+    return tl.where((n_lo == k - 1) | (k == 0), lo + 1, hi).to(tl.int32)

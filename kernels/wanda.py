@@ -7,12 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import PAD_KEY, lowest_k, nm_keep, sort_key
+from ._select import PAD_KEY, kth_key, nm_keep, sort_key
 
 NM_TILE_ROWS = 16
 NM_TILE_COLS = 256  # per program: 16 x 256 elements, 16 per thread at 8 warps
 NM_WARPS = 8
 ROW_ELEMS_PER_WARP = 512  # unstructured: one program per row, warps = row length / this, 4 to 16
+TIE_BLOCK = 1024  # unstructured rows whose threshold has ties to split are re-read in pieces of this size
 
 
 @triton.jit
@@ -40,17 +41,43 @@ def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.cons
 
 
 @triton.jit
-def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr):
-    # One program per row: the row's keys stay in registers while lowest_k searches its threshold.
+def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr, TIE_BLOCK: tl.constexpr):
+    # One program per row: the row's keys stay in registers while kth_key searches its threshold T.
     c = tl.arange(0, BLOCK)
     inside = c < cols
-    offs = tl.program_id(0).to(tl.int64) * cols + c
-    w = tl.load(W + offs, mask=inside, other=0.0)
+    row = tl.program_id(0).to(tl.int64) * cols
+    w = tl.load(W + row + c, mask=inside, other=0.0)
     norm = tl.load(NORM + c, mask=inside, other=0.0)
     key = tl.where(inside, _scores(w, norm), PAD_KEY)
-    keep = ~lowest_k(key, n_prune, BLOCK)
-    tl.store(OUT + offs, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
-    tl.store(MASK + offs, keep.to(tl.int8), mask=inside)
+    T = kth_key(key, n_prune, BLOCK)
+    # two counts more than the bracket knows, but fewer registers than taking them from it (compiled, sm_90)
+    n_below = tl.sum((key < T).to(tl.int32), axis=0)
+    if n_below + tl.sum((key == T).to(tl.int32), axis=0) == n_prune:  # every tie at T goes: the usual case
+        keep = key > T
+        tl.store(OUT + row + c, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
+        tl.store(MASK + row + c, keep.to(tl.int8), mask=inside)
+    else:
+        _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, n_prune - n_below, TIE_BLOCK)
+
+
+@triton.jit
+def _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, need, TIE_BLOCK: tl.constexpr):
+    # Only `need` of the ties at T go, lowest index first (a stable sort). Rare on real weights, so this
+    # streams the row again in pieces instead of ranking the ties by a scan over the register-held row,
+    # which costs every row registers and shared memory: compiled for sm_90 (fp16), 127 registers against
+    # 104 at 16384 x 16 warps, and 75 against 54 at 4096 x 8, where an SM then holds 4 rows instead of 3.
+    seen = need * 0
+    for start in range(0, cols, TIE_BLOCK):
+        c = start + tl.arange(0, TIE_BLOCK)
+        inside = c < cols
+        w = tl.load(W + row + c, mask=inside, other=0.0)
+        key = _scores(w, tl.load(NORM + c, mask=inside, other=0.0))
+        ties = (key == T) & inside
+        order = seen + tl.cumsum(ties.to(tl.int32), axis=0)
+        keep = (key > T) | (ties & (order > need))
+        tl.store(OUT + row + c, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
+        tl.store(MASK + row + c, keep.to(tl.int8), mask=inside)
+        seen += tl.sum(ties.to(tl.int32), axis=0)
 
 
 def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
@@ -73,7 +100,13 @@ def _launch(weight, act_norm, out, mask, sparsity, nm):
         _wanda_nm_kernel[grid](weight, act_norm, out, mask, rows, cols, N=n, M=m,
                                BLOCK_R=NM_TILE_ROWS, BLOCK_G=block_g, num_warps=NM_WARPS)
     else:
-        block = triton.next_power_of_2(cols)
+        block, warps, tie_block = row_launch(cols)
         n_prune = int(cols * sparsity)  # the count prune_lowest_mask drops, computed the same way
-        _wanda_row_kernel[(rows,)](weight, act_norm, out, mask, cols, n_prune, BLOCK=block,
-                                   num_warps=min(16, max(4, block // ROW_ELEMS_PER_WARP)))
+        _wanda_row_kernel[(rows,)](weight, act_norm, out, mask, cols, n_prune, BLOCK=block, TIE_BLOCK=tie_block,
+                                   num_warps=warps)
+
+
+def row_launch(cols):
+    """(BLOCK, warps, TIE_BLOCK) of the unstructured kernel for rows of this length."""
+    block = triton.next_power_of_2(cols)
+    return block, min(16, max(4, block // ROW_ELEMS_PER_WARP)), min(block, TIE_BLOCK)

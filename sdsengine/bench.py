@@ -268,6 +268,8 @@ def table(records, columns=COLUMNS):
 
 
 def _fmt(value):
+    if value is None:  # not measured, or not meaningful for this record
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

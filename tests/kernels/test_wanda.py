@@ -6,6 +6,7 @@ from sdsengine.algorithms import wanda
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.config import WandaConfig
 from sdsengine.kernels import use_backend, wanda_prune
+from sdsengine.kernels.wanda import TIE_BLOCK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((1, 32), (3, 96), (17, 160), (64, 128))  # one row, odd rows, a partial column tile, 4 row tiles
@@ -71,6 +72,15 @@ def _tied(kind, rows=5, cols=64):
 def test_ties_match_reference(both_backends, assert_exact, device, kind, pattern):
     nm, sparsity = (pattern, 0.5) if isinstance(pattern, tuple) else (None, pattern)
     _check(both_backends, assert_exact, device, *_tied(kind), sparsity, nm)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3])
+def test_ties_across_pieces(both_backends, assert_exact, device, sparsity):
+    """A row whose threshold ties must be split is re-read in pieces of TIE_BLOCK: the lowest-index ties go,
+    counted across piece boundaries (2500 columns: three pieces, the last partial)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randint(-3, 4, (3, TIE_BLOCK * 2 + 452), generator=gen).to(torch.float16)
+    _check(both_backends, assert_exact, device, weight, torch.ones(weight.shape[1]), sparsity, None)
 
 
 def test_all_equal_by_hand(device):
