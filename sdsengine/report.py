@@ -15,15 +15,10 @@ def versions() -> dict:
             "python": platform.python_version(), "cuda": torch.version.cuda}
 
 
-def cpu_peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / 2 ** 20 if sys.platform != "darwin" else peak / 2 ** 30, 3)
-
-
 def peak_memory(device) -> dict:
-    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory."""
-    out = {"cpu_peak_rss_gib": cpu_peak_rss_gib()}
+    """Peak resident memory of this process so far (Linux reports KiB) and, on CUDA, peak allocated GPU memory."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_peak_rss_gib": round(kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30, 3)}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         out["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
     return out
@@ -53,9 +48,14 @@ def overall_sparsity(layers) -> float:
 
 
 def layer_table(layers) -> str:
-    rows = ["layer  sparsity  rel.error   seconds", "-----  --------  ---------  --------"]
+    """One line per layer, as the log shows it; the peaks are the run's so far, after the layer."""
+    gpu = any("gpu_peak_allocated_gib" in r.memory for r in layers)
+    head = "layer  sparsity  rel.error   seconds  peak RSS GiB" + ("  peak GPU GiB" if gpu else "")
+    rows = [head, "-----  --------  ---------  --------  ------------" + ("  ------------" if gpu else "")]
     for r in layers:
         sp = sum(v["sparsity"] for v in r.linears.values()) / max(len(r.linears), 1)
         err = f"{r.error:.3e}" if r.error is not None else "      n/a"
-        rows.append(f"{r.index:5d}  {sp:8.4f}  {err:>9}  {r.seconds:8.2f}")
+        peaks = [r.memory.get("cpu_peak_rss_gib")] + ([r.memory.get("gpu_peak_allocated_gib")] if gpu else [])
+        cells = "".join(f"  {p:12.3f}" if p is not None else f"  {'n/a':>12}" for p in peaks)
+        rows.append(f"{r.index:5d}  {sp:8.4f}  {err:>9}  {r.seconds:8.2f}{cells}")
     return "\n".join(rows)

@@ -43,8 +43,11 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     report = json.loads((out / "sdsengine.json").read_text())
     assert report["calibration"]["nsamples"] == 4 and len(report["layers"]) == 30
     assert all(info["nm_violations"] == 0 for layer in report["layers"] for info in layer["linears"].values())
-    peaks = [layer["cpu_peak_rss_gib"] for layer in report["layers"]]  # the peak so far, after each layer
+    peaks = [layer["memory"]["cpu_peak_rss_gib"] for layer in report["layers"]]  # the peak so far, after each
     assert 0 < peaks[0] and peaks == sorted(peaks) and peaks[-1] <= report["memory"]["cpu_peak_rss_gib"]
+    log = capsys.readouterr().out.splitlines()
+    first = log.index(next(line for line in log if line.startswith("layer  sparsity")))
+    assert "peak RSS GiB" in log[first] and f"{peaks[-1]:.3f}" in log[first + 31]
     from safetensors.torch import load_file
     weights = load_file(out / "model.safetensors")
     down = weights["model.layers.3.mlp.down_proj.weight"]
@@ -178,3 +181,15 @@ def test_bad_sparsity_flags_are_named(args, message, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_layer_table_shows_the_peaks_and_older_reports():
+    from sdsengine.pipeline.sequential import LayerReport
+    from sdsengine.report import layer_table
+    linears = {"q": {"shape": [4, 8], "sparsity": 0.5}}
+    rows = layer_table([LayerReport(0, 1.5, 0.25, linears),  # saved by a run before memory was recorded
+                        LayerReport(1, 2.0, None, linears, memory={"cpu_peak_rss_gib": 1.25,
+                                                                   "gpu_peak_allocated_gib": 3.5})]).splitlines()
+    assert rows[0].split("  ")[-2:] == ["peak RSS GiB", "peak GPU GiB"]
+    assert rows[2].split()[-2:] == ["n/a", "n/a"] and rows[3].split()[-2:] == ["1.250", "3.500"]
+

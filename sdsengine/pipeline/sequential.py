@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from sdsengine.algorithms import algorithm_for
 from sdsengine.masks import counted_sparsity, nm_violations
-from sdsengine.report import cpu_peak_rss_gib
+from sdsengine.report import peak_memory
 
 from . import adapters, memory
 from .capture import capture_layer_inputs, to_device
@@ -39,9 +39,9 @@ class LayerReport:
     error: float | None = None  # relative squared error of the layer's output on calibration data
     linears: dict = field(default_factory=dict)  # name -> {"shape", "sparsity", "nm_violations"}
     steps: dict = field(default_factory=dict)  # name -> what the algorithm reports (e.g. errors per step)
-    # the process's peak resident memory once this layer is done; it only grows, so the layer where it
-    # rises is the one that set the run's peak (None in reports saved before it was recorded)
-    cpu_peak_rss_gib: float | None = None
+    # peak memory once this layer is done, as the run's report has it (process RSS; on CUDA, allocated GPU
+    # memory): peaks only grow, so the layer where one rises is the one that set the run's peak
+    memory: dict = field(default_factory=dict)
 
 
 def prune_model(model, config, samples=None, progress=True, resume=None) -> list[LayerReport]:
@@ -116,7 +116,7 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
     else:
         error = run_layer(layer, inps, outs, kwargs, device, reference=reference)
     layer.to(home)
-    report = _report(index, targets, config.sparsity, time.perf_counter() - start, error)
+    report = _report(index, targets, config, time.perf_counter() - start, error)
     report.steps = {name: info for name, info in (steps or {}).items() if info}
     return report
 
@@ -293,7 +293,7 @@ def _prune_without_data(index, targets, algo, config):
     start = time.perf_counter()
     for module in targets.values():
         adapters.set_weight(module, algo.prune(adapters.get_weight(module), None, config))
-    return _report(index, targets, config.sparsity, time.perf_counter() - start, None)
+    return _report(index, targets, config, time.perf_counter() - start, None)
 
 
 def _targets(model, layer, index, ignore):
@@ -314,13 +314,14 @@ def check_prunable(targets, pattern):
                                  f"of the {pattern} pattern; exclude it with --ignore")
 
 
-def _report(index, targets, pattern, seconds, error):
+def _report(index, targets, config, seconds, error):
+    pattern = config.sparsity
     linears = {}
     for name, module in targets.items():
         w = adapters.get_weight(module)
         linears[name] = {"shape": list(w.shape), "sparsity": counted_sparsity(w),
                          "nm_violations": nm_violations(w, *pattern.nm) if pattern.nm else None}
-    return LayerReport(index, seconds, error, linears, cpu_peak_rss_gib=cpu_peak_rss_gib())
+    return LayerReport(index, seconds, error, linears, memory=peak_memory(config.device))
 
 
 def _activation_store(model, samples, device, dense_stream, progress):
