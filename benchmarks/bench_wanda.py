@@ -31,10 +31,10 @@ def measure(case, args):
     pattern = SparsityPattern.parse(case["pattern"])
     weight = torch.randn(out_features, in_features, dtype=case["dtype"], device=args.device)
     norms = torch.rand(in_features, device=args.device) + 0.1  # InputNorms.norms(): fp32, positive
-    ms, baseline_ms, out, ref = harness.time_backends(
+    times, out, ref = harness.time_backends(
         lambda: wanda_prune(weight, norms, pattern.sparsity, pattern.nm), args, flush=True)
-    rates = harness.bandwidth(bytes_moved(weight, norms), ms, args.copy_gbps)
-    return [harness.record(args, case, ms, baseline_ms, mismatch=harness.mismatch(out, ref), **rates,
+    rates = harness.bandwidth(bytes_moved(weight, norms), times["ms"], args.copy_gbps)
+    return [harness.record(args, case, **times, mismatch=harness.mismatch(out, ref), **rates,
                            **harness.target(f"gbps >= {TARGET} x copy", rates["frac_copy_bw"] >= TARGET))]
 
 

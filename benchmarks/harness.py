@@ -102,14 +102,18 @@ def _case_fields(args, case):
 
 
 def time_backends(fn, args, flush):
-    """(ms under args.backend, ms under the torch reference, output of each): fn() calls sdsengine.kernels."""
-    timed = []
-    for backend in (args.backend, "torch"):
+    """(times, output under args.backend, output under the torch reference); fn() calls sdsengine.kernels.
+
+    times: ms under each (per call, as used eagerly) and, on a GPU, device_ms: args.backend's GPU time
+    alone, its host side hidden (ops.time_ms). Where ms exceeds device_ms, the call waits on its host side."""
+    times, outputs = {}, []
+    for backend, name in ((args.backend, "ms"), ("torch", "baseline_ms")):
         with kernels.use_backend(backend):
-            out = fn()
-            timed.append((time_ms(fn, args.warmup, args.reps, flush=flush), out))
-    (ms, out), (baseline_ms, ref) = timed
-    return ms, baseline_ms, out, ref
+            outputs.append(fn())
+            times[name] = time_ms(fn, args.warmup, args.reps, flush=flush)
+            if name == "ms" and args.device == "cuda":
+                times["device_ms"] = time_ms(fn, args.warmup, args.reps, flush=flush, hide_host=True)
+    return times, *outputs
 
 
 def record(args, case, ms, baseline_ms, **fields):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "e2e")
 GROUP_BY = {"spmm": ("backend", "dtype"), "e2e": ("bench", "dtype")}  # default: pattern, dtype
-RATIOS = ("speedup", "frac_copy_bw", "vs_copy")
+RATIOS = ("speedup", "frac_copy_bw", "vs_copy", "ms/device_ms")  # the last > 1: the call waited on its host side
 MAX_LISTED = 25
 
 
@@ -37,10 +37,16 @@ def groups(name, records):
     return [_row(name, group, rows) for group, rows in grouped.items()]
 
 
+def _ratio(record, name):
+    if name == "ms/device_ms":
+        return record["ms"] / record["device_ms"] if record.get("device_ms") and record.get("ms") else None
+    return record.get(name)
+
+
 def _row(name, group, rows):
     row = {"bench": name, "group": group, "n": str(len(rows))}
     for ratio in RATIOS:
-        values = [r[ratio] for r in rows if r.get(ratio) is not None]
+        values = [v for v in (_ratio(r, ratio) for r in rows) if v is not None]
         row[ratio] = f"{statistics.median(values):.3g} [{min(values):.3g}, {max(values):.3g}]" if values else ""
     judged = [r["target_met"] for r in rows if r.get("target_met") is not None]
     row["targets met"] = f"{sum(judged)}/{len(judged)}" if judged else ""
@@ -55,7 +61,7 @@ def problems(name, records):
         if r.get("status", "ok") != "ok":
             failed.append(f"{where}: {r['status']} ({r.get('error', '')})")
         elif r.get("target_met") is False:
-            ratios = ", ".join(f"{k} {r[k]:.3g}" for k in RATIOS if r.get(k) is not None)
+            ratios = ", ".join(f"{k} {_ratio(r, k):.3g}" for k in RATIOS if _ratio(r, k) is not None)
             missed.append(f"{where}: target missed ({r.get('target')}; {ratios})")
     return failed, missed
 

@@ -171,16 +171,16 @@ def rates(shape, n, ms, sparse):
 # harness.py re-exports these); the CUDA-event timer itself is ops.time_ms, shared with the autotuner
 # ---------------------------------------------------------------------------------------------------
 
-COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "ms", "baseline_ms", "dense_ms",
-           "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "mismatch", "rel_err",
-           "target_met", "status")
+COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "ms", "device_ms", "baseline_ms",
+           "dense_ms", "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "mismatch",
+           "rel_err", "target_met", "status")
 
 
-def time_ms(fn, warmup=5, reps=50, flush=False):
+def time_ms(fn, warmup=5, reps=50, flush=False, hide_host=False):
     """Median milliseconds of fn(): CUDA events where a GPU is visible (L2 overwritten before each call if
-    `flush`), else the host clock, for CPU smoke runs."""
+    `flush`; the host's share hidden if `hide_host`, see ops.time_ms), else the host clock, for CPU smoke runs."""
     if torch.cuda.is_available():
-        return ops.time_ms(fn, warmup, reps, flush=flush)
+        return ops.time_ms(fn, warmup, reps, flush=flush, hide_host=hide_host)
     for _ in range(warmup):
         fn()
     times = []

@@ -76,6 +76,36 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     assert "sparsegpt: no results" in out and "spmm: no results" in out
 
 
+def test_summary_shows_the_host_wait(benchmark, tmp_path, capsys):
+    """ms / device_ms (> 1: the call waited on its host side) per group, and in a missed target's line."""
+    base = {"bench": "wanda", "shape": "64x64", "dtype": "float16", "pattern": "0.5", "status": "ok",
+            "target": "gbps >= 0.7 x copy", "frac_copy_bw": 0.2}
+    records = [{**base, "ms": 0.3, "device_ms": 0.1, "target_met": False},
+               {**base, "shape": "128x64", "ms": 0.2, "device_ms": 0.2, "target_met": True}]
+    (tmp_path / "wanda.json").write_text(json.dumps(records))
+    capsys.readouterr()
+    assert benchmark("summarize").main(["--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ms/device_ms" in out and "2 [1, 3]" in out
+    assert "wanda 64x64 float16 0.5: target missed (gbps >= 0.7 x copy; frac_copy_bw 0.2, ms/device_ms 3)" in out
+
+
+@pytest.mark.gpu
+def test_hide_host_times_the_gpu_work_alone():
+    """The timer's two readings of a call that spends 0.5 ms on the host before a tiny kernel: plain events
+    include that wait; with hide_host the GPU's spin covers it and only the kernel is timed."""
+    import time
+
+    from sdsengine import ops
+    x = torch.ones(1024, device="cuda")
+
+    def call():
+        time.sleep(5e-4)
+        x.add_(1)
+    assert ops.time_ms(call, 2, 10, flush=False) > 0.4
+    assert ops.time_ms(call, 2, 10, flush=False, hide_host=True) < 0.2
+
+
 def test_prefill_profile_names_the_linears(benchmark, tmp_path):
     """bench_e2e --profile's table, on a tiny model on the CPU: it lists the linears' matmuls, and
     write_profiles puts one section per model into the file."""
