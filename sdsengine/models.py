@@ -40,6 +40,8 @@ def load_model(name=None, dtype=torch.float32):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         location = str(path)
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not a hub id ('org/name')
+        raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
     else:
         location = source  # a hub id
     try:

@@ -74,6 +74,8 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     (["--method", "wanda", "--sparsity", "2:4", "--blocksize", "64"], "--blocksize does not apply to method 'wanda'"),
     (["--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent/model.gguf"], "GGUF model file not found"),
     (["--method", "wanda", "--sparsity", "2:4", "--model", "/tmp"], "not a Hugging Face model directory"),
+    (["--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent"], "model not found: /nonexistent is not"),
+    (["--method", "wanda", "--sparsity", "2:4", "--model", "./my/model"], "model not found: my/model is not"),
 ])
 def test_bad_input_is_named(args, message, tmp_path, capsys):
     assert main(["prune", *args, "--out", str(tmp_path / "o")]) == 2
