@@ -107,6 +107,8 @@ def test_real_model_limits(smollm_dir, data_env, tmp_path, capsys):
     assert "fewer than nsamples=5000" in capsys.readouterr().err
     assert main(["eval", "--model", str(smollm_dir), "--tasks", "lambada"]) == 2
     assert "unknown task 'lambada'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(smollm_dir), "--tasks", "wikitext2", "--seqlen", "0"]) == 2
+    assert "at least 2 tokens (seqlen), got 0" in capsys.readouterr().err
     assert main(["eval", "--model", str(smollm_dir), "--tasks", "wikitext2", "--samples", str(tmp_path / "s")]) == 2
     assert "none of the tasks 'wikitext2' is zero-shot" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

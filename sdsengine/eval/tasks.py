@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdsengine.data import data_file, resolve_data_dir
+from sdsengine.data import EVAL_TASKS, data_file, resolve_data_dir
 
 PIQA_FILE = "piqa/valid.jsonl"
 PIQA_LABELS = "piqa/valid-labels.lst"
@@ -42,8 +42,9 @@ def load_task(name_or_path, data_dir=None, limit=None) -> list[Item]:
     elif name in TASKS:
         items = TASKS[name](resolve_data_dir(data_dir, required=True))
     else:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, "
-                         f"or a path ending in .jsonl (generic format, see sdsengine/eval/tasks.py)")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (zero-shot), "
+                         f"{', '.join(EVAL_TASKS)} (perplexity), or a path ending in .jsonl (generic format, see "
+                         "sdsengine/eval/tasks.py)")
     return items[:limit]
 
 

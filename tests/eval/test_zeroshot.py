@@ -204,7 +204,8 @@ def test_malformed_jsonl_names_file_line_and_problem(tmp_path, line, message):
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown task 'hellaswag'; known tasks: piqa, arc_easy, boolq"):
+    with pytest.raises(ValueError, match=r"unknown task 'hellaswag'; known tasks: piqa, arc_easy, boolq \(zero-shot\), "
+                                         r"wikitext2, c4, ptb \(perplexity\)"):
         load_task("hellaswag")
 
 
