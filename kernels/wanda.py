@@ -50,14 +50,13 @@ def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr, TI
     norm = tl.load(NORM + c, mask=inside, other=0.0)
     key = tl.where(inside, _scores(w, norm), PAD_KEY)
     T = kth_key(key, n_prune, BLOCK)
-    # two counts more than the bracket knows, but fewer registers than taking them from it (compiled, sm_90)
-    n_below = tl.sum((key < T).to(tl.int32), axis=0)
-    if n_below + tl.sum((key == T).to(tl.int32), axis=0) == n_prune:  # every tie at T goes: the usual case
+    if tl.sum((key <= T).to(tl.int32), axis=0) == n_prune:  # every tie at T goes: the usual case
         keep = key > T
         tl.store(OUT + row + c, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
         tl.store(MASK + row + c, keep.to(tl.int8), mask=inside)
     else:
-        _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, n_prune - n_below, TIE_BLOCK)
+        need = n_prune - tl.sum((key < T).to(tl.int32), axis=0)
+        _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, need, TIE_BLOCK)
 
 
 @triton.jit
