@@ -42,7 +42,8 @@ def kernels(ty):
     wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8"}
     rows, cols, warps = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS, wanda_mod.NM_WARPS
     out = [(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, {**wanda_sig, "rows": "i32", "cols": "i32"},
-            {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols, True) for n, m in ((2, 4), (4, 8))]
+            {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols, True)
+           for n, m in ((2, 4), (4, 8))]
     for length in ROW_LENGTHS:
         block, warps, tie_block = wanda_mod.row_launch(length)
         out.append((f"wanda 50% ({length} cols)", wanda_mod._wanda_row_kernel,
