@@ -52,8 +52,9 @@ def sweep(name, call, nbytes, copy_gbps):
             ms = harness.time_ms(call, 3, 30, flush=True)
             device_ms = harness.time_ms(call, 3, 30, flush=True, hide_host=True)  # a tile changes only this
             rows.append({"kernel": name, **setting, "ms": ms, "device_ms": device_ms, "same_output": same,
-                         "frac_copy_bw": nbytes / ms / 1e6 / copy_gbps,
-                         "device_frac_copy_bw": nbytes / device_ms / 1e6 / copy_gbps, "default": setting == defaults})
+                         "frac_copy_bw": harness.bandwidth(nbytes, ms, copy_gbps)["frac_copy_bw"],
+                         "device_frac_copy_bw": harness.bandwidth(nbytes, device_ms, copy_gbps)["frac_copy_bw"],
+                         "default": setting == defaults})
         except Exception as exc:  # a setting the compiler rejects (registers, shared memory) is reported
             rows.append({"kernel": name, **setting, "error": f"{type(exc).__name__}: {exc}"[:200]})
         finally:

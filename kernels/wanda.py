@@ -22,6 +22,13 @@ def _scores(w, norm):
 
 
 @triton.jit
+def _write(OUT, MASK, offs, w, keep, inside):
+    """The pruned weight (+0.0 where dropped) and the int8 keep mask at offs."""
+    tl.store(OUT + offs, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
+    tl.store(MASK + offs, keep.to(tl.int8), mask=inside)
+
+
+@triton.jit
 def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     # The tile is (BLOCK_R * BLOCK_G groups, M): one group per tile row, so a thread holds whole groups and
@@ -36,8 +43,7 @@ def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.cons
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
     keep = nm_keep(_scores(w, norm), pos, 1, N, M)
-    tl.store(OUT + offs, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
-    tl.store(MASK + offs, keep.to(tl.int8), mask=inside)
+    _write(OUT, MASK, offs, w, keep, inside)
 
 
 @triton.jit
@@ -52,8 +58,7 @@ def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr, TI
     T = kth_key(key, n_prune, BLOCK)
     if tl.sum((key <= T).to(tl.int32), axis=0) == n_prune:  # every tie at T goes: the usual case
         keep = key > T
-        tl.store(OUT + row + c, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
-        tl.store(MASK + row + c, keep.to(tl.int8), mask=inside)
+        _write(OUT, MASK, row + c, w, keep, inside)
     else:
         need = n_prune - tl.sum((key < T).to(tl.int32), axis=0)
         _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, need, TIE_BLOCK)
@@ -64,7 +69,7 @@ def _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, need, TIE_BLOCK: tl.c
     # Only `need` of the ties at T go, lowest index first (a stable sort). Rare on real weights, so this
     # streams the row again in pieces instead of ranking the ties by a scan over the register-held row,
     # which costs every row registers and shared memory: compiled for sm_90 (fp16), 127 registers against
-    # 104 at 16384 x 16 warps, and 75 against 54 at 4096 x 8, where an SM then holds 4 rows instead of 3.
+    # 103 at 16384 x 16 warps, and 75 against 55 at 4096 x 8, where an SM then holds 4 rows instead of 3.
     seen = need * 0
     for start in range(0, cols, TIE_BLOCK):
         c = start + tl.arange(0, TIE_BLOCK)
@@ -74,8 +79,7 @@ def _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, need, TIE_BLOCK: tl.c
         ties = (key == T) & inside
         order = seen + tl.cumsum(ties.to(tl.int32), axis=0)
         keep = (key > T) | (ties & (order > need))
-        tl.store(OUT + row + c, tl.where(keep, w, tl.zeros_like(w)), mask=inside)
-        tl.store(MASK + row + c, keep.to(tl.int8), mask=inside)
+        _write(OUT, MASK, row + c, w, keep, inside)
         seen += tl.sum(ties.to(tl.int32), axis=0)
 
 
