@@ -145,6 +145,25 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     assert "graph_ms -" in line and f"forced_dense_ms {sparse['prefill_forced_dense']:.3f}" in line
 
 
+def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_path, monkeypatch):
+    """bench_dispatch on the CPU: one record per token count, SparseLinear's calls really made (counted),
+    and the summary lists the bench."""
+    from sdsengine.nn import SparseLinear
+    calls = []
+    forward = SparseLinear.forward
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: (calls.append(1), forward(self, x))[1])
+    argv = ["--tokens", "1,3", "--calls", "5", "--out", str(tmp_path), "--name", "dispatch"]
+    assert benchmark("bench_dispatch").main(argv) == 0
+    records = json.loads((tmp_path / "dispatch.json").read_text())
+    assert [r["tokens"] for r in records] == [1, 3] and {r["backend"] for r in records} == {"dense"}
+    assert len(calls) == 2 * (20 + 7 * 5)  # warm-up, then 7 timed loops of 5, per token count
+    for r in records:
+        assert r["extra_us"] == pytest.approx((r["ms"] - r["dense_ms"]) * 1e3)
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+    rows, _ = benchmark("summarize").collect(tmp_path)
+    assert {row["group"] for row in rows if row["bench"] == "dispatch"} == {"1 float32", "3 float32"}
+
+
 def test_zeroshot_answers_compares_item_by_item(benchmark, tmp_path, capsys):
     """Answer shares, accuracy and agreement with the first file, on hand-made --samples files."""
     def write(name, preds, labels=(1, 1, 0, 1)):

@@ -8,7 +8,13 @@ On CUDA, forward picks per (weight shape, token-count bucket, dtype, device, bia
 fastest: every available backend, dense included, is timed once on a random input of the bucket's size and
 checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
 beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the
-CPU it decompresses once (cached) and runs dense, so everything is testable without a GPU.
+CPU the only backend is dense (decompressed once, cached), reached by the same path, so everything is
+testable without a GPU.
+
+Each layer remembers, per (token count, dtype), the backend and form it settled on, so a repeated call
+costs one dict lookup more than nn.Linear: the decision keys (str(device), buckets) are computed only on a
+miss. Those routes are dropped whenever a decision could change (forms dropped, the cache cleared, a
+backend forced or released).
 """
 import contextlib
 import warnings
@@ -26,6 +32,7 @@ MAX_BUCKET = 8192
 
 _choices = {}  # (out, in, bucket, dtype, device, has_bias) -> backend name, shared by layers of one shape
 _forced = None
+_epoch = 0  # bumped whenever a layer's remembered routes may be stale
 
 
 @contextlib.contextmanager
@@ -35,14 +42,22 @@ def use_backend(name):
     if name is not None and name not in ops.BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {ops.BACKENDS}")
     previous, _forced = _forced, name
+    _expire_routes()
     try:
         yield
     finally:
         _forced = previous
+        _expire_routes()
 
 
 def clear_autotune_cache():
     _choices.clear()
+    _expire_routes()
+
+
+def _expire_routes():
+    global _epoch
+    _epoch += 1
 
 
 def autotune_choices():
@@ -69,6 +84,7 @@ class SparseLinear(nn.Module):
                                                 dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
         self._forms = {}
+        self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
 
     @classmethod
     def from_dense(cls, weight, bias=None):
@@ -104,16 +120,26 @@ class SparseLinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)
-        if not x.is_cuda:
-            y = F.linear(x2, self._form("dense"), self.bias)
-        elif x2.shape[0] == 0:
-            y = x2.new_empty(0, self.out_features)
-        else:
-            if x.dtype != self.values.dtype:
-                raise RuntimeError(f"SparseLinear: input dtype {x.dtype} differs from weight dtype {self.values.dtype}")
-            backend = self._backend_for(x2.shape[0])
-            y = ops.run(backend, self._form(backend), x2, self.bias, self.out_features)
+        route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None
+        if route is None:
+            if x2.shape[0] == 0:
+                return x2.new_empty(*x.shape[:-1], self.out_features)
+            route = self._route(x2.shape[0], x2.dtype)
+        y = ops.run(*route, x2, self.bias, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _route(self, tokens, dtype):
+        """(backend, form) for this call, remembered for the next call of its size unless the decision was
+        provisional (during CUDA-graph capture before tuning)."""
+        if dtype != self.values.dtype:
+            raise RuntimeError(f"SparseLinear: input dtype {dtype} differs from weight dtype {self.values.dtype}")
+        if self._routes_epoch != _epoch:
+            self._routes, self._routes_epoch = {}, _epoch
+        backend = self._backend_for(tokens)
+        route = (backend, self._form(backend))
+        if _forced is not None or self._key(tokens) in _choices:
+            self._routes[tokens, dtype] = route
+        return route
 
     # -- derived forms ------------------------------------------------------------------------------
 
@@ -123,11 +149,11 @@ class SparseLinear(nn.Module):
         return self._forms[backend]
 
     def _apply(self, fn, recurse=True):
-        self._forms = {}  # device or dtype moves invalidate every derived form
+        self._forms, self._routes = {}, {}  # device or dtype moves invalidate every derived form
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._forms = {}
+        self._forms, self._routes = {}, {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- backend choice -----------------------------------------------------------------------------

@@ -178,6 +178,58 @@ def test_autotune_keeps_dense_within_noise(fake_backends, fresh_choices):
     assert layer._backend_for(1) == "dense"  # 0.5% faster is noise, not a win
 
 
+@pytest.fixture
+def backends_run(fake_backends, monkeypatch):
+    """fake_backends, recording the backend of every SparseLinear call and counting the decisions made."""
+    ran, decided = [], []
+    run, backend_for = ops.run, SparseLinear._backend_for
+    monkeypatch.setattr(ops, "run", lambda backend, *args: (ran.append(backend), run(backend, *args))[1])
+    monkeypatch.setattr(SparseLinear, "_backend_for",
+                        lambda self, tokens: (decided.append(tokens), backend_for(self, tokens))[1])
+    return ran, decided
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_repeated_call_reuses_its_route_until_a_decision_may_change(backends_run, fresh_choices):
+    ran, decided = backends_run
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    x = torch.randn(3, 64)
+    for _ in range(3):
+        layer(x)
+    assert decided == [3] and ran[-3:] == ["sdsengine"] * 3  # one decision (tuning ran other backends)
+    with use_backend("dense"):
+        layer(x)
+        layer(x)
+    layer(x)
+    assert decided == [3, 3, 3] and ran[-3:] == ["dense", "dense", "sdsengine"]
+    sl.clear_autotune_cache()
+    layer(x)
+    assert decided == [3, 3, 3, 3]
+    layer.load_state_dict(layer.state_dict())
+    layer(x)
+    assert decided == [3, 3, 3, 3, 3]
+
+
+def test_routes_are_kept_per_dtype_and_a_wrong_dtype_is_named():
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    layer(torch.randn(2, 64))
+    with pytest.raises(RuntimeError, match="input dtype torch.float16 differs from weight dtype torch.float32"):
+        layer(torch.randn(2, 64, dtype=torch.float16))
+    assert layer(torch.randn(0, 5, 64)).shape == (0, 5, 32)
+
+
+def test_no_route_is_remembered_while_capturing_before_tuning(fake_backends, fresh_choices, monkeypatch):
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(ops, "capturing", lambda: True)
+    layer(x)  # provisional: dense, untimed
+    assert sl.autotune_choices() == {} and layer._routes == {}
+    monkeypatch.setattr(ops, "capturing", lambda: False)
+    with pytest.warns(UserWarning):
+        layer(x)  # tuned now
+    assert set(sl.autotune_choices().values()) == {"sdsengine"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # convert and checkpoints
 # ---------------------------------------------------------------------------------------------------

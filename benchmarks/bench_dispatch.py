@@ -1,0 +1,88 @@
+"""SparseLinear's host cost per call against nn.Linear's, on shapes too small for the GEMM to matter.
+
+Each layer is called in a loop and timed with the host clock (the device synchronized after the loop),
+so what is measured is Python, dispatch and launch: the cost a converted model pays on every linear in
+eager mode. A converted Llama runs 7 linears per decoder layer, so at 32 layers and X microseconds more per
+call, an eager prefill or decode step costs 224 X more host time; it shows wherever the step is host-bound.
+Runs on the CPU too (there the only backend is dense, reached by the same dispatch as on a GPU).
+
+    python benchmarks/bench_dispatch.py [--tokens 1,512] [--calls 2000]
+
+Writes benchmarks/results/dispatch[-cpu].json and .md: per token count, `ms` (SparseLinear) and `dense_ms`
+(nn.Linear) per call, `extra_us` = the difference in microseconds, and `speedup` = dense_ms / ms.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from harness import RESULTS, gpu_info, write_results
+from sdsengine.masks import nm_mask
+from sdsengine.nn import SparseLinear, sparse_linear
+
+SHAPE = (64, 256)  # (out, in): a GEMM of a few microseconds, so the host side is what is timed
+
+
+def per_call_ms(layer, x, calls, repeats=7):
+    """Median over `repeats` of the mean host time of `calls` calls in a row."""
+    with torch.no_grad():
+        for _ in range(20):
+            layer(x)  # tunes SparseLinear and warms every cache
+        times = []
+        for _ in range(repeats):
+            _sync(x.device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            _sync(x.device)
+            times.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def layers(device, dtype):
+    torch.manual_seed(0)
+    dense = nn.Linear(SHAPE[1], SHAPE[0], bias=False).to(device, dtype)
+    with torch.no_grad():
+        dense.weight.mul_(nm_mask(dense.weight.abs(), 2, 4))
+    return dense, SparseLinear.from_linear(dense)
+
+
+def measure(tokens, device, dtype, calls):
+    dense, sparse = layers(device, dtype)
+    x = torch.randn(1, tokens, SHAPE[1], device=device, dtype=dtype)
+    dense_ms = per_call_ms(dense, x, calls)
+    ms = per_call_ms(sparse, x, calls)
+    backend = sparse_linear.autotune_choices().get(sparse._key(tokens), "?")
+    return dict(bench="dispatch", shape=f"{SHAPE[0]}x{SHAPE[1]}", tokens=tokens,
+                dtype=str(dtype).removeprefix("torch."), gpu=gpu_info()["gpu"], backend=backend, ms=ms,
+                dense_ms=dense_ms, extra_us=(ms - dense_ms) * 1e3, speedup=dense_ms / ms)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,512", help="token counts, comma-separated")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed loop")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--name", default=None, help="results file stem (default dispatch, or dispatch-cpu)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    records = [measure(int(n), device, dtype, args.calls) for n in args.tokens.split(",")]
+    for r in records:
+        print(f"{r['tokens']:>5} tokens on {r['gpu']}: SparseLinear {r['ms'] * 1e3:.2f} us, nn.Linear "
+              f"{r['dense_ms'] * 1e3:.2f} us per call ({r['extra_us']:+.2f} us, backend {r['backend']})")
+    name = args.name or ("dispatch" if device.type == "cuda" else "dispatch-cpu")
+    print(f"wrote {write_results(name, records, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
