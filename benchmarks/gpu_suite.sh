@@ -11,13 +11,14 @@
 #   5. wanda, compress, sparsegpt   benchmarks/bench_<name>.py: Triton vs the PyTorch reference
 #   6. spmm, e2e    benchmarks/bench_spmm.py and bench_e2e.py, cut down to fit
 #   6b. dispatch    benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's
+#   6c. spmm_bf16   bench_spmm.py in bf16 at 1 and 2048 tokens (last: the first steps matter more)
 #   7. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
 # Each step runs under `timeout` with its own budget (seconds, below) and never past SUITE_SECONDS in all
 # (default 560: a device call allows 600); a step that fails, times out or finds no time left is recorded and
 # the suite goes on. The kernel benchmarks stop starting new cases at 3/4 of their budget.
-# Writes into $RESULTS (default benchmarks/results) {wanda,compress,sparsegpt,spmm,e2e,dispatch}.{json,md},
-# removing older ones first, and suite_steps.tsv (step, status, rc, seconds). Where $OUT is set (the device
+# Writes into $RESULTS (default benchmarks/results) <step>.{json,md} for the benchmark steps, removing older
+# ones first, and suite_steps.tsv (step, status, rc, seconds). Where $OUT is set (the device
 # machine), also $OUT/suite.log, $OUT/results.tar.gz (those results, refreshed after every step) and
 # $OUT/summary.txt.
 # Exit status: 0 when every step ended ok, else 1.
@@ -27,7 +28,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv
-BENCHES="wanda compress sparsegpt spmm e2e dispatch"
+BENCHES="wanda compress sparsegpt spmm e2e dispatch spmm_bf16"
 FILES="suite_steps.tsv"
 for b in $BENCHES; do FILES="$FILES $b.json $b.md"; done
 BENCH_ARGS=${BENCH_ARGS:-}  # more flags for the kernel benchmarks, e.g. --smoke for a quick dry run
@@ -90,6 +91,8 @@ suite() {
   step spmm 50 "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 --out "$RESULTS"
   step e2e 90 "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --out "$RESULTS"
   step dispatch 20 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
+  step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
+    --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'
