@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from sdsengine import report
-from sdsengine.config import CalibrationConfig
+from sdsengine.config import CalibrationConfig, check_device
 from sdsengine.data import calibration_protocol, calibration_samples
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.resume import ResumeStore
@@ -28,6 +28,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     `resume_dir`: keep the progress there after every layer, and continue from the progress of the same
     run if it holds some (see pipeline/resume.py); the directory stays until `ResumeStore(d).clear()`.
     """
+    check_device(config.device)
     samples, protocol = _calibration(model, config, calibration, tokenizer)
     store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     start = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 
 from sdsengine import api, bench, checkpoint, report
 from sdsengine.algorithms import METHODS, lookup
-from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern
+from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
@@ -153,7 +153,8 @@ def cmd_prune(args):
     args.sparsity = sparsity_from(args)
     config = _config_from(args, config_class)
     calib = _config_from(args, CalibrationConfig)
-    out = checkpoint.check_output_dir(args.out, args.overwrite)  # before any work
+    check_device(config.device)  # before any work, as is the output directory
+    out = checkpoint.check_output_dir(args.out, args.overwrite)
     if args.resume_dir:
         ResumeStore(args.resume_dir).check()
     model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
@@ -172,6 +173,7 @@ def cmd_eval(args):
     tasks = [t for t in args.tasks.split(",") if t]
     if args.samples and all(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
+    check_device(args.device)
     model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     model.to(args.device)
     samples = {} if args.samples else None
@@ -202,6 +204,7 @@ def cmd_bench(args):
 def cmd_demo(args):
     """Dense vs 2:4 on the embedded model, with a reduced protocol so it fits in minutes on a laptop."""
     start = time.perf_counter()
+    check_device(args.device)
     model, tokenizer, source = load_model(None)
     limit = args.limit or None
     print(f"sdsengine demo: {source}\nREDUCED PROTOCOL: calibration {args.nsamples} x {args.seqlen} C4 tokens, "

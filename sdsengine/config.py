@@ -6,6 +6,30 @@ config class here and one registration in algorithms/__init__.py.
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def check_device_name(device):
+    if str(device).split(":")[0] not in DEVICE_KINDS:
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+
+
+def check_device(device):
+    """Raise, naming the problem, unless `device` (cpu, cuda, cuda:N) exists on this machine: before any
+    model time, and instead of torch's assertion about how it was built."""
+    check_device_name(device)
+    kind, _, index = str(device).partition(":")
+    if kind != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible here (torch {torch.__version__}); "
+                         "use --device cpu")
+    if index and (not index.isdigit() or int(index) >= count):
+        raise ValueError(f"device {device!r}: {count} CUDA GPU(s) visible here, cuda:0 to cuda:{count - 1}")
+
 
 @dataclass(frozen=True)
 class SparsityPattern:
@@ -65,8 +89,7 @@ class PruneConfig:
     def __post_init__(self):
         self.sparsity = SparsityPattern.parse(self.sparsity)
         self.ignore = tuple(self.ignore)
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        check_device_name(self.device)  # a config only describes: availability is checked when it runs
         if self.sequential is None:
             self.sequential = self.default_sequential()
         if self.sequential not in ("layer", "linear"):

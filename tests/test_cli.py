@@ -83,6 +83,16 @@ def test_bad_input_is_named(args, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", [["prune", "--method", "wanda", "--sparsity", "2:4"], ["eval"], ["demo"]])
+def test_missing_gpu_is_named_before_model_time(command, tmp_path, capsys, monkeypatch):
+    import sdsengine.cli as cli
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = ["--out", str(tmp_path / "o")] if command[0] == "prune" else []
+    assert main([*command, "--device", "cuda", *out]) == 2
+    assert "device 'cuda': no CUDA GPU is visible here" in capsys.readouterr().err
+
+
 def test_existing_output_is_refused_before_work(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("precious")
     assert main(["prune", "--method", "wanda", "--sparsity", "2:4", "--model", "/nonexistent.gguf",

@@ -1,4 +1,5 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
+from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, eval_tokens
 
 from .perplexity import perplexity
@@ -14,7 +15,8 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     """{task: result}: perplexity tasks give ppl, tokens, windows, seqlen, protocol; zero-shot ones acc,
     acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot). `samples`: a dict that receives,
     per zero-shot task, its per-item records (zeroshot.item_records)."""
-    # Check and load every task's input first: a bad name, file or length fails before any model time.
+    # Check and load every task's input first: a bad name, file, length or device fails before any model time.
+    check_device(device)
     if seqlen < 2 and any(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
     items = {t: load_task(t, data_dir, limit) for t in tasks if t not in EVAL_TASKS}
