@@ -192,8 +192,12 @@ def cmd_convert(args):
     model, _, source = load_model(args.model, getattr(torch, args.dtype))
     records = []
     convert(model, report=records)
-    save_compressed(model, args.out)
     done = sum(r.action == "converted" for r in records)
+    if done == 0:  # a copy with nothing compressed is neither smaller nor faster: say why instead
+        reasons = sorted({r.reason.split(" (")[0] for r in records})
+        raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({'; '.join(reasons)}); "
+                         "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
+    save_compressed(model, args.out)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
 
 

@@ -157,6 +157,20 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     torch.testing.assert_close(packed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_convert_cli_refuses_a_model_with_nothing_to_convert(tmp_path, capsys):
+    """Unstructured 50% saves neither time nor memory: convert says so and writes nothing."""
+    import sdsengine
+    from tiny_models import tiny_model
+    from sdsengine.checkpoint import save_checkpoint
+    model = tiny_model("gpt2")
+    result = sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="0.5"), None, progress=False)
+    src = save_checkpoint(model, None, tmp_path / "pruned", result.report)
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "packed")]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 9 linears can be converted (ignored; not 2:4)" in err and "--sparsity 2:4" in err
+    assert not (tmp_path / "packed").exists()
+
+
 def test_ignore_flag_reaches_the_config_as_patterns():
     """--ignore takes comma-separated patterns (it once reached the config split into characters)."""
     from sdsengine.cli import _config_from, build_parser
