@@ -13,8 +13,8 @@ testable without a GPU.
 
 Each layer remembers, per (token count, dtype), the backend and form it settled on, so a repeated call
 costs one dict lookup more than nn.Linear: the decision keys (str(device), buckets) are computed only on a
-miss. Those routes are dropped whenever a decision could change (forms dropped, the cache cleared, a
-backend forced or released).
+miss. Those routes are dropped whenever they could be stale: the buffers moved or reloaded, the autotune
+cache cleared, a backend forced or released.
 """
 import contextlib
 import warnings
