@@ -4,7 +4,8 @@ many records met their target; then every suite step, record and target that fai
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
 Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, e2e, dispatch and spmm_bf16 (lists of
-records; see README.md) and the step table gpu_suite.sh writes. Standard library only, so it still reports when the install failed.
+records; see README.md) and the step table gpu_suite.sh writes. Standard library only, so it still reports
+when the install failed.
 """
 import argparse
 import csv
