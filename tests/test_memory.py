@@ -1,4 +1,8 @@
 """The calibration activations' size, known before any work, and the refusal when they cannot fit."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +63,65 @@ def test_unknown_free_memory_does_not_refuse(monkeypatch):
 def test_host_free_memory_is_read():
     free = memory.available_bytes(CPU)
     assert free is None or free > 0
+
+
+
+def _peak_rise(code):
+    """Run `code` in a fresh process (tests/ on its path) after `hwm()` is defined; returns what it prints last."""
+    prelude = ("def hwm():\n    with open('/proc/self/status') as f:\n"
+               "        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))\n")
+    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.split()[-1])
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc (Linux)")
+
+_CAPTURE_PEAK = """
+import torch
+from sdsengine.pipeline.capture import capture_layer_inputs
+from tiny_models import tiny_model, tiny_tokens
+
+cpu = torch.device("cpu")
+model = tiny_model("llama")
+capture_layer_inputs(model, tiny_tokens(2, 128), cpu, cpu)  # first-call work off the measurement
+before = hwm()
+inps, _ = capture_layer_inputs(model, tiny_tokens(256, 128), cpu, cpu)
+print((hwm() - before) / (inps.numel() * inps.element_size()))
+"""
+
+
+@linux_only
+def test_capture_holds_the_activations_once():
+    """Capturing layer 0's inputs raises the process's peak memory by one activation buffer, not two (the
+    windows collected, then concatenated, held them twice, and that set a whole prune's peak)."""
+    assert _peak_rise(_CAPTURE_PEAK) < 1.4
+
+
+_FINGERPRINT_PEAK = """
+import torch
+from sdsengine.config import WandaConfig
+from sdsengine.pipeline import resume
+
+class Model:
+    def __init__(self, weight):
+        self.weight = weight
+    def state_dict(self):
+        return {"embed": self.weight}
+
+resume.SUM_CHUNK = 1 << 16
+samples = torch.zeros(1, 8, dtype=torch.long)
+resume.fingerprint(Model(torch.ones(1 << 10)), WandaConfig(), samples)  # first-call work off the measurement
+weight = torch.randn(1 << 22)
+before = hwm()
+resume.fingerprint(Model(weight), WandaConfig(), samples)
+print((hwm() - before) / (weight.numel() * weight.element_size()))
+"""
+
+
+@linux_only
+def test_fingerprint_sums_in_slices():
+    """The resume fingerprint's float64 sums take a slice at a time: no float64 copy of a whole weight (with
+    its absolute values, 4x the fp32 weight) on top of a run's activations."""
+    assert _peak_rise(_FINGERPRINT_PEAK) < 0.5

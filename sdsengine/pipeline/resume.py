@@ -49,7 +49,7 @@ class ResumeStore:
         done = manifest["done"]
         for i in range(done):
             layers[i].load_state_dict(torch.load(self._layer_file(i), map_location="cpu"))
-        saved = torch.load(self.dir / ACTIVATIONS, map_location="cpu")
+        saved = torch.load(self.dir / ACTIVATIONS, map_location="cpu", mmap=True)  # copied in below: no 2nd copy
         if saved["done"] != done:
             raise ValueError(f"resume directory {self.dir}: activations after layer {saved['done']} do not "
                              f"match the {done} layers recorded as done; delete the directory")
@@ -102,9 +102,23 @@ def fingerprint(model, config, samples) -> str:
     h.update(samples.cpu().numpy().tobytes())
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            t64 = t.detach().double()
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t64.sum())!r}{float(t64.abs().sum())!r}".encode())
+            total, absolute = _sums(t)
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{total!r}{absolute!r}".encode())
     return h.hexdigest()
+
+
+SUM_CHUNK = 1 << 22  # elements: a 32 MiB float64 slice
+
+
+def _sums(t):
+    """(sum, sum of |t|) in float64, a slice at a time: float64 copies of a whole embedding matrix (8 GiB
+    for Llama-3-8B's, with its absolute values) would set a run's peak memory."""
+    total = absolute = 0.0
+    for part in t.detach().reshape(-1).split(SUM_CHUNK):
+        part = part.double()
+        total += float(part.sum())
+        absolute += float(part.abs().sum())
+    return total, absolute
 
 
 def _atomic_save(obj, path):
