@@ -14,6 +14,8 @@
 #   6c. spmm_bf16   bench_spmm.py in bf16 at 1 and 2048 tokens (last: the first steps matter more)
 #   7. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
+# SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
+# after a fix within a short device lease; only the selected steps' results files are replaced.
 # Each step runs under `timeout` with its own budget (seconds, below) and never past SUITE_SECONDS in all
 # (default 560: a device call allows 600); a step that fails, times out or finds no time left is recorded and
 # the suite goes on. The kernel benchmarks stop starting new cases at 3/4 of their budget.
@@ -29,8 +31,14 @@ SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv
 BENCHES="wanda compress sparsegpt spmm e2e dispatch spmm_bf16"
+ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
+SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
+for s in $SUITE_STEPS; do
+  case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_suite: unknown step '$s' in SUITE_STEPS; steps: $ALL_STEPS" >&2; exit 2 ;; esac
+done
+selected() { case " $SUITE_STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 FILES="suite_steps.tsv"
-for b in $BENCHES; do FILES="$FILES $b.json $b.md"; done
+for b in $BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
 BENCH_ARGS=${BENCH_ARGS:-}  # more flags for the kernel benchmarks, e.g. --smoke for a quick dry run
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 VERSIONS='from sdsengine import ops
@@ -50,6 +58,7 @@ save() {  # this run's results so far to $OUT, so that a call cut off at its lim
 
 step() {  # step NAME BUDGET COMMAND...: run it under timeout, record its status, save the results
   local name=$1 budget start=$SECONDS rc status
+  selected "$name" || return 0
   budget=$(fit "$2"); shift 2
   echo "=== $name: budget ${budget}s, $((SUITE_SECONDS - SECONDS))s of the suite left ==="
   if [ "$budget" -lt 10 ]; then
@@ -81,7 +90,7 @@ suite() {
   step versions 40 "$PY" -c "$VERSIONS"
   if [ -d tests/kernels ]; then
     step kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
-  else
+  elif selected kernel_tests; then
     printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
   fi
   step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/kernels

@@ -276,3 +276,30 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
         if r["kernel"] == "wanda 50% (4096 cols)":
             assert r["per_element"] is None and r["programs_per_sm"] >= 4, r
     assert "| wanda 2:4 |" in (tmp_path / "kernel_sass.md").read_text()
+
+
+def _suite(tmp_path, steps):
+    env = dict(os.environ, SUITE_STEPS=steps, RESULTS=str(tmp_path), PYTHON=sys.executable, SUITE_SECONDS="60")
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh")], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_suite_runs_only_the_selected_steps_and_keeps_other_results(tmp_path):
+    """SUITE_STEPS re-runs a few steps within a short device lease: only those run and are recorded, and
+    only their results files are replaced (here `dispatch`, which runs on a CPU too; the e2e figures stay)."""
+    (tmp_path / "e2e.json").write_text("[]")
+    (tmp_path / "dispatch.json").write_text('[{"stale": true}]')
+    done = _suite(tmp_path, "dispatch")
+    steps = (tmp_path / "suite_steps.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in steps] == ["step", "dispatch"], done.stdout + done.stderr
+    assert (tmp_path / "e2e.json").read_text() == "[]"
+    dispatch = tmp_path / "dispatch.json"  # removed first; on a CPU the step writes dispatch-cpu.json instead
+    assert not dispatch.exists() or "stale" not in dispatch.read_text()
+
+
+def test_suite_names_an_unknown_step(tmp_path):
+    done = _suite(tmp_path, "install gpu_test")
+    assert done.returncode == 2
+    assert "unknown step 'gpu_test'" in done.stderr and "gpu_tests" in done.stderr
+    assert not (tmp_path / "suite_steps.tsv").exists()
