@@ -44,7 +44,8 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 VERSIONS='from sdsengine import ops
 from sdsengine.bench import gpu_info
 print(gpu_info())
-print("2:4 matmul backends:", ops.probe("cuda", self_check=True)["backends"])'
+info = ops.probe("cuda", self_check=True)
+print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))'
 
 fit() {  # fit BUDGET: the budget, or what is left of SUITE_SECONDS if less
   local left=$((SUITE_SECONDS - SECONDS))

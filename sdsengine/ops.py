@@ -135,11 +135,15 @@ def _why_not(backend, device, dtype):
 
 # A cuSPARSELt failure can leave an illegal instruction behind that kills the process's CUDA context for
 # every later kernel (seen on an H100 with torch 2.11+cu130: cusparseLtMatmulSearch failed with an internal error
-# on the transpose_result form used here), so the same self-check is run once in a child process first.
-# SDSENGINE_CUSPARSELT=1 skips that check, 0 turns the backend off.
+# on the transpose_result form), so the same self-check is run once in a child process first, for each way of
+# getting the (tokens, out) product until one passes: "transposed" (transpose_result=True writes it directly)
+# or "plain" (W·Xᵀ, then one transposing copy). SDSENGINE_CUSPARSELT=1 skips the check, 0 turns the backend
+# off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking.
+CUSPARSELT_FORMS = ("transposed", "plain")
 _CUSPARSELT_CHECK = """
 import os, torch
 os.environ["SDSENGINE_CUSPARSELT"] = "1"
+os.environ["SDSENGINE_CUSPARSELT_FORM"] = "{form}"
 from sdsengine import ops
 status = ops._self_check("cusparselt", torch.device("cuda"), torch.float16)
 assert status == "ok", status
@@ -148,13 +152,29 @@ _cusparselt = {}
 
 
 def cusparselt_error():
-    """None if cuSPARSELt ran a small product correctly in a child process (checked once), else why not."""
+    """None if cuSPARSELt ran a small product correctly in a child process in one of its forms (checked
+    once), else why not."""
     wanted = os.environ.get("SDSENGINE_CUSPARSELT")
     if wanted in ("0", "1"):
         return None if wanted == "1" else "turned off by SDSENGINE_CUSPARSELT=0"
     if "error" not in _cusparselt:
-        _cusparselt["error"] = _run_check(_CUSPARSELT_CHECK, "cuSPARSELt")
+        reasons = []
+        for form in CUSPARSELT_FORMS:
+            reason = _run_check(_CUSPARSELT_CHECK.format(form=form), f"cuSPARSELt ({form} form)")
+            if reason is None:
+                _cusparselt["form"] = form
+                break
+            reasons.append(reason)
+        _cusparselt["error"] = None if "form" in _cusparselt else "; ".join(reasons)
     return _cusparselt["error"]
+
+
+def cusparselt_form():
+    """The form cuSPARSELt runs in: SDSENGINE_CUSPARSELT_FORM, else the first that passed its check."""
+    form = os.environ.get("SDSENGINE_CUSPARSELT_FORM") or _cusparselt.get("form", CUSPARSELT_FORMS[0])
+    if form not in CUSPARSELT_FORMS:
+        raise ValueError(f"SDSENGINE_CUSPARSELT_FORM must be one of {CUSPARSELT_FORMS}, got {form!r}")
+    return form
 
 
 def _run_check(code, what):
@@ -190,6 +210,8 @@ def probe(device=None, dtype=torch.float16, self_check=False):
         for backend, status in info["backends"].items():
             if status == "ok":
                 info["backends"][backend] = _self_check(backend, device, dtype)
+    if info["backends"]["cusparselt"] == "ok":
+        info["cusparselt_form"] = cusparselt_form()
     return info
 
 
@@ -250,24 +272,27 @@ def run(backend, form, x, bias, out_features):
 
 
 def _run_cusparselt(form, x, bias):
-    """cuSPARSELt wants the token dim padded to 8; the (tokens, out) result comes straight out."""
+    """cuSPARSELt wants the token dim padded to 8; the (tokens, out) result comes straight out in the
+    transposed form, and is copied out of W·Xᵀ in the plain one."""
     n = x.shape[0]
     pad = -n % 8
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-    alg = form["alg"].get(n + pad)
+    transposed = cusparselt_form() == "transposed"
+    alg = form["alg"].get((n + pad, transposed))
     if alg is None:
-        alg = _search_alg(form["packed"], xp, bias)
-        form["alg"][n + pad] = alg
-    y = torch._cslt_sparse_mm(form["packed"], xp.t(), bias=bias, transpose_result=True, alg_id=alg)
+        alg = _search_alg(form["packed"], xp, bias, transposed)
+        form["alg"][n + pad, transposed] = alg
+    y = torch._cslt_sparse_mm(form["packed"], xp.t(), bias=bias, transpose_result=transposed, alg_id=alg)
+    y = y if transposed else y.t().contiguous()
     return y[:n] if pad else y
 
 
-def _search_alg(packed, xp, bias):
+def _search_alg(packed, xp, bias, transposed):
     """Searched once per token count; the search cannot run inside CUDA-graph capture, default alg 0 there."""
     if capturing():
         return 0
     try:
-        return int(torch._cslt_sparse_mm_search(packed, xp.t(), bias=bias, transpose_result=True))
+        return int(torch._cslt_sparse_mm_search(packed, xp.t(), bias=bias, transpose_result=transposed))
     except (RuntimeError, AttributeError):
         return 0
 

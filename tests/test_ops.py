@@ -357,6 +357,59 @@ def test_cusparselt_switch_skips_the_child_check(monkeypatch):
     assert ops.cusparselt_error() is None
 
 
+@pytest.fixture
+def fresh_cusparselt(monkeypatch):
+    """No earlier check result and no cuSPARSELt settings from the environment."""
+    monkeypatch.setattr(ops, "_cusparselt", {})
+    for name in ("SDSENGINE_CUSPARSELT", "SDSENGINE_CUSPARSELT_FORM"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_cusparselt_takes_the_first_form_that_passes_its_check(monkeypatch, fresh_cusparselt):
+    """On the H100 the transposed form failed its search: the plain form is checked next, in its own child."""
+    checked = []
+
+    def check(code, what):
+        checked.append(what)
+        return "failed: internal error" if '"transposed"' in code else None
+    monkeypatch.setattr(ops, "_run_check", check)
+    assert ops.cusparselt_error() is None and ops.cusparselt_form() == "plain"
+    assert checked == ["cuSPARSELt (transposed form)", "cuSPARSELt (plain form)"]
+    ops.cusparselt_error()
+    assert len(checked) == 2  # once per process
+
+
+def test_cusparselt_failing_in_every_form_names_each_failure(monkeypatch, fresh_cusparselt):
+    monkeypatch.setattr(ops, "_run_check", lambda code, what: f"{what} failed")
+    assert ops.cusparselt_error() == "cuSPARSELt (transposed form) failed; cuSPARSELt (plain form) failed"
+
+
+def test_cusparselt_form_setting_is_checked(monkeypatch, fresh_cusparselt):
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT_FORM", "sideways")
+    with pytest.raises(ValueError, match="SDSENGINE_CUSPARSELT_FORM must be one of"):
+        ops.cusparselt_form()
+
+
+@pytest.mark.parametrize("form", ops.CUSPARSELT_FORMS)
+def test_cusparselt_forms_give_tokens_by_out(monkeypatch, fresh_cusparselt, form):
+    """Both forms return the (tokens, out) product, contiguous, with the token padding cut off (cuSPARSELt's
+    calls replaced by a dense stand-in that follows their transpose_result contract)."""
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT_FORM", form)
+    calls = []
+
+    def sparse_mm(packed, xt, bias=None, transpose_result=False, alg_id=0):
+        calls.append(transpose_result)
+        y = packed @ xt + bias[:, None]
+        return y.t().contiguous() if transpose_result else y
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
+    w, x, b = torch.randn(16, 32), torch.randn(5, 32), torch.randn(16)
+    y = ops._run_cusparselt({"packed": w, "alg": {}}, x, b)
+    assert y.shape == (5, 16) and y.is_contiguous()
+    torch.testing.assert_close(y, x @ w.T + b)
+    assert calls == [form == "transposed"]
+
+
 @pytest.mark.gpu
 def test_probe_leaves_the_cuda_context_usable():
     # cuSPARSELt once failed inside the probe and every later kernel of the process died (H100, torch 2.11)
