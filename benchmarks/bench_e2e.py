@@ -6,10 +6,10 @@ steps against a static KV cache, replayed as a CUDA graph (the eager fallback is
 overhead then hides kernel time). The layer count is cut to fit GPU memory, and the output says so.
 
 Prefill is also timed as a CUDA-graph replay (no host overhead), the converted model again with every
-SparseLinear forced onto the dense backend, and the dense model once more after the converted one (a
-copy kept for that), so that one run tells a host-bound gap, SparseLinear's own overhead and drift between
-measurements apart; they go into the e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms and
-dense_ms_after.
+SparseLinear forced onto the dense backend, and last both models once more, the dense one first (a copy
+kept for that), so that one run tells a host-bound gap, SparseLinear's own overhead and drift between
+measurements (the converted model is first timed right after its tuning) apart; they go into the
+e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms, dense_ms_after and ms_after.
 
     python benchmarks/bench_e2e.py [--model llama-3-8b] [--layers 32] [--dtype float16]
 
@@ -191,7 +191,8 @@ def records_for(args, layers, dense, sparse, gpu):
              dense_tokens_per_s=prefill_tokens / dense["prefill"] * 1e3,
              graph_ms=sparse["prefill_graph"], dense_graph_ms=dense["prefill_graph"],
              graph_speedup=_ratio(dense["prefill_graph"], sparse["prefill_graph"]),
-             forced_dense_ms=sparse["prefill_forced_dense"], dense_ms_after=dense.get("prefill_after")),
+             forced_dense_ms=sparse["prefill_forced_dense"], dense_ms_after=dense.get("prefill_after"),
+             ms_after=sparse.get("prefill_after")),
         dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend="sparse", ms=sparse["decode"],
              dense_ms=dense["decode"], speedup=dense["decode"] / sparse["decode"], mode=sparse["mode"],
              dense_mode=dense["mode"], tokens_per_s=decode_tokens / sparse["decode"] * 1e3,
@@ -202,10 +203,10 @@ def records_for(args, layers, dense, sparse, gpu):
 def prefill_diagnosis(record):
     """One line that reads the e2e_prefill record's extra timings (None: not measured)."""
     ms = {k: record.get(k) for k in ("dense_ms", "ms", "dense_graph_ms", "graph_ms", "forced_dense_ms",
-                                      "dense_ms_after")}
+                                      "dense_ms_after", "ms_after")}
     text = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in ms.items())
     return (f"prefill ms: {text} (graph: replayed as a CUDA graph, no host overhead; forced_dense: the converted "
-            "model with every SparseLinear on the dense backend; dense_ms_after: dense again, last)")
+            "model with every SparseLinear on the dense backend; dense_ms_after, ms_after: each model again, last)")
 
 
 def _ratio(a, b):
@@ -244,7 +245,9 @@ def main(argv=None):
     sparse = measure_converted(model, args)
     print(f"sparse: {sparse}", flush=True)
     dense["prefill_after"] = time_prefill(dense_model, args.batch, args.prefill)  # drift since the first
-    print(f"dense prefill again, after the converted model: {dense['prefill_after']:.3f} ms", flush=True)
+    sparse["prefill_after"] = time_prefill(model, args.batch, args.prefill)  # and since the tuning
+    print(f"prefill again, last: dense {dense['prefill_after']:.3f} ms, converted {sparse['prefill_after']:.3f} ms",
+          flush=True)
     if args.profile:
         profiles["2:4 (converted)"] = profile_prefill(model, args.batch, args.prefill)
         write_profiles(Path(args.out) / f"{args.name}_prefill_profile.md", profiles, args, layers)

@@ -137,12 +137,13 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     assert dense["prefill_graph"] is None and dense["mode"].startswith("eager (graph capture failed")
     sparse = e2e.measure_converted(convert(model), args)
     assert sparse["prefill_forced_dense"] > 0 and sparse["decode"] > 0
-    dense["prefill_after"] = e2e.time_prefill(model, 1, 8)
+    dense["prefill_after"] = sparse["prefill_after"] = e2e.time_prefill(model, 1, 8)
     prefill, decode = e2e.records_for(args, 2, dense, sparse, "cpu")
     assert prefill["bench"] == "e2e_prefill" and decode["bench"] == "e2e_decode"
     assert prefill["graph_speedup"] is None and prefill["forced_dense_ms"] == sparse["prefill_forced_dense"]
     line = e2e.prefill_diagnosis(prefill)
     assert "graph_ms -" in line and f"forced_dense_ms {sparse['prefill_forced_dense']:.3f}" in line
+    assert f", ms_after {sparse['prefill_after']:.3f}" in line and prefill["ms_after"] == sparse["prefill_after"]
 
 
 def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_path, monkeypatch):
