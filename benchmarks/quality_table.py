@@ -2,12 +2,14 @@
 
     python benchmarks/quality_table.py [RESULTS_DIR]            # every run, one row each
     python benchmarks/quality_table.py --versus [RESULTS_DIR]   # SDS and BESA against their base pruners
+    python benchmarks/quality_table.py --glance [RESULTS_DIR]   # one row per method, one column per pattern
     python benchmarks/quality_table.py --readme README.md       # regenerate every marked table in place
 
 A record is NAME.json (eval results and commands) beside NAME.prune.json (the run report); NAME ends in
 the pattern (_2-4, _4-8, _50). --versus pairs each SDS or BESA run with the base run of its pattern (SDS:
 its --base; BESA: Wanda, whose masks it starts from) and lists the SDS pairs the issue asks for even where
-they are not measured yet, so that a missing number shows as missing.
+they are not measured yet, so that a missing number shows as missing. --glance gives each method's
+perplexity and zero-shot mean at every pattern, from the record GLANCE names for it.
 
 --readme rewrites each table that follows a marker line `<!-- quality_table.py [ARGS] -->` with this script's
 output for ARGS (a results folder in ARGS is relative to the file's folder), and nothing else in the file.
@@ -31,6 +33,12 @@ TARGETS = {  # (method, base, pattern): the perplexity targets the SDS and BESA 
     ("besa", "wanda", "2-4"): "< 1",
     ("besa", "wanda", "50"): "< 1, and below sparsegpt_50",
 }
+
+# --glance: a method's record at a pattern (P), at today's defaults where one is measured; BESA's 2:4 record
+# names today's N:M defaults in full, and its 50% record predates the layer guard (--guard off)
+GLANCE = [("dense", "dense"), ("magnitude", "magnitude_P"), ("Wanda", "wanda_P"), ("SparseGPT", "sparsegpt_P"),
+          ("BESA", "besa-lr-checks_2-4 besa_50"), ("SDS(Wanda)", "sds-wanda_P"),
+          ("SDS(SparseGPT)", "sds-sparsegpt_P"), ("SDS(BESA)", "sds-besa_P")]
 
 
 def rows(results=RESULTS):
@@ -114,6 +122,28 @@ def _versus_line(name, pair, runs):
             f"| {_pair(zs, base_zs, '.1f')} | {_pair(*seconds)} | {_pair(peak_rss(report), peak_rss(base_report))} |")
 
 
+def glance_lines(results=RESULTS):
+    """One row per GLANCE method: WikiText-2 perplexity (zero-shot mean %) per pattern; '-' where not measured."""
+    runs = {name: run for name, run, _ in rows(results)}
+    lines = []
+    for method, names in GLANCE:
+        cells = []
+        for pattern in PATTERNS:
+            run = runs.get(_glance_record(names, pattern))
+            zs = run and zeroshot_mean(run)
+            cells.append("-" if run is None else f"{perplexity(run):.2f}" + (f" ({zs:.1f})" if zs else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _glance_record(names, pattern):
+    """The record among GLANCE's `names` (P: the pattern) for `pattern`, or the one without a pattern (dense)."""
+    for name in names.replace("P", pattern).split():
+        if name.endswith(f"_{pattern}") or "_" not in name:
+            return name
+    return None
+
+
 def _num(value, fmt=""):
     return "-" if value is None else format(value, fmt)
 
@@ -125,10 +155,13 @@ def _pair(value, base, fmt=""):
 def render(argv, root=None):
     """The table for quality_table.py's ARGS (--versus and/or a results folder, relative to root or here)."""
     versus = "--versus" in argv
-    paths = [a for a in argv if a != "--versus"]
+    paths = [a for a in argv if a not in ("--versus", "--glance")]
     results = Path(root or Path.cwd()) / paths[0] if paths else RESULTS
     if not results.is_dir():
         raise SystemExit(f"quality_table.py: no results folder {results}")
+    if "--glance" in argv:
+        header = ["| method | 2:4 | 4:8 | 50% |", "|---|---|---|---|"]
+        return "\n".join(header + glance_lines(results))
     if versus:
         header = ["| run | base | ppl | base ppl | × base | target | zero-shot mean % (base) | prune s (base) "
                   "| peak RSS GiB (base) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -213,6 +213,26 @@ def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, ca
     assert list(lines).index("sds-wanda_2-4") < list(lines).index("sds-wanda_4-8") < list(lines).index("besa_50")
 
 
+def test_quality_glance_table_has_a_cell_per_method_and_pattern(benchmark, tmp_path, capsys):
+    """--glance: perplexity (zero-shot mean) from the record GLANCE names for each method and pattern, the
+    dense row in every column, BESA's 2:4 from its defaults' record (not the old besa_2-4), '-' elsewhere."""
+    def write(name, ppl, accs=()):
+        results = {"wikitext2": {"ppl": ppl}, **{f"t{i}": {"acc": a, "acc_norm": a} for i, a in enumerate(accs)}}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": results, "eval_command": "eval"}))
+
+    write("dense", 20.0, accs=(0.5, 0.6))
+    write("wanda_4-8", 90.0)
+    write("besa_2-4", 700.0)
+    write("besa-lr-checks_2-4", 120.0, accs=(0.4,))
+    write("besa_50", 43.0)
+    assert benchmark("quality_table").main(["--glance", str(tmp_path)]) == 0
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["dense"] == "| dense | 20.00 (55.0) | 20.00 (55.0) | 20.00 (55.0) |"
+    assert lines["Wanda"] == "| Wanda | - | 90.00 | - |"
+    assert lines["BESA"] == "| BESA | 120.00 (40.0) | - | 43.00 |"
+    assert lines["SDS(SparseGPT)"] == "| SDS(SparseGPT) | - | - | - |"
+
+
 def test_readme_quality_tables_match_the_records(benchmark):
     """Each table of the README under a quality_table.py marker is that script's output on the committed
     records, verbatim: a record added or remade without `quality_table.py --readme README.md` fails here."""
