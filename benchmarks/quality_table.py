@@ -153,7 +153,8 @@ def _pair(value, base, fmt=""):
 
 
 def render(argv, root=None):
-    """The table for quality_table.py's ARGS (--versus and/or a results folder, relative to root or here)."""
+    """The table for quality_table.py's ARGS (--versus or --glance, and/or a results folder, relative to root
+    or here)."""
     versus = "--versus" in argv
     paths = [a for a in argv if a not in ("--versus", "--glance")]
     results = Path(root or Path.cwd()) / paths[0] if paths else RESULTS
