@@ -249,7 +249,7 @@ def prepare(backend, values, meta):
         return dense
     try:  # the libraries have their own shape constraints (CUTLASS fp16: rows % 32, cols % 64)
         if backend == "cusparselt":
-            return {"packed": torch._cslt_compress(dense), "alg": {}}
+            return _cusparselt_state(torch._cslt_compress(dense))
         from torch.sparse import SparseSemiStructuredTensorCUTLASS
         return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
     except (RuntimeError, ValueError) as exc:
@@ -271,17 +271,23 @@ def run(backend, form, x, bias, out_features):
     return F.linear(x, form, bias)  # cutlass: PyTorch's subclass dispatches (and pads) itself
 
 
+def _cusparselt_state(packed):
+    """cuSPARSELt's prepared form: the packed weight, its algorithm per token count (searched on first use)
+    and the result form, fixed when the weight is prepared (not looked up per call)."""
+    return {"packed": packed, "alg": {}, "transposed": cusparselt_form() == "transposed"}
+
+
 def _run_cusparselt(form, x, bias):
     """cuSPARSELt wants the token dim padded to 8; the (tokens, out) result comes straight out in the
     transposed form, and is copied out of W·Xᵀ in the plain one."""
     n = x.shape[0]
     pad = -n % 8
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-    transposed = cusparselt_form() == "transposed"
-    alg = form["alg"].get((n + pad, transposed))
+    transposed = form["transposed"]
+    alg = form["alg"].get(n + pad)
     if alg is None:
         alg = _search_alg(form["packed"], xp, bias, transposed)
-        form["alg"][n + pad, transposed] = alg
+        form["alg"][n + pad] = alg
     y = torch._cslt_sparse_mm(form["packed"], xp.t(), bias=bias, transpose_result=transposed, alg_id=alg)
     y = y if transposed else y.t().contiguous()
     return y[:n] if pad else y

@@ -65,7 +65,6 @@ def test_host_free_memory_is_read():
     assert free is None or free > 0
 
 
-
 def _peak_rise(code):
     """Run `code` in a fresh process (tests/ on its path) after `hwm()` is defined; returns what it prints last."""
     prelude = ("def hwm():\n    with open('/proc/self/status') as f:\n"

@@ -5,6 +5,7 @@ twice the error of PyTorch's dense matmul in the same dtype (plus one ulp of the
 """
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,13 +261,9 @@ _BAD_INPUT_CHILD = """
 import sys, torch
 from sdsengine import ops
 from sdsengine.kernels import compress_24
-from sdsengine.masks import nm_mask
+from test_ops import gpu_case
 ext = ops.load_extension()
-g = torch.Generator(device="cuda").manual_seed(0)
-w = torch.randn(64, 256, device="cuda", generator=g).half()
-w = w * nm_mask(w.abs(), 2, 4)
-x = torch.randn(4, 256, device="cuda", dtype=torch.float16, generator=g)
-b = torch.randn(64, device="cuda", dtype=torch.float16, generator=g)
+w, x, b = gpu_case((64, 256), 4, torch.float16)
 v, m = ops.reorder_24(*compress_24(w))
 cases = sys.argv[2:]
 for i in range(int(sys.argv[1]), len(cases)):
@@ -281,13 +278,14 @@ for i in range(int(sys.argv[1]), len(cases)):
 
 
 def isolated_results(child, cases):
-    """{case index: what `child` printed for it}: `child` (Python source) runs cases[argv[1]:] from its argv,
-    printing "CASE i" before and "RESULT i text" after each. A case that kills the process gets the exit
-    status and stderr as its text, and a new child goes on with the next case."""
+    """{case index: what `child` printed for it}: `child` (Python source, run in tests/ so it can import this
+    file's helpers) runs cases[argv[1]:] from its argv, printing "CASE i" before and "RESULT i text" after
+    each. A case that kills the process gets the exit status and stderr as its text, and a new child goes on
+    with the next case."""
     results, start = {}, 0
     while start < len(cases):
         done = subprocess.run([sys.executable, "-c", child, str(start), *cases], capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, cwd=Path(__file__).parent)
         reached = start
         for line in done.stdout.splitlines():
             kind, _, rest = line.partition(" ")
@@ -404,7 +402,7 @@ def test_cusparselt_forms_give_tokens_by_out(monkeypatch, fresh_cusparselt, form
     monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
     w, x, b = torch.randn(16, 32), torch.randn(5, 32), torch.randn(16)
-    y = ops._run_cusparselt({"packed": w, "alg": {}}, x, b)
+    y = ops._run_cusparselt(ops._cusparselt_state(w), x, b)
     assert y.shape == (5, 16) and y.is_contiguous()
     torch.testing.assert_close(y, x @ w.T + b)
     assert calls == [form == "transposed"]
