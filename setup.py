@@ -7,13 +7,14 @@ SDSENGINE_BUILD_CUDA=0 never builds it. pip's build isolation hides the installe
 """
 import glob
 import os
+import runpy
 import warnings
 
 from setuptools import setup
 
-# mma.sp runs on every GPU from Ampere on: sm_80 code serves 8.x, sm_90 code Hopper, compute_90 PTX later GPUs.
-# No sm_90a: there is no wgmma.sp kernel yet.
-GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+# Read, not imported: importing sdsengine here would need its dependencies at build time.
+NVCC_FLAGS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdsengine", "cuda_build.py"))[
+    "NVCC_FLAGS"]
 
 
 def cuda_extension():
@@ -37,7 +38,7 @@ def cuda_extension():
         return [], {}
     extension = CUDAExtension(
         "sdsengine._C", sources=["csrc/bindings.cpp", *sorted(glob.glob("csrc/*.cu"))],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo", *GENCODE]})
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(NVCC_FLAGS)})
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

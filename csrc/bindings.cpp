@@ -150,6 +150,38 @@ at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   return y;
 }
 
+// Whether this device runs the sm_90a image of spmm24_sm90.cu: asked once per device by launching a probe.
+bool sm90a_present(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device.index());
+  if (it == cache.end()) {
+    int present = 0;
+    C10_CUDA_CHECK(sdsengine::spmm24_sm90_present(&present, c10::cuda::getCurrentCUDAStream().stream()));
+    it = cache.emplace(device.index(), present == 1).first;
+  }
+  return it->second;
+}
+
+void check_sm90(const at::Tensor& x, int64_t tile_n) {
+  const int major = device_attribute(x.device(), cudaDevAttrComputeCapabilityMajor);
+  const int minor = device_attribute(x.device(), cudaDevAttrComputeCapabilityMinor);
+  SDS_CHECK(major == 9 && minor == 0, "spmm24_sm90 needs compute capability 9.0 (wgmma.sp is sm_90a code), device ",
+            x.device().index(), " is ", major, ".", minor);
+  SDS_CHECK(tile_n == 0 || tile_n == 64 || tile_n == 128 || tile_n == 256,
+            "tile_n must be 0 (automatic), 64, 128 or 256, got ", tile_n);
+  SDS_CHECK(x.size(0) < (int64_t{1} << 31), "the token count must fit in int32, got ", x.size(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  SDS_CHECK(sm90a_present(x.device()),
+            "this build of sdsengine._C has no sm_90a code (nvcc needs -gencode=arch=compute_90a,code=sm_90a)");
+}
+
+sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t tile_n) {
+  const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
+  return sdsengine::spmm24_sm90_plan(static_cast<int>(m), static_cast<int>(x.size(0)), sms, static_cast<int>(tile_n));
+}
+
 // The launch plan the kernel would use, for tests and benchmarks: a dict of ints.
 pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t split_k) {
   check_x(x);
@@ -165,12 +197,59 @@ pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t sp
   return d;
 }
 
+// The Hopper prefill kernel (wgmma.sp): same arguments and weight as spmm24, without split-K.
+at::Tensor spmm24_sm90(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias, int64_t tile_n) {
+  check_x(x);
+  check_weight(x, values, meta, out_features);
+  if (bias.has_value()) check_bias(x, *bias, out_features);
+  check_sm90(x, tile_n);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({x.size(0), out_features}, x.options());
+  if (x.size(0) == 0) return y;
+  const auto plan = sm90_plan_for(x, out_features, tile_n);
+  const sdsengine::Spmm24Args args{x.data_ptr(),
+                                   values.data_ptr(),
+                                   meta.data_ptr<int32_t>(),
+                                   bias.has_value() ? bias->data_ptr() : nullptr,
+                                   y.data_ptr(),
+                                   nullptr,
+                                   nullptr,
+                                   static_cast<int>(out_features),
+                                   static_cast<int>(x.size(0)),
+                                   static_cast<int>(x.size(1)),
+                                   static_cast<int>(values.size(0)),
+                                   static_cast<int>(meta.size(1))};
+  const auto dtype = x.scalar_type() == at::kHalf ? sdsengine::DType::kHalf : sdsengine::DType::kBFloat16;
+  const cudaError_t err = sdsengine::spmm24_sm90_launch(args, plan, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  SDS_CHECK(err == cudaSuccess, "spmm24_sm90 launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+pybind11::dict spmm24_sm90_plan(const at::Tensor& x, int64_t out_features, int64_t tile_n) {
+  check_x(x);
+  check_sm90(x, tile_n);
+  const auto plan = sm90_plan_for(x, out_features, tile_n);
+  pybind11::dict d;
+  d["tile_n"] = plan.tile_n;
+  d["m_blocks"] = plan.m_blocks;
+  d["n_blocks"] = plan.n_blocks;
+  d["stages"] = plan.stages;
+  d["smem_bytes"] = plan.smem_bytes;
+  return d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sdsengine CUDA kernels: 2:4 sparse x dense matmul on sparse tensor cores";
+  m.doc() = "sdsengine CUDA kernels: 2:4 sparse x dense matmul on sparse tensor cores (mma.sp; wgmma.sp on sm_90a)";
   m.def("spmm24", &spmm24, "Y = X W^T (+ bias), W 2:4 in the reorder_24 layout", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("split_k") = 0,
         pybind11::arg("locks") = pybind11::none());
   m.def("spmm24_plan", &spmm24_plan, "launch plan of spmm24 for x and out_features", pybind11::arg("x"),
         pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
+  m.def("spmm24_sm90", &spmm24_sm90, "Y = X W^T (+ bias) with wgmma.sp (compute capability 9.0, sm_90a build)",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("tile_n") = 0);
+  m.def("spmm24_sm90_plan", &spmm24_sm90_plan, "launch plan of spmm24_sm90 for x and out_features",
+        pybind11::arg("x"), pybind11::arg("out_features"), pybind11::arg("tile_n") = 0);
 }

@@ -42,4 +42,22 @@ Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k);
 
 cudaError_t spmm24_launch(const Spmm24Args& args, const Spmm24Plan& plan, DType dtype, cudaStream_t stream);
 
+// The prefill kernel for Hopper (spmm24_sm90.cu, wgmma.sp): same arguments and weight layout (workspace and
+// counters unused). Its code exists only in the sm_90a image, which runs only on compute capability 9.0.
+struct Spmm24Sm90Plan {
+  int tile_n;    // tokens per block, the N of the wgmma instruction: 64, 128 or 256
+  int m_blocks;  // grid.x: blocks of 128 rows of W (8 m-tiles, one per warp)
+  int n_blocks;  // grid.y: blocks of tile_n tokens
+  int stages;    // 64-column K stages in flight
+  int smem_bytes;
+};
+
+// tile_n 0 picks one from the grid it gives; 64, 128 or 256 forces it.
+Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n);
+
+cudaError_t spmm24_sm90_launch(const Spmm24Args& args, const Spmm24Sm90Plan& plan, DType dtype, cudaStream_t stream);
+
+// *present = 1 when the current device runs this file's sm_90a code, 0 when it runs a build without it.
+cudaError_t spmm24_sm90_present(int* present, cudaStream_t stream);
+
 }  // namespace sdsengine

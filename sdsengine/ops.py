@@ -4,6 +4,7 @@ W arrives in the canonical layout of sdsengine.kernels.compress_24 (values rows�
 Each backend *prepares* it once into its own form and then *runs* it per call:
 
     sdsengine   our mma.sp kernel (csrc/, built as sdsengine._C or JIT-built here); form: reorder_24
+    wgmma       our wgmma.sp kernel for Hopper prefill (compute capability 9.0, sm_90a build); same form
     cusparselt  PyTorch's cuSPARSELt binding (torch._cslt_*): compressed once, algorithm searched once
     cutlass     PyTorch's CUTLASS semi-structured kernel; compute capability 8.x only (it refuses Hopper)
     dense       cuBLAS (or the CPU) on the decompressed weight: always there, the fallback
@@ -21,9 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdsengine.cuda_build import NVCC_FLAGS
 from sdsengine.kernels import compress_24, decompress_24
 
-BACKENDS = ("sdsengine", "cusparselt", "cutlass", "dense")
+BACKENDS = ("sdsengine", "wgmma", "cusparselt", "cutlass", "dense")
+_SAME_FORM = {"wgmma": "sdsengine"}  # backends that run another's prepared form
 ROWS_PER_TILE = 16  # m16n8k32: one warp tile of W rows
 COLS_PER_BLOCK = 256  # 8 k-steps of 32: one 16-byte metadata load per lane
 PAD_META = 0x44444444  # every group "keeps" columns 0 and 1 (valid, ordered) of an all-zero pad
@@ -102,7 +105,7 @@ def _jit_build(why_not_prebuilt):
     log.warning("sdsengine: building the CUDA extension from %s (first use only; takes a few minutes)", _CSRC)
     try:
         module = load(name="sdsengine_C", sources=[str(s) for s in sources],
-                      extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+                      extra_cflags=["-O3"], extra_cuda_cflags=list(NVCC_FLAGS), verbose=False)
         return module, None
     except Exception as exc:  # a failed build must leave the other backends usable
         return None, f"{why_not_prebuilt}; JIT build failed: {exc}"
@@ -125,6 +128,10 @@ def _why_not(backend, device, dtype):
         return f"needs compute capability >= 8.0 (sparse tensor cores), device has {major}.{minor}"
     if backend == "sdsengine":
         return None if load_extension() is not None else extension_error()
+    if backend == "wgmma":
+        if (major, minor) != (9, 0):
+            return f"needs compute capability 9.0 (wgmma.sp is sm_90a code), device has {major}.{minor}"
+        return extension_error() if load_extension() is None else wgmma_error()
     if backend == "cusparselt":
         ok = hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()
         return cusparselt_error() if ok else "this PyTorch build has no cuSPARSELt"
@@ -133,40 +140,63 @@ def _why_not(backend, device, dtype):
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-# A cuSPARSELt failure can leave an illegal instruction behind that kills the process's CUDA context for
-# every later kernel (seen on an H100 with torch 2.11+cu130: cusparseLtMatmulSearch failed with an internal error
-# on the transpose_result form), so the same self-check is run once in a child process first, for each way of
-# getting the (tokens, out) product until one passes: "transposed" (transpose_result=True writes it directly)
-# or "plain" (W·Xᵀ, then one transposing copy). SDSENGINE_CUSPARSELT=1 skips the check, 0 turns the backend
-# off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking.
+# A failing kernel can leave an illegal instruction behind that kills the process's CUDA context for every
+# later kernel (seen on an H100 with torch 2.11+cu130: cusparseLtMatmulSearch failed with an internal error on
+# the transpose_result form). So a backend that has not yet run correctly on this machine is first
+# self-checked once in a child process: cuSPARSELt, in each way of getting the (tokens, out) product until
+# one passes ("transposed": transpose_result=True writes it directly; "plain": W·Xᵀ, then one transposing
+# copy), and our wgmma.sp kernel. SDSENGINE_CUSPARSELT / SDSENGINE_WGMMA = 1 skips the check, 0 turns the
+# backend off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking.
 CUSPARSELT_FORMS = ("transposed", "plain")
-_CUSPARSELT_CHECK = """
+_CHILD_CHECK = """
 import os, torch
-os.environ["SDSENGINE_CUSPARSELT"] = "1"
-os.environ["SDSENGINE_CUSPARSELT_FORM"] = "{form}"
+os.environ.update({env!r})
 from sdsengine import ops
-status = ops._self_check("cusparselt", torch.device("cuda"), torch.float16)
+status = ops._self_check({backend!r}, torch.device("cuda"), torch.float16)
 assert status == "ok", status
 """
 _cusparselt = {}
+_wgmma = {}
+
+
+def _switch(variable):
+    """(decided, reason) from an on/off environment variable: (True, None) on, (True, why) off, else
+    (False, None): not decided."""
+    wanted = os.environ.get(variable)
+    if wanted in ("0", "1"):
+        return True, None if wanted == "1" else f"turned off by {variable}=0"
+    return False, None
 
 
 def cusparselt_error():
     """None if cuSPARSELt ran a small product correctly in a child process in one of its forms (checked
     once), else why not."""
-    wanted = os.environ.get("SDSENGINE_CUSPARSELT")
-    if wanted in ("0", "1"):
-        return None if wanted == "1" else "turned off by SDSENGINE_CUSPARSELT=0"
+    decided, reason = _switch("SDSENGINE_CUSPARSELT")
+    if decided:
+        return reason
     if "error" not in _cusparselt:
         reasons = []
         for form in CUSPARSELT_FORMS:
-            reason = _run_check(_CUSPARSELT_CHECK.format(form=form), f"cuSPARSELt ({form} form)")
+            env = {"SDSENGINE_CUSPARSELT": "1", "SDSENGINE_CUSPARSELT_FORM": form}
+            reason = _run_check(_CHILD_CHECK.format(env=env, backend="cusparselt"), f"cuSPARSELt ({form} form)")
             if reason is None:
                 _cusparselt["form"] = form
                 break
             reasons.append(reason)
         _cusparselt["error"] = None if "form" in _cusparselt else "; ".join(reasons)
     return _cusparselt["error"]
+
+
+def wgmma_error():
+    """None if our wgmma.sp kernel ran a small product correctly in a child process (checked once), else
+    why not: it has not yet been run on hardware as often as the mma.sp kernel."""
+    decided, reason = _switch("SDSENGINE_WGMMA")
+    if decided:
+        return reason
+    if "error" not in _wgmma:
+        code = _CHILD_CHECK.format(env={"SDSENGINE_WGMMA": "1"}, backend="wgmma")
+        _wgmma["error"] = _run_check(code, "wgmma.sp kernel")
+    return _wgmma["error"]
 
 
 def cusparselt_form():
@@ -216,17 +246,21 @@ def probe(device=None, dtype=torch.float16, self_check=False):
 
 
 def _self_check(backend, device, dtype):
+    """A decode-sized and a prefill-sized product (several tiles each way, K over several pipeline stages)."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(256, 512, generator=g)
+    w = torch.randn(272, 1024, generator=g)
     values, meta = compress_24(w)
-    x = torch.randn(5, 512, generator=g)
-    ref = x @ decompress_24(values, meta).T
-    try:
-        y = spmm24(x.to(device, dtype), values.to(device, dtype), meta.to(device), backend=backend)
-    except Exception as exc:  # a probe reports, it does not raise
-        return f"failed: {type(exc).__name__}: {exc}"
-    err = relative_error(y.float().cpu(), ref)
-    return "ok" if err < 2e-2 else f"failed: relative error {err:.3g} against dense fp32"
+    for tokens in (5, 300):
+        x = torch.randn(tokens, 1024, generator=g)
+        ref = x @ decompress_24(values, meta).T
+        try:
+            y = spmm24(x.to(device, dtype), values.to(device, dtype), meta.to(device), backend=backend)
+        except Exception as exc:  # a probe reports, it does not raise
+            return f"failed: {type(exc).__name__}: {exc}"
+        err = relative_error(y.float().cpu(), ref)
+        if not err < 2e-2:
+            return f"failed: relative error {err:.3g} against dense fp32 at {tokens} tokens"
+    return "ok"
 
 
 def relative_error(y, ref):
@@ -237,12 +271,17 @@ def relative_error(y, ref):
 # prepare / run per backend
 # ---------------------------------------------------------------------------------------------------
 
+def form_key(backend):
+    """Backends with equal keys run the same prepared form, so a layer holds one copy of it."""
+    return _SAME_FORM.get(backend, backend)
+
+
 def prepare(backend, values, meta):
     """The backend's own form of a compressed weight; raises BackendUnavailable where it cannot run."""
     reason = _why_not(backend, values.device, values.dtype)
     if reason:
         raise BackendUnavailable(f"{backend}: {reason}")
-    if backend == "sdsengine":  # zeroed tickets the kernel leaves zeroed: no memset per call
+    if backend in ("sdsengine", "wgmma"):  # zeroed tickets the mma.sp kernel leaves zeroed: no memset per call
         return (*reorder_24(values, meta), torch.zeros(LOCKS, dtype=torch.int32, device=values.device))
     dense = decompress_24(values, meta)
     if backend == "dense":
@@ -260,15 +299,21 @@ def run(backend, form, x, bias, out_features):
     """Y (N, out_features) = x (N, K) · Wᵀ + bias with a prepared form."""
     if backend == "sdsengine":
         values_r, meta_r, locks = form
-        x = x.contiguous()
-        if x.data_ptr() % 16:  # the kernel copies X with 16-byte cp.async
-            x = x.clone()
-        return load_extension().spmm24(x, values_r, meta_r, out_features, bias, 0, locks)
+        return load_extension().spmm24(_aligned(x), values_r, meta_r, out_features, bias, 0, locks)
+    if backend == "wgmma":
+        values_r, meta_r, _ = form
+        return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias)
     if backend == "dense":
         return F.linear(x, form, bias)
     if backend == "cusparselt":
         return _run_cusparselt(form, x, bias)
     return F.linear(x, form, bias)  # cutlass: PyTorch's subclass dispatches (and pads) itself
+
+
+def _aligned(x):
+    """x contiguous and 16-byte aligned: our kernels copy X with 16-byte cp.async."""
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x
 
 
 def _cusparselt_state(packed):

@@ -1,6 +1,7 @@
-"""Compile-only checks of csrc/ for machines with nvcc but no GPU (CI): the kernels for sm_80 and sm_90
-with ptxas reporting no register spills, and the bindings against the installed torch headers. All
-compilers run at once (about 25 s on 2 cores); each test waits for its own. Skips cleanly without nvcc."""
+"""Compile-only checks of csrc/ for machines with nvcc but no GPU (CI): the kernels for sm_80, sm_90 and
+sm_90a with ptxas reporting no register spills, the wgmma.sp instructions present in the sm_90a image only,
+and the bindings against the installed torch headers. All compilers run at once (about 25 s on 2 cores);
+each test waits for its own. Skips cleanly without nvcc."""
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from torch.utils.cpp_extension import CUDA_HOME, include_paths
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNELS = sorted(CSRC.glob("*.cu"))
-ARCHS = ("80", "90")
+ARCHS = ("80", "90", "90a")  # the extension ships 80 and 90a (sdsengine/cuda_build.py); 90 is its PTX
 
 
 def _nvcc():
@@ -86,6 +87,39 @@ def test_kernels_compile_without_spills(compilers, target):
     output = _finish(compilers[target])
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", output)]
     assert spills and not any(spills), f"register spills in {target}:\n{output}"
+
+
+def _cuobjdump():
+    """The toolkit's, else the one Triton ships (CI's toolkit has nvcc alone)."""
+    found = shutil.which("cuobjdump")
+    if found is None:
+        try:
+            import triton
+        except ImportError:
+            return None
+        found = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(found) if Path(found).exists() else None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wgmma_sp_only_in_the_sm90a_image(compilers, arch):
+    """The Hopper kernel's sparse warpgroup MMAs (HGMMA.SP in SASS) are there in sm_90a, at the two
+    selectors of each stage; other images hold the trapping stub and no HGMMA at all."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither the CUDA toolkit's nor Triton's)")
+    proc = compilers[f"spmm24_sm90.cu-sm_{arch}"]
+    output = _finish(proc)
+    obj = proc.args[proc.args.index("-o") + 1]
+    sass = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    mmas = re.findall(r"HGMMA\.SP\.64x(\d+)x32\.F32(\.BF16)? [^;]*, (0x[01])", sass)
+    if arch != "90a":
+        assert "HGMMA" not in sass, f"sm_{arch} image has warpgroup MMAs"
+        return
+    assert "C7515" not in output, f"ptxas serialized the wgmmas:\n{output}"
+    tiles = {(int(n), ty or ".F16") for n, ty, _ in mmas}
+    assert tiles == {(n, ty) for n in (64, 128, 256) for ty in (".F16", ".BF16")}, tiles
+    assert {sel for *_, sel in mmas} == {"0x0", "0x1"}
 
 
 def test_bindings_compile_against_torch_headers(compilers):

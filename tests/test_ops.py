@@ -134,7 +134,7 @@ def run_backend(backend, w, x, b):
     try:
         return ops.run(backend, form, x, b, w.shape[0])
     except RuntimeError as exc:
-        if backend == "sdsengine":
+        if backend in ("sdsengine", "wgmma"):  # ours: a refusal is a bug, not a library's limit
             raise
         pytest.skip(f"{backend} cannot run ({tuple(w.shape)}, {x.shape[0]} tokens): {exc}")
 
@@ -318,6 +318,77 @@ for i in range(int(sys.argv[1]), len(cases)):
     assert results[1].startswith("the process died (exit status -6)")
 
 
+# The wgmma.sp kernel (Hopper): every case in a child process until it has a record on hardware, poisoned
+# output memory, tile widths forced and automatic, M not a multiple of the 128-row block, K of 800 (3.1
+# blocks of 256: padded weight columns against zero-filled X), token counts across tile boundaries.
+WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n})"
+               for shape in ((272, 800), (128, 256))
+               for tokens in (1, 7, 64, 65, 200, 257, 600)
+               for dtype in ("float16", "bfloat16")
+               for bias in (False, True)
+               for tile_n in (0, 64, 128, 256)
+               if shape == (272, 800) or (bias and tile_n == 0)]
+_WGMMA_CHILD = """
+import sys, torch
+from sdsengine import ops
+from sdsengine.kernels import compress_24
+from test_ops import assert_matches_reference, gpu_case
+ext = ops.load_extension()
+cases = sys.argv[2:]
+for i in range(int(sys.argv[1]), len(cases)):
+    print(f"CASE {i}", flush=True)
+    shape, tokens, dtype, bias, tile_n = eval(cases[i])
+    w, x, b = gpu_case(shape, tokens, getattr(torch, dtype), bias)
+    v, m = ops.reorder_24(*compress_24(w))
+    poison = torch.full((tokens * shape[0],), float("nan"), device="cuda", dtype=x.dtype)
+    del poison  # the allocator hands this block to y: an element the kernel misses stays NaN
+    try:
+        y = ext.spmm24_sm90(x, v, m, shape[0], b, tile_n)
+        plan = ext.spmm24_sm90_plan(x, shape[0], tile_n)
+        assert_matches_reference(y, x, w, b, f"plan {plan}")
+        print(f"RESULT {i} ok", flush=True)
+    except BaseException as exc:  # pytest.fail raises a BaseException
+        print(f"RESULT {i} " + " ".join(str(exc).split()), flush=True)
+"""
+
+
+def hopper_extension():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma.sp kernel runs on compute capability 9.0 only")
+    return extension()
+
+
+@pytest.fixture(scope="module")
+def wgmma_results():
+    hopper_extension()
+    return isolated_results(_WGMMA_CHILD, WGMMA_CASES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(WGMMA_CASES)), ids=WGMMA_CASES)
+def test_wgmma_kernel_against_fp32(wgmma_results, case):
+    assert wgmma_results[case] == "ok", wgmma_results[case]
+
+
+@pytest.mark.gpu
+def test_wgmma_backend_passes_its_child_check_on_hopper():
+    """run_backend skips an unavailable backend; on Hopper a failed self-check must fail here instead."""
+    hopper_extension()
+    assert ops.wgmma_error() is None
+
+
+@pytest.mark.gpu
+def test_wgmma_plan_fills_the_gpu_with_the_widest_tile():
+    ext = hopper_extension()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.float16)
+    plan = ext.spmm24_sm90_plan(x, 4096)
+    assert plan["tile_n"] == 256 and plan["m_blocks"] * plan["n_blocks"] >= sms, plan
+    assert ext.spmm24_sm90_plan(x[:16], 4096)["tile_n"] == 64
+    with pytest.raises(RuntimeError, match="tile_n must be 0"):
+        ext.spmm24_sm90_plan(x, 4096, 96)
+
+
 @pytest.fixture(scope="module")
 def bad_input_results():
     """The binding's error message per BAD_INPUTS case, each called in a child process: a message that
@@ -347,12 +418,33 @@ def test_child_process_check_reports_the_failure_and_passes_a_clean_run():
     assert "probe failed its self-check" in reason and "no sparse tensor cores here" in reason
 
 
-def test_cusparselt_switch_skips_the_child_check(monkeypatch):
+@pytest.mark.parametrize("backend", ("cusparselt", "wgmma"))
+def test_backend_switch_skips_the_child_check(monkeypatch, backend):
     monkeypatch.setattr(ops, "_run_check", lambda code, what: pytest.fail("the child check must not run"))
-    monkeypatch.setenv("SDSENGINE_CUSPARSELT", "0")
-    assert "turned off" in ops.cusparselt_error()
-    monkeypatch.setenv("SDSENGINE_CUSPARSELT", "1")
-    assert ops.cusparselt_error() is None
+    error = getattr(ops, f"{backend}_error")
+    monkeypatch.setenv(f"SDSENGINE_{backend.upper()}", "0")
+    assert error() == f"turned off by SDSENGINE_{backend.upper()}=0"
+    monkeypatch.setenv(f"SDSENGINE_{backend.upper()}", "1")
+    assert error() is None
+
+
+def test_wgmma_child_check_runs_once_and_names_the_kernel(monkeypatch):
+    monkeypatch.setattr(ops, "_wgmma", {})
+    monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
+    checked = []
+
+    def check(code, what):
+        checked.append(code)
+        return f"{what} failed its self-check in a child process: relative error 1.3"
+    monkeypatch.setattr(ops, "_run_check", check)
+    assert ops.wgmma_error().startswith("wgmma.sp kernel failed")
+    assert ops.wgmma_error() and len(checked) == 1
+    assert "'SDSENGINE_WGMMA': '1'" in checked[0] and "'wgmma'" in checked[0]  # the child skips its own check
+
+
+def test_wgmma_runs_the_mma_sp_kernels_form():
+    assert ops.form_key("wgmma") == ops.form_key("sdsengine") == "sdsengine"
+    assert {ops.form_key(b) for b in ("cusparselt", "cutlass", "dense")} == {"cusparselt", "cutlass", "dense"}
 
 
 @pytest.fixture
@@ -369,7 +461,7 @@ def test_cusparselt_takes_the_first_form_that_passes_its_check(monkeypatch, fres
 
     def check(code, what):
         checked.append(what)
-        return "failed: internal error" if '"transposed"' in code else None
+        return "failed: internal error" if "'SDSENGINE_CUSPARSELT_FORM': 'transposed'" in code else None
     monkeypatch.setattr(ops, "_run_check", check)
     assert ops.cusparselt_error() is None and ops.cusparselt_form() == "plain"
     assert checked == ["cuSPARSELt (transposed form)", "cuSPARSELt (plain form)"]

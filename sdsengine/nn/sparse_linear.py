@@ -144,9 +144,10 @@ class SparseLinear(nn.Module):
     # -- derived forms ------------------------------------------------------------------------------
 
     def _form(self, backend):
-        if backend not in self._forms:
-            self._forms[backend] = ops.prepare(backend, self.values, self.meta)
-        return self._forms[backend]
+        key = ops.form_key(backend)
+        if key not in self._forms:
+            self._forms[key] = ops.prepare(backend, self.values, self.meta)
+        return self._forms[key]
 
     def _apply(self, fn, recurse=True):
         self._forms, self._routes = {}, {}  # device or dtype moves invalidate every derived form
@@ -197,17 +198,17 @@ class SparseLinear(nn.Module):
         except RuntimeError as exc:  # a library refusing this token count: not a reason to fail the forward
             warnings.warn(f"SparseLinear: backend {backend!r} failed on ({self.out_features}, {self.in_features}) x "
                           f"{x.shape[0]} tokens: {exc}; not using it")
-            self._forms.pop(backend, None)
+            self._forms.pop(ops.form_key(backend), None)
             return None
         if err > 2e-2:
             warnings.warn(f"SparseLinear: backend {backend!r} disagrees with dense (relative error {err:.3g}) on "
                           f"shape ({self.out_features}, {self.in_features}) x {x.shape[0]} tokens; not using it")
-            self._forms.pop(backend, None)
+            self._forms.pop(ops.form_key(backend), None)
             return None
         return ops.time_ms(fn)
 
     def _keep_chosen_forms(self):
         """Tuning prepared every backend's form; keep only those some bucket of this shape chose."""
         mine = self._key(1)
-        chosen = {b for k, b in _choices.items() if k[:2] == mine[:2] and k[3:] == mine[3:]}
-        self._forms = {b: f for b, f in self._forms.items() if b in chosen}
+        chosen = {ops.form_key(b) for k, b in _choices.items() if k[:2] == mine[:2] and k[3:] == mine[3:]}
+        self._forms = {key: f for key, f in self._forms.items() if key in chosen}

@@ -178,6 +178,20 @@ def test_autotune_keeps_dense_within_noise(fake_backends, fresh_choices):
     assert layer._backend_for(1) == "dense"  # 0.5% faster is noise, not a win
 
 
+def test_backends_running_one_form_share_its_copy(fake_backends, fresh_choices, monkeypatch):
+    """Our two kernels run the same reordered weight: decode on mma.sp and prefill on wgmma.sp hold it once."""
+    prepared = []
+    monkeypatch.setattr(ops, "prepare", lambda backend, values, meta: (prepared.append(backend),
+                                                                        decompress_24(values, meta))[1])
+    fake_backends.clear()
+    fake_backends.update(sdsengine=1.0, wgmma=1.5, dense=2.0)
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    assert layer._backend_for(1) == "sdsengine"
+    fake_backends.update(wgmma=0.5)
+    assert layer._backend_for(2048) == "wgmma"
+    assert set(layer._forms) == {"sdsengine"} and prepared.count("sdsengine") == 1 and "wgmma" not in prepared
+
+
 @pytest.fixture
 def backends_run(fake_backends, monkeypatch):
     """fake_backends, recording the backend of every SparseLinear call and counting the decisions made."""
