@@ -320,7 +320,8 @@ for i in range(int(sys.argv[1]), len(cases)):
 
 # The wgmma.sp kernel (Hopper): every case in a child process until it has a record on hardware, poisoned
 # output memory, tile widths forced and automatic, M not a multiple of the 128-row block, K of 800 (3.1
-# blocks of 256: padded weight columns against zero-filled X), token counts across tile boundaries.
+# blocks of 256: padded weight columns against zero-filled X), token counts across tile boundaries, and two
+# Llama shapes (the in-process backend tests run these after the child check alone).
 WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n})"
                for shape in ((272, 800), (128, 256))
                for tokens in (1, 7, 64, 65, 200, 257, 600)
@@ -328,6 +329,7 @@ WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n})"
                for bias in (False, True)
                for tile_n in (0, 64, 128, 256)
                if shape == (272, 800) or (bias and tile_n == 0)]
+WGMMA_CASES += ["((4096, 4096), 2048, 'float16', False, 0)", "((1024, 14336), 300, 'bfloat16', True, 0)"]
 _WGMMA_CHILD = """
 import sys, torch
 from sdsengine import ops
