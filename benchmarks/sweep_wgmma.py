@@ -1,13 +1,16 @@
 """Tile widths of the Hopper wgmma.sp kernel (csrc/spmm24_sm90.cu) against dense cuBLAS in the same run, on
-the Llama layer shapes at prefill token counts: the data behind spmm24_sm90_plan's choice of tile_n.
+the Llama layer shapes at prefill token counts, in both pipelines: the data behind spmm24_sm90_plan's choice
+of tile_n and the backend's choice of pipeline (plain until measured).
 
     python benchmarks/sweep_wgmma.py [--shapes 4096x4096,14336x4096] [--tokens 256,512,2048,4096]
 
 Every tile width is checked against dense (relative error) before it is timed; L2 is flushed before every
-call. Writes <out>/<name>.json and .md (bench "wgmma_tiles", backend "wgmma:tn<width>" or "wgmma:auto").
+call. Writes <out>/<name>.json and .md (bench "wgmma_tiles", backend "wgmma:tn<width>" or "wgmma:auto(...)",
+"+overlap" for the overlapped pipeline).
 Needs compute capability 9.0 and an extension built with sm_90a code; says so and exits 0 otherwise.
 """
 import argparse
+import itertools
 import sys
 
 import torch
@@ -18,6 +21,7 @@ from sdsengine import ops
 from sdsengine.bench import parse_shapes, random_24_weights, rates, table
 
 TILES = (0, 64, 128, 256)  # 0: the plan's own choice
+PIPELINES = (False, True)  # overlap: one stage's wgmmas left in flight while the next are issued
 
 
 def sweep_shape(ext, shape, tokens, dtype, iters):
@@ -34,12 +38,12 @@ def sweep_shape(ext, shape, tokens, dtype, iters):
                 "dense_ms": dense_ms}
         records.append(dict(base, backend="dense", ms=dense_ms, speedup=1.0, rel_err=0.0,
                             **rates(shape, n, dense_ms, sparse=False)))
-        for tile_n in TILES:
-            call = lambda: ext.spmm24_sm90(x, values_r, meta_r, shape[0], None, tile_n)  # noqa: E731
+        for tile_n, overlap in itertools.product(TILES, PIPELINES):
+            call = lambda: ext.spmm24_sm90(x, values_r, meta_r, shape[0], None, tile_n, overlap)  # noqa: E731
             err = ops.relative_error(call(), ref)
             ms = ops.time_ms(call, iters=iters)
-            chosen = ext.spmm24_sm90_plan(x, shape[0], tile_n)["tile_n"]
-            label = f"wgmma:tn{tile_n}" if tile_n else f"wgmma:auto(tn{chosen})"
+            chosen = ext.spmm24_sm90_plan(x, shape[0], tile_n, overlap)["tile_n"]
+            label = (f"wgmma:tn{tile_n}" if tile_n else f"wgmma:auto(tn{chosen})") + ("+overlap" if overlap else "")
             records.append(dict(base, backend=label, ms=ms, speedup=dense_ms / ms, rel_err=err,
                                 **rates(shape, n, ms, sparse=True)))
     return records
@@ -66,7 +70,7 @@ def main(argv=None):
     records = []
     for shape in parse_shapes(args.shapes):
         records += sweep_shape(ext, shape, tokens, getattr(torch, args.dtype), args.iters)
-        print(table(records[-len(tokens) * (len(TILES) + 1):]), flush=True)
+        print(table(records[-len(tokens) * (len(TILES) * len(PIPELINES) + 1):]), flush=True)
         path = write_results(args.name, records, args.out)  # after each shape: a run cut short keeps them
     print(f"wrote {path}")
     return 0

@@ -113,43 +113,6 @@ at::Tensor counters_for(const at::Tensor& x, const c10::optional<at::Tensor>& lo
   return at::zeros({needed}, x.options().dtype(at::kInt));
 }
 
-}  // namespace
-
-// Y = X . W^T (+ bias) with W 2:4-compressed and reordered; X (N, K) -> Y (N, out_features).
-// locks: optional int32 zeros reused across calls (see counters_for); they must not be shared by calls
-// that run concurrently on different streams.
-at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
-                  const c10::optional<at::Tensor>& bias, int64_t split_k, const c10::optional<at::Tensor>& locks) {
-  check_x(x);
-  check_weight(x, values, meta, out_features);
-  if (bias.has_value()) check_bias(x, *bias, out_features);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty({x.size(0), out_features}, x.options());
-  if (x.size(0) == 0) return y;
-  const auto plan = plan_for(x, out_features, split_k);
-  at::Tensor workspace, counters;
-  if (plan.splits > 1) {
-    workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
-    counters = counters_for(x, locks, int64_t{plan.m_blocks} * plan.token_blocks);
-  }
-  const sdsengine::Spmm24Args args{x.data_ptr(),
-                                   values.data_ptr(),
-                                   meta.data_ptr<int32_t>(),
-                                   bias.has_value() ? bias->data_ptr() : nullptr,
-                                   y.data_ptr(),
-                                   plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
-                                   plan.splits > 1 ? counters.data_ptr<int>() : nullptr,
-                                   static_cast<int>(out_features),
-                                   static_cast<int>(x.size(0)),
-                                   static_cast<int>(x.size(1)),
-                                   static_cast<int>(values.size(0)),
-                                   static_cast<int>(meta.size(1))};
-  const auto dtype = x.scalar_type() == at::kHalf ? sdsengine::DType::kHalf : sdsengine::DType::kBFloat16;
-  const cudaError_t err = sdsengine::spmm24_launch(args, plan, dtype, c10::cuda::getCurrentCUDAStream().stream());
-  SDS_CHECK(err == cudaSuccess, "kernel launch failed: ", cudaGetErrorString(err));
-  return y;
-}
-
 // Whether this device runs the sm_90a image of spmm24_sm90.cu: asked once per device by launching a probe.
 bool sm90a_present(const at::Device& device) {
   static std::mutex mutex;
@@ -177,9 +140,59 @@ void check_sm90(const at::Tensor& x, int64_t tile_n) {
             "this build of sdsengine._C has no sm_90a code (nvcc needs -gencode=arch=compute_90a,code=sm_90a)");
 }
 
-sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t tile_n) {
+sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t tile_n, bool overlap) {
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
-  return sdsengine::spmm24_sm90_plan(static_cast<int>(m), static_cast<int>(x.size(0)), sms, static_cast<int>(tile_n));
+  return sdsengine::spmm24_sm90_plan(static_cast<int>(m), static_cast<int>(x.size(0)), sms, static_cast<int>(tile_n),
+                                     overlap);
+}
+
+// The kernels' arguments from checked tensors; y is (N, out_features) = (x.size(0), y.size(1)).
+sdsengine::Spmm24Args kernel_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                  const c10::optional<at::Tensor>& bias, const at::Tensor& y, float* workspace,
+                                  int* counters) {
+  return {x.data_ptr(),
+          values.data_ptr(),
+          meta.data_ptr<int32_t>(),
+          bias.has_value() ? bias->data_ptr() : nullptr,
+          y.data_ptr(),
+          workspace,
+          counters,
+          static_cast<int>(y.size(1)),
+          static_cast<int>(x.size(0)),
+          static_cast<int>(x.size(1)),
+          static_cast<int>(values.size(0)),
+          static_cast<int>(meta.size(1))};
+}
+
+sdsengine::DType dtype_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf ? sdsengine::DType::kHalf : sdsengine::DType::kBFloat16;
+}
+
+}  // namespace
+
+// Y = X . W^T (+ bias) with W 2:4-compressed and reordered; X (N, K) -> Y (N, out_features).
+// locks: optional int32 zeros reused across calls (see counters_for); they must not be shared by calls
+// that run concurrently on different streams.
+at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
+                  const c10::optional<at::Tensor>& bias, int64_t split_k, const c10::optional<at::Tensor>& locks) {
+  check_x(x);
+  check_weight(x, values, meta, out_features);
+  if (bias.has_value()) check_bias(x, *bias, out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({x.size(0), out_features}, x.options());
+  if (x.size(0) == 0) return y;
+  const auto plan = plan_for(x, out_features, split_k);
+  at::Tensor workspace, counters;
+  if (plan.splits > 1) {
+    workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
+    counters = counters_for(x, locks, int64_t{plan.m_blocks} * plan.token_blocks);
+  }
+  const auto args = kernel_args(x, values, meta, bias, y, plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
+                                plan.splits > 1 ? counters.data_ptr<int>() : nullptr);
+  const cudaError_t err =
+      sdsengine::spmm24_launch(args, plan, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream());
+  SDS_CHECK(err == cudaSuccess, "kernel launch failed: ", cudaGetErrorString(err));
+  return y;
 }
 
 // The launch plan the kernel would use, for tests and benchmarks: a dict of ints.
@@ -199,7 +212,7 @@ pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t sp
 
 // The Hopper prefill kernel (wgmma.sp): same arguments and weight as spmm24, without split-K.
 at::Tensor spmm24_sm90(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
-                       const c10::optional<at::Tensor>& bias, int64_t tile_n) {
+                       const c10::optional<at::Tensor>& bias, int64_t tile_n, bool overlap) {
   check_x(x);
   check_weight(x, values, meta, out_features);
   if (bias.has_value()) check_bias(x, *bias, out_features);
@@ -207,34 +220,24 @@ at::Tensor spmm24_sm90(const at::Tensor& x, const at::Tensor& values, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0) return y;
-  const auto plan = sm90_plan_for(x, out_features, tile_n);
-  const sdsengine::Spmm24Args args{x.data_ptr(),
-                                   values.data_ptr(),
-                                   meta.data_ptr<int32_t>(),
-                                   bias.has_value() ? bias->data_ptr() : nullptr,
-                                   y.data_ptr(),
-                                   nullptr,
-                                   nullptr,
-                                   static_cast<int>(out_features),
-                                   static_cast<int>(x.size(0)),
-                                   static_cast<int>(x.size(1)),
-                                   static_cast<int>(values.size(0)),
-                                   static_cast<int>(meta.size(1))};
-  const auto dtype = x.scalar_type() == at::kHalf ? sdsengine::DType::kHalf : sdsengine::DType::kBFloat16;
-  const cudaError_t err = sdsengine::spmm24_sm90_launch(args, plan, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  const auto plan = sm90_plan_for(x, out_features, tile_n, overlap);
+  const auto args = kernel_args(x, values, meta, bias, y, nullptr, nullptr);
+  const cudaError_t err =
+      sdsengine::spmm24_sm90_launch(args, plan, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream());
   SDS_CHECK(err == cudaSuccess, "spmm24_sm90 launch failed: ", cudaGetErrorString(err));
   return y;
 }
 
-pybind11::dict spmm24_sm90_plan(const at::Tensor& x, int64_t out_features, int64_t tile_n) {
+pybind11::dict spmm24_sm90_plan(const at::Tensor& x, int64_t out_features, int64_t tile_n, bool overlap) {
   check_x(x);
   check_sm90(x, tile_n);
-  const auto plan = sm90_plan_for(x, out_features, tile_n);
+  const auto plan = sm90_plan_for(x, out_features, tile_n, overlap);
   pybind11::dict d;
   d["tile_n"] = plan.tile_n;
   d["m_blocks"] = plan.m_blocks;
   d["n_blocks"] = plan.n_blocks;
   d["stages"] = plan.stages;
+  d["overlap"] = plan.overlap;
   d["smem_bytes"] = plan.smem_bytes;
   return d;
 }
@@ -249,7 +252,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
   m.def("spmm24_sm90", &spmm24_sm90, "Y = X W^T (+ bias) with wgmma.sp (compute capability 9.0, sm_90a build)",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
-        pybind11::arg("bias") = pybind11::none(), pybind11::arg("tile_n") = 0);
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("tile_n") = 0, pybind11::arg("overlap") = false);
   m.def("spmm24_sm90_plan", &spmm24_sm90_plan, "launch plan of spmm24_sm90 for x and out_features",
-        pybind11::arg("x"), pybind11::arg("out_features"), pybind11::arg("tile_n") = 0);
+        pybind11::arg("x"), pybind11::arg("out_features"), pybind11::arg("tile_n") = 0,
+        pybind11::arg("overlap") = false);
 }

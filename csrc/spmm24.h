@@ -48,12 +48,13 @@ struct Spmm24Sm90Plan {
   int tile_n;    // tokens per block, the N of the wgmma instruction: 64, 128 or 256
   int m_blocks;  // grid.x: blocks of 128 rows of W (8 m-tiles, one per warp)
   int n_blocks;  // grid.y: blocks of tile_n tokens
-  int stages;    // 64-column K stages in flight
+  int stages;    // 64-column K stages in shared memory
+  int overlap;   // 1: one stage's wgmmas stay in flight while the next stage's are issued
   int smem_bytes;
 };
 
 // tile_n 0 picks one from the grid it gives; 64, 128 or 256 forces it.
-Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n);
+Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n, bool overlap);
 
 cudaError_t spmm24_sm90_launch(const Spmm24Args& args, const Spmm24Sm90Plan& plan, DType dtype, cudaStream_t stream);
 

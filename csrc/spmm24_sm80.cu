@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "spmm24.h"
+#include "spmm24_device.cuh"
 
 namespace sdsengine {
 namespace {
@@ -89,19 +90,6 @@ struct MmaSp<__nv_bfloat16, SEL> {
                  : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
                    "n"(SEL));
   }
-};
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };
 
 // One 16 x 256 block of W for one lane: the A registers of 8 k-steps and their metadata.

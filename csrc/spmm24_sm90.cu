@@ -9,14 +9,18 @@
 // from the reordered layout); kStages stages are in flight with cp.async. Metadata, one 16-byte load per
 // lane per 256 columns, comes straight from global memory one 256-column block ahead.
 //
-// This is a first, deliberately plain pipeline (every thread loads, each stage's wgmmas are waited for
-// before the next stage): correctness on hardware comes first, then producer/consumer warpgroups and TMA.
+// This is a first, deliberately plain pipeline (every thread loads; no producer/consumer warpgroups, no
+// TMA): correctness on hardware comes first. OVERLAP picks between waiting for each stage's wgmmas before
+// the next stage (false) and keeping one stage's wgmmas in flight while the next is issued (true; the
+// stage loaded ahead is then one fewer, since its slot is read until the wait one stage later). ptxas gives
+// consecutive stages' A fragments different registers, so the register operands stay intact meanwhile.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <type_traits>
 
 #include "spmm24.h"
+#include "spmm24_device.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SDS_SM90A 1
@@ -93,7 +97,12 @@ __device__ __forceinline__ uint64_t b_desc(uint32_t addr) {
 #endif
 __device__ __forceinline__ void wgmma_fence() { SDS_ASYNC("wgmma.fence.sync.aligned;\n"); }
 __device__ __forceinline__ void wgmma_commit() { SDS_ASYNC("wgmma.commit_group.sync.aligned;\n"); }
-__device__ __forceinline__ void wgmma_wait_all() { SDS_ASYNC("wgmma.wait_group.sync.aligned 0;\n"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(SDS_SM90A)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
 __device__ __forceinline__ void fence_proxy_async() { SDS_ASYNC("fence.proxy.async.shared::cta;\n"); }
 
 // wgmma.sp m64nTNk32, A from registers, B (TN x 32 of X) from shared memory, fp32 accumulators in place.
@@ -153,20 +162,6 @@ __device__ __forceinline__ void wgmma_sp(float (&d)[TN / 2], const uint4& a, uin
 #endif
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename T, int TN>
 __device__ __forceinline__ void store(const float (&acc)[TN / 2], const Spmm24Args& p, int mt, int n0, int lane) {
   const T* bias = static_cast<const T*>(p.bias);
@@ -176,20 +171,21 @@ __device__ __forceinline__ void store(const float (&acc)[TN / 2], const Spmm24Ar
   for (int h = 0; h < 2; ++h) {
     const int m = mt * 16 + g + 8 * h;
     if (m >= p.M) continue;
-    const float b = bias != nullptr ? to_float(bias[m]) : 0.f;
+    const float b = bias != nullptr ? Cvt<T>::to(bias[m]) : 0.f;
 #pragma unroll
     for (int i = 0; i < TN / 8; ++i) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int n = n0 + 8 * i + 2 * t + c;
-        if (n < p.N) y[static_cast<size_t>(n) * p.M + m] = from_float<T>(acc[4 * i + 2 * h + c] + b);
+        if (n < p.N) y[static_cast<size_t>(n) * p.M + m] = Cvt<T>::from(acc[4 * i + 2 * h + c] + b);
       }
     }
   }
 }
 
-template <typename T, int TN>
+template <typename T, int TN, bool OVERLAP>
 __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_kernel(const Spmm24Args p) {
+  constexpr int kAhead = OVERLAP ? kStages - 2 : kStages - 1;  // stages loaded ahead of the one computed
 #if defined(__CUDA_ARCH__) && !defined(SDS_SM90A)
   asm volatile("trap;");  // an image without sm_90a code: the host refuses to launch (spmm24_sm90_present)
 #endif
@@ -200,7 +196,8 @@ __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_kernel(const Spmm24Ar
   const int mt0 = blockIdx.x * kMTiles, mt = mt0 + warp;
   const int n0 = blockIdx.y * TN;
   const int stages = p.KB * kStagesPerBlock;
-  const uint4* meta = reinterpret_cast<const uint4*>(p.meta) + static_cast<size_t>(min(mt, p.Mt - 1)) * p.KB * 32 + lane;
+  const uint4* meta =
+      reinterpret_cast<const uint4*>(p.meta) + static_cast<size_t>(min(mt, p.Mt - 1)) * p.KB * 32 + lane;
   const uint4 pad = make_uint4(kPadMeta, kPadMeta, kPadMeta, kPadMeta);
   uint4 e_next = mt < p.Mt ? meta[0] : pad;
 
@@ -209,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_kernel(const Spmm24Ar
   for (int i = 0; i < TN / 2; ++i) acc[i] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kAhead; ++s) {
     if (s < stages) load_stage<TN>(smem + s * kStageBytes, p, mt0, n0, s);
     cp_async_commit();
   }
@@ -220,10 +217,10 @@ __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_kernel(const Spmm24Ar
 #pragma unroll
     for (int j = 0; j < kStagesPerBlock; ++j) {
       const int s = kb * kStagesPerBlock + j;
-      cp_async_wait<kStages - 2>();                                   // stage s has landed (this thread's part)
+      cp_async_wait<kAhead - 1>();                                    // stage s has landed (this thread's part)
       fence_proxy_async();                                            // visible to the tensor cores' reads
-      __syncthreads();                                                // everyone's part; slot s - 1 is free
-      const int ahead = s + kStages - 1;
+      __syncthreads();                                                // everyone's part; the slot below is free
+      const int ahead = s + kAhead;
       if (ahead < stages) load_stage<TN>(smem + (ahead % kStages) * kStageBytes, p, mt0, n0, ahead);
       cp_async_commit();
       uint8_t* stage = smem + (s % kStages) * kStageBytes;
@@ -234,9 +231,10 @@ __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_kernel(const Spmm24Ar
       wgmma_sp<T, TN, 0>(acc, a0, b_desc(xs), words[j]);       // k-step 2j: metadata word j, selector 0
       wgmma_sp<T, TN, 1>(acc, a1, b_desc(xs + 64), words[j]);  // k-step 2j + 1: same word, selector 1
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<OVERLAP ? 1 : 0>();
     }
   }
+  wgmma_wait<0>();
   if (mt < p.Mt) store<T, TN>(acc, p, mt, n0, lane);
 }
 
@@ -248,30 +246,36 @@ __global__ void sm90a_present_kernel(int* out) {
 #endif
 }
 
-template <typename T, int TN>
+template <typename T, int TN, bool OVERLAP>
 cudaError_t launch_typed(const Spmm24Args& args, const Spmm24Sm90Plan& plan, cudaStream_t stream) {
   static_assert(TN * 8 % kThreads == 0 && kMTiles * 64 % kThreads == 0, "loads divide evenly among threads");
-  auto kernel = spmm24_sm90_kernel<T, TN>;
+  auto kernel = spmm24_sm90_kernel<T, TN, OVERLAP>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(plan.m_blocks, plan.n_blocks), kThreads, plan.smem_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool OVERLAP>
 cudaError_t launch_tiles(const Spmm24Args& args, const Spmm24Sm90Plan& plan, cudaStream_t stream) {
   switch (plan.tile_n) {
-    case 64: return launch_typed<T, 64>(args, plan, stream);
-    case 128: return launch_typed<T, 128>(args, plan, stream);
-    case 256: return launch_typed<T, 256>(args, plan, stream);
+    case 64: return launch_typed<T, 64, OVERLAP>(args, plan, stream);
+    case 128: return launch_typed<T, 128, OVERLAP>(args, plan, stream);
+    case 256: return launch_typed<T, 256, OVERLAP>(args, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
+template <typename T>
+cudaError_t launch_pipelined(const Spmm24Args& args, const Spmm24Sm90Plan& plan, cudaStream_t stream) {
+  return plan.overlap ? launch_tiles<T, true>(args, plan, stream) : launch_tiles<T, false>(args, plan, stream);
+}
+
 }  // namespace
 
-Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n) {
+Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n, bool overlap) {
   Spmm24Sm90Plan plan{};
+  plan.overlap = overlap ? 1 : 0;
   plan.m_blocks = ceil_div(ceil_div(M, 16), kMTiles);
   plan.tile_n = tile_n;
   if (tile_n == 0) {  // the widest tile that still gives every SM a block; the narrowest when none does
@@ -290,8 +294,8 @@ Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n) {
 }
 
 cudaError_t spmm24_sm90_launch(const Spmm24Args& args, const Spmm24Sm90Plan& plan, DType dtype, cudaStream_t stream) {
-  return dtype == DType::kHalf ? launch_tiles<__half>(args, plan, stream)
-                               : launch_tiles<__nv_bfloat16>(args, plan, stream);
+  return dtype == DType::kHalf ? launch_pipelined<__half>(args, plan, stream)
+                               : launch_pipelined<__nv_bfloat16>(args, plan, stream);
 }
 
 cudaError_t spmm24_sm90_present(int* present, cudaStream_t stream) {

@@ -104,7 +104,7 @@ def _cuobjdump():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_wgmma_sp_only_in_the_sm90a_image(compilers, arch):
     """The Hopper kernel's sparse warpgroup MMAs (HGMMA.SP in SASS) are there in sm_90a, at the two
-    selectors of each stage; other images hold the trapping stub and no HGMMA at all."""
+    selectors of each stage, in both pipelines; other images hold the trapping stub and no HGMMA at all."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither the CUDA toolkit's nor Triton's)")
@@ -120,6 +120,8 @@ def test_wgmma_sp_only_in_the_sm90a_image(compilers, arch):
     tiles = {(int(n), ty or ".F16") for n, ty, _ in mmas}
     assert tiles == {(n, ty) for n in (64, 128, 256) for ty in (".F16", ".BF16")}, tiles
     assert {sel for *_, sel in mmas} == {"0x0", "0x1"}
+    waits = set(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[01])", sass))
+    assert waits == {"0x0", "0x1"}, waits  # the plain pipeline waits for all, the overlapped one leaves one
 
 
 def test_bindings_compile_against_torch_headers(compilers):

@@ -320,16 +320,18 @@ for i in range(int(sys.argv[1]), len(cases)):
 
 # The wgmma.sp kernel (Hopper): every case in a child process until it has a record on hardware, poisoned
 # output memory, tile widths forced and automatic, M not a multiple of the 128-row block, K of 800 (3.1
-# blocks of 256: padded weight columns against zero-filled X), token counts across tile boundaries, and two
-# Llama shapes (the in-process backend tests run these after the child check alone).
-WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n})"
+# blocks of 256: padded weight columns against zero-filled X), token counts across tile boundaries, both
+# pipelines, and two Llama shapes (the in-process backend tests run these after the child check alone).
+WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n}, {overlap})"
                for shape in ((272, 800), (128, 256))
                for tokens in (1, 7, 64, 65, 200, 257, 600)
                for dtype in ("float16", "bfloat16")
                for bias in (False, True)
                for tile_n in (0, 64, 128, 256)
+               for overlap in (False, True)
                if shape == (272, 800) or (bias and tile_n == 0)]
-WGMMA_CASES += ["((4096, 4096), 2048, 'float16', False, 0)", "((1024, 14336), 300, 'bfloat16', True, 0)"]
+WGMMA_CASES += [f"((4096, 4096), 2048, 'float16', False, 0, {overlap})" for overlap in (False, True)]
+WGMMA_CASES += ["((1024, 14336), 300, 'bfloat16', True, 0, False)"]
 _WGMMA_CHILD = """
 import sys, torch
 from sdsengine import ops
@@ -339,14 +341,14 @@ ext = ops.load_extension()
 cases = sys.argv[2:]
 for i in range(int(sys.argv[1]), len(cases)):
     print(f"CASE {i}", flush=True)
-    shape, tokens, dtype, bias, tile_n = eval(cases[i])
+    shape, tokens, dtype, bias, tile_n, overlap = eval(cases[i])
     w, x, b = gpu_case(shape, tokens, getattr(torch, dtype), bias)
     v, m = ops.reorder_24(*compress_24(w))
     poison = torch.full((tokens * shape[0],), float("nan"), device="cuda", dtype=x.dtype)
     del poison  # the allocator hands this block to y: an element the kernel misses stays NaN
     try:
-        y = ext.spmm24_sm90(x, v, m, shape[0], b, tile_n)
-        plan = ext.spmm24_sm90_plan(x, shape[0], tile_n)
+        y = ext.spmm24_sm90(x, v, m, shape[0], b, tile_n, overlap)
+        plan = ext.spmm24_sm90_plan(x, shape[0], tile_n, overlap)
         assert_matches_reference(y, x, w, b, f"plan {plan}")
         print(f"RESULT {i} ok", flush=True)
     except BaseException as exc:  # pytest.fail raises a BaseException
