@@ -1,10 +1,12 @@
-// Device helpers shared by the 2:4 kernels (spmm24_sm80.cu, spmm24_sm90.cu).
+// Helpers shared by the 2:4 kernels (spmm24_sm80.cu, spmm24_sm90.cu).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace sdsengine {
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // fp32 <-> the kernels' element type, round to nearest.
 template <typename T>

@@ -39,7 +39,6 @@ constexpr int kSmemLimit = 48 * 1024;
 #define SDS_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32."
 #endif
 
-int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Weights are read exactly once per call: keep them out of L1 so X and the fragments stay there.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {

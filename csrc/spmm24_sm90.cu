@@ -39,8 +39,7 @@ constexpr int kAStageBytes = kMTiles * 2 * 32 * 16;  // two k-steps of every war
 constexpr int kAlign = 1024;                        // 128-byte swizzle repeats every 8 rows of 128 bytes
 constexpr uint32_t kPadMeta = 0x44444444u;          // valid, ordered metadata for the zero rows past M
 
-int ceil_div(int a, int b) { return (a + b - 1) / b; }
-int stage_bytes(int tile_n) { return tile_n * 128 + kAStageBytes; }
+__host__ __device__ constexpr int stage_bytes(int tile_n) { return tile_n * 128 + kAStageBytes; }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -191,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_kernel(const Spmm24Ar
 #endif
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + (-smem_addr(smem_raw) & (kAlign - 1));
-  constexpr int kStageBytes = TN * 128 + kAStageBytes;
+  constexpr int kStageBytes = stage_bytes(TN);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int mt0 = blockIdx.x * kMTiles, mt = mt0 + warp;
   const int n0 = blockIdx.y * TN;

@@ -159,49 +159,43 @@ _cusparselt = {}
 _wgmma = {}
 
 
-def _switch(variable):
-    """(decided, reason) from an on/off environment variable: (True, None) on, (True, why) off, else
-    (False, None): not decided."""
+def _checked_in_child(backend, variable, cache, variants):
+    """None if `backend` passed its self-check in a child process in one of `variants`
+    ({name: (what, environment)}), tried in order once per process, else why not; the passing name goes
+    into cache["passed"]. The on/off `variable` decides without a check."""
     wanted = os.environ.get(variable)
     if wanted in ("0", "1"):
-        return True, None if wanted == "1" else f"turned off by {variable}=0"
-    return False, None
+        return None if wanted == "1" else f"turned off by {variable}=0"
+    if "error" not in cache:
+        reasons = []
+        for name, (what, env) in variants.items():
+            reason = _run_check(_CHILD_CHECK.format(env=env, backend=backend), what)
+            if reason is None:
+                cache["passed"] = name
+                break
+            reasons.append(reason)
+        cache["error"] = None if "passed" in cache else "; ".join(reasons)
+    return cache["error"]
 
 
 def cusparselt_error():
     """None if cuSPARSELt ran a small product correctly in a child process in one of its forms (checked
     once), else why not."""
-    decided, reason = _switch("SDSENGINE_CUSPARSELT")
-    if decided:
-        return reason
-    if "error" not in _cusparselt:
-        reasons = []
-        for form in CUSPARSELT_FORMS:
-            env = {"SDSENGINE_CUSPARSELT": "1", "SDSENGINE_CUSPARSELT_FORM": form}
-            reason = _run_check(_CHILD_CHECK.format(env=env, backend="cusparselt"), f"cuSPARSELt ({form} form)")
-            if reason is None:
-                _cusparselt["form"] = form
-                break
-            reasons.append(reason)
-        _cusparselt["error"] = None if "form" in _cusparselt else "; ".join(reasons)
-    return _cusparselt["error"]
+    forms = {form: (f"cuSPARSELt ({form} form)", {"SDSENGINE_CUSPARSELT": "1", "SDSENGINE_CUSPARSELT_FORM": form})
+             for form in CUSPARSELT_FORMS}
+    return _checked_in_child("cusparselt", "SDSENGINE_CUSPARSELT", _cusparselt, forms)
 
 
 def wgmma_error():
     """None if our wgmma.sp kernel ran a small product correctly in a child process (checked once), else
     why not: it has not yet been run on hardware as often as the mma.sp kernel."""
-    decided, reason = _switch("SDSENGINE_WGMMA")
-    if decided:
-        return reason
-    if "error" not in _wgmma:
-        code = _CHILD_CHECK.format(env={"SDSENGINE_WGMMA": "1"}, backend="wgmma")
-        _wgmma["error"] = _run_check(code, "wgmma.sp kernel")
-    return _wgmma["error"]
+    kernel = {"kernel": ("wgmma.sp kernel", {"SDSENGINE_WGMMA": "1"})}
+    return _checked_in_child("wgmma", "SDSENGINE_WGMMA", _wgmma, kernel)
 
 
 def cusparselt_form():
     """The form cuSPARSELt runs in: SDSENGINE_CUSPARSELT_FORM, else the first that passed its check."""
-    form = os.environ.get("SDSENGINE_CUSPARSELT_FORM") or _cusparselt.get("form", CUSPARSELT_FORMS[0])
+    form = os.environ.get("SDSENGINE_CUSPARSELT_FORM") or _cusparselt.get("passed", CUSPARSELT_FORMS[0])
     if form not in CUSPARSELT_FORMS:
         raise ValueError(f"SDSENGINE_CUSPARSELT_FORM must be one of {CUSPARSELT_FORMS}, got {form!r}")
     return form
@@ -281,7 +275,7 @@ def prepare(backend, values, meta):
     reason = _why_not(backend, values.device, values.dtype)
     if reason:
         raise BackendUnavailable(f"{backend}: {reason}")
-    if backend in ("sdsengine", "wgmma"):  # zeroed tickets the mma.sp kernel leaves zeroed: no memset per call
+    if form_key(backend) == "sdsengine":  # zeroed tickets the mma.sp kernel leaves zeroed: no memset per call
         return (*reorder_24(values, meta), torch.zeros(LOCKS, dtype=torch.int32, device=values.device))
     dense = decompress_24(values, meta)
     if backend == "dense":
