@@ -10,7 +10,8 @@
 #   4. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible)
 #   5. wanda, compress, sparsegpt   benchmarks/bench_<name>.py: Triton vs the PyTorch reference
 #   6. spmm, e2e    benchmarks/bench_spmm.py and bench_e2e.py, cut down to fit
-#   6a. wgmma_tiles benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against dense (9.0 only)
+#   6a. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
+#                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #   6b. dispatch    benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's
 #   6c. spmm_bf16   bench_spmm.py in bf16 at 1 and 2048 tokens (last: the first steps matter more)
 #   7. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
@@ -31,7 +32,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv
-BENCHES="wanda compress sparsegpt spmm wgmma_tiles e2e dispatch spmm_bf16"
+BENCHES="wanda compress sparsegpt spmm wgmma_tiles wgmma_tma e2e dispatch spmm_bf16"
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for s in $SUITE_STEPS; do
@@ -100,7 +101,10 @@ suite() {
   bench compress 30
   bench sparsegpt 90
   step spmm 50 "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 --out "$RESULTS"
-  step wgmma_tiles 40 "$PY" benchmarks/sweep_wgmma.py --iters 10 --out "$RESULTS"
+  step wgmma_tiles 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines plain,overlap \
+    --out "$RESULTS"
+  step wgmma_tma 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines tma,tma_multicast \
+    --name wgmma_tma --out "$RESULTS"
   step e2e 90 "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --out "$RESULTS"
   step dispatch 20 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <map>
 #include <string>
 #include <mutex>
@@ -140,10 +141,21 @@ void check_sm90(const at::Tensor& x, int64_t tile_n) {
             "this build of sdsengine._C has no sm_90a code (nvcc needs -gencode=arch=compute_90a,code=sm_90a)");
 }
 
-sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t tile_n, bool overlap) {
+// The Hopper kernel's pipelines by the names Python uses (spmm24.h says what each does).
+constexpr std::array<const char*, 4> kSm90Pipelines = {"plain", "overlap", "tma", "tma_multicast"};
+
+sdsengine::Sm90Pipeline sm90_pipeline(const std::string& name) {
+  for (size_t i = 0; i < kSm90Pipelines.size(); ++i) {
+    if (name == kSm90Pipelines[i]) return static_cast<sdsengine::Sm90Pipeline>(i);
+  }
+  SDS_CHECK(false, "pipeline must be one of plain, overlap, tma, tma_multicast; got '", name, "'");
+  return sdsengine::Sm90Pipeline::kPlain;
+}
+
+sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t tile_n, const std::string& pipeline) {
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
   return sdsengine::spmm24_sm90_plan(static_cast<int>(m), static_cast<int>(x.size(0)), sms, static_cast<int>(tile_n),
-                                     overlap);
+                                     sm90_pipeline(pipeline));
 }
 
 // The kernels' arguments from checked tensors; y is (N, out_features) = (x.size(0), y.size(1)).
@@ -212,7 +224,7 @@ pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t sp
 
 // The Hopper prefill kernel (wgmma.sp): same arguments and weight as spmm24, without split-K.
 at::Tensor spmm24_sm90(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
-                       const c10::optional<at::Tensor>& bias, int64_t tile_n, bool overlap) {
+                       const c10::optional<at::Tensor>& bias, int64_t tile_n, const std::string& pipeline) {
   check_x(x);
   check_weight(x, values, meta, out_features);
   if (bias.has_value()) check_bias(x, *bias, out_features);
@@ -220,7 +232,7 @@ at::Tensor spmm24_sm90(const at::Tensor& x, const at::Tensor& values, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0) return y;
-  const auto plan = sm90_plan_for(x, out_features, tile_n, overlap);
+  const auto plan = sm90_plan_for(x, out_features, tile_n, pipeline);
   const auto args = kernel_args(x, values, meta, bias, y, nullptr, nullptr);
   const cudaError_t err =
       sdsengine::spmm24_sm90_launch(args, plan, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream());
@@ -228,16 +240,18 @@ at::Tensor spmm24_sm90(const at::Tensor& x, const at::Tensor& values, const at::
   return y;
 }
 
-pybind11::dict spmm24_sm90_plan(const at::Tensor& x, int64_t out_features, int64_t tile_n, bool overlap) {
+pybind11::dict spmm24_sm90_plan(const at::Tensor& x, int64_t out_features, int64_t tile_n,
+                                const std::string& pipeline) {
   check_x(x);
   check_sm90(x, tile_n);
-  const auto plan = sm90_plan_for(x, out_features, tile_n, overlap);
+  const auto plan = sm90_plan_for(x, out_features, tile_n, pipeline);
   pybind11::dict d;
   d["tile_n"] = plan.tile_n;
   d["m_blocks"] = plan.m_blocks;
   d["n_blocks"] = plan.n_blocks;
   d["stages"] = plan.stages;
-  d["overlap"] = plan.overlap;
+  d["pipeline"] = kSm90Pipelines[plan.pipeline];
+  d["cluster"] = plan.cluster;
   d["smem_bytes"] = plan.smem_bytes;
   return d;
 }
@@ -252,8 +266,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
   m.def("spmm24_sm90", &spmm24_sm90, "Y = X W^T (+ bias) with wgmma.sp (compute capability 9.0, sm_90a build)",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
-        pybind11::arg("bias") = pybind11::none(), pybind11::arg("tile_n") = 0, pybind11::arg("overlap") = false);
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("tile_n") = 0, pybind11::arg("pipeline") = "plain");
   m.def("spmm24_sm90_plan", &spmm24_sm90_plan, "launch plan of spmm24_sm90 for x and out_features",
         pybind11::arg("x"), pybind11::arg("out_features"), pybind11::arg("tile_n") = 0,
-        pybind11::arg("overlap") = false);
+        pybind11::arg("pipeline") = "plain");
 }

@@ -44,19 +44,29 @@ cudaError_t spmm24_launch(const Spmm24Args& args, const Spmm24Plan& plan, DType 
 
 // The prefill kernel for Hopper (spmm24_sm90.cu, wgmma.sp): same arguments and weight layout (workspace and
 // counters unused). Its code exists only in the sm_90a image, which runs only on compute capability 9.0.
+// Pipelines: kPlain waits for each stage's wgmmas; kOverlap keeps one stage's in flight (both: every thread
+// loads with cp.async); kTma has a producer warpgroup load each stage with TMA (spmm24_sm90_tma.cu), and
+// kTmaMulticast pairs blocks along M in a cluster that loads each X tile once for both.
+enum class Sm90Pipeline { kPlain = 0, kOverlap = 1, kTma = 2, kTmaMulticast = 3 };
+
 struct Spmm24Sm90Plan {
   int tile_n;    // tokens per block, the N of the wgmma instruction: 64, 128 or 256
-  int m_blocks;  // grid.x: blocks of 128 rows of W (8 m-tiles, one per warp)
+  int m_blocks;  // grid.x: blocks of 128 rows of W (8 m-tiles, one per MMA warp); even with a cluster of 2
   int n_blocks;  // grid.y: blocks of tile_n tokens
   int stages;    // 64-column K stages in shared memory
-  int overlap;   // 1: one stage's wgmmas stay in flight while the next stage's are issued
+  int pipeline;  // an Sm90Pipeline
+  int cluster;   // blocks per cluster along M: 2 for kTmaMulticast, else 1
   int smem_bytes;
 };
 
 // tile_n 0 picks one from the grid it gives; 64, 128 or 256 forces it.
-Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n, bool overlap);
+Spmm24Sm90Plan spmm24_sm90_plan(int M, int N, int num_sms, int tile_n, Sm90Pipeline pipeline);
 
 cudaError_t spmm24_sm90_launch(const Spmm24Args& args, const Spmm24Sm90Plan& plan, DType dtype, cudaStream_t stream);
+
+// The TMA pipelines' launch (spmm24_sm90_tma.cu), reached through spmm24_sm90_launch.
+cudaError_t spmm24_sm90_tma_launch(const Spmm24Args& args, const Spmm24Sm90Plan& plan, DType dtype,
+                                   cudaStream_t stream);
 
 // *present = 1 when the current device runs this file's sm_90a code, 0 when it runs a build without it.
 cudaError_t spmm24_sm90_present(int* present, cudaStream_t stream);

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import CUDA_HOME, include_paths
 
+import sass_hazards
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNELS = sorted(CSRC.glob("*.cu"))
 ARCHS = ("80", "90", "90a")  # the extension ships 80 and 90a (sdsengine/cuda_build.py); 90 is its PTX
@@ -101,27 +103,72 @@ def _cuobjdump():
     return str(found) if Path(found).exists() else None
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_wgmma_sp_only_in_the_sm90a_image(compilers, arch):
-    """The Hopper kernel's sparse warpgroup MMAs (HGMMA.SP in SASS) are there in sm_90a, at the two
-    selectors of each stage, in both pipelines; other images hold the trapping stub and no HGMMA at all."""
+def _sass(compilers, target):
+    """(ptxas output, SASS text) of one compiled target, or a skip without a cuobjdump."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither the CUDA toolkit's nor Triton's)")
-    proc = compilers[f"spmm24_sm90.cu-sm_{arch}"]
+    proc = compilers[target]
     output = _finish(proc)
     obj = proc.args[proc.args.index("-o") + 1]
-    sass = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    return output, subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
+
+
+HOPPER = ("spmm24_sm90.cu", "spmm24_sm90_tma.cu")
+
+
+@pytest.mark.parametrize("source", HOPPER)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wgmma_sp_only_in_the_sm90a_image(compilers, source, arch):
+    """The Hopper kernels' sparse warpgroup MMAs (HGMMA.SP in SASS) are there in sm_90a, at the two
+    selectors of each stage, for every tile width and both dtypes; other images hold the trapping stub and no
+    HGMMA at all. ptxas neither serialized the wgmmas (C7515, C7512) nor spilled."""
+    output, sass = _sass(compilers, f"{source}-sm_{arch}")
     mmas = re.findall(r"HGMMA\.SP\.64x(\d+)x32\.F32(\.BF16)? [^;]*, (0x[01])", sass)
     if arch != "90a":
         assert "HGMMA" not in sass, f"sm_{arch} image has warpgroup MMAs"
         return
-    assert "C7515" not in output, f"ptxas serialized the wgmmas:\n{output}"
+    assert "C7515" not in output and "C7512" not in output, f"ptxas serialized the wgmmas:\n{output}"
     tiles = {(int(n), ty or ".F16") for n, ty, _ in mmas}
     assert tiles == {(n, ty) for n in (64, 128, 256) for ty in (".F16", ".BF16")}, tiles
     assert {sel for *_, sel in mmas} == {"0x0", "0x1"}
     waits = set(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[01])", sass))
-    assert waits == {"0x0", "0x1"}, waits  # the plain pipeline waits for all, the overlapped one leaves one
+    if source == "spmm24_sm90.cu":
+        assert waits == {"0x0", "0x1"}, waits  # the plain pipeline waits for all, the overlapped one leaves one
+    else:
+        assert waits == {"0x0"}, waits
+        for op in ("UTMALDG.2D ", "UTMALDG.2D.MULTICAST", "UBLKCP.S.G", "USETMAXREG.DEALLOC.CTAPOOL 0x28",
+                   "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8", "UCGABAR_WAIT", "SYNCS.PHASECHK.TRANS64.TRYWAIT"):
+            assert op in sass, f"no {op} in the TMA pipeline's SASS"
+
+
+@pytest.mark.parametrize("source", HOPPER)
+def test_no_wgmma_operand_register_reused_in_flight(compilers, source):
+    """Every HGMMA group's A fragment and metadata registers stay untouched until a wait covers the group
+    (tests/sass_hazards.py; on 11-30 it found the overlapped pipeline reloading an in-flight stage's metadata
+    register at each 256-column block, fixed by a wait there)."""
+    _, sass = _sass(compilers, f"{source}-sm_90a")
+    functions = [f for f in sass.split("Function : ")[1:] if "HGMMA" in f]
+    assert len(functions) == 12, len(functions)  # 3 tile widths x 2 dtypes x 2 pipelines (or cluster sizes)
+    hazards = {f.split()[0][-60:]: sass_hazards.overwrites(f) for f in functions}
+    assert not any(hazards.values()), {name: h for name, h in hazards.items() if h}
+
+
+def test_hazard_check_finds_a_write_across_a_loop_back_edge():
+    """The check itself, on SASS shaped like the 11-30 finding: the loop's head rewrites the metadata register
+    of the group left in flight by the loop's last stage."""
+    sass = """
+        /*0100*/                   IMAD.MOV.U32 R106, RZ, RZ, R7 ;
+        /*0110*/                   LDS.128 R88, [R9+0x4000] ;
+        /*0120*/                   HGMMA.SP.64x128x32.F32 R24, R88, gdesc[UR12], R24, R106, 0x1, gsb0 ;
+        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0140*/              @!P0 BRA 0x100 ;
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0160*/                   EXIT ;
+    """
+    assert [(w, regs) for _, w, _, regs in sass_hazards.overwrites(sass)] == [(0x100, [106])]
+    waited = sass.replace("LE gsb0, 0x1 ;", "LE gsb0, 0x0 ;")
+    assert sass_hazards.overwrites(waited) == []
 
 
 def test_bindings_compile_against_torch_headers(compilers):

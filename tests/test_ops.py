@@ -277,27 +277,34 @@ for i in range(int(sys.argv[1]), len(cases)):
 """
 
 
-def isolated_results(child, cases):
+def isolated_results(child, cases, family=None):
     """{case index: what `child` printed for it}: `child` (Python source, run in tests/ so it can import this
     file's helpers) runs cases[argv[1]:] from its argv, printing "CASE i" before and "RESULT i text" after
     each. A case that kills the process gets the exit status and stderr as its text, and a new child goes on
-    with the next case."""
-    results, start = {}, 0
-    while start < len(cases):
-        done = subprocess.run([sys.executable, "-c", child, str(start), *cases], capture_output=True, text=True,
-                              timeout=300, cwd=Path(__file__).parent)
-        reached = start
+    with the next case. With `family` (case -> key), the later cases of a crashed case's family are not run
+    (a kernel that hangs or traps would otherwise cost a process start per case)."""
+    results, pending = {}, list(range(len(cases)))
+    while pending:
+        done = subprocess.run([sys.executable, "-c", child, "0", *(cases[i] for i in pending)], capture_output=True,
+                              text=True, timeout=300, cwd=Path(__file__).parent)
+        reached = 0
         for line in done.stdout.splitlines():
             kind, _, rest = line.partition(" ")
             index, _, text = rest.partition(" ")
             if kind == "CASE":
                 reached = int(index)
             elif kind == "RESULT":
-                results[int(index)] = text
+                results[pending[int(index)]] = text
         if done.returncode == 0:
             break
-        results.setdefault(reached, f"the process died (exit status {done.returncode}): {done.stderr[-300:]}")
-        start = reached + 1
+        crashed = pending[reached]
+        results.setdefault(crashed, f"the process died (exit status {done.returncode}): {done.stderr[-300:]}")
+        rest = pending[reached + 1:]
+        if family is not None:
+            same = [i for i in rest if family(cases[i]) == family(cases[crashed])]
+            results.update({i: f"not run: case {crashed} of its family crashed the process" for i in same})
+            rest = [i for i in rest if i not in same]
+        pending = rest
     return results
 
 
@@ -316,24 +323,32 @@ for i in range(int(sys.argv[1]), len(cases)):
     results = isolated_results(child, ["raise RuntimeError('first')", "os.abort()", "pass"])
     assert results[0] == "first" and results[2] == "no error"
     assert results[1].startswith("the process died (exit status -6)")
+    cases = ["os.abort()  # a", "pass  # b", "pass  # a", "raise RuntimeError('b')  # b"]
+    results = isolated_results(child, cases, family=lambda case: case[-1])
+    assert results[0].startswith("the process died")
+    assert results[2] == "not run: case 0 of its family crashed the process"
+    assert results[1] == "no error" and results[3] == "b"
 
 
 # The wgmma.sp kernel (Hopper): every case in a child process until it has a record on hardware, poisoned
-# output memory, tile widths forced and automatic, M not a multiple of the 128-row block, K of 800 (3.1
-# blocks of 256: padded weight columns against zero-filled X), token counts across tile boundaries, both
-# pipelines, and two Llama shapes (the in-process backend tests run these after the child check alone).
-WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n}, {overlap})"
+# output memory, tile widths forced and automatic, M not a multiple of the 128-row block (nor, with the
+# 2-block cluster, of 256), K of 800 (3.1 blocks of 256: padded weight columns against zero-filled X), token
+# counts across tile boundaries, every pipeline, and two Llama shapes (the in-process backend tests run these
+# after the child check alone). Cases are grouped by pipeline, and a crash ends its pipeline's cases only: a
+# call that leaves the CUDA context unusable (a trap) makes the child exit, so the next pipeline starts clean.
+PIPELINES = ("plain", "overlap", "tma", "tma_multicast")
+WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n}, {pipeline!r})"
+               for pipeline in PIPELINES
                for shape in ((272, 800), (128, 256))
                for tokens in (1, 7, 64, 65, 200, 257, 600)
                for dtype in ("float16", "bfloat16")
                for bias in (False, True)
                for tile_n in (0, 64, 128, 256)
-               for overlap in (False, True)
                if shape == (272, 800) or (bias and tile_n == 0)]
-WGMMA_CASES += [f"((4096, 4096), 2048, 'float16', False, 0, {overlap})" for overlap in (False, True)]
-WGMMA_CASES += ["((1024, 14336), 300, 'bfloat16', True, 0, False)"]
+WGMMA_CASES += [f"((4096, 4096), 2048, 'float16', False, 0, {pipeline!r})" for pipeline in PIPELINES]
+WGMMA_CASES += [f"((1024, 14336), 300, 'bfloat16', True, 0, {pipeline!r})" for pipeline in PIPELINES]
 _WGMMA_CHILD = """
-import sys, torch
+import os, sys, torch
 from sdsengine import ops
 from sdsengine.kernels import compress_24
 from test_ops import assert_matches_reference, gpu_case
@@ -341,19 +356,27 @@ ext = ops.load_extension()
 cases = sys.argv[2:]
 for i in range(int(sys.argv[1]), len(cases)):
     print(f"CASE {i}", flush=True)
-    shape, tokens, dtype, bias, tile_n, overlap = eval(cases[i])
+    shape, tokens, dtype, bias, tile_n, pipeline = eval(cases[i])
     w, x, b = gpu_case(shape, tokens, getattr(torch, dtype), bias)
     v, m = ops.reorder_24(*compress_24(w))
     poison = torch.full((tokens * shape[0],), float("nan"), device="cuda", dtype=x.dtype)
     del poison  # the allocator hands this block to y: an element the kernel misses stays NaN
     try:
-        y = ext.spmm24_sm90(x, v, m, shape[0], b, tile_n, overlap)
-        plan = ext.spmm24_sm90_plan(x, shape[0], tile_n, overlap)
+        y = ext.spmm24_sm90(x, v, m, shape[0], b, tile_n, pipeline)
+        plan = ext.spmm24_sm90_plan(x, shape[0], tile_n, pipeline)
         assert_matches_reference(y, x, w, b, f"plan {plan}")
         print(f"RESULT {i} ok", flush=True)
     except BaseException as exc:  # pytest.fail raises a BaseException
         print(f"RESULT {i} " + " ".join(str(exc).split()), flush=True)
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError:  # the context is lost (a trap): later cases need a fresh process
+            os._exit(3)
 """
+
+
+def _wgmma_pipeline(case):
+    return eval(case)[-1]
 
 
 def hopper_extension():
@@ -365,7 +388,7 @@ def hopper_extension():
 @pytest.fixture(scope="module")
 def wgmma_results():
     hopper_extension()
-    return isolated_results(_WGMMA_CHILD, WGMMA_CASES)
+    return isolated_results(_WGMMA_CHILD, WGMMA_CASES, family=_wgmma_pipeline)
 
 
 @pytest.mark.gpu
@@ -391,6 +414,10 @@ def test_wgmma_plan_fills_the_gpu_with_the_widest_tile():
     assert ext.spmm24_sm90_plan(x[:16], 4096)["tile_n"] == 64
     with pytest.raises(RuntimeError, match="tile_n must be 0"):
         ext.spmm24_sm90_plan(x, 4096, 96)
+    multicast = ext.spmm24_sm90_plan(x, 272, 128, "tma_multicast")
+    assert (multicast["cluster"], multicast["m_blocks"], multicast["pipeline"]) == (2, 4, "tma_multicast"), multicast
+    with pytest.raises(RuntimeError, match="pipeline must be one of"):
+        ext.spmm24_sm90_plan(x, 4096, 0, "pingpong")
 
 
 @pytest.fixture(scope="module")
