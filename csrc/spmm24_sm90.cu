@@ -61,11 +61,8 @@ __device__ __forceinline__ void load_stage(uint8_t* stage, const Spmm24Args& p, 
 template <typename T, int TN, bool OVERLAP>
 __global__ void __launch_bounds__(kMmaThreads, 1) spmm24_sm90_kernel(const Spmm24Args p) {
   constexpr int kAhead = OVERLAP ? kStages - 2 : kStages - 1;  // stages loaded ahead of the one computed
-#if defined(__CUDA_ARCH__) && !defined(SDS_SM90A)
-  asm volatile("trap;");  // an image without sm_90a code: the host refuses to launch (spmm24_sm90_present)
-#endif
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + (-smem_addr(smem_raw) & (kAlign - 1));
+  uint8_t* smem = kernel_entry(smem_raw);
   constexpr int kStageBytes = stage_bytes(TN);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int mt0 = blockIdx.x * kMTiles, mt = mt0 + warp;

@@ -60,6 +60,15 @@ __host__ __device__ constexpr size_t a_offset(int mt, int KB, int s) {
   return (static_cast<size_t>(mt) * KB * 8 + 2 * s) * 32;
 }
 
+// Kernels start here: an image without sm_90a code traps (the host refuses to launch one before that:
+// spmm24_sm90_present), and the dynamic shared memory is aligned for the 128-byte swizzle.
+__device__ __forceinline__ uint8_t* kernel_entry(uint8_t* smem_raw) {
+#if defined(__CUDA_ARCH__) && !defined(SDS_SM90A)
+  asm volatile("trap;");
+#endif
+  return smem_raw + (-smem_addr(smem_raw) & (kAlign - 1));
+}
+
 // Shared-memory matrix descriptor of a K-major tile with 128-byte swizzle: start address, leading byte
 // offset (unused by this mode, 16), stride byte offset 1024 (from one 8-row group to the next), mode 1.
 __device__ __forceinline__ uint64_t b_desc(uint32_t addr) {

@@ -202,11 +202,8 @@ __device__ __forceinline__ void consume(const Spmm24Args& p, const uint8_t* smem
 template <typename T, int TN, int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_tma_kernel(const __grid_constant__ CUtensorMap xmap,
                                                                       const Spmm24Args p) {
-#if defined(__CUDA_ARCH__) && !defined(SDS_SM90A)
-  asm volatile("trap;");  // an image without sm_90a code: the host refuses to launch (spmm24_sm90_present)
-#endif
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + (-smem_addr(smem_raw) & (kAlign - 1));
+  uint8_t* smem = kernel_entry(smem_raw);
   const uint32_t stages_at = smem_addr(smem);
   const Barriers bars{stages_at + kStages * stage_bytes(TN), stages_at + kStages * stage_bytes(TN) + 8 * kStages};
   const int mt0 = blockIdx.x * kMTiles, n0 = blockIdx.y * TN;
