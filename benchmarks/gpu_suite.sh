@@ -96,7 +96,7 @@ suite() {
   elif selected kernel_tests; then
     printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
   fi
-  step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/kernels
+  step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/kernels
   bench wanda 40
   bench compress 30
   bench sparsegpt 90

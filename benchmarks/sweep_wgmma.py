@@ -1,6 +1,6 @@
 """Tile widths of the Hopper wgmma.sp kernel (csrc/spmm24_sm90*.cu) against dense cuBLAS in the same run, on
 the Llama layer shapes at prefill token counts, per pipeline: the data behind spmm24_sm90_plan's choice of
-tile_n and the backend's choice of pipeline (plain until measured).
+tile_n (the backends wgmma, wgmma_overlap, wgmma_tma and wgmma_tma_multicast run the plan's own choice).
 
     python benchmarks/sweep_wgmma.py [--shapes 4096x4096,14336x4096] [--tokens 256,512,2048,4096] \
         [--pipelines plain,overlap,tma,tma_multicast]

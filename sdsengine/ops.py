@@ -4,7 +4,9 @@ W arrives in the canonical layout of sdsengine.kernels.compress_24 (values rows�
 Each backend *prepares* it once into its own form and then *runs* it per call:
 
     sdsengine   our mma.sp kernel (csrc/, built as sdsengine._C or JIT-built here); form: reorder_24
-    wgmma       our wgmma.sp kernel for Hopper prefill (compute capability 9.0, sm_90a build); same form
+    wgmma       our wgmma.sp kernel for Hopper prefill (compute capability 9.0, sm_90a build); same form.
+                wgmma_overlap, wgmma_tma, wgmma_tma_multicast: the same kernel's other pipelines (csrc/spmm24.h),
+                each a backend of its own, so SparseLinear's timing picks among them per shape and token count
     cusparselt  PyTorch's cuSPARSELt binding (torch._cslt_*): compressed once, algorithm searched once
     cutlass     PyTorch's CUTLASS semi-structured kernel; compute capability 8.x only (it refuses Hopper)
     dense       cuBLAS (or the CPU) on the decompressed weight: always there, the fallback
@@ -25,8 +27,10 @@ import torch.nn.functional as F
 from sdsengine.cuda_build import NVCC_FLAGS
 from sdsengine.kernels import compress_24, decompress_24
 
-BACKENDS = ("sdsengine", "wgmma", "cusparselt", "cutlass", "dense")
-_SAME_FORM = {"wgmma": "sdsengine"}  # backends that run another's prepared form
+WGMMA_PIPELINES = {"wgmma": "plain", "wgmma_overlap": "overlap", "wgmma_tma": "tma",
+                   "wgmma_tma_multicast": "tma_multicast"}  # backend -> pipeline of csrc/spmm24_sm90*.cu
+BACKENDS = ("sdsengine", *WGMMA_PIPELINES, "cusparselt", "cutlass", "dense")
+_SAME_FORM = dict.fromkeys(WGMMA_PIPELINES, "sdsengine")  # backends that run another's prepared form
 ROWS_PER_TILE = 16  # m16n8k32: one warp tile of W rows
 COLS_PER_BLOCK = 256  # 8 k-steps of 32: one 16-byte metadata load per lane
 PAD_META = 0x44444444  # every group "keeps" columns 0 and 1 (valid, ordered) of an all-zero pad
@@ -128,10 +132,10 @@ def _why_not(backend, device, dtype):
         return f"needs compute capability >= 8.0 (sparse tensor cores), device has {major}.{minor}"
     if backend == "sdsengine":
         return None if load_extension() is not None else extension_error()
-    if backend == "wgmma":
+    if backend in WGMMA_PIPELINES:
         if (major, minor) != (9, 0):
             return f"needs compute capability 9.0 (wgmma.sp is sm_90a code), device has {major}.{minor}"
-        return extension_error() if load_extension() is None else wgmma_error()
+        return extension_error() if load_extension() is None else wgmma_error(backend)
     if backend == "cusparselt":
         ok = hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()
         return cusparselt_error() if ok else "this PyTorch build has no cuSPARSELt"
@@ -145,8 +149,9 @@ def _why_not(backend, device, dtype):
 # the transpose_result form). So a backend that has not yet run correctly on this machine is first
 # self-checked once in a child process: cuSPARSELt, in each way of getting the (tokens, out) product until
 # one passes ("transposed": transpose_result=True writes it directly; "plain": W·Xᵀ, then one transposing
-# copy), and our wgmma.sp kernel. SDSENGINE_CUSPARSELT / SDSENGINE_WGMMA = 1 skips the check, 0 turns the
-# backend off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking.
+# copy), and each pipeline of our wgmma.sp kernel (all in one child; one that kills it fails alone, and a
+# new child checks the rest). SDSENGINE_CUSPARSELT / SDSENGINE_WGMMA = 1 skips the check, 0 turns the
+# backend(s) off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking.
 CUSPARSELT_FORMS = ("transposed", "plain")
 _CHILD_CHECK = """
 import os, torch
@@ -186,11 +191,53 @@ def cusparselt_error():
     return _checked_in_child("cusparselt", "SDSENGINE_CUSPARSELT", _cusparselt, forms)
 
 
-def wgmma_error():
-    """None if our wgmma.sp kernel ran a small product correctly in a child process (checked once), else
-    why not: it has not yet been run on hardware as often as the mma.sp kernel."""
-    kernel = {"kernel": ("wgmma.sp kernel", {"SDSENGINE_WGMMA": "1"})}
-    return _checked_in_child("wgmma", "SDSENGINE_WGMMA", _wgmma, kernel)
+_WGMMA_CHILD = """
+import os, sys, torch
+os.environ["SDSENGINE_WGMMA"] = "1"
+from sdsengine import ops
+for backend in sys.argv[1:]:
+    print("CHECKING", backend, flush=True)
+    status = ops._self_check(backend, torch.device("cuda"), torch.float16)
+    print("CHECKED", backend, status, flush=True)
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        os._exit(3)  # the CUDA context is lost: a new child checks the rest
+"""
+
+
+def wgmma_error(backend="wgmma"):
+    """None if this pipeline of our wgmma.sp kernel ran a small product correctly in a child process
+    (all pipelines are checked together, once), else why not: it has not yet run on hardware as often as
+    the mma.sp kernel."""
+    wanted = os.environ.get("SDSENGINE_WGMMA")
+    if wanted in ("0", "1"):
+        return None if wanted == "1" else "turned off by SDSENGINE_WGMMA=0"
+    if backend not in _wgmma:
+        _wgmma.update(_check_wgmma_pipelines())
+    return _wgmma[backend]
+
+
+def _check_wgmma_pipelines():
+    results, pending = {}, list(WGMMA_PIPELINES)
+    while pending:
+        output, failure = _run_child(_WGMMA_CHILD, pending)
+        for line in output.splitlines():
+            kind, _, rest = line.partition(" ")
+            backend, _, status = rest.partition(" ")
+            if kind == "CHECKED" and backend in pending:
+                results[backend] = None if status == "ok" else _wgmma_failure(backend, status)
+        left = [b for b in pending if b not in results]
+        if "CHECKING" not in output:  # the child ended before any check (no extension, no device): all fail
+            return {**results, **{b: _wgmma_failure(b, failure or "the check did not report") for b in left}}
+        if left:  # the first unreported one ended the child
+            results[left[0]] = _wgmma_failure(left[0], failure or "the check did not report")
+        pending = left[1:]
+    return results
+
+
+def _wgmma_failure(backend, why):
+    return f"wgmma.sp kernel ({WGMMA_PIPELINES[backend]} pipeline) failed its self-check in a child process: {why}"
 
 
 def cusparselt_form():
@@ -202,14 +249,23 @@ def cusparselt_form():
 
 
 def _run_check(code, what):
+    """None if `code` ran cleanly in a child process, else why not, naming `what` was checked."""
+    _, failure = _run_child(code, [])
+    return None if failure is None else f"{what} failed its self-check in a child process: {failure}"
+
+
+def _run_child(code, args):
+    """(stdout, None) if `code` with `args` exited cleanly in a child Python, else (stdout, the last line of
+    its error output or how it ended)."""
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{what} self-check did not run: {exc}"
+        output = getattr(exc, "stdout", None) or ""
+        return output.decode(errors="replace") if isinstance(output, bytes) else output, f"did not run: {exc}"
     if done.returncode == 0:
-        return None
+        return done.stdout, None
     lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
-    return f"{what} failed its self-check in a child process: {lines[-1]}"
+    return done.stdout, lines[-1]
 
 
 def available(device, dtype):
@@ -294,9 +350,10 @@ def run(backend, form, x, bias, out_features):
     if backend == "sdsengine":
         values_r, meta_r, locks = form
         return load_extension().spmm24(_aligned(x), values_r, meta_r, out_features, bias, 0, locks)
-    if backend == "wgmma":
+    if backend in WGMMA_PIPELINES:
         values_r, meta_r, _ = form
-        return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias)
+        return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias, 0,
+                                            WGMMA_PIPELINES[backend])
     if backend == "dense":
         return F.linear(x, form, bias)
     if backend == "cusparselt":

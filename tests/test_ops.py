@@ -134,7 +134,7 @@ def run_backend(backend, w, x, b):
     try:
         return ops.run(backend, form, x, b, w.shape[0])
     except RuntimeError as exc:
-        if backend in ("sdsengine", "wgmma"):  # ours: a refusal is a bug, not a library's limit
+        if backend in ("sdsengine", *ops.WGMMA_PIPELINES):  # ours: a refusal is a bug, not a library's limit
             raise
         pytest.skip(f"{backend} cannot run ({tuple(w.shape)}, {x.shape[0]} tokens): {exc}")
 
@@ -398,10 +398,11 @@ def test_wgmma_kernel_against_fp32(wgmma_results, case):
 
 
 @pytest.mark.gpu
-def test_wgmma_backend_passes_its_child_check_on_hopper():
+def test_wgmma_backends_pass_their_child_check_on_hopper():
     """run_backend skips an unavailable backend; on Hopper a failed self-check must fail here instead."""
     hopper_extension()
-    assert ops.wgmma_error() is None
+    failed = {b: ops.wgmma_error(b) for b in ops.WGMMA_PIPELINES}
+    assert not any(failed.values()), failed
 
 
 @pytest.mark.gpu
@@ -451,7 +452,7 @@ def test_child_process_check_reports_the_failure_and_passes_a_clean_run():
 
 @pytest.mark.parametrize("backend", ("cusparselt", "wgmma"))
 def test_backend_switch_skips_the_child_check(monkeypatch, backend):
-    monkeypatch.setattr(ops, "_run_check", lambda code, what: pytest.fail("the child check must not run"))
+    monkeypatch.setattr(ops, "_run_child", lambda code, args: pytest.fail("the child check must not run"))
     error = getattr(ops, f"{backend}_error")
     monkeypatch.setenv(f"SDSENGINE_{backend.upper()}", "0")
     assert error() == f"turned off by SDSENGINE_{backend.upper()}=0"
@@ -459,22 +460,41 @@ def test_backend_switch_skips_the_child_check(monkeypatch, backend):
     assert error() is None
 
 
-def test_wgmma_child_check_runs_once_and_names_the_kernel(monkeypatch):
+def test_wgmma_pipelines_are_checked_in_one_child_and_a_crash_fails_one_alone(monkeypatch):
+    """One child checks every pipeline; the one that kills it fails with the child's last words, and a new
+    child checks the rest. Each result is kept for the process."""
     monkeypatch.setattr(ops, "_wgmma", {})
     monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
-    checked = []
+    children = []
 
-    def check(code, what):
-        checked.append(code)
-        return f"{what} failed its self-check in a child process: relative error 1.3"
-    monkeypatch.setattr(ops, "_run_check", check)
-    assert ops.wgmma_error().startswith("wgmma.sp kernel failed")
-    assert ops.wgmma_error() and len(checked) == 1
-    assert "'SDSENGINE_WGMMA': '1'" in checked[0] and "'wgmma'" in checked[0]  # the child skips its own check
+    def child(code, args):
+        children.append(list(args))
+        if "wgmma_tma" in args:  # plain passes, overlap is wrong, tma traps and takes the child with it
+            return ("CHECKING wgmma\nCHECKED wgmma ok\nCHECKING wgmma_overlap\n"
+                    "CHECKED wgmma_overlap failed: relative error 1.3\nCHECKING wgmma_tma\n",
+                    "RuntimeError: CUDA error: an illegal instruction was encountered")
+        return "".join(f"CHECKING {b}\nCHECKED {b} ok\n" for b in args), None
+    monkeypatch.setattr(ops, "_run_child", child)
+    assert ops.wgmma_error("wgmma") is None
+    assert ops.wgmma_error("wgmma_overlap") == ("wgmma.sp kernel (overlap pipeline) failed its self-check in a "
+                                                "child process: failed: relative error 1.3")
+    assert "(tma pipeline)" in ops.wgmma_error("wgmma_tma") and "illegal instruction" in ops.wgmma_error("wgmma_tma")
+    assert ops.wgmma_error("wgmma_tma_multicast") is None
+    assert children == [list(ops.WGMMA_PIPELINES), ["wgmma_tma_multicast"]]
+    assert "SDSENGINE_WGMMA" in ops._WGMMA_CHILD  # the child skips its own check
+
+
+def test_a_wgmma_child_that_checks_nothing_fails_every_pipeline_at_once(monkeypatch):
+    monkeypatch.setattr(ops, "_wgmma", {})
+    monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
+    children = []
+    monkeypatch.setattr(ops, "_run_child", lambda code, args: children.append(args) or ("", "ImportError: no _C"))
+    assert all("ImportError: no _C" in ops.wgmma_error(b) for b in ops.WGMMA_PIPELINES)
+    assert len(children) == 1
 
 
 def test_wgmma_runs_the_mma_sp_kernels_form():
-    assert ops.form_key("wgmma") == ops.form_key("sdsengine") == "sdsengine"
+    assert {ops.form_key(b) for b in ("sdsengine", *ops.WGMMA_PIPELINES)} == {"sdsengine"}
     assert {ops.form_key(b) for b in ("cusparselt", "cutlass", "dense")} == {"cusparselt", "cutlass", "dense"}
 
 
