@@ -23,7 +23,8 @@ from sdsengine import ops
 from sdsengine.bench import parse_shapes, random_24_weights, rates, table
 
 TILES = (0, 64, 128, 256)  # 0: the plan's own choice
-PIPELINES = ("plain", "overlap", "tma", "tma_multicast")  # csrc/spmm24.h says what each does
+BACKEND_OF = {pipeline: backend for backend, pipeline in ops.WGMMA_PIPELINES.items()}  # csrc/spmm24.h says
+PIPELINES = tuple(BACKEND_OF)  # what each does
 
 
 def sweep_shape(ext, shape, tokens, dtype, iters, pipelines):
@@ -62,19 +63,21 @@ def main(argv=None):
     parser.add_argument("--name", default="wgmma_tiles", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        print("sweep_wgmma: needs a GPU of compute capability 9.0; nothing measured")
-        return 0
-    reason = ops.probe("cuda", getattr(torch, args.dtype))["backends"]["wgmma"]
-    if reason != "ok":
-        print(f"sweep_wgmma: the wgmma backend is unavailable: {reason}")
-        return 0
-    ext = ops.load_extension()
     tokens = [int(t) for t in args.tokens.split(",") if t]
     pipelines = [p for p in args.pipelines.split(",") if p]
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
         parser.error(f"unknown pipelines {unknown}; expected some of {', '.join(PIPELINES)}")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        print("sweep_wgmma: needs a GPU of compute capability 9.0; nothing measured")
+        return 0
+    status = ops.probe("cuda", getattr(torch, args.dtype))["backends"]  # each pipeline's child self-check
+    for pipeline in [p for p in pipelines if status[BACKEND_OF[p]] != "ok"]:
+        print(f"sweep_wgmma: not timing the {pipeline} pipeline: {status[BACKEND_OF[pipeline]]}")
+        pipelines.remove(pipeline)
+    if not pipelines:
+        return 0
+    ext = ops.load_extension()
     records = []
     for shape in parse_shapes(args.shapes):
         records += sweep_shape(ext, shape, tokens, getattr(torch, args.dtype), args.iters, pipelines)
