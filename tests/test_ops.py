@@ -285,8 +285,7 @@ def isolated_results(child, cases, family=None):
     (a kernel that hangs or traps would otherwise cost a process start per case)."""
     results, pending = {}, list(range(len(cases)))
     while pending:
-        done = subprocess.run([sys.executable, "-c", child, "0", *(cases[i] for i in pending)], capture_output=True,
-                              text=True, timeout=300, cwd=Path(__file__).parent)
+        done = _run_cases(child, [cases[i] for i in pending])
         reached = 0
         for line in done.stdout.splitlines():
             kind, _, rest = line.partition(" ")
@@ -306,6 +305,20 @@ def isolated_results(child, cases, family=None):
             rest = [i for i in rest if i not in same]
         pending = rest
     return results
+
+
+CHILD_TIMEOUT_S = 120
+
+
+def _run_cases(child, cases):
+    """The child's run over `cases`; one that hangs past CHILD_TIMEOUT_S counts as a crash of the case it was
+    in (a hung kernel would otherwise cost the GPU suite's whole test step)."""
+    try:
+        return subprocess.run([sys.executable, "-c", child, "0", *cases], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S, cwd=Path(__file__).parent)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return subprocess.CompletedProcess(exc.cmd, "timeout", out, f"no result within {CHILD_TIMEOUT_S} s")
 
 
 def test_isolated_cases_survive_a_crash():
@@ -330,13 +343,28 @@ for i in range(int(sys.argv[1]), len(cases)):
     assert results[1] == "no error" and results[3] == "b"
 
 
+def test_isolated_cases_survive_a_hang(monkeypatch):
+    child = """
+import sys, time
+cases = sys.argv[2:]
+for i in range(int(sys.argv[1]), len(cases)):
+    print(f"CASE {i}", flush=True)
+    exec(cases[i])
+    print(f"RESULT {i} done", flush=True)
+"""
+    monkeypatch.setattr(sys.modules[__name__], "CHILD_TIMEOUT_S", 5)
+    results = isolated_results(child, ["pass", "time.sleep(60)", "pass"])
+    assert results[0] == "done" and results[2] == "done"
+    assert results[1].startswith("the process died (exit status timeout): no result within 5 s")
+
+
 # The wgmma.sp kernel (Hopper): every case in a child process until it has a record on hardware, poisoned
 # output memory, tile widths forced and automatic, M not a multiple of the 128-row block (nor, with the
 # 2-block cluster, of 256), K of 800 (3.1 blocks of 256: padded weight columns against zero-filled X), token
 # counts across tile boundaries, every pipeline, and two Llama shapes (the in-process backend tests run these
 # after the child check alone). Cases are grouped by pipeline, and a crash ends its pipeline's cases only: a
 # call that leaves the CUDA context unusable (a trap) makes the child exit, so the next pipeline starts clean.
-PIPELINES = ("plain", "overlap", "tma", "tma_multicast")
+PIPELINES = tuple(ops.WGMMA_PIPELINES.values())
 WGMMA_CASES = [f"({shape}, {tokens}, {dtype!r}, {bias}, {tile_n}, {pipeline!r})"
                for pipeline in PIPELINES
                for shape in ((272, 800), (128, 256))
