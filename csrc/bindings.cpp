@@ -145,10 +145,12 @@ void check_sm90(const at::Tensor& x, int64_t tile_n) {
 constexpr std::array<const char*, 4> kSm90Pipelines = {"plain", "overlap", "tma", "tma_multicast"};
 
 sdsengine::Sm90Pipeline sm90_pipeline(const std::string& name) {
+  std::string names;
   for (size_t i = 0; i < kSm90Pipelines.size(); ++i) {
     if (name == kSm90Pipelines[i]) return static_cast<sdsengine::Sm90Pipeline>(i);
+    names += (i ? ", " : "") + std::string(kSm90Pipelines[i]);
   }
-  SDS_CHECK(false, "pipeline must be one of plain, overlap, tma, tma_multicast; got '", name, "'");
+  SDS_CHECK(false, "pipeline must be one of ", names, "; got '", name, "'");
   return sdsengine::Sm90Pipeline::kPlain;
 }
 
