@@ -13,7 +13,10 @@
 #   6a. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
 #                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #   6b. dispatch    benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's
-#   6c. spmm_bf16   bench_spmm.py in bf16 at 1 and 2048 tokens (last: the first steps matter more)
+#   6c. spmm_bf16   bench_spmm.py in bf16 at 1 and 2048 tokens
+#   6d. e2e_full    bench_e2e.py with all 32 decoder layers (as many as fit), where time is left: it checks
+#                   the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
+#                   (last: the first steps matter more)
 #   7. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
@@ -32,7 +35,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv
-BENCHES="wanda compress sparsegpt spmm wgmma_tiles wgmma_tma e2e dispatch spmm_bf16"
+BENCHES="wanda compress sparsegpt spmm wgmma_tiles wgmma_tma e2e dispatch spmm_bf16 e2e_full"
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for s in $SUITE_STEPS; do
@@ -109,6 +112,7 @@ suite() {
   step dispatch 20 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
+  step e2e_full 120 "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

@@ -3,9 +3,9 @@ many records met their target; then every suite step, record and target that fai
 
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
-Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch and
-spmm_bf16 (lists of records; see README.md) and the step table gpu_suite.sh writes. Standard library only, so it still reports
-when the install failed.
+Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch,
+spmm_bf16 and e2e_full (lists of records; see README.md) and the step table gpu_suite.sh writes. Standard
+library only, so it still reports when the install failed.
 """
 import argparse
 import csv
@@ -14,8 +14,10 @@ import statistics
 import sys
 from pathlib import Path
 
-BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch", "spmm_bf16")
+BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch", "spmm_bf16",
+           "e2e_full")
 GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2e": ("bench", "dtype"),
+            "e2e_full": ("bench", "dtype"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
             "dispatch": ("tokens", "dtype")}  # default: pattern, dtype
 RATIOS = ("speedup", "frac_copy_bw", "vs_copy", "ms/device_ms")  # the last > 1: the call waited on its host side
