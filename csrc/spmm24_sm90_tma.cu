@@ -136,11 +136,11 @@ __device__ __forceinline__ void set_max_registers() {
 #endif
 }
 
-// The barriers of stage slot i: full at full + 8 i, empty at empty + 8 i, after the stages.
+// The barriers after the stages: kStages "full" ones, then kStages "empty" ones, 8 bytes each.
 struct Barriers {
-  uint32_t full, empty;
-  __device__ __forceinline__ uint32_t full_at(int slot) const { return full + 8 * slot; }
-  __device__ __forceinline__ uint32_t empty_at(int slot) const { return empty + 8 * slot; }
+  uint32_t base;
+  __device__ __forceinline__ uint32_t full_at(int slot) const { return base + 8 * slot; }
+  __device__ __forceinline__ uint32_t empty_at(int slot) const { return base + 8 * (kStages + slot); }
 };
 
 // The producer thread: every stage of the block, each once its slot is free in every block of the cluster.
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1) spmm24_sm90_tma_kernel(const __gr
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = kernel_entry(smem_raw);
   const uint32_t stages_at = smem_addr(smem);
-  const Barriers bars{stages_at + kStages * stage_bytes(TN), stages_at + kStages * stage_bytes(TN) + 8 * kStages};
+  const Barriers bars{stages_at + kStages * stage_bytes(TN)};
   const int mt0 = blockIdx.x * kMTiles, n0 = blockIdx.y * TN;
   if (threadIdx.x == 0) {
     for (int slot = 0; slot < kStages; ++slot) {

@@ -103,6 +103,9 @@ def _cuobjdump():
     return str(found) if Path(found).exists() else None
 
 
+_DISASSEMBLED = {}  # object file -> its SASS: two tests read each Hopper object
+
+
 def _sass(compilers, target):
     """(ptxas output, SASS text) of one compiled target, or a skip without a cuobjdump."""
     tool = _cuobjdump()
@@ -111,7 +114,9 @@ def _sass(compilers, target):
     proc = compilers[target]
     output = _finish(proc)
     obj = proc.args[proc.args.index("-o") + 1]
-    return output, subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    if obj not in _DISASSEMBLED:
+        _DISASSEMBLED[obj] = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    return output, _DISASSEMBLED[obj]
 
 
 HOPPER = ("spmm24_sm90.cu", "spmm24_sm90_tma.cu")
