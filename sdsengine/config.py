@@ -123,12 +123,19 @@ class SparseGPTConfig(PruneConfig):
     refit: int = field(default=0, metadata={
         "help": "conjugate-gradient steps of an exact least-squares refit of the kept weights on the final mask "
                 "(0: off; ours)"})
+    swaps: int = field(default=0, metadata={
+        "help": "N:M patterns: sweeps of mask refinement after the refit, each group's kept weights re-chosen "
+                "and re-solved exactly with the rest of the row fixed, then the refit again (0: off; ours)"})
     method = "sparsegpt"
 
     def __post_init__(self):
         super().__post_init__()
         if self.refit < 0:
             raise ValueError(f"refit must be >= 0 conjugate-gradient steps, got {self.refit}")
+        if self.swaps < 0:
+            raise ValueError(f"swaps must be >= 0 sweeps, got {self.swaps}")
+        if self.swaps and not self.sparsity.nm:
+            raise ValueError(f"swaps refine N:M masks group by group; the pattern {self.sparsity} is not N:M")
         if self.blocksize <= 0:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
         if self.sparsity.m and self.blocksize % self.sparsity.m:

@@ -22,6 +22,8 @@ Choices the paper leaves open (config fields; defaults chosen by measured perple
   magnitude each step within the pattern; the best iterate is kept, so it never loses to W2.
 - refit (ours): the same output error minimised exactly over the kept weights, the mask fixed (conjugate
   gradient per row). The adjustment's small steps leave most of that minimum unreached.
+- swaps (ours, N:M): then each group's kept weights re-chosen and re-solved exactly, the rest of the row
+  fixed, sweep after sweep, and the refit again on the new mask.
 A guard returns W1 when the SDS weight has a higher calibration error than W1. With guard "layer", W1 is
 also handed to the pipeline as the linear's fallback: the decoder layer then returns to all of its W1s
 when they give a lower layer output error (the per-linear errors need not add up within a layer).
@@ -33,7 +35,7 @@ import torch
 from sdsengine.masks import nm_mask, top_k_mask
 
 from . import sparsegpt, wanda
-from .least_squares import Objective, refit
+from .least_squares import Objective, refine_mask, refit
 from .stats import Hessian
 
 STATS = Hessian
@@ -76,7 +78,10 @@ def reconstruct(objective, w1, config, second_prune, keep=None):
     if config.refit:
         w3 = refit(w3, objective, config.refit, support=_projector(keep, config)(w3))
         steps["refit"] = error(w3)
-    final = steps.get("refit", steps["adjust"])
+    if config.swaps:
+        w3 = refine_mask(w3 * _projector(keep, config)(w3), objective, config.sparsity.nm, config.swaps, config.refit)
+        steps["swaps"] = error(w3)
+    final = error(w3)
     chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice}
 

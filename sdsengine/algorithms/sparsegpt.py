@@ -8,26 +8,34 @@ update of the columns after the block is one matrix product.
 With config.refit > 0 (ours), the kept weights are then refitted exactly on SparseGPT's mask: each row's
 least squares over its kept weights (least_squares.refit). SparseGPT's updates compensate each pruned
 weight once, in column order, and never revisit earlier columns; the refit solves the same objective
-outright.
+outright. With config.swaps > 0 (ours, N:M only), the mask is then refined group by group and refitted
+(least_squares.refine_mask).
 """
 import torch
 
 from sdsengine import kernels
 
-from .least_squares import Objective, refit
+from .least_squares import Objective, refine_mask, refit
 from .stats import Hessian
 
 STATS = Hessian
 
 
 def prune(weight, stats, config):
-    """The method: SparseGPT, then the refit if asked (its errors before and after go into the report)."""
+    """The method: SparseGPT, then the refit and the mask refinement if asked (the errors after each go into
+    the report)."""
     pruned = obs_prune(weight, stats, config)
-    if not config.refit:
+    if not (config.refit or config.swaps):
         return pruned
     objective = Objective(weight, stats)
-    fitted = refit(pruned.float(), objective, config.refit)
-    info = {"initial": objective.error(pruned.float()), "refit": objective.error(fitted)}
+    fitted = pruned.float()
+    info = {"initial": objective.error(fitted)}
+    if config.refit:
+        fitted = refit(fitted, objective, config.refit)
+        info["refit"] = objective.error(fitted)
+    if config.swaps:
+        fitted = refine_mask(fitted, objective, config.sparsity.nm, config.swaps, config.refit)
+        info["swaps"] = objective.error(fitted)
     return fitted.to(weight.dtype), info
 
 
