@@ -168,9 +168,9 @@ def _checked_in_child(backend, variable, cache, variants):
     """None if `backend` passed its self-check in a child process in one of `variants`
     ({name: (what, environment)}), tried in order once per process, else why not; the passing name goes
     into cache["passed"]. The on/off `variable` decides without a check."""
-    wanted = os.environ.get(variable)
-    if wanted in ("0", "1"):
-        return None if wanted == "1" else f"turned off by {variable}=0"
+    switch = _switched(variable)
+    if switch is not None:
+        return switch or None
     if "error" not in cache:
         reasons = []
         for name, (what, env) in variants.items():
@@ -181,6 +181,15 @@ def _checked_in_child(backend, variable, cache, variants):
             reasons.append(reason)
         cache["error"] = None if "passed" in cache else "; ".join(reasons)
     return cache["error"]
+
+
+def _switched(variable):
+    """The on/off environment switch of a checked backend: "" for on (=1), why not for off (=0), None when
+    unset (then the child check decides)."""
+    wanted = os.environ.get(variable)
+    if wanted not in ("0", "1"):
+        return None
+    return "" if wanted == "1" else f"turned off by {variable}=0"
 
 
 def cusparselt_error():
@@ -210,9 +219,9 @@ def wgmma_error(backend="wgmma"):
     """None if this pipeline of our wgmma.sp kernel ran a small product correctly in a child process
     (all pipelines are checked together, once), else why not: it has not yet run on hardware as often as
     the mma.sp kernel."""
-    wanted = os.environ.get("SDSENGINE_WGMMA")
-    if wanted in ("0", "1"):
-        return None if wanted == "1" else "turned off by SDSENGINE_WGMMA=0"
+    switch = _switched("SDSENGINE_WGMMA")
+    if switch is not None:
+        return switch or None
     if backend not in _wgmma:
         _wgmma.update(_check_wgmma_pipelines())
     return _wgmma[backend]
