@@ -34,6 +34,9 @@ VARIANTS = {  # name -> SDSConfig changes
     "sds anchor 0.1": {"anchor": 0.1},
     "sds anchor 1": {"anchor": 1.0},
     "sds refit 50": {"refit": 50},
+    "sds swaps 1": {"swaps": 1},
+    "sparsegpt refit 50": {"iters": 0},
+    "sparsegpt refit swaps 1": {"iters": 0, "swaps": 1},
 }
 
 

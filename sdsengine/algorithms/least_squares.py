@@ -113,7 +113,7 @@ def group_swaps(w, objective, nm, sweeps, damp=1e-4):
             q = grad[:, cols] - x_g @ H_gg  # each row's gradient on this group with the group zeroed
             H_ss = H_gg[subsets[:, :, None], subsets[:, None, :]]  # (P, N, N)
             q_s = q[:, subsets]  # (rows, P, N)
-            u = -torch.linalg.solve(H_ss + ridge, q_s.unsqueeze(-1)).squeeze(-1)
+            u = -torch.einsum("rpi,pij->rpj", q_s, torch.linalg.inv(H_ss + ridge))  # P inverses serve all rows
             change = 0.5 * (torch.einsum("rpi,pij->rpj", u, H_ss) * u).sum(-1) + (q_s * u).sum(-1)
             now = 0.5 * ((x_g @ H_gg) * x_g).sum(-1) + (q * x_g).sum(-1)  # the current group's term
             best_change, best = change.min(dim=1)
