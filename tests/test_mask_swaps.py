@@ -7,22 +7,16 @@ import torch
 
 import sdsengine
 from sdsengine.algorithms import least_squares, sds, sparsegpt
-from sdsengine.algorithms.stats import Hessian
 from sdsengine.cli import build_parser
 from sdsengine.config import SDSConfig, SparseGPTConfig
 from sdsengine.masks import nm_mask, nm_violations
 from sdsengine.pipeline import adapters
-from tiny_models import tiny_model, tiny_tokens
+from tiny_models import correlated_layer, tiny_model, tiny_tokens
 
 
-def _layer(out=12, inp=32, tokens=256, seed=0):
-    """A weight and the Hessian of correlated inputs, where the choice of mask matters."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g)
-    x = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + 0.5 * torch.randn(inp, inp, generator=g))
-    stats = Hessian(inp, "cpu")
-    stats.add_batch(x)
-    return w, stats
+def _layer(out=12, inp=32):
+    """Inputs mixed strongly enough that the choice of mask matters."""
+    return correlated_layer(out, inp, mixing=0.5)
 
 
 def _best_by_brute_force(w, H, n, m):

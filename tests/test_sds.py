@@ -14,7 +14,7 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import layer_guard, run_layer
-from tiny_models import layer_outputs, tiny_model, tiny_tokens
+from tiny_models import correlated_layer, layer_outputs, tiny_model, tiny_tokens
 
 STEPS = ("initial", "redense", "second", "adjust", "refit", "chosen")
 
@@ -25,13 +25,7 @@ def _final(steps):
 
 
 def _layer(out=24, inp=32, tokens=256, seed=0):
-    """A weight and the Hessian of correlated inputs (as real activations are)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g)
-    x = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g))
-    stats = Hessian(inp, "cpu")
-    stats.add_batch(x)
-    return w, stats
+    return correlated_layer(out, inp, tokens, seed)
 
 
 def _config(**kw):

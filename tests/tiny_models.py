@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
+from sdsengine.algorithms.stats import Hessian
 from sdsengine.pipeline import adapters
 
 VOCAB = 96
@@ -71,3 +72,14 @@ def layer_outputs(model, samples):
         for h in hooks:
             h.remove()
     return [torch.cat(seen[i]) for i in sorted(seen)]
+
+
+def correlated_layer(out=24, inp=32, tokens=256, seed=0, mixing=0.3):
+    """A weight and the Hessian statistics of correlated inputs (as real activations are; the more mixing,
+    the more the choice of mask matters)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    x = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + mixing * torch.randn(inp, inp, generator=g))
+    stats = Hessian(inp, "cpu")
+    stats.add_batch(x)
+    return w, stats
