@@ -96,14 +96,13 @@ def group_swaps(w, objective, nm, sweeps, damp=1e-4):
     re-chooses which N of its M weights to keep and solves them, the rest of the row fixed. A row takes a
     candidate only if it lowers the exact calibration error, so no step raises it; a sweep costs about two
     products with H. The adjustment's gradient steps and the refit move weights within a mask; this moves
-    the mask itself, where the refit leaves the remaining error (docs/SDS.md). damp (a fraction of H's mean
-    diagonal) keeps each subset's solve defined for inputs never seen."""
+    the mask itself (docs/SDS.md, "Mask refinement"). damp (a fraction of H's mean diagonal) keeps each
+    subset's solve defined for inputs never seen."""
     n, m = nm
     if w.shape[1] % m or ((w.reshape(-1, m) != 0).sum(dim=1) > n).any():
         raise ValueError(f"group_swaps refines a valid {n}:{m} mask; the weight given is not one")
     H, x = objective.H, w.clone()
     subsets = torch.tensor(list(itertools.combinations(range(m), n)), device=w.device)  # (P, N): 6 for 2:4
-    rows = torch.arange(w.shape[0], device=w.device)
     ridge = damp * float(torch.diagonal(H).mean()) * torch.eye(n, device=w.device)
     for _ in range(sweeps):
         grad = objective.grad(x)  # recomputed each sweep so that the incremental updates do not drift
@@ -111,19 +110,25 @@ def group_swaps(w, objective, nm, sweeps, damp=1e-4):
             cols = slice(start, start + m)
             H_gg, x_g = H[cols, cols], x[:, cols]
             q = grad[:, cols] - x_g @ H_gg  # each row's gradient on this group with the group zeroed
-            H_ss = H_gg[subsets[:, :, None], subsets[:, None, :]]  # (P, N, N)
-            q_s = q[:, subsets]  # (rows, P, N)
-            u = -torch.einsum("rpi,pij->rpj", q_s, torch.linalg.inv(H_ss + ridge))  # P inverses serve all rows
-            change = 0.5 * (torch.einsum("rpi,pij->rpj", u, H_ss) * u).sum(-1) + (q_s * u).sum(-1)
-            now = 0.5 * ((x_g @ H_gg) * x_g).sum(-1) + (q * x_g).sum(-1)  # the current group's term
-            best_change, best = change.min(dim=1)
-            better = best_change < now
-            new = torch.zeros_like(q)
-            new[rows[:, None], subsets[best]] = u[rows, best]
-            new = torch.where(better[:, None], new, x_g)
+            new = _best_group(q, x_g, H_gg, subsets, ridge)
             grad += (new - x_g) @ H[cols, :]
             x[:, cols] = new
     return x if objective.error(x) <= objective.error(w) else w
+
+
+def _best_group(q, x_g, H_gg, subsets, ridge):
+    """Per row, the group's weights that minimise ½ vᵀ H_gg v + qᵀ v over the N-subsets, or x_g where none
+    is lower than x_g's own value."""
+    H_ss = H_gg[subsets[:, :, None], subsets[:, None, :]]  # (P, N, N)
+    q_s = q[:, subsets]  # (rows, P, N)
+    u = -torch.einsum("rpi,pij->rpj", q_s, torch.linalg.inv(H_ss + ridge))  # P inverses serve all rows
+    value = 0.5 * (torch.einsum("rpi,pij->rpj", u, H_ss) * u).sum(-1) + (q_s * u).sum(-1)
+    now = 0.5 * ((x_g @ H_gg) * x_g).sum(-1) + (q * x_g).sum(-1)
+    best_value, best = value.min(dim=1)
+    rows = torch.arange(q.shape[0], device=q.device)
+    new = torch.zeros_like(q)
+    new[rows[:, None], subsets[best]] = u[rows, best]
+    return torch.where((best_value < now)[:, None], new, x_g)
 
 
 def refine_mask(w, objective, nm, sweeps, refit_iters):
