@@ -17,13 +17,12 @@ and token count is SparseLinear's job (sdsengine.nn.sparse_linear), by measureme
 import logging
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sdsengine import isolated
 from sdsengine.cuda_build import NVCC_FLAGS
 from sdsengine.kernels import compress_24, decompress_24
 
@@ -204,10 +203,10 @@ _WGMMA_CHILD = """
 import os, sys, torch
 os.environ["SDSENGINE_WGMMA"] = "1"
 from sdsengine import ops
-for backend in sys.argv[1:]:
-    print("CHECKING", backend, flush=True)
-    status = ops._self_check(backend, torch.device("cuda"), torch.float16)
-    print("CHECKED", backend, status, flush=True)
+backends = sys.argv[2:]
+for i in range(int(sys.argv[1]), len(backends)):
+    print("CASE", i, flush=True)
+    print("RESULT", i, ops._self_check(backends[i], torch.device("cuda"), torch.float16), flush=True)
     try:
         torch.cuda.synchronize()
     except RuntimeError:
@@ -228,21 +227,10 @@ def wgmma_error(backend="wgmma"):
 
 
 def _check_wgmma_pipelines():
-    results, pending = {}, list(WGMMA_PIPELINES)
-    while pending:
-        output, failure = _run_child(_WGMMA_CHILD, pending)
-        for line in output.splitlines():
-            kind, _, rest = line.partition(" ")
-            backend, _, status = rest.partition(" ")
-            if kind == "CHECKED" and backend in pending:
-                results[backend] = None if status == "ok" else _wgmma_failure(backend, status)
-        left = [b for b in pending if b not in results]
-        if "CHECKING" not in output:  # the child ended before any check (no extension, no device): all fail
-            return {**results, **{b: _wgmma_failure(b, failure or "the check did not report") for b in left}}
-        if left:  # the first unreported one ended the child
-            results[left[0]] = _wgmma_failure(left[0], failure or "the check did not report")
-        pending = left[1:]
-    return results
+    """All pipelines' self-checks in one child; one that ends the child fails alone (sdsengine.isolated)."""
+    backends = list(WGMMA_PIPELINES)
+    results = isolated.run_isolated(_WGMMA_CHILD, backends)
+    return {b: None if results[i] == "ok" else _wgmma_failure(b, results[i]) for i, b in enumerate(backends)}
 
 
 def _wgmma_failure(backend, why):
@@ -259,22 +247,8 @@ def cusparselt_form():
 
 def _run_check(code, what):
     """None if `code` ran cleanly in a child process, else why not, naming `what` was checked."""
-    _, failure = _run_child(code, [])
+    _, failure = isolated.run_child(code)
     return None if failure is None else f"{what} failed its self-check in a child process: {failure}"
-
-
-def _run_child(code, args):
-    """(stdout, None) if `code` with `args` exited cleanly in a child Python, else (stdout, the last line of
-    its error output or how it ended)."""
-    try:
-        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        output = getattr(exc, "stdout", None) or ""
-        return output.decode(errors="replace") if isinstance(output, bytes) else output, f"did not run: {exc}"
-    if done.returncode == 0:
-        return done.stdout, None
-    lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
-    return done.stdout, lines[-1]
 
 
 def available(device, dtype):

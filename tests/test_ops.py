@@ -3,14 +3,13 @@
 The GPU tests compare each backend with an fp32 dense reference; a low-precision backend may have at most
 twice the error of PyTorch's dense matmul in the same dtype (plus one ulp of the output scale).
 """
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from sdsengine import ops
+from sdsengine import isolated, ops
 from sdsengine.kernels import compress_24
 from sdsengine.masks import nm_mask
 
@@ -277,48 +276,13 @@ for i in range(int(sys.argv[1]), len(cases)):
 """
 
 
+CHILD_TIMEOUT_S = 120  # a hung kernel would otherwise cost the GPU suite's whole test step
+
+
 def isolated_results(child, cases, family=None):
-    """{case index: what `child` printed for it}: `child` (Python source, run in tests/ so it can import this
-    file's helpers) runs cases[argv[1]:] from its argv, printing "CASE i" before and "RESULT i text" after
-    each. A case that kills the process gets the exit status and stderr as its text, and a new child goes on
-    with the next case. With `family` (case -> key), the later cases of a crashed case's family are not run
-    (a kernel that hangs or traps would otherwise cost a process start per case)."""
-    results, pending = {}, list(range(len(cases)))
-    while pending:
-        done = _run_cases(child, [cases[i] for i in pending])
-        reached = 0
-        for line in done.stdout.splitlines():
-            kind, _, rest = line.partition(" ")
-            index, _, text = rest.partition(" ")
-            if kind == "CASE":
-                reached = int(index)
-            elif kind == "RESULT":
-                results[pending[int(index)]] = text
-        if done.returncode == 0:
-            break
-        crashed = pending[reached]
-        results.setdefault(crashed, f"the process died (exit status {done.returncode}): {done.stderr[-300:]}")
-        rest = pending[reached + 1:]
-        if family is not None:
-            same = [i for i in rest if family(cases[i]) == family(cases[crashed])]
-            results.update({i: f"not run: case {crashed} of its family crashed the process" for i in same})
-            rest = [i for i in rest if i not in same]
-        pending = rest
-    return results
-
-
-CHILD_TIMEOUT_S = 120
-
-
-def _run_cases(child, cases):
-    """The child's run over `cases`; one that hangs past CHILD_TIMEOUT_S counts as a crash of the case it was
-    in (a hung kernel would otherwise cost the GPU suite's whole test step)."""
-    try:
-        return subprocess.run([sys.executable, "-c", child, "0", *cases], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_S, cwd=Path(__file__).parent)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        return subprocess.CompletedProcess(exc.cmd, "timeout", out, f"no result within {CHILD_TIMEOUT_S} s")
+    """{case index: what `child` printed for it}, each case run in a child process that a crash or a hang
+    ends alone (sdsengine.isolated); `child` runs in tests/ so that it can import this file's helpers."""
+    return isolated.run_isolated(child, cases, CHILD_TIMEOUT_S, Path(__file__).parent, family)
 
 
 def test_isolated_cases_survive_a_crash():
@@ -335,12 +299,18 @@ for i in range(int(sys.argv[1]), len(cases)):
 """
     results = isolated_results(child, ["raise RuntimeError('first')", "os.abort()", "pass"])
     assert results[0] == "first" and results[2] == "no error"
-    assert results[1].startswith("the process died (exit status -6)")
+    assert results[1].startswith("the process died (exit status -6")
     cases = ["os.abort()  # a", "pass  # b", "pass  # a", "raise RuntimeError('b')  # b"]
     results = isolated_results(child, cases, family=lambda case: case[-1])
     assert results[0].startswith("the process died")
-    assert results[2] == "not run: case 0 of its family crashed the process"
+    assert results[2] == "not run: item 0 of its family ended the process"
     assert results[1] == "no error" and results[3] == "b"
+
+
+def test_isolated_cases_fail_together_when_the_child_cannot_start():
+    results = isolated_results("raise ImportError('no _C')", ["pass", "pass"])
+    assert results == {i: "the process ended before its first item (exit status 1: ImportError: no _C)"
+                       for i in (0, 1)}
 
 
 def test_isolated_cases_survive_a_hang(monkeypatch):
@@ -355,7 +325,7 @@ for i in range(int(sys.argv[1]), len(cases)):
     monkeypatch.setattr(sys.modules[__name__], "CHILD_TIMEOUT_S", 5)
     results = isolated_results(child, ["pass", "time.sleep(60)", "pass"])
     assert results[0] == "done" and results[2] == "done"
-    assert results[1].startswith("the process died (exit status timeout): no result within 5 s")
+    assert results[1] == "the process died (no result within 5 s)"
 
 
 # The wgmma.sp kernel (Hopper): every case in a child process until it has a record on hardware, poisoned
@@ -480,7 +450,7 @@ def test_child_process_check_reports_the_failure_and_passes_a_clean_run():
 
 @pytest.mark.parametrize("backend", ("cusparselt", "wgmma"))
 def test_backend_switch_skips_the_child_check(monkeypatch, backend):
-    monkeypatch.setattr(ops, "_run_child", lambda code, args: pytest.fail("the child check must not run"))
+    monkeypatch.setattr(isolated, "run_child", lambda *args: pytest.fail("the child check must not run"))
     error = getattr(ops, f"{backend}_error")
     monkeypatch.setenv(f"SDSENGINE_{backend.upper()}", "0")
     assert error() == f"turned off by SDSENGINE_{backend.upper()}=0"
@@ -495,14 +465,14 @@ def test_wgmma_pipelines_are_checked_in_one_child_and_a_crash_fails_one_alone(mo
     monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
     children = []
 
-    def child(code, args):
-        children.append(list(args))
-        if "wgmma_tma" in args:  # plain passes, overlap is wrong, tma traps and takes the child with it
-            return ("CHECKING wgmma\nCHECKED wgmma ok\nCHECKING wgmma_overlap\n"
-                    "CHECKED wgmma_overlap failed: relative error 1.3\nCHECKING wgmma_tma\n",
-                    "RuntimeError: CUDA error: an illegal instruction was encountered")
-        return "".join(f"CHECKING {b}\nCHECKED {b} ok\n" for b in args), None
-    monkeypatch.setattr(ops, "_run_child", child)
+    def child(code, args, timeout_s, cwd):
+        backends = args[1:]
+        children.append(backends)
+        if "wgmma_tma" in backends:  # plain passes, overlap is wrong, tma traps and takes the child with it
+            return ("CASE 0\nRESULT 0 ok\nCASE 1\nRESULT 1 failed: relative error 1.3\nCASE 2\n",
+                    "exit status 1: RuntimeError: CUDA error: an illegal instruction was encountered")
+        return "".join(f"CASE {i}\nRESULT {i} ok\n" for i in range(len(backends))), None
+    monkeypatch.setattr(isolated, "run_child", child)
     assert ops.wgmma_error("wgmma") is None
     assert ops.wgmma_error("wgmma_overlap") == ("wgmma.sp kernel (overlap pipeline) failed its self-check in a "
                                                 "child process: failed: relative error 1.3")
@@ -516,9 +486,22 @@ def test_a_wgmma_child_that_checks_nothing_fails_every_pipeline_at_once(monkeypa
     monkeypatch.setattr(ops, "_wgmma", {})
     monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
     children = []
-    monkeypatch.setattr(ops, "_run_child", lambda code, args: children.append(args) or ("", "ImportError: no _C"))
+    monkeypatch.setattr(isolated, "run_child",
+                        lambda code, args, timeout_s, cwd: children.append(args) or ("", "ImportError: no _C"))
     assert all("ImportError: no _C" in ops.wgmma_error(b) for b in ops.WGMMA_PIPELINES)
     assert len(children) == 1
+
+
+def test_the_wgmma_child_reports_each_pipeline(monkeypatch):
+    """The real child, on a machine where the checks cannot pass (no CUDA here, or a kernel that fails):
+    every pipeline gets a failure from its own check, none is left unreported."""
+    monkeypatch.setattr(ops, "_wgmma", {})
+    monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the GPU tests check the pipelines themselves")
+    for backend in ops.WGMMA_PIPELINES:
+        assert "failed its self-check in a child process" in ops.wgmma_error(backend), backend
+        assert "no result" not in ops.wgmma_error(backend), backend
 
 
 def test_wgmma_runs_the_mma_sp_kernels_form():
