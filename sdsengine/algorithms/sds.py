@@ -78,10 +78,10 @@ def reconstruct(objective, w1, config, second_prune, keep=None):
     if config.refit:
         w3 = refit(w3, objective, config.refit, support=_projector(keep, config)(w3))
         steps["refit"] = error(w3)
-    if config.swaps:
-        w3 = refine_mask(w3 * _projector(keep, config)(w3), objective, config.sparsity.nm, config.swaps, config.refit)
+    if config.swaps:  # w3 holds the N:M pattern here: the adjustment's iterates and W2 all do
+        w3 = refine_mask(w3, objective, config.sparsity.nm, config.swaps, config.refit)
         steps["swaps"] = error(w3)
-    final = error(w3)
+    final = list(steps.values())[-1]  # the last step's error: w3's
     chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice}
 
