@@ -1,6 +1,7 @@
 """Compile-only checks of csrc/ for machines with nvcc but no GPU (CI): the kernels for sm_80, sm_90 and
 sm_90a with ptxas reporting no register spills, the wgmma.sp instructions present in the sm_90a image only,
-and the bindings against the installed torch headers. All compilers run at once (about 25 s on 2 cores);
+the bindings against the installed torch headers, and every function the objects take from one another
+defined once (what the extension's link and import need of our own code). All compilers run at once (about 25 s on 2 cores);
 each test waits for its own. Skips cleanly without nvcc."""
 import os
 import re
@@ -57,7 +58,8 @@ def _commands(out):
                 *_torch_includes()]
     if CXX and cuda_include:
         commands["bindings.cpp"] = [
-            CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *_torch_includes(),
+            CXX, "-std=c++17", "-c", "-O0", "-o", str(out / "bindings.o"), "-Wall", "-Wextra", "-Werror",
+            *_torch_includes(),
             "-isystem", sysconfig.get_paths()["include"], "-isystem", cuda_include,
             "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", str(CSRC / "bindings.cpp")]
     return commands
@@ -180,3 +182,33 @@ def test_bindings_compile_against_torch_headers(compilers):
     if "bindings.cpp" not in compilers:
         pytest.skip(f"no C++ compiler ({CXX}) or no CUDA headers ({_cuda_include()})")
     _finish(compilers["bindings.cpp"])
+
+
+
+def _our_functions(obj):
+    """(defined, needed): the global functions in namespace sdsengine that an object file defines and those it
+    takes from elsewhere, by demangled name (nm)."""
+    listing = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
+    entries = [re.match(r"^[0-9a-f]*\s+([A-Za-z])\s+(.*)$", line) for line in listing.splitlines()]
+    ours = [(m[1], m[2]) for m in entries if m and m[2].startswith("sdsengine::")]
+    return [name for kind, name in ours if kind == "T"], [name for kind, name in ours if kind == "U"]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils)")
+def test_every_function_the_objects_share_is_defined_once(compilers):
+    """What linking sdsengine._C and importing it need of our own code: each sdsengine:: function that the
+    bindings or a kernel file calls across files is defined in exactly one kernel file. A declaration in
+    spmm24.h left without its definition (or defined twice) would otherwise show only on a GPU machine, as a
+    failed import or link there."""
+    if "bindings.cpp" not in compilers:
+        pytest.skip(f"no C++ compiler ({CXX}) or no CUDA headers ({_cuda_include()})")
+    objects = {"bindings.cpp": compilers["bindings.cpp"]} | {k.name: compilers[f"{k.name}-sm_90a"] for k in KERNELS}
+    defined, needed = {}, {}
+    for name, proc in objects.items():
+        _finish(proc)
+        defined[name], needed[name] = _our_functions(proc.args[proc.args.index("-o") + 1])
+    assert needed["bindings.cpp"], "the bindings call no sdsengine:: function: is nm reading the object?"
+    everywhere = [f for names in defined.values() for f in names]
+    twice = {f for f in everywhere if everywhere.count(f) > 1}
+    missing = {name: sorted(set(fs) - set(everywhere)) for name, fs in needed.items() if set(fs) - set(everywhere)}
+    assert not twice and not missing, f"defined twice: {sorted(twice)}; needed but defined nowhere: {missing}"
