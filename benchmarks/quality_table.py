@@ -3,7 +3,7 @@
     python benchmarks/quality_table.py [RESULTS_DIR]            # every run, one row each
     python benchmarks/quality_table.py --versus [RESULTS_DIR]   # SDS and BESA against their base pruners
     python benchmarks/quality_table.py --glance [RESULTS_DIR]   # one row per method, one column per pattern
-    python benchmarks/quality_table.py --readme README.md       # regenerate every marked table in place
+    python benchmarks/quality_table.py --readme README.md docs/QUALITY.md   # regenerate every marked table
 
 A record is NAME.json (eval results and commands) beside NAME.prune.json (the run report); NAME ends in
 the pattern (_2-4, _4-8, _50). --versus pairs each SDS or BESA run with the base run of its pattern (SDS:
@@ -11,9 +11,10 @@ its --base; BESA: Wanda, whose masks it starts from) and lists the SDS pairs the
 they are not measured yet, so that a missing number shows as missing. --glance gives each method's
 perplexity and zero-shot mean at every pattern, from the record GLANCE names for it.
 
---readme rewrites each table that follows a marker line `<!-- quality_table.py [ARGS] -->` with this script's
-output for ARGS (a results folder in ARGS is relative to the file's folder), and nothing else in the file.
-A test checks that the README's tables equal that output, so a record added without this step fails CI.
+--readme rewrites, in each file named, each table that follows a marker line `<!-- quality_table.py [ARGS] -->`
+with this script's output for ARGS (a results folder in ARGS is relative to the file's folder), and nothing
+else. A test checks that the marked tables of README.md and docs/QUALITY.md equal that output, so a record
+added without this step fails CI.
 """
 import json
 import re
@@ -210,9 +211,10 @@ def main(argv=sys.argv[1:]):
         print(__doc__)
         return 0
     if argv and argv[0] == "--readme":
-        if len(argv) != 2:
-            raise SystemExit("usage: quality_table.py --readme FILE.md")
-        print(f"{argv[1]}: {rewrite_readme(argv[1])} table(s) regenerated")
+        if len(argv) < 2:
+            raise SystemExit("usage: quality_table.py --readme FILE.md [FILE.md ...]")
+        for path in argv[1:]:
+            print(f"{path}: {rewrite_readme(path)} table(s) regenerated")
         return 0
     print(render(argv))
     return 0

@@ -233,15 +233,18 @@ def test_quality_glance_table_has_a_cell_per_method_and_pattern(benchmark, tmp_p
     assert lines["SDS(SparseGPT)"] == "| SDS(SparseGPT) | - | - | - |"
 
 
-def test_readme_quality_tables_match_the_records(benchmark):
-    """Each table of the README under a quality_table.py marker is that script's output on the committed
-    records, verbatim: a record added or remade without `quality_table.py --readme README.md` fails here."""
-    quality_table, readme = benchmark("quality_table"), BENCHMARKS.parent / "README.md"
-    lines = readme.read_text().split("\n")
+@pytest.mark.parametrize("doc, tables", [("README.md", {(), ("--versus",), ("--glance",)}),
+                                         ("docs/QUALITY.md", {("../benchmarks/results/quality_reduced",)})])
+def test_quality_tables_match_the_records(benchmark, doc, tables):
+    """Each table of the README and docs/QUALITY.md under a quality_table.py marker is that script's output on
+    the committed records, verbatim: a record added or remade without `quality_table.py --readme README.md
+    docs/QUALITY.md` fails here."""
+    quality_table, path = benchmark("quality_table"), BENCHMARKS.parent / doc
+    lines = path.read_text().split("\n")
     blocks = list(quality_table.marked_blocks(lines))
-    assert {(), ("--versus",)} <= {tuple(args) for _, _, args in blocks}  # the full-protocol tables are marked
+    assert tables <= {tuple(args) for _, _, args in blocks}  # the tables that belong there are marked
     for start, end, args in blocks:
-        assert "\n".join(lines[start + 1:end]) == quality_table.render(args, readme.parent), args
+        assert "\n".join(lines[start + 1:end]) == quality_table.render(args, path.parent), args
 
 
 def test_readme_rewrite_replaces_only_the_marked_tables(benchmark, tmp_path):
