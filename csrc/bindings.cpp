@@ -59,7 +59,7 @@ void check_x(const at::Tensor& x) {
   SDS_CHECK(x.dim() == 2, "x must be 2-D (tokens, in_features), got shape ", dims(x.sizes()));
   SDS_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
             "x must be float16 or bfloat16, got ", x.scalar_type());
-  SDS_CHECK(x.size(1) % 32 == 0, "in_features must be divisible by 32, got ", x.size(1));
+  SDS_CHECK(x.size(1) > 0 && x.size(1) % 32 == 0, "in_features must be a positive multiple of 32, got ", x.size(1));
   check_placed(x, "x", x.device());
   const int major = device_attribute(x.device(), cudaDevAttrComputeCapabilityMajor);
   SDS_CHECK(major >= 8, "needs compute capability 8.0 or newer (sparse tensor cores), device ", x.device().index(),

@@ -29,7 +29,8 @@ using namespace sm90;
 
 constexpr int kThreads = kMmaThreads + 128;  // warpgroup 0 produces, warpgroups 1 and 2 multiply
 constexpr int kMmaWarps = kMmaThreads / 32;
-constexpr long long kHangCycles = 1ll << 31;  // about a second at Hopper's clocks
+constexpr long long kHangCycles = 1ll << 36;  // about 35 s at Hopper's clocks: past any healthy wait, even
+                                             // a time-sliced one, and before the self-check child's timeout
 
 // mbarrier and TMA instructions exist from sm_90 on, setmaxnreg from sm_90a; like the wgmmas, they are
 // emitted only in the sm_90a image (the others trap on entry), while the code around them compiles for all.
@@ -67,6 +68,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 
 // One arrival on the barrier at this CTA-relative address in block `cta` of the cluster (this one included).
+// The default (CTA-scope) release, as CUTLASS's cluster barrier uses: what it publishes is that wgmmas already
+// waited for have read the stage. A .release.cluster arrive compiles to GPU-wide fences before every arrival.
 template <int CLUSTER>
 __device__ __forceinline__ void mbar_arrive(uint32_t bar, uint32_t cta) {
 #if defined(SDS_SM90A)
@@ -74,7 +77,7 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar, uint32_t cta) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
   } else {
     asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+                 "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
                  "r"(cta)
                  : "memory");
   }

@@ -147,6 +147,10 @@ def test_wgmma_sp_only_in_the_sm90a_image(compilers, source, arch):
         for op in ("UTMALDG.2D ", "UTMALDG.2D.MULTICAST", "UBLKCP.S.G", "USETMAXREG.DEALLOC.CTAPOOL 0x28",
                    "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8", "UCGABAR_WAIT", "SYNCS.PHASECHK.TRANS64.TRYWAIT"):
             assert op in sass, f"no {op} in the TMA pipeline's SASS"
+        # GPU-wide fences: in a clustered kernel only after the barriers' init and at the cluster barrier before
+        # exit; a stage goes back to the peer block by a bare remote arrive (a cluster-scope release would fence)
+        fences = [f.count("MEMBAR.ALL.GPU") for f in sass.split("Function : ")[1:]]
+        assert max(fences) <= 2, f"GPU-wide fences per kernel: {fences}"
 
 
 @pytest.mark.parametrize("source", HOPPER)
