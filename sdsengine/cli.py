@@ -1,6 +1,5 @@
 """Command line: `sdsengine prune | eval | demo`. Flags come from the config dataclasses."""
 import argparse
-import copy
 import dataclasses
 import json
 import sys

@@ -11,7 +11,6 @@ from sdsengine.algorithms.besa_block import BestIterate, block_loss, channel_ene
 from sdsengine.algorithms.besa_nm import SelectionLearner
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.config import BESAConfig, WandaConfig
-from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.sequential import LayerContext, run_layer
 from tiny_models import tiny_model, tiny_tokens

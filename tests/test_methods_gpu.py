@@ -3,7 +3,6 @@ without a GPU): it runs, the pattern holds, the model is left on its own device,
 and the per-layer calibration errors are close to the same run on the CPU. Close, not equal: on CUDA the
 masks come from the Triton kernels and the learned methods accumulate in another order."""
 import pytest
-import torch
 
 import sdsengine
 from sdsengine.config import BESAConfig, MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig
