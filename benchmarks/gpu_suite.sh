@@ -44,13 +44,22 @@ done
 selected() { case " $SUITE_STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 FILES="suite_steps.tsv"
 for b in $BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
+selected e2e && FILES="$FILES e2e_prefill_profile.md"  # the e2e step's --profile tables
 BENCH_ARGS=${BENCH_ARGS:-}  # more flags for the kernel benchmarks, e.g. --smoke for a quick dry run
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-VERSIONS='from sdsengine import ops
+VERSIONS='import os, shlex
+from sdsengine import ops
 from sdsengine.bench import gpu_info
 print(gpu_info())
 info = ops.probe("cuda", self_check=True)
-print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))'
+print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))
+switches = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in ops.checked_switches().items())
+print("child-check results passed on to later steps:\n" + switches)
+open(os.environ["SWITCHES"], "w").write(switches)'
+# The backends' child checks (cuSPARSELt's forms, the wgmma pipelines) run once, in `versions`; later steps
+# take their results from these settings instead of checking again in every process (seconds each, and a
+# hanging pipeline's trap would cost ~35 s per process).
+export SWITCHES=$(mktemp)
 
 fit() {  # fit BUDGET: the budget, or what is left of SUITE_SECONDS if less
   local left=$((SUITE_SECONDS - SECONDS))
@@ -94,6 +103,7 @@ suite() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   nvcc --version | tail -n 2
   step versions 40 "$PY" -c "$VERSIONS"
+  [ -s "$SWITCHES" ] && . "$SWITCHES"
   if [ -d tests/kernels ]; then
     step kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
   elif selected kernel_tests; then

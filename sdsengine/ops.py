@@ -150,7 +150,9 @@ def _why_not(backend, device, dtype):
 # one passes ("transposed": transpose_result=True writes it directly; "plain": W·Xᵀ, then one transposing
 # copy), and each pipeline of our wgmma.sp kernel (all in one child; one that kills it fails alone, and a
 # new child checks the rest). SDSENGINE_CUSPARSELT / SDSENGINE_WGMMA = 1 skips the check, 0 turns the
-# backend(s) off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking.
+# backend(s) off; SDSENGINE_CUSPARSELT_FORM names the form to use without checking; SDSENGINE_WGMMA may also
+# list the pipelines to use unchecked (`wgmma,wgmma_overlap`: the others off). checked_switches() gives the
+# settings that carry this process's check results to another, so a chain of processes checks once.
 CUSPARSELT_FORMS = ("transposed", "plain")
 _CHILD_CHECK = """
 import os, torch
@@ -218,12 +220,38 @@ def wgmma_error(backend="wgmma"):
     """None if this pipeline of our wgmma.sp kernel ran a small product correctly in a child process
     (all pipelines are checked together, once), else why not: it has not yet run on hardware as often as
     the mma.sp kernel."""
-    switch = _switched("SDSENGINE_WGMMA")
+    switch = _wgmma_switch(backend)
     if switch is not None:
         return switch or None
     if backend not in _wgmma:
         _wgmma.update(_check_wgmma_pipelines())
     return _wgmma[backend]
+
+
+def _wgmma_switch(backend):
+    """_switched's answer for SDSENGINE_WGMMA, which may also name the pipelines to use unchecked."""
+    wanted = os.environ.get("SDSENGINE_WGMMA")
+    if wanted is None or wanted in ("0", "1"):
+        return _switched("SDSENGINE_WGMMA")
+    names = {name.strip() for name in wanted.split(",")}
+    if not names <= set(WGMMA_PIPELINES):
+        raise ValueError(f"SDSENGINE_WGMMA must be 0, 1 or a comma-separated list of {tuple(WGMMA_PIPELINES)}, "
+                         f"got {wanted!r}")
+    return "" if backend in names else f"turned off by SDSENGINE_WGMMA={wanted}"
+
+
+def checked_switches():
+    """The environment settings that give another process this one's child-check results without checking
+    again: {} for a backend not checked here (none ran, or a switch decided)."""
+    settings = {}
+    if "error" in _cusparselt:
+        passed = _cusparselt.get("passed")
+        settings["SDSENGINE_CUSPARSELT"] = "1" if passed else "0"
+        if passed:
+            settings["SDSENGINE_CUSPARSELT_FORM"] = passed
+    if set(_wgmma) == set(WGMMA_PIPELINES):
+        settings["SDSENGINE_WGMMA"] = ",".join(b for b in WGMMA_PIPELINES if _wgmma[b] is None) or "0"
+    return settings
 
 
 def _check_wgmma_pipelines():
