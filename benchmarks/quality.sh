@@ -32,6 +32,7 @@ mkdir -p "$out" "$runs"
 
 add_zeroshot() {  # zero-shot on the model in "$@", merged into $out/$name.json
   local zs_cmd="sdsengine eval $* --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
+  rm -f "$out/$name.zs.json"  # a stopped run's leftover: eval refuses to replace a file
   $zs_cmd
   python - "$out/$name" "$zs_cmd" <<'PY'
 import json, os, sys
@@ -69,6 +70,7 @@ if [ $# -gt 0 ]; then
 fi
 eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --json $out/$name.eval.json"
 start=$(date +%s)
+rm -f "$out/$name.eval.json"
 $eval_cmd
 eval_s=$(( $(date +%s) - start ))
 python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" <<'PY'

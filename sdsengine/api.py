@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from sdsengine import report
-from sdsengine.config import CalibrationConfig, check_device
+from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import calibration_protocol, calibration_samples
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.resume import ResumeStore
@@ -28,7 +28,11 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     `resume_dir`: keep the progress there after every layer, and continue from the progress of the same
     run if it holds some (see pipeline/resume.py); the directory stays until `ResumeStore(d).clear()`.
     """
+    if not isinstance(config, PruneConfig):
+        raise TypeError("config must be a method config such as sdsengine.SparseGPTConfig, got "
+                        f"{type(config).__name__}")
     check_device(config.device)
+    adapters.layout_for(model)  # an unsupported model is named before its inputs are looked at
     samples, protocol = _calibration(model, config, calibration, tokenizer)
     store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     start = time.perf_counter()
@@ -44,7 +48,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
 
 def _calibration(model, config, calibration, tokenizer):
     if isinstance(calibration, CalibrationConfig):
-        _check_seqlen(model, calibration.seqlen)
+        adapters.check_seqlen(model, calibration.seqlen)
         if tokenizer is None:
             raise ValueError("a CalibrationConfig needs the tokenizer to build its windows")
         samples = calibration_samples(tokenizer, calibration)
@@ -52,13 +56,15 @@ def _calibration(model, config, calibration, tokenizer):
     if calibration is None:
         return None, None
     samples = torch.as_tensor(calibration)
-    if samples.dim() != 2:
-        raise ValueError(f"calibration tokens must be (nsamples, seqlen), got shape {tuple(samples.shape)}")
-    _check_seqlen(model, samples.shape[1])
+    if samples.dim() != 2 or 0 in samples.shape:
+        raise ValueError("calibration tokens must be (nsamples, seqlen), both positive, got shape "
+                         f"{tuple(samples.shape)}")
+    if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
+        raise ValueError(f"calibration tokens must be integer token ids, got dtype {samples.dtype}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if samples.min() < 0 or samples.max() >= vocab:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got "
+                         f"{int(samples.min())}..{int(samples.max())}")
+    adapters.check_seqlen(model, samples.shape[1])
     return samples, {"dataset": "user tokens", "nsamples": samples.shape[0], "seqlen": samples.shape[1]}
 
-
-def _check_seqlen(model, seqlen):
-    limit = adapters.max_positions(model)
-    if limit and seqlen > limit:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {limit} positions")

@@ -74,7 +74,13 @@ def _shapes_from_args(args, load_model):
 
 def parse_shapes(text):
     """'4096x4096,11008x4096' -> [(4096, 4096), (11008, 4096)] as (out_features, in_features)."""
-    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+    shapes = []
+    for item in filter(None, text.split(",")):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes takes OUTxIN pairs of positive integers such as 4096x4096, got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
 
 
 def model_shapes(model, ignore=("lm_head",)):

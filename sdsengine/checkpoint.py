@@ -16,6 +16,9 @@ def check_output_dir(out, overwrite=False) -> Path:
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
+    blocked = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocked is not None:
+        raise FileExistsError(f"output path {out} lies under {blocked}, which is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} is not empty; pass --overwrite to replace it")
     return out

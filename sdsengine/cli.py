@@ -84,6 +84,7 @@ def build_parser():
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
     e.add_argument("--samples", default=None, help="write every zero-shot item's answer to this JSONL file: "
                    "task, index, label, pred, pred_norm, choices, loglikelihoods (to compare models' answers)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing --json / --samples files")
 
     c = sub.add_parser("convert", help="replace the 2:4 linears of a pruned checkpoint by SparseLinear and save")
     _add_model_flags(c)
@@ -155,6 +156,10 @@ def cmd_prune(args):
     check_device(config.device)  # before any work, as is the output directory
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     if args.resume_dir:
+        progress = Path(args.resume_dir).expanduser().resolve()
+        if progress == out or out in progress.parents:
+            raise ValueError(f"--resume-dir {args.resume_dir} lies in --out {args.out}, which the checkpoint replaces: "
+                             "keep the progress elsewhere")
         ResumeStore(args.resume_dir).check()
     model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     needs_data = lookup(args.method)[1].STATS is not None
@@ -169,9 +174,12 @@ def cmd_prune(args):
 
 
 def cmd_eval(args):
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks names no task: {args.tasks!r}")
     if args.samples and all(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
+    _check_result_files(args, tasks)
     check_device(args.device)
     model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype), compressed_ok=True)
     model.to(args.device)
@@ -185,6 +193,24 @@ def cmd_eval(args):
     if args.samples:
         lines = [json.dumps({"task": task, **record}) for task, records in samples.items() for record in records]
         Path(args.samples).write_text("".join(line + "\n" for line in lines))
+
+
+def _check_result_files(args, tasks):
+    """Before any model time: --json and --samples name new files in existing directories, not a task file."""
+    inputs = {Path(t).expanduser().resolve() for t in tasks}
+    named = [(flag, Path(path).expanduser().resolve()) for flag, path in (("--json", args.json),
+                                                                           ("--samples", args.samples)) if path]
+    if len(named) == 2 and named[0][1] == named[1][1]:
+        raise ValueError(f"--json and --samples name the same file {named[0][1]}")
+    for flag, path in named:
+        if path in inputs:
+            raise ValueError(f"{flag} {path} is a task file this evaluation reads: name another file")
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a directory: name a file")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: no directory {path.parent}")
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
 
 
 def cmd_convert(args):

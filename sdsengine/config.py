@@ -4,6 +4,8 @@ The CLI builds its flags from these fields (see cli.py), so the two cannot drift
 config class here and one registration in algorithms/__init__.py.
 """
 import dataclasses
+import numbers
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,22 @@ DEVICE_KINDS = ("cpu", "cuda")
 def check_device_name(device):
     if str(device).split(":")[0] not in DEVICE_KINDS:
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
+
+
+_NUMBERS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a number")}
+
+
+def check_numbers(config):
+    """Each int or float field of a config dataclass holds a number of that kind (None where the field allows
+    it): a "64" or a 2.5 for a count fails here, naming the field, not deep inside a run."""
+    for f in dataclasses.fields(config):
+        kinds = [t for t in typing.get_args(f.type) or (f.type,) if t in _NUMBERS]
+        value = getattr(config, f.name)
+        if not kinds or (value is None and type(None) in typing.get_args(f.type)):
+            continue
+        kind, what = _NUMBERS[kinds[0]]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {what}, got {value!r}")
 
 
 def check_device(device):
@@ -87,8 +105,12 @@ class PruneConfig:
     method = "base"
 
     def __post_init__(self):
+        check_numbers(self)
         self.sparsity = SparsityPattern.parse(self.sparsity)
-        self.ignore = tuple(self.ignore)
+        # one pattern given as a string is that pattern, not its characters (a lone "*" would keep all dense)
+        self.ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
+        if not all(isinstance(pattern, str) for pattern in self.ignore):
+            raise ValueError(f"ignore must be module-name patterns (strings), got {self.ignore!r}")
         check_device_name(self.device)  # a config only describes: availability is checked when it runs
         if self.sequential is None:
             self.sequential = self.default_sequential()
@@ -305,8 +327,10 @@ class CalibrationConfig:
     data_dir: str | None = field(default=None, metadata={"help": "offline data directory (env SDSENGINE_DATA_DIR)"})
 
     def __post_init__(self):
+        check_numbers(self)
         if self.nsamples <= 0 or self.seqlen <= 1:
-            raise ValueError(f"nsamples and seqlen must be positive, got {self.nsamples} and {self.seqlen}")
+            raise ValueError(f"nsamples must be positive and seqlen at least 2 tokens, got {self.nsamples} and "
+                             f"{self.seqlen}")
 
     def to_dict(self):
         return dataclasses.asdict(self)

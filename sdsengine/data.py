@@ -77,13 +77,31 @@ def ptb_text(data_dir):
     return " ".join(_hub("ptb_text_only", "penn_treebank", split="test")["sentence"])
 
 
+def jsonl_objects(path: Path):
+    """(line number, parsed object) for each non-blank line; a parse error names the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
 def file_text(path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
+        texts = []
+        for number, obj in jsonl_objects(path):
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: a calibration line must be an object with a string 'text' "
+                                 f"field, got {json.dumps(obj)[:80]}")
+            texts.append(text)
+        return "\n\n".join(texts)
     if path.suffix == ".txt":
         return path.read_text(encoding="utf-8")
     raise ValueError(f"calibration file {path} must be .txt or .jsonl (objects with a 'text' field)")
@@ -149,6 +167,9 @@ def _windows_from_stream(ids, config, rng):
     if ids.numel() // config.seqlen < config.nsamples:
         raise ValueError(f"the calibration text holds {ids.numel() // config.seqlen} windows of {config.seqlen} "
                          f"tokens, fewer than nsamples={config.nsamples}")
+    if ids.numel() <= config.seqlen:  # the sampler's starts leave one token after the window
+        raise ValueError(f"the calibration text holds {ids.numel()} tokens; windows of {config.seqlen} need at "
+                         f"least {config.seqlen + 1}")
     starts = [rng.randint(0, ids.numel() - config.seqlen - 1) for _ in range(config.nsamples)]
     return torch.stack([ids[s:s + config.seqlen] for s in starts])
 

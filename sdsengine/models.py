@@ -51,10 +51,15 @@ def load_model(name=None, dtype=torch.float32, compressed_ok=False):
         raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
     else:
         location = source  # a hub id
+    # any failure names the model and the part (a truncated weights file raises SafetensorError, not OSError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except Exception as exc:
+        raise ValueError(f"could not load the tokenizer of {source!r} (a model directory needs its tokenizer files, "
+                         f"e.g. tokenizer.json and tokenizer_config.json): {exc}") from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
         raise ValueError(f"could not load model {source!r}: {exc}") from exc
     layout_for(model)  # fail now on a layout we cannot prune
     if kwargs.get("gguf_file"):

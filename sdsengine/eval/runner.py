@@ -1,6 +1,7 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
 from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, eval_tokens
+from sdsengine.pipeline.adapters import check_seqlen
 
 from .perplexity import perplexity
 from .tasks import TASKS, load_task
@@ -17,8 +18,12 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     per zero-shot task, its per-item records (zeroshot.item_records)."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
     check_device(device)
-    if seqlen < 2 and any(t in EVAL_TASKS for t in tasks):
-        raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of windows or items, got {limit}")
+    if any(t in EVAL_TASKS for t in tasks):
+        if seqlen < 2:
+            raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
+        check_seqlen(model, seqlen)
     items = {t: load_task(t, data_dir, limit) for t in tasks if t not in EVAL_TASKS}
     results = {}
     for task in tasks:

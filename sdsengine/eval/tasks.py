@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdsengine.data import EVAL_TASKS, data_file, resolve_data_dir
+from sdsengine.data import EVAL_TASKS, data_file, jsonl_objects, resolve_data_dir
 
 PIQA_FILE = "piqa/valid.jsonl"
 PIQA_LABELS = "piqa/valid-labels.lst"
@@ -85,18 +85,6 @@ TASKS = {"piqa": piqa, "arc_easy": arc_easy, "boolq": boolq}
 
 
 # ---- generic JSONL ---------------------------------------------------------------------------------------
-
-def jsonl_objects(path: Path):
-    """(line number, parsed object) for each non-blank line; a parse error names the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-
 
 def read_jsonl(path: Path) -> list[Item]:
     if not path.is_file():

@@ -133,6 +133,9 @@ def load_compressed(directory, model=None):
     dense model once before the linears are swapped, so peak host memory is the dense model's size.
     """
     directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        raise FileNotFoundError(f"{directory} is not an sdsengine compressed checkpoint (no {MANIFEST}; "
+                                "`sdsengine convert` writes one)")
     manifest = json.loads((directory / MANIFEST).read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint")

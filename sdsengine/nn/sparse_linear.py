@@ -75,8 +75,9 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__()
-        if in_features % 32:
-            raise ValueError(f"SparseLinear needs in_features divisible by 32, got {in_features}")
+        if in_features % 32 or in_features <= 0 or out_features <= 0:
+            raise ValueError(f"SparseLinear needs positive features, in_features divisible by 32, got in_features="
+                             f"{in_features}, out_features={out_features}")
         self.in_features, self.out_features = in_features, out_features
         dtype = dtype or torch.get_default_dtype()
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
@@ -89,7 +90,12 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, weight, bias=None):
         """From a (out, in) weight that already holds exact 2:4 zeros; refuses anything else."""
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear takes a 2-D (out_features, in_features) weight, got shape "
+                             f"{tuple(weight.shape)}")
         out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         if in_features % 32:
             raise ValueError(f"cannot compress a ({out_features}, {in_features}) weight: 2:4 kernels need "
                              f"in_features divisible by 32, got {in_features}")
@@ -108,6 +114,8 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear):
         """SparseLinear with the same weight and bias as a 2:4-pruned nn.Linear."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         return cls.from_dense(linear.weight, linear.bias)
 
     @property
@@ -119,6 +127,9 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
     def forward(self, x):
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"SparseLinear({self.in_features} -> {self.out_features}): input's last dimension must "
+                             f"be {self.in_features}, got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
         route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None
         if route is None:

@@ -88,3 +88,9 @@ def max_positions(model) -> int | None:
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
     return None
+
+
+def check_seqlen(model, seqlen):
+    limit = max_positions(model)
+    if limit and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {limit} positions")

@@ -51,6 +51,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     algo = algorithm_for(config)
     layers = adapters.decoder_layers(model)
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
+    _check_ignore_matches(model, layers, config.ignore)
     check_prunable(targets, config.sparsity)
     if config.sequential == "linear" and hasattr(algo, "prune_layer"):
         raise ValueError(f"--sequential linear applies to per-linear methods; {config.method!r} with these "
@@ -300,6 +301,17 @@ def _targets(model, layer, index, ignore):
     prefix = f"{adapters.layout_for(model).layers}.{index}."
     return {name: m for name, m in adapters.linear_modules(layer).items()
             if not any(fnmatch.fnmatch(prefix + name, pat) for pat in ignore)}
+
+
+def _check_ignore_matches(model, layers, ignore):
+    """A pattern that names no module of the model is a typo (a missing prefix, say): name it and what names
+    look like. One naming a module that is never pruned (lm_head) has nothing to do, which is fine."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [pat for pat in ignore if not any(fnmatch.fnmatch(name, pat) for name in names)]
+    if unmatched:
+        prefix = adapters.layout_for(model).layers
+        example = f"{prefix}.0.{next(iter(adapters.linear_modules(layers[0])))}"
+        raise ValueError(f"--ignore pattern(s) {unmatched} match no module of the model; names look like {example!r}")
 
 
 def check_prunable(targets, pattern):

@@ -1,0 +1,193 @@
+"""Bad input met by the CLI and the Python API: each is refused with a message naming the problem, before any
+model time where it can be, and nothing the user had is replaced (from an audit of the error paths)."""
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import sdsengine
+from sdsengine import bench, data
+from sdsengine.cli import main
+from sdsengine.config import CalibrationConfig, SDSConfig, SparseGPTConfig, WandaConfig
+from sdsengine.eval.runner import evaluate
+from sdsengine.models import load_model
+from sdsengine.nn import SparseLinear
+from tiny_models import tiny_model, tiny_tokens
+
+NO_MODEL = "/nonexistent/model.gguf"  # a check that loaded the model would fail on this instead
+
+
+def _refused(argv, capsys, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+# ---- CLI: result files of eval, outputs of prune ----------------------------------------------------------
+
+def test_eval_never_writes_over_its_own_task_file(tmp_path, capsys):
+    task = tmp_path / "mine.jsonl"
+    task.write_text('{"context": "a", "choices": [" b", " c"], "label": 0}\n')
+    _refused(["eval", "--model", NO_MODEL, "--tasks", str(task), "--samples", str(task)], capsys,
+             "is a task file this evaluation reads")
+    _refused(["eval", "--model", NO_MODEL, "--tasks", str(task), "--json", str(task), "--overwrite"], capsys,
+             "is a task file this evaluation reads")
+    assert task.read_text() == '{"context": "a", "choices": [" b", " c"], "label": 0}\n'
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("earlier results"), "exists; pass --overwrite"),
+    (lambda p: p.mkdir(), "is a directory: name a file"),
+    (lambda p: None, None),  # names a missing directory: see below
+])
+def test_eval_result_files_are_checked_before_model_time(tmp_path, capsys, make, message):
+    target = tmp_path / "out.json"
+    make(target)
+    if message is None:
+        target, message = tmp_path / "no" / "out.json", "no directory"
+    _refused(["eval", "--model", NO_MODEL, "--tasks", "wikitext2", "--json", str(target)], capsys, message)
+    assert not target.is_file() or target.read_text() == "earlier results"
+
+
+def test_eval_needs_a_task_and_two_different_result_files(tmp_path, capsys):
+    _refused(["eval", "--model", NO_MODEL, "--tasks", ","], capsys, "--tasks names no task")
+    same = str(tmp_path / "x.json")
+    _refused(["eval", "--model", NO_MODEL, "--tasks", "piqa", "--json", same, "--samples", same], capsys,
+             "name the same file")
+
+
+def test_progress_inside_the_output_is_refused_before_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    _refused(["prune", "--method", "wanda", "--sparsity", "2:4", "--model", NO_MODEL, "--out", str(out),
+              "--resume-dir", str(out / "progress")], capsys, "lies in --out")
+
+
+def test_an_output_under_a_file_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    _refused(["prune", "--method", "magnitude", "--sparsity", "2:4", "--model", NO_MODEL, "--out",
+              str(tmp_path / "afile" / "sub")], capsys, "lies under .*afile, which is a file")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+# ---- evaluation arguments ----------------------------------------------------------------------------------
+
+def test_evaluate_refuses_a_limit_below_one_and_windows_past_the_model():
+    model = tiny_model("llama")  # 128 positions
+    with pytest.raises(ValueError, match="limit must be a positive number"):
+        evaluate(model, None, ["wikitext2"], seqlen=64, limit=0)
+    with pytest.raises(ValueError, match="seqlen 4096 exceeds the model's maximum of 128 positions"):
+        evaluate(model, None, ["wikitext2"], seqlen=4096)
+
+
+# ---- calibration data ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "a"}', '{"content": "b"}'], r":2: a calibration line must be an object with a string 'text'"),
+    (['{"text": 5}'], r":1: a calibration line must be an object"),
+    (['{"text": "a"}', '{"text": "b"}', "{oops"], r"calib.jsonl:3: not valid JSON"),
+])
+def test_calibration_jsonl_names_the_bad_line(tmp_path, lines, message):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        data.file_text(path)
+
+
+def test_a_text_exactly_one_window_long_is_named():
+    import random
+    config = CalibrationConfig("x.txt", nsamples=1, seqlen=32)
+    with pytest.raises(ValueError, match="holds 32 tokens; windows of 32 need at least 33"):
+        data._windows_from_stream(torch.arange(32), config, random.Random(0))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: CalibrationConfig(seqlen=1), "seqlen at least 2 tokens"),
+    (lambda: CalibrationConfig(nsamples="4"), r"CalibrationConfig.nsamples must be a whole number, got '4'"),
+    (lambda: CalibrationConfig(nsamples=2.5), "must be a whole number, got 2.5"),
+    (lambda: SparseGPTConfig(blocksize=64.0), "SparseGPTConfig.blocksize must be a whole number"),
+    (lambda: SDSConfig(lr="0.1"), "SDSConfig.lr must be a number, got '0.1'"),
+    (lambda: SparseGPTConfig(refit=True), "must be a whole number, got True"),
+])
+def test_config_numbers_are_checked_by_field(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_config_numbers_of_other_numeric_types_pass():
+    assert SDSConfig(lr=1).lr == 1 and CalibrationConfig(nsamples=torch.tensor(4).item()).nsamples == 4
+
+
+# ---- the Python API ----------------------------------------------------------------------------------------
+
+def test_one_ignore_pattern_as_a_string_is_a_pattern():
+    assert WandaConfig(ignore="model.layers.0.*").ignore == ("model.layers.0.*",)
+    with pytest.raises(ValueError, match="ignore must be module-name patterns"):
+        WandaConfig(ignore=[3])
+
+
+def test_an_ignore_pattern_that_matches_nothing_is_named():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"\['layers.0.\*'\] match no module of the model; names look like "
+                                         r"'model.layers.0.self_attn.q_proj'"):
+        sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4", ignore="layers.0.*"), progress=False)
+    assert all((m.weight != 0).all() for m in model.modules() if isinstance(m, nn.Linear))  # untouched
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4", ignore="lm_head"), progress=False)  # never pruned
+
+
+@pytest.mark.parametrize("config", ["wanda", {"method": "wanda"}, CalibrationConfig()])
+def test_prune_names_a_config_of_the_wrong_type(config):
+    with pytest.raises(TypeError, match="config must be a method config"):
+        sdsengine.prune(tiny_model("llama"), config)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (tiny_tokens().float(), "integer token ids, got dtype torch.float32"),
+    (tiny_tokens() + 1000, r"must lie in \[0, 96\)"),
+    (torch.zeros(0, 32, dtype=torch.long), r"both positive, got shape \(0, 32\)"),
+    (torch.zeros(2, 0, dtype=torch.long), r"both positive, got shape \(2, 0\)"),
+])
+def test_calibration_tokens_are_checked(tokens, message):
+    with pytest.raises(ValueError, match=message):
+        sdsengine.prune(tiny_model("llama"), WandaConfig(sparsity="2:4"), tokens, progress=False)
+
+
+def test_sparse_linear_names_bad_shapes(tmp_path):
+    w = torch.zeros(8, 64)
+    with pytest.raises(ValueError, match=r"2-D \(out_features, in_features\) weight, got shape \(64,\)"):
+        SparseLinear.from_dense(w[0])
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\), got \(4,\)"):
+        SparseLinear.from_dense(w, torch.zeros(4))
+    with pytest.raises(TypeError, match="from_linear takes an nn.Linear, got Conv1d"):
+        SparseLinear.from_linear(nn.Conv1d(64, 8, 1))
+    with pytest.raises(ValueError, match="positive features"):
+        SparseLinear(0, 16)
+    with pytest.raises(ValueError, match=r"last dimension must be 64, got shape \(2, 16\)"):
+        SparseLinear.from_dense(w)(torch.zeros(2, 16))
+    with pytest.raises(FileNotFoundError, match="is not an sdsengine compressed checkpoint"):
+        sdsengine.load_compressed(tmp_path)
+
+
+def test_bench_shapes_are_checked():
+    assert bench.parse_shapes("64x128,32X32") == [(64, 128), (32, 32)]
+    with pytest.raises(ValueError, match="OUTxIN pairs of positive integers.*'64by64'"):
+        bench.parse_shapes("64by64")
+
+
+# ---- model loading ---------------------------------------------------------------------------------------
+
+def test_a_model_without_tokenizer_or_with_broken_weights_is_named(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="could not load the tokenizer of .*tokenizer files"):
+        load_model(tmp_path)
+    tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                      "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+                      "decoder": None, "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1},
+                                                 "unk_token": "[UNK]"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="could not load model"):
+        load_model(tmp_path)
