@@ -155,6 +155,9 @@ def cmd_prune(args):
     calib = _config_from(args, CalibrationConfig)
     check_device(config.device)  # before any work, as is the output directory
     out = checkpoint.check_output_dir(args.out, args.overwrite)
+    model = Path(args.model).expanduser().resolve() if args.model else None
+    if model is not None and (model == out or out in model.parents):
+        raise ValueError(f"--out {args.out} would replace the model being pruned ({args.model}): write elsewhere")
     if args.resume_dir:
         progress = Path(args.resume_dir).expanduser().resolve()
         if progress == out or out in progress.parents:

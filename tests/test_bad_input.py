@@ -64,6 +64,15 @@ def test_progress_inside_the_output_is_refused_before_work(tmp_path, capsys):
               "--resume-dir", str(out / "progress")], capsys, "lies in --out")
 
 
+def test_the_model_being_pruned_is_never_the_output(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    _refused(["prune", "--method", "magnitude", "--sparsity", "2:4", "--model", str(model), "--out", str(model),
+              "--overwrite"], capsys, "would replace the model being pruned")
+    assert (model / "config.json").read_text() == "{}"
+
+
 def test_an_output_under_a_file_is_refused_before_work(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     _refused(["prune", "--method", "magnitude", "--sparsity", "2:4", "--model", NO_MODEL, "--out",
