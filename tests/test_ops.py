@@ -560,7 +560,10 @@ def test_failed_wgmma_cases_turn_their_pipeline_off_for_the_session(monkeypatch)
 
 
 def test_the_wgmma_cases_run_before_every_other_test():
-    import conftest
+    import importlib.util  # tests/conftest.py by its path: "conftest" may name tests/kernels' as well
+    spec = importlib.util.spec_from_file_location("top_conftest", Path(__file__).parent / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
 
     class Item:
         def __init__(self, name):
