@@ -250,8 +250,14 @@ def checked_switches():
         if passed:
             settings["SDSENGINE_CUSPARSELT_FORM"] = passed
     if set(_wgmma) == set(WGMMA_PIPELINES):
-        settings["SDSENGINE_WGMMA"] = ",".join(b for b in WGMMA_PIPELINES if _wgmma[b] is None) or "0"
+        settings["SDSENGINE_WGMMA"] = wgmma_setting(b for b in WGMMA_PIPELINES if _wgmma[b] is None)
     return settings
+
+
+def wgmma_setting(backends):
+    """The SDSENGINE_WGMMA value that turns on exactly these wgmma pipelines, unchecked (the form
+    _wgmma_switch reads)."""
+    return ",".join(backends) or "0"
 
 
 def _check_wgmma_pipelines():

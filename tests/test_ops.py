@@ -400,7 +400,7 @@ def turn_off_failed_pipelines(results):
     if failed:
         kept = [backend for backend, pipeline in ops.WGMMA_PIPELINES.items()
                 if pipeline not in failed and ops.wgmma_error(backend) is None]
-        os.environ["SDSENGINE_WGMMA"] = ",".join(kept) or "0"
+        os.environ["SDSENGINE_WGMMA"] = ops.wgmma_setting(kept)
 
 
 @pytest.mark.gpu

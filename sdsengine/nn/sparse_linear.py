@@ -127,7 +127,7 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
     def forward(self, x):
-        if x.shape[-1:] != (self.in_features,):
+        if x.shape[-1] != self.in_features:  # reshape alone would accept any multiple of in_features
             raise ValueError(f"SparseLinear({self.in_features} -> {self.out_features}): input's last dimension must "
                              f"be {self.in_features}, got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
