@@ -164,8 +164,10 @@ def cmd_prune(args):
             raise ValueError(f"--resume-dir {args.resume_dir} lies in --out {args.out}, which the checkpoint replaces: "
                              "keep the progress elsewhere")
         ResumeStore(args.resume_dir).check()
-    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     needs_data = lookup(args.method)[1].STATS is not None
+    if not needs_data:
+        _warn_unused_calibration(args)
+    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)
     checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
@@ -174,6 +176,16 @@ def cmd_prune(args):
     print(report.layer_table(result.layers))
     print(f"\n{config.method} {config.sparsity}: overall sparsity {result.report['overall_sparsity']:.4f}, "
           f"{result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
+
+
+def _warn_unused_calibration(args):
+    """A method that reads no data (magnitude) ignores the calibration flags: say so rather than let the
+    user believe --nsamples or --calib shaped the result."""
+    passed = [f"--{f.name.replace('_', '-')}" if f.name != "dataset" else "--calib"
+              for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name, None) is not None]
+    if passed:
+        print(f"sdsengine: --method {args.method} uses no calibration data; ignoring {' '.join(passed)}",
+              file=sys.stderr)
 
 
 def cmd_eval(args):

@@ -186,17 +186,33 @@ def test_bench_shapes_are_checked():
 
 # ---- model loading ---------------------------------------------------------------------------------------
 
-def test_a_model_without_tokenizer_or_with_broken_weights_is_named(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="could not load the tokenizer of .*tokenizer files"):
-        load_model(tmp_path)
+def _save_tokenizer(path):
+    """A two-word tokenizer, enough for load_model to accept a saved tiny model."""
     tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
                       "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
                       "decoder": None, "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1},
                                                  "unk_token": "[UNK]"}}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def test_a_model_without_tokenizer_or_with_broken_weights_is_named(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="could not load the tokenizer of .*tokenizer files"):
+        load_model(tmp_path)
+    _save_tokenizer(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="could not load model"):
         load_model(tmp_path)
+
+
+def test_calibration_flags_a_method_ignores_are_named(tmp_path, capsys):
+    model = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model)
+    _save_tokenizer(model)
+    argv = ["prune", "--model", str(model), "--method", "magnitude", "--sparsity", "2:4"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "calibration" not in capsys.readouterr().err
+    assert main([*argv, "--calib", "c4", "--nsamples", "8", "--out", str(tmp_path / "b")]) == 0
+    assert "uses no calibration data; ignoring --calib --nsamples" in capsys.readouterr().err
