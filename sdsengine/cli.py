@@ -144,15 +144,19 @@ def _add_eval_flags(parser):
     parser.add_argument("--device", default="cpu")
 
 
-def cmd_prune(args):
+def prune_configs(args):
+    """The method's config and the calibration config that `sdsengine prune` args ask for."""
     config_class, _ = lookup(args.method)
     _reject_foreign_flags(args, config_class)
     if args.save is not None:
         raise ValueError("Wanda's --save (a log directory) is not taken: the run report is saved with the model "
                          "(sdsengine.json in --out / --save_model)")
     args.sparsity = sparsity_from(args)
-    config = _config_from(args, config_class)
-    calib = _config_from(args, CalibrationConfig)
+    return _config_from(args, config_class), _config_from(args, CalibrationConfig)
+
+
+def cmd_prune(args):
+    config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     model = Path(args.model).expanduser().resolve() if args.model else None
@@ -265,10 +269,15 @@ def cmd_demo(args):
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args._config_flags = {f.name for c in [PruneConfig, CalibrationConfig] + [c for c, _ in METHODS.values()]
                           for f in dataclasses.fields(c)}
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         commands = {"prune": cmd_prune, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench, "demo": cmd_demo}
         return commands[args.command](args) or 0
