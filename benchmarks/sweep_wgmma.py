@@ -29,7 +29,7 @@ PIPELINES = tuple(BACKEND_OF)  # what each does
 
 def sweep_shape(ext, shape, tokens, dtype, iters, pipelines):
     values, meta = random_24_weights(shape, dtype)[0]
-    values_r, meta_r, _ = ops.prepare("sdsengine", values, meta)
+    values_r, meta_r = ops.prepare("sdsengine", values, meta)[:2]
     dense = ops.prepare("dense", values, meta)
     records = []
     for n in tokens:

@@ -150,6 +150,9 @@ def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
     dense_ms = times["dense"][0]
     records = [dict(base, backend=b, ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms, rel_err=err,
                     **rates(shape, n, ms, sparse=b != "dense")) for b, (ms, err) in times.items()]
+    for record in records:
+        if record["backend"] == "sdsengine":  # the split-K it settled on (ops.split_k), cached by then
+            record["split_k"] = ops.split_k(forms["sdsengine"][0], x, None, shape[0])
     if choice in times:
         ms = times[choice][0]
         records.append(dict(base, backend=f"auto:{choice}", ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms,
@@ -179,9 +182,9 @@ def rates(shape, n, ms, sparse):
 # harness.py re-exports these); the CUDA-event timer itself is ops.time_ms, shared with the autotuner
 # ---------------------------------------------------------------------------------------------------
 
-COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "ms", "device_ms", "baseline_ms",
-           "dense_ms", "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "mismatch",
-           "rel_err", "target_met", "status")
+COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms", "device_ms",
+           "baseline_ms", "dense_ms", "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw",
+           "mismatch", "rel_err", "target_met", "status")
 
 
 def time_ms(fn, warmup=5, reps=50, flush=False, hide_host=False):

@@ -348,8 +348,9 @@ def prepare(backend, values, meta):
     reason = _why_not(backend, values.device, values.dtype)
     if reason:
         raise BackendUnavailable(f"{backend}: {reason}")
-    if form_key(backend) == "sdsengine":  # zeroed tickets the mma.sp kernel leaves zeroed: no memset per call
-        return (*reorder_24(values, meta), torch.zeros(LOCKS, dtype=torch.int32, device=values.device))
+    if form_key(backend) == "sdsengine":  # zeroed tickets the mma.sp kernel leaves zeroed: no memset per call;
+        # and the split-K chosen per token count (split_k), kept with the weight so a call only looks it up
+        return (*reorder_24(values, meta), torch.zeros(LOCKS, dtype=torch.int32, device=values.device), {})
     dense = decompress_24(values, meta)
     if backend == "dense":
         return dense
@@ -365,10 +366,16 @@ def prepare(backend, values, meta):
 def run(backend, form, x, bias, out_features):
     """Y (N, out_features) = x (N, K) · Wᵀ + bias with a prepared form."""
     if backend == "sdsengine":
-        values_r, meta_r, locks = form
-        return load_extension().spmm24(_aligned(x), values_r, meta_r, out_features, bias, 0, locks)
+        values_r, meta_r, locks, splits = form
+        x = _aligned(x)
+        split = splits.get(x.shape[0])
+        if split is None:
+            split = split_k(form, x, bias, out_features)
+            if not capturing():  # inside capture it is the plan's own, untimed: choose again after
+                splits[x.shape[0]] = split
+        return load_extension().spmm24(x, values_r, meta_r, out_features, bias, split, locks)
     if backend in WGMMA_PIPELINES:
-        values_r, meta_r, _ = form
+        values_r, meta_r = form[:2]
         return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias, 0,
                                             WGMMA_PIPELINES[backend])
     if backend == "dense":
@@ -376,6 +383,61 @@ def run(backend, form, x, bias, out_features):
     if backend == "cusparselt":
         return _run_cusparselt(form, x, bias)
     return F.linear(x, form, bias)  # cutlass: PyTorch's subclass dispatches (and pads) itself
+
+
+# Split-K of the mma.sp kernel, per weight shape and token count. The kernel's own plan (split_k 0) aims at
+# kCtasPerSm blocks per SM from a formula; how much that leaves on the table (a partial last wave, the
+# slices' reduction) depends on the GPU, so the splits that give other plans are timed once per shape and
+# token count, like cuSPARSELt's algorithm, and the fastest is kept unless the plan's own is within
+# SPLIT_MARGIN of it. Only up to SPLIT_SEARCH_TOKENS tokens, the decode regime this kernel is for (from 128
+# tokens on dense wins on the H100, and a search there would cost whole milliseconds per token count).
+# SDSENGINE_SPLIT_K=N fixes N without timing (0: the plan's own); like the timed choice, it is read when a
+# prepared weight first meets a token count, and kept in the weight's form from then on.
+SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+SPLIT_MARGIN = 0.03
+SPLIT_SEARCH_TOKENS = 64
+_splits = {}  # (out_features, in_features, tokens, dtype, device, bias) -> split_k
+
+
+def split_k(form, x, bias, out_features):
+    """The split_k for this call: SDSENGINE_SPLIT_K, else the one timed fastest for this shape and token count
+    (timed on first use; the plan's own inside CUDA-graph capture, where nothing may be timed)."""
+    fixed = os.environ.get("SDSENGINE_SPLIT_K")
+    if fixed is not None:
+        if not fixed.isdigit():
+            raise ValueError(f"SDSENGINE_SPLIT_K must be a whole number (0: the kernel's own plan), got {fixed!r}")
+        return int(fixed)
+    if x.shape[0] > SPLIT_SEARCH_TOKENS:
+        return 0
+    key = (out_features, x.shape[1], x.shape[0], x.dtype, x.device, bias is not None)
+    if key not in _splits:
+        if capturing():
+            return 0
+        _splits[key] = _search_split(form, x, bias, out_features)
+    return _splits[key]
+
+
+def _search_split(form, x, bias, out_features):
+    """The fastest split_k among those giving distinct plans, the plan's own (0) unless beaten by SPLIT_MARGIN."""
+    values_r, meta_r, locks, _ = form
+    ext = load_extension()
+    own = ext.spmm24_plan(x, out_features, 0)["splits"]
+    by_plan = {own: 0}
+    for s in SPLIT_CANDIDATES:
+        by_plan.setdefault(ext.spmm24_plan(x, out_features, s)["splits"], s)
+    times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2, iters=10)
+             for s in by_plan.values()}
+    best = min(times, key=times.get)
+    return best if times[best] < times[0] * (1 - SPLIT_MARGIN) else 0
+
+
+def split_choices():
+    """{(out_features, in_features, tokens, dtype, device, bias): split_k} chosen so far in this process."""
+    return dict(_splits)
+
+
+def clear_split_choices():
+    _splits.clear()
 
 
 def _aligned(x):

@@ -192,6 +192,86 @@ def test_decode_plan_splits_k_to_fill_the_gpu():
     assert plan["splits"] > 1 and plan["m_blocks"] * plan["splits"] >= 2 * sms, plan
 
 
+class FakeSplitKernel:
+    """spmm24's launch plan and timing by split_k, without a GPU: splits = min(s, 8) (0: the plan's own, 4)."""
+
+    def __init__(self, ms_by_splits):
+        self.ms_by_splits, self.launched, self.now = ms_by_splits, [], None
+
+    def spmm24_plan(self, x, out_features, split_k):
+        return {"splits": min(split_k, 8) if split_k else 4}
+
+    def spmm24(self, x, values, meta, out_features, bias, split_k, locks):
+        self.launched.append(split_k)
+        self.now = self.ms_by_splits[self.spmm24_plan(x, out_features, split_k)["splits"]]
+        return torch.zeros(x.shape[0], out_features)
+
+    def time_ms(self, fn, warmup, iters):
+        fn()
+        return self.now
+
+
+def fake_split_kernel(monkeypatch, ms_by_splits):
+    fake = FakeSplitKernel(ms_by_splits)
+    monkeypatch.setattr(ops, "load_extension", lambda: fake)
+    monkeypatch.setattr(ops, "time_ms", lambda fn, warmup, iters: fake.time_ms(fn, warmup, iters))
+    monkeypatch.setattr(ops, "_splits", {})
+    monkeypatch.delenv("SDSENGINE_SPLIT_K", raising=False)
+    return fake
+
+
+FASTER_AT_2 = {1: 9.0, 2: 5.0, 3: 6.0, 4: 7.0, 6: 8.0, 8: 8.0}
+
+
+@pytest.mark.parametrize("ms_by_splits, chosen", [
+    (FASTER_AT_2, 2),  # another split is faster by more than the margin
+    ({1: 9.0, 2: 6.9, 3: 8.0, 4: 7.0, 6: 8.0, 8: 8.0}, 0),  # within the margin: the plan's own
+])
+def test_split_k_is_timed_once_per_shape_and_token_count(monkeypatch, ms_by_splits, chosen):
+    fake = fake_split_kernel(monkeypatch, ms_by_splits)
+    form = (None, None, None, {})
+    x = torch.zeros(3, 256)
+    assert ops.split_k(form, x, None, 512) == chosen
+    # each distinct plan timed once: the plan's own as 0, then 1, 2, 3, 6 and 8 (4 and 12.. repeat a plan)
+    assert sorted(fake.launched) == [0, 1, 2, 3, 6, 8]
+    assert ops.split_k(form, x, None, 512) == chosen and len(fake.launched) == 6  # cached
+    ops.split_k(form, torch.zeros(4, 256), None, 512)  # another token count: timed again
+    assert len(fake.launched) == 12
+    assert ops.split_k(form, torch.zeros(ops.SPLIT_SEARCH_TOKENS + 1, 256), None, 512) == 0  # past decode: no timing
+    monkeypatch.setattr(ops, "capturing", lambda: True)
+    assert ops.split_k(form, torch.zeros(5, 256), None, 512) == 0 and len(fake.launched) == 12  # nothing timed
+    monkeypatch.setenv("SDSENGINE_SPLIT_K", "6")
+    assert ops.split_k(form, x, None, 512) == 6
+    monkeypatch.setenv("SDSENGINE_SPLIT_K", "auto")
+    with pytest.raises(ValueError, match="SDSENGINE_SPLIT_K must be a whole number"):
+        ops.split_k(form, x, None, 512)
+
+
+def test_run_keeps_the_chosen_split_in_the_weights_form(monkeypatch):
+    fake = fake_split_kernel(monkeypatch, FASTER_AT_2)
+    form, x = (None, None, None, {}), torch.zeros(3, 256)
+    ops.run("sdsengine", form, x, None, 512)
+    assert form[3] == {3: 2} and fake.launched[-1] == 2
+    launched = len(fake.launched)
+    ops.run("sdsengine", form, x, None, 512)
+    assert len(fake.launched) == launched + 1 and fake.launched[-1] == 2  # looked up, not timed again
+    monkeypatch.setattr(ops, "capturing", lambda: True)
+    captured = (None, None, None, {})
+    ops.run("sdsengine", captured, torch.zeros(5, 256), None, 512)
+    assert fake.launched[-1] == 0 and captured[3] == {}  # the plan's own, untimed, and not kept
+
+
+@pytest.mark.gpu
+def test_the_split_search_keeps_a_correct_product():
+    """ops.run through the timed split choice gives the reference product, and the choice is cached."""
+    extension()
+    ops.clear_split_choices()
+    w, x, b = gpu_case((4096, 4096), 1, torch.float16)
+    form = ops.prepare("sdsengine", *compress_24(w))
+    assert_matches_reference(ops.run("sdsengine", form, x, b, 4096), x, w, b, "split search x 1")
+    assert len(ops.split_choices()) == 1 and list(form[3]) == [1]  # kept in the form for the next call
+
+
 @pytest.mark.gpu
 def test_kernel_is_deterministic_and_accepts_views():
     ext = extension()
@@ -201,7 +281,7 @@ def test_kernel_is_deterministic_and_accepts_views():
     assert torch.equal(first, ext.spmm24(x, values_r, meta_r, 512, b))
     wide = torch.randn(12, 2048, device="cuda", dtype=torch.float16)
     locks = torch.zeros(ops.LOCKS, dtype=torch.int32, device="cuda")
-    y = ops.run("sdsengine", (values_r, meta_r, locks), wide[:, :1024], b, 512)  # strided view: run copies it
+    y = ops.run("sdsengine", (values_r, meta_r, locks, {}), wide[:, :1024], b, 512)  # strided view: run copies it
     assert_matches_reference(y, wide[:, :1024].contiguous(), w, b, "strided x")
 
 

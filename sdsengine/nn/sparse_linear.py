@@ -52,6 +52,7 @@ def use_backend(name):
 
 def clear_autotune_cache():
     _choices.clear()
+    ops.clear_split_choices()
     _expire_routes()
 
 
