@@ -392,7 +392,8 @@ def run(backend, form, x, bias, out_features):
 # SPLIT_MARGIN of it. Only up to SPLIT_SEARCH_TOKENS tokens, the decode regime this kernel is for (from 128
 # tokens on dense wins on the H100, and a search there would cost whole milliseconds per token count).
 # SDSENGINE_SPLIT_K=N fixes N without timing (0: the plan's own); like the timed choice, it is read when a
-# prepared weight first meets a token count, and kept in the weight's form from then on.
+# prepared weight first meets a token count, and kept in the weight's form from then on. Each split sums in
+# a fixed order, but two splits round differently: fix N where outputs must match bit for bit across runs.
 SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SPLIT_MARGIN = 0.03
 SPLIT_SEARCH_TOKENS = 64
