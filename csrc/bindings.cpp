@@ -212,6 +212,7 @@ at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 // The launch plan the kernel would use, for tests and benchmarks: a dict of ints.
 pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t split_k) {
   check_x(x);
+  SDS_CHECK(x.size(0) > 0, "x has no rows: a launch plan needs at least one token");  // the plan divides by them
   const auto plan = plan_for(x, out_features, split_k);
   pybind11::dict d;
   d["n_tiles"] = plan.n_tiles;

@@ -368,11 +368,13 @@ def run(backend, form, x, bias, out_features):
     if backend == "sdsengine":
         values_r, meta_r, locks, splits = form
         x = _aligned(x)
-        split = splits.get(x.shape[0])
-        if split is None:
+        kept = splits.get(x.shape[0])  # (generation, split): one cleared since is stale
+        if kept is not None and kept[0] == _split_generation[0]:
+            split = kept[1]
+        else:
             split = split_k(form, x, bias, out_features)
             if not capturing():  # inside capture it is the plan's own, untimed: choose again after
-                splits[x.shape[0]] = split
+                splits[x.shape[0]] = (_split_generation[0], split)
         return load_extension().spmm24(x, values_r, meta_r, out_features, bias, split, locks)
     if backend in WGMMA_PIPELINES:
         values_r, meta_r = form[:2]
@@ -398,6 +400,7 @@ SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SPLIT_MARGIN = 0.03
 SPLIT_SEARCH_TOKENS = 64
 _splits = {}  # (out_features, in_features, tokens, dtype, device, bias) -> split_k
+_split_generation = [0]  # bumped by clear_split_choices, so the copies kept in forms are chosen again
 
 
 def split_k(form, x, bias, out_features):
@@ -408,7 +411,7 @@ def split_k(form, x, bias, out_features):
         if not fixed.isdigit():
             raise ValueError(f"SDSENGINE_SPLIT_K must be a whole number (0: the kernel's own plan), got {fixed!r}")
         return int(fixed)
-    if x.shape[0] > SPLIT_SEARCH_TOKENS:
+    if not 0 < x.shape[0] <= SPLIT_SEARCH_TOKENS:  # no rows: nothing to launch, and no plan to time
         return 0
     key = (out_features, x.shape[1], x.shape[0], x.dtype, x.device, bias is not None)
     if key not in _splits:
@@ -426,8 +429,9 @@ def _search_split(form, x, bias, out_features):
     by_plan = {own: 0}
     for s in SPLIT_CANDIDATES:
         by_plan.setdefault(ext.spmm24_plan(x, out_features, s)["splits"], s)
-    times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2, iters=10)
-             for s in by_plan.values()}
+    with torch.cuda.device(x.device):  # time_ms flushes and records on the current device: x's
+        times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2,
+                            iters=10) for s in by_plan.values()}
     best = min(times, key=times.get)
     return best if times[best] < times[0] * (1 - SPLIT_MARGIN) else 0
 
@@ -439,6 +443,7 @@ def split_choices():
 
 def clear_split_choices():
     _splits.clear()
+    _split_generation[0] += 1
 
 
 def _aligned(x):

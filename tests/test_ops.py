@@ -3,6 +3,7 @@
 The GPU tests compare each backend with an fp32 dense reference; a low-precision backend may have at most
 twice the error of PyTorch's dense matmul in the same dtype (plus one ulp of the output scale).
 """
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -216,6 +217,8 @@ def fake_split_kernel(monkeypatch, ms_by_splits):
     monkeypatch.setattr(ops, "load_extension", lambda: fake)
     monkeypatch.setattr(ops, "time_ms", lambda fn, warmup, iters: fake.time_ms(fn, warmup, iters))
     monkeypatch.setattr(ops, "_splits", {})
+    monkeypatch.setattr(ops, "_split_generation", [0])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # x is a CPU tensor here
     monkeypatch.delenv("SDSENGINE_SPLIT_K", raising=False)
     return fake
 
@@ -251,10 +254,14 @@ def test_run_keeps_the_chosen_split_in_the_weights_form(monkeypatch):
     fake = fake_split_kernel(monkeypatch, FASTER_AT_2)
     form, x = (None, None, None, {}), torch.zeros(3, 256)
     ops.run("sdsengine", form, x, None, 512)
-    assert form[3] == {3: 2} and fake.launched[-1] == 2
+    assert list(form[3]) == [3] and form[3][3][1] == 2 and fake.launched[-1] == 2
     launched = len(fake.launched)
     ops.run("sdsengine", form, x, None, 512)
     assert len(fake.launched) == launched + 1 and fake.launched[-1] == 2  # looked up, not timed again
+    ops.clear_split_choices()  # (SparseLinear's clear_autotune_cache): the form's copy is chosen again
+    ops.run("sdsengine", form, x, None, 512)
+    assert len(fake.launched) == launched + 1 + 7
+    assert ops.split_k(form, torch.zeros(0, 256), None, 512) == 0  # no rows: no plan to time
     monkeypatch.setattr(ops, "capturing", lambda: True)
     captured = (None, None, None, {})
     ops.run("sdsengine", captured, torch.zeros(5, 256), None, 512)
@@ -270,6 +277,7 @@ def test_the_split_search_keeps_a_correct_product():
     form = ops.prepare("sdsengine", *compress_24(w))
     assert_matches_reference(ops.run("sdsengine", form, x, b, 4096), x, w, b, "split search x 1")
     assert len(ops.split_choices()) == 1 and list(form[3]) == [1]  # kept in the form for the next call
+    assert ops.run("sdsengine", form, x[:0], b, 4096).shape == (0, 4096)  # no rows: nothing timed or launched
 
 
 @pytest.mark.gpu
