@@ -32,8 +32,13 @@ def _add_config_flags(parser, classes):
             if text and text not in helps.setdefault(f.name, []):
                 helps[f.name].append(text)
     for name, kind in kinds.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+        parser.add_argument(_flag(name), dest=name, type=kind, default=None,
                             help="; ".join(helps.get(name, [])))
+
+
+def _flag(name):
+    """The command-line flag of a config field: data_dir -> --data-dir."""
+    return "--" + name.replace("_", "-")
 
 
 def _config_from(args, cls):
@@ -54,7 +59,7 @@ def _reject_foreign_flags(args, config_class):
     mine = {f.name for f in dataclasses.fields(config_class)}
     for name in method_flags - mine:
         if getattr(args, name, None) is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to method {args.method!r}")
+            raise ValueError(f"{_flag(name)} does not apply to method {args.method!r}")
 
 
 def _add_model_flags(parser):
@@ -185,7 +190,7 @@ def cmd_prune(args):
 def _warn_unused_calibration(args):
     """A method that reads no data (magnitude) ignores the calibration flags: say so rather than let the
     user believe --nsamples or --calib shaped the result."""
-    passed = [f"--{f.name.replace('_', '-')}" if f.name != "dataset" else "--calib"
+    passed = [_flag(f.name) if f.name != "dataset" else "--calib"
               for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name, None) is not None]
     if passed:
         print(f"sdsengine: --method {args.method} uses no calibration data; ignoring {' '.join(passed)}",
