@@ -429,9 +429,8 @@ def _search_split(form, x, bias, out_features):
     by_plan = {own: 0}
     for s in SPLIT_CANDIDATES:
         by_plan.setdefault(ext.spmm24_plan(x, out_features, s)["splits"], s)
-    with torch.cuda.device(x.device):  # time_ms flushes and records on the current device: x's
-        times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2,
-                            iters=10) for s in by_plan.values()}
+    times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2,
+                        iters=10, device=x.device) for s in by_plan.values()}
     best = min(times, key=times.get)
     return best if times[best] < times[0] * (1 - SPLIT_MARGIN) else 0
 
@@ -519,25 +518,28 @@ def flush_l2(device):
 HOST_COVER_CYCLES = 2_000_000  # about 1 ms of GPU clock: longer than any call's host work here
 
 
-def time_ms(fn, warmup=3, iters=20, flush=True, hide_host=False):
-    """Median milliseconds of fn() on the current CUDA stream, timed with CUDA events (L2 flushed before each).
+def time_ms(fn, warmup=3, iters=20, flush=True, hide_host=False, device=None):
+    """Median milliseconds of fn() on `device`'s current stream (default: the current device), timed with CUDA
+    events (L2 flushed before each). Give the device fn's tensors are on: events, flush and spin are issued on
+    it, so a weight on another GPU than the current one is still timed where its work runs.
 
     The events time what the GPU does between them, including any wait for the host to launch fn's work:
     a call whose host side (Python, checks, the launch) outlasts the GPU's queue is timed with it, as in
     eager use. hide_host: the GPU first spins for HOST_COVER_CYCLES, so fn's work is queued before the start
     event is reached and the GPU's own time is measured, as a CUDA graph would run it.
     """
-    for _ in range(warmup):
-        fn()
-    device = torch.device("cuda", torch.cuda.current_device())
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        if flush:
-            flush_l2(device)
-        if hide_host:
-            torch.cuda._sleep(HOST_COVER_CYCLES)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    with torch.cuda.device(device):
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            if flush:
+                flush_l2(device)
+            if hide_host:
+                torch.cuda._sleep(HOST_COVER_CYCLES)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in events)

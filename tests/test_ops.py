@@ -3,7 +3,6 @@
 The GPU tests compare each backend with an fp32 dense reference; a low-precision backend may have at most
 twice the error of PyTorch's dense matmul in the same dtype (plus one ulp of the output scale).
 """
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -197,7 +196,7 @@ class FakeSplitKernel:
     """spmm24's launch plan and timing by split_k, without a GPU: splits = min(s, 8) (0: the plan's own, 4)."""
 
     def __init__(self, ms_by_splits):
-        self.ms_by_splits, self.launched, self.now = ms_by_splits, [], None
+        self.ms_by_splits, self.launched, self.now, self.timed_on = ms_by_splits, [], None, set()
 
     def spmm24_plan(self, x, out_features, split_k):
         return {"splits": min(split_k, 8) if split_k else 4}
@@ -207,7 +206,8 @@ class FakeSplitKernel:
         self.now = self.ms_by_splits[self.spmm24_plan(x, out_features, split_k)["splits"]]
         return torch.zeros(x.shape[0], out_features)
 
-    def time_ms(self, fn, warmup, iters):
+    def time_ms(self, fn, warmup, iters, device):
+        self.timed_on.add(device)
         fn()
         return self.now
 
@@ -215,10 +215,9 @@ class FakeSplitKernel:
 def fake_split_kernel(monkeypatch, ms_by_splits):
     fake = FakeSplitKernel(ms_by_splits)
     monkeypatch.setattr(ops, "load_extension", lambda: fake)
-    monkeypatch.setattr(ops, "time_ms", lambda fn, warmup, iters: fake.time_ms(fn, warmup, iters))
+    monkeypatch.setattr(ops, "time_ms", fake.time_ms)
     monkeypatch.setattr(ops, "_splits", {})
     monkeypatch.setattr(ops, "_split_generation", [0])
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # x is a CPU tensor here
     monkeypatch.delenv("SDSENGINE_SPLIT_K", raising=False)
     return fake
 
@@ -237,6 +236,7 @@ def test_split_k_is_timed_once_per_shape_and_token_count(monkeypatch, ms_by_spli
     assert ops.split_k(form, x, None, 512) == chosen
     # each distinct plan timed once: the plan's own as 0, then 1, 2, 3, 6 and 8 (4 and 12.. repeat a plan)
     assert sorted(fake.launched) == [0, 1, 2, 3, 6, 8]
+    assert fake.timed_on == {x.device}  # timed where x is, whatever the current device
     assert ops.split_k(form, x, None, 512) == chosen and len(fake.launched) == 6  # cached
     ops.split_k(form, torch.zeros(4, 256), None, 512)  # another token count: timed again
     assert len(fake.launched) == 12

@@ -217,7 +217,7 @@ class SparseLinear(nn.Module):
                           f"shape ({self.out_features}, {self.in_features}) x {x.shape[0]} tokens; not using it")
             self._forms.pop(ops.form_key(backend), None)
             return None
-        return ops.time_ms(fn)
+        return ops.time_ms(fn, device=x.device)
 
     def _keep_chosen_forms(self):
         """Tuning prepared every backend's form; keep only those some bucket of this shape chose."""

@@ -150,7 +150,8 @@ def fake_backends(monkeypatch):
         y = torch.nn.functional.linear(x, form, bias)
         return 3 * y if backend == "wrong" else y
 
-    def time_ms(fn):
+    def time_ms(fn, device):
+        assert device == torch.device("cpu")  # timed on the weight's device, whatever the current one
         fn()
         return timings[last[-1]]
     monkeypatch.setattr(ops, "available", lambda device, dtype: list(timings))
