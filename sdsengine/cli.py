@@ -62,10 +62,15 @@ def _reject_foreign_flags(args, config_class):
             raise ValueError(f"{_flag(name)} does not apply to method {args.method!r}")
 
 
+def _dtype(args):
+    return None if args.dtype is None else getattr(torch, args.dtype)
+
+
 def _add_model_flags(parser):
     parser.add_argument("--model", default=None, help="hub id, local HF directory or .gguf file "
                                                       "(default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float32; a compressed checkpoint (eval) keeps the dtype it was saved in")
 
 
 def build_parser():
@@ -176,7 +181,7 @@ def cmd_prune(args):
     needs_data = lookup(args.method)[1].STATS is not None
     if not needs_data:
         _warn_unused_calibration(args)
-    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
+    model, tokenizer, source = load_model(args.model, _dtype(args))
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)
     checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
@@ -205,7 +210,7 @@ def cmd_eval(args):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     _check_result_files(args, tasks)
     check_device(args.device)
-    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype), compressed_ok=True)
+    model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True)
     model.to(args.device)
     samples = {} if args.samples else None
     results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
@@ -238,7 +243,7 @@ def _check_result_files(args, tasks):
 
 
 def cmd_convert(args):
-    model, tokenizer, source = load_model(args.model, getattr(torch, args.dtype))
+    model, tokenizer, source = load_model(args.model, _dtype(args))
     records = []
     convert(model, report=records)
     done = sum(r.action == "converted" for r in records)

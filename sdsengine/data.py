@@ -72,9 +72,13 @@ def c4_documents(data_dir, split):
 
 
 def ptb_text(data_dir):
+    """PTB test sentences joined by spaces (SparseGPT's protocol); offline, the sentences are the lines of
+    the original release file, stripped as the hub's ptb_text_only strips them."""
     if data_dir:
-        return data_file(data_dir, PTB_TEST).read_text(encoding="utf-8")
-    return " ".join(_hub("ptb_text_only", "penn_treebank", split="test")["sentence"])
+        sentences = data_file(data_dir, PTB_TEST).read_text(encoding="utf-8").splitlines()
+    else:
+        sentences = _hub("ptb_text_only", "penn_treebank", split="test")["sentence"]
+    return " ".join(sentence.strip() for sentence in sentences)
 
 
 def jsonl_objects(path: Path):
@@ -148,16 +152,20 @@ def calibration_protocol(config) -> str:
 
 
 def _windows_from_documents(tokenizer, docs, config, rng):
-    """SparseGPT/Wanda's C4 sampler: a random document longer than seqlen, then a random window in it."""
-    encoded = [tokenizer(d, return_tensors="pt").input_ids[0] for d in docs]
-    long_enough = [e for e in encoded if e.numel() > config.seqlen]
-    available = sum(e.numel() // config.seqlen for e in long_enough)
-    if available < config.nsamples:
-        raise ValueError(f"the C4 data holds {available} windows of {config.seqlen} tokens "
-                         f"({len(long_enough)} documents long enough), fewer than nsamples={config.nsamples}")
+    """SparseGPT/Wanda's C4 sampler, draw for draw: a random document, redrawn until one is longer than
+    seqlen, then a random window in it. Only drawn documents are tokenized (the hub shard holds ~356k)."""
+    encoded, too_short = {}, set()
     out = []
-    for _ in range(config.nsamples):
-        doc = long_enough[rng.randint(0, len(long_enough) - 1)]
+    while len(out) < config.nsamples:
+        index = rng.randint(0, len(docs) - 1)
+        if index not in encoded:
+            encoded[index] = tokenizer(docs[index], return_tensors="pt").input_ids[0]
+        doc = encoded[index]
+        if doc.numel() <= config.seqlen:
+            too_short.add(index)
+            if len(too_short) == len(docs):
+                raise ValueError(f"no C4 document is longer than seqlen={config.seqlen} tokens")
+            continue
         start = rng.randint(0, doc.numel() - config.seqlen - 1)
         out.append(doc[start:start + config.seqlen])
     return torch.stack(out)

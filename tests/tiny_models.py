@@ -2,6 +2,8 @@
 
 Families newer than the oldest transformers setup.py admits are built by model type, and their tests skip
 where the installed transformers does not know them."""
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
@@ -51,6 +53,16 @@ def tiny_model(family, seed=0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
     return model.eval()
+
+
+def save_tiny_tokenizer(path):
+    """A two-word tokenizer, enough for load_model to accept a saved tiny model."""
+    tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                      "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+                      "decoder": None, "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1},
+                                                 "unk_token": "[UNK]"}}
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def tiny_tokens(nsamples=4, seqlen=32, seed=0):

@@ -24,7 +24,9 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
         if seqlen < 2:
             raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
         check_seqlen(model, seqlen)
+    tasks = list(dict.fromkeys(tasks))  # a task named twice runs once
     items = {t: load_task(t, data_dir, limit) for t in tasks if t not in EVAL_TASKS}
+    streams = {t: eval_tokens(tokenizer, t, data_dir, seqlen) for t in tasks if t in EVAL_TASKS}
     results = {}
     for task in tasks:
         if task in items:
@@ -32,7 +34,7 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
             results[task] = evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task,
                                               progress=progress, samples=records)
         else:
-            ids, protocol = eval_tokens(tokenizer, task, data_dir, seqlen)
+            ids, protocol = streams[task]
             results[task] = {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
     return results
 

@@ -3,10 +3,10 @@
 For an item with context c and choices x_1..x_k, ll_j = sum_t log p(x_j[t] | c, x_j[<t]) over the tokens of
 x_j. acc takes argmax_j ll_j; acc_norm takes argmax_j ll_j / len(x_j), the length in characters without
 the leading " " delimiter (lm-eval's `lls / completion_len` over doc_to_choice). Ties go to the first
-choice, as with np.argmax. Stderr is the standard error of the mean over items (lm-eval's mean_stderr).
+choice, as with np.argmax. Stderr is the standard error of the mean over items (lm-eval's mean_stderr; None for one item).
 
-Tokenization follows lm-eval's HF model: no special tokens, trailing context whitespace moved onto the
-continuation, the continuation's tokens taken from encode(context + continuation) after the context's.
+Tokenization follows lm-eval's HF model: no special tokens (Gemma models excepted: lm-eval gives them their
+BOS, without which they score far worse), trailing context whitespace moved onto the continuation, the continuation's tokens taken from encode(context + continuation) after the context's.
 Where the tokenizer merges across the boundary, context and continuation are encoded apart instead
 (lm-eval v0.4 splits the whole encoding at the context's length regardless). An empty context is
 replaced by the BOS token, or EOS where there is none. Sequences longer than the model's window lose
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sdsengine.eval.tasks import TASKS, Item, load_task
 
-__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_pair",
+__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_pair", "wants_bos",
            "loglikelihoods", "predictions", "item_records", "model_max_length"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
@@ -33,7 +33,8 @@ def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_le
     if not items:
         raise ValueError("no items to evaluate")
     max_length = max_length or model_max_length(model, tokenizer)
-    pairs = [encode_pair(tokenizer, item.context, choice) for item in items for choice in item.choices]
+    bos = wants_bos(model)
+    pairs = [encode_pair(tokenizer, item.context, choice, bos) for item in items for choice in item.choices]
     lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
     preds = predictions(items, lls)
     if samples is not None:
@@ -46,19 +47,27 @@ def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_le
 
 # ---- tokenization ----------------------------------------------------------------------------------------
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval builds them for a causal LM."""
+def encode_pair(tokenizer, context: str, continuation: str, bos=False) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval builds them for a causal LM; `bos`: the context starts with
+    the BOS token (lm-eval's add_bos_token)."""
     # BPE vocabularies attach a space to the word after it, so "Answer: " + "yes" is scored as
     # "Answer:" + " yes".
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped):] + continuation
     if not context:
         return [_prefix_token(tokenizer)], _encode(tokenizer, continuation)
+    prefix = [_prefix_token(tokenizer)] if bos else []
     whole, ctx = _encode(tokenizer, context + continuation), _encode(tokenizer, context)
     if whole[:len(ctx)] == ctx:
-        return ctx, whole[len(ctx):]
+        return prefix + ctx, whole[len(ctx):]
     # A token spans the boundary: splitting `whole` at len(ctx) would score context text as answer text.
-    return ctx, _encode(tokenizer, continuation)
+    return prefix + ctx, _encode(tokenizer, continuation)
+
+
+def wants_bos(model) -> bool:
+    """lm-eval's HF model turns add_bos_token on for Gemma models (their scores collapse without it), and
+    leaves it off for every other causal LM."""
+    return "gemma" in str(getattr(getattr(model, "config", None), "model_type", ""))
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -173,6 +182,7 @@ def _argmax(values) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-def _stderr(p: float, n: int) -> float:
-    # Sample standard deviation over sqrt(n) for 0/1 scores, as lm-eval's mean_stderr.
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+def _stderr(p: float, n: int) -> float | None:
+    # Sample standard deviation over sqrt(n) for 0/1 scores, as lm-eval's mean_stderr. None for one item
+    # (undefined there; NaN would make the --json file invalid JSON).
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sdsengine.transformers_compat import dtype_kwargs
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -151,10 +153,8 @@ def load_compressed(directory, model=None):
 
 
 def _model_from_config(directory, sparse):
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(directory)
     dtype = getattr(torch, next(iter(sparse.values()))["dtype"]) if sparse else torch.float32
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return AutoModelForCausalLM.from_config(config, **{key: dtype})
+    return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
 

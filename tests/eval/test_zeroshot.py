@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from sdsengine.eval.tasks import Item, load_task
 from sdsengine.eval.runner import evaluate
 from sdsengine.eval.zeroshot import (encode_pair, evaluate_zeroshot, loglikelihoods,
-                                     predictions)
+                                     predictions, wants_bos)
 
 # Where the Makefile points SDSENGINE_DATA_DIR by default: ../shared/data beside the repository.
 DATA_DIR = Path(os.environ.get("SDSENGINE_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -140,6 +140,12 @@ def test_acc_norm_divides_by_characters_not_bytes():
     assert predictions(items, [-1.8, -1.0]) == [(1, 1)]
 
 
+def test_one_item_has_no_stderr_and_writes_valid_json(tokenizer):
+    result = evaluate_zeroshot(fixed_model(tokenizer, {"x": -1.0}), tokenizer, [Item("c", (" x", " y"), 0)],
+                               progress=False)
+    assert result["acc_stderr"] is None and json.loads(json.dumps(result, allow_nan=False)) == result
+
+
 def test_ties_go_to_the_first_choice():
     assert predictions([Item("c", (" ab", " cd"), 0)], [-2.0, -2.0]) == [(0, 0)]
 
@@ -160,6 +166,18 @@ def test_continuation_tokens_come_from_the_whole_encoding(tokenizer):
 
 def test_trailing_context_space_moves_to_the_continuation(tokenizer):
     assert encode_pair(tokenizer, "Answer: ", "yes") == encode_pair(tokenizer, "Answer:", " yes")
+
+
+def test_gemma_models_are_scored_after_a_bos_as_lm_eval_does(llama, tokenizer, monkeypatch):
+    items = [Item("Question: a?\nAnswer:", (" no", " yes"), 1)]
+    prefixed = [encode_pair(tokenizer, items[0].context, c, bos=True) for c in items[0].choices]
+    assert [ctx for ctx, _ in prefixed] == [[tokenizer.eos_token_id] + tokenizer.encode("Question: a?\nAnswer:")] * 2
+    assert not wants_bos(llama)
+    monkeypatch.setattr(llama.config, "model_type", "gemma3_text")
+    assert wants_bos(llama)
+    samples = []
+    evaluate_zeroshot(llama, tokenizer, items, progress=False, samples=samples)
+    assert samples[0]["loglikelihoods"] == pytest.approx(loglikelihoods(llama, prefixed, progress=False), abs=1e-5)
 
 
 def test_merge_across_the_boundary_encodes_the_parts_apart(tokenizer):

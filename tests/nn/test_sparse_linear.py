@@ -326,6 +326,18 @@ def test_save_load_roundtrip(tmp_path, tie):
     torch.testing.assert_close(logits(skeleton_loaded, ids), before, rtol=0, atol=0)
 
 
+def test_a_half_precision_checkpoint_loads_in_its_own_dtype_unless_asked(tmp_path):
+    """The sparse kernels run fp16/bf16 only: evaluating a packed fp16 model must not upcast it by default."""
+    from sdsengine.models import load_model
+    from tiny_models import save_tiny_tokenizer
+    out = save_compressed(convert(tiny_llama().half()), tmp_path / "ckpt")
+    save_tiny_tokenizer(out)
+    model, _, _ = load_model(out, compressed_ok=True)
+    assert model.model.layers[0].mlp.up_proj.values.dtype == torch.float16
+    model, _, _ = load_model(out, torch.float32, compressed_ok=True)
+    assert model.model.layers[0].mlp.up_proj.values.dtype == torch.float32
+
+
 def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
     model = convert(tiny_llama())
     (tmp_path / "full").mkdir()
