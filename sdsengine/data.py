@@ -62,8 +62,12 @@ def wikitext_text(split, data_dir):
 def c4_documents(data_dir, split):
     """Offline: the local C4 train sample, its first 800 documents for train, the rest as held-out proxy."""
     if data_dir:
-        with open(data_file(data_dir, C4_TRAIN), encoding="utf-8") as f:
-            docs = [json.loads(line)["text"] for line in f if line.strip()]
+        path = data_file(data_dir, C4_TRAIN)
+        docs = []
+        for number, obj in jsonl_objects(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path}:{number}: a C4 line must be an object with a string 'text' field")
+            docs.append(obj["text"])
         return docs[:C4_HELD_OUT] if split == "train" else docs[C4_HELD_OUT:]
     if split == "train":
         return _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")["text"]

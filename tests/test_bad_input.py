@@ -191,6 +191,28 @@ def test_sparse_linear_names_bad_shapes(tmp_path):
         sdsengine.load_compressed(tmp_path)
 
 
+@pytest.mark.parametrize("manifest, message", [
+    ("{oops", "sdsengine_compressed.json is damaged"),
+    ('{"format": "something else"}', "is not an sdsengine compressed checkpoint manifest"),
+    ("[]", "is not an sdsengine compressed checkpoint manifest"),
+])
+def test_a_damaged_compressed_checkpoint_is_named(tmp_path, manifest, message):
+    packed = sdsengine.save_compressed(sdsengine.convert(tiny_model("llama")), tmp_path / "packed")
+    (packed / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        sdsengine.load_compressed(packed)
+    (packed / "sdsengine_compressed.json").write_text(manifest)
+    with pytest.raises(ValueError, match=message):
+        sdsengine.load_compressed(packed)
+
+
+def test_a_bad_line_of_the_offline_c4_file_is_named(tmp_path):
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4_en_train_00000_first1000.jsonl").write_text('{"text": "a"}\n{"url": "b"}\n')
+    with pytest.raises(ValueError, match=r"first1000.jsonl:2: a C4 line must be an object with a string 'text'"):
+        data.c4_documents(tmp_path, "train")
+
+
 def test_bench_shapes_are_checked():
     assert bench.parse_shapes("64x128,32X32") == [(64, 128), (32, 32)]
     with pytest.raises(ValueError, match="OUTxIN pairs of positive integers.*'64by64'"):

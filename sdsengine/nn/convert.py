@@ -138,9 +138,14 @@ def load_compressed(directory, model=None):
     if not (directory / MANIFEST).is_file():
         raise FileNotFoundError(f"{directory} is not an sdsengine compressed checkpoint (no {MANIFEST}; "
                                 "`sdsengine convert` writes one)")
-    manifest = json.loads((directory / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint")
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{directory / MANIFEST} is damaged (not valid JSON: {exc.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "sparse_modules" not in manifest:
+        raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint manifest")
+    if not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"compressed checkpoint {directory} has no {WEIGHTS}")
     sparse = manifest["sparse_modules"]
     if model is None:
         model = _model_from_config(directory, sparse)
