@@ -6,9 +6,9 @@ import torch
 
 import sdsengine
 from sdsengine.algorithms.stats import Hessian
-from sdsengine.config import BESAConfig, SparseGPTConfig
+from sdsengine.config import BESAConfig, SDSConfig, SparseGPTConfig
 from sdsengine.masks import nm_violations
-from sdsengine.pipeline import adapters
+from sdsengine.pipeline import adapters, sequential
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import collect_stats, linear_groups, run_layer
 from tiny_models import tiny_model, tiny_tokens
@@ -102,6 +102,49 @@ def test_later_groups_see_the_pruned_earlier_ones(monkeypatch):
     # the report's error: pruned layer 0 against the dense layer 0, on the same inputs
     err = run_layer(layer, inps, torch.empty_like(inps), kwargs, "cpu", reference=reference)
     assert result.layers[0].error == pytest.approx(err, rel=1e-5)
+
+
+def test_the_dense_stream_stays_the_dense_models_in_linear_mode(monkeypatch):
+    """SDS --teacher dense fits the dense model's inputs: every linear's dense-stream input, in every group
+    and layer, is what that linear reads in the unpruned model, though earlier groups are pruned by then."""
+    samples = tiny_tokens(2, 16)
+    model = tiny_model("llama")
+    expected = {}
+    hooks = [m.register_forward_hook(lambda m, a, out, key=(i, name): expected.setdefault(key, []).append(a[0]))
+             for i, layer in enumerate(adapters.decoder_layers(model))
+             for name, m in adapters.linear_modules(layer).items()]
+    with torch.no_grad():
+        for window in samples:
+            model(window[None])
+    for h in hooks:
+        h.remove()
+    seen = {}
+    add_once = sequential._add_once
+    monkeypatch.setattr(sequential, "_add_once", lambda stats, name, x, dense_x, fed: (
+        seen.setdefault(name, []).append(dense_x), add_once(stats, name, x, dense_x, fed))[1])
+    sdsengine.prune(model, SDSConfig(sparsity="2:4", teacher="dense", iters=5, refit=0), samples, progress=False)
+    for name, inputs in seen.items():
+        layers = len(adapters.decoder_layers(model))
+        assert len(inputs) == layers * len(samples), name
+        for i in range(layers):
+            for got, want in zip(inputs[i * len(samples):(i + 1) * len(samples)], expected[(i, name)]):
+                torch.testing.assert_close(got, want, msg=f"layer {i} {name}")
+
+
+def test_a_layer_with_every_linear_ignored_passes_its_inputs_on():
+    """Its outputs are the next layer's inputs and its reported error is 0, in both modes."""
+    results = {}
+    for mode in ("layer", "linear"):
+        model = tiny_model("llama")
+        config = SparseGPTConfig(sparsity="2:4", blocksize=16, sequential=mode, ignore=("model.layers.0.*",))
+        results[mode] = (model, sdsengine.prune(model, config, tiny_tokens(), progress=False))
+    for mode, (model, result) in results.items():
+        assert result.layers[0].error == 0 and result.layers[1].error > 0, mode
+    torch.testing.assert_close(results["linear"][0].model.layers[1].self_attn.q_proj.weight,
+                               results["layer"][0].model.layers[1].self_attn.q_proj.weight)
+    besa = sdsengine.prune(tiny_model("llama"), BESAConfig(sparsity="0.5", ignore=("model.layers.0.*",)),
+                           tiny_tokens(), progress=False)  # a block-wise method is not called for it either
+    assert besa.layers[0].error == 0 and besa.layers[1].error > 0
 
 
 @pytest.mark.parametrize("family", sorted(GROUPS))

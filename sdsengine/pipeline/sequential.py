@@ -16,6 +16,7 @@ group by group in forward order (a group: the linears that read the same input, 
 inputs that already pass through the pruned groups before it. The first pass is the full dense forward
 (its outputs are the reference); each later group's pass stops once the group has seen its inputs.
 """
+import contextlib
 import fnmatch
 import sys
 import time
@@ -93,21 +94,27 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
     start = time.perf_counter()
     home = next(layer.parameters()).device
     layer.to(device)
-    if hasattr(algo, "prune_layer"):  # block-wise methods (BESA) see the whole layer and its dense outputs
+    steps = {}
+    if not targets:  # every linear ignored: the layer only passes its inputs (and the dense stream's) on
+        collect_stats(layer, targets, {}, inps, outs, kwargs, device, dense)
+    elif hasattr(algo, "prune_layer"):  # block-wise methods (BESA) see the whole layer and its dense outputs
         stats = _new_stats(algo, targets, device)
         collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense)
         ctx = LayerContext(layer, targets, stats, inps, outs, kwargs, device, dense and dense.outs)
         steps = algo.prune_layer(ctx, config)
         del ctx, stats
     else:
-        steps = {}
         groups = linear_groups(layer, targets, inps[:1], kwargs, device) if config.sequential == "linear" else [targets]
+        # the dense stream is the unpruned model's: once a group is pruned, later groups' passes run the
+        # dense stream through the layer's original weights (swapped in by reference, not copied per window)
+        unpruned = {m: m.weight.data.clone() for m in targets.values()} if dense is not None and len(groups) > 1 else {}
         for g, group in enumerate(groups):
             stats = _new_stats(algo, group, device)
             # the first pass also computes the dense outputs (the reference); later ones stop early
-            collect_stats(layer, group, stats, inps, outs if g == 0 else None, kwargs, device, dense)
+            collect_stats(layer, group, stats, inps, outs if g == 0 else None, kwargs, device, dense, unpruned)
             steps.update({name: _prune_linear(algo, module, stats[name], config) for name, module in group.items()})
             del stats
+        del unpruned
     fallbacks = {name: info.pop("fallback") for name, info in (steps or {}).items() if info and "fallback" in info}
     # a method that asked for the dense stream fits the dense model's outputs: the guard judges, and the
     # report measures, against those; otherwise against the dense layer on the same (pruned) inputs
@@ -222,12 +229,13 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None):
+def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None, unpruned=None):
     """outs = layer(inps), adding every targeted linear's inputs to its stats. With a dense stream, each
-    window first runs the dense stream (dense.outs[j] = layer(dense.inps[j])), and the inputs each linear saw
-    there go to its stats beside the pruned-stream ones. Linears that read one tensor come to share one
-    statistics object in `stats`, accumulated once (_add_once). outs=None: no outputs are kept (dense.outs
-    neither), and each forward stops as soon as every target has seen its input."""
+    window first runs the dense stream (dense.outs[j] = layer(dense.inps[j])), with the weights in
+    `unpruned` ({module: its original weight tensor}) in place of the modules' own, and the inputs each
+    linear saw there go to its stats beside the pruned-stream ones. Linears that read one tensor come to
+    share one statistics object in `stats`, accumulated once (_add_once). outs=None: no outputs are kept
+    (dense.outs neither), and each forward stops as soon as every target has seen its input."""
     seen = {}  # linear name -> its input on the dense stream, for the current window
     phase = ["pruned"]
     fired = set()
@@ -259,7 +267,8 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None)
         for j in range(inps.shape[0]):
             if dense is not None:
                 phase[0] = "dense"
-                y = run(dense.inps[j:j + 1])
+                with _weights_swapped(unpruned or {}):
+                    y = run(dense.inps[j:j + 1])
                 if outs is not None:
                     dense.outs[j:j + 1] = y.to(dense.outs.device)
                 phase[0] = "pruned"
@@ -269,6 +278,19 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None)
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextlib.contextmanager
+def _weights_swapped(weights):
+    """{module: weight tensor} in place of each module's own weight tensor (no copies), restored after."""
+    own = {module: module.weight.data for module in weights}
+    try:
+        for module, weight in weights.items():
+            module.weight.data = weight
+        yield
+    finally:
+        for module, weight in own.items():
+            module.weight.data = weight
 
 
 def _add_once(stats, name, x, dense_x, fed):
