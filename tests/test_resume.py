@@ -1,4 +1,7 @@
 """Resumable runs: a run stopped after some layers and started again ends where an unbroken run ends."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -6,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import sdsengine
 from sdsengine.algorithms import algorithm_for
 from sdsengine.config import SDSConfig, SparseGPTConfig, WandaConfig
-from sdsengine.pipeline import adapters, sequential
+from sdsengine.pipeline import adapters, resume, sequential
 from sdsengine.pipeline.resume import MANIFEST, ResumeStore
 from tiny_models import tiny_config, tiny_tokens
 
@@ -71,6 +74,47 @@ def test_stopped_then_resumed_run_equals_an_unbroken_run(tmp_path, monkeypatch, 
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
     assert [r.error for r in result.layers] == [r.error for r in expected.layers]
     assert [r.steps for r in result.layers] == [r.steps for r in expected.layers]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_run_stopped_while_saving_resumes(tmp_path, monkeypatch, legacy):
+    """Stopped after layer 1's activations were written but before the manifest said so: the run goes on
+    from layer 1, and ends as the unbroken run. legacy: progress saved before the activations file was named
+    by its layer count (activations.pt, not in the manifest) resumes too."""
+    config, samples = _config("sparsegpt"), tiny_tokens(3, 16)
+    unbroken = _model()
+    sdsengine.prune(unbroken, config, samples, progress=False)
+    progress = tmp_path / "progress"
+    real_replace, manifests = resume.os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).name == MANIFEST:
+            manifests.append(dst)
+            if len(manifests) == 2:
+                raise _Stop
+        real_replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(resume.os, "replace", replace)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    if legacy:
+        (progress / "activations-0001.pt").rename(progress / "activations.pt")
+        (progress / "activations-0002.pt").unlink()
+        manifest = json.loads((progress / MANIFEST).read_text())
+        del manifest["activations"]
+        (progress / MANIFEST).write_text(json.dumps(manifest))
+    resumed = _model()
+    with monkeypatch.context() as m:
+        calls = _stop_at(m, -1)
+        sdsengine.prune(resumed, config, samples, progress=False, resume_dir=progress)
+    assert calls == [1, 2]
+    for got, want in zip(_layer_weights(resumed), _layer_weights(unbroken)):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert [p.name for p in progress.glob("activations*")] == ["activations-0003.pt"]  # older ones deleted
+    (progress / "layer-0002.pt.tmp").write_text("a stopped save's leftover")
+    ResumeStore(progress).clear()
+    assert not progress.exists()
 
 
 def test_progress_of_another_run_is_refused(tmp_path, monkeypatch):

@@ -3,10 +3,12 @@ preempted job, a lost session, an out-of-memory kill) goes on from the last fini
 starting over. A full-protocol SDS or BESA run on a CPU takes hours.
 
 The progress directory holds, once layers 0..k are done: their pruned weights (one file per layer), the
-activations layer k+1 reads (the pruned stream and, when the method carries it, the dense stream), and
-progress.json: a fingerprint of the run (recipe, calibration tokens, original weights), how many layers are
-done, and their reports. Each file is written under a temporary name and renamed into place, progress.json
-last, so a run stopped while saving resumes from the layer before. Progress made with another recipe,
+activations layer k+1 reads (the pruned stream and, when the method carries it, the dense stream; a file
+named by the layer count), and progress.json: a fingerprint of the run (recipe, calibration tokens, original
+weights), how many layers are done, their reports, and which activations file goes with them. Each file is
+written under a temporary name and renamed into place, progress.json last, and the activations it no
+longer names are deleted only after it, so a run stopped at any point while saving resumes from the layer
+before or the one just saved. Progress made with another recipe,
 other calibration tokens or another model is refused, never mixed in.
 """
 import dataclasses
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 MANIFEST = "progress.json"
-ACTIVATIONS = "activations.pt"
+LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was named by its layer count
 
 
 class ResumeStore:
@@ -49,7 +51,8 @@ class ResumeStore:
         done = manifest["done"]
         for i in range(done):
             layers[i].load_state_dict(torch.load(self._layer_file(i), map_location="cpu"))
-        saved = torch.load(self.dir / ACTIVATIONS, map_location="cpu", mmap=True)  # copied in below: no 2nd copy
+        activations = self.dir / manifest.get("activations", LEGACY_ACTIVATIONS)
+        saved = torch.load(activations, map_location="cpu", mmap=True)  # copied in below: no 2nd copy
         if saved["done"] != done:
             raise ValueError(f"resume directory {self.dir}: activations after layer {saved['done']} do not "
                              f"match the {done} layers recorded as done; delete the directory")
@@ -65,19 +68,23 @@ class ResumeStore:
         """After layer len(reports)-1: its weights, the next layer's inputs, then the manifest."""
         done = len(reports)
         _atomic_save(layers[done - 1].state_dict(), self._layer_file(done - 1))
-        _atomic_save({"done": done, "inps": inps, "dense": dense.inps if dense is not None else None},
-                     self.dir / ACTIVATIONS)
+        activations = self._activations_file(done)
+        _atomic_save({"done": done, "inps": inps, "dense": dense.inps if dense is not None else None}, activations)
         manifest = {"fingerprint": self.fingerprint, "done": done, "layers": len(layers),
-                    "reports": [dataclasses.asdict(r) for r in reports]}
+                    "activations": activations.name, "reports": [dataclasses.asdict(r) for r in reports]}
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, self.dir / MANIFEST)
+        for older in self._activations_files():  # only now: until the manifest moved on, they were its
+            if older != activations:
+                older.unlink()
 
     def clear(self):
         """Remove the files this store wrote, and the directory once empty (call after the model is saved)."""
         if not (self.dir / MANIFEST).exists():
             return
-        for path in [self.dir / MANIFEST, self.dir / ACTIVATIONS, *self.dir.glob("layer-*.pt")]:
+        for path in [self.dir / MANIFEST, *self._activations_files(), *self.dir.glob("layer-*.pt"),
+                     *self.dir.glob("*.tmp")]:  # a stopped save's leftovers too
             path.unlink(missing_ok=True)
         if not any(self.dir.iterdir()):
             self.dir.rmdir()
@@ -93,6 +100,12 @@ class ResumeStore:
 
     def _layer_file(self, index):
         return self.dir / f"layer-{index:04d}.pt"
+
+    def _activations_file(self, done):
+        return self.dir / f"activations-{done:04d}.pt"
+
+    def _activations_files(self):
+        return [*self.dir.glob("activations-*.pt"), *self.dir.glob(LEGACY_ACTIVATIONS)]
 
 
 def fingerprint(model, config, samples) -> str:
