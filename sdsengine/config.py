@@ -4,6 +4,7 @@ The CLI builds its flags from these fields (see cli.py), so the two cannot drift
 config class here and one registration in algorithms/__init__.py.
 """
 import dataclasses
+import math
 import numbers
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ def check_device_name(device):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
 
 
-_NUMBERS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a number")}
+_NUMBERS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a finite number")}
+
+BLOCKWISE_LINEAR = ("--sequential linear applies to per-linear methods; {what} learns each decoder layer as a "
+                    "whole: use --sequential layer")
 
 
 def check_numbers(config):
@@ -30,7 +34,8 @@ def check_numbers(config):
         if not kinds or (value is None and type(None) in typing.get_args(f.type)):
             continue
         kind, what = _NUMBERS[kinds[0]]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+            # NaN passes every `< 0` check and would silently disable what it sets (an L1 weight, a step)
             raise ValueError(f"{type(config).__name__}.{f.name} must be {what}, got {value!r}")
 
 
@@ -183,7 +188,7 @@ class BESAConfig(PruneConfig):
     penalty: float = field(default=5.0, metadata={"help": "BESA: weight of the ((S - s*)/s*)^2 sparsity penalty"})
     candidates: int = field(default=100, metadata={"help": "BESA: rates k/candidates, k = 0..candidates"})
     smoothing: str = field(default="auto", metadata={
-        "help": "BESA: sigmoid before the softmax over rates: on, off, auto (on up to 0.6 sparsity); "
+        "help": "BESA: sigmoid before the softmax over rates: on, off, auto (on for sparsities in [0.4, 0.6]); "
                 "on confines rates to about [0.38, 0.62]"})
     target: str = field(default="dense_block", metadata={
         "help": "BESA: the block's target: dense_block (the dense block on the pruned inputs) or dense_model "
@@ -200,7 +205,9 @@ class BESAConfig(PruneConfig):
     method = "besa"
 
     NM_LR_TIMES_STEPS = 0.8  # N:M's default Adam step size times the step count (docs/BESA.md, "Step size")
-    SMOOTHING_MAX = 0.6  # sigmoid(θ) in (0, 1) caps each rate near 0.624; leave room for the penalty to act
+    # sigmoid(θ) in (0, 1) confines each rate to about [0.376, 0.624]: smoothing is for targets well inside,
+    # with room for the penalty to act
+    SMOOTHING_MIN, SMOOTHING_MAX = 0.4, 0.6
 
     def __post_init__(self):
         super().__post_init__()
@@ -218,9 +225,12 @@ class BESAConfig(PruneConfig):
         unknown = set(self.nm_score_list) - {"magnitude", "channel"}
         if unknown:
             raise ValueError(f"unknown nm_scores {sorted(unknown)}; known: magnitude, channel")
-        if self.smoothing == "on" and not self.sparsity.nm and self.sparsity.sparsity > self.SMOOTHING_MAX:
+        if self.smoothing == "on" and not (self.sparsity.nm or self._within_smoothing()):
             raise ValueError(f"sigmoid smoothing confines row sparsity to about [0.38, 0.62]; target "
-                             f"{self.sparsity} needs --smoothing off (or auto)")
+                             f"{self.sparsity} (outside [{self.SMOOTHING_MIN}, {self.SMOOTHING_MAX}]) needs "
+                             "--smoothing off (or auto)")
+        if self.sequential == "linear":
+            raise ValueError(BLOCKWISE_LINEAR.format(what="besa"))
         if not self.sparsity.nm and self.sparsity.sparsity == 0:
             raise ValueError("besa needs a sparsity above 0 (the penalty divides by the target)")
 
@@ -246,8 +256,11 @@ class BESAConfig(PruneConfig):
     def sigmoid(self) -> bool:
         """Whether rates go through the sigmoid: 'auto' turns it off where it could not reach the target."""
         if self.smoothing == "auto":
-            return self.sparsity.nm is not None or self.sparsity.sparsity <= self.SMOOTHING_MAX
+            return self.sparsity.nm is not None or self._within_smoothing()
         return self.smoothing == "on"
+
+    def _within_smoothing(self):
+        return self.SMOOTHING_MIN <= self.sparsity.sparsity <= self.SMOOTHING_MAX
 
 
 @dataclass
@@ -302,6 +315,10 @@ class SDSConfig(SparseGPTConfig):
                              f"{self.anchor}")
         if self.solver == "closed" and self.l1 > 0:
             raise ValueError(f"the closed-form re-dense solves L2 only: set --l1 0 or --solver fista (l1={self.l1})")
+        if self.base == "besa":
+            if self.sequential == "linear":
+                raise ValueError(BLOCKWISE_LINEAR.format(what="sds --base besa (BESA's masks)"))
+            self.besa_base()  # BESA's own limits (a sparsity above 0, say), checked now rather than mid-run
 
     def besa_base(self):
         """The BESA run of `--base besa`: BESA's defaults on this run's pattern, device and ignore list, its guard

@@ -213,6 +213,10 @@ def test_allocation_report_and_plot():
     ({"candidates": 1}, "candidates >= 2"),
     ({"smoothing": "yes"}, "smoothing must be one of"),
     ({"smoothing": "on", "sparsity": "0.7"}, "needs --smoothing off"),
+    ({"smoothing": "on", "sparsity": "0.3"}, r"0.3 \(outside \[0.4, 0.6\]\) needs --smoothing off"),
+    ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+    ({"penalty": float("inf")}, "penalty must be a finite number"),
+    ({"sequential": "linear"}, "--sequential linear applies to per-linear methods"),
     ({"target": "dense"}, "target must be one of dense_block, dense_model"),
     ({"nm_scores": "magnitude,hessian"}, "unknown nm_scores"),
     ({"optimizer": "sgd"}, "optimizer must be one of"),
@@ -224,8 +228,9 @@ def test_bad_config_values(kwargs, match):
         BESAConfig(**{"sparsity": "0.5", **kwargs})
 
 
-def test_smoothing_auto_turns_off_above_reach():
+def test_smoothing_auto_turns_off_out_of_reach():
     assert BESAConfig(sparsity="0.5").sigmoid and not BESAConfig(sparsity="0.7").sigmoid
+    assert not BESAConfig(sparsity="0.3").sigmoid  # below the sigmoid's reach too
     assert not BESAConfig(sparsity="0.5", smoothing="off").sigmoid
 
 

@@ -329,6 +329,10 @@ def test_layer_guard_swaps_all_or_nothing(fallback, kept):
     ({"anchor": -1.0}, "iters, l1, l2, anchor >= 0"),
     ({"solver": "closed"}, "closed-form re-dense solves L2 only"),
     ({"sparsity": "2:4", "blocksize": 6}, "multiple of M=4"),
+    ({"l1": float("nan")}, "SDSConfig.l1 must be a finite number, got nan"),
+    ({"l2": float("inf")}, "SDSConfig.l2 must be a finite number, got inf"),
+    ({"base": "besa", "sparsity": "0"}, "besa needs a sparsity above 0"),
+    ({"base": "besa", "sequential": "linear"}, "sds --base besa .* use --sequential layer"),
 ])
 def test_bad_config_values(kw, message):
     with pytest.raises(ValueError, match=message):

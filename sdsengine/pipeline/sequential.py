@@ -54,9 +54,6 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
     _check_ignore_matches(model, layers, config.ignore)
     check_prunable(targets, config.sparsity)
-    if config.sequential == "linear" and hasattr(algo, "prune_layer"):
-        raise ValueError(f"--sequential linear applies to per-linear methods; {config.method!r} with these "
-                         "settings learns each decoder layer as a whole: use --sequential layer")
     if algo.STATS is None:
         return [_prune_without_data(i, t, algo, config) for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
