@@ -47,7 +47,7 @@ def test_redense_without_regularization_returns_to_dense():
 
 def test_closed_form_matches_iterations():
     w, stats = _layer()
-    closed = sds.redense(w, least_squares.Objective(w, stats), _config(solver="closed", l1=0.0, l2=0.5, reduction="token", percdamp=0.0))
+    closed = sds.redense(w, least_squares.Objective(w, stats), _config(solver="closed", l1=0.0, l2=0.5, reduction="token"))
     fista = sds.redense(w, least_squares.Objective(w, stats), _config(l1=0.0, l2=0.5, reduction="token", lr=1.0, iters=3000))
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
 
@@ -56,9 +56,22 @@ def test_anchor_in_closed_form_and_iterations_alike():
     w, stats = _layer()
     config = dict(l1=0.0, l2=0.1, anchor=0.5, reduction="token")
     w1 = sds.BASES["sparsegpt"](w, stats, _config(**config))
-    closed = sds.redense(w1, least_squares.Objective(w, stats), _config(solver="closed", percdamp=0.0, **config))
+    closed = sds.redense(w1, least_squares.Objective(w, stats), _config(solver="closed", **config))
     fista = sds.redense(w1, least_squares.Objective(w, stats), _config(lr=1.0, iters=3000, **config))
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
+
+
+def test_step_size_holds_where_every_tokens_inputs_sum_to_zero():
+    """H·1 = 0 with H ≠ 0 (mean-centred inputs): the power iteration's ones start collapses; the estimate must
+    still bound the top eigenvalue, or the proximal steps diverge."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randint(0, 4, (32, 32), generator=g).float().triu(1)
+    weights = weights + weights.T
+    H = torch.diag(weights.sum(dim=1)) - weights  # a graph Laplacian: PSD, rows summing to exactly zero
+    assert torch.equal(H @ torch.ones(32), torch.zeros(32))
+    top = float(torch.linalg.eigvalsh(H.double())[-1])
+    assert top <= least_squares.top_eigenvalue(H) <= 1.1 * top
+    assert least_squares.top_eigenvalue(torch.zeros(8, 8)) == 1.0
 
 
 def test_anchor_limits_how_far_each_step_moves():

@@ -96,14 +96,17 @@ def redense(w1, objective, config):
     """The D step: every entry trainable, started at the pruned weights."""
     l1, l2 = penalties(config, w1.shape[1])
     if config.solver == "closed":
-        return _ridge(objective, w1, l2, anchor_weight(objective, config), config.percdamp)
+        return _ridge(objective, w1, l2, anchor_weight(objective, config))
     return _proximal_gradient(w1, objective, l1, l2, config)
 
 
-def _ridge(objective, w1, l2, a, percdamp):
+CLOSED_RIDGE = 1e-6  # of H's mean diagonal: keeps a singular H solvable, far below any L2 weight in use
+
+
+def _ridge(objective, w1, l2, a):
     """argmin ½ tr(V H V^T) - tr(B V^T) + l2 ||V||^2 + a ||V - W1||^2  =  (B + 2a W1) (H + 2 (l2 + a) I)^-1."""
     H = objective.H
-    reg = 2 * (l2 + a) + percdamp * float(torch.diagonal(H).mean())  # damping keeps a singular H solvable
+    reg = 2 * (l2 + a) + CLOSED_RIDGE * float(torch.diagonal(H).mean())
     A = H + reg * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     return torch.linalg.solve(A, (objective.B + 2 * a * w1).T).T
 
