@@ -41,6 +41,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     if store and store.resumed_from:
         seconds += store.earlier_seconds
     info = report.build(config, protocol, layers, seconds, model_source)
+    info["decoder_sparsity"] = report.decoder_sparsity(model)
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)

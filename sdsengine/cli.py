@@ -188,8 +188,10 @@ def cmd_prune(args):
     if args.resume_dir:
         ResumeStore(args.resume_dir).clear()
     print(report.layer_table(result.layers))
-    print(f"\n{config.method} {config.sparsity}: overall sparsity {result.report['overall_sparsity']:.4f}, "
-          f"{result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
+    ignored = f" ({result.report['decoder_sparsity']:.4f} of all decoder linears, --ignore'd ones dense)" \
+        if config.ignore else ""
+    print(f"\n{config.method} {config.sparsity}: sparsity {result.report['overall_sparsity']:.4f} of the pruned "
+          f"linears{ignored}, {result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
 
 
 def _warn_unused_calibration(args):
@@ -197,6 +199,8 @@ def _warn_unused_calibration(args):
     user believe --nsamples or --calib shaped the result."""
     passed = [_flag(f.name) if f.name != "dataset" else "--calib"
               for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name, None) is not None]
+    passed += [flag for flag, value in (("--sequential", args.sequential), ("--resume-dir", args.resume_dir))
+               if value is not None]  # no data: nothing to feed forward, and one pass with nothing to resume
     if passed:
         print(f"sdsengine: --method {args.method} uses no calibration data; ignoring {' '.join(passed)}",
               file=sys.stderr)

@@ -27,7 +27,9 @@ def peak_memory(device) -> dict:
     _cpu_peak_kib = kib = max(_cpu_peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     out = {"cpu_peak_rss_gib": round(kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30, 3)}
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        out["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+        # the run's device, not the current one (they differ with --device cuda:1)
+        index = torch.device(device).index
+        out["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(index) / 2 ** 30, 3)
     return out
 
 
@@ -45,6 +47,7 @@ def build(config, calibration, layers, seconds, model_source) -> dict:
 
 
 def overall_sparsity(layers) -> float:
+    """Counted sparsity of the pruned linears (the --ignore'd ones are not in the layer reports)."""
     zeros = total = 0
     for layer in layers:
         for info in layer.linears.values():
@@ -54,13 +57,31 @@ def overall_sparsity(layers) -> float:
     return zeros / total if total else 0.0
 
 
+def decoder_sparsity(model) -> float:
+    """Counted sparsity of every linear of the decoder layers, the --ignore'd ones (dense) included."""
+    from sdsengine.pipeline import adapters
+    zeros = total = 0
+    for layer in adapters.decoder_layers(model):
+        for module in adapters.linear_modules(layer).values():
+            w = adapters.get_weight(module)
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def _layer_sparsity(linears) -> float:
+    """A layer's counted sparsity: its linears' zeros over their weights (not a mean of their fractions)."""
+    sizes = {name: info["shape"][0] * info["shape"][1] for name, info in linears.items()}
+    return sum(info["sparsity"] * sizes[name] for name, info in linears.items()) / max(sum(sizes.values()), 1)
+
+
 def layer_table(layers) -> str:
     """One line per layer, as the log shows it; the peaks are the run's so far, after the layer."""
     gpu = any("gpu_peak_allocated_gib" in r.memory for r in layers)
     head = "layer  sparsity  rel.error   seconds  peak RSS GiB" + ("  peak GPU GiB" if gpu else "")
     rows = [head, "-----  --------  ---------  --------  ------------" + ("  ------------" if gpu else "")]
     for r in layers:
-        sp = sum(v["sparsity"] for v in r.linears.values()) / max(len(r.linears), 1)
+        sp = _layer_sparsity(r.linears)
         err = f"{r.error:.3e}" if r.error is not None else "      n/a"
         peaks = [r.memory.get("cpu_peak_rss_gib")] + ([r.memory.get("gpu_peak_allocated_gib")] if gpu else [])
         cells = "".join(f"  {p:12.3f}" if p is not None else f"  {'n/a':>12}" for p in peaks)

@@ -129,7 +129,7 @@ def test_a_text_exactly_one_window_long_is_named():
     (lambda: CalibrationConfig(nsamples="4"), r"CalibrationConfig.nsamples must be a whole number, got '4'"),
     (lambda: CalibrationConfig(nsamples=2.5), "must be a whole number, got 2.5"),
     (lambda: SparseGPTConfig(blocksize=64.0), "SparseGPTConfig.blocksize must be a whole number"),
-    (lambda: SDSConfig(lr="0.1"), "SDSConfig.lr must be a number, got '0.1'"),
+    (lambda: SDSConfig(lr="0.1"), "SDSConfig.lr must be a finite number, got '0.1'"),
     (lambda: SparseGPTConfig(refit=True), "must be a whole number, got True"),
 ])
 def test_config_numbers_are_checked_by_field(build, message):
@@ -252,3 +252,5 @@ def test_calibration_flags_a_method_ignores_are_named(tmp_path, capsys):
     assert "calibration" not in capsys.readouterr().err
     assert main([*argv, "--calib", "c4", "--nsamples", "8", "--out", str(tmp_path / "b")]) == 0
     assert "uses no calibration data; ignoring --calib --nsamples" in capsys.readouterr().err
+    assert main([*argv, "--sequential", "linear", "--resume-dir", str(tmp_path / "p"), "--out", str(tmp_path / "c")]) == 0
+    assert "ignoring --sequential --resume-dir" in capsys.readouterr().err and not (tmp_path / "p").exists()

@@ -64,6 +64,23 @@ def test_ignore_keeps_layers_dense():
     assert (model.lm_head.weight != 0).all()
 
 
+def test_ignoring_a_module_keeps_its_linears_dense_and_the_report_counts_them():
+    """A pattern naming a containing module (the MLP) covers its linears; the report's overall_sparsity is
+    that of the pruned linears, decoder_sparsity that of every decoder linear, the dense ones included."""
+    model = tiny_model("llama")
+    before = adapters.get_weight(model.model.layers[1].mlp.up_proj).clone()
+    result = sdsengine.prune(model, WandaConfig(sparsity="2:4", ignore=("model.layers.1.mlp",)), tiny_tokens(),
+                             progress=False)
+    assert torch.equal(adapters.get_weight(model.model.layers[1].mlp.up_proj), before)
+    assert "mlp.up_proj" not in result.layers[1].linears and "self_attn.q_proj" in result.layers[1].linears
+    sizes = [adapters.get_weight(m).numel() for layer in adapters.decoder_layers(model)
+             for m in adapters.linear_modules(layer).values()]
+    mlp = model.model.layers[1].mlp
+    dense = sum(adapters.get_weight(m).numel() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert result.report["overall_sparsity"] == pytest.approx(0.5)
+    assert result.report["decoder_sparsity"] == pytest.approx(0.5 * (sum(sizes) - dense) / sum(sizes))
+
+
 def test_sparsegpt_beats_magnitude_on_reconstruction():
     errs = {}
     for cls in (WandaConfig, SparseGPTConfig):

@@ -317,9 +317,11 @@ def _prune_without_data(index, targets, algo, config):
 
 
 def _targets(model, layer, index, ignore):
+    """The layer's linears that no --ignore pattern names, by their own name or a containing module's."""
     prefix = f"{adapters.layout_for(model).layers}.{index}."
     return {name: m for name, m in adapters.linear_modules(layer).items()
-            if not any(fnmatch.fnmatch(prefix + name, pat) for pat in ignore)}
+            if not any(fnmatch.fnmatch(prefix + name, pat) or fnmatch.fnmatch(prefix + name, pat + ".*")
+                       for pat in ignore)}
 
 
 def _check_ignore_matches(model, layers, ignore):
