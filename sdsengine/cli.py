@@ -15,6 +15,7 @@ from sdsengine.data import EVAL_TASKS
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
+from sdsengine.nn.convert import check_output_dir
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -247,6 +248,7 @@ def _check_result_files(args, tasks):
 
 
 def cmd_convert(args):
+    check_output_dir(args.out)  # before the load and conversion, which take minutes on a large model
     model, tokenizer, source = load_model(args.model, _dtype(args))
     records = []
     convert(model, report=records)

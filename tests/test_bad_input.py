@@ -73,6 +73,14 @@ def test_the_model_being_pruned_is_never_the_output(tmp_path, capsys):
     assert (model / "config.json").read_text() == "{}"
 
 
+def test_convert_refuses_a_non_empty_output_before_loading(tmp_path, capsys):
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "keep.txt").write_text("mine")
+    _refused(["convert", "--model", NO_MODEL, "--out", str(tmp_path / "packed")], capsys,
+             "packed exists and is not an empty directory")
+    assert (tmp_path / "packed" / "keep.txt").read_text() == "mine"
+
+
 def test_an_output_under_a_file_is_refused_before_work(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     _refused(["prune", "--method", "magnitude", "--sparsity", "2:4", "--model", NO_MODEL, "--out",

@@ -96,12 +96,18 @@ def _log_summary(records):
 # Compressed checkpoints
 # ---------------------------------------------------------------------------------------------------
 
-def save_compressed(model, directory, tokenizer=None):
-    """Write `model` (after convert), and its tokenizer if given, to a new or empty `directory`; returns
-    its path."""
+def check_output_dir(directory) -> Path:
+    """The resolved path, if save_compressed may write there (new, or an empty directory); else raises."""
     out = Path(directory).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; refusing to overwrite it")
+    return out
+
+
+def save_compressed(model, directory, tokenizer=None):
+    """Write `model` (after convert), and its tokenizer if given, to a new or empty `directory`; returns
+    its path."""
+    out = check_output_dir(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
