@@ -157,6 +157,8 @@ class SparseGPTConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.swaps is None:
+            self.swaps = self.default_swaps()
         if self.refit < 0:
             raise ValueError(f"refit must be >= 0 conjugate-gradient steps, got {self.refit}")
         if self.swaps < 0:
@@ -169,6 +171,9 @@ class SparseGPTConfig(PruneConfig):
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.sparsity.m}")
         if not 0.0 <= self.percdamp < 1.0:
             raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
+
+    def default_swaps(self):
+        return 0
 
 
 @dataclass
@@ -291,6 +296,10 @@ class SDSConfig(SparseGPTConfig):
     teacher: str = field(default="sd", metadata={
         "help": "SDS: the teacher's inputs: sd (W_dense on the pruned model's inputs, the literal equation) "
                 "or dense (W_dense on the dense model's inputs; one more forward pass per layer)"})
+    swaps: int | None = field(default=None, metadata={
+        "help": "N:M patterns: sweeps of mask refinement after the refit, each group's kept weights re-chosen "
+                "and re-solved exactly with the rest of the row fixed, then the refit again (ours). Default: 1 "
+                "on N:M patterns with the SparseGPT base (measured: docs/SDS.md), else 0"})
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
@@ -300,6 +309,11 @@ class SDSConfig(SparseGPTConfig):
     def default_sequential(self):
         """Measured (docs/SDS.md): linear; BESA's masks are learned per whole layer, so not with base besa."""
         return "layer" if self.base == "besa" else "linear"
+
+    def default_swaps(self):
+        """Measured (docs/SDS.md, "Mask refinement"): one sweep on N:M patterns from SparseGPT's masks (2:4 at
+        two seeds, 4:8); the Wanda and BESA bases keep 0 until measured with it."""
+        return 1 if self.sparsity.nm and self.base == "sparsegpt" else 0
 
     def __post_init__(self):
         super().__post_init__()

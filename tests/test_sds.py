@@ -20,8 +20,8 @@ STEPS = ("initial", "redense", "second", "adjust", "refit", "chosen")
 
 
 def _final(steps):
-    """The error of SDS's own result: after the refit, or after the adjustment with the refit off."""
-    return steps.get("refit", steps["adjust"])
+    """The error of SDS's own result: after the swaps, else after the refit, else after the adjustment."""
+    return steps.get("swaps", steps.get("refit", steps["adjust"]))
 
 
 def _layer(out=24, inp=32, tokens=256, seed=0):
