@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from sdsengine.masks import counted_sparsity
+
 
 def versions() -> dict:
     import transformers
@@ -48,31 +50,29 @@ def build(config, calibration, layers, seconds, model_source) -> dict:
 
 def overall_sparsity(layers) -> float:
     """Counted sparsity of the pruned linears (the --ignore'd ones are not in the layer reports)."""
-    zeros = total = 0
-    for layer in layers:
-        for info in layer.linears.values():
-            n = info["shape"][0] * info["shape"][1]
-            zeros += info["sparsity"] * n
-            total += n
-    return zeros / total if total else 0.0
+    return _weighted_sparsity(_sized(info) for layer in layers for info in layer.linears.values())
 
 
 def decoder_sparsity(model) -> float:
     """Counted sparsity of every linear of the decoder layers, the --ignore'd ones (dense) included."""
     from sdsengine.pipeline import adapters
+    weights = (adapters.get_weight(m) for layer in adapters.decoder_layers(model)
+               for m in adapters.linear_modules(layer).values())
+    return _weighted_sparsity((counted_sparsity(w), w.numel()) for w in weights)
+
+
+def _sized(info):
+    """(counted sparsity, weight count) of one linear's entry in a layer report."""
+    return info["sparsity"], info["shape"][0] * info["shape"][1]
+
+
+def _weighted_sparsity(pairs) -> float:
+    """Zeros over weights of (sparsity, weight count) pairs: a count, not a mean of the fractions."""
     zeros = total = 0
-    for layer in adapters.decoder_layers(model):
-        for module in adapters.linear_modules(layer).values():
-            w = adapters.get_weight(module)
-            zeros += int((w == 0).sum())
-            total += w.numel()
+    for sparsity, n in pairs:
+        zeros += sparsity * n
+        total += n
     return zeros / total if total else 0.0
-
-
-def _layer_sparsity(linears) -> float:
-    """A layer's counted sparsity: its linears' zeros over their weights (not a mean of their fractions)."""
-    sizes = {name: info["shape"][0] * info["shape"][1] for name, info in linears.items()}
-    return sum(info["sparsity"] * sizes[name] for name, info in linears.items()) / max(sum(sizes.values()), 1)
 
 
 def layer_table(layers) -> str:
@@ -81,7 +81,7 @@ def layer_table(layers) -> str:
     head = "layer  sparsity  rel.error   seconds  peak RSS GiB" + ("  peak GPU GiB" if gpu else "")
     rows = [head, "-----  --------  ---------  --------  ------------" + ("  ------------" if gpu else "")]
     for r in layers:
-        sp = _layer_sparsity(r.linears)
+        sp = _weighted_sparsity(_sized(info) for info in r.linears.values())
         err = f"{r.error:.3e}" if r.error is not None else "      n/a"
         peaks = [r.memory.get("cpu_peak_rss_gib")] + ([r.memory.get("gpu_peak_allocated_gib")] if gpu else [])
         cells = "".join(f"  {p:12.3f}" if p is not None else f"  {'n/a':>12}" for p in peaks)

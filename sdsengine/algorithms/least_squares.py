@@ -55,18 +55,23 @@ def top_eigenvalue(H, iters=64, margin=1.05):
     """Largest eigenvalue of the PSD H by power iteration; the margin covers its underestimate. Started from
     the ones vector; where H maps that to zero though H is not zero (every token's inputs summing to zero),
     started again from a seeded random vector. 1.0 for H = 0: no data, any step is stable."""
-    generator = torch.Generator(device=H.device).manual_seed(0)
-    for start in (torch.ones, lambda n, **kw: torch.rand(n, generator=generator, **kw)):
-        v = start(H.shape[0], device=H.device, dtype=H.dtype)
-        for _ in range(iters):
-            v = H @ v
-            norm = v.norm()
-            if norm == 0:
-                break
-            v = v / norm
-        else:
-            return float(v @ H @ v) * margin
-    return 1.0
+    top = _power_iteration(H, torch.ones(H.shape[0], device=H.device, dtype=H.dtype), iters)
+    if top is None and H.any():
+        generator = torch.Generator(device=H.device).manual_seed(0)
+        start = torch.rand(H.shape[0], generator=generator, device=H.device, dtype=H.dtype)
+        top = _power_iteration(H, start, iters)
+    return 1.0 if top is None else top * margin
+
+
+def _power_iteration(H, v, iters):
+    """vᵀHv after `iters` normalized products from v, or None if H maps the iterate to zero."""
+    for _ in range(iters):
+        v = H @ v
+        norm = v.norm()
+        if norm == 0:
+            return None
+        v = v / norm
+    return float(v @ H @ v)
 
 
 def refit(w, objective, iters, support=None):
