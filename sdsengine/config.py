@@ -199,7 +199,8 @@ class BESAConfig(PruneConfig):
         "help": "BESA: the block's target: dense_block (the dense block on the pruned inputs) or dense_model "
                 "(the dense model's block outputs; one more forward pass per layer)"})
     nm_scores: str = field(default="magnitude,channel", metadata={
-        "help": "BESA N:M: what is mixed with Wanda's score: magnitude, channel (comma list, may be empty)"})
+        "help": "BESA N:M: what is mixed with Wanda's score and learned: magnitude, channel (comma list; at least "
+                "one unless --epochs 0)"})
     nm_temperature: float = field(default=0.2, metadata={"help": "BESA N:M: temperature of the soft keep in backward"})
     nm_checks: int = field(default=16, metadata={
         "help": "BESA N:M: measure the hard-mask block loss on this many windows at the start and at steps 8, 16, "
@@ -230,6 +231,9 @@ class BESAConfig(PruneConfig):
         unknown = set(self.nm_score_list) - {"magnitude", "channel"}
         if unknown:
             raise ValueError(f"unknown nm_scores {sorted(unknown)}; known: magnitude, channel")
+        if self.sparsity.nm and self.epochs and not self.nm_score_list:
+            raise ValueError("besa N:M with no nm_scores has nothing to learn: name at least one of magnitude, "
+                             "channel (or --epochs 0 for Wanda's masks)")
         if self.smoothing == "on" and not (self.sparsity.nm or self._within_smoothing()):
             raise ValueError(f"sigmoid smoothing confines row sparsity to about [0.38, 0.62]; target "
                              f"{self.sparsity} (outside [{self.SMOOTHING_MIN}, {self.SMOOTHING_MAX}]) needs "

@@ -6,7 +6,7 @@ import torch
 
 import sdsengine
 from sdsengine import cli
-from sdsengine.algorithms import besa, besa_plot
+from sdsengine.algorithms import besa, besa_nm, besa_plot
 from sdsengine.algorithms.besa_block import BestIterate, block_loss, channel_energy, learn
 from sdsengine.algorithms.besa_nm import SelectionLearner
 from sdsengine.algorithms.stats import InputNorms
@@ -162,8 +162,8 @@ def test_zero_epochs_is_wanda_exactly(pattern, mode):
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_nm_always_valid_and_learns(pattern, family):
-    # the last iterate (no checks): with the default checks, the tiny model may keep Wanda's start
-    config = BESAConfig(sparsity=pattern, epochs=3, lr=0.5, nm_checks=0)
+    # the last iterate (no checks, no guard): otherwise the tiny model may keep Wanda's start
+    config = BESAConfig(sparsity=pattern, epochs=3, lr=0.5, nm_checks=0, guard="off")
     result = sdsengine.prune(tiny_model(family), config, tiny_tokens(), progress=False)
     moved = []
     for layer in result.layers:
@@ -219,6 +219,7 @@ def test_allocation_report_and_plot():
     ({"sequential": "linear"}, "--sequential linear applies to per-linear methods"),
     ({"target": "dense"}, "target must be one of dense_block, dense_model"),
     ({"nm_scores": "magnitude,hessian"}, "unknown nm_scores"),
+    ({"nm_scores": "", "sparsity": "2:4"}, "nothing to learn"),
     ({"optimizer": "sgd"}, "optimizer must be one of"),
     ({"sparsity": "0"}, "sparsity above 0"),
     ({"nm_checks": -1}, "nm_checks >= 0"),
@@ -295,6 +296,38 @@ def test_guard_keeps_the_lower_layer_error(pattern):
     assert errors["guarded"] == pytest.approx(min(errors["learned"], errors["start"]), rel=1e-5)
     assert guard["chosen"] == pytest.approx(errors["learned"], rel=1e-5)
     assert guard["fallback"] == pytest.approx(errors["start"], rel=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_report_describes_the_masks_the_guard_kept(pattern):
+    """A harsh step size makes learning hurt, so the guard keeps the start masks: the report's allocation
+    (rows) or changed_vs_wanda must then describe those, not the discarded learned ones."""
+    model = tiny_model("llama")
+    config = BESAConfig(sparsity=pattern, epochs=4, lr=20.0, nm_checks=0, smoothing="off", penalty=0.0)
+    result = sdsengine.prune(model, config, tiny_tokens(), progress=False)
+    kept = 0
+    for layer, module in zip(result.layers, adapters.decoder_layers(model)):
+        for name, linear in adapters.linear_modules(module).items():
+            info = layer.steps[name]
+            assert "fallback_info" not in info
+            zeros = (adapters.get_weight(linear) == 0).sum(dim=1)
+            if config.sparsity.nm:
+                if info["layer_guard"]["kept"] == "fallback":
+                    assert info["changed_vs_wanda"] == 0.0
+            else:
+                assert besa_plot.row_sparsity(info).tolist() == (zeros / linear.in_features).tolist(), name
+            kept += info["layer_guard"]["kept"] == "fallback"
+    assert kept  # the case under test happened
+
+
+def test_changed_vs_wanda_counts_kept_weights():
+    config = BESAConfig(sparsity="2:4")
+    selection = besa_nm.GroupSelection(torch.randn(4, 8), torch.ones(8), config, torch.float32)
+    keep = selection.wanda_mask.clone()
+    assert selection.changed(keep) == 0.0
+    first_group = keep[0, :4]
+    first_group.copy_(~first_group)  # one group of 8 kept weights swapped both of its kept weights
+    assert selection.changed(keep) == pytest.approx(2 / 16)
 
 
 def test_best_iterate_check_steps():

@@ -48,8 +48,9 @@ def prune_layer(ctx, config):
         starts = learner.start() if config.guard == "layer" else {}  # after learning: no copy held through it
         info = learner.apply()
         info["_block"] = {**loss_summary(losses), **checked, **learner.block_info()}
-    for name, start in starts.items():
-        info[name]["fallback"] = start
+    for name, (weight, summary) in starts.items():
+        # the layer guard may keep these instead; the report then describes them (fallback_info)
+        info[name].update(fallback=weight, fallback_info=summary)
     return info
 
 
@@ -162,10 +163,12 @@ class RateLearner:
         return info
 
     def start(self):
-        """The masked weights learning starts from: every row at the target rate, projected the same way."""
+        """{name: (masked weight, its summary)} where learning starts: every row at the target rate, projected
+        the same way."""
         alpha = torch.cat([torch.full((r.rows,), self.target, dtype=torch.float64, device=r.rank.device)
                            for r in self.rates.values()])
-        return {name: adapters.get_weight(self.targets[name]) * keep for name, (keep, _) in self._projected(alpha).items()}
+        return {name: (adapters.get_weight(self.targets[name]) * keep, row_summary(zeros, self.rates[name].cols))
+                for name, (keep, zeros) in self._projected(alpha).items()}
 
     def _projected(self, alpha):
         """{name: (keep mask, zeros per row)} with exactly round(s*·N) zeros in the block, rows near cols·α."""

@@ -77,9 +77,13 @@ class GroupSelection:
         soft = self.keep_prob(c)
         return soft if kind == "soft" else ste(hard, soft)
 
+    def changed(self, keep):
+        """The fraction of kept weights that Wanda's mask drops (each one replaces one that Wanda keeps)."""
+        return float((keep & ~self.wanda_mask).sum() / keep.sum())
+
     def summary(self, keep):
         """How far the learned selection moved from Wanda's, and the learned mixing, for the report."""
-        info = {"changed_vs_wanda": float((keep != self.wanda_mask).float().mean() / 2)}
+        info = {"changed_vs_wanda": self.changed(keep)}
         if self.extra:
             info["phi_magnitude_mean"] = float(self.phi[:, 0].mean())
             info["phi_magnitude_absmax"] = float(self.phi[:, 0].abs().max())
@@ -106,8 +110,9 @@ class SelectionLearner:
         return {name: adapters.get_weight(self.targets[name]) * s.mask(kind) for name, s in self.selections.items()}
 
     def start(self):
-        """The masked weights learning starts from: Wanda's N:M masks."""
-        return {name: adapters.get_weight(self.targets[name]) * s.wanda_mask for name, s in self.selections.items()}
+        """{name: (masked weight, its summary)} where learning starts: Wanda's N:M masks."""
+        return {name: (adapters.get_weight(self.targets[name]) * s.wanda_mask, {"changed_vs_wanda": s.changed(s.wanda_mask)})
+                for name, s in self.selections.items()}
 
     def penalty(self):
         return 0.0

@@ -188,6 +188,10 @@ def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, re
         _set_weights(targets, fallbacks)
         run_layer(layer, inps, outs, kwargs, device)
     for name in fallbacks:
+        # a method may describe its fallback weights (BESA: their allocation); kept, that is what the model holds
+        own = steps[name].pop("fallback_info", None)
+        if kept == "fallback" and own is not None:
+            steps[name] = own
         steps[name]["layer_guard"] = {**errors, "kept": kept}
     return errors[kept]
 
