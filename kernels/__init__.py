@@ -68,7 +68,8 @@ def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
     """(pruned weight, keep mask) by Wanda scores; nm=(n, m) for N:M, else per-row `sparsity`."""
     _check_matrix("wanda_prune", "weight", weight)
     _check_same_device("wanda_prune", weight, act_norm)
-    if act_norm.numel() != weight.shape[1] or not act_norm.is_floating_point():
+    vector = act_norm.dim() >= 1 and act_norm.shape[-1] == act_norm.numel() == weight.shape[1]  # (cols,), (1, cols)
+    if not vector or not act_norm.is_floating_point():
         raise ValueError(f"wanda_prune: act_norm must be a float vector of {weight.shape[1]} (weight's columns), "
                          f"got shape {tuple(act_norm.shape)} {act_norm.dtype}")
     _check_pattern("wanda_prune", weight.shape[1], sparsity, nm)
@@ -153,10 +154,12 @@ def _check_same_device(fn, a, b):
 
 def _check_pattern(fn, cols, sparsity, nm):
     if nm:
+        if not (isinstance(nm, (tuple, list)) and len(nm) == 2):
+            raise ValueError(f"{fn}: nm must be a pair (N, M), got {nm!r}")
         n, m = nm
         if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
             raise ValueError(f"{fn}: N:M needs integers 0 <= N <= M, got {n}:{m}")
         if cols % m:
             raise ValueError(f"{fn}: {cols} columns are not divisible by M={m} for an {n}:{m} pattern")
-    elif not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"{fn}: sparsity must be in [0, 1], got {sparsity}")
+    elif isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"{fn}: sparsity must be in [0, 1], got {sparsity!r}")

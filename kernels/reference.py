@@ -13,7 +13,8 @@ def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
     (unstructured) or per group of M inputs (N:M). Returns (pruned weight, keep mask)."""
     scores = weight.abs().float() * act_norm.float().reshape(1, -1)
     mask = nm_mask(scores, *nm) if nm else prune_lowest_mask(scores, sparsity, dim=-1)
-    return weight * mask, mask
+    # where, not weight * mask: pruned entries are +0.0 even for -x, inf and NaN weights, as Wanda's W[~M] = 0
+    return torch.where(mask, weight, torch.zeros_like(weight)), mask
 
 
 def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):

@@ -74,6 +74,20 @@ def test_ties_match_reference(both_backends, assert_exact, device, kind, pattern
     _check(both_backends, assert_exact, device, *_tied(kind), sparsity, nm)
 
 
+@pytest.mark.parametrize("pattern", [(2, 4), 0.5])
+def test_pruned_entries_are_positive_zero(both_backends, assert_exact, device, pattern):
+    """Whatever was pruned, -x, inf or NaN (more non-finite weights than a group keeps), both backends
+    write +0.0 there, so the result holds the pattern."""
+    nm, sparsity = (pattern, 0.5) if isinstance(pattern, tuple) else (None, pattern)
+    weight = -torch.rand(2, 8) - 1
+    weight[0, :4] = torch.tensor([float("nan"), float("nan"), float("inf"), 1.0])
+    weight, norm = weight.to(device), torch.ones(8, device=device)
+    (out, mask), (ref_out, ref_mask) = both_backends(lambda: wanda_prune(weight, norm, sparsity, nm))
+    assert_exact(out, ref_out, "pruned weight")
+    pruned = ref_out[~ref_mask]
+    assert (pruned == 0).all() and not torch.signbit(pruned).any()
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.3])
 def test_ties_across_pieces(both_backends, assert_exact, device, sparsity):
     """A row whose threshold ties must be split is re-read in pieces of TIE_BLOCK: the lowest-index ties go,
