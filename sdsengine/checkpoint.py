@@ -1,9 +1,12 @@
 """Saving a pruned model as a normal Hugging Face checkpoint, atomically and without clobbering.
 
-The checkpoint is written to a temporary sibling directory and renamed into place only when complete,
-so a failed run leaves no half-written directory and a non-empty one is replaced only with overwrite.
+Every output directory (this checkpoint, convert's compressed one) is written through staged_directory:
+into a temporary directory, put in place only when complete, so a failed run leaves no half-written
+directory and a non-empty one is replaced only with overwrite.
 """
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,7 +15,8 @@ REPORT_NAME = "sdsengine.json"
 
 
 def check_output_dir(out, overwrite=False) -> Path:
-    """Call before any work: refuse a non-empty directory unless overwrite is set."""
+    """Call before any work: refuse a non-empty directory unless overwrite is set, and a place the files
+    could not be written to."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
@@ -21,23 +25,67 @@ def check_output_dir(out, overwrite=False) -> Path:
         raise FileExistsError(f"output path {out} lies under {blocked}, which is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    staging = _staging_parent(out)
+    existing = next(p for p in (staging, *staging.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {out}: {existing} is not writable")
     return out
+
+
+def _staging_parent(out):
+    """Where the temporary directory goes: inside an empty out (which may be a mount point, which cannot be
+    renamed or removed), else beside it, so that the final rename stays on one file system."""
+    return out if out.is_dir() and not any(out.iterdir()) else out.parent
+
+
+@contextlib.contextmanager
+def staged_directory(out, overwrite=False):
+    """Yields a temporary directory to fill; on success its files become `out` (new, empty, or with
+    overwrite replaced whole), on failure it is removed and `out` is as it was."""
+    out = check_output_dir(out, overwrite)
+    parent = _staging_parent(out)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
+    try:
+        yield tmp
+        if parent == out:
+            _move_contents(tmp, out)
+        else:
+            _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(model, tokenizer, out, report, overwrite=False) -> Path:
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _move_contents(tmp, out):
+    """Fill the empty out with tmp's entries; if one cannot move, those moved go back, leaving out empty."""
+    moved = []
+    try:
+        for entry in list(tmp.iterdir()):
+            entry.rename(out / entry.name)
+            moved.append(out / entry.name)
+    except BaseException:
+        for path in moved:
+            path.rename(tmp / path.name)
+        raise
+    tmp.rmdir()
 
 
 def _swap_into_place(tmp, out):

@@ -15,7 +15,6 @@ from sdsengine.data import EVAL_TASKS
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
-from sdsengine.nn.convert import check_output_dir
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -71,7 +70,8 @@ def _add_model_flags(parser):
     parser.add_argument("--model", default=None, help="hub id, local HF directory or .gguf file "
                                                       "(default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: float32; a compressed checkpoint (eval) keeps the dtype it was saved in")
+                        help="default: float32; a compressed checkpoint (eval) keeps the dtype it was saved in; "
+                             "convert keeps a float16/bfloat16 checkpoint's, else bfloat16")
 
 
 def build_parser():
@@ -100,6 +100,7 @@ def build_parser():
     c = sub.add_parser("convert", help="replace the 2:4 linears of a pruned checkpoint by SparseLinear and save")
     _add_model_flags(c)
     c.add_argument("--out", required=True, help="output directory (compressed checkpoint)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
     bench.add_arguments(b)
@@ -248,8 +249,11 @@ def _check_result_files(args, tasks):
 
 
 def cmd_convert(args):
-    check_output_dir(args.out)  # before the load and conversion, which take minutes on a large model
-    model, tokenizer, source = load_model(args.model, _dtype(args))
+    out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
+    if args.model is not None and Path(args.model).expanduser().resolve() == out:
+        raise ValueError(f"--out {out} is the model being converted: name another directory")
+    model, tokenizer, source = load_model(args.model, _dtype(args) or "auto")
+    model = _half_for_kernels(model, args)
     records = []
     convert(model, report=records)
     done = sum(r.action == "converted" for r in records)
@@ -257,8 +261,22 @@ def cmd_convert(args):
         reasons = sorted({r.reason.split(" (")[0] for r in records})
         raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({'; '.join(reasons)}); "
                          "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
-    save_compressed(model, args.out, tokenizer)
+    save_compressed(model, out, tokenizer, args.overwrite)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
+
+
+def _half_for_kernels(model, args):
+    """The sparse kernels run fp16/bf16 only: without --dtype, a float32 checkpoint (as prune saves by
+    default) is converted in bfloat16, which keeps float32's range; with --dtype float32, say what it costs."""
+    if model.dtype in (torch.float16, torch.bfloat16):
+        return model
+    if args.dtype is None:
+        print(f"convert: the checkpoint is {str(model.dtype).removeprefix('torch.')}; converting in bfloat16, "
+              "where the sparse kernels run (--dtype float16 or float32 to choose)")
+        return model.to(torch.bfloat16)
+    print("convert: warning: float32 SparseLinears always run the dense fallback (the sparse kernels need "
+          "float16 or bfloat16)", file=sys.stderr)
+    return model
 
 
 def cmd_bench(args):
@@ -297,7 +315,7 @@ def main(argv=None):
     try:
         commands = {"prune": cmd_prune, "eval": cmd_eval, "convert": cmd_convert, "bench": cmd_bench, "demo": cmd_demo}
         return commands[args.command](args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: missing files, full or read-only disks
         print(f"sdsengine: error: {exc}", file=sys.stderr)
         return 2
 

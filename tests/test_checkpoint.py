@@ -49,3 +49,46 @@ def test_overwrite_replaces(tmp_path):
     save_checkpoint(tiny_model("gpt2"), None, out, {"x": 1}, overwrite=True)
     assert not (out / "old.txt").exists() and (out / REPORT_NAME).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_empty_directory_is_filled_in_place(tmp_path):
+    """An empty --out may be a mount point, which cannot be renamed or removed: it is filled, not replaced."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    inode = out.stat().st_ino
+    save_checkpoint(tiny_model("llama"), None, out, {"x": 1})
+    assert out.stat().st_ino == inode and (out / REPORT_NAME).exists() and (out / "config.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left inside
+
+
+def test_output_directory_mode_follows_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        out = save_checkpoint(tiny_model("llama"), None, tmp_path / "new", {})
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+def test_a_failed_move_leaves_the_empty_directory_empty(tmp_path, monkeypatch):
+    out = tmp_path / "mnt"
+    out.mkdir()
+    calls = []
+    real_rename = type(out).rename
+
+    def flaky(self, target):
+        calls.append(self.name)
+        if len(calls) == 2 and self.parent.name.startswith(".mnt.tmp-"):
+            raise OSError("no space left")
+        return real_rename(self, target)
+    monkeypatch.setattr(type(out), "rename", flaky)
+    with pytest.raises(OSError, match="no space left"):
+        save_checkpoint(tiny_model("llama"), None, out, {})
+    assert list(out.iterdir()) == [] and list(tmp_path.iterdir()) == [out]
+
+
+def test_unwritable_place_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("sdsengine.checkpoint.os.access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'a' / 'out'}: {tmp_path} is not writable"):
+        check_output_dir(tmp_path / "a" / "out")

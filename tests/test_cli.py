@@ -66,9 +66,10 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     assert pruned_r["windows"] == 2 and pruned_r["tokens"] == 256
     assert torch.isfinite(torch.tensor(pruned_r["ppl"])) and pruned_r["ppl"] > dense_r["ppl"]
 
-    # convert, then evaluate the compressed checkpoint itself: the same perplexity as the pruned model's
+    # convert (in float32, to compare exactly), then evaluate the compressed checkpoint itself: the same
+    # perplexity as the pruned model's
     packed = tmp_path / "packed"
-    assert main(["convert", "--model", str(out), "--out", str(packed)]) == 0
+    assert main(["convert", "--model", str(out), "--out", str(packed), "--dtype", "float32"]) == 0
     packed_json = tmp_path / "packed.json"
     assert main(["eval", "--model", str(packed), "--tasks", "wikitext2", "--seqlen", "128", "--limit", "2",
                  "--json", str(packed_json)]) == 0
@@ -163,11 +164,50 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     model = tiny_model("gpt2")
     result = sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
     src = save_checkpoint(model, None, tmp_path / "pruned", result.report)
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "packed")]) == 0
-    assert "8 of 9 linears converted" in capsys.readouterr().out  # lm_head stays dense
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "packed"), "--dtype", "float32"]) == 0
+    out = capsys.readouterr()
+    assert "8 of 9 linears converted" in out.out  # lm_head stays dense
+    assert "float32 SparseLinears always run the dense fallback" in out.err
     packed = sdsengine.load_compressed(tmp_path / "packed")
     ids = tiny_tokens(1, 8)
     torch.testing.assert_close(packed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("saved,expected", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+                                            (torch.bfloat16, torch.bfloat16)])
+def test_convert_writes_a_dtype_the_sparse_kernels_run(tmp_path, capsys, saved, expected):
+    """Without --dtype: a float16/bfloat16 checkpoint keeps its dtype; a float32 one (prune's default) is
+    converted in bfloat16, and convert says so."""
+    import sdsengine
+    from tiny_models import tiny_model
+    from sdsengine.checkpoint import save_checkpoint
+    model = tiny_model("gpt2")  # as in test_convert_cli_round_trip: load_model accepts its directory
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    src = save_checkpoint(model.to(saved), None, tmp_path / "pruned", {})
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "packed")]) == 0
+    assert ("converting in bfloat16" in capsys.readouterr().out) == (saved == torch.float32)
+    manifest = json.loads((tmp_path / "packed" / "sdsengine_compressed.json").read_text())
+    assert {spec["dtype"] for spec in manifest["sparse_modules"].values()} == {str(expected).removeprefix("torch.")}
+
+
+def test_convert_overwrite_and_its_own_source(tmp_path, capsys):
+    """A non-empty --out needs --overwrite; --out naming the model being converted is refused either way."""
+    import sdsengine
+    from tiny_models import tiny_model
+    from sdsengine.checkpoint import save_checkpoint
+    model = tiny_model("gpt2")  # as in test_convert_cli_round_trip: load_model accepts its directory
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    src = save_checkpoint(model, None, tmp_path / "pruned", {})
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "old.txt").write_text("old")
+    assert main(["convert", "--model", str(src), "--out", str(packed)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (packed / "old.txt").exists()
+    assert main(["convert", "--model", str(src), "--out", str(packed), "--overwrite"]) == 0
+    assert not (packed / "old.txt").exists() and (packed / "sdsengine_compressed.json").exists()
+    assert main(["convert", "--model", str(src), "--out", str(src), "--overwrite"]) == 2
+    assert "is the model being converted" in capsys.readouterr().err
+    assert (src / "config.json").exists()
 
 
 def test_convert_cli_refuses_a_model_with_nothing_to_convert(tmp_path, capsys):

@@ -6,14 +6,12 @@ transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn
 A compressed checkpoint is a directory holding model.safetensors (the state dict: values/meta/bias
 buffers for every SparseLinear, tied tensors stored once), sdsengine_compressed.json naming the
 SparseLinear modules and their shapes, the model's config.json when it has one, and the tokenizer's
-files when one is given (so `sdsengine eval --model DIR` runs it). It is written to a
-temporary sibling and renamed into place; a non-empty directory is never overwritten.
+files when one is given (so `sdsengine eval --model DIR` runs it). It is written as the pruned
+checkpoint is (checkpoint.staged_directory); a non-empty directory is never overwritten.
 """
 import fnmatch
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from sdsengine.transformers_compat import dtype_kwargs
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.masks import nm_violations
 from sdsengine.nn.sparse_linear import SparseLinear
 
@@ -96,33 +95,17 @@ def _log_summary(records):
 # Compressed checkpoints
 # ---------------------------------------------------------------------------------------------------
 
-def check_output_dir(directory) -> Path:
-    """The resolved path, if save_compressed may write there (new, or an empty directory); else raises."""
-    out = Path(directory).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; refusing to overwrite it")
-    return out
-
-
-def save_compressed(model, directory, tokenizer=None):
-    """Write `model` (after convert), and its tokenizer if given, to a new or empty `directory`; returns
-    its path."""
-    out = check_output_dir(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+def save_compressed(model, directory, tokenizer=None, overwrite=False):
+    """Write `model` (after convert), and its tokenizer if given, to a new or empty `directory` (or replace a
+    non-empty one with overwrite); returns its path."""
+    out = check_output_dir(directory, overwrite)
+    with staged_directory(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS))
         if hasattr(getattr(model, "config", None), "save_pretrained"):
             model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(_manifest(model), indent=2))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

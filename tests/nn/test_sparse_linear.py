@@ -342,7 +342,7 @@ def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
     model = convert(tiny_llama())
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an empty directory"):
+    with pytest.raises(FileExistsError, match="is not empty; pass --overwrite"):
         save_compressed(model, tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "empty").mkdir()
