@@ -13,8 +13,9 @@ testable without a GPU.
 
 Each layer remembers, per (token count, dtype), the backend and form it settled on, so a repeated call
 costs one dict lookup more than nn.Linear: the decision keys (str(device), buckets) are computed only on a
-miss. Those routes are dropped whenever they could be stale: the buffers moved or reloaded, the autotune
-cache cleared, a backend forced or released.
+miss. Those routes are dropped whenever they could be stale: the autotune cache cleared, a backend forced
+or released; and with the derived forms, whenever values or meta are not the tensors, at the versions,
+they were derived from (moved, reloaded, changed in place, swapped by torch.func.functional_call).
 """
 import contextlib
 import warnings
@@ -85,7 +86,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("meta", torch.full((out_features, in_features // 32), ops.PAD_META, device=device,
                                                 dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
-        self._forms = {}
+        self._forms, self._source = {}, None  # the forms' source: (values, its version, meta, its version)
         self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
 
     @classmethod
@@ -132,6 +133,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear({self.in_features} -> {self.out_features}): input's last dimension must "
                              f"be {self.in_features}, got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
+        self._check_source()
         route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None
         if route is None:
             if x2.shape[0] == 0:
@@ -158,15 +160,27 @@ class SparseLinear(nn.Module):
     def _form(self, backend):
         key = ops.form_key(backend)
         if key not in self._forms:
-            self._forms[key] = ops.prepare(backend, self.values, self.meta)
+            self._check_source()
+            with torch.inference_mode(False):  # a form made under inference_mode could not serve autograd later
+                self._forms[key] = ops.prepare(backend, self.values, self.meta)
         return self._forms[key]
 
+    def _check_source(self):
+        """Drop every derived form and route unless values and meta are the very tensors, unchanged, that
+        they were derived from. Compiled code cannot read versions without a graph break: it checks
+        identity only, and relies on moves and reloads (below) to drop the forms."""
+        v, m = self.values, self.meta
+        s = self._source
+        if s is None or s[0] is not v or s[2] is not m or (
+                not torch.compiler.is_compiling() and (s[1] != v._version or s[3] != m._version)):
+            self._forms, self._routes, self._source = {}, {}, (v, v._version, m, m._version)
+
     def _apply(self, fn, recurse=True):
-        self._forms, self._routes = {}, {}  # device or dtype moves invalidate every derived form
+        self._source = None  # moved: derive again
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._forms, self._routes = {}, {}
+        self._source = None  # reloaded in place: derive again
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- backend choice -----------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def test_moving_dtype_drops_cached_forms():
     sparse(x)
     assert "dense" in sparse._forms
     sparse.to(torch.bfloat16)
-    assert sparse._forms == {}
     assert sparse(x.bfloat16()).dtype == torch.bfloat16
+    assert [f.dtype for f in sparse._forms.values()] == [torch.bfloat16]
 
 
 def test_load_state_dict_drops_cached_forms():
@@ -106,6 +106,30 @@ def test_load_state_dict_drops_cached_forms():
     a(x)
     a.load_state_dict(b.state_dict())
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_forms_follow_the_buffers_they_came_from():
+    """Weights changed in place, or swapped in by functional_call, are the ones that run: a cached form
+    once kept the old weight while the new bias was used."""
+    a, b = pruned_linear(64, 32, seed=0), pruned_linear(64, 32, seed=1)
+    sa, sb = SparseLinear.from_linear(a), SparseLinear.from_linear(b)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        sa(x)
+        torch.testing.assert_close(torch.func.functional_call(sa, dict(sb.state_dict()), (x,)), b(x))
+        torch.testing.assert_close(sa(x), a(x))  # its own buffers again
+        sa.values.mul_(2)
+        torch.testing.assert_close(sa(x), x @ (2 * a.weight).T + a.bias)
+
+
+def test_a_first_call_under_inference_mode_does_not_block_autograd():
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    with torch.inference_mode():
+        sparse(torch.randn(2, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    sparse(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(2, -1))
 
 
 def test_from_linear_refuses_dense_weights():
