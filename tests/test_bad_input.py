@@ -1,6 +1,7 @@
 """Bad input met by the CLI and the Python API: each is refused with a message naming the problem, before any
 model time where it can be, and nothing the user had is replaced (from an audit of the error paths)."""
 import importlib
+import json
 import re
 
 import pytest
@@ -77,7 +78,7 @@ def test_convert_refuses_a_non_empty_output_before_loading(tmp_path, capsys):
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "keep.txt").write_text("mine")
     _refused(["convert", "--model", NO_MODEL, "--out", str(tmp_path / "packed")], capsys,
-             "packed exists and is not an empty directory")
+             "packed is not empty; pass --overwrite to replace it")
     assert (tmp_path / "packed" / "keep.txt").read_text() == "mine"
 
 
@@ -85,6 +86,8 @@ def test_an_output_under_a_file_is_refused_before_work(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     _refused(["prune", "--method", "magnitude", "--sparsity", "2:4", "--model", NO_MODEL, "--out",
               str(tmp_path / "afile" / "sub")], capsys, "lies under .*afile, which is a file")
+    _refused(["convert", "--model", NO_MODEL, "--out", str(tmp_path / "afile" / "sub" / "packed")], capsys,
+             "lies under .*afile, which is a file")
     assert (tmp_path / "afile").read_text() == "mine"
 
 
@@ -210,6 +213,44 @@ def test_a_damaged_compressed_checkpoint_is_named(tmp_path, manifest, message):
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         sdsengine.load_compressed(packed)
     (packed / "sdsengine_compressed.json").write_text(manifest)
+    with pytest.raises(ValueError, match=message):
+        sdsengine.load_compressed(packed)
+
+
+def _edit_manifest(packed, edit):
+    path = packed / "sdsengine_compressed.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _bad_dtype(manifest):
+    manifest["sparse_modules"]["model.layers.0.mlp.up_proj"]["dtype"] = "float8"
+
+
+def _no_dtype(manifest):
+    del manifest["sparse_modules"]["model.layers.0.mlp.up_proj"]["dtype"]
+
+
+def _unknown_module(manifest):
+    manifest["sparse_modules"]["model.layers.9.mlp.up_proj"] = manifest["sparse_modules"]["model.layers.0.mlp.up_proj"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_bad_dtype, r"entry 'model.layers.0.mlp.up_proj' is damaged .*'float8' is not a torch dtype"),
+    (_no_dtype, r"entry 'model.layers.0.mlp.up_proj' is damaged \(KeyError: 'dtype'\)"),
+    (_unknown_module, r"packed does not load: .*9"),
+    ("truncate", r"packed does not load: "),
+])
+def test_damaged_compressed_weights_or_entries_are_named(tmp_path, damage, message):
+    model = tiny_model("llama")
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    packed = sdsengine.save_compressed(sdsengine.convert(model), tmp_path / "packed")
+    if damage == "truncate":
+        weights = packed / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        _edit_manifest(packed, damage)
     with pytest.raises(ValueError, match=message):
         sdsengine.load_compressed(packed)
 

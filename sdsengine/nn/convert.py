@@ -113,7 +113,9 @@ def _manifest(model):
     sparse = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
                      "dtype": str(m.values.dtype).removeprefix("torch.")}
               for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    return {"format": FORMAT, "version": 1, "pattern": "2:4", "sparse_modules": sparse}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return {"format": FORMAT, "version": 1, "pattern": "2:4", "sparse_modules": sparse,
+            **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
 
 
 def load_compressed(directory, model=None):
@@ -123,7 +125,7 @@ def load_compressed(directory, model=None):
     without it the model is built from the saved config.json with transformers, which allocates the
     dense model once before the linears are swapped, so peak host memory is the dense model's size.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if not (directory / MANIFEST).is_file():
         raise FileNotFoundError(f"{directory} is not an sdsengine compressed checkpoint (no {MANIFEST}; "
                                 "`sdsengine convert` writes one)")
@@ -131,24 +133,47 @@ def load_compressed(directory, model=None):
         manifest = json.loads((directory / MANIFEST).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{directory / MANIFEST} is damaged (not valid JSON: {exc.msg})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "sparse_modules" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+            manifest.get("sparse_modules"), dict):
         raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint manifest")
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"compressed checkpoint {directory} has no {WEIGHTS}")
-    sparse = manifest["sparse_modules"]
-    if model is None:
-        model = _model_from_config(directory, sparse)
-    for name, spec in sparse.items():
-        dtype = getattr(torch, spec["dtype"])
-        shell = SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype)
-        _set_submodule(model, name, shell)
-    load_model(model, str(directory / WEIGHTS), strict=True)
+    shells = {name: _shell(directory, name, spec) for name, spec in manifest["sparse_modules"].items()}
+    # the model's dtype; manifests written before it was recorded: the first sparse layer's
+    dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
+        next(iter(shells.values())).values.dtype if shells else torch.float32)
+    # a skeleton in another dtype would keep it for the dense tensors (loading copies into them)
+    model = _model_from_config(directory, dtype) if model is None else model.to(dtype)
+    try:
+        for name, shell in shells.items():
+            _set_submodule(model, name, shell)
+        load_model(model, str(directory / WEIGHTS), strict=True)
+    except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
+        raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
     return model.eval()
 
 
-def _model_from_config(directory, sparse):
+def _shell(directory, name, spec):
+    """An empty SparseLinear for a manifest entry, or a ValueError naming the entry."""
+    try:
+        dtype = _dtype_named(spec["dtype"], directory / MANIFEST)
+        return SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{directory / MANIFEST}: entry {name!r} is damaged ({type(exc).__name__}: {exc})") from None
+
+
+def _dtype_named(name, where):
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: {name!r} is not a torch dtype")
+    return dtype
+
+
+def _model_from_config(directory, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(directory)
-    dtype = getattr(torch, next(iter(sparse.values()))["dtype"]) if sparse else torch.float32
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as exc:
+        raise ValueError(f"compressed checkpoint {directory} has no usable config.json: {exc}") from exc
     return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
 

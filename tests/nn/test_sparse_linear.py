@@ -362,6 +362,18 @@ def test_a_half_precision_checkpoint_loads_in_its_own_dtype_unless_asked(tmp_pat
     assert model.model.layers[0].mlp.up_proj.values.dtype == torch.float32
 
 
+def test_the_models_dtype_survives_the_checkpoint(tmp_path):
+    """Dense tensors keep the saved dtype: with nothing converted (it was float32), and in a skeleton of
+    another dtype (the dense tensors kept the skeleton's, so the forward mixed dtypes)."""
+    nothing = save_compressed(tiny_llama().to(torch.bfloat16), tmp_path / "dense")  # not converted
+    assert next(load_compressed(nothing).parameters()).dtype == torch.bfloat16
+    model = convert(tiny_llama().half())
+    out = save_compressed(model, tmp_path / "half")
+    loaded = load_compressed(out, model=tiny_llama(seed=5))
+    assert {p.dtype for p in loaded.parameters()} | {b.dtype for b in loaded.buffers() if b.is_floating_point()} \
+        == {torch.float16}
+
+
 def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
     model = convert(tiny_llama())
     (tmp_path / "full").mkdir()
