@@ -7,6 +7,7 @@ import torch
 from sdsengine import report
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import calibration_protocol, calibration_samples
+from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.resume import ResumeStore
 from sdsengine.pipeline.sequential import prune_model
@@ -33,6 +34,8 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
                         f"{type(config).__name__}")
     check_device(config.device)
     adapters.layout_for(model)  # an unsupported model is named before its inputs are looked at
+    if any(isinstance(m, SparseLinear) for m in model.modules()):  # its linears would all be skipped
+        raise ValueError("the model holds SparseLinear layers (it was converted): prune the model it came from")
     samples, protocol = _calibration(model, config, calibration, tokenizer)
     store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     start = time.perf_counter()

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from sdsengine.data import EVAL_TASKS
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
+from sdsengine.nn.convert import skip_reasons
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -255,11 +257,12 @@ def cmd_convert(args):
     model, tokenizer, source = load_model(args.model, _dtype(args) or "auto")
     model = _half_for_kernels(model, args)
     records = []
-    convert(model, report=records)
+    with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
+        warnings.simplefilter("ignore")
+        convert(model, report=records)
     done = sum(r.action == "converted" for r in records)
     if done == 0:  # a copy with nothing compressed is neither smaller nor faster: say why instead
-        reasons = sorted({r.reason.split(" (")[0] for r in records})
-        raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({'; '.join(reasons)}); "
+        raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({skip_reasons(records)}); "
                          "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
     save_compressed(model, out, tokenizer, args.overwrite)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")

@@ -120,6 +120,8 @@ def _jit_build(why_not_prebuilt):
 
 def _why_not(backend, device, dtype):
     """None if `backend` can run here, else the reason."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "dense":
         return None
     if device.type != "cuda":
@@ -138,9 +140,8 @@ def _why_not(backend, device, dtype):
     if backend == "cusparselt":
         ok = hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()
         return cusparselt_error() if ok else "this PyTorch build has no cuSPARSELt"
-    if backend == "cutlass":
-        return None if major == 8 else f"PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x, not {major}.{minor}"
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    # cutlass, the last of BACKENDS
+    return None if major == 8 else f"PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x, not {major}.{minor}"
 
 
 # A failing kernel can leave an illegal instruction behind that kills the process's CUDA context for every

@@ -12,6 +12,7 @@ checkpoint is (checkpoint.staged_directory); a non-empty directory is never over
 import fnmatch
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def convert(model, ignore=("lm_head",), report=None):
     report: a list to receive one Conversion per linear layer; a summary is logged either way.
     """
     records = [] if report is None else report
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)  # one pattern, not its characters
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, Conv1D)):
             record, replacement = _convert_one(name, module, ignore)
@@ -89,6 +91,14 @@ def _log_summary(records):
     for r in records:
         if r.action != "converted":
             log.info("  kept dense: %s %s: %s", r.name, r.shape, r.reason)
+    if records and not done:  # the usual cause: a model pruned unstructured, or not pruned at all
+        warnings.warn(f"sdsengine.convert: none of the {len(records)} linear layers is converted "
+                      f"({skip_reasons(records)}); SparseLinear needs 2:4 weights")
+
+
+def skip_reasons(records):
+    """Why linears stayed dense, each reason once: 'ignored; not 2:4'."""
+    return "; ".join(sorted({r.reason.split(" (")[0] for r in records if r.action != "converted"}))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -151,6 +151,9 @@ def test_use_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         with use_backend("fast"):
             pass
+    values, meta = compress_24(pruned_linear(64, 32).weight.detach())
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):  # before "needs a CUDA device" here
+        ops.spmm24(torch.randn(2, 64), values, meta, backend="fast")
 
 
 @pytest.fixture
@@ -372,6 +375,21 @@ def test_the_models_dtype_survives_the_checkpoint(tmp_path):
     loaded = load_compressed(out, model=tiny_llama(seed=5))
     assert {p.dtype for p in loaded.parameters()} | {b.dtype for b in loaded.buffers() if b.is_floating_point()} \
         == {torch.float16}
+
+
+def test_convert_says_when_nothing_converts_and_takes_one_pattern_as_a_string():
+    dense = AutoModelForCausalLM.from_config(tiny_llama().config)  # not pruned
+    with pytest.warns(UserWarning, match=r"none of the 15 linear layers is converted \(ignored; not 2:4\)"):
+        convert(dense)
+    model = convert(tiny_llama(), ignore="*up_proj")
+    assert not isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+
+
+def test_a_converted_model_is_not_pruned_again():
+    from sdsengine import MagnitudeConfig, prune
+    with pytest.raises(ValueError, match="holds SparseLinear layers"):
+        prune(convert(tiny_llama()), MagnitudeConfig(sparsity="2:4"), None, progress=False)
 
 
 def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
