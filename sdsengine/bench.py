@@ -43,6 +43,9 @@ def add_arguments(parser):
 
 def run(args, load_model=None):
     """Print the table; returns a process exit code. load_model(name) -> model (or a tuple led by it)."""
+    tokens = parse_tokens(args.tokens)  # arguments are checked first, GPU or not
+    if args.iters < 1:
+        raise ValueError(f"--iters must be at least 1, got {args.iters}")
     if not torch.cuda.is_available():
         print("sdsengine bench: needs a CUDA GPU; none is visible, nothing measured")
         return 1
@@ -50,7 +53,6 @@ def run(args, load_model=None):
     dtype = getattr(torch, args.dtype)
     checked = ops.probe("cuda", dtype, self_check=True)["backends"]
     print("backends (self-checked against dense): " + "; ".join(f"{b}: {s}" for b, s in checked.items()))
-    tokens = [int(t) for t in args.tokens.split(",") if t]
     records = []
     for shape, users in shapes.items():
         records += measure(shape, tokens, dtype, iters=args.iters, users=users)
@@ -81,6 +83,14 @@ def parse_shapes(text):
             raise ValueError(f"--shapes takes OUTxIN pairs of positive integers such as 4096x4096, got {item!r}")
         shapes.append((int(parts[0]), int(parts[1])))
     return shapes
+
+
+def parse_tokens(text):
+    """'1,16,128' -> [1, 16, 128]: positive token counts."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items or not all(t.isdigit() and int(t) > 0 for t in items):
+        raise ValueError(f"--tokens takes positive integers such as 1,16,128, got {text!r}")
+    return [int(t) for t in items]
 
 
 def model_shapes(model, ignore=("lm_head",)):

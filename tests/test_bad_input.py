@@ -269,6 +269,16 @@ def test_bench_shapes_are_checked():
         bench.parse_shapes("64by64")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--tokens", "0"], "--tokens takes positive integers such as 1,16,128, got '0'"),
+    (["--tokens", "abc"], "--tokens takes positive integers .* got 'abc'"),
+    (["--iters", "0"], "--iters must be at least 1, got 0"),
+])
+def test_bench_arguments_are_checked_without_a_gpu(capsys, flags, message):
+    assert bench.parse_tokens("1, 16,128") == [1, 16, 128]
+    _refused(["bench", "--shapes", "64x64", *flags], capsys, message)
+
+
 # ---- model loading ---------------------------------------------------------------------------------------
 
 def test_a_model_without_tokenizer_or_with_broken_weights_is_named(tmp_path):

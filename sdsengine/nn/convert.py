@@ -5,9 +5,10 @@ transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn
 
 A compressed checkpoint is a directory holding model.safetensors (the state dict: values/meta/bias
 buffers for every SparseLinear, tied tensors stored once), sdsengine_compressed.json naming the
-SparseLinear modules and their shapes, the model's config.json when it has one, and the tokenizer's
-files when one is given (so `sdsengine eval --model DIR` runs it). It is written as the pruned
-checkpoint is (checkpoint.staged_directory); a non-empty directory is never overwritten.
+SparseLinear modules, their shapes and the model's dtype, the model's config.json and
+generation_config.json when it has them, and the tokenizer's files when one is given (so `sdsengine eval
+--model DIR` runs it). It is written as the pruned checkpoint is (checkpoint.staged_directory); a
+non-empty directory is replaced only with overwrite.
 """
 import fnmatch
 import json
@@ -111,8 +112,9 @@ def save_compressed(model, directory, tokenizer=None, overwrite=False):
     out = check_output_dir(directory, overwrite)
     with staged_directory(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS))
-        if hasattr(getattr(model, "config", None), "save_pretrained"):
-            model.config.save_pretrained(tmp)
+        for part in ("config", "generation_config"):  # generation_config: the sampling defaults
+            if hasattr(getattr(model, part, None), "save_pretrained"):
+                getattr(model, part).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(_manifest(model), indent=2))
@@ -185,5 +187,9 @@ def _model_from_config(directory, dtype):
         config = AutoConfig.from_pretrained(directory)
     except Exception as exc:
         raise ValueError(f"compressed checkpoint {directory} has no usable config.json: {exc}") from exc
-    return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
+    if (directory / "generation_config.json").is_file():  # from_config does not read it; from_pretrained does
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
 

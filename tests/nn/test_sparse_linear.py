@@ -344,7 +344,8 @@ def test_save_load_roundtrip(tmp_path, tie):
     out = save_compressed(model, tmp_path / "ckpt")
     manifest = json.loads((out / "sdsengine_compressed.json").read_text())
     assert len(manifest["sparse_modules"]) == 14
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sdsengine_compressed.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                    "sdsengine_compressed.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     loaded = load_compressed(out)
     assert isinstance(loaded.model.layers[1].mlp.up_proj, SparseLinear)
@@ -363,6 +364,13 @@ def test_a_half_precision_checkpoint_loads_in_its_own_dtype_unless_asked(tmp_pat
     assert model.model.layers[0].mlp.up_proj.values.dtype == torch.float16
     model, _, _ = load_model(out, torch.float32, compressed_ok=True)
     assert model.model.layers[0].mlp.up_proj.values.dtype == torch.float32
+
+
+def test_sampling_defaults_survive_the_checkpoint(tmp_path):
+    model = convert(tiny_llama())
+    model.generation_config.temperature, model.generation_config.do_sample = 0.3, True
+    loaded = load_compressed(save_compressed(model, tmp_path / "ckpt"))
+    assert loaded.generation_config.temperature == 0.3 and loaded.generation_config.do_sample
 
 
 def test_the_models_dtype_survives_the_checkpoint(tmp_path):
