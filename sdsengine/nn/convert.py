@@ -56,12 +56,14 @@ def convert(model, ignore=("lm_head",), report=None):
     """
     records = [] if report is None else report
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)  # one pattern, not its characters
-    for name, module in list(model.named_modules()):
+    done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, (nn.Linear, Conv1D)):
-            record, replacement = _convert_one(name, module, ignore)
-            records.append(record)
-            if replacement is not None:
-                _set_submodule(model, name, replacement)
+            if id(module) not in done:
+                record, done[id(module)] = _convert_one(name, module, ignore)
+                records.append(record)
+            if done[id(module)] is not None:
+                _set_submodule(model, name, done[id(module)])
     _log_summary(records)
     return model
 

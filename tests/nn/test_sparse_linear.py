@@ -394,6 +394,17 @@ def test_convert_says_when_nothing_converts_and_takes_one_pattern_as_a_string():
     assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
 
 
+def test_a_module_under_two_names_is_replaced_under_both():
+    model = tiny_llama()
+    shared = model.model.layers[0].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = shared
+    report = []
+    convert(model, report=report)
+    assert model.model.layers[0].mlp.up_proj is model.model.layers[1].mlp.up_proj
+    assert isinstance(model.model.layers[1].mlp.up_proj, SparseLinear)
+    assert [r.name for r in report].count("model.layers.0.mlp.up_proj") == 1 and len(report) == 14
+
+
 def test_a_converted_model_is_not_pruned_again():
     from sdsengine import MagnitudeConfig, prune
     with pytest.raises(ValueError, match="holds SparseLinear layers"):
