@@ -124,10 +124,24 @@ def decompress_24(values, meta):
     if half % 16 or meta.dtype != torch.int32 or meta.shape != (rows, half // 16):
         raise ValueError(f"decompress_24: needs values (rows, K/2) with K % 32 == 0 and int32 meta (rows, K/32); "
                          f"got values {tuple(values.shape)}, meta {tuple(meta.shape)} {meta.dtype}")
+    check_meta(meta, "decompress_24")
     if not _use_triton(values, values.dtype in _KERNEL_DTYPES):
         return reference.decompress_24(values, meta)
     with _device_of(values):
         return _kernel("compress").decompress_24(values, meta)
+
+
+def check_meta(meta, what):
+    """Raise, naming `what` and the first bad group, unless every 4-bit entry of the int32 meta names two
+    kept columns, the lower first: anything else is no 2:4 layout, and the backends would read it differently."""
+    shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
+    nibbles = (meta.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    bad = ((nibbles & 3) >= (nibbles >> 2)).reshape(meta.shape[0], -1)
+    if bad.any():
+        row, group = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what}: meta is not a 2:4 layout: row {row}, group {group} (columns {4 * group}-"
+                         f"{4 * group + 3}) holds {int(nibbles.reshape(meta.shape[0], -1)[row, group]):#06b}, "
+                         "not two kept column indices, the lower first")
 
 
 def _kernel(name):

@@ -242,15 +242,19 @@ def _unknown_module(manifest):
     (_no_dtype, r"entry 'model.layers.0.mlp.up_proj' is damaged \(KeyError: 'dtype'\)"),
     (_unknown_module, r"packed does not load: .*9"),
     ("truncate", r"packed does not load: "),
+    ("meta", r"packed, model.layers.0.mlp.up_proj: meta is not a 2:4 layout: row 1, group 0"),
 ])
 def test_damaged_compressed_weights_or_entries_are_named(tmp_path, damage, message):
     model = tiny_model("llama")
     sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
-    packed = sdsengine.save_compressed(sdsengine.convert(model), tmp_path / "packed")
+    sdsengine.convert(model)
+    if damage == "meta":  # a group "keeping" column 0 twice
+        model.model.layers[0].mlp.up_proj.meta[1, 0] = 0x44444440
+    packed = sdsengine.save_compressed(model, tmp_path / "packed")
     if damage == "truncate":
         weights = packed / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
-    else:
+    elif callable(damage):
         _edit_manifest(packed, damage)
     with pytest.raises(ValueError, match=message):
         sdsengine.load_compressed(packed)

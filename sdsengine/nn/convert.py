@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from sdsengine.checkpoint import check_output_dir, staged_directory
+from sdsengine.kernels import check_meta
 from sdsengine.masks import nm_violations
 from sdsengine.nn.sparse_linear import SparseLinear
 
@@ -164,6 +165,8 @@ def load_compressed(directory, model=None):
         load_model(model, str(directory / WEIGHTS), strict=True)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
+    for name, shell in shells.items():
+        check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
     return model.eval()
 
 

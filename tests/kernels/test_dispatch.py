@@ -80,6 +80,8 @@ def test_bad_backend_name():
     (lambda: decompress_24(torch.randn(2, 16), torch.zeros(2, 2, dtype=torch.int32)),
      r"values \(2, 16\), meta \(2, 2\)"),
     (lambda: decompress_24(torch.randn(2, 16), torch.zeros(2, 1)), r"meta \(2, 1\) torch.float32"),
+    (lambda: decompress_24(torch.randn(2, 16), torch.tensor([[0x44444444], [0x44444404]], dtype=torch.int32)),
+     r"meta is not a 2:4 layout: row 1, group 1 \(columns 4-7\) holds 0b0000"),
 ])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_input_errors_name_the_values(call, message, backend):
