@@ -132,6 +132,8 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # reshape alone would accept any multiple of in_features
             raise ValueError(f"SparseLinear({self.in_features} -> {self.out_features}): input's last dimension must "
                              f"be {self.in_features}, got shape {tuple(x.shape)}")
+        if x.dtype != self.values.dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.values.dtype)  # autocast casts nn.Linear's operands; ours is compressed in its dtype
         x2 = x.reshape(-1, self.in_features)
         self._check_source()
         route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None

@@ -122,6 +122,16 @@ def test_forms_follow_the_buffers_they_came_from():
         torch.testing.assert_close(sa(x), x @ (2 * a.weight).T + a.bias)
 
 
+def test_autocast_runs_in_the_weights_dtype():
+    linear = pruned_linear(64, 32).to(torch.bfloat16)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(sparse(x), linear(x))
+    with pytest.raises(RuntimeError, match="input dtype torch.float32 differs"):  # outside autocast: named
+        sparse(x)
+
+
 def test_a_first_call_under_inference_mode_does_not_block_autograd():
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
