@@ -239,25 +239,32 @@ def main(argv=None):
     dense_model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
     dense = measure_model(dense_model, args)
     print(f"dense: {dense}", flush=True)
-    profiles = {"dense": profile_prefill(dense_model, args.batch, args.prefill)} if args.profile else {}
     model = convert(copy.deepcopy(dense_model))
     torch.cuda.empty_cache()
     sparse = measure_converted(model, args)
     print(f"sparse: {sparse}", flush=True)
+    # the records first, the diagnostics after: a run cut off by the GPU suite's time limit keeps them
+    _write(args, layers, dense, sparse, note)
     dense["prefill_after"] = time_prefill(dense_model, args.batch, args.prefill)  # drift since the first
     sparse["prefill_after"] = time_prefill(model, args.batch, args.prefill)  # and since the tuning
     print(f"prefill again, last: dense {dense['prefill_after']:.3f} ms, converted {sparse['prefill_after']:.3f} ms",
           flush=True)
+    records = _write(args, layers, dense, sparse, note)
+    print(prefill_diagnosis(records[0]))
     if args.profile:
-        profiles["2:4 (converted)"] = profile_prefill(model, args.batch, args.prefill)
+        profiles = {"dense": profile_prefill(dense_model, args.batch, args.prefill),
+                    "2:4 (converted)": profile_prefill(model, args.batch, args.prefill)}
         write_profiles(Path(args.out) / f"{args.name}_prefill_profile.md", profiles, args, layers)
+    return 0
+
+
+def _write(args, layers, dense, sparse, note):
     records = records_for(args, layers, dense, sparse, torch.cuda.get_device_name())
     for r in records:
         print(f"{r['bench']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
               f"({r['speedup']:.3f}x){note}")
-    print(prefill_diagnosis(records[0]))
-    print(f"wrote {write_results(args.name, records, args.out)}")
-    return 0
+    print(f"wrote {write_results(args.name, records, args.out)}", flush=True)
+    return records
 
 
 def write_profiles(path, profiles, args, layers):

@@ -71,6 +71,14 @@ def problems(name, records):
     return failed, missed
 
 
+def steps_run(path):
+    """The step names of the step table, or None without one."""
+    if not path or not Path(path).exists():
+        return None
+    with open(path, newline="") as f:
+        return {r["step"] for r in csv.DictReader(f, delimiter="\t")}
+
+
 def step_problems(path):
     """Lines for suite steps that did not end ok (the file: step, status, rc, seconds; tab-separated)."""
     if not path or not Path(path).exists():
@@ -95,7 +103,12 @@ def main(argv=None):
     rows, issues = collect(Path(args.dir))
     if rows:
         print_rows(rows)
-    issues = step_problems(args.steps or Path(args.dir) / "suite_steps.tsv") + issues
+    steps = args.steps or Path(args.dir) / "suite_steps.tsv"
+    ran = steps_run(steps)
+    older = [n for n in BENCHES if ran is not None and n not in ran and (Path(args.dir) / f"{n}.json").exists()]
+    if older:  # a SUITE_STEPS re-run keeps the other steps' files: say which figures are not from this run
+        print(f"\nfrom an earlier run (not a step of this one): {', '.join(older)}")
+    issues = step_problems(steps) + issues
     print(f"\n{len(issues)} failed, skipped or missed:" if issues else "\nnothing failed, skipped or missed")
     for line in issues[:MAX_LISTED]:
         print(f"  {line}")

@@ -74,6 +74,8 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     assert "step e2e: timeout (rc 124, 60 s)" in out and "step install" not in out
     assert "compress 32x64 float16 2:4: skipped (time budget spent)" in out
     assert "sparsegpt: no results" in out and "spmm: no results" in out
+    # wanda and compress ran, yet are no step of this run's table: a SUITE_STEPS re-run keeps older files
+    assert "from an earlier run (not a step of this one): wanda, compress" in out
 
 
 def test_summary_shows_the_host_wait(benchmark, tmp_path, capsys):
@@ -320,6 +322,15 @@ def test_suite_runs_only_the_selected_steps_and_keeps_other_results(tmp_path):
     assert (tmp_path / "e2e.json").read_text() == "[]"
     dispatch = tmp_path / "dispatch.json"  # removed first; on a CPU the step writes dispatch-cpu.json instead
     assert not dispatch.exists() or "stale" not in dispatch.read_text()
+
+
+def test_suite_without_check_results_turns_the_unverified_backends_off(tmp_path):
+    """`versions` gives later steps the backends' check results; with none (here: no GPU; on a GPU: cut off
+    by its time limit), later steps get cuSPARSELt and the wgmma pipelines off rather than checking again,
+    each in every process, where a trapping pipeline costs ~35 s."""
+    done = _suite(tmp_path, "versions")
+    assert (tmp_path / "switches.env").read_text() == "export SDSENGINE_CUSPARSELT=0\nexport SDSENGINE_WGMMA=0\n", \
+        done.stdout + done.stderr
 
 
 def test_suite_names_an_unknown_step(tmp_path):
