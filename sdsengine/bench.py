@@ -260,7 +260,12 @@ def stamped(records):
 
 
 def write_json(path, records):
-    Path(path).write_text(json.dumps(stamped(records), indent=1) + "\n")
+    """Whole or not at all: the GPU suite kills a step at its time limit, and a half-written file would
+    stop the summary (and hide the records written before)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(stamped(records), indent=1) + "\n")
+    tmp.replace(path)
 
 
 def write_results(name, records, directory="benchmarks/results"):
