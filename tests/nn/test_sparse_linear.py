@@ -132,6 +132,18 @@ def test_autocast_runs_in_the_weights_dtype():
         sparse(x)
 
 
+def test_torch_compile_traces_a_fresh_layer_in_one_graph():
+    """Host-side checks (buffer versions, metadata) stay out of compiled code: no graph breaks."""
+    import torch._dynamo as dynamo
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        explained = dynamo.explain(sparse)(x)
+        dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
 def test_a_first_call_under_inference_mode_does_not_block_autograd():
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
