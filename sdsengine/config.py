@@ -303,7 +303,7 @@ class SDSConfig(SparseGPTConfig):
     swaps: int | None = field(default=None, metadata={
         "help": "N:M patterns: sweeps of mask refinement after the refit, each group's kept weights re-chosen "
                 "and re-solved exactly with the rest of the row fixed, then the refit again (ours). Default: 1 "
-                "on N:M patterns with the SparseGPT base (measured: docs/SDS.md), else 0"})
+                "on N:M patterns with the SparseGPT or Wanda base (measured: docs/SDS.md), else 0"})
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
@@ -316,8 +316,8 @@ class SDSConfig(SparseGPTConfig):
 
     def default_swaps(self):
         """Measured (docs/SDS.md, "Mask refinement"): one sweep on N:M patterns from SparseGPT's masks (2:4 at
-        two seeds, 4:8); the Wanda and BESA bases keep 0 until measured with it."""
-        return 1 if self.sparsity.nm and self.base == "sparsegpt" else 0
+        two seeds, 4:8) and Wanda's (2:4); the BESA base keeps 0 until measured with it."""
+        return 1 if self.sparsity.nm and self.base in ("sparsegpt", "wanda") else 0
 
     def __post_init__(self):
         super().__post_init__()
