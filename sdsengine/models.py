@@ -31,8 +31,9 @@ def load_model(name=None, dtype=None, compressed_ok=False):
     """(model, tokenizer, source) in eval mode on CPU; raises with the reason when it cannot.
 
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
-    kernels run fp16/bf16 only); "auto": the dtype the checkpoint was saved in. compressed_ok: accept a compressed checkpoint (its 2:4 linears as
-    SparseLinear), for evaluation; pruning and converting need the model it came from."""
+    kernels run fp16/bf16 only); "auto": the dtype any checkpoint was saved in. compressed_ok: accept a
+    compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation; pruning and converting need the
+    model it came from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(default_gguf()) if name is None else str(name)

@@ -111,7 +111,8 @@ class SelectionLearner:
 
     def start(self):
         """{name: (masked weight, its summary)} where learning starts: Wanda's N:M masks."""
-        return {name: (adapters.get_weight(self.targets[name]) * s.wanda_mask, {"changed_vs_wanda": s.changed(s.wanda_mask)})
+        return {name: (adapters.get_weight(self.targets[name]) * s.wanda_mask,
+                       {"changed_vs_wanda": s.changed(s.wanda_mask)})
                 for name, s in self.selections.items()}
 
     def penalty(self):
