@@ -124,7 +124,9 @@ def decompress_24(values, meta):
     if half % 16 or meta.dtype != torch.int32 or meta.shape != (rows, half // 16):
         raise ValueError(f"decompress_24: needs values (rows, K/2) with K % 32 == 0 and int32 meta (rows, K/32); "
                          f"got values {tuple(values.shape)}, meta {tuple(meta.shape)} {meta.dtype}")
-    if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
+    # a data-dependent check would break a compiled graph, and cannot synchronize inside CUDA-graph capture
+    capturing = values.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (torch.compiler.is_compiling() or capturing):
         check_meta(meta, "decompress_24")
     if not _use_triton(values, values.dtype in _KERNEL_DTYPES):
         return reference.decompress_24(values, meta)

@@ -508,3 +508,18 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
     after = logits(model, ids)
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
     assert nm_violations(model.model.layers[0].mlp.up_proj.weight, 2, 4) == 0
+
+
+@pytest.mark.gpu
+def test_a_layer_first_called_inside_cuda_graph_capture(fresh_choices):
+    """Untuned, inside capture the layer runs dense from a form made there: nothing on that path may
+    synchronize (decompress_24's metadata check skips itself during capture)."""
+    linear = pruned_linear(256, 128, dtype=torch.float16).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.no_grad(), torch.cuda.stream(stream), torch.cuda.graph(graph):
+        y = sparse(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, linear(x), rtol=1e-2, atol=1e-2)
