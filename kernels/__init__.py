@@ -137,13 +137,12 @@ def decompress_24(values, meta):
 def check_meta(meta, what):
     """Raise, naming `what` and the first bad group, unless every 4-bit entry of the int32 meta names two
     kept columns, the lower first: anything else is no 2:4 layout, and the backends would read it differently."""
-    shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
-    nibbles = (meta.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
-    bad = ((nibbles & 3) >= (nibbles >> 2)).reshape(meta.shape[0], -1)
+    nibbles = reference.meta_nibbles(meta)
+    bad = (nibbles & 3) >= (nibbles >> 2)
     if bad.any():
         row, group = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{what}: meta is not a 2:4 layout: row {row}, group {group} (columns {4 * group}-"
-                         f"{4 * group + 3}) holds {int(nibbles.reshape(meta.shape[0], -1)[row, group]):#06b}, "
+                         f"{4 * group + 3}) holds {int(nibbles[row, group]):#06b}, "
                          "not two kept column indices, the lower first")
 
 

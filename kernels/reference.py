@@ -70,12 +70,17 @@ def compress_24(weight, scores=None):
     return values.reshape(rows, cols // 2), meta
 
 
+def meta_nibbles(meta):
+    """(rows, K/4) int64: each group's 4-bit entry of the int32 meta, i0 | i1 << 2 for kept columns i0 < i1."""
+    shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
+    return ((meta.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(meta.shape[0], -1)
+
+
 def decompress_24(values, meta):
     """Inverse of compress_24: the dense (rows, K) weight with exact zeros."""
     rows, half = values.shape
     cols = half * 2
-    shifts = torch.arange(0, 32, 4, device=values.device, dtype=torch.int64)
-    nibbles = ((meta.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(rows, cols // 4)
+    nibbles = meta_nibbles(meta)
     kept_idx = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
     dense = torch.zeros(rows, cols // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, kept_idx, values.reshape(rows, cols // 4, 2))
