@@ -143,6 +143,33 @@ def test_refit_restores_the_patterns_count_when_the_second_prune_overshoots():
     assert torch.equal((chosen != 0).sum(dim=1), (w1 != 0).sum(dim=1))
 
 
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_refit_fills_empty_slots_by_benefit(sparsity):
+    """Where W2 holds fewer weights than the pattern's counts, the refit's support keeps every nonzero and
+    fills each row (N:M: each group) with the empty slots of the largest one-weight gain g²/(2 H_jj), not
+    the lowest indices; a full W2 is its own support."""
+    w, stats = _layer()
+    config = _config(base="wanda", sparsity=sparsity)
+    objective = least_squares.Objective(w, stats)
+    w1 = sds.BASES["wanda"](w, stats, config)
+    project = sds._projector(w1 != 0, config)
+    assert torch.equal(sds.refit_support(w1, objective, project), w1 != 0)
+    g = torch.Generator().manual_seed(5)
+    w2 = w1 * (torch.rand(w1.shape, generator=g) > 0.2)
+    support = sds.refit_support(w2, objective, project)
+    gain = objective.grad(w2).square() / (2 * torch.diagonal(stats.H))
+    width = 4 if sparsity == "2:4" else w.shape[1]  # the unit the counts hold in: a group or a row
+    units = lambda t: t.reshape(-1, width)
+    assert torch.equal(units(support).sum(dim=1), units(w1 != 0).sum(dim=1))
+    assert not (units(w2 != 0) & ~units(support)).any()
+    added, passed_over = units(support & (w2 == 0)), units(~support & (w2 == 0))
+    lowest_added = torch.where(added, units(gain), torch.inf).amin(dim=1)
+    highest_passed = torch.where(passed_over, units(gain), -torch.inf).amax(dim=1)
+    assert added.any() and (lowest_added >= highest_passed).all()
+    position_rule = project(w2.abs()) & (w2 == 0)
+    assert not torch.equal(support & (w2 == 0), position_rule)
+
+
 def test_refit_never_raises_the_error():
     """Zero steps, or a weight already at its optimum, come back unchanged."""
     w, stats = _layer()

@@ -68,7 +68,8 @@ def prune(weight, stats, config):
 def reconstruct(objective, w1, config, second_prune, keep=None):
     """The D-S-adjust steps after an initial prune w1, and the guard; second_prune(W_re) is the base's.
     keep: the mask whose counts the adjustment and the refit hold (default: W1's nonzeros, the pattern's
-    counts; W2 may hold fewer where the re-dense's L1 zeroed weights, and the refit fills those back)."""
+    counts; W2 may hold fewer where the re-dense's L1 zeroed weights, and the refit fills those back, the
+    empty slots ranked by benefit: refit_support)."""
     error = objective.error
     keep = w1 != 0 if keep is None else keep
     w_re = redense(w1, objective, config)
@@ -76,7 +77,7 @@ def reconstruct(objective, w1, config, second_prune, keep=None):
     w3 = adjust(w2, objective, config, keep) if config.adjust == "on" else w2
     steps = {"initial": error(w1), "redense": error(w_re), "second": error(w2), "adjust": error(w3)}
     if config.refit:
-        w3 = refit(w3, objective, config.refit, support=_projector(keep, config)(w3))
+        w3 = refit(w3, objective, config.refit, support=refit_support(w3, objective, _projector(keep, config)))
         steps["refit"] = error(w3)
     if config.swaps:  # w3 holds the N:M pattern here: the adjustment's iterates and W2 all do
         w3 = refine_mask(w3, objective, config.sparsity.nm, config.swaps, config.refit)
@@ -84,6 +85,15 @@ def reconstruct(objective, w1, config, second_prune, keep=None):
     final = list(steps.values())[-1]  # the last step's error: w3's
     chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice}
+
+
+def refit_support(w, objective, project):
+    """The mask the refit solves on: W's nonzeros, and, where W holds fewer than the pattern's counts (the
+    re-dense's L1 zeroed weights and the adjustment kept W2), the empty slots whose freeing alone lowers the
+    error most: g_j² / (2 H_jj), the gain of a Newton step on that one weight. Ranking the empty slots by
+    |W| = 0 would fill them by position."""
+    gain = objective.grad(w).square() / (2 * torch.diagonal(objective.H).clamp_min(1e-12))
+    return project(torch.where(w != 0, torch.inf, gain))
 
 
 def penalties(config, in_features):
