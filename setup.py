@@ -13,8 +13,7 @@ import warnings
 from setuptools import setup
 
 # Read, not imported: importing sdsengine here would need its dependencies at build time.
-NVCC_FLAGS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdsengine", "cuda_build.py"))[
-    "NVCC_FLAGS"]
+CUDA_BUILD = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdsengine", "cuda_build.py"))
 
 
 def cuda_extension():
@@ -33,12 +32,14 @@ def cuda_extension():
                                      ("no CUDA toolkit (CUDA_HOME / nvcc)", CUDA_HOME is None),
                                      ("no GPU visible and SDSENGINE_BUILD_CUDA is not 1",
                                       wanted != "1" and not torch.cuda.is_available())) if hit]
+    if not missing and (too_old := CUDA_BUILD["toolkit_problem"](CUDA_HOME)):
+        missing.append(too_old)
     if missing:
         warnings.warn(f"sdsengine: installing without the CUDA extension: {'; '.join(missing)}")
         return [], {}
     extension = CUDAExtension(
         "sdsengine._C", sources=["csrc/bindings.cpp", *sorted(glob.glob("csrc/*.cu"))],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(NVCC_FLAGS)})
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(CUDA_BUILD["NVCC_FLAGS"])})
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

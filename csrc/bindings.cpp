@@ -59,7 +59,8 @@ void check_x(const at::Tensor& x) {
   SDS_CHECK(x.dim() == 2, "x must be 2-D (tokens, in_features), got shape ", dims(x.sizes()));
   SDS_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
             "x must be float16 or bfloat16, got ", x.scalar_type());
-  SDS_CHECK(x.size(1) > 0 && x.size(1) % 32 == 0, "in_features must be a positive multiple of 32, got ", x.size(1));
+  SDS_CHECK(x.size(1) > 0 && x.size(1) % 32 == 0 && x.size(1) < (int64_t{1} << 31),
+            "in_features must be a positive multiple of 32 that fits in int32, got ", x.size(1));
   check_placed(x, "x", x.device());
   const int major = device_attribute(x.device(), cudaDevAttrComputeCapabilityMajor);
   SDS_CHECK(major >= 8, "needs compute capability 8.0 or newer (sparse tensor cores), device ", x.device().index(),
@@ -92,13 +93,21 @@ void check_bias(const at::Tensor& x, const at::Tensor& bias, int64_t m) {
   SDS_CHECK(bias.is_contiguous(), "bias must be contiguous, strides ", dims(bias.strides()));
 }
 
+// The launch grid's y and z extents stop at 65535 blocks; past that a launch fails with an unnamed error.
+void check_grid(int blocks, const char* what, int64_t tokens) {
+  SDS_CHECK(blocks <= 65535, tokens, " tokens need ", blocks, " ", what, ", more than the launch grid's 65535: ",
+            "split the call into fewer tokens");
+}
+
 sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k) {
   SDS_CHECK(split_k >= 0, "split_k must be >= 0 (0 = automatic), got ", split_k);
   SDS_CHECK(m < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), "sizes must fit in int32, got M=", m,
             ", N=", x.size(0));
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
-  return sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), sms,
-                                static_cast<int>(split_k));
+  const auto plan = sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(x.size(0)),
+                                           static_cast<int>(x.size(1)), sms, static_cast<int>(split_k));
+  check_grid(plan.token_blocks, "token blocks", x.size(0));
+  return plan;
 }
 
 // Split-K tickets: the caller's zeroed buffer (kept zero by the kernel) when it is large enough, so a
@@ -114,16 +123,23 @@ at::Tensor counters_for(const at::Tensor& x, const c10::optional<at::Tensor>& lo
   return at::zeros({needed}, x.options().dtype(at::kInt));
 }
 
-// Whether this device runs the sm_90a image of spmm24_sm90.cu: asked once per device by launching a probe.
+// Whether this device runs the sm_90a image of spmm24_sm90.cu: asked once per device by launching a probe
+// and reading its answer back, which cannot happen inside CUDA-graph capture.
 bool sm90a_present(const at::Device& device) {
   static std::mutex mutex;
   static std::map<int, bool> cache;
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(device.index());
   if (it == cache.end()) {
-    int present = 0;
-    C10_CUDA_CHECK(sdsengine::spmm24_sm90_present(&present, c10::cuda::getCurrentCUDAStream().stream()));
-    it = cache.emplace(device.index(), present == 1).first;
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+    SDS_CHECK(capture == cudaStreamCaptureStatusNone, "the first wgmma.sp call on device ", device.index(),
+              " is inside CUDA-graph capture, where its one-time check of the build's sm_90a code cannot run: ",
+              "call the layer once before capturing");
+    auto flag = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+    C10_CUDA_CHECK(sdsengine::spmm24_sm90_present(flag.data_ptr<int>(), stream.stream()));
+    it = cache.emplace(device.index(), flag.item<int>() == 1).first;
   }
   return it->second;
 }
@@ -155,9 +171,12 @@ sdsengine::Sm90Pipeline sm90_pipeline(const std::string& name) {
 }
 
 sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t tile_n, const std::string& pipeline) {
+  SDS_CHECK(m < (int64_t{1} << 31), "out_features must fit in int32, got ", m);
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
-  return sdsengine::spmm24_sm90_plan(static_cast<int>(m), static_cast<int>(x.size(0)), sms, static_cast<int>(tile_n),
-                                     sm90_pipeline(pipeline));
+  const auto plan = sdsengine::spmm24_sm90_plan(static_cast<int>(m), static_cast<int>(x.size(0)), sms,
+                                                static_cast<int>(tile_n), sm90_pipeline(pipeline));
+  check_grid(plan.n_blocks, "token blocks", x.size(0));
+  return plan;
 }
 
 // The kernels' arguments from checked tensors; y is (N, out_features) = (x.size(0), y.size(1)).

@@ -68,7 +68,8 @@ cudaError_t spmm24_sm90_launch(const Spmm24Args& args, const Spmm24Sm90Plan& pla
 cudaError_t spmm24_sm90_tma_launch(const Spmm24Args& args, const Spmm24Sm90Plan& plan, DType dtype,
                                    cudaStream_t stream);
 
-// *present = 1 when the current device runs this file's sm_90a code, 0 when it runs a build without it.
-cudaError_t spmm24_sm90_present(int* present, cudaStream_t stream);
+// Launches a one-thread probe that writes 1 to the device int *flag when the current device runs this file's
+// sm_90a code, 0 when it runs a build without it; the caller reads the flag.
+cudaError_t spmm24_sm90_present(int* flag, cudaStream_t stream);
 
 }  // namespace sdsengine

@@ -158,16 +158,9 @@ cudaError_t spmm24_sm90_launch(const Spmm24Args& args, const Spmm24Sm90Plan& pla
                                : launch_pipelined<__nv_bfloat16>(args, plan, stream);
 }
 
-cudaError_t spmm24_sm90_present(int* present, cudaStream_t stream) {
-  int* flag = nullptr;
-  cudaError_t err = cudaMallocAsync(&flag, sizeof(int), stream);
-  if (err != cudaSuccess) return err;
+cudaError_t spmm24_sm90_present(int* flag, cudaStream_t stream) {
   sm90a_present_kernel<<<1, 1, 0, stream>>>(flag);
-  err = cudaGetLastError();
-  if (err == cudaSuccess) err = cudaMemcpyAsync(present, flag, sizeof(int), cudaMemcpyDeviceToHost, stream);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  const cudaError_t freed = cudaFreeAsync(flag, stream);
-  return err != cudaSuccess ? err : freed;
+  return cudaGetLastError();
 }
 
 }  // namespace sdsengine

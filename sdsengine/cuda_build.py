@@ -6,9 +6,32 @@ which holds both kernels (spmm24_sm90.cu's wgmma.sp exists only there) and runs 
 9.0; compute_90 PTX serves later GPUs with the mma.sp kernel alone. Naming the targets also keeps torch from
 adding its own (a plain sm_90 image beside sm_90a would leave the choice between them to the driver).
 """
+import re
+import subprocess
+
 GENCODE = (
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90a,code=sm_90a",
     "-gencode=arch=compute_90,code=compute_90",
 )
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", *GENCODE)
+
+# The Hopper sources need CUDA 12 (wgmma.sp, CUtensorMap): an older toolkit cannot build the extension at
+# all, and is named as the reason instead of failing the install.
+MIN_TOOLKIT = (12, 0)
+
+
+def toolkit_problem(cuda_home):
+    """None if the nvcc under cuda_home is recent enough to build the extension, else why not."""
+    nvcc = f"{cuda_home}/bin/nvcc"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot run {nvcc}: {exc}"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return f"cannot read the CUDA version from `{nvcc} --version`"
+    version = (int(found[1]), int(found[2]))
+    if version < MIN_TOOLKIT:
+        return f"CUDA toolkit {version[0]}.{version[1]} at {cuda_home} is older than {MIN_TOOLKIT[0]}.{MIN_TOOLKIT[1]}"
+    return None

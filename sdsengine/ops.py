@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from sdsengine import isolated
-from sdsengine.cuda_build import NVCC_FLAGS
-from sdsengine.kernels import compress_24, decompress_24
+from sdsengine.cuda_build import NVCC_FLAGS, toolkit_problem
+from sdsengine.kernels import check_meta, compress_24, decompress_24
 
 WGMMA_PIPELINES = {"wgmma": "plain", "wgmma_overlap": "overlap", "wgmma_tma": "tma",
                    "wgmma_tma_multicast": "tma_multicast"}  # backend -> pipeline of csrc/spmm24_sm90*.cu
@@ -103,6 +103,8 @@ def _jit_build(why_not_prebuilt):
         f"sources not found in {_CSRC}": len(sources) < 2 or not all(s.exists() for s in sources),
     }
     blocked = [text for text, hit in reasons.items() if hit]
+    if not blocked and (too_old := toolkit_problem(CUDA_HOME)):
+        blocked.append(too_old)
     if blocked:
         return None, f"{why_not_prebuilt}; no JIT build: {', '.join(blocked)}"
     log.warning("sdsengine: building the CUDA extension from %s (first use only; takes a few minutes)", _CSRC)
@@ -159,9 +161,11 @@ _CHILD_CHECK = """
 import os, torch
 os.environ.update({env!r})
 from sdsengine import ops
-status = ops._self_check({backend!r}, torch.device("cuda"), torch.float16)
-assert status == "ok", status
+for dtype in ops.CHILD_CHECK_DTYPES:
+    status = ops._self_check({backend!r}, torch.device("cuda"), dtype)
+    assert status == "ok", f"{{dtype}}: {{status}}"
 """
+CHILD_CHECK_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes the checked backends run in
 _cusparselt = {}
 _wgmma = {}
 
@@ -209,7 +213,12 @@ from sdsengine import ops
 backends = sys.argv[2:]
 for i in range(int(sys.argv[1]), len(backends)):
     print("CASE", i, flush=True)
-    print("RESULT", i, ops._self_check(backends[i], torch.device("cuda"), torch.float16), flush=True)
+    status = "ok"
+    for dtype in ops.CHILD_CHECK_DTYPES:
+        if status == "ok":
+            status = ops._self_check(backends[i], torch.device("cuda"), dtype)
+            status = status if status == "ok" else f"{dtype}: {status}"
+    print("RESULT", i, status, flush=True)
     try:
         torch.cuda.synchronize()
     except RuntimeError:
@@ -313,21 +322,25 @@ def probe(device=None, dtype=torch.float16, self_check=False):
     return info
 
 
+SELF_CHECK_SHAPES = ((272, 1024), (200, 800))  # several tiles each way and K over several pipeline stages;
+# then rows ending inside a 16-row tile and K ending inside a 256-column block (the kernels' padding)
+
+
 def _self_check(backend, device, dtype):
-    """A decode-sized and a prefill-sized product (several tiles each way, K over several pipeline stages)."""
+    """A decode-sized and a prefill-sized product for each of SELF_CHECK_SHAPES."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(272, 1024, generator=g)
-    values, meta = compress_24(w)
-    for tokens in (5, 300):
-        x = torch.randn(tokens, 1024, generator=g)
-        ref = x @ decompress_24(values, meta).T
-        try:
-            y = spmm24(x.to(device, dtype), values.to(device, dtype), meta.to(device), backend=backend)
-        except Exception as exc:  # a probe reports, it does not raise
-            return f"failed: {type(exc).__name__}: {exc}"
-        err = relative_error(y.float().cpu(), ref)
-        if not err < 2e-2:
-            return f"failed: relative error {err:.3g} against dense fp32 at {tokens} tokens"
+    for rows, cols in SELF_CHECK_SHAPES:
+        values, meta = compress_24(torch.randn(rows, cols, generator=g))
+        for tokens in (5, 300):
+            x = torch.randn(tokens, cols, generator=g)
+            ref = x @ decompress_24(values, meta).T
+            try:
+                y = spmm24(x.to(device, dtype), values.to(device, dtype), meta.to(device), backend=backend)
+            except Exception as exc:  # a probe reports, it does not raise
+                return f"failed: {type(exc).__name__}: {exc}"
+            err = relative_error(y.float().cpu(), ref)
+            if not err < 2e-2:
+                return f"failed: relative error {err:.3g} against dense fp32 at {rows}x{cols}, {tokens} tokens"
     return "ok"
 
 
@@ -349,9 +362,12 @@ def prepare(backend, values, meta):
     reason = _why_not(backend, values.device, values.dtype)
     if reason:
         raise BackendUnavailable(f"{backend}: {reason}")
-    if form_key(backend) == "sdsengine":  # zeroed tickets the mma.sp kernel leaves zeroed: no memset per call;
-        # and the split-K chosen per token count (split_k), kept with the weight so a call only looks it up
-        return (*reorder_24(values, meta), torch.zeros(LOCKS, dtype=torch.int32, device=values.device), {})
+    if form_key(backend) == "sdsengine":  # zeroed tickets per stream (locks), which the mma.sp kernel leaves
+        # zeroed: no memset per call; and the split-K chosen per token count (split_k), kept with the weight
+        # so a call only looks it up
+        if not (torch.compiler.is_compiling() or capturing()):  # the kernels trust the metadata's order
+            check_meta(meta, f"prepare({backend!r})")
+        return (*reorder_24(values, meta), {}, {})
     dense = decompress_24(values, meta)
     if backend == "dense":
         return dense
@@ -376,7 +392,7 @@ def run(backend, form, x, bias, out_features):
             split = split_k(form, x, bias, out_features)
             if not capturing():  # inside capture it is the plan's own, untimed: choose again after
                 splits[x.shape[0]] = (_split_generation[0], split)
-        return load_extension().spmm24(x, values_r, meta_r, out_features, bias, split, locks)
+        return load_extension().spmm24(x, values_r, meta_r, out_features, bias, split, stream_locks(locks, x))
     if backend in WGMMA_PIPELINES:
         values_r, meta_r = form[:2]
         return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias, 0,
@@ -394,7 +410,8 @@ def run(backend, form, x, bias, out_features):
 # token count, like cuSPARSELt's algorithm, and the fastest is kept unless the plan's own is within
 # SPLIT_MARGIN of it. Only up to SPLIT_SEARCH_TOKENS tokens, the decode regime this kernel is for (from 128
 # tokens on dense wins on the H100, and a search there would cost whole milliseconds per token count).
-# SDSENGINE_SPLIT_K=N fixes N without timing (0: the plan's own); like the timed choice, it is read when a
+# SDSENGINE_SPLIT_K=N fixes N without timing (0: the plan's own), in the same decode regime; like the timed
+# choice, it is read when a
 # prepared weight first meets a token count, and kept in the weight's form from then on. Each split sums in
 # a fixed order, but two splits round differently: fix N where outputs must match bit for bit across runs.
 SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -404,16 +421,32 @@ _splits = {}  # (out_features, in_features, tokens, dtype, device, bias) -> spli
 _split_generation = [0]  # bumped by clear_split_choices, so the copies kept in forms are chosen again
 
 
+def stream_locks(locks, x):
+    """The split-K tickets of one prepared weight for calls on the current stream. Two calls on different
+    streams may run at once, and tickets shared between them would mix the two launches' slices (and leave
+    the tickets non-zero for every later call), so each stream has its own. In CUDA-graph capture the
+    capture stream's are made there (zeroed once in the first graph) and baked into the graph: replays of
+    it run in stream order like any graph's buffers."""
+    stream = _stream_id(x.device)
+    if stream not in locks:
+        locks[stream] = torch.zeros(LOCKS, dtype=torch.int32, device=x.device)
+    return locks[stream]
+
+
+def _stream_id(device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
 def split_k(form, x, bias, out_features):
     """The split_k for this call: SDSENGINE_SPLIT_K, else the one timed fastest for this shape and token count
     (timed on first use; the plan's own inside CUDA-graph capture, where nothing may be timed)."""
+    if not 0 < x.shape[0] <= SPLIT_SEARCH_TOKENS:  # no rows: nothing to launch, and no plan to time; past the
+        return 0  # decode regime a fixed split would only cost workspace (splits x N x M floats) and time
     fixed = os.environ.get("SDSENGINE_SPLIT_K")
     if fixed is not None:
         if not fixed.isdigit():
             raise ValueError(f"SDSENGINE_SPLIT_K must be a whole number (0: the kernel's own plan), got {fixed!r}")
         return int(fixed)
-    if not 0 < x.shape[0] <= SPLIT_SEARCH_TOKENS:  # no rows: nothing to launch, and no plan to time
-        return 0
     key = (out_features, x.shape[1], x.shape[0], x.dtype, x.device, bias is not None)
     if key not in _splits:
         if capturing():
@@ -430,6 +463,7 @@ def _search_split(form, x, bias, out_features):
     by_plan = {own: 0}
     for s in SPLIT_CANDIDATES:
         by_plan.setdefault(ext.spmm24_plan(x, out_features, s)["splits"], s)
+    locks = stream_locks(locks, x)
     times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2,
                         iters=10, device=x.device) for s in by_plan.values()}
     best = min(times, key=times.get)

@@ -197,12 +197,14 @@ class FakeSplitKernel:
 
     def __init__(self, ms_by_splits):
         self.ms_by_splits, self.launched, self.now, self.timed_on = ms_by_splits, [], None, set()
+        self.locks = []
 
     def spmm24_plan(self, x, out_features, split_k):
         return {"splits": min(split_k, 8) if split_k else 4}
 
     def spmm24(self, x, values, meta, out_features, bias, split_k, locks):
         self.launched.append(split_k)
+        self.locks.append(locks)
         self.now = self.ms_by_splits[self.spmm24_plan(x, out_features, split_k)["splits"]]
         return torch.zeros(x.shape[0], out_features)
 
@@ -231,7 +233,7 @@ FASTER_AT_2 = {1: 9.0, 2: 5.0, 3: 6.0, 4: 7.0, 6: 8.0, 8: 8.0}
 ])
 def test_split_k_is_timed_once_per_shape_and_token_count(monkeypatch, ms_by_splits, chosen):
     fake = fake_split_kernel(monkeypatch, ms_by_splits)
-    form = (None, None, None, {})
+    form = (None, None, {}, {})
     x = torch.zeros(3, 256)
     assert ops.split_k(form, x, None, 512) == chosen
     # each distinct plan timed once: the plan's own as 0, then 1, 2, 3, 6 and 8 (4 and 12.. repeat a plan)
@@ -245,6 +247,7 @@ def test_split_k_is_timed_once_per_shape_and_token_count(monkeypatch, ms_by_spli
     assert ops.split_k(form, torch.zeros(5, 256), None, 512) == 0 and len(fake.launched) == 12  # nothing timed
     monkeypatch.setenv("SDSENGINE_SPLIT_K", "6")
     assert ops.split_k(form, x, None, 512) == 6
+    assert ops.split_k(form, torch.zeros(ops.SPLIT_SEARCH_TOKENS + 1, 256), None, 512) == 0  # decode only
     monkeypatch.setenv("SDSENGINE_SPLIT_K", "auto")
     with pytest.raises(ValueError, match="SDSENGINE_SPLIT_K must be a whole number"):
         ops.split_k(form, x, None, 512)
@@ -252,7 +255,7 @@ def test_split_k_is_timed_once_per_shape_and_token_count(monkeypatch, ms_by_spli
 
 def test_run_keeps_the_chosen_split_in_the_weights_form(monkeypatch):
     fake = fake_split_kernel(monkeypatch, FASTER_AT_2)
-    form, x = (None, None, None, {}), torch.zeros(3, 256)
+    form, x = (None, None, {}, {}), torch.zeros(3, 256)
     ops.run("sdsengine", form, x, None, 512)
     assert list(form[3]) == [3] and form[3][3][1] == 2 and fake.launched[-1] == 2
     launched = len(fake.launched)
@@ -263,9 +266,31 @@ def test_run_keeps_the_chosen_split_in_the_weights_form(monkeypatch):
     assert len(fake.launched) == launched + 1 + 7
     assert ops.split_k(form, torch.zeros(0, 256), None, 512) == 0  # no rows: no plan to time
     monkeypatch.setattr(ops, "capturing", lambda: True)
-    captured = (None, None, None, {})
+    captured = (None, None, {}, {})
     ops.run("sdsengine", captured, torch.zeros(5, 256), None, 512)
     assert fake.launched[-1] == 0 and captured[3] == {}  # the plan's own, untimed, and not kept
+
+
+def test_each_stream_has_its_own_split_k_tickets(monkeypatch):
+    """Calls on two streams may run at once: tickets shared between them would mix their slices, so each
+    stream gets its own zeroed buffer, made once and reused by that stream's later calls."""
+    fake = fake_split_kernel(monkeypatch, FASTER_AT_2)
+    form, x = (None, None, {}, {}), torch.zeros(3, 256)
+    for stream in (11, 22, 11):
+        monkeypatch.setattr(ops, "_stream_id", lambda device, stream=stream: stream)
+        ops.run("sdsengine", form, x, None, 512)
+    first, second, again = fake.locks[-3:]
+    assert sorted(form[2]) == [11, 22] and first is again and first is not second
+    assert first.dtype == torch.int32 and not first.any() and first.numel() == ops.LOCKS
+
+
+def test_prepare_refuses_metadata_the_kernels_would_misread(monkeypatch):
+    """The mma.sp kernels take the metadata's order on trust: prepare checks it, as decompress_24 does."""
+    values, meta = ops.compress_24(torch.randn(16, 64))
+    meta[3, 0] = 0  # group 0 of row 3 names column 0 twice
+    monkeypatch.setattr(ops, "_why_not", lambda backend, device, dtype: None)
+    with pytest.raises(ValueError, match="row 3, group 0"):
+        ops.prepare("sdsengine", values, meta)
 
 
 @pytest.mark.gpu
@@ -288,8 +313,7 @@ def test_kernel_is_deterministic_and_accepts_views():
     first = ext.spmm24(x, values_r, meta_r, 512, b)
     assert torch.equal(first, ext.spmm24(x, values_r, meta_r, 512, b))
     wide = torch.randn(12, 2048, device="cuda", dtype=torch.float16)
-    locks = torch.zeros(ops.LOCKS, dtype=torch.int32, device="cuda")
-    y = ops.run("sdsengine", (values_r, meta_r, locks, {}), wide[:, :1024], b, 512)  # strided view: run copies it
+    y = ops.run("sdsengine", (values_r, meta_r, {}, {}), wide[:, :1024], b, 512)  # strided view: run copies it
     assert_matches_reference(y, wide[:, :1024].contiguous(), w, b, "strided x")
 
 
@@ -307,6 +331,29 @@ def test_split_k_tickets_are_left_zero_for_the_next_call(tokens):
     assert_matches_reference(outputs[0], x, w, b, f"split-K with reused tickets x {tokens}")
     tiny = torch.zeros(1, dtype=torch.int32, device="cuda")  # too small: the binding uses its own zeros
     assert torch.equal(ext.spmm24(x, values_r, meta_r, 1024, b, 4, tiny), outputs[0]) and not tiny.any()
+
+
+@pytest.mark.gpu
+def test_one_weight_on_two_streams_at_once(monkeypatch):
+    """Split-K calls on one prepared weight from two streams, overlapping: each stream's tickets are its
+    own, so both products stay right and every buffer of tickets is left zero."""
+    extension()
+    monkeypatch.setenv("SDSENGINE_SPLIT_K", "8")
+    w, x, b = gpu_case((4096, 4096), 2, torch.float16)
+    form = ops.prepare("sdsengine", *compress_24(w))
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    outputs = {stream: [] for stream in streams}
+    for _ in range(20):
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                outputs[stream].append(ops.run("sdsengine", form, x, b, 4096))
+    torch.cuda.synchronize()
+    assert len(form[2]) == 2 and not any(locks.any() for locks in form[2].values())
+    for ys in outputs.values():
+        assert all(torch.equal(ys[0], y) for y in ys[1:])
+        assert_matches_reference(ys[0], x, w, b, "split-K on two streams")
 
 
 @pytest.mark.gpu
@@ -344,6 +391,7 @@ BAD_INPUTS = [  # (the arguments, from a good case x, v, m, b; the error message
     ("x, v, m.cpu(), b", "meta is on cpu"),
     ("x, v, m, b[:-1]", "bias must have shape"),
     ("x.cpu(), v, m, b", "x must be a CUDA tensor"),
+    ("x.new_zeros(65535 * 64 + 1, 256), v, m, b", "more than the launch grid's 65535"),  # 2 GiB of x
 ]
 _BAD_INPUT_CHILD = """
 import sys, torch
@@ -514,6 +562,33 @@ def test_wgmma_backends_pass_their_child_check_on_hopper():
     hopper_extension()
     failed = {b: ops.wgmma_error(b) for b in ops.WGMMA_PIPELINES}
     assert not any(failed.values()), failed
+
+
+_CAPTURE_FIRST_CHILD = """
+import sys, torch
+from sdsengine import ops
+from sdsengine.kernels import compress_24
+from test_ops import gpu_case
+ext = ops.load_extension()
+w, x, b = gpu_case((256, 512), 4, torch.float16)
+v, m = ops.reorder_24(*compress_24(w))
+print("CASE 0", flush=True)
+try:
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        ext.spmm24_sm90(x, v, m, 256, b, 0, "plain")
+    print("RESULT 0 no error", flush=True)
+except RuntimeError as exc:
+    print("RESULT 0 " + " ".join(str(exc).split()), flush=True)
+"""
+
+
+@pytest.mark.gpu
+def test_a_first_wgmma_call_inside_capture_is_refused_by_name():
+    """The build's sm_90a code is checked once per device by a probe whose answer is read back, which
+    capture forbids: a first call inside capture says so (in a child, whose probe has not run yet)."""
+    hopper_extension()
+    result = isolated_results(_CAPTURE_FIRST_CHILD, ["first call in capture"])[0]
+    assert "inside CUDA-graph capture" in result, result
 
 
 @pytest.mark.gpu

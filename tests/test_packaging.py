@@ -11,6 +11,10 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
+from sdsengine.cuda_build import toolkit_problem
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,3 +44,16 @@ def test_wheel_installs_kernels_only_inside_sdsengine(tmp_path):
     assert "sdsengine/kernels/__init__.py" in names
     stray = [n for n in names if not n.startswith(("sdsengine/", "sdsengine-"))]
     assert not stray, stray
+
+
+@pytest.mark.parametrize("release, problem", [("11.8", "older than 12.0"), ("12.4", None), ("13.0", None)])
+def test_the_cuda_toolkit_version_gates_the_extension(tmp_path, release, problem):
+    """The Hopper sources need CUDA 12: setup.py and the JIT build name an older nvcc as the reason to go
+    without the extension, instead of failing the install."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    found = toolkit_problem(str(tmp_path))
+    assert found is None if problem is None else problem in found
+    assert "cannot run" in toolkit_problem(str(tmp_path / "missing"))
