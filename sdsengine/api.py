@@ -10,7 +10,7 @@ from sdsengine.data import calibration_protocol, calibration_samples
 from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.resume import ResumeStore
-from sdsengine.pipeline.sequential import prune_model
+from sdsengine.pipeline.sequential import plan_targets, prune_model
 
 
 @dataclass
@@ -36,6 +36,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     adapters.layout_for(model)  # an unsupported model is named before its inputs are looked at
     if any(isinstance(m, SparseLinear) for m in model.modules()):  # its linears would all be skipped
         raise ValueError("the model holds SparseLinear layers (it was converted): prune the model it came from")
+    plan_targets(model, config)  # --ignore and the pattern checked before the calibration data is built
     samples, protocol = _calibration(model, config, calibration, tokenizer)
     store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     start = time.perf_counter()

@@ -39,13 +39,18 @@ def add_arguments(parser):
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--iters", type=int, default=50, help="timed calls per measurement (median)")
     parser.add_argument("--json", default=None, help="also write the records to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def run(args, load_model=None):
     """Print the table; returns a process exit code. load_model(name) -> model (or a tuple led by it)."""
     tokens = parse_tokens(args.tokens)  # arguments are checked first, GPU or not
+    if args.shapes:
+        parse_shapes(args.shapes)
     if args.iters < 1:
         raise ValueError(f"--iters must be at least 1, got {args.iters}")
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise FileExistsError(f"--json {args.json} exists; pass --overwrite to replace it")
     if not torch.cuda.is_available():
         print("sdsengine bench: needs a CUDA GPU; none is visible, nothing measured")
         return 1

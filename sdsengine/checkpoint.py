@@ -24,7 +24,7 @@ def check_output_dir(out, overwrite=False) -> Path:
     if blocked is not None:
         raise FileExistsError(f"output path {out} lies under {blocked}, which is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} is not empty; pass --overwrite to replace it")
+        raise FileExistsError(f"output directory {out} is not empty; pass --overwrite (overwrite=True in Python) to replace it")
     staging = _staging_parent(out)
     existing = next(p for p in (staging, *staging.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -1,4 +1,4 @@
-"""Command line: `sdsengine prune | eval | demo`. Flags come from the config dataclasses."""
+"""Command line: `sdsengine prune | eval | convert | bench | demo`. Flags come from the config dataclasses."""
 import argparse
 import dataclasses
 import json
@@ -12,7 +12,7 @@ import torch
 from sdsengine import api, bench, checkpoint, report
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
-from sdsengine.data import EVAL_TASKS
+from sdsengine.data import EVAL_TASKS, check_calibration_source
 from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
@@ -34,8 +34,12 @@ def _add_config_flags(parser, classes):
             if text and text not in helps.setdefault(f.name, []):
                 helps[f.name].append(text)
     for name, kind in kinds.items():
-        parser.add_argument(_flag(name), dest=name, type=kind, default=None,
-                            help="; ".join(helps.get(name, [])))
+        text = "; ".join(helps.get(name, []))
+        if name == "ignore":  # a list: repeated flags add up, each may hold several comma-separated patterns
+            parser.add_argument(_flag(name), dest=name, action="append", default=None,
+                                help=text + " (comma-separated; the flag may be repeated)")
+        else:
+            parser.add_argument(_flag(name), dest=name, type=kind, default=None, help=text)
 
 
 def _flag(name):
@@ -52,7 +56,7 @@ def _config_from(args, cls):
             continue
         if name not in names:
             continue
-        values[name] = tuple(p for p in value.split(",") if p) if name == "ignore" else value
+        values[name] = tuple(p for v in value for p in v.split(",") if p) if name == "ignore" else value
     return cls(**values)
 
 
@@ -152,10 +156,10 @@ def sparsity_from(args) -> str:
 
 def _add_eval_flags(parser):
     parser.add_argument("--tasks", default="wikitext2", help=TASK_HELP)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens (default 2048)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N windows / items")
     parser.add_argument("--data-dir", default=None, help="offline data directory (env SDSENGINE_DATA_DIR)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (the default) or cuda")
 
 
 def prune_configs(args):
@@ -173,9 +177,7 @@ def cmd_prune(args):
     config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
     out = checkpoint.check_output_dir(args.out, args.overwrite)
-    model = Path(args.model).expanduser().resolve() if args.model else None
-    if model is not None and (model == out or out in model.parents):
-        raise ValueError(f"--out {args.out} would replace the model being pruned ({args.model}): write elsewhere")
+    _refuse_out_over_model(args, out, "pruned")
     if args.resume_dir:
         progress = Path(args.resume_dir).expanduser().resolve()
         if progress == out or out in progress.parents:
@@ -183,7 +185,9 @@ def cmd_prune(args):
                              "keep the progress elsewhere")
         ResumeStore(args.resume_dir).check()
     needs_data = lookup(args.method)[1].STATS is not None
-    if not needs_data:
+    if needs_data:
+        check_calibration_source(calib)
+    else:
         _warn_unused_calibration(args)
     model, tokenizer, source = load_model(args.model, _dtype(args))
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
@@ -196,6 +200,13 @@ def cmd_prune(args):
         if config.ignore else ""
     print(f"\n{config.method} {config.sparsity}: sparsity {result.report['overall_sparsity']:.4f} of the pruned "
           f"linears{ignored}, {result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
+
+
+def _refuse_out_over_model(args, out, done):
+    """--out must not be the model's directory or one holding it: the save would replace the model."""
+    model = Path(args.model).expanduser().resolve() if args.model else None
+    if model is not None and (model == out or out in model.parents):
+        raise ValueError(f"--out {args.out} would replace the model being {done} ({args.model}): write elsewhere")
 
 
 def _warn_unused_calibration(args):
@@ -252,8 +263,7 @@ def _check_result_files(args, tasks):
 
 def cmd_convert(args):
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
-    if args.model is not None and Path(args.model).expanduser().resolve() == out:
-        raise ValueError(f"--out {out} is the model being converted: name another directory")
+    _refuse_out_over_model(args, out, "converted")
     model, tokenizer, source = load_model(args.model, _dtype(args) or "auto")
     model = _half_for_kernels(model, args)
     records = []
@@ -290,6 +300,11 @@ def cmd_demo(args):
     """Dense vs 2:4 on the embedded model, with a reduced protocol so it fits in minutes on a laptop."""
     start = time.perf_counter()
     check_device(args.device)
+    config = lookup(args.method)[0](sparsity="2:4", device=args.device)  # bad flags named before any work
+    calib = CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen, data_dir=args.data_dir)
+    check_calibration_source(calib)
+    if args.limit < 0:
+        raise ValueError(f"--limit must be 0 (the whole test set) or positive, got {args.limit}")
     model, tokenizer, source = load_model(None)
     limit = args.limit or None
     print(f"sdsengine demo: {source}\nREDUCED PROTOCOL: calibration {args.nsamples} x {args.seqlen} C4 tokens, "
@@ -297,8 +312,6 @@ def cmd_demo(args):
           "(the README's table uses 128 x 2048 and the whole test set)")
     eval_kwargs = dict(seqlen=args.seqlen, limit=limit, data_dir=args.data_dir, device=args.device)
     rows = {"dense": evaluate(model, tokenizer, ["wikitext2"], **eval_kwargs)}
-    config = lookup(args.method)[0](sparsity="2:4", device=args.device)
-    calib = CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen, data_dir=args.data_dir)
     result = api.prune(model, config, calib, tokenizer, model_source=source)
     label = f"{args.method} 2:4 (sparsity {result.report['overall_sparsity']:.3f}, {result.seconds:.0f} s)"
     rows[label] = evaluate(model, tokenizer, ["wikitext2"], **eval_kwargs)

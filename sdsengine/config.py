@@ -106,7 +106,7 @@ class PruneConfig:
         "help": "inputs each linear is pruned on: layer (every linear of a decoder layer sees the layer's "
                 "unpruned forward; one pass, the SparseGPT/Wanda protocol) or linear (linears are pruned in "
                 "forward order, each on inputs from the already-pruned ones before it; one partial pass "
-                "more per group of linears that share an input). Default: layer; sds: linear"})
+                "more per group of linears that share an input). Default: layer; sds: linear, except with --base besa"})
     method = "base"
 
     def __post_init__(self):
@@ -145,14 +145,16 @@ class WandaConfig(PruneConfig):
 
 @dataclass
 class SparseGPTConfig(PruneConfig):
-    blocksize: int = field(default=128, metadata={"help": "SparseGPT columns per lazy-update block"})
-    percdamp: float = field(default=0.01, metadata={"help": "Hessian dampening, fraction of its mean diagonal"})
+    blocksize: int = field(default=128, metadata={"help": "SparseGPT columns per lazy-update block (default 128)"})
+    percdamp: float = field(default=0.01, metadata={
+        "help": "Hessian dampening, fraction of its mean diagonal (default 0.01)"})
     refit: int = field(default=0, metadata={
-        "help": "conjugate-gradient steps of an exact least-squares refit of the kept weights on the final mask "
-                "(0: off; ours)"})
+        "help": "SparseGPT: conjugate-gradient steps of an exact least-squares refit of the kept weights on the "
+                "final mask (0: off, the default; ours)"})
     swaps: int = field(default=0, metadata={
-        "help": "N:M patterns: sweeps of mask refinement after the refit, each group's kept weights re-chosen "
-                "and re-solved exactly with the rest of the row fixed, then the refit again (0: off; ours)"})
+        "help": "SparseGPT, N:M patterns: sweeps of mask refinement after the refit, each group's kept weights "
+                "re-chosen and re-solved exactly with the rest of the row fixed, then the refit again (0: off, "
+                "the default; ours)"})
     method = "sparsegpt"
 
     def __post_init__(self):
@@ -193,7 +195,7 @@ class BESAConfig(PruneConfig):
     penalty: float = field(default=5.0, metadata={"help": "BESA: weight of the ((S - s*)/s*)^2 sparsity penalty"})
     candidates: int = field(default=100, metadata={"help": "BESA: rates k/candidates, k = 0..candidates"})
     smoothing: str = field(default="auto", metadata={
-        "help": "BESA: sigmoid before the softmax over rates: on, off, auto (on for sparsities in [0.4, 0.6]); "
+        "help": "BESA: sigmoid before the softmax over rates: on, off, auto (on for N:M and for sparsities in [0.4, 0.6]); "
                 "on confines rates to about [0.38, 0.62]"})
     target: str = field(default="dense_block", metadata={
         "help": "BESA: the block's target: dense_block (the dense block on the pruned inputs) or dense_model "
@@ -301,8 +303,7 @@ class SDSConfig(SparseGPTConfig):
         "help": "SDS: the teacher's inputs: sd (W_dense on the pruned model's inputs, the literal equation) "
                 "or dense (W_dense on the dense model's inputs; one more forward pass per layer)"})
     swaps: int | None = field(default=None, metadata={
-        "help": "N:M patterns: sweeps of mask refinement after the refit, each group's kept weights re-chosen "
-                "and re-solved exactly with the rest of the row fixed, then the refit again (ours). Default: 1 "
+        "help": "SDS, N:M patterns: the same sweeps after SDS's refit (ours). Default: 1 "
                 "on N:M patterns with the SparseGPT or Wanda base (measured: docs/SDS.md), else 0"})
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
@@ -355,10 +356,10 @@ class SDSConfig(SparseGPTConfig):
 class CalibrationConfig:
     """Calibration data: `dataset` is c4, wikitext2 or a path to a .txt/.jsonl file."""
 
-    dataset: str = field(default="c4", metadata={"help": "c4, wikitext2, or a .txt/.jsonl path"})
-    nsamples: int = field(default=128, metadata={"help": "number of calibration windows"})
-    seqlen: int = field(default=2048, metadata={"help": "tokens per calibration window"})
-    seed: int = field(default=0, metadata={"help": "seed of the window sampling"})
+    dataset: str = field(default="c4", metadata={"help": "c4 (the default), wikitext2, or a .txt/.jsonl path"})
+    nsamples: int = field(default=128, metadata={"help": "number of calibration windows (default 128)"})
+    seqlen: int = field(default=2048, metadata={"help": "tokens per calibration window (default 2048)"})
+    seed: int = field(default=0, metadata={"help": "seed of the window sampling (default 0)"})
     data_dir: str | None = field(default=None, metadata={"help": "offline data directory (env SDSENGINE_DATA_DIR)"})
 
     def __post_init__(self):

@@ -19,7 +19,8 @@ EVAL_TASKS = ("wikitext2", "c4", "ptb")
 
 
 DATA_ENV = "SDSENGINE_DATA_DIR"
-DATA_HINT = f"pass --data-dir or set {DATA_ENV} (the offline data directory, see ../shared/data/SOURCES.md)"
+DATA_HINT = (f"pass --data-dir (data_dir= in Python) or set {DATA_ENV} (the offline data directory, see "
+             "../shared/data/SOURCES.md)")
 
 
 def resolve_data_dir(data_dir=None, required=False) -> Path | None:
@@ -119,12 +120,29 @@ def _hub(*args, **kwargs):
     try:
         import datasets
     except ImportError:
-        raise RuntimeError("no data directory given and `datasets` is not installed: pass --data-dir "
-                           "(or set SDSENGINE_DATA_DIR) or pip install datasets") from None
+        raise RuntimeError("no data directory given and `datasets` is not installed: pass --data-dir (data_dir= "
+                           "in Python), set SDSENGINE_DATA_DIR, or pip install datasets") from None
     return datasets.load_dataset(*args, **kwargs)
 
 
 # ---- calibration -------------------------------------------------------------------------------------
+
+CALIBRATION_FILES = {"c4": C4_TRAIN, "wikitext2": WIKI_VALID}  # offline, by dataset name
+
+
+def check_calibration_source(config):
+    """Raise unless the calibration data that config names can be read: a known name (with its file, when
+    a data directory is used) or an existing .txt/.jsonl file. The CLI asks before loading the model."""
+    if config.dataset in CALIBRATION_FILES:
+        data_dir = resolve_data_dir(config.data_dir)
+        if data_dir:
+            data_file(data_dir, CALIBRATION_FILES[config.dataset])
+        return
+    if not config.dataset.endswith((".txt", ".jsonl")):
+        raise ValueError(f"unknown calibration dataset {config.dataset!r}: use c4, wikitext2 or a .txt/.jsonl path")
+    if not Path(config.dataset).expanduser().is_file():
+        raise FileNotFoundError(f"calibration file not found: {config.dataset}")
+
 
 def calibration_samples(tokenizer, config) -> torch.Tensor:
     """(nsamples, seqlen) token windows drawn at random with config.seed."""

@@ -78,7 +78,7 @@ def test_convert_refuses_a_non_empty_output_before_loading(tmp_path, capsys):
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "keep.txt").write_text("mine")
     _refused(["convert", "--model", NO_MODEL, "--out", str(tmp_path / "packed")], capsys,
-             "packed is not empty; pass --overwrite to replace it")
+             "packed is not empty; pass --overwrite")
     assert (tmp_path / "packed" / "keep.txt").read_text() == "mine"
 
 
@@ -153,6 +153,14 @@ def test_config_numbers_of_other_numeric_types_pass():
 
 
 # ---- the Python API ----------------------------------------------------------------------------------------
+
+def test_ignore_flags_add_up(tmp_path):
+    """--ignore given twice keeps both (it kept only the last), each may list several patterns."""
+    from sdsengine.cli import parse_args, prune_configs
+    args = parse_args(["prune", "--method", "magnitude", "--sparsity", "2:4", "--out", str(tmp_path),
+                       "--ignore", "model.layers.0.*", "--ignore", "model.layers.1.mlp,lm_head"])
+    assert prune_configs(args)[0].ignore == ("model.layers.0.*", "model.layers.1.mlp", "lm_head")
+
 
 def test_one_ignore_pattern_as_a_string_is_a_pattern():
     assert WandaConfig(ignore="model.layers.0.*").ignore == ("model.layers.0.*",)
@@ -281,6 +289,42 @@ def test_bench_shapes_are_checked():
 def test_bench_arguments_are_checked_without_a_gpu(capsys, flags, message):
     assert bench.parse_tokens("1, 16,128") == [1, 16, 128]
     _refused(["bench", "--shapes", "64x64", *flags], capsys, message)
+
+
+def test_bench_names_bad_shapes_and_an_existing_result_file_without_a_gpu(tmp_path, capsys):
+    _refused(["bench", "--shapes", "4096x"], capsys, "--shapes takes OUTxIN pairs")
+    old = tmp_path / "old.json"
+    old.write_text("mine")
+    _refused(["bench", "--shapes", "64x64", "--json", str(old)], capsys, "old.json exists; pass --overwrite")
+    assert old.read_text() == "mine"
+
+
+@pytest.mark.parametrize("calib, message", [
+    ("nofile.txt", "calibration file not found: nofile.txt"),
+    ("ptb", "unknown calibration dataset 'ptb'"),
+    ("x.csv", "unknown calibration dataset 'x.csv'"),
+])
+def test_prune_names_bad_calibration_data_before_loading(tmp_path, capsys, calib, message):
+    _refused(["prune", "--model", NO_MODEL, "--method", "wanda", "--sparsity", "2:4", "--calib", calib,
+              "--out", str(tmp_path / "out")], capsys, message)
+
+
+def test_prune_checks_ignore_and_the_pattern_before_building_calibration_data(monkeypatch):
+    """Both are known once the model is there; the calibration windows (tokenizing C4: seconds to minutes)
+    come after them."""
+    monkeypatch.setattr(sdsengine.api, "calibration_samples", lambda *a: pytest.fail("calibration was built"))
+    calib = CalibrationConfig(nsamples=2, seqlen=16)
+    for config, message in ((WandaConfig(sparsity="2:4", ignore="layers.0.*"), "match no module"),
+                            (WandaConfig(sparsity="2:5"), "not divisible by M=5")):
+        with pytest.raises(ValueError, match=message):
+            sdsengine.prune(tiny_model("llama"), config, calib, tokenizer=object(), progress=False)
+
+
+def test_demo_names_a_bad_method_or_count_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr("sdsengine.cli.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    _refused(["demo", "--method", "sparsgpt"], capsys, "unknown method 'sparsgpt'")
+    _refused(["demo", "--nsamples", "0"], capsys, "nsamples must be positive")
+    _refused(["demo", "--limit", "-1"], capsys, "--limit must be 0")
 
 
 # ---- model loading ---------------------------------------------------------------------------------------

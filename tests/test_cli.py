@@ -206,8 +206,12 @@ def test_convert_overwrite_and_its_own_source(tmp_path, capsys):
     assert main(["convert", "--model", str(src), "--out", str(packed), "--overwrite"]) == 0
     assert not (packed / "old.txt").exists() and (packed / "sdsengine_compressed.json").exists()
     assert main(["convert", "--model", str(src), "--out", str(src), "--overwrite"]) == 2
-    assert "is the model being converted" in capsys.readouterr().err
+    assert "would replace the model being converted" in capsys.readouterr().err
     assert (src / "config.json").exists()
+    (tmp_path / "mine.txt").write_text("mine")  # --out holding the model: its save would remove the model
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "would replace the model being converted" in capsys.readouterr().err
+    assert (src / "config.json").exists() and (tmp_path / "mine.txt").read_text() == "mine"
 
 
 def test_convert_cli_refuses_a_model_with_nothing_to_convert(tmp_path, capsys):

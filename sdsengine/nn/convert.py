@@ -66,6 +66,9 @@ def convert(model, ignore=("lm_head",), report=None):
             if done[id(module)] is not None:
                 _set_submodule(model, name, done[id(module)])
     _log_summary(records)
+    if any(m is not None and m.values.dtype == torch.float32 for m in done.values()):  # prune's default dtype
+        warnings.warn("sdsengine.convert: float32 SparseLinears always run the dense fallback (the sparse kernels "
+                      "need float16 or bfloat16): convert model.to(torch.bfloat16) or .half() instead")
     return model
 
 

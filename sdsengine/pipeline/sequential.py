@@ -50,10 +50,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     resume: a ResumeStore (methods with calibration data): keeps the progress after every layer and
     continues from it."""
     algo = algorithm_for(config)
-    layers = adapters.decoder_layers(model)
-    targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
-    _check_ignore_matches(model, layers, config.ignore)
-    check_prunable(targets, config.sparsity)
+    layers, targets = plan_targets(model, config)
     if algo.STATS is None:
         return [_prune_without_data(i, t, algo, config) for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
@@ -318,6 +315,16 @@ def _prune_without_data(index, targets, algo, config):
     for module in targets.values():
         adapters.set_weight(module, algo.prune(adapters.get_weight(module), None, config))
     return _report(index, targets, config, time.perf_counter() - start, None)
+
+
+def plan_targets(model, config):
+    """(decoder layers, each one's linears to prune), checked before any work: an --ignore pattern that
+    names no module, or a weight that cannot hold the pattern, is refused by name."""
+    layers = adapters.decoder_layers(model)
+    targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
+    _check_ignore_matches(model, layers, config.ignore)
+    check_prunable(targets, config.sparsity)
+    return layers, targets
 
 
 def _targets(model, layer, index, ignore):

@@ -3,6 +3,8 @@ then every backend through SparseLinear on a GPU."""
 import importlib
 import json
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -414,6 +416,16 @@ def test_convert_says_when_nothing_converts_and_takes_one_pattern_as_a_string():
     model = convert(tiny_llama(), ignore="*up_proj")
     assert not isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
     assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+
+
+def test_convert_warns_that_float32_runs_dense():
+    """prune's default dtype is float32, where every sparse kernel refuses: the CLI converts in bfloat16,
+    the Python API says so."""
+    with pytest.warns(UserWarning, match="float32 SparseLinears always run the dense fallback"):
+        convert(tiny_llama())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tiny_llama().to(torch.bfloat16))
 
 
 def test_a_module_under_two_names_is_replaced_under_both():
