@@ -24,6 +24,6 @@ FIRST = ("test_wgmma_kernel_against_fp32",)
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        if item.get_closest_marker("gpu") is not None and not HAS_CUDA:  # the marker, not a name or id "gpu"
             item.add_marker(skip_gpu)
     items.sort(key=lambda item: getattr(item, "originalname", item.name) not in FIRST)  # stable: the rest keep order

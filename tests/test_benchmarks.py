@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdsengine import ops
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 REQUIRED = {"bench", "shape", "dtype", "pattern", "gpu", "torch", "triton", "cuda", "ms", "baseline_ms", "speedup",
             "target", "target_met", "status"}
@@ -51,6 +53,19 @@ def test_smoke_records_have_the_fields(benchmark, name, tmp_path):
         assert r["ms"] > 0 and r["speedup"] == pytest.approx(r["baseline_ms"] / r["ms"])
         assert isinstance(r["target_met"], bool)
         assert r.get("mismatch", 0) == 0 and r.get("rel_err", 0) == 0  # the same reference on both sides
+
+
+def test_the_disagreement_fields_see_a_difference(benchmark):
+    """The smoke runs compare the reference with itself (0 by construction); the measures themselves must
+    report a flipped mask bit or a changed weight."""
+    harness = benchmark("harness")
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    flipped = mask.clone()
+    flipped[1, 3] = False
+    assert harness.mismatch((mask, torch.zeros(2)), (flipped, torch.zeros(2))) == pytest.approx(1 / 32)
+    assert harness.mismatch((mask,), (mask.clone(),)) == 0
+    w = torch.ones(4, 8)
+    assert ops.relative_error(w * 1.01, w) == pytest.approx(0.01, rel=1e-3)  # bench_sparsegpt's rel_err
 
 
 def test_spent_budget_records_skips(benchmark, tmp_path):

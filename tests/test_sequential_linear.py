@@ -123,6 +123,7 @@ def test_the_dense_stream_stays_the_dense_models_in_linear_mode(monkeypatch):
     monkeypatch.setattr(sequential, "_add_once", lambda stats, name, x, dense_x, fed: (
         seen.setdefault(name, []).append(dense_x), add_once(stats, name, x, dense_x, fed))[1])
     sdsengine.prune(model, SDSConfig(sparsity="2:4", teacher="dense", iters=5, refit=0), samples, progress=False)
+    assert set(seen) == set(adapters.linear_modules(adapters.decoder_layers(model)[0]))  # every linear was fed
     for name, inputs in seen.items():
         layers = len(adapters.decoder_layers(model))
         assert len(inputs) == layers * len(samples), name

@@ -49,6 +49,14 @@ def test_ties_and_negative_zero(both_backends, assert_exact, device, kind):
     assert not torch.signbit(values[values == 0]).any(), "-0.0 must be written as +0.0"
 
 
+def test_negative_zero_scores_tie_with_positive_zero(both_backends, assert_exact, device):
+    """Scores (not weights, whose |.| is +0.0) can be -0.0: it must tie with +0.0, lower index first, as in
+    the reference (the kernel's sort key canonicalizes it)."""
+    weight = torch.randn(2, 32, generator=torch.Generator().manual_seed(4))
+    scores = torch.tensor([[1.0, -0.0, 0.0, -1.0] * 8, [-0.0, 0.0, -0.0, 0.0] * 8])
+    _check(both_backends, assert_exact, device, weight, scores)
+
+
 def test_layout_by_hand(device):
     """Row 0 keeps columns {0, 2} of every group (nibble 0b1000); row 1 keeps {1, 3} (0b1101)."""
     row0 = torch.tensor([4.0, 1.0, -3.0, 2.0] * 8)

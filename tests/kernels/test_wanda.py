@@ -64,10 +64,14 @@ def _tied(kind, rows=5, cols=64):
     elif kind == "negative_norms":  # not a real norm, but the kernel must order negative scores too
         norm = torch.randn(cols, generator=gen)
         norm[::4] = 0.0
+    elif kind == "negative_zero_scores":  # a zero weight on a negative norm scores -0.0: it must tie with +0.0
+        weight[:, 1::4] = weight[:, 2::4] = 0.0
+        norm[1::2] = -norm[1::2]
     return weight, norm
 
 
-@pytest.mark.parametrize("kind", ["all_equal", "integers", "signed_zeros", "nan_inf", "negative_norms"])
+@pytest.mark.parametrize("kind", ["all_equal", "integers", "signed_zeros", "nan_inf", "negative_norms",
+                                  "negative_zero_scores"])
 @pytest.mark.parametrize("pattern", [(2, 4), (3, 8), 0.5, 0.3])
 def test_ties_match_reference(both_backends, assert_exact, device, kind, pattern):
     nm, sparsity = (pattern, 0.5) if isinstance(pattern, tuple) else (None, pattern)
