@@ -228,7 +228,7 @@ def test_unknown_task_lists_the_known_ones():
 
 
 def test_missing_data_directory_names_path_and_setting(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'absent'}.*--data-dir or set SDSENGINE_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'absent'}.*--data-dir .*or set SDSENGINE_DATA_DIR"):
         load_task("piqa", data_dir=tmp_path / "absent")
     monkeypatch.delenv("SDSENGINE_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="no data directory.*SDSENGINE_DATA_DIR"):
