@@ -411,9 +411,9 @@ def run(backend, form, x, bias, out_features):
 # SPLIT_MARGIN of it. Only up to SPLIT_SEARCH_TOKENS tokens, the decode regime this kernel is for (from 128
 # tokens on dense wins on the H100, and a search there would cost whole milliseconds per token count).
 # SDSENGINE_SPLIT_K=N fixes N without timing (0: the plan's own), in the same decode regime; like the timed
-# choice, it is read when a
-# prepared weight first meets a token count, and kept in the weight's form from then on. Each split sums in
-# a fixed order, but two splits round differently: fix N where outputs must match bit for bit across runs.
+# choice, it is read when a prepared weight first meets a token count, and kept in the weight's form from
+# then on. Each split sums in a fixed order, but two splits round differently: fix N where outputs must
+# match bit for bit across runs.
 SPLIT_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SPLIT_MARGIN = 0.03
 SPLIT_SEARCH_TOKENS = 64
@@ -424,11 +424,14 @@ _split_generation = [0]  # bumped by clear_split_choices, so the copies kept in 
 def stream_locks(locks, x):
     """The split-K tickets of one prepared weight for calls on the current stream. Two calls on different
     streams may run at once, and tickets shared between them would mix the two launches' slices (and leave
-    the tickets non-zero for every later call), so each stream has its own. In CUDA-graph capture the
-    capture stream's are made there (zeroed once in the first graph) and baked into the graph: replays of
-    it run in stream order like any graph's buffers."""
+    the tickets non-zero for every later call), so each stream has its own. A CUDA graph is captured on a
+    side stream but replays on the stream it is launched on, usually the one that warmed the layer up: in
+    capture the tickets of a stream already seen are baked in, since new ones would add a memset to every
+    replay (one per linear, in every decode step)."""
     stream = _stream_id(x.device)
     if stream not in locks:
+        if locks and capturing():
+            return next(iter(locks.values()))
         locks[stream] = torch.zeros(LOCKS, dtype=torch.int32, device=x.device)
     return locks[stream]
 

@@ -291,6 +291,11 @@ def test_each_stream_has_its_own_split_k_tickets(monkeypatch):
     first, second, again = fake.locks[-3:]
     assert sorted(form[2]) == [11, 22] and first is again and first is not second
     assert first.dtype == torch.int32 and not first.any() and first.numel() == ops.LOCKS
+    # in capture (a side stream) the tickets of a stream already seen are baked in: no memset per replay
+    monkeypatch.setattr(ops, "_stream_id", lambda device: 33)
+    monkeypatch.setattr(ops, "capturing", lambda: True)
+    ops.run("sdsengine", form, x, None, 512)
+    assert fake.locks[-1] is first and sorted(form[2]) == [11, 22]
 
 
 def test_prepare_refuses_metadata_the_kernels_would_misread(monkeypatch):
