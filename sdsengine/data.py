@@ -99,7 +99,7 @@ def jsonl_objects(path: Path):
 
 
 def file_text(path) -> str:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
     if path.suffix == ".jsonl":
@@ -146,6 +146,7 @@ def check_calibration_source(config):
 
 def calibration_samples(tokenizer, config) -> torch.Tensor:
     """(nsamples, seqlen) token windows drawn at random with config.seed."""
+    check_calibration_source(config)
     data_dir = resolve_data_dir(config.data_dir)
     rng = random.Random(config.seed)
     if config.dataset == "c4" and not data_dir:
@@ -156,10 +157,8 @@ def calibration_samples(tokenizer, config) -> torch.Tensor:
         text = "\n\n".join(c4_documents(data_dir, "train"))
     elif config.dataset == "wikitext2":
         text = wikitext_text("validation" if data_dir else "train", data_dir)
-    elif config.dataset.endswith((".txt", ".jsonl")):
+    else:  # a .txt or .jsonl file (check_calibration_source)
         text = file_text(config.dataset)
-    else:
-        raise ValueError(f"unknown calibration dataset {config.dataset!r}: use c4, wikitext2 or a .txt/.jsonl path")
     return _windows_from_stream(tokenizer(text, return_tensors="pt").input_ids[0], config, rng)
 
 
