@@ -40,7 +40,7 @@ TARGETS = {  # (method, base, pattern): the perplexity targets the SDS and BESA 
 # (--guard off); SDS(SparseGPT)'s N:M records name its N:M default --swaps 1 in full
 GLANCE = [("dense", "dense"), ("magnitude", "magnitude_P"), ("Wanda", "wanda_P"), ("SparseGPT", "sparsegpt_P"),
           ("BESA", "besa-lr-checks_2-4 besa_4-8 besa_50"),
-          ("SDS(Wanda)", "sds-wanda-swaps_2-4 sds-wanda_4-8 sds-wanda_50"),
+          ("SDS(Wanda)", "sds-wanda-swaps_2-4 sds-wanda-swaps_4-8 sds-wanda_50"),
           ("SDS(SparseGPT)", "sds-sparsegpt-swaps_2-4 sds-sparsegpt-swaps_4-8 sds-sparsegpt_50"),
           ("SDS(BESA)", "sds-besa_P")]
 
