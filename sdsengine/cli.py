@@ -174,6 +174,10 @@ def prune_configs(args):
 
 
 def cmd_prune(args):
+    needs_data = lookup(args.method)[1].STATS is not None
+    if not needs_data:
+        _warn_unused_calibration(args)
+        args.sequential = None  # ignored, so not recorded in the recipe either
     config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
     out = checkpoint.check_output_dir(args.out, args.overwrite)
@@ -184,11 +188,8 @@ def cmd_prune(args):
             raise ValueError(f"--resume-dir {args.resume_dir} lies in --out {args.out}, which the checkpoint replaces: "
                              "keep the progress elsewhere")
         ResumeStore(args.resume_dir).check()
-    needs_data = lookup(args.method)[1].STATS is not None
     if needs_data:
         check_calibration_source(calib)
-    else:
-        _warn_unused_calibration(args)
     model, tokenizer, source = load_model(args.model, _dtype(args))
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)

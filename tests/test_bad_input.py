@@ -362,3 +362,5 @@ def test_calibration_flags_a_method_ignores_are_named(tmp_path, capsys):
     assert "uses no calibration data; ignoring --calib --nsamples" in capsys.readouterr().err
     assert main([*argv, "--sequential", "linear", "--resume-dir", str(tmp_path / "p"), "--out", str(tmp_path / "c")]) == 0
     assert "ignoring --sequential --resume-dir" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    recipe = json.loads((tmp_path / "c" / "sdsengine.json").read_text())["recipe"]
+    assert recipe["sequential"] == "layer"  # what ran, not the ignored flag
