@@ -124,10 +124,7 @@ def decompress_24(values, meta):
     if half % 16 or meta.dtype != torch.int32 or meta.shape != (rows, half // 16):
         raise ValueError(f"decompress_24: needs values (rows, K/2) with K % 32 == 0 and int32 meta (rows, K/32); "
                          f"got values {tuple(values.shape)}, meta {tuple(meta.shape)} {meta.dtype}")
-    # a data-dependent check would break a compiled graph, and cannot synchronize inside CUDA-graph capture
-    capturing = values.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (torch.compiler.is_compiling() or capturing):
-        check_meta(meta, "decompress_24")
+    check_meta(meta, "decompress_24")
     if not _use_triton(values, values.dtype in _KERNEL_DTYPES):
         return reference.decompress_24(values, meta)
     with _device_of(values):
@@ -136,7 +133,11 @@ def decompress_24(values, meta):
 
 def check_meta(meta, what):
     """Raise, naming `what` and the first bad group, unless every 4-bit entry of the int32 meta names two
-    kept columns, the lower first: anything else is no 2:4 layout, and the backends would read it differently."""
+    kept columns, the lower first: anything else is no 2:4 layout, and the backends would read it differently.
+    Skipped while compiling and inside CUDA-graph capture: the data-dependent check would break a compiled
+    graph, and cannot synchronize in capture."""
+    if torch.compiler.is_compiling() or (meta.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
     nibbles = reference.meta_nibbles(meta)
     bad = (nibbles & 3) >= (nibbles >> 2)
     if bad.any():

@@ -161,9 +161,8 @@ _CHILD_CHECK = """
 import os, torch
 os.environ.update({env!r})
 from sdsengine import ops
-for dtype in ops.CHILD_CHECK_DTYPES:
-    status = ops._self_check({backend!r}, torch.device("cuda"), dtype)
-    assert status == "ok", f"{{dtype}}: {{status}}"
+status = ops._self_check_dtypes({backend!r})
+assert status == "ok", status
 """
 CHILD_CHECK_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes the checked backends run in
 _cusparselt = {}
@@ -213,12 +212,7 @@ from sdsengine import ops
 backends = sys.argv[2:]
 for i in range(int(sys.argv[1]), len(backends)):
     print("CASE", i, flush=True)
-    status = "ok"
-    for dtype in ops.CHILD_CHECK_DTYPES:
-        if status == "ok":
-            status = ops._self_check(backends[i], torch.device("cuda"), dtype)
-            status = status if status == "ok" else f"{dtype}: {status}"
-    print("RESULT", i, status, flush=True)
+    print("RESULT", i, ops._self_check_dtypes(backends[i]), flush=True)
     try:
         torch.cuda.synchronize()
     except RuntimeError:
@@ -326,6 +320,16 @@ SELF_CHECK_SHAPES = ((272, 1024), (200, 800))  # several tiles each way and K ov
 # then rows ending inside a 16-row tile and K ending inside a 256-column block (the kernels' padding)
 
 
+def _self_check_dtypes(backend):
+    """The child processes' check: _self_check on the GPU in each of CHILD_CHECK_DTYPES, "ok" or the first
+    failure with its dtype."""
+    for dtype in CHILD_CHECK_DTYPES:
+        status = _self_check(backend, torch.device("cuda"), dtype)
+        if status != "ok":
+            return f"{dtype}: {status}"
+    return "ok"
+
+
 def _self_check(backend, device, dtype):
     """A decode-sized and a prefill-sized product for each of SELF_CHECK_SHAPES."""
     g = torch.Generator().manual_seed(0)
@@ -365,8 +369,7 @@ def prepare(backend, values, meta):
     if form_key(backend) == "sdsengine":  # zeroed tickets per stream (locks), which the mma.sp kernel leaves
         # zeroed: no memset per call; and the split-K chosen per token count (split_k), kept with the weight
         # so a call only looks it up
-        if not (torch.compiler.is_compiling() or capturing()):  # the kernels trust the metadata's order
-            check_meta(meta, f"prepare({backend!r})")
+        check_meta(meta, f"prepare({backend!r})")  # the kernels trust the metadata's order
         return (*reorder_24(values, meta), {}, {})
     dense = decompress_24(values, meta)
     if backend == "dense":
