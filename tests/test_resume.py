@@ -126,8 +126,14 @@ def test_progress_of_another_run_is_refused(tmp_path, monkeypatch):
     for model, config, tokens in [(_model(), WandaConfig(sparsity="4:8"), samples),
                                   (_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16, seed=1)),
                                   (_model(seed=1), WandaConfig(sparsity="2:4"), samples)]:
-        with pytest.raises(ValueError, match="progress of another run"):
-            sdsengine.prune(model, config, tokens, progress=False, resume_dir=tmp_path)
+        with monkeypatch.context() as m:  # refused before the calibration inputs are captured
+            m.setattr(sequential, "capture_layer_inputs", _must_not_run)
+            with pytest.raises(ValueError, match="progress of another run"):
+                sdsengine.prune(model, config, tokens, progress=False, resume_dir=tmp_path)
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the calibration inputs were captured before the progress was checked")
 
 
 def test_directory_holding_other_files_is_refused_and_kept(tmp_path):

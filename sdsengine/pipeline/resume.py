@@ -24,7 +24,7 @@ LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was name
 
 
 class ResumeStore:
-    """One run's progress in `directory`: call begin() before the first layer, then save() after each."""
+    """One run's progress in `directory`: identify() the run, begin() before the first layer, save() after each."""
 
     def __init__(self, directory):
         self.dir = Path(directory).expanduser().resolve()
@@ -37,17 +37,25 @@ class ResumeStore:
         self._manifest()
         return self
 
-    def begin(self, model, config, samples, layers, inps, dense, report_type) -> list:
-        """Fingerprint the run (before any weight changes); if the directory holds this run's progress, load
-        it into `layers`, `inps` and `dense` and return the finished layers' reports, else return []."""
+    def identify(self, model, config, samples):
+        """Fingerprint the run (before any weight changes) and refuse another run's progress; called before
+        the calibration inputs are captured, so a wrong directory is named before that work."""
         self.fingerprint = fingerprint(model, config, samples)
+        manifest = self._manifest()
+        if manifest is not None and manifest["fingerprint"] != self.fingerprint:
+            raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
+                             "recipe, calibration data or model); pass a new directory or delete that one")
+        return self
+
+    def begin(self, layers, inps, dense, report_type) -> list:
+        """After identify(): if the directory holds this run's progress, load it into `layers`, `inps` and
+        `dense` and return the finished layers' reports, else return []."""
+        if self.fingerprint is None:
+            raise RuntimeError("ResumeStore.begin() before identify()")
         manifest = self._manifest()
         if manifest is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             return []
-        if manifest["fingerprint"] != self.fingerprint:
-            raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
-                             "recipe, calibration data or model); pass a new directory or delete that one")
         done = manifest["done"]
         for i in range(done):
             layers[i].load_state_dict(torch.load(self._layer_file(i), map_location="cpu"))

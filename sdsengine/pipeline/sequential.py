@@ -48,20 +48,22 @@ class LayerReport:
 def prune_model(model, config, samples=None, progress=True, resume=None) -> list[LayerReport]:
     """Prune every targeted linear of every decoder layer in place; returns one report per layer.
     resume: a ResumeStore (methods with calibration data): keeps the progress after every layer and
-    continues from it."""
+    continues from it; another run's progress is refused before the inputs are captured."""
     algo = algorithm_for(config)
     layers, targets = plan_targets(model, config)
     if algo.STATS is None:
         return [_prune_without_data(i, t, algo, config) for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
         raise ValueError(f"method {config.method!r} needs calibration samples")
+    if resume:
+        resume.identify(model, config, samples)
     device = torch.device(config.device)
     dense_stream = _needs_dense_stream(algo, config)
     inps, layer_kwargs = capture_layer_inputs(model, samples, device,
                                               _activation_store(model, samples, device, dense_stream, progress))
     outs = torch.empty_like(inps)
     dense = DenseStream(inps.clone(), torch.empty_like(inps)) if dense_stream else None
-    reports = resume.begin(model, config, samples, layers, inps, dense, LayerReport) if resume else []
+    reports = resume.begin(layers, inps, dense, LayerReport) if resume else []
     for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
         kwargs = to_device(layer_kwargs[i], device)
         reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense))
