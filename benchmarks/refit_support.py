@@ -5,9 +5,10 @@ On synthetic layers (correlated inputs, Wanda's mask, a fraction of its kept wei
 relative error when the empty slots are ranked by the one-weight gain g²/(2 H_jj), over its error when they
 are filled by position (lowest index first), per seed.
 
-    python benchmarks/refit_support.py [--zeroed 0.2] [--seeds 5]
+    python benchmarks/refit_support.py [--zeroed 0.2] [--seeds 5] [--json FILE]
 """
 import argparse
+import json
 
 import torch
 
@@ -41,10 +42,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zeroed", type=float, default=0.2, help="fraction of W2's kept weights zeroed")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--json", help="also write the ratios here")
     args = parser.parse_args()
+    rows = {}
     for sparsity in ("0.5", "2:4", "4:8"):
-        ratios = [ratio(sparsity, seed, args.zeroed) for seed in range(args.seeds)]
-        print(f"{sparsity:>4}: benefit / position = " + ", ".join(f"{r:.3f}" for r in ratios))
+        rows[sparsity] = [ratio(sparsity, seed, args.zeroed) for seed in range(args.seeds)]
+        print(f"{sparsity:>4}: benefit / position = " + ", ".join(f"{r:.3f}" for r in rows[sparsity]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"zeroed": args.zeroed, "seeds": args.seeds, "benefit_over_position": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
