@@ -317,7 +317,7 @@ class SDSConfig(SparseGPTConfig):
 
     def default_swaps(self):
         """Measured (docs/SDS.md, "Mask refinement"): one sweep on N:M patterns from SparseGPT's masks (2:4 at
-        two seeds, 4:8) and Wanda's (2:4); the BESA base keeps 0 until measured with it."""
+        two seeds, 4:8) and Wanda's (2:4, 4:8); the BESA base keeps 0 until measured with it."""
         return 1 if self.sparsity.nm and self.base in ("sparsegpt", "wanda") else 0
 
     def __post_init__(self):
