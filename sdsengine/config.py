@@ -308,7 +308,7 @@ class SDSConfig(SparseGPTConfig):
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
-                "two more forward passes per layer)"})
+                "one more forward pass per layer, two where the fallback is kept)"})
     method = "sds"
 
     def default_sequential(self):
