@@ -26,16 +26,16 @@ def _add_config_flags(parser, classes):
     kinds, helps = {}, {}
     for cls in classes:
         for f in dataclasses.fields(cls):
-            # a number where any method's default is one (BESA's lr defaults to None, SDS's to 0.1); else
-            # str (lists such as --ignore are split later)
+            # a number where any method's default is one (BESA's lr defaults to None, SDS's to 0.1); a tuple
+            # (--ignore) for lists; else str
             if kinds.get(f.name, str) is str:
-                kinds[f.name] = type(f.default) if type(f.default) in (int, float) else str
+                kinds[f.name] = type(f.default) if type(f.default) in (int, float, tuple) else str
             text = f.metadata.get("help", "")
             if text and text not in helps.setdefault(f.name, []):
                 helps[f.name].append(text)
     for name, kind in kinds.items():
         text = "; ".join(helps.get(name, []))
-        if name == "ignore":  # a list: repeated flags add up, each may hold several comma-separated patterns
+        if kind is tuple:  # a list: repeated flags add up, each may hold several comma-separated items
             parser.add_argument(_flag(name), dest=name, action="append", default=None,
                                 help=text + " (comma-separated; the flag may be repeated)")
         else:
@@ -56,7 +56,7 @@ def _config_from(args, cls):
             continue
         if name not in names:
             continue
-        values[name] = tuple(p for v in value for p in v.split(",") if p) if name == "ignore" else value
+        values[name] = tuple(p for v in value for p in v.split(",") if p) if isinstance(value, list) else value
     return cls(**values)
 
 
