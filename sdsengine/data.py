@@ -57,7 +57,7 @@ def wikitext_rows(path: Path) -> list[str]:
 def wikitext_text(split, data_dir):
     if data_dir:
         return "\n\n".join(wikitext_rows(data_file(data_dir, WIKI_TEST if split == "test" else WIKI_VALID)))
-    return "\n\n".join(_hub("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    return "\n\n".join(hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
 def c4_documents(data_dir, split):
@@ -71,9 +71,10 @@ def c4_documents(data_dir, split):
             docs.append(obj["text"])
         return docs[:C4_HELD_OUT] if split == "train" else docs[C4_HELD_OUT:]
     if split == "train":
-        return _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")["text"]
+        files = {"train": "en/c4-train.00000-of-01024.json.gz"}
+        return hub_dataset("allenai/c4", data_files=files, split="train")["text"]
     files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
-    return _hub("allenai/c4", data_files=files, split="validation")["text"][:1100]
+    return hub_dataset("allenai/c4", data_files=files, split="validation")["text"][:1100]
 
 
 def ptb_text(data_dir):
@@ -82,7 +83,7 @@ def ptb_text(data_dir):
     if data_dir:
         sentences = data_file(data_dir, PTB_TEST).read_text(encoding="utf-8").splitlines()
     else:
-        sentences = _hub("ptb_text_only", "penn_treebank", split="test")["sentence"]
+        sentences = hub_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
     return " ".join(sentence.strip() for sentence in sentences)
 
 
@@ -116,7 +117,8 @@ def file_text(path) -> str:
     raise ValueError(f"calibration file {path} must be .txt or .jsonl (objects with a 'text' field)")
 
 
-def _hub(*args, **kwargs):
+def hub_dataset(*args, **kwargs):
+    """datasets.load_dataset(*args, **kwargs), or an error naming the offline alternative."""
     try:
         import datasets
     except ImportError:

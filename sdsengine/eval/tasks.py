@@ -1,8 +1,12 @@
-"""Zero-shot multiple-choice tasks as lists of `Item`s, read from the offline data directory.
+"""Zero-shot multiple-choice tasks as lists of `Item`s, from the offline data directory or the hub.
 
-Prompts follow lm-evaluation-harness (v0.4 task YAMLs), so accuracies are comparable with published
-numbers. Each choice is the continuation scored after the context, with lm-eval's target delimiter " "
-already prepended by the adapter.
+Prompts, datasets and splits follow lm-evaluation-harness (v0.4 task YAMLs), so accuracies are comparable
+with published numbers. Each choice is the continuation scored after the context, with lm-eval's target
+delimiter " " already prepended by the adapter. Where rows come from: with a data directory (argument or
+SDSENGINE_DATA_DIR), piqa, arc_easy and boolq read the original release files it ships (see
+../shared/data/SOURCES.md), and every other task reads `<data dir>/<task>/<split>.jsonl`, rows in the hub
+dataset's own schema (what `datasets.load_dataset(...).to_json(path)` writes); without one, the hub dataset
+lm-eval reads, through `datasets`.
 
 Generic format, for any path ending in .jsonl: one JSON object per line (blank lines are skipped),
 
@@ -14,10 +18,12 @@ one leading space (lm-eval divides by the choice without its delimiter), so a ta
 adapter to this format scores the same.
 """
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdsengine.data import EVAL_TASKS, data_file, jsonl_objects, resolve_data_dir
+from sdsengine.data import EVAL_TASKS, data_file, hub_dataset, jsonl_objects, resolve_data_dir
 
 PIQA_FILE = "piqa/valid.jsonl"
 PIQA_LABELS = "piqa/valid-labels.lst"
@@ -30,6 +36,13 @@ class Item:
     context: str
     choices: tuple[str, ...]
     label: int
+    # One context per choice, in place of `context`, all scored on the same continuation (Winogrande:
+    # the sentence up to its blank filled by each option; lm-eval's multiple-input tasks).
+    contexts: tuple[str, ...] = ()
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(context, continuation) scored for each choice, in order."""
+        return list(zip(self.contexts or (self.context,) * len(self.choices), self.choices))
 
 
 def load_task(name_or_path, data_dir=None, limit=None) -> list[Item]:
@@ -40,7 +53,7 @@ def load_task(name_or_path, data_dir=None, limit=None) -> list[Item]:
     if name.endswith(".jsonl"):
         items = read_jsonl(Path(name).expanduser())
     elif name in TASKS:
-        items = TASKS[name](resolve_data_dir(data_dir, required=True))
+        items = _builtin(name, resolve_data_dir(data_dir))
     else:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (zero-shot), "
                          f"{', '.join(EVAL_TASKS)} (perplexity), or a path ending in .jsonl (generic format, see "
@@ -50,18 +63,50 @@ def load_task(name_or_path, data_dir=None, limit=None) -> list[Item]:
 
 # ---- built-in tasks ------------------------------------------------------------------------------------
 
-def piqa(data_dir: Path) -> list[Item]:
+@dataclass(frozen=True)
+class Source:
+    """A built-in task: lm-eval's hub dataset (path, config name, split), the adapter from one of its rows
+    to an Item, and, for the tasks the offline data directory ships, a reader of those release files."""
+    path: str
+    name: str | None
+    split: str
+    item: Callable[[dict], Item]
+    release: Callable[[Path], list[dict]] | None = None  # data dir -> rows in the hub's schema
+
+
+def _builtin(task, data_dir) -> list[Item]:
+    source = TASKS[task]
+    if data_dir is None:
+        rows = hub_dataset(source.path, source.name, split=source.split)
+    elif source.release is not None:
+        rows = source.release(data_dir)
+    else:
+        rows = _exported_rows(task, source, data_dir)
+    return [source.item(row) for row in rows]
+
+
+def _exported_rows(task, source, data_dir):
+    path = data_dir / task / f"{source.split}.jsonl"
+    if not path.is_file():
+        name = "" if source.name is None else f", {source.name!r}"
+        raise FileNotFoundError(
+            f"{path} not found: offline, task {task} reads the hub dataset's rows from it; write it once where "
+            f"the hub is reachable: datasets.load_dataset({source.path!r}{name}, split={source.split!r})"
+            f".to_json({str(path)!r}), or leave the data directory unset to read the hub")
+    return [row for _, row in jsonl_objects(path)]
+
+
+def _piqa_item(row: dict) -> Item:
+    return Item(f"Question: {row['goal']}\nAnswer:", (" " + row["sol1"], " " + row["sol2"]), int(row["label"]))
+
+
+def _piqa_release(data_dir: Path) -> list[dict]:
+    # The original release keeps the labels in a file of their own, one per line.
     docs = [doc for _, doc in jsonl_objects(data_file(data_dir, PIQA_FILE))]
     labels = data_file(data_dir, PIQA_LABELS).read_text(encoding="utf-8").split()
     if len(labels) != len(docs):
         raise ValueError(f"{data_dir / PIQA_LABELS} has {len(labels)} labels for {len(docs)} PIQA questions")
-    return [Item(f"Question: {doc['goal']}\nAnswer:", (" " + doc["sol1"], " " + doc["sol2"]), int(label))
-            for doc, label in zip(docs, labels)]
-
-
-def arc_easy(data_dir: Path) -> list[Item]:
-    docs = json.loads(data_file(data_dir, ARC_EASY_FILE).read_text(encoding="utf-8"))
-    return [_arc_item(doc) for doc in docs]
+    return [{**doc, "label": int(label)} for doc, label in zip(docs, labels)]
 
 
 def _arc_item(doc: dict) -> Item:
@@ -73,15 +118,62 @@ def _arc_item(doc: dict) -> Item:
     return Item(f"Question: {doc['question']}\nAnswer:", choices, labels.index(doc["answerKey"]))
 
 
-def boolq(data_dir: Path) -> list[Item]:
+def _arc_easy_release(data_dir: Path) -> list[dict]:
+    return json.loads(data_file(data_dir, ARC_EASY_FILE).read_text(encoding="utf-8"))  # a hub export
+
+
+def _boolq_item(row: dict) -> Item:
+    return Item(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", (" no", " yes"), int(row["label"]))
+
+
+def _boolq_release(data_dir: Path) -> list[dict]:
     # lm-eval reads SuperGLUE's BoolQ, whose passages open with "<article title> -- "; the original
-    # Google release holds the title in its own field, so the SuperGLUE passage is rebuilt here.
-    return [Item(f"{doc['title']} -- {doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
-                 (" no", " yes"), int(doc["answer"]))
-            for _, doc in jsonl_objects(data_file(data_dir, BOOLQ_FILE))]
+    # Google release holds the title in its own field and the answer as a bool.
+    return [{"passage": f"{doc['title']} -- {doc['passage']}", "question": doc["question"],
+             "label": int(doc["answer"])} for _, doc in jsonl_objects(data_file(data_dir, BOOLQ_FILE))]
 
 
-TASKS = {"piqa": piqa, "arc_easy": arc_easy, "boolq": boolq}
+def _hellaswag_text(text: str) -> str:
+    # lm-eval's clean-up of WikiHow's bracketed artifacts ("[title]", "[step]", "[header]").
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag_item(row: dict) -> Item:
+    context = _hellaswag_text(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return Item(context, tuple(" " + _hellaswag_text(ending) for ending in row["endings"]), int(row["label"]))
+
+
+def _winogrande_item(row: dict) -> Item:
+    # The blank filled by each option ends the context; the rest of the sentence is the one continuation.
+    blank = row["sentence"].index("_")
+    contexts = tuple(row["sentence"][:blank] + option for option in (row["option1"], row["option2"]))
+    ending = " " + row["sentence"][blank + 1:].strip()
+    return Item("", (ending, ending), int(row["answer"]) - 1, contexts)
+
+
+def _openbookqa_item(row: dict) -> Item:
+    labels = row["choices"]["label"]
+    return Item(row["question_stem"], tuple(" " + text for text in row["choices"]["text"]),
+                labels.index(row["answerKey"].strip()))
+
+
+def _rte_item(row: dict) -> Item:
+    # GLUE's label 0 is entailment, which lm-eval scores as " True".
+    return Item(f"{row['sentence1']}\nQuestion: {row['sentence2']} True or False?\nAnswer:", (" True", " False"),
+                int(row["label"]))
+
+
+TASKS = {
+    "piqa": Source("baber/piqa", None, "validation", _piqa_item, _piqa_release),
+    "arc_easy": Source("allenai/ai2_arc", "ARC-Easy", "test", _arc_item, _arc_easy_release),
+    "boolq": Source("aps/super_glue", "boolq", "validation", _boolq_item, _boolq_release),
+    "arc_challenge": Source("allenai/ai2_arc", "ARC-Challenge", "test", _arc_item),
+    "hellaswag": Source("Rowan/hellaswag", None, "validation", _hellaswag_item),
+    "winogrande": Source("allenai/winogrande", "winogrande_xl", "validation", _winogrande_item),
+    "openbookqa": Source("allenai/openbookqa", "main", "test", _openbookqa_item),
+    "rte": Source("nyu-mll/glue", "rte", "validation", _rte_item),
+}
 
 
 # ---- generic JSONL ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Zero-shot multiple-choice accuracy by log-likelihood, computed as lm-evaluation-harness does.
 
 For an item with context c and choices x_1..x_k, ll_j = sum_t log p(x_j[t] | c, x_j[<t]) over the tokens of
-x_j. acc takes argmax_j ll_j; acc_norm takes argmax_j ll_j / len(x_j), the length in characters without
+x_j (an item with one context per choice, Winogrande's, conditions x_j on its own c_j). acc takes argmax_j ll_j; acc_norm takes argmax_j ll_j / len(x_j), the length in characters without
 the leading " " delimiter (lm-eval's `lls / completion_len` over doc_to_choice). Ties go to the first
 choice, as with np.argmax. Stderr is the standard error of the mean over items (lm-eval's mean_stderr; None for one item).
 
@@ -34,7 +34,7 @@ def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_le
         raise ValueError("no items to evaluate")
     max_length = max_length or model_max_length(model, tokenizer)
     bos = wants_bos(model)
-    pairs = [encode_pair(tokenizer, item.context, choice, bos) for item in items for choice in item.choices]
+    pairs = [encode_pair(tokenizer, context, choice, bos) for item in items for context, choice in item.requests()]
     lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
     preds = predictions(items, lls)
     if samples is not None:
@@ -160,7 +160,8 @@ def item_records(items, lls, preds) -> list[dict]:
     """Per item, in order: its index, label, the acc and acc_norm predictions and each choice's
     log-likelihood (lm-eval's --log_samples, reduced to what comparing two models' answers needs)."""
     return [{"index": index, "label": item.label, "pred": pred, "pred_norm": pred_norm,
-             "choices": list(item.choices), "loglikelihoods": scores}
+             "choices": list(item.choices), **({"contexts": list(item.contexts)} if item.contexts else {}),
+             "loglikelihoods": scores}
             for index, (item, scores, (pred, pred_norm)) in enumerate(zip(items, _per_item(items, lls), preds))]
 
 

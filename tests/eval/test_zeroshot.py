@@ -110,6 +110,19 @@ def test_empty_context_conditions_on_eos(llama, tokenizer):
         direct_ll(llama, ctx + cont, len(cont)), abs=1e-4)
 
 
+def test_an_item_with_a_context_per_choice_scores_each_choice_after_its_own(llama, tokenizer):
+    # Winogrande's form: the same continuation after each filled-in blank.
+    item = Item("", (" is big.", " is big."), 1, ("The cup fits because the cup", "The cup fits because the box"))
+    records = []
+    evaluate_zeroshot(llama, tokenizer, [item], progress=False, samples=records)
+    for context, got in zip(item.contexts, records[0]["loglikelihoods"]):
+        whole = tokenizer.encode(context + " is big.", add_special_tokens=False)
+        n_cont = len(whole) - len(tokenizer.encode(context, add_special_tokens=False))
+        assert got == pytest.approx(direct_ll(llama, whole, n_cont), abs=1e-4), context
+    assert records[0]["loglikelihoods"][0] != pytest.approx(records[0]["loglikelihoods"][1], abs=1e-4)
+    assert records[0]["contexts"] == list(item.contexts)
+
+
 # ---- acc and acc_norm ----------------------------------------------------------------------------------
 
 def test_acc_and_acc_norm_on_hand_set_log_probs(tokenizer):
@@ -222,17 +235,15 @@ def test_malformed_jsonl_names_file_line_and_problem(tmp_path, line, message):
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown task 'hellaswag'; known tasks: piqa, arc_easy, boolq \(zero-shot\), "
+    with pytest.raises(ValueError, match=r"unknown task 'mmlu'; known tasks: piqa, arc_easy, boolq, arc_challenge, "
+                                         r"hellaswag, winogrande, openbookqa, rte \(zero-shot\), "
                                          r"wikitext2, c4, ptb \(perplexity\)"):
-        load_task("hellaswag")
+        load_task("mmlu")
 
 
-def test_missing_data_directory_names_path_and_setting(tmp_path, monkeypatch):
+def test_missing_data_directory_names_path_and_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'absent'}.*--data-dir .*or set SDSENGINE_DATA_DIR"):
         load_task("piqa", data_dir=tmp_path / "absent")
-    monkeypatch.delenv("SDSENGINE_DATA_DIR", raising=False)
-    with pytest.raises(FileNotFoundError, match="no data directory.*SDSENGINE_DATA_DIR"):
-        load_task("boolq")
 
 
 def test_missing_data_file_names_it(tmp_path):
@@ -286,6 +297,23 @@ def test_boolq_adapter():
     assert first.context.startswith("Ethanol fuel -- All biomass goes through at least some of these steps")
     assert first.context.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
     assert (first.choices, first.label) == ((" no", " yes"), 0)
+
+
+@needs_data
+def test_hub_rows_of_the_shipped_tasks_give_the_release_files_items(hub):
+    """Hub rows written out by hand in each dataset's schema from the release files' first records: the
+    adapters turn both into the same items (SuperGLUE's BoolQ passage carries the title, its label is 0/1)."""
+    piqa_doc = json.loads((DATA_DIR / "piqa/valid.jsonl").read_text().splitlines()[0])
+    hub.rows = [{**piqa_doc, "label": 0}]
+    assert load_task("piqa") == load_task("piqa", DATA_DIR)[:1]
+    boolq_doc = json.loads((DATA_DIR / "boolq/dev.jsonl").read_text().splitlines()[0])
+    hub.rows = [{"question": boolq_doc["question"], "passage": boolq_doc["title"] + " -- " + boolq_doc["passage"],
+                 "idx": 0, "label": int(boolq_doc["answer"])}]
+    assert load_task("boolq") == load_task("boolq", DATA_DIR)[:1]
+    hub.rows = json.loads((DATA_DIR / "arc/ARC-Easy-test.json").read_text())[:1]
+    assert load_task("arc_easy") == load_task("arc_easy", DATA_DIR)[:1]
+    assert [call[0] for call in hub.calls] == [("baber/piqa", None), ("aps/super_glue", "boolq"),
+                                               ("allenai/ai2_arc", "ARC-Easy")]
 
 
 @needs_data

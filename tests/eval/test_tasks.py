@@ -1,0 +1,86 @@
+"""Built-in zero-shot tasks beyond the offline release files: rows from the hub (faked here: no network) or
+exported to the data directory, turned into lm-eval's prompts (the hub rows of the tasks the data directory
+ships: test_zeroshot.py, beside their release files' adapters)."""
+import json
+import sys
+
+import pytest
+
+from sdsengine import data
+from sdsengine.eval.tasks import Item, load_task
+
+# The first HellaSwag validation row (ActivityNet), and a WikiHow-style one with its bracketed artifacts.
+HELLASWAG_ROWS = [
+    {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"},
+    {"activity_label": "Home and Garden", "ctx_a": "[header] How to clean a grill [title] Heat the grill.",
+     "ctx_b": "[step] Scrub", "endings": ["[substeps] Use a brush.", " Wait  an hour. "], "label": "0"},
+]
+
+
+def test_hellaswag_prompts_are_lm_evals(hub):
+    hub.rows = HELLASWAG_ROWS
+    first, wikihow = load_task("hellaswag")
+    assert hub.calls == [(("Rowan/hellaswag", None), {"split": "validation"})]
+    assert first == Item("Roof shingle removal: A man is sitting on a roof. He",
+                         (" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
+                          " is holding a rubik's cube.", " starts pulling up roofing on a roof."), 3)
+    # " [title]" becomes ". ", other brackets go, double spaces close; ctx_b is capitalized (rest lowered).
+    # The space a removed bracket leaves at the start stays (stripping comes first), as in lm-eval.
+    assert wikihow == Item("Home and Garden: How to clean a grill. Heat the grill. scrub",
+                           ("  Use a brush.", " Wait an hour."), 0)
+
+
+def test_winogrande_fills_the_blank_with_each_option(hub):
+    hub.rows = [{"sentence": "The trophy doesn't fit into the brown suitcase because _ is too large.",
+                 "option1": "the trophy", "option2": "the suitcase", "answer": "1"}]
+    [item] = load_task("winogrande")
+    assert hub.calls == [(("allenai/winogrande", "winogrande_xl"), {"split": "validation"})]
+    assert item.contexts == ("The trophy doesn't fit into the brown suitcase because the trophy",
+                             "The trophy doesn't fit into the brown suitcase because the suitcase")
+    assert item.choices == (" is too large.", " is too large.") and item.label == 0
+    assert item.requests() == list(zip(item.contexts, item.choices))
+
+
+def test_openbookqa_arc_challenge_and_rte(hub):
+    hub.rows = [{"id": "7-980", "question_stem": "The sun is responsible for",
+                 "choices": {"text": ["puppies learning new tricks", "plants sprouting"], "label": ["A", "B"]},
+                 "answerKey": "B"}]
+    assert load_task("openbookqa") == [Item("The sun is responsible for",
+                                            (" puppies learning new tricks", " plants sprouting"), 1)]
+    hub.rows = [{"id": "q1", "question": "Which is a metal?", "choices": {"text": ["wood", "iron"],
+                 "label": ["1", "2"]}, "answerKey": "2"}]
+    assert load_task("arc_challenge") == [Item("Question: Which is a metal?\nAnswer:", (" wood", " iron"), 1)]
+    hub.rows = [{"sentence1": "A cat sat.", "sentence2": "An animal sat.", "label": 0}]
+    assert load_task("rte") == [Item("A cat sat.\nQuestion: An animal sat. True or False?\nAnswer:",
+                                     (" True", " False"), 0)]
+    assert [call[0] for call in hub.calls] == [("allenai/openbookqa", "main"), ("allenai/ai2_arc", "ARC-Challenge"),
+                                               ("nyu-mll/glue", "rte")]
+    assert [call[1]["split"] for call in hub.calls] == ["test", "test", "validation"]
+
+
+def test_offline_rows_exported_from_the_hub_are_read_from_the_data_directory(tmp_path, hub):
+    (tmp_path / "hellaswag").mkdir()
+    (tmp_path / "hellaswag" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG_ROWS))
+    hub.rows = HELLASWAG_ROWS
+    assert load_task("hellaswag", data_dir=tmp_path) == load_task("hellaswag")
+    assert load_task("hellaswag", data_dir=tmp_path, limit=1) == load_task("hellaswag")[:1]
+    assert len(hub.calls) == 2  # the data directory's file took the hub's place
+
+
+def test_a_missing_export_names_the_file_and_how_to_write_it(tmp_path, hub):
+    with pytest.raises(FileNotFoundError, match=r"winogrande/validation\.jsonl not found: .*datasets\.load_dataset"
+                                                r"\('allenai/winogrande', 'winogrande_xl', split='validation'\)"
+                                                r"\.to_json\("):
+        load_task("winogrande", data_dir=tmp_path)
+    assert hub.calls == []
+
+
+def test_no_data_directory_and_no_datasets_package_names_both_ways_out(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    monkeypatch.delenv("SDSENGINE_DATA_DIR", raising=False)
+    with pytest.raises(RuntimeError, match=r"`datasets` is not installed: pass --data-dir .*SDSENGINE_DATA_DIR"):
+        load_task("boolq")
+    with pytest.raises(RuntimeError, match="`datasets` is not installed"):
+        data.hub_dataset("wikitext", "wikitext-2-raw-v1", split="test")
