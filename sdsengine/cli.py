@@ -13,7 +13,7 @@ from sdsengine import api, bench, checkpoint, report
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source
-from sdsengine.eval.runner import TASK_HELP, evaluate, results_table
+from sdsengine.eval.runner import TASK_HELP, evaluate, load_zeroshot, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed
 from sdsengine.nn.convert import skip_reasons
@@ -230,11 +230,12 @@ def cmd_eval(args):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     _check_result_files(args, tasks)
     check_device(args.device)
+    items = load_zeroshot(tasks, args.data_dir, args.limit)  # a bad task name or file fails before the model load
     model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True)
     model.to(args.device)
     samples = {} if args.samples else None
     results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
-                       device=args.device, samples=samples)
+                       device=args.device, samples=samples, items=items)
     print(results_table({source: results}))
     if args.json:
         payload = {"model": source, "versions": report.versions(), "results": results}

@@ -59,6 +59,14 @@ def test_eval_needs_a_task_and_two_different_result_files(tmp_path, capsys):
              "name the same file")
 
 
+def test_eval_task_names_and_files_are_checked_before_the_model_load(tmp_path, capsys):
+    _refused(["eval", "--model", NO_MODEL, "--tasks", "wikitext2,lambada"], capsys, "unknown task 'lambada'")
+    _refused(["eval", "--model", NO_MODEL, "--tasks", str(tmp_path / "absent.jsonl")], capsys,
+             "task file .*absent.jsonl not found")
+    _refused(["eval", "--model", NO_MODEL, "--tasks", "hellaswag", "--data-dir", str(tmp_path)], capsys,
+             "hellaswag/validation.jsonl not found")
+
+
 def test_progress_inside_the_output_is_refused_before_work(tmp_path, capsys):
     out = tmp_path / "out"
     _refused(["prune", "--method", "wanda", "--sparsity", "2:4", "--model", NO_MODEL, "--out", str(out),

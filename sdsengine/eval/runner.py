@@ -12,10 +12,11 @@ TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-s
 
 
 def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", progress=True,
-             samples=None) -> dict:
+             samples=None, items=None) -> dict:
     """{task: result}: perplexity tasks give ppl, tokens, windows, seqlen, protocol; zero-shot ones acc,
     acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot). `samples`: a dict that receives,
-    per zero-shot task, its per-item records (zeroshot.item_records)."""
+    per zero-shot task, its per-item records (zeroshot.item_records). `items`: zero-shot items already
+    read by load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model)."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
     check_device(device)
     if limit is not None and limit < 1:
@@ -25,7 +26,7 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
             raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
         check_seqlen(model, seqlen)
     tasks = list(dict.fromkeys(tasks))  # a task named twice runs once
-    items = {t: load_task(t, data_dir, limit) for t in tasks if t not in EVAL_TASKS}
+    items = load_zeroshot(tasks, data_dir, limit) if items is None else items
     streams = {t: eval_tokens(tokenizer, t, data_dir, seqlen) for t in tasks if t in EVAL_TASKS}
     results = {}
     for task in tasks:
@@ -37,6 +38,11 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
             ids, protocol = streams[task]
             results[task] = {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
     return results
+
+
+def load_zeroshot(tasks, data_dir=None, limit=None) -> dict:
+    """{task: its items} for the zero-shot tasks among `tasks`; an unknown name or a missing file fails here."""
+    return {t: load_task(t, data_dir, limit) for t in dict.fromkeys(tasks) if t not in EVAL_TASKS}
 
 
 def results_table(rows: dict) -> str:
