@@ -5,11 +5,13 @@
     python benchmarks/quality_table.py --glance [RESULTS_DIR]   # one row per method, one column per pattern
     python benchmarks/quality_table.py --readme README.md docs/QUALITY.md   # regenerate every marked table
 
-A record is NAME.json (eval results and commands) beside NAME.prune.json (the run report); NAME ends in
-the pattern (_2-4, _4-8, _50). --versus pairs each SDS or BESA run with the base run of its pattern (SDS:
-its --base; BESA: Wanda, whose masks it starts from) and lists the SDS pairs the issue asks for even where
-they are not measured yet, so that a missing number shows as missing. --glance gives each method's
-perplexity and zero-shot mean at every pattern, from the record GLANCE names for it.
+A record is NAME.json (eval results and commands) beside NAME.prune.json (the run report). --versus pairs
+each SDS or BESA run with the base run of its pattern (SDS: its --base; BESA: Wanda, whose masks it starts
+from), the record named [PREFIX]BASE_PATTERN, where PREFIX is what every record name of the folder starts
+with up to an underscore (r16_ in quality_reduced) and PATTERN the run's own (2-4, 4-8, 50), and lists the
+SDS pairs the issue asks for even where they are not measured yet, so that a missing number shows as missing.
+--glance gives each method's perplexity and zero-shot mean at every pattern, from the record GLANCE names
+for it. Prune seconds are each run report's own (see prune_seconds); peak memory is the run's (peak_rss).
 
 --readme rewrites, in each file named, each table that follows a marker line `<!-- quality_table.py [ARGS] -->`
 with this script's output for ARGS (a results folder in ARGS is relative to the file's folder), and nothing
@@ -17,6 +19,7 @@ else. A test checks that the marked tables of README.md and docs/QUALITY.md equa
 added without this step fails CI.
 """
 import json
+import os
 import re
 import shlex
 import sys
@@ -71,24 +74,38 @@ def zeroshot_mean(run):
 
 
 def peak_rss(report):
-    return report["memory"]["cpu_peak_rss_gib"] if report else None
+    """The run's peak RSS: for a resumed run, the peak of every part, which the layers that earlier
+    processes pruned hold in their own reports (the run's own figure covers only its last process)."""
+    if not report:
+        return None
+    layers = [layer.get("memory", {}).get("cpu_peak_rss_gib") for layer in report.get("layers", [])]
+    return max([report["memory"]["cpu_peak_rss_gib"], *filter(None, layers)])
+
+
+def prune_seconds(run, report):
+    """The pruning time the run measured (its report's seconds: calibration capture and every layer, over
+    all resumed parts; no model load, tokenization or save); a record without a report keeps the wall time
+    quality.sh took for its prune command."""
+    if report:
+        return round(report["seconds"])
+    return run.get("prune_wall_s") if run and run.get("prune_command") else None
 
 
 def line(name, run, report):
     tasks = zeroshot(run)
     scores = [f"{k} {100 * v['acc']:.1f}/{100 * v['acc_norm']:.1f}" for k, v in tasks.items()]
-    prune_s = f"{run['prune_wall_s']}" if run.get("prune_command") else "-"
-    sparsity = f"{report['overall_sparsity']:.3f}" if report else "0"
+    sparsity = f"{report['overall_sparsity']:.3f}" if report else "-" if run.get("prune_command") else "0"
     command = run.get("prune_command") or run["eval_command"]
     return (f"| {name} | {sparsity} | {_num(perplexity(run), '.2f')} | {' '.join(scores) or '-'} "
-            f"| {_num(zeroshot_mean(run), '.1f')} | {prune_s} | {_num(peak_rss(report))} | `{command}` |")
+            f"| {_num(zeroshot_mean(run), '.1f')} | {_num(prune_seconds(run, report))} | {_num(peak_rss(report))} "
+            f"| `{command}` |")
 
 
-def pair_of(name, report):
+def pair_of(report):
     """(method, base, pattern) of an SDS or BESA run, None for any other; the base's record is named
-    BASE_PATTERN, with BASE_RECORDS' name for BASE where it has one."""
+    [PREFIX]BASE_PATTERN, with BASE_RECORDS' name for BASE where it has one."""
     recipe = report["recipe"] if report else {}
-    method, pattern = recipe.get("method"), name.rpartition("_")[2]
+    method, pattern = recipe.get("method"), _pattern(recipe.get("sparsity"))
     if method == "sds":
         return method, recipe["base"], pattern
     if method == "besa":
@@ -96,24 +113,38 @@ def pair_of(name, report):
     return None
 
 
+def _pattern(sparsity):
+    """A recipe's sparsity as record names spell it: "2:4" -> 2-4, 0.5 -> 50."""
+    if sparsity is None:
+        return None
+    return str(sparsity).replace(":", "-") if ":" in str(sparsity) else f"{100 * float(sparsity):g}"
+
+
 def versus_lines(results=RESULTS):
     """One row per SDS/BESA run against its base; the issue's SDS pairs included when not yet measured."""
     runs = {name: (run, report) for name, run, report in rows(results)}
-    pairs = {name: pair_of(name, report) for name, (_, report) in runs.items()}
+    prefix = _common_prefix(runs)
+    pairs = {name: pair_of(report) for name, (_, report) in runs.items()}
     pairs = {name: pair for name, pair in pairs.items() if pair}
     for pattern in PATTERNS:
         for base in SDS_BASES:
-            pairs.setdefault(f"sds-{base}_{pattern}", ("sds", base, pattern))
+            pairs.setdefault(f"{prefix}sds-{base}_{pattern}", ("sds", base, pattern))
     order = sorted(pairs, key=lambda n: (_rank(pairs[n][2]), n))
-    return [_versus_line(name, pairs[name], runs) for name in order]
+    return [_versus_line(name, pairs[name], runs, prefix) for name in order]
+
+
+def _common_prefix(names):
+    """What every name starts with, up to and including its last underscore ("" if none)."""
+    common = os.path.commonprefix(list(names))
+    return common[:common.rfind("_") + 1]
 
 
 def _rank(pattern):
     return PATTERNS.index(pattern) if pattern in PATTERNS else len(PATTERNS)
 
 
-def _versus_line(name, pair, runs):
-    base, target = f"{BASE_RECORDS.get(pair[1], pair[1])}_{pair[2]}", TARGETS.get(pair, "")
+def _versus_line(name, pair, runs, prefix=""):
+    base, target = f"{prefix}{BASE_RECORDS.get(pair[1], pair[1])}_{pair[2]}", TARGETS.get(pair, "")
     if name not in runs:
         return f"| {name} | {base} | not measured | | | {target} | | | |"
     run, report = runs[name]
@@ -121,7 +152,7 @@ def _versus_line(name, pair, runs):
     ppl, base_ppl = perplexity(run), base_run and perplexity(base_run)
     ratio = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
     zs, base_zs = zeroshot_mean(run), base_run and zeroshot_mean(base_run)
-    seconds = run.get("prune_wall_s"), base_run and base_run.get("prune_wall_s")
+    seconds = prune_seconds(run, report), prune_seconds(base_run, base_report)
     return (f"| {name} | {base} | {_num(ppl, '.2f')} | {_num(base_ppl, '.2f')} | {ratio} | {target} "
             f"| {_pair(zs, base_zs, '.1f')} | {_pair(*seconds)} | {_pair(peak_rss(report), peak_rss(base_report))} |")
 
@@ -172,7 +203,7 @@ def render(argv, root=None):
                   "| peak RSS GiB (base) |", "|---|---|---|---|---|---|---|---|---|"]
         return "\n".join(header + versus_lines(results))
     header = ["| run | counted sparsity | WikiText-2 ppl | zero-shot acc/acc_norm % | zero-shot mean acc % "
-              "| prune wall s | peak RSS GiB | command |", "|---|---|---|---|---|---|---|---|"]
+              "| prune s | peak RSS GiB | command |", "|---|---|---|---|---|---|---|---|"]
     return "\n".join(header + [line(*row) for row in rows(results)])
 
 

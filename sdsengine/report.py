@@ -35,6 +35,17 @@ def peak_memory(device) -> dict:
     return out
 
 
+def run_peak(device, layers) -> dict:
+    """The run's peaks: this process's, raised to any a layer recorded. A resumed run's earlier processes
+    left their peaks only in the reports of the layers they pruned."""
+    peaks = peak_memory(device)
+    for layer in layers:
+        for key, value in layer.memory.items():
+            if value is not None:
+                peaks[key] = max(peaks.get(key, value), value)
+    return peaks
+
+
 def build(config, calibration, layers, seconds, model_source) -> dict:
     return {
         "model": model_source,
@@ -42,7 +53,7 @@ def build(config, calibration, layers, seconds, model_source) -> dict:
         "calibration": calibration,
         "versions": versions(),
         "seconds": round(seconds, 2),
-        "memory": peak_memory(config.device),
+        "memory": run_peak(config.device, layers),
         "layers": [dataclasses.asdict(r) for r in layers],
         "overall_sparsity": overall_sparsity(layers),
     }

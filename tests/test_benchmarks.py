@@ -205,29 +205,52 @@ def test_zeroshot_answers_compares_item_by_item(benchmark, tmp_path, capsys):
         benchmark("zeroshot_answers").main([ref, write("relabelled.jsonl", [0, 0, 0, 1], labels=(0, 0, 0, 0))])
 
 
+def write_quality_record(folder, name, ppl, recipe=None, accs=(), seconds=100, rss=2.0, layer_rss=()):
+    """NAME.json as quality.sh writes it (its prune_wall_s 30 s over the report's, as a model load adds) and
+    NAME.prune.json, the run report; layer_rss: peaks the layers of earlier, resumed processes recorded."""
+    results = {"wikitext2": {"ppl": ppl}}
+    results.update({f"task{i}": {"acc": a, "acc_norm": a} for i, a in enumerate(accs)})
+    run = {"results": results, "eval_command": "eval", "prune_command": "prune", "prune_wall_s": seconds + 30}
+    (folder / f"{name}.json").write_text(json.dumps(run))
+    recipe = recipe or {"method": name.split("_")[0]}
+    report = {"recipe": {"sparsity": name.rpartition("_")[2].replace("-", ":").replace("50", "0.5"), **recipe},
+              "memory": {"cpu_peak_rss_gib": rss}, "overall_sparsity": 0.5, "seconds": seconds + 0.4,
+              "layers": [{"memory": {"cpu_peak_rss_gib": peak}} for peak in layer_rss]}
+    (folder / f"{name}.prune.json").write_text(json.dumps(report))
+
+
 def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, capsys):
     """--versus: each SDS/BESA record against its pattern's base record, targets named, the issue's SDS pairs
-    listed as not measured when their record is missing, and a missing base shown as '-'."""
-    def write(name, ppl, recipe=None, accs=(), seconds=100, rss=2.0):
-        results = {"wikitext2": {"ppl": ppl}}
-        results.update({f"task{i}": {"acc": a, "acc_norm": a} for i, a in enumerate(accs)})
-        run = {"results": results, "eval_command": "eval", "prune_command": "prune", "prune_wall_s": seconds}
-        (tmp_path / f"{name}.json").write_text(json.dumps(run))
-        report = {"recipe": recipe or {"method": name.split("_")[0]}, "memory": {"cpu_peak_rss_gib": rss},
-                  "overall_sparsity": 0.5}
-        (tmp_path / f"{name}.prune.json").write_text(json.dumps(report))
-
-    write("wanda_2-4", 200.0, accs=(0.5, 0.4), seconds=800, rss=2.3)
-    write("sds-wanda_2-4", 80.0, {"method": "sds", "base": "wanda"}, accs=(0.6, 0.4), seconds=6000, rss=2.4)
-    write("besa_50", 43.0, {"method": "besa"})
+    listed as not measured when their record is missing, and a missing base shown as '-'. Seconds are the
+    reports' pruning times; a resumed run's peak memory is the highest of its parts."""
+    write_quality_record(tmp_path, "wanda_2-4", 200.0, accs=(0.5, 0.4), seconds=800, rss=2.3)
+    write_quality_record(tmp_path, "sds-wanda_2-4", 80.0, {"method": "sds", "base": "wanda"}, accs=(0.6, 0.4),
+                         seconds=6000, rss=2.4, layer_rss=(2.45, 2.41))
+    write_quality_record(tmp_path, "besa_50", 43.0, {"method": "besa"})
     assert benchmark("quality_table").main(["--versus", str(tmp_path)]) == 0
     lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert lines["sds-wanda_2-4"] == ("| sds-wanda_2-4 | wanda_2-4 | 80.00 | 200.00 | 0.400 | ≤ 0.75 | 50.0 / 45.0 "
-                                      "| 6000 / 800 | 2.4 / 2.3 |")
+                                      "| 6000 / 800 | 2.45 / 2.3 |")
     assert lines["besa_50"].startswith("| besa_50 | wanda_50 | 43.00 | - | - | < 1, and below sparsegpt_50 |")
     assert "not measured" in lines["sds-sparsegpt_4-8"] and "not measured" in lines["sds-wanda_50"]
     assert "wanda_2-4" not in lines  # base runs are columns, not rows
     assert list(lines).index("sds-wanda_2-4") < list(lines).index("sds-wanda_4-8") < list(lines).index("besa_50")
+
+
+def test_quality_versus_table_keeps_a_folders_name_prefix(benchmark, tmp_path, capsys):
+    """A folder whose records all start with a prefix (quality_reduced's r16_): bases and placeholders carry
+    it, and the pattern is the recipe's, not the end of the name (a suffix after it is not a pattern)."""
+    write_quality_record(tmp_path, "r16_sparsegpt_2-4", 100.0)
+    write_quality_record(tmp_path, "r16_sds-sparsegpt_2-4", 85.0, {"method": "sds", "base": "sparsegpt"})
+    write_quality_record(tmp_path, "r16_sds-sparsegpt_2-4_refit", 80.0,
+                         {"method": "sds", "base": "sparsegpt", "sparsity": "2:4"})
+    assert benchmark("quality_table").main(["--versus", str(tmp_path)]) == 0
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["r16_sds-sparsegpt_2-4"].startswith("| r16_sds-sparsegpt_2-4 | r16_sparsegpt_2-4 | 85.00 | 100.00 "
+                                                     "| 0.850 |")
+    assert lines["r16_sds-sparsegpt_2-4_refit"].startswith("| r16_sds-sparsegpt_2-4_refit | r16_sparsegpt_2-4 "
+                                                           "| 80.00 | 100.00 | 0.800 |")
+    assert "not measured" in lines["r16_sds-wanda_2-4"] and "sds-wanda_2-4" not in lines
 
 
 def test_quality_glance_table_has_a_cell_per_method_and_pattern(benchmark, tmp_path, capsys):
@@ -274,7 +297,7 @@ def test_readme_rewrite_replaces_only_the_marked_tables(benchmark, tmp_path):
                    "<!-- quality_table.py res -->\nend\n")
     assert quality_table.rewrite_readme(doc) == 2
     table = quality_table.render(["res"], tmp_path)
-    assert "| wanda_50 | 0 | 50.00 |" in table
+    assert "| wanda_50 | - | 50.00 | - | - | 9 | - |" in table  # pruned, but no report: its wall time only
     assert doc.read_text() == (f"intro\n<!-- quality_table.py res -->\n{table}\nafter\n\n"
                                f"<!-- quality_table.py res -->\n{table}\nend\n")
     assert quality_table.rewrite_readme(doc) == 0  # regenerating again changes nothing

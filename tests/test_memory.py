@@ -137,3 +137,15 @@ def test_reported_peak_never_falls_when_the_kernel_reading_does(monkeypatch):
     monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=next(readings)))
     peaks = [report.peak_memory("cpu")["cpu_peak_rss_gib"] for _ in range(3)]
     assert peaks == [1.5, 1.5, 2.0]
+
+
+def test_a_resumed_runs_peak_includes_the_earlier_processes_layers(monkeypatch):
+    # The layers pruned before a resume carry their process's peaks; the report's run peak is the highest.
+    from sdsengine import report
+    from sdsengine.pipeline.sequential import LayerReport
+    monkeypatch.setattr(report, "peak_memory", lambda device: {"cpu_peak_rss_gib": 2.0})
+    earlier = [LayerReport(index=i, seconds=1.0, memory={"cpu_peak_rss_gib": peak})
+               for i, peak in enumerate((2.5, 2.4))]
+    later = [LayerReport(index=2, seconds=1.0, memory={"cpu_peak_rss_gib": 1.9})]
+    assert report.run_peak("cpu", earlier + later) == {"cpu_peak_rss_gib": 2.5}
+    assert report.run_peak("cpu", later) == {"cpu_peak_rss_gib": 2.0}

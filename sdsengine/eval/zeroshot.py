@@ -1,12 +1,14 @@
 """Zero-shot multiple-choice accuracy by log-likelihood, computed as lm-evaluation-harness does.
 
 For an item with context c and choices x_1..x_k, ll_j = sum_t log p(x_j[t] | c, x_j[<t]) over the tokens of
-x_j (an item with one context per choice, Winogrande's, conditions x_j on its own c_j). acc takes argmax_j ll_j; acc_norm takes argmax_j ll_j / len(x_j), the length in characters without
-the leading " " delimiter (lm-eval's `lls / completion_len` over doc_to_choice). Ties go to the first
-choice, as with np.argmax. Stderr is the standard error of the mean over items (lm-eval's mean_stderr; None for one item).
+x_j (an item with one context per choice, Winogrande's, conditions x_j on its own c_j). acc takes
+argmax_j ll_j; acc_norm takes argmax_j ll_j / len(x_j), the length in characters without the leading " "
+delimiter (lm-eval's `lls / completion_len` over doc_to_choice). Ties go to the first choice, as with
+np.argmax. Stderr is the standard error of the mean over items (lm-eval's mean_stderr; None for one item).
 
 Tokenization follows lm-eval's HF model: no special tokens (Gemma models excepted: lm-eval gives them their
-BOS, without which they score far worse), trailing context whitespace moved onto the continuation, the continuation's tokens taken from encode(context + continuation) after the context's.
+BOS, without which they score far worse), trailing context whitespace moved onto the continuation, the
+continuation's tokens taken from encode(context + continuation) after the context's.
 Where the tokenizer merges across the boundary, context and continuation are encoded apart instead
 (lm-eval v0.4 splits the whole encoding at the context's length regardless). An empty context is
 replaced by the BOS token, or EOS where there is none. Sequences longer than the model's window lose
