@@ -23,10 +23,8 @@ from sdsengine.pipeline import sequential as seq
 from sdsengine.pipeline.capture import capture_layer_inputs
 
 
-def layer_context(layer_index, nsamples, sparsity):
+def layer_context(model, samples, layer_index):
     """The LayerContext BESA sees for this layer, with dense inputs (every earlier layer left dense)."""
-    model, tokenizer, _ = load_model()
-    samples = calibration_samples(tokenizer, CalibrationConfig(dataset="c4", nsamples=nsamples, seqlen=2048, seed=0))
     device = torch.device("cpu")
     inps, kwargs = capture_layer_inputs(model, samples, device, device)
     layers = adapters.decoder_layers(model)
@@ -52,7 +50,7 @@ def curve(ctx, spec, sparsity, eval_windows):
         return sum(float(besa_block.block_loss(ctx, weights, j, ctx.outs, energy)) for j in range(eval_windows)) / eval_windows
 
     learner = besa_nm.SelectionLearner(ctx, config)
-    start = hard_loss(learner.start())
+    start = hard_loss({name: weight for name, (weight, _) in learner.start().items()})
     optimizer = besa_block.make_optimizer(learner.parameters(), config, config.lr)
     steps, points = ctx.inps.shape[0], []
     with torch.enable_grad():
@@ -78,12 +76,16 @@ def main(argv=None):
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--json", help="write the curves here")
     args = parser.parse_args(argv)
-    ctx = layer_context(args.layer, args.nsamples, args.sparsity)
+    model, tokenizer, _ = load_model()
+    samples = calibration_samples(tokenizer, CalibrationConfig("c4", nsamples=args.nsamples, seqlen=2048, seed=0))
+    ctx = layer_context(model, samples, args.layer)
+    eval_windows = min(args.eval_windows, args.nsamples)
     records = []
     for spec in args.specs:
         t = time.perf_counter()
-        start, points = curve(ctx, spec, args.sparsity, min(args.eval_windows, args.nsamples))
-        records.append({"layer": args.layer, "lr": spec, "start_loss": start, "loss_over_start": points,
+        start, points = curve(ctx, spec, args.sparsity, eval_windows)
+        records.append({"layer": args.layer, "lr": spec, "sparsity": args.sparsity, "nsamples": args.nsamples,
+                        "eval_windows": eval_windows, "start_loss": start, "loss_over_start": points,
                         "seconds": round(time.perf_counter() - t)})
         print(f"layer {args.layer} lr {spec}: start {start:.5f}; hard loss / start by step "
               + ", ".join(f"{s}: {r:.4f}" for s, r in points), flush=True)

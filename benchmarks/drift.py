@@ -16,13 +16,22 @@ import torch
 from sdsengine.config import CalibrationConfig
 from sdsengine.data import calibration_samples
 from sdsengine.models import load_model
+from sdsengine.pipeline import adapters
 
 
 @torch.no_grad()
 def states(model, window):
-    """(hidden states after each decoder layer, log-probabilities) for one window."""
-    out = model(window, output_hidden_states=True)
-    return [h.float() for h in out.hidden_states[1:]], torch.log_softmax(out.logits.float(), dim=-1)
+    """(the residual stream after each decoder layer, log-probabilities) for one window. Read from the layers
+    themselves: transformers' hidden_states ends with the final norm's output in place of the last layer's."""
+    after = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: after.append(adapters.layer_output(out).float()))
+             for layer in adapters.decoder_layers(model)]
+    try:
+        logits = model(window).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return after, torch.log_softmax(logits.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -59,6 +68,8 @@ def main(argv=None):
     for run in args.runs:
         if not (Path(run) / "config.json").is_file():
             raise SystemExit(f"{run} is not a saved model directory (no config.json)")
+    if len({Path(run).name for run in args.runs}) < len(args.runs):  # results are keyed by the folder's name
+        raise SystemExit(f"two runs share a folder name ({' '.join(args.runs)}): their results would collide")
     dense, tokenizer, _ = load_model()
     windows = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.windows, seqlen=2048, seed=0))
     results = {}

@@ -26,17 +26,24 @@ from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import collect_stats
 
 REFERENCES = {"sparsegpt": sparsegpt.obs_prune, "wanda": wanda.prune}  # the base pruners alone; ratios are to SparseGPT's
+# Each variant names every flag whose default has changed, so that a name means one run whatever today's
+# defaults are. The records were made under older defaults, and name a variant as it was called then:
+# sds_heldout.json's "sds default" is "sds refit 0" here (before --refit existed); sds_heldout_swaps*.json's
+# "sds default" is "sds refit 50", and their "sparsegpt refit 50" / "sparsegpt refit swaps 1" (--base
+# sparsegpt) are "base refit 50" / "base refit swaps 1".
+PAPER = {"refit": 0, "swaps": 0}  # the paper's three steps
 VARIANTS = {  # name -> SDSConfig changes
-    "sds default": {},
-    "sds no adjust": {"adjust": "off"},
-    "sds iters 50": {"iters": 50},
-    "sds anchor 0.01": {"anchor": 0.01},
-    "sds anchor 0.1": {"anchor": 0.1},
-    "sds anchor 1": {"anchor": 1.0},
-    "sds refit 50": {"refit": 50},
-    "sds swaps 1": {"swaps": 1},
-    "sparsegpt refit 50": {"iters": 0},
-    "sparsegpt refit swaps 1": {"iters": 0, "swaps": 1},
+    "sds today": {},  # today's defaults, whatever they are
+    "sds refit 0": PAPER,
+    "sds no adjust": {**PAPER, "adjust": "off"},
+    "sds iters 50": {**PAPER, "iters": 50},
+    "sds anchor 0.01": {**PAPER, "anchor": 0.01},
+    "sds anchor 0.1": {**PAPER, "anchor": 0.1},
+    "sds anchor 1": {**PAPER, "anchor": 1.0},
+    "sds refit 50": {"refit": 50, "swaps": 0},
+    "sds swaps 1": {"refit": 50, "swaps": 1},
+    "base refit 50": {"iters": 0, "refit": 50, "swaps": 0},  # the --base pruner's mask, refitted
+    "base refit swaps 1": {"iters": 0, "refit": 50, "swaps": 1},
 }
 
 
@@ -109,9 +116,9 @@ def main(argv=None):
         print(f"  {variant:20s} {cal_mean:.3f} / {val_mean:.3f}")
     if args.json:
         with open(args.json, "w") as f:
+            recipes = {name: replace(base, **VARIANTS[name]).to_dict() for name in chosen}
             json.dump({"layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity, "base": args.base,
-                       "rows": rows}, f,
-                      indent=1)
+                       "recipes": recipes, "rows": rows}, f, indent=1)
     return 0
 
 

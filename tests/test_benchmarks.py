@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sdsengine import ops
+from tiny_models import tiny_model, tiny_tokens
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 REQUIRED = {"bench", "shape", "dtype", "pattern", "gpu", "torch", "triton", "cuda", "ms", "baseline_ms", "speedup",
@@ -126,7 +127,6 @@ def test_hide_host_times_the_gpu_work_alone():
 def test_prefill_profile_names_the_linears(benchmark, tmp_path):
     """bench_e2e --profile's table, on a tiny model on the CPU: it lists the linears' matmuls, and
     write_profiles puts one section per model into the file."""
-    from tiny_models import tiny_model
     e2e = benchmark("bench_e2e")
     text = e2e.profile_prefill(tiny_model("llama"), batch=1, tokens=8)
     assert "aten::linear" in text or "aten::addmm" in text or "aten::mm" in text
@@ -217,6 +217,31 @@ def write_quality_record(folder, name, ppl, recipe=None, accs=(), seconds=100, r
               "memory": {"cpu_peak_rss_gib": rss}, "overall_sparsity": 0.5, "seconds": seconds + 0.4,
               "layers": [{"memory": {"cpu_peak_rss_gib": peak}} for peak in layer_rss]}
     (folder / f"{name}.prune.json").write_text(json.dumps(report))
+
+
+def test_besa_nm_steps_learns_on_a_tiny_layer(benchmark):
+    """besa_nm_steps.py's curve on a tiny model's second layer: the loss at Wanda's start, and the hard-mask
+    loss over it at step 8 (it has no test of its numbers; this keeps it running as the learner changes)."""
+    script = benchmark("besa_nm_steps")
+    ctx = script.layer_context(tiny_model("llama"), tiny_tokens(nsamples=8), 1)
+    start, points = script.curve(ctx, "0.05", "2:4", eval_windows=2)
+    assert start > 0 and [step for step, _ in points] == [8] and points[0][1] > 0
+
+
+def test_drift_reads_every_decoder_layers_output(benchmark):
+    """drift.py: zero before the first changed layer, nonzero from it on, one entry per decoder layer, and
+    the last entry the last layer's own output (transformers' hidden_states ends with the final norm's)."""
+    drift = benchmark("drift")
+    dense, changed = tiny_model("llama"), tiny_model("llama")
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+    window = tiny_tokens(nsamples=1)[0]
+    errors = drift.drift(dense, changed, [window])["layers"]
+    assert len(errors) == len(dense.model.layers) and errors[0] == 0 and all(e > 0 for e in errors[1:])
+    after, _ = drift.states(dense, window.unsqueeze(0))
+    hidden = dense(window.unsqueeze(0), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(dense.model.norm(after[-1]), hidden[-1].float())
+    torch.testing.assert_close(after[0], hidden[1].float())
 
 
 def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, capsys):
