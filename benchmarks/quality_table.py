@@ -28,6 +28,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "quality"
 PATTERNS = ("2-4", "4-8", "50")
 SDS_BASES = ("sparsegpt", "wanda")
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sds", "besa")
 # The record an SDS --base runs at: `--base besa` runs BESA at today's defaults, which besa-lr-checks_P names
 # in full; besa_P holds BESA's old defaults
 BASE_RECORDS = {"besa": "besa-lr-checks"}
@@ -134,9 +135,11 @@ def versus_lines(results=RESULTS):
 
 
 def _common_prefix(names):
-    """What every name starts with, up to and including its last underscore ("" if none)."""
+    """What every name starts with, up to and including its last underscore (r16_ in quality_reduced); none
+    where that holds a method's name (a folder of one method's runs)."""
     common = os.path.commonprefix(list(names))
-    return common[:common.rfind("_") + 1]
+    prefix = common[:common.rfind("_") + 1]
+    return "" if any(method in prefix for method in METHODS) else prefix
 
 
 def _rank(pattern):

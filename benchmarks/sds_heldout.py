@@ -73,6 +73,21 @@ def rel_error(w, v, H):
     return float(((d @ H.double()) * d).sum() / ((w.double() @ H.double()) * w.double()).sum())
 
 
+def variant_configs(parser, base, names=None):
+    """{name: its SDSConfig} for the named variants (comma-separated), or for every variant that applies to
+    the pattern (the swaps are N:M only); a named variant that does not apply is refused by name."""
+    configs = {}
+    for name in names.split(",") if names else VARIANTS:
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        try:
+            configs[name] = replace(base, **VARIANTS[name])
+        except ValueError as exc:
+            if names:
+                parser.error(f"variant {name!r}: {exc}")
+    return configs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="0,7,15,23")
@@ -82,27 +97,24 @@ def main(argv=None):
     parser.add_argument("--base", default="sparsegpt", help="SDS's base pruner (the ratios stay against SparseGPT)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    base = SDSConfig(sparsity=args.sparsity, base=args.base)
+    configs = variant_configs(parser, base, args.variants)  # before the Hessians (minutes)
     torch.manual_seed(0)
     model, tokenizer, _ = load_model()
     layers = [int(i) for i in args.layers.split(",")]
     H_cal = dense_hessians(model, tokenizer, "c4", args.nsamples, layers)
     H_val = dense_hessians(model, tokenizer, "wikitext2", args.nsamples, layers)
-    base = SDSConfig(sparsity=args.sparsity, base=args.base)
-    chosen = args.variants.split(",") if args.variants else list(VARIANTS)
-    unknown = set(chosen) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    variants = {**dict.fromkeys(REFERENCES), **{name: VARIANTS[name] for name in chosen}}
+    variants = {**dict.fromkeys(REFERENCES), **configs}
     modules = dict(adapters.decoder_layers(model).named_modules())
     rows = []
     for key, stats in H_cal.items():
         w = adapters.get_weight(modules[key]).detach().float()
         results = {}
-        for variant, changes in variants.items():
-            if changes is None:
+        for variant, config in variants.items():
+            if config is None:
                 v = REFERENCES[variant](w, stats, base)
             else:
-                v, _ = sds.prune(w, stats, replace(base, **changes))
+                v, _ = sds.prune(w, stats, config)
             results[variant] = (rel_error(w, v, stats.H), rel_error(w, v, H_val[key].H))
         ref_cal, ref_val = results["sparsegpt"]
         rows.append({"linear": key, **{f"{k} cal": c / ref_cal for k, (c, _) in results.items()},
@@ -116,7 +128,7 @@ def main(argv=None):
         print(f"  {variant:20s} {cal_mean:.3f} / {val_mean:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            recipes = {name: replace(base, **VARIANTS[name]).to_dict() for name in chosen}
+            recipes = {name: config.to_dict() for name, config in configs.items()}
             json.dump({"layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity, "base": args.base,
                        "recipes": recipes, "rows": rows}, f, indent=1)
     return 0

@@ -276,6 +276,15 @@ def test_quality_versus_table_keeps_a_folders_name_prefix(benchmark, tmp_path, c
     assert lines["r16_sds-sparsegpt_2-4_refit"].startswith("| r16_sds-sparsegpt_2-4_refit | r16_sparsegpt_2-4 "
                                                            "| 80.00 | 100.00 | 0.800 |")
     assert "not measured" in lines["r16_sds-wanda_2-4"] and "sds-wanda_2-4" not in lines
+    one_method = tmp_path / "one"  # every name starts with sds-sparsegpt_: that is no prefix
+    one_method.mkdir()
+    write_quality_record(one_method, "sds-sparsegpt_2-4", 85.0, {"method": "sds", "base": "sparsegpt"})
+    write_quality_record(one_method, "sds-sparsegpt_2-4_refit", 80.0, {"method": "sds", "base": "sparsegpt",
+                                                                       "sparsity": "2:4"})
+    assert benchmark("quality_table").main(["--versus", str(one_method)]) == 0
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["sds-sparsegpt_2-4"].startswith("| sds-sparsegpt_2-4 | sparsegpt_2-4 |")
+    assert "sds-sparsegpt_sds-sparsegpt_2-4" not in lines
 
 
 def test_quality_glance_table_has_a_cell_per_method_and_pattern(benchmark, tmp_path, capsys):

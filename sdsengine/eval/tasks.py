@@ -40,6 +40,11 @@ class Item:
     # the sentence up to its blank filled by each option; lm-eval's multiple-input tasks).
     contexts: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        if self.contexts and len(self.contexts) != len(self.choices):
+            raise ValueError(f"an item with {len(self.choices)} choices needs as many contexts, got "
+                             f"{len(self.contexts)}")
+
     def requests(self) -> list[tuple[str, str]]:
         """(context, continuation) scored for each choice, in order."""
         return list(zip(self.contexts or (self.context,) * len(self.choices), self.choices))
@@ -75,17 +80,37 @@ class Source:
 
 
 def _builtin(task, data_dir) -> list[Item]:
+    """The task's items; a row the adapter cannot read, or whose label names no choice, is refused by where
+    it came from (a test split's rows carry no answer)."""
     source = TASKS[task]
     if data_dir is None:
-        rows = hub_dataset(source.path, source.name, split=source.split)
+        where = f"hub dataset {source.path} ({source.name or 'default'}, {source.split})"
+        rows = ((f"row {i}", row) for i, row in enumerate(hub_dataset(source.path, source.name, split=source.split)))
     elif source.release is not None:
-        rows = source.release(data_dir)
+        where = f"the {task} files of {data_dir}"
+        rows = ((f"item {i}", row) for i, row in enumerate(source.release(data_dir)))
     else:
-        rows = _exported_rows(task, source, data_dir)
-    return [source.item(row) for row in rows]
+        path = _exported_file(task, source, data_dir)
+        where = str(path)
+        rows = ((f"line {number}", row) for number, row in jsonl_objects(path))
+    items = [_checked_item(source, row, f"{task}: {where}, {at}") for at, row in rows]
+    if not items:
+        raise ValueError(f"{task}: {where} holds no rows")
+    return items
 
 
-def _exported_rows(task, source, data_dir):
+def _checked_item(source, row, where) -> Item:
+    try:
+        item = source.item(row)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{where}: not a row of {source.path} ({type(exc).__name__}: {exc})") from None
+    if not 0 <= item.label < len(item.choices):
+        raise ValueError(f"{where}: label {item.label} names none of its {len(item.choices)} choices "
+                         f"(lm-eval scores the {source.split} split, whose rows carry their answers)")
+    return item
+
+
+def _exported_file(task, source, data_dir) -> Path:
     path = data_dir / task / f"{source.split}.jsonl"
     if not path.is_file():
         name = "" if source.name is None else f", {source.name!r}"
@@ -93,7 +118,7 @@ def _exported_rows(task, source, data_dir):
             f"{path} not found: offline, task {task} reads the hub dataset's rows from it; write it once where "
             f"the hub is reachable: datasets.load_dataset({source.path!r}{name}, split={source.split!r})"
             f".to_json({str(path)!r}), or leave the data directory unset to read the hub")
-    return [row for _, row in jsonl_objects(path)]
+    return path
 
 
 def _piqa_item(row: dict) -> Item:
@@ -146,6 +171,8 @@ def _hellaswag_item(row: dict) -> Item:
 
 def _winogrande_item(row: dict) -> Item:
     # The blank filled by each option ends the context; the rest of the sentence is the one continuation.
+    if "_" not in row["sentence"]:
+        raise ValueError("its sentence has no blank '_' for the options")
     blank = row["sentence"].index("_")
     contexts = tuple(row["sentence"][:blank] + option for option in (row["option1"], row["option2"]))
     ending = " " + row["sentence"][blank + 1:].strip()

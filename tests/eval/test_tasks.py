@@ -84,3 +84,35 @@ def test_no_data_directory_and_no_datasets_package_names_both_ways_out(monkeypat
         load_task("boolq")
     with pytest.raises(RuntimeError, match="`datasets` is not installed"):
         data.hub_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+
+
+def export(folder, task, split, rows):
+    (folder / task).mkdir()
+    (folder / task / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("task, split, rows, message", [
+    ("hellaswag", "validation", [], r"hellaswag: .*hellaswag/validation\.jsonl holds no rows"),
+    ("hellaswag", "validation", HELLASWAG_ROWS[:1] + [{"ctx": "no such schema"}],
+     r"hellaswag/validation\.jsonl, line 2: not a row of Rowan/hellaswag \(KeyError: 'activity_label'\)"),
+    ("rte", "validation", [{"sentence1": "a.", "sentence2": "b.", "label": -1}],
+     r"rte/validation\.jsonl, line 1: label -1 names none of its 2 choices \(lm-eval scores the validation split"),
+    ("winogrande", "validation", [{"sentence": "No blank.", "option1": "a", "option2": "b", "answer": "1"}],
+     r"winogrande/validation\.jsonl, line 1: not a row of allenai/winogrande \(ValueError: its sentence has no blank"),
+])
+def test_bad_exported_rows_are_named_by_file_and_line(tmp_path, hub, task, split, rows, message):
+    export(tmp_path, task, split, rows)
+    with pytest.raises(ValueError, match=message):
+        load_task(task, data_dir=tmp_path)
+
+
+def test_bad_hub_rows_are_named_by_dataset_and_row(hub):
+    hub.rows = HELLASWAG_ROWS + [{**HELLASWAG_ROWS[0], "label": ""}]  # the test split carries no labels
+    with pytest.raises(ValueError, match=r"hellaswag: hub dataset Rowan/hellaswag \(default, validation\), row 2: "
+                                         r"not a row of Rowan/hellaswag \(ValueError: invalid literal"):
+        load_task("hellaswag")
+
+
+def test_an_item_needs_a_context_for_every_choice():
+    with pytest.raises(ValueError, match="an item with 3 choices needs as many contexts, got 2"):
+        Item("", (" a", " b", " c"), 0, ("x", "y"))
