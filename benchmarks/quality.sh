@@ -57,6 +57,7 @@ if [ -n "${ZS_ONLY:-}" ]; then
 fi
 prune_cmd=""
 prune_s=0
+report=""
 if [ $# -gt 0 ]; then
   prune_cmd="sdsengine prune $* $calib --out $runs/$name --overwrite"
   if [ -z "${EVAL_ONLY:-}" ]; then
@@ -64,8 +65,8 @@ if [ $# -gt 0 ]; then
   fi
   [ -f "$runs/$name/sdsengine.json" ] || { echo "quality.sh: no saved model $runs/$name to evaluate" >&2; exit 2; }
   # the pruning time the run measured, over all its resumed parts
-  prune_s=$(python -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' "$runs/$name/sdsengine.json")
-  cp "$runs/$name/sdsengine.json" "$out/$name.prune.json"
+  report="$runs/$name/sdsengine.json"
+  prune_s=$(python -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' "$report")
   model_args=(--model "$runs/$name")
 fi
 eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --json $out/$name.eval.json"
@@ -73,13 +74,19 @@ start=$(date +%s)
 rm -f "$out/$name.eval.json"
 $eval_cmd
 eval_s=$(( $(date +%s) - start ))
-python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" <<'PY'
-import json, os, sys
-base, prune_cmd, eval_cmd, prune_s, eval_s = sys.argv[1:]
+# The record and its run report are replaced together, only once the evaluation is done: a failed or
+# stopped evaluation leaves the earlier pair as it was, never an old record beside a new report.
+python - "$out/$name" "$prune_cmd" "$eval_cmd" "$prune_s" "$eval_s" "$report" <<'PY'
+import json, os, shutil, sys
+base, prune_cmd, eval_cmd, prune_s, eval_s, report = sys.argv[1:]
 record = json.load(open(base + ".eval.json"))
 record.update(prune_command=prune_cmd or None, eval_command=eval_cmd,
               prune_wall_s=int(prune_s), eval_wall_s=int(eval_s), zeroshot_command=None)
 json.dump(record, open(base + ".json", "w"), indent=2)
+if report:
+    shutil.copyfile(report, base + ".prune.json")
+elif os.path.exists(base + ".prune.json"):  # a run without pruning now holds this name
+    os.remove(base + ".prune.json")
 os.remove(base + ".eval.json")
 PY
 if [ -n "$zs_tasks" ]; then

@@ -410,3 +410,37 @@ def test_suite_names_an_unknown_step(tmp_path):
     assert done.returncode == 2
     assert "unknown step 'gpu_test'" in done.stderr and "gpu_tests" in done.stderr
     assert not (tmp_path / "suite_steps.tsv").exists()
+
+
+FAKE_SDSENGINE = r'''#!/usr/bin/env bash
+# Stands in for sdsengine in quality.sh: prune writes a run report of $PRUNE_SECONDS, eval a perplexity, or
+# fails where $FAIL_EVAL is set.
+cmd=$1; shift
+while [ $# -gt 0 ]; do
+  case $1 in --out) out=$2; shift ;; --json) json=$2; shift ;; esac
+  shift
+done
+case $cmd in
+  prune) mkdir -p "$out" && echo "{\"seconds\": $PRUNE_SECONDS}" > "$out/sdsengine.json" ;;
+  eval) [ -z "${FAIL_EVAL:-}" ] && echo '{"results": {"wikitext2": {"ppl": 5.0}}}' > "$json" ;;
+esac
+'''
+
+
+def test_quality_sh_replaces_record_and_report_together(tmp_path):
+    """A run whose evaluation fails leaves the earlier record and its report as they were: never the old
+    perplexity beside the new run's report."""
+    bin_dir, out, runs = tmp_path / "bin", tmp_path / "out", tmp_path / "runs"
+    bin_dir.mkdir()
+    (bin_dir / "sdsengine").write_text(FAKE_SDSENGINE)
+    (bin_dir / "sdsengine").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", "PRUNE_SECONDS": "12"}
+    command = ["bash", str(BENCHMARKS / "quality.sh"), "x_2-4", "--method", "wanda", "--sparsity", "2:4"]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    assert json.loads((out / "x_2-4.prune.json").read_text()) == {"seconds": 12}
+    assert json.loads((out / "x_2-4.json").read_text())["prune_wall_s"] == 12
+    failed = subprocess.run(command, env={**env, "PRUNE_SECONDS": "99", "FAIL_EVAL": "1"}, capture_output=True)
+    assert failed.returncode != 0
+    assert json.loads((out / "x_2-4.prune.json").read_text()) == {"seconds": 12}
+    assert json.loads((out / "x_2-4.json").read_text())["prune_wall_s"] == 12
