@@ -103,7 +103,8 @@ def _checked_item(source, row, where) -> Item:
     try:
         item = source.item(row)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise ValueError(f"{where}: not a row of {source.path} ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{where}: not a row this task can read ({type(exc).__name__}: {exc}); the rows "
+                         f"are {source.path}'s") from None
     if not 0 <= item.label < len(item.choices):
         raise ValueError(f"{where}: label {item.label} names none of its {len(item.choices)} choices "
                          f"(lm-eval scores the {source.split} split, whose rows carry their answers)")

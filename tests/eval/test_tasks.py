@@ -94,11 +94,13 @@ def export(folder, task, split, rows):
 @pytest.mark.parametrize("task, split, rows, message", [
     ("hellaswag", "validation", [], r"hellaswag: .*hellaswag/validation\.jsonl holds no rows"),
     ("hellaswag", "validation", HELLASWAG_ROWS[:1] + [{"ctx": "no such schema"}],
-     r"hellaswag/validation\.jsonl, line 2: not a row of Rowan/hellaswag \(KeyError: 'activity_label'\)"),
+     r"hellaswag/validation\.jsonl, line 2: not a row this task can read \(KeyError: 'activity_label'\); "
+     r"the rows are Rowan/hellaswag's"),
     ("rte", "validation", [{"sentence1": "a.", "sentence2": "b.", "label": -1}],
      r"rte/validation\.jsonl, line 1: label -1 names none of its 2 choices \(lm-eval scores the validation split"),
     ("winogrande", "validation", [{"sentence": "No blank.", "option1": "a", "option2": "b", "answer": "1"}],
-     r"winogrande/validation\.jsonl, line 1: not a row of allenai/winogrande \(ValueError: its sentence has no blank"),
+     r"winogrande/validation\.jsonl, line 1: not a row this task can read \(ValueError: its sentence has no "
+     r"blank"),
 ])
 def test_bad_exported_rows_are_named_by_file_and_line(tmp_path, hub, task, split, rows, message):
     export(tmp_path, task, split, rows)
@@ -109,7 +111,7 @@ def test_bad_exported_rows_are_named_by_file_and_line(tmp_path, hub, task, split
 def test_bad_hub_rows_are_named_by_dataset_and_row(hub):
     hub.rows = HELLASWAG_ROWS + [{**HELLASWAG_ROWS[0], "label": ""}]  # the test split carries no labels
     with pytest.raises(ValueError, match=r"hellaswag: hub dataset Rowan/hellaswag \(default, validation\), row 2: "
-                                         r"not a row of Rowan/hellaswag \(ValueError: invalid literal"):
+                                         r"not a row this task can read \(ValueError: invalid literal"):
         load_task("hellaswag")
 
 
