@@ -317,7 +317,8 @@ class SDSConfig(SparseGPTConfig):
 
     def default_swaps(self):
         """Measured (docs/SDS.md, "Mask refinement"): one sweep on N:M patterns from SparseGPT's masks (2:4 at
-        two seeds, 4:8) and Wanda's (2:4, 4:8); the BESA base keeps 0 until measured with it."""
+        two seeds, 4:8) and Wanda's (2:4 at two seeds, 4:8); the BESA base keeps 0 until a full-protocol run (one
+        reduced-protocol run gave 0.911×, docs/BESA.md)."""
         return 1 if self.sparsity.nm and self.base in ("sparsegpt", "wanda") else 0
 
     def __post_init__(self):
