@@ -60,9 +60,14 @@ def test_openbookqa_arc_challenge_and_rte(hub):
     assert [call[1]["split"] for call in hub.calls] == ["test", "test", "validation"]
 
 
+def export(folder, task, split, rows):
+    """rows written as DATA_DIR/<task>/<split>.jsonl, as datasets' to_json writes an export."""
+    (folder / task).mkdir()
+    (folder / task / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def test_offline_rows_exported_from_the_hub_are_read_from_the_data_directory(tmp_path, hub):
-    (tmp_path / "hellaswag").mkdir()
-    (tmp_path / "hellaswag" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG_ROWS))
+    export(tmp_path, "hellaswag", "validation", HELLASWAG_ROWS)
     hub.rows = HELLASWAG_ROWS
     assert load_task("hellaswag", data_dir=tmp_path) == load_task("hellaswag")
     assert load_task("hellaswag", data_dir=tmp_path, limit=1) == load_task("hellaswag")[:1]
@@ -84,11 +89,6 @@ def test_no_data_directory_and_no_datasets_package_names_both_ways_out(monkeypat
         load_task("boolq")
     with pytest.raises(RuntimeError, match="`datasets` is not installed"):
         data.hub_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-
-
-def export(folder, task, split, rows):
-    (folder / task).mkdir()
-    (folder / task / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 @pytest.mark.parametrize("task, split, rows, message", [
