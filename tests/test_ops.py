@@ -834,3 +834,58 @@ def test_probe_leaves_the_cuda_context_usable():
     ops.probe("cuda", torch.float16, self_check=True)
     x = torch.randn(256, 256, device="cuda", dtype=torch.float64)
     assert torch.allclose((x @ x).cpu(), x.cpu() @ x.cpu())
+
+
+def _torch_reading_of(b):
+    """What cuSPARSELt's binding reads for a dense operand: by its strides when contiguous, and otherwise as
+    the transposed layout, contiguous (it looks at is_contiguous(), not at the strides)."""
+    if b.is_contiguous():
+        return b
+    rows, cols = b.shape
+    return torch.as_strided(b, (rows, cols), (1, rows))
+
+
+def test_cusparselt_gets_a_contiguous_operand_from_a_strided_input(monkeypatch, fresh_cusparselt):
+    """A row-strided x (the last token of each sequence, say) with a token count needing no padding."""
+    def sparse_mm(packed, xt, bias=None, transpose_result=False, alg_id=0):
+        y = packed @ _torch_reading_of(xt)
+        return y.t().contiguous() if transpose_result else y
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
+    w, hidden = torch.randn(16, 32), torch.randn(8, 3, 32)
+    x = hidden[:, -1, :]  # 8 tokens, rows 96 elements apart
+    torch.testing.assert_close(ops._run_cusparselt(ops._cusparselt_state(w), x, None), x @ w.T)
+
+
+def test_cusparselt_keeps_no_algorithm_chosen_inside_capture(monkeypatch, fresh_cusparselt):
+    searched = []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda packed, xt, **k: packed @ xt, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or 3, raising=False)
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT_FORM", "plain")
+    state = ops._cusparselt_state(torch.randn(16, 32))
+    monkeypatch.setattr(ops, "capturing", lambda: True)
+    ops._run_cusparselt(state, torch.randn(8, 32), None)
+    assert state["alg"] == {} and not searched  # alg 0 stood in, unsearched and not kept
+    monkeypatch.setattr(ops, "capturing", lambda: False)
+    ops._run_cusparselt(state, torch.randn(8, 32), None)
+    assert state["alg"] == {8: 3}
+
+
+def test_self_check_compares_with_dense_and_skips_shapes_a_backend_refuses(monkeypatch):
+    cpu = torch.device("cpu")
+    assert ops._self_check("dense", cpu, torch.float32) == "ok"
+    run = ops.run
+    monkeypatch.setattr(ops, "run", lambda *a: run(*a) * 1.1)
+    assert ops._self_check("dense", cpu, torch.float32).startswith("failed: relative error")
+    monkeypatch.setattr(ops, "run", run)
+    prepare, ran = ops.prepare, []
+
+    def library_limits(backend, values, meta):  # CUTLASS's: rows % 32, cols % 64
+        if values.shape[0] % 32 or 2 * values.shape[1] % 64:
+            raise ops.BackendUnavailable("shape")
+        ran.append(tuple(values.shape))
+        return prepare(backend, values, meta)
+    monkeypatch.setattr(ops, "prepare", library_limits)
+    assert ops._self_check("dense", cpu, torch.float32) == "ok" and ran == [(256, 256)]
+    monkeypatch.setattr(ops, "prepare", lambda *a: (_ for _ in ()).throw(ops.BackendUnavailable("shape")))
+    assert "takes none of the self-check shapes" in ops._self_check("dense", cpu, torch.float32)

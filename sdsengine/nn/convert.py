@@ -137,7 +137,7 @@ def _manifest(model):
 
 
 def load_compressed(directory, model=None):
-    """Load a checkpoint written by save_compressed (on the CPU).
+    """Load a checkpoint written by save_compressed (on the CPU, or on the skeleton's device).
 
     model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced);
     without it the model is built from the saved config.json with transformers, which allocates the
@@ -162,9 +162,10 @@ def load_compressed(directory, model=None):
         next(iter(shells.values())).values.dtype if shells else torch.float32)
     # a skeleton in another dtype would keep it for the dense tensors (loading copies into them)
     model = _model_from_config(directory, dtype) if model is None else model.to(dtype)
+    device = next(model.parameters()).device  # a skeleton on the GPU is loaded there, shells too
     try:
         for name, shell in shells.items():
-            _set_submodule(model, name, shell)
+            _set_submodule(model, name, shell.to(device))
         load_model(model, str(directory / WEIGHTS), strict=True)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc

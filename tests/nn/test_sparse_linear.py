@@ -523,6 +523,17 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
 
 
 @pytest.mark.gpu
+def test_a_checkpoint_loads_into_a_skeleton_on_the_gpu(tmp_path, fresh_choices):
+    model = convert(tiny_llama().half())
+    ids = tokens()
+    before = logits(model, ids)
+    loaded = load_compressed(save_compressed(model, tmp_path / "ckpt"), model=tiny_llama(seed=5).cuda())
+    off = [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.device.type != "cuda"]
+    assert not off, f"left on the CPU: {off}"
+    torch.testing.assert_close(logits(loaded, ids.cuda()).float().cpu(), before.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_a_layer_first_called_inside_cuda_graph_capture(fresh_choices):
     """Untuned, inside capture the layer runs dense from a form made there: nothing on that path may
     synchronize (decompress_24's metadata check skips itself during capture)."""
