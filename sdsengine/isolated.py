@@ -8,6 +8,7 @@ a new child goes on with the rest.
 The child protocol: `python -c CODE START ITEM...`; CODE runs the items from index START, printing
 "CASE i" before item i and "RESULT i text" after it, flushing each line.
 """
+import re
 import subprocess
 import sys
 
@@ -24,8 +25,17 @@ def run_child(code, args=(), timeout_s=300, cwd=None):
         return "", f"did not run: {exc}"
     if done.returncode == 0:
         return done.stdout, None
-    lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-    return done.stdout, f"exit status {done.returncode}: {lines[-1]}"
+    return done.stdout, f"exit status {done.returncode}: {_reason(done.stderr or done.stdout)}"
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
+
+
+def _reason(output):
+    """The exception's own line: a CUDA error's message is followed by lines of advice that name nothing
+    (the last of them: "Compile with `TORCH_USE_CUDA_DSA` ..."). Else the last line."""
+    lines = output.strip().splitlines() or ["no output"]
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1])
 
 
 def run_isolated(code, items, timeout_s=300, cwd=None, family=None):

@@ -464,6 +464,17 @@ def test_isolated_cases_fail_together_when_the_child_cannot_start():
                        for i in (0, 1)}
 
 
+def test_a_child_failure_is_named_by_its_exception_not_by_the_advice_after_it():
+    # a CUDA error's message ends with lines of advice; the last ("Compile with `TORCH_USE_CUDA_DSA`...")
+    # names nothing
+    code = ("raise RuntimeError('CUDA error: an illegal memory access was encountered\\n'"
+            "'For debugging consider passing CUDA_LAUNCH_BLOCKING=1\\n'"
+            "'Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.')")
+    _, failure = isolated.run_child(code)
+    assert failure == "exit status 1: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert isolated.run_child("import sys; sys.exit('plain words')")[1] == "exit status 1: plain words"
+
+
 def test_isolated_cases_survive_a_hang(monkeypatch):
     child = """
 import sys, time
