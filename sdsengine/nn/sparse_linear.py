@@ -165,6 +165,10 @@ class SparseLinear(nn.Module):
     def _form(self, backend):
         key = ops.form_key(backend)
         if key not in self._forms:
+            if ops.capturing():  # correct, but made inside the graph: every replay makes it again
+                warnings.warn(f"SparseLinear ({self.out_features}, {self.in_features}): the {backend} form of the "
+                              "weight is prepared inside CUDA-graph capture, so every replay prepares it again; run "
+                              "each token count once before capturing")
             if not torch.compiler.is_compiling():
                 self._check_source(self.values, self.meta)
             with torch.inference_mode(False):  # a form made under inference_mode could not serve autograd later

@@ -288,8 +288,12 @@ def test_no_route_is_remembered_while_capturing_before_tuning(fake_backends, fre
     layer = SparseLinear.from_linear(pruned_linear(64, 32))
     x = torch.randn(3, 64)
     monkeypatch.setattr(ops, "capturing", lambda: True)
-    layer(x)  # provisional: dense, untimed
+    with pytest.warns(UserWarning, match="prepared inside CUDA-graph capture, so every replay prepares it again"):
+        layer(x)  # provisional: dense, untimed, from a form the graph would make on every replay
     assert sl.autotune_choices() == {} and layer._routes == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # the form is there now: nothing to warn about
     monkeypatch.setattr(ops, "capturing", lambda: False)
     with pytest.warns(UserWarning):
         layer(x)  # tuned now
@@ -535,14 +539,15 @@ def test_a_checkpoint_loads_into_a_skeleton_on_the_gpu(tmp_path, fresh_choices):
 
 @pytest.mark.gpu
 def test_a_layer_first_called_inside_cuda_graph_capture(fresh_choices):
-    """Untuned, inside capture the layer runs dense from a form made there: nothing on that path may
-    synchronize (decompress_24's metadata check skips itself during capture)."""
+    """Untuned, inside capture the layer runs dense from a form made there, with a warning: nothing on that
+    path may synchronize (decompress_24's metadata check skips itself during capture)."""
     linear = pruned_linear(256, 128, dtype=torch.float16).cuda()
     sparse = SparseLinear.from_linear(linear)
     x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.no_grad(), torch.cuda.stream(stream), torch.cuda.graph(graph):
-        y = sparse(x)
+    with pytest.warns(UserWarning, match="every replay prepares it again"):
+        with torch.no_grad(), torch.cuda.stream(stream), torch.cuda.graph(graph):
+            y = sparse(x)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, linear(x), rtol=1e-2, atol=1e-2)
