@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_suite.sh
 #
-#   1. install      pip install --no-deps --no-build-isolation --no-index -e .  (builds sdsengine._C with ninja)
+#   1. install      pip install --no-deps --no-build-isolation --no-index -e .  (builds sdsengine._C with ninja);
+#                   if that fails, install_python: the same without the extension, so the other steps can run
 #   2. versions     nvidia-smi, nvcc, torch/triton/CUDA/driver, and which 2:4 matmul backends self-check ok
 #   3. e2e, spmm    benchmarks/bench_e2e.py and bench_spmm.py, cut down to fit, first: the figures the issues
 #                   ask for; with the wgmma.sp pipelines off (never verified on hardware: a trap would end
@@ -18,7 +19,7 @@
 #   9. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
 #                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #  10. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
-#  11. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit), where time is left: it checks
+#  11. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e), where time is left: it checks
 #                   the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
 #  12. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
@@ -45,7 +46,7 @@ SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for s in $SUITE_STEPS; do
   case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_suite: unknown step '$s' in SUITE_STEPS; steps: $ALL_STEPS" >&2; exit 2 ;; esac
 done
-selected() { case " $SUITE_STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+selected() { case " $SUITE_STEPS " in *" ${1%_python} "*) return 0 ;; *) return 1 ;; esac; }  # install_python: install's
 FILES="suite_steps.tsv"
 for b in $BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
 selected e2e && FILES="$FILES e2e_prefill_profile.md"  # the e2e step's --profile tables
@@ -55,14 +56,20 @@ BENCH_ARGS=${BENCH_ARGS:-}  # more flags for the kernel benchmarks, e.g. --smoke
 # build leaves a lock file that makes the next one wait forever)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} SDSENGINE_JIT=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 VERSIONS='import os, shlex
+import torch
 from sdsengine import ops
 from sdsengine.bench import gpu_info
+def keep(settings):
+    switches = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in settings.items())
+    open(os.environ["SWITCHES"], "w").write(switches)
+    return switches
 print(gpu_info())
+if torch.cuda.is_available():  # cuSPARSELt first, its result kept with the wgmma pipelines off until they
+    ops.cusparselt_error()     # are checked too: one that hangs must not cost cuSPARSELt its result
+    keep({**ops.checked_switches(), "SDSENGINE_WGMMA": "0"})
 info = ops.probe("cuda", self_check=True)
 print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))
-switches = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in ops.checked_switches().items())
-print("child-check results passed on to later steps:\n" + switches)
-open(os.environ["SWITCHES"], "w").write(switches)'
+print("child-check results passed on to later steps:\n" + keep(ops.checked_switches()))'
 # The backends' child checks (cuSPARSELt's forms, the wgmma pipelines) run once, in `versions`; later steps
 # take their results from these settings instead of checking again in every process (seconds each, and a
 # hanging pipeline's trap would cost ~35 s per process). gpu_tests appends what its isolated cases turn off.
@@ -109,6 +116,11 @@ suite() {
   (cd "$RESULTS" && rm -f $FILES)  # a step that does not run must not leave an older run's numbers behind
   printf 'step\tstatus\trc\tseconds\n' >"$STEPS"
   step install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+  if selected install && [ "$(tail -n 1 "$STEPS" | cut -f2)" != ok ]; then  # without the package no step runs:
+    echo "install: again without the CUDA extension (the Triton steps need only the package)"
+    step install_python 60 env SDSENGINE_BUILD_CUDA=0 "$PY" -m pip install --no-deps --no-build-isolation \
+      --no-index -e .
+  fi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   nvcc --version | tail -n 2
   step versions 120 "$PY" -c "$VERSIONS"
@@ -138,7 +150,7 @@ suite() {
     --name wgmma_tma --out "$RESULTS"
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
-  step e2e_full 120 "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
+  step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

@@ -134,9 +134,11 @@ def measure(shape, tokens, dtype, iters=50, users=""):
 
 
 def random_24_weights(shape, dtype):
-    """Enough random 2:4 weights (compressed) that cycling through them overflows L2 three times."""
+    """Enough random 2:4 weights (compressed) that cycling through them overflows L2 three times, counted in
+    the compressed bytes (9 bits per weight), the smallest form a backend reads: sized by the dense bytes,
+    11008x4096 got 2 copies, 48 MiB each compressed, against the H100's 50 MiB L2."""
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
-    copies = max(1, min(16, math.ceil(3 * l2 / (shape[0] * shape[1] * 2))))
+    copies = max(3, min(16, math.ceil(3 * l2 / (shape[0] * shape[1] * 9 / 8))))
     weights = []
     for seed in range(copies):
         g = torch.Generator(device="cuda").manual_seed(seed)
@@ -146,33 +148,42 @@ def random_24_weights(shape, dtype):
 
 
 def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
-    x = torch.randn(n, shape[1], device="cuda", dtype=dtype)
+    """Records at n tokens: {backend: [prepared weight copies]} forms, dense's first; layer holds copy 0."""
+    x = torch.randn(n, shape[1], device=forms["dense"][0].device, dtype=dtype)
     ref = ops.run("dense", forms["dense"][0], x, None, shape[0])
     base = {"bench": "spmm", "shape": f"{shape[0]}x{shape[1]}", "layers": users, "tokens": n,
-            "dtype": str(dtype).removeprefix("torch."), "gpu": torch.cuda.get_device_name()}
+            "dtype": str(dtype).removeprefix("torch."), "gpu": gpu_info()["gpu"]}
     times = {}
     for backend, copies in forms.items():
         try:
             err = ops.relative_error(ops.run(backend, copies[0], x, None, shape[0]), ref)
-            for form in copies[1:]:  # each copy's first call at a token count may do one-off work
-                ops.run(backend, form, x, None, shape[0])  # (cuSPARSELt's algorithm search): not timed
-            times[backend] = (time_ms(_cycling(backend, copies, x, shape[0]), 5, iters), err)  # cold by rotation
+            for form in copies[1:]:  # each copy's first call at a token count may do one-off work, not timed:
+                if backend == "cusparselt":  # its algorithm search, which depends on the shape alone
+                    form["alg"].update(copies[0]["alg"])
+                ops.run(backend, form, x, None, shape[0])
+            call = _cycling(backend, copies, x, shape[0])  # cold by rotation
+            # ms as called from Python (host work included, as in eager use); device_ms the GPU's own time,
+            # as a CUDA graph runs it: at 1-16 tokens the host side can outlast the kernel
+            times[backend] = (time_ms(call, 5, iters), time_ms(call, 5, iters, hide_host=True), err)
         except RuntimeError as exc:  # a backend refusing a token count is a result, not a crash
             print(f"sdsengine bench: {backend} failed on {shape} x {n}: {exc}")
     with torch.no_grad():
         layer(x)
     choice = sparse_linear.autotune_choices()[layer._key(n)]
-    dense_ms = times["dense"][0]
-    records = [dict(base, backend=b, ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms, rel_err=err,
-                    **rates(shape, n, ms, sparse=b != "dense")) for b, (ms, err) in times.items()]
+    records = [_record(base, shape, n, b, times[b], times["dense"]) for b in times]
     for record in records:
         if record["backend"] == "sdsengine":  # the split-K it settled on (ops.split_k), cached by then
             record["split_k"] = ops.split_k(forms["sdsengine"][0], x, None, shape[0])
     if choice in times:
-        ms = times[choice][0]
-        records.append(dict(base, backend=f"auto:{choice}", ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms,
-                            rel_err=times[choice][1], **rates(shape, n, ms, sparse=choice != "dense")))
+        records.append(_record(base, shape, n, choice, times[choice], times["dense"], label=f"auto:{choice}"))
     return records
+
+
+def _record(base, shape, n, backend, timed, dense, label=None):
+    (ms, device_ms, err), (dense_ms, dense_device_ms, _) = timed, dense
+    return dict(base, backend=label or backend, ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms,
+                device_ms=device_ms, dense_device_ms=dense_device_ms, device_speedup=dense_device_ms / device_ms,
+                rel_err=err, **rates(shape, n, ms, sparse=backend != "dense"))
 
 
 def _cycling(backend, copies, x, out_features):
@@ -198,8 +209,8 @@ def rates(shape, n, ms, sparse):
 # ---------------------------------------------------------------------------------------------------
 
 COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms", "device_ms",
-           "baseline_ms", "dense_ms", "copy_ms", "speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw",
-           "mismatch", "rel_err", "target_met", "status")
+           "baseline_ms", "dense_ms", "dense_device_ms", "copy_ms", "speedup", "device_speedup", "vs_copy", "tflops",
+           "tbps", "gbps", "frac_copy_bw", "mismatch", "rel_err", "target_met", "status")
 
 
 def time_ms(fn, warmup=5, reps=50, flush=False, hide_host=False):

@@ -264,10 +264,13 @@ def wgmma_setting(backends):
     return ",".join(backends) or "0"
 
 
+WGMMA_CHECK_TIMEOUT_S = 60  # per child: the checks take seconds; a hang must not hold a short GPU lease for long
+
+
 def _check_wgmma_pipelines():
     """All pipelines' self-checks in one child; one that ends the child fails alone (sdsengine.isolated)."""
     backends = list(WGMMA_PIPELINES)
-    results = isolated.run_isolated(_WGMMA_CHILD, backends)
+    results = isolated.run_isolated(_WGMMA_CHILD, backends, timeout_s=WGMMA_CHECK_TIMEOUT_S)
     return {b: None if results[i] == "ok" else _wgmma_failure(b, results[i]) for i, b in enumerate(backends)}
 
 

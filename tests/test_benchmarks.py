@@ -108,6 +108,22 @@ def test_summary_shows_the_host_wait(benchmark, tmp_path, capsys):
     assert "wanda 64x64 float16 0.5: target missed (gbps >= 0.7 x copy; frac_copy_bw 0.2, ms/device_ms 3)" in out
 
 
+def test_summary_flags_a_decode_speedup_of_unlike_runs(benchmark, tmp_path, capsys):
+    """A graph capture that failed on one side only: eager against graph replay is no speedup of sparsity."""
+    base = {"bench": "e2e_decode", "shape": "llama-3-8b/8of32layers", "dtype": "float16", "backend": "sparse",
+            "ms": 1.0, "dense_ms": 2.0, "speedup": 2.0}
+    records = [{**base, "mode": "cuda-graph", "dense_mode": "eager (graph capture failed: RuntimeError: x)"},
+               {**base, "dtype": "bfloat16", "mode": "cuda-graph", "dense_mode": "cuda-graph"},
+               {**base, "bench": "e2e_prefill", "dtype": "bfloat16"}]
+    (tmp_path / "e2e.json").write_text(json.dumps(records))
+    capsys.readouterr()
+    benchmark("summarize").main(["--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert ("e2e llama-3-8b/8of32layers float16 sparse: timed cuda-graph against dense eager (graph capture "
+            "failed: RuntimeError: x): its speedup compares unlike runs") in out
+    assert out.count("compares unlike runs") == 1
+
+
 @pytest.mark.gpu
 def test_hide_host_times_the_gpu_work_alone():
     """The timer's two readings of a call that spends 0.5 ms on the host before a tiny kernel: plain events
@@ -122,6 +138,34 @@ def test_hide_host_times_the_gpu_work_alone():
         x.add_(1)
     assert ops.time_ms(call, 2, 10, flush=False) > 0.4
     assert ops.time_ms(call, 2, 10, flush=False, hide_host=True) < 0.2
+
+
+def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypatch, fresh_sparse_choices):
+    """sdsengine.bench's per-token-count records on the CPU (host clock; dense the only real backend): both
+    timings and ratios for each backend and the autotuned choice; cuSPARSELt (a stand-in that follows its
+    contract) searches its algorithm once for all the weight copies."""
+    from sdsengine import bench
+    from sdsengine.kernels import compress_24, decompress_24
+    from sdsengine.masks import nm_mask
+    from sdsengine.nn.sparse_linear import SparseLinear
+    searched = []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda packed, xt, **k: packed @ xt, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or 2, raising=False)
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT_FORM", "plain")
+    shape, weights = (32, 64), []
+    for seed in range(3):
+        w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        weights.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
+    forms = {"dense": [ops.prepare("dense", v, m) for v, m in weights],
+             "cusparselt": [ops._cusparselt_state(decompress_24(v, m)) for v, m in weights]}
+    layer = SparseLinear.from_dense(decompress_24(*weights[0]))
+    records = bench._measure_tokens(shape, 5, torch.float32, forms, layer, iters=3, users="q_proj")
+    assert [r["backend"] for r in records] == ["dense", "cusparselt", "auto:dense"]
+    for r in records:
+        assert r["gpu"] == "cpu" and r["ms"] > 0 and r["device_ms"] > 0 and r["rel_err"] < 1e-5
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+        assert r["device_speedup"] == pytest.approx(r["dense_device_ms"] / r["device_ms"])
+    assert len(searched) == 1 and all(f["alg"] == {8: 2} for f in forms["cusparselt"])
 
 
 def test_prefill_profile_names_the_linears(benchmark, tmp_path):
@@ -405,6 +449,20 @@ def test_suite_without_check_results_turns_the_unverified_backends_off(tmp_path)
         done.stdout + done.stderr
 
 
+def test_suite_installs_without_the_extension_when_the_build_fails(tmp_path):
+    """Every later step imports the package: a failed build must not cost them all (a stand-in python whose
+    pip fails unless SDSENGINE_BUILD_CUDA=0)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\ncase "$*" in *"pip install"*) [ "${SDSENGINE_BUILD_CUDA:-}" = 0 ] ;; esac\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, SUITE_STEPS="install", RESULTS=str(tmp_path), PYTHON=str(fake), SUITE_SECONDS="60")
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    steps = [line.split("\t")[:2] for line in (tmp_path / "suite_steps.tsv").read_text().splitlines()[1:]]
+    assert steps == [["install", "failed"], ["install_python", "ok"]], done.stdout + done.stderr
+
+
 def test_suite_names_an_unknown_step(tmp_path):
     done = _suite(tmp_path, "install gpu_test")
     assert done.returncode == 2
@@ -444,3 +502,11 @@ def test_quality_sh_replaces_record_and_report_together(tmp_path):
     assert failed.returncode != 0
     assert json.loads((out / "x_2-4.prune.json").read_text()) == {"seconds": 12}
     assert json.loads((out / "x_2-4.json").read_text())["prune_wall_s"] == 12
+
+
+@pytest.fixture
+def fresh_sparse_choices():
+    from sdsengine.nn import sparse_linear
+    sparse_linear.clear_autotune_cache()
+    yield
+    sparse_linear.clear_autotune_cache()
