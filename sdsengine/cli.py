@@ -180,6 +180,7 @@ def cmd_prune(args):
         args.sequential = None  # ignored, so not recorded in the recipe either
     config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
+    _note_unused_gpu(config.device)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     _refuse_out_over_model(args, out, "pruned")
     if args.resume_dir:
@@ -222,6 +223,12 @@ def _warn_unused_calibration(args):
               file=sys.stderr)
 
 
+def _note_unused_gpu(device):
+    """--device defaults to cpu (the recorded runs' device); say so where a GPU sits idle."""
+    if torch.device(device).type == "cpu" and torch.cuda.is_available():
+        print("sdsengine: a GPU is visible but this runs on the CPU; --device cuda runs it there", file=sys.stderr)
+
+
 def cmd_eval(args):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -230,6 +237,7 @@ def cmd_eval(args):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     _check_result_files(args, tasks)
     check_device(args.device)
+    _note_unused_gpu(args.device)
     items = load_zeroshot(tasks, args.data_dir, args.limit)  # a bad task name or file fails before the model load
     model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True)
     model.to(args.device)
@@ -308,6 +316,7 @@ def cmd_demo(args):
     if args.limit < 0:
         raise ValueError(f"--limit must be 0 (the whole test set) or positive, got {args.limit}")
     model, tokenizer, source = load_model(None)
+    model.to(args.device)  # evaluated and pruned there (a pruned layer goes back where it was)
     limit = args.limit or None
     print(f"sdsengine demo: {source}\nREDUCED PROTOCOL: calibration {args.nsamples} x {args.seqlen} C4 tokens, "
           f"WikiText-2 test at seqlen {args.seqlen}, {'all' if limit is None else f'first {limit}'} windows "

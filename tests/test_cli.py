@@ -278,3 +278,14 @@ def test_layer_table_shows_the_peaks_and_older_reports():
     assert rows[0].split("  ")[-2:] == ["peak RSS GiB", "peak GPU GiB"]
     assert rows[2].split()[-2:] == ["n/a", "n/a"] and rows[3].split()[-2:] == ["1.250", "3.500"]
 
+
+
+def test_a_visible_gpu_left_idle_is_mentioned(monkeypatch, capsys):
+    from sdsengine import cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cli._note_unused_gpu("cpu")
+    assert "a GPU is visible but this runs on the CPU; --device cuda" in capsys.readouterr().err
+    cli._note_unused_gpu("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cli._note_unused_gpu("cpu")
+    assert capsys.readouterr().err == ""

@@ -6,9 +6,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .checks import model_device, non_finite
+
 
 @torch.no_grad()
-def perplexity(model, ids, seqlen, device="cpu", limit=None, progress=True) -> dict:
+def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> dict:
+    """device: the model's (the default); a window whose log-likelihood is not finite is named."""
+    device = model_device(model, device)
     windows = ids.shape[1] // seqlen
     if windows == 0:
         raise ValueError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
@@ -18,6 +22,9 @@ def perplexity(model, ids, seqlen, device="cpu", limit=None, progress=True) -> d
     for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
         batch = ids[:, w * seqlen:(w + 1) * seqlen].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+        window = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+        if not math.isfinite(window):
+            raise ValueError(non_finite(model, f"perplexity window {w}"))
+        nll += window
         count += batch.shape[1] - 1
     return {"ppl": math.exp(nll / count), "tokens": windows * seqlen, "windows": windows, "seqlen": seqlen}

@@ -3,6 +3,7 @@ from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, eval_tokens
 from sdsengine.pipeline.adapters import check_seqlen
 
+from .checks import model_device
 from .perplexity import perplexity
 from .tasks import TASKS, load_task
 from .zeroshot import evaluate_zeroshot
@@ -11,14 +12,16 @@ TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-s
              "or a .jsonl file of {context, choices, label}")
 
 
-def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", progress=True,
+def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device=None, progress=True,
              samples=None, items=None) -> dict:
     """{task: result}: perplexity tasks give ppl, tokens, windows, seqlen, protocol; zero-shot ones acc,
     acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot). `samples`: a dict that receives,
     per zero-shot task, its per-item records (zeroshot.item_records). `items`: zero-shot items already
     read by load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model)."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
-    check_device(device)
+    if device is not None:
+        check_device(device)
+    device = model_device(model, device)  # the model's, unless another is asked (refused: move the model)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of windows or items, got {limit}")
     if any(t in EVAL_TASKS for t in tasks):

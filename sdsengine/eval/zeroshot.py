@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+from sdsengine.eval.checks import model_device, non_finite
 from sdsengine.eval.tasks import TASKS, Item, load_task
 
 __all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_pair", "wants_bos",
@@ -101,7 +102,7 @@ def model_max_length(model, tokenizer=None) -> int:
 def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, desc="loglikelihood",
                    progress=True) -> list[float]:
     """Summed log-probability of each (context ids, continuation ids) pair's continuation."""
-    device = device or next(model.parameters()).device
+    device = model_device(model, device)
     max_length = max_length or model_max_length(model)
     windows = [_window(ctx, cont, max_length) for ctx, cont in pairs]
     # Pairs with the same model input (one-token answers such as BoolQ's " no"/" yes") share one row.
@@ -118,6 +119,8 @@ def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, des
             for row, inp in enumerate(batch):
                 _score_row(logits[row], len(inp), [(i, windows[i][1]) for i in users[inp]], out)
                 bar.update(len(users[inp]))
+            if not all(math.isfinite(out[i]) for inp in batch for i in users[inp]):
+                raise ValueError(non_finite(model, desc))
     return out
 
 
