@@ -317,8 +317,8 @@ class SDSConfig(SparseGPTConfig):
 
     def default_swaps(self):
         """Measured (docs/SDS.md, "Mask refinement"): one sweep on N:M patterns from SparseGPT's masks (2:4 at
-        two seeds, 4:8) and Wanda's (2:4 at two seeds, 4:8); the BESA base keeps 0 until a full-protocol run (one
-        reduced-protocol run gave 0.911×, docs/BESA.md)."""
+        two seeds, 4:8) and Wanda's (2:4 at two seeds, 4:8); the BESA base keeps 0 until a full-protocol run (the
+        reduced protocol gave 0.911× and 0.865× at two seeds; a full-protocol run stopped at layer 11, docs/BESA.md)."""
         return 1 if self.sparsity.nm and self.base in ("sparsegpt", "wanda") else 0
 
     def __post_init__(self):
