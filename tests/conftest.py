@@ -16,6 +16,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-model or large-shape test")
 
 
+@pytest.fixture
+def fresh_choices():
+    """SparseLinear's autotune cache empty before the test and after it (tests that tune or read choices)."""
+    from sdsengine.nn import sparse_linear
+    sparse_linear.clear_autotune_cache()
+    yield
+    sparse_linear.clear_autotune_cache()
+
+
 # Run before every other test: the wgmma kernel's cases in child processes. A pipeline that fails one is then
 # turned off for the session, before any in-process test could run it and lose the CUDA context (test_ops.py).
 FIRST = ("test_wgmma_kernel_against_fp32",)

@@ -140,7 +140,7 @@ def test_hide_host_times_the_gpu_work_alone():
     assert ops.time_ms(call, 2, 10, flush=False, hide_host=True) < 0.2
 
 
-def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypatch, fresh_sparse_choices):
+def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypatch, fresh_choices):
     """sdsengine.bench's per-token-count records on the CPU (host clock; dense the only real backend): both
     timings and ratios for each backend and the autotuned choice; cuSPARSELt (a stand-in that follows its
     contract) searches its algorithm once for all the weight copies."""
@@ -502,11 +502,3 @@ def test_quality_sh_replaces_record_and_report_together(tmp_path):
     assert failed.returncode != 0
     assert json.loads((out / "x_2-4.prune.json").read_text()) == {"seconds": 12}
     assert json.loads((out / "x_2-4.json").read_text())["prune_wall_s"] == 12
-
-
-@pytest.fixture
-def fresh_sparse_choices():
-    from sdsengine.nn import sparse_linear
-    sparse_linear.clear_autotune_cache()
-    yield
-    sparse_linear.clear_autotune_cache()

@@ -279,7 +279,6 @@ def test_layer_table_shows_the_peaks_and_older_reports():
     assert rows[2].split()[-2:] == ["n/a", "n/a"] and rows[3].split()[-2:] == ["1.250", "3.500"]
 
 
-
 def test_a_visible_gpu_left_idle_is_mentioned(monkeypatch, capsys):
     from sdsengine import cli
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

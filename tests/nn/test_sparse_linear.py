@@ -181,13 +181,6 @@ def test_use_backend_rejects_unknown_names():
 
 
 @pytest.fixture
-def fresh_choices():
-    sl.clear_autotune_cache()
-    yield
-    sl.clear_autotune_cache()
-
-
-@pytest.fixture
 def fake_backends(monkeypatch):
     """The tuning policy on the CPU: backends with made-up timings; 'wrong' returns a wrong answer and
     'broken' raises. Returns the dict of timings to edit."""
