@@ -64,9 +64,9 @@ def keep(settings):
     open(os.environ["SWITCHES"], "w").write(switches)
     return switches
 print(gpu_info())
-if torch.cuda.is_available():  # cuSPARSELt first, its result kept with the wgmma pipelines off until they
-    ops.cusparselt_error()     # are checked too: one that hangs must not cost cuSPARSELt its result
-    keep({**ops.checked_switches(), "SDSENGINE_WGMMA": "0"})
+if torch.cuda.is_available():  # cuSPARSELt first (its child check only where the build and GPU have it), its
+    ops._why_not("cusparselt", torch.device("cuda"), torch.float16)  # result kept with the wgmma pipelines off
+    keep({**ops.checked_switches(), "SDSENGINE_WGMMA": "0"})  # until checked: a hang must not cost it that
 info = ops.probe("cuda", self_check=True)
 print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))
 print("child-check results passed on to later steps:\n" + keep(ops.checked_switches()))'
