@@ -27,7 +27,7 @@ from torch import nn
 
 from harness import RESULTS, gpu_info, time_ms, write_results
 from sdsengine.masks import nm_mask
-from sdsengine.nn import convert, sparse_linear
+from sdsengine.nn import convert, sparse_linear, weight_bytes
 
 CONFIGS = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -186,7 +186,9 @@ def records_for(args, layers, dense, sparse, gpu):
     shape = f"{args.model}/{layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
     choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}:{b}" for k, b in sorted(sparse_linear.autotune_choices().items(),
                                                                        key=str))
-    base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices}
+    base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices,
+            # the linear weights as held after the timing, every backend's chosen form included
+            "weight_mib": sparse["weight_bytes"] / 2**20, "dense_weight_mib": dense["weight_bytes"] / 2**20}
     prefill_tokens, decode_tokens = args.batch * args.prefill, args.batch
     return [
         dict(base, bench="e2e_prefill", tokens=args.prefill, backend="sparse", ms=sparse["prefill"],
@@ -246,6 +248,7 @@ def main(argv=None):
     model = convert(copy.deepcopy(dense_model))
     torch.cuda.empty_cache()
     sparse = measure_converted(model, args)
+    dense["weight_bytes"], sparse["weight_bytes"] = (sum(weight_bytes(m).values()) for m in (dense_model, model))
     print(f"sparse: {sparse}", flush=True)
     # the records first, the diagnostics after: a run cut off by the GPU suite's time limit keeps them
     _write(args, layers, dense, sparse, note)

@@ -20,8 +20,9 @@ GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2
             "e2e_full": ("bench", "dtype"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
             "dispatch": ("tokens", "dtype")}  # default: pattern, dtype
-# device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side
-RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms")
+# device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side;
+# weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's
+RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense")
 MAX_LISTED = 25
 
 
@@ -46,6 +47,9 @@ def groups(name, records):
 def _ratio(record, name):
     if name == "ms/device_ms":
         return record["ms"] / record["device_ms"] if record.get("device_ms") and record.get("ms") else None
+    if name == "weight x dense":
+        held, dense = record.get("weight_mib"), record.get("dense_weight_mib")
+        return held / dense if held and dense else None
     return record.get(name)
 
 

@@ -110,9 +110,9 @@ def test_summary_shows_the_host_wait(benchmark, tmp_path, capsys):
 
 def test_summary_flags_a_decode_speedup_of_unlike_runs(benchmark, tmp_path, capsys):
     """A graph capture that failed on one side only: eager against graph replay is no speedup of sparsity
-    (eager on both sides is, whatever each capture's reason)."""
+    (eager on both sides is, whatever each capture's reason). The weights held show beside the speedups."""
     base = {"bench": "e2e_decode", "shape": "llama-3-8b/8of32layers", "dtype": "float16", "backend": "sparse",
-            "ms": 1.0, "dense_ms": 2.0, "speedup": 2.0}
+            "ms": 1.0, "dense_ms": 2.0, "speedup": 2.0, "weight_mib": 21.0, "dense_weight_mib": 10.0}
     records = [{**base, "mode": "cuda-graph", "dense_mode": "eager (graph capture failed: RuntimeError: x)"},
                {**base, "dtype": "bfloat16", "mode": "cuda-graph", "dense_mode": "cuda-graph"},
                {**base, "bench": "e2e_prefill", "dtype": "bfloat16"},
@@ -126,6 +126,7 @@ def test_summary_flags_a_decode_speedup_of_unlike_runs(benchmark, tmp_path, caps
     assert ("e2e llama-3-8b/8of32layers float16 sparse: timed cuda-graph against dense eager (graph capture "
             "failed: RuntimeError: x): its speedup compares unlike runs") in out
     assert out.count("compares unlike runs") == 1
+    assert "weight x dense" in out and "2.1 [2.1, 2.1]" in out  # the linear weights held against dense
 
 
 @pytest.mark.gpu
@@ -190,7 +191,7 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     field the e2e_prefill record and its diagnosis line read is filled, forced_dense included."""
     from tiny_models import tiny_model
     from sdsengine.masks import nm_mask
-    from sdsengine.nn import convert
+    from sdsengine.nn import convert, weight_bytes
     e2e = benchmark("bench_e2e")
     model = tiny_model("llama")
     with torch.no_grad():
@@ -201,12 +202,16 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
                              "model": "llama-3-8b", "dtype": "float32"})()
     dense = e2e.measure_model(model, args)
     assert dense["prefill_graph"] is None and dense["mode"].startswith("eager (graph capture failed")
+    dense["weight_bytes"] = sum(weight_bytes(model).values())
     sparse = e2e.measure_converted(convert(model), args)
+    sparse["weight_bytes"] = sum(weight_bytes(model).values())
     assert sparse["prefill_forced_dense"] > 0 and sparse["decode"] > 0
     dense["prefill_after"] = sparse["prefill_after"] = e2e.time_prefill(model, 1, 8)
     prefill, decode = e2e.records_for(args, 2, dense, sparse, "cpu")
     assert prefill["bench"] == "e2e_prefill" and decode["bench"] == "e2e_decode"
     assert prefill["graph_speedup"] is None and prefill["forced_dense_ms"] == sparse["prefill_forced_dense"]
+    # on the CPU a converted layer keeps its dense form beside the compressed one (fp32: 17/32 more)
+    assert decode["dense_weight_mib"] < decode["weight_mib"] < 1.6 * decode["dense_weight_mib"]
     line = e2e.prefill_diagnosis(prefill)
     assert "graph_ms -" in line and f"forced_dense_ms {sparse['prefill_forced_dense']:.3f}" in line
     assert f", ms_after {sparse['prefill_after']:.3f}" in line and prefill["ms_after"] == sparse["prefill_after"]

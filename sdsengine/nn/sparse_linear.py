@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from sdsengine import ops
 from sdsengine.kernels import compress_24, decompress_24
@@ -65,6 +66,40 @@ def _expire_routes():
 def autotune_choices():
     """A copy of the decisions so far: {(out, in, bucket, dtype, device, has_bias): backend}."""
     return dict(_choices)
+
+
+def weight_bytes(model):
+    """What the linear weights of `model` hold, in bytes, as it stands (forms are derived on first use):
+    {"dense": nn.Linear weights, "compressed": SparseLinear values and meta, "forms": the backends' forms
+    derived from those (the dense decompression on the CPU and wherever dense is chosen, cuSPARSELt's packed
+    weight, our kernel's fragment order)}. Biases are left out; a storage shared by two modules counts once."""
+    seen, held = set(), {"dense": 0, "compressed": 0, "forms": 0}
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            held["compressed"] += _storage_bytes((module.values, module.meta), seen)
+            held["forms"] += _storage_bytes(module._forms, seen)
+        elif isinstance(module, nn.Linear):
+            held["dense"] += _storage_bytes(module.weight, seen)
+    return held
+
+
+def _storage_bytes(obj, seen):
+    """Bytes of the storages of the tensors in obj (nested tuples, lists, dicts; a tensor subclass such as
+    PyTorch's semi-structured one by its inner tensors) not yet in `seen`."""
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_storage_bytes(o, seen) for o in obj)
+    if not isinstance(obj, torch.Tensor):
+        return 0
+    if is_traceable_wrapper_subclass(obj):
+        return sum(_storage_bytes(getattr(obj, name), seen) for name in obj.__tensor_flatten__()[0])
+    storage = obj.untyped_storage()
+    key = (obj.device, storage.data_ptr())
+    if key in seen:
+        return 0
+    seen.add(key)
+    return storage.nbytes()
 
 
 def token_bucket(n):

@@ -436,6 +436,27 @@ def test_a_module_under_two_names_is_replaced_under_both():
     assert [r.name for r in report].count("model.layers.0.mlp.up_proj") == 1 and len(report) == 14
 
 
+def test_weight_bytes_counts_what_each_form_holds():
+    """A converted model holds its compressed weights (values and meta: 9/16 of fp16, 17/32 of fp32), then
+    on the CPU the dense decompression beside them once it has run; a storage shared by two modules counts
+    once; a tensor-subclass form (PyTorch's semi-structured one) counts by its inner tensors."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj = model.model.layers[0].mlp.up_proj
+    dense = sl.weight_bytes(model)["dense"]  # the pruned model's nn.Linear weights, lm_head and the twin once
+    per_layer = 4 * (64 * 64 * 2 + 64 * 32 * 2 + 128 * 64 * 3)  # q, o; k, v; gate, up, down (fp32)
+    lm_head = 4 * 128 * 64
+    assert dense == 2 * per_layer + lm_head - 4 * 128 * 64  # the twin up_proj counted once
+    convert(model)
+    held = sl.weight_bytes(model)
+    assert held == {"dense": lm_head, "compressed": (dense - lm_head) * 17 // 32, "forms": 0}
+    model(tokens())
+    assert sl.weight_bytes(model)["forms"] == dense - lm_head  # the CPU's dense form of every layer
+    layer = model.model.layers[0].self_attn.q_proj
+    layer._forms["cutlass"] = TwoTensor(torch.zeros(4), torch.zeros(4))  # a stand-in: 16 + 16 bytes
+    assert sl.weight_bytes(model)["forms"] == dense - lm_head + 32
+
+
 def test_a_converted_model_is_not_pruned_again():
     from sdsengine import MagnitudeConfig, prune
     with pytest.raises(ValueError, match="holds SparseLinear layers"):
