@@ -151,12 +151,15 @@ def measure_model(model, args):
     prefill_ms = time_prefill(model, args.batch, args.prefill)
     graph_ms = None if args.no_graphs else time_prefill(model, args.batch, args.prefill, graph=True)
     decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs)
-    return {"prefill": prefill_ms, "prefill_graph": graph_ms, "decode": decode_ms, "mode": mode}
+    # the linear weights as held once run: a converted model's layers keep each form they chose
+    held = sum(weight_bytes(model).values())
+    return {"prefill": prefill_ms, "prefill_graph": graph_ms, "decode": decode_ms, "mode": mode, "weight_bytes": held}
 
 
 def measure_converted(model, args):
     """measure_model, plus the prefill with every SparseLinear on the dense backend: the same GEMMs as the
-    dense model, so what remains of a gap there is SparseLinear's own cost."""
+    dense model, so what remains of a gap there is SparseLinear's own cost (timed after the weights were
+    counted: it adds the dense form to every layer)."""
     measured = measure_model(model, args)
     with sparse_linear.use_backend("dense"):
         measured["prefill_forced_dense"] = time_prefill(model, args.batch, args.prefill)
@@ -187,7 +190,6 @@ def records_for(args, layers, dense, sparse, gpu):
     choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}:{b}" for k, b in sorted(sparse_linear.autotune_choices().items(),
                                                                        key=str))
     base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices,
-            # the linear weights as held after the timing, every backend's chosen form included
             "weight_mib": sparse["weight_bytes"] / 2**20, "dense_weight_mib": dense["weight_bytes"] / 2**20}
     prefill_tokens, decode_tokens = args.batch * args.prefill, args.batch
     return [
@@ -248,7 +250,6 @@ def main(argv=None):
     model = convert(copy.deepcopy(dense_model))
     torch.cuda.empty_cache()
     sparse = measure_converted(model, args)
-    dense["weight_bytes"], sparse["weight_bytes"] = (sum(weight_bytes(m).values()) for m in (dense_model, model))
     print(f"sparse: {sparse}", flush=True)
     # the records first, the diagnostics after: a run cut off by the GPU suite's time limit keeps them
     _write(args, layers, dense, sparse, note)

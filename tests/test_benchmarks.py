@@ -191,7 +191,7 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     field the e2e_prefill record and its diagnosis line read is filled, forced_dense included."""
     from tiny_models import tiny_model
     from sdsengine.masks import nm_mask
-    from sdsengine.nn import convert, weight_bytes
+    from sdsengine.nn import convert
     e2e = benchmark("bench_e2e")
     model = tiny_model("llama")
     with torch.no_grad():
@@ -202,9 +202,7 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
                              "model": "llama-3-8b", "dtype": "float32"})()
     dense = e2e.measure_model(model, args)
     assert dense["prefill_graph"] is None and dense["mode"].startswith("eager (graph capture failed")
-    dense["weight_bytes"] = sum(weight_bytes(model).values())
     sparse = e2e.measure_converted(convert(model), args)
-    sparse["weight_bytes"] = sum(weight_bytes(model).values())
     assert sparse["prefill_forced_dense"] > 0 and sparse["decode"] > 0
     dense["prefill_after"] = sparse["prefill_after"] = e2e.time_prefill(model, 1, 8)
     prefill, decode = e2e.records_for(args, 2, dense, sparse, "cpu")
