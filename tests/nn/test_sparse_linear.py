@@ -438,9 +438,13 @@ def test_a_module_under_two_names_is_replaced_under_both():
 
 def test_weight_bytes_counts_what_each_form_holds():
     """A converted model holds its compressed weights (values and meta: 9/16 of fp16, 17/32 of fp32), then
-    on the CPU the dense decompression beside them once it has run; a storage shared by two modules counts
-    once; a tensor-subclass form (PyTorch's semi-structured one) counts by its inner tensors."""
+    on the CPU the dense decompression beside them once it has run; a module under two names, or a weight
+    shared by two modules, counts once; a tensor-subclass form (PyTorch's semi-structured one) counts by its
+    inner tensors."""
     from torch.testing._internal.two_tensor import TwoTensor
+    a, b = nn.Linear(64, 32), nn.Linear(64, 32)
+    b.weight = a.weight
+    assert sl.weight_bytes(nn.Sequential(a, b)) == {"dense": 4 * 32 * 64, "compressed": 0, "forms": 0}
     model = tiny_llama()
     model.model.layers[1].mlp.up_proj = model.model.layers[0].mlp.up_proj
     dense = sl.weight_bytes(model)["dense"]  # the pruned model's nn.Linear weights, lm_head and the twin once
