@@ -64,7 +64,7 @@ def _row(name, group, rows):
 
 
 def _kind(mode):
-    """'graph' or 'eager' of an e2e mode, without the reason a capture failed (which may differ by side)."""
+    """'cuda-graph' or 'eager' of an e2e mode, without the reason a capture failed (which may differ by side)."""
     return None if mode is None else str(mode).split(" ")[0]
 
 
