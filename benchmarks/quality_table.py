@@ -29,9 +29,9 @@ RESULTS = Path(__file__).parent / "results" / "quality"
 PATTERNS = ("2-4", "4-8", "50")
 SDS_BASES = ("sparsegpt", "wanda")
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sds", "besa")
-# The record an SDS --base runs at: `--base besa` runs BESA at today's defaults, which besa-lr-checks_P names
-# in full; besa_P holds BESA's old defaults
-BASE_RECORDS = {"besa": "besa-lr-checks"}
+# The record of what an SDS --base runs, where it is not BASE_P: `--base besa` runs BESA at today's defaults,
+# which besa-lr-checks_2-4 names in full (besa_2-4 holds BESA's old N:M defaults; besa_4-8 runs today's)
+BASE_RECORDS = {("besa", "2-4"): "besa-lr-checks_2-4"}
 TARGETS = {  # (method, base, pattern): the perplexity targets the SDS and BESA issues set
     ("sds", "sparsegpt", "2-4"): "≤ 0.85",
     ("sds", "wanda", "2-4"): "≤ 0.75",
@@ -105,7 +105,7 @@ def line(name, run, report):
 
 def pair_of(report):
     """(method, base, pattern) of an SDS or BESA run, None for any other; the base's record is named
-    [PREFIX]BASE_PATTERN, with BASE_RECORDS' name for BASE where it has one."""
+    [PREFIX]BASE_PATTERN, or [PREFIX] and BASE_RECORDS' name for (BASE, PATTERN) where it has one."""
     recipe = report["recipe"] if report else {}
     method, pattern = recipe.get("method"), _pattern(recipe.get("sparsity"))
     if method == "sds":
@@ -148,7 +148,7 @@ def _rank(pattern):
 
 
 def _versus_line(name, pair, runs, prefix=""):
-    base, target = f"{prefix}{BASE_RECORDS.get(pair[1], pair[1])}_{pair[2]}", TARGETS.get(pair, "")
+    base, target = prefix + BASE_RECORDS.get(pair[1:], f"{pair[1]}_{pair[2]}"), TARGETS.get(pair, "")
     if name not in runs:
         return f"| {name} | {base} | not measured | | | {target} | | | |"
     run, report = runs[name]

@@ -314,6 +314,19 @@ def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, ca
     assert list(lines).index("sds-wanda_2-4") < list(lines).index("sds-wanda_4-8") < list(lines).index("besa_50")
 
 
+def test_quality_versus_table_pairs_sds_besa_with_the_besa_record_of_todays_defaults(benchmark, tmp_path, capsys):
+    """SDS's BESA base runs BESA at today's defaults: besa-lr-checks_2-4 at 2:4 (besa_2-4 holds the old N:M
+    defaults), besa_P at the other patterns."""
+    for name, ppl in (("besa_2-4", 180.0), ("besa-lr-checks_2-4", 120.0), ("besa_4-8", 75.0)):
+        write_quality_record(tmp_path, name, ppl, {"method": "besa"})
+    for name in ("sds-besa_2-4", "sds-besa_4-8"):
+        write_quality_record(tmp_path, name, 60.0, {"method": "sds", "base": "besa"})
+    assert benchmark("quality_table").main(["--versus", str(tmp_path)]) == 0
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["sds-besa_2-4"].startswith("| sds-besa_2-4 | besa-lr-checks_2-4 | 60.00 | 120.00 | 0.500 |")
+    assert lines["sds-besa_4-8"].startswith("| sds-besa_4-8 | besa_4-8 | 60.00 | 75.00 | 0.800 |")
+
+
 def test_quality_versus_table_keeps_a_folders_name_prefix(benchmark, tmp_path, capsys):
     """A folder whose records all start with a prefix (quality_reduced's r16_): bases and placeholders carry
     it, and the pattern is the recipe's, not the end of the name (a suffix after it is not a pattern)."""
