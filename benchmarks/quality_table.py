@@ -41,13 +41,12 @@ TARGETS = {  # (method, base, pattern): the perplexity targets the SDS and BESA 
 
 # --glance: a method's record at a pattern (P), at today's defaults where one is measured; BESA's 2:4 record
 # names today's N:M defaults in full, its 4:8 record runs them, and its 50% record predates the layer guard
-# (--guard off); SDS(SparseGPT)'s N:M records name its N:M default --swaps 1 in full, and so does
-# SDS(BESA)'s 2:4 one (the BESA base's 4:8 default is --swaps 0)
+# (--guard off); SDS's N:M records name its N:M default --swaps 1 in full
 GLANCE = [("dense", "dense"), ("magnitude", "magnitude_P"), ("Wanda", "wanda_P"), ("SparseGPT", "sparsegpt_P"),
           ("BESA", "besa-lr-checks_2-4 besa_4-8 besa_50"),
           ("SDS(Wanda)", "sds-wanda-swaps_2-4 sds-wanda-swaps_4-8 sds-wanda_50"),
           ("SDS(SparseGPT)", "sds-sparsegpt-swaps_2-4 sds-sparsegpt-swaps_4-8 sds-sparsegpt_50"),
-          ("SDS(BESA)", "sds-besa-swaps_2-4 sds-besa_4-8 sds-besa_50")]
+          ("SDS(BESA)", "sds-besa-swaps_2-4 sds-besa-swaps_4-8 sds-besa_50")]
 
 
 def rows(results=RESULTS):

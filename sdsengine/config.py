@@ -304,7 +304,7 @@ class SDSConfig(SparseGPTConfig):
                 "or dense (W_dense on the dense model's inputs; one more forward pass per layer)"})
     swaps: int | None = field(default=None, metadata={
         "help": "SDS, N:M patterns: the same sweeps after SDS's refit (ours). Default: 1 on N:M patterns "
-                "(measured: docs/SDS.md), but 0 for the BESA base at 4:8 (not measured yet) and off N:M"})
+                "(measured on every base: docs/SDS.md), 0 off N:M"})
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
@@ -317,12 +317,9 @@ class SDSConfig(SparseGPTConfig):
 
     def default_swaps(self):
         """Measured (docs/SDS.md, "Mask refinement"; docs/BESA.md): one sweep on N:M patterns from SparseGPT's
-        masks (2:4 at two seeds, 4:8) and Wanda's (2:4 at two seeds, 4:8), and on 2:4 from BESA's (full protocol
-        0.902×, reduced 0.911× and 0.865× at two seeds); BESA's 4:8 keeps 0 until a full-protocol run (reduced,
-        one seed: 0.905×)."""
-        if not self.sparsity.nm:
-            return 0
-        return 1 if self.base in ("sparsegpt", "wanda") or self.sparsity.nm == (2, 4) else 0
+        masks (2:4 at two seeds, 4:8), Wanda's (2:4 at two seeds, 4:8) and BESA's (full protocol 0.902× at 2:4,
+        0.929× at 4:8; reduced 0.911× and 0.865× at two seeds at 2:4, 0.905× at 4:8)."""
+        return 1 if self.sparsity.nm else 0
 
     def __post_init__(self):
         super().__post_init__()

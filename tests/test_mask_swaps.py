@@ -76,13 +76,13 @@ def test_swaps_need_an_nm_pattern():
 
 
 def test_one_sweep_is_sds_default_where_measured():
-    """Measured (docs/SDS.md, Mask refinement; docs/BESA.md): on for N:M SDS(SparseGPT) and SDS(Wanda) and for
-    SDS(BESA) at 2:4; SDS(BESA) at 4:8, other patterns and SparseGPT itself keep 0; an explicit value wins."""
+    """Measured (docs/SDS.md, Mask refinement; docs/BESA.md): on for N:M SDS on every base; other patterns and
+    SparseGPT itself keep 0; an explicit value wins."""
     assert SDSConfig(sparsity="2:4").swaps == SDSConfig(sparsity="4:8").swaps == 1
     assert SDSConfig(sparsity="2:4", base="wanda").swaps == SDSConfig(sparsity="4:8", base="wanda").swaps == 1
     assert SDSConfig(sparsity="0.5", base="wanda").swaps == SDSConfig(sparsity="0.5").swaps == 0
-    assert SDSConfig(sparsity="2:4", base="besa").swaps == 1  # measured at 2:4 only (docs/BESA.md)
-    assert SDSConfig(sparsity="4:8", base="besa").swaps == SparseGPTConfig(sparsity="2:4").swaps == 0
+    assert SDSConfig(sparsity="2:4", base="besa").swaps == SDSConfig(sparsity="4:8", base="besa").swaps == 1
+    assert SDSConfig(sparsity="0.5", base="besa").swaps == SparseGPTConfig(sparsity="2:4").swaps == 0
     assert SDSConfig(sparsity="2:4", swaps=0).swaps == 0 and SDSConfig(sparsity="2:4").to_dict()["swaps"] == 1
 
 
