@@ -103,8 +103,8 @@ def line(name, run, report):
 
 
 def pair_of(report):
-    """(method, base, pattern) of an SDS or BESA run, None for any other; the base's record is named
-    [PREFIX]BASE_PATTERN, or [PREFIX] and BASE_RECORDS' name for (BASE, PATTERN) where it has one."""
+    """(method, base, pattern) of an SDS or BESA run (BESA's base: Wanda, whose mask it starts from), None
+    for any other."""
     recipe = report["recipe"] if report else {}
     method, pattern = recipe.get("method"), _pattern(recipe.get("sparsity"))
     if method == "sds":
@@ -147,6 +147,8 @@ def _rank(pattern):
 
 
 def _versus_line(name, pair, runs, prefix=""):
+    """The row of run `name` against its base's record: [prefix]BASE_PATTERN, or [prefix] and BASE_RECORDS'
+    name for (BASE, PATTERN) where it has one."""
     base, target = prefix + BASE_RECORDS.get(pair[1:], f"{pair[1]}_{pair[2]}"), TARGETS.get(pair, "")
     if name not in runs:
         return f"| {name} | {base} | not measured | | | {target} | | | |"
