@@ -27,13 +27,15 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(name=None, dtype=None, compressed_ok=False):
-    """(model, tokenizer, source) in eval mode on CPU; raises with the reason when it cannot.
+def load_model(name=None, dtype=None, compressed_ok=False, device=None):
+    """(model, tokenizer, source) in eval mode on CPU (see device); raises with the reason when it cannot.
 
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
     kernels run fp16/bf16 only); "auto": the dtype any checkpoint was saved in. compressed_ok: accept a
     compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation; pruning and converting need the
-    model it came from."""
+    model it came from. device: load a hub or directory checkpoint's weights straight there (with
+    accelerate), so that a model evaluated on a GPU never sits whole in host memory; other models load on
+    the host (GGUF dequantizes there anyway) and the caller moves them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(default_gguf()) if name is None else str(name)
@@ -54,6 +56,9 @@ def load_model(name=None, dtype=None, compressed_ok=False):
         raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
     else:
         location = source  # a hub id
+    on_device = device is not None and torch.device(device).type != "cpu"
+    if on_device and not source.endswith(".gguf") and importlib.util.find_spec("accelerate"):
+        kwargs["device_map"] = {"": str(device)}
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     # any failure names the model and the part (a truncated weights file raises SafetensorError, not OSError)

@@ -1,0 +1,48 @@
+"""Where load_model puts a model's weights as they load."""
+import pytest
+import torch
+import transformers
+
+from sdsengine.checkpoint import save_checkpoint
+from sdsengine.models import load_model
+from tiny_models import save_tiny_tokenizer, tiny_model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = save_checkpoint(tiny_model("llama"), None, tmp_path / "model", {})
+    save_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """from_pretrained's keyword arguments, per call; the weights still load on the host (no GPU here)."""
+    calls, real = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(location, **kwargs):
+        calls.append(dict(kwargs))
+        if "device_map" in kwargs:
+            kwargs["device_map"] = {"": "cpu"}
+        return real(location, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    return calls
+
+
+def test_a_checkpoint_evaluated_on_a_gpu_loads_straight_there(saved, loads):
+    model, _, _ = load_model(saved, device="cuda:1")
+    assert loads[-1]["device_map"] == {"": "cuda:1"}
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    reference, _, _ = load_model(saved)
+    assert "device_map" not in loads[-1]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_the_host_load_stays_as_it_was_on_cpu_and_without_accelerate(saved, loads, monkeypatch):
+    load_model(saved, device="cpu")
+    assert "device_map" not in loads[-1]
+    real_find_spec = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "accelerate"
+                        else real_find_spec(name, *a))
+    load_model(saved, device="cuda")
+    assert "device_map" not in loads[-1]
