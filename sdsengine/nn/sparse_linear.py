@@ -243,7 +243,8 @@ class SparseLinear(nn.Module):
         return _choices[key]
 
     def _tune(self, tokens):
-        """The fastest correct backend for `tokens` rows; dense unless a sparse one beats it beyond noise."""
+        """The fastest correct backend for `tokens` rows; dense unless a sparse one beats it beyond noise (or
+        dense cannot run here: then the fastest correct sparse one, with a warning)."""
         candidates = ops.available(self.values.device, self.values.dtype)
         if candidates == ["dense"]:
             return "dense"
@@ -251,9 +252,16 @@ class SparseLinear(nn.Module):
         x = torch.randn(tokens, self.in_features, device=self.values.device, dtype=self.values.dtype, generator=g)
         ref = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         times = {b: t for b in candidates if (t := self._time_checked(b, x, ref)) is not None}
+        if not times:
+            raise RuntimeError(f"SparseLinear ({self.out_features}, {self.in_features}) x {tokens} tokens: no backend "
+                               f"ran correctly (tried {', '.join(candidates)}; the warnings above say why)")
         best = min(times, key=times.get)
         dense = times.get("dense")
-        return best if dense is None or times[best] < dense * (1 - NOISE_MARGIN) else "dense"
+        if dense is None:  # a correct sparse backend beats a forward that cannot run at all
+            warnings.warn(f"SparseLinear: dense could not run on ({self.out_features}, {self.in_features}) x {tokens} "
+                          f"tokens, so {best!r} is used unmeasured against it")
+            return best
+        return best if times[best] < dense * (1 - NOISE_MARGIN) else "dense"
 
     def _time_checked(self, backend, x, ref):
         """Milliseconds of `backend` on x, or None if it cannot run or gets a wrong answer."""

@@ -223,6 +223,18 @@ def test_autotune_keeps_dense_within_noise(fake_backends, fresh_choices):
     assert layer._backend_for(1) == "dense"  # 0.5% faster is noise, not a win
 
 
+def test_autotune_without_dense_says_so_and_without_any_backend_fails(fake_backends, fresh_choices, monkeypatch):
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    run = ops.run
+    monkeypatch.setattr(ops, "run", lambda backend, *a: run("broken" if backend == "dense" else backend, *a))
+    with pytest.warns(UserWarning, match=r"dense could not run on \(32, 64\) x 1 tokens, so 'sdsengine' is used"):
+        assert layer._backend_for(1) == "sdsengine"
+    monkeypatch.setattr(ops, "run", lambda backend, *a: run("broken", *a))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"\(32, 64\) x 2 tokens: no backend ran "
+                                                                     r"correctly \(tried sdsengine, wrong, broken, dense"):
+        layer._backend_for(2)
+
+
 def test_backends_running_one_form_share_its_copy(fake_backends, fresh_choices, monkeypatch):
     """Our two kernels run the same reordered weight: decode on mma.sp and prefill on wgmma.sp hold it once."""
     prepared = []
