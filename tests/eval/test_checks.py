@@ -6,18 +6,9 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sdsengine.eval.perplexity import perplexity
 from sdsengine.eval.zeroshot import loglikelihoods
-
-
-@pytest.fixture(scope="module")
-def model():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def overflowing(model, dtype):
