@@ -240,7 +240,7 @@ def cmd_eval(args):
     _note_unused_gpu(args.device)
     items = load_zeroshot(tasks, args.data_dir, args.limit)  # a bad task name or file fails before the model load
     model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True, device=args.device)
-    model.to(args.device)  # where load_model left it on the host
+    model.to(args.device)  # a no-op where load_model loaded it there
     samples = {} if args.samples else None
     results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
                        device=args.device, samples=samples, items=items)
