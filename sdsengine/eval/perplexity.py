@@ -30,7 +30,7 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> di
         if not math.isfinite(window):
             raise ValueError(non_finite(model, f"perplexity window {w}"))
         nll += window
-        count += batch.shape[1] - 1
+        count += batch[:, 1:].numel()
     return {"ppl": math.exp(nll / count), "tokens": windows * seqlen, "windows": windows, "seqlen": seqlen}
 
 

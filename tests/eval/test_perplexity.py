@@ -8,7 +8,7 @@ import torch
 from sdsengine.eval import perplexity as ppl
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 15, 16, 256])  # one position, uneven, exactly the 15 targets, more
+@pytest.mark.parametrize("chunk", [1, 4, 5, 15, 16, 256])  # one position, a partial last chunk, even, the 15 targets, more
 def test_perplexity_is_the_exponentiated_mean_loss_of_the_windows(model, monkeypatch, chunk):
     monkeypatch.setattr(ppl, "CHUNK", chunk)
     ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))  # 2 windows; 8 tokens unused

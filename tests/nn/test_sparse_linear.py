@@ -231,7 +231,7 @@ def test_autotune_without_dense_says_so_and_without_any_backend_fails(fake_backe
         assert layer._backend_for(1) == "sdsengine"
     monkeypatch.setattr(ops, "run", lambda backend, *a: run("broken", *a))
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"\(32, 64\) x 2 tokens: no backend ran "
-                                                                     r"correctly \(tried sdsengine, wrong, broken, dense"):
+                                                                     r"correctly \(tried sdsengine, wrong, broken, dense\)"):
         layer._backend_for(2)
 
 
