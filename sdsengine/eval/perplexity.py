@@ -26,7 +26,7 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> di
     for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
         batch = ids[:, w * seqlen:(w + 1) * seqlen].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1]
-        window = window_nll(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        window = window_nll(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), CHUNK)
         if not math.isfinite(window):
             raise ValueError(non_finite(model, f"perplexity window {w}"))
         nll += window
@@ -34,9 +34,7 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> di
     return {"ppl": math.exp(nll / count), "tokens": windows * seqlen, "windows": windows, "seqlen": seqlen}
 
 
-def window_nll(logits, targets, chunk=None) -> float:
-    """The summed next-token negative log-likelihood of one window, in fp32, `chunk` (default CHUNK)
-    positions at a time."""
-    chunk = chunk or CHUNK
+def window_nll(logits, targets, chunk) -> float:
+    """The summed next-token negative log-likelihood of one window, in fp32, `chunk` positions at a time."""
     return sum(float(F.cross_entropy(logits[s:s + chunk].float(), targets[s:s + chunk], reduction="sum"))
                for s in range(0, targets.shape[0], chunk))
