@@ -185,23 +185,26 @@ def profile_prefill(model, batch, tokens, rows=20):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def records_for(args, layers, dense, sparse, gpu):
+def records_for(args, layers, dense, sparse, gpu, backend="sparse"):
+    """The e2e_prefill and e2e_decode records of a converted model (backend "sparse", or "sparse_lean": the
+    same model holding no dense copies) against the dense one."""
     shape = f"{args.model}/{layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
+    lean = backend == "sparse_lean"
     choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}:{b}" for k, b in sorted(sparse_linear.autotune_choices().items(),
-                                                                       key=str))
+                                                                       key=str) if k[-1] == lean)
     base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices,
             "weight_mib": sparse["weight_bytes"] / 2**20, "dense_weight_mib": dense["weight_bytes"] / 2**20}
     prefill_tokens, decode_tokens = args.batch * args.prefill, args.batch
     return [
-        dict(base, bench="e2e_prefill", tokens=args.prefill, backend="sparse", ms=sparse["prefill"],
+        dict(base, bench="e2e_prefill", tokens=args.prefill, backend=backend, ms=sparse["prefill"],
              dense_ms=dense["prefill"], speedup=dense["prefill"] / sparse["prefill"],
              tokens_per_s=prefill_tokens / sparse["prefill"] * 1e3,
              dense_tokens_per_s=prefill_tokens / dense["prefill"] * 1e3,
              graph_ms=sparse["prefill_graph"], dense_graph_ms=dense["prefill_graph"],
              graph_speedup=_ratio(dense["prefill_graph"], sparse["prefill_graph"]),
-             forced_dense_ms=sparse["prefill_forced_dense"], dense_ms_after=dense.get("prefill_after"),
+             forced_dense_ms=sparse.get("prefill_forced_dense"), dense_ms_after=dense.get("prefill_after"),
              ms_after=sparse.get("prefill_after")),
-        dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend="sparse", ms=sparse["decode"],
+        dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend=backend, ms=sparse["decode"],
              dense_ms=dense["decode"], speedup=dense["decode"] / sparse["decode"], mode=sparse["mode"],
              dense_mode=dense["mode"], tokens_per_s=decode_tokens / sparse["decode"] * 1e3,
              dense_tokens_per_s=decode_tokens / dense["decode"] * 1e3),
@@ -234,6 +237,8 @@ def main(argv=None):
                         help="no CUDA graphs: decode eagerly, and no graph-replayed prefill")
     parser.add_argument("--profile", action="store_true",
                         help="also write <name>_prefill_profile.md: profiler tables of dense and 2:4 prefills")
+    parser.add_argument("--lean", action="store_true",
+                        help="last, the converted model again with set_lean (no dense copies): its memory and speed")
     parser.add_argument("--name", default="e2e", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
@@ -263,14 +268,23 @@ def main(argv=None):
         profiles = {"dense": profile_prefill(dense_model, args.batch, args.prefill),
                     "2:4 (converted)": profile_prefill(model, args.batch, args.prefill)}
         write_profiles(Path(args.out) / f"{args.name}_prefill_profile.md", profiles, args, layers)
+    if args.lean:
+        sparse_linear.set_lean(model)  # drops every derived form: tuned and derived again, lean
+        torch.cuda.empty_cache()
+        lean = measure_model(model, args)
+        print(f"lean: {lean}", flush=True)
+        _write(args, layers, dense, sparse, note, lean)
     return 0
 
 
-def _write(args, layers, dense, sparse, note):
-    records = records_for(args, layers, dense, sparse, torch.cuda.get_device_name())
+def _write(args, layers, dense, sparse, note, lean=None):
+    gpu = torch.cuda.get_device_name()
+    records = records_for(args, layers, dense, sparse, gpu)
+    if lean is not None:
+        records += records_for(args, layers, dense, lean, gpu, backend="sparse_lean")
     for r in records:
-        print(f"{r['bench']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
-              f"({r['speedup']:.3f}x){note}")
+        print(f"{r['bench']} {r['backend']}: {r['dense_tokens_per_s']:.1f} -> {r['tokens_per_s']:.1f} tokens/s "
+              f"({r['speedup']:.3f}x), weights {r['weight_mib']:.0f} MiB against {r['dense_weight_mib']:.0f}{note}")
     print(f"wrote {write_results(args.name, records, args.out)}", flush=True)
     return records
 

@@ -7,9 +7,10 @@
 #   1. install      pip install --no-deps --no-build-isolation --no-index -e .  (builds sdsengine._C with ninja);
 #                   if that fails, install_python: the same without the extension, so the other steps can run
 #   2. versions     nvidia-smi, nvcc, torch/triton/CUDA/driver, and which 2:4 matmul backends self-check ok
-#   3. e2e, spmm    benchmarks/bench_e2e.py and bench_spmm.py, cut down to fit, first: the figures the issues
-#                   ask for; with the wgmma.sp pipelines off (never verified on hardware: a trap would end
-#                   the process), so mma.sp, cuSPARSELt and dense (the sweeps below time wgmma)
+#   3. e2e, spmm    benchmarks/bench_e2e.py (last, lean too: no dense copies) and bench_spmm.py, cut down to
+#                   fit, first: the figures the issues ask for; with the wgmma.sp pipelines off (never
+#                   verified on hardware: a trap would end the process), so mma.sp, cuSPARSELt and dense
+#                   (the sweeps below time wgmma)
 #   4. wanda, compress   benchmarks/bench_<name>.py: Triton vs the PyTorch reference
 #   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto)
 #   6. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible);
@@ -129,7 +130,8 @@ suite() {
     printf 'export SDSENGINE_CUSPARSELT=0\nexport SDSENGINE_WGMMA=0\n' >"$SWITCHES"
   fi
   [ -s "$SWITCHES" ] && . "$SWITCHES"
-  step e2e 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --out "$RESULTS"
+  step e2e 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --lean \
+    --out "$RESULTS"
   step spmm 50 $NO_WGMMA "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 \
     --out "$RESULTS"
   bench wanda 40

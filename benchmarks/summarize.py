@@ -16,8 +16,8 @@ from pathlib import Path
 
 BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch", "spmm_bf16",
            "e2e_full")
-GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2e": ("bench", "dtype"),
-            "e2e_full": ("bench", "dtype"),
+GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2e": ("bench", "backend", "dtype"),
+            "e2e_full": ("bench", "backend", "dtype"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
             "dispatch": ("tokens", "dtype")}  # default: pattern, dtype
 # device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side;

@@ -116,15 +116,18 @@ def compress_24(weight, scores=None):
         return _kernel("compress").compress_24(weight, scores)
 
 
-def decompress_24(values, meta):
-    """Inverse of compress_24: the dense (rows, K) weight with exact zeros."""
+def decompress_24(values, meta, trusted=False):
+    """Inverse of compress_24: the dense (rows, K) weight with exact zeros. trusted skips the metadata's check,
+    for a caller that decompresses on every call a weight checked when it was made (the check synchronizes
+    with a GPU)."""
     _check_matrix("decompress_24", "values", values)
     _check_same_device("decompress_24", values, meta)
     rows, half = values.shape
     if half % 16 or meta.dtype != torch.int32 or meta.shape != (rows, half // 16):
         raise ValueError(f"decompress_24: needs values (rows, K/2) with K % 32 == 0 and int32 meta (rows, K/32); "
                          f"got values {tuple(values.shape)}, meta {tuple(meta.shape)} {meta.dtype}")
-    check_meta(meta, "decompress_24")
+    if not trusted:
+        check_meta(meta, "decompress_24")
     if not _use_triton(values, values.dtype in _KERNEL_DTYPES):
         return reference.decompress_24(values, meta)
     with _device_of(values):

@@ -15,8 +15,8 @@ from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, ch
 from sdsengine.data import EVAL_TASKS, check_calibration_source
 from sdsengine.eval.runner import TASK_HELP, evaluate, load_zeroshot, results_table
 from sdsengine.models import load_model
-from sdsengine.nn import convert, save_compressed
-from sdsengine.nn.convert import skip_reasons
+from sdsengine.nn import convert, save_compressed, set_lean
+from sdsengine.nn.convert import MANIFEST, skip_reasons
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -102,6 +102,8 @@ def build_parser():
     e.add_argument("--samples", default=None, help="write every zero-shot item's answer to this JSONL file: "
                    "task, index, label, pred, pred_norm, choices, loglikelihoods (to compare models' answers)")
     e.add_argument("--overwrite", action="store_true", help="replace existing --json / --samples files")
+    e.add_argument("--lean", action="store_true", help="a compressed checkpoint's SparseLinears hold no "
+                   "decompressed copy of their weights: less memory, slower where the dense backend runs")
 
     c = sub.add_parser("convert", help="replace the 2:4 linears of a pruned checkpoint by SparseLinear and save")
     _add_model_flags(c)
@@ -239,7 +241,12 @@ def cmd_eval(args):
     check_device(args.device)
     _note_unused_gpu(args.device)
     items = load_zeroshot(tasks, args.data_dir, args.limit)  # a bad task name or file fails before the model load
+    if args.lean and not (args.model and (Path(args.model).expanduser() / MANIFEST).is_file()):
+        raise ValueError(f"--lean applies to a compressed checkpoint (written by sdsengine convert), and "
+                         f"{args.model or 'the embedded model'} is not one")
     model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True, device=args.device)
+    if args.lean:
+        set_lean(model)
     model.to(args.device)  # a no-op where load_model loaded it there
     samples = {} if args.samples else None
     results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,

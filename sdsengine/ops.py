@@ -9,7 +9,8 @@ Each backend *prepares* it once into its own form and then *runs* it per call:
                 each a backend of its own, so SparseLinear's timing picks among them per shape and token count
     cusparselt  PyTorch's cuSPARSELt binding (torch._cslt_*): compressed once, algorithm searched once
     cutlass     PyTorch's CUTLASS semi-structured kernel; compute capability 8.x only (it refuses Hopper)
-    dense       cuBLAS (or the CPU) on the decompressed weight: always there, the fallback
+    dense       cuBLAS (or the CPU) on the decompressed weight: always there, the fallback. A lean
+                SparseLinear holds no copy: its form decompresses on every call
 
 `probe()` names which backends run on a device and why the others do not. Choosing among them per shape
 and token count is SparseLinear's job (sdsengine.nn.sparse_linear), by measurement.
@@ -416,8 +417,8 @@ def run(backend, form, x, bias, out_features):
         values_r, meta_r = form[:2]
         return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias, 0,
                                             WGMMA_PIPELINES[backend])
-    if backend == "dense":
-        return F.linear(x, form, bias)
+    if backend == "dense":  # the form: the dense weight, or (a lean layer's) a function that decompresses it
+        return F.linear(x, form() if callable(form) else form, bias)
     if backend == "cusparselt":
         return _run_cusparselt(form, x, bias)
     return F.linear(x, form, bias)  # cutlass: PyTorch's subclass dispatches (and pads) itself

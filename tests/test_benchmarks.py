@@ -191,7 +191,7 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     field the e2e_prefill record and its diagnosis line read is filled, forced_dense included."""
     from tiny_models import tiny_model
     from sdsengine.masks import nm_mask
-    from sdsengine.nn import convert
+    from sdsengine.nn import convert, sparse_linear
     e2e = benchmark("bench_e2e")
     model = tiny_model("llama")
     with torch.no_grad():
@@ -213,6 +213,33 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     line = e2e.prefill_diagnosis(prefill)
     assert "graph_ms -" in line and f"forced_dense_ms {sparse['prefill_forced_dense']:.3f}" in line
     assert f", ms_after {sparse['prefill_after']:.3f}" in line and prefill["ms_after"] == sparse["prefill_after"]
+    # --lean: the same converted model holding no dense copies, below the dense model's bytes
+    sparse_linear.set_lean(model)
+    lean_prefill, lean_decode = e2e.records_for(args, 2, dense, e2e.measure_model(model, args), "cpu", "sparse_lean")
+    assert lean_prefill["backend"] == lean_decode["backend"] == "sparse_lean" and lean_prefill["ms"] > 0
+    assert lean_decode["weight_mib"] < 0.6 * lean_decode["dense_weight_mib"]
+
+
+def test_lean_bench_measures_a_checkpoint_both_ways(benchmark, tmp_path):
+    """bench_lean on a tiny compressed checkpoint: one record per token count, the lean model holding its
+    compressed weights only (fp32: 17/32 of the linears' bytes), as loaded the dense copies too."""
+    from tiny_models import tiny_model
+    from sdsengine.masks import nm_mask
+    from sdsengine.nn import convert, save_compressed
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+    save_compressed(convert(model), tmp_path / "packed")
+    argv = ["--model", str(tmp_path / "packed"), "--tokens", "1,5", "--reps", "1", "--out", str(tmp_path)]
+    assert benchmark("bench_lean").main(argv) == 0
+    records = json.loads((tmp_path / "lean.json").read_text())
+    assert [r["tokens"] for r in records] == [1, 5] and all(r["ms"] > 0 and r["baseline_ms"] > 0 for r in records)
+    r = records[0]
+    copies = r["baseline_weight_mib"] - r["weight_mib"]  # as loaded: the converted linears' dense bytes again
+    head = r["dense_weight_mib"] - copies  # what stays nn.Linear (lm_head)
+    assert copies > 0 and r["weight_mib"] == pytest.approx(head + copies * 17 / 32)
 
 
 def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_path, monkeypatch):

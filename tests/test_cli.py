@@ -75,7 +75,14 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
                  "--json", str(packed_json)]) == 0
     packed_r = json.loads(packed_json.read_text())["results"]["wikitext2"]
     assert packed_r["ppl"] == pytest.approx(pruned_r["ppl"], rel=1e-5)
+    # lean: no decompressed copies held, the same numbers; a model that is no compressed checkpoint is refused
+    assert main(["eval", "--model", str(packed), "--tasks", "wikitext2", "--seqlen", "128", "--limit", "2",
+                 "--json", str(packed_json), "--overwrite", "--lean"]) == 0
+    assert json.loads(packed_json.read_text())["results"]["wikitext2"]["ppl"] == packed_r["ppl"]
     capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--tasks", "wikitext2", "--lean"]) == 2
+    assert f"--lean applies to a compressed checkpoint (written by sdsengine convert), and {out} is not one" in \
+        capsys.readouterr().err
     assert main(["prune", "--model", str(packed), "--method", "magnitude", "--sparsity", "2:4",
                  "--out", str(tmp_path / "again")]) == 2
     assert "is a compressed checkpoint" in capsys.readouterr().err

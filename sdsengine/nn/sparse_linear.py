@@ -9,7 +9,8 @@ fastest: every available backend, dense included, is timed once on a random inpu
 checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
 beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the
 CPU the only backend is dense (decompressed once, cached), reached by the same path, so everything is
-testable without a GPU.
+testable without a GPU. A lean layer (set_lean) holds no decompressed copy, trading time for memory: its
+dense backend decompresses on every call, and that is the dense time its tuning compares against.
 
 Each layer remembers, per (token count, dtype), the backend and form it settled on, so a repeated call
 costs one dict lookup more than nn.Linear: the decision keys (str(device), buckets) are computed only on a
@@ -18,6 +19,7 @@ or released; and with the derived forms, whenever values or meta are not the ten
 they were derived from (moved, reloaded, changed in place, swapped by torch.func.functional_call).
 """
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -32,7 +34,7 @@ from sdsengine.masks import nm_violations
 NOISE_MARGIN = 0.02  # a sparse backend must beat dense by this fraction to be chosen
 MAX_BUCKET = 8192
 
-_choices = {}  # (out, in, bucket, dtype, device, has_bias) -> backend name, shared by layers of one shape
+_choices = {}  # (out, in, bucket, dtype, device, has_bias, lean) -> backend name, shared by layers of one shape
 _forced = None
 _epoch = 0  # bumped whenever a layer's remembered routes may be stale
 
@@ -64,7 +66,7 @@ def _expire_routes():
 
 
 def autotune_choices():
-    """A copy of the decisions so far: {(out, in, bucket, dtype, device, has_bias): backend}."""
+    """A copy of the decisions so far: {(out, in, bucket, dtype, device, has_bias, lean): backend}."""
     return dict(_choices)
 
 
@@ -102,6 +104,14 @@ def _storage_bytes(obj, seen):
     return storage.nbytes()
 
 
+def set_lean(model, lean=True):
+    """Set `lean` on every SparseLinear of `model` (see SparseLinear.lean); returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    for layer in layers:
+        layer.lean = lean
+    return len(layers)
+
+
 def token_bucket(n):
     """Token counts share a decision by power-of-two bucket: 3 -> 4, 100 -> 128."""
     return min(1 << max(0, (n - 1).bit_length()), MAX_BUCKET)
@@ -123,6 +133,19 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
         self._forms, self._source = {}, None  # the forms' source: (values, its version, meta, its version)
         self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
+        self._lean = False
+
+    @property
+    def lean(self):
+        """False (the default): wherever dense is the backend, hold the decompressed weight beside the compressed
+        one (the dense weight's bytes again, the fastest dense). True: hold no dense copy and decompress on
+        every dense call, which tuning then times as dense's cost. See set_lean."""
+        return self._lean
+
+    @lean.setter
+    def lean(self, lean):
+        self._lean = bool(lean)
+        self._forms, self._routes, self._source = {}, {}, None  # derive again, the dense form as asked
 
     @classmethod
     def from_dense(cls, weight, bias=None):
@@ -207,7 +230,10 @@ class SparseLinear(nn.Module):
             if not torch.compiler.is_compiling():
                 self._check_source(self.values, self.meta)
             with torch.inference_mode(False):  # a form made under inference_mode could not serve autograd later
-                self._forms[key] = ops.prepare(backend, self.values, self.meta)
+                if key == "dense" and self._lean:  # no copy held: ops.run decompresses on every call
+                    self._forms[key] = functools.partial(decompress_24, self.values, self.meta, trusted=True)
+                else:
+                    self._forms[key] = ops.prepare(backend, self.values, self.meta)
         return self._forms[key]
 
     def _check_source(self, v, m):
@@ -229,7 +255,7 @@ class SparseLinear(nn.Module):
 
     def _key(self, tokens):
         return (self.out_features, self.in_features, token_bucket(tokens), self.values.dtype,
-                str(self.values.device), self.bias is not None)
+                str(self.values.device), self.bias is not None, self._lean)  # lean: dense costs more
 
     def _backend_for(self, tokens):
         if _forced is not None:

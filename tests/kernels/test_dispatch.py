@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import sdsengine.kernels as kernels
 from sdsengine.kernels import compress_24, decompress_24, sparsegpt_block, use_backend, wanda_prune
 
 
@@ -87,4 +88,17 @@ def test_bad_backend_name():
 def test_input_errors_name_the_values(call, message, backend):
     with use_backend(backend), pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_trusted_decompression_skips_the_metadata_check(backend, monkeypatch):
+    """A lean SparseLinear decompresses on every call a weight checked once: no GPU synchronization per call."""
+    checked = []
+    monkeypatch.setattr(kernels, "check_meta", lambda meta, what: checked.append(what))
+    values, meta = compress_24(torch.randn(2, 32) * torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(8))
+    with use_backend(backend):
+        decompress_24(values, meta, trusted=True)
+        assert checked == []
+        decompress_24(values, meta)
+        assert checked == ["decompress_24"]
 

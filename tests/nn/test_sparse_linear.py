@@ -191,7 +191,7 @@ def fake_backends(monkeypatch):
         last.append(backend)
         if backend == "broken":
             raise RuntimeError("unsupported token count")
-        y = torch.nn.functional.linear(x, form, bias)
+        y = torch.nn.functional.linear(x, form() if callable(form) else form, bias)  # a lean layer's dense form
         return 3 * y if backend == "wrong" else y
 
     def time_ms(fn, device):
@@ -211,7 +211,7 @@ def test_autotune_takes_the_fastest_correct_backend(fake_backends, fresh_choices
         assert layer._backend_for(3) == "sdsengine"
     messages = " ".join(str(w.message) for w in caught)
     assert "'wrong' disagrees with dense" in messages and "'broken' failed" in messages
-    assert sl.autotune_choices() == {(32, 64, 4, torch.float32, "cpu", True): "sdsengine"}
+    assert sl.autotune_choices() == {(32, 64, 4, torch.float32, "cpu", True, False): "sdsengine"}
     assert set(layer._forms) == {"sdsengine"}  # forms prepared for tuning and not chosen are released
     assert layer._backend_for(4) == "sdsengine"  # same bucket: no new measurement
 
@@ -473,6 +473,37 @@ def test_weight_bytes_counts_what_each_form_holds():
     assert sl.weight_bytes(model)["forms"] == dense - lm_head + 32
 
 
+def test_a_lean_model_holds_no_dense_copy_and_computes_the_same():
+    model = convert(tiny_llama())
+    ids = tokens()
+    expected = logits(model, ids)
+    compressed = sl.weight_bytes(model)["compressed"]
+    assert sl.weight_bytes(model)["forms"] == compressed * 32 // 17  # fp32: the dense copy of every layer
+    assert sl.set_lean(model) == 14 and all(m.lean for m in model.modules() if isinstance(m, SparseLinear))
+    assert sl.weight_bytes(model)["forms"] == 0  # setting it drops the copies
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+    assert sl.weight_bytes(model) == {"dense": 4 * 128 * 64, "compressed": compressed, "forms": 0}
+    sl.set_lean(model, False)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+    assert sl.weight_bytes(model)["forms"] == compressed * 32 // 17
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_lean_layers_tuning_times_dense_with_its_decompression(fake_backends, fresh_choices, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sl, "decompress_24", lambda *a, **k: (calls.append(k), decompress_24(*a, **k))[1])
+    fake_backends.update(wrong=5.0, broken=5.0)
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    layer.lean = True
+    assert layer._backend_for(1) == "sdsengine" and {"trusted": True} in calls  # the timed dense call decompressed
+    fake_backends.update(sdsengine=3.0)
+    x = torch.randn(256, 64)
+    calls.clear()
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+    assert sl.autotune_choices()[32, 64, 256, torch.float32, "cpu", True, True] == "dense"  # lean decides apart
+    assert not isinstance(layer._forms["dense"], torch.Tensor) and {"trusted": True} in calls
+
+
 def test_a_converted_model_is_not_pruned_again():
     from sdsengine import MagnitudeConfig, prune
     with pytest.raises(ValueError, match="holds SparseLinear layers"):
@@ -554,6 +585,10 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
     after = logits(model, ids)
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
     assert nm_violations(model.model.layers[0].mlp.up_proj.weight, 2, 4) == 0
+    sl.set_lean(model)  # tuned again, apart: its dense backend decompresses on every call
+    torch.testing.assert_close(logits(model, ids).float(), before.float(), rtol=2e-2, atol=2e-2)
+    assert not any(isinstance(m._forms.get("dense"), torch.Tensor) for m in model.modules()
+                   if isinstance(m, SparseLinear))
 
 
 @pytest.mark.gpu
