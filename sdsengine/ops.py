@@ -71,6 +71,22 @@ def reorder_24(values, meta):
     return v.reshape(mt, kb * 8, 32, 8).contiguous(), m32.reshape(mt, kb, 32, 4).contiguous()
 
 
+def unreorder_24(values_r, meta_r, rows, cols):
+    """Inverse of reorder_24: the canonical (values, meta) of a (rows, cols) weight, padding dropped."""
+    mt, kb = values_r.shape[0], meta_r.shape[1]
+    if values_r.shape != (mt, kb * 8, 32, 8) or meta_r.shape != (mt, kb, 32, 4) or \
+            mt != -(-rows // ROWS_PER_TILE) or kb != -(-cols // COLS_PER_BLOCK):
+        raise ValueError(f"unreorder_24: values {tuple(values_r.shape)} and meta {tuple(meta_r.shape)} are not "
+                         f"reorder_24's form of a ({rows}, {cols}) weight")
+    # the permutations of reorder_24, undone: (mt, ks, g, t, half, h, e) -> (mt, h, g, ks, half, t, e)
+    v = values_r.reshape(mt, kb * 8, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6)
+    # (mt, kb, g, sel, khalf, q, h) -> (mt, h, g, kb, q, sel, khalf)
+    m16 = meta_r.contiguous().view(torch.int16).reshape(mt, kb, 8, 2, 2, 4, 2).permute(0, 6, 2, 1, 5, 3, 4)
+    m = m16.contiguous().view(torch.int32).reshape(mt * ROWS_PER_TILE, kb * COLS_PER_BLOCK // 32)
+    v = v.reshape(mt * ROWS_PER_TILE, kb * COLS_PER_BLOCK // 2)
+    return v[:rows, :cols // 2].contiguous(), m[:rows, :cols // 32].contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The extension: pre-built sdsengine._C, else a JIT build from csrc/ where CUDA can build it
 # ---------------------------------------------------------------------------------------------------

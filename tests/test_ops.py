@@ -67,6 +67,18 @@ def test_reorder_gives_mma_the_weight(shape):
     assert not rebuilt[shape[0]:].any() and not rebuilt[:, shape[1]:].any()  # padding is zero weight
 
 
+@pytest.mark.parametrize("shape", [(16, 256), (17, 288), (40, 96), (576, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unreorder_gives_back_the_canonical_pair(shape, dtype):
+    """A lean SparseLinear keeps only our kernel's form and rebuilds the canonical pair from it."""
+    values, meta = compress_24(pruned(*shape, dtype))
+    values_r, meta_r = ops.reorder_24(values, meta)
+    back = ops.unreorder_24(values_r, meta_r, *shape)
+    assert torch.equal(back[0], values) and torch.equal(back[1], meta)
+    with pytest.raises(ValueError, match=r"not reorder_24's form of a \(16, 288\) weight"):
+        ops.unreorder_24(values_r, meta_r, 16, 288)  # another tile count than any of the shapes
+
+
 def test_reorder_keeps_dtype_and_pads_with_valid_metadata():
     values, meta = compress_24(pruned(20, 64, torch.bfloat16))
     values_r, meta_r = ops.reorder_24(values, meta)

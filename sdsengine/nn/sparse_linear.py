@@ -9,8 +9,11 @@ fastest: every available backend, dense included, is timed once on a random inpu
 checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
 beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the
 CPU the only backend is dense (decompressed once, cached), reached by the same path, so everything is
-testable without a GPU. A lean layer (set_lean) holds no decompressed copy, trading time for memory: its
-dense backend decompresses on every call, and that is the dense time its tuning compares against.
+testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for memory: no
+decompressed copy (its dense backend decompresses on every call, and that is the dense time its tuning
+compares against), and once our kernel's form exists, not the canonical pair either: the buffers become
+one-element stand-ins and the pair is rebuilt from that form wherever it is needed (state_dict, .weight,
+another backend's form, a move or a reload).
 
 Each layer remembers, per (token count, dtype), the backend and form it settled on, so a repeated call
 costs one dict lookup more than nn.Linear: the decision keys (str(device), buckets) are computed only on a
@@ -19,7 +22,6 @@ or released; and with the derived forms, whenever values or meta are not the ten
 they were derived from (moved, reloaded, changed in place, swapped by torch.func.functional_call).
 """
 import contextlib
-import functools
 import warnings
 
 import torch
@@ -74,12 +76,13 @@ def weight_bytes(model):
     """What the linear weights of `model` hold, in bytes, as it stands (forms are derived on first use):
     {"dense": nn.Linear weights, "compressed": SparseLinear values and meta, "forms": the backends' forms
     derived from those (the dense decompression on the CPU and wherever dense is chosen, cuSPARSELt's packed
-    weight, our kernel's fragment order)}. Biases are left out; a storage shared by two modules counts once."""
+    weight, our kernel's fragment order, which a lean layer keeps in place of its values and meta)}. Biases
+    are left out; a storage shared by two modules counts once."""
     seen, held = set(), {"dense": 0, "compressed": 0, "forms": 0}
     for module in model.modules():
         if isinstance(module, SparseLinear):
             held["compressed"] += _storage_bytes((module.values, module.meta), seen)
-            held["forms"] += _storage_bytes(module._forms, seen)
+            held["forms"] += _storage_bytes((module._forms, module._released), seen)
         elif isinstance(module, nn.Linear):
             held["dense"] += _storage_bytes(module.weight, seen)
     return held
@@ -134,16 +137,19 @@ class SparseLinear(nn.Module):
         self._forms, self._source = {}, None  # the forms' source: (values, its version, meta, its version)
         self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
         self._lean = False
+        self._released = None  # lean, the buffers given up: (values stand-in, meta stand-in, our kernel's form)
 
     @property
     def lean(self):
         """False (the default): wherever dense is the backend, hold the decompressed weight beside the compressed
         one (the dense weight's bytes again, the fastest dense). True: hold no dense copy and decompress on
-        every dense call, which tuning then times as dense's cost. See set_lean."""
+        every dense call, which tuning then times as dense's cost; and once our kernel's form exists, that form
+        alone holds the weight (the module docstring says how). See set_lean."""
         return self._lean
 
     @lean.setter
     def lean(self, lean):
+        self._restore_buffers()
         self._lean = bool(lean)
         self._forms, self._routes, self._source = {}, {}, None  # derive again, the dense form as asked
 
@@ -181,7 +187,7 @@ class SparseLinear(nn.Module):
     @property
     def weight(self):
         """The dense weight, decompressed on every access: for code that inspects .weight, not for compute."""
-        return decompress_24(self.values, self.meta)
+        return decompress_24(*self._canonical())
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
@@ -216,6 +222,7 @@ class SparseLinear(nn.Module):
         route = (backend, self._form(backend))
         if _forced is not None or self._key(tokens) in _choices:
             self._routes[tokens, dtype] = route
+        self._release_buffers()
         return route
 
     # -- derived forms ------------------------------------------------------------------------------
@@ -231,23 +238,68 @@ class SparseLinear(nn.Module):
                 self._check_source(self.values, self.meta)
             with torch.inference_mode(False):  # a form made under inference_mode could not serve autograd later
                 if key == "dense" and self._lean:  # no copy held: ops.run decompresses on every call
-                    self._forms[key] = functools.partial(decompress_24, self.values, self.meta, trusted=True)
+                    self._forms[key] = self._decompressed
+                elif key == "sdsengine" and self._holds_released():  # dropped by a later tuning: the same one
+                    self._forms[key] = self._released[2]
                 else:
-                    self._forms[key] = ops.prepare(backend, self.values, self.meta)
+                    self._forms[key] = ops.prepare(backend, *self._canonical())
         return self._forms[key]
 
     def _check_source(self, v, m):
         """Drop every derived form and route unless values v and meta m are the very tensors, unchanged,
-        that they were derived from."""
+        that they were derived from (a lean layer's released form is kept apart: see _canonical)."""
         s = self._source
         if s is None or s[0] is not v or s[2] is not m or s[1] != v._version or s[3] != m._version:
             self._forms, self._routes, self._source = {}, {}, (v, v._version, m, m._version)
 
+    # -- lean: the canonical pair given up for our kernel's form -------------------------------------
+
+    def _holds_released(self):
+        r = self._released
+        return r is not None and self._buffers["values"] is r[0] and self._buffers["meta"] is r[1]
+
+    def _canonical(self):
+        """(values, meta) in compress_24's layout: the buffers, or rebuilt from the form they were released to."""
+        if self._holds_released():
+            values_r, meta_r = self._released[2][:2]
+            return ops.unreorder_24(values_r, meta_r, self.out_features, self.in_features)
+        return self.values, self.meta
+
+    def _decompressed(self):
+        """A lean layer's dense form: the weight decompressed for this call only (checked when it was made)."""
+        return decompress_24(*self._canonical(), trusted=True)
+
+    def _release_buffers(self):
+        """Lean, once our kernel's form exists: it holds the whole weight, so the buffers give their memory
+        back to one-element stand-ins of the same shape, dtype and device (not inside a CUDA graph's capture
+        or a compiled graph, where the buffers' identity is part of what was recorded)."""
+        if not self._lean or self._released is not None or "sdsengine" not in self._forms or ops.capturing() \
+                or torch.compiler.is_compiling():
+            return
+        v, m = self.values, self.meta
+        stand_v, stand_m = v.new_zeros(1).expand(v.shape), m.new_zeros(1).expand(m.shape)
+        self._buffers["values"], self._buffers["meta"] = stand_v, stand_m
+        self._released = (stand_v, stand_m, self._forms["sdsengine"])
+        self._source = (stand_v, stand_v._version, stand_m, stand_m._version)
+
+    def _restore_buffers(self):
+        """The canonical pair back in the buffers (before a move, a reload, or leaving lean)."""
+        if self._holds_released():
+            self._buffers["values"], self._buffers["meta"] = self._canonical()
+        self._released = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._holds_released():  # the weight, not its stand-ins
+            destination[prefix + "values"], destination[prefix + "meta"] = self._canonical()
+
     def _apply(self, fn, recurse=True):
+        self._restore_buffers()
         self._forms, self._routes, self._source = {}, {}, None  # moved: derive again
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
+        self._restore_buffers()  # tensors to load into
         self._forms, self._routes, self._source = {}, {}, None  # reloaded in place: derive again
         return super()._load_from_state_dict(*args, **kwargs)
 

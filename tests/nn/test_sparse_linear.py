@@ -180,6 +180,16 @@ def test_use_backend_rejects_unknown_names():
         ops.spmm24(torch.randn(2, 64), values, meta, backend="fast")
 
 
+def dense_of(form, out_features, in_features):
+    """The weight a fake backend's form stands for: a tensor, a lean layer's decompressing function, or our
+    kernel's reordered pair."""
+    if callable(form):
+        return form()
+    if isinstance(form, tuple):
+        return decompress_24(*ops.unreorder_24(form[0], form[1], out_features, in_features))
+    return form
+
+
 @pytest.fixture
 def fake_backends(monkeypatch):
     """The tuning policy on the CPU: backends with made-up timings; 'wrong' returns a wrong answer and
@@ -191,7 +201,7 @@ def fake_backends(monkeypatch):
         last.append(backend)
         if backend == "broken":
             raise RuntimeError("unsupported token count")
-        y = torch.nn.functional.linear(x, form() if callable(form) else form, bias)  # a lean layer's dense form
+        y = torch.nn.functional.linear(x, dense_of(form, out_features, x.shape[1]), bias)
         return 3 * y if backend == "wrong" else y
 
     def time_ms(fn, device):
@@ -199,7 +209,8 @@ def fake_backends(monkeypatch):
         fn()
         return timings[last[-1]]
     monkeypatch.setattr(ops, "available", lambda device, dtype: list(timings))
-    monkeypatch.setattr(ops, "prepare", lambda backend, values, meta: decompress_24(values, meta))
+    monkeypatch.setattr(ops, "prepare", lambda backend, values, meta: (*ops.reorder_24(values, meta), {}, {})
+                        if backend == "sdsengine" else decompress_24(values, meta))  # ours: its real form
     monkeypatch.setattr(ops, "run", run)
     monkeypatch.setattr(ops, "time_ms", time_ms)
     return timings
@@ -504,6 +515,50 @@ def test_a_lean_layers_tuning_times_dense_with_its_decompression(fake_backends, 
     assert not isinstance(layer._forms["dense"], torch.Tensor) and {"trusted": True} in calls
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_lean_layer_gives_its_buffers_up_to_our_kernels_form(fake_backends, fresh_choices):
+    fake_backends.update(wrong=5.0, broken=5.0)  # ours (1.0) beats dense (2.0)
+    linear = pruned_linear(64, 32)
+    layer = SparseLinear.from_linear(linear)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = linear(x)
+    layer.lean = True
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.values.untyped_storage().nbytes() == layer.meta.untyped_storage().nbytes() == 4  # stand-ins
+    reordered = (2 * 8 * 32 * 8 + 2 * 1 * 32 * 4) * 4  # 2 row tiles x 1 column block (padded from 64), fp32
+    assert sl.weight_bytes(layer) == {"dense": 0, "compressed": 8, "forms": reordered}
+    assert all(torch.equal(t, state[k]) for k, t in layer.state_dict().items())
+    assert torch.equal(layer.weight, linear.weight.data)
+    fake_backends.update(sdsengine=3.0)  # another token count, where dense wins: decompressed from our form
+    x300 = torch.randn(300, 64)
+    torch.testing.assert_close(layer(x300), linear(x300).detach())
+    # tensors swapped in and out by torch.func, then our stand-ins back: the weight is still there
+    torch.testing.assert_close(torch.func.functional_call(layer, state, (x,)), expected)
+    torch.testing.assert_close(layer(x), expected)
+    layer.load_state_dict(state)  # a reload fills real buffers, released again on the next call
+    assert layer.values.untyped_storage().nbytes() == 32 * 32 * 4
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.values.untyped_storage().nbytes() == 4
+    layer.double()  # a move takes the weight along
+    torch.testing.assert_close(layer(x.double()), expected.double(), rtol=1e-5, atol=1e-6)
+    layer.lean = False
+    assert torch.equal(layer.values, state["values"].double()) and torch.equal(layer.meta, state["meta"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_lean_model_saves_and_loads_what_its_kernel_form_holds(fake_backends, fresh_choices, tmp_path):
+    fake_backends.update(wrong=5.0, broken=5.0)
+    model = convert(tiny_llama())
+    expected = logits(model, tokens())
+    sl.set_lean(model)
+    torch.testing.assert_close(logits(model, tokens()), expected)
+    assert sl.weight_bytes(model)["compressed"] == 14 * 8  # every layer on ours, its buffers given up
+    loaded = load_compressed(save_compressed(model, tmp_path / "ckpt"))
+    torch.testing.assert_close(logits(loaded, tokens()), expected)
+
+
 def test_a_converted_model_is_not_pruned_again():
     from sdsengine import MagnitudeConfig, prune
     with pytest.raises(ValueError, match="holds SparseLinear layers"):
@@ -585,10 +640,13 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
     after = logits(model, ids)
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
     assert nm_violations(model.model.layers[0].mlp.up_proj.weight, 2, 4) == 0
+    state = {k: t.clone() for k, t in model.state_dict().items()}
     sl.set_lean(model)  # tuned again, apart: its dense backend decompresses on every call
     torch.testing.assert_close(logits(model, ids).float(), before.float(), rtol=2e-2, atol=2e-2)
-    assert not any(isinstance(m._forms.get("dense"), torch.Tensor) for m in model.modules()
-                   if isinstance(m, SparseLinear))
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert not any(isinstance(m._forms.get("dense"), torch.Tensor) for m in layers)
+    assert all(m.values.untyped_storage().nbytes() == 2 for m in layers if "sdsengine" in m._forms)  # given up
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
 
 
 @pytest.mark.gpu
