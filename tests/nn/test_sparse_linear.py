@@ -134,11 +134,13 @@ def test_autocast_runs_in_the_weights_dtype():
         sparse(x)
 
 
-def test_torch_compile_traces_a_fresh_layer_in_one_graph():
+@pytest.mark.parametrize("lean", [False, True])
+def test_torch_compile_traces_a_fresh_layer_in_one_graph(lean):
     """Host-side checks (buffer versions, metadata) stay out of compiled code: no graph breaks."""
     import torch._dynamo as dynamo
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
+    sparse.lean = lean
     x = torch.randn(3, 64)
     with torch.no_grad():
         explained = dynamo.explain(sparse)(x)
