@@ -11,9 +11,13 @@ beats dense by more than the noise margin, so the layer is never slower than den
 CPU the only backend is dense (decompressed once, cached), reached by the same path, so everything is
 testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for memory: no
 decompressed copy (its dense backend decompresses on every call, and that is the dense time its tuning
-compares against), and once our kernel's form exists, not the canonical pair either: the buffers become
-one-element stand-ins and the pair is rebuilt from that form wherever it is needed (state_dict, .weight,
-another backend's form, a move or a reload).
+compares against), and where our kernel runs, not the canonical pair either: from the first call, our
+kernel's form holds the weight, the buffers become one-element stand-ins, and the pair is rebuilt from the
+form wherever it is needed (state_dict, .weight, another backend's form, the dense call, a move or a
+reload). Code that reads the buffers themselves (named_buffers) sees the stand-ins. Limits: the first call
+of a lean layer inside CUDA-graph capture keeps its buffers for good (the graph reads them), and a first
+call through torch.func.functional_call releases the tensors swapped in, so the layer keeps its own buffers
+and that form beside them (correct, not lean).
 
 Each layer remembers, per (token count, dtype), the backend and form it settled on, so a repeated call
 costs one dict lookup more than nn.Linear: the decision keys (str(device), buckets) are computed only on a
@@ -22,6 +26,7 @@ or released; and with the derived forms, whenever values or meta are not the ten
 they were derived from (moved, reloaded, changed in place, swapped by torch.func.functional_call).
 """
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -30,7 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from sdsengine import ops
-from sdsengine.kernels import compress_24, decompress_24
+from sdsengine.kernels import check_meta, compress_24, decompress_24
 from sdsengine.masks import nm_violations
 
 NOISE_MARGIN = 0.02  # a sparse backend must beat dense by this fraction to be chosen
@@ -107,6 +112,11 @@ def _storage_bytes(obj, seen):
     return storage.nbytes()
 
 
+def _decompress_reordered(values_r, meta_r, rows, cols):
+    """The dense weight from our kernel's form (a released lean layer's dense call)."""
+    return decompress_24(*ops.unreorder_24(values_r, meta_r, rows, cols), trusted=True)
+
+
 def set_lean(model, lean=True):
     """Set `lean` on every SparseLinear of `model` (see SparseLinear.lean); returns how many there are."""
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
@@ -123,6 +133,10 @@ def token_bucket(n):
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W stored 2:4-compressed; same constructor arguments and forward as nn.Linear."""
 
+    _lean = False
+    _released = None  # lean, the buffers given up: (values stand-in, meta stand-in, our kernel's form)
+    _pinned = False  # a CUDA graph may read the buffers (captured before their release): never release them
+
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__()
         if in_features % 32 or in_features <= 0 or out_features <= 0:
@@ -136,21 +150,21 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
         self._forms, self._source = {}, None  # the forms' source: (values, its version, meta, its version)
         self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
-        self._lean = False
-        self._released = None  # lean, the buffers given up: (values stand-in, meta stand-in, our kernel's form)
 
     @property
     def lean(self):
         """False (the default): wherever dense is the backend, hold the decompressed weight beside the compressed
         one (the dense weight's bytes again, the fastest dense). True: hold no dense copy and decompress on
-        every dense call, which tuning then times as dense's cost; and once our kernel's form exists, that form
-        alone holds the weight (the module docstring says how). See set_lean."""
+        every dense call, which tuning then times as dense's cost; and where our kernel runs, its form alone
+        holds the weight (the module docstring says how). See set_lean."""
         return self._lean
 
     @lean.setter
     def lean(self, lean):
+        if bool(lean) == self._lean:
+            return
         self._restore_buffers()
-        self._lean = bool(lean)
+        self._lean, self._pinned = bool(lean), False
         self._forms, self._routes, self._source = {}, {}, None  # derive again, the dense form as asked
 
     @classmethod
@@ -218,11 +232,12 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"SparseLinear: input dtype {dtype} differs from weight dtype {self.values.dtype}")
         if self._routes_epoch != _epoch:
             self._routes, self._routes_epoch = {}, _epoch
+        if self._lean and self._released is None:
+            self._release_buffers()
         backend = self._backend_for(tokens)
         route = (backend, self._form(backend))
         if _forced is not None or self._key(tokens) in _choices:
             self._routes[tokens, dtype] = route
-        self._release_buffers()
         return route
 
     # -- derived forms ------------------------------------------------------------------------------
@@ -238,7 +253,7 @@ class SparseLinear(nn.Module):
                 self._check_source(self.values, self.meta)
             with torch.inference_mode(False):  # a form made under inference_mode could not serve autograd later
                 if key == "dense" and self._lean:  # no copy held: ops.run decompresses on every call
-                    self._forms[key] = self._decompressed
+                    self._forms[key] = self._decompressing()
                 elif key == "sdsengine" and self._holds_released():  # dropped by a later tuning: the same one
                     self._forms[key] = self._released[2]
                 else:
@@ -265,27 +280,42 @@ class SparseLinear(nn.Module):
             return ops.unreorder_24(values_r, meta_r, self.out_features, self.in_features)
         return self.values, self.meta
 
-    def _decompressed(self):
-        """A lean layer's dense form: the weight decompressed for this call only (checked when it was made)."""
-        return decompress_24(*self._canonical(), trusted=True)
+    def _decompressing(self):
+        """A lean layer's dense form: a function that decompresses the weight for one call, from the tensors
+        that hold it now (not from the module: a form referring to it would keep it alive in a cycle)."""
+        if self._holds_released():
+            values_r, meta_r = self._released[2][:2]
+            return functools.partial(_decompress_reordered, values_r, meta_r, self.out_features, self.in_features)
+        check_meta(self.meta, "SparseLinear")  # once here, not per call (and a stand-in's copy fails here)
+        return functools.partial(decompress_24, self.values, self.meta, trusted=True)
 
     def _release_buffers(self):
-        """Lean, once our kernel's form exists: it holds the whole weight, so the buffers give their memory
-        back to one-element stand-ins of the same shape, dtype and device (not inside a CUDA graph's capture
-        or a compiled graph, where the buffers' identity is part of what was recorded)."""
-        if not self._lean or self._released is not None or "sdsengine" not in self._forms or ops.capturing() \
-                or torch.compiler.is_compiling():
+        """Lean, where our kernel runs: its form holds the whole weight, so the buffers give their memory back
+        to one-element stand-ins of the same shape, dtype and device. Done at the first call, before any
+        other form is made from the buffers, so the dense backend is timed as it will run. Never inside a
+        compiled graph; a first call inside CUDA-graph capture pins the buffers instead (the graph reads them)."""
+        if self._pinned or torch.compiler.is_compiling():
             return
-        v, m = self.values, self.meta
-        stand_v, stand_m = v.new_zeros(1).expand(v.shape), m.new_zeros(1).expand(m.shape)
+        if ops.capturing():
+            self._pinned = True
+            return
+        if "sdsengine" not in ops.available(self.values.device, self.values.dtype):
+            return
+        with torch.inference_mode(False):  # stand-ins made under inference_mode could not track versions
+            form = self._form("sdsengine")
+            v, m = self.values, self.meta
+            stand_v, stand_m = v.new_zeros(1).expand(v.shape), m.new_zeros(1).expand(m.shape)
         self._buffers["values"], self._buffers["meta"] = stand_v, stand_m
-        self._released = (stand_v, stand_m, self._forms["sdsengine"])
+        self._released = (stand_v, stand_m, form)
+        self._forms, self._routes = {"sdsengine": form}, {}  # anything else made from the buffers: again
         self._source = (stand_v, stand_v._version, stand_m, stand_m._version)
 
     def _restore_buffers(self):
-        """The canonical pair back in the buffers (before a move, a reload, or leaving lean)."""
+        """The canonical pair back in the buffers (before a move, a reload, or leaving lean). A layer whose
+        buffers were swapped by hand since its release keeps those."""
         if self._holds_released():
-            self._buffers["values"], self._buffers["meta"] = self._canonical()
+            with torch.inference_mode(False):
+                self._buffers["values"], self._buffers["meta"] = self._canonical()
         self._released = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -550,6 +550,59 @@ def test_a_lean_layer_gives_its_buffers_up_to_our_kernels_form(fake_backends, fr
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_lean_layer_released_under_inference_mode_works_outside_it(fake_backends, fresh_choices):
+    """zero-shot evaluation runs under inference_mode: stand-ins made there could not track versions."""
+    linear = pruned_linear(64, 32)
+    layer = SparseLinear.from_linear(linear)
+    layer.lean = True
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        layer(x)
+    assert layer.values.untyped_storage().nbytes() == 4
+    torch.testing.assert_close(layer(x), linear(x).detach())
+    with torch.inference_mode():
+        layer.lean = False  # the buffers rebuilt there are ordinary tensors too
+    torch.testing.assert_close(layer(x), linear(x).detach())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_lean_layer_first_called_in_capture_keeps_its_buffers(fake_backends, fresh_choices, monkeypatch):
+    """A graph captured then reads the buffers (dense, decompressing them): freeing them later would leave it
+    reading freed memory."""
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    layer.lean = True
+    monkeypatch.setattr(ops, "capturing", lambda: True)
+    layer(torch.randn(3, 64))
+    monkeypatch.setattr(ops, "capturing", lambda: False)
+    layer(torch.randn(3, 64))
+    layer(torch.randn(100, 64))
+    assert layer.values.untyped_storage().nbytes() == 32 * 32 * 4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("released", [False, True])
+def test_a_lean_layer_is_freed_without_the_garbage_collector(released, request):
+    """Its dense form refers to tensors, not to the module: no reference cycle keeps the weights alive,
+    whether they are the buffers (the CPU) or our kernel's form (released)."""
+    import gc
+    import weakref
+    if released:
+        request.getfixturevalue("fresh_choices")
+        request.getfixturevalue("fake_backends").update(sdsengine=3.0, wrong=5.0, broken=5.0)  # dense chosen
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    layer.lean = True
+    layer(torch.randn(3, 64))
+    assert (layer._released is not None) == released and "dense" in layer._forms
+    gone = weakref.ref(layer._released[2][0] if released else layer.values)
+    gc.disable()
+    try:
+        del layer
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_lean_model_saves_and_loads_what_its_kernel_form_holds(fake_backends, fresh_choices, tmp_path):
     fake_backends.update(wrong=5.0, broken=5.0)
     model = convert(tiny_llama())
