@@ -8,8 +8,8 @@ On CUDA, forward picks per (weight shape, token-count bucket, dtype, device, bia
 fastest: every available backend, dense included, is timed once on a random input of the bucket's size and
 checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
 beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the
-CPU the only backend is dense (decompressed once, cached), reached by the same path, so everything is
-testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for memory: no
+CPU the only backend is dense (decompressed once and cached, unless lean), reached by the same path, so
+everything is testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for memory: no
 decompressed copy (its dense backend decompresses on every call, and that is the dense time its tuning
 compares against), and where our kernel runs, not the canonical pair either: from the first call, our
 kernel's form holds the weight, the buffers become one-element stand-ins, and the pair is rebuilt from the
@@ -164,7 +164,7 @@ class SparseLinear(nn.Module):
         if bool(lean) == self._lean:
             return
         self._restore_buffers()
-        self._lean, self._pinned = bool(lean), False
+        self._lean = bool(lean)  # a pin stays: a graph captured before may still read the buffers
         self._forms, self._routes, self._source = {}, {}, None  # derive again, the dense form as asked
 
     @classmethod
@@ -291,9 +291,10 @@ class SparseLinear(nn.Module):
 
     def _release_buffers(self):
         """Lean, where our kernel runs: its form holds the whole weight, so the buffers give their memory back
-        to one-element stand-ins of the same shape, dtype and device. Done at the first call, before any
-        other form is made from the buffers, so the dense backend is timed as it will run. Never inside a
-        compiled graph; a first call inside CUDA-graph capture pins the buffers instead (the graph reads them)."""
+        to one-element stand-ins of the same shape, dtype and device. Done at the first eager call, before
+        tuning, so the dense backend is timed as it will run. A first call inside CUDA-graph capture pins the
+        buffers instead (the graph reads them); under torch.compile nothing happens until an eager call, so
+        make a lean layer's first call eager where the compiled code is replayed as a CUDA graph."""
         if self._pinned or torch.compiler.is_compiling():
             return
         if ops.capturing():
@@ -304,6 +305,9 @@ class SparseLinear(nn.Module):
         with torch.inference_mode(False):  # stand-ins made under inference_mode could not track versions
             form = self._form("sdsengine")
             v, m = self.values, self.meta
+            if v.is_cuda:  # freed below while this stream may still read them (reorder_24): not reused until done
+                v.record_stream(torch.cuda.current_stream(v.device))
+                m.record_stream(torch.cuda.current_stream(m.device))
             stand_v, stand_m = v.new_zeros(1).expand(v.shape), m.new_zeros(1).expand(m.shape)
         self._buffers["values"], self._buffers["meta"] = stand_v, stand_m
         self._released = (stand_v, stand_m, form)

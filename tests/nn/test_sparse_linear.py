@@ -576,6 +576,9 @@ def test_a_lean_layer_first_called_in_capture_keeps_its_buffers(fake_backends, f
     monkeypatch.setattr(ops, "capturing", lambda: False)
     layer(torch.randn(3, 64))
     layer(torch.randn(100, 64))
+    layer.lean = False
+    layer.lean = True  # leaving lean and coming back does not unpin: the graph still reads them
+    layer(torch.randn(3, 64))
     assert layer.values.untyped_storage().nbytes() == 32 * 32 * 4
 
 
