@@ -7,11 +7,11 @@ is derived on first use and dropped whenever the buffers move or are reloaded.
 On CUDA, forward picks per (weight shape, token-count bucket, dtype, device, bias) the backend measured
 fastest: every available backend, dense included, is timed once on a random input of the bucket's size and
 checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
-beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the
-CPU the only backend is dense (decompressed once and cached, unless lean), reached by the same path, so
-everything is testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for memory: no
-decompressed copy (its dense backend decompresses on every call, and that is the dense time its tuning
-compares against), and where our kernel runs, not the canonical pair either: from the first call, our
+beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the CPU
+the only backend is dense (decompressed once and cached, unless lean), reached by the same path, so
+everything is testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for
+memory: no decompressed copy (its dense backend decompresses on every call, and that is the dense time its
+tuning compares against), and where our kernel runs, not the canonical pair either: from the first call, our
 kernel's form holds the weight, the buffers become one-element stand-ins, and the pair is rebuilt from the
 form wherever it is needed (state_dict, .weight, another backend's form, the dense call, a move or a
 reload). Code that reads the buffers themselves (named_buffers) sees the stand-ins. Limits: the first call
