@@ -210,7 +210,8 @@ def rates(shape, n, ms, sparse):
 
 COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms", "device_ms",
            "baseline_ms", "dense_ms", "dense_device_ms", "copy_ms", "speedup", "device_speedup", "vs_copy", "tflops",
-           "tbps", "gbps", "frac_copy_bw", "mismatch", "rel_err", "target_met", "status")
+           "tbps", "gbps", "frac_copy_bw", "weight_mib", "baseline_weight_mib", "dense_weight_mib", "mismatch", "rel_err",
+           "target_met", "status")
 
 
 def time_ms(fn, warmup=5, reps=50, flush=False, hide_host=False):
