@@ -163,9 +163,8 @@ class SparseLinear(nn.Module):
     def lean(self, lean):
         if bool(lean) == self._lean:
             return
-        self._restore_buffers()
+        self._derive_again()  # the dense form as asked
         self._lean = bool(lean)  # a pin stays: a graph captured before may still read the buffers
-        self._forms, self._routes, self._source = {}, {}, None  # derive again, the dense form as asked
 
     @classmethod
     def from_dense(cls, weight, bias=None):
@@ -314,13 +313,14 @@ class SparseLinear(nn.Module):
         self._forms, self._routes = {"sdsengine": form}, {}  # anything else made from the buffers: again
         self._source = (stand_v, stand_v._version, stand_m, stand_m._version)
 
-    def _restore_buffers(self):
-        """The canonical pair back in the buffers (before a move, a reload, or leaving lean). A layer whose
-        buffers were swapped by hand since its release keeps those."""
+    def _derive_again(self):
+        """Before a move, a reload or a change of lean: the canonical pair back in the buffers (a layer whose
+        buffers were swapped by hand since its release keeps those), every form and route dropped."""
         if self._holds_released():
             with torch.inference_mode(False):
                 self._buffers["values"], self._buffers["meta"] = self._canonical()
         self._released = None
+        self._forms, self._routes, self._source = {}, {}, None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -328,13 +328,11 @@ class SparseLinear(nn.Module):
             destination[prefix + "values"], destination[prefix + "meta"] = self._canonical()
 
     def _apply(self, fn, recurse=True):
-        self._restore_buffers()
-        self._forms, self._routes, self._source = {}, {}, None  # moved: derive again
+        self._derive_again()  # moved
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._restore_buffers()  # tensors to load into
-        self._forms, self._routes, self._source = {}, {}, None  # reloaded in place: derive again
+        self._derive_again()  # reloaded in place (into real buffers)
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- backend choice -----------------------------------------------------------------------------
