@@ -16,7 +16,7 @@ from sdsengine.data import EVAL_TASKS, check_calibration_source
 from sdsengine.eval.runner import TASK_HELP, evaluate, load_zeroshot, results_table
 from sdsengine.models import load_model
 from sdsengine.nn import convert, save_compressed, set_lean
-from sdsengine.nn.convert import MANIFEST, skip_reasons
+from sdsengine.nn.convert import is_compressed_checkpoint, skip_reasons
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -241,7 +241,7 @@ def cmd_eval(args):
     check_device(args.device)
     _note_unused_gpu(args.device)
     items = load_zeroshot(tasks, args.data_dir, args.limit)  # a bad task name or file fails before the model load
-    if args.lean and not (args.model and (Path(args.model).expanduser() / MANIFEST).is_file()):
+    if args.lean and not (args.model and is_compressed_checkpoint(args.model)):
         raise ValueError(f"--lean applies to a compressed checkpoint (written by sdsengine convert), and "
                          f"{args.model or 'the embedded model'} is not one")
     model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True, device=args.device)

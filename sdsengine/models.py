@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sdsengine.nn.convert import MANIFEST, load_compressed
+from sdsengine.nn.convert import is_compressed_checkpoint, load_compressed
 from sdsengine.pipeline.adapters import layout_for
 from sdsengine.transformers_compat import dtype_kwargs
 
@@ -41,7 +41,7 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
 
     source = str(default_gguf()) if name is None else str(name)
     path = Path(source).expanduser()
-    if (path / MANIFEST).is_file():
+    if is_compressed_checkpoint(path):
         return (*_load_compressed(path, None if dtype == "auto" else dtype, compressed_ok), source)
     kwargs = dtype_kwargs(torch.float32 if dtype is None else dtype)
     if source.endswith(".gguf"):

@@ -136,6 +136,11 @@ def _manifest(model):
             **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
 
 
+def is_compressed_checkpoint(path):
+    """Whether `path` is a directory written by save_compressed (it holds the manifest)."""
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
 def load_compressed(directory, model=None):
     """Load a checkpoint written by save_compressed (on the CPU, or on the skeleton's device).
 
@@ -144,7 +149,7 @@ def load_compressed(directory, model=None):
     dense model once before the linears are swapped, so peak host memory is the dense model's size.
     """
     directory = Path(directory).expanduser()
-    if not (directory / MANIFEST).is_file():
+    if not is_compressed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not an sdsengine compressed checkpoint (no {MANIFEST}; "
                                 "`sdsengine convert` writes one)")
     try:
