@@ -2,7 +2,7 @@
 
 Run it with TRITON_INTERPRET unset: under the interpreter the kernels are not compilable functions.
 
-    python benchmarks/kernel_sass.py [--arch 90] [--out benchmarks/results]
+    python benchmarks/kernel_sass.py [--arch 90] [--out benchmarks/results] [--name kernel_sass]
 
 Each kernel is compiled with its default tile settings, specialized as a launch on 16-aligned pointers and
 sizes would be, and its SASS counted: instructions per element a thread handles (straight-line kernels
@@ -11,7 +11,9 @@ width of each global access; plus registers per thread and the programs an SM ca
 and the shared memory allow. These are static counts, a proxy that shows a kernel's structure (a trip
 through shared memory, a reduction across lanes, scalar accesses, an SM left with one program to hide
 its latency); they are not a speed. Speed is measured by bench_wanda.py and bench_compress.py on a GPU.
-Writes kernel_sass.json (one record per kernel and dtype) and kernel_sass.md.
+Writes NAME.json (one record per kernel and dtype, with the Triton version) and NAME.md. The GPU suite's
+machine may run another Triton than this one, which compiles the same kernel differently: run it with that
+version to see what the GPU will run.
 """
 import argparse
 import collections
@@ -20,12 +22,14 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
 
 from sdsengine.bench import table, write_json
 from sdsengine.kernels import compress as compress_mod
+from sdsengine.kernels import sparsegpt as sparsegpt_mod
 from sdsengine.kernels import wanda as wanda_mod
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -36,37 +40,62 @@ SM_LIMITS = {80: 164, 86: 100, 89: 100, 90: 228}
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)")
 
 
+class Kernel(NamedTuple):
+    name: str
+    fn: object            # the @triton.jit function
+    signature: dict       # runtime argument -> Triton type
+    constexprs: dict
+    warps: int
+    elements: int         # elements a program handles
+    straight: bool        # no loops: instructions per element mean something
+    options: dict = {}    # compile options beyond num_warps, as the launch passes them
+
+
 def kernels(ty):
-    """(name, jit function, signature, constexprs, warps, elements per program, straight-line?) for weights
-    of type ty."""
+    """The Triton kernels as launched on weights of type ty, with their default tiles."""
     wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8"}
     rows, cols, warps = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS, wanda_mod.NM_WARPS
-    out = [(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, {**wanda_sig, "rows": "i32", "cols": "i32"},
-            {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols, True)
+    out = [Kernel(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, {**wanda_sig, "rows": "i32", "cols": "i32"},
+                  {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols, True)
            for n, m in ((2, 4), (4, 8))]
     for length in ROW_LENGTHS:
         block, warps, tie_block = wanda_mod.row_launch(length)
-        out.append((f"wanda 50% ({length} cols)", wanda_mod._wanda_row_kernel,
-                    {**wanda_sig, "cols": "i32", "n_prune": "i32"}, {"BLOCK": block, "TIE_BLOCK": tie_block},
-                    warps, block, False))
+        out.append(Kernel(f"wanda 50% ({length} cols)", wanda_mod._wanda_row_kernel,
+                          {**wanda_sig, "cols": "i32", "n_prune": "i32"}, {"BLOCK": block, "TIE_BLOCK": tie_block},
+                          warps, block, False))
     tile = {"BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_C": compress_mod.TILE_CHUNKS}
     per_program = compress_mod.TILE_ROWS * compress_mod.TILE_CHUNKS * 32
-    out.append(("compress 2:4", compress_mod._compress_kernel,
-                {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META": "*i32", "rows": "i32", "cols": "i32"},
-                {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program, True))
-    out.append(("decompress 2:4", compress_mod._decompress_kernel,
-                {"VALUES": f"*{ty}", "META": "*i32", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
-                tile, compress_mod.WARPS, per_program, True))
+    out.append(Kernel("compress 2:4", compress_mod._compress_kernel,
+                      {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META": "*i32", "rows": "i32", "cols": "i32"},
+                      {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program, True))
+    out.append(Kernel("decompress 2:4", compress_mod._decompress_kernel,
+                      {"VALUES": f"*{ty}", "META": "*i32", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
+                      tile, compress_mod.WARPS, per_program, True))
+    return out + sparsegpt_kernels(ty)
+
+
+def sparsegpt_kernels(ty, block=128):
+    """The SparseGPT block kernel at the default blocksize, N:M and unstructured (the launch passes the output
+    Q as the unused KEEP pointer for N:M, and turns FMA contraction off)."""
+    rows = sparsegpt_mod.TILE // block
+    out = []
+    for name, n, group, keep in (("sparsegpt 2:4", 2, 4, "*fp32"), ("sparsegpt 50%", 0, 1, "*i8")):
+        signature = {"W": f"*{ty}", "stride_w": "i32", "HINV": "*fp32", "stride_h": "i32", "KEEP": keep,
+                     "Q": "*fp32", "ERR": "*fp32", "LOSS": "*fp32", "rows": "i32", "width": "i32"}
+        out.append(Kernel(name, sparsegpt_mod._sparsegpt_block_kernel, signature,
+                          {"N": n, "GROUP": group, "NM": bool(n), "BLOCK_R": rows, "BLOCK_B": block}, 4,
+                          rows * block, False, {"enable_fp_fusion": False}))
     return out
 
 
-def compile_sass(fn, signature, constexprs, warps, arch):
+def compile_sass(kernel, arch):
     """(SASS text, registers per thread, shared bytes per program) of the kernel compiled for sm_<arch>, with
     every runtime argument 16-divisible."""
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))}
-    source = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                       constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(kernel.signature))}
+    signature = {**kernel.signature, **{k: "constexpr" for k in kernel.constexprs}}
+    source = triton.compiler.ASTSource(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": kernel.warps, **kernel.options})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -101,12 +130,12 @@ def profile(text, elements_per_thread):
 def run(arch):
     records = []
     for dtype, ty in DTYPES.items():
-        for name, fn, signature, constexprs, warps, elements, straight in kernels(ty):
-            text, regs, shared = compile_sass(fn, signature, constexprs, warps, arch)
-            stats = profile(text, elements / (32 * warps) if straight else None)
-            records.append({"bench": "kernel_sass", "kernel": name, "dtype": dtype, "arch": f"sm_{arch}",
-                            "warps": warps, "elements_per_program": elements, **stats, "regs": regs,
-                            "programs_per_sm": programs_per_sm(regs, shared, warps, arch)})
+        for k in kernels(ty):
+            text, regs, shared = compile_sass(k, arch)
+            stats = profile(text, k.elements / (32 * k.warps) if k.straight else None)
+            records.append({"bench": "kernel_sass", "kernel": k.name, "dtype": dtype, "arch": f"sm_{arch}",
+                            "triton": triton.__version__, "warps": k.warps, "elements_per_program": k.elements,
+                            **stats, "regs": regs, "programs_per_sm": programs_per_sm(regs, shared, k.warps, arch)})
     return records
 
 
@@ -126,12 +155,13 @@ def main():
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
                         help="compute capability as an integer")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="kernel_sass", help="results file stem (NAME.json, NAME.md)")
     args = parser.parse_args()
     records = run(args.arch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "kernel_sass.json", records)
-    (out / "kernel_sass.md").write_text(markdown(records))
+    write_json(out / f"{args.name}.json", records)
+    (out / f"{args.name}.md").write_text(markdown(records))
     print(markdown(records))
 
 

@@ -441,7 +441,8 @@ def test_readme_rewrite_bad_input_names_the_problem_and_keeps_the_file(benchmark
 
 
 def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tmp_path):
-    """kernel_sass.py compiles the kernels for sm_90 without a GPU (outside the interpreter, which tests set).
+    """kernel_sass.py compiles the kernels for sm_90 without a GPU (outside the interpreter, which tests set):
+    the only compile check here of the code a GPU runs, SparseGPT's block kernel included.
 
     The N:M Wanda kernel's tile puts each group in one thread: its rank needs no warp shuffle and no trip
     through shared memory (the 3-D tile it replaced had both, at 61 instructions per element against 30).
@@ -455,9 +456,10 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
                    check=True, capture_output=True)
     records = json.loads((tmp_path / "kernel_sass.json").read_text())
     kernels = ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "wanda 50% (11008 cols)", "compress 2:4",
-               "decompress 2:4")
+               "decompress 2:4", "sparsegpt 2:4", "sparsegpt 50%")
     assert {(r["kernel"], r["dtype"]) for r in records} == {
         (k, d) for k in kernels for d in ("float16", "bfloat16", "float32")}
+    assert {r["triton"] for r in records} == {triton.__version__}
     assert all(r["instructions"] > 0 and "LDG" in r["global_accesses"] and r["programs_per_sm"] >= 1
                for r in records)
     for r in records:
