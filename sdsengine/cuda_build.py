@@ -6,6 +6,7 @@ which holds both kernels (spmm24_sm90.cu's wgmma.sp exists only there) and runs 
 9.0; compute_90 PTX serves later GPUs with the mma.sp kernel alone. Naming the targets also keeps torch from
 adding its own (a plain sm_90 image beside sm_90a would leave the choice between them to the driver).
 """
+import os
 import re
 import subprocess
 
@@ -22,7 +23,8 @@ MIN_TOOLKIT = (12, 0)
 
 
 def toolkit_problem(cuda_home):
-    """None if the nvcc under cuda_home is recent enough to build the extension, else why not."""
+    """None if the toolkit under cuda_home can build the extension (a recent enough nvcc, and the CUDA headers
+    where torch's build looks for them), else why not."""
     nvcc = f"{cuda_home}/bin/nvcc"
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -34,4 +36,9 @@ def toolkit_problem(cuda_home):
     version = (int(found[1]), int(found[2]))
     if version < MIN_TOOLKIT:
         return f"CUDA toolkit {version[0]}.{version[1]} at {cuda_home} is older than {MIN_TOOLKIT[0]}.{MIN_TOOLKIT[1]}"
+    # torch reads the headers from CUDA_HOME/include (or CUDA_INC_PATH); CUDA_HOME found from an nvcc wrapper
+    # on PATH (/usr/local/bin/nvcc) points at a directory without them, and every C++ source then fails
+    headers = [f"{cuda_home}/include", *filter(None, [os.environ.get("CUDA_INC_PATH")])]
+    if not any(os.path.exists(f"{d}/cuda_runtime.h") for d in headers):
+        return f"no cuda_runtime.h in {' or '.join(headers)}: set CUDA_HOME to the CUDA toolkit's root"
     return None

@@ -54,6 +54,24 @@ def test_the_cuda_toolkit_version_gates_the_extension(tmp_path, release, problem
     nvcc.parent.mkdir()
     nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
     nvcc.chmod(0o755)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
     found = toolkit_problem(str(tmp_path))
     assert found is None if problem is None else problem in found
     assert "cannot run" in toolkit_problem(str(tmp_path / "missing"))
+
+
+def test_a_toolkit_without_its_headers_is_named(tmp_path, monkeypatch):
+    """CUDA_HOME taken from an nvcc wrapper on PATH (/usr/local/bin/nvcc) has no include/cuda_runtime.h, and
+    torch's build reads the headers only from there (or CUDA_INC_PATH): named, instead of a failed install."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.1'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    assert "no cuda_runtime.h in" in toolkit_problem(str(tmp_path))
+    headers = tmp_path / "cuda" / "include"
+    headers.mkdir(parents=True)
+    (headers / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("CUDA_INC_PATH", str(headers))
+    assert toolkit_problem(str(tmp_path)) is None
