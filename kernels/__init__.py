@@ -11,6 +11,7 @@ blocks too wide for registers) take the reference, which defines the result anyw
 import contextlib
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -56,7 +57,23 @@ def _use_triton(tensor, covered=True):
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"the Triton kernels need CUDA tensors (got {tensor.device}), or TRITON_INTERPRET=1 "
                            "set before triton is first imported")
+    if not tensor.is_cuda and (problem := _interpreter_problem()):
+        raise RuntimeError(problem)
     return True
+
+
+def _interpreter_problem():
+    """Why Triton's interpreter cannot run the kernels here, or None. Up to 3.6 it turns one-element arrays
+    into loop bounds with int(), which NumPy 2.4 refuses; every kernel with a runtime loop bound fails."""
+    import numpy
+    import triton
+
+    def release(version):
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__}: "
+                "install numpy<2.4 or triton>=3.7")
+    return None
 
 
 def _device_of(tensor):

@@ -59,6 +59,21 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
         compress_24(torch.randn(2, 32))
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False)])
+def test_an_interpreter_that_cannot_run_is_named(monkeypatch, triton_version, numpy_version, refused):
+    """Triton 3.6's interpreter fails inside every kernel with a runtime loop bound under NumPy 2.4 ("only
+    0-dimensional arrays can be converted"): refused up front, with the fix, before any kernel runs."""
+    triton = pytest.importorskip("triton")
+    import numpy
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    assert (kernels._interpreter_problem() is not None) == refused
+    if refused and not torch.cuda.is_available():
+        with use_backend("triton"), pytest.raises(RuntimeError, match=r"numpy<2.4 or triton>=3.7"):
+            compress_24(torch.randn(2, 32))
+
+
 def test_bad_backend_name():
     with use_backend("cuda"), pytest.raises(ValueError, match="'cuda'"):
         compress_24(torch.randn(2, 32))
