@@ -33,7 +33,9 @@ from sdsengine.kernels import sparsegpt as sparsegpt_mod
 from sdsengine.kernels import wanda as wanda_mod
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-ROW_LENGTHS = (4096, 11008)  # the unstructured Wanda kernel holds a row padded to a power of two
+# the unstructured Wanda kernel holds a row padded to a power of two: Llama-7B/8B widths, and 28672 (the
+# down projection of 70B-class models), padded past 16384, where a 16-warp program runs out of registers
+ROW_LENGTHS = (4096, 11008, 28672)
 # per SM, for the occupancy column: 64K registers allocated per warp in steps of 8 per thread, at most 64
 # warps and 32 programs; shared memory (KiB) usable by programs, each of which also reserves 1 KiB
 SM_LIMITS = {80: 164, 86: 100, 89: 100, 90: 228}
@@ -89,8 +91,8 @@ def sparsegpt_kernels(ty, block=128):
 
 
 def compile_sass(kernel, arch):
-    """(SASS text, registers per thread, shared bytes per program) of the kernel compiled for sm_<arch>, with
-    every runtime argument 16-divisible."""
+    """(SASS text, registers per thread, spilled bytes per thread, shared bytes per program) of the kernel
+    compiled for sm_<arch>, with every runtime argument 16-divisible."""
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(kernel.signature))}
     signature = {**kernel.signature, **{k: "constexpr" for k in kernel.constexprs}}
     source = triton.compiler.ASTSource(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
@@ -103,7 +105,8 @@ def compile_sass(kernel, arch):
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         text = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    return text, int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()  # STACK: the thread's local frame, spills
+    return text, int(regs), int(stack), compiled.metadata.shared
 
 
 def programs_per_sm(regs, shared, warps, arch):
@@ -131,23 +134,24 @@ def run(arch):
     records = []
     for dtype, ty in DTYPES.items():
         for k in kernels(ty):
-            text, regs, shared = compile_sass(k, arch)
+            text, regs, spill, shared = compile_sass(k, arch)
             stats = profile(text, k.elements / (32 * k.warps) if k.straight else None)
             records.append({"bench": "kernel_sass", "kernel": k.name, "dtype": dtype, "arch": f"sm_{arch}",
                             "triton": triton.__version__, "warps": k.warps, "elements_per_program": k.elements,
-                            **stats, "regs": regs, "programs_per_sm": programs_per_sm(regs, shared, k.warps, arch)})
+                            **stats, "regs": regs, "spill_bytes": spill, "programs_per_sm": programs_per_sm(regs, shared, k.warps, arch)})
     return records
 
 
 COLUMNS = ("kernel", "dtype", "arch", "warps", "elements_per_program", "per_element", "shfl", "bar", "shared",
-           "regs", "programs_per_sm", "global_accesses")
+           "regs", "spill_bytes", "programs_per_sm", "global_accesses")
 
 
 def markdown(records):
     return (f"Static SASS counts per thread, Triton {triton.__version__}, compiled without a GPU "
             "(`python benchmarks/kernel_sass.py`): a proxy for a kernel's structure, not a speed. per_element: "
             "instructions / elements per thread (- for a kernel with loops); shared: LDS + STS; regs: registers per "
-            "thread; programs_per_sm: programs an SM holds at once.\n\n" + table(records, COLUMNS) + "\n")
+            "thread; spill_bytes: bytes per thread spilled to local memory; programs_per_sm: programs an SM holds at "
+            "once.\n\n" + table(records, COLUMNS) + "\n")
 
 
 def main():
