@@ -79,7 +79,7 @@ def kernels(ty):
 def sparsegpt_kernels(ty, block=128):
     """The SparseGPT block kernel at the default blocksize, N:M and unstructured (the launch passes the output
     Q as the unused KEEP pointer for N:M, and turns FMA contraction off)."""
-    rows = sparsegpt_mod.TILE // block
+    rows = sparsegpt_mod.rows_per_program(block)
     out = []
     for name, n, group, keep in (("sparsegpt 2:4", 2, 4, "*fp32"), ("sparsegpt 50%", 0, 1, "*i8")):
         signature = {"W": f"*{ty}", "stride_w": "i32", "HINV": "*fp32", "stride_h": "i32", "KEEP": keep,
@@ -138,7 +138,8 @@ def run(arch):
             stats = profile(text, k.elements / (32 * k.warps) if k.straight else None)
             records.append({"bench": "kernel_sass", "kernel": k.name, "dtype": dtype, "arch": f"sm_{arch}",
                             "triton": triton.__version__, "warps": k.warps, "elements_per_program": k.elements,
-                            **stats, "regs": regs, "spill_bytes": spill, "programs_per_sm": programs_per_sm(regs, shared, k.warps, arch)})
+                            **stats, "regs": regs, "spill_bytes": spill,
+                            "programs_per_sm": programs_per_sm(regs, shared, k.warps, arch)})
     return records
 
 

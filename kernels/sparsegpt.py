@@ -85,13 +85,18 @@ def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):
         keep = keep.view(torch.int8)
     if rows and width:
         block = triton.next_power_of_2(width)
-        tile_rows = max(1, min(32, TILE // block))
+        tile_rows = rows_per_program(block)
         n, group = nm if nm else (0, 1)
         _sparsegpt_block_kernel[(triton.cdiv(rows, tile_rows),)](
             w_block, w_block.stride(0), hinv_block, hinv_block.stride(0), keep if keep is not None else q,
             q, err, losses, rows, width, N=n, GROUP=group, NM=bool(nm), BLOCK_R=tile_rows, BLOCK_B=block,
             enable_fp_fusion=False)  # no FMA: keep the reference's rounding (masks depend on it)
     return q, err, losses
+
+
+def rows_per_program(block):
+    """Rows a program holds beside a block of this (power-of-2) width: TILE elements, 1 to 32 rows."""
+    return max(1, min(32, TILE // block))
 
 
 def _unit_stride(t):
