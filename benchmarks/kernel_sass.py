@@ -91,7 +91,7 @@ def sparsegpt_kernels(ty, block=128):
 
 
 def compile_sass(kernel, arch):
-    """(SASS text, registers per thread, spilled bytes per thread, shared bytes per program) of the kernel
+    """(SASS text, registers per thread, stack bytes per thread, shared bytes per program) of the kernel
     compiled for sm_<arch>, with every runtime argument 16-divisible."""
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(kernel.signature))}
     signature = {**kernel.signature, **{k: "constexpr" for k in kernel.constexprs}}
@@ -105,7 +105,8 @@ def compile_sass(kernel, arch):
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         text = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()  # STACK: the thread's local frame, spills
+    # STACK: the thread's frame in local memory; these kernels declare no local arrays, so it holds spills
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
     return text, int(regs), int(stack), compiled.metadata.shared
 
 
@@ -134,24 +135,24 @@ def run(arch):
     records = []
     for dtype, ty in DTYPES.items():
         for k in kernels(ty):
-            text, regs, spill, shared = compile_sass(k, arch)
+            text, regs, stack, shared = compile_sass(k, arch)
             stats = profile(text, k.elements / (32 * k.warps) if k.straight else None)
             records.append({"bench": "kernel_sass", "kernel": k.name, "dtype": dtype, "arch": f"sm_{arch}",
                             "triton": triton.__version__, "warps": k.warps, "elements_per_program": k.elements,
-                            **stats, "regs": regs, "spill_bytes": spill,
+                            **stats, "regs": regs, "stack_bytes": stack,
                             "programs_per_sm": programs_per_sm(regs, shared, k.warps, arch)})
     return records
 
 
 COLUMNS = ("kernel", "dtype", "arch", "warps", "elements_per_program", "per_element", "shfl", "bar", "shared",
-           "regs", "spill_bytes", "programs_per_sm", "global_accesses")
+           "regs", "stack_bytes", "programs_per_sm", "global_accesses")
 
 
 def markdown(records):
     return (f"Static SASS counts per thread, Triton {triton.__version__}, compiled without a GPU "
             "(`python benchmarks/kernel_sass.py`): a proxy for a kernel's structure, not a speed. per_element: "
             "instructions / elements per thread (- for a kernel with loops); shared: LDS + STS; regs: registers per "
-            "thread; spill_bytes: bytes per thread spilled to local memory; programs_per_sm: programs an SM holds at "
+            "thread; stack_bytes: a thread's stack frame in local memory (register spills); programs_per_sm: programs an SM holds at "
             "once.\n\n" + table(records, COLUMNS) + "\n")
 
 

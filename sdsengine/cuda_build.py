@@ -6,6 +6,7 @@ which holds both kernels (spmm24_sm90.cu's wgmma.sp exists only there) and runs 
 9.0; compute_90 PTX serves later GPUs with the mma.sp kernel alone. Naming the targets also keeps torch from
 adding its own (a plain sm_90 image beside sm_90a would leave the choice between them to the driver).
 """
+import glob
 import os
 import re
 import subprocess
@@ -36,9 +37,12 @@ def toolkit_problem(cuda_home):
     version = (int(found[1]), int(found[2]))
     if version < MIN_TOOLKIT:
         return f"CUDA toolkit {version[0]}.{version[1]} at {cuda_home} is older than {MIN_TOOLKIT[0]}.{MIN_TOOLKIT[1]}"
-    # torch reads the headers from CUDA_HOME/include (or CUDA_INC_PATH); CUDA_HOME found from an nvcc wrapper
-    # on PATH (/usr/local/bin/nvcc) points at a directory without them, and every C++ source then fails
-    headers = [f"{cuda_home}/include", *filter(None, [os.environ.get("CUDA_INC_PATH")])]
-    if not any(os.path.exists(f"{d}/cuda_runtime.h") for d in headers):
+    # CUDA_HOME found from an nvcc wrapper on PATH (/usr/local/bin/nvcc) can point at a directory without the
+    # headers, and then every C++ source fails. Where the compilers look: CUDA_HOME/include and CUDA_INC_PATH
+    # (torch adds them), conda's targets/<arch>/include, and what the user points gcc at (CPATH and co.).
+    headers = [f"{cuda_home}/include", *glob.glob(f"{cuda_home}/targets/*/include"),
+               *(d for var in ("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH")
+                 for d in os.environ.get(var, "").split(os.pathsep) if d)]
+    if not any(os.path.exists(os.path.join(d, "cuda_runtime.h")) for d in headers):
         return f"no cuda_runtime.h in {' or '.join(headers)}: set CUDA_HOME to the CUDA toolkit's root"
     return None

@@ -7,6 +7,7 @@ harness: cases, timing, records with every required field, the time budget, the 
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -452,26 +453,26 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton has no CUDA toolchain to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(BENCHMARKS / "kernel_sass.py"), "--out", str(tmp_path)], env=env,
-                   check=True, capture_output=True)
-    records = json.loads((tmp_path / "kernel_sass.json").read_text())
+    subprocess.run([sys.executable, str(BENCHMARKS / "kernel_sass.py"), "--out", str(tmp_path), "--name", "sass"],
+                   env=env, check=True, capture_output=True)
+    records = json.loads((tmp_path / "sass.json").read_text())
     kernels = ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "wanda 50% (11008 cols)", "wanda 50% (28672 cols)",
                "compress 2:4", "decompress 2:4", "sparsegpt 2:4", "sparsegpt 50%")
     assert {(r["kernel"], r["dtype"]) for r in records} == {
         (k, d) for k in kernels for d in ("float16", "bfloat16", "float32")}
-    assert {r["triton"] for r in records} == {triton.__version__}
+    assert all(re.match(r"\d+\.\d+", r["triton"]) and r["stack_bytes"] >= 0 for r in records)
     assert all(r["instructions"] > 0 and "LDG" in r["global_accesses"] and r["programs_per_sm"] >= 1
                for r in records)
     for r in records:
         if r["kernel"] in ("wanda 2:4", "wanda 4:8") and r["dtype"] != "float32":
             assert (r["shfl"], r["shared"]) == (0, 0), r
         if r["kernel"] in ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "compress 2:4", "decompress 2:4"):
-            assert r["spill_bytes"] == 0, r
+            assert r["stack_bytes"] == 0, r
         if r["kernel"] == "wanda 50% (4096 cols)":
             assert r["per_element"] is None, r
             if r["dtype"] != "float32":  # fp32 holds 3 under Triton 3.6 (71 registers), 4 under 3.9
                 assert r["programs_per_sm"] >= 4, r
-    assert "| wanda 2:4 |" in (tmp_path / "kernel_sass.md").read_text()
+    assert "| wanda 2:4 |" in (tmp_path / "sass.md").read_text()
 
 
 def _suite(tmp_path, steps):

@@ -62,16 +62,23 @@ def test_the_cuda_toolkit_version_gates_the_extension(tmp_path, release, problem
 
 
 def test_a_toolkit_without_its_headers_is_named(tmp_path, monkeypatch):
-    """CUDA_HOME taken from an nvcc wrapper on PATH (/usr/local/bin/nvcc) has no include/cuda_runtime.h, and
-    torch's build reads the headers only from there (or CUDA_INC_PATH): named, instead of a failed install."""
+    """CUDA_HOME taken from an nvcc wrapper on PATH (/usr/local/bin/nvcc) has no include/cuda_runtime.h: named,
+    instead of a failed install; headers where the compilers will find them some other way are accepted."""
     nvcc = tmp_path / "bin" / "nvcc"
     nvcc.parent.mkdir()
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.1'\n")
     nvcc.chmod(0o755)
-    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    for var in ("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"):
+        monkeypatch.delenv(var, raising=False)
     assert "no cuda_runtime.h in" in toolkit_problem(str(tmp_path))
     headers = tmp_path / "cuda" / "include"
     headers.mkdir(parents=True)
     (headers / "cuda_runtime.h").write_text("")
-    monkeypatch.setenv("CUDA_INC_PATH", str(headers))
+    for var in ("CUDA_INC_PATH", "CPATH"):  # where torch's build, or gcc itself, is told to look
+        monkeypatch.setenv(var, f"/nowhere{os.pathsep}{headers}")
+        assert toolkit_problem(str(tmp_path)) is None
+        monkeypatch.delenv(var)
+    conda = tmp_path / "targets" / "x86_64-linux" / "include"  # conda's CUDA 12 packages put them here
+    conda.mkdir(parents=True)
+    (conda / "cuda_runtime.h").write_text("")
     assert toolkit_problem(str(tmp_path)) is None
