@@ -443,7 +443,7 @@ def test_readme_rewrite_bad_input_names_the_problem_and_keeps_the_file(benchmark
 
 def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tmp_path):
     """kernel_sass.py compiles the kernels for sm_90 without a GPU (outside the interpreter, which tests set):
-    the only compile check here of the code a GPU runs, SparseGPT's block kernel included.
+    the only compile check here of the Triton kernels as a GPU runs them, SparseGPT's block kernel included.
 
     The N:M Wanda kernel's tile puts each group in one thread: its rank needs no warp shuffle and no trip
     through shared memory (the 3-D tile it replaced had both, at 61 instructions per element against 30).
