@@ -46,14 +46,19 @@ def test_wheel_installs_kernels_only_inside_sdsengine(tmp_path):
     assert not stray, stray
 
 
+def _fake_toolkit(root, release):
+    """root/bin/nvcc: a script that reports this CUDA release, as `nvcc --version` does."""
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+
+
 @pytest.mark.parametrize("release, problem", [("11.8", "older than 12.0"), ("12.4", None), ("13.0", None)])
 def test_the_cuda_toolkit_version_gates_the_extension(tmp_path, release, problem):
     """The Hopper sources need CUDA 12: setup.py and the JIT build name an older nvcc as the reason to go
     without the extension, instead of failing the install."""
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.parent.mkdir()
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
-    nvcc.chmod(0o755)
+    _fake_toolkit(tmp_path, release)
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "cuda_runtime.h").write_text("")
     found = toolkit_problem(str(tmp_path))
@@ -64,10 +69,7 @@ def test_the_cuda_toolkit_version_gates_the_extension(tmp_path, release, problem
 def test_a_toolkit_without_its_headers_is_named(tmp_path, monkeypatch):
     """CUDA_HOME taken from an nvcc wrapper on PATH (/usr/local/bin/nvcc) has no include/cuda_runtime.h: named,
     instead of a failed install; headers where the compilers will find them some other way are accepted."""
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.parent.mkdir()
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.1'\n")
-    nvcc.chmod(0o755)
+    _fake_toolkit(tmp_path, "13.0")
     for var in ("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"):
         monkeypatch.delenv(var, raising=False)
     assert "no cuda_runtime.h in" in toolkit_problem(str(tmp_path))

@@ -272,19 +272,22 @@ class SparseLinear(nn.Module):
         r = self._released
         return r is not None and self._buffers["values"] is r[0] and self._buffers["meta"] is r[1]
 
+    def _released_weight(self):
+        """(values_r, meta_r, rows, cols): the form the buffers were released to, as ops.unreorder_24 takes it."""
+        values_r, meta_r = self._released[2][:2]
+        return values_r, meta_r, self.out_features, self.in_features
+
     def _canonical(self):
         """(values, meta) in compress_24's layout: the buffers, or rebuilt from the form they were released to."""
         if self._holds_released():
-            values_r, meta_r = self._released[2][:2]
-            return ops.unreorder_24(values_r, meta_r, self.out_features, self.in_features)
+            return ops.unreorder_24(*self._released_weight())
         return self.values, self.meta
 
     def _decompressing(self):
         """A lean layer's dense form: a function that decompresses the weight for one call, from the tensors
         that hold it now (not from the module: a form referring to it would keep it alive in a cycle)."""
         if self._holds_released():
-            values_r, meta_r = self._released[2][:2]
-            return functools.partial(_decompress_reordered, values_r, meta_r, self.out_features, self.in_features)
+            return functools.partial(_decompress_reordered, *self._released_weight())
         check_meta(self.meta, "SparseLinear")  # once here, not per call (and a stand-in's copy fails here)
         return functools.partial(decompress_24, self.values, self.meta, trusted=True)
 
