@@ -117,3 +117,18 @@ def test_a_trusted_decompression_skips_the_metadata_check(backend, monkeypatch):
         decompress_24(values, meta)
         assert checked == ["decompress_24"]
 
+
+
+@pytest.mark.parametrize("lane", range(8))
+def test_the_metadata_check_reads_every_entry_of_a_word(lane):
+    """check_meta tests all eight 4-bit entries of a word at once: each of the 16 values, in each place of
+    an otherwise valid word, is accepted exactly when it names two columns, the lower first."""
+    for entry in range(16):
+        word = (0x44444444 & ~(0xF << 4 * lane)) | (entry << 4 * lane)
+        meta = torch.tensor([[0x44444444, word - (1 << 32 if word >= 1 << 31 else 0)]], dtype=torch.int32)
+        assert kernels._pairs_ordered(meta) == ((entry & 3) < (entry >> 2))  # the fast path decides
+        if (entry & 3) < (entry >> 2):
+            kernels.check_meta(meta, "word")
+        else:
+            with pytest.raises(ValueError, match=f"row 0, group {8 + lane} .* holds {entry:#06b}"):
+                kernels.check_meta(meta, "word")
