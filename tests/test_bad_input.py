@@ -234,6 +234,15 @@ def test_a_damaged_compressed_checkpoint_is_named(tmp_path, manifest, message):
         sdsengine.load_compressed(packed)
 
 
+def test_a_skeleton_without_the_buffers_a_checkpoint_lacks_is_named(tmp_path):
+    """A skeleton wholly on the meta device has no rotary frequencies, which checkpoints do not hold."""
+    model = tiny_model("llama")
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    packed = sdsengine.save_compressed(sdsengine.convert(model), tmp_path / "packed")
+    with pytest.raises(ValueError, match=r"packed does not load: no tensor for model.rotary_emb.inv_freq"):
+        sdsengine.load_compressed(packed, model=tiny_model("llama").to("meta"))
+
+
 def _edit_manifest(packed, edit):
     path = packed / "sdsengine_compressed.json"
     manifest = json.loads(path.read_text())

@@ -243,6 +243,25 @@ def test_lean_bench_measures_a_checkpoint_both_ways(benchmark, tmp_path):
     assert copies > 0 and r["weight_mib"] == pytest.approx(head + copies * 17 / 32)
 
 
+def test_load_bench_loads_each_checkpoint_in_a_fresh_process(benchmark, tmp_path):
+    """bench_load on a tiny pruned model and its compressed checkpoint: one record, both sides measured in
+    the compressed checkpoint's dtype."""
+    from tiny_models import tiny_model
+    from sdsengine import MagnitudeConfig, prune
+    from sdsengine.nn import convert, save_compressed
+    model = tiny_model("llama")
+    prune(model, MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    model.save_pretrained(tmp_path / "pruned")
+    save_compressed(convert(model.to(torch.bfloat16)), tmp_path / "packed")
+    argv = ["--model", str(tmp_path / "packed"), "--dense", str(tmp_path / "pruned"), "--repeats", "1",
+            "--out", str(tmp_path)]
+    assert benchmark("bench_load").main(argv) == 0
+    [r] = json.loads((tmp_path / "load.json").read_text())
+    assert r["bench"] == "load" and r["dtype"] == "bfloat16" and r["ms"] > 0 and r["baseline_ms"] > 0
+    assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["ms"])
+    assert all(r[k] >= 0 for k in ("peak_mib", "baseline_peak_mib", "held_mib", "baseline_held_mib"))
+
+
 def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_path, monkeypatch):
     """bench_dispatch on the CPU: one record per token count, SparseLinear's calls really made (counted),
     and the summary lists the bench."""

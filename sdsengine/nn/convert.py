@@ -14,13 +14,14 @@ import fnmatch
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdsengine.transformers_compat import dtype_kwargs
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from sdsengine.checkpoint import check_output_dir, staged_directory
@@ -145,8 +146,9 @@ def load_compressed(directory, model=None):
     """Load a checkpoint written by save_compressed (on the CPU, or on the skeleton's device).
 
     model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced);
-    without it the model is built from the saved config.json with transformers, which allocates the
-    dense model once before the linears are swapped, so peak host memory is the dense model's size.
+    without it the model is built from the saved config.json with transformers, its parameters on the meta
+    device, so that the checkpoint's tensors are the only weights ever allocated: peak memory is the
+    compressed model's, not the dense one's.
     """
     directory = Path(directory).expanduser()
     if not is_compressed_checkpoint(directory):
@@ -165,13 +167,13 @@ def load_compressed(directory, model=None):
     # the model's dtype; manifests written before it was recorded: the first sparse layer's
     dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
         next(iter(shells.values())).values.dtype if shells else torch.float32)
-    # a skeleton in another dtype would keep it for the dense tensors (loading copies into them)
+    # the file's tensors keep their dtype; a skeleton's own buffers (rotary frequencies) take the model's
     model = _model_from_config(directory, dtype) if model is None else model.to(dtype)
-    device = next(model.parameters()).device  # a skeleton on the GPU is loaded there, shells too
+    device = _home(model)  # a skeleton on the GPU is loaded there
     try:
         for name, shell in shells.items():
-            _set_submodule(model, name, shell.to(device))
-        load_model(model, str(directory / WEIGHTS), strict=True)
+            _set_submodule(model, name, shell)
+        _load_weights(model, directory / WEIGHTS, device)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
     for name, shell in shells.items():
@@ -179,11 +181,43 @@ def load_compressed(directory, model=None):
     return model.eval()
 
 
+def _home(model):
+    """Where the skeleton's real tensors are (the CPU for one wholly on the meta device)."""
+    devices = [t.device for t in (*model.parameters(), *model.buffers()) if not t.is_meta]
+    return devices[0] if devices else torch.device("cpu")
+
+
+def _load_weights(model, path, device):
+    """The file's tensors become the model's (no copy into preallocated ones, so meta parameters are fine).
+
+    save_model stores tied tensors once, under one of their names: each is given to every name that shares
+    its parameter (the ties are read from the skeleton, whose tied names hold one Parameter), and the ties
+    are restored after assignment, which gives each name its own Parameter.
+    """
+    state = load_file(path, device=str(device))
+    ties = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(param), []).append(name)
+    ties = [names for names in ties.values() if len(names) > 1]
+    for names in ties:
+        stored = next((state[n] for n in names if n in state), None)
+        if stored is not None:
+            state.update({n: stored for n in names})
+    model.load_state_dict(state, strict=True, assign=True)
+    for first, *others in ties:
+        for name in others:
+            _set_submodule(model, name, model.get_parameter(first))
+    empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise ValueError(f"no tensor for {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}")
+
+
 def _shell(directory, name, spec):
-    """An empty SparseLinear for a manifest entry, or a ValueError naming the entry."""
+    """An empty SparseLinear for a manifest entry (on the meta device: the file's tensors become its
+    buffers), or a ValueError naming the entry."""
     try:
         dtype = _dtype_named(spec["dtype"], directory / MANIFEST)
-        return SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype)
+        return SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], device="meta", dtype=dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{directory / MANIFEST}: entry {name!r} is damaged ({type(exc).__name__}: {exc})") from None
 
@@ -201,9 +235,29 @@ def _model_from_config(directory, dtype):
         config = AutoConfig.from_pretrained(directory)
     except Exception as exc:
         raise ValueError(f"compressed checkpoint {directory} has no usable config.json: {exc}") from exc
-    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
     if (directory / "generation_config.json").is_file():  # from_config does not read it; from_pretrained does
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
+
+@contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside go to the meta device: no memory, and their initialisation costs
+    nothing. Buffers stay where they are made: rotary frequencies and the like are computed at
+    construction and are not in a checkpoint. (It patches nn.Module for the while: modules another thread
+    builds meanwhile get meta parameters too, as under accelerate's init_empty_weights.)"""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

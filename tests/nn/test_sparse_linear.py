@@ -400,6 +400,41 @@ def test_save_load_roundtrip(tmp_path, tie):
     torch.testing.assert_close(logits(skeleton_loaded, ids), before, rtol=0, atol=0)
 
 
+def _tied_names(model):
+    groups = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return sorted(names for names in groups.values() if len(names) > 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3", "opt", "gpt2"])
+def test_a_checkpoint_loads_without_building_the_dense_model(tmp_path, monkeypatch, family):
+    """The model is built from its config with every parameter on the meta device, so the checkpoint's
+    tensors are the only weights ever allocated; it computes exactly what was saved, with the same ties
+    (gemma, opt and gpt2 tie their embeddings and head; save_model stores a tied tensor once)."""
+    from sdsengine import MagnitudeConfig, prune
+    from tiny_models import VOCAB, tiny_model
+    model = tiny_model(family)
+    prune(model, MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    convert(model)
+    ids = tokens(vocab=VOCAB)
+    expected = logits(model, ids)
+    out = save_compressed(model, tmp_path / "ckpt")
+    on_meta = []  # whether each model built from a config held its parameters on the meta device
+
+    def build(*args, **kwargs):
+        built = from_config(*args, **kwargs)
+        on_meta.append(all(p.is_meta for p in built.parameters()))
+        return built
+    from_config = AutoModelForCausalLM.from_config
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", build)
+    loaded = load_compressed(out)
+    assert on_meta == [True]
+    assert not [n for n, t in (*loaded.named_parameters(), *loaded.named_buffers()) if t.is_meta]
+    assert _tied_names(loaded) == _tied_names(model)
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+
+
 def test_a_half_precision_checkpoint_loads_in_its_own_dtype_unless_asked(tmp_path):
     """The sparse kernels run fp16/bf16 only: evaluating a packed fp16 model must not upcast it by default."""
     from sdsengine.models import load_model
