@@ -180,6 +180,7 @@ def cmd_prune(args):
     if not needs_data:
         _warn_unused_calibration(args)
         args.sequential = None  # ignored, so not recorded in the recipe either
+        args.resume_dir = None  # ignored: neither checked nor cleared (it may hold another run's progress)
     config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
     _note_unused_gpu(config.device)

@@ -295,3 +295,18 @@ def test_a_visible_gpu_left_idle_is_mentioned(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cli._note_unused_gpu("cpu")
     assert capsys.readouterr().err == ""
+
+
+def test_magnitude_ignores_a_resume_directory_and_leaves_it_alone(tmp_path, capsys):
+    """Magnitude uses no data, so it says it ignores --resume-dir: that progress (another run's) stays."""
+    from tiny_models import save_tiny_tokenizer, tiny_model
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    (progress / "progress.json").write_text(json.dumps({"fingerprint": "another run", "done": 1, "reports": []}))
+    (progress / "layer-0000.pt").write_text("another run's layer")
+    assert main(["prune", "--model", str(tmp_path / "model"), "--method", "magnitude", "--sparsity", "2:4",
+                 "--out", str(tmp_path / "out"), "--resume-dir", str(progress)]) == 0
+    assert "ignoring --resume-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in progress.iterdir()) == ["layer-0000.pt", "progress.json"]

@@ -151,3 +151,49 @@ def test_clear_removes_only_the_progress(tmp_path):
     assert (progress / MANIFEST).exists() and len(list(progress.glob("layer-*.pt"))) == 3
     ResumeStore(progress).clear()
     assert not progress.exists()
+
+
+def test_a_first_save_stopped_before_its_manifest_starts_over(tmp_path, monkeypatch):
+    """Killed while writing layer 0's progress (its weights and activations written, or half of one, the
+    manifest not yet): the same command starts over from layer 0 and ends as the unbroken run."""
+    config, samples = _config("sparsegpt"), tiny_tokens(3, 16)
+    unbroken = _model()
+    sdsengine.prune(unbroken, config, samples, progress=False)
+    progress = tmp_path / "progress"
+    real_replace = resume.os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == MANIFEST:
+            raise _Stop
+        real_replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(resume.os, "replace", replace)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    (progress / "activations-0002.pt.tmp").write_text("half written")
+    assert not (progress / MANIFEST).exists() and (progress / "layer-0000.pt").exists()
+    resumed = _model()
+    with monkeypatch.context() as m:
+        calls = _stop_at(m, -1)
+        sdsengine.prune(resumed, config, samples, progress=False, resume_dir=progress)
+    assert calls == [0, 1, 2]
+    for got, want in zip(_layer_weights(resumed), _layer_weights(unbroken)):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert not list(progress.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / MANIFEST).write_text("{bad"), r"progress.json is damaged \(not valid JSON"),
+    (lambda d: (d / MANIFEST).write_text("{}"), r"progress.json is damaged \(not sdsengine progress\)"),
+    (lambda d: (d / "layer-0000.pt").write_bytes(b"trunc"), r"layer-0000.pt does not load .*delete the directory"),
+])
+def test_damaged_progress_is_named(tmp_path, monkeypatch, damage, message):
+    samples = tiny_tokens(3, 16)
+    with monkeypatch.context() as m:
+        _stop_at(m, 1)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)

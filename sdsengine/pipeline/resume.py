@@ -54,13 +54,15 @@ class ResumeStore:
             raise RuntimeError("ResumeStore.begin() before identify()")
         manifest = self._manifest()
         if manifest is None:
+            for path in self._own_files():  # a first save stopped before its manifest: start over
+                path.unlink()
             self.dir.mkdir(parents=True, exist_ok=True)
             return []
         done = manifest["done"]
         for i in range(done):
-            layers[i].load_state_dict(torch.load(self._layer_file(i), map_location="cpu"))
+            layers[i].load_state_dict(self._load(self._layer_file(i)))
         activations = self.dir / manifest.get("activations", LEGACY_ACTIVATIONS)
-        saved = torch.load(activations, map_location="cpu", mmap=True)  # copied in below: no 2nd copy
+        saved = self._load(activations, mmap=True)  # copied in below: no 2nd copy
         if saved["done"] != done:
             raise ValueError(f"resume directory {self.dir}: activations after layer {saved['done']} do not "
                              f"match the {done} layers recorded as done; delete the directory")
@@ -91,20 +93,39 @@ class ResumeStore:
         """Remove the files this store wrote, and the directory once empty (call after the model is saved)."""
         if not (self.dir / MANIFEST).exists():
             return
-        for path in [self.dir / MANIFEST, *self._activations_files(), *self.dir.glob("layer-*.pt"),
-                     *self.dir.glob("*.tmp")]:  # a stopped save's leftovers too
+        for path in [self.dir / MANIFEST, *self._own_files()]:
             path.unlink(missing_ok=True)
         if not any(self.dir.iterdir()):
             self.dir.rmdir()
 
     def _manifest(self):
+        """The saved progress, None for a new run; refuses a directory that holds anything else."""
         path = self.dir / MANIFEST
         if path.exists():
-            return json.loads(path.read_text())
-        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+            try:
+                manifest = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is damaged (not valid JSON: {exc.msg}); delete {self.dir} to start "
+                                 "over") from None
+            if not isinstance(manifest, dict) or not {"fingerprint", "done", "reports"} <= manifest.keys():
+                raise ValueError(f"{path} is damaged (not sdsengine progress); delete {self.dir} to start over")
+            return manifest
+        # only what a first save stopped before its manifest leaves behind: ours, and nothing to resume
+        if self.dir.exists() and (not self.dir.is_dir() or set(self.dir.iterdir()) - set(self._own_files())):
             raise FileExistsError(f"resume directory {self.dir} exists and holds no sdsengine progress; "
                                   "pass an empty or new directory")
         return None
+
+    def _own_files(self):
+        """Every file but the manifest this store writes, and a stopped save's temporary files."""
+        return [*self._activations_files(), *self.dir.glob("layer-*.pt"), *self.dir.glob("*.tmp")]
+
+    def _load(self, path, mmap=False):
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap)
+        except Exception as exc:  # a truncated or missing file: torch names neither the file nor the remedy
+            raise ValueError(f"resume directory {self.dir}: {path.name} does not load ({exc}); delete the "
+                             "directory to start over") from exc
 
     def _layer_file(self, index):
         return self.dir / f"layer-{index:04d}.pt"
