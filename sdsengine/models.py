@@ -93,8 +93,7 @@ def _load_compressed(path, dtype, compressed_ok):
     except (OSError, ValueError) as exc:
         raise ValueError(f"compressed checkpoint {path} holds no usable tokenizer (sdsengine convert saves one; "
                          f"else copy the pruned model's tokenizer files into it): {exc}") from exc
-    model = load_compressed(path)
-    return (model if dtype is None else model.to(dtype)), tokenizer
+    return load_compressed(path, dtype=dtype), tokenizer
 
 
 def _forget_gguf_quantization(model):

@@ -142,13 +142,15 @@ def is_compressed_checkpoint(path):
     return (Path(path).expanduser() / MANIFEST).is_file()
 
 
-def load_compressed(directory, model=None):
+def load_compressed(directory, model=None, dtype=None):
     """Load a checkpoint written by save_compressed (on the CPU, or on the skeleton's device).
 
     model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced);
     without it the model is built from the saved config.json with transformers, its parameters on the meta
     device, so that the checkpoint's tensors are the only weights ever allocated: peak memory is the
-    compressed model's, not the dense one's.
+    compressed model's, not the dense one's. dtype: of the checkpoint's floating tensors (default: as
+    saved); buffers the model makes itself, such as rotary frequencies, stay as transformers builds them in
+    that dtype (a cast of the whole model would round them too, and change its outputs).
     """
     directory = Path(directory).expanduser()
     if not is_compressed_checkpoint(directory):
@@ -164,16 +166,15 @@ def load_compressed(directory, model=None):
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"compressed checkpoint {directory} has no {WEIGHTS}")
     shells = {name: _shell(directory, name, spec) for name, spec in manifest["sparse_modules"].items()}
-    # the model's dtype; manifests written before it was recorded: the first sparse layer's
-    dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
-        next(iter(shells.values())).values.dtype if shells else torch.float32)
-    # the file's tensors keep their dtype; a skeleton's own buffers (rotary frequencies) take the model's
-    model = _model_from_config(directory, dtype) if model is None else model.to(dtype)
+    if dtype is None:  # the model's; manifests written before it was recorded: the first sparse layer's
+        dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
+            next(iter(shells.values())).values.dtype if shells else torch.float32)
+    model = _model_from_config(directory, dtype) if model is None else model
     device = _home(model)  # a skeleton on the GPU is loaded there
     try:
         for name, shell in shells.items():
             _set_submodule(model, name, shell)
-        _load_weights(model, directory / WEIGHTS, device)
+        _load_weights(model, directory / WEIGHTS, device, dtype)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
     for name, shell in shells.items():
@@ -187,14 +188,16 @@ def _home(model):
     return devices[0] if devices else torch.device("cpu")
 
 
-def _load_weights(model, path, device):
-    """The file's tensors become the model's (no copy into preallocated ones, so meta parameters are fine).
+def _load_weights(model, path, device, dtype):
+    """The file's tensors, floating ones in dtype, become the model's (no copy into preallocated ones, so
+    meta parameters are fine).
 
     save_model stores tied tensors once, under one of their names: each is given to every name that shares
     its parameter (the ties are read from the skeleton, whose tied names hold one Parameter), and the ties
     are restored after assignment, which gives each name its own Parameter.
     """
-    state = load_file(path, device=str(device))
+    state = {name: t.to(dtype) if t.is_floating_point() else t
+             for name, t in load_file(path, device=str(device)).items()}
     ties = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         ties.setdefault(id(param), []).append(name)

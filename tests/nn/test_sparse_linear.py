@@ -462,8 +462,29 @@ def test_the_models_dtype_survives_the_checkpoint(tmp_path):
     model = convert(tiny_llama().half())
     out = save_compressed(model, tmp_path / "half")
     loaded = load_compressed(out, model=tiny_llama(seed=5))
-    assert {p.dtype for p in loaded.parameters()} | {b.dtype for b in loaded.buffers() if b.is_floating_point()} \
-        == {torch.float16}
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.float16}
+
+
+def test_a_checkpoint_loaded_in_another_dtype_computes_as_the_pruned_model_loaded_in_it(tmp_path):
+    """eval --dtype bfloat16 of an fp32 compressed checkpoint equals eval --dtype bfloat16 of the pruned model
+    it came from: the checkpoint's tensors are cast, not the model's own rotary frequencies, which
+    transformers keeps in fp32 (a cast of the whole model rounded them and changed every logit)."""
+    from sdsengine import MagnitudeConfig, prune
+    from sdsengine.models import load_model
+    from tiny_models import VOCAB, save_tiny_tokenizer, tiny_model
+    model = tiny_model("llama")
+    prune(model, MagnitudeConfig(sparsity="2:4"), None, progress=False)
+    model.save_pretrained(tmp_path / "pruned")
+    save_tiny_tokenizer(tmp_path / "pruned")
+    with pytest.warns(UserWarning, match="float32 SparseLinears"):
+        packed = save_compressed(convert(model), tmp_path / "packed")
+    save_tiny_tokenizer(packed)
+    ids = tokens(vocab=VOCAB)
+    pruned, _, _ = load_model(tmp_path / "pruned", torch.bfloat16)
+    loaded, _, _ = load_model(packed, torch.bfloat16, compressed_ok=True)
+    assert loaded.model.rotary_emb.inv_freq.dtype == pruned.model.rotary_emb.inv_freq.dtype
+    assert loaded.model.layers[0].mlp.up_proj.values.dtype == torch.bfloat16
+    torch.testing.assert_close(logits(loaded, ids), logits(pruned, ids), rtol=0, atol=0)
 
 
 def test_convert_says_when_nothing_converts_and_takes_one_pattern_as_a_string():
