@@ -20,6 +20,17 @@ from sdsengine.nn.convert import is_compressed_checkpoint, skip_reasons
 from sdsengine.pipeline.resume import ResumeStore
 
 
+class _Once(argparse.Action):
+    """A setting given again with another value, under the same flag or an alias (Wanda's --prune_method
+    and --save_model, --calib), is refused instead of the last one silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier not in (None, self.default, values):
+            parser.error(f"{option_string} {values} contradicts the {earlier} given before for the same setting")
+        setattr(namespace, self.dest, values)
+
+
 def _add_config_flags(parser, classes):
     """One flag per dataclass field; a field several methods define (--lr) gets each one's help, and
     defaults stay in the configs (each method keeps its own)."""
@@ -39,7 +50,7 @@ def _add_config_flags(parser, classes):
             parser.add_argument(_flag(name), dest=name, action="append", default=None,
                                 help=text + " (comma-separated; the flag may be repeated)")
         else:
-            parser.add_argument(_flag(name), dest=name, type=kind, default=None, help=text)
+            parser.add_argument(_flag(name), dest=name, type=kind, default=None, action=_Once, help=text)
 
 
 def _flag(name):
@@ -86,10 +97,11 @@ def build_parser():
 
     p = sub.add_parser("prune", help="prune a model layer by layer and save a HF checkpoint")
     _add_model_flags(p)
-    p.add_argument("--method", "--prune_method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--method", "--prune_method", required=True, action=_Once,
+                   help=f"one of: {', '.join(sorted(METHODS))}")
     _add_config_flags(p, [PruneConfig] + [c for c, _ in METHODS.values()] + [CalibrationConfig])
-    p.add_argument("--calib", dest="dataset", default=None, help="alias of --dataset")
-    p.add_argument("--out", "--save_model", required=True, help="output directory (a HF checkpoint)")
+    p.add_argument("--calib", dest="dataset", default=None, action=_Once, help="alias of --dataset")
+    p.add_argument("--out", "--save_model", required=True, action=_Once, help="output directory (a HF checkpoint)")
     _add_wanda_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--resume-dir", default=None, help="keep the run's progress here after every layer; the "

@@ -89,14 +89,21 @@ def ptb_text(data_dir):
 
 def jsonl_objects(path: Path):
     """(line number, parsed object) for each non-blank line; a parse error names the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, line in enumerate(utf8_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+def utf8_text(path: Path) -> str:
+    """The file's text; one that is not UTF-8 is named (Python's own error names only the byte)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def file_text(path) -> str:
@@ -113,7 +120,7 @@ def file_text(path) -> str:
             texts.append(text)
         return "\n\n".join(texts)
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return utf8_text(path)
     raise ValueError(f"calibration file {path} must be .txt or .jsonl (objects with a 'text' field)")
 
 

@@ -136,6 +136,14 @@ def test_calibration_jsonl_names_the_bad_line(tmp_path, lines, message):
         data.file_text(path)
 
 
+@pytest.mark.parametrize("name", ["calib.txt", "calib.jsonl"])
+def test_a_calibration_or_task_file_that_is_not_utf8_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(invalid continuation byte at byte 13\)"):
+        data.file_text(path)
+
+
 def test_a_text_exactly_one_window_long_is_named():
     import random
     config = CalibrationConfig("x.txt", nsamples=1, seqlen=32)

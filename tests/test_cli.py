@@ -260,6 +260,23 @@ def test_wanda_flags_mean_our_sparsity(wanda_flags, ours):
     assert (args.method, sparsity_from(args), args.out, args.nsamples) == ("wanda", ours, "out/llama", 128)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "sparsegpt", "--prune_method", "wanda"], "--prune_method wanda contradicts the sparsegpt"),
+    (["--method", "wanda", "--out", "a", "--save_model", "b"], "--save_model b contradicts the a"),
+    (["--method", "wanda", "--out", "a", "--dataset", "c4", "--calib", "wikitext2"], "--calib wikitext2 contradicts"),
+    (["--method", "wanda", "--out", "a", "--nsamples", "4", "--nsamples", "8"], "--nsamples 8 contradicts the 4"),
+])
+def test_a_setting_given_twice_with_different_values_is_refused(flags, message, capsys):
+    """Wanda's aliases name our settings: --prune_method sparsegpt --method wanda must not run one of them."""
+    from sdsengine.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", *flags, "--sparsity", "2:4", "--out", "a"])
+    assert message in capsys.readouterr().err
+    args = build_parser().parse_args(["prune", "--method", "wanda", "--prune_method", "wanda", "--sparsity", "2:4",
+                                      "--out", "a", "--save_model", "a"])  # the same value twice is fine
+    assert (args.method, args.out) == ("wanda", "a")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--sparsity", "2:4", "--sparsity_type", "2:4"], "not both"),
     (["--sparsity_type", "2:4", "--sparsity_ratio", "0.6"], "2:4 is 0.5 sparse, but --sparsity_ratio is 0.6"),

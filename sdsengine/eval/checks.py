@@ -6,7 +6,7 @@ def model_device(model, device=None):
     """The model's device, or `device` if it names that one: a mismatch would fail deep inside the forward."""
     home = next(model.parameters()).device
     wanted = home if device is None else torch.device(device)
-    if wanted.type != home.type or wanted.index not in (None, home.index):
+    if wanted.type != home.type or (home.type != "cpu" and wanted.index not in (None, home.index)):  # cpu:0 is cpu
         raise ValueError(f"the model is on {home}, but evaluation was asked on {device}: move the model there "
                          "(model.to(device)) or leave the device out")
     return home

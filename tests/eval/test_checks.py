@@ -22,6 +22,7 @@ def test_evaluation_runs_where_the_model_is_unless_asked_elsewhere(model):
     ids = torch.randint(0, 64, (1, 33), generator=torch.Generator().manual_seed(0))
     assert perplexity(model, ids, 16, progress=False)["windows"] == 2  # no device: the model's
     assert perplexity(model, ids, 16, device="cpu", progress=False)["windows"] == 2
+    assert perplexity(model, ids, 16, device="cpu:0", progress=False)["windows"] == 2  # the one CPU device
     with pytest.raises(ValueError, match="the model is on cpu, but evaluation was asked on meta: move the model"):
         perplexity(model, ids, 16, device="meta", progress=False)
     with pytest.raises(ValueError, match="the model is on cpu, but evaluation was asked on meta"):
