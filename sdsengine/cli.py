@@ -14,7 +14,7 @@ from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source
 from sdsengine.eval.runner import TASK_HELP, evaluate, load_zeroshot, results_table
-from sdsengine.models import load_model
+from sdsengine.models import default_gguf, load_model
 from sdsengine.nn import convert, save_compressed, set_lean
 from sdsengine.nn.convert import is_compressed_checkpoint, skip_reasons
 from sdsengine.pipeline.resume import ResumeStore
@@ -220,10 +220,15 @@ def cmd_prune(args):
 
 
 def _refuse_out_over_model(args, out, done):
-    """--out must not be the model's directory or one holding it: the save would replace the model."""
-    model = Path(args.model).expanduser().resolve() if args.model else None
-    if model is not None and (model == out or out in model.parents):
-        raise ValueError(f"--out {args.out} would replace the model being {done} ({args.model}): write elsewhere")
+    """--out must not be the model's directory or one holding it (the embedded default's too: its package):
+    the save would replace the model."""
+    try:
+        model = Path(args.model).expanduser().resolve() if args.model else default_gguf().resolve()
+    except FileNotFoundError:  # no embedded model installed: nothing to replace
+        return
+    if model == out or out in model.parents:
+        raise ValueError(f"--out {args.out} would replace the model being {done} ({args.model or model}): write "
+                         "elsewhere")
 
 
 def _warn_unused_calibration(args):

@@ -25,6 +25,15 @@ BLOCKWISE_LINEAR = ("--sequential linear applies to per-linear methods; {what} l
                     "whole: use --sequential layer")
 
 
+def ignore_patterns(ignore) -> tuple:
+    """Module-name patterns as a tuple: None is none, and one pattern given as a string is that pattern, not
+    its characters (a lone "*" would keep everything dense)."""
+    patterns = () if ignore is None else (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise ValueError(f"ignore must be module-name patterns (strings), got {ignore!r}")
+    return patterns
+
+
 def check_numbers(config):
     """Each int or float field of a config dataclass holds a number of that kind (None where the field allows
     it): a "64" or a 2.5 for a count fails here, naming the field, not deep inside a run."""
@@ -112,10 +121,7 @@ class PruneConfig:
     def __post_init__(self):
         check_numbers(self)
         self.sparsity = SparsityPattern.parse(self.sparsity)
-        # one pattern given as a string is that pattern, not its characters (a lone "*" would keep all dense)
-        self.ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
-        if not all(isinstance(pattern, str) for pattern in self.ignore):
-            raise ValueError(f"ignore must be module-name patterns (strings), got {self.ignore!r}")
+        self.ignore = ignore_patterns(self.ignore)
         check_device_name(self.device)  # a config only describes: availability is checked when it runs
         if self.sequential is None:
             self.sequential = self.default_sequential()

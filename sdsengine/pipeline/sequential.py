@@ -330,6 +330,9 @@ def plan_targets(model, config):
     layers = adapters.decoder_layers(model)
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
     _check_ignore_matches(model, layers, config.ignore)
+    if not any(targets):  # a run that would save the model unchanged as a "pruned" checkpoint
+        raise ValueError(f"--ignore {','.join(config.ignore)} covers every linear of the decoder layers: nothing "
+                         "is left to prune")
     check_prunable(targets, config.sparsity)
     return layers, targets
 
