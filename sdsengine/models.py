@@ -37,7 +37,7 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     model it came from. device: load a hub id's or an (uncompressed) HF directory's weights straight there (with
     accelerate), so that a model evaluated on a GPU never sits whole in host memory; other models load on
     the host (GGUF dequantizes there anyway) and the caller moves them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = str(default_gguf()) if name is None else str(name)
     path = Path(source).expanduser()
@@ -66,6 +66,11 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     # any failure names the model and the part (a truncated weights file raises SafetensorError, not OSError)
+    if path.is_dir():  # the tokenizer reads config.json too, so a broken one would be blamed on the tokenizer
+        try:
+            AutoConfig.from_pretrained(location)
+        except Exception as exc:
+            raise ValueError(f"could not read {path / 'config.json'}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     except Exception as exc:

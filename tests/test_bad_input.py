@@ -429,3 +429,13 @@ def test_calibration_flags_a_method_ignores_are_named(tmp_path, capsys):
     assert "ignoring --sequential --resume-dir" in capsys.readouterr().err and not (tmp_path / "p").exists()
     recipe = json.loads((tmp_path / "c" / "sdsengine.json").read_text())["recipe"]
     assert recipe["sequential"] == "layer"  # what ran, not the ignored flag
+
+
+def test_a_broken_config_is_named_not_blamed_on_the_tokenizer(tmp_path):
+    from sdsengine.models import load_model
+    from tiny_models import save_tiny_tokenizer
+    tiny_model("llama").save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"could not read .*config.json: "):
+        load_model(tmp_path)
