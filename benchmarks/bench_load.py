@@ -7,7 +7,8 @@ from_pretrained in the same dtype, the baseline, in the same run.
 Per side, the median over the repeats of the load's seconds and of its peak memory (the process's RSS
 high-water mark during the load, above the RSS before it; both after the imports, which both sides share),
 and the RSS the loaded model holds once every tensor has been read (load_compressed's tensors map the file
-and are read in on first use). Writes benchmarks/results/<name>.json and .md: one record, bench "load",
+and are read in on first use, so its load time leaves out most of the file's reading, which
+from_pretrained's includes). Writes benchmarks/results/<name>.json and .md: one record, bench "load",
 ms against baseline_ms and their ratio as speedup, peak_mib against baseline_peak_mib.
 """
 import argparse
@@ -22,6 +23,7 @@ from harness import RESULTS, gpu_info, write_results
 CHILD = r"""
 import json, sys, time, torch
 import sdsengine
+from sdsengine.transformers_compat import dtype_kwargs
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -37,7 +39,7 @@ start_rss, start = mib("VmRSS"), time.perf_counter()
 if side == "compressed":
     model = sdsengine.load_compressed(path)
 else:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(getattr(torch, dtype))).eval()
 seconds = time.perf_counter() - start
 peak = mib("VmHWM") - start_rss
 with torch.no_grad():
@@ -72,6 +74,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     packed = median_load("compressed", args.model, "", args.repeats)
     dense = median_load("dense", args.dense, packed["dtype"], args.repeats)  # the same dtype: a fair baseline
+    if dense["dtype"] != packed["dtype"]:
+        raise RuntimeError(f"the baseline loaded in {dense['dtype']}, not in the checkpoint's {packed['dtype']}")
     record = {"bench": "load", "model": args.model, "baseline_model": args.dense, "dtype": packed["dtype"],
               "gpu": gpu_info()["gpu"], "repeats": args.repeats,
               "ms": packed["s"] * 1e3, "baseline_ms": dense["s"] * 1e3, "speedup": dense["s"] / packed["s"],

@@ -192,30 +192,49 @@ def _home(model):
 
 
 def _load_weights(model, path, device, dtype):
-    """The file's tensors, floating ones in dtype, become the model's (no copy into preallocated ones, so
-    meta parameters are fine).
+    """The file's tensors become the model's: assigned, not copied into preallocated ones (so meta parameters
+    are fine), floating ones in dtype, the others (the int32 metadata) in the dtype the model holds.
 
-    save_model stores tied tensors once, under one of their names: each is given to every name that shares
-    its parameter (the ties are read from the skeleton, whose tied names hold one Parameter), and the ties
-    are restored after assignment, which gives each name its own Parameter.
+    save_model stores a tensor that several names share (tied embeddings and head) once, under one of them:
+    it goes to every name that shares it in the skeleton, and the sharing is restored after assignment
+    (which gives each name its own tensor). A file with two different tensors for one shared is refused.
     """
-    state = {name: t.to(dtype) if t.is_floating_point() else t
-             for name, t in load_file(path, device=str(device)).items()}
-    ties = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        ties.setdefault(id(param), []).append(name)
-    ties = [names for names in ties.values() if len(names) > 1]
-    for names in ties:
-        stored = next((state[n] for n in names if n in state), None)
-        if stored is not None:
-            state.update({n: stored for n in names})
+    if hasattr(model, "tie_weights"):  # a skeleton built under accelerate's init_empty_weights comes untied
+        model.tie_weights()
+    held = model.state_dict(keep_vars=True)  # every name, shared tensors under each of theirs
+    state = {name: _as_held(name, t, held.get(name), dtype) for name, t in load_file(path, device=str(device)).items()}
+    shared = {}
+    for name, tensor in held.items():
+        shared.setdefault(id(tensor), []).append(name)
+    shared = [names for names in shared.values() if len(names) > 1]
+    for names in shared:
+        stored = [n for n in names if n in state]
+        for other in stored[1:]:
+            if not torch.equal(state[other], state[stored[0]]):
+                raise ValueError(f"{stored[0]} and {other} are one tensor in the model (tied) but differ in the file")
+        if stored:
+            state.update({n: state[stored[0]] for n in names})
     model.load_state_dict(state, strict=True, assign=True)
-    for first, *others in ties:
+    for first, *others in shared:
         for name in others:
-            _set_submodule(model, name, model.get_parameter(first))
+            _set_submodule(model, name, _tensor_at(model, first))
     empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if empty:
         raise ValueError(f"no tensor for {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}")
+
+
+def _as_held(name, tensor, held, dtype):
+    """The file's tensor in the dtype the model takes: a float one in dtype, another in the held one's."""
+    if held is None:  # not the model's: load_state_dict names it
+        return tensor
+    if tensor.is_floating_point() != held.is_floating_point():
+        raise ValueError(f"{name} is stored as {tensor.dtype}, but the model holds {held.dtype}")
+    return tensor.to(dtype if tensor.is_floating_point() else held.dtype)
+
+
+def _tensor_at(model, name):
+    parent, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(parent) if parent else model, leaf)
 
 
 def _shell(directory, name, spec):

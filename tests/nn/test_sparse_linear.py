@@ -435,6 +435,55 @@ def test_a_checkpoint_loads_without_building_the_dense_model(tmp_path, monkeypat
     torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
 
 
+def _rewrite_weights(out, edit):
+    from safetensors.torch import load_file, save_file
+    state = load_file(out / "model.safetensors")
+    edit(state)
+    save_file(state, out / "model.safetensors")
+
+
+def test_stored_tensors_take_the_dtype_the_model_holds(tmp_path):
+    """As the copy into preallocated tensors did: int64 metadata becomes the int32 the kernels read, fp32
+    values in a bf16 checkpoint bf16; a float where the model holds integers is refused by name."""
+    out = save_compressed(convert(tiny_llama().to(torch.bfloat16)), tmp_path / "ckpt")
+    ids = tokens()
+    expected = logits(load_compressed(out), ids)
+    name = "model.layers.0.mlp.up_proj"
+    _rewrite_weights(out, lambda state: state.update({f"{name}.meta": state[f"{name}.meta"].long(),
+                                                      f"{name}.values": state[f"{name}.values"].float()}))
+    loaded = load_compressed(out)
+    assert (loaded.model.layers[0].mlp.up_proj.meta.dtype, loaded.model.layers[0].mlp.up_proj.values.dtype) == (
+        torch.int32, torch.bfloat16)
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    _rewrite_weights(out, lambda state: state.update({f"{name}.meta": state[f"{name}.meta"].float()}))
+    with pytest.raises(ValueError, match=rf"{name}.meta is stored as torch.float32, but the model holds torch.int32"):
+        load_compressed(out)
+
+
+def test_a_file_that_unties_what_the_model_ties_is_refused(tmp_path):
+    out = save_compressed(convert(tiny_llama(tie=True)), tmp_path / "ckpt")
+    _rewrite_weights(out, lambda state: state.update({"model.embed_tokens.weight": state["lm_head.weight"] * 3}))
+    with pytest.raises(ValueError, match="lm_head.weight and model.embed_tokens.weight are one tensor in the model "
+                                         r"\(tied\) but differ in the file|model.embed_tokens.weight and "
+                                         r"lm_head.weight are one tensor"):
+        load_compressed(out)
+
+
+def test_a_skeleton_without_weights_loads_with_its_ties(tmp_path):
+    """A skeleton built under accelerate's init_empty_weights holds no weights, but comes untied."""
+    accelerate = pytest.importorskip("accelerate")
+    from tiny_models import VOCAB, tiny_model
+    model = convert(tiny_model("gpt2"))  # ties its embedding and head
+    ids = tokens(vocab=VOCAB)
+    expected = logits(model, ids)
+    out = save_compressed(model, tmp_path / "ckpt")
+    with accelerate.init_empty_weights():
+        skeleton = tiny_model("gpt2")
+    loaded = load_compressed(out, model=skeleton)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+
+
 def test_a_half_precision_checkpoint_loads_in_its_own_dtype_unless_asked(tmp_path):
     """The sparse kernels run fp16/bf16 only: evaluating a packed fp16 model must not upcast it by default."""
     from sdsengine.models import load_model
