@@ -287,7 +287,7 @@ def test_a_skeleton_without_the_buffers_a_checkpoint_lacks_is_named(tmp_path):
     model = tiny_model("llama")
     sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), None, progress=False)
     packed = sdsengine.save_compressed(sdsengine.convert(model), tmp_path / "packed")
-    with pytest.raises(ValueError, match=r"packed does not load: no tensor for model.rotary_emb.inv_freq"):
+    with pytest.raises(ValueError, match=r"packed does not load: no tensor for .*rotary_emb.inv_freq"):
         sdsengine.load_compressed(packed, model=tiny_model("llama").to("meta"))
 
 
