@@ -45,6 +45,22 @@ def _stop_at(monkeypatch, index):
     return calls
 
 
+def _stop_before_manifest(monkeypatch, nth, config, samples, progress):
+    """A prune that stops as its nth manifest was about to replace the last one: a kill while saving."""
+    real_replace, manifests = resume.os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).name == MANIFEST:
+            manifests.append(dst)
+            if len(manifests) == nth:
+                raise _Stop
+        real_replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(resume.os, "replace", replace)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+
+
 def _layer_weights(model):
     return [{n: adapters.get_weight(m).clone() for n, m in adapters.linear_modules(layer).items()}
             for layer in adapters.decoder_layers(model)]
@@ -85,18 +101,7 @@ def test_a_run_stopped_while_saving_resumes(tmp_path, monkeypatch, legacy):
     unbroken = _model()
     sdsengine.prune(unbroken, config, samples, progress=False)
     progress = tmp_path / "progress"
-    real_replace, manifests = resume.os.replace, []
-
-    def replace(src, dst):
-        if Path(dst).name == MANIFEST:
-            manifests.append(dst)
-            if len(manifests) == 2:
-                raise _Stop
-        real_replace(src, dst)
-    with monkeypatch.context() as m:
-        m.setattr(resume.os, "replace", replace)
-        with pytest.raises(_Stop):
-            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    _stop_before_manifest(monkeypatch, 2, config, samples, progress)
     if legacy:
         (progress / "activations-0001.pt").rename(progress / "activations.pt")
         (progress / "activations-0002.pt").unlink()
@@ -160,16 +165,7 @@ def test_a_first_save_stopped_before_its_manifest_starts_over(tmp_path, monkeypa
     unbroken = _model()
     sdsengine.prune(unbroken, config, samples, progress=False)
     progress = tmp_path / "progress"
-    real_replace = resume.os.replace
-
-    def replace(src, dst):
-        if Path(dst).name == MANIFEST:
-            raise _Stop
-        real_replace(src, dst)
-    with monkeypatch.context() as m:
-        m.setattr(resume.os, "replace", replace)
-        with pytest.raises(_Stop):
-            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    _stop_before_manifest(monkeypatch, 1, config, samples, progress)
     (progress / "activations-0002.pt.tmp").write_text("half written")
     assert not (progress / MANIFEST).exists() and (progress / "layer-0000.pt").exists()
     resumed = _model()
