@@ -34,15 +34,15 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
     kernels run fp16/bf16 only); "auto": the dtype any checkpoint was saved in. compressed_ok: accept a
     compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation; pruning and converting need the
-    model it came from. device: load a hub id's or an (uncompressed) HF directory's weights straight there (with
-    accelerate), so that a model evaluated on a GPU never sits whole in host memory; other models load on
-    the host (GGUF dequantizes there anyway) and the caller moves them."""
+    model it came from. device: load a hub id's or an HF directory's weights (with accelerate) or a compressed
+    checkpoint's straight there, so that a model evaluated on a GPU never sits whole in host memory; a GGUF
+    file loads on the host (it dequantizes there anyway) and the caller moves it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = str(default_gguf()) if name is None else str(name)
     path = Path(source).expanduser()
     if is_compressed_checkpoint(path):
-        return (*_load_compressed(path, None if dtype == "auto" else dtype, compressed_ok), source)
+        return (*_load_compressed(path, None if dtype == "auto" else dtype, compressed_ok, device), source)
     kwargs = dtype_kwargs(torch.float32 if dtype is None else dtype)
     if source.endswith(".gguf"):
         if not path.is_file():
@@ -87,7 +87,7 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     return model, tokenizer, source
 
 
-def _load_compressed(path, dtype, compressed_ok):
+def _load_compressed(path, dtype, compressed_ok, device):
     """(model, tokenizer) of a compressed checkpoint."""
     from transformers import AutoTokenizer
     if not compressed_ok:
@@ -98,7 +98,7 @@ def _load_compressed(path, dtype, compressed_ok):
     except (OSError, ValueError) as exc:
         raise ValueError(f"compressed checkpoint {path} holds no usable tokenizer (sdsengine convert saves one; "
                          f"else copy the pruned model's tokenizer files into it): {exc}") from exc
-    return load_compressed(path, dtype=dtype), tokenizer
+    return load_compressed(path, dtype=dtype, device=device), tokenizer
 
 
 def _forget_gguf_quantization(model):

@@ -145,8 +145,9 @@ def is_compressed_checkpoint(path):
     return (Path(path).expanduser() / MANIFEST).is_file()
 
 
-def load_compressed(directory, model=None, dtype=None):
-    """Load a checkpoint written by save_compressed (on the CPU, or on the skeleton's device).
+def load_compressed(directory, model=None, dtype=None, device=None):
+    """Load a checkpoint written by save_compressed onto `device` (default: the skeleton's, else the CPU):
+    the file's tensors are read straight there.
 
     model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced);
     without it the model is built from the saved config.json with transformers, its parameters on the meta
@@ -173,13 +174,14 @@ def load_compressed(directory, model=None, dtype=None):
         dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
             next(iter(shells.values())).values.dtype if shells else torch.float32)
     model = _model_from_config(directory, dtype) if model is None else model
-    device = _home(model)  # a skeleton on the GPU is loaded there
+    device = _home(model) if device is None else torch.device(device)
     try:
         for name, shell in shells.items():
             _set_submodule(model, name, shell)
         _load_weights(model, directory / WEIGHTS, device, dtype)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
+    model.to(device)  # the buffers the model made itself (rotary frequencies)
     for name, shell in shells.items():
         check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
     return model.eval()

@@ -530,7 +530,7 @@ def test_a_checkpoint_loaded_in_another_dtype_computes_as_the_pruned_model_loade
     save_tiny_tokenizer(packed)
     ids = tokens(vocab=VOCAB)
     pruned, _, _ = load_model(tmp_path / "pruned", torch.bfloat16)
-    loaded, _, _ = load_model(packed, torch.bfloat16, compressed_ok=True)
+    loaded, _, _ = load_model(packed, torch.bfloat16, compressed_ok=True, device="cpu")
     assert loaded.model.rotary_emb.inv_freq.dtype == pruned.model.rotary_emb.inv_freq.dtype
     assert loaded.model.layers[0].mlp.up_proj.values.dtype == torch.bfloat16
     torch.testing.assert_close(logits(loaded, ids), logits(pruned, ids), rtol=0, atol=0)
@@ -810,6 +810,18 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
     assert not any(isinstance(m._forms.get("dense"), torch.Tensor) for m in layers)
     assert all(m.values.untyped_storage().nbytes() == 2 for m in layers if "sdsengine" in m._forms)  # given up
     assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_loads_straight_onto_the_gpu(tmp_path, fresh_choices):
+    out = save_compressed(convert(tiny_llama().half()), tmp_path / "ckpt")
+    ids = tokens()
+    expected = logits(load_compressed(out), ids)
+    loaded = load_compressed(out, device="cuda")
+    off = [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.device.type != "cuda"]
+    assert not off, f"left on the CPU: {off}"
+    assert loaded.lm_head.weight.device.type == "cuda"
+    torch.testing.assert_close(logits(loaded, ids.cuda()).float().cpu(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
