@@ -84,9 +84,9 @@ def _dtype(args):
 
 
 def _add_model_flags(parser):
-    parser.add_argument("--model", default=None, help="hub id, local HF directory or .gguf file "
-                                                      "(default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--model", default=None, action=_Once, help="hub id, local HF directory or .gguf file "
+                                                                     "(default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], action=_Once,
                         help="default: float32; a compressed checkpoint (eval) keeps the dtype it was saved in; "
                              "convert keeps a float16/bfloat16 checkpoint's, else bfloat16")
 
@@ -104,8 +104,9 @@ def build_parser():
     p.add_argument("--out", "--save_model", required=True, action=_Once, help="output directory (a HF checkpoint)")
     _add_wanda_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--resume-dir", default=None, help="keep the run's progress here after every layer; the "
-                   "same command run again goes on after the last finished layer (removed once saved)")
+    p.add_argument("--resume-dir", default=None, action=_Once,
+                   help="keep the run's progress here after every layer; the same command run again goes on after "
+                        "the last finished layer (removed once saved)")
 
     e = sub.add_parser("eval", help="perplexity (and zero-shot) evaluation")
     _add_model_flags(e)
@@ -140,8 +141,8 @@ def _add_wanda_flags(parser):
     --save dropped (--prune_method and --save_model are aliases above; --nsamples and --seed are ours)."""
     wanda = parser.add_argument_group("Wanda's flags", "--sparsity_ratio R --sparsity_type {unstructured,N:M} "
                                       "mean --sparsity R or --sparsity N:M")
-    wanda.add_argument("--sparsity_ratio", type=float, default=None)
-    wanda.add_argument("--sparsity_type", default=None)
+    wanda.add_argument("--sparsity_ratio", type=float, default=None, action=_Once)
+    wanda.add_argument("--sparsity_type", default=None, action=_Once)
     # without it, argparse would read Wanda's --save (a log directory) as an abbreviation of --save_model
     wanda.add_argument("--save", default=None, help=argparse.SUPPRESS)
 

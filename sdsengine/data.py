@@ -48,7 +48,7 @@ def data_file(data_dir: Path, relative: str) -> Path:
 
 def wikitext_rows(path: Path) -> list[str]:
     """Rebuild HF wikitext-2-raw-v1 rows from an original release file (SOURCES.md)."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = utf8_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the file ends with a newline, not with an empty row
     return ["" if not line.strip() else line + "\n" for line in lines]
@@ -81,7 +81,7 @@ def ptb_text(data_dir):
     """PTB test sentences joined by spaces (SparseGPT's protocol); offline, the sentences are the lines of
     the original release file, stripped as the hub's ptb_text_only strips them."""
     if data_dir:
-        sentences = data_file(data_dir, PTB_TEST).read_text(encoding="utf-8").splitlines()
+        sentences = utf8_text(data_file(data_dir, PTB_TEST)).splitlines()
     else:
         sentences = hub_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
     return " ".join(sentence.strip() for sentence in sentences)

@@ -202,6 +202,10 @@ def test_ignoring_every_decoder_linear_is_refused():
                                          r"layers: nothing is left to prune"):
         sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4", ignore=["model.layers.*", "lm_head"]),
                         progress=False)
+    model.config.num_hidden_layers = 0
+    model.model.layers = nn.ModuleList()  # no --ignore to blame
+    with pytest.raises(ValueError, match=r"the decoder layers hold no prunable linears"):
+        sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
 
 
 @pytest.mark.parametrize("call, error, message", [

@@ -265,6 +265,10 @@ def test_wanda_flags_mean_our_sparsity(wanda_flags, ours):
     (["--method", "wanda", "--out", "a", "--save_model", "b"], "--save_model b contradicts the a"),
     (["--method", "wanda", "--out", "a", "--dataset", "c4", "--calib", "wikitext2"], "--calib wikitext2 contradicts"),
     (["--method", "wanda", "--out", "a", "--nsamples", "4", "--nsamples", "8"], "--nsamples 8 contradicts the 4"),
+    (["--method", "wanda", "--sparsity_ratio", "0.5", "--sparsity_ratio", "0.6"], "--sparsity_ratio 0.6 contradicts"),
+    (["--method", "wanda", "--model", "a", "--model", "b"], "--model b contradicts the a"),
+    (["--method", "wanda", "--resume-dir", "r1", "--resume-dir", "r2"], "--resume-dir r2 contradicts the r1"),
+    (["--method", "wanda", "--dtype", "float16", "--dtype", "bfloat16"], "--dtype bfloat16 contradicts"),
 ])
 def test_a_setting_given_twice_with_different_values_is_refused(flags, message, capsys):
     """Wanda's aliases name our settings: --prune_method sparsegpt --method wanda must not run one of them."""

@@ -193,3 +193,14 @@ def test_damaged_progress_is_named(tmp_path, monkeypatch, damage, message):
     damage(tmp_path)
     with pytest.raises(ValueError, match=message):
         sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
+
+
+def test_a_directory_of_files_that_only_look_like_progress_is_refused_and_kept(tmp_path):
+    """Only the exact names the store writes are its own: a user's layer-17.pt, notes.tmp or a folder named
+    cache.tmp make the directory foreign, refused before any work, and nothing in it is touched."""
+    (tmp_path / "layer-17.pt").write_text("mine")
+    (tmp_path / "notes.tmp").write_text("mine")
+    (tmp_path / "cache.tmp").mkdir()
+    with pytest.raises(FileExistsError, match="holds no sdsengine progress"):
+        ResumeStore(tmp_path).check()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.tmp", "layer-17.pt", "notes.tmp"]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdsengine.data import EVAL_TASKS, data_file, hub_dataset, jsonl_objects, resolve_data_dir
+from sdsengine.data import EVAL_TASKS, data_file, hub_dataset, jsonl_objects, resolve_data_dir, utf8_text
 
 PIQA_FILE = "piqa/valid.jsonl"
 PIQA_LABELS = "piqa/valid-labels.lst"
@@ -129,7 +129,7 @@ def _piqa_item(row: dict) -> Item:
 def _piqa_release(data_dir: Path) -> list[dict]:
     # The original release keeps the labels in a file of their own, one per line.
     docs = [doc for _, doc in jsonl_objects(data_file(data_dir, PIQA_FILE))]
-    labels = data_file(data_dir, PIQA_LABELS).read_text(encoding="utf-8").split()
+    labels = utf8_text(data_file(data_dir, PIQA_LABELS)).split()
     if len(labels) != len(docs):
         raise ValueError(f"{data_dir / PIQA_LABELS} has {len(labels)} labels for {len(docs)} PIQA questions")
     return [{**doc, "label": int(label)} for doc, label in zip(docs, labels)]
@@ -145,7 +145,7 @@ def _arc_item(doc: dict) -> Item:
 
 
 def _arc_easy_release(data_dir: Path) -> list[dict]:
-    return json.loads(data_file(data_dir, ARC_EASY_FILE).read_text(encoding="utf-8"))  # a hub export
+    return json.loads(utf8_text(data_file(data_dir, ARC_EASY_FILE)))  # a hub export
 
 
 def _boolq_item(row: dict) -> Item:

@@ -15,12 +15,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 MANIFEST = "progress.json"
 LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was named by its layer count
+OWN_FILE = re.compile(r"(layer-\d{4,}\.pt|activations-\d{4,}\.pt|activations\.pt)(\.tmp)?|progress\.json\.tmp")
 
 
 class ResumeStore:
@@ -117,8 +119,11 @@ class ResumeStore:
         return None
 
     def _own_files(self):
-        """Every file but the manifest this store writes, and a stopped save's temporary files."""
-        return [*self._activations_files(), *self.dir.glob("layer-*.pt"), *self.dir.glob("*.tmp")]
+        """Every file but the manifest this store writes, and a stopped save's temporary files: by their exact
+        names (a user's layer-17.pt or notes.tmp is not ours)."""
+        if not self.dir.is_dir():
+            return []
+        return [p for p in self.dir.iterdir() if OWN_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
 
     def _load(self, path, mmap=False):
         try:
@@ -134,7 +139,7 @@ class ResumeStore:
         return self.dir / f"activations-{done:04d}.pt"
 
     def _activations_files(self):
-        return [*self.dir.glob("activations-*.pt"), *self.dir.glob(LEGACY_ACTIVATIONS)]
+        return [p for p in self._own_files() if p.name.startswith("activations") and p.suffix == ".pt"]
 
 
 def fingerprint(model, config, samples) -> str:

@@ -331,6 +331,8 @@ def plan_targets(model, config):
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
     _check_ignore_matches(model, layers, config.ignore)
     if not any(targets):  # a run that would save the model unchanged as a "pruned" checkpoint
+        if not any(adapters.linear_modules(layer) for layer in layers):
+            raise ValueError("the decoder layers hold no prunable linears (nn.Linear or GPT-2's Conv1D)")
         raise ValueError(f"--ignore {','.join(config.ignore)} covers every linear of the decoder layers: nothing "
                          "is left to prune")
     check_prunable(targets, config.sparsity)
