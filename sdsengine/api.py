@@ -71,5 +71,6 @@ def _calibration(model, config, calibration, tokenizer):
         raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got "
                          f"{int(samples.min())}..{int(samples.max())}")
     adapters.check_seqlen(model, samples.shape[1])
+    samples = samples.long()  # embeddings take int32 or int64 ids only (uint8 and int16 ones are ids too)
     return samples, {"dataset": "user tokens", "nsamples": samples.shape[0], "seqlen": samples.shape[1]}
 

@@ -443,3 +443,13 @@ def test_a_broken_config_is_named_not_blamed_on_the_tokenizer(tmp_path):
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"could not read .*config.json: "):
         load_model(tmp_path)
+
+
+def test_calibration_ids_of_a_small_integer_dtype_are_taken():
+    """uint8/int16 ids are ids: the embedding takes int64 (and int32) only, so they are widened."""
+    samples = tiny_tokens(2, 16)
+    model = tiny_model("llama")
+    expected = sdsengine.prune(model, sdsengine.WandaConfig(sparsity="2:4"), samples, progress=False)
+    got = sdsengine.prune(tiny_model("llama"), sdsengine.WandaConfig(sparsity="2:4"), samples.to(torch.uint8),
+                          progress=False)
+    assert [layer.error for layer in got.layers] == [layer.error for layer in expected.layers]

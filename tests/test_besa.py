@@ -206,6 +206,18 @@ def test_allocation_report_and_plot():
     assert besa_plot.svg(report).startswith("<svg")
 
 
+@pytest.mark.parametrize("recipe, says", [
+    ({"method": "wanda", "sparsity": "0.5"}, "the run is wanda, not BESA"),
+    ({"method": "besa", "sparsity": "2:4"}, "a BESA N:M run learns a selection"),
+    ({"method": "sds", "sparsity": "2:4", "base_recipe": {"method": "besa"}}, "a BESA N:M run learns a selection"),
+])
+def test_the_plot_says_why_a_report_has_no_allocation(tmp_path, capsys, recipe, says):
+    path = tmp_path / "sdsengine.json"
+    path.write_text(json.dumps({"recipe": recipe, "layers": [{"index": 0, "steps": {}}]}))
+    assert besa_plot.main([str(path)]) == 1
+    assert says in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"mode": "column"}, "mode must be one of row, layer"),
     ({"epochs": -1}, "epochs >= 0"),

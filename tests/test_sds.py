@@ -9,7 +9,7 @@ import sdsengine
 from sdsengine.algorithms import least_squares, sds
 from sdsengine.algorithms.stats import Hessian
 from sdsengine.cli import build_parser, main
-from sdsengine.config import BESAConfig, SDSConfig
+from sdsengine.config import BESAConfig, SDSConfig, SparseGPTConfig
 from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
@@ -434,3 +434,19 @@ def test_dense_teacher_through_the_pipeline():
     assert first["dense"]["chosen"] == pytest.approx(first["sd"]["chosen"], rel=1e-3)
     last = {t: runs[t].layers[-1].steps["mlp.down_proj"]["initial"] for t in runs}
     assert last["dense"] != pytest.approx(last["sd"], rel=1e-3)
+
+
+@pytest.mark.parametrize("config", [SparseGPTConfig(sparsity="2:4", refit=50), SparseGPTConfig(sparsity="2:4", swaps=2)])
+def test_no_exact_fit_with_fewer_calibration_tokens_than_inputs(config):
+    """16 tokens for 64-wide inputs: H is singular, and the exact refit's CG wandered along directions no token
+    constrains (layer errors of 1e6 and more; SmolLM2 at 2 x 64 tokens: perplexity 3.9e10). The refit and the
+    swaps leave such a linear as SparseGPT pruned it; with enough tokens they change it."""
+    plain = tiny_model("llama")
+    sdsengine.prune(plain, SparseGPTConfig(sparsity="2:4"), tiny_tokens(1, 16), progress=False)
+    model = tiny_model("llama")
+    sdsengine.prune(model, config, tiny_tokens(1, 16), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    enough = tiny_model("llama")
+    sdsengine.prune(enough, config, tiny_tokens(4, 64), progress=False)
+    sdsengine.prune(plain := tiny_model("llama"), SparseGPTConfig(sparsity="2:4"), tiny_tokens(4, 64), progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(enough.state_dict().values(), plain.state_dict().values()))

@@ -34,7 +34,8 @@ def allocations(report) -> list[tuple[int, str, np.ndarray]]:
 
 
 def text_report(report, bins=20) -> str:
-    lines = [f"BESA allocation, {report['recipe'].get('mode', '?')} mode, target {report['recipe']['sparsity']}",
+    recipe = report["recipe"].get("base_recipe", report["recipe"])  # SDS over BESA: BESA's settings
+    lines = [f"BESA allocation, {recipe.get('mode', '?')} mode, target {report['recipe']['sparsity']}",
              f"{'layer':>5}  {'linear':<20} {'mean':>6} {'min':>6} {'max':>6}  histogram of row sparsity 0..1"]
     for index, name, s in allocations(report):
         hist = np.histogram(s, bins=bins, range=(0, 1))[0]
@@ -71,8 +72,10 @@ def main(argv=None):
     with open(args.report) as f:
         report = json.load(f)
     if not allocations(report):
-        print("no BESA row allocation in this report (N:M runs learn a selection, not an allocation)",
-              file=sys.stderr)
+        recipe = report["recipe"].get("base_recipe", report["recipe"])
+        why = ("a BESA N:M run learns a selection, not an allocation" if recipe.get("method") == "besa"
+               else f"the run is {report['recipe'].get('method', '?')}, not BESA")
+        print(f"no BESA row allocation in this report: {why}", file=sys.stderr)
         return 1
     print(text_report(report))
     if args.svg:
