@@ -37,46 +37,20 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     model it came from. device: load a hub id's or an HF directory's weights (with accelerate) or a compressed
     checkpoint's straight there, so that a model evaluated on a GPU never sits whole in host memory; a GGUF
     file loads on the host (it dequantizes there anyway) and the caller moves it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = str(default_gguf()) if name is None else str(name)
     path = Path(source).expanduser()
     if is_compressed_checkpoint(path):
         return (*_load_compressed(path, None if dtype == "auto" else dtype, compressed_ok, device), source)
     kwargs = dtype_kwargs(torch.float32 if dtype is None else dtype)
-    if source.endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF model file not found: {path}")
-        kwargs["gguf_file"] = path.name
-        location = str(path.parent)
-    elif path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-        location = str(path)
-    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not a hub id ('org/name')
-        raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
-    else:
-        location = source  # a hub id
+    location = _location(source, path, kwargs)
     if device is not None and torch.device(device).type != "cpu" and not source.endswith(".gguf"):
-        if importlib.util.find_spec("accelerate"):
-            kwargs["device_map"] = {"": str(device)}
-        else:
-            warnings.warn(f"accelerate is not installed, so the model loads in host memory before it moves to "
-                          f"{device} (pip install accelerate)")
+        _load_onto(device, kwargs)
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
-    # any failure names the model and the part (a truncated weights file raises SafetensorError, not OSError)
-    if path.is_dir():  # the tokenizer reads config.json too, so a broken one would be blamed on the tokenizer
-        try:
-            AutoConfig.from_pretrained(location)
-        except Exception as exc:
-            raise ValueError(f"could not read {path / 'config.json'}: {exc}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    except Exception as exc:
-        raise ValueError(f"could not load the tokenizer of {source!r}{tried} (a model directory needs its tokenizer "
-                         f"files, e.g. tokenizer.json and tokenizer_config.json): {exc}") from exc
-    try:
+    tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"))
+    try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except Exception as exc:
         raise ValueError(f"could not load model {source!r}{tried}: {exc}") from exc
@@ -85,6 +59,46 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
         _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
+
+
+def _location(source, path, kwargs):
+    """What from_pretrained is given for source: a folder or a hub id (a GGUF file adds gguf_file to kwargs)."""
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {path}")
+        kwargs["gguf_file"] = path.name
+        return str(path.parent)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not a hub id ('org/name')
+        raise FileNotFoundError(f"model not found: {path} is not a local directory or .gguf file")
+    return source
+
+
+def _load_onto(device, kwargs):
+    """Have from_pretrained put the weights straight on device (accelerate's device_map)."""
+    if importlib.util.find_spec("accelerate"):
+        kwargs["device_map"] = {"": str(device)}
+    else:
+        warnings.warn(f"accelerate is not installed, so the model loads in host memory before it moves to "
+                      f"{device} (pip install accelerate)")
+
+
+def _load_tokenizer(location, path, named, gguf_file):
+    """The tokenizer at location; named: the model as the errors name it."""
+    from transformers import AutoConfig, AutoTokenizer
+    if path.is_dir():  # the tokenizer reads config.json too, so a broken one would be blamed on the tokenizer
+        try:
+            AutoConfig.from_pretrained(location)
+        except Exception as exc:
+            raise ValueError(f"could not read {path / 'config.json'}: {exc}") from exc
+    try:
+        return AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception as exc:
+        raise ValueError(f"could not load the tokenizer of {named} (a model directory needs its tokenizer "
+                         f"files, e.g. tokenizer.json and tokenizer_config.json): {exc}") from exc
 
 
 def _load_compressed(path, dtype, compressed_ok, device):
