@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdsengine import ops
+from sdsengine.files import check_new_file, write_whole
 from sdsengine.kernels import compress_24
 from sdsengine.masks import nm_mask
 from sdsengine.nn import sparse_linear
@@ -49,8 +50,8 @@ def run(args, load_model=None):
         parse_shapes(args.shapes)
     if args.iters < 1:
         raise ValueError(f"--iters must be at least 1, got {args.iters}")
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise FileExistsError(f"--json {args.json} exists; pass --overwrite to replace it")
+    if args.json:
+        check_new_file("--json", args.json, args.overwrite)
     if not torch.cuda.is_available():
         print("sdsengine bench: needs a CUDA GPU; none is visible, nothing measured")
         return 1
@@ -279,10 +280,7 @@ def stamped(records):
 def write_json(path, records):
     """Whole or not at all: the GPU suite kills a step at its time limit, and a half-written file would
     stop the summary (and hide the records written before)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(stamped(records), indent=1) + "\n")
-    tmp.replace(path)
+    write_whole(path, json.dumps(stamped(records), indent=1) + "\n")
 
 
 def write_results(name, records, directory="benchmarks/results"):

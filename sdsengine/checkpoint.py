@@ -2,34 +2,54 @@
 
 Every output directory (this checkpoint, convert's compressed one) is written through staged_directory:
 into a temporary directory, put in place only when complete, so a failed run leaves no half-written
-directory and a non-empty one is replaced only with overwrite.
+directory and a non-empty one is replaced only with overwrite, and only when it holds a checkpoint.
 """
 import contextlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 REPORT_NAME = "sdsengine.json"
+CHECKPOINT_MARKS = ("config.json", REPORT_NAME)  # a directory holding one is a checkpoint overwrite may replace
 
 
 def check_output_dir(out, overwrite=False) -> Path:
-    """Call before any work: refuse a non-empty directory unless overwrite is set, and a place the files
-    could not be written to."""
+    """Call before any work: refuse a non-empty directory unless overwrite is set (and even then one that
+    holds no checkpoint: overwrite replaces the whole directory), and a place the files could not be
+    written to."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
     blocked = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
     if blocked is not None:
         raise FileExistsError(f"output path {out} lies under {blocked}, which is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} is not empty; pass --overwrite (overwrite=True in Python) to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output directory {out} is not empty; pass --overwrite (overwrite=True in Python) "
+                                  "to replace it")
+        _refuse_replacing(out)
     staging = _staging_parent(out)
     existing = next(p for p in (staging, *staging.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {out}: {existing} is not writable")
     return out
+
+
+def _refuse_replacing(out):
+    """overwrite deletes out whole: only an earlier checkpoint goes, never a folder of the user's own files."""
+    here, home = Path.cwd().resolve(), Path.home().resolve()
+    if out == here or out in here.parents or out == home:
+        what = "your home" if out == home else "the current directory or holds it"
+        raise FileExistsError(f"output directory {out} is {what}; --overwrite would delete it whole: name the "
+                              "checkpoint's own directory")
+    if not any((out / mark).is_file() for mark in CHECKPOINT_MARKS):
+        raise FileExistsError(f"output directory {out} holds no model checkpoint (no {' or '.join(CHECKPOINT_MARKS)}), "
+                              "and --overwrite would delete everything in it: name a new or empty directory")
 
 
 def _staging_parent(out):
@@ -53,8 +73,10 @@ def staged_directory(out, overwrite=False):
             _move_contents(tmp, out)
         else:
             _swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # a full or failing disk: name what was being written
+            raise OSError(f"could not write {out} ({exc}); nothing was written and {out} is as it was") from exc
         raise
 
 
@@ -101,4 +123,9 @@ def _swap_into_place(tmp, out):
             old.rename(out)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        finally:  # a failed or interrupted removal leaves a hidden copy: say where
+            if old.exists():
+                warnings.warn(f"{out} was replaced, but its earlier contents at {old} could not all be removed: "
+                              "delete that folder")

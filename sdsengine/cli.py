@@ -1,5 +1,6 @@
 """Command line: `sdsengine prune | eval | convert | bench | demo`. Flags come from the config dataclasses."""
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from sdsengine import api, bench, checkpoint, report
+from sdsengine import api, bench, checkpoint, files, report
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
-from sdsengine.data import EVAL_TASKS, check_calibration_source
+from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
 from sdsengine.eval.runner import TASK_HELP, evaluate, load_zeroshot, results_table
 from sdsengine.models import default_gguf, load_model
 from sdsengine.nn import convert, save_compressed, set_lean
@@ -197,8 +198,8 @@ def cmd_prune(args):
     config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
     _note_unused_gpu(config.device)
+    _refuse_out_over_inputs(args, "pruned", calib)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
-    _refuse_out_over_model(args, out, "pruned")
     if args.resume_dir:
         progress = Path(args.resume_dir).expanduser().resolve()
         if progress == out or out in progress.parents:
@@ -220,16 +221,29 @@ def cmd_prune(args):
           f"linears{ignored}, {result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
 
 
-def _refuse_out_over_model(args, out, done):
-    """--out must not be the model's directory or one holding it (the embedded default's too: its package):
-    the save would replace the model."""
+def _refuse_out_over_inputs(args, done, calib=None):
+    """--out must not be, or hold, what the run reads: the model's directory (the embedded default's too: its
+    package), the calibration file or the data directory: the save would replace them."""
+    out = Path(args.out).expanduser().resolve()
+    model = _model_path(args)
+    inputs = [(f"the model being {done} ({args.model or model})", model)]
+    if calib is not None:
+        if calib.dataset.endswith((".txt", ".jsonl")):
+            inputs.append(("the calibration file", Path(calib.dataset)))
+        with contextlib.suppress(FileNotFoundError):  # a missing one is named by check_calibration_source
+            inputs.append(("the data directory", resolve_data_dir(calib.data_dir)))
+    for name, path in inputs:
+        path = path and path.expanduser().resolve()
+        if path is not None and (path == out or out in path.parents):
+            raise ValueError(f"--out {args.out} would replace {name}: write elsewhere")
+
+
+def _model_path(args):
+    """The model's file or directory (a hub id's path exists nowhere: harmless), None without the embedded one."""
     try:
-        model = Path(args.model).expanduser().resolve() if args.model else default_gguf().resolve()
-    except FileNotFoundError:  # no embedded model installed: nothing to replace
-        return
-    if model == out or out in model.parents:
-        raise ValueError(f"--out {args.out} would replace the model being {done} ({args.model or model}): write "
-                         "elsewhere")
+        return Path(args.model) if args.model else default_gguf()
+    except FileNotFoundError:
+        return None
 
 
 def _warn_unused_calibration(args):
@@ -273,33 +287,26 @@ def cmd_eval(args):
     print(results_table({source: results}))
     if args.json:
         payload = {"model": source, "versions": report.versions(), "results": results}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        files.write_whole(args.json, json.dumps(payload, indent=2))
     if args.samples:
         lines = [json.dumps({"task": task, **record}) for task, records in samples.items() for record in records]
-        Path(args.samples).write_text("".join(line + "\n" for line in lines))
+        files.write_whole(args.samples, "".join(line + "\n" for line in lines))
 
 
 def _check_result_files(args, tasks):
-    """Before any model time: --json and --samples name new files in existing directories, not a task file."""
-    inputs = {Path(t).expanduser().resolve() for t in tasks}
-    named = [(flag, Path(path).expanduser().resolve()) for flag, path in (("--json", args.json),
-                                                                           ("--samples", args.samples)) if path]
-    if len(named) == 2 and named[0][1] == named[1][1]:
-        raise ValueError(f"--json and --samples name the same file {named[0][1]}")
+    """Before any model time: --json and --samples name two new (or, with --overwrite, replaceable) files in
+    writable directories, neither a task file nor inside the model."""
+    named = [(flag, path) for flag, path in (("--json", args.json), ("--samples", args.samples)) if path]
+    if len(named) == 2 and Path(args.json).expanduser().resolve() == Path(args.samples).expanduser().resolve():
+        raise ValueError(f"--json and --samples name the same file {Path(args.json).expanduser().resolve()}")
+    reads = [Path(t) for t in tasks] + [p for p in [_model_path(args)] if p is not None]  # a task name: no such path
     for flag, path in named:
-        if path in inputs:
-            raise ValueError(f"{flag} {path} is a task file this evaluation reads: name another file")
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a directory: name a file")
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"{flag} {path}: no directory {path.parent}")
-        if path.exists() and not args.overwrite:
-            raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+        files.check_new_file(flag, path, args.overwrite, reads)
 
 
 def cmd_convert(args):
+    _refuse_out_over_inputs(args, "converted")
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
-    _refuse_out_over_model(args, out, "converted")
     model, tokenizer, source = load_model(args.model, _dtype(args) or "auto")
     model = _half_for_kernels(model, args)
     records = []

@@ -32,9 +32,9 @@ def test_eval_never_writes_over_its_own_task_file(tmp_path, capsys):
     task = tmp_path / "mine.jsonl"
     task.write_text('{"context": "a", "choices": [" b", " c"], "label": 0}\n')
     _refused(["eval", "--model", NO_MODEL, "--tasks", str(task), "--samples", str(task)], capsys,
-             "is a task file this evaluation reads")
+             "would overwrite .*mine.jsonl, which this run reads")
     _refused(["eval", "--model", NO_MODEL, "--tasks", str(task), "--json", str(task), "--overwrite"], capsys,
-             "is a task file this evaluation reads")
+             "would overwrite .*mine.jsonl, which this run reads")
     assert task.read_text() == '{"context": "a", "choices": [" b", " c"], "label": 0}\n'
 
 
@@ -108,6 +108,63 @@ def test_an_output_under_a_file_is_refused_before_work(tmp_path, capsys):
     _refused(["convert", "--model", NO_MODEL, "--out", str(tmp_path / "afile" / "sub" / "packed")], capsys,
              "lies under .*afile, which is a file")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_prune_never_writes_over_its_calibration_file_or_data_directory(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier checkpoint, which --overwrite may replace...
+    calib = out / "calib.txt"  # ...but not with the calibration text inside it
+    calib.write_text("some text")
+    argv = ["prune", "--method", "wanda", "--sparsity", "2:4", "--model", NO_MODEL, "--out", str(out), "--overwrite"]
+    _refused([*argv, "--calib", str(calib)], capsys, "would replace the calibration file")
+    monkeypatch.setenv("SDSENGINE_DATA_DIR", str(out))
+    _refused(argv, capsys, "would replace the data directory")
+    assert calib.read_text() == "some text"
+
+
+def test_eval_result_files_are_never_the_models_and_must_be_writable(tmp_path, capsys, monkeypatch):
+    import sdsengine.files
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("weights")
+    argv = ["eval", "--model", str(model), "--tasks", "wikitext2", "--overwrite"]
+    _refused([*argv, "--json", str(model / "model.safetensors")], capsys,
+             "would overwrite .*model, which this run reads")
+    _refused([*argv[:4], "piqa", "--samples", str(model / "answers.jsonl")], capsys, "which this run reads")
+    assert (model / "model.safetensors").read_text() == "weights"
+    monkeypatch.setattr(sdsengine.files.os, "access", lambda path, mode: False)  # root ignores chmod
+    _refused(["eval", "--model", NO_MODEL, "--tasks", "wikitext2", "--json", str(tmp_path / "r.json")], capsys,
+             f"--json .*r.json: {tmp_path} is not writable")
+
+
+def test_a_failed_result_write_keeps_the_earlier_file(tmp_path, monkeypatch):
+    """eval's and bench's result files are written whole: a full disk halfway leaves the earlier file as it was
+    (it was truncated to the part written) and no temporary file."""
+    from sdsengine.files import write_whole
+    target = tmp_path / "results.json"
+    target.write_text("earlier results")
+    real_write = type(target).write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write(self, text[:5])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(target), "write_text", full_disk)
+    with pytest.raises(OSError, match=f"could not write {target} .*No space left.*it is as it was"):
+        write_whole(target, '{"results": 1}')
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"] and target.read_bytes() == b"earlier results"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a directory: name a file"),
+    (lambda p: None, "no directory"),
+])
+def test_bench_result_file_is_checked_before_measuring(tmp_path, capsys, make, message):
+    target = tmp_path / "r.json"
+    make(target)
+    if message == "no directory":
+        target = tmp_path / "no" / "r.json"
+    _refused(["bench", "--shapes", "64x64", "--json", str(target), "--overwrite"], capsys, message)
 
 
 # ---- evaluation arguments ----------------------------------------------------------------------------------

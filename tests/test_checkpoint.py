@@ -1,5 +1,6 @@
 """Saving never clobbers, and a failed save leaves nothing half-written."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,13 +43,54 @@ def test_failed_save_leaves_no_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces(tmp_path):
+def test_overwrite_replaces_an_earlier_checkpoint(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "old.txt").write_text("old")
     save_checkpoint(tiny_model("gpt2"), None, out, {"x": 1}, overwrite=True)
     assert not (out / "old.txt").exists() and (out / REPORT_NAME).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_deletes_a_folder_that_holds_no_checkpoint(tmp_path, monkeypatch):
+    """--overwrite replaces the output whole: a folder of the user's own files (no config.json or
+    sdsengine.json), the current directory or one holding it, is refused, and nothing in it is touched."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no model checkpoint .*--overwrite would delete everything"):
+        save_checkpoint(tiny_model("gpt2"), None, project, {}, overwrite=True)
+    (project / "config.json").write_text("{}")  # even a checkpoint, when it is where the user stands
+    monkeypatch.chdir(project / "src")
+    for out in (project, Path(".."), Path("../..")):
+        with pytest.raises(FileExistsError, match="the current directory or holds it"):
+            check_output_dir(out, overwrite=True)
+    assert (project / "thesis.tex").read_text() == "mine" and (project / "src").is_dir()
+
+
+def test_a_full_disk_while_saving_is_named_and_changes_nothing(tmp_path):
+    """safetensors reports a full disk as its own SafetensorError: the error names the output, and an
+    earlier checkpoint there stays."""
+    from safetensors import SafetensorError
+    out = save_checkpoint(tiny_model("gpt2"), None, tmp_path / "out", {"run": 1})
+
+    class FullDisk(torch.nn.Module):
+        def save_pretrained(self, path, **kwargs):
+            (path / "model.safetensors").write_bytes(b"part")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(OSError, match=f"could not write {out} .*No space left.*nothing was written"):
+        save_checkpoint(FullDisk(), None, out, {"run": 2}, overwrite=True)
+    assert json.loads((out / REPORT_NAME).read_text()) == {"run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_earlier_checkpoint_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
+    out = save_checkpoint(tiny_model("gpt2"), None, tmp_path / "out", {"run": 1})
+    monkeypatch.setattr("sdsengine.checkpoint.shutil.rmtree", lambda path, ignore_errors=False: None)
+    with pytest.warns(UserWarning, match=r"earlier contents at .*\.out\.old-.* could not all be removed"):
+        save_checkpoint(tiny_model("gpt2"), None, out, {"run": 2}, overwrite=True)
+    assert json.loads((out / REPORT_NAME).read_text()) == {"run": 2}
 
 
 def test_an_empty_directory_is_filled_in_place(tmp_path):

@@ -208,6 +208,9 @@ def test_convert_overwrite_and_its_own_source(tmp_path, capsys):
     packed = tmp_path / "packed"
     packed.mkdir()
     (packed / "old.txt").write_text("old")
+    assert main(["convert", "--model", str(src), "--out", str(packed), "--overwrite"]) == 2
+    assert "holds no model checkpoint" in capsys.readouterr().err and (packed / "old.txt").exists()
+    (packed / "config.json").write_text("{}")  # an earlier checkpoint: --overwrite replaces it
     assert main(["convert", "--model", str(src), "--out", str(packed)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and (packed / "old.txt").exists()
     assert main(["convert", "--model", str(src), "--out", str(packed), "--overwrite"]) == 0

@@ -27,7 +27,7 @@ def _config(kind):
     return SDSConfig(sparsity="2:4", base="wanda", iters=5, refit=3, teacher="dense")  # carries the dense stream
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # as a kill would: no handler of Exception catches it
     pass
 
 
@@ -46,13 +46,13 @@ def _stop_at(monkeypatch, index):
 
 
 def _stop_before_manifest(monkeypatch, nth, config, samples, progress):
-    """A prune that stops as its nth manifest was about to replace the last one: a kill while saving."""
+    """A prune that stops as its nth layer's manifest was about to replace the last one: a kill while saving."""
     real_replace, manifests = resume.os.replace, []
 
     def replace(src, dst):
         if Path(dst).name == MANIFEST:
             manifests.append(dst)
-            if len(manifests) == nth:
+            if len(manifests) == nth + 1:  # the first says no layer is done
                 raise _Stop
         real_replace(src, dst)
     with monkeypatch.context() as m:
@@ -167,7 +167,7 @@ def test_a_first_save_stopped_before_its_manifest_starts_over(tmp_path, monkeypa
     progress = tmp_path / "progress"
     _stop_before_manifest(monkeypatch, 1, config, samples, progress)
     (progress / "activations-0002.pt.tmp").write_text("half written")
-    assert not (progress / MANIFEST).exists() and (progress / "layer-0000.pt").exists()
+    assert json.loads((progress / MANIFEST).read_text())["done"] == 0 and (progress / "layer-0000.pt").exists()
     resumed = _model()
     with monkeypatch.context() as m:
         calls = _stop_at(m, -1)
@@ -204,3 +204,56 @@ def test_a_directory_of_files_that_only_look_like_progress_is_refused_and_kept(t
     with pytest.raises(FileExistsError, match="holds no sdsengine progress"):
         ResumeStore(tmp_path).check()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.tmp", "layer-17.pt", "notes.tmp"]
+
+
+def test_a_directory_of_the_users_files_under_the_stores_names_is_refused_and_kept(tmp_path):
+    """Without the store's progress.json (a run writes it before anything else), even files named as the
+    store names its own (activations.pt, layer-0000.pt) are the user's: refused, and nothing deleted."""
+    for name in ("activations.pt", "layer-0000.pt", "progress.json.tmp"):
+        (tmp_path / name).write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no sdsengine progress"):
+        sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
+                        resume_dir=tmp_path)
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["mine"] * 3
+
+
+def test_an_unwritable_resume_directory_is_named_before_any_work(tmp_path, monkeypatch):
+    writable = resume.os.access
+    monkeypatch.setattr(resume.os, "access", lambda path, mode: Path(path) != tmp_path and writable(path, mode))
+    with pytest.raises(PermissionError, match=f"resume directory {tmp_path / 'new'}: {tmp_path} is not a writable"):
+        ResumeStore(tmp_path / "new").check()
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_progress_saved_before(tmp_path, monkeypatch):
+    """A full disk while saving layer 1 (torch.save's own error names neither file nor disk): the error names
+    the directory and file, no temporary file stays, and the same command resumes from layer 1."""
+    config, samples = WandaConfig(sparsity="2:4"), tiny_tokens(3, 16)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if Path(path).name.startswith("layer-0001"):
+            Path(path).write_bytes(b"part")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        real_save(obj, path, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(resume.torch, "save", full_disk)
+        with pytest.raises(OSError, match=f"resume directory {tmp_path}: could not write layer-0001.pt "
+                                          r"\(\[enforce fail.*the progress saved before it is kept"):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
+    assert not list(tmp_path.glob("*.tmp")) and json.loads((tmp_path / MANIFEST).read_text())["done"] == 1
+    with monkeypatch.context() as m:
+        calls = _stop_at(m, -1)
+        sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
+    assert calls == [1, 2]
+
+
+def test_a_run_that_began_in_the_directory_after_this_one_looked_is_refused(tmp_path):
+    """Two runs started together on one empty directory: the second to begin finds the first's progress,
+    written before any layer, and stops instead of mixing its layers in."""
+    first, second = (ResumeStore(tmp_path) for _ in range(2))
+    first.identify(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16))
+    second.identify(_model(), WandaConfig(sparsity="4:8"), tiny_tokens(3, 16))
+    layers = adapters.decoder_layers(_model())
+    assert first.begin(layers, None, None, None) == []
+    with pytest.raises(ValueError, match="progress of another run"):
+        second.begin(layers, None, None, None)

@@ -2,16 +2,18 @@
 preempted job, a lost session, an out-of-memory kill) goes on from the last finished layer instead of
 starting over. A full-protocol SDS or BESA run on a CPU takes hours.
 
-The progress directory holds, once layers 0..k are done: their pruned weights (one file per layer), the
-activations layer k+1 reads (the pruned stream and, when the method carries it, the dense stream; a file
-named by the layer count), and progress.json: a fingerprint of the run (recipe, calibration tokens, original
-weights), how many layers are done, their reports, and which activations file goes with them. Each file is
-written under a temporary name and renamed into place, progress.json last, and the activations it no
-longer names are deleted only after it, so a run stopped at any point while saving resumes from the layer
-before or the one just saved. Progress made with another recipe,
-other calibration tokens or another model is refused, never mixed in.
+A run writes its progress.json (no layer done) before any other file, so a directory without one is never
+taken for progress and nothing in it is deleted. Once layers 0..k are done, the directory holds: their
+pruned weights (one file per layer), the activations layer k+1 reads (the pruned stream and, when the
+method carries it, the dense stream; a file named by the layer count), and progress.json: a fingerprint of
+the run (recipe, calibration tokens, original weights), how many layers are done, their reports, and which
+activations file goes with them. Each file is written under a temporary name and renamed into place,
+progress.json last, and the activations it no longer names are deleted only after it, so a run stopped at
+any point while saving resumes from the layer before or the one just saved. Progress made with another
+recipe, other calibration tokens or another model is refused, never mixed in.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -35,18 +37,19 @@ class ResumeStore:
         self.earlier_seconds = 0.0  # their pruning time, as that run measured it
 
     def check(self):
-        """Fail before any work if the directory holds something other than sdsengine progress."""
+        """Fail before any work if the directory holds something other than sdsengine progress, or could not
+        be written."""
         self._manifest()
+        existing = next(p for p in (self.dir, *self.dir.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"resume directory {self.dir}: {existing} is not a writable directory")
         return self
 
     def identify(self, model, config, samples):
         """Fingerprint the run (before any weight changes) and refuse another run's progress; called before
         the calibration inputs are captured, so a wrong directory is named before that work."""
         self.fingerprint = fingerprint(model, config, samples)
-        manifest = self._manifest()
-        if manifest is not None and manifest["fingerprint"] != self.fingerprint:
-            raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
-                             "recipe, calibration data or model); pass a new directory or delete that one")
+        self._own_progress()
         return self
 
     def begin(self, layers, inps, dense, report_type) -> list:
@@ -54,11 +57,9 @@ class ResumeStore:
         `dense` and return the finished layers' reports, else return []."""
         if self.fingerprint is None:
             raise RuntimeError("ResumeStore.begin() before identify()")
-        manifest = self._manifest()
-        if manifest is None:
-            for path in self._own_files():  # a first save stopped before its manifest: start over
-                path.unlink()
-            self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self._own_progress()  # again: another run may have begun here since identify()
+        if manifest is None or manifest["done"] == 0:
+            self._start(len(layers))
             return []
         done = manifest["done"]
         for i in range(done):
@@ -76,17 +77,32 @@ class ResumeStore:
         self.earlier_seconds = sum(r.seconds for r in reports)
         return reports
 
+    def _own_progress(self):
+        """This run's manifest, None if the directory holds none; refuses another run's."""
+        manifest = self._manifest()
+        if manifest is not None and manifest["fingerprint"] != self.fingerprint:
+            raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
+                             "recipe, calibration data or model); pass a new directory or delete that one")
+        return manifest
+
+    def _start(self, layers):
+        """A new run: the manifest first, so the directory is known as progress before anything is written;
+        what a first save stopped before its manifest moved on left behind goes."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for path in self._own_files():
+            path.unlink()
+        self._write_manifest({"fingerprint": self.fingerprint, "done": 0, "layers": layers, "activations": None,
+                              "reports": []})
+
     def save(self, layers, reports, inps, dense):
         """After layer len(reports)-1: its weights, the next layer's inputs, then the manifest."""
         done = len(reports)
-        _atomic_save(layers[done - 1].state_dict(), self._layer_file(done - 1))
+        self._write(self._layer_file(done - 1), functools.partial(torch.save, layers[done - 1].state_dict()))
         activations = self._activations_file(done)
-        _atomic_save({"done": done, "inps": inps, "dense": dense.inps if dense is not None else None}, activations)
-        manifest = {"fingerprint": self.fingerprint, "done": done, "layers": len(layers),
-                    "activations": activations.name, "reports": [dataclasses.asdict(r) for r in reports]}
-        tmp = self.dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, self.dir / MANIFEST)
+        saved = {"done": done, "inps": inps, "dense": dense.inps if dense is not None else None}
+        self._write(activations, functools.partial(torch.save, saved))
+        self._write_manifest({"fingerprint": self.fingerprint, "done": done, "layers": len(layers),
+                              "activations": activations.name, "reports": [dataclasses.asdict(r) for r in reports]})
         for older in self._activations_files():  # only now: until the manifest moved on, they were its
             if older != activations:
                 older.unlink()
@@ -112,11 +128,25 @@ class ResumeStore:
             if not isinstance(manifest, dict) or not {"fingerprint", "done", "reports"} <= manifest.keys():
                 raise ValueError(f"{path} is damaged (not sdsengine progress); delete {self.dir} to start over")
             return manifest
-        # only what a first save stopped before its manifest leaves behind: ours, and nothing to resume
-        if self.dir.exists() and (not self.dir.is_dir() or set(self.dir.iterdir()) - set(self._own_files())):
+        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
             raise FileExistsError(f"resume directory {self.dir} exists and holds no sdsengine progress; "
                                   "pass an empty or new directory")
         return None
+
+    def _write_manifest(self, manifest):
+        self._write(self.dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest)))
+
+    def _write(self, path, write):
+        """write(tmp), then tmp renamed to path: a file is there whole or not at all. A failure (a full or
+        read-only disk) names the file, and the progress saved before it stays."""
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except Exception as exc:  # torch.save's own errors are RuntimeErrors naming neither file nor disk
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"resume directory {self.dir}: could not write {path.name} ({exc}); the progress saved "
+                          "before it is kept") from exc
 
     def _own_files(self):
         """Every file but the manifest this store writes, and a stopped save's temporary files: by their exact
@@ -166,9 +196,3 @@ def _sums(t):
         total += float(part.sum())
         absolute += float(part.abs().sum())
     return total, absolute
-
-
-def _atomic_save(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -1,0 +1,39 @@
+"""A user's result files (eval's --json and --samples, bench's --json): checked before any work, written
+whole or not at all, so that a long run never ends on an unwritable path and a failed write never leaves an
+earlier file truncated."""
+import os
+from pathlib import Path
+
+
+def check_new_file(flag, path, overwrite, reads=()):
+    """Refuse, naming flag, a path that could not be written or must not be: a directory, one in a missing
+    or unwritable directory, an existing file without overwrite, or one inside `reads` (files and
+    directories the run reads)."""
+    path = Path(path).expanduser().resolve()
+    for source in reads:
+        source = Path(source).expanduser().resolve()
+        if path == source or source in path.parents:
+            raise ValueError(f"{flag} {path} would overwrite {source}, which this run reads: name another file")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: name a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no directory {path.parent}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {path.parent} is not writable")
+    return path
+
+
+def write_whole(path, text):
+    """Write text to path through a temporary file renamed into place; on failure path is as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(f"could not write {path} ({exc}); it is as it was") from exc
+        raise
