@@ -4,12 +4,14 @@ many records met their target; then every suite step, record and target that fai
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
 Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch,
-spmm_bf16 and e2e_full (lists of records; see README.md) and the step table gpu_suite.sh writes. Standard
-library only, so it still reports when the install failed.
+spmm_bf16 and e2e_full (lists of records; see README.md), the step table gpu_suite.sh writes, and the test
+steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). Standard library only, so it
+still reports when the install failed.
 """
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +26,13 @@ GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2
 # weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's
 RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense")
 MAX_LISTED = 25
+TEST_STEPS = ("kernel_tests", "gpu_tests")
+SKIPS_BY_DESIGN = (  # a backend this GPU cannot have; a CPU-only check that a GPU run leaves to the GPU tests
+    "PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x",
+    "needs compute capability 9.0 (wgmma.sp is sm_90a code)",
+    "the wgmma.sp kernel runs on compute capability 9.0 only",
+    "on a GPU the GPU tests check the pipelines themselves",
+)
 
 
 def load(path):
@@ -101,6 +110,24 @@ def step_problems(path):
     return [f"step {r['step']}: {r['status']} (rc {r['rc']}, {r['seconds']} s)" for r in rows if r["status"] != "ok"]
 
 
+def skip_problems(directory, ran=None):
+    """Lines for the test steps' skips that are not by design, one per kind of reason (numbers and shapes
+    folded), with how many tests skipped for it."""
+    lines = []
+    for step in TEST_STEPS:
+        path = directory / f"{step}_skips.tsv"
+        if not path.exists() or (ran is not None and step not in ran):
+            continue
+        kinds = {}
+        for line in path.read_text().splitlines():
+            reason = line.partition("\t")[2]
+            if not any(expected in reason for expected in SKIPS_BY_DESIGN):
+                kind = re.sub(r"\d+", "#", reason)[:100]
+                kinds[kind] = kinds.get(kind, 0) + 1
+        lines += [f"step {step}: {n} test(s) skipped: {kind}" for kind, n in sorted(kinds.items(), key=lambda k: -k[1])]
+    return lines
+
+
 def print_rows(rows):
     cols = list(rows[0])
     widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
@@ -121,7 +148,7 @@ def main(argv=None):
     older = [n for n in BENCHES if ran is not None and n not in ran and (Path(args.dir) / f"{n}.json").exists()]
     if older:  # a SUITE_STEPS re-run keeps the other steps' files: say which figures are not from this run
         print(f"\nfrom an earlier run (not a step of this one): {', '.join(older)}")
-    issues = step_problems(steps) + issues
+    issues = step_problems(steps) + skip_problems(Path(args.dir), ran) + issues
     print(f"\n{len(issues)} failed, skipped or missed:" if issues else "\nnothing failed, skipped or missed")
     for line in issues[:MAX_LISTED]:
         print(f"  {line}")

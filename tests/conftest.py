@@ -1,6 +1,9 @@
 """The only place that decides what runs where: GPU tests skip without CUDA; Triton kernels run under
-the interpreter on CPU (TRITON_INTERPRET must be set before triton is imported)."""
+the interpreter on CPU (TRITON_INTERPRET must be set before triton is imported). In the GPU suite
+(SDSENGINE_GPU_SUITE=1) a missing GPU is an error, and every skip is written down (SDSENGINE_SKIPS), so that
+tests that skipped are never reported as passed."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,22 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by the GPU suite)")
     config.addinivalue_line("markers", "slow: real-model or large-shape test")
+    if os.environ.get("SDSENGINE_GPU_SUITE") == "1" and not HAS_CUDA:
+        raise pytest.UsageError("SDSENGINE_GPU_SUITE=1 (the GPU suite), but torch sees no CUDA device: every GPU "
+                                "test would skip")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where SDSENGINE_SKIPS names a file: each skipped test and why, one per line (node id, tab, reason)."""
+    path = os.environ.get("SDSENGINE_SKIPS")
+    if not path:
+        return
+    lines = []
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = " ".join(reason.removeprefix("Skipped: ").split())  # one line
+        lines.append(f"{report.nodeid}\t{reason}\n")
+    Path(path).write_text("".join(lines))
 
 
 @pytest.fixture

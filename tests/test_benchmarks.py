@@ -95,6 +95,38 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     assert "from an earlier run (not a step of this one): wanda, compress" in out
 
 
+def test_summary_names_the_test_steps_skips_that_are_not_by_design(benchmark, tmp_path, capsys):
+    """A test step whose tests all skipped exits 0 and reads ok: the summary lists its skips, folded by kind,
+    but not those a GPU of this kind has by design (CUTLASS off 8.x)."""
+    skips = ["tests/test_ops.py::a[cutlass]\tPyTorch's CUTLASS 2:4 kernel needs compute capability 8.x, not 9.0",
+             "tests/test_ops.py::a[cusparselt-16]\tcuSPARSELt (plain form) failed its self-check: wrong result 0.5",
+             "tests/test_ops.py::a[cusparselt-1]\tcuSPARSELt (plain form) failed its self-check: wrong result 0.25"]
+    (tmp_path / "gpu_tests_skips.tsv").write_text("\n".join(skips) + "\n")
+    (tmp_path / "suite_steps.tsv").write_text("step\tstatus\trc\tseconds\ngpu_tests\tok\t0\t90\n")
+    capsys.readouterr()
+    assert benchmark("summarize").main(["--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step gpu_tests: 2 test(s) skipped: cuSPARSELt (plain form) failed its self-check: wrong result #.#" in out
+    assert "CUTLASS" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite's tests skip only without a GPU")
+def test_the_gpu_suites_tests_write_their_skips_and_refuse_to_run_without_a_gpu(tmp_path):
+    """The GPU suite's test steps (tests/conftest.py): each skip and its reason go to SDSENGINE_SKIPS; with
+    SDSENGINE_GPU_SUITE=1 and no CUDA device pytest stops with a usage error instead of skipping everything."""
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods_gpu.py"]
+    skips = tmp_path / "skips.tsv"
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, SDSENGINE_SKIPS=str(skips)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = skips.read_text().splitlines()
+    assert len(lines) == 11 and all(line.endswith("\tneeds a CUDA GPU") for line in lines), lines
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, SDSENGINE_GPU_SUITE="1"))
+    assert done.returncode == 4 and "torch sees no CUDA device" in done.stderr, done.stdout + done.stderr
+
+
 def test_summary_shows_the_host_wait(benchmark, tmp_path, capsys):
     """ms / device_ms (> 1: the call waited on its host side) per group, and in a missed target's line."""
     base = {"bench": "wanda", "shape": "64x64", "dtype": "float16", "pattern": "0.5", "status": "ok",

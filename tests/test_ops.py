@@ -659,12 +659,37 @@ def test_binding_names_bad_inputs(bad_input_results, case):
     assert BAD_INPUTS[case][1] in bad_input_results[case], bad_input_results[case]
 
 
+def absent_by_design(backend):
+    """Whether this GPU and torch build cannot have the backend at all (not a failure of it)."""
+    capability = torch.cuda.get_device_capability()
+    if backend == "cutlass":
+        return capability[0] != 8
+    if backend in ops.WGMMA_PIPELINES:
+        return capability != (9, 0)
+    if backend == "cusparselt":
+        return not (hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available())
+    return False
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_probe_self_check_passes(dtype):
+    """Every backend this GPU can have passes its check: one that failed it (in a child process, or here) or
+    that the suite turned off after a failed check must fail here, not turn its tests into skips."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("no sparse tensor cores before compute capability 8.0")
     info = ops.probe("cuda", dtype, self_check=True)
-    failed = {b: s for b, s in info["backends"].items() if s.startswith("failed")}
-    assert not failed, info
+    not_ok = {b: s for b, s in info["backends"].items() if s != "ok" and not absent_by_design(b)}
+    assert not not_ok, info
+
+
+@pytest.mark.gpu
+def test_cusparselt_passes_its_child_check():
+    """run_backend skips an unavailable backend; where torch has cuSPARSELt, a failed check of it (of the
+    library, or of our use of it in either form) must fail here instead."""
+    if torch.cuda.get_device_capability()[0] < 8 or absent_by_design("cusparselt"):
+        pytest.skip("no cuSPARSELt on this GPU or in this torch build")
+    assert ops.cusparselt_error() is None, ops.cusparselt_error()
 
 
 def test_child_process_check_reports_the_failure_and_passes_a_clean_run():
