@@ -378,6 +378,12 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as exc:  # OSError: missing files, full or read-only disks
         print(f"sdsengine: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what is left and what to do, not a traceback
+        progress = getattr(args, "resume_dir", None)
+        kept = f"; the finished layers are kept in {progress}: the same command goes on from there" if progress \
+            else ""
+        print(f"sdsengine: interrupted, nothing was saved{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -334,3 +334,17 @@ def test_magnitude_ignores_a_resume_directory_and_leaves_it_alone(tmp_path, caps
                  "--out", str(tmp_path / "out"), "--resume-dir", str(progress)]) == 0
     assert "ignoring --resume-dir" in capsys.readouterr().err
     assert sorted(p.name for p in progress.iterdir()) == ["layer-0000.pt", "progress.json"]
+
+
+def test_an_interrupted_prune_says_what_is_kept(tmp_path, capsys, monkeypatch):
+    import sdsengine.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_model", interrupted)
+    argv = ["prune", "--method", "wanda", "--sparsity", "2:4", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--resume-dir", str(tmp_path / "progress")]) == 130
+    assert f"interrupted, nothing was saved; the finished layers are kept in {tmp_path / 'progress'}" in \
+        capsys.readouterr().err
+    assert main(argv) == 130 and capsys.readouterr().err == "sdsengine: interrupted, nothing was saved\n"
+    assert not (tmp_path / "out").exists()
