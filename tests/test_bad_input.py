@@ -238,6 +238,36 @@ def test_config_numbers_of_other_numeric_types_pass():
 
 # ---- the Python API ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("config", [WandaConfig(sparsity="2:4"), SparseGPTConfig(sparsity="2:4"),
+                                    sdsengine.MagnitudeConfig(sparsity=0.5)], ids=["wanda", "sparsegpt", "magnitude"])
+def test_a_weight_holding_nan_or_inf_is_refused_by_name_before_any_work(config):
+    """Every method kept or spread it (SparseGPT carried one NaN along its row: 253 of 256) and the run saved
+    the NaNs, and for BESA N:M violations, as a success."""
+    model = tiny_model("llama")
+    weight = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        weight[0, 3], weight[2, 5] = float("nan"), float("inf")
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(ValueError, match="layer 1 mlp.down_proj: the weight holds 2 inf/NaN values"):
+        sdsengine.prune(model, config, tiny_tokens(), progress=False)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+
+
+def test_a_method_that_leaves_nan_stops_the_run(monkeypatch):
+    """Calibration inputs that overflow can turn a method's weights to NaN: the run stops at that layer
+    instead of reporting and saving them."""
+    from sdsengine.algorithms import wanda
+    real = wanda.prune
+
+    def overflowing(weight, stats, config):
+        pruned = real(weight, stats, config)
+        pruned[0, 0] = float("nan")
+        return pruned
+    monkeypatch.setattr(wanda, "prune", overflowing)
+    with pytest.raises(RuntimeError, match="layer 0 .*: wanda left 1 inf/NaN weights .*the run stops here"):
+        sdsengine.prune(tiny_model("llama"), WandaConfig(sparsity="2:4"), tiny_tokens(), progress=False)
+
+
 def test_ignore_flags_add_up(tmp_path):
     """--ignore given twice keeps both (it kept only the last), each may list several patterns."""
     from sdsengine.cli import parse_args, prune_configs

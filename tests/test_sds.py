@@ -450,3 +450,40 @@ def test_no_exact_fit_with_fewer_calibration_tokens_than_inputs(config):
     sdsengine.prune(enough, config, tiny_tokens(4, 64), progress=False)
     sdsengine.prune(plain := tiny_model("llama"), SparseGPTConfig(sparsity="2:4"), tiny_tokens(4, 64), progress=False)
     assert not all(torch.equal(a, b) for a, b in zip(enough.state_dict().values(), plain.state_dict().values()))
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", "4:8", "0.5"])
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+def test_a_linear_whose_inputs_were_all_zero_is_left_to_its_base(base, sparsity):
+    """H = 0 constrains nothing: the swaps' subset solves met a zero matrix (linalg.inv failed on every SDS
+    N:M default run where, say, a zeroed norm weight silenced a layer's inputs)."""
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    stats = Hessian(16, "cpu")
+    stats.add_batch(torch.zeros(64, 16))
+    pruned = sds.prune(w, stats, SDSConfig(sparsity=sparsity, base=base))
+    pruned = pruned[0] if isinstance(pruned, tuple) else pruned
+    assert torch.isfinite(pruned).all()
+    if sparsity != "0.5":
+        assert nm_violations(pruned, *map(int, sparsity.split(":"))) == 0
+
+
+def test_top_eigenvalue_of_a_huge_hessian():
+    """Iterates of H's own size overflowed fp32 norms past ~1e19 (inputs of ~3e9), read as H = 0: 1.0, and
+    a step 1e19 times too long that turned SDS's weights to NaN."""
+    for scale in (1e-30, 1.0, 1e19, 1e30):
+        assert least_squares.top_eigenvalue(torch.eye(64) * scale) == pytest.approx(1.05 * scale, rel=1e-5)
+    with pytest.raises(ValueError, match="statistics hold inf or NaN"):
+        least_squares.top_eigenvalue(torch.full((4, 4), float("inf")))
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", "0.5"])
+def test_sds_with_a_massive_activation_channel_stays_finite(sparsity):
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 64, generator=gen), torch.randn(256, 64, generator=gen)
+    x[:, 5] *= 1e10  # H's largest entry ~1e20: finite, but its iterates' norms were not
+    stats = Hessian(64, "cpu")
+    stats.add_batch(x)
+    pruned, info = sds.prune(w, stats, SDSConfig(sparsity=sparsity, base="sparsegpt"))
+    assert torch.isfinite(pruned).all() and info["choice"] != "base", info
+    if sparsity == "2:4":
+        assert nm_violations(pruned, 2, 4) == 0

@@ -7,6 +7,7 @@ averaged over tokens: every step below works from H (and C, T for a teacher on o
 the tokens.
 """
 import itertools
+import math
 
 import torch
 
@@ -29,8 +30,9 @@ class Objective:
         C, T = (stats.C.float(), stats.T.float()) if self.dense else (self.H, self.H)
         self.B = self.w @ C
         self.ref = float(quadratic(self.w, T)) or 1e-30
-        # fewer calibration tokens than inputs: H is singular and exact fits are not unique (see refit)
-        self.determined = stats.tokens >= self.H.shape[0]
+        # fewer calibration tokens than inputs: H is singular and exact fits are not unique (see refit); and
+        # H = 0 (a linear whose inputs were all zero) constrains nothing
+        self.determined = stats.tokens >= self.H.shape[0] and bool(torch.diagonal(self.H).amax() > 0)
         self._top = None
 
     def grad(self, v):
@@ -56,13 +58,21 @@ def quadratic(d, H):
 def top_eigenvalue(H, iters=64, margin=1.05):
     """Largest eigenvalue of the PSD H by power iteration; the margin covers its underestimate. Started from
     the ones vector; where H maps that to zero though H is not zero (every token's inputs summing to zero),
-    started again from a seeded random vector. 1.0 for H = 0: no data, any step is stable."""
+    started again from a seeded random vector. 1.0 for H = 0: no data, any step is stable. Iterates on H
+    scaled to a largest entry of 1: vector norms of H's own size overflow fp32 past ~1e19 (inputs of ~3e9),
+    which read as H = 0 and gave a step 1e19 times too long."""
+    scale = float(H.abs().max()) if H.numel() else 0.0
+    if not math.isfinite(scale):
+        raise ValueError("the calibration statistics hold inf or NaN: the layer's inputs overflowed")
+    if scale == 0:
+        return 1.0
+    H = H / scale
     top = _power_iteration(H, torch.ones(H.shape[0], device=H.device, dtype=H.dtype), iters)
-    if top is None and H.any():
+    if top is None:
         generator = torch.Generator(device=H.device).manual_seed(0)
         start = torch.rand(H.shape[0], generator=generator, device=H.device, dtype=H.dtype)
         top = _power_iteration(H, start, iters)
-    return 1.0 if top is None else top * margin
+    return 1.0 if top is None else top * scale * margin
 
 
 def _power_iteration(H, v, iters):

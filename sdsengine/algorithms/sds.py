@@ -165,7 +165,7 @@ def adjust(w2, objective, config, keep):
         if i == config.iters:
             break
         z = x - step * (grad + 2 * a * (x - w2))
-        x = z * project(z)
+        x = torch.where(project(z), z, 0)  # not z * mask: a NaN or inf dropped would stay as NaN
     return best
 
 

@@ -359,15 +359,21 @@ def _check_ignore_matches(model, layers, ignore):
 
 
 def check_prunable(targets, pattern):
-    """Fail before any work if a weight cannot hold the pattern."""
-    if not pattern.nm:
-        return
+    """Fail before any work if a weight cannot hold the pattern, or holds inf/NaN (which every method would
+    keep or spread: SparseGPT's updates carry one NaN along its row)."""
     for i, layer_targets in enumerate(targets):
         for name, module in layer_targets.items():
-            cols = adapters.get_weight(module).shape[1]
-            if cols % pattern.m:
-                raise ValueError(f"layer {i} {name}: in_features {cols} is not divisible by M={pattern.m} "
+            weight = adapters.get_weight(module)
+            if pattern.nm and weight.shape[1] % pattern.m:
+                raise ValueError(f"layer {i} {name}: in_features {weight.shape[1]} is not divisible by M={pattern.m} "
                                  f"of the {pattern} pattern; exclude it with --ignore")
+            if bad := _non_finite(weight):
+                raise ValueError(f"layer {i} {name}: the weight holds {bad} inf/NaN values; a damaged checkpoint "
+                                 "cannot be pruned")
+
+
+def _non_finite(weight):
+    return int(weight.numel() - torch.isfinite(weight).sum())
 
 
 def _report(index, targets, config, seconds, error):
@@ -375,9 +381,21 @@ def _report(index, targets, config, seconds, error):
     linears = {}
     for name, module in targets.items():
         w = adapters.get_weight(module)
-        linears[name] = {"shape": list(w.shape), "sparsity": counted_sparsity(w),
-                         "nm_violations": nm_violations(w, *pattern.nm) if pattern.nm else None}
+        violations = nm_violations(w, *pattern.nm) if pattern.nm else None
+        _refuse_broken(f"layer {index} {name}", w, violations, config)
+        linears[name] = {"shape": list(w.shape), "sparsity": counted_sparsity(w), "nm_violations": violations}
     return LayerReport(index, seconds, error, linears, memory=peak_memory(config.device))
+
+
+def _refuse_broken(where, weight, violations, config):
+    """Stop rather than report (and save) a weight a method broke: inf/NaN, from calibration inputs that
+    overflowed, or a group outside the pattern, a bug."""
+    if bad := _non_finite(weight):
+        raise RuntimeError(f"{where}: {config.method} left {bad} inf/NaN weights (did the layer's calibration "
+                           "inputs overflow?); the run stops here, nothing is saved")
+    if violations:
+        raise RuntimeError(f"{where}: {config.method} left {violations} groups outside the {config.sparsity} "
+                           "pattern (a bug: please report it); the run stops here, nothing is saved")
 
 
 def _activation_store(model, samples, device, dense_stream, progress):
