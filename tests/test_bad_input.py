@@ -365,8 +365,8 @@ def test_sparse_linear_names_bad_shapes(tmp_path):
 def test_a_damaged_compressed_checkpoint_is_named(tmp_path, manifest, message):
     with pytest.warns(UserWarning, match="none of the 15 linear layers is converted"):  # not pruned: fine here
         packed = sdsengine.save_compressed(sdsengine.convert(tiny_model("llama")), tmp_path / "packed")
-    (packed / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+    (packed / "sdsengine_compressed.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no sdsengine_compressed.safetensors"):
         sdsengine.load_compressed(packed)
     (packed / "sdsengine_compressed.json").write_text(manifest)
     with pytest.raises(ValueError, match=message):
@@ -416,7 +416,7 @@ def test_damaged_compressed_weights_or_entries_are_named(tmp_path, damage, messa
         model.model.layers[0].mlp.up_proj.meta[1, 0] = 0x44444440
     packed = sdsengine.save_compressed(model, tmp_path / "packed")
     if damage == "truncate":
-        weights = packed / "model.safetensors"
+        weights = packed / "sdsengine_compressed.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
     elif callable(damage):
         _edit_manifest(packed, damage)

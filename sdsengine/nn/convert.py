@@ -37,7 +37,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency; keep nn 
         pass
 
 MANIFEST = "sdsengine_compressed.json"
-WEIGHTS = "model.safetensors"
+# not model.safetensors: transformers' from_pretrained would take the directory for a dense checkpoint and
+# fill every compressed linear with random weights, with no error; so it finds no weights file and says so
+WEIGHTS = "sdsengine_compressed.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # checkpoints written before 2026-12-02
 FORMAT = "sdsengine-2:4-compressed"
 
 log = logging.getLogger("sdsengine")
@@ -52,7 +55,9 @@ class Conversion:
 
 
 def convert(model, ignore=("lm_head",), report=None):
-    """Replace every 2:4 nn.Linear / Conv1D of `model` with SparseLinear, in place; returns the model.
+    """Replace every 2:4 nn.Linear / Conv1D of `model` with SparseLinear, in place; returns the model, for
+    inference (SparseLinear's weights are frozen buffers), saved with save_compressed (its save_pretrained
+    refuses: transformers would load that checkpoint with random weights).
 
     ignore: fnmatch patterns matched against a module's full name or its last name component.
     report: a list to receive one Conversion per linear layer; a summary is logged either way.
@@ -61,6 +66,7 @@ def convert(model, ignore=("lm_head",), report=None):
         raise TypeError(f"convert takes a model (an nn.Module), got {type(model).__name__}")
     records = [] if report is None else report
     ignore = ignore_patterns(ignore)
+    already = sum(isinstance(m, SparseLinear) for m in model.modules())  # converted before: no warning for them
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, (nn.Linear, Conv1D)):
@@ -69,7 +75,9 @@ def convert(model, ignore=("lm_head",), report=None):
                 records.append(record)
             if done[id(module)] is not None:
                 _set_submodule(model, name, done[id(module)])
-    _log_summary(records)
+    _log_summary(records, already)
+    if already or any(m is not None for m in done.values()):
+        _refuse_save_pretrained(model)
     if any(m is not None and m.values.dtype == torch.float32 for m in done.values()):  # prune's default dtype
         warnings.warn("sdsengine.convert: float32 SparseLinears always run the dense fallback (the sparse kernels "
                       "need float16 or bfloat16): convert model.to(torch.bfloat16) or .half() instead")
@@ -96,13 +104,26 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _log_summary(records):
+def _refuse_save_pretrained(model):
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _save_pretrained_refused  # this instance only; save_compressed saves it
+
+
+def _save_pretrained_refused(*args, **kwargs):
+    """A converted model's save_pretrained: its checkpoint would hold compressed tensors under names that
+    from_pretrained does not know, and load as random weights without an error."""
+    raise TypeError("a model converted to SparseLinear is saved with sdsengine.save_compressed(model, directory, "
+                    "tokenizer) and loaded with sdsengine.load_compressed; save_pretrained would write a checkpoint "
+                    "that transformers loads with random weights in place of every compressed linear")
+
+
+def _log_summary(records, already=0):
     done = [r for r in records if r.action == "converted"]
     log.info("sdsengine.convert: %d of %d linear layers converted to SparseLinear", len(done), len(records))
     for r in records:
         if r.action != "converted":
             log.info("  kept dense: %s %s: %s", r.name, r.shape, r.reason)
-    if records and not done:  # the usual cause: a model pruned unstructured, or not pruned at all
+    if records and not done and not already:  # the usual cause: a model pruned unstructured, or not pruned at all
         warnings.warn(f"sdsengine.convert: none of the {len(records)} linear layers is converted "
                       f"({skip_reasons(records)}); SparseLinear needs 2:4 weights")
 
@@ -167,7 +188,8 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
             manifest.get("sparse_modules"), dict):
         raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint manifest")
-    if not (directory / WEIGHTS).is_file():
+    weights = next((directory / name for name in (WEIGHTS, LEGACY_WEIGHTS) if (directory / name).is_file()), None)
+    if weights is None:
         raise FileNotFoundError(f"compressed checkpoint {directory} has no {WEIGHTS}")
     shells = {name: _shell(directory, name, spec) for name, spec in manifest["sparse_modules"].items()}
     if dtype is None:  # the model's; manifests written before it was recorded: the first sparse layer's
@@ -178,12 +200,13 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     try:
         for name, shell in shells.items():
             _set_submodule(model, name, shell)
-        _load_weights(model, directory / WEIGHTS, device, dtype)
+        _load_weights(model, weights, device, dtype)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
     model.to(device)  # the buffers the model made itself (rotary frequencies)
     for name, shell in shells.items():
         check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
+    _refuse_save_pretrained(model)
     return model.eval()
 
 

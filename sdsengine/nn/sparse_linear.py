@@ -117,6 +117,12 @@ def _decompress_reordered(values_r, meta_r, rows, cols):
     return decompress_24(*ops.unreorder_24(values_r, meta_r, rows, cols), trusted=True)
 
 
+def _warn_frozen():
+    warnings.warn("SparseLinear runs in training mode on an input that requires grad, but its weights are frozen "
+                  "buffers that no optimizer updates (converted layers are for inference; train the dense model "
+                  "before converting)", stacklevel=3)
+
+
 def set_lean(model, lean=True):
     """Set `lean` on every SparseLinear of `model` (see SparseLinear.lean); returns how many there are."""
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
@@ -131,7 +137,14 @@ def token_bucket(n):
 
 
 class SparseLinear(nn.Module):
-    """y = x Wᵀ + b with W stored 2:4-compressed; same constructor arguments and forward as nn.Linear."""
+    """y = x Wᵀ + b with W stored 2:4-compressed; same constructor arguments and forward as nn.Linear.
+
+    For inference: W (and b) are buffers, not parameters, so an optimizer never sees them (a forward in
+    training mode on an input that requires grad warns). `.weight` is a decompressed copy: editing it changes nothing,
+    and assigning it is refused. Change a layer through load_state_dict or from_dense, not in place, where
+    it runs under torch.compile (compiled code does not see in-place edits of the buffers). Not an
+    nn.Linear subclass, so code that looks for nn.Linear (PEFT's LoRA) passes it by.
+    """
 
     _lean = False
     _released = None  # lean, the buffers given up: (values stand-in, meta stand-in, our kernel's form)
@@ -202,6 +215,12 @@ class SparseLinear(nn.Module):
         """The dense weight, decompressed on every access: for code that inspects .weight, not for compute."""
         return decompress_24(*self._canonical())
 
+    def __setattr__(self, name, value):
+        if name == "weight":  # nn.Module would raise a KeyError, or a plain setter keep the compressed one
+            raise TypeError("SparseLinear holds its weight compressed: make a new layer with SparseLinear.from_dense "
+                            "(weight, bias) or load one with load_state_dict")
+        super().__setattr__(name, value)
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
@@ -211,15 +230,19 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # reshape alone would accept any multiple of in_features
             raise ValueError(f"SparseLinear({self.in_features} -> {self.out_features}): input's last dimension must "
                              f"be {self.in_features}, got shape {tuple(x.shape)}")
-        if x.dtype != values.dtype and torch.is_autocast_enabled(x.device.type):
+        if self.training and x.requires_grad:  # backpropagation through a model in training: fine-tuning?
+            _warn_frozen()
+        if torch.is_autocast_enabled(x.device.type):
+            if torch.get_autocast_dtype(x.device.type) != values.dtype:  # as nn.Linear: in autocast's dtype
+                return F.linear(x, self.weight, buffers["bias"])
             x = x.to(values.dtype)  # autocast casts nn.Linear's operands; ours is compressed in its dtype
         x2 = x.reshape(-1, self.in_features)
         if not torch.compiler.is_compiling():  # compiled code guards on the buffers itself; moves and reloads
             self._check_source(values, buffers["meta"])  # drop the forms either way (below)
         route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None
         if route is None:
-            if x2.shape[0] == 0:
-                return x2.new_empty(*x.shape[:-1], self.out_features)
+            if x2.shape[0] == 0:  # as nn.Linear: its dtype check, and an output autograd can go through
+                return F.linear(x, self.weight, buffers["bias"])
             route = self._route(x2.shape[0], x2.dtype)
         y = ops.run(*route, x2, buffers["bias"], self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -322,6 +322,52 @@ def test_no_route_is_remembered_while_capturing_before_tuning(fake_backends, fre
 # convert and checkpoints
 # ---------------------------------------------------------------------------------------------------
 
+def test_a_converted_checkpoint_never_loads_as_random_weights(tmp_path):
+    """transformers took a compressed checkpoint's directory (or a converted model's save_pretrained) for a
+    dense one and filled every compressed linear with random weights, without an error: the weights file
+    has its own name, and a converted model's save_pretrained is refused; an older checkpoint still loads."""
+    model = convert(tiny_llama().half())
+    with pytest.raises(TypeError, match="is saved with sdsengine.save_compressed"):
+        model.save_pretrained(tmp_path / "hf")
+    out = save_compressed(model, tmp_path / "ckpt")
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)
+    loaded = load_compressed(out)
+    with pytest.raises(TypeError, match="is saved with sdsengine.save_compressed"):
+        loaded.save_pretrained(tmp_path / "hf")
+    (out / "sdsengine_compressed.safetensors").rename(out / "model.safetensors")  # as written before 12-02
+    torch.testing.assert_close(logits(load_compressed(out), tokens()), logits(loaded, tokens()), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converting again: no "none of the linears is converted" warning
+        convert(model)
+
+
+def test_sparse_linear_is_a_drop_in_at_the_edges():
+    """Where it differed from nn.Linear: an empty batch lost autograd and the dtype check; under autocast to
+    another dtype the input was first rounded to the layer's (fp16 overflowed to inf); a new .weight raised
+    a KeyError; training a converted layer was silent."""
+    linear = pruned_linear(64, 32, dtype=torch.bfloat16)
+    sparse = SparseLinear.from_linear(linear).eval()
+    empty = torch.zeros(0, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = sparse(empty)
+    assert y.shape == (0, 32) and y.grad_fn is not None
+    with pytest.raises(RuntimeError):
+        sparse(torch.zeros(0, 64))  # float32 into a bfloat16 layer: refused, as nn.Linear does
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, want = sparse(x), linear(x)
+    assert got.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="holds its weight compressed"):
+        sparse.weight = nn.Parameter(linear.weight.detach().clone())
+    sparse.train()
+    with pytest.warns(UserWarning, match="weights are frozen buffers"):
+        sparse(x.bfloat16().requires_grad_())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse(x.bfloat16())  # inference on a layer left in training mode: no warning
+
+
 def test_convert_tiny_llama_same_logits():
     model = tiny_llama()
     model.model.layers[1].mlp.down_proj.weight.data += 1.0  # no longer 2:4: must stay dense
@@ -390,8 +436,8 @@ def test_save_load_roundtrip(tmp_path, tie):
     out = save_compressed(model, tmp_path / "ckpt")
     manifest = json.loads((out / "sdsengine_compressed.json").read_text())
     assert len(manifest["sparse_modules"]) == 14
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                    "sdsengine_compressed.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
+                                                    "sdsengine_compressed.json", "sdsengine_compressed.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     loaded = load_compressed(out)
     assert isinstance(loaded.model.layers[1].mlp.up_proj, SparseLinear)
@@ -437,9 +483,9 @@ def test_a_checkpoint_loads_without_building_the_dense_model(tmp_path, monkeypat
 
 def _rewrite_weights(out, edit):
     from safetensors.torch import load_file, save_file
-    state = load_file(out / "model.safetensors")
+    state = load_file(out / "sdsengine_compressed.safetensors")
     edit(state)
-    save_file(state, out / "model.safetensors")
+    save_file(state, out / "sdsengine_compressed.safetensors")
 
 
 def test_stored_tensors_take_the_dtype_the_model_holds(tmp_path):
@@ -736,7 +782,7 @@ def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
         save_compressed(model, tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "empty").mkdir()
-    assert (save_compressed(model, tmp_path / "empty") / "model.safetensors").exists()
+    assert (save_compressed(model, tmp_path / "empty") / "sdsengine_compressed.safetensors").exists()
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
