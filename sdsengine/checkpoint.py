@@ -15,13 +15,13 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 REPORT_NAME = "sdsengine.json"
-CHECKPOINT_MARKS = ("config.json", REPORT_NAME)  # a directory holding one is a checkpoint overwrite may replace
+# a directory holding one is a checkpoint overwrite may replace (the last: convert's manifest, nn/convert.py)
+CHECKPOINT_MARKS = ("config.json", REPORT_NAME, "sdsengine_compressed.json")
 
 
 def check_output_dir(out, overwrite=False) -> Path:
-    """Call before any work: refuse a non-empty directory unless overwrite is set (and even then one that
-    holds no checkpoint: overwrite replaces the whole directory), and a place the files could not be
-    written to."""
+    """Call before any work: refuse a non-empty directory that holds no checkpoint (overwrite replaces the
+    whole directory), one that does unless overwrite is set, and a place the files could not be written to."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
@@ -29,10 +29,10 @@ def check_output_dir(out, overwrite=False) -> Path:
     if blocked is not None:
         raise FileExistsError(f"output path {out} lies under {blocked}, which is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
+        _refuse_replacing(out)
         if not overwrite:
             raise FileExistsError(f"output directory {out} is not empty; pass --overwrite (overwrite=True in Python) "
                                   "to replace it")
-        _refuse_replacing(out)
     staging = _staging_parent(out)
     existing = next(p for p in (staging, *staging.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -41,15 +41,29 @@ def check_output_dir(out, overwrite=False) -> Path:
 
 
 def _refuse_replacing(out):
-    """overwrite deletes out whole: only an earlier checkpoint goes, never a folder of the user's own files."""
-    here, home = Path.cwd().resolve(), Path.home().resolve()
+    """A non-empty out that overwrite could not replace (it deletes out whole): only an earlier checkpoint may
+    go, never a folder of the user's own files."""
+    here, home = Path.cwd().resolve(), _home()
     if out == here or out in here.parents or out == home:
         what = "your home" if out == home else "the current directory or holds it"
-        raise FileExistsError(f"output directory {out} is {what}; --overwrite would delete it whole: name the "
+        raise FileExistsError(f"output directory {out} is {what}, which --overwrite would delete whole: name the "
                               "checkpoint's own directory")
+    entries = list(out.iterdir())
+    stopped = [e.name for e in entries if e.name.startswith(f".{out.name}.tmp-")]
+    if len(stopped) == len(entries):  # staged inside the empty out (a mount point) by a save that was killed
+        raise FileExistsError(f"output directory {out} holds only {', '.join(stopped)}, left by a save that was "
+                              "stopped: delete it and run again")
     if not any((out / mark).is_file() for mark in CHECKPOINT_MARKS):
-        raise FileExistsError(f"output directory {out} holds no model checkpoint (no {' or '.join(CHECKPOINT_MARKS)}), "
-                              "and --overwrite would delete everything in it: name a new or empty directory")
+        raise FileExistsError(f"output directory {out} is not empty and holds no model checkpoint (no "
+                              f"{' or '.join(CHECKPOINT_MARKS)}) for --overwrite to replace: name a new or empty "
+                              "directory")
+
+
+def _home():
+    try:
+        return Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry (a container's arbitrary user): no home to protect
+        return None
 
 
 def _staging_parent(out):

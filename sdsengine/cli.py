@@ -378,11 +378,10 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as exc:  # OSError: missing files, full or read-only disks
         print(f"sdsengine: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what is left and what to do, not a traceback
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (an output is written whole or not at all)
         progress = getattr(args, "resume_dir", None)
-        kept = f"; the finished layers are kept in {progress}: the same command goes on from there" if progress \
-            else ""
-        print(f"sdsengine: interrupted, nothing was saved{kept}", file=sys.stderr)
+        kept = f"; finished layers are kept in {progress} (--resume-dir)" if progress else ""
+        print(f"sdsengine: interrupted{kept}", file=sys.stderr)
         return 130
 
 

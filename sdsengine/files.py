@@ -26,8 +26,9 @@ def check_new_file(flag, path, overwrite, reads=()):
 
 
 def write_whole(path, text):
-    """Write text to path through a temporary file renamed into place; on failure path is as it was."""
-    path = Path(path)
+    """Write text to path (a link: to its target) through a temporary file renamed into place; on failure
+    path is as it was."""
+    path = Path(path).expanduser().resolve()
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text)

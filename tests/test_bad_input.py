@@ -97,7 +97,7 @@ def test_convert_refuses_a_non_empty_output_before_loading(tmp_path, capsys):
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "keep.txt").write_text("mine")
     _refused(["convert", "--model", NO_MODEL, "--out", str(tmp_path / "packed")], capsys,
-             "packed is not empty; pass --overwrite")
+             "packed is not empty and holds no model checkpoint")
     assert (tmp_path / "packed" / "keep.txt").read_text() == "mine"
 
 
@@ -153,6 +153,16 @@ def test_a_failed_result_write_keeps_the_earlier_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"could not write {target} .*No space left.*it is as it was"):
         write_whole(target, '{"results": 1}')
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"] and target.read_bytes() == b"earlier results"
+
+
+def test_a_result_file_given_as_a_link_is_written_through_it(tmp_path):
+    from sdsengine.files import write_whole
+    (tmp_path / "results").mkdir()
+    target = tmp_path / "results" / "r.json"
+    target.write_text("old")
+    (tmp_path / "latest.json").symlink_to(target)
+    write_whole(tmp_path / "latest.json", "new")
+    assert (tmp_path / "latest.json").is_symlink() and target.read_text() == "new"
 
 
 @pytest.mark.parametrize("make, message", [

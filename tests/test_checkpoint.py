@@ -59,7 +59,7 @@ def test_overwrite_never_deletes_a_folder_that_holds_no_checkpoint(tmp_path, mon
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
     (project / "thesis.tex").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds no model checkpoint .*--overwrite would delete everything"):
+    with pytest.raises(FileExistsError, match="holds no model checkpoint .* for --overwrite to replace"):
         save_checkpoint(tiny_model("gpt2"), None, project, {}, overwrite=True)
     (project / "config.json").write_text("{}")  # even a checkpoint, when it is where the user stands
     monkeypatch.chdir(project / "src")
@@ -67,6 +67,36 @@ def test_overwrite_never_deletes_a_folder_that_holds_no_checkpoint(tmp_path, mon
         with pytest.raises(FileExistsError, match="the current directory or holds it"):
             check_output_dir(out, overwrite=True)
     assert (project / "thesis.tex").read_text() == "mine" and (project / "src").is_dir()
+
+
+def test_a_stopped_save_inside_an_empty_output_is_named(tmp_path):
+    """A save staged inside an empty --out (a mount point) and killed leaves only its hidden staging folder:
+    named, with the remedy, rather than 'pass --overwrite' and then 'holds no checkpoint'."""
+    out = tmp_path / "mnt"
+    (out / ".mnt.tmp-abcd1234").mkdir(parents=True)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"holds only \.mnt\.tmp-abcd1234, left by a save that was stopped"):
+            check_output_dir(out, overwrite)
+
+
+def test_overwrite_replaces_a_compressed_checkpoint_of_any_model(tmp_path):
+    """save_compressed of a model that is not from transformers writes no config.json: its manifest marks it."""
+    from sdsengine.nn import SparseLinear, save_compressed
+    linear = torch.nn.Linear(64, 32).half()
+    with torch.no_grad():
+        linear.weight[:, 0::2] = 0
+    model = torch.nn.Sequential(SparseLinear.from_linear(linear))
+    out = save_compressed(model, tmp_path / "packed")
+    assert not (out / "config.json").exists()
+    assert save_compressed(model, out, overwrite=True) == out
+
+
+def test_no_home_directory_is_no_reason_to_fail(tmp_path, monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    out = save_checkpoint(tiny_model("gpt2"), None, tmp_path / "out", {"run": 1})
+    assert save_checkpoint(tiny_model("gpt2"), None, out, {"run": 2}, overwrite=True) == out
 
 
 def test_a_full_disk_while_saving_is_named_and_changes_nothing(tmp_path):

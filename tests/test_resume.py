@@ -211,10 +211,24 @@ def test_a_directory_of_the_users_files_under_the_stores_names_is_refused_and_ke
     store names its own (activations.pt, layer-0000.pt) are the user's: refused, and nothing deleted."""
     for name in ("activations.pt", "layer-0000.pt", "progress.json.tmp"):
         (tmp_path / name).write_text("mine")
-    with pytest.raises(FileExistsError, match="holds no sdsengine progress"):
+    with pytest.raises(FileExistsError, match="holds no sdsengine progress .*named as those of a save stopped in "
+                                              "its first layer by sdsengine before 2026-12-02"):
         sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
                         resume_dir=tmp_path)
     assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["mine"] * 3
+
+
+def test_a_run_stopped_in_its_first_layer_and_changed_says_nothing_is_lost(tmp_path, monkeypatch):
+    """Out of memory in layer 0, then run again with other settings: refused (a run still in its first layer
+    there must not be mixed with), saying that deleting the directory loses nothing."""
+    with monkeypatch.context() as m:
+        _stop_at(m, 0)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
+                            resume_dir=tmp_path)
+    with pytest.raises(ValueError, match="another run .*with no layer finished yet, so deleting it loses nothing"):
+        sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(2, 16), progress=False,
+                        resume_dir=tmp_path)
 
 
 def test_an_unwritable_resume_directory_is_named_before_any_work(tmp_path, monkeypatch):

@@ -61,29 +61,29 @@ def top_eigenvalue(H, iters=64, margin=1.05):
     started again from a seeded random vector. 1.0 for H = 0: no data, any step is stable. Iterates on H
     scaled to a largest entry of 1: vector norms of H's own size overflow fp32 past ~1e19 (inputs of ~3e9),
     which read as H = 0 and gave a step 1e19 times too long."""
-    scale = float(H.abs().max()) if H.numel() else 0.0
+    scale = float(torch.diagonal(H).amax()) if H.numel() else 0.0  # a PSD matrix's largest entry
     if not math.isfinite(scale):
         raise ValueError("the calibration statistics hold inf or NaN: the layer's inputs overflowed")
-    if scale == 0:
+    if scale <= 0:
         return 1.0
-    H = H / scale
-    top = _power_iteration(H, torch.ones(H.shape[0], device=H.device, dtype=H.dtype), iters)
+    top = _power_iteration(H, torch.ones(H.shape[0], device=H.device, dtype=H.dtype), iters, scale)
     if top is None:
         generator = torch.Generator(device=H.device).manual_seed(0)
         start = torch.rand(H.shape[0], generator=generator, device=H.device, dtype=H.dtype)
-        top = _power_iteration(H, start, iters)
-    return 1.0 if top is None else top * scale * margin
+        top = _power_iteration(H, start, iters, scale)
+    return 1.0 if top is None else top * margin
 
 
-def _power_iteration(H, v, iters):
-    """vᵀHv after `iters` normalized products from v, or None if H maps the iterate to zero."""
+def _power_iteration(H, v, iters, scale):
+    """vᵀHv after `iters` normalized products from v, or None if H maps the iterate to zero. Each product
+    is of H / scale (v is divided, not H copied), so its entries stay below H's size."""
     for _ in range(iters):
-        v = H @ v
+        v = H @ (v / scale)
         norm = v.norm()
         if norm == 0:
             return None
         v = v / norm
-    return float(v @ H @ v)
+    return float(v @ (H @ (v / scale))) * scale
 
 
 def refit(w, objective, iters, support=None):

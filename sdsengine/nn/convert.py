@@ -3,12 +3,14 @@
 `convert` leaves a layer dense when it is ignored, not 2:4, or has in_features % 32 != 0, and says so.
 transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn.Linear's (out, in).
 
-A compressed checkpoint is a directory holding model.safetensors (the state dict: values/meta/bias
-buffers for every SparseLinear, tied tensors stored once), sdsengine_compressed.json naming the
+A compressed checkpoint is a directory holding sdsengine_compressed.safetensors (the state dict:
+values/meta/bias buffers for every SparseLinear, tied tensors stored once; named so that transformers'
+from_pretrained finds no weights there rather than random ones), sdsengine_compressed.json naming the
 SparseLinear modules, their shapes and the model's dtype, the model's config.json and
 generation_config.json when it has them, and the tokenizer's files when one is given (so `sdsengine eval
 --model DIR` runs it). It is written as the pruned checkpoint is (checkpoint.staged_directory); a
-non-empty directory is replaced only with overwrite.
+non-empty directory is replaced only with overwrite. Convert the whole model: its save_pretrained is what
+refuses (a submodule converted alone leaves the outer model's save_pretrained as it was).
 """
 import fnmatch
 import json

@@ -120,7 +120,7 @@ def _decompress_reordered(values_r, meta_r, rows, cols):
 def _warn_frozen():
     warnings.warn("SparseLinear runs in training mode on an input that requires grad, but its weights are frozen "
                   "buffers that no optimizer updates (converted layers are for inference; train the dense model "
-                  "before converting)", stacklevel=3)
+                  "before converting)", stacklevel=2)
 
 
 def set_lean(model, lean=True):
@@ -230,11 +230,11 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # reshape alone would accept any multiple of in_features
             raise ValueError(f"SparseLinear({self.in_features} -> {self.out_features}): input's last dimension must "
                              f"be {self.in_features}, got shape {tuple(x.shape)}")
-        if self.training and x.requires_grad:  # backpropagation through a model in training: fine-tuning?
+        if self.training and x.requires_grad and not torch.compiler.is_compiling():  # fine-tuning it?
             _warn_frozen()
         if torch.is_autocast_enabled(x.device.type):
             if torch.get_autocast_dtype(x.device.type) != values.dtype:  # as nn.Linear: in autocast's dtype
-                return F.linear(x, self.weight, buffers["bias"])
+                return F.linear(x, self._dense_weight(), buffers["bias"])
             x = x.to(values.dtype)  # autocast casts nn.Linear's operands; ours is compressed in its dtype
         x2 = x.reshape(-1, self.in_features)
         if not torch.compiler.is_compiling():  # compiled code guards on the buffers itself; moves and reloads
@@ -242,7 +242,7 @@ class SparseLinear(nn.Module):
         route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None
         if route is None:
             if x2.shape[0] == 0:  # as nn.Linear: its dtype check, and an output autograd can go through
-                return F.linear(x, self.weight, buffers["bias"])
+                return F.linear(x, self._dense_weight(), buffers["bias"])
             route = self._route(x2.shape[0], x2.dtype)
         y = ops.run(*route, x2, buffers["bias"], self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -305,6 +305,11 @@ class SparseLinear(nn.Module):
         if self._holds_released():
             return ops.unreorder_24(*self._released_weight())
         return self.values, self.meta
+
+    def _dense_weight(self):
+        """The dense weight for one call, its metadata trusted (checked when made or loaded; the check would
+        synchronize with a GPU on every call)."""
+        return decompress_24(*self._canonical(), trusted=True)
 
     def _decompressing(self):
         """A lean layer's dense form: a function that decompresses the weight for one call, from the tensors

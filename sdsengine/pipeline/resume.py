@@ -81,8 +81,12 @@ class ResumeStore:
         """This run's manifest, None if the directory holds none; refuses another run's."""
         manifest = self._manifest()
         if manifest is not None and manifest["fingerprint"] != self.fingerprint:
+            # done 0: stopped in its first layer (out of memory, say) and run again with other settings; or a run
+            # that began there and is still on its first layer: not to be mixed with, so refused all the same
+            started = (" with no layer finished yet, so deleting it loses nothing (unless that run is still going)"
+                       if manifest["done"] == 0 else "")
             raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
-                             "recipe, calibration data or model); pass a new directory or delete that one")
+                             f"recipe, calibration data or model){started}; pass a new directory or delete that one")
         return manifest
 
     def _start(self, layers):
@@ -129,8 +133,12 @@ class ResumeStore:
                 raise ValueError(f"{path} is damaged (not sdsengine progress); delete {self.dir} to start over")
             return manifest
         if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
-            raise FileExistsError(f"resume directory {self.dir} exists and holds no sdsengine progress; "
-                                  "pass an empty or new directory")
+            own = self._own_files()
+            earlier = (" (its files are named as those of a save stopped in its first layer by sdsengine before "
+                       "2026-12-02, which wrote progress.json last: if so, deleting it loses nothing)"
+                       if own and len(own) == len(list(self.dir.iterdir())) else "")
+            raise FileExistsError(f"resume directory {self.dir} exists and holds no sdsengine progress (no "
+                                  f"{MANIFEST}); pass an empty or new directory{earlier}")
         return None
 
     def _write_manifest(self, manifest):

@@ -778,8 +778,8 @@ def test_save_refuses_non_empty_dir_but_fills_an_empty_one(tmp_path):
     model = convert(tiny_llama())
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not empty; pass --overwrite"):
-        save_compressed(model, tmp_path / "full")
+    with pytest.raises(FileExistsError, match="is not empty and holds no model checkpoint"):
+        save_compressed(model, tmp_path / "full", overwrite=True)
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "empty").mkdir()
     assert (save_compressed(model, tmp_path / "empty") / "sdsengine_compressed.safetensors").exists()
@@ -850,7 +850,13 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
     for backend in ops.available("cuda", torch.float16):  # the tuner may have chosen dense for these tiny layers
         with use_backend(backend):
-            torch.testing.assert_close(logits(model, ids).float(), before.float(), rtol=2e-2, atol=2e-2,
+            try:
+                forced = logits(model, ids)
+            except ops.BackendUnavailable:  # a library's shape limit (ours take every shape here)
+                if backend in ("cusparselt", "cutlass"):
+                    continue
+                raise
+            torch.testing.assert_close(forced.float(), before.float(), rtol=2e-2, atol=2e-2,
                                        msg=lambda m, b=backend: f"{b}: {m}")
     assert nm_violations(model.model.layers[0].mlp.up_proj.weight, 2, 4) == 0
     state = {k: t.clone() for k, t in model.state_dict().items()}
