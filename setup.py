@@ -50,10 +50,12 @@ setup(
     version="0.1.0",
     description="One-shot pruning of language models to 2:4 and other sparsity, with fast sparse kernels",
     packages=["sdsengine", "sdsengine.algorithms", "sdsengine.pipeline", "sdsengine.eval", "sdsengine.nn",
-              "sdsengine.kernels"],
+              "sdsengine.kernels", "sdsengine.csrc"],
     # kernels/ installs only as sdsengine.kernels, never as a top-level `kernels` (Hugging Face ships a
     # package of that name that transformers probes for); tests/test_packaging.py checks the built wheel.
-    package_dir={"sdsengine.kernels": "kernels"},
+    # csrc/'s sources go along as sdsengine/csrc, for the JIT build where the wheel was built without CUDA.
+    package_dir={"sdsengine.kernels": "kernels", "sdsengine.csrc": "csrc"},
+    package_data={"sdsengine.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.45", "safetensors", "tqdm", "numpy"],
     extras_require={

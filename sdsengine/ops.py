@@ -37,7 +37,9 @@ PAD_META = 0x44444444  # every group "keeps" columns 0 and 1 (valid, ordered) of
 LOCKS = 4096  # split-K tickets per prepared weight; automatic split-K needs fewer than 4 x (number of SMs)
 
 log = logging.getLogger("sdsengine")
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# the CUDA sources for a JIT build: in a wheel, package data; in a source checkout, csrc/ beside the package
+_CSRC = next((d for d in (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
+              if (d / "bindings.cpp").is_file()), Path(__file__).resolve().parent.parent / "csrc")
 _extension = {"module": None, "error": None, "tried": False}
 
 

@@ -42,6 +42,8 @@ def test_wheel_installs_kernels_only_inside_sdsengine(tmp_path):
     # kernels/ ships as sdsengine.kernels; a top-level `kernels` would shadow Hugging Face's package
     names = _build("build_wheel", tmp_path)
     assert "sdsengine/kernels/__init__.py" in names
+    sources = {Path(p).name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h")}
+    assert sources <= {n.removeprefix("sdsengine/csrc/") for n in names}  # for a JIT build without the checkout
     stray = [n for n in names if not n.startswith(("sdsengine/", "sdsengine-"))]
     assert not stray, stray
 
