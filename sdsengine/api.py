@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from sdsengine import report
+from sdsengine.algorithms import algorithm_for
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import calibration_protocol, calibration_samples
 from sdsengine.nn.sparse_linear import SparseLinear
@@ -52,25 +53,46 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
 
 
 def _calibration(model, config, calibration, tokenizer):
+    """(tokens, protocol) of the calibration given, or (None, None) for none or for a method that reads no data
+    (magnitude: building windows from a file would cost its tokenization and record data it never used)."""
+    if calibration is None or algorithm_for(config).STATS is None:
+        return None, None
     if isinstance(calibration, CalibrationConfig):
         adapters.check_seqlen(model, calibration.seqlen)
         if tokenizer is None:
             raise ValueError("a CalibrationConfig needs the tokenizer to build its windows")
         samples = calibration_samples(tokenizer, calibration)
+        _check_ids(model, samples, "the tokenizer's ids (is it the model's tokenizer?)")
         return samples, {**calibration.to_dict(), "sampler": calibration_protocol(calibration)}
-    if calibration is None:
-        return None, None
-    samples = torch.as_tensor(calibration)
-    if samples.dim() != 2 or 0 in samples.shape:
-        raise ValueError("calibration tokens must be (nsamples, seqlen), both positive, got shape "
-                         f"{tuple(samples.shape)}")
+    samples = _as_token_windows(calibration)
     if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
         raise ValueError(f"calibration tokens must be integer token ids, got dtype {samples.dtype}")
-    vocab = model.get_input_embeddings().num_embeddings
-    if samples.min() < 0 or samples.max() >= vocab:
-        raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got "
-                         f"{int(samples.min())}..{int(samples.max())}")
+    _check_ids(model, samples, "calibration token ids")
     adapters.check_seqlen(model, samples.shape[1])
     samples = samples.long()  # embeddings take int32 or int64 ids only (uint8 and int16 ones are ids too)
     return samples, {"dataset": "user tokens", "nsamples": samples.shape[0], "seqlen": samples.shape[1]}
 
+
+def _as_token_windows(calibration):
+    """A (nsamples, seqlen) tensor from a tensor, an array, nested lists, or a list of 1-D windows."""
+    if isinstance(calibration, (list, tuple)) and calibration and all(
+            isinstance(w, torch.Tensor) for w in calibration):
+        lengths = sorted({tuple(w.shape) for w in calibration})
+        if len(lengths) > 1 or len(lengths[0]) != 1:
+            raise ValueError(f"calibration windows must be 1-D token tensors of one length, got shapes {lengths}")
+        return torch.stack(list(calibration))
+    try:
+        samples = torch.as_tensor(calibration)
+    except (TypeError, ValueError) as exc:  # ragged nested lists, objects that are no tokens
+        raise ValueError(f"calibration tokens must be (nsamples, seqlen) token ids of one length: {exc}") from None
+    if samples.dim() != 2 or 0 in samples.shape:
+        raise ValueError("calibration tokens must be (nsamples, seqlen), both positive, got shape "
+                         f"{tuple(samples.shape)}")
+    return samples
+
+
+def _check_ids(model, samples, what):
+    vocab = model.get_input_embeddings().num_embeddings
+    if samples.min() < 0 or samples.max() >= vocab:
+        raise ValueError(f"{what} must lie in [0, {vocab}) (the model's vocabulary), got "
+                         f"{int(samples.min())}..{int(samples.max())}")

@@ -101,7 +101,7 @@ def jsonl_objects(path: Path):
 def utf8_text(path: Path) -> str:
     """The file's text; one that is not UTF-8 is named (Python's own error names only the byte)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no text
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
@@ -168,7 +168,27 @@ def calibration_samples(tokenizer, config) -> torch.Tensor:
         text = wikitext_text("validation" if data_dir else "train", data_dir)
     else:  # a .txt or .jsonl file (check_calibration_source)
         text = file_text(config.dataset)
-    return _windows_from_stream(tokenizer(text, return_tensors="pt").input_ids[0], config, rng)
+    return _windows_from_stream(token_stream(tokenizer, text), config, rng)
+
+
+TOKENIZE_PIECE = 1 << 22  # characters: a fast tokenizer's buffers take ~135 bytes per character it encodes
+
+
+def token_stream(tokenizer, text) -> torch.Tensor:
+    """The text's token ids, encoded a piece of at most TOKENIZE_PIECE characters at a time, each piece ending
+    after a newline where it can, so that a large calibration file costs its ids, not the tokenizer's buffers
+    for all of it (a 60 MB file took 8.4 GB). A shorter text is one piece, encoded as a whole; special tokens
+    (a BOS) only at the start."""
+    ids, start = [], 0
+    while True:
+        end = len(text)
+        if end - start > TOKENIZE_PIECE:
+            end = text.rfind("\n", start, start + TOKENIZE_PIECE) + 1 or start + TOKENIZE_PIECE
+        later = {"add_special_tokens": False} if ids else {}
+        ids.append(tokenizer(text[start:end], return_tensors="pt", **later).input_ids[0])
+        if end >= len(text):
+            return torch.cat(ids)
+        start = end
 
 
 def calibration_protocol(config) -> str:

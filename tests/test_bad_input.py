@@ -278,6 +278,43 @@ def test_a_method_that_leaves_nan_stops_the_run(monkeypatch):
         sdsengine.prune(tiny_model("llama"), WandaConfig(sparsity="2:4"), tiny_tokens(), progress=False)
 
 
+def test_a_tokenizer_with_ids_beyond_the_models_vocabulary_is_named(tmp_path):
+    """Raw tokens had this check; windows a CalibrationConfig built did not, and failed in the embedding."""
+    from transformers import AutoTokenizer
+    save_tiny_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = tiny_model("llama")
+    model.resize_token_embeddings(1)  # the tokenizer's "a" is id 1
+    (tmp_path / "calib.txt").write_text("a " * 200)
+    calib = CalibrationConfig(str(tmp_path / "calib.txt"), nsamples=2, seqlen=8)
+    with pytest.raises(ValueError, match=r"the tokenizer's ids \(is it the model's tokenizer\?\) must lie in \[0, 1\)"):
+        sdsengine.prune(model, WandaConfig(sparsity=0.5), calib, tokenizer, progress=False)
+
+
+def test_a_method_without_data_builds_and_records_no_calibration(tmp_path):
+    result = sdsengine.prune(tiny_model("llama"), sdsengine.MagnitudeConfig(sparsity=0.5),
+                             CalibrationConfig(str(tmp_path / "absent.txt"), nsamples=2, seqlen=8), None,
+                             progress=False)
+    assert result.report["calibration"] is None
+
+
+def test_calibration_windows_as_a_list_of_tensors(tmp_path):
+    windows = list(tiny_tokens(2, 16))
+    result = sdsengine.prune(tiny_model("llama"), WandaConfig(sparsity=0.5), windows, progress=False)
+    assert result.report["calibration"]["nsamples"] == 2
+    with pytest.raises(ValueError, match=r"1-D token tensors of one length, got shapes \[\(8,\), \(16,\)\]"):
+        sdsengine.prune(tiny_model("llama"), WandaConfig(sparsity=0.5), [windows[0][:8], windows[1]], progress=False)
+    with pytest.raises(ValueError, match="token ids of one length"):
+        sdsengine.prune(tiny_model("llama"), WandaConfig(sparsity=0.5), [[1, 2, 3], [1, 2]], progress=False)
+
+
+def test_a_byte_order_mark_is_no_calibration_text(tmp_path):
+    from sdsengine.data import file_text
+    (tmp_path / "c.txt").write_bytes("\ufeffhello".encode("utf-8"))
+    (tmp_path / "c.jsonl").write_bytes('\ufeff{"text": "hello"}\n'.encode("utf-8"))
+    assert file_text(tmp_path / "c.txt") == file_text(tmp_path / "c.jsonl") == "hello"
+
+
 def test_ignore_flags_add_up(tmp_path):
     """--ignore given twice keeps both (it kept only the last), each may list several patterns."""
     from sdsengine.cli import parse_args, prune_configs

@@ -111,3 +111,21 @@ def test_calibration_from_text_file(tmp_path):
     assert calibration_samples(CharTokenizer(), cfg).shape == (3, 16)
     with pytest.raises(ValueError, match="unknown calibration dataset"):
         calibration_samples(CharTokenizer(), CalibrationConfig("imagenet", 1, 16, data_dir=str(tmp_path)))
+
+
+def test_a_long_calibration_text_is_tokenized_in_pieces_to_the_same_ids(tmp_path, monkeypatch):
+    """Tokenized whole, a 60 MB file took 8.4 GB (the tokenizer's buffers); in pieces that end after a newline
+    the ids are those of the whole (a short text is one piece, as before), a BOS only at the start."""
+    from transformers import AutoTokenizer
+    from tiny_models import save_tiny_tokenizer
+    save_tiny_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = "a a\na b a\n\na a a a a a a a a a a a a a a a a\na"  # one line longer than a piece
+    whole = data.token_stream(tokenizer, text)
+    monkeypatch.setattr(data, "TOKENIZE_PIECE", 8)
+    calls = []
+    real = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, t, **k: calls.append((t, k)) or real(self, t, **k))
+    assert torch.equal(data.token_stream(tokenizer, text), whole)
+    assert len(calls) > 3 and all(len(t) <= 8 for t, _ in calls)
+    assert [k.get("add_special_tokens", True) for _, k in calls] == [True] + [False] * (len(calls) - 1)
