@@ -140,9 +140,9 @@ class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W stored 2:4-compressed; same constructor arguments and forward as nn.Linear.
 
     For inference: W (and b) are buffers, not parameters, so an optimizer never sees them (a forward in
-    training mode on an input that requires grad warns). `.weight` is a decompressed copy: editing it changes nothing,
-    and assigning it is refused. Change a layer through load_state_dict or from_dense, not in place, where
-    it runs under torch.compile (compiled code does not see in-place edits of the buffers). Not an
+    training mode on an input that requires grad warns). `.weight` is a decompressed copy: editing it changes
+    nothing, and assigning it is refused. Change a layer through load_state_dict or from_dense, not in place,
+    where it runs under torch.compile (compiled code does not see in-place edits of the buffers). Not an
     nn.Linear subclass, so code that looks for nn.Linear (PEFT's LoRA) passes it by.
     """
 
