@@ -14,6 +14,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from sdsengine.files import unwritable, within
+
 REPORT_NAME = "sdsengine.json"
 # a directory holding one is a checkpoint overwrite may replace (the last: convert's manifest, nn/convert.py)
 CHECKPOINT_MARKS = ("config.json", REPORT_NAME, "sdsengine_compressed.json")
@@ -33,10 +35,8 @@ def check_output_dir(out, overwrite=False) -> Path:
         if not overwrite:
             raise FileExistsError(f"output directory {out} is not empty; pass --overwrite (overwrite=True in Python) "
                                   "to replace it")
-    staging = _staging_parent(out)
-    existing = next(p for p in (staging, *staging.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {out}: {existing} is not writable")
+    if blocked := unwritable(_staging_parent(out)):
+        raise PermissionError(f"cannot write {out}: {blocked} is not writable")
     return out
 
 
@@ -44,7 +44,7 @@ def _refuse_replacing(out):
     """A non-empty out that overwrite could not replace (it deletes out whole): only an earlier checkpoint may
     go, never a folder of the user's own files."""
     here, home = Path.cwd().resolve(), _home()
-    if out == here or out in here.parents or out == home:
+    if within(here, out) or out == home:
         what = "your home" if out == home else "the current directory or holds it"
         raise FileExistsError(f"output directory {out} is {what}, which --overwrite would delete whole: name the "
                               "checkpoint's own directory")

@@ -202,7 +202,7 @@ def cmd_prune(args):
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     if args.resume_dir:
         progress = Path(args.resume_dir).expanduser().resolve()
-        if progress == out or out in progress.parents:
+        if files.within(progress, out):
             raise ValueError(f"--resume-dir {args.resume_dir} lies in --out {args.out}, which the checkpoint replaces: "
                              "keep the progress elsewhere")
         ResumeStore(args.resume_dir).check()
@@ -234,7 +234,7 @@ def _refuse_out_over_inputs(args, done, calib=None):
             inputs.append(("the data directory", resolve_data_dir(calib.data_dir)))
     for name, path in inputs:
         path = path and path.expanduser().resolve()
-        if path is not None and (path == out or out in path.parents):
+        if path is not None and files.within(path, out):
             raise ValueError(f"--out {args.out} would replace {name}: write elsewhere")
 
 

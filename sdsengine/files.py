@@ -5,6 +5,18 @@ import os
 from pathlib import Path
 
 
+def within(path, folder):
+    """Whether the (resolved) path is the folder or lies inside it."""
+    return path == folder or folder in path.parents
+
+
+def unwritable(path):
+    """Where new files at or under `path` could not be made: its nearest existing entry when that is no
+    writable folder, else None."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def check_new_file(flag, path, overwrite, reads=()):
     """Refuse, naming flag, a path that could not be written or must not be: a directory, one in a missing
     or unwritable directory, an existing file without overwrite, or one inside `reads` (files and
@@ -12,7 +24,7 @@ def check_new_file(flag, path, overwrite, reads=()):
     path = Path(path).expanduser().resolve()
     for source in reads:
         source = Path(source).expanduser().resolve()
-        if path == source or source in path.parents:
+        if within(path, source):
             raise ValueError(f"{flag} {path} would overwrite {source}, which this run reads: name another file")
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory: name a file")
@@ -20,7 +32,7 @@ def check_new_file(flag, path, overwrite, reads=()):
         raise FileNotFoundError(f"{flag} {path}: no directory {path.parent}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
+    if unwritable(path.parent):
         raise PermissionError(f"{flag} {path}: {path.parent} is not writable")
     return path
 

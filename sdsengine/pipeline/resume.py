@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from sdsengine.files import unwritable
+
 MANIFEST = "progress.json"
 LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was named by its layer count
 OWN_FILE = re.compile(r"(layer-\d{4,}\.pt|activations-\d{4,}\.pt|activations\.pt)(\.tmp)?|progress\.json\.tmp")
@@ -40,9 +42,8 @@ class ResumeStore:
         """Fail before any work if the directory holds something other than sdsengine progress, or could not
         be written."""
         self._manifest()
-        existing = next(p for p in (self.dir, *self.dir.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(f"resume directory {self.dir}: {existing} is not a writable directory")
+        if blocked := unwritable(self.dir):
+            raise PermissionError(f"resume directory {self.dir}: {blocked} is not a writable directory")
         return self
 
     def identify(self, model, config, samples):
