@@ -25,16 +25,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
 tasks=${TASKS:-wikitext2}
-calib=${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
+read -ra calib <<<"${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}"
 zs_tasks=${ZS_TASKS-piqa,arc_easy,boolq}; zs_limit=${ZS_LIMIT:-500}
 out=${QUALITY_OUT:-benchmarks/results/quality}; runs=${SDSENGINE_RUNS:-runs}
 mkdir -p "$out" "$runs"
 
+# Each command is an argument list, run as given (no word splitting or globbing of a path with spaces or an
+# --ignore pattern) and recorded as a shell would take it back
+shell_words() { python -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' "$@"; }
+
 add_zeroshot() {  # zero-shot on the model in "$@", merged into $out/$name.json
-  local zs_cmd="sdsengine eval $* --tasks $zs_tasks --limit $zs_limit --json $out/$name.zs.json"
+  local zs=(sdsengine eval "$@" --tasks "$zs_tasks" --limit "$zs_limit" --json "$out/$name.zs.json")
   rm -f "$out/$name.zs.json"  # a stopped run's leftover: eval refuses to replace a file
-  $zs_cmd
-  python - "$out/$name" "$zs_cmd" <<'PY'
+  "${zs[@]}"
+  python - "$out/$name" "$(shell_words "${zs[@]}")" <<'PY'
 import json, os, sys
 base, zs_cmd = sys.argv[1:]
 record = json.load(open(base + ".json"))
@@ -52,16 +56,17 @@ if [ -n "${ZS_ONLY:-}" ]; then
     [ -d "$runs/$name" ] || { echo "quality.sh: no saved model $runs/$name" >&2; exit 2; }
     model_args=(--model "$runs/$name")
   fi
-  add_zeroshot "${model_args[@]}"
+  add_zeroshot ${model_args[@]+"${model_args[@]}"}
   exit 0
 fi
 prune_cmd=""
 prune_s=0
 report=""
 if [ $# -gt 0 ]; then
-  prune_cmd="sdsengine prune $* $calib --out $runs/$name --overwrite"
+  prune=(sdsengine prune "$@" "${calib[@]}" --out "$runs/$name" --overwrite)
+  prune_cmd=$(shell_words "${prune[@]}")
   if [ -z "${EVAL_ONLY:-}" ]; then
-    $prune_cmd --resume-dir "$runs/$name.progress"  # results do not depend on it: not in the record
+    "${prune[@]}" --resume-dir "$runs/$name.progress"  # results do not depend on it: not in the record
   fi
   [ -f "$runs/$name/sdsengine.json" ] || { echo "quality.sh: no saved model $runs/$name to evaluate" >&2; exit 2; }
   # the pruning time the run measured, over all its resumed parts
@@ -69,10 +74,12 @@ if [ $# -gt 0 ]; then
   prune_s=$(python -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["seconds"]))' "$report")
   model_args=(--model "$runs/$name")
 fi
-eval_cmd="sdsengine eval ${model_args[*]} --tasks $tasks --seqlen 2048 ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --json $out/$name.eval.json"
+evaluate=(sdsengine eval ${model_args[@]+"${model_args[@]}"} --tasks "$tasks" --seqlen 2048 \
+  ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$out/$name.eval.json")
+eval_cmd=$(shell_words "${evaluate[@]}")
 start=$(date +%s)
 rm -f "$out/$name.eval.json"
-$eval_cmd
+"${evaluate[@]}"
 eval_s=$(( $(date +%s) - start ))
 # The record and its run report are replaced together, only once the evaluation is done: a failed or
 # stopped evaluation leaves the earlier pair as it was, never an old record beside a new report.
@@ -90,5 +97,5 @@ elif os.path.exists(base + ".prune.json"):  # a run without pruning now holds th
 os.remove(base + ".eval.json")
 PY
 if [ -n "$zs_tasks" ]; then
-  add_zeroshot "${model_args[@]}"
+  add_zeroshot ${model_args[@]+"${model_args[@]}"}
 fi

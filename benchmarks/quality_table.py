@@ -85,8 +85,8 @@ def peak_rss(report):
 
 def prune_seconds(run, report):
     """The pruning time the run measured (its report's seconds: calibration capture and every layer, over
-    all resumed parts; no model load, tokenization or save); a record without a report keeps the wall time
-    quality.sh took for its prune command."""
+    all resumed parts; no model load, tokenization or save); a record without a report: its prune_wall_s
+    (quality.sh copies the report's seconds there; records older than the report took the wall time)."""
     if report:
         return round(report["seconds"])
     return run.get("prune_wall_s") if run and run.get("prune_command") else None
@@ -171,7 +171,7 @@ def glance_lines(results=RESULTS):
         for pattern in PATTERNS:
             run = runs.get(_glance_record(names, pattern))
             zs = run and zeroshot_mean(run)
-            cells.append("-" if run is None else f"{perplexity(run):.2f}" + (f" ({zs:.1f})" if zs else ""))
+            cells.append("-" if run is None else _num(perplexity(run), ".2f") + ("" if zs is None else f" ({zs:.1f})"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 

@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -434,9 +435,11 @@ def test_quality_versus_table_keeps_a_folders_name_prefix(benchmark, tmp_path, c
 
 def test_quality_glance_table_has_a_cell_per_method_and_pattern(benchmark, tmp_path, capsys):
     """--glance: perplexity (zero-shot mean) from the record GLANCE names for each method and pattern, the
-    dense row in every column, BESA's 2:4 from its defaults' record (not the old besa_2-4), '-' elsewhere."""
+    dense row in every column, BESA's 2:4 from its defaults' record (not the old besa_2-4), '-' elsewhere,
+    and for a record of other tasks only (TASKS=c4 quality.sh) or a zero-shot mean of 0."""
     def write(name, ppl, accs=()):
-        results = {"wikitext2": {"ppl": ppl}, **{f"t{i}": {"acc": a, "acc_norm": a} for i, a in enumerate(accs)}}
+        results = {"wikitext2": {"ppl": ppl}} if ppl else {"c4": {"ppl": 30.0}}
+        results.update({f"t{i}": {"acc": a, "acc_norm": a} for i, a in enumerate(accs)})
         (tmp_path / f"{name}.json").write_text(json.dumps({"results": results, "eval_command": "eval"}))
 
     write("dense", 20.0, accs=(0.5, 0.6))
@@ -444,12 +447,14 @@ def test_quality_glance_table_has_a_cell_per_method_and_pattern(benchmark, tmp_p
     write("besa_2-4", 700.0)
     write("besa-lr-checks_2-4", 120.0, accs=(0.4,))
     write("besa_50", 43.0)
+    write("sparsegpt_4-8", None, accs=(0.0,))
     assert benchmark("quality_table").main(["--glance", str(tmp_path)]) == 0
     lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert lines["dense"] == "| dense | 20.00 (55.0) | 20.00 (55.0) | 20.00 (55.0) |"
     assert lines["Wanda"] == "| Wanda | - | 90.00 | - |"
     assert lines["BESA"] == "| BESA | 120.00 (40.0) | - | 43.00 |"
     assert lines["SDS(SparseGPT)"] == "| SDS(SparseGPT) | - | - | - |"
+    assert lines["SparseGPT"] == "| SparseGPT | - | - (0.0) | - |"
 
 
 @pytest.mark.parametrize("doc, tables", [("README.md", {(), ("--versus",), ("--glance",)}),
@@ -609,3 +614,27 @@ def test_quality_sh_replaces_record_and_report_together(tmp_path):
     assert failed.returncode != 0
     assert json.loads((out / "x_2-4.prune.json").read_text()) == {"seconds": 12}
     assert json.loads((out / "x_2-4.json").read_text())["prune_wall_s"] == 12
+
+
+def test_quality_sh_runs_and_records_its_commands_word_for_word(tmp_path):
+    """Paths with spaces and --ignore patterns reach sdsengine as given (a pattern matching a file in the
+    repository root, where quality.sh runs, is not globbed), and the record holds a command a shell gives
+    back the same words."""
+    bin_dir, out, runs = tmp_path / "bin", tmp_path / "q out", tmp_path / "r uns"
+    bin_dir.mkdir()
+    recorder = FAKE_SDSENGINE.replace("cmd=$1; shift", 'printf "%s\\n" "$@" > "$ARGS.$1"\ncmd=$1; shift')
+    (bin_dir / "sdsengine").write_text(recorder)
+    (bin_dir / "sdsengine").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", "PRUNE_SECONDS": "1",
+           "ARGS": str(tmp_path / "args")}
+    flags = ["--method", "wanda", "--ignore", "README*"]
+    subprocess.run(["bash", str(BENCHMARKS / "quality.sh"), "x_2-4", *flags], env=env, check=True,
+                   capture_output=True)
+    pruned = (tmp_path / "args.prune").read_text().splitlines()
+    assert pruned[:5] == ["prune", *flags] and pruned[-3:] == ["--overwrite", "--resume-dir",
+                                                               str(runs / "x_2-4.progress")]
+    record = json.loads((out / "x_2-4.json").read_text())
+    assert shlex.split(record["prune_command"])[1:] == pruned[:-2]
+    assert shlex.split(record["eval_command"])[1:] == (tmp_path / "args.eval").read_text().splitlines()
+    assert str(out / "x_2-4.eval.json") in shlex.split(record["eval_command"])
