@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from harness import RESULTS, gpu_info, write_results
+from sdsengine.bench import parse_tokens
 from sdsengine.masks import nm_mask
 from sdsengine.nn import SparseLinear, sparse_linear
 
@@ -73,9 +74,13 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--name", default=None, help="results file stem (default dispatch, or dispatch-cpu)")
     args = parser.parse_args(argv)
+    try:
+        tokens = parse_tokens(args.tokens)
+    except ValueError as exc:
+        parser.error(str(exc))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    records = [measure(int(n), device, dtype, args.calls) for n in args.tokens.split(",")]
+    records = [measure(n, device, dtype, args.calls) for n in tokens]
     for r in records:
         print(f"{r['tokens']:>5} tokens on {r['gpu']}: SparseLinear {r['ms'] * 1e3:.2f} us, nn.Linear "
               f"{r['dense_ms'] * 1e3:.2f} us per call ({r['extra_us']:+.2f} us, backend {r['backend']})")

@@ -244,7 +244,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_e2e: no CUDA GPU visible; nothing measured")
-        return 0
+        return 1
     dtype = getattr(torch, args.dtype)
     layers = layers_that_fit(args.model, args.layers, dtype)
     note = "" if layers == args.layers else f" (cut from {args.layers} to fit GPU memory)"

@@ -14,7 +14,7 @@ import torch
 
 from harness import RESULTS, gpu_info, write_results
 from sdsengine import ops
-from sdsengine.bench import LLAMA_SHAPES, measure, table
+from sdsengine.bench import LLAMA_SHAPES, measure, parse_tokens, table
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -36,20 +36,26 @@ def main(argv=None):
     parser.add_argument("--name", default="spmm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
+    try:
+        tokens = parse_tokens(args.tokens)
+    except ValueError as exc:
+        parser.error(str(exc))
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if not dtypes or set(dtypes) - {"float16", "bfloat16"}:
+        parser.error(f"--dtypes takes float16 and/or bfloat16, got {args.dtypes!r}")
     if not torch.cuda.is_available():
         print("bench_spmm: no CUDA GPU visible; nothing measured")
-        return 0
+        return 1
     print(f"bench_spmm on {gpu_info()}; backends {ops.probe()['backends']}")
-    tokens = [int(t) for t in args.tokens.split(",") if t]
     records = []
-    for dtype in (getattr(torch, d) for d in args.dtypes.split(",") if d):
+    for dtype in (getattr(torch, d) for d in dtypes):
         for shape, users in llm_shapes().items():
             rows = measure(shape, tokens, dtype, iters=args.iters, users=users)
             print(table(rows), flush=True)
             records += rows
             path = write_results(args.name, records, args.out)  # after each shape: a run cut short keeps them
     print(f"wrote {path}")
-    return 0
+    return int(any(r["status"] == "failed" for r in records))
 
 
 if __name__ == "__main__":

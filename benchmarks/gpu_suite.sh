@@ -28,10 +28,12 @@
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
 # after a fix within a short device lease; only the selected steps' results files are replaced (the summary
-# names the files from an earlier run), and the backends' check results of the last `versions` are reused.
+# names the files from an earlier run, with how their steps ended then: suite_steps_earlier.tsv), and the
+# backends' check results of the last `versions` are reused.
 # Each step runs under `timeout` with its own budget (seconds, below) and never past SUITE_SECONDS in all
 # (default 560: a device call allows 600); a step that fails, times out or finds no time left is recorded and
-# the suite goes on. The kernel benchmarks stop starting new cases at 3/4 of their budget.
+# the suite goes on; a benchmark step that exits 0 without its results file is recorded as no-results. The
+# kernel benchmarks stop starting new cases at 3/4 of their budget.
 # Writes into $RESULTS (default benchmarks/results) <step>.{json,md} for the benchmark steps, removing older
 # ones first, and suite_steps.tsv (step, status, rc, seconds). Where $OUT is set (the device
 # machine), also $OUT/suite.log, $OUT/results.tar.gz (those results, refreshed after every step) and
@@ -42,7 +44,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
-STEPS=$RESULTS/suite_steps.tsv
+STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
 BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full"
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
@@ -90,7 +92,15 @@ fit() {  # fit BUDGET: the budget, or what is left of SUITE_SECONDS if less
 
 save() {  # this run's results so far to $OUT, so that a call cut off at its limit still returns them
   [ -n "${OUT:-}" ] || return 0
-  (cd "$RESULTS" && tar czf "$OUT/results.tar.gz" $(ls $FILES 2>/dev/null))
+  (cd "$RESULTS" && tar czf "$OUT/results.tar.gz" $(ls $FILES suite_steps_earlier.tsv 2>/dev/null))
+}
+
+keep_earlier_steps() {  # the rows of the steps not selected now, as they last ended (the last table's rows over
+  local rows           # those kept before it): a re-run must not erase an earlier step's timeout
+  rows=$(cat "$EARLIER" "$STEPS" 2>/dev/null | awk -F'\t' -v selected=" $SUITE_STEPS " '
+    NF >= 4 && $1 != "step" { s = $1; sub(/_python$/, "", s); if (!index(selected, " " s " ")) row[$1] = $0 }
+    END { for (s in row) print row[s] }' | sort)
+  { printf 'step\tstatus\trc\tseconds\n'; [ -z "$rows" ] || printf '%s\n' "$rows"; } >"$EARLIER"
 }
 
 step() {  # step NAME BUDGET COMMAND...: run it under timeout, record its status, save the results
@@ -105,6 +115,9 @@ step() {  # step NAME BUDGET COMMAND...: run it under timeout, record its status
     timeout -k 10 "$budget" "$@"
     rc=$?
     case $rc in 0) status=ok ;; 5) status=no-tests ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
+    case " $BENCHES " in  # a benchmark that measured nothing (no GPU, no backend passed its check) exits 0 too
+      *" $name "*) [ "$status" != ok ] || [ -s "$RESULTS/$name.json" ] || status=no-results ;;
+    esac
   fi
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" $((SECONDS - start)) >>"$STEPS"
   save
@@ -119,6 +132,7 @@ bench() {  # bench NAME BUDGET ARGS...: a kernel benchmark, told to start no cas
 
 suite() {
   mkdir -p "$RESULTS"
+  keep_earlier_steps
   (cd "$RESULTS" && rm -f $FILES)  # a step that does not run must not leave an older run's numbers behind
   printf 'step\tstatus\trc\tseconds\n' >"$STEPS"
   step install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .

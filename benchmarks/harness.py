@@ -45,8 +45,14 @@ def parse_args(doc, bench, dtypes, warmup, reps, argv=None):
     p.add_argument("--name", default=None, help=f"results file stem (default {bench}, or {bench}-smoke)")
     args = p.parse_args(argv)
     args.bench, args.device = bench, "cuda" if torch.cuda.is_available() else "cpu"
-    args.shapes = parse_shapes(args.shapes or (SMOKE_SHAPES if args.smoke else LAYER_SHAPES))
-    args.dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    names = [d for d in args.dtypes.split(",") if d]
+    if not names or not all(isinstance(getattr(torch, d, None), torch.dtype) for d in names):
+        p.error(f"--dtypes takes torch dtype names such as float16,bfloat16, got {args.dtypes!r}")
+    try:
+        args.shapes = parse_shapes(args.shapes or (SMOKE_SHAPES if args.smoke else LAYER_SHAPES))
+    except ValueError as exc:
+        p.error(str(exc))
+    args.dtypes = [getattr(torch, d) for d in names]
     args.warmup, args.reps = (1, args.reps or 2) if args.smoke else (warmup, args.reps or reps)
     args.name = args.name or (f"{bench}-smoke" if args.smoke else bench)
     args.started = time.monotonic()
@@ -54,9 +60,10 @@ def parse_args(doc, bench, dtypes, warmup, reps, argv=None):
 
 
 def main(doc, bench, patterns, measure, dtypes, warmup, reps, argv=None):
-    """A kernel benchmark's whole run: its flags, then `run`; returns the exit code."""
-    run(parse_args(doc, bench, dtypes, warmup, reps, argv), patterns, measure)
-    return 0
+    """A kernel benchmark's whole run: its flags, then `run`; returns the exit code, 1 where a case failed (the
+    suite's step table must not read ok over failed records)."""
+    records = run(parse_args(doc, bench, dtypes, warmup, reps, argv), patterns, measure)
+    return int(any(r["status"] == "failed" for r in records))
 
 
 def run(args, patterns, measure):

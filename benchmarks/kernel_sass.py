@@ -36,9 +36,10 @@ DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # the unstructured Wanda kernel holds a row padded to a power of two: Llama-7B/8B widths, and 28672 (the
 # down projection of 70B-class models), padded past 16384, where a 16-warp program runs out of registers
 ROW_LENGTHS = (4096, 11008, 28672)
-# per SM, for the occupancy column: 64K registers allocated per warp in steps of 8 per thread, at most 64
-# warps and 32 programs; shared memory (KiB) usable by programs, each of which also reserves 1 KiB
-SM_LIMITS = {80: 164, 86: 100, 89: 100, 90: 228}
+# per SM, for the occupancy column: 64K registers allocated per warp in steps of 8 per thread; by compute
+# capability (the CUDA programming guide's table of limits): shared memory (KiB) usable by programs, each of
+# which also reserves 1 KiB, and the most warps and programs resident
+SM_LIMITS = {80: (164, 64, 32), 86: (100, 48, 16), 89: (100, 48, 24), 90: (228, 64, 32)}
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)")
 
 
@@ -113,8 +114,9 @@ def compile_sass(kernel, arch):
 def programs_per_sm(regs, shared, warps, arch):
     """How many programs of this kernel an SM holds at once, as its registers, shared memory and warps allow."""
     by_regs = 65536 // (-(-regs // 8) * 8 * 32) // warps
-    by_shared = SM_LIMITS[arch] * 1024 // (shared + 1024)
-    return min(by_regs, by_shared, 64 // warps, 32)
+    shared_kib, max_warps, max_programs = SM_LIMITS[arch]
+    by_shared = shared_kib * 1024 // (shared + 1024)
+    return min(by_regs, by_shared, max_warps // warps, max_programs)
 
 
 def profile(text, elements_per_thread):
@@ -160,7 +162,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
                         help="compute capability as an integer")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--name", default="kernel_sass", help="results file stem (NAME.json, NAME.md)")
     args = parser.parse_args()
     records = run(args.arch)

@@ -4,9 +4,11 @@ many records met their target; then every suite step, record and target that fai
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
 Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch,
-spmm_bf16 and e2e_full (lists of records; see README.md), the step table gpu_suite.sh writes, and the test
-steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). Standard library only, so it
-still reports when the install failed.
+spmm_bf16 and e2e_full (lists of records; see README.md), the step table gpu_suite.sh writes (and, after a
+SUITE_STEPS re-run, suite_steps_earlier.tsv: how the other steps ended when they last ran), and the test
+steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). A record whose output
+disagrees with its reference (mismatch > 0, rel_err > REL_ERR_MAX) counts as failed, its timing left out of
+the ratios. Standard library only, so it still reports when the install failed.
 """
 import argparse
 import csv
@@ -26,6 +28,7 @@ GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2
 # weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's
 RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense")
 MAX_LISTED = 25
+REL_ERR_MAX = 2e-2  # against dense (spmm, wgmma) or the PyTorch reference (sparsegpt): ops._self_check's bound
 TEST_STEPS = ("kernel_tests", "gpu_tests")
 SKIPS_BY_DESIGN = (  # a backend this GPU cannot have; a CPU-only check that a GPU run leaves to the GPU tests
     "PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x",
@@ -35,12 +38,27 @@ SKIPS_BY_DESIGN = (  # a backend this GPU cannot have; a CPU-only check that a G
 )
 
 
+class Unreadable(Exception):
+    """A results file that is no list of records (cut short, emptied, hand-edited)."""
+
+
 def load(path):
     """The records of one results file ([] if absent); older files held {"env": ..., "records": [...]}."""
     if not path.exists():
         return []
-    data = json.loads(path.read_text())
-    return data["records"] if isinstance(data, dict) else data
+    try:
+        data = json.loads(path.read_text())
+        records = data["records"] if isinstance(data, dict) else data
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise Unreadable("not a list of records")
+    return records
+
+
+def _wrong(record):
+    """A record timed on output that disagrees with its reference: the timing of a broken kernel."""
+    return bool(record.get("mismatch")) or (record.get("rel_err") or 0) > REL_ERR_MAX
 
 
 def groups(name, records):
@@ -48,7 +66,7 @@ def groups(name, records):
     keys = GROUP_BY.get(name, ("pattern", "dtype"))
     grouped = {}
     for r in records:
-        if r.get("status", "ok") == "ok":
+        if r.get("status", "ok") == "ok" and not _wrong(r):
             grouped.setdefault(" ".join(str(r.get(k)) for k in keys), []).append(r)
     return [_row(name, group, rows) for group, rows in grouped.items()]
 
@@ -82,8 +100,12 @@ def problems(name, records):
     failed, missed = [], []
     for r in records:
         where = f"{name} {r.get('shape')} {r.get('dtype')} {r.get('pattern', r.get('backend', ''))}"
+        where += f" x {r['tokens']} tokens" if "tokens" in r else ""
         if r.get("status", "ok") != "ok":
             failed.append(f"{where}: {r['status']} ({r.get('error', '')})")
+        elif _wrong(r):
+            failed.append(f"{where}: output differs from its reference (mismatch {r.get('mismatch')}, rel_err "
+                          f"{r.get('rel_err')}): not counted")
         elif _kind(r.get("mode")) != _kind(r.get("dense_mode")):  # e2e decode: a capture failed on one side only
             failed.append(f"{where}: timed {r.get('mode')} against dense {r.get('dense_mode')}: its speedup "
                           "compares unlike runs")
@@ -93,21 +115,24 @@ def problems(name, records):
     return failed, missed
 
 
-def steps_run(path):
-    """The step names of the step table, or None without one."""
+def step_rows(path):
+    """The rows of a step table (step, status, rc, seconds; tab-separated), or None without one."""
     if not path or not Path(path).exists():
         return None
     with open(path, newline="") as f:
-        return {r["step"] for r in csv.DictReader(f, delimiter="\t")}
+        return list(csv.DictReader(f, delimiter="\t"))
 
 
-def step_problems(path):
-    """Lines for suite steps that did not end ok (the file: step, status, rc, seconds; tab-separated)."""
-    if not path or not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [f"step {r['step']}: {r['status']} (rc {r['rc']}, {r['seconds']} s)" for r in rows if r["status"] != "ok"]
+def steps_run(path):
+    """The step names of the step table, or None without one."""
+    rows = step_rows(path)
+    return None if rows is None else {r["step"] for r in rows}
+
+
+def step_problems(path, when=""):
+    """Lines for suite steps that did not end ok."""
+    return [f"step {r['step']}{when}: {r['status']} (rc {r['rc']}, {r['seconds']} s)"
+            for r in step_rows(path) or [] if r["status"] != "ok"]
 
 
 def skip_problems(directory, ran=None):
@@ -140,15 +165,20 @@ def main(argv=None):
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--steps", default=None, help="the step table of gpu_suite.sh (default <dir>/suite_steps.tsv)")
     args = parser.parse_args(argv)
-    rows, issues = collect(Path(args.dir))
+    directory = Path(args.dir)
+    steps = args.steps or directory / "suite_steps.tsv"
+    earlier = Path(steps).parent / "suite_steps_earlier.tsv"
+    ran = steps_run(steps)
+    rows, issues = collect(directory, ran)
     if rows:
         print_rows(rows)
-    steps = args.steps or Path(args.dir) / "suite_steps.tsv"
-    ran = steps_run(steps)
-    older = [n for n in BENCHES if ran is not None and n not in ran and (Path(args.dir) / f"{n}.json").exists()]
+    older = [n for n in BENCHES if ran is not None and n not in ran and (directory / f"{n}.json").exists()]
     if older:  # a SUITE_STEPS re-run keeps the other steps' files: say which figures are not from this run
-        print(f"\nfrom an earlier run (not a step of this one): {', '.join(older)}")
-    issues = step_problems(steps) + skip_problems(Path(args.dir), ran) + issues
+        ended = {r["step"]: r["status"] for r in step_rows(earlier) or []}
+        print("\nfrom an earlier run (not a step of this one): "
+              + ", ".join(f"{n} ({ended[n]})" if n in ended else n for n in older))
+    issues = (step_problems(steps) + step_problems(earlier, " (an earlier run)") + skip_problems(directory, ran)
+              + issues)
     print(f"\n{len(issues)} failed, skipped or missed:" if issues else "\nnothing failed, skipped or missed")
     for line in issues[:MAX_LISTED]:
         print(f"  {line}")
@@ -157,15 +187,19 @@ def main(argv=None):
     return 0
 
 
-def collect(directory):
+def collect(directory, ran=None):
     """(summary rows, problem lines) over every bench's results: failures before target misses, so that they
-    survive the cut at MAX_LISTED."""
+    survive the cut at MAX_LISTED. ran: the steps of this run (None: all), the only ones missed if absent."""
     rows, failures, misses = [], [], []
     for name in BENCHES:
-        records = load(directory / f"{name}.json")
+        try:
+            records = load(directory / f"{name}.json")
+        except Unreadable as exc:
+            failures.append(f"{name}: unreadable results ({exc})")
+            continue
         rows += groups(name, records)
         failed, missed = problems(name, records)
-        failures += failed if records else [f"{name}: no results"]
+        failures += failed if records or (ran is not None and name not in ran) else [f"{name}: no results"]
         misses += missed
     return rows, failures + misses
 

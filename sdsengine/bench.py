@@ -47,7 +47,10 @@ def run(args, load_model=None):
     """Print the table; returns a process exit code. load_model(name) -> model (or a tuple led by it)."""
     tokens = parse_tokens(args.tokens)  # arguments are checked first, GPU or not
     if args.shapes:
-        parse_shapes(args.shapes)
+        odd = [f"{o}x{i}" for o, i in parse_shapes(args.shapes) if i % 32]
+        if odd:
+            raise ValueError(f"--shapes: a 2:4 layer needs in_features (the second number) divisible by 32, "
+                             f"got {', '.join(odd)}")
     if args.iters < 1:
         raise ValueError(f"--iters must be at least 1, got {args.iters}")
     if args.json:
@@ -66,7 +69,7 @@ def run(args, load_model=None):
     print(table(records))
     if args.json:
         write_json(args.json, records)
-    return 0
+    return int(any(r["status"] == "failed" for r in records))
 
 
 def _shapes_from_args(args, load_model):
@@ -154,7 +157,7 @@ def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
     ref = ops.run("dense", forms["dense"][0], x, None, shape[0])
     base = {"bench": "spmm", "shape": f"{shape[0]}x{shape[1]}", "layers": users, "tokens": n,
             "dtype": str(dtype).removeprefix("torch."), "gpu": gpu_info()["gpu"]}
-    times = {}
+    times, records = {}, []
     for backend, copies in forms.items():
         try:
             err = ops.relative_error(ops.run(backend, copies[0], x, None, shape[0]), ref)
@@ -168,21 +171,27 @@ def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
             times[backend] = (time_ms(call, 5, iters), time_ms(call, 5, iters, hide_host=True), err)
         except RuntimeError as exc:  # a backend refusing a token count is a result, not a crash
             print(f"sdsengine bench: {backend} failed on {shape} x {n}: {exc}")
+            records.append(dict(base, backend=backend, status="failed", error=str(exc)[:400]))
+    if "dense" not in times:  # nothing to compare with
+        return records
     with torch.no_grad():
         layer(x)
     choice = sparse_linear.autotune_choices()[layer._key(n)]
-    records = [_record(base, shape, n, b, times[b], times["dense"]) for b in times]
+    records += [_record(base, shape, n, b, times[b], times["dense"]) for b in times]
     for record in records:
-        if record["backend"] == "sdsengine":  # the split-K it settled on (ops.split_k), cached by then
+        if record["backend"] == "sdsengine" and "ms" in record:  # its split-K (ops.split_k), cached by then
             record["split_k"] = ops.split_k(forms["sdsengine"][0], x, None, shape[0])
     if choice in times:
         records.append(_record(base, shape, n, choice, times[choice], times["dense"], label=f"auto:{choice}"))
+    else:
+        records.append(dict(base, backend=f"auto:{choice}", status="failed",
+                            error=f"the layer chose {choice}, which failed at this token count"))
     return records
 
 
 def _record(base, shape, n, backend, timed, dense, label=None):
     (ms, device_ms, err), (dense_ms, dense_device_ms, _) = timed, dense
-    return dict(base, backend=label or backend, ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms,
+    return dict(base, backend=label or backend, status="ok", ms=ms, dense_ms=dense_ms, speedup=dense_ms / ms,
                 device_ms=device_ms, dense_device_ms=dense_device_ms, device_speedup=dense_device_ms / device_ms,
                 rel_err=err, **rates(shape, n, ms, sparse=backend != "dense"))
 

@@ -77,6 +77,18 @@ def test_spent_budget_records_skips(benchmark, tmp_path):
     assert all(r["status"] == "skipped" and r["error"] == "time budget spent" for r in records)
 
 
+def test_a_failed_case_fails_the_benchmark_and_bad_flags_are_usage_errors(benchmark, tmp_path, capsys):
+    """A case that raises is a failed record and exit status 1 (the suite's step table must not read ok);
+    a flag the harness cannot read stops before any work with argparse's usage error, not a traceback."""
+    compress = benchmark("bench_compress")
+    assert compress.main(["--smoke", "--backend", "torch", "--out", str(tmp_path), "--shapes", "64x130"]) == 1
+    for flags in (["--dtypes", "foo"], ["--dtypes", ""], ["--shapes", "64by128"]):
+        with pytest.raises(SystemExit) as stop:
+            compress.main(["--smoke", "--out", str(tmp_path / "never"), *flags])
+        assert stop.value.code == 2 and "error: --" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     tiny = ("--shapes", "32x64", "--dtypes", "float16")
     run_smoke(benchmark, "wanda", tmp_path, "--name", "wanda", *tiny, stem="wanda")
@@ -91,9 +103,35 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     assert ["wanda", "0.5", "float16", "1"] in [row[:4] for row in rows]
     assert "step e2e: timeout (rc 124, 60 s)" in out and "step install" not in out
     assert "compress 32x64 float16 2:4: skipped (time budget spent)" in out
-    assert "sparsegpt: no results" in out and "spmm: no results" in out
+    # of the steps this run had, e2e wrote nothing; those it did not have are not missed
+    assert "e2e: no results" in out and "sparsegpt" not in out and "spmm" not in out
     # wanda and compress ran, yet are no step of this run's table: a SUITE_STEPS re-run keeps older files
     assert "from an earlier run (not a step of this one): wanda, compress" in out
+
+
+def test_summary_keeps_how_earlier_steps_ended_and_counts_wrong_outputs_as_failed(benchmark, tmp_path, capsys):
+    """After a SUITE_STEPS re-run: the other steps' statuses from suite_steps_earlier.tsv (a timeout there is
+    still an issue); a record whose output disagrees with its reference is failed and left out of the
+    ratios; an unreadable results file is named and the other benches are still summarized."""
+    (tmp_path / "suite_steps.tsv").write_text("step\tstatus\trc\tseconds\ne2e\tok\t0\t80\n")
+    (tmp_path / "suite_steps_earlier.tsv").write_text(
+        "step\tstatus\trc\tseconds\nspmm\ttimeout\t124\t50\nwanda\tok\t0\t30\n")
+    base = {"bench": "spmm", "shape": "64x64", "dtype": "float16", "backend": "sdsengine", "status": "ok",
+            "speedup": 1.5}
+    (tmp_path / "spmm.json").write_text(json.dumps([{**base, "tokens": 1, "rel_err": 1e-3},
+                                                    {**base, "tokens": 16, "rel_err": 0.5, "speedup": 9.0}]))
+    (tmp_path / "wanda.json").write_text('[{"bench": "wanda", "pattern": "2:4", "mismatch": 0.25, "speedup": 3}]')
+    (tmp_path / "e2e.json").write_text('[{"bench": "e2e_decode", "sp')  # cut short
+    capsys.readouterr()
+    assert benchmark("summarize").main(["--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "from an earlier run (not a step of this one): wanda (ok), spmm (timeout)" in out
+    assert "step spmm (an earlier run): timeout (rc 124, 50 s)" in out
+    assert "spmm 64x64 float16 sdsengine x 16 tokens: output differs from its reference (mismatch None, rel_err 0.5)" in out
+    assert "wanda None None 2:4: output differs from its reference (mismatch 0.25" in out
+    assert "e2e: unreadable results (JSONDecodeError" in out
+    spmm_row = next(line.split() for line in out.splitlines() if line.startswith("spmm "))
+    assert spmm_row[3:5] == ["1", "1.5"]  # n, then the speedup of the one right record
 
 
 def test_summary_names_the_test_steps_skips_that_are_not_by_design(benchmark, tmp_path, capsys):
@@ -186,12 +224,25 @@ def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypat
     timings and ratios for each backend and the autotuned choice; cuSPARSELt (a stand-in that follows its
     contract) searches its algorithm once for all the weight copies."""
     from sdsengine import bench
-    from sdsengine.kernels import compress_24, decompress_24
-    from sdsengine.masks import nm_mask
-    from sdsengine.nn.sparse_linear import SparseLinear
     searched = []
     monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda packed, xt, **k: packed @ xt, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or 2, raising=False)
+    shape, forms, layer = _spmm_forms(monkeypatch)
+    records = bench._measure_tokens(shape, 5, torch.float32, forms, layer, iters=3, users="q_proj")
+    assert [r["backend"] for r in records] == ["dense", "cusparselt", "auto:dense"]
+    for r in records:
+        assert r["gpu"] == "cpu" and r["ms"] > 0 and r["device_ms"] > 0 and r["rel_err"] < 1e-5
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"]) and r["status"] == "ok"
+        assert r["device_speedup"] == pytest.approx(r["dense_device_ms"] / r["device_ms"])
+    assert len(searched) == 1 and all(f["alg"] == {8: 2} for f in forms["cusparselt"])
+
+
+def _spmm_forms(monkeypatch):
+    """(shape, {backend: three prepared copies of random 2:4 weights}, a SparseLinear of the first) for
+    bench._measure_tokens on the CPU: dense and cuSPARSELt, whose torch calls the caller stands in for."""
+    from sdsengine.kernels import compress_24, decompress_24
+    from sdsengine.masks import nm_mask
+    from sdsengine.nn.sparse_linear import SparseLinear
     monkeypatch.setenv("SDSENGINE_CUSPARSELT_FORM", "plain")
     shape, weights = (32, 64), []
     for seed in range(3):
@@ -199,14 +250,24 @@ def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypat
         weights.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
     forms = {"dense": [ops.prepare("dense", v, m) for v, m in weights],
              "cusparselt": [ops._cusparselt_state(decompress_24(v, m)) for v, m in weights]}
-    layer = SparseLinear.from_dense(decompress_24(*weights[0]))
+    return shape, forms, SparseLinear.from_dense(decompress_24(*weights[0]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host-clock path, on a machine without a CUDA GPU")
+def test_spmm_records_a_backend_that_fails_at_a_token_count(monkeypatch, fresh_choices):
+    """A backend raising at one token count is a failed record naming the error (the summary lists it), not
+    a backend missing from the results."""
+    from sdsengine import bench
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: misaligned address")
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", refuse, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 2, raising=False)
+    shape, forms, layer = _spmm_forms(monkeypatch)
     records = bench._measure_tokens(shape, 5, torch.float32, forms, layer, iters=3, users="q_proj")
-    assert [r["backend"] for r in records] == ["dense", "cusparselt", "auto:dense"]
-    for r in records:
-        assert r["gpu"] == "cpu" and r["ms"] > 0 and r["device_ms"] > 0 and r["rel_err"] < 1e-5
-        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
-        assert r["device_speedup"] == pytest.approx(r["dense_device_ms"] / r["device_ms"])
-    assert len(searched) == 1 and all(f["alg"] == {8: 2} for f in forms["cusparselt"])
+    failed = [r for r in records if r["status"] == "failed"]
+    assert [r["backend"] for r in failed] == ["cusparselt"] and "misaligned address" in failed[0]["error"]
+    assert {r["backend"] for r in records if r["status"] == "ok"} == {"dense", "auto:dense"}
 
 
 def test_prefill_profile_names_the_linears(benchmark, tmp_path):
@@ -498,6 +559,14 @@ def test_readme_rewrite_bad_input_names_the_problem_and_keeps_the_file(benchmark
     assert (doc.read_text() if text is not None else None) == text
 
 
+def test_kernel_sass_occupancy_follows_each_architectures_limits(benchmark):
+    """Programs an SM holds, of a kernel small in registers and shared memory: bounded by the warps (64 on
+    8.0 and 9.0, 48 on 8.6 and 8.9) and programs (32, 16 on 8.6, 24 on 8.9) an SM keeps resident."""
+    occupancy = benchmark("kernel_sass").programs_per_sm
+    assert [occupancy(16, 0, 4, arch) for arch in (80, 86, 89, 90)] == [16, 12, 12, 16]
+    assert [occupancy(16, 0, 1, arch) for arch in (80, 86, 89, 90)] == [32, 16, 24, 32]
+
+
 def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tmp_path):
     """kernel_sass.py compiles the kernels for sm_90 without a GPU (outside the interpreter, which tests set):
     the only compile check here of the Triton kernels as a GPU runs them, SparseGPT's block kernel included.
@@ -532,8 +601,8 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
     assert "| wanda 2:4 |" in (tmp_path / "sass.md").read_text()
 
 
-def _suite(tmp_path, steps):
-    env = dict(os.environ, SUITE_STEPS=steps, RESULTS=str(tmp_path), PYTHON=sys.executable, SUITE_SECONDS="60")
+def _suite(tmp_path, steps, python=sys.executable):
+    env = dict(os.environ, SUITE_STEPS=steps, RESULTS=str(tmp_path), PYTHON=str(python), SUITE_SECONDS="60")
     env.pop("OUT", None)
     return subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh")], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -550,6 +619,27 @@ def test_suite_runs_only_the_selected_steps_and_keeps_other_results(tmp_path):
     assert (tmp_path / "e2e.json").read_text() == "[]"
     dispatch = tmp_path / "dispatch.json"  # removed first; on a CPU the step writes dispatch-cpu.json instead
     assert not dispatch.exists() or "stale" not in dispatch.read_text()
+
+
+def test_suite_rerun_keeps_how_the_other_steps_ended(tmp_path):
+    """A SUITE_STEPS re-run replaces the step table; the steps it does not run keep their last status in
+    suite_steps_earlier.tsv (an earlier timeout is not erased), over re-runs; a benchmark step that exits 0
+    without its results file is no-results, not ok (a stand-in python that does nothing and exits 0)."""
+    (tmp_path / "suite_steps.tsv").write_text("step\tstatus\trc\tseconds\nspmm\ttimeout\t124\t50\n"
+                                              "dispatch\tok\t0\t9\n")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\n")
+    fake.chmod(0o755)
+    _suite(tmp_path, "dispatch", python=fake)
+    table = lambda name: [line.split("\t")[:2] for line in (tmp_path / name).read_text().splitlines()[1:]]
+    assert table("suite_steps.tsv") == [["dispatch", "no-results"]]
+    assert table("suite_steps_earlier.tsv") == [["spmm", "timeout"]]
+    _suite(tmp_path, "versions", python=fake)
+    assert table("suite_steps_earlier.tsv") == [["dispatch", "no-results"], ["spmm", "timeout"]]
+    summary = subprocess.run([sys.executable, str(BENCHMARKS / "summarize.py"), "--dir", str(tmp_path)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "step spmm (an earlier run): timeout" in summary
+    assert "step dispatch (an earlier run): no-results" in summary
 
 
 def test_suite_without_check_results_turns_the_unverified_backends_off(tmp_path):
