@@ -135,25 +135,35 @@ def group_swaps(w, objective, nm, sweeps, damp=1e-4):
         return w
     H, x = objective.H, w.clone()
     subsets = torch.tensor(list(itertools.combinations(range(m), n)), device=w.device)  # (P, N): 6 for 2:4
-    ridge = damp * float(torch.diagonal(H).mean()) * torch.eye(n, device=w.device)
+    H_ss, H_ss_inv = _subset_blocks(H, m, subsets, damp)
     for _ in range(sweeps):
         grad = objective.grad(x)  # recomputed each sweep so that the incremental updates do not drift
-        for start in range(0, w.shape[1], m):
-            cols = slice(start, start + m)
+        for group, start in enumerate(range(0, w.shape[1], m)):
+            cols, later = slice(start, start + m), slice(start + m, None)
             H_gg, x_g = H[cols, cols], x[:, cols]
             q = grad[:, cols] - x_g @ H_gg  # each row's gradient on this group with the group zeroed
-            new = _best_group(q, x_g, H_gg, subsets, ridge)
-            grad += (new - x_g) @ H[cols, :]
+            new = _best_group(q, x_g, H_gg, subsets, H_ss[group], H_ss_inv[group])
+            grad[:, later] += (new - x_g) @ H[cols, later]  # this sweep reads no earlier column's gradient again
             x[:, cols] = new
     return x if objective.error(x) <= objective.error(w) else w
 
 
-def _best_group(q, x_g, H_gg, subsets, ridge):
-    """Per row, the group's weights that minimise ½ vᵀ H_gg v + qᵀ v over the N-subsets, or x_g where none
-    is lower than x_g's own value."""
-    H_ss = H_gg[subsets[:, :, None], subsets[:, None, :]]  # (P, N, N)
+def _subset_blocks(H, m, subsets, damp):
+    """Every group's blocks of H over its N-subsets, (G, P, N, N), and their inverses with the ridge, all at
+    once: H never changes, and an inverse per group would stop a GPU for the host each time."""
+    starts = torch.arange(0, H.shape[0], m, device=H.device)
+    index = starts[:, None, None] + subsets  # (G, P, N)
+    blocks = H[index[..., :, None], index[..., None, :]]
+    ridge = damp * float(torch.diagonal(H).mean()) * torch.eye(subsets.shape[1], device=H.device)
+    return blocks, torch.linalg.inv_ex(blocks + ridge).inverse  # damp > 0 and H determined: each is defined
+
+
+def _best_group(q, x_g, H_gg, subsets, H_ss, H_ss_inv):
+    """Per row, the group's weights that minimise ½ vᵀ H_gg v + qᵀ v over the N-subsets (H_ss: H_gg's blocks
+    over them, (P, N, N); H_ss_inv: their inverses with the ridge), or x_g where none is lower than x_g's
+    own value."""
     q_s = q[:, subsets]  # (rows, P, N)
-    u = -torch.einsum("rpi,pij->rpj", q_s, torch.linalg.inv(H_ss + ridge))  # P inverses serve all rows
+    u = -torch.einsum("rpi,pij->rpj", q_s, H_ss_inv)  # P inverses serve all rows
     value = 0.5 * (torch.einsum("rpi,pij->rpj", u, H_ss) * u).sum(-1) + (q_s * u).sum(-1)
     now = 0.5 * ((x_g @ H_gg) * x_g).sum(-1) + (q * x_g).sum(-1)
     best_value, best = value.min(dim=1)
