@@ -2,9 +2,13 @@
 
 Every output directory (this checkpoint, convert's compressed one) is written through staged_directory:
 into a temporary directory, put in place only when complete, so a failed run leaves no half-written
-directory and a non-empty one is replaced only with overwrite, and only when it holds a checkpoint.
+directory and a non-empty one is replaced only with overwrite, and only when it holds a checkpoint. Two runs
+saving to one place: each holds a lock on its staging directory while it writes, and puts it in place under
+a lock on the parent after checking again, so that neither replaces what the other saved meanwhile unless
+told to overwrite.
 """
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -49,10 +53,13 @@ def _refuse_replacing(out):
         raise FileExistsError(f"output directory {out} is {what}, which --overwrite would delete whole: name the "
                               "checkpoint's own directory")
     entries = list(out.iterdir())
-    stopped = [e.name for e in entries if e.name.startswith(f".{out.name}.tmp-")]
-    if len(stopped) == len(entries):  # staged inside the empty out (a mount point) by a save that was killed
-        raise FileExistsError(f"output directory {out} holds only {', '.join(stopped)}, left by a save that was "
-                              "stopped: delete it and run again")
+    staged = [e for e in entries if e.name.startswith(f".{out.name}.tmp-")]
+    if len(staged) == len(entries):  # staged inside the empty out (a mount point): by a run saving now, or killed
+        if any(_locked_by_another(e) for e in staged):
+            raise FileExistsError(f"output directory {out} is being written by another sdsengine run right now: "
+                                  "wait for it to finish, or name another directory")
+        raise FileExistsError(f"output directory {out} holds only {', '.join(e.name for e in staged)}, left by a "
+                              "save that was stopped: delete it and run again")
     if not any((out / mark).is_file() for mark in CHECKPOINT_MARKS):
         raise FileExistsError(f"output directory {out} is not empty and holds no model checkpoint (no "
                               f"{' or '.join(CHECKPOINT_MARKS)}) for --overwrite to replace: name a new or empty "
@@ -82,16 +89,68 @@ def staged_directory(out, overwrite=False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
     try:
-        yield tmp
-        if parent == out:
-            _move_contents(tmp, out)
-        else:
-            _swap_into_place(tmp, out)
+        with _lock(tmp):  # another run's check sees a save in progress, not a killed one's leftovers
+            yield tmp
+            with _lock(out.parent, wait=True):  # one run at a time checks and puts its result in place
+                _refuse_taken(out, tmp, overwrite and parent != out)
+                if parent == out:
+                    _move_contents(tmp, out)
+                else:
+                    _swap_into_place(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, SafetensorError)):  # a full or failing disk: name what was being written
+        if isinstance(exc, (OSError, SafetensorError)) and not isinstance(exc, OutputTaken):  # a failing disk
             raise OSError(f"could not write {out} ({exc}); nothing was written and {out} is as it was") from exc
         raise
+
+
+class OutputTaken(FileExistsError):
+    """Another run saved to the output while this one worked."""
+
+
+def _refuse_taken(out, tmp, overwrite):
+    """Under the parent's lock, just before this run's result goes in place: out must still be as it was
+    checked at the start, unless overwrite lets it be replaced whole."""
+    staging = f".{out.name}.tmp-"  # another run's still in progress: the first to finish saves
+    others = [e for e in out.iterdir() if not e.name.startswith(staging)] if out.is_dir() else []
+    if others and not overwrite:
+        raise OutputTaken(f"{out} was filled by another run while this one worked: this run's result was not "
+                          "saved (pass --overwrite to replace it, or name another directory)")
+
+
+@contextlib.contextmanager
+def _lock(folder, wait=False):
+    """An exclusive lock on a folder while the block runs (the kernel drops it when the process dies, so a
+    killed run leaves none); without wait, taken at once, the folder being this run's own. Where the file
+    system has no locks (or the folder cannot be opened to read), none is taken."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _locked_by_another(folder):
+    """Whether a live run holds the lock of its staging folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system: nothing to tell
+        return False
+    finally:
+        os.close(fd)
 
 
 def _umask():

@@ -79,6 +79,47 @@ def test_a_stopped_save_inside_an_empty_output_is_named(tmp_path):
             check_output_dir(out, overwrite)
 
 
+def test_a_save_in_progress_inside_an_empty_output_is_not_called_stopped(tmp_path):
+    """Another run saving into the same empty --out right now holds its staging folder's lock: named as in
+    progress, not as a killed save's leftovers to delete."""
+    from sdsengine.checkpoint import staged_directory
+    out = tmp_path / "mnt"
+    out.mkdir()
+    with staged_directory(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="being written by another sdsengine run right now"):
+                check_output_dir(out, overwrite)
+    assert (out / "config.json").exists()
+
+
+def test_a_save_never_replaces_what_another_run_saved_meanwhile(tmp_path):
+    """Two runs to one --out without --overwrite, both having found it new (or empty): the one finishing
+    second fails, naming why, and the other's checkpoint stays (it was replaced, both runs reporting
+    success); with overwrite the last one replaces it whole, leaving no earlier copy behind."""
+    from sdsengine.checkpoint import staged_directory
+
+    def other_run_saves(out):
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text('"other"')
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(FileExistsError, match="filled by another run while this one worked: this run's result "
+                                                  "was not saved"):
+            with staged_directory(out) as tmp:
+                (tmp / "config.json").write_text('"mine"')
+                other_run_saves(out)
+        assert [p.name for p in out.iterdir()] == ["config.json"]
+        assert json.loads((out / "config.json").read_text()) == "other"
+    out = tmp_path / "new"
+    with staged_directory(out, overwrite=True) as tmp:
+        (tmp / "config.json").write_text('"mine"')
+        save_checkpoint(tiny_model("gpt2"), None, out, {"run": "third"}, overwrite=True)
+    assert json.loads((out / "config.json").read_text()) == "mine" and not (out / REPORT_NAME).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
+
+
 def test_overwrite_replaces_a_compressed_checkpoint_of_any_model(tmp_path):
     """save_compressed of a model that is not from transformers writes no config.json: its manifest marks it."""
     from sdsengine.nn import SparseLinear, save_compressed
