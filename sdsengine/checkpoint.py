@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from sdsengine.files import unwritable, within
+from sdsengine.files import umask, unwritable, within
 
 REPORT_NAME = "sdsengine.json"
 # a directory holding one is a checkpoint overwrite may replace (the last: convert's manifest, nn/convert.py)
@@ -87,7 +87,7 @@ def staged_directory(out, overwrite=False):
     parent = _staging_parent(out)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
+    tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         with _lock(tmp):  # another run's check sees a save in progress, not a killed one's leftovers
             yield tmp
@@ -151,12 +151,6 @@ def _locked_by_another(folder):
         return False
     finally:
         os.close(fd)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(model, tokenizer, out, report, overwrite=False) -> Path:

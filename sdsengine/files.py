@@ -2,6 +2,7 @@
 whole or not at all, so that a long run never ends on an unwritable path and a failed write never leaves an
 earlier file truncated."""
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -37,13 +38,24 @@ def check_new_file(flag, path, overwrite, reads=()):
     return path
 
 
+def umask():
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_whole(path, text):
     """Write text to path (a link: to its target) through a temporary file renamed into place; on failure
-    path is as it was."""
+    path is as it was. Each call has a temporary file of its own: two runs writing one result file leave one
+    whole file, the last one's, never a mix of both."""
     path = Path(path).expanduser().resolve()
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        tmp.write_text(text)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.chmod(0o666 & ~umask())  # mkstemp's 0600 would otherwise become the file's mode
         tmp.replace(path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

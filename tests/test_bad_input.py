@@ -141,18 +141,49 @@ def test_eval_result_files_are_never_the_models_and_must_be_writable(tmp_path, c
 def test_a_failed_result_write_keeps_the_earlier_file(tmp_path, monkeypatch):
     """eval's and bench's result files are written whole: a full disk halfway leaves the earlier file as it was
     (it was truncated to the part written) and no temporary file."""
+    import io
     from sdsengine.files import write_whole
     target = tmp_path / "results.json"
     target.write_text("earlier results")
-    real_write = type(target).write_text
 
-    def full_disk(self, text, *args, **kwargs):
-        real_write(self, text[:5])
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(type(target), "write_text", full_disk)
+    class FullDisk(io.StringIO):
+        def __init__(self, fd, *args, **kwargs):
+            super().__init__()
+            self.file = open(fd, "w")
+
+        def write(self, text):
+            self.file.write(text[:5])
+            self.file.close()
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr("sdsengine.files.os.fdopen", FullDisk)
     with pytest.raises(OSError, match=f"could not write {target} .*No space left.*it is as it was"):
         write_whole(target, '{"results": 1}')
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"] and target.read_bytes() == b"earlier results"
+
+
+def test_result_files_written_at_once_by_two_runs_stay_whole(tmp_path):
+    """Two writers of one result file (two eval runs given the same --json): each has its own temporary
+    file, so every write succeeds and the file is always one of them whole (a shared one was taken from
+    under the other writer, whose write then failed, and mixed their bytes)."""
+    import threading
+    from sdsengine.files import umask, write_whole
+    target, errors = tmp_path / "r.json", []
+
+    def writer(char):
+        for _ in range(40):
+            try:
+                write_whole(target, char * 200_000)
+            except OSError as exc:
+                errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(c,)) for c in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    text = target.read_text()
+    assert errors == [] and text in ("A" * 200_000, "B" * 200_000)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask()  # as a plain write would have made it
 
 
 def test_a_result_file_given_as_a_link_is_written_through_it(tmp_path):
