@@ -15,6 +15,7 @@ Each backend *prepares* it once into its own form and then *runs* it per call:
 `probe()` names which backends run on a device and why the others do not. Choosing among them per shape
 and token count is SparseLinear's job (sdsengine.nn.sparse_linear), by measurement.
 """
+import fcntl
 import logging
 import os
 import statistics
@@ -112,7 +113,7 @@ def extension_error():
 
 def _jit_build(why_not_prebuilt):
     """JIT-compile csrc/ for the visible GPU (minutes, once; cached by torch). SDSENGINE_JIT=0 turns it off."""
-    from torch.utils.cpp_extension import CUDA_HOME, load
+    from torch.utils.cpp_extension import CUDA_HOME
     sources = [_CSRC / "bindings.cpp", *sorted(_CSRC.glob("*.cu"))]
     reasons = {
         "SDSENGINE_JIT=0": os.environ.get("SDSENGINE_JIT") == "0",
@@ -126,13 +127,29 @@ def _jit_build(why_not_prebuilt):
         blocked.append(too_old)
     if blocked:
         return None, f"{why_not_prebuilt}; no JIT build: {', '.join(blocked)}"
-    log.warning("sdsengine: building the CUDA extension from %s (first use only; takes a few minutes)", _CSRC)
     try:
-        module = load(name="sdsengine_C", sources=[str(s) for s in sources],
-                      extra_cflags=["-O3"], extra_cuda_cflags=list(NVCC_FLAGS), verbose=False)
-        return module, None
+        return _jit_load(sources), None
     except Exception as exc:  # a failed build must leave the other backends usable
         return None, f"{why_not_prebuilt}; JIT build failed: {exc}"
+
+
+def _jit_load(sources):
+    """torch's JIT build (or its cached result) under a lock of ours. torch guards a build with a lock file
+    that outlives a build killed in its minutes of nvcc (Ctrl-C, the OOM killer), and every later process
+    then waits for it forever, silently. Ours is a flock, which the kernel drops with its process: whoever
+    holds it is alive, so a torch lock found by its holder was left by a dead build."""
+    from torch.utils import cpp_extension
+    build = Path(cpp_extension._get_build_directory("sdsengine_C", verbose=False))
+    with open(build / "sdsengine.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process building now: wait for it, then use its build
+        stale = build / "lock"
+        if stale.exists():
+            log.warning("sdsengine: removing %s, left by a CUDA extension build that was stopped", stale)
+            stale.unlink(missing_ok=True)
+        log.warning("sdsengine: building the CUDA extension from %s in %s (first use only; takes a few minutes)",
+                    _CSRC, build)
+        return cpp_extension.load(name="sdsengine_C", sources=[str(s) for s in sources], build_directory=str(build),
+                                  extra_cflags=["-O3"], extra_cuda_cflags=list(NVCC_FLAGS), verbose=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -937,3 +937,22 @@ def test_self_check_compares_with_dense_and_skips_shapes_a_backend_refuses(monke
     assert ops._self_check("dense", cpu, torch.float32) == "ok" and ran == [(256, 256)]
     monkeypatch.setattr(ops, "prepare", lambda *a: (_ for _ in ()).throw(ops.BackendUnavailable("shape")))
     assert "takes none of the self-check shapes" in ops._self_check("dense", cpu, torch.float32)
+
+
+def test_jit_build_clears_the_lock_of_a_build_that_was_stopped(tmp_path, monkeypatch):
+    """torch's lock file outlives a JIT build killed in nvcc, and every later build waited for it forever: our
+    own lock (dropped by the kernel with its process) is held around torch's build, so a torch lock found
+    under it is stale and removed. torch's build itself is a stand-in here (no GPU)."""
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / "sdsengine_C"
+    build.mkdir()
+    (build / "lock").write_text("")
+    calls = []
+
+    def load(name, sources, build_directory, **kwargs):
+        calls.append((name, build_directory, (build / "lock").exists()))
+        return "module"
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert ops._jit_load(["bindings.cpp"]) == "module"
+    assert calls == [("sdsengine_C", str(build), False)]
