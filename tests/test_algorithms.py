@@ -59,6 +59,25 @@ def test_sparsegpt_compensates_on_correlated_inputs():
     torch.testing.assert_close(X[:, :2] @ pruned[0, :2], X[:, :2] @ w[0, :2], atol=1e-3, rtol=1e-3)
 
 
+def test_sparsegpt_damping_retries_from_the_original_diagonal():
+    """A singular H is retried with more damping, each try on H + damp I (not on the last try's dampened
+    diagonal), and the caller's H is left as it was (the factor dampens a copy in place)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3) @ torch.randn(3, 32) * 3.0  # rank 3: undampened Cholesky fails
+    H = 2 / 64 * x.T @ x
+    before = H.clone()
+    factor = sparsegpt.inverse_hessian_factor(H, 0.0)
+    assert torch.equal(H, before)
+    for damp in [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2]:  # the retries' schedule from percdamp = 0
+        L, info = torch.linalg.cholesky_ex(H + damp * torch.eye(32))
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                break
+    assert damp >= 1e-5  # more than one retry
+    assert torch.equal(factor, U)
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "0.5"])
 def test_sparsegpt_refit_keeps_the_mask_and_lowers_the_error(pattern):
     """--refit: SparseGPT's mask exactly, its kept weights refitted; the report holds both errors."""

@@ -40,9 +40,10 @@ def prune(weight, stats, config):
 
 
 def obs_prune(weight, stats, config):
-    """SparseGPT itself (also SDS's base): OBS pruning block by block."""
-    w = weight.float().clone()
-    hinv = _inverse_hessian_factor(stats.H.clone(), w, config.percdamp)
+    """SparseGPT itself (also SDS's base): OBS pruning block by block. Inputs never seen (dead) are zeroed."""
+    w = weight.to(torch.float32, copy=True)  # one copy (.float().clone() made two of a bf16 weight)
+    w[:, torch.diagonal(stats.H) == 0] = 0
+    hinv = inverse_hessian_factor(stats.H, config.percdamp)
     pattern, cols = config.sparsity, w.shape[1]
     for start in range(0, cols, config.blocksize):
         end = min(start + config.blocksize, cols)
@@ -52,16 +53,26 @@ def obs_prune(weight, stats, config):
     return w.to(weight.dtype)
 
 
-def _inverse_hessian_factor(H, w, percdamp):
-    """Upper Cholesky factor of (H + damp I)^-1; inputs never seen (dead) are zeroed in w."""
+def inverse_hessian_factor(H, percdamp):
+    """Upper Cholesky factor of (H + damp I)^-1, dead inputs' zero diagonal set to 1; H is left as it is.
+    At most 3 in² beyond H (a 70B down_proj's is 3.3 GB): the dampened copy, its factor and the inverse."""
+    H = H.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    w[:, dead] = 0
     damp = percdamp * torch.diagonal(H).mean()
+    diagonal = torch.diagonal(H).clone()
     for _ in range(6):  # retry with more damping if H is numerically not positive definite
+        torch.diagonal(H).copy_(diagonal + damp)  # H + damp I in place; a retry dampens the original diagonal
         try:
-            L = torch.linalg.cholesky(H + damp * torch.eye(H.shape[0], device=H.device))
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            return _factor_of_inverse(H)
         except torch.linalg.LinAlgError:
             damp = damp * 10 if damp > 0 else 1e-6
     raise RuntimeError("SparseGPT: the Hessian stayed singular after dampening; check the calibration data")
+
+
+def _factor_of_inverse(A):
+    """Upper Cholesky factor of A^-1. A function of its own so that a failed try frees its factors."""
+    L = torch.linalg.cholesky(A)
+    inverse = torch.cholesky_inverse(L)
+    del L  # freed before the second factorization
+    return torch.linalg.cholesky(inverse, upper=True)
