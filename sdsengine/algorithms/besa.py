@@ -87,7 +87,7 @@ class RowRates:
 
     def __init__(self, weight, norms, config, theta0):
         self.rows, self.cols = weight.shape
-        self.rank = wanda_ranks(weight, norms)
+        self.rank = wanda_ranks(weight, norms).long()  # gather's index type once (not an 8 B/weight copy a step)
         k = config.candidates
         device = weight.device
         self.p = (torch.arange(k + 1, device=device) / k).to(theta0.dtype)
@@ -107,11 +107,11 @@ class RowRates:
 
     def keep_prob(self, beta):
         by_rank = beta.cumsum(dim=-1)[:, self.last].expand(self.rows, -1)
-        return by_rank.gather(1, self.rank.long())
+        return by_rank.gather(1, self.rank)
 
     def hard(self, alpha):
         zeros = torch.floor(self.cols * alpha.detach()).clamp(0, self.cols)
-        return self.rank >= zeros.to(torch.int32).reshape(-1, 1)
+        return self.rank >= zeros.long().reshape(-1, 1)
 
     def mask(self, kind):
         """'hard' (forward of the STE), 'soft' (the relaxed objective) or 'ste' (hard forward, soft grad)."""
@@ -176,7 +176,7 @@ class RateLearner:
                           for r in self.rates.values()])
         counts = project_counts(alpha, cols, round(self.target * self.total)).split(
             [r.rows for r in self.rates.values()])
-        return {name: (r.rank >= zeros.to(torch.int32).reshape(-1, 1), zeros)
+        return {name: (r.rank >= zeros.long().reshape(-1, 1), zeros)
                 for (name, r), zeros in zip(self.rates.items(), counts)}
 
     def block_info(self):
