@@ -30,8 +30,9 @@ def prune_lowest_mask(scores: torch.Tensor, sparsity: float, dim: int | None = -
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the k[r] highest scores of row r of a 2-D tensor (k: one count per row).
 
-    A selection, not a sort: each row's threshold is its k-th highest score (torch.kthvalue, linear time),
-    and among scores equal to it the lowest indices fill the count. SDS's adjustment re-selects a mask
+    A selection, not a sort: each row's threshold is its k-th highest score (torch.kthvalue, linear time;
+    a sort for a few rows on CUDA, see kth_smallest), and among scores equal to it the lowest indices fill
+    the count. SDS's adjustment re-selects a mask
     every step, where a full sort per step dominated its time on unstructured patterns.
     """
     rows, cols = scores.shape
@@ -44,12 +45,29 @@ def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             continue
         rows_k = (k == count).nonzero().reshape(-1)
         part = scores[rows_k]
-        threshold = torch.kthvalue(part, cols - count + 1, dim=1, keepdim=True).values
+        threshold = kth_smallest(part, cols - count + 1)
         above = part > threshold
         ties = part == threshold
         room = count - above.sum(dim=1, keepdim=True)  # ties to keep, lowest index first
         mask[rows_k] = above | (ties & (ties.cumsum(dim=1) <= room))
     return mask
+
+
+SORT_BELOW_ROWS = 64  # on CUDA, fewer rows than this take their k-th value from a sort (kth_smallest)
+
+
+def kth_smallest(part: torch.Tensor, k: int, by_sort: bool | None = None) -> torch.Tensor:
+    """Each row's k-th smallest value (rows x 1), NaN ordered last, as torch.kthvalue gives it.
+
+    On CUDA kthvalue runs one thread block per row: a single row of a whole weight (SDS's per-layer
+    projector, every adjustment step) left the rest of the GPU idle. A sort of few rows spreads over the
+    device, at the cost of its values and indices (12 B an entry) for the step. by_sort: None chooses.
+    """
+    if by_sort is None:
+        by_sort = part.is_cuda and part.shape[0] < SORT_BELOW_ROWS
+    if by_sort:
+        return torch.sort(part, dim=1).values[:, k - 1:k]
+    return torch.kthvalue(part, k, dim=1, keepdim=True).values
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:

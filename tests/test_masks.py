@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sdsengine import masks
 from sdsengine.masks import counted_sparsity, nm_mask, nm_violations, prune_lowest_mask, top_k_mask
 
 
@@ -52,6 +53,27 @@ def test_top_k_mask_equals_the_sorted_selection(rows, cols, ties):
     assert mask.sum(dim=1).tolist() == k.tolist()
     uniform = torch.full((rows,), cols // 2)
     assert torch.equal(top_k_mask(scores, uniform), _top_k_by_sort(scores, uniform))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 4096), (5, 300)])
+def test_kth_smallest_by_sort_is_kthvalue(rows, cols, monkeypatch):
+    """The sort branch (taken on CUDA for few rows) gives kthvalue's value, NaN last, with ties and ±inf;
+    top_k_mask through it gives the same masks."""
+    gen = torch.Generator().manual_seed(cols)
+    scores = torch.randint(0, 4, (rows, cols), generator=gen).float()
+    scores[:, 1::7] = float("nan")
+    scores[:, 2::5] = float("inf")
+    scores[:, 3::11] = -float("inf")
+    for k in sorted({1, (cols + 1) // 2, cols}):
+        by_sort = masks.kth_smallest(scores, k, by_sort=True)
+        expected = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+        torch.testing.assert_close(by_sort, expected, rtol=0, atol=0, equal_nan=True)
+    counts = torch.randint(0, cols + 1, (rows,), generator=gen)
+    expected = top_k_mask(scores, counts), top_k_mask(scores.reshape(1, -1), counts[:1] * rows)
+    kth_smallest = masks.kth_smallest
+    monkeypatch.setattr(masks, "kth_smallest", lambda part, k: kth_smallest(part, k, by_sort=True))
+    assert torch.equal(top_k_mask(scores, counts), expected[0])
+    assert torch.equal(top_k_mask(scores.reshape(1, -1), counts[:1] * rows), expected[1])
 
 
 def test_top_k_mask_by_hand_and_bad_counts():
