@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdsengine
-from sdsengine.algorithms import least_squares, sds
+from sdsengine.algorithms import least_squares, sds, sparsegpt
 from sdsengine.algorithms.stats import Hessian
 from sdsengine.cli import build_parser, main
 from sdsengine.config import BESAConfig, SDSConfig, SparseGPTConfig
@@ -217,6 +217,15 @@ def test_guard_falls_back_when_sds_loses():
     pruned, info = sds.prune(w, stats, config)
     assert info["choice"] == "base" and info["chosen"] == info["initial"] and "refit" not in info
     assert torch.equal(pruned, sds.BASES["sparsegpt"](w, stats, config))  # the weight returned is the base's
+
+
+def test_sparsegpt_base_builds_its_inverse_hessian_factor_once(monkeypatch):
+    """W1 and W2 are SparseGPT prunes on one H and damping: one factor (a Cholesky pair of in³) serves both."""
+    w, stats = _layer()
+    built, factor = [], sparsegpt.inverse_hessian_factor
+    monkeypatch.setattr(sparsegpt, "inverse_hessian_factor", lambda *args: built.append(args) or factor(*args))
+    _, info = sds.prune(w, stats, _config(iters=5))
+    assert "second" in info and len(built) == 1
 
 
 def test_pipeline_reports_every_step():

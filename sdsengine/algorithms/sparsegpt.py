@@ -39,11 +39,12 @@ def prune(weight, stats, config):
     return fitted.to(weight.dtype), info
 
 
-def obs_prune(weight, stats, config):
-    """SparseGPT itself (also SDS's base): OBS pruning block by block. Inputs never seen (dead) are zeroed."""
+def obs_prune(weight, stats, config, factor=None):
+    """SparseGPT itself (also SDS's base): OBS pruning block by block. Inputs never seen (dead) are zeroed.
+    factor: inverse_hessian_factor(stats.H, config.percdamp) where the caller already has it (SDS)."""
     w = weight.to(torch.float32, copy=True)  # one copy (.float().clone() made two of a bf16 weight)
     w[:, torch.diagonal(stats.H) == 0] = 0
-    hinv = inverse_hessian_factor(stats.H, config.percdamp)
+    hinv = inverse_hessian_factor(stats.H, config.percdamp) if factor is None else factor
     pattern, cols = config.sparsity, w.shape[1]
     for start in range(0, cols, config.blocksize):
         end = min(start + config.blocksize, cols)
