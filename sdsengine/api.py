@@ -40,12 +40,13 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     plan_targets(model, config)  # --ignore and the pattern checked before the calibration data is built
     samples, protocol = _calibration(model, config, calibration, tokenizer)
     store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
+    memory_at_start = report.peak_memory(config.device)
     start = time.perf_counter()
     layers = prune_model(model, config, samples, progress=progress, resume=store)
     seconds = time.perf_counter() - start
     if store and store.resumed_from:
         seconds += store.earlier_seconds
-    info = report.build(config, protocol, layers, seconds, model_source)
+    info = report.build(config, protocol, layers, seconds, model_source, memory_at_start)
     info["decoder_sparsity"] = report.decoder_sparsity(model)
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}

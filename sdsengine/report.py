@@ -13,8 +13,9 @@ def versions() -> dict:
     import transformers
 
     import sdsengine
+    # threads: CPU results can differ between thread counts in the last bits (BLAS splits its sums by them)
     return {"sdsengine": sdsengine.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda}
+            "python": platform.python_version(), "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
 
 
 _cpu_peak_kib = 0  # the largest ru_maxrss read so far in this process
@@ -46,7 +47,9 @@ def run_peak(device, layers) -> dict:
     return peaks
 
 
-def build(config, calibration, layers, seconds, model_source) -> dict:
+def build(config, calibration, layers, seconds, model_source, memory_at_start=None) -> dict:
+    """memory_at_start: peak_memory when the prune began (the process's peaks are the whole process's: a model
+    load, or an earlier run in the same Python process, may have set them)."""
     return {
         "model": model_source,
         "recipe": config.to_dict(),
@@ -54,6 +57,7 @@ def build(config, calibration, layers, seconds, model_source) -> dict:
         "versions": versions(),
         "seconds": round(seconds, 2),
         "memory": run_peak(config.device, layers),
+        "memory_at_start": memory_at_start,
         "layers": [dataclasses.asdict(r) for r in layers],
         "overall_sparsity": overall_sparsity(layers),
     }

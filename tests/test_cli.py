@@ -45,6 +45,9 @@ def test_prune_then_eval_real_model(smollm_dir, data_env, tmp_path, capsys):
     assert all(info["nm_violations"] == 0 for layer in report["layers"] for info in layer["linears"].values())
     peaks = [layer["memory"]["cpu_peak_rss_gib"] for layer in report["layers"]]  # the peak so far, after each
     assert 0 < peaks[0] and peaks == sorted(peaks) and peaks[-1] <= report["memory"]["cpu_peak_rss_gib"]
+    # the process's peak when the prune began (the model load's), for telling the prune's own from it
+    assert 0 < report["memory_at_start"]["cpu_peak_rss_gib"] <= peaks[0]
+    assert report["versions"]["threads"] == torch.get_num_threads()
     log = capsys.readouterr().out.splitlines()
     first = log.index(next(line for line in log if line.startswith("layer  sparsity")))
     assert "peak RSS GiB" in log[first] and f"{peaks[-1]:.3f}" in log[first + 31]
