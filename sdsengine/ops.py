@@ -491,8 +491,17 @@ def stream_locks(locks, x):
     return locks[stream]
 
 
+# the current stream's handle in one C call; torch.cuda.current_stream builds a Stream object each time (a few
+# us on every decode call of every linear). Private to torch: where a build lacks it, the public call
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_id(device):
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def split_k(form, x, bias, out_features):

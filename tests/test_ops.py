@@ -956,3 +956,14 @@ def test_jit_build_clears_the_lock_of_a_build_that_was_stopped(tmp_path, monkeyp
     monkeypatch.setattr(cpp_extension, "load", load)
     assert ops._jit_load(["bindings.cpp"]) == "module"
     assert calls == [("sdsengine_C", str(build), False)]
+
+
+@pytest.mark.gpu
+def test_stream_id_is_the_current_streams_handle():
+    """The split-K tickets are kept per stream by the handle read in one C call: it must be the one the
+    public API gives, on the default stream and on a side stream."""
+    device = torch.device("cuda")
+    assert ops._stream_id(device) == torch.cuda.current_stream(device).cuda_stream
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        assert ops._stream_id(device) == side.cuda_stream != torch.cuda.default_stream(device).cuda_stream
