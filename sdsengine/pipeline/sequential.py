@@ -212,16 +212,18 @@ def _prune_linear(algo, module, stats, config):
 def run_layer(layer, inps, outs, kwargs, device, reference=None):
     """outs[j] = layer(inps[j]) (outs None: not kept); with `reference` (may alias outs), also the relative
     error against it."""
-    err = ref = 0.0
+    # the sums stay on the device (each window's fp32 sum added in fp64, as Python floats would add them):
+    # reading them per window stopped a GPU for the host twice a window
+    err = ref = torch.zeros((), dtype=torch.float64, device=device)
     for j in range(inps.shape[0]):
         y = _forward(layer, inps[j:j + 1], kwargs, device)
         if reference is not None:
             target = reference[j:j + 1].to(device).float()
-            err += float((y.float() - target).pow(2).sum())
-            ref += float(target.pow(2).sum())
+            err = err + (y.float() - target).pow(2).sum().double()
+            ref = ref + target.pow(2).sum().double()
         if outs is not None:
             outs[j:j + 1] = y.to(outs.device)
-    return err / max(ref, 1e-30) if reference is not None else None
+    return float(err) / max(float(ref), 1e-30) if reference is not None else None
 
 
 class _StopForward(Exception):
