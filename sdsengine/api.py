@@ -63,12 +63,12 @@ def _calibration(model, config, calibration, tokenizer):
         if tokenizer is None:
             raise ValueError("a CalibrationConfig needs the tokenizer to build its windows")
         samples = calibration_samples(tokenizer, calibration)
-        _check_ids(model, samples, "the tokenizer's ids (is it the model's tokenizer?)")
+        adapters.check_ids(model, samples, "the tokenizer's ids (is it the model's tokenizer?)")
         return samples, {**calibration.to_dict(), "sampler": calibration_protocol(calibration)}
     samples = _as_token_windows(calibration)
     if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
         raise ValueError(f"calibration tokens must be integer token ids, got dtype {samples.dtype}")
-    _check_ids(model, samples, "calibration token ids")
+    adapters.check_ids(model, samples, "calibration token ids")
     adapters.check_seqlen(model, samples.shape[1])
     samples = samples.long()  # embeddings take int32 or int64 ids only (uint8 and int16 ones are ids too)
     return samples, {"dataset": "user tokens", "nsamples": samples.shape[0], "seqlen": samples.shape[1]}
@@ -91,9 +91,3 @@ def _as_token_windows(calibration):
                          f"{tuple(samples.shape)}")
     return samples
 
-
-def _check_ids(model, samples, what):
-    vocab = model.get_input_embeddings().num_embeddings
-    if samples.min() < 0 or samples.max() >= vocab:
-        raise ValueError(f"{what} must lie in [0, {vocab}) (the model's vocabulary), got "
-                         f"{int(samples.min())}..{int(samples.max())}")

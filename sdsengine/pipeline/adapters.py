@@ -97,3 +97,12 @@ def check_seqlen(model, seqlen):
     limit = max_positions(model)
     if limit and seqlen > limit:
         raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {limit} positions")
+
+
+def check_ids(model, ids, what):
+    """Token ids past the embedding (a tokenizer bigger than the model's) would fail deep in the forward
+    with a bare IndexError, or on a GPU with a device-side assert."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"{what} must lie in [0, {vocab}) (the model's vocabulary), got "
+                         f"{int(ids.min())}..{int(ids.max())}")
