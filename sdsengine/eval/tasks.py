@@ -31,6 +31,15 @@ ARC_EASY_FILE = "arc/ARC-Easy-test.json"
 BOOLQ_FILE = "boolq/dev.jsonl"
 
 
+class ItemError(ValueError):
+    """An Item that cannot be scored; the loaders add the file and line, or the dataset and row. `label`: the
+    label is at fault (a built-in task's row from a split without answers)."""
+
+    def __init__(self, message, label=False):
+        super().__init__(message)
+        self.label = label
+
+
 @dataclass(frozen=True)
 class Item:
     context: str
@@ -41,13 +50,44 @@ class Item:
     contexts: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.contexts and len(self.contexts) != len(self.choices):
-            raise ValueError(f"an item with {len(self.choices)} choices needs as many contexts, got "
-                             f"{len(self.contexts)}")
+        # Checked here, so that an item built by hand is refused rather than silently scored (a label past
+        # the choices is never right; a bool or a string label never equals a prediction).
+        choices, label = self.choices, self.label
+        if not isinstance(self.context, str):
+            raise ItemError(f"context must be a string, got {type(self.context).__name__}")
+        if (not isinstance(choices, (tuple, list)) or len(choices) < 2
+                or not all(isinstance(c, str) and c for c in choices)):
+            raise ItemError(f"choices must be a list of at least two non-empty strings, got {choices!r}")
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ItemError(f"label must be an integer index into choices, got {label!r}", label=True)
+        if not 0 <= label < len(choices):
+            raise ItemError(f"label {label} out of range for {len(choices)} choices (0..{len(choices) - 1})",
+                            label=True)
+        if self.contexts and len(self.contexts) != len(choices):
+            raise ItemError(f"an item with {len(choices)} choices needs as many contexts, got {len(self.contexts)}")
+        for field, text in self._texts():
+            _check_text(field, text)
+
+    def _texts(self):
+        yield "context", self.context
+        yield from ((f"choice {i}", c) for i, c in enumerate(self.choices))
+        yield from ((f"context {i}", c) for i, c in enumerate(self.contexts))
 
     def requests(self) -> list[tuple[str, str]]:
         """(context, continuation) scored for each choice, in order."""
         return list(zip(self.contexts or (self.context,) * len(self.choices), self.choices))
+
+
+def _check_text(field, text):
+    # JSON's "\ud800" is a lone surrogate: valid JSON, but no text; the tokenizer would fail on it later with
+    # an opaque TypeError.
+    if not isinstance(text, str):
+        raise ItemError(f"{field} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ItemError(f"{field} holds a lone surrogate {text[exc.start]!r} at character {exc.start}, which is "
+                        "no text (an escape such as \\ud800 without its pair)") from None
 
 
 def load_task(name_or_path, data_dir=None, limit=None) -> list[Item]:
@@ -102,12 +142,12 @@ def _builtin(task, data_dir) -> list[Item]:
 def _checked_item(source, row, where) -> Item:
     try:
         item = source.item(row)
+    except ItemError as exc:  # read, but no item to score
+        hint = f" (lm-eval scores the {source.split} split, whose rows carry their answers)" if exc.label else ""
+        raise ValueError(f"{where}: {exc}{hint}") from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise ValueError(f"{where}: not a row this task can read ({type(exc).__name__}: {exc}); the rows "
                          f"are {source.path}'s") from None
-    if not 0 <= item.label < len(item.choices):
-        raise ValueError(f"{where}: label {item.label} names none of its {len(item.choices)} choices "
-                         f"(lm-eval scores the {source.split} split, whose rows carry their answers)")
     return item
 
 
@@ -221,13 +261,10 @@ def generic_item(obj, where: str) -> Item:
     missing = [key for key in ("context", "choices", "label") if key not in obj]
     if missing:
         raise ValueError(f"{where}: missing key {', '.join(missing)} (each line needs context, choices, label)")
-    context, choices, label = obj["context"], obj["choices"], obj["label"]
-    if not isinstance(context, str):
-        raise ValueError(f"{where}: context must be a string, got {type(context).__name__}")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+    choices = obj["choices"]
+    if not isinstance(choices, list):  # JSON's list; a string would be read as its characters
         raise ValueError(f"{where}: choices must be a list of at least two non-empty strings, got {choices!r}")
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise ValueError(f"{where}: label must be an integer index into choices, got {label!r}")
-    if not 0 <= label < len(choices):
-        raise ValueError(f"{where}: label {label} out of range for {len(choices)} choices (0..{len(choices) - 1})")
-    return Item(context, tuple(choices), label)
+    try:
+        return Item(obj["context"], tuple(choices), obj["label"])
+    except ItemError as exc:
+        raise ValueError(f"{where}: {exc}") from None

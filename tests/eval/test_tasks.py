@@ -97,7 +97,8 @@ def test_no_data_directory_and_no_datasets_package_names_both_ways_out(monkeypat
      r"hellaswag/validation\.jsonl, line 2: not a row this task can read \(KeyError: 'activity_label'\); "
      r"the rows are Rowan/hellaswag's"),
     ("rte", "validation", [{"sentence1": "a.", "sentence2": "b.", "label": -1}],
-     r"rte/validation\.jsonl, line 1: label -1 names none of its 2 choices \(lm-eval scores the validation split"),
+     r"rte/validation\.jsonl, line 1: label -1 out of range for 2 choices \(0\.\.1\) \(lm-eval scores the "
+     r"validation split"),
     ("winogrande", "validation", [{"sentence": "No blank.", "option1": "a", "option2": "b", "answer": "1"}],
      r"winogrande/validation\.jsonl, line 1: not a row this task can read \(ValueError: its sentence has no "
      r"blank"),
@@ -118,3 +119,40 @@ def test_bad_hub_rows_are_named_by_dataset_and_row(hub):
 def test_an_item_needs_a_context_for_every_choice():
     with pytest.raises(ValueError, match="an item with 3 choices needs as many contexts, got 2"):
         Item("", (" a", " b", " c"), 0, ("x", "y"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("Q", (" a", " b"), 2), r"label 2 out of range for 2 choices \(0\.\.1\)"),
+    (("Q", (" a", " b"), -1), r"label -1 out of range for 2 choices"),
+    (("Q", (" a", " b"), "0"), r"label must be an integer index into choices, got '0'"),
+    (("Q", (" a", " b"), True), r"label must be an integer index into choices, got True"),
+    (("Q", (" a",), 0), r"choices must be a list of at least two non-empty strings, got \(' a',\)"),
+    (("Q", (" a", ""), 0), r"choices must be a list of at least two non-empty strings"),
+    (("Q", (" a", 3), 0), r"choices must be a list of at least two non-empty strings"),
+    (("Q", " ab", 0), r"choices must be a list of at least two non-empty strings, got ' ab'"),
+    ((None, (" a", " b"), 0), r"context must be a string, got NoneType"),
+    (("Q", (" a", " \ud800"), 0), r"choice 1 holds a lone surrogate '\\ud800' at character 1"),
+    (("", (" a", " b"), 0, ("x", 5)), r"context 1 must be a string, got int"),
+])
+def test_an_item_built_by_hand_that_cannot_be_scored_is_refused(args, message):
+    with pytest.raises(ValueError, match=message):  # each was scored (a label past the choices: never right)
+        Item(*args)
+
+
+@pytest.mark.parametrize("field, row", [
+    ("context", {"context": "Q \ud800", "choices": [" a", " b"], "label": 0}),
+    ("choice 0", {"context": "Q", "choices": ["\ud800", " b"], "label": 0}),
+])
+def test_a_jsonl_row_with_a_lone_surrogate_names_its_line_and_field(tmp_path, field, row):
+    path = tmp_path / "mine.jsonl"
+    good = {"context": "Q", "choices": [" a", " b"], "label": 0}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")  # json writes the escape "\ud800": valid JSON
+    with pytest.raises(ValueError, match=rf"mine\.jsonl:2: {field} holds a lone surrogate"):
+        load_task(str(path))  # was a TypeError in the tokenizer, at evaluation
+
+
+def test_a_hub_row_with_a_lone_surrogate_names_its_row_and_field(hub):
+    hub.rows = [{"sentence1": "a.", "sentence2": "b \ud800.", "label": 0}]
+    with pytest.raises(ValueError, match=r"rte: hub dataset nyu-mll/glue \(rte, validation\), row 0: context holds "
+                                         r"a lone surrogate '\\ud800' at character 15, which is no text"):
+        load_task("rte")
