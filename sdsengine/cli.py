@@ -14,7 +14,7 @@ from sdsengine import api, bench, checkpoint, files, report
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
-from sdsengine.eval.runner import TASK_HELP, evaluate, load_zeroshot, results_table
+from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_zeroshot, results_table, task_list
 from sdsengine.models import default_gguf, load_model
 from sdsengine.nn import convert, save_compressed, set_lean
 from sdsengine.nn.convert import is_compressed_checkpoint, skip_reasons
@@ -265,15 +265,15 @@ def _note_unused_gpu(device):
 
 
 def cmd_eval(args):
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise ValueError(f"--tasks names no task: {args.tasks!r}")
+    tasks = task_list(args.tasks)
     if args.samples and all(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     _check_result_files(args, tasks)
     check_device(args.device)
     _note_unused_gpu(args.device)
-    items = load_zeroshot(tasks, args.data_dir, args.limit)  # a bad task name or file fails before the model load
+    # A bad task name, file, window or limit fails before the model load (minutes for a 7B).
+    check_perplexity(tasks, args.seqlen, args.limit, args.data_dir)
+    items = load_zeroshot(tasks, args.data_dir, args.limit)
     if args.lean and not (args.model and is_compressed_checkpoint(args.model)):
         raise ValueError(f"--lean applies to a compressed checkpoint (written by sdsengine convert), and "
                          f"{args.model or 'the embedded model'} is not one")

@@ -234,6 +234,17 @@ def _windows_from_stream(ids, config, rng):
 
 # ---- evaluation ---------------------------------------------------------------------------------------
 
+EVAL_FILES = {"wikitext2": WIKI_TEST, "c4": C4_TRAIN, "ptb": PTB_TEST}  # in a data directory
+
+
+def check_eval_source(task, data_dir=None):
+    """Raise unless the perplexity task's text can be read offline where a data directory is used (the hub is
+    only found by reading it). The CLI asks before loading the model."""
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir:
+        data_file(data_dir, EVAL_FILES[task])
+
+
 def eval_tokens(tokenizer, task, data_dir=None, seqlen=2048) -> tuple[torch.Tensor, str]:
     """(token ids (1, N), protocol description) of an evaluation text."""
     data_dir = resolve_data_dir(data_dir)

@@ -3,6 +3,7 @@ model time where it can be, and nothing the user had is replaced (from an audit 
 import importlib
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_eval_result_files_are_checked_before_model_time(tmp_path, capsys, make,
 
 
 def test_eval_needs_a_task_and_two_different_result_files(tmp_path, capsys):
-    _refused(["eval", "--model", NO_MODEL, "--tasks", ","], capsys, "--tasks names no task")
+    _refused(["eval", "--model", NO_MODEL, "--tasks", ","], capsys, r"--tasks \(tasks= in Python\) names no task: ','")
     same = str(tmp_path / "x.json")
     _refused(["eval", "--model", NO_MODEL, "--tasks", "piqa", "--json", same, "--samples", same], capsys,
              "name the same file")
@@ -229,6 +230,64 @@ def test_evaluate_finds_a_missing_perplexity_file_before_any_task_runs(tmp_path,
     assert ran == []
     assert list(evaluate(tiny_model("llama"), None, [str(tmp_path / "mine.jsonl")] * 2, data_dir=tmp_path)) == [
         str(tmp_path / "mine.jsonl")] and len(ran) == 1  # a task named twice runs once
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "wikitext2", "--limit", "0"], "limit must be a positive number of windows or items, got 0"),
+    (["--tasks", "wikitext2", "--seqlen", "1"], r"perplexity needs windows of at least 2 tokens \(seqlen\), got 1"),
+    (["--tasks", "wikitext2,ptb", "--data-dir", "{data}"], "ptb/ptb.test.txt not found"),
+])
+def test_eval_perplexity_inputs_are_checked_before_the_model_load(tmp_path, capsys, argv, message):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.test.orig.raw").write_text("text\n")
+    _refused(["eval", "--model", NO_MODEL] + [a.format(data=tmp_path) for a in argv], capsys, message)
+
+
+def test_evaluate_takes_a_comma_separated_string_and_refuses_no_tasks(tmp_path):
+    task = tmp_path / "mine.jsonl"
+    task.write_text('{"context": "a", "choices": [" a", " b"], "label": 0}\n')
+    model, tokenizer = tiny_model("llama"), _tiny_tokenizer(tmp_path)
+    assert list(evaluate(model, tokenizer, f"{task}, {task}", progress=False)) == [str(task)]  # was "unknown task '/'"
+    for tasks in ([], "", " , "):
+        with pytest.raises(ValueError, match=r"--tasks \(tasks= in Python\) names no task"):  # [] returned {}
+            evaluate(model, tokenizer, tasks)
+    with pytest.raises(TypeError, match="tasks must be a list of task names or a comma-separated string, got int"):
+        evaluate(model, tokenizer, 3)
+
+
+def test_evaluate_scores_in_eval_mode_and_leaves_the_model_as_it_came(tmp_path):
+    task = tmp_path / "mine.jsonl"
+    task.write_text('{"context": "a a", "choices": [" a", " a a"], "label": 0}\n')
+    model, tokenizer = tiny_model("llama"), _tiny_tokenizer(tmp_path)
+    for layer in model.model.layers:  # dropout: random scores in training mode
+        layer.self_attn.attention_dropout = 0.5
+    expected, got = {}, {}
+    evaluate(model, tokenizer, [str(task)], progress=False, samples=expected)
+    model.train()
+    evaluate(model, tokenizer, [str(task)], progress=False, samples=got)
+    assert got[str(task)][0]["loglikelihoods"] == pytest.approx(expected[str(task)][0]["loglikelihoods"], abs=1e-5)
+    assert model.training
+
+
+def test_evaluate_names_perplexity_ids_past_the_vocabulary_before_any_task_runs(tmp_path, monkeypatch):
+    runner = importlib.import_module("sdsengine.eval.runner")
+    (tmp_path / "mine.jsonl").write_text('{"context": "a", "choices": [" a", " b"], "label": 0}\n')
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.test.txt").write_text("a a a\n")
+    ran = []
+    monkeypatch.setattr(runner, "evaluate_zeroshot", lambda *args, **kwargs: ran.append(args) or {})
+    bigger = lambda text, **kwargs: SimpleNamespace(input_ids=torch.arange(200).unsqueeze(0))  # past the 96 tokens
+    with pytest.raises(ValueError, match=r"ptb: the tokenizer's ids \(is it the model's tokenizer\?\) must lie in "
+                                         r"\[0, 96\) \(the model's vocabulary\), got 0\.\.199"):
+        evaluate(tiny_model("llama"), bigger, [str(tmp_path / "mine.jsonl"), "ptb"], seqlen=64, data_dir=tmp_path)
+    assert ran == []
+
+
+def _tiny_tokenizer(folder):
+    from transformers import AutoTokenizer
+    save_tiny_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(folder, eos_token="[UNK]")
 
 
 # ---- calibration data ----------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Perplexity by the SparseGPT protocol: non-overlapping seqlen windows over the tokenized text, the
 mean next-token negative log-likelihood over every predicted token, exponentiated."""
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from sdsengine.models import eval_mode
+from sdsengine.pipeline.adapters import check_ids
 
 from .checks import model_device, non_finite
 
@@ -13,15 +17,37 @@ from .checks import model_device, non_finite
 CHUNK = 256
 
 
+# exp(709.8) is the largest float: a mean NLL past it (a broken model) has no perplexity to report.
+MAX_NLL = math.log(sys.float_info.max)
+
+
 @torch.no_grad()
 def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> dict:
-    """device: the model's (the default); a window whose log-likelihood is not finite is named."""
+    """ppl, its mean nll, tokens, windows, seqlen. device: the model's (the default); a window whose
+    log-likelihood is not finite is named. ppl is None where the mean nll is past MAX_NLL (exp overflows; inf
+    would make the --json file invalid JSON), so that the tasks evaluated beside it keep their results."""
+    check_windows(seqlen, limit)
     device = model_device(model, device)
+    check_ids(model, ids, "the perplexity text's token ids (is it the model's tokenizer?)")
     windows = ids.shape[1] // seqlen
     if windows == 0:
         raise ValueError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
-    if limit is not None:
-        windows = min(windows, limit)
+    windows = windows if limit is None else min(windows, limit)
+    with eval_mode(model):
+        nll = _mean_nll(model, ids, seqlen, windows, device, progress)
+    return {"ppl": math.exp(nll) if nll <= MAX_NLL else None, "nll": nll, "tokens": windows * seqlen,
+            "windows": windows, "seqlen": seqlen}
+
+
+def check_windows(seqlen, limit=None):
+    """A window predicts seqlen - 1 tokens, so it needs two; evaluate checks these before any task runs."""
+    if seqlen < 2:
+        raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of windows or items, got {limit}")
+
+
+def _mean_nll(model, ids, seqlen, windows, device, progress) -> float:
     nll, count = 0.0, 0
     for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
         batch = ids[:, w * seqlen:(w + 1) * seqlen].to(device)
@@ -31,7 +57,7 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> di
             raise ValueError(non_finite(model, f"perplexity window {w}"))
         nll += window
         count += batch[:, 1:].numel()
-    return {"ppl": math.exp(nll / count), "tokens": windows * seqlen, "windows": windows, "seqlen": seqlen}
+    return nll / count
 
 
 def window_nll(logits, targets, chunk) -> float:

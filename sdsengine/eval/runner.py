@@ -1,10 +1,11 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
 from sdsengine.config import check_device
-from sdsengine.data import EVAL_TASKS, eval_tokens
-from sdsengine.pipeline.adapters import check_seqlen
+from sdsengine.data import EVAL_TASKS, check_eval_source, eval_tokens
+from sdsengine.models import eval_mode
+from sdsengine.pipeline.adapters import check_ids, check_seqlen
 
 from .checks import model_device
-from .perplexity import perplexity
+from .perplexity import check_windows, perplexity
 from .tasks import TASKS, load_task
 from .zeroshot import evaluate_zeroshot
 
@@ -14,33 +15,59 @@ TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-s
 
 def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device=None, progress=True,
              samples=None, items=None) -> dict:
-    """{task: result}: perplexity tasks give ppl, tokens, windows, seqlen, protocol; zero-shot ones acc,
-    acc_norm, n. `limit` caps windows (perplexity) or items (zero-shot). `samples`: a dict that receives,
-    per zero-shot task, its per-item records (zeroshot.item_records). `items`: zero-shot items already
-    read by load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model)."""
+    """{task: result}: perplexity tasks give ppl, nll, tokens, windows, seqlen, protocol; zero-shot ones acc,
+    acc_norm, n. `tasks`: a list of names, or one comma-separated string as --tasks takes. `limit` caps
+    windows (perplexity) or items (zero-shot). `samples`: a dict that receives, per zero-shot task, its
+    per-item records (zeroshot.item_records). `items`: zero-shot items already read by
+    load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model). The model runs in
+    eval mode and is left in the mode it came in."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
+    tasks = task_list(tasks)
     if device is not None:
         check_device(device)
     device = model_device(model, device)  # the model's, unless another is asked (refused: move the model)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of windows or items, got {limit}")
+    check_perplexity(tasks, seqlen, limit, data_dir)
     if any(t in EVAL_TASKS for t in tasks):
-        if seqlen < 2:
-            raise ValueError(f"perplexity needs windows of at least 2 tokens (seqlen), got {seqlen}")
         check_seqlen(model, seqlen)
-    tasks = list(dict.fromkeys(tasks))  # a task named twice runs once
     items = load_zeroshot(tasks, data_dir, limit) if items is None else items
     streams = {t: eval_tokens(tokenizer, t, data_dir, seqlen) for t in tasks if t in EVAL_TASKS}
-    results = {}
+    for task, (ids, _) in streams.items():
+        check_ids(model, ids, f"{task}: the tokenizer's ids (is it the model's tokenizer?)")
+    with eval_mode(model):
+        return {task: _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples)
+                for task in tasks}
+
+
+def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples) -> dict:
+    if task in items:
+        records = samples.setdefault(task, []) if samples is not None else None
+        return evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task, progress=progress,
+                                 samples=records)
+    ids, protocol = streams[task]
+    return {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
+
+
+def task_list(tasks) -> list:
+    """The tasks as a list without repeats (a task named twice runs once), from a list or a comma-separated
+    string (a string iterated would be read as one-letter task names)."""
+    if isinstance(tasks, str):
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+    elif isinstance(tasks, (list, tuple)):
+        names = list(tasks)
+    else:
+        raise TypeError(f"tasks must be a list of task names or a comma-separated string, got {type(tasks).__name__}")
+    if not names:
+        raise ValueError(f"--tasks (tasks= in Python) names no task: {tasks!r}")
+    return list(dict.fromkeys(names))
+
+
+def check_perplexity(tasks, seqlen, limit=None, data_dir=None):
+    """The perplexity tasks' window, limit and offline files, before the model is loaded (a 7B takes minutes)
+    and before any task runs."""
     for task in tasks:
-        if task in items:
-            records = samples.setdefault(task, []) if samples is not None else None
-            results[task] = evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task,
-                                              progress=progress, samples=records)
-        else:
-            ids, protocol = streams[task]
-            results[task] = {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
-    return results
+        if task in EVAL_TASKS:
+            check_windows(seqlen, limit)
+            check_eval_source(task, data_dir)
 
 
 def load_zeroshot(tasks, data_dir=None, limit=None) -> dict:
@@ -61,6 +88,6 @@ def results_table(rows: dict) -> str:
 def _cell(result):
     if result is None:
         return ""
-    if "ppl" in result:
-        return f"{result['ppl']:.2f}"
+    if "ppl" in result:  # None: the mean nll overflows exp
+        return f"{result['ppl']:.2f}" if result["ppl"] is not None else f"overflow (nll {result['nll']:.1f})"
     return f"{100 * result['acc']:.1f} / {100 * result['acc_norm']:.1f}"

@@ -11,8 +11,9 @@ BOS, without which they score far worse), trailing context whitespace moved onto
 continuation's tokens taken from encode(context + continuation) after the context's.
 Where the tokenizer merges across the boundary, context and continuation are encoded apart instead
 (lm-eval v0.4 splits the whole encoding at the context's length regardless). An empty context is
-replaced by the BOS token, or EOS where there is none. Sequences longer than the model's window lose
-tokens from the left. The model must be in eval mode.
+replaced by the BOS token, or EOS where there is none, and so is a context the tokenizer encodes to no
+tokens. Sequences longer than the model's window lose tokens from the left. evaluate_zeroshot runs the
+model in eval mode (and leaves it in the mode it came in); loglikelihoods expects it there.
 """
 import math
 from collections import defaultdict
@@ -21,9 +22,11 @@ import torch
 from tqdm import tqdm
 
 from sdsengine.eval.checks import model_device, non_finite
+from sdsengine.models import eval_mode
+from sdsengine.pipeline.adapters import check_ids
 from sdsengine.eval.tasks import TASKS, Item, load_task
 
-__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_pair", "wants_bos",
+__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_items", "encode_pair", "wants_bos",
            "loglikelihoods", "predictions", "item_records", "model_max_length"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
@@ -36,9 +39,9 @@ def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_le
     if not items:
         raise ValueError("no items to evaluate")
     max_length = max_length or model_max_length(model, tokenizer)
-    bos = wants_bos(model)
-    pairs = [encode_pair(tokenizer, context, choice, bos) for item in items for context, choice in item.requests()]
-    lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
+    pairs = encode_items(tokenizer, items, wants_bos(model), max_length, desc)
+    with eval_mode(model):
+        lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
     preds = predictions(items, lls)
     if samples is not None:
         samples.extend(item_records(items, lls, preds))
@@ -50,6 +53,22 @@ def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_le
 
 # ---- tokenization ----------------------------------------------------------------------------------------
 
+def encode_items(tokenizer, items, bos, max_length, desc) -> list[tuple[list[int], list[int]]]:
+    """Every choice's encode_pair, item after item; a choice that cannot be scored (no tokens, longer than
+    the window, an empty context with nothing to condition on) is named by task, item and choice here,
+    before any model time."""
+    pairs = []
+    for index, item in enumerate(items):
+        for choice, (context, continuation) in enumerate(item.requests()):
+            try:
+                pair = encode_pair(tokenizer, context, continuation, bos)
+                _window(*pair, max_length)
+            except ValueError as exc:
+                raise ValueError(f"{desc}: item {index}, choice {choice}: {exc}") from None
+            pairs.append(pair)
+    return pairs
+
+
 def encode_pair(tokenizer, context: str, continuation: str, bos=False) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval builds them for a causal LM; `bos`: the context starts with
     the BOS token (lm-eval's add_bos_token)."""
@@ -57,10 +76,11 @@ def encode_pair(tokenizer, context: str, continuation: str, bos=False) -> tuple[
     # "Answer:" + " yes".
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped):] + continuation
-    if not context:
+    ctx = _encode(tokenizer, context) if context else []
+    if not ctx:  # empty, or text the tokenizer's normalizer drops whole (control characters): nothing to condition on
         return [_prefix_token(tokenizer)], _encode(tokenizer, continuation)
     prefix = [_prefix_token(tokenizer)] if bos else []
-    whole, ctx = _encode(tokenizer, context + continuation), _encode(tokenizer, context)
+    whole = _encode(tokenizer, context + continuation)
     if whole[:len(ctx)] == ctx:
         return prefix + ctx, whole[len(ctx):]
     # A token spans the boundary: splitting `whole` at len(ctx) would score context text as answer text.
@@ -104,6 +124,9 @@ def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, des
     """Summed log-probability of each (context ids, continuation ids) pair's continuation."""
     device = model_device(model, device)
     max_length = max_length or model_max_length(model)
+    if pairs:
+        check_ids(model, torch.tensor([i for ctx, cont in pairs for i in (*ctx, *cont)]),
+                  f"{desc}: the tokenizer's ids (is it the model's tokenizer?)")
     windows = [_window(ctx, cont, max_length) for ctx, cont in pairs]
     # Pairs with the same model input (one-token answers such as BoolQ's " no"/" yes") share one row.
     users = defaultdict(list)

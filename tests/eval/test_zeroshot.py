@@ -1,6 +1,7 @@
 """Zero-shot evaluator: log-likelihoods against a direct computation, acc/acc_norm on a model whose
 log-probabilities are set by hand, lm-eval's tokenization rules, the adapters on the real data files,
 and the errors a user can meet."""
+import copy
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sdsengine.eval.tasks import Item, load_task
@@ -57,6 +58,9 @@ class FixedLogProbs(torch.nn.Module):
         self.logp = torch.nn.Parameter(logp, requires_grad=False)
         self.config = SimpleNamespace(max_position_embeddings=64)
         self.rows = 0
+
+    def get_input_embeddings(self):  # the vocabulary the token ids are checked against
+        return SimpleNamespace(num_embeddings=self.logp.shape[0])
 
     def forward(self, input_ids, **kwargs):
         self.rows += input_ids.shape[0]
@@ -197,6 +201,49 @@ def test_merge_across_the_boundary_encodes_the_parts_apart(tokenizer):
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode("abc")) == ["a", "bc"]
     ctx, cont = encode_pair(tokenizer, "ab", "c")
     assert tokenizer.convert_ids_to_tokens(ctx) == ["ab"] and tokenizer.convert_ids_to_tokens(cont) == ["c"]
+
+
+def test_a_context_the_tokenizer_drops_whole_is_an_empty_context(tokenizer):
+    dropping = copy.deepcopy(tokenizer)  # a normalizer that drops control characters, as BERT's does
+    dropping.backend_tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=False)
+    assert dropping.encode("\x01", add_special_tokens=False) == []
+    assert encode_pair(dropping, "\x01", " yes") == encode_pair(dropping, "", " yes")  # was an empty context
+
+
+# ---- what a caller can get wrong -------------------------------------------------------------------------
+
+def test_ids_past_the_models_vocabulary_are_named_not_an_index_error(model, tokenizer):
+    # The byte-level tokenizer's 264 tokens against the 64 of `model`: "Q" and " yes" lie past 64.
+    with pytest.raises(ValueError, match=r"mine: the tokenizer's ids \(is it the model's tokenizer\?\) must lie "
+                                         r"in \[0, 64\) \(the model's vocabulary\), got 48\.\.260"):
+        evaluate_zeroshot(model, tokenizer, [Item("Q", (" yes", " no"), 0)], desc="mine", progress=False)
+
+
+def test_a_model_in_training_mode_is_scored_in_eval_mode_and_left_as_it_came(llama, tokenizer):
+    dropping = copy.deepcopy(llama)
+    for layer in dropping.model.layers:  # random scores in training mode
+        layer.self_attn.attention_dropout = 0.5
+    items = [Item("Question: is the sky blue?\nAnswer:", (" yes", " no"), 0)]
+    expected, got = [], []
+    evaluate_zeroshot(dropping, tokenizer, items, progress=False, samples=expected)
+    dropping.train()
+    evaluate_zeroshot(dropping, tokenizer, items, progress=False, samples=got)
+    assert got[0]["loglikelihoods"] == pytest.approx(expected[0]["loglikelihoods"], abs=1e-5)
+    assert dropping.training and dropping.model.layers[0].self_attn.training
+
+
+@pytest.mark.parametrize("tokenizer_eos, item, message", [
+    ("<eos>", Item("Q", (" yes", " yes" * 60), 0), r"mine: item 1, choice 1: a continuation of 60 tokens does "
+                                                    r"not fit the 48-token window"),
+    (None, Item("", (" yes", " no"), 0), r"mine: item 1, choice 0: an empty context needs a BOS or EOS token"),
+])
+def test_an_item_that_cannot_be_scored_is_named_by_task_item_and_choice(llama, tokenizer, tokenizer_eos, item,
+                                                                        message):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = tokenizer_eos
+    with pytest.raises(ValueError, match=message):
+        evaluate_zeroshot(llama, tokenizer, [Item("Q", (" yes", " no"), 0), item], desc="mine", progress=False)
 
 
 # ---- generic JSONL and the task API ---------------------------------------------------------------------
