@@ -1,6 +1,7 @@
 """End to end on tiny random models of each family, and the pipeline's invariants."""
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import sdsengine
 from sdsengine.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
@@ -8,7 +9,7 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import run_layer
-from tiny_models import layer_outputs, tiny_model, tiny_tokens
+from tiny_models import layer_outputs, tiny_config, tiny_model, tiny_tokens
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
 CONFIGS = [MagnitudeConfig, WandaConfig, SparseGPTConfig]
@@ -53,6 +54,24 @@ def test_end_to_end_counted(family, config_class, pattern):
     assert all(r.error is not None and r.error > 0 for r in result.layers) or config_class is MagnitudeConfig
     logits = model(tiny_tokens(1, 8)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_model_in_training_mode_is_pruned_without_dropout_and_left_as_it_came():
+    """A model straight from training (or from_config) has dropout on: its calibration forwards were random,
+    the masks depending on the global RNG rather than the config. The prune runs in eval mode, and each
+    module is left in the mode it came in."""
+    weights = []
+    for seed in (1, 2):
+        config = tiny_config("opt")
+        config.dropout = config.attention_dropout = 0.5
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).train()
+        model.model.decoder.layers[0].eval()  # a mixed model's modes come back as they were
+        torch.manual_seed(seed)
+        sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(), progress=False)
+        assert model.training and not model.model.decoder.layers[0].training
+        weights.append(model.model.decoder.layers[1].fc1.weight)
+    assert torch.equal(*weights)
 
 
 def test_ignore_keeps_layers_dense():
