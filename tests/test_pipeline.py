@@ -74,6 +74,33 @@ def test_a_model_in_training_mode_is_pruned_without_dropout_and_left_as_it_came(
     assert torch.equal(*weights)
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_a_layer_goes_back_home_when_pruning_it_fails(method, monkeypatch):
+    """A failure inside a layer (a GPU out of memory, Ctrl-C) must still move the layer back where it was:
+    one left on the GPU split the model across devices, and the next prune took the GPU for its home. No
+    GPU here: each layer's moves are recorded, and the layer that failed must have gone there and back."""
+    from sdsengine.algorithms import magnitude, sparsegpt
+    algorithm = {"sparsegpt": sparsegpt, "magnitude": magnitude}[method]
+    model, moves, calls = tiny_model("llama"), [], []
+    for index, layer in enumerate(model.model.layers):
+        def to(*args, layer=layer, index=index, **kwargs):
+            moves.append(index)
+            return torch.nn.Module.to(layer, *args, **kwargs)
+        layer.to = to
+    real = algorithm.prune
+
+    def fails_in_layer_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # layer 1's first linear (7 a layer)
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(algorithm, "prune", fails_in_layer_1)
+    config = SparseGPTConfig(sparsity="2:4") if method == "sparsegpt" else MagnitudeConfig(sparsity="2:4")
+    with pytest.raises(torch.OutOfMemoryError):
+        sdsengine.prune(model, config, tiny_tokens() if method == "sparsegpt" else None, progress=False)
+    assert moves.count(1) == 2  # there and back
+
+
 def test_ignore_keeps_layers_dense():
     model = tiny_model("llama")
     before = adapters.get_weight(model.model.layers[1].mlp.down_proj).clone()

@@ -88,8 +88,28 @@ def _needs_dense_stream(algo, config):
 
 def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device, dense=None):
     start = time.perf_counter()
+    with _visiting(layer, device):
+        steps, error = _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, dense)
+    report = _report(index, targets, config, time.perf_counter() - start, error)
+    report.steps = {name: info for name, info in (steps or {}).items() if info}
+    return report
+
+
+@contextlib.contextmanager
+def _visiting(layer, device):
+    """The layer on the compute device inside the block and back where it was after, whatever happens there:
+    a layer an OOM or Ctrl-C left on the GPU split the model across devices, and the next prune took the GPU
+    for that layer's home."""
     home = next(layer.parameters()).device
     layer.to(device)
+    try:
+        yield
+    finally:
+        layer.to(home)
+
+
+def _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, dense):
+    """(each linear's step info, the layer's relative output error) of pruning the layer, on the device."""
     steps = {}
     if not targets:  # every linear ignored: the layer only passes its inputs (and the dense stream's) on
         collect_stats(layer, targets, {}, inps, outs, kwargs, device, dense)
@@ -116,13 +136,8 @@ def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device
     # report measures, against those; otherwise against the dense layer on the same (pruned) inputs
     reference = dense.outs if dense is not None else outs
     if fallbacks:
-        error = layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, reference)
-    else:
-        error = run_layer(layer, inps, outs, kwargs, device, reference=reference)
-    layer.to(home)
-    report = _report(index, targets, config, time.perf_counter() - start, error)
-    report.steps = {name: info for name, info in (steps or {}).items() if info}
-    return report
+        return steps, layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, reference)
+    return steps, run_layer(layer, inps, outs, kwargs, device, reference=reference)
 
 
 @dataclass
@@ -317,13 +332,10 @@ def _forward(layer, x, kwargs, device):
 def _prune_without_data(index, layer, targets, algo, config):
     """Magnitude: each weight pruned where --device says, like every other method's, then moved home."""
     start = time.perf_counter()
-    home = next(layer.parameters()).device
-    layer.to(config.device)
-    for module in targets.values():
-        adapters.set_weight(module, algo.prune(adapters.get_weight(module), None, config))
-    report = _report(index, targets, config, time.perf_counter() - start, None)
-    layer.to(home)
-    return report
+    with _visiting(layer, config.device):
+        for module in targets.values():
+            adapters.set_weight(module, algo.prune(adapters.get_weight(module), None, config))
+    return _report(index, targets, config, time.perf_counter() - start, None)
 
 
 def plan_targets(model, config):
@@ -392,12 +404,14 @@ def _report(index, targets, config, seconds, error):
 def _refuse_broken(where, weight, violations, config):
     """Stop rather than report (and save) a weight a method broke: inf/NaN, from calibration inputs that
     overflowed, or a group outside the pattern, a bug."""
+    # the weights are the model's own by now: in Python the model holds them until it is loaded again
+    stopped = "the run stops here, nothing is saved (a model in Python holds them: load it again)"
     if bad := _non_finite(weight):
         raise RuntimeError(f"{where}: {config.method} left {bad} inf/NaN weights (did the layer's calibration "
-                           "inputs overflow?); the run stops here, nothing is saved")
+                           f"inputs overflow?); {stopped}")
     if violations:
         raise RuntimeError(f"{where}: {config.method} left {violations} groups outside the {config.sparsity} "
-                           "pattern (a bug: please report it); the run stops here, nothing is saved")
+                           f"pattern (a bug: please report it); {stopped}")
 
 
 def _activation_store(model, samples, device, dense_stream, progress):
