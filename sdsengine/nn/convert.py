@@ -70,13 +70,17 @@ def convert(model, ignore=("lm_head",), report=None):
     ignore = ignore_patterns(ignore)
     already = sum(isinstance(m, SparseLinear) for m in model.modules())  # converted before: no warning for them
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, (nn.Linear, Conv1D)):
-            if id(module) not in done:
-                record, done[id(module)] = _convert_one(name, module, ignore)
-                records.append(record)
-            if done[id(module)] is not None:
-                _set_submodule(model, name, done[id(module)])
+    named = list(model.named_modules(remove_duplicate=False))
+    # Every replacement is made before any is put in place: a failure (a layer offloaded to the meta device,
+    # Ctrl-C) leaves the model as it was, not half converted with transformers' save_pretrained, which would
+    # save the converted linears' weights where from_pretrained cannot find them.
+    for name, module in named:
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in done:
+            record, done[id(module)] = _convert_one(name, module, ignore)
+            records.append(record)
+    for name, module in named:
+        if done.get(id(module)) is not None:
+            _set_submodule(model, name, done[id(module)])
     _log_summary(records, already)
     if already or any(m is not None for m in done.values()):
         _refuse_save_pretrained(model)

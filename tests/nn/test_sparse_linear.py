@@ -591,6 +591,27 @@ def test_convert_says_when_nothing_converts_and_takes_one_pattern_as_a_string():
     assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
 
 
+def test_a_convert_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
+    """Every replacement is made before any is put in place: a failure at the third linear (here a stand-in
+    for a layer offloaded to the meta device, or Ctrl-C) left two converted, and transformers'
+    save_pretrained then wrote a checkpoint that loads those two with random weights."""
+    import importlib
+    convert_module = importlib.import_module("sdsengine.nn.convert")  # the module, not the function
+    model, made = tiny_llama(), []
+    real = SparseLinear.from_dense
+
+    def fails_third(*args, **kwargs):
+        made.append(1)
+        if len(made) == 3:
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(convert_module.SparseLinear, "from_dense", fails_third)
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        convert(model)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    assert "save_pretrained" not in vars(model)  # transformers' own, as before the call
+
+
 def test_convert_warns_that_float32_runs_dense():
     """prune's default dtype is float32, where every sparse kernel refuses: the CLI converts in bfloat16,
     the Python API says so."""
