@@ -8,7 +8,6 @@ from sdsengine import report
 from sdsengine.algorithms import algorithm_for
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import calibration_protocol, calibration_samples
-from sdsengine.models import eval_mode
 from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.resume import ResumeStore
@@ -45,7 +44,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     memory_at_start = report.peak_memory(config.device)
     start = time.perf_counter()
-    with eval_mode(model):  # no dropout in the calibration forwards (a model straight from training has it on)
+    with adapters.eval_mode(model):  # no dropout in the calibration forwards (a model straight from training has it on)
         layers = prune_model(model, config, samples, progress=progress, resume=store)
     seconds = time.perf_counter() - start
     if store and store.resumed_from:

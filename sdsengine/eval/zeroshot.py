@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from sdsengine.eval.checks import model_device, non_finite
 from sdsengine.eval.tasks import TASKS, Item, load_task
-from sdsengine.models import eval_mode
-from sdsengine.pipeline.adapters import check_ids
+from sdsengine.pipeline.adapters import check_ids, eval_mode
 
 __all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_items", "encode_pair", "wants_bos",
            "loglikelihoods", "predictions", "item_records", "model_max_length"]

@@ -6,6 +6,7 @@ gate_up_proj), OPT, GPT-2.
 GPT-2 stores its projections as transformers' Conv1D with weight (in, out); everything else here sees
 weights as (out, in), so the transpose happens in get_weight/set_weight only.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +102,22 @@ def check_seqlen(model, seqlen):
 
 def check_ids(model, ids, what):
     """Token ids past the embedding (a tokenizer bigger than the model's) would fail deep in the forward
-    with a bare IndexError, or on a GPU with a device-side assert."""
+    with a bare IndexError, or on a GPU with a device-side assert. No ids: nothing to check (the callers name
+    a text too short for its purpose)."""
     vocab = model.get_input_embeddings().num_embeddings
-    if ids.min() < 0 or ids.max() >= vocab:
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise ValueError(f"{what} must lie in [0, {vocab}) (the model's vocabulary), got "
                          f"{int(ids.min())}..{int(ids.max())}")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode inside the block (dropout in training mode makes every score random), and each
+    of its modules back in the caller's mode after, whatever happens inside."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training

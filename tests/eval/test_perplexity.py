@@ -49,6 +49,13 @@ def test_ids_past_the_vocabulary_are_named_not_an_index_error(model):
         ppl.perplexity(model, ids, 2, progress=False)
 
 
+@pytest.mark.parametrize("length", [0, 5])
+def test_a_text_shorter_than_a_window_is_named(model, length):
+    """No ids at all (an empty file) too: the vocabulary check must not fail first on an empty tensor."""
+    with pytest.raises(ValueError, match=f"the evaluation text has {length} tokens, fewer than one window of 16"):
+        ppl.perplexity(model, torch.zeros(1, length, dtype=torch.long), 16, progress=False)
+
+
 def test_a_mean_nll_past_exps_range_gives_no_ppl_but_valid_json(model):
     broken = copy.deepcopy(model)
     with torch.no_grad():
