@@ -8,17 +8,16 @@ a lock on the parent after checking again, so that neither replaces what the oth
 told to overwrite.
 """
 import contextlib
-import fcntl
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
 
-from sdsengine.files import umask, unwritable, within
+from sdsengine import locks
+from sdsengine.files import fresh, unwritable, within
 
 REPORT_NAME = "sdsengine.json"
 # a directory holding one is a checkpoint overwrite may replace (the last: convert's manifest, nn/convert.py)
@@ -55,11 +54,13 @@ def _refuse_replacing(out):
     entries = list(out.iterdir())
     staged = [e for e in entries if e.name.startswith(f".{out.name}.tmp-")]
     if len(staged) == len(entries):  # staged inside the empty out (a mount point): by a run saving now, or killed
-        if any(_locked_by_another(e) for e in staged):
+        live = [locks.in_use(e) for e in staged]
+        if any(live):
             raise FileExistsError(f"output directory {out} is being written by another sdsengine run right now: "
                                   "wait for it to finish, or name another directory")
+        maybe = " (this file system cannot tell whether a run still writes it: check first)" if None in live else ""
         raise FileExistsError(f"output directory {out} holds only {', '.join(e.name for e in staged)}, left by a "
-                              "save that was stopped: delete it and run again")
+                              f"save that was stopped{maybe}: delete it and run again")
     if not any((out / mark).is_file() for mark in CHECKPOINT_MARKS):
         raise FileExistsError(f"output directory {out} is not empty and holds no model checkpoint (no "
                               f"{' or '.join(CHECKPOINT_MARKS)}) for --overwrite to replace: name a new or empty "
@@ -86,71 +87,47 @@ def staged_directory(out, overwrite=False):
     out = check_output_dir(out, overwrite)
     parent = _staging_parent(out)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would otherwise become the output's mode
+    # made as any new folder is (the umask applied), not tempfile's 0700, which would become the output's mode
+    tmp, _ = fresh(parent, f".{out.name}.tmp-", "", os.mkdir)
+    old = None
     try:
-        with _lock(tmp):  # another run's check sees a save in progress, not a killed one's leftovers
+        with locks.using(tmp):  # another run's check sees a save in progress, not a killed one's leftovers
             yield tmp
-            with _lock(out.parent, wait=True):  # one run at a time checks and puts its result in place
-                _refuse_taken(out, tmp, overwrite and parent != out)
+            with locks.exclusive(out.parent, out.name):  # one run at a time checks and puts its result in place
+                _refuse_taken(out, tmp, overwrite, staged_inside=parent == out)
                 if parent == out:
                     _move_contents(tmp, out)
                 else:
-                    _swap_into_place(tmp, out)
+                    old = _swap_into_place(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, SafetensorError)) and not isinstance(exc, OutputTaken):  # a failing disk
             raise OSError(f"could not write {out} ({exc}); nothing was written and {out} is as it was") from exc
         raise
+    if old is not None:  # after the lock: removing a large checkpoint must not hold up other saves
+        _remove_replaced(old, out)
 
 
 class OutputTaken(FileExistsError):
     """Another run saved to the output while this one worked."""
 
 
-def _refuse_taken(out, tmp, overwrite):
+def _refuse_taken(out, tmp, overwrite, staged_inside):
     """Under the parent's lock, just before this run's result goes in place: out must still be as it was
-    checked at the start, unless overwrite lets it be replaced whole."""
+    checked at the start, unless overwrite lets it be replaced whole, and then only where it holds a
+    checkpoint. Refused, this run's finished result is kept under a name of its own, not deleted."""
     staging = f".{out.name}.tmp-"  # another run's still in progress: the first to finish saves
     others = [e for e in out.iterdir() if not e.name.startswith(staging)] if out.is_dir() else []
-    if others and not overwrite:
-        raise OutputTaken(f"{out} was filled by another run while this one worked: this run's result was not "
-                          "saved (pass --overwrite to replace it, or name another directory)")
-
-
-@contextlib.contextmanager
-def _lock(folder, wait=False):
-    """An exclusive lock on a folder while the block runs (the kernel drops it when the process dies, so a
-    killed run leaves none); without wait, taken at once, the folder being this run's own. Where the file
-    system has no locks (or the folder cannot be opened to read), none is taken."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield
+    if not others:
         return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _locked_by_another(folder):
-    """Whether a live run holds the lock of its staging folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:  # no locks on this file system: nothing to tell
-        return False
-    finally:
-        os.close(fd)
+    if overwrite and not staged_inside:
+        _refuse_replacing(out)
+        return
+    kept = tmp.rename(tmp.with_name(f"{out.name}.unsaved-{tmp.name[-8:]}"))
+    remedy = ("an output this run staged inside cannot be replaced" if overwrite else
+              "pass --overwrite to replace it")
+    raise OutputTaken(f"{out} was filled by another run while this one worked, so this run's result is not "
+                      f"saved there ({remedy}): it is kept in {kept}; move it where you want it")
 
 
 def save_checkpoint(model, tokenizer, out, report, overwrite=False) -> Path:
@@ -178,7 +155,7 @@ def _move_contents(tmp, out):
 
 
 def _swap_into_place(tmp, out):
-    """Rename tmp to out; an old out is moved aside first and deleted only after the rename succeeded."""
+    """Rename tmp to out; an old out is moved aside first (returned, for removal once the rename succeeded)."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
@@ -189,10 +166,13 @@ def _swap_into_place(tmp, out):
         if old is not None:
             old.rename(out)
         raise
-    if old is not None:
-        try:
-            shutil.rmtree(old, ignore_errors=True)
-        finally:  # a failed or interrupted removal leaves a hidden copy: say where
-            if old.exists():
-                warnings.warn(f"{out} was replaced, but its earlier contents at {old} could not all be removed: "
-                              "delete that folder")
+    return old
+
+
+def _remove_replaced(old, out):
+    try:
+        shutil.rmtree(old, ignore_errors=True)
+    finally:  # a failed or interrupted removal leaves a hidden copy: say where
+        if old.exists():
+            warnings.warn(f"{out} was replaced, but its earlier contents at {old} could not all be removed: "
+                          "delete that folder")

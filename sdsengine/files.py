@@ -2,7 +2,7 @@
 whole or not at all, so that a long run never ends on an unwritable path and a failed write never leaves an
 earlier file truncated."""
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -38,11 +38,24 @@ def check_new_file(flag, path, overwrite, reads=()):
     return path
 
 
-def umask():
-    """The process's umask (read by setting it, so set back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def fresh(folder, prefix, suffix, make):
+    """make(path) for a new path in folder under a random name not yet taken; returns (path, what make gave).
+    Made with the usual mode (the system applies the umask), unlike tempfile's private 0600/0700: the file
+    or folder becomes the user's result. Reading the umask instead means setting it, which races threads."""
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return path, make(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {folder}")
+
+
+def new_file(path):
+    """(fd, path) of a new file under a random name, open for writing."""
+    path, fd = fresh(path.parent, f".{path.name}.", ".tmp",
+                     lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return fd, path
 
 
 def write_whole(path, text):
@@ -50,12 +63,10 @@ def write_whole(path, text):
     path is as it was. Each call has a temporary file of its own: two runs writing one result file leave one
     whole file, the last one's, never a mix of both."""
     path = Path(path).expanduser().resolve()
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
+    fd, tmp = new_file(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        tmp.chmod(0o666 & ~umask())  # mkstemp's 0600 would otherwise become the file's mode
         tmp.replace(path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

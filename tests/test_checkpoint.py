@@ -94,30 +94,60 @@ def test_a_save_in_progress_inside_an_empty_output_is_not_called_stopped(tmp_pat
 
 
 def test_a_save_never_replaces_what_another_run_saved_meanwhile(tmp_path):
-    """Two runs to one --out without --overwrite, both having found it new (or empty): the one finishing
-    second fails, naming why, and the other's checkpoint stays (it was replaced, both runs reporting
-    success); with overwrite the last one replaces it whole, leaving no earlier copy behind."""
+    """Two runs to one --out, both having found it new (or empty): the one finishing second is not saved
+    there, naming why, and the other's checkpoint stays (it was replaced, both runs reporting success); its
+    own finished result is kept under a name of its own. With overwrite the last one replaces it whole,
+    leaving no earlier copy behind, except where it staged inside the output (a mount point)."""
     from sdsengine.checkpoint import staged_directory
 
     def other_run_saves(out):
         out.mkdir(exist_ok=True)
         (out / "config.json").write_text('"other"')
-    for out in (tmp_path / "new", tmp_path / "empty"):
-        if out.name == "empty":
+    for out, overwrite, remedy in ((tmp_path / "new", False, "pass --overwrite to replace it"),
+                                   (tmp_path / "empty", False, "pass --overwrite to replace it"),
+                                   (tmp_path / "mnt", True, "an output this run staged inside cannot be replaced")):
+        if out.name != "new":
             out.mkdir()
-        with pytest.raises(FileExistsError, match="filled by another run while this one worked: this run's result "
-                                                  "was not saved"):
-            with staged_directory(out) as tmp:
+        with pytest.raises(FileExistsError, match=f"{out} was filled by another run while this one worked, so this "
+                                                  f"run's result is not saved there \\({remedy}\\): it is kept in"):
+            with staged_directory(out, overwrite) as tmp:
                 (tmp / "config.json").write_text('"mine"')
                 other_run_saves(out)
-        assert [p.name for p in out.iterdir()] == ["config.json"]
         assert json.loads((out / "config.json").read_text()) == "other"
+        kept = [p for p in (out.parent if out.name == "new" else out).iterdir() if ".unsaved-" in p.name]
+        assert len(kept) == 1 and json.loads((kept[0] / "config.json").read_text()) == "mine"
     out = tmp_path / "new"
     with staged_directory(out, overwrite=True) as tmp:
         (tmp / "config.json").write_text('"mine"')
         save_checkpoint(tiny_model("gpt2"), None, out, {"run": "third"}, overwrite=True)
     assert json.loads((out / "config.json").read_text()) == "mine" and not (out / REPORT_NAME).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_save_waits_for_another_putting_its_result_in_place(tmp_path):
+    """The check and the swap run under a lock on the output's parent: a save ending while another process
+    holds it waits, then finds what that one saved, and does not replace it (a child process stands in for
+    the other run: it takes the lock, saves after a pause, and lets go)."""
+    import subprocess
+    import sys
+    from sdsengine.checkpoint import staged_directory
+    out = tmp_path / "out"
+    other = subprocess.Popen([sys.executable, "-c", f"""
+import json, time
+from pathlib import Path
+from sdsengine import locks
+out = Path({str(out)!r})
+with locks.exclusive(out.parent, out.name):
+    print("locked", flush=True)
+    time.sleep(1.5)
+    out.mkdir()
+    (out / "config.json").write_text('"other"')
+"""], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "locked\n"
+    with pytest.raises(FileExistsError, match="filled by another run while this one worked"):
+        with staged_directory(out) as tmp:
+            (tmp / "config.json").write_text('"mine"')
+    assert other.wait(timeout=60) == 0 and json.loads((out / "config.json").read_text()) == "other"
 
 
 def test_overwrite_replaces_a_compressed_checkpoint_of_any_model(tmp_path):

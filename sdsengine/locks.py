@@ -1,0 +1,88 @@
+"""Advisory locks between sdsengine processes (two runs saving to one place), as flock: the kernel drops a
+lock with the process that held it, so a killed run leaves none behind.
+
+Local file systems lock a folder itself. NFS emulates flock with POSIX locks, where an exclusive lock needs
+a file open for writing, which a folder cannot be: there the exclusive lock is taken on a lock file beside
+the folder instead, and a save in progress cannot be told from a stopped one (in_use says None).
+"""
+import contextlib
+import fcntl
+import os
+import warnings
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def using(folder):
+    """A shared lock on `folder` (a save's staging folder) while the block runs: what in_use looks for."""
+    fd = _open(folder)
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # no locks here at all: in_use will not know
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def in_use(folder):
+    """True where a live process holds `using(folder)`, False where none does, None where this file system
+    cannot tell."""
+    fd = _open(folder)
+    if fd is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(folder, name):
+    """An exclusive lock for `name` in `folder` while the block runs, waiting for any other holder: on the
+    folder itself, else (NFS) on the file folder/.NAME.lock, else none, with a warning."""
+    fd = _open(folder)
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # NFS: no exclusive lock on a folder
+            os.close(fd)
+            fd = None
+    if fd is None:
+        fd = _lock_file(Path(folder) / f".{name}.lock")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_file(path):
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        return _no_lock(path, exc)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    except OSError as exc:
+        os.close(fd)
+        return _no_lock(path, exc)
+
+
+def _no_lock(path, exc):
+    warnings.warn(f"could not lock {path} ({exc}): two runs saving there at once are not kept apart")
+    return None
+
+
+def _open(folder):
+    try:
+        return os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be read: no lock on it
+        return None
