@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from harness import RESULTS, write_results
+from harness import RESULTS, gpu_info, write_results
 from sdsengine import ops
 from sdsengine.bench import parse_shapes, random_24_weights, rates, table
 
@@ -73,6 +73,8 @@ def main(argv=None):
         return 1
     if torch.cuda.get_device_capability() != (9, 0):  # by design: the kernel is sm_90a code
         print("sweep_wgmma: needs a GPU of compute capability 9.0; nothing measured")
+        write_results(args.name, [{"bench": "wgmma", "gpu": gpu_info()["gpu"], "status": "skipped",
+                                   "error": "needs compute capability 9.0 (wgmma.sp is sm_90a code)"}], args.out)
         return 0
     status = ops.probe("cuda", getattr(torch, args.dtype))["backends"]  # each pipeline's child self-check
     for pipeline in [p for p in pipelines if status[BACKEND_OF[p]] != "ok"]:

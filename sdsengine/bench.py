@@ -172,8 +172,9 @@ def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
         except RuntimeError as exc:  # a backend refusing a token count is a result, not a crash
             print(f"sdsengine bench: {backend} failed on {shape} x {n}: {exc}")
             records.append(dict(base, backend=backend, status="failed", error=str(exc)[:400]))
-    if "dense" not in times:  # nothing to compare with
-        return records
+    if "dense" not in times:  # nothing to compare with: the backends that ran are recorded, unrated
+        return records + [dict(base, backend=b, status="failed", error="no dense baseline at this token count")
+                          for b in times]
     with torch.no_grad():
         layer(x)
     choice = sparse_linear.autotune_choices()[layer._key(n)]

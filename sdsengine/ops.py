@@ -137,11 +137,16 @@ def _jit_load(sources):
     """torch's JIT build (or its cached result) under a lock of ours. torch guards a build with a lock file
     that outlives a build killed in its minutes of nvcc (Ctrl-C, the OOM killer), and every later process
     then waits for it forever, silently. Ours is a flock, which the kernel drops with its process: whoever
-    holds it is alive, so a torch lock found by its holder was left by a dead build."""
+    holds it is alive, so a torch lock found by its holder was left by a dead build (or by a build that
+    takes no lock of ours: an older sdsengine, a manual torch load of the same name)."""
     from torch.utils import cpp_extension
     build = Path(cpp_extension._get_build_directory("sdsengine_C", verbose=False))
     with open(build / "sdsengine.flock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # another process building now: wait for it, then use its build
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is building: wait for it, then use its build
+            log.warning("sdsengine: waiting for another process's build of the CUDA extension in %s", build)
+            fcntl.flock(held, fcntl.LOCK_EX)
         stale = build / "lock"
         if stale.exists():
             log.warning("sdsengine: removing %s, left by a CUDA extension build that was stopped", stale)
