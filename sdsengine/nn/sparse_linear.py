@@ -40,6 +40,7 @@ from sdsengine.masks import nm_violations
 
 NOISE_MARGIN = 0.02  # a sparse backend must beat dense by this fraction to be chosen
 MAX_BUCKET = 8192
+MAX_ROUTES = 64  # routes a layer remembers (by exact token count) before it starts over: a few decode and prefill sizes
 
 _choices = {}  # (out, in, bucket, dtype, device, has_bias, lean) -> backend name, shared by layers of one shape
 _forced = None
@@ -259,6 +260,8 @@ class SparseLinear(nn.Module):
         backend = self._backend_for(tokens)
         route = (backend, self._form(backend))
         if _forced is not None or self._key(tokens) in _choices:
+            if len(self._routes) >= MAX_ROUTES:  # kept per exact token count: a server sees every length
+                self._routes.clear()
             self._routes[tokens, dtype] = route
         return route
 

@@ -302,6 +302,16 @@ def test_routes_are_kept_per_dtype_and_a_wrong_dtype_is_named():
     assert layer(torch.randn(0, 5, 64)).shape == (0, 5, 32)
 
 
+def test_a_layer_remembers_a_bounded_number_of_routes():
+    """Routes are kept per exact token count: a layer serving every prompt length must not grow without
+    bound (~190 B each, per layer), and its output stays right when it starts over."""
+    layer = SparseLinear.from_linear(pruned_linear(64, 32))
+    for tokens in range(1, 3 * sl.MAX_ROUTES):
+        x = torch.randn(tokens, 64)
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        assert len(layer._routes) <= sl.MAX_ROUTES
+
+
 def test_no_route_is_remembered_while_capturing_before_tuning(fake_backends, fresh_choices, monkeypatch):
     layer = SparseLinear.from_linear(pruned_linear(64, 32))
     x = torch.randn(3, 64)
