@@ -16,7 +16,7 @@ import fnmatch
 import json
 import logging
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +176,8 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     """Load a checkpoint written by save_compressed onto `device` (default: the skeleton's, else the CPU):
     the file's tensors are read straight there.
 
-    model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced);
+    model: a skeleton of the same architecture (dense linears are fine: the listed ones are replaced; a load
+    that fails leaves it as it was);
     without it the model is built from the saved config.json with transformers, its parameters on the meta
     device, so that the checkpoint's tensors are the only weights ever allocated: peak memory is the
     compressed model's, not the dense one's. dtype: of the checkpoint's floating tensors (default: as
@@ -201,6 +202,7 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     if dtype is None:  # the model's; manifests written before it was recorded: the first sparse layer's
         dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
             next(iter(shells.values())).values.dtype if shells else torch.float32)
+    undo = (lambda: None) if model is None else _undo_for(model, shells)
     model = _model_from_config(directory, dtype) if model is None else model
     device = _home(model) if device is None else torch.device(device)
     try:
@@ -208,12 +210,30 @@ def load_compressed(directory, model=None, dtype=None, device=None):
             _set_submodule(model, name, shell)
         _load_weights(model, weights, device, dtype)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
+        undo()
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
     model.to(device)  # the buffers the model made itself (rotary frequencies)
     for name, shell in shells.items():
         check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
     _refuse_save_pretrained(model)
     return model.eval()
+
+
+def _undo_for(model, names):
+    """A function that puts back the skeleton's modules under `names` and its tensors as they are now: a
+    model the caller passed comes back unchanged from a load that fails (load_state_dict assigns every
+    tensor it matched before its strict check refuses, which left a working hybrid of two models)."""
+    modules = {}
+    for name in names:
+        with suppress(AttributeError):  # a module the skeleton lacks: the load names it
+            modules[name] = model.get_submodule(name)
+    tensors = model.state_dict(keep_vars=True)
+
+    def undo():
+        for name, module in modules.items():
+            _set_submodule(model, name, module)
+        model.load_state_dict(tensors, strict=False, assign=True)
+    return undo
 
 
 def _home(model):

@@ -540,6 +540,22 @@ def test_a_skeleton_without_weights_loads_with_its_ties(tmp_path):
     torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
 
 
+def test_a_load_that_fails_leaves_the_skeleton_given_as_it_was(tmp_path):
+    """A skeleton of another size (a layer more): the load is refused, and the caller's model keeps its own
+    modules and weights (load_state_dict assigns what matches before its strict check refuses, which left
+    the checkpoint's layers in the skeleton's, a working hybrid of two models)."""
+    out = save_compressed(convert(tiny_llama()), tmp_path / "ckpt")
+    skeleton = tiny_llama(seed=1)
+    skeleton.model.layers.append(tiny_llama(seed=2).model.layers[0])
+    ids = tokens()
+    before, tensors = logits(skeleton, ids), dict(skeleton.state_dict(keep_vars=True))
+    with pytest.raises(ValueError, match="(?s)does not load: .*Missing key"):
+        load_compressed(out, model=skeleton)
+    assert not any(isinstance(m, SparseLinear) for m in skeleton.modules())
+    assert all(t is tensors[name] for name, t in skeleton.state_dict(keep_vars=True).items())
+    torch.testing.assert_close(logits(skeleton, ids), before, rtol=0, atol=0)
+
+
 def test_a_half_precision_checkpoint_loads_in_its_own_dtype_unless_asked(tmp_path):
     """The sparse kernels run fp16/bf16 only: evaluating a packed fp16 model must not upcast it by default."""
     from sdsengine.models import load_model
