@@ -3,9 +3,9 @@
 Every output directory (this checkpoint, convert's compressed one) is written through staged_directory:
 into a temporary directory, put in place only when complete, so a failed run leaves no half-written
 directory and a non-empty one is replaced only with overwrite, and only when it holds a checkpoint. Two runs
-saving to one place: each holds a lock on its staging directory while it writes, and puts it in place under
-a lock on the parent after checking again, so that neither replaces what the other saved meanwhile unless
-told to overwrite.
+saving to one place (locks.py): each holds a lock on its staging directory while it writes, and puts it in
+place under a lock for the output after checking again, so that neither replaces what the other saved
+meanwhile unless told to overwrite; one refused keeps its result beside, as OUT.unsaved-XXXX.
 """
 import contextlib
 import json

@@ -61,7 +61,7 @@ def new_file(path):
 def write_whole(path, text):
     """Write text to path (a link: to its target) through a temporary file renamed into place; on failure
     path is as it was. Each call has a temporary file of its own: two runs writing one result file leave one
-    whole file, the last one's, never a mix of both."""
+    whole file, the last one's, never a mix of both (a process killed mid-write leaves its .NAME.XXXX.tmp)."""
     path = Path(path).expanduser().resolve()
     fd, tmp = new_file(path)
     try:
