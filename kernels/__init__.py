@@ -4,7 +4,8 @@ One switch picks the backend: SDSENGINE_KERNELS=auto (default: Triton for CUDA t
 reference otherwise), =triton (force Triton, e.g. under TRITON_INTERPRET=1 on CPU), =torch (force the
 reference). `use_backend` overrides it in-process (tests).
 
-Inputs are checked here, once, for every backend. Triton is imported only when a kernel runs, so the
+Inputs are checked here, once, for every backend. No kernel is differentiable, on either backend: their
+outputs never require grad (the Triton path cannot keep autograd, and the reference must not differ). Triton is imported only when a kernel runs, so the
 package imports without it; inputs a kernel does not cover (other dtypes, non-power-of-2 M, rows or
 blocks too wide for registers) take the reference, which defines the result anyway. See README.md.
 """
@@ -81,6 +82,7 @@ def _device_of(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+@torch.no_grad()
 def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
     """(pruned weight, keep mask) by Wanda scores; nm=(n, m) for N:M, else per-row `sparsity`."""
     _check_matrix("wanda_prune", "weight", weight)
@@ -99,6 +101,7 @@ def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
                                             sparsity, nm)
 
 
+@torch.no_grad()
 def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):
     """(Q, E, losses) for one SparseGPT block; see reference.sparsegpt_block."""
     _check_matrix("sparsegpt_block", "w_block", w_block)
@@ -116,6 +119,7 @@ def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):
         return _kernel("sparsegpt").sparsegpt_block(w_block, hinv_block, sparsity, nm)
 
 
+@torch.no_grad()
 def compress_24(weight, scores=None):
     """(values, meta) in the 2:4 layout the CUDA matmul consumes; see reference.compress_24."""
     _check_matrix("compress_24", "weight", weight)
@@ -133,6 +137,7 @@ def compress_24(weight, scores=None):
         return _kernel("compress").compress_24(weight, scores)
 
 
+@torch.no_grad()
 def decompress_24(values, meta, trusted=False):
     """Inverse of compress_24: the dense (rows, K) weight with exact zeros. trusted skips the metadata's check,
     for a caller that decompresses on every call a weight checked when it was made (the check synchronizes
@@ -157,6 +162,8 @@ def check_meta(meta, what):
     Skipped while compiling and inside CUDA-graph capture: the data-dependent check would break a compiled
     graph, and cannot synchronize in capture."""
     if torch.compiler.is_compiling() or (meta.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if meta.is_meta:  # no values to check (a skeleton's layers on the meta device)
         return
     if _pairs_ordered(meta):
         return

@@ -73,7 +73,7 @@ def compress_24(weight, scores=None):
 def meta_nibbles(meta):
     """(rows, K/4) int64: each group's 4-bit entry of the int32 meta, i0 | i1 << 2 for kept columns i0 < i1."""
     shifts = torch.arange(0, 32, 4, device=meta.device, dtype=torch.int64)
-    return ((meta.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(meta.shape[0], -1)
+    return ((meta.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(meta.shape[0], meta.shape[1] * 8)
 
 
 def decompress_24(values, meta):

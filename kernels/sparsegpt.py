@@ -77,7 +77,8 @@ def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):
     rows, width = w_block.shape
     w_block, hinv_block = _unit_stride(w_block), _unit_stride(hinv_block)
     q = torch.empty(rows, width, dtype=torch.float32, device=w_block.device)
-    err, losses = torch.empty_like(q), torch.empty(rows, dtype=torch.float32, device=w_block.device)
+    # losses zeroed: a block of no columns launches nothing, and its rows lose nothing
+    err, losses = torch.empty_like(q), torch.zeros(rows, dtype=torch.float32, device=w_block.device)
     keep = None
     if not nm:  # global over the block: the reference's own selection, bit for bit
         diag = torch.diagonal(hinv_block)

@@ -8,6 +8,8 @@ import torch
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim."""
+    if not (0 <= n <= m and m >= 1):  # a negative n would slice from the end
+        raise ValueError(f"an N:M pattern needs 0 <= N <= M and M >= 1, got {n}:{m}")
     if scores.shape[-1] % m:
         raise ValueError(f"last dimension {scores.shape[-1]} is not divisible by M={m} for an {n}:{m} pattern")
     groups = scores.reshape(-1, m)
@@ -19,6 +21,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def prune_lowest_mask(scores: torch.Tensor, sparsity: float, dim: int | None = -1) -> torch.Tensor:
     """Drop exactly int(size * sparsity) lowest scores along `dim` (None: over the whole tensor)."""
+    if not 0 <= sparsity <= 1:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
     flat = scores.reshape(1, -1) if dim is None else scores.movedim(dim, -1)
     k = int(flat.shape[-1] * sparsity)
     order = torch.sort(flat, dim=-1, stable=True).indices
@@ -46,8 +50,10 @@ def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         rows_k = (k == count).nonzero().reshape(-1)
         part = scores[rows_k]
         threshold = kth_smallest(part, cols - count + 1)
-        above = part > threshold
-        ties = part == threshold
+        # NaN ranks highest, as everywhere in the library (kthvalue orders it last); a NaN compares false
+        nan, nan_threshold = part.isnan(), threshold.isnan()
+        above = (part > threshold) | (nan & ~nan_threshold)
+        ties = (part == threshold) | (nan & nan_threshold)
         room = count - above.sum(dim=1, keepdim=True)  # ties to keep, lowest index first
         mask[rows_k] = above | (ties & (ties.cumsum(dim=1) <= room))
     return mask
@@ -63,6 +69,8 @@ def kth_smallest(part: torch.Tensor, k: int, by_sort: bool | None = None) -> tor
     projector, every adjustment step) left the rest of the GPU idle. A sort of few rows spreads over the
     device, at the cost of its values and indices (12 B an entry) for the step. by_sort: None chooses.
     """
+    if not 1 <= k <= part.shape[1]:
+        raise ValueError(f"kth_smallest: k must lie in [1, {part.shape[1]}] (the row length), got {k}")
     if by_sort is None:
         by_sort = part.is_cuda and part.shape[0] < SORT_BELOW_ROWS
     if by_sort:

@@ -406,6 +406,8 @@ def _self_check(backend, device, dtype):
 
 
 def relative_error(y, ref):
+    if y.shape != ref.shape:  # broadcasting would compare something else
+        raise ValueError(f"relative_error: shapes differ, {tuple(y.shape)} against {tuple(ref.shape)}")
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 

@@ -81,3 +81,29 @@ def test_top_k_mask_by_hand_and_bad_counts():
     assert top_k_mask(scores, torch.tensor([2, 1])).tolist() == [[False, True, True, False], [True, False, False, False]]
     with pytest.raises(ValueError, match=r"counts must lie in \[0, 4\]"):
         top_k_mask(scores, torch.tensor([5, 1]))
+
+
+@pytest.mark.parametrize("by_sort", [False, True])
+def test_top_k_mask_ranks_nan_highest_and_keeps_k(by_sort, monkeypatch):
+    """NaN ranks above +inf, as nm_mask, prune_lowest_mask and the kernels rank it: a row holding NaN kept
+    fewer than k (NaN compares false against a NaN threshold and every threshold)."""
+    real = masks.kth_smallest
+    monkeypatch.setattr(masks, "kth_smallest", lambda part, k: real(part, k, by_sort))  # both branches
+    row = torch.tensor([[float("nan"), float("nan"), 1.0, 2.0]])
+    kept = [top_k_mask(row, torch.tensor([k]))[0].tolist() for k in (1, 2, 3, 4)]
+    assert kept == [[True, False, False, False], [True, True, False, False], [True, True, False, True],
+                    [True, True, True, True]]
+
+
+def test_mask_arguments_out_of_range_are_refused():
+    scores = torch.randn(2, 8)
+    for n, m in ((-1, 4), (5, 4), (2, 0)):
+        with pytest.raises(ValueError, match="an N:M pattern needs 0 <= N <= M and M >= 1"):
+            nm_mask(scores, n, m)
+    for sparsity in (-0.25, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="sparsity must lie in \\[0, 1\\]"):
+            prune_lowest_mask(scores, sparsity)
+    for k in (0, 9):
+        for by_sort in (False, True):
+            with pytest.raises(ValueError, match="kth_smallest: k must lie in \\[1, 8\\]"):
+                masks.kth_smallest(scores, k, by_sort)

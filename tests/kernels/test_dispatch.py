@@ -132,3 +132,40 @@ def test_the_metadata_check_reads_every_entry_of_a_word(lane):
         else:
             with pytest.raises(ValueError, match=f"row 0, group {8 + lane} .* holds {entry:#06b}"):
                 kernels.check_meta(meta, "word")
+
+
+def test_no_kernel_is_differentiable_on_either_backend(both_backends):
+    """One contract for both backends: outputs never require grad (the reference kept autograd where the
+    Triton path dropped it, so the same call was differentiable on the CPU and detached on a GPU)."""
+    from sdsengine.kernels import compress_24, decompress_24, sparsegpt_block, wanda_prune
+    w = torch.randn(8, 32, requires_grad=True)
+    calls = (lambda: wanda_prune(w, torch.rand(32), nm=(2, 4)), lambda: compress_24(w),
+             lambda: sparsegpt_block(w[:, :4], torch.eye(4), nm=(2, 4)),
+             lambda: decompress_24(*(t.detach() for t in compress_24(w))))
+    for call in calls:
+        for outputs in both_backends(call):
+            assert not any(t.requires_grad for t in outputs if isinstance(t, torch.Tensor)) and \
+                not (isinstance(outputs, torch.Tensor) and outputs.requires_grad)
+
+
+def test_empty_inputs_agree(both_backends, assert_exact):
+    """A weight of no rows decompresses on the reference too (its reshape could not infer a size), and a
+    block of no columns loses nothing (the kernel's losses were uninitialized memory)."""
+    from sdsengine.kernels import compress_24, decompress_24, sparsegpt_block
+    values, meta = compress_24(torch.randn(0, 32))
+    fast, ref = both_backends(lambda: decompress_24(values, meta))
+    assert_exact(fast, ref)
+    assert fast.shape == (0, 32)
+    fast, ref = both_backends(lambda: sparsegpt_block(torch.randn(16, 0), torch.zeros(0, 0)))
+    assert_exact(fast[2], ref[2], "losses")
+    assert not fast[2].any()
+
+
+def test_meta_device_metadata_is_not_read_and_mismatched_errors_are_refused():
+    """A skeleton's layers on the meta device hold no values to check (the check read them and failed);
+    relative_error of two shapes would broadcast and compare something else."""
+    from sdsengine import ops
+    from sdsengine.kernels import check_meta
+    check_meta(torch.empty(4, 2, dtype=torch.int32, device="meta"), "a skeleton")
+    with pytest.raises(ValueError, match=r"relative_error: shapes differ, \(4, 1\) against \(4,\)"):
+        ops.relative_error(torch.ones(4, 1), torch.ones(4))
