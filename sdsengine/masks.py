@@ -44,16 +44,18 @@ def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     if bool(((k < 0) | (k > cols)).any()):
         raise ValueError(f"top_k_mask: counts must lie in [0, {cols}], got {k.min().item()}..{k.max().item()}")
     mask = torch.zeros_like(scores, dtype=torch.bool)
+    has_nan = bool(scores.isnan().any())  # rare: its handling is kept off the usual path (SDS: every step)
     for count in torch.unique(k).tolist():  # one selection per distinct count (BESA's rows differ)
         if count == 0:
             continue
         rows_k = (k == count).nonzero().reshape(-1)
         part = scores[rows_k]
         threshold = kth_smallest(part, cols - count + 1)
-        # NaN ranks highest, as everywhere in the library (kthvalue orders it last); a NaN compares false
-        nan, nan_threshold = part.isnan(), threshold.isnan()
-        above = (part > threshold) | (nan & ~nan_threshold)
-        ties = (part == threshold) | (nan & nan_threshold)
+        above, ties = part > threshold, part == threshold
+        if has_nan:  # NaN ranks highest, as everywhere in the library (kthvalue orders it last), but compares false
+            nan, nan_threshold = part.isnan(), threshold.isnan()
+            above |= nan & ~nan_threshold
+            ties |= nan & nan_threshold
         room = count - above.sum(dim=1, keepdim=True)  # ties to keep, lowest index first
         mask[rows_k] = above | (ties & (ties.cumsum(dim=1) <= room))
     return mask
