@@ -6,8 +6,9 @@ reference). `use_backend` overrides it in-process (tests).
 
 Inputs are checked here, once, for every backend. No kernel is differentiable, on either backend: their
 outputs never require grad (the Triton path cannot keep autograd, and the reference must not differ).
-Triton is imported only when a kernel runs, so the package imports without it; inputs a kernel does not cover (other dtypes, non-power-of-2 M, rows or
-blocks too wide for registers) take the reference, which defines the result anyway. See README.md.
+Triton is imported only when a kernel runs, so the package imports without it; inputs a kernel does not
+cover (other dtypes, non-power-of-2 M, rows or blocks too wide for registers) take the reference, which
+defines the result anyway. See README.md.
 """
 import contextlib
 import importlib.util
