@@ -52,7 +52,7 @@ def _refuse_replacing(out):
         raise FileExistsError(f"output directory {out} is {what}, which --overwrite would delete whole: name the "
                               "checkpoint's own directory")
     entries = list(out.iterdir())
-    staged = [e for e in entries if e.name.startswith(f".{out.name}.tmp-")]
+    staged = [e for e in entries if e.name.startswith(_staging_prefix(out))]
     if len(staged) == len(entries):  # staged inside the empty out (a mount point): by a run saving now, or killed
         live = [locks.in_use(e) for e in staged]
         if any(live):
@@ -74,6 +74,11 @@ def _home():
         return None
 
 
+def _staging_prefix(out):
+    """The name a save's staging folder for out starts with (the rest is random)."""
+    return f".{out.name}.tmp-"
+
+
 def _staging_parent(out):
     """Where the temporary directory goes: inside an empty out (which may be a mount point, which cannot be
     renamed or removed), else beside it, so that the final rename stays on one file system."""
@@ -88,7 +93,7 @@ def staged_directory(out, overwrite=False):
     parent = _staging_parent(out)
     parent.mkdir(parents=True, exist_ok=True)
     # made as any new folder is (the umask applied), not tempfile's 0700, which would become the output's mode
-    tmp, _ = fresh(parent, f".{out.name}.tmp-", "", os.mkdir)
+    tmp, _ = fresh(parent, _staging_prefix(out), "", os.mkdir)
     old = None
     try:
         with locks.using(tmp):  # another run's check sees a save in progress, not a killed one's leftovers
@@ -116,8 +121,8 @@ def _refuse_taken(out, tmp, overwrite, staged_inside):
     """Under the parent's lock, just before this run's result goes in place: out must still be as it was
     checked at the start, unless overwrite lets it be replaced whole, and then only where it holds a
     checkpoint. Refused, this run's finished result is kept under a name of its own, not deleted."""
-    staging = f".{out.name}.tmp-"  # another run's still in progress: the first to finish saves
-    others = [e for e in out.iterdir() if not e.name.startswith(staging)] if out.is_dir() else []
+    # another run's staging folder, still in progress: the first to finish saves
+    others = [e for e in out.iterdir() if not e.name.startswith(_staging_prefix(out))] if out.is_dir() else []
     if not others:
         return
     if overwrite and not staged_inside:
