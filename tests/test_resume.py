@@ -122,19 +122,45 @@ def test_a_run_stopped_while_saving_resumes(tmp_path, monkeypatch, legacy):
     assert not progress.exists()
 
 
-def test_progress_of_another_run_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, config, tokens, named", [
+    (lambda: _model(), WandaConfig(sparsity="4:8"), tiny_tokens(3, 16), "recipe: sparsity 2:4 there, 4:8 here"),
+    (lambda: _model(), SparseGPTConfig(sparsity="2:4"), tiny_tokens(3, 16),
+     "recipe: method wanda there, sparsegpt here"),
+    (lambda: _model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16, seed=1),
+     r"calibration: other tokens in as many windows \(another seed or data\)"),
+    (lambda: _model(), WandaConfig(sparsity="2:4"), tiny_tokens(2, 16), "calibration: 3x16 windows there, 2x16 here"),
+    (lambda: _model(seed=1), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), r"model: other weights \(another model"),
+    (lambda: _model().to(torch.bfloat16), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16),
+     "model: float32 weights there, bfloat16 here"),
+])
+def test_progress_of_another_run_is_refused_naming_the_difference(tmp_path, monkeypatch, model, config, tokens,
+                                                                  named):
+    with monkeypatch.context() as m:
+        _stop_at(m, 1)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
+                            resume_dir=tmp_path)
+    with monkeypatch.context() as m:  # refused before the calibration inputs are captured
+        m.setattr(sequential, "capture_layer_inputs", _must_not_run)
+        with pytest.raises(ValueError, match=f"progress of another run \\({named}[^;]*\\); pass a new directory"):
+            sdsengine.prune(model(), config, tokens, progress=False, resume_dir=tmp_path)
+
+
+def test_progress_saved_before_its_run_was_described_is_refused_all_the_same(tmp_path, monkeypatch):
+    """A manifest without the run's parts (written before they were kept) still resumes its own run, and
+    refuses another in general terms."""
     samples = tiny_tokens(3, 16)
     with monkeypatch.context() as m:
         _stop_at(m, 1)
         with pytest.raises(_Stop):
             sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
-    for model, config, tokens in [(_model(), WandaConfig(sparsity="4:8"), samples),
-                                  (_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16, seed=1)),
-                                  (_model(seed=1), WandaConfig(sparsity="2:4"), samples)]:
-        with monkeypatch.context() as m:  # refused before the calibration inputs are captured
-            m.setattr(sequential, "capture_layer_inputs", _must_not_run)
-            with pytest.raises(ValueError, match="progress of another run"):
-                sdsengine.prune(model, config, tokens, progress=False, resume_dir=tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del manifest["run"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"another run \(a different recipe, calibration data or model\)"):
+        sdsengine.prune(_model(), WandaConfig(sparsity="4:8"), samples, progress=False, resume_dir=tmp_path)
+    result = sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
+    assert result.report["resumed"]["from_layer"] == 1
 
 
 def _must_not_run(*args, **kwargs):

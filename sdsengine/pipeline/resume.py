@@ -10,7 +10,8 @@ the run (recipe, calibration tokens, original weights), how many layers are done
 activations file goes with them. Each file is written under a temporary name and renamed into place,
 progress.json last, and the activations it no longer names are deleted only after it, so a run stopped at
 any point while saving resumes from the layer before or the one just saved. Progress made with another
-recipe, other calibration tokens or another model is refused, never mixed in.
+recipe, other calibration tokens or another model is refused, naming which of them differs (the manifest
+keeps the recipe and digests of the tokens and weights), never mixed in.
 """
 import dataclasses
 import functools
@@ -35,6 +36,7 @@ class ResumeStore:
     def __init__(self, directory):
         self.dir = Path(directory).expanduser().resolve()
         self.fingerprint = None
+        self.run = None  # the fingerprint's parts, to name what differs from another run's progress
         self.resumed_from = 0  # layers taken from an earlier run
         self.earlier_seconds = 0.0  # their pruning time, as that run measured it
 
@@ -49,7 +51,7 @@ class ResumeStore:
     def identify(self, model, config, samples):
         """Fingerprint the run (before any weight changes) and refuse another run's progress; called before
         the calibration inputs are captured, so a wrong directory is named before that work."""
-        self.fingerprint = fingerprint(model, config, samples)
+        self.fingerprint, self.run = identity(model, config, samples)
         self._own_progress()
         return self
 
@@ -86,8 +88,9 @@ class ResumeStore:
             # that began there and is still on its first layer: not to be mixed with, so refused all the same
             started = (" with no layer finished yet, so deleting it loses nothing (unless that run is still going)"
                        if manifest["done"] == 0 else "")
-            raise ValueError(f"resume directory {self.dir} holds the progress of another run (a different "
-                             f"recipe, calibration data or model){started}; pass a new directory or delete that one")
+            raise ValueError(f"resume directory {self.dir} holds the progress of another run "
+                             f"({'; '.join(differences(manifest.get('run'), self.run))}){started}; pass a new "
+                             "directory or delete that one")
         return manifest
 
     def _start(self, layers):
@@ -96,8 +99,8 @@ class ResumeStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         for path in self._own_files():
             path.unlink()
-        self._write_manifest({"fingerprint": self.fingerprint, "done": 0, "layers": layers, "activations": None,
-                              "reports": []})
+        self._write_manifest({"fingerprint": self.fingerprint, "run": self.run, "done": 0, "layers": layers,
+                              "activations": None, "reports": []})
 
     def save(self, layers, reports, inps, dense):
         """After layer len(reports)-1: its weights, the next layer's inputs, then the manifest."""
@@ -106,8 +109,9 @@ class ResumeStore:
         activations = self._activations_file(done)
         saved = {"done": done, "inps": inps, "dense": dense.inps if dense is not None else None}
         self._write(activations, functools.partial(torch.save, saved))
-        self._write_manifest({"fingerprint": self.fingerprint, "done": done, "layers": len(layers),
-                              "activations": activations.name, "reports": [dataclasses.asdict(r) for r in reports]})
+        self._write_manifest({"fingerprint": self.fingerprint, "run": self.run, "done": done,
+                              "layers": len(layers), "activations": activations.name,
+                              "reports": [dataclasses.asdict(r) for r in reports]})
         for older in self._activations_files():  # only now: until the manifest moved on, they were its
             if older != activations:
                 older.unlink()
@@ -184,13 +188,57 @@ class ResumeStore:
 def fingerprint(model, config, samples) -> str:
     """What the result depends on: the recipe, the calibration tokens and the original weights (each
     tensor's name, shape, dtype and two sums: cheap, and any different checkpoint changes them)."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(samples.cpu().numpy().tobytes())
+    return identity(model, config, samples)[0]
+
+
+def identity(model, config, samples):
+    """(fingerprint, parts): the parts (the recipe, and digests of the calibration tokens and of the weights)
+    are kept in the manifest so that a refusal can name what differs; the fingerprint is unchanged by them,
+    so progress saved before they were kept still resumes."""
+    recipe = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    tokens = samples.cpu().numpy().tobytes()
+    h, weights, dtypes = hashlib.sha256(recipe.encode()), hashlib.sha256(), set()
+    h.update(tokens)
     with torch.no_grad():
         for name, t in model.state_dict().items():
             total, absolute = _sums(t)
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}{total!r}{absolute!r}".encode())
-    return h.hexdigest()
+            line = f"{name}{tuple(t.shape)}{t.dtype}{total!r}{absolute!r}".encode()
+            h.update(line)
+            weights.update(line)
+            dtypes.add(str(t.dtype).removeprefix("torch."))
+    parts = {"recipe": json.loads(recipe),
+             "calibration": {"windows": list(samples.shape), "sha256": hashlib.sha256(tokens).hexdigest()},
+             "model": {"dtypes": sorted(dtypes), "sha256": weights.hexdigest()}}
+    return h.hexdigest(), parts
+
+
+def differences(saved, current) -> list[str]:
+    """What sets the progress's run (`saved` parts, None where its manifest predates them) apart from this one."""
+    if not saved:
+        return ["a different recipe, calibration data or model"]
+    found = [f"recipe: {_recipe_change(saved.get('recipe', {}), current['recipe'])}"] \
+        if saved.get("recipe") != current["recipe"] else []
+    old, new = saved.get("calibration", {}), current["calibration"]
+    if old != new:
+        found.append(f"calibration: {_windows(old)} windows there, {_windows(new)} here"
+                     if old.get("windows") != new["windows"] else
+                     "calibration: other tokens in as many windows (another seed or data)")
+    old, new = saved.get("model", {}), current["model"]
+    if old != new:
+        found.append(f"model: {'/'.join(old.get('dtypes', ['?']))} weights there, {'/'.join(new['dtypes'])} here"
+                     if old.get("dtypes") != new["dtypes"] else "model: other weights (another model or checkpoint)")
+    return found or ["a different recipe, calibration data or model"]
+
+
+def _recipe_change(old, new):
+    """The settings that differ; another method only by name (its settings differ as a matter of course)."""
+    keys = ["method"] if old.get("method") != new.get("method") else sorted(old.keys() | new.keys())
+    return "; ".join(f"{key} {old.get(key)} there, {new.get(key)} here" for key in keys
+                     if old.get(key) != new.get(key))
+
+
+def _windows(calibration):
+    return "x".join(map(str, calibration.get("windows", ["?"])))
 
 
 SUM_CHUNK = 1 << 22  # elements: a 32 MiB float64 slice
