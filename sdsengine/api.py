@@ -28,7 +28,8 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     `calibration` is a (nsamples, seqlen) LongTensor of token ids, or a CalibrationConfig (then
     `tokenizer` is needed to build the windows), or None for methods that need no data (magnitude).
     `resume_dir`: keep the progress there after every layer, and continue from the progress of the same
-    run if it holds some (see pipeline/resume.py); the directory stays until `ResumeStore(d).clear()`.
+    run if it holds some (see pipeline/resume.py); the directory stays, held by this process (another one
+    is refused it), until `ResumeStore(d).clear()`.
     The model is pruned in place, layer by layer: where the call raises, the layers and linears done so far
     stay pruned (and a weight the run stopped on, inf/NaN, stays in the model): load it again to start over.
     """

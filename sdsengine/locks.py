@@ -43,6 +43,24 @@ def in_use(folder):
         os.close(fd)
 
 
+def hold(folder):
+    """An exclusive lock on `folder` taken without waiting, for as long as the process keeps the returned
+    descriptor open (the kernel drops it with the process): None where this file system has no lock on
+    folders (NFS) or the folder cannot be opened; BlockingIOError where another process holds it."""
+    fd = _open(folder)
+    if fd is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+
+
 @contextlib.contextmanager
 def exclusive(folder, name):
     """An exclusive lock for `name` in `folder` while the block runs, waiting for any other holder: on the

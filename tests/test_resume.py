@@ -1,5 +1,7 @@
 """Resumable runs: a run stopped after some layers and started again ends where an unbroken run ends."""
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,36 @@ def test_a_run_that_began_in_the_directory_after_this_one_looked_is_refused(tmp_
     assert first.begin(layers, None, None, None) == []
     with pytest.raises(ValueError, match="progress of another run"):
         second.begin(layers, None, None, None)
+
+
+def _held_by_another_process(directory):
+    """flock locks belong to an open file description: one opened here stands for another process's."""
+    fd = os.open(directory, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_directory_another_run_is_resuming_is_refused_and_kept(tmp_path, monkeypatch):
+    """The same command started twice on one progress (a job resubmitted while the first still runs): the
+    second is refused before any work and the progress stays as it was (both resumed it, wrote the same
+    files, and the first to finish deleted the directory under the other); free again once the other ends."""
+    config, samples = WandaConfig(sparsity="2:4"), tiny_tokens(3, 16)
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
+    os.close(resume._held.pop(tmp_path.resolve()))  # the stopped run's process ended...
+    other = _held_by_another_process(tmp_path)  # ...and another is resuming its progress now
+    try:
+        kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        with monkeypatch.context() as m:
+            m.setattr(sequential, "capture_layer_inputs", _must_not_run)
+            with pytest.raises(RuntimeError, match=f"resume directory {tmp_path} is in use by another sdsengine run"):
+                sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == kept
+    finally:
+        os.close(other)
+    result = sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
+    assert result.report["resumed"]["from_layer"] == 2
+    ResumeStore(tmp_path).clear()
+    assert tmp_path.resolve() not in resume._held and not tmp_path.exists()

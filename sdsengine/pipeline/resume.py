@@ -23,15 +23,20 @@ from pathlib import Path
 
 import torch
 
+from sdsengine import locks
 from sdsengine.files import unwritable
 
 MANIFEST = "progress.json"
 LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was named by its layer count
+# resume directories this process holds locked, and the descriptors that hold them: a run keeps its directory
+# from identify() until clear() (or until it exits), so that no other process resumes the same progress at once
+_held: dict[Path, int] = {}
 OWN_FILE = re.compile(r"(layer-\d{4,}\.pt|activations-\d{4,}\.pt|activations\.pt)(\.tmp)?|progress\.json\.tmp")
 
 
 class ResumeStore:
-    """One run's progress in `directory`: identify() the run, begin() before the first layer, save() after each."""
+    """One run's progress in `directory`: identify() the run, begin() before the first layer, save() after each.
+    From identify() until clear() (or its end) the process holds the directory: another process is refused."""
 
     def __init__(self, directory):
         self.dir = Path(directory).expanduser().resolve()
@@ -53,7 +58,24 @@ class ResumeStore:
         the calibration inputs are captured, so a wrong directory is named before that work."""
         self.fingerprint, self.run = identity(model, config, samples)
         self._own_progress()
+        self._lock()
+        self._own_progress()  # again: another run may have begun here before the lock was taken
         return self
+
+    def _lock(self):
+        """Hold the directory (made here if new: a lock needs it) for this process, or refuse it where another
+        process holds it: two runs resuming one progress each wrote the same files and the first to finish
+        deleted the directory under the other."""
+        if self.dir in _held:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = locks.hold(self.dir)
+        except BlockingIOError:
+            raise RuntimeError(f"resume directory {self.dir} is in use by another sdsengine run right now (still "
+                               "running, or started twice): wait for it to end, or pass another directory") from None
+        if fd is not None:
+            _held[self.dir] = fd
 
     def begin(self, layers, inps, dense, report_type) -> list:
         """After identify(): if the directory holds this run's progress, load it into `layers`, `inps` and
@@ -118,12 +140,16 @@ class ResumeStore:
 
     def clear(self):
         """Remove the files this store wrote, and the directory once empty (call after the model is saved)."""
-        if not (self.dir / MANIFEST).exists():
-            return
-        for path in [self.dir / MANIFEST, *self._own_files()]:
-            path.unlink(missing_ok=True)
-        if not any(self.dir.iterdir()):
-            self.dir.rmdir()
+        try:
+            if not (self.dir / MANIFEST).exists():
+                return
+            for path in [self.dir / MANIFEST, *self._own_files()]:
+                path.unlink(missing_ok=True)
+            if not any(self.dir.iterdir()):
+                self.dir.rmdir()
+        finally:  # only now: until its files are gone the directory is this run's
+            if (fd := _held.pop(self.dir, None)) is not None:
+                os.close(fd)
 
     def _manifest(self):
         """The saved progress, None for a new run; refuses a directory that holds anything else."""
