@@ -199,7 +199,10 @@ def cmd_prune(args):
     check_device(config.device)  # before any work, as is the output directory
     _note_unused_gpu(config.device)
     _refuse_out_over_inputs(args, "pruned", calib)
-    out = checkpoint.check_output_dir(args.out, args.overwrite)
+    try:
+        out = checkpoint.check_output_dir(args.out, args.overwrite)
+    except FileExistsError as exc:
+        raise FileExistsError(f"{exc}{_finished_progress(args)}") from None
     if args.resume_dir:
         progress = Path(args.resume_dir).expanduser().resolve()
         if files.within(progress, out):
@@ -219,6 +222,18 @@ def cmd_prune(args):
         if config.ignore else ""
     print(f"\n{config.method} {config.sparsity}: sparsity {result.report['overall_sparsity']:.4f} of the pruned "
           f"linears{ignored}, {result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
+
+
+def _finished_progress(args):
+    """Where --out is taken and --resume-dir holds a run with every layer done: a run stopped after saving its
+    checkpoint and before removing its progress leaves both, and the same command run again stopped at --out
+    without a word on the progress (a model's worth of files) left behind."""
+    done = ResumeStore(args.resume_dir).finished() if args.resume_dir else None
+    if done is None:
+        return ""
+    return (f"; --resume-dir {args.resume_dir} holds a run with all {done} layers done, as a run stopped after "
+            f"saving its checkpoint leaves it: if {args.out} is that checkpoint, delete {args.resume_dir}; with "
+            "--overwrite the run saves its result again from it")
 
 
 def _refuse_out_over_inputs(args, done, calib=None):

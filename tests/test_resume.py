@@ -332,3 +332,19 @@ def test_a_directory_another_run_is_resuming_is_refused_and_kept(tmp_path, monke
     assert result.report["resumed"]["from_layer"] == 2
     ResumeStore(tmp_path).clear()
     assert tmp_path.resolve() not in resume._held and not tmp_path.exists()
+
+
+def test_a_run_stopped_after_saving_its_checkpoint_names_its_finished_progress(tmp_path, capsys):
+    """Killed between the checkpoint's save and the progress's removal: the same command is refused at --out,
+    and says that the progress left behind (a model's worth of files) holds a finished run."""
+    from sdsengine.cli import main
+    progress, out = tmp_path / "progress", tmp_path / "out"
+    sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False, resume_dir=progress)
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["prune", "--method", "wanda", "--sparsity", "2:4", "--out", str(out),
+                 "--resume-dir", str(progress)]) == 2
+    assert (f"is not empty; pass --overwrite (overwrite=True in Python) to replace it; --resume-dir {progress} holds "
+            f"a run with all 3 layers done, as a run stopped after saving its checkpoint leaves it: if {out} is that "
+            f"checkpoint, delete {progress}") in capsys.readouterr().err
+    assert (progress / MANIFEST).exists()

@@ -138,6 +138,15 @@ class ResumeStore:
             if older != activations:
                 older.unlink()
 
+    def finished(self):
+        """The number of layers where the progress here has them all done (what a run stopped after saving its
+        checkpoint leaves), else None; None too for a directory that holds no readable progress."""
+        try:
+            manifest = self._manifest()
+        except (ValueError, OSError):  # not progress: check() names it
+            return None
+        return manifest["done"] if manifest and manifest["done"] == manifest.get("layers") else None
+
     def clear(self):
         """Remove the files this store wrote, and the directory once empty (call after the model is saved)."""
         try:
