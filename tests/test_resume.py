@@ -348,3 +348,41 @@ def test_a_run_stopped_after_saving_its_checkpoint_names_its_finished_progress(t
             f"a run with all 3 layers done, as a run stopped after saving its checkpoint leaves it: if {out} is that "
             f"checkpoint, delete {progress}") in capsys.readouterr().err
     assert (progress / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("name", ["layer-0001.pt", "activations-0002.pt"])
+def test_a_file_from_another_runs_progress_is_refused(tmp_path, monkeypatch, name):
+    """A layer's or the activations' file copied in from another run's progress (the same architecture, so it
+    would load): refused by name, not mixed into this run."""
+    samples = tiny_tokens(3, 16)
+    for directory, seed in (("mine", 0), ("other", 1)):
+        with monkeypatch.context() as m:
+            _stop_at(m, 2)
+            with pytest.raises(_Stop):
+                sdsengine.prune(_model(seed), WandaConfig(sparsity="2:4"), samples, progress=False,
+                                resume_dir=tmp_path / directory)
+    (tmp_path / "other" / name).replace(tmp_path / "mine" / name)
+    with pytest.raises(ValueError, match=f"{name} was written by another run .* than its progress.json"):
+        sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path / "mine")
+
+
+def test_layer_files_saved_before_they_carried_the_fingerprint_resume(tmp_path, monkeypatch):
+    """Progress written before the files carried the run's fingerprint (a bare state dict per layer, activations
+    without it) still resumes."""
+    samples = tiny_tokens(3, 16)
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
+    for path in tmp_path.glob("*.pt"):
+        saved = torch.load(path)
+        torch.save(saved["state"] if path.name.startswith("layer") else
+                   {k: v for k, v in saved.items() if k != "fingerprint"}, path)
+    unbroken = _model()
+    sdsengine.prune(unbroken, WandaConfig(sparsity="2:4"), samples, progress=False)
+    resumed = _model()
+    result = sdsengine.prune(resumed, WandaConfig(sparsity="2:4"), samples, progress=False, resume_dir=tmp_path)
+    assert result.report["resumed"]["from_layer"] == 2
+    for got, want in zip(_layer_weights(resumed), _layer_weights(unbroken)):
+        for name in want:
+            assert torch.equal(got[name], want[name])

@@ -88,9 +88,9 @@ class ResumeStore:
             return []
         done = manifest["done"]
         for i in range(done):
-            layers[i].load_state_dict(self._load(self._layer_file(i)))
+            layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
         activations = self.dir / manifest.get("activations", LEGACY_ACTIVATIONS)
-        saved = self._load(activations, mmap=True)  # copied in below: no 2nd copy
+        saved = self._ours(activations, mmap=True)  # copied in below: no 2nd copy
         if saved["done"] != done:
             raise ValueError(f"resume directory {self.dir}: activations after layer {saved['done']} do not "
                              f"match the {done} layers recorded as done; delete the directory")
@@ -127,9 +127,11 @@ class ResumeStore:
     def save(self, layers, reports, inps, dense):
         """After layer len(reports)-1: its weights, the next layer's inputs, then the manifest."""
         done = len(reports)
-        self._write(self._layer_file(done - 1), functools.partial(torch.save, layers[done - 1].state_dict()))
+        layer = {"fingerprint": self.fingerprint, "state": layers[done - 1].state_dict()}
+        self._write(self._layer_file(done - 1), functools.partial(torch.save, layer))
         activations = self._activations_file(done)
-        saved = {"done": done, "inps": inps, "dense": dense.inps if dense is not None else None}
+        saved = {"fingerprint": self.fingerprint, "done": done, "inps": inps,
+                 "dense": dense.inps if dense is not None else None}
         self._write(activations, functools.partial(torch.save, saved))
         self._write_manifest({"fingerprint": self.fingerprint, "run": self.run, "done": done,
                               "layers": len(layers), "activations": activations.name,
@@ -202,6 +204,19 @@ class ResumeStore:
         if not self.dir.is_dir():
             return []
         return [p for p in self.dir.iterdir() if OWN_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+
+    def _ours(self, path, mmap=False):
+        """A layer's or the activations' file, refused where another run wrote it (a file copied in from
+        another progress directory would otherwise be loaded as this run's). Files saved before they carried
+        the fingerprint (a layer's bare state dict) are taken on the manifest's word."""
+        saved = self._load(path, mmap)
+        if "fingerprint" not in saved:  # a state dict's keys are parameter names: never "fingerprint"
+            return saved if "done" in saved else {"state": saved}
+        if saved["fingerprint"] != self.fingerprint:
+            raise ValueError(f"resume directory {self.dir}: {path.name} was written by another run (a different "
+                             "recipe, calibration data or model) than its progress.json; delete the directory to "
+                             "start over")
+        return saved
 
     def _load(self, path, mmap=False):
         try:
