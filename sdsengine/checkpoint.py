@@ -40,7 +40,21 @@ def check_output_dir(out, overwrite=False) -> Path:
                                   "to replace it")
     if blocked := unwritable(_staging_parent(out)):
         raise PermissionError(f"cannot write {out}: {blocked} is not writable")
+    _name_stopped_saves(out)
     return out
+
+
+def _name_stopped_saves(out):
+    """Warn of staging folders beside out that no live process holds: a save killed (SIGKILL, the OOM killer)
+    before it put its result in place leaves a whole hidden copy of a model there, which nothing else names.
+    Named, not deleted: a save that has just made its folder holds no lock on it yet for an instant."""
+    if not out.parent.is_dir():
+        return
+    stopped = [e for e in out.parent.iterdir()
+               if e.name.startswith(_staging_prefix(out)) and e.is_dir() and locks.in_use(e) is False]
+    if stopped:
+        warnings.warn(f"{', '.join(str(e) for e in sorted(stopped))}: left beside {out} by a save that was stopped "
+                      "before it finished (no run holds it); delete it to free the space")
 
 
 def _refuse_replacing(out):

@@ -1,5 +1,6 @@
 """Saving never clobbers, and a failed save leaves nothing half-written."""
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,23 @@ def test_a_save_in_progress_inside_an_empty_output_is_not_called_stopped(tmp_pat
             with pytest.raises(FileExistsError, match="being written by another sdsengine run right now"):
                 check_output_dir(out, overwrite)
     assert (out / "config.json").exists()
+
+
+def test_a_stopped_save_beside_the_output_is_named_and_a_live_one_is_not(tmp_path):
+    """A save killed before its result went in place leaves a hidden staging folder beside --out (a whole
+    copy of the model) that nothing else named; the next run to that --out names it. One a live run holds is
+    not named, and neither is deleted."""
+    from sdsengine.checkpoint import staged_directory
+    out, stopped = tmp_path / "out", tmp_path / ".out.tmp-abcd1234"
+    stopped.mkdir()
+    with pytest.warns(UserWarning, match=r"\.out\.tmp-abcd1234: left beside .* by a save that was stopped"):
+        check_output_dir(out)
+    stopped.rename(tmp_path / "kept")
+    with staged_directory(out) as live, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_output_dir(tmp_path / "out")
+        assert live.parent == tmp_path
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_a_save_never_replaces_what_another_run_saved_meanwhile(tmp_path):
