@@ -386,3 +386,18 @@ def test_layer_files_saved_before_they_carried_the_fingerprint_resume(tmp_path, 
     for got, want in zip(_layer_weights(resumed), _layer_weights(unbroken)):
         for name in want:
             assert torch.equal(got[name], want[name])
+
+
+def test_a_cpu_run_resumed_with_another_thread_count_says_it_will_not_match(tmp_path, monkeypatch):
+    """CPU results differ in the last bits between thread counts: resumed with another count, a run matches
+    neither uninterrupted run, so the resume says so (it goes on: a job may land on another machine)."""
+    config, samples, progress = _config("sparsegpt"), tiny_tokens(3, 16), tmp_path / "progress"
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    with pytest.warns(UserWarning, match=f"saved with {threads} threads on {threads + 1}"):
+        result = sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    assert result.report["resumed"]["from_layer"] == 2

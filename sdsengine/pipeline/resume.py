@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,6 +88,7 @@ class ResumeStore:
             self._start(len(layers))
             return []
         done = manifest["done"]
+        _warn_other_threads(manifest.get("run") or {}, self.run)
         for i in range(done):
             layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
         activations = self.dir / manifest.get("activations", LEGACY_ACTIVATIONS)
@@ -258,8 +260,20 @@ def identity(model, config, samples):
             dtypes.add(str(t.dtype).removeprefix("torch."))
     parts = {"recipe": json.loads(recipe),
              "calibration": {"windows": list(samples.shape), "sha256": hashlib.sha256(tokens).hexdigest()},
-             "model": {"dtypes": sorted(dtypes), "sha256": weights.hexdigest()}}
+             "model": {"dtypes": sorted(dtypes), "sha256": weights.hexdigest()},
+             "threads": torch.get_num_threads()}  # not in the fingerprint: a resume may change it (with a warning)
     return h.hexdigest(), parts
+
+
+def _warn_other_threads(saved, current):
+    """CPU results differ in the last bits between thread counts (BLAS splits its sums by them): a CPU run
+    resumed with another count matches neither an uninterrupted run with the first nor one with the second.
+    Allowed (a resumed job may land on another machine), but said."""
+    before, now = saved.get("threads"), current["threads"]
+    if before is not None and before != now and str(current["recipe"].get("device", "cpu")).startswith("cpu"):
+        warnings.warn(f"resuming a CPU run saved with {before} threads on {now}: the layers still to prune will not "
+                      "match bit for bit the run it would have been (set torch's threads, OMP_NUM_THREADS, to "
+                      f"{before} for that)")
 
 
 def differences(saved, current) -> list[str]:
