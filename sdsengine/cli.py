@@ -215,6 +215,7 @@ def cmd_prune(args):
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)
     checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
+    args._saved = out  # a Ctrl-C from here on comes after the result is safe
     if args.resume_dir:
         ResumeStore(args.resume_dir).clear()
     print(report.layer_table(result.layers))
@@ -394,10 +395,19 @@ def main(argv=None):
         print(f"sdsengine: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (an output is written whole or not at all)
-        progress = getattr(args, "resume_dir", None)
-        kept = f"; finished layers are kept in {progress} (--resume-dir)" if progress else ""
-        print(f"sdsengine: interrupted{kept}", file=sys.stderr)
+        print(f"sdsengine: interrupted{_what_interrupted_left(args)}", file=sys.stderr)
         return 130
+
+
+def _what_interrupted_left(args):
+    """What a prune stopped by Ctrl-C leaves: its finished layers in --resume-dir, or, once its checkpoint is
+    saved, that checkpoint and progress no longer needed."""
+    progress, saved = getattr(args, "resume_dir", None), getattr(args, "_saved", None)
+    if saved is not None:
+        left = (f"; {progress} (--resume-dir) is no longer needed: delete it"
+                if progress and Path(progress).expanduser().exists() else "")
+        return f" after the checkpoint was saved to {saved}{left}"
+    return f"; finished layers are kept in {progress} (--resume-dir)" if progress else ""
 
 
 if __name__ == "__main__":

@@ -350,3 +350,24 @@ def test_an_interrupted_prune_says_what_is_kept(tmp_path, capsys, monkeypatch):
     assert f"interrupted; finished layers are kept in {tmp_path / 'progress'}" in capsys.readouterr().err
     assert main(argv) == 130 and capsys.readouterr().err == "sdsengine: interrupted\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prune_interrupted_after_its_save_names_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """Ctrl-C between the checkpoint's save and the progress's removal said only that finished layers were
+    kept in --resume-dir, as if the run had to be resumed: the checkpoint is there, the progress not needed."""
+    import sdsengine.cli as cli
+    from tiny_models import save_tiny_tokenizer, tiny_model
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.ResumeStore, "clear", interrupted)
+    out, progress = tmp_path / "out", tmp_path / "progress"
+    assert main(["prune", "--model", str(tmp_path / "model"), "--method", "wanda", "--sparsity", "2:4", "--calib",
+                 str(tmp_path / "calib.txt"), "--nsamples", "2", "--seqlen", "8", "--out", str(out),
+                 "--resume-dir", str(progress)]) == 130
+    assert (f"interrupted after the checkpoint was saved to {out}; {progress} (--resume-dir) is no longer needed: "
+            "delete it") in capsys.readouterr().err
+    assert (out / "config.json").is_file()

@@ -401,3 +401,26 @@ def test_a_cpu_run_resumed_with_another_thread_count_says_it_will_not_match(tmp_
     with pytest.warns(UserWarning, match=f"saved with {threads} threads on {threads + 1}"):
         result = sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
     assert result.report["resumed"]["from_layer"] == 2
+
+
+def test_finished_layers_whose_manifest_is_gone_are_not_called_worthless(tmp_path):
+    """A directory of several finished layers' files without progress.json is refused (nothing to resume
+    from), but not with 'deleting it loses nothing', which holds only for a first layer's leftovers."""
+    for name in ("layer-0000.pt", "layer-0001.pt", "activations-0002.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="named as 2 finished layers of a run whose progress.json is gone"):
+        ResumeStore(tmp_path).check()
+    (tmp_path / "layer-0001.pt").unlink()
+    with pytest.raises(FileExistsError, match="deleting it loses nothing"):
+        ResumeStore(tmp_path).check()
+
+
+def test_an_empty_layer_file_is_named_as_empty(tmp_path, monkeypatch):
+    config, samples, progress = _config("sparsegpt"), tiny_tokens(3, 16), tmp_path / "progress"
+    with monkeypatch.context() as m:
+        _stop_at(m, 2)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    (progress / "layer-0001.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"layer-0001.pt does not load \(it is empty\)"):
+        sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)

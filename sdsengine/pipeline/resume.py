@@ -177,13 +177,23 @@ class ResumeStore:
                 raise ValueError(f"{path} is damaged (not sdsengine progress); delete {self.dir} to start over")
             return manifest
         if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
-            own = self._own_files()
-            earlier = (" (its files are named as those of a save stopped in its first layer by sdsengine before "
-                       "2026-12-02, which wrote progress.json last: if so, deleting it loses nothing)"
-                       if own and len(own) == len(list(self.dir.iterdir())) else "")
             raise FileExistsError(f"resume directory {self.dir} exists and holds no sdsengine progress (no "
-                                  f"{MANIFEST}); pass an empty or new directory{earlier}")
+                                  f"{MANIFEST}); pass an empty or new directory{self._what_is_here()}")
         return None
+
+    def _what_is_here(self):
+        """For the refusal of a directory without a manifest: what its files look like, where they are all named
+        as ours. One layer at most is what a save stopped in its first layer by sdsengine before 2026-12-02
+        (which wrote progress.json last) left; more are finished layers whose manifest is gone."""
+        own = self._own_files()
+        if not own or len(own) != len(list(self.dir.iterdir())):
+            return ""
+        layers = sum(p.name.startswith("layer-") for p in own)
+        if layers > 1:
+            return (f" (its files are named as {layers} finished layers of a run whose {MANIFEST} is gone: without "
+                    "it they cannot be resumed)")
+        return (" (its files are named as those of a save stopped in its first layer by sdsengine before "
+                "2026-12-02, which wrote progress.json last: if so, deleting it loses nothing)")
 
     def _write_manifest(self, manifest):
         self._write(self.dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest)))
@@ -224,7 +234,8 @@ class ResumeStore:
         try:
             return torch.load(path, map_location="cpu", mmap=mmap)
         except Exception as exc:  # a truncated or missing file: torch names neither the file nor the remedy
-            raise ValueError(f"resume directory {self.dir}: {path.name} does not load ({exc}); delete the "
+            why = "it is empty" if path.is_file() and path.stat().st_size == 0 else exc  # torch's text is ''
+            raise ValueError(f"resume directory {self.dir}: {path.name} does not load ({why}); delete the "
                              "directory to start over") from exc
 
     def _layer_file(self, index):
