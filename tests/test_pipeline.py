@@ -144,6 +144,24 @@ def test_unsupported_layout_named():
         sdsengine.prune(model, WandaConfig(), tiny_tokens())
 
 
+def test_a_mixture_of_experts_model_is_refused_naming_its_fused_experts():
+    with pytest.raises(ValueError, match=r"unsupported model layout 'mixtral' \(a mixture-of-experts model: .* "
+                                         r"model\.layers\.0\.mlp\.experts\.gate_up_proj of shape \(4, 256, 64\)"):
+        sdsengine.prune(tiny_model("mixtral"), MagnitudeConfig(sparsity="2:4"), progress=False)
+
+
+def test_weights_outside_linears_are_refused_not_left_dense(monkeypatch):
+    """A layout whose layers hold fused expert banks (3-D parameters, no nn.Linear): pruning only the attention
+    left the experts, most of the weights, dense while the report said 0.5 overall and over the decoder."""
+    monkeypatch.setitem(adapters.LAYOUTS, "mixtral", adapters.LAYOUTS["llama"])
+    model = tiny_model("mixtral")
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(ValueError, match=r"6 weight\(s\) of the decoder layers sit outside nn.Linear, such as "
+                                         r"model\.layers\.0\.mlp\.gate\.weight of shape \(4, 64\)"):
+        sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # refused before any work
+
+
 def test_columns_not_divisible_by_m():
     with pytest.raises(ValueError, match="not divisible by M=8"):
         sdsengine.prune(_odd_model(), WandaConfig(sparsity="4:8"), tiny_tokens(), progress=False)

@@ -34,6 +34,8 @@ def tiny_config(family):
                         sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family == "phi3":  # fused qkv_proj and gate_up_proj
         return _by_type("phi3", **llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "mixtral":  # mixture of experts: 4 experts, 2 per token, their weights fused in 3-D parameters
+        return _by_type("mixtral", **llama_like, num_local_experts=4, num_experts_per_tok=2)
     if family == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=128, word_embed_proj_dim=64)

@@ -42,8 +42,19 @@ def layout_for(model) -> Layout:
                          f"{type(model).__name__}")
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in LAYOUTS:
-        raise ValueError(f"unsupported model layout {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}")
+        raise ValueError(f"unsupported model layout {model_type!r}{_fused_experts_note(model)}; supported: "
+                         f"{', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[model_type]
+
+
+def _fused_experts_note(model) -> str:
+    """Why a mixture-of-experts model is refused: transformers 5 keeps its experts' weights as 3-D parameters
+    (experts, out, in), which no nn.Linear holds, so no method here could see them."""
+    fused = next(((name, p) for name, p in model.named_parameters() if p.dim() >= 3), None)
+    if fused is None:
+        return ""
+    return (f" (a mixture-of-experts model: its experts' weights are fused 3-D parameters, such as {fused[0]} of "
+            f"shape {tuple(fused[1].shape)}, which sdsengine cannot prune)")
 
 
 def _get(module, path):
@@ -64,6 +75,13 @@ def pre_layer_modules(model):
 
 def is_prunable(module) -> bool:
     return isinstance(module, nn.Linear) or isinstance(module, Conv1D)
+
+
+def unprunable_weights(layer) -> dict[str, tuple]:
+    """Matrix (or larger) parameters of a decoder layer that no prunable linear holds, name -> shape: fused expert
+    banks, routers. Each would stay dense while the report, which counts linears, says the layer is pruned."""
+    owned = {id(m.weight) for m in layer.modules() if is_prunable(m)}
+    return {name: tuple(p.shape) for name, p in layer.named_parameters() if p.dim() >= 2 and id(p) not in owned}
 
 
 def linear_modules(layer) -> dict[str, nn.Module]:

@@ -342,6 +342,7 @@ def plan_targets(model, config):
     """(decoder layers, each one's linears to prune), checked before any work: an --ignore pattern that
     names no module, or a weight that cannot hold the pattern, is refused by name."""
     layers = adapters.decoder_layers(model)
+    _check_only_linears(model, layers)
     targets = [_targets(model, layer, i, config.ignore) for i, layer in enumerate(layers)]
     _check_ignore_matches(model, layers, config.ignore)
     if not any(targets):  # a run that would save the model unchanged as a "pruned" checkpoint
@@ -351,6 +352,20 @@ def plan_targets(model, config):
                          "is left to prune")
     check_prunable(targets, config.sparsity)
     return layers, targets
+
+
+def _check_only_linears(model, layers):
+    """Every weight matrix of a decoder layer must sit in a linear the methods prune (or --ignore keeps dense, and
+    decoder_sparsity counts): one outside them (a mixture-of-experts layer's fused expert bank) would be left dense
+    while the report gave the layer the target sparsity."""
+    prefix = adapters.layout_for(model).layers
+    stray = {f"{prefix}.{i}.{name}": shape for i, layer in enumerate(layers)
+             for name, shape in adapters.unprunable_weights(layer).items()}
+    if stray:
+        name, shape = next(iter(stray.items()))
+        raise ValueError(f"{len(stray)} weight(s) of the decoder layers sit outside nn.Linear, such as {name} of shape "
+                         f"{shape}: sdsengine cannot prune them (a mixture-of-experts layer's fused experts), and "
+                         "would leave them dense while reporting the layers pruned; this layout is not supported")
 
 
 def _targets(model, layer, index, ignore):
