@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sdsengine
+from sdsengine.checkpoint import save_checkpoint
 from sdsengine.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters
@@ -12,6 +13,10 @@ from sdsengine.pipeline.sequential import run_layer
 from tiny_models import layer_outputs, tiny_config, tiny_model, tiny_tokens
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
+# the rarer families: their layers' replay, and one prune each through save, reload and convert (the methods are
+# the same code on every family; what differs is where the layers and linears are and how a layer runs)
+MORE_FAMILIES = ["olmo2", "granite", "cohere", "starcoder2", "stablelm", "phi", "persimmon", "gpt_neox", "falcon",
+                 "bloom", "gptj"]
 CONFIGS = [MagnitudeConfig, WandaConfig, SparseGPTConfig]
 
 
@@ -20,7 +25,7 @@ def _weights(model):
             for n, m in adapters.linear_modules(layer).items()}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_replayed_layers_match_plain_forward(family):
     """Capture + layer-by-layer replay reproduces the last layer's output of a plain forward pass
     (catches a KV cache leaking across calibration samples)."""
@@ -54,6 +59,28 @@ def test_end_to_end_counted(family, config_class, pattern):
     assert all(r.error is not None and r.error > 0 for r in result.layers) or config_class is MagnitudeConfig
     logits = model(tiny_tokens(1, 8)).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_prune_save_reload_and_convert(family, tmp_path):
+    """SparseGPT 2:4 on every linear; the checkpoint reloads with transformers and computes what the pruned model
+    did, and so does the model converted to SparseLinear (in bf16, a dtype the sparse kernels take)."""
+    model = tiny_model(family)
+    result = sdsengine.prune(model, SparseGPTConfig(sparsity="2:4", blocksize=16), tiny_tokens(), progress=False)
+    weights = _weights(model)
+    assert all(nm_violations(w, 2, 4) == 0 and (w == 0).float().mean() == 0.5 for w in weights.values())
+    assert result.report["decoder_sparsity"] == 0.5 and all(r.error > 0 for r in result.layers)
+    ids = tiny_tokens(2, 8, seed=1)
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = save_checkpoint(model, None, tmp_path / "pruned", result.report)  # what prune --out writes
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected, rtol=0, atol=0)
+        model = model.to(torch.bfloat16)
+        expected = model(ids).logits
+        converted = sdsengine.convert(model)
+        assert sum(isinstance(m, sdsengine.SparseLinear) for m in converted.modules()) == len(weights)
+        torch.testing.assert_close(converted(ids).logits, expected, rtol=0, atol=0)
 
 
 def test_a_model_in_training_mode_is_pruned_without_dropout_and_left_as_it_came():

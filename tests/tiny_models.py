@@ -34,6 +34,21 @@ def tiny_config(family):
                         sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family == "phi3":  # fused qkv_proj and gate_up_proj
         return _by_type("phi3", **llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in ("olmo2", "granite", "stablelm", "persimmon"):  # LLaMA-like; olmo2 norms after the attention and
+        # MLP, granite scales embeddings, residuals and logits, stablelm and persimmon rotate part of each head
+        return _by_type(family, **llama_like)
+    if family in ("cohere", "phi"):  # attention and MLP read the same normed input (a parallel block)
+        return _by_type(family, **llama_like)
+    if family == "starcoder2":  # a plain MLP, c_fc and c_proj, with biases
+        return _by_type(family, **llama_like)
+    if family == "gpt_neox":  # fused query_key_value, parallel residual, under gpt_neox.layers
+        return _by_type(family, **llama_like)
+    if family == "falcon":  # fused query_key_value with grouped kv heads, parallel attention, under transformer.h
+        return _by_type(family, **llama_like, num_kv_heads=2, new_decoder_architecture=True)
+    if family == "bloom":  # ALiBi instead of positions, a norm after the embeddings
+        return _by_type(family, vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
+    if family == "gptj":  # rotary on the first rotary_dim channels of each head, parallel attention and MLP
+        return _by_type(family, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128)
     if family == "mixtral":  # mixture of experts: 4 experts, 2 per token, their weights fused in 3-D parameters
         return _by_type("mixtral", **llama_like, num_local_experts=4, num_experts_per_tok=2)
     if family == "opt":

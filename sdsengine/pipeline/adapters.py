@@ -2,7 +2,10 @@
 
 Supported families: LLaMA-like (llama, which SmolLM2 and Llama 3 are; mistral, qwen2, qwen3, gemma; gemma2 and
 gemma3_text, whose layers alternate sliding-window and full attention; phi3 with its fused qkv_proj and
-gate_up_proj), OPT, GPT-2.
+gate_up_proj; olmo2, granite, cohere, starcoder2, stablelm, phi, persimmon), OPT, GPT-2, and GPT-NeoX, Falcon,
+BLOOM and GPT-J with their own paths. Each is tested end to end on a tiny model of its transformers config; a
+family is added here only with such a test (a layer that runs differently, such as a mixture of experts, would
+otherwise be pruned wrongly in silence).
 GPT-2 stores its projections as transformers' Conv1D with weight (in, out); everything else here sees
 weights as (out, in), so the transpose happens in get_weight/set_weight only.
 """
@@ -29,7 +32,12 @@ _LLAMA_LIKE = Layout("model.layers", ("model.embed_tokens", "model.rotary_emb"))
 
 LAYOUTS = {
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                                      "phi3")},
+                                      "phi3", "olmo2", "granite", "cohere", "starcoder2", "stablelm", "phi",
+                                      "persimmon")},
+    "gpt_neox": Layout("gpt_neox.layers", ("gpt_neox.embed_in", "gpt_neox.rotary_emb")),
+    "falcon": Layout("transformer.h", ("transformer.word_embeddings", "transformer.rotary_emb")),
+    "bloom": Layout("transformer.h", ("transformer.word_embeddings", "transformer.word_embeddings_layernorm")),
+    "gptj": Layout("transformer.h", ("transformer.wte", "transformer.rotary_emb")),
     "opt": Layout("model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions",
                                             "model.decoder.project_in")),
     "gpt2": Layout("transformer.h", ("transformer.wte", "transformer.wpe")),
