@@ -50,6 +50,8 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"))
+    if not kwargs.get("gguf_file"):
+        _refuse_layout_before_loading(location)
     try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except Exception as exc:
@@ -59,6 +61,28 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
         _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
+
+
+def _refuse_layout_before_loading(location):
+    """An unsupported layout is named from the config, before the weights load: a Mixtral-8x7B's (93 GB in fp32)
+    took minutes, or the host's memory, to be refused. The model is built on the meta device (no memory) so the
+    error says what layout_for says of the loaded model. A config that cannot be read is left to from_pretrained,
+    whose error names the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sdsengine.pipeline.adapters import LAYOUTS, unsupported_layout
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception:
+        return
+    if getattr(config, "model_type", None) in LAYOUTS:
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # not a causal LM at all: its model type is the whole story
+        raise unsupported_layout(config.model_type) from None
+    layout_for(skeleton)
 
 
 def _location(source, path, kwargs):

@@ -48,3 +48,24 @@ def test_the_host_load_stays_as_it_was_on_cpu_and_without_accelerate(saved, load
     with pytest.warns(UserWarning, match="accelerate is not installed, so the model loads in host memory"):
         load_model(saved, device="cuda")
     assert "device_map" not in loads[-1]
+
+
+@pytest.mark.parametrize("family, names", [("mixtral", r"'mixtral' \(a mixture-of-experts model: .*experts\.gate_up_proj"),
+                                           ("bert", r"'bert'; supported: ")])
+def test_an_unsupported_layout_is_refused_before_its_weights_load(tmp_path, monkeypatch, family, names):
+    """A Mixtral-8x7B's weights (93 GB in fp32) loaded, for minutes or until the host ran out of memory, before
+    its layout was refused; now the config says it, with the same message the loaded model would give."""
+    if family == "bert":
+        from transformers import BertConfig, BertForMaskedLM
+        model = BertForMaskedLM(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32))
+    else:
+        model = tiny_model(family)
+    path = save_checkpoint(model, None, tmp_path / "model", {})
+    save_tiny_tokenizer(path)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=f"unsupported model layout {names}"):
+        load_model(path)

@@ -50,9 +50,14 @@ def layout_for(model) -> Layout:
                          f"{type(model).__name__}")
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in LAYOUTS:
-        raise ValueError(f"unsupported model layout {model_type!r}{_fused_experts_note(model)}; supported: "
-                         f"{', '.join(sorted(LAYOUTS))}")
+        raise unsupported_layout(model_type, model)
     return LAYOUTS[model_type]
+
+
+def unsupported_layout(model_type, model=None) -> ValueError:
+    """The error for a model type without a layout here; with the model, what in it is the obstacle."""
+    note = "" if model is None else _fused_experts_note(model)
+    return ValueError(f"unsupported model layout {model_type!r}{note}; supported: {', '.join(sorted(LAYOUTS))}")
 
 
 def _fused_experts_note(model) -> str:
