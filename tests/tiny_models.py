@@ -37,7 +37,10 @@ def tiny_config(family):
     if family in ("olmo2", "granite", "stablelm", "persimmon"):  # LLaMA-like; olmo2 norms after the attention and
         # MLP, granite scales embeddings, residuals and logits, stablelm and persimmon rotate part of each head
         return _by_type(family, **llama_like)
-    if family in ("cohere", "phi"):  # attention and MLP read the same normed input (a parallel block)
+    if family == "cohere":  # a parallel block (attention and MLP read the same normed input); Command R+'s q and k
+        # norms, per head, with 2-D weights (heads, head_dim)
+        return _by_type(family, **llama_like, use_qk_norm=True)
+    if family == "phi":  # a parallel block
         return _by_type(family, **llama_like)
     if family == "starcoder2":  # a plain MLP, c_fc and c_proj, with biases
         return _by_type(family, **llama_like)

@@ -92,8 +92,10 @@ def is_prunable(module) -> bool:
 
 def unprunable_weights(layer) -> dict[str, tuple]:
     """Matrix (or larger) parameters of a decoder layer that no prunable linear holds, name -> shape: fused expert
-    banks, routers. Each would stay dense while the report, which counts linears, says the layer is pruned."""
+    banks, routers. Each would stay dense while the report, which counts linears, says the layer is pruned. A
+    norm's scale is no matrix even where it is 2-D (Command R+ normalizes q and k per head: (heads, head_dim))."""
     owned = {id(m.weight) for m in layer.modules() if is_prunable(m)}
+    owned |= {id(p) for m in layer.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
     return {name: tuple(p.shape) for name, p in layer.named_parameters() if p.dim() >= 2 and id(p) not in owned}
 
 
