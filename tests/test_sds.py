@@ -61,6 +61,16 @@ def test_anchor_in_closed_form_and_iterations_alike():
     torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
 
 
+def test_step_size_counts_the_l2_term():
+    """The step is lr / (L + 2 l2'): an L2 weight well above H's curvature must not make the proximal steps
+    diverge (a step of 1 / L alone overshoots by (L + 2 l2') / L)."""
+    w, stats = _layer()
+    l2 = 10 * least_squares.top_eigenvalue(stats.H)  # reduction "token": l2' = l2
+    closed = sds.redense(w, least_squares.Objective(w, stats), _config(solver="closed", l1=0.0, l2=l2, reduction="token"))
+    fista = sds.redense(w, least_squares.Objective(w, stats), _config(l1=0.0, l2=l2, reduction="token", lr=1.0, iters=200))
+    torch.testing.assert_close(fista, closed, atol=1e-4, rtol=1e-4)
+
+
 def test_step_size_holds_where_every_tokens_inputs_sum_to_zero():
     """H·1 = 0 with H ≠ 0 (mean-centred inputs): the power iteration's ones start collapses; the estimate must
     still bound the top eigenvalue, or the proximal steps diverge."""
