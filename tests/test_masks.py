@@ -31,6 +31,13 @@ def test_counting():
     assert counted_sparsity(w) == 0.25
 
 
+def test_negative_weights_count_as_nonzeros():
+    """A group of negative weights breaks 2:4 as much as a positive one (SparseLinear.from_dense relies on it)."""
+    w = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, 0.0, 2.0, 0.0]])
+    assert nm_violations(w, 2, 4) == 1
+    assert counted_sparsity(w) == 0.375
+
+
 def _top_k_by_sort(scores, k):
     """The definition: a stable descending sort, the first k[r] positions of row r kept."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices

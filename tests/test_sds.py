@@ -100,6 +100,20 @@ def test_l1_shrinks_the_redense_weights():
     assert (shrunk == 0).sum() > (free == 0).sum()
 
 
+def test_anchor_holds_the_adjustment_near_w2():
+    """With the anchor a, the adjustment's steps descend the error + a ||V - W2||^2 at a stable step: on W2's
+    mask every iterate lies between W2 and that minimiser, within |g| / (2a) of W2 (g: the error's gradient
+    at W2 on the mask). Dropping the anchor from the steps, or from the step size, moves it further."""
+    w, stats = _layer()
+    config = _config(sparsity="2:4", anchor=100.0)
+    objective = least_squares.Objective(w, stats)
+    w2 = sds.BASES["sparsegpt"](w, stats, config)
+    w3 = sds.adjust(w2, objective, config, w2 != 0)
+    a = sds.anchor_weight(objective, config)
+    reach = float((objective.grad(w2) * (w2 != 0)).norm()) / (2 * a)
+    assert 0 < float((w3 - w2).norm()) <= 1.01 * reach
+
+
 @pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_adjust_keeps_nm_pattern(base, pattern):
