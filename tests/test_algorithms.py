@@ -35,6 +35,33 @@ def test_wanda_unstructured_rows_by_hand():
     assert kept.tolist() == [[False, False, True, True], [True, True, False, False]]
 
 
+def test_statistics_hold_the_input_norms_over_batches():
+    """InputNorms: ||X_j||_2 over every token; Hessian: 2/N X^T X, whose norms() are the same up to sqrt(2/N)
+    (SDS's Wanda base reads them). Two batches of different sizes: the running sums must hold."""
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 9.0)
+    norms, hessian = InputNorms(8, "cpu"), Hessian(8, "cpu")
+    for rows in (slice(0, 10), slice(10, 30)):
+        norms.add_batch(x[rows])
+        hessian.add_batch(x[rows])
+    torch.testing.assert_close(norms.norms(), x.norm(dim=0))
+    torch.testing.assert_close(hessian.H, 2 / 30 * x.T @ x)
+    torch.testing.assert_close(hessian.norms(), (2 / 30) ** 0.5 * x.norm(dim=0))
+
+
+def test_sparsegpt_zeroes_inputs_never_seen():
+    """A dead input (zero row and column of H) gets no weight: SparseGPT's W[:, dead] = 0, which frees the
+    block's other weights from competing with it. Small live inputs: the dead one's unit diagonal (set for
+    the inverse) would otherwise rank its weights above theirs."""
+    x = 0.1 * torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 3] = 0
+    stats = Hessian(8, "cpu")
+    stats.add_batch(x)
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    for sparsity in ("0.25", "2:4"):
+        pruned = sparsegpt.prune(w, stats, SparseGPTConfig(sparsity=sparsity, blocksize=8))
+        assert torch.equal(pruned[:, 3], torch.zeros(4)), sparsity
+
+
 def test_sparsegpt_identity_hessian_is_magnitude():
     """With H = I the OBS update is zero and the score is w^2: SparseGPT reduces to magnitude."""
     torch.manual_seed(0)

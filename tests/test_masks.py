@@ -36,6 +36,7 @@ def test_negative_weights_count_as_nonzeros():
     w = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, 0.0, 2.0, 0.0]])
     assert nm_violations(w, 2, 4) == 1
     assert counted_sparsity(w) == 0.375
+    assert nm_violations(torch.ones(2, 6), 2, 4) == 2  # columns not divisible by M: every row breaks it
 
 
 def _top_k_by_sort(scores, k):

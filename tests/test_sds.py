@@ -449,6 +449,32 @@ def test_dense_teacher_objective_matches_tokens():
     assert abs(objective.error(v.detach()) - reference) < 1e-4 * reference
 
 
+def test_sd_teacher_error_is_relative_to_the_teachers_output():
+    """error() is ||W x - V x||^2 over ||W x||^2 on the calibration tokens: 1 for V = 0, 0 for V = W."""
+    w, _ = _layer()
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    stats = Hessian(32, "cpu")
+    stats.add_batch(x)
+    objective = least_squares.Objective(w, stats)
+    v = w * (torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5)
+    reference = float(((x @ (w - v).T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+    assert abs(objective.error(v) - reference) < 1e-4 * reference
+    assert abs(objective.error(torch.zeros_like(w)) - 1.0) < 1e-5 and objective.error(w) == 0.0
+
+
+def test_anchor_is_in_units_of_the_hessians_scale():
+    """Inputs 10x larger scale H by 100; the anchor, relative to H's mean diagonal, scales with it, so the
+    re-dense lands where it did."""
+    w, stats = _layer()
+    config = _config(solver="closed", l1=0.0, l2=0.0, anchor=0.5)
+    w1 = sds.BASES["sparsegpt"](w, stats, config)
+    scaled = Hessian(32, "cpu")
+    scaled.H, scaled.tokens = stats.H * 100, stats.tokens
+    ours, theirs = (sds.redense(w1, least_squares.Objective(w, s), config) for s in (stats, scaled))
+    assert float((ours - w1).norm()) > 1e-2 * float(w1.norm())  # the anchor does not pin it to W1
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_dense_teacher_needs_dense_stream():
     w, stats = _layer()
     with pytest.raises(ValueError, match="dense stream"):
