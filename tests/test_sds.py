@@ -147,6 +147,21 @@ def test_refit_solves_least_squares_on_the_mask(teacher):
     assert objective.error(fitted) < objective.error(w2)
 
 
+def test_refit_converges_in_about_as_many_steps_as_kept_weights():
+    """Conjugate gradient: on strongly mixed inputs, a few more steps than a row's kept weights reach the
+    exact fit (steepest descent, even preconditioned, is far from it there)."""
+    w, stats = correlated_layer(6, 32, 512, seed=0, mixing=0.6)
+    objective = least_squares.Objective(w, stats)
+    w2 = sds.BASES["wanda"](w, stats, _config(base="wanda", sparsity="0.5"))  # 16 kept per row
+    fitted = least_squares.refit(w2, objective, iters=24)
+    H, B = stats.H.double(), objective.B.double()
+    exact = torch.zeros_like(B)
+    for r in range(w.shape[0]):
+        kept = (w2[r] != 0).nonzero().squeeze(1)
+        exact[r, kept] = torch.linalg.solve(H[kept][:, kept], B[r, kept])
+    torch.testing.assert_close(fitted.double(), exact, atol=1e-3, rtol=1e-3)
+
+
 def _dense_stream_stats(inp=48, tokens=512, seed=1):
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g))
