@@ -7,6 +7,7 @@ import torch
 
 import sdsengine
 from sdsengine.algorithms import least_squares, sds, sparsegpt
+from sdsengine.algorithms.stats import Hessian
 from sdsengine.cli import build_parser
 from sdsengine.config import SDSConfig, SparseGPTConfig
 from sdsengine.masks import nm_mask, nm_violations
@@ -59,6 +60,25 @@ def test_swaps_keep_the_pattern_and_lower_the_error(nm):
     assert objective.error(swapped) < 0.98 * objective.error(start)
     again = least_squares.group_swaps(swapped, objective, nm, sweeps=1)
     assert objective.error(again) <= objective.error(swapped)
+
+
+def test_a_group_with_an_input_never_seen_is_still_refined():
+    """An input never seen makes every subset holding it singular; the ridge (damp) keeps their solves
+    finite, so the group still gets its best subset (the others' least squares) instead of being skipped."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g) @ (torch.eye(4) + 0.5 * torch.randn(4, 4, generator=g))
+    x[:, 0] = 0
+    stats = Hessian(4, "cpu")
+    stats.add_batch(x)
+    w = torch.randn(10, 4, generator=g)
+    objective = least_squares.Objective(w, stats)
+    start = w * torch.tensor([True, True, False, False])  # keeps the dead input
+    swapped = least_squares.group_swaps(start, objective, (2, 4), sweeps=1)
+    live = torch.tensor([1, 2, 3])
+    best = min(objective.error(least_squares.refit(w * torch.isin(torch.arange(4), torch.tensor(s)), objective, 50))
+               for s in itertools.combinations(live.tolist(), 2))
+    assert torch.isfinite(swapped).all()
+    assert objective.error(swapped) <= best * (1 + 1e-3) < objective.error(start)
 
 
 def test_swaps_refuse_a_weight_outside_the_pattern():
