@@ -3,6 +3,7 @@
 Offline files (see ../shared/data/SOURCES.md) are used whenever a data directory is given, by argument or
 by the SDSENGINE_DATA_DIR environment variable; otherwise the hub is used through `datasets`.
 """
+import importlib.util
 import json
 import os
 import random
@@ -126,12 +127,17 @@ def file_text(path) -> str:
 
 def hub_dataset(*args, **kwargs):
     """datasets.load_dataset(*args, **kwargs), or an error naming the offline alternative."""
-    try:
-        import datasets
-    except ImportError:
-        raise RuntimeError("no data directory given and `datasets` is not installed: pass --data-dir (data_dir= "
-                           "in Python), set SDSENGINE_DATA_DIR, or pip install datasets") from None
+    check_hub_reader()
+    import datasets
     return datasets.load_dataset(*args, **kwargs)
+
+
+def check_hub_reader():
+    """Raise unless `datasets` (what reads the hub's data) is installed: asked before loading a model too,
+    where no data directory is given, so that its absence is not found minutes later."""
+    if importlib.util.find_spec("datasets") is None:
+        raise RuntimeError("no data directory given and `datasets` is not installed: pass --data-dir (data_dir= "
+                           f"in Python), set {DATA_ENV}, or pip install datasets")
 
 
 # ---- calibration -------------------------------------------------------------------------------------
@@ -146,6 +152,8 @@ def check_calibration_source(config):
         data_dir = resolve_data_dir(config.data_dir)
         if data_dir:
             data_file(data_dir, CALIBRATION_FILES[config.dataset])
+        else:
+            check_hub_reader()
         return
     if not config.dataset.endswith((".txt", ".jsonl")):
         raise ValueError(f"unknown calibration dataset {config.dataset!r}: use c4, wikitext2 or a .txt/.jsonl path")
@@ -243,6 +251,8 @@ def check_eval_source(task, data_dir=None):
     data_dir = resolve_data_dir(data_dir)
     if data_dir:
         data_file(data_dir, EVAL_FILES[task])
+    else:
+        check_hub_reader()
 
 
 def eval_tokens(tokenizer, task, data_dir=None, seqlen=2048) -> tuple[torch.Tensor, str]:

@@ -1,6 +1,7 @@
 """Calibration and evaluation data from the offline data directory (skips without ../shared/data)."""
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,31 @@ def test_a_long_calibration_text_is_tokenized_in_pieces_to_the_same_ids(tmp_path
     assert torch.equal(data.token_stream(tokenizer, text), whole)
     assert len(calls) > 3 and all(len(t) <= 8 for t, _ in calls)
     assert [k.get("add_special_tokens", True) for _, k in calls] == [True] + [False] * (len(calls) - 1)
+
+
+def test_no_data_directory_and_no_datasets_is_named_before_the_model_loads(monkeypatch):
+    """The CLI checks its data sources before loading the model (minutes for a large one): without a data
+    directory the hub's reader, `datasets`, was only found missing once the windows were drawn."""
+    from sdsengine.data import check_calibration_source, check_eval_source
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    monkeypatch.delenv("SDSENGINE_DATA_DIR", raising=False)
+    for check in (lambda: check_calibration_source(CalibrationConfig(dataset="c4")),
+                  lambda: check_eval_source("wikitext2")):
+        with pytest.raises(RuntimeError, match=r"`datasets` is not installed: pass --data-dir"):
+            check()
+
+
+@needs_data
+def test_the_run_report_names_the_data_directory_read_from_the_environment(monkeypatch):
+    """A run reading the offline files through SDSENGINE_DATA_DIR recorded data_dir null, as if from the hub."""
+    from transformers import AutoModelForCausalLM
+
+    import sdsengine
+    from sdsengine.config import WandaConfig
+    from tiny_models import tiny_config
+    config = tiny_config("llama")
+    config.vocab_size = 256  # CharTokenizer's ids are bytes
+    monkeypatch.setenv("SDSENGINE_DATA_DIR", str(DATA))
+    result = sdsengine.prune(AutoModelForCausalLM.from_config(config), WandaConfig(sparsity="2:4"),
+                             CalibrationConfig(nsamples=2, seqlen=16), tokenizer=CharTokenizer(), progress=False)
+    assert result.report["calibration"]["data_dir"] == str(DATA.resolve())
