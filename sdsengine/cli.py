@@ -361,12 +361,13 @@ def cmd_demo(args):
     check_device(args.device)
     config = lookup(args.method)[0](sparsity="2:4", device=args.device)  # bad flags named before any work
     calib = CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen, data_dir=args.data_dir)
-    check_calibration_source(calib)
     if args.limit < 0:
         raise ValueError(f"--limit must be 0 (the whole test set) or positive, got {args.limit}")
+    limit = args.limit or None
+    check_calibration_source(calib)
+    check_perplexity(["wikitext2"], args.seqlen, limit, args.data_dir)
     model, tokenizer, source = load_model(None)
     model.to(args.device)  # evaluated and pruned there (a pruned layer goes back where it was)
-    limit = args.limit or None
     print(f"sdsengine demo: {source}\nREDUCED PROTOCOL: calibration {args.nsamples} x {args.seqlen} C4 tokens, "
           f"WikiText-2 test at seqlen {args.seqlen}, {'all' if limit is None else f'first {limit}'} windows "
           "(the README's table uses 128 x 2048 and the whole test set)")

@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+# the offline data beside the checkout, as `make test` sets it (Makefile): a bare `pytest` then runs alike, and
+# the CLI's checks before a model load (without a data directory: is `datasets` there to read the hub?) pass
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    os.environ.setdefault("SDSENGINE_DATA_DIR", str(_SHARED_DATA))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by the GPU suite)")

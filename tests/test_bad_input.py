@@ -3,6 +3,7 @@ model time where it can be, and nothing the user had is replaced (from an audit 
 import importlib
 import json
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -66,6 +67,18 @@ def test_eval_task_names_and_files_are_checked_before_the_model_load(tmp_path, c
              "task file .*absent.jsonl not found")
     _refused(["eval", "--model", NO_MODEL, "--tasks", "hellaswag", "--data-dir", str(tmp_path)], capsys,
              "hellaswag/validation.jsonl not found")
+
+
+def test_without_data_or_datasets_a_mistyped_task_or_limit_is_named_first(monkeypatch, capsys):
+    """Without a data directory and without `datasets`, the hub cannot be read: said before the model load, but
+    after what the command line itself gets wrong (a task name, --limit), which the user fixes either way."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    monkeypatch.delenv("SDSENGINE_DATA_DIR", raising=False)
+    monkeypatch.setattr("sdsengine.cli.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    _refused(["eval", "--tasks", "wikitext2,lambada"], capsys, "unknown task 'lambada'")
+    _refused(["demo", "--limit", "-1"], capsys, "--limit must be 0")
+    _refused(["eval", "--tasks", "wikitext2"], capsys, "`datasets` is not installed")
+    _refused(["demo"], capsys, "`datasets` is not installed")
 
 
 def test_progress_inside_the_output_is_refused_before_work(tmp_path, capsys):
@@ -212,12 +225,14 @@ def test_bench_result_file_is_checked_before_measuring(tmp_path, capsys, make, m
 
 # ---- evaluation arguments ----------------------------------------------------------------------------------
 
-def test_evaluate_refuses_a_limit_below_one_and_windows_past_the_model():
+def test_evaluate_refuses_a_limit_below_one_and_windows_past_the_model(tmp_path):
     model = tiny_model("llama")  # 128 positions
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.test.orig.raw").write_text("a b c\n")  # found: the hub is not looked for
     with pytest.raises(ValueError, match="limit must be a positive number"):
-        evaluate(model, None, ["wikitext2"], seqlen=64, limit=0)
+        evaluate(model, None, ["wikitext2"], seqlen=64, limit=0, data_dir=tmp_path)
     with pytest.raises(ValueError, match="seqlen 4096 exceeds the model's maximum of 128 positions"):
-        evaluate(model, None, ["wikitext2"], seqlen=4096)
+        evaluate(model, None, ["wikitext2"], seqlen=4096, data_dir=tmp_path)
 
 
 def test_evaluate_finds_a_missing_perplexity_file_before_any_task_runs(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from sdsengine.pipeline.adapters import check_ids, check_seqlen, eval_mode
 
 from .checks import model_device
 from .perplexity import check_windows, perplexity
-from .tasks import TASKS, load_task
+from .tasks import TASKS, check_task_name, load_task
 from .zeroshot import evaluate_zeroshot
 
 TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-shot tasks {', '.join(TASKS)}, "
@@ -57,6 +57,9 @@ def task_list(tasks) -> list:
         raise TypeError(f"tasks must be a list of task names or a comma-separated string, got {type(tasks).__name__}")
     if not names:
         raise ValueError(f"--tasks (tasks= in Python) names no task: {tasks!r}")
+    for name in names:  # every name before any task's data is looked for (the hub's, say)
+        if name not in EVAL_TASKS:
+            check_task_name(name)
     return list(dict.fromkeys(names))
 
 

@@ -96,16 +96,22 @@ def load_task(name_or_path, data_dir=None, limit=None) -> list[Item]:
     """Items of a built-in task (see TASKS) or of a generic .jsonl file; `limit` keeps the first N."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of items, got {limit}")
-    name = str(name_or_path)
+    name = check_task_name(name_or_path)
     if name.endswith(".jsonl"):
         items = read_jsonl(Path(name).expanduser())
-    elif name in TASKS:
-        items = _builtin(name, resolve_data_dir(data_dir))
     else:
+        items = _builtin(name, resolve_data_dir(data_dir))
+    return items[:limit]
+
+
+def check_task_name(name_or_path) -> str:
+    """The zero-shot task's name, if it is a built-in one or a .jsonl path; an unknown one is refused."""
+    name = str(name_or_path)
+    if not name.endswith(".jsonl") and name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (zero-shot), "
                          f"{', '.join(EVAL_TASKS)} (perplexity), or a path ending in .jsonl (generic format, see "
                          "sdsengine/eval/tasks.py)")
-    return items[:limit]
+    return name
 
 
 # ---- built-in tasks ------------------------------------------------------------------------------------
