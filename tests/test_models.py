@@ -69,3 +69,51 @@ def test_an_unsupported_layout_is_refused_before_its_weights_load(tmp_path, monk
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     with pytest.raises(ValueError, match=f"unsupported model layout {names}"):
         load_model(path)
+
+
+def test_a_gguf_tokenizer_adds_no_bos_the_file_does_not_ask_for_and_survives_a_save(tmp_path, monkeypatch):
+    """transformers 4.57 and 5.0 build SmolLM2's GGUF tokenizer adding a BOS token that the file's
+    tokenizer.ggml.add_bos_token (false) rules out, and 5.0's CodeLlamaTokenizer reloads from a saved run with
+    every space mapped to the unknown token. Stood in for here: the tokenizer this transformers builds, with a
+    BOS template and a class of its own, as those versions return it."""
+    pytest.importorskip("gguf")
+    from tokenizers import processors
+
+    from sdsengine.models import _load_tokenizer, default_gguf
+    try:
+        gguf = default_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+    class OlderGGUFTokenizer(transformers.PreTrainedTokenizerFast):
+        """Saves under a class name of its own, which from_pretrained cannot find again as it was; adds a BOS
+        until told not to (as LlamaTokenizerFast's add_bos_token rebuilds its template)."""
+
+        @property
+        def add_bos_token(self):
+            return self._adds_bos
+
+        @add_bos_token.setter
+        def add_bos_token(self, value):
+            self._adds_bos = value
+            bos = f"{self.bos_token} " if value else ""
+            self.backend_tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{bos}$A", pair=f"{bos}$A {bos}$B",
+                special_tokens=[(self.bos_token, self.bos_token_id)] if value else [])
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def as_older_versions_build_it(location, **kwargs):
+        built = real(location, **kwargs)
+        built.__class__ = OlderGGUFTokenizer
+        built.add_bos_token = True
+        return built
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_older_versions_build_it)
+    tokenizer = _load_tokenizer(str(gguf.parent), gguf, "the embedded model", gguf.name)
+    monkeypatch.undo()
+    text = "The capital of France is Paris.\n\nIt is"
+    ids = tokenizer(text).input_ids
+    assert ids == tokenizer(text, add_special_tokens=False).input_ids, "a BOS the GGUF file does not ask for"
+    assert ids[0] != tokenizer.bos_token_id
+    tokenizer.save_pretrained(tmp_path)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
