@@ -11,6 +11,11 @@ import os
 import warnings
 from pathlib import Path
 
+# the folders this process holds through hold(), by (device, inode), and their descriptors: exclusive() on one of
+# them takes no lock of its own, which would wait forever on this one (flock locks taken through two descriptors
+# conflict within a process too), as a save to --out inside the --resume-dir being held did
+_holding: dict[tuple[int, int], int] = {}
+
 
 @contextlib.contextmanager
 def using(folder):
@@ -52,6 +57,7 @@ def hold(folder):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _holding[_identity(fd)] = fd
         return fd
     except BlockingIOError:
         os.close(fd)
@@ -61,11 +67,33 @@ def hold(folder):
         return None
 
 
+def release(fd):
+    """Drop the lock that hold() returned `fd` for."""
+    _holding.pop(_identity(fd), None)
+    os.close(fd)
+
+
+def _held_here(fd) -> bool:
+    """Whether this process holds the folder open as `fd` through hold(): a deleted folder's inode, which a new
+    one may reuse, is not."""
+    held = _holding.get(_identity(fd))
+    return held is not None and os.fstat(held).st_nlink > 0
+
+
+def _identity(fd):
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
+
+
 @contextlib.contextmanager
 def exclusive(folder, name):
     """An exclusive lock for `name` in `folder` while the block runs, waiting for any other holder: on the
     folder itself, else (NFS) on the file folder/.NAME.lock, else none, with a warning."""
     fd = _open(folder)
+    if fd is not None and _held_here(fd):  # every other process is kept out already
+        os.close(fd)
+        yield
+        return
     if fd is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

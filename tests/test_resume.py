@@ -2,6 +2,7 @@
 import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sdsengine
+from sdsengine import locks
 from sdsengine.algorithms import algorithm_for
+from sdsengine.checkpoint import save_checkpoint
 from sdsengine.config import SDSConfig, SparseGPTConfig, WandaConfig
 from sdsengine.pipeline import adapters, resume, sequential
 from sdsengine.pipeline.resume import MANIFEST, ResumeStore
@@ -317,7 +320,7 @@ def test_a_directory_another_run_is_resuming_is_refused_and_kept(tmp_path, monke
         _stop_at(m, 2)
         with pytest.raises(_Stop):
             sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
-    os.close(resume._held.pop(tmp_path.resolve()))  # the stopped run's process ended...
+    locks.release(resume._held.pop(tmp_path.resolve()))  # the stopped run's process ended...
     other = _held_by_another_process(tmp_path)  # ...and another is resuming its progress now
     try:
         kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -424,3 +427,20 @@ def test_an_empty_layer_file_is_named_as_empty(tmp_path, monkeypatch):
     (progress / "layer-0001.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"layer-0001.pt does not load \(it is empty\)"):
         sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+
+
+def test_a_checkpoint_saved_inside_the_resume_directory_it_holds_does_not_wait_on_itself(tmp_path):
+    """--out inside --resume-dir (one folder per job): the save's lock on --out's parent, the resume directory,
+    waited forever on the lock this same process holds on it. Run in a thread, so that a wait fails the test."""
+    progress = tmp_path / "job"
+    model = _model()
+    result = sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(3, 16), progress=False,
+                             resume_dir=progress)
+    save = threading.Thread(target=save_checkpoint, args=(model, None, progress / "pruned", result.report),
+                            daemon=True)
+    save.start()
+    save.join(timeout=60)
+    assert not save.is_alive(), "the save waits on the resume directory's lock, which this process holds"
+    assert (progress / "pruned" / "config.json").is_file()
+    ResumeStore(progress).clear()
+    assert sorted(p.name for p in progress.iterdir()) == ["pruned"]

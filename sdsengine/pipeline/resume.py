@@ -162,7 +162,7 @@ class ResumeStore:
                 self.dir.rmdir()
         finally:  # only now: until its files are gone the directory is this run's
             if (fd := _held.pop(self.dir, None)) is not None:
-                os.close(fd)
+                locks.release(fd)
 
     def _manifest(self):
         """The saved progress, None for a new run; refuses a directory that holds anything else."""
