@@ -73,6 +73,15 @@ def release(fd):
     os.close(fd)
 
 
+def holds(fd, folder) -> bool:
+    """Whether `fd`, from hold(), still stands for the folder at that path (not for one deleted since)."""
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return False
+    return _identity(fd) == (stat.st_dev, stat.st_ino)
+
+
 def _held_here(fd) -> bool:
     """Whether this process holds the folder open as `fd` through hold(): a deleted folder's inode, which a new
     one may reuse, is not."""

@@ -2,6 +2,7 @@
 import fcntl
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -444,3 +445,19 @@ def test_a_checkpoint_saved_inside_the_resume_directory_it_holds_does_not_wait_o
     assert (progress / "pruned" / "config.json").is_file()
     ResumeStore(progress).clear()
     assert sorted(p.name for p in progress.iterdir()) == ["pruned"]
+
+
+def test_a_resume_directory_deleted_and_made_again_is_held_again(tmp_path, monkeypatch):
+    """A process that pruned into a directory (held until clear()), which was then deleted by hand and used again:
+    the new directory was taken as held already, so no lock kept another process out of it."""
+    progress, config, samples = tmp_path / "progress", WandaConfig(sparsity="2:4"), tiny_tokens(3, 16)
+    sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    shutil.rmtree(progress)
+    with monkeypatch.context() as m:
+        _stop_at(m, 1)
+        with pytest.raises(_Stop):
+            sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
+    with pytest.raises(BlockingIOError):
+        os.close(_held_by_another_process(progress))
+    ResumeStore(progress).clear()
+    assert not progress.exists() and progress.resolve() not in resume._held

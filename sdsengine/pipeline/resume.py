@@ -68,7 +68,10 @@ class ResumeStore:
         process holds it: two runs resuming one progress each wrote the same files and the first to finish
         deleted the directory under the other."""
         if self.dir in _held:
-            return
+            if locks.holds(_held[self.dir], self.dir):
+                return
+            # deleted since (not by clear()) and made anew: the lock went with the old one
+            locks.release(_held.pop(self.dir))
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             fd = locks.hold(self.dir)
