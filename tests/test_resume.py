@@ -327,7 +327,9 @@ def test_a_directory_another_run_is_resuming_is_refused_and_kept(tmp_path, monke
         kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
         with monkeypatch.context() as m:
             m.setattr(sequential, "capture_layer_inputs", _must_not_run)
-            with pytest.raises(RuntimeError, match=f"resume directory {tmp_path} is in use by another sdsengine run"):
+            with pytest.raises(RuntimeError, match=f"resume directory {tmp_path} is in use by another sdsengine run "
+                                                   r".*a Python process whose sdsengine\.prune used it holds it until "
+                                                   r"ResumeStore\(dir\)\.clear\(\)"):
                 sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == kept
     finally:

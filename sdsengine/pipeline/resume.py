@@ -77,7 +77,9 @@ class ResumeStore:
             fd = locks.hold(self.dir)
         except BlockingIOError:
             raise RuntimeError(f"resume directory {self.dir} is in use by another sdsengine run right now (still "
-                               "running, or started twice): wait for it to end, or pass another directory") from None
+                               "running, or started twice; a Python process whose sdsengine.prune used it holds it "
+                               "until ResumeStore(dir).clear() or its end): wait for it to end, or pass another "
+                               "directory") from None
         if fd is not None:
             _held[self.dir] = fd
 
