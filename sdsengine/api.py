@@ -7,7 +7,7 @@ import torch
 from sdsengine import report
 from sdsengine.algorithms import algorithm_for
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
-from sdsengine.data import calibration_protocol, calibration_samples, resolve_data_dir
+from sdsengine.data import CALIBRATION_FILES, calibration_protocol, calibration_samples, resolve_data_dir
 from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.resume import ResumeStore
@@ -68,8 +68,9 @@ def _calibration(model, config, calibration, tokenizer):
             raise ValueError("a CalibrationConfig needs the tokenizer to build its windows")
         samples = calibration_samples(tokenizer, calibration)
         adapters.check_ids(model, samples, "the tokenizer's ids (is it the model's tokenizer?)")
-        # the data directory read, where it came from the environment too (its setting says None then)
-        data_dir = resolve_data_dir(calibration.data_dir)
+        # the data directory read, where it came from the environment too (its setting says None then); none for
+        # a calibration file of the user's, which is read from its own path
+        data_dir = resolve_data_dir(calibration.data_dir) if calibration.dataset in CALIBRATION_FILES else None
         return samples, {**calibration.to_dict(), "data_dir": data_dir and str(data_dir.resolve()),
                          "sampler": calibration_protocol(calibration)}
     samples = _as_token_windows(calibration)

@@ -158,3 +158,22 @@ def test_the_run_report_names_the_data_directory_read_from_the_environment(monke
     result = sdsengine.prune(AutoModelForCausalLM.from_config(config), WandaConfig(sparsity="2:4"),
                              CalibrationConfig(nsamples=2, seqlen=16), tokenizer=CharTokenizer(), progress=False)
     assert result.report["calibration"]["data_dir"] == str(DATA.resolve())
+
+
+def test_the_run_report_names_no_data_directory_for_a_calibration_file(monkeypatch, tmp_path):
+    """A .txt calibration file is read from its own path: SDSENGINE_DATA_DIR, set for the evaluations, was recorded
+    as the directory the calibration data came from."""
+    from transformers import AutoModelForCausalLM
+
+    import sdsengine
+    from sdsengine.config import WandaConfig
+    from tiny_models import tiny_config
+    config = tiny_config("llama")
+    config.vocab_size = 256  # CharTokenizer's ids are bytes
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("SDSENGINE_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    result = sdsengine.prune(AutoModelForCausalLM.from_config(config), WandaConfig(sparsity="2:4"),
+                             CalibrationConfig(str(tmp_path / "calib.txt"), nsamples=2, seqlen=16),
+                             tokenizer=CharTokenizer(), progress=False)
+    assert result.report["calibration"]["data_dir"] is None
