@@ -177,6 +177,16 @@ def test_a_mixture_of_experts_model_is_refused_naming_its_fused_experts():
         sdsengine.prune(tiny_model("mixtral"), MagnitudeConfig(sparsity="2:4"), progress=False)
 
 
+def test_a_convolution_kernel_is_not_called_a_mixture_of_experts():
+    """Mamba's conv1d kernel, (channels, 1, width), is 3-D as fused experts are: the refusal called Mamba a
+    mixture-of-experts model."""
+    from transformers import MambaConfig
+    model = AutoModelForCausalLM.from_config(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=32,
+                                                         state_size=4, expand=2))
+    with pytest.raises(ValueError, match=r"unsupported model layout 'mamba'; supported: "):
+        sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
+
+
 def test_weights_outside_linears_are_refused_not_left_dense(monkeypatch):
     """A layout whose layers hold fused expert banks (3-D parameters, no nn.Linear): pruning only the attention
     left the experts, most of the weights, dense while the report said 0.5 overall and over the decoder."""

@@ -62,8 +62,11 @@ def unsupported_layout(model_type, model=None) -> ValueError:
 
 def _fused_experts_note(model) -> str:
     """Why a mixture-of-experts model is refused: transformers 5 keeps its experts' weights as 3-D parameters
-    (experts, out, in), which no nn.Linear holds, so no method here could see them."""
-    fused = next(((name, p) for name, p in model.named_parameters() if p.dim() >= 3), None)
+    (experts, out, in), which no nn.Linear holds, so no method here could see them. A convolution's kernel is 3-D
+    too (Mamba's, RecurrentGemma's conv1d), and was called a mixture of experts: convolutions are passed over."""
+    fused = next(((f"{owner}.{name}" if owner else name, p) for owner, module in model.named_modules()
+                  if not isinstance(module, nn.modules.conv._ConvNd)
+                  for name, p in module.named_parameters(recurse=False) if p.dim() >= 3), None)
     if fused is None:
         return ""
     return (f" (a mixture-of-experts model: its experts' weights are fused 3-D parameters, such as {fused[0]} of "
