@@ -463,3 +463,17 @@ def test_a_resume_directory_deleted_and_made_again_is_held_again(tmp_path, monke
         os.close(_held_by_another_process(progress))
     ResumeStore(progress).clear()
     assert not progress.exists() and progress.resolve() not in resume._held
+
+
+def test_a_directory_another_run_is_resuming_is_refused_before_the_model_loads(tmp_path):
+    """check(), which the CLI calls before loading the model: a resubmitted job was refused only after its model
+    had loaded and been fingerprinted (minutes for a large one). The check holds nothing once done."""
+    other = _held_by_another_process(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match=f"resume directory {tmp_path} is in use by another sdsengine run"):
+            ResumeStore(tmp_path).check()
+    finally:
+        os.close(other)
+    ResumeStore(tmp_path).check()
+    os.close(_held_by_another_process(tmp_path))  # nothing left held by the check
+    assert tmp_path.resolve() not in resume._held

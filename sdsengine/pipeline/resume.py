@@ -52,6 +52,9 @@ class ResumeStore:
         self._manifest()
         if blocked := unwritable(self.dir):
             raise PermissionError(f"resume directory {self.dir}: {blocked} is not a writable directory")
+        if self.dir.is_dir() and self.dir not in _held:  # a resubmitted job: named before its model loads (minutes)
+            if (fd := self._hold()) is not None:
+                locks.release(fd)  # taken for good by identify()
         return self
 
     def identify(self, model, config, samples):
@@ -73,15 +76,18 @@ class ResumeStore:
             # deleted since (not by clear()) and made anew: the lock went with the old one
             locks.release(_held.pop(self.dir))
         self.dir.mkdir(parents=True, exist_ok=True)
+        if (fd := self._hold()) is not None:
+            _held[self.dir] = fd
+
+    def _hold(self):
+        """locks.hold() on the directory, refused by name where another process holds it."""
         try:
-            fd = locks.hold(self.dir)
+            return locks.hold(self.dir)
         except BlockingIOError:
             raise RuntimeError(f"resume directory {self.dir} is in use by another sdsengine run right now (still "
                                "running, or started twice; a Python process whose sdsengine.prune used it holds it "
                                "until ResumeStore(dir).clear() or its end): wait for it to end, or pass another "
                                "directory") from None
-        if fd is not None:
-            _held[self.dir] = fd
 
     def begin(self, layers, inps, dense, report_type) -> list:
         """After identify(): if the directory holds this run's progress, load it into `layers`, `inps` and
