@@ -48,9 +48,11 @@ def _name_stopped_saves(out):
     """Warn of staging folders beside out that no live process holds: a save killed (SIGKILL, the OOM killer)
     before it put its result in place leaves a whole hidden copy of a model there, which nothing else names.
     Named, not deleted: a save that has just made its folder holds no lock on it yet for an instant."""
-    if not out.parent.is_dir():
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:  # no parent yet, or one that may be written but not listed: nothing to name
         return
-    stopped = [e for e in out.parent.iterdir()
+    stopped = [e for e in entries
                if e.name.startswith(_staging_prefix(out)) and e.is_dir() and locks.in_use(e) is False]
     if stopped:
         warnings.warn(f"{', '.join(str(e) for e in sorted(stopped))}: left beside {out} by a save that was stopped "

