@@ -323,7 +323,7 @@ def _check_result_files(args, tasks):
 def cmd_convert(args):
     _refuse_out_over_inputs(args, "converted")
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
-    model, tokenizer, source = load_model(args.model, _dtype(args) or "auto")
+    model, tokenizer, source = load_model(args.model, _dtype(args) or "auto", needs_tokenizer=False)
     model = _half_for_kernels(model, args)
     records = []
     with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy

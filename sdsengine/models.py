@@ -31,7 +31,7 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(name=None, dtype=None, compressed_ok=False, device=None):
+def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_tokenizer=True):
     """(model, tokenizer, source) in eval mode on CPU (see device); raises with the reason when it cannot.
 
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
@@ -39,7 +39,8 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
     compressed checkpoint (its 2:4 linears as SparseLinear), for evaluation; pruning and converting need the
     model it came from. device: load a hub id's or an HF directory's weights (with accelerate) or a compressed
     checkpoint's straight there, so that a model evaluated on a GPU never sits whole in host memory; a GGUF
-    file loads on the host (it dequantizes there anyway) and the caller moves it."""
+    file loads on the host (it dequantizes there anyway) and the caller moves it. needs_tokenizer=False: a model
+    directory without tokenizer files gives None for the tokenizer (convert copies one where there is one)."""
     from transformers import AutoModelForCausalLM
 
     source = str(default_gguf()) if name is None else str(name)
@@ -52,7 +53,7 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None):
         _load_onto(device, kwargs)
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
-    tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"))
+    tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"), needs_tokenizer)
     if not kwargs.get("gguf_file"):
         _refuse_layout_before_loading(location)
     try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
@@ -113,8 +114,9 @@ def _load_onto(device, kwargs):
                       f"{device} (pip install accelerate)")
 
 
-def _load_tokenizer(location, path, named, gguf_file):
-    """The tokenizer at location; named: the model as the errors name it."""
+def _load_tokenizer(location, path, named, gguf_file, needed=True):
+    """The tokenizer at location; named: the model as the errors name it. Not needed: None where a model
+    directory holds no tokenizer files."""
     from transformers import AutoConfig, AutoTokenizer
     if path.is_dir():  # the tokenizer reads config.json too, so a broken one would be blamed on the tokenizer
         try:
@@ -123,8 +125,10 @@ def _load_tokenizer(location, path, named, gguf_file):
             raise ValueError(f"could not read {path / 'config.json'}: {exc}") from exc
     try:
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
-            # transformers 5.0 builds an empty tokenizer of the config's class here (every text becomes
-            # unknown tokens) where later versions raise
+            # transformers builds an empty tokenizer of the config's class here (5.0 and 5.24 for GPT-2: every
+            # text becomes no or unknown tokens, and convert would save it as the model's)
+            if not needed:
+                return None
             raise OSError(f"none of {', '.join(TOKENIZER_FILES)} in {path}")
         tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
         return gguf_tokenizer(tokenizer, Path(location) / gguf_file) if gguf_file else tokenizer

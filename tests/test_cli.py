@@ -181,6 +181,9 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     packed = sdsengine.load_compressed(tmp_path / "packed")
     ids = tiny_tokens(1, 8)
     torch.testing.assert_close(packed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # saved without a tokenizer: none is made up for it (transformers builds an empty GPT-2 one, which convert
+    # saved as the model's, so that eval of the result read every text as no tokens)
+    assert not any((tmp_path / "packed" / name).exists() for name in ("vocab.json", "tokenizer_config.json"))
 
 
 @pytest.mark.parametrize("saved,expected", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16),
