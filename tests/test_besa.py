@@ -11,6 +11,7 @@ from sdsengine.algorithms.besa_block import BestIterate, block_loss, channel_ene
 from sdsengine.algorithms.besa_nm import SelectionLearner
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.config import BESAConfig, WandaConfig
+from sdsengine.masks import nm_mask
 from sdsengine.pipeline import adapters
 from sdsengine.pipeline.sequential import LayerContext, run_layer
 from tiny_models import tiny_model, tiny_tokens
@@ -126,6 +127,8 @@ def test_project_counts_hand_checked():
     assert besa.project_counts(alpha, cols, 7).tolist() == [2, 2, 3]  # equal remainders: lower row first
     assert besa.project_counts(alpha, cols, 12).tolist() == [4, 4, 4]
     assert besa.project_counts(torch.full((3,), 0.5), torch.tensor([6.0, 4.0, 2.0]), 6).tolist() == [3, 2, 1]
+    # 30·(0.5 + 1/30) = 16: cols·α' = 5.33, 10.67 rounds up the larger remainder, not the lower row
+    assert besa.project_counts(torch.full((2,), 0.5), torch.tensor([10.0, 20.0]), 16).tolist() == [5, 11]
 
 
 def _block_sparsity(layer_report):
@@ -382,3 +385,131 @@ def test_nm_checks_in_the_report(pattern):
             assert all(info["nm_violations"] == 0 for info in layer.linears.values())
         else:
             assert "checks" not in block
+
+
+
+@pytest.mark.parametrize("mode", ["row", "layer"])
+@pytest.mark.parametrize("target,penalty_at_half", [("0.3", 20 / 9), ("0.55", 5 / 121)])
+def test_learning_starts_at_the_target_and_the_penalty_is_relative(mode, target, penalty_at_half):
+    """θ0 puts every row (or linear) at α = s*, so the expected sparsity (layer mode's one rate standing for
+    all the linear's rows) starts at s* and the penalty at 0; every row at α = 0.5 (θ = 0) pays
+    5·((0.5 − s*)/s*)²: 20/9 at 0.3, 5/121 at 0.55."""
+    learner = besa.RateLearner(_context(), BESAConfig(sparsity=target, mode=mode, smoothing="off"))
+    with torch.no_grad():
+        assert float(learner.expected_sparsity()) == pytest.approx(float(target), abs=1e-9)
+        assert float(learner.penalty()) == pytest.approx(0.0, abs=1e-12)
+        for p in learner.parameters():
+            p.zero_()
+        assert float(learner.expected_sparsity()) == pytest.approx(0.5, abs=1e-9)
+        assert float(learner.penalty()) == pytest.approx(penalty_at_half, rel=1e-6)
+
+
+@pytest.mark.parametrize("candidates", [5, 40])
+def test_rate_masks_follow_their_definitions(candidates):
+    """hard: row r drops its ⌊C α_r⌋ lowest-ranked weights; soft: P_rj = Σ_{d: ⌊C d/K⌋ ≤ rank_r(j)} β_rd,
+    by brute force (the gradient tests take both from the learner, so they cannot see an error here). K = 5
+    puts ranks on the thresholds, K = 40 > C repeats them."""
+    learner = besa.RateLearner(_context(), BESAConfig(sparsity="0.5", candidates=candidates, smoothing="off"))
+    _randomize(learner.parameters())
+    with torch.no_grad():
+        for rates in learner.rates.values():
+            beta = rates.beta()
+            zeros = torch.floor(rates.cols * rates.alpha(beta)).long()
+            hard = rates.mask("hard")
+            assert torch.equal((~hard).sum(dim=1), zeros)
+            assert torch.equal(hard, rates.rank >= zeros.reshape(-1, 1))
+            thresholds = rates.cols * torch.arange(candidates + 1) // candidates
+            below = thresholds.reshape(1, 1, -1) <= rates.rank.unsqueeze(-1)
+            expected = (beta.unsqueeze(1) * below).sum(dim=-1)
+            assert torch.allclose(rates.mask("soft"), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_project_counts_meets_round_of_the_target():
+    """apply leaves exactly round(s*·N) zeros: 0.7 · 1024 = 716.8 -> 717."""
+    ctx = _context()
+    learner = besa.RateLearner(ctx, BESAConfig(sparsity="0.7"))
+    learner.apply()
+    assert learner.counted_zeros == 717
+    assert sum(int((adapters.get_weight(m) == 0).sum()) for m in ctx.targets.values()) == 717
+
+
+def test_wanda_ranks_break_ties_by_lower_index():
+    ranks = besa.wanda_ranks(torch.ones(2, 64), torch.ones(64))
+    assert torch.equal(ranks, torch.arange(64, dtype=torch.int32).expand(2, -1))
+
+
+def test_the_penalty_steers_learning():
+    """A huge penalty weight keeps the expected sparsity nearer the target than none does."""
+    drift = []
+    for penalty in (0.0, 1e6):
+        ctx = _context(nsamples=4)
+        config = BESAConfig(sparsity="0.5", penalty=penalty, lr=0.2, smoothing="off")
+        learner = besa.RateLearner(ctx, config)
+        learn(ctx, learner, config)
+        drift.append(abs(float(learner.expected_sparsity().detach()) - 0.5))
+    assert drift[1] < drift[0]
+
+
+class _LinearBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 3, bias=False, dtype=torch.float64)
+
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+def test_block_loss_is_error_over_channel_energy():
+    """Every weight masked: the block outputs 0, so each channel's error is its energy and the loss averaged
+    over the windows is 1 per live channel; a dead channel (zero target, floored energy) adds 0, not NaN."""
+    layer = _LinearBlock()
+    with torch.no_grad():
+        layer.proj.weight[2] = 0
+    inps = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outs = layer(inps).detach()
+    ctx = LayerContext(layer, {"proj": layer.proj}, {}, inps, outs, {}, torch.device("cpu"))
+    energy = channel_energy(outs, ctx.device)
+    masked = {"proj": torch.zeros(3, 4, dtype=torch.float64)}
+    losses = [float(block_loss(ctx, masked, j, outs, energy)) for j in range(3)]
+    assert sum(losses) / 3 == pytest.approx(2 / 3, rel=1e-12)
+
+
+def test_nm_soft_keep_is_centred_between_the_nth_and_next_score():
+    """P = sigmoid((c − τ)/T), τ midway between a group's n-th and (n+1)-th scores: 1.5 here, T = 0.2."""
+    selection = besa_nm.GroupSelection(torch.randn(1, 8), torch.ones(8), BESAConfig(sparsity="2:4"), torch.float64)
+    c = torch.tensor([[0.0, 1.0, 2.0, 3.0, 3.0, 0.0, 2.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(selection.keep_prob(c), torch.sigmoid((c - 1.5) / 0.2), rtol=1e-12)
+
+
+def test_nm_magnitude_candidate_is_the_weight_magnitude():
+    """With a huge magnitude weight φ, the selection is the N:M mask of |W|, not Wanda's (the norms differ)."""
+    g = torch.Generator().manual_seed(0)
+    weight, norms = torch.randn(4, 16, generator=g), torch.rand(16, generator=g) * 10
+    config = BESAConfig(sparsity="2:4", nm_scores="magnitude")
+    selection = besa_nm.GroupSelection(weight, norms, config, torch.float64)
+    assert not torch.equal(selection.wanda_mask, nm_mask(weight.abs(), 2, 4))  # else the test shows nothing
+    with torch.no_grad():
+        selection.phi.fill_(1e6)
+    assert torch.equal(selection.mask("hard"), nm_mask(weight.abs(), 2, 4))
+
+
+def test_nm_start_is_wandas_mask_with_zero_weights():
+    """Zeros score below every positive weight: the first mask keeps 1e-3 over the zeros beside it."""
+    weight = torch.tensor([[0.0, 0.0, 1e-3, 1.0], [0.5, 0.2, 0.0, 0.3]])
+    selection = besa_nm.GroupSelection(weight, torch.ones(4), BESAConfig(sparsity="2:4"), torch.float64)
+    assert selection.mask("hard").tolist() == [[False, False, True, True], [True, False, False, True]]
+
+
+@pytest.mark.parametrize("mode,rows", [("layer", 1), ("row", 4)])
+def test_nm_layer_mode_shares_the_mixing(mode, rows):
+    selection = besa_nm.GroupSelection(torch.randn(4, 8), torch.ones(8), BESAConfig(sparsity="2:4", mode=mode),
+                                       torch.float32)
+    assert selection.phi.shape == (rows, 1)
+
+
+def test_nm_best_iterate_ties_keep_the_earlier_step():
+    """A step too small to change any mask ties every check: the record names the start, which was kept."""
+    ctx = _context(nsamples=10)
+    config = BESAConfig(sparsity="2:4", lr=1e-12)
+    _, record = learn(ctx, SelectionLearner(ctx, config), config, checks=3)
+    assert len({loss for _, loss in record["checks"]}) == 1 and record["kept_step"] == 0
