@@ -293,7 +293,8 @@ def cmd_eval(args):
     if args.lean and not (args.model and is_compressed_checkpoint(args.model)):
         raise ValueError(f"--lean applies to a compressed checkpoint (written by sdsengine convert), and "
                          f"{args.model or 'the embedded model'} is not one")
-    model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True, device=args.device)
+    model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True, device=args.device,
+                                          any_layout=True)
     if args.lean:
         set_lean(model)
     model.to(args.device)  # a no-op where load_model loaded it there

@@ -31,7 +31,7 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_tokenizer=True):
+def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_tokenizer=True, any_layout=False):
     """(model, tokenizer, source) in eval mode on CPU (see device); raises with the reason when it cannot.
 
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
@@ -40,7 +40,8 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     model it came from. device: load a hub id's or an HF directory's weights (with accelerate) or a compressed
     checkpoint's straight there, so that a model evaluated on a GPU never sits whole in host memory; a GGUF
     file loads on the host (it dequantizes there anyway) and the caller moves it. needs_tokenizer=False: a model
-    directory without tokenizer files gives None for the tokenizer (convert copies one where there is one)."""
+    directory without tokenizer files gives None for the tokenizer (convert copies one where there is one).
+    any_layout: accept a causal LM whose layout no method here prunes (evaluating a dense baseline needs none)."""
     from transformers import AutoModelForCausalLM
 
     source = str(default_gguf()) if name is None else str(name)
@@ -54,13 +55,14 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"), needs_tokenizer)
-    if not kwargs.get("gguf_file"):
+    if not kwargs.get("gguf_file") and not any_layout:
         _refuse_layout_before_loading(location)
     try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except Exception as exc:
         raise ValueError(f"could not load model {source!r}{tried}: {exc}") from exc
-    layout_for(model)  # fail now on a layout we cannot prune
+    if not any_layout:
+        layout_for(model)  # fail now on a layout we cannot prune
     if kwargs.get("gguf_file"):
         _forget_gguf_quantization(model)
     model.eval()

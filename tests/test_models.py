@@ -1,4 +1,6 @@
 """Where load_model puts a model's weights as they load."""
+import json
+
 import pytest
 import torch
 import transformers
@@ -117,3 +119,18 @@ def test_a_gguf_tokenizer_adds_no_bos_the_file_does_not_ask_for_and_survives_a_s
     assert ids[0] != tokenizer.bos_token_id
     tokenizer.save_pretrained(tmp_path)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
+
+
+def test_a_model_no_method_prunes_is_still_evaluated(tmp_path, capsys):
+    """eval needs no layout: a dense baseline of a mixture-of-experts model (which prune refuses) is scored."""
+    from sdsengine.cli import main
+    path = save_checkpoint(tiny_model("mixtral"), None, tmp_path / "moe", {})
+    save_tiny_tokenizer(path)
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"context": "a", "choices": [" a", " a a"], "label": 0}\n')
+    results = tmp_path / "results.json"
+    assert main(["eval", "--model", str(path), "--tasks", str(task), "--json", str(results)]) == 0
+    assert json.loads(results.read_text())["results"][str(task)]["n"] == 1
+    assert main(["prune", "--model", str(path), "--method", "magnitude", "--sparsity", "2:4",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "unsupported model layout 'mixtral'" in capsys.readouterr().err
