@@ -9,7 +9,7 @@ from sdsengine.algorithms import algorithm_for
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import CALIBRATION_FILES, calibration_protocol, calibration_samples, resolve_data_dir
 from sdsengine.nn.sparse_linear import SparseLinear
-from sdsengine.pipeline import adapters
+from sdsengine.pipeline import adapters, experts
 from sdsengine.pipeline.resume import ResumeStore
 from sdsengine.pipeline.sequential import plan_targets, prune_model
 
@@ -40,18 +40,21 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     adapters.layout_for(model)  # an unsupported model is named before its inputs are looked at
     if any(isinstance(m, SparseLinear) for m in model.modules()):  # its linears would all be skipped
         raise ValueError("the model holds SparseLinear layers (it was converted): prune the model it came from")
-    plan_targets(model, config)  # --ignore and the pattern checked before the calibration data is built
-    samples, protocol = _calibration(model, config, calibration, tokenizer)
-    store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
     memory_at_start = report.peak_memory(config.device)
-    start = time.perf_counter()
-    with adapters.eval_mode(model):  # no dropout in the calibration forwards (a model straight from training has it on)
-        layers = prune_model(model, config, samples, progress=progress, resume=store)
-    seconds = time.perf_counter() - start
+    # a mixture of experts' fused expert banks as per-expert linears, put back pruned whatever happens
+    with experts.unfused(adapters.decoder_layers(model)):
+        plan_targets(model, config)  # --ignore and the pattern checked before the calibration data is built
+        samples, protocol = _calibration(model, config, calibration, tokenizer)
+        store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
+        start = time.perf_counter()
+        with adapters.eval_mode(model):  # no dropout in the calibration forwards (a model from training has it on)
+            layers = prune_model(model, config, samples, progress=progress, resume=store)
+        seconds = time.perf_counter() - start
+        decoder_sparsity = report.decoder_sparsity(model)
     if store and store.resumed_from:
         seconds += store.earlier_seconds
     info = report.build(config, protocol, layers, seconds, model_source, memory_at_start)
-    info["decoder_sparsity"] = report.decoder_sparsity(model)
+    info["decoder_sparsity"] = decoder_sparsity
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)

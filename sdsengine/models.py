@@ -70,19 +70,19 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
 
 
 def _refuse_layout_before_loading(location):
-    """An unsupported layout is named from the config, before the weights load: a Mixtral-8x7B's (93 GB in fp32)
+    """An unsupported layout is named from the config, before the weights load: a Llama-4-Scout's (over 400 GB in fp32)
     took minutes, or the host's memory, to be refused. The model is built on the meta device (no memory) so the
     error says what layout_for says of the loaded model. A config that cannot be read is left to from_pretrained,
     whose error names the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sdsengine.pipeline.adapters import LAYOUTS, unsupported_layout
+    from sdsengine.pipeline.adapters import LAYOUTS, MOE_FAMILIES, unsupported_layout
     try:
         config = AutoConfig.from_pretrained(location)
     except Exception:
         return
-    if getattr(config, "model_type", None) in LAYOUTS:
-        return
+    if getattr(config, "model_type", None) in LAYOUTS and config.model_type not in MOE_FAMILIES:
+        return  # a mixture's skeleton is checked too: it needs transformers 5
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)

@@ -52,10 +52,11 @@ def test_the_host_load_stays_as_it_was_on_cpu_and_without_accelerate(saved, load
     assert "device_map" not in loads[-1]
 
 
-@pytest.mark.parametrize("family, names", [("mixtral", r"'mixtral' \(a mixture-of-experts model: .*experts\.gate_up_proj"),
+@pytest.mark.parametrize("family, names", [("llama4_text", r"'llama4_text' \(a mixture-of-experts model whose .*"
+                                                          r"experts\.gate_up_proj"),
                                            ("bert", r"'bert'; supported: ")])
 def test_an_unsupported_layout_is_refused_before_its_weights_load(tmp_path, monkeypatch, family, names):
-    """A Mixtral-8x7B's weights (93 GB in fp32) loaded, for minutes or until the host ran out of memory, before
+    """A Llama-4-Scout's weights (over 400 GB in fp32) loaded, for minutes or until the host ran out of memory, before
     its layout was refused; now the config says it, with the same message the loaded model would give."""
     if family == "bert":
         from transformers import BertConfig, BertForMaskedLM
@@ -124,7 +125,7 @@ def test_a_gguf_tokenizer_adds_no_bos_the_file_does_not_ask_for_and_survives_a_s
 def test_a_model_no_method_prunes_is_still_evaluated(tmp_path, capsys):
     """eval needs no layout: a dense baseline of a mixture-of-experts model (which prune refuses) is scored."""
     from sdsengine.cli import main
-    path = save_checkpoint(tiny_model("mixtral"), None, tmp_path / "moe", {})
+    path = save_checkpoint(tiny_model("llama4_text"), None, tmp_path / "moe", {})
     save_tiny_tokenizer(path)
     task = tmp_path / "task.jsonl"
     task.write_text('{"context": "a", "choices": [" a", " a a"], "label": 0}\n')
@@ -133,4 +134,4 @@ def test_a_model_no_method_prunes_is_still_evaluated(tmp_path, capsys):
     assert json.loads(results.read_text())["results"][str(task)]["n"] == 1
     assert main(["prune", "--model", str(path), "--method", "magnitude", "--sparsity", "2:4",
                  "--out", str(tmp_path / "out")]) == 2
-    assert "unsupported model layout 'mixtral'" in capsys.readouterr().err
+    assert "unsupported model layout 'llama4_text'" in capsys.readouterr().err

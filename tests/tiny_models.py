@@ -52,14 +52,37 @@ def tiny_config(family):
         return _by_type(family, vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
     if family == "gptj":  # rotary on the first rotary_dim channels of each head, parallel attention and MLP
         return _by_type(family, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128)
-    if family == "mixtral":  # mixture of experts: 4 experts, 2 per token, their weights fused in 3-D parameters
-        return _by_type("mixtral", **llama_like, num_local_experts=4, num_experts_per_tok=2)
+    if family in MOE_SETTINGS:  # mixtures of experts: 4 experts, 2 per token, their weights fused in 3-D parameters
+        return _by_type(family, **llama_like, **MOE_SETTINGS[family])
     if family == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=128, word_embed_proj_dim=64)
     if family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     raise ValueError(family)
+
+
+_DEEPSEEK_LIKE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                      first_k_dense_replace=1, n_group=1, topk_group=1)  # layer 0 a dense MLP, a shared expert
+MOE_SETTINGS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,  # a gated shared expert
+                      shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=None, pad_token_id=None),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),  # its router an nn.Linear
+    "deepseek_v3": dict(**_DEEPSEEK_LIKE, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,  # latent attention
+                        qk_nope_head_dim=8, v_head_dim=16),
+    "glm4_moe": dict(**_DEEPSEEK_LIKE, head_dim=16),
+    # experts stored transposed with biases, gate and up interleaved and clamped; attention sinks
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),  # under block_sparse_moe, a router
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16),  # its router's linear inside mlp.gate
+    # not supported: experts fused in another way (every token through every expert, scaled before)
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, head_dim=16, intermediate_size_mlp=128),
+}
 
 
 def _by_type(model_type, **settings):

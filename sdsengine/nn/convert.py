@@ -69,6 +69,7 @@ def convert(model, ignore=("lm_head",), report=None):
     records = [] if report is None else report
     ignore = ignore_patterns(ignore)
     already = sum(isinstance(m, SparseLinear) for m in model.modules())  # converted before: no warning for them
+    share = fused_bank_share(model)  # of the weights before packing (a SparseLinear holds buffers)
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
     named = list(model.named_modules(remove_duplicate=False))
     # Every replacement is made before any is put in place: a failure (a layer offloaded to the meta device,
@@ -82,12 +83,23 @@ def convert(model, ignore=("lm_head",), report=None):
         if done.get(id(module)) is not None:
             _set_submodule(model, name, done[id(module)])
     _log_summary(records, already)
+    if share:
+        log.info("  kept dense: a mixture's fused experts, %.0f%% of the model's weights (SparseLinear holds linears, "
+                 "not 3-D expert banks)", 100 * share)
     if already or any(m is not None for m in done.values()):
         _refuse_save_pretrained(model)
     if any(m is not None and m.values.dtype == torch.float32 for m in done.values()):  # prune's default dtype
         warnings.warn("sdsengine.convert: float32 SparseLinears always run the dense fallback (the sparse kernels "
                       "need float16 or bfloat16): convert model.to(torch.bfloat16) or .half() instead")
     return model
+
+
+def fused_bank_share(model) -> float:
+    """The share of the model's parameters in 3-D ones outside convolutions: a mixture's fused expert banks, which
+    stay dense in a converted model (no grouped 2:4 kernel here). Of an unconverted model."""
+    banks = sum(p.numel() for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd)
+                for p in m.parameters(recurse=False) if p.dim() == 3)
+    return banks / max(sum(p.numel() for p in model.parameters()), 1)
 
 
 def _convert_one(name, module, ignore):

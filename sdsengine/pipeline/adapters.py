@@ -3,9 +3,10 @@
 Supported families: LLaMA-like (llama, which SmolLM2 and Llama 3 are; mistral, qwen2, qwen3, gemma; gemma2 and
 gemma3_text, whose layers alternate sliding-window and full attention; phi3 with its fused qkv_proj and
 gate_up_proj; olmo2, granite, cohere, starcoder2, stablelm, phi, persimmon), OPT, GPT-2, and GPT-NeoX, Falcon,
-BLOOM and GPT-J with their own paths. Each is tested end to end on a tiny model of its transformers config; a
-family is added here only with such a test (a layer that runs differently, such as a mixture of experts, would
-otherwise be pruned wrongly in silence).
+BLOOM and GPT-J with their own paths; and mixtures of experts (MOE_FAMILIES), whose fused experts experts.py
+turns into linears while they are pruned. Each is tested end to end on a tiny model of its transformers config; a
+family is added here only with such a test (a layer that runs differently would otherwise be pruned wrongly in
+silence).
 GPT-2 stores its projections as transformers' Conv1D with weight (in, out); everything else here sees
 weights as (out, in), so the transpose happens in get_weight/set_weight only.
 """
@@ -15,11 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import experts
+
+import transformers
+
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - very old transformers
     class Conv1D:  # nothing is an instance of it
         pass
+
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,13 @@ class Layout:
 
 _LLAMA_LIKE = Layout("model.layers", ("model.embed_tokens", "model.rotary_emb"))
 
+# transformers-5 mixtures of experts whose layers live where LLaMA's do: their experts' 3-D banks are pruned as
+# per-expert linears (experts.py), their routers left dense
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v3", "gpt_oss", "granitemoe",
+                "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe")
+
 LAYOUTS = {
+    **{name: _LLAMA_LIKE for name in MOE_FAMILIES},
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                                       "phi3", "olmo2", "granite", "cohere", "starcoder2", "stablelm", "phi",
                                       "persimmon")},
@@ -51,6 +65,11 @@ def layout_for(model) -> Layout:
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in LAYOUTS:
         raise unsupported_layout(model_type, model)
+    if model_type in MOE_FAMILIES and _TRANSFORMERS_MAJOR < 5:
+        # transformers 4 keeps experts as linears beside a linear router, which would be pruned, and routes the
+        # two streams' tokens without telling which (experts.py needs the fused modules of transformers 5)
+        raise ValueError(f"mixtures of experts ({model_type}) are pruned with transformers 5 or later; this is "
+                         f"transformers {transformers.__version__}")
     return LAYOUTS[model_type]
 
 
@@ -61,16 +80,17 @@ def unsupported_layout(model_type, model=None) -> ValueError:
 
 
 def _fused_experts_note(model) -> str:
-    """Why a mixture-of-experts model is refused: transformers 5 keeps its experts' weights as 3-D parameters
-    (experts, out, in), which no nn.Linear holds, so no method here could see them. A convolution's kernel is 3-D
+    """Why a mixture-of-experts model outside MOE_FAMILIES is refused: its experts' 3-D weights (experts, out, in)
+    hold no nn.Linear, and how its layers route tokens to them is untested here. A convolution's kernel is 3-D
     too (Mamba's, RecurrentGemma's conv1d), and was called a mixture of experts: convolutions are passed over."""
     fused = next(((f"{owner}.{name}" if owner else name, p) for owner, module in model.named_modules()
                   if not isinstance(module, nn.modules.conv._ConvNd)
                   for name, p in module.named_parameters(recurse=False) if p.dim() >= 3), None)
     if fused is None:
         return ""
-    return (f" (a mixture-of-experts model: its experts' weights are fused 3-D parameters, such as {fused[0]} of "
-            f"shape {tuple(fused[1].shape)}, which sdsengine cannot prune)")
+    return (f" (a mixture-of-experts model whose experts' weights, fused 3-D parameters such as {fused[0]} of shape "
+            f"{tuple(fused[1].shape)}, sdsengine has not been taught to prune; the mixtures it prunes: "
+            f"{', '.join(MOE_FAMILIES)})")
 
 
 def _get(module, path):
@@ -95,16 +115,25 @@ def is_prunable(module) -> bool:
 
 def unprunable_weights(layer) -> dict[str, tuple]:
     """Matrix (or larger) parameters of a decoder layer that no prunable linear holds, name -> shape: fused expert
-    banks, routers. Each would stay dense while the report, which counts linears, says the layer is pruned. A
-    norm's scale is no matrix even where it is 2-D (Command R+ normalizes q and k per head: (heads, head_dim))."""
+    banks not unfused (experts.unfused). Each would stay dense while the report, which counts linears, says the
+    layer is pruned. A norm's scale is no matrix even where it is 2-D (Command R+ normalizes q and k per head:
+    (heads, head_dim)); a router is left dense on purpose (experts.py)."""
     owned = {id(m.weight) for m in layer.modules() if is_prunable(m)}
     owned |= {id(p) for m in layer.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+    routers = experts.router_names(layer)
+    owned |= {id(p) for name, m in layer.named_modules() if experts.is_router(name, routers) for p in m.parameters()}
     return {name: tuple(p.shape) for name, p in layer.named_parameters() if p.dim() >= 2 and id(p) not in owned}
 
 
 def linear_modules(layer) -> dict[str, nn.Module]:
     """Prunable linears of one decoder layer, by name relative to the layer."""
     return {name: m for name, m in layer.named_modules() if is_prunable(m)}
+
+
+def pruned_linears(layer) -> dict[str, nn.Module]:
+    """The linears a method prunes: all but a mixture of experts' routers (experts.py says why)."""
+    routers = experts.router_names(layer)
+    return {name: m for name, m in linear_modules(layer).items() if not experts.is_router(name, routers)}
 
 
 def get_weight(module) -> torch.Tensor:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from sdsengine.algorithms import algorithm_for
+from sdsengine.algorithms import algorithm_for, magnitude
 from sdsengine.masks import counted_sparsity, nm_violations
 from sdsengine.report import peak_memory
 
-from . import adapters, memory
+from . import adapters, experts, memory
 from .capture import capture_layer_inputs, to_device
 
 
@@ -116,9 +116,12 @@ def _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, 
     elif hasattr(algo, "prune_layer"):  # block-wise methods (BESA) see the whole layer and its dense outputs
         stats = _new_stats(algo, targets, device)
         collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense)
-        ctx = LayerContext(layer, targets, stats, inps, outs, kwargs, device, dense and dense.outs)
-        steps = algo.prune_layer(ctx, config)
-        del ctx, stats
+        steps, reached = _prune_unreached(targets, stats, config)
+        if reached:
+            ctx = LayerContext(layer, reached, stats, inps, outs, kwargs, device, dense and dense.outs)
+            steps.update(algo.prune_layer(ctx, config) or {})
+            del ctx
+        del stats
     else:
         groups = linear_groups(layer, targets, inps[:1], kwargs, device) if config.sequential == "linear" else [targets]
         # the dense stream is the unpruned model's: once a group is pruned, later groups' passes run the
@@ -128,7 +131,9 @@ def _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, 
             stats = _new_stats(algo, group, device)
             # the first pass also computes the dense outputs (the reference); later ones stop early
             collect_stats(layer, group, stats, inps, outs if g == 0 else None, kwargs, device, dense, unpruned)
-            steps.update({name: _prune_linear(algo, module, stats[name], config) for name, module in group.items()})
+            unreached, reached = _prune_unreached(group, stats, config)
+            steps.update(unreached)
+            steps.update({name: _prune_linear(algo, module, stats[name], config) for name, module in reached.items()})
             del stats
         del unpruned
     fallbacks = {name: info.pop("fallback") for name, info in (steps or {}).items() if info and "fallback" in info}
@@ -183,7 +188,17 @@ def linear_groups(layer, targets, window, kwargs, device) -> list[dict]:
             last_input = x
         groups[-1][name] = targets[name]
     unseen = {name: m for name, m in targets.items() if all(name not in g for g in groups)}
-    return groups + ([unseen] if unseen else [])
+    return _merged_experts(groups + ([unseen] if unseen else []))
+
+
+def _merged_experts(groups):
+    """One group per projection of a mixture's experts (every expert's gate_up_proj, then every down_proj), where
+    the forward made one per expert and projection: experts read the same tokens in one pass, so a pass per
+    expert (of 128, say) would only repeat it. Experts the first window did not reach join theirs."""
+    merged = {}
+    for group in groups:
+        merged.setdefault(frozenset(map(experts.role, group)), {}).update(group)
+    return list(merged.values())
 
 
 def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, reference=None):
@@ -213,6 +228,18 @@ def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, re
 def _set_weights(targets, weights):
     for name, weight in weights.items():
         adapters.set_weight(targets[name], weight)
+
+
+def _prune_unreached(targets, stats, config):
+    """(steps, the other targets): the linears no calibration token reached, pruned by magnitude. An expert the
+    router never picked in the calibration windows has empty statistics, on which Wanda's scores all tie and
+    SparseGPT takes every input for dead and zeroes the whole weight; its weights' sizes are all there is to go
+    by. Each one's steps say so."""
+    unreached = {name: m for name, m in targets.items() if stats[name].tokens == 0}
+    for module in unreached.values():
+        adapters.set_weight(module, magnitude.prune(adapters.get_weight(module), None, config))
+    steps = {name: {"calibration_tokens": 0, "pruned_by": "magnitude"} for name in unreached}
+    return steps, {name: m for name, m in targets.items() if name not in unreached}
 
 
 def _prune_linear(algo, module, stats, config):
@@ -262,9 +289,10 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None,
         def hook(module, args, output):
             x = args[0]  # not detached here: identity tells which linears read the same tensor
             if phase[0] == "dense":
-                seen[name] = x.detach()
+                seen[name] = (x.detach(), getattr(module, "routed_tokens", None))
             else:
-                _add_once(stats, name, x, seen.pop(name, None), fed)
+                dense_x = None if dense is None else _dense_input(seen.pop(name, None), module, x)
+                _add_once(stats, name, x, dense_x, fed)
             fired.add(name)
             if outs is None and len(fired) == len(targets):
                 raise _StopForward
@@ -283,6 +311,7 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None,
     try:
         for j in range(inps.shape[0]):
             if dense is not None:
+                seen.clear()  # an expert the dense stream reached in the last window only
                 phase[0] = "dense"
                 with _weights_swapped(unpruned or {}):
                     y = run(dense.inps[j:j + 1])
@@ -295,6 +324,16 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None,
     finally:
         for h in hooks:
             h.remove()
+
+
+def _dense_input(seen, module, x):
+    """The dense stream's input to `module` in this window, row for row with x (None: it had none). A mixture's
+    expert sees the tokens its router picked, which may differ between the two streams: experts.paired lines them
+    up."""
+    tokens = getattr(module, "routed_tokens", None)
+    if tokens is None:
+        return None if seen is None else seen[0]
+    return experts.paired(x, tokens, *(seen or (None, None)))
 
 
 @contextlib.contextmanager
@@ -371,7 +410,7 @@ def _check_only_linears(model, layers):
 def _targets(model, layer, index, ignore):
     """The layer's linears that no --ignore pattern names, by their own name or a containing module's."""
     prefix = f"{adapters.layout_for(model).layers}.{index}."
-    return {name: m for name, m in adapters.linear_modules(layer).items()
+    return {name: m for name, m in adapters.pruned_linears(layer).items()
             if not any(fnmatch.fnmatch(prefix + name, pat) or fnmatch.fnmatch(prefix + name, pat + ".*")
                        for pat in ignore)}
 

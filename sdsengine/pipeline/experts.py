@@ -1,0 +1,174 @@
+"""Mixture-of-experts layers: their experts as linears the methods can prune, for the length of a prune.
+
+transformers 5 keeps a layer's experts in one module as fused 3-D parameters: gate_up_proj (experts, 2·ffn,
+hidden) and down_proj (experts, hidden, ffn), or each transposed (GPT-OSS), with biases or not; its
+`use_experts_implementation` decorator records which on the module (has_gate, is_transposed, has_bias). No
+nn.Linear holds them, so no method would see them. While a model is pruned, `unfused(model)` puts in each such
+module's place an UnfusedExperts: one nn.Linear per expert and projection, holding that expert's slice, routing
+tokens as the fused module does. Each expert's linears then see only the tokens routed to it, so every method's
+statistics are that expert's own, and its 2:4 groups lie along the input dimension as in any linear. On leaving,
+the pruned slices go back into the 3-D parameters: the model saves and loads as it came.
+
+Routers (the experts' siblings named in ROUTERS) stay dense: they are tiny, and a pruned router sends tokens to
+other experts than the ones the calibration statistics were taken for.
+"""
+import contextlib
+import re
+
+import torch
+from torch import nn
+
+ROUTERS = ("gate", "router", "shared_expert_gate")
+
+
+def is_fused_experts(module) -> bool:
+    """A transformers-5 experts module: the decorator's flags and a 3-D bank per projection."""
+    if not all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "has_bias")):
+        return False
+    banks = [getattr(module, name, None) for name in (_first(module), "down_proj")]
+    return all(isinstance(b, nn.Parameter) and b.dim() == 3 for b in banks)
+
+
+def _first(module) -> str:
+    """The bank the tokens meet first: gate and up fused, or up alone (experts without a gate)."""
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
+def router_names(layer) -> set[str]:
+    """Names (relative to the layer) of the modules that route tokens to the layer's experts."""
+    found = set()
+    for name, module in layer.named_modules():
+        if is_fused_experts(module) or isinstance(module, UnfusedExperts):
+            parent = name.rpartition(".")[0]
+            owner = layer.get_submodule(parent) if parent else layer
+            found |= {f"{parent}.{r}" if parent else r for r in ROUTERS if hasattr(owner, r)}
+    return found
+
+
+def role(name) -> str:
+    """A linear's name with its expert's index starred: 'mlp.experts.7.down_proj' -> 'mlp.experts.*.down_proj'."""
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)
+
+
+def is_router(name, routers) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in routers)
+
+
+class Expert(nn.Module):
+    """One expert's two projections as linears: `gate_up_proj` (or `up_proj`) and `down_proj`."""
+
+    def __init__(self, fused, index):
+        super().__init__()
+        for bank in (_first(fused), "down_proj"):
+            setattr(self, bank, _linear(fused, bank, index))
+
+
+def _linear(fused, bank, index) -> nn.Linear:
+    weight = getattr(fused, bank)[index]
+    weight = weight.T if fused.is_transposed else weight  # (out, in) as nn.Linear holds it
+    bias = getattr(fused, f"{bank}_bias")[index] if fused.has_bias else None
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return linear
+
+
+class UnfusedExperts(nn.Module):
+    """A fused experts module's weights as per-expert linears, with its forward: each routed token through its
+    experts' projections, the gate (the fused module's own, which knows its layout: concatenated or interleaved,
+    clamped or not), the optional post-expert norm, then weighted by its routing weight and summed."""
+
+    def __init__(self, fused):
+        super().__init__()
+        if getattr(fused, "_is_expert_parallel", False):
+            raise ValueError("experts split across devices (expert parallelism) cannot be pruned: load the model "
+                             "on one device")
+        self.num_experts = getattr(fused, _first(fused)).shape[0]
+        for e in range(self.num_experts):  # named as the index, as transformers 4 named its experts' modules
+            self.add_module(str(e), Expert(fused, e))
+        if getattr(fused, "has_post_expert_norm", False):
+            self.post_expert_norm = fused.post_expert_norm
+        self.__dict__["fused"] = fused  # not a submodule: its banks are emptied while the linears hold them
+
+    def experts(self):
+        return [getattr(self, str(e)) for e in range(self.num_experts)]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        fused = self.fused
+        for e, expert in enumerate(self.experts()):
+            token, position = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            for bank in (_first(fused), "down_proj"):  # which tokens these are, for the dense stream's pairing
+                getattr(expert, bank).routed_tokens = token
+            h = getattr(expert, _first(fused))(hidden_states[token])
+            h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
+            h = expert.down_proj(h)
+            if hasattr(self, "post_expert_norm"):
+                h = self.post_expert_norm(h)
+            out.index_add_(0, token, (h * top_k_weights[token, position, None]).to(out.dtype))
+        return out
+
+    def fuse_back(self):
+        """The linears' weights (and biases) back into the fused module's 3-D parameters, where the linears are."""
+        fused = self.fused
+        for bank in (_first(fused), "down_proj"):
+            linears = [getattr(expert, bank) for expert in self.experts()]
+            weights = torch.stack([(m.weight.T if fused.is_transposed else m.weight).detach() for m in linears])
+            _put(fused, bank, weights)
+            if fused.has_bias:
+                _put(fused, f"{bank}_bias", torch.stack([m.bias.detach() for m in linears]))
+
+
+def _put(fused, name, tensor):
+    """tensor as the fused module's parameter `name`, as trainable as the one it replaces."""
+    setattr(fused, name, nn.Parameter(tensor, requires_grad=getattr(fused, name).requires_grad))
+
+
+def paired(x, tokens, dense_x, dense_tokens):
+    """The dense stream's inputs to an expert's linear row for row with x, its inputs in the pruned stream (rows for
+    `tokens`): where the dense model's router did not send a token to this expert (or sent it none: dense_x None),
+    a zero row. The statistics' teacher term, sum_t ||W d_t - V x_t||^2, then asks V for the dense model's
+    contribution of this expert to each token: W·0 = 0 where the dense model had none."""
+    out = x.new_zeros(x.shape).reshape(-1, x.shape[-1])
+    if dense_x is None:
+        return out
+    size = int(max(tokens.max(), dense_tokens.max())) + 1 if len(dense_tokens) else 0
+    row = torch.full((size,), -1, dtype=torch.long, device=tokens.device)
+    row[dense_tokens] = torch.arange(len(dense_tokens), device=tokens.device)
+    mine = row[tokens] if size else row.new_full(tokens.shape, -1)
+    hit = mine >= 0
+    out[hit] = dense_x.reshape(-1, dense_x.shape[-1])[mine[hit]].to(out.dtype)
+    return out
+
+
+def _empty_banks(fused):
+    """Free the fused module's copies once the linears hold theirs (a model's experts are most of its weights)."""
+    for bank in (_first(fused), "down_proj"):
+        for name in (bank, f"{bank}_bias") if fused.has_bias else (bank,):
+            old = getattr(fused, name)
+            _put(fused, name, old.new_empty((0,) * old.dim()))
+
+
+@contextlib.contextmanager
+def unfused(layers):
+    """Inside the block, every fused experts module of `layers` is an UnfusedExperts; on leaving, whatever
+    happened inside, each fused module is back in its place holding the linears' (pruned) weights."""
+    swapped = []
+    try:
+        for layer in layers:
+            for name, module in list(layer.named_modules()):
+                if is_fused_experts(module):
+                    parent_name, _, child = name.rpartition(".")
+                    parent = layer.get_submodule(parent_name) if parent_name else layer
+                    replacement = UnfusedExperts(module)
+                    swapped.append((parent, child, replacement))  # from here on, put back whatever happens
+                    _empty_banks(module)
+                    setattr(parent, child, replacement)
+        yield len(swapped)
+    finally:
+        for parent, child, replacement in swapped:
+            replacement.fuse_back()
+            setattr(parent, child, replacement.fused)

@@ -1,0 +1,277 @@
+"""Mixtures of experts: fused expert banks pruned as per-expert linears (pipeline/experts.py)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sdsengine
+from sdsengine.algorithms import magnitude, wanda
+from sdsengine.algorithms.stats import InputNorms
+from sdsengine.checkpoint import save_checkpoint
+from sdsengine.config import MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig
+from sdsengine.masks import nm_violations
+from sdsengine.pipeline import adapters, experts, sequential
+from sdsengine.pipeline.capture import capture_layer_inputs
+from sdsengine.pipeline.sequential import linear_groups, run_layer
+from tiny_models import MOE_SETTINGS, layer_outputs, tiny_model, tiny_tokens
+
+MOE = [family for family in MOE_SETTINGS if family in adapters.MOE_FAMILIES]
+pytestmark = pytest.mark.skipif(adapters._TRANSFORMERS_MAJOR < 5, reason="fused experts came with transformers 5")
+
+
+def _state(model):
+    return {name: (t.clone(), t.requires_grad) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def _slices(model):
+    """Every expert's weight in every fused bank, as (out, in), by 'bank name[expert]'."""
+    out = {}
+    for name, bank in model.named_parameters():
+        if bank.dim() == 3:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            for e, w in enumerate(bank.detach()):
+                out[f"{name}[{e}]"] = w.T if owner.is_transposed else w
+    return out
+
+
+def test_every_supported_mixture_is_in_the_tests():
+    assert sorted(MOE) == sorted(adapters.MOE_FAMILIES)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_unfused_experts_compute_what_the_fused_ones_do_and_go_back_unchanged(family):
+    model = tiny_model(family)
+    for bank in (p for p in model.parameters() if p.dim() == 3):
+        torch.nn.init.normal_(bank, std=0.05)  # weights that matter (some families start experts at zero)
+    ids, before = tiny_tokens(2, 12), _state(model)
+    fused = sum(experts.is_fused_experts(m) for m in model.modules())
+    with torch.no_grad():
+        expected = model(ids).logits
+        with experts.unfused(adapters.decoder_layers(model)) as swapped:
+            assert swapped == fused > 0
+            assert not any(p.dim() == 3 for p in model.parameters())
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the experts' sums in another order
+    after = _state(model)
+    assert after.keys() == before.keys()
+    for name, (tensor, grad) in before.items():
+        assert torch.equal(after[name][0], tensor) and after[name][1] == grad, name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_replayed_layers_match_plain_forward(family):
+    """Capture and layer-by-layer replay, with the experts unfused, reproduce a plain forward of the fused model."""
+    model, samples = tiny_model(family), tiny_tokens(3, 16)
+    expected = layer_outputs(model, samples)[-1]
+    with experts.unfused(adapters.decoder_layers(model)):
+        inps, kwargs = capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
+        outs = torch.empty_like(inps)
+        for layer, layer_kwargs in zip(adapters.decoder_layers(model), kwargs):
+            run_layer(layer, inps, outs, layer_kwargs, "cpu")
+            inps, outs = outs, inps
+    torch.testing.assert_close(inps, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failure_inside_puts_every_bank_back_with_what_was_pruned():
+    model = tiny_model("mixtral")
+    with pytest.raises(KeyboardInterrupt):
+        with experts.unfused(adapters.decoder_layers(model)):
+            model.model.layers[0].mlp.experts.get_submodule("1").down_proj.weight.data.zero_()
+            raise KeyboardInterrupt
+    banks = model.model.layers[0].mlp.experts
+    assert experts.is_fused_experts(banks) and banks.down_proj.shape == (4, 64, 128)
+    assert banks.down_proj[1].abs().sum() == 0 and banks.down_proj[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
+    """SparseGPT 2:4 on every expert of every layer (each slice 2:4 along its inputs), routers untouched; the
+    checkpoint has the model's own fused layout and reloads with transformers computing what the pruned model did;
+    the converted model too."""
+    model = tiny_model(family)
+    routers = {n: p.clone() for n, p in model.named_parameters()
+               if any(f".{r}." in n for r in experts.ROUTERS) and "experts" not in n}
+    assert routers or family in ("granitemoe",)
+    result = sdsengine.prune(model, SparseGPTConfig(sparsity="2:4", blocksize=16), tiny_tokens(), progress=False)
+    slices = _slices(model)
+    assert slices and all(nm_violations(w, 2, 4) == 0 and (w == 0).float().mean() == 0.5 for w in slices.values())
+    assert all(torch.equal(p, routers[n]) for n, p in model.named_parameters() if n in routers)
+    n_experts = model.config.to_dict().get("num_local_experts") or model.config.to_dict().get("num_experts") or 4
+    per_layer = [sum(".experts." in name for name in r.linears) for r in result.layers]
+    assert per_layer[-1] == 2 * n_experts and result.report["overall_sparsity"] == 0.5
+    assert all(r.error > 0 for r in result.layers)
+    ids = tiny_tokens(2, 8, seed=1)
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = save_checkpoint(model, None, tmp_path / "pruned", result.report)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        assert _slices(reloaded).keys() == slices.keys()
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+        model = model.to(torch.bfloat16)
+        expected = model(ids).logits
+        converted = sdsengine.convert(model)
+        torch.testing.assert_close(converted(ids).logits, expected, rtol=0, atol=0)
+
+
+def _routed_inputs(model, samples, index):
+    """Per expert of layer `index`: its routed tokens' inputs, window by window, from the unpruned fused model."""
+    moe = model.model.layers[index].mlp
+    seen = {e: [] for e in range(moe.experts.num_experts)}
+
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        _, _, chosen = module.gate(x)
+        for e in seen:
+            seen[e].append(x[(chosen == e).any(dim=-1)])
+    handle = moe.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for j in range(samples.shape[0]):
+            model(samples[j:j + 1])
+    handle.remove()
+    return seen
+
+
+def test_each_expert_is_pruned_on_the_tokens_routed_to_it():
+    """Wanda's norms for an expert's gate_up_proj come from the tokens its router sent it, not all tokens."""
+    model, samples, config = tiny_model("mixtral"), tiny_tokens(4, 32), WandaConfig(sparsity="2:4")
+    dense = {e: w.clone() for e, w in enumerate(model.model.layers[0].mlp.experts.gate_up_proj.detach())}
+    routed = _routed_inputs(model, samples, 0)
+    assert len({sum(len(x) for x in xs) for xs in routed.values()}) > 1  # experts saw different token counts
+    sdsengine.prune(model, config, samples, progress=False)
+    for e, windows in routed.items():
+        norms = InputNorms(64, "cpu")
+        for x in windows:
+            if len(x):
+                norms.add_batch(x)
+        expected = wanda.prune(dense[e], norms, config)
+        assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj[e], expected), e
+
+
+@pytest.mark.parametrize("config", [SparseGPTConfig(sparsity="2:4", blocksize=16), WandaConfig(sparsity="0.5")])
+def test_an_expert_no_calibration_token_reached_is_pruned_by_magnitude_and_says_so(config, monkeypatch):
+    """SparseGPT's statistics of no token take every input for dead and zeroed the whole expert; Wanda's scores all
+    tied. Magnitude is what is left to go by, and the layer's steps say so."""
+    model = tiny_model("mixtral")
+    router = model.model.layers[0].mlp.gate
+    real = router.forward
+
+    def never_expert_3(hidden):
+        logits, weights, chosen = real(hidden)
+        return logits, weights, torch.where(chosen == 3, 0, chosen)
+    monkeypatch.setattr(router, "forward", never_expert_3)
+    dense = model.model.layers[0].mlp.experts.down_proj[3].detach().clone()
+    result = sdsengine.prune(model, config, tiny_tokens(), progress=False)
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj[3], magnitude.prune(dense, None, config))
+    assert result.layers[0].steps["mlp.experts.3.down_proj"] == {"calibration_tokens": 0, "pruned_by": "magnitude"}
+    assert "mlp.experts.3.down_proj" not in result.layers[1].steps  # reached there: the method's own
+
+
+def test_true_sequential_takes_one_pass_per_projection_of_the_experts():
+    model = tiny_model("mixtral")
+    with experts.unfused(adapters.decoder_layers(model)):
+        layer = model.model.layers[0]
+        inps, kwargs = capture_layer_inputs(model, tiny_tokens(1, 8), torch.device("cpu"), torch.device("cpu"))
+        groups = linear_groups(layer, adapters.pruned_linears(layer), inps, kwargs[0], "cpu")
+    assert [sorted(g) for g in groups] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        [f"mlp.experts.{e}.gate_up_proj" for e in range(4)], [f"mlp.experts.{e}.down_proj" for e in range(4)]]
+    result = sdsengine.prune(model, SparseGPTConfig(sparsity="2:4", blocksize=16, sequential="linear"),
+                             tiny_tokens(), progress=False)
+    assert result.report["overall_sparsity"] == 0.5
+    assert all(nm_violations(w, 2, 4) == 0 for w in _slices(model).values())
+
+
+def test_ignore_names_experts_and_routers_are_never_pruned():
+    """--ignore takes an expert by its index; a router that is an nn.Linear (PhiMoE's) stays dense unasked, and
+    counts as a dense linear of the decoder."""
+    model = tiny_model("phimoe")
+    router = model.model.layers[0].mlp.router.weight.clone()
+    expert0 = model.model.layers[1].mlp.experts.gate_up_proj[0].detach().clone()
+    result = sdsengine.prune(model, MagnitudeConfig(sparsity="2:4", ignore=("model.layers.1.mlp.experts.0",)),
+                             progress=False)
+    assert torch.equal(model.model.layers[0].mlp.router.weight, router)
+    assert torch.equal(model.model.layers[1].mlp.experts.gate_up_proj[0], expert0)
+    assert "mlp.router" not in result.layers[0].linears and "mlp.experts.0.gate_up_proj" not in result.layers[1].linears
+    assert result.report["overall_sparsity"] == 0.5 and result.report["decoder_sparsity"] < 0.5
+
+
+def test_a_stopped_run_on_a_mixture_resumes_to_the_unbroken_result(tmp_path, monkeypatch):
+    config, samples = SDSConfig(sparsity="2:4", base="wanda", iters=3, refit=2, teacher="dense"), tiny_tokens(3, 16)
+    unbroken = tiny_model("qwen2_moe")
+    sdsengine.prune(unbroken, config, samples, progress=False)
+
+    class Stop(BaseException):
+        pass
+    real = sequential._prune_layer
+
+    def stop_at_1(i, *args, **kwargs):
+        if i == 1:
+            raise Stop
+        return real(i, *args, **kwargs)
+    stopped = tiny_model("qwen2_moe")
+    with monkeypatch.context() as m:
+        m.setattr(sequential, "_prune_layer", stop_at_1)
+        with pytest.raises(Stop):
+            sdsengine.prune(stopped, config, samples, progress=False, resume_dir=tmp_path / "progress")
+    assert experts.is_fused_experts(stopped.model.layers[0].mlp.experts)  # put back on the way out
+    resumed = tiny_model("qwen2_moe")
+    result = sdsengine.prune(resumed, config, samples, progress=False, resume_dir=tmp_path / "progress")
+    assert result.report["resumed"]["from_layer"] == 1
+    want = unbroken.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+
+
+def test_a_mixture_outside_the_supported_ones_is_refused_naming_its_experts():
+    with pytest.raises(ValueError, match=r"unsupported model layout 'llama4_text' \(a mixture-of-experts model whose "
+                                         r"experts' weights, fused 3-D parameters such as "
+                                         r"model\.layers\.0\.feed_forward\.experts\.gate_up_proj"):
+        sdsengine.prune(tiny_model("llama4_text"), MagnitudeConfig(sparsity="2:4"), progress=False)
+
+
+def test_the_cli_prunes_and_converts_a_mixture_and_says_its_experts_stay_dense(tmp_path, capsys):
+    """prune loads a saved mixture (no refusal from its config), writes it in its own fused layout; convert packs
+    its attention and says the experts' banks run dense."""
+    from sdsengine.cli import main
+    from tiny_models import save_tiny_tokenizer
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    assert main(["prune", "--model", str(tmp_path / "model"), "--method", "magnitude", "--sparsity", "2:4",
+                 "--out", str(tmp_path / "pruned")]) == 0
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert all(nm_violations(w, 2, 4) == 0 and (w == 0).float().mean() == 0.5 for w in _slices(pruned).values())
+    capsys.readouterr()
+    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "packed")]) == 0
+    out = capsys.readouterr().out
+    assert "8 of 9 linears converted" in out  # attention; the routers are no linears here, lm_head stays dense
+    assert "its experts' fused weights, 84% of the model's, stay dense" in out
+    packed = sdsengine.load_compressed(tmp_path / "packed")
+    ids = tiny_tokens(1, 8)
+    with torch.no_grad():
+        # loaded in bfloat16 as convert made it (.to() would cast the rotary frequencies too)
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.bfloat16)(ids).logits
+        torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_paired_lines_up_the_dense_streams_tokens_with_this_streams():
+    x = torch.ones(3, 2)  # this stream sent tokens 2, 5 and 7 here; the dense one 5, 1 and 2
+    dense = torch.tensor([[50., 50.], [10., 10.], [20., 20.]])
+    got = experts.paired(x, torch.tensor([2, 5, 7]), dense, torch.tensor([5, 1, 2]))
+    assert torch.equal(got, torch.tensor([[20., 20.], [50., 50.], [0., 0.]]))
+    assert torch.equal(experts.paired(x, torch.tensor([2, 5, 7]), None, None), torch.zeros(3, 2))
+
+
+def test_a_mixture_under_transformers_4_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    """transformers 4 keeps experts as linears beside a linear router (which would be pruned) and does not say which
+    tokens an expert got: refused by name, from the config."""
+    import transformers
+
+    from sdsengine.models import load_model
+    from tiny_models import save_tiny_tokenizer
+    tiny_model("qwen2_moe").save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    monkeypatch.setattr(adapters, "_TRANSFORMERS_MAJOR", 4)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=r"mixtures of experts \(qwen2_moe\) are pruned with transformers 5 or later"):
+        load_model(str(tmp_path / "model"))
