@@ -275,3 +275,15 @@ def test_a_mixture_under_transformers_4_is_refused_before_its_weights_load(tmp_p
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=r"mixtures of experts \(qwen2_moe\) are pruned with transformers 5 or later"):
         load_model(str(tmp_path / "model"))
+
+
+def test_routing_by_one_sort_picks_what_asking_each_expert_picks():
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(40)])  # 40 tokens, 2 of 6 experts
+    chosen[3, 1] = 5 + 1  # expert parallelism's sentinel: nobody's
+    for e, (token, position) in enumerate(experts._routed(chosen, 5)):
+        want = torch.where(chosen == e)
+        if token is None:
+            assert want[0].numel() == 0
+        else:
+            assert torch.equal(token, want[0]) and torch.equal(position, want[1]), e

@@ -68,7 +68,9 @@ def _linear(fused, bank, index) -> nn.Linear:
     weight = weight.T if fused.is_transposed else weight  # (out, in) as nn.Linear holds it
     bias = getattr(fused, f"{bank}_bias")[index] if fused.has_bias else None
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    # contiguous: a transposed bank's slice (GPT-OSS) would clone with the bank's strides
+    linear.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format),
+                                 requires_grad=weight.requires_grad)
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     return linear
@@ -97,9 +99,8 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         fused = self.fused
-        for e, expert in enumerate(self.experts()):
-            token, position = torch.where(top_k_index == e)
-            if token.numel() == 0:
+        for expert, (token, position) in zip(self.experts(), _routed(top_k_index, self.num_experts)):
+            if token is None:
                 continue
             for bank in (_first(fused), "down_proj"):  # which tokens these are, for the dense stream's pairing
                 getattr(expert, bank).routed_tokens = token
@@ -125,6 +126,22 @@ class UnfusedExperts(nn.Module):
 def _put(fused, name, tensor):
     """tensor as the fused module's parameter `name`, as trainable as the one it replaces."""
     setattr(fused, name, nn.Parameter(tensor, requires_grad=getattr(fused, name).requires_grad))
+
+
+def _routed(top_k_index, num_experts):
+    """Per expert, (the tokens routed to it, in order, and where it stands in each one's top k), or (None, None).
+    One sort and one read of the counts by the host, where asking each expert would stop a GPU once per expert (128
+    in Qwen3-30B-A3B). An index past the experts (expert parallelism's sentinel) is nobody's."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # stable: each expert's tokens in order, as torch.where gives them
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    for e, n in enumerate(counts):
+        pick = order[starts[e]:starts[e + 1]]
+        yield (pick // k, pick % k) if n else (None, None)
 
 
 def paired(x, tokens, dense_x, dense_tokens):
