@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import RESULTS, gpu_info, time_ms, write_results
+from harness import RESULTS, gpu_info, require_transformers, time_ms, write_results
 from sdsengine.masks import nm_mask
 from sdsengine.nn import convert, sparse_linear, weight_bytes
 
@@ -225,6 +225,7 @@ def _ratio(a, b):
 
 
 def main(argv=None):
+    require_transformers((4, 56), "from_config(dtype=), logits_to_keep")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS))
     parser.add_argument("--layers", type=int, default=32)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from harness import RESULTS, gpu_info, time_ms, write_results
+from harness import RESULTS, gpu_info, require_transformers, time_ms, write_results
 from sdsengine.bench import parse_tokens
 from sdsengine.nn import SparseLinear, load_compressed, set_lean, weight_bytes
 
@@ -39,6 +39,7 @@ def dense_bytes(model):
 
 
 def main(argv=None):
+    require_transformers((4, 56), "logits_to_keep")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a compressed checkpoint directory (sdsengine convert)")
     parser.add_argument("--tokens", default="1,256", help="token counts of the timed forwards")

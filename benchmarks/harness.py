@@ -21,13 +21,23 @@ from sdsengine import kernels  # noqa: E402
 from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, table, time_ms,  # noqa: E402
                              write_results)
 
-__all__ = ["RESULTS", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "main",
+__all__ = ["RESULTS", "require_transformers", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "main",
            "parse_args", "run", "time_backends", "record", "bandwidth", "target", "mismatch"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"  # Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up
 SMOKE_SHAPES = "64x128,96x256"
 SMOKE_COPY_BYTES = 16 << 20
+
+
+def require_transformers(minimum, why):
+    """Stop with the reason where the installed transformers is older than a benchmark needs (sdsengine itself
+    takes 4.45 and later; the model benchmarks call what came later)."""
+    import transformers
+    have = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    if have < minimum:
+        raise SystemExit(f"this benchmark needs transformers >= {'.'.join(map(str, minimum))} ({why}); this is "
+                         f"{transformers.__version__}")
 
 
 def parse_args(doc, bench, dtypes, warmup, reps, argv=None):

@@ -730,3 +730,13 @@ def test_quality_sh_runs_and_records_its_commands_word_for_word(tmp_path):
     assert shlex.split(record["prune_command"])[1:] == pruned[:-2]
     assert shlex.split(record["eval_command"])[1:] == (tmp_path / "args.eval").read_text().splitlines()
     assert str(out / "x_2-4.eval.json") in shlex.split(record["eval_command"])
+
+
+@pytest.mark.parametrize("name", ["bench_e2e", "bench_lean"])
+def test_model_benchmarks_name_the_transformers_they_need(benchmark, name, monkeypatch, tmp_path):
+    """setup.py admits transformers 4.45; these call from_config(dtype=) and logits_to_keep, which came later: on an
+    older one they failed deep in a model's forward (a TypeError) after building it."""
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "4.55.2")
+    with pytest.raises(SystemExit, match=r"needs transformers >= 4\.56 .*; this is 4\.55\.2"):
+        benchmark(name).main(["--model", str(tmp_path)] if name == "bench_lean" else [])
