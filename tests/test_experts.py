@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sdsengine
+from sdsengine import transformers_compat
 from sdsengine.algorithms import magnitude, wanda
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.checkpoint import save_checkpoint
@@ -15,7 +16,7 @@ from sdsengine.pipeline.sequential import linear_groups, run_layer
 from tiny_models import MOE_SETTINGS, layer_outputs, tiny_model, tiny_tokens
 
 MOE = [family for family in MOE_SETTINGS if family in adapters.MOE_FAMILIES]
-pytestmark = pytest.mark.skipif(adapters._TRANSFORMERS_MAJOR < 5, reason="fused experts came with transformers 5")
+pytestmark = pytest.mark.skipif(transformers_compat.major() < 5, reason="fused experts came with transformers 5")
 
 
 def _state(model):
@@ -271,7 +272,7 @@ def test_a_mixture_under_transformers_4_is_refused_before_its_weights_load(tmp_p
     from tiny_models import save_tiny_tokenizer
     tiny_model("qwen2_moe").save_pretrained(tmp_path / "model")
     save_tiny_tokenizer(tmp_path / "model")
-    monkeypatch.setattr(adapters, "_TRANSFORMERS_MAJOR", 4)
+    monkeypatch.setattr(transformers_compat, "major", lambda: 4)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=r"mixtures of experts \(qwen2_moe\) are pruned with transformers 5 or later"):
         load_model(str(tmp_path / "model"))

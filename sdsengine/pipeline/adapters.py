@@ -16,18 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import experts
+from sdsengine import transformers_compat
 
-import transformers
+from . import experts
 
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - very old transformers
     class Conv1D:  # nothing is an instance of it
         pass
-
-
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -65,9 +62,10 @@ def layout_for(model) -> Layout:
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in LAYOUTS:
         raise unsupported_layout(model_type, model)
-    if model_type in MOE_FAMILIES and _TRANSFORMERS_MAJOR < 5:
+    if model_type in MOE_FAMILIES and transformers_compat.major() < 5:
         # transformers 4 keeps experts as linears beside a linear router, which would be pruned, and routes the
         # two streams' tokens without telling which (experts.py needs the fused modules of transformers 5)
+        import transformers
         raise ValueError(f"mixtures of experts ({model_type}) are pruned with transformers 5 or later; this is "
                          f"transformers {transformers.__version__}")
     return LAYOUTS[model_type]
