@@ -13,7 +13,7 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters, experts, sequential
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import linear_groups, run_layer
-from tiny_models import MOE_SETTINGS, layer_outputs, tiny_model, tiny_tokens
+from tiny_models import MOE_SETTINGS, layer_outputs, tiny_config, tiny_model, tiny_tokens
 
 MOE = [family for family in MOE_SETTINGS if family in adapters.MOE_FAMILIES]
 pytestmark = pytest.mark.skipif(transformers_compat.major() < 5, reason="fused experts came with transformers 5")
@@ -180,6 +180,28 @@ def test_true_sequential_takes_one_pass_per_projection_of_the_experts():
                              tiny_tokens(), progress=False)
     assert result.report["overall_sparsity"] == 0.5
     assert all(nm_violations(w, 2, 4) == 0 for w in _slices(model).values())
+
+
+def test_true_sequential_puts_experts_the_first_window_missed_in_their_projections_pass():
+    """linear_groups records the first window only: an expert it did not reach had its gate_up_proj and down_proj in
+    one last group, the down_proj pruned on inputs that its pruned gate_up_proj never shaped."""
+    config = tiny_config("mixtral")
+    config.num_local_experts = 16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with experts.unfused(adapters.decoder_layers(model)):
+        layer = model.model.layers[0]
+        inps, kwargs = capture_layer_inputs(model, tiny_tokens(1, 4), torch.device("cpu"), torch.device("cpu"))
+        routed = set()
+        hooks = [layer.mlp.experts.get_submodule(f"{e}.down_proj").register_forward_hook(
+            lambda *_, e=e: routed.add(e)) for e in range(16)]
+        groups = linear_groups(layer, adapters.pruned_linears(layer), inps[:1], kwargs[0], "cpu")
+        for hook in hooks:
+            hook.remove()
+    assert 0 < len(routed) < 16  # 4 tokens, 2 experts each: most experts unreached in this window
+    assert [sorted(g) for g in groups] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        sorted(f"mlp.experts.{e}.gate_up_proj" for e in range(16)), sorted(f"mlp.experts.{e}.down_proj" for e in range(16))]
 
 
 def test_ignore_names_experts_and_routers_are_never_pruned():

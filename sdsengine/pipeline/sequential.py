@@ -188,17 +188,27 @@ def linear_groups(layer, targets, window, kwargs, device) -> list[dict]:
             last_input = x
         groups[-1][name] = targets[name]
     unseen = {name: m for name, m in targets.items() if all(name not in g for g in groups)}
-    return _merged_experts(groups + ([unseen] if unseen else []))
+    return _merged_experts(groups, unseen)
 
 
-def _merged_experts(groups):
+def _merged_experts(groups, unseen=None):
     """One group per projection of a mixture's experts (every expert's gate_up_proj, then every down_proj), where
     the forward made one per expert and projection: experts read the same tokens in one pass, so a pass per
-    expert (of 128, say) would only repeat it. Experts the first window did not reach join theirs."""
+    expert (of 128, say) would only repeat it. Experts the first window did not reach join their projection's
+    group, one by one: taken together with the other unseen linears, an expert's down_proj was pruned in the pass
+    of its own gate_up_proj, on inputs its pruned gate_up_proj never shaped. Other unseen linears form a last
+    group."""
     merged = {}
     for group in groups:
         merged.setdefault(frozenset(map(experts.role, group)), {}).update(group)
-    return list(merged.values())
+    rest = {}
+    for name, module in (unseen or {}).items():
+        role = experts.role(name)
+        if role == name:  # no expert's: with the other unseen linears
+            rest[name] = module
+        else:
+            merged.setdefault(frozenset([role]), {})[name] = module
+    return list(merged.values()) + ([rest] if rest else [])
 
 
 def layer_guard(layer, targets, fallbacks, steps, inps, outs, kwargs, device, reference=None):
