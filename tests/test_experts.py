@@ -1,4 +1,7 @@
 """Mixtures of experts: fused expert banks pruned as per-expert linears (pipeline/experts.py)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -81,6 +84,24 @@ def test_a_failure_inside_puts_every_bank_back_with_what_was_pruned():
     banks = model.model.layers[0].mlp.experts
     assert experts.is_fused_experts(banks) and banks.down_proj.shape == (4, 64, 128)
     assert banks.down_proj[1].abs().sum() == 0 and banks.down_proj[0].abs().sum() > 0
+
+
+def test_leaving_lets_each_layers_linears_go_once_its_banks_are_rebuilt(monkeypatch):
+    """A model's experts are most of its weights: the linears of layers already fused back must not stay alive
+    while the next layers' banks are rebuilt (all of them were, to the end: twice the experts' memory)."""
+    model = tiny_model("mixtral")
+    done, alive = [], []
+    real = experts.UnfusedExperts.fuse_back
+
+    def fuse_back(self):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in done))
+        real(self)
+        done.append(weakref.ref(self))
+    monkeypatch.setattr(experts.UnfusedExperts, "fuse_back", fuse_back)
+    with experts.unfused(adapters.decoder_layers(model)):
+        pass
+    assert alive == [0, 0]
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -186,6 +186,10 @@ def unfused(layers):
                     setattr(parent, child, replacement)
         yield len(swapped)
     finally:
-        for parent, child, replacement in swapped:
+        # each module's linears let go once its banks are rebuilt: held in `swapped` to the end, every layer's
+        # experts were in memory twice over (linears and rebuilt banks) when the last one was fused back
+        while swapped:
+            parent, child, replacement = swapped.pop(0)
             replacement.fuse_back()
             setattr(parent, child, replacement.fused)
+            del replacement
