@@ -104,6 +104,18 @@ def test_leaving_lets_each_layers_linears_go_once_its_banks_are_rebuilt(monkeypa
     assert alive == [0, 0]
 
 
+def test_a_mixture_pruned_under_inference_mode_can_still_be_trained():
+    """Pruned under torch.inference_mode(), a dense model's weights (changed in place) stay ordinary tensors; the
+    rebuilt expert banks were inference tensors, and the next training step failed on them."""
+    model = tiny_model("mixtral")
+    with torch.inference_mode():
+        sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(2, 8), progress=False)
+    assert not [name for name, p in model.named_parameters() if p.is_inference()]
+    ids = tiny_tokens(1, 8)
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].mlp.experts.down_proj.grad is not None
+
+
 @pytest.mark.parametrize("family", MOE)
 def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
     """SparseGPT 2:4 on every expert of every layer (each slice 2:4 along its inputs), routers untouched; the

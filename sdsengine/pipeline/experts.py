@@ -112,6 +112,9 @@ class UnfusedExperts(nn.Module):
             out.index_add_(0, token, (h * top_k_weights[token, position, None]).to(out.dtype))
         return out
 
+    # banks built under a caller's torch.inference_mode() would be inference tensors, which no training step can
+    # use afterwards; a dense model's weights, pruned in place, stay ordinary tensors
+    @torch.inference_mode(False)
     def fuse_back(self):
         """The linears' weights (and biases) back into the fused module's 3-D parameters, where the linears are."""
         fused = self.fused
