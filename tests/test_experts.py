@@ -116,6 +116,21 @@ def test_a_mixture_pruned_under_inference_mode_can_still_be_trained():
     assert model.model.layers[0].mlp.experts.down_proj.grad is not None
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_the_banks_are_the_same_parameters_after_a_prune(family):
+    """As a dense model's weights are pruned in place: an optimizer built before the prune holds the pruned banks
+    (new Parameters in their place left it training the unpruned ones, which the model no longer holds)."""
+    model = tiny_model(family)
+    before = {name: p for name, p in model.named_parameters() if p.dim() == 3}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(2, 8), progress=False)
+    after = {name: p for name, p in model.named_parameters() if p.dim() == 3}
+    assert after.keys() == before.keys() and all(after[name] is p for name, p in before.items())
+    assert all(nm_violations(w, 2, 4) == 0 for w in _slices(model).values())
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in after.values())
+
+
 @pytest.mark.parametrize("family", MOE)
 def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
     """SparseGPT 2:4 on every expert of every layer (each slice 2:4 along its inputs), routers untouched; the

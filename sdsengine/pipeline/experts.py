@@ -127,8 +127,9 @@ class UnfusedExperts(nn.Module):
 
 
 def _put(fused, name, tensor):
-    """tensor as the fused module's parameter `name`, as trainable as the one it replaces."""
-    setattr(fused, name, nn.Parameter(tensor, requires_grad=getattr(fused, name).requires_grad))
+    """tensor as the data of the fused module's parameter `name`. The Parameter itself stays, as a dense model's
+    weights, pruned in place, do: an optimizer, a hook or a caller that held it holds the pruned bank."""
+    getattr(fused, name).data = tensor
 
 
 def _routed(top_k_index, num_experts):
