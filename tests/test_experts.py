@@ -252,6 +252,20 @@ def test_true_sequential_puts_experts_the_first_window_missed_in_their_projectio
         sorted(f"mlp.experts.{e}.gate_up_proj" for e in range(16)), sorted(f"mlp.experts.{e}.down_proj" for e in range(16))]
 
 
+def test_experts_whose_inputs_the_pattern_does_not_divide_are_refused_with_the_ignore_for_all_of_them():
+    """Every expert has the shape of the first: the refusal names the --ignore pattern that covers all of them, which
+    then prunes the rest (one expert's name moved the refusal on to the next)."""
+    config = tiny_config("qwen2_moe")
+    config.moe_intermediate_size = 30
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"layer 0 mlp\.experts\.0\.down_proj: in_features 30 is not divisible by M=4 "
+                                         r".*--ignore \(every expert's: --ignore 'model\.layers\.\*\.mlp\.experts\.\*\.down_proj'\)"):
+        sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(2, 8), progress=False)
+    result = sdsengine.prune(model, WandaConfig(sparsity="2:4", ignore=("model.layers.*.mlp.experts.*.down_proj",)),
+                             tiny_tokens(2, 8), progress=False)
+    assert result.report["overall_sparsity"] == 0.5
+
+
 def test_ignore_names_experts_and_routers_are_never_pruned():
     """--ignore takes an expert by its index; a router that is an nn.Linear (PhiMoE's) stays dense unasked, and
     counts as a dense linear of the decoder."""

@@ -399,7 +399,7 @@ def plan_targets(model, config):
             raise ValueError("the decoder layers hold no prunable linears (nn.Linear or GPT-2's Conv1D)")
         raise ValueError(f"--ignore {','.join(config.ignore)} covers every linear of the decoder layers: nothing "
                          "is left to prune")
-    check_prunable(targets, config.sparsity)
+    check_prunable(targets, config.sparsity, adapters.layout_for(model).layers)
     return layers, targets
 
 
@@ -436,7 +436,7 @@ def _check_ignore_matches(model, layers, ignore):
         raise ValueError(f"--ignore pattern(s) {unmatched} match no module of the model; names look like {example!r}")
 
 
-def check_prunable(targets, pattern):
+def check_prunable(targets, pattern, prefix="model.layers"):
     """Fail before any work if a weight cannot hold the pattern, or holds inf/NaN (which every method would
     keep or spread: SparseGPT's updates carry one NaN along its row)."""
     for i, layer_targets in enumerate(targets):
@@ -444,10 +444,17 @@ def check_prunable(targets, pattern):
             weight = adapters.get_weight(module)
             if pattern.nm and weight.shape[1] % pattern.m:
                 raise ValueError(f"layer {i} {name}: in_features {weight.shape[1]} is not divisible by M={pattern.m} "
-                                 f"of the {pattern} pattern; exclude it with --ignore")
+                                 f"of the {pattern} pattern; exclude it with --ignore{_every_expert(prefix, name)}")
             if bad := _non_finite(weight):
                 raise ValueError(f"layer {i} {name}: the weight holds {bad} inf/NaN values; a damaged checkpoint "
                                  "cannot be pruned")
+
+
+def _every_expert(prefix, name):
+    """A mixture's experts share their shapes: the pattern that names this projection of every expert of every
+    layer (one expert's name would only move the refusal on to the next expert)."""
+    role = experts.role(name)
+    return "" if role == name else f" (every expert's: --ignore '{prefix}.*.{role}')"
 
 
 def _non_finite(weight):
