@@ -1,5 +1,6 @@
 """The Python API: one verb per job. `prune(model, config, calibration)` prunes in place."""
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
             layers = prune_model(model, config, samples, progress=progress, resume=store)
         seconds = time.perf_counter() - start
         decoder_sparsity = report.decoder_sparsity(model)
+    _warn_few_tokens(report.few_token_experts(layers))
     if store and store.resumed_from:
         seconds += store.earlier_seconds
     info = report.build(config, protocol, layers, seconds, model_source, memory_at_start)
@@ -58,6 +60,15 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)
+
+
+def _warn_few_tokens(few):
+    if few:
+        index, name, tokens = min(few, key=lambda item: item[2])
+        warnings.warn(f"{len(few)} expert linear(s) saw fewer calibration tokens than they have inputs, as few as "
+                      f"{tokens} (layer {index} {name}): their pruning is fitted to those few tokens (on tiny models "
+                      "SDS shrank such experts well below their dense size); more calibration windows (--nsamples) "
+                      "send them more. Each expert's count is in the report (calibration_tokens)")
 
 
 def _calibration(model, config, calibration, tokenizer):

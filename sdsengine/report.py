@@ -76,6 +76,14 @@ def decoder_sparsity(model) -> float:
     return _weighted_sparsity((counted_sparsity(w), w.numel()) for w in weights)
 
 
+def few_token_experts(layers) -> list[tuple]:
+    """(layer, linear, tokens) of the experts' linears that saw fewer calibration tokens than they have inputs: their
+    statistics are rank-deficient, so what a method fits to them (SparseGPT's updates, SDS's re-fits) fits those
+    few tokens. A router sends some experts few; more calibration windows send them more."""
+    return [(r.index, name, info["calibration_tokens"]) for r in layers for name, info in r.linears.items()
+            if info.get("calibration_tokens") is not None and info["calibration_tokens"] < info["shape"][1]]
+
+
 def _sized(info):
     """(counted sparsity, weight count) of one linear's entry in a layer report."""
     return info["sparsity"], info["shape"][0] * info["shape"][1]

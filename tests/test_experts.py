@@ -1,5 +1,6 @@
 """Mixtures of experts: fused expert banks pruned as per-expert linears (pipeline/experts.py)."""
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -399,3 +400,19 @@ def test_a_mixture_on_the_gpu_stays_there():
     sdsengine.prune(model, SparseGPTConfig(sparsity="2:4", blocksize=16, device="cuda"), tiny_tokens(), progress=False)
     moved = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cuda"]
     assert not moved and all(nm_violations(w, 2, 4) == 0 for w in _slices(model).values()), moved
+
+
+def test_each_experts_token_count_is_reported_and_too_few_are_warned_of():
+    """A router sends some experts few tokens: fewer than the linear's inputs leave its statistics rank-deficient,
+    which the run names (on tiny models SDS shrank such experts to a fifth of their size)."""
+    model = tiny_model("mixtral")
+    with pytest.warns(UserWarning, match=r"expert linear\(s\) saw fewer calibration tokens than they have inputs, "
+                                         r"as few as \d+ \(layer \d mlp\.experts\.\d\.(gate_up|down)_proj\)"):
+        result = sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(1, 16), progress=False)
+    counts = {name: info["calibration_tokens"] for name, info in result.layers[0].linears.items()
+              if ".experts." in name}
+    assert len(counts) == 8 and sum(counts.values()) == 2 * 2 * 16  # 16 tokens, 2 experts each, 2 projections
+    assert "calibration_tokens" not in result.layers[0].linears["self_attn.q_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough tokens: no warning
+        sdsengine.prune(tiny_model("mixtral"), WandaConfig(sparsity="2:4"), tiny_tokens(16, 64), progress=False)

@@ -245,6 +245,9 @@ def _prune_unreached(targets, stats, config):
     router never picked in the calibration windows has empty statistics, on which Wanda's scores all tie and
     SparseGPT takes every input for dead and zeroes the whole weight; its weights' sizes are all there is to go
     by. Each one's steps say so."""
+    for name, module in targets.items():
+        if experts.role(name) != name:  # an expert's linear (ours, for the prune): the report gives its token count
+            module.calibration_tokens = stats[name].tokens
     unreached = {name: m for name, m in targets.items() if stats[name].tokens == 0}
     for module in unreached.values():
         adapters.set_weight(module, magnitude.prune(adapters.get_weight(module), None, config))
@@ -469,6 +472,8 @@ def _report(index, targets, config, seconds, error):
         violations = nm_violations(w, *pattern.nm) if pattern.nm else None
         _refuse_broken(f"layer {index} {name}", w, violations, config)
         linears[name] = {"shape": list(w.shape), "sparsity": counted_sparsity(w), "nm_violations": violations}
+        if (tokens := getattr(module, "calibration_tokens", None)) is not None:
+            linears[name]["calibration_tokens"] = tokens
     return LayerReport(index, seconds, error, linears, memory=peak_memory(config.device))
 
 
