@@ -416,3 +416,13 @@ def test_each_experts_token_count_is_reported_and_too_few_are_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # enough tokens: no warning
         sdsengine.prune(tiny_model("mixtral"), WandaConfig(sparsity="2:4"), tiny_tokens(16, 64), progress=False)
+
+
+def test_an_ignore_in_the_checkpoints_fused_names_is_refused_with_an_experts_name():
+    """The checkpoint shows fused banks (mlp.experts.gate_up_proj), which name no linear that is pruned: the refusal
+    gave only an attention name, with nothing to say how an expert is named."""
+    with pytest.raises(ValueError, match=r"names look like 'model\.layers\.0\.self_attn\.q_proj' and, for an expert, "
+                                         r"'model\.layers\.0\.mlp\.experts\.0\.gate_up_proj'"):
+        sdsengine.prune(tiny_model("mixtral"), MagnitudeConfig(sparsity="2:4",
+                                                               ignore=("model.layers.*.mlp.experts.gate_up_proj",)),
+                        progress=False)

@@ -435,8 +435,12 @@ def _check_ignore_matches(model, layers, ignore):
     unmatched = [pat for pat in ignore if not any(fnmatch.fnmatch(name, pat) for name in names)]
     if unmatched:
         prefix = adapters.layout_for(model).layers
-        example = f"{prefix}.0.{next(iter(adapters.linear_modules(layers[0])))}"
-        raise ValueError(f"--ignore pattern(s) {unmatched} match no module of the model; names look like {example!r}")
+        examples = [f"{prefix}.{i}.{name}" for i, layer in enumerate(layers) for name in adapters.linear_modules(layer)]
+        # a mixture's checkpoint shows fused banks (mlp.experts.gate_up_proj); the pruned linears are per expert
+        expert = next((e for e in examples if experts.role(e) != e), None)
+        more = f" and, for an expert, {expert!r}" if expert else ""
+        raise ValueError(f"--ignore pattern(s) {unmatched} match no module of the model; names look like "
+                         f"{examples[0]!r}{more}")
 
 
 def check_prunable(targets, pattern, prefix="model.layers"):
