@@ -69,10 +69,12 @@ def overall_sparsity(layers) -> float:
 
 
 def decoder_sparsity(model) -> float:
-    """Counted sparsity of every linear of the decoder layers, the --ignore'd ones (dense) included."""
+    """Counted sparsity of every linear of the decoder layers a method may prune, the --ignore'd ones (dense)
+    included; a mixture's routers, never pruned, are not (they are linears in some families, bare weights in
+    others: counted, the figure differed between families pruned alike)."""
     from sdsengine.pipeline import adapters
     weights = (adapters.get_weight(m) for layer in adapters.decoder_layers(model)
-               for m in adapters.linear_modules(layer).values())
+               for m in adapters.pruned_linears(layer).values())
     return _weighted_sparsity((counted_sparsity(w), w.numel()) for w in weights)
 
 

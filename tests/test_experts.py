@@ -148,6 +148,7 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
     n_experts = model.config.to_dict().get("num_local_experts") or model.config.to_dict().get("num_experts") or 4
     per_layer = [sum(".experts." in name for name in r.linears) for r in result.layers]
     assert per_layer[-1] == 2 * n_experts and result.report["overall_sparsity"] == 0.5
+    assert result.report["decoder_sparsity"] == 0.5  # routers, never pruned, are not counted (as linears or not)
     assert all(r.error > 0 for r in result.layers)
     ids = tiny_tokens(2, 8, seed=1)
     with torch.no_grad():
@@ -426,3 +427,22 @@ def test_an_ignore_in_the_checkpoints_fused_names_is_refused_with_an_experts_nam
         sdsengine.prune(tiny_model("mixtral"), MagnitudeConfig(sparsity="2:4",
                                                                ignore=("model.layers.*.mlp.experts.gate_up_proj",)),
                         progress=False)
+
+
+def test_a_module_that_cannot_be_fused_back_does_not_keep_the_others_from_going_back(monkeypatch):
+    """Out of memory while stacking one layer's banks: the later layers went back unfused too."""
+    model = tiny_model("mixtral")
+    real = experts.UnfusedExperts.fuse_back
+    calls = []
+
+    def first_fails(self):
+        calls.append(self)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("stacking the banks")
+        real(self)
+    monkeypatch.setattr(experts.UnfusedExperts, "fuse_back", first_fails)
+    with pytest.raises(torch.OutOfMemoryError, match="stacking the banks"):
+        with experts.unfused(adapters.decoder_layers(model)):
+            pass
+    assert len(calls) == 2 and experts.is_fused_experts(model.model.layers[1].mlp.experts)
+    assert model.model.layers[1].mlp.experts.down_proj.shape == (4, 64, 128)

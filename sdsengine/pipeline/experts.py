@@ -190,10 +190,22 @@ def unfused(layers):
                     setattr(parent, child, replacement)
         yield len(swapped)
     finally:
-        # each module's linears let go once its banks are rebuilt: held in `swapped` to the end, every layer's
-        # experts were in memory twice over (linears and rebuilt banks) when the last one was fused back
-        while swapped:
-            parent, child, replacement = swapped.pop(0)
+        _put_back(swapped)
+
+
+def _put_back(swapped):
+    """Each fused module back in its place with its linears' weights. One that fails (out of memory while stacking)
+    stays unfused, and the rest still go back before its error is raised: stopping at the first left every later
+    layer unfused too. Each module's linears let go once its banks are rebuilt: held to the end, every layer's
+    experts were in memory twice over (linears and rebuilt banks) when the last one was fused back."""
+    failed = None
+    while swapped:
+        parent, child, replacement = swapped.pop(0)
+        try:
             replacement.fuse_back()
             setattr(parent, child, replacement.fused)
-            del replacement
+        except BaseException as exc:  # Ctrl-C too: the next layers are still put back
+            failed = failed or exc
+        del replacement
+    if failed is not None:
+        raise failed
