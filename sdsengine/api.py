@@ -66,8 +66,8 @@ def _warn_few_tokens(few):
     if few:
         index, name, tokens = min(few, key=lambda item: item[2])
         warnings.warn(f"{len(few)} expert linear(s) saw fewer calibration tokens than they have inputs, as few as "
-                      f"{tokens} (layer {index} {name}): their pruning is fitted to those few tokens (on tiny models "
-                      "SDS shrank such experts well below their dense size); more calibration windows (--nsamples) "
+                      f"{tokens} (layer {index} {name}): their pruning rests on those few tokens (SDS leaves such "
+                      "linears to its base, the refit and swaps are skipped); more calibration windows (--nsamples) "
                       "send them more. Each expert's count is in the report (calibration_tokens)")
 
 
