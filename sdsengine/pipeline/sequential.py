@@ -244,7 +244,7 @@ def _prune_unreached(targets, stats, config):
     """(steps, the other targets): the linears no calibration token reached, pruned by magnitude. An expert the
     router never picked in the calibration windows has empty statistics, on which Wanda's scores all tie and
     SparseGPT takes every input for dead and zeroes the whole weight; its weights' sizes are all there is to go
-    by. Each one's steps say so."""
+    by. Each one's steps say so. Each expert's linear also keeps its token count, for the report."""
     for name, module in targets.items():
         if experts.role(name) != name:  # an expert's linear (ours, for the prune): the report gives its token count
             module.calibration_tokens = stats[name].tokens
