@@ -94,11 +94,18 @@ def convert(model, ignore=("lm_head",), report=None):
     return model
 
 
+def fused_banks(model) -> dict[str, nn.Parameter]:
+    """The model's parameters of three or more dimensions outside convolutions, by name: a mixture's fused expert
+    banks (experts, out, in). A convolution's kernel is 3-D too (Mamba's conv1d), and is no bank."""
+    return {f"{owner}.{name}" if owner else name: p for owner, module in model.named_modules()
+            if not isinstance(module, nn.modules.conv._ConvNd)
+            for name, p in module.named_parameters(recurse=False) if p.dim() >= 3}
+
+
 def fused_bank_share(model) -> float:
-    """The share of the model's parameters in 3-D ones outside convolutions: a mixture's fused expert banks, which
-    stay dense in a converted model (no grouped 2:4 kernel here). Of an unconverted model."""
-    banks = sum(p.numel() for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd)
-                for p in m.parameters(recurse=False) if p.dim() == 3)
+    """The share of the model's parameters in fused expert banks, which stay dense in a converted model (no
+    grouped 2:4 kernel here). Of an unconverted model."""
+    banks = sum(p.numel() for p in fused_banks(model).values())
     return banks / max(sum(p.numel() for p in model.parameters()), 1)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sdsengine import transformers_compat
+from sdsengine.nn.convert import fused_banks
 
 from . import experts
 
@@ -81,9 +82,7 @@ def _fused_experts_note(model) -> str:
     """Why a mixture-of-experts model outside MOE_FAMILIES is refused: its experts' 3-D weights (experts, out, in)
     hold no nn.Linear, and how its layers route tokens to them is untested here. A convolution's kernel is 3-D
     too (Mamba's, RecurrentGemma's conv1d), and was called a mixture of experts: convolutions are passed over."""
-    fused = next(((f"{owner}.{name}" if owner else name, p) for owner, module in model.named_modules()
-                  if not isinstance(module, nn.modules.conv._ConvNd)
-                  for name, p in module.named_parameters(recurse=False) if p.dim() >= 3), None)
+    fused = next(iter(fused_banks(model).items()), None)
     if fused is None:
         return ""
     return (f" (a mixture-of-experts model whose experts' weights, fused 3-D parameters such as {fused[0]} of shape "
