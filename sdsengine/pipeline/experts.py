@@ -140,12 +140,8 @@ def _routed(top_k_index, num_experts):
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: each expert's tokens in order, as torch.where gives them
     counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
-    starts = [0]
-    for n in counts:
-        starts.append(starts[-1] + n)
-    for e, n in enumerate(counts):
-        pick = order[starts[e]:starts[e + 1]]
-        yield (pick // k, pick % k) if n else (None, None)
+    for pick in order[:sum(counts)].split(counts):
+        yield (pick // k, pick % k) if len(pick) else (None, None)
 
 
 def paired(x, tokens, dense_x, dense_tokens):
@@ -156,10 +152,10 @@ def paired(x, tokens, dense_x, dense_tokens):
     out = x.new_zeros(x.shape).reshape(-1, x.shape[-1])
     if dense_x is None:
         return out
-    size = int(max(tokens.max(), dense_tokens.max())) + 1 if len(dense_tokens) else 0
-    row = torch.full((size,), -1, dtype=torch.long, device=tokens.device)
+    # an expert's linear runs only for tokens routed to it: neither token list is empty here
+    row = torch.full((int(max(tokens.max(), dense_tokens.max())) + 1,), -1, dtype=torch.long, device=tokens.device)
     row[dense_tokens] = torch.arange(len(dense_tokens), device=tokens.device)
-    mine = row[tokens] if size else row.new_full(tokens.shape, -1)
+    mine = row[tokens]
     hit = mine >= 0
     out[hit] = dense_x.reshape(-1, dense_x.shape[-1])[mine[hit]].to(out.dtype)
     return out
