@@ -1,5 +1,8 @@
-"""End-to-end prefill and decode tokens/s of a Llama-shaped model with random weights pruned 2:4 (magnitude):
-dense vs the same model after sdsengine.nn.convert, in one run.
+"""End-to-end prefill and decode tokens/s of a Llama-shaped model (or a mixture of experts: Mixtral-8x7B,
+Qwen3-30B-A3B) with random weights pruned 2:4 (magnitude): dense vs the same model after sdsengine.nn.convert, in
+one run. A mixture's dense experts run as transformers runs them by default (grouped_mm), its converted ones one
+expert at a time through SparseLinear; the routing reads the token counts on the host, so its steps are not
+captured as CUDA graphs (the record's mode says so).
 
 Prefill: one forward over --prefill tokens (only the last position's logits). Decode: --steps single-token
 steps against a static KV cache, replayed as a CUDA graph (the eager fallback is reported as such: Python
@@ -11,7 +14,8 @@ kept for that), so that one run tells a host-bound gap, SparseLinear's own overh
 measurements (the converted model is first timed right after its tuning) apart; they go into the
 e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms, dense_ms_after and ms_after.
 
-    python benchmarks/bench_e2e.py [--model llama-3-8b] [--layers 32] [--dtype float16]
+    python benchmarks/bench_e2e.py [--model llama-3-8b|llama-2-7b|mixtral-8x7b|qwen3-30b-a3b] [--layers 32]
+                                   [--dtype float16]
 
 Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is visible.
 """
@@ -28,35 +32,63 @@ from torch import nn
 from harness import RESULTS, gpu_info, require_transformers, time_ms, write_results
 from sdsengine.masks import nm_mask
 from sdsengine.nn import convert, sparse_linear, weight_bytes
+from sdsengine.pipeline import adapters, experts
 
-CONFIGS = {
+CONFIGS = {  # transformers model type (llama unless named) and config; mixtures keep their experts fused
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                        vocab_size=32000, num_hidden_layers=32),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                        vocab_size=128256, num_hidden_layers=32, rope_theta=500000.0),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, num_hidden_layers=32, num_local_experts=8,
+                         num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          num_hidden_layers=48, num_experts=128, num_experts_per_tok=8),
 }
 
 
-def build_model(name, layers, dtype, max_len):
-    """A random Llama-shaped model on the GPU with every decoder Linear pruned 2:4 by magnitude."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    config = LlamaConfig(**dict(CONFIGS[name], num_hidden_layers=layers), max_position_embeddings=max_len)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    with torch.no_grad():
-        for module in model.model.layers.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+def model_config(name, layers, max_len):
+    from transformers import AutoConfig
+    settings = dict(CONFIGS[name], num_hidden_layers=layers, max_position_embeddings=max_len)
+    return AutoConfig.for_model(settings.pop("model_type", "llama"), **settings)
+
+
+def build_model(name, layers, dtype, max_len, device="cuda"):
+    """A random model of the named shape on the device, pruned 2:4 by magnitude (prune_24)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(name, layers, max_len), dtype=dtype).eval()
+    return prune_24(model)
+
+
+@torch.no_grad()
+def prune_24(model):
+    """Every decoder linear but a mixture's routers, and every expert of its fused banks (along each expert's
+    inputs), 2:4 by magnitude: what sdsengine.prune would leave, without its calibration."""
+    for layer in model.model.layers:
+        for module in adapters.pruned_linears(layer).values():
+            module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+        for module in layer.modules():
+            if experts.is_fused_experts(module):
+                for bank in (p for p in module.parameters(recurse=False) if p.dim() == 3):  # biases are 2-D
+                    _mask_bank(bank.transpose(1, 2) if module.is_transposed else bank)
     return model
 
 
+def _mask_bank(bank):
+    """bank (experts, out, in), a view: each expert's rows 2:4 along its inputs."""
+    bank.mul_(nm_mask(bank.abs().reshape(-1, bank.shape[-1]), 2, 4).reshape(bank.shape))
+
+
 def layers_that_fit(name, wanted, dtype):
-    """Dense weights plus room for a decompressed copy and activations must fit: cut layers, never OOM."""
-    c = CONFIGS[name]
-    head_dim = c["hidden_size"] // c["num_attention_heads"]
-    per_layer = (2 * c["hidden_size"] ** 2 + 2 * c["hidden_size"] * c["num_key_value_heads"] * head_dim
-                 + 3 * c["hidden_size"] * c["intermediate_size"]) * dtype.itemsize
-    embeddings = 2 * c["vocab_size"] * c["hidden_size"] * dtype.itemsize
+    """Dense weights plus room for a decompressed copy and activations must fit: cut layers, never OOM. A layer's
+    and the embeddings' sizes are counted on a one-layer model on the meta device."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        one = AutoModelForCausalLM.from_config(model_config(name, 1, 128), dtype=dtype)
+    per_layer = sum(p.numel() for p in one.model.layers[0].parameters()) * dtype.itemsize
+    embeddings = sum(p.numel() for p in one.parameters()) * dtype.itemsize - per_layer
     free = torch.cuda.mem_get_info()[0] * 0.8 - 2 * embeddings - (4 << 30)
     # the dense copy, and the converted model: compressed values plus the dense and sdsengine forms it derives
     return max(1, min(wanted, int(free // (4 * per_layer))))

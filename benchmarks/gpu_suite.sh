@@ -24,7 +24,9 @@
 #  10. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
 #  11. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e), where time is left: it checks
 #                   the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
-#  12. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
+#  12. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token), where time
+#                   is left: converted experts (SparseLinear per expert) against transformers' grouped dense run
+#  13. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
 # after a fix within a short device lease; only the selected steps' results files are replaced (the summary
@@ -45,7 +47,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full"
+BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full e2e_moe"
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for s in $SUITE_STEPS; do
@@ -174,6 +176,8 @@ suite() {
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
+  step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
+    --dtype bfloat16 --name e2e_moe --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

@@ -103,14 +103,23 @@ def parse_tokens(text):
 
 
 def model_shapes(model, ignore=("lm_head",)):
-    """{(out, in): 'names'} of the model's Linear/Conv1D layers that SparseLinear can hold (in % 32 == 0)."""
+    """{(out, in): 'names'} of the model's Linear/Conv1D layers that SparseLinear can hold (in % 32 == 0), a
+    mixture's experts included (each expert's projection is one such layer once converted: 'experts.down_proj')."""
     from sdsengine.nn.convert import Conv1D
+    from sdsengine.pipeline import experts
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in ignore:
-            out_in = tuple(module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape)
+            found = {name.rsplit(".", 1)[-1]: module.weight.shape[::-1] if isinstance(module, Conv1D) else
+                     module.weight.shape}
+        elif experts.is_fused_experts(module):
+            found = {f"experts.{bank}": getattr(module, bank).shape[1:][::-1 if module.is_transposed else 1]
+                     for bank in experts.bank_names(module)}
+        else:
+            continue
+        for short, out_in in found.items():
             if out_in[1] % 32 == 0:
-                shapes.setdefault(out_in, set()).add(name.rsplit(".", 1)[-1])
+                shapes.setdefault(tuple(out_in), set()).add(short)
     return {shape: ",".join(sorted(names)) for shape, names in shapes.items()}
 
 

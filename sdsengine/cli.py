@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sdsengine import api, bench, checkpoint, files, report
+from sdsengine import api, bench, checkpoint, files, report, transformers_compat
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
@@ -123,6 +123,9 @@ def build_parser():
     _add_model_flags(c)
     c.add_argument("--out", required=True, help="output directory (compressed checkpoint)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    c.add_argument("--ignore", action="append", default=None,
+                   help="module-name patterns kept dense besides lm_head ('*experts*': a mixture's experts stay "
+                        "fused, run by transformers) (comma-separated; the flag may be repeated)")
 
     b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
     bench.add_arguments(b)
@@ -326,19 +329,20 @@ def cmd_convert(args):
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
     model, tokenizer, source = load_model(args.model, _dtype(args) or "auto", needs_tokenizer=False)
     model = _half_for_kernels(model, args)
-    records, share = [], fused_bank_share(model)
+    records, total = [], sum(p.numel() for p in model.parameters())  # before SparseLinears hold buffers
     with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
         warnings.simplefilter("ignore")
-        convert(model, report=records)
+        convert(model, ignore=("lm_head", *(p for v in args.ignore or () for p in v.split(",") if p)), report=records)
     done = sum(r.action == "converted" for r in records)
     if done == 0:  # a copy with nothing compressed is neither smaller nor faster: say why instead
         raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({skip_reasons(records)}); "
                          "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
     save_compressed(model, out, tokenizer, args.overwrite)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
+    share = fused_bank_share(model, total)
     if share:
-        print(f"{source}: its experts' fused weights, {share:.0%} of the model's, stay dense in it (SparseLinear "
-              "holds linears, and sdsengine has no 2:4 kernel for expert banks): they run no faster")
+        print(f"{source}: experts' fused weights, {share:.0%} of the model's, stay dense in it (none of their "
+              "linears was converted: ignored, or not 2:4)")
 
 
 def _half_for_kernels(model, args):
@@ -349,7 +353,7 @@ def _half_for_kernels(model, args):
     if args.dtype is None:
         print(f"convert: the checkpoint is {str(model.dtype).removeprefix('torch.')}; converting in bfloat16, "
               "where the sparse kernels run (--dtype float16 or float32 to choose)")
-        return model.to(torch.bfloat16)
+        return transformers_compat.cast(model, torch.bfloat16)  # what transformers keeps in float32 stays
     print("convert: warning: float32 SparseLinears always run the dense fallback (the sparse kernels need "
           "float16 or bfloat16)", file=sys.stderr)
     return model

@@ -1,5 +1,10 @@
-"""What differs between the transformers versions sdsengine supports (setup.py: 4.45 and later)."""
+"""What differs between the transformers versions sdsengine supports (setup.py: 4.45 and later), and what
+transformers does that a model outside from_pretrained must be given by hand."""
+import copy
 import functools
+import re
+
+import torch
 
 
 @functools.lru_cache(maxsize=1)
@@ -12,6 +17,43 @@ def dtype_kwargs(dtype) -> dict:
     """The keyword that sets a model's dtype in from_pretrained / from_config: `dtype` from transformers 5
     (4.56 added it), `torch_dtype` before, where an unknown `dtype` would reach the model's constructor."""
     return {"dtype" if major() >= 5 else "torch_dtype": dtype}
+
+
+def float32_names(model, dtype) -> set[str]:
+    """Names of the parameters and buffers that transformers holds in float32 in a model like `model` (its class
+    and config) loaded in `dtype`; empty for a model without a config. Where a cast of the whole model (model.to)
+    or a loader of our own would make them `dtype`: router weights and score biases that lose too much in half
+    precision (DeepSeek-V3's, GLM-4-MoE's, HunYuan-MoE's: in bfloat16 their routing changes), listed by the class
+    (`_keep_in_fp32_modules_strict`, and `_keep_in_fp32_modules` in float16) or built in float32 by its
+    constructor; and rotary frequencies. A skeleton of the model's config on the meta device says which (costs
+    no memory)."""
+    config = getattr(model, "config", None)
+    if dtype == torch.float32 or config is None or not hasattr(type(model), "_from_config"):
+        return set()
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(copy.deepcopy(config), **dtype_kwargs(dtype))
+    tensors = dict((*skeleton.named_parameters(), *skeleton.named_buffers()))
+    listed = set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        listed |= set(getattr(skeleton, "_keep_in_fp32_modules", None) or ())
+    # a listed name is a whole run of a tensor's name components ("gate.weight": mlp.gate.weight, not
+    # mlp.shared_expert_gate.weight)
+    pattern = re.compile("|".join(rf"(^|\.){re.escape(n)}($|\.)" for n in sorted(listed))) if listed else None
+    return {name for name, t in tensors.items() if t.is_floating_point() and (
+        t.dtype == torch.float32 or pattern is not None and pattern.search(name))}
+
+
+def cast(model, dtype):
+    """model.to(dtype) as from_pretrained would have loaded it in dtype: what transformers holds in float32
+    (float32_names) keeps its float32 values, unrounded; returns the model."""
+    keep = float32_names(model, dtype)
+    kept = {name: t.data for name, t in (*model.named_parameters(), *model.named_buffers())
+            if name in keep and t.dtype == torch.float32}
+    model.to(dtype)
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if name in kept:
+            t.data = kept[name]
+    return model
 
 
 def gguf_tokenizer(tokenizer, gguf_path):

@@ -318,6 +318,29 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     assert lean_decode["weight_mib"] < 0.6 * lean_decode["dense_weight_mib"]
 
 
+def test_e2e_measures_a_mixture_with_its_experts_pruned_and_converted(benchmark):
+    """bench_e2e's mixture shapes: every expert 2:4 along its inputs (routers dense), the dense banks counted in
+    the dense model's weights, the converted experts as SparseLinears, both timed."""
+    from sdsengine.masks import nm_violations
+    from sdsengine.nn import SparseLinear, convert
+    e2e = benchmark("bench_e2e")
+    assert e2e.model_config("qwen3-30b-a3b", 2, 64).num_experts == 128
+    model = e2e.build_model("mixtral-8x7b", 1, torch.float32, 64, device="meta")  # the real shape, no memory
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 2 * 14336, 4096)
+    model = e2e.prune_24(tiny_model("mixtral"))
+    banks = [p for n, p in model.named_parameters() if p.dim() == 3]
+    assert banks and all(nm_violations(b.reshape(-1, b.shape[-1]), 2, 4) == 0 for b in banks)
+    assert all(nm_violations(p.detach(), 2, 4) > 0 for n, p in model.named_parameters() if "gate.weight" in n)
+    args = type("Args", (), {"batch": 1, "prefill": 8, "prompt": 4, "steps": 2, "no_graphs": True,
+                             "model": "mixtral-8x7b", "dtype": "float32"})()
+    dense = e2e.measure_model(model, args)
+    assert dense["weight_bytes"] > sum(b.numel() * 4 for b in banks)
+    sparse = e2e.measure_converted(convert(model), args)
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 24 and sparse["decode"] > 0
+    prefill, decode = e2e.records_for(args, 1, dense, sparse, "cpu")
+    assert prefill["shape"] == "mixtral-8x7b/1of32layers" and decode["speedup"] > 0
+
+
 def test_lean_bench_measures_a_checkpoint_both_ways(benchmark, tmp_path):
     """bench_lean on a tiny compressed checkpoint: one record per token count, the lean model holding its
     compressed weights only (fp32: 17/32 of the linears' bytes), as loaded the dense copies too."""

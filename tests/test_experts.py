@@ -158,10 +158,23 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
         reloaded = AutoModelForCausalLM.from_pretrained(out)
         assert _slices(reloaded).keys() == slices.keys()
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
-        model = model.to(torch.bfloat16)
-        expected = model(ids).logits
-        converted = sdsengine.convert(model)
+        # converted, experts included: they run one expert at a time, as transformers' eager loop does (the same
+        # sums in the same order); the checkpoint's bfloat16 model was built in it, as the compressed one loads
+        expected = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, experts_implementation="eager")(
+            ids).logits
+        converted = sdsengine.convert(AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16))
+        assert _packed_experts(converted) == _packed_experts(converted, every=True) != []
         torch.testing.assert_close(converted(ids).logits, expected, rtol=0, atol=0)
+        packed = sdsengine.load_compressed(sdsengine.save_compressed(converted, tmp_path / "packed"))
+        assert _packed_experts(packed) == _packed_experts(converted)
+        torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=0)
+
+
+def _packed_experts(model, every=False):
+    """Names of the experts modules whose every linear is a SparseLinear (every: of all the experts modules)."""
+    from sdsengine.nn.sparse_linear import SparseLinear
+    return [name for name, m in model.named_modules() if isinstance(m, experts.UnfusedExperts) and (
+        every or all(isinstance(sub, SparseLinear) for e in m.experts() for sub in e.children()))]
 
 
 def _routed_inputs(model, samples, index):
@@ -317,9 +330,9 @@ def test_a_mixture_outside_the_supported_ones_is_refused_naming_its_experts():
         sdsengine.prune(tiny_model("llama4_text"), MagnitudeConfig(sparsity="2:4"), progress=False)
 
 
-def test_the_cli_prunes_and_converts_a_mixture_and_says_its_experts_stay_dense(tmp_path, capsys):
+def test_the_cli_prunes_and_converts_a_mixture_experts_included(tmp_path, capsys):
     """prune loads a saved mixture (no refusal from its config), writes it in its own fused layout; convert packs
-    its attention and says the experts' banks run dense."""
+    its attention and its experts."""
     from sdsengine.cli import main
     from tiny_models import save_tiny_tokenizer
     model = tiny_model("mixtral")
@@ -332,14 +345,22 @@ def test_the_cli_prunes_and_converts_a_mixture_and_says_its_experts_stay_dense(t
     capsys.readouterr()
     assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "packed")]) == 0
     out = capsys.readouterr().out
-    assert "8 of 9 linears converted" in out  # attention; the routers are no linears here, lm_head stays dense
-    assert "its experts' fused weights, 84% of the model's, stay dense" in out
+    # attention's 8 and the experts' 16 (2 layers x 4 experts x 2); the routers are no linears here, lm_head stays
+    assert "24 of 25 linears converted" in out and "stay dense" not in out
     packed = sdsengine.load_compressed(tmp_path / "packed")
+    assert len(_packed_experts(packed)) == 2
     ids = tiny_tokens(1, 8)
     with torch.no_grad():
-        # loaded in bfloat16 as convert made it (.to() would cast the rotary frequencies too)
-        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.bfloat16)(ids).logits
+        # loaded in bfloat16 as convert made it (.to() would cast the rotary frequencies too), its experts run as
+        # the converted ones are
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.bfloat16,
+                                                        experts_implementation="eager")(ids).logits
         torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "attention"),
+                 "--ignore", "*experts*"]) == 0  # experts left fused, run as transformers runs them
+    out = capsys.readouterr().out
+    assert "8 of 25 linears converted" in out and "experts' fused weights, 84% of the model's, stay dense" in out
 
 
 def test_paired_lines_up_the_dense_streams_tokens_with_this_streams():

@@ -2,12 +2,15 @@
 
 `convert` leaves a layer dense when it is ignored, not 2:4, or has in_features % 32 != 0, and says so.
 transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn.Linear's (out, in).
+A mixture's fused experts (3-D banks, which no linear holds) become an UnfusedExperts (pipeline/experts.py)
+whose experts' linears are converted like any other: where at least one of them converts, the module stays
+unfused in the converted model; otherwise the fused module stays as it was.
 
 A compressed checkpoint is a directory holding sdsengine_compressed.safetensors (the state dict:
 values/meta/bias buffers for every SparseLinear, tied tensors stored once; named so that transformers'
 from_pretrained finds no weights there rather than random ones), sdsengine_compressed.json naming the
-SparseLinear modules, their shapes and the model's dtype, the model's config.json and
-generation_config.json when it has them, and the tokenizer's files when one is given (so `sdsengine eval
+SparseLinear modules, their shapes and the model's dtype, and the experts modules unfused; the model's
+config.json and generation_config.json when it has them, and the tokenizer's files when one is given (so `sdsengine eval
 --model DIR` runs it). It is written as the pruned checkpoint is (checkpoint.staged_directory); a
 non-empty directory is replaced only with overwrite. Convert the whole model: its save_pretrained is what
 refuses (a submodule converted alone leaves the outer model's save_pretrained as it was).
@@ -21,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from sdsengine.transformers_compat import dtype_kwargs
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from sdsengine import transformers_compat
 from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns
 from sdsengine.kernels import check_meta
 from sdsengine.masks import nm_violations
 from sdsengine.nn.sparse_linear import SparseLinear
+from sdsengine.pipeline import experts
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -69,9 +72,12 @@ def convert(model, ignore=("lm_head",), report=None):
     records = [] if report is None else report
     ignore = ignore_patterns(ignore)
     already = sum(isinstance(m, SparseLinear) for m in model.modules())  # converted before: no warning for them
-    share = fused_bank_share(model)  # of the weights before packing (a SparseLinear holds buffers)
+    total = sum(p.numel() for p in model.parameters())  # before packing (a SparseLinear holds buffers)
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
-    named = list(model.named_modules(remove_duplicate=False))
+    # each fused experts module as per-expert linears viewing its banks (no copy), converted with the rest
+    unfused = {name: experts.for_inference(m) for name, m in model.named_modules() if experts.is_fused_experts(m)}
+    named = list(model.named_modules(remove_duplicate=False)) + [
+        (f"{owner}.{name}", m) for owner, module in unfused.items() for name, m in module.named_modules() if name]
     # Every replacement is made before any is put in place: a failure (a layer offloaded to the meta device,
     # Ctrl-C) leaves the model as it was, not half converted with transformers' save_pretrained, which would
     # save the converted linears' weights where from_pretrained cannot find them.
@@ -79,13 +85,19 @@ def convert(model, ignore=("lm_head",), report=None):
         if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in done:
             record, done[id(module)] = _convert_one(name, module, ignore)
             records.append(record)
+    packed = {name: m for name, m in unfused.items() if any(done.get(id(sub)) is not None for sub in m.modules())}
+    for name, module in packed.items():  # before the linears inside, whose names pass through it
+        _set_submodule(model, name, module)
     for name, module in named:
         if done.get(id(module)) is not None:
             _set_submodule(model, name, done[id(module)])
+    for module in packed.values():
+        experts.settle(module)
     _log_summary(records, already)
+    share = fused_bank_share(model, total)
     if share:
-        log.info("  kept dense: a mixture's fused experts, %.0f%% of the model's weights (SparseLinear holds linears, "
-                 "not 3-D expert banks)", 100 * share)
+        log.info("  kept dense: a mixture's fused experts, %.0f%% of the model's weights (none of their experts' "
+                 "linears converts)", 100 * share)
     if already or any(m is not None for m in done.values()):
         _refuse_save_pretrained(model)
     if any(m is not None and m.values.dtype == torch.float32 for m in done.values()):  # prune's default dtype
@@ -102,11 +114,12 @@ def fused_banks(model) -> dict[str, nn.Parameter]:
             for name, p in module.named_parameters(recurse=False) if p.dim() >= 3}
 
 
-def fused_bank_share(model) -> float:
-    """The share of the model's parameters in fused expert banks, which stay dense in a converted model (no
-    grouped 2:4 kernel here). Of an unconverted model."""
+def fused_bank_share(model, total=None) -> float:
+    """The share of `total` weights (default: the model's parameters) held in fused expert banks, which run dense:
+    convert leaves a bank fused when none of its experts' linears converts. Pass the total counted before convert,
+    after which SparseLinears hold buffers, not parameters."""
     banks = sum(p.numel() for p in fused_banks(model).values())
-    return banks / max(sum(p.numel() for p in model.parameters()), 1)
+    return banks / max(sum(p.numel() for p in model.parameters()) if total is None else total, 1)
 
 
 def _convert_one(name, module, ignore):
@@ -145,9 +158,12 @@ def _save_pretrained_refused(*args, **kwargs):
 def _log_summary(records, already=0):
     done = [r for r in records if r.action == "converted"]
     log.info("sdsengine.convert: %d of %d linear layers converted to SparseLinear", len(done), len(records))
+    kept = {}  # a mixture's experts once per projection and reason, not once per expert (128 in some)
     for r in records:
         if r.action != "converted":
-            log.info("  kept dense: %s %s: %s", r.name, r.shape, r.reason)
+            kept.setdefault((experts.role(r.name), r.shape, r.reason), []).append(r)
+    for (name, shape, reason), group in kept.items():
+        log.info("  kept dense: %s %s: %s%s", name, shape, reason, f" ({len(group)} experts)" if len(group) > 1 else "")
     if records and not done and not already:  # the usual cause: a model pruned unstructured, or not pruned at all
         warnings.warn(f"sdsengine.convert: none of the {len(records)} linear layers is converted "
                       f"({skip_reasons(records)}); SparseLinear needs 2:4 weights")
@@ -182,8 +198,10 @@ def _manifest(model):
                      "dtype": str(m.values.dtype).removeprefix("torch.")}
               for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    unfused = [name for name, m in model.named_modules() if isinstance(m, experts.UnfusedExperts)]
     return {"format": FORMAT, "version": 1, "pattern": "2:4", "sparse_modules": sparse,
-            **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
+            **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),
+            **({"unfused_experts": unfused} if unfused else {})}
 
 
 def is_compressed_checkpoint(path):
@@ -214,6 +232,9 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
             manifest.get("sparse_modules"), dict):
         raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint manifest")
+    unfused = manifest.get("unfused_experts", [])
+    if not isinstance(unfused, list) or not all(isinstance(name, str) for name in unfused):
+        raise ValueError(f"{directory / MANIFEST}: 'unfused_experts' is damaged (not a list of module names)")
     weights = next((directory / name for name in (WEIGHTS, LEGACY_WEIGHTS) if (directory / name).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"compressed checkpoint {directory} has no {WEIGHTS}")
@@ -221,21 +242,35 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     if dtype is None:  # the model's; manifests written before it was recorded: the first sparse layer's
         dtype = _dtype_named(manifest["dtype"], directory / MANIFEST) if "dtype" in manifest else (
             next(iter(shells.values())).values.dtype if shells else torch.float32)
-    undo = (lambda: None) if model is None else _undo_for(model, shells)
+    undo = (lambda: None) if model is None else _undo_for(model, [*unfused, *shells])
     model = _model_from_config(directory, dtype) if model is None else model
     device = _home(model) if device is None else torch.device(device)
     try:
+        unfused = [_unfuse(model, name) for name in unfused]  # before the shells: their names pass through it
         for name, shell in shells.items():
             _set_submodule(model, name, shell)
         _load_weights(model, weights, device, dtype)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         undo()
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
+    for module in unfused:  # loaded: the fused banks (the skeleton's) are no longer needed
+        experts.settle(module)
     model.to(device)  # the buffers the model made itself (rotary frequencies)
     for name, shell in shells.items():
         check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
     _refuse_save_pretrained(model)
     return model.eval()
+
+
+def _unfuse(model, name):
+    """The skeleton's fused experts module `name` as the UnfusedExperts the checkpoint holds, put in its place."""
+    fused = model.get_submodule(name)
+    if not experts.is_fused_experts(fused):
+        raise ValueError(f"the checkpoint holds {name} as a mixture's experts, unfused; the model has a "
+                         f"{type(fused).__name__} there, not transformers' fused experts")
+    unfused = experts.for_inference(fused)
+    _set_submodule(model, name, unfused)
+    return unfused
 
 
 def _undo_for(model, names):
@@ -272,7 +307,8 @@ def _load_weights(model, path, device, dtype):
     if hasattr(model, "tie_weights"):  # a skeleton built under accelerate's init_empty_weights comes untied
         model.tie_weights()
     held = model.state_dict(keep_vars=True)  # every name, shared tensors under each of theirs
-    state = {name: _as_held(name, t, held.get(name), dtype) for name, t in load_file(path, device=str(device)).items()}
+    dtypes = _dtypes(model, dtype)
+    state = {name: _as_held(name, t, held.get(name), dtypes) for name, t in load_file(path, device=str(device)).items()}
     shared = {}
     for name, tensor in held.items():
         shared.setdefault(id(tensor), []).append(name)
@@ -293,13 +329,19 @@ def _load_weights(model, path, device, dtype):
         raise ValueError(f"no tensor for {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}")
 
 
-def _as_held(name, tensor, held, dtype):
-    """The file's tensor in the dtype the model takes: a float one in dtype, another in the held one's."""
+def _dtypes(model, dtype):
+    """A float tensor's dtype by its name: dtype, or float32 where transformers holds it so (router weights)."""
+    keep = transformers_compat.float32_names(model, dtype)
+    return lambda name: torch.float32 if name in keep else dtype
+
+
+def _as_held(name, tensor, held, dtypes):
+    """The file's tensor in the dtype the model takes: a float one in dtypes(name), another in the held one's."""
     if held is None:  # not the model's: load_state_dict names it
         return tensor
     if tensor.is_floating_point() != held.is_floating_point():
         raise ValueError(f"{name} is stored as {tensor.dtype}, but the model holds {held.dtype}")
-    return tensor.to(dtype if tensor.is_floating_point() else held.dtype)
+    return tensor.to(dtypes(name) if tensor.is_floating_point() else held.dtype)
 
 
 def _tensor_at(model, name):
@@ -331,7 +373,7 @@ def _model_from_config(directory, dtype):
     except Exception as exc:
         raise ValueError(f"compressed checkpoint {directory} has no usable config.json: {exc}") from exc
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_config(config, **transformers_compat.dtype_kwargs(dtype))
     if (directory / "generation_config.json").is_file():  # from_config does not read it; from_pretrained does
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(directory)

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from sdsengine import ops
 from sdsengine.kernels import check_meta, compress_24, decompress_24
 from sdsengine.masks import nm_violations
+from sdsengine.pipeline import experts
 
 NOISE_MARGIN = 0.02  # a sparse backend must beat dense by this fraction to be chosen
 MAX_BUCKET = 8192
@@ -80,7 +81,8 @@ def autotune_choices():
 
 def weight_bytes(model):
     """What the linear weights of `model` hold, in bytes, as it stands (forms are derived on first use):
-    {"dense": nn.Linear weights, "compressed": SparseLinear values and meta, "forms": the backends' forms
+    {"dense": nn.Linear weights and a mixture's fused expert banks, "compressed": SparseLinear values and meta,
+    "forms": the backends' forms
     derived from those (the dense decompression on the CPU and wherever dense is chosen, cuSPARSELt's packed
     weight, our kernel's fragment order, which a lean layer keeps in place of its values and meta)}. Biases
     are left out; a storage shared by two modules counts once."""
@@ -91,6 +93,8 @@ def weight_bytes(model):
             held["forms"] += _storage_bytes((module._forms, module._released), seen)
         elif isinstance(module, nn.Linear):
             held["dense"] += _storage_bytes(module.weight, seen)
+        elif experts.is_fused_experts(module):
+            held["dense"] += _storage_bytes([p for p in module.parameters(recurse=False) if p.dim() == 3], seen)
     return held
 
 

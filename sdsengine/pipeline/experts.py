@@ -9,6 +9,9 @@ tokens as the fused module does. Each expert's linears then see only the tokens 
 statistics are that expert's own, and its 2:4 groups lie along the input dimension as in any linear. On leaving,
 the pruned slices go back into the 3-D parameters: the model saves and loads as it came.
 
+A converted model keeps its UnfusedExperts for good (`for_inference`, `settle`): its 2:4 experts' linears become
+SparseLinears like any other, so the experts, most of a mixture's weights, run compressed too.
+
 Routers (the experts' siblings named in ROUTERS) stay dense: they are tiny, and a pruned router sends tokens to
 other experts than the ones the calibration statistics were taken for.
 """
@@ -25,8 +28,13 @@ def is_fused_experts(module) -> bool:
     """A transformers-5 experts module: the decorator's flags and a 3-D bank per projection."""
     if not all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "has_bias")):
         return False
-    banks = [getattr(module, name, None) for name in (_first(module), "down_proj")]
+    banks = [getattr(module, name, None) for name in bank_names(module)]
     return all(isinstance(b, nn.Parameter) and b.dim() == 3 for b in banks)
+
+
+def bank_names(module) -> tuple[str, str]:
+    """A fused experts module's two banks, in the order tokens meet them."""
+    return _first(module), "down_proj"
 
 
 def _first(module) -> str:
@@ -57,23 +65,27 @@ def is_router(name, routers) -> bool:
 class Expert(nn.Module):
     """One expert's two projections as linears: `gate_up_proj` (or `up_proj`) and `down_proj`."""
 
-    def __init__(self, fused, index):
+    def __init__(self, fused, index, copy=True):
         super().__init__()
-        for bank in (_first(fused), "down_proj"):
-            setattr(self, bank, _linear(fused, bank, index))
+        for bank in bank_names(fused):
+            setattr(self, bank, _linear(fused, bank, index, copy))
 
 
-def _linear(fused, bank, index) -> nn.Linear:
+def _linear(fused, bank, index, copy) -> nn.Linear:
+    """The expert's slice of a bank as an nn.Linear: its own copy, or (copy False) a view of the bank."""
     weight = getattr(fused, bank)[index]
     weight = weight.T if fused.is_transposed else weight  # (out, in) as nn.Linear holds it
     bias = getattr(fused, f"{bank}_bias")[index] if fused.has_bias else None
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    # contiguous: a transposed bank's slice (GPT-OSS) would clone with the bank's strides
-    linear.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format),
-                                 requires_grad=weight.requires_grad)
+    linear.weight = nn.Parameter(_own(weight) if copy else weight.detach(), requires_grad=weight.requires_grad)
     if bias is not None:
-        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        linear.bias = nn.Parameter(_own(bias) if copy else bias.detach(), requires_grad=bias.requires_grad)
     return linear
+
+
+def _own(tensor):
+    # contiguous: a transposed bank's slice (GPT-OSS) would clone with the bank's strides
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
 class UnfusedExperts(nn.Module):
@@ -81,14 +93,16 @@ class UnfusedExperts(nn.Module):
     experts' projections, the gate (the fused module's own, which knows its layout: concatenated or interleaved,
     clamped or not), the optional post-expert norm, then weighted by its routing weight and summed."""
 
-    def __init__(self, fused):
+    records_routes = False  # set while a model is pruned: the dense stream's pairing reads the routes
+
+    def __init__(self, fused, copy=True):
         super().__init__()
         if getattr(fused, "_is_expert_parallel", False):
-            raise ValueError("experts split across devices (expert parallelism) cannot be pruned: load the model "
-                             "on one device")
+            raise ValueError("experts split across devices (expert parallelism) cannot be pruned or converted: load "
+                             "the model on one device")
         self.num_experts = getattr(fused, _first(fused)).shape[0]
         for e in range(self.num_experts):  # named as the index, as transformers 4 named its experts' modules
-            self.add_module(str(e), Expert(fused, e))
+            self.add_module(str(e), Expert(fused, e, copy))
         if getattr(fused, "has_post_expert_norm", False):
             self.post_expert_norm = fused.post_expert_norm
         self.__dict__["fused"] = fused  # not a submodule: its banks are emptied while the linears hold them
@@ -102,7 +116,7 @@ class UnfusedExperts(nn.Module):
         for expert, (token, position) in zip(self.experts(), _routed(top_k_index, self.num_experts)):
             if token is None:
                 continue
-            for bank in (_first(fused), "down_proj"):  # which tokens these are, for the dense stream's pairing
+            for bank in bank_names(fused) if self.records_routes else ():  # for the pairing
                 getattr(expert, bank).routed_tokens = token
             h = getattr(expert, _first(fused))(hidden_states[token])
             h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
@@ -118,7 +132,7 @@ class UnfusedExperts(nn.Module):
     def fuse_back(self):
         """The linears' weights (and biases) back into the fused module's 3-D parameters, where the linears are."""
         fused = self.fused
-        for bank in (_first(fused), "down_proj"):
+        for bank in bank_names(fused):
             linears = [getattr(expert, bank) for expert in self.experts()]
             weights = torch.stack([(m.weight.T if fused.is_transposed else m.weight).detach() for m in linears])
             _put(fused, bank, weights)
@@ -163,7 +177,7 @@ def paired(x, tokens, dense_x, dense_tokens):
 
 def _empty_banks(fused):
     """Free the fused module's copies once the linears hold theirs (a model's experts are most of its weights)."""
-    for bank in (_first(fused), "down_proj"):
+    for bank in bank_names(fused):
         for name in (bank, f"{bank}_bias") if fused.has_bias else (bank,):
             old = getattr(fused, name)
             _put(fused, name, old.new_empty((0,) * old.dim()))
@@ -181,6 +195,7 @@ def unfused(layers):
                     parent_name, _, child = name.rpartition(".")
                     parent = layer.get_submodule(parent_name) if parent_name else layer
                     replacement = UnfusedExperts(module)
+                    replacement.records_routes = True
                     swapped.append((parent, child, replacement))  # from here on, put back whatever happens
                     _empty_banks(module)
                     setattr(parent, child, replacement)
@@ -205,3 +220,22 @@ def _put_back(swapped):
         del replacement
     if failed is not None:
         raise failed
+
+
+def for_inference(fused) -> UnfusedExperts:
+    """An UnfusedExperts whose linears are views of the fused module's banks: nothing is copied, so a model's
+    experts can be built, converted and put in place (with settle) one after another without a second copy."""
+    return UnfusedExperts(fused, copy=False)
+
+
+@torch.no_grad()
+def settle(unfused):
+    """After an UnfusedExperts from for_inference is in the model for good: its linears still viewing the banks (an
+    expert kept dense) get their own copies, and the fused module's banks are freed."""
+    for expert in unfused.experts():
+        for linear in (getattr(expert, bank) for bank in bank_names(unfused.fused)):
+            if isinstance(linear, nn.Linear):
+                linear.weight = nn.Parameter(_own(linear.weight), requires_grad=linear.weight.requires_grad)
+                if linear.bias is not None:
+                    linear.bias = nn.Parameter(_own(linear.bias), requires_grad=linear.bias.requires_grad)
+    _empty_banks(unfused.fused)
