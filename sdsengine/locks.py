@@ -11,9 +11,10 @@ import os
 import warnings
 from pathlib import Path
 
-# the folders this process holds through hold(), by (device, inode), and their descriptors: exclusive() on one of
-# them takes no lock of its own, which would wait forever on this one (flock locks taken through two descriptors
-# conflict within a process too), as a save to --out inside the --resume-dir being held did
+# the folders this process holds through hold(), by (device, inode), and their descriptors: the one registry of
+# them (held() finds one by path); exclusive() on one of them takes no lock of its own, which would wait forever on
+# this one (flock locks taken through two descriptors conflict within a process too), as a save to --out inside the
+# --resume-dir being held did
 _holding: dict[tuple[int, int], int] = {}
 
 
@@ -52,6 +53,7 @@ def hold(folder):
     """An exclusive lock on `folder` taken without waiting, for as long as the process keeps the returned
     descriptor open (the kernel drops it with the process): None where this file system has no lock on
     folders (NFS) or the folder cannot be opened; BlockingIOError where another process holds it."""
+    _forget_deleted()
     fd = _open(folder)
     if fd is None:
         return None
@@ -73,13 +75,22 @@ def release(fd):
     os.close(fd)
 
 
-def holds(fd, folder) -> bool:
-    """Whether `fd`, from hold(), still stands for the folder at that path (not for one deleted since)."""
+def held(folder):
+    """The descriptor by which this process holds `folder` through hold(), or None: a folder deleted since and
+    made anew at that path is another folder, which the lock went without."""
     try:
         stat = os.stat(folder)
     except OSError:
-        return False
-    return _identity(fd) == (stat.st_dev, stat.st_ino)
+        return None
+    fd = _holding.get((stat.st_dev, stat.st_ino))
+    return fd if fd is not None and _held_here(fd) else None
+
+
+def _forget_deleted():
+    """Let go of held folders deleted since (not through their holder): their locks keep nothing out."""
+    for fd in list(_holding.values()):
+        if os.fstat(fd).st_nlink == 0:
+            release(fd)
 
 
 def _held_here(fd) -> bool:

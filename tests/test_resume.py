@@ -322,7 +322,7 @@ def test_a_directory_another_run_is_resuming_is_refused_and_kept(tmp_path, monke
         _stop_at(m, 2)
         with pytest.raises(_Stop):
             sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
-    locks.release(resume._held.pop(tmp_path.resolve()))  # the stopped run's process ended...
+    locks.release(locks.held(tmp_path))  # the stopped run's process ended...
     other = _held_by_another_process(tmp_path)  # ...and another is resuming its progress now
     try:
         kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -337,8 +337,9 @@ def test_a_directory_another_run_is_resuming_is_refused_and_kept(tmp_path, monke
         os.close(other)
     result = sdsengine.prune(_model(), config, samples, progress=False, resume_dir=tmp_path)
     assert result.report["resumed"]["from_layer"] == 2
+    fd = locks.held(tmp_path)
     ResumeStore(tmp_path).clear()
-    assert tmp_path.resolve() not in resume._held and not tmp_path.exists()
+    assert fd is not None and fd not in locks._holding.values() and not tmp_path.exists()
 
 
 def test_a_run_stopped_after_saving_its_checkpoint_names_its_finished_progress(tmp_path, capsys):
@@ -462,8 +463,9 @@ def test_a_resume_directory_deleted_and_made_again_is_held_again(tmp_path, monke
             sdsengine.prune(_model(), config, samples, progress=False, resume_dir=progress)
     with pytest.raises(BlockingIOError):
         os.close(_held_by_another_process(progress))
+    fd = locks.held(progress)
     ResumeStore(progress).clear()
-    assert not progress.exists() and progress.resolve() not in resume._held
+    assert fd is not None and fd not in locks._holding.values() and not progress.exists()
 
 
 def test_a_directory_another_run_is_resuming_is_refused_before_the_model_loads(tmp_path):
@@ -477,4 +479,4 @@ def test_a_directory_another_run_is_resuming_is_refused_before_the_model_loads(t
         os.close(other)
     ResumeStore(tmp_path).check()
     os.close(_held_by_another_process(tmp_path))  # nothing left held by the check
-    assert tmp_path.resolve() not in resume._held
+    assert locks.held(tmp_path) is None

@@ -29,15 +29,13 @@ from sdsengine.files import unwritable
 
 MANIFEST = "progress.json"
 LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was named by its layer count
-# resume directories this process holds locked, and the descriptors that hold them: a run keeps its directory
-# from identify() until clear() (or until it exits), so that no other process resumes the same progress at once
-_held: dict[Path, int] = {}
 OWN_FILE = re.compile(r"(layer-\d{4,}\.pt|activations-\d{4,}\.pt|activations\.pt)(\.tmp)?|progress\.json\.tmp")
 
 
 class ResumeStore:
     """One run's progress in `directory`: identify() the run, begin() before the first layer, save() after each.
-    From identify() until clear() (or its end) the process holds the directory: another process is refused."""
+    From identify() until clear() (or its end) the process holds the directory (locks.hold): another process is
+    refused, so that no two resume the same progress at once."""
 
     def __init__(self, directory):
         self.dir = Path(directory).expanduser().resolve()
@@ -52,7 +50,7 @@ class ResumeStore:
         self._manifest()
         if blocked := unwritable(self.dir):
             raise PermissionError(f"resume directory {self.dir}: {blocked} is not a writable directory")
-        if self.dir.is_dir() and self.dir not in _held:  # a resubmitted job: named before its model loads (minutes)
+        if self.dir.is_dir() and locks.held(self.dir) is None:  # a resubmitted job: named before its model loads
             if (fd := self._hold()) is not None:
                 locks.release(fd)  # taken for good by identify()
         return self
@@ -70,14 +68,10 @@ class ResumeStore:
         """Hold the directory (made here if new: a lock needs it) for this process, or refuse it where another
         process holds it: two runs resuming one progress each wrote the same files and the first to finish
         deleted the directory under the other."""
-        if self.dir in _held:
-            if locks.holds(_held[self.dir], self.dir):
-                return
-            # deleted since (not by clear()) and made anew: the lock went with the old one
-            locks.release(_held.pop(self.dir))
+        if locks.held(self.dir) is not None:  # not if deleted since (not by clear()) and made anew
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
-        if (fd := self._hold()) is not None:
-            _held[self.dir] = fd
+        self._hold()
 
     def _hold(self):
         """locks.hold() on the directory, refused by name where another process holds it."""
@@ -164,6 +158,7 @@ class ResumeStore:
 
     def clear(self):
         """Remove the files this store wrote, and the directory once empty (call after the model is saved)."""
+        fd = locks.held(self.dir)  # now: once the directory is removed, its path finds no lock
         try:
             if not (self.dir / MANIFEST).exists():
                 return
@@ -172,7 +167,7 @@ class ResumeStore:
             if not any(self.dir.iterdir()):
                 self.dir.rmdir()
         finally:  # only now: until its files are gone the directory is this run's
-            if (fd := _held.pop(self.dir, None)) is not None:
+            if fd is not None:
                 locks.release(fd)
 
     def _manifest(self):
