@@ -285,7 +285,7 @@ def main(argv=None):
     dense_model = build_model(args.model, layers, dtype, args.prompt + args.steps + args.prefill + 16)
     dense = measure_model(dense_model, args)
     print(f"dense: {dense}", flush=True)
-    model = convert(copy.deepcopy(dense_model))
+    model = convert(copy.deepcopy(dense_model), pack_experts=True)  # what a mixture's packed experts cost
     torch.cuda.empty_cache()
     sparse = measure_converted(model, args)
     print(f"sparse: {sparse}", flush=True)

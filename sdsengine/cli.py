@@ -124,8 +124,10 @@ def build_parser():
     c.add_argument("--out", required=True, help="output directory (compressed checkpoint)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     c.add_argument("--ignore", action="append", default=None,
-                   help="module-name patterns kept dense besides lm_head ('*experts*': a mixture's experts stay "
-                        "fused, run by transformers) (comma-separated; the flag may be repeated)")
+                   help="module-name patterns kept dense besides lm_head (comma-separated; the flag may be repeated)")
+    c.add_argument("--pack-experts", action="store_true",
+                   help="a mixture's experts too, one SparseLinear per expert: less memory, likely slower at decode "
+                        "than its fused dense experts (see the README); by default they stay fused and dense")
 
     b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
     bench.add_arguments(b)
@@ -332,7 +334,8 @@ def cmd_convert(args):
     records, total = [], sum(p.numel() for p in model.parameters())  # before SparseLinears hold buffers
     with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
         warnings.simplefilter("ignore")
-        convert(model, ignore=("lm_head", *(p for v in args.ignore or () for p in v.split(",") if p)), report=records)
+        convert(model, ignore=("lm_head", *(p for v in args.ignore or () for p in v.split(",") if p)), report=records,
+                pack_experts=args.pack_experts)
     done = sum(r.action == "converted" for r in records)
     if done == 0:  # a copy with nothing compressed is neither smaller nor faster: say why instead
         raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({skip_reasons(records)}); "
@@ -341,8 +344,9 @@ def cmd_convert(args):
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
     share = fused_bank_share(model, total)
     if share:
-        print(f"{source}: experts' fused weights, {share:.0%} of the model's, stay dense in it (none of their "
-              "linears was converted: ignored, or not 2:4)")
+        why = "none of their linears was converted: ignored, or not 2:4" if args.pack_experts else (
+            "--pack-experts packs them: less memory, likely slower at decode")
+        print(f"{source}: experts' fused weights, {share:.0%} of the model's, stay dense in it ({why})")
 
 
 def _half_for_kernels(model, args):

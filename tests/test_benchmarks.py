@@ -335,7 +335,7 @@ def test_e2e_measures_a_mixture_with_its_experts_pruned_and_converted(benchmark)
                              "model": "mixtral-8x7b", "dtype": "float32"})()
     dense = e2e.measure_model(model, args)
     assert dense["weight_bytes"] > sum(b.numel() * 4 for b in banks)
-    sparse = e2e.measure_converted(convert(model), args)
+    sparse = e2e.measure_converted(convert(model, pack_experts=True), args)
     assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 24 and sparse["decode"] > 0
     prefill, decode = e2e.records_for(args, 1, dense, sparse, "cpu")
     assert prefill["shape"] == "mixtral-8x7b/1of32layers" and decode["speedup"] > 0

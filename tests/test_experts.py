@@ -162,7 +162,8 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
         # sums in the same order); the checkpoint's bfloat16 model was built in it, as the compressed one loads
         expected = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, experts_implementation="eager")(
             ids).logits
-        converted = sdsengine.convert(AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16))
+        converted = sdsengine.convert(AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16),
+                                      pack_experts=True)
         assert _packed_experts(converted) == _packed_experts(converted, every=True) != []
         torch.testing.assert_close(converted(ids).logits, expected, rtol=0, atol=0)
         packed = sdsengine.load_compressed(sdsengine.save_compressed(converted, tmp_path / "packed"))
@@ -330,9 +331,9 @@ def test_a_mixture_outside_the_supported_ones_is_refused_naming_its_experts():
         sdsengine.prune(tiny_model("llama4_text"), MagnitudeConfig(sparsity="2:4"), progress=False)
 
 
-def test_the_cli_prunes_and_converts_a_mixture_experts_included(tmp_path, capsys):
+def test_the_cli_prunes_and_converts_a_mixture_its_experts_when_asked(tmp_path, capsys):
     """prune loads a saved mixture (no refusal from its config), writes it in its own fused layout; convert packs
-    its attention and its experts."""
+    its attention, and its experts with --pack-experts."""
     from sdsengine.cli import main
     from tiny_models import save_tiny_tokenizer
     model = tiny_model("mixtral")
@@ -343,7 +344,12 @@ def test_the_cli_prunes_and_converts_a_mixture_experts_included(tmp_path, capsys
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert all(nm_violations(w, 2, 4) == 0 and (w == 0).float().mean() == 0.5 for w in _slices(pruned).values())
     capsys.readouterr()
-    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "packed")]) == 0
+    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "attention")]) == 0
+    out = capsys.readouterr().out
+    assert "8 of 9 linears converted" in out  # by default the experts stay fused: the routers are no linears here
+    assert "experts' fused weights, 84% of the model's, stay dense in it (--pack-experts packs them" in out
+    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "packed"),
+                 "--pack-experts"]) == 0
     out = capsys.readouterr().out
     # attention's 8 and the experts' 16 (2 layers x 4 experts x 2); the routers are no linears here, lm_head stays
     assert "24 of 25 linears converted" in out and "stay dense" not in out
@@ -357,10 +363,10 @@ def test_the_cli_prunes_and_converts_a_mixture_experts_included(tmp_path, capsys
                                                         experts_implementation="eager")(ids).logits
         torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=0)
     capsys.readouterr()
-    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "attention"),
-                 "--ignore", "*experts*"]) == 0  # experts left fused, run as transformers runs them
+    assert main(["convert", "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "ignored"),
+                 "--pack-experts", "--ignore", "*experts*"]) == 0
     out = capsys.readouterr().out
-    assert "8 of 25 linears converted" in out and "experts' fused weights, 84% of the model's, stay dense" in out
+    assert "8 of 25 linears converted" in out and "84% of the model's, stay dense in it (none of their linears" in out
 
 
 def test_paired_lines_up_the_dense_streams_tokens_with_this_streams():

@@ -1,4 +1,5 @@
-"""A converted mixture of experts: its experts' 2:4 linears compressed like any other, saved and loaded."""
+"""A converted mixture of experts: its experts' 2:4 linears compressed like any other when asked (pack_experts),
+saved and loaded; by default its fused experts stay as they are."""
 import json
 import logging
 
@@ -44,7 +45,7 @@ def test_a_converted_mixtures_experts_run_compressed_and_its_banks_are_freed():
     model = _pruned()
     expected = _logits(model)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    sdsengine.convert(model)
+    sdsengine.convert(model, pack_experts=True)
     unfused = _unfused(model)
     assert list(unfused) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     for module in unfused.values():
@@ -62,7 +63,21 @@ def test_generate_on_a_converted_mixture_gives_the_dense_tokens():
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         expected = model.generate(ids, **kwargs)
-        assert torch.equal(sdsengine.convert(model).generate(ids, **kwargs), expected)
+        assert torch.equal(sdsengine.convert(model, pack_experts=True).generate(ids, **kwargs), expected)
+
+
+def test_by_default_convert_leaves_the_fused_experts_and_says_how_to_pack_them(caplog):
+    """Packed, the experts run one at a time (likely slower at decode than transformers' fused run): asked for."""
+    model = _pruned()
+    banks = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    expected = _logits(model)
+    with caplog.at_level(logging.INFO, logger="sdsengine"):
+        sdsengine.convert(model, report=(records := []))
+    assert not _unfused(model) and {n: p for n, p in model.named_parameters() if p.dim() == 3} == banks
+    assert [r.action for r in records].count("converted") == 8 and not any(".experts." in r.name for r in records)
+    assert any("a mixture's fused experts, 84% of the model's weights (pack_experts=True packs them)" in r.getMessage()
+               for r in caplog.records)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
 
 
 def test_experts_none_of_whose_linears_converts_stay_fused(caplog):
@@ -71,14 +86,14 @@ def test_experts_none_of_whose_linears_converts_stay_fused(caplog):
     model = tiny_model("mixtral")
     banks = {n: p for n, p in model.named_parameters() if p.dim() == 3}
     with pytest.warns(UserWarning, match="none of the 25 linear layers is converted"):
-        sdsengine.convert(model, report=(records := []))
+        sdsengine.convert(model, report=(records := []), pack_experts=True)
     assert not _unfused(model) and {n: p for n, p in model.named_parameters() if p.dim() == 3} == banks
     assert sum(".experts." in r.name for r in records) == 16
 
     model = _pruned()
     expected = _logits(model)
     with caplog.at_level(logging.INFO, logger="sdsengine"):
-        sdsengine.convert(model, ignore=("lm_head", "*experts*"))
+        sdsengine.convert(model, ignore=("lm_head", "*experts*"), pack_experts=True)
     seen = [r.getMessage() for r in caplog.records]
     assert not _unfused(model) and sum(p.dim() == 3 for p in model.parameters()) == 4
     assert any("kept dense: model.layers.0.mlp.experts.*.down_proj (64, 128): ignored (4 experts)" in m for m in seen), seen
@@ -91,7 +106,7 @@ def test_experts_kept_dense_inside_a_converted_module_hold_their_own_weights(tmp
     and load with the compressed ones."""
     model = _pruned()
     expected = _logits(model)
-    sdsengine.convert(model, ignore=("lm_head", "*.experts.1.*"))
+    sdsengine.convert(model, ignore=("lm_head", "*.experts.1.*"), pack_experts=True)
     for module in _unfused(model).values():
         linears = _expert_linears(module)
         assert {n for n, m in linears.items() if not isinstance(m, SparseLinear)} == {"1.gate_up_proj", "1.down_proj"}
@@ -105,7 +120,7 @@ def test_experts_kept_dense_inside_a_converted_module_hold_their_own_weights(tmp
 
 def test_a_converted_mixture_loads_into_a_skeleton_and_a_failed_load_leaves_it_as_it_was(tmp_path):
     model = _pruned()
-    out = sdsengine.save_compressed(sdsengine.convert(model), tmp_path / "packed")
+    out = sdsengine.save_compressed(sdsengine.convert(model, pack_experts=True), tmp_path / "packed")
     skeleton = transformers_compat.cast(tiny_model("mixtral", seed=5), torch.bfloat16)
     loaded = sdsengine.load_compressed(out, model=skeleton)
     assert loaded is skeleton and len(_unfused(loaded)) == 2
@@ -123,7 +138,7 @@ def test_a_converted_mixture_loads_into_a_skeleton_and_a_failed_load_leaves_it_a
 
 
 def test_a_manifest_naming_experts_wrongly_is_refused(tmp_path):
-    out = sdsengine.save_compressed(sdsengine.convert(_pruned()), tmp_path / "packed")
+    out = sdsengine.save_compressed(sdsengine.convert(_pruned(), pack_experts=True), tmp_path / "packed")
     manifest = json.loads((out / "sdsengine_compressed.json").read_text())
     assert manifest["unfused_experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     manifest["unfused_experts"] = ["model.layers.0.self_attn"]
@@ -160,7 +175,7 @@ def test_a_converted_mixture_on_the_gpu_matches_its_dense_run(family, fresh_choi
     model = _pruned(family).cuda()
     ids = tiny_tokens(2, 8, seed=1).cuda()
     expected = _logits(model, ids).float()
-    sdsengine.convert(model)
+    sdsengine.convert(model, pack_experts=True)
     torch.testing.assert_close(_logits(model, ids).float(), expected, rtol=2e-2, atol=2e-2)
     for backend in ops.available("cuda", torch.bfloat16):
         with use_backend(backend):
@@ -187,7 +202,7 @@ def test_a_convert_that_fails_on_an_expert_leaves_the_mixture_as_it_was(monkeypa
     real = SparseLinear.from_dense
     monkeypatch.setattr(SparseLinear, "from_dense", from_dense)
     with pytest.raises(KeyboardInterrupt):
-        sdsengine.convert(model)
+        sdsengine.convert(model, pack_experts=True)
     assert not _unfused(model) and not any(isinstance(m, SparseLinear) for m in model.modules())
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())

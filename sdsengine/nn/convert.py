@@ -2,9 +2,13 @@
 
 `convert` leaves a layer dense when it is ignored, not 2:4, or has in_features % 32 != 0, and says so.
 transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn.Linear's (out, in).
-A mixture's fused experts (3-D banks, which no linear holds) become an UnfusedExperts (pipeline/experts.py)
-whose experts' linears are converted like any other: where at least one of them converts, the module stays
-unfused in the converted model; otherwise the fused module stays as it was.
+A mixture's fused experts (3-D banks, which no linear holds) stay as they are unless asked (pack_experts): then
+each becomes an UnfusedExperts (pipeline/experts.py) whose experts' linears are converted like any other; where
+at least one of them converts, the module stays unfused in the converted model, else the fused module stays.
+Not by default: the unfused module runs its experts one at a time, with a host sync per call for the routing,
+where transformers runs them fused (grouped_mm, which CUDA graphs can capture): at decode that loop of small
+calls is likely to be slower than the dense experts (not measured on a GPU), and no layer is to be slower than
+dense. What packing saves is memory: the experts are most of a mixture's weights.
 
 A compressed checkpoint is a directory holding sdsengine_compressed.safetensors (the state dict:
 values/meta/bias buffers for every SparseLinear, tied tensors stored once; named so that transformers'
@@ -59,13 +63,15 @@ class Conversion:
     reason: str = ""
 
 
-def convert(model, ignore=("lm_head",), report=None):
+def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
     """Replace every 2:4 nn.Linear / Conv1D of `model` with SparseLinear, in place; returns the model, for
     inference (SparseLinear's weights are frozen buffers), saved with save_compressed (its save_pretrained
     refuses: transformers would load that checkpoint with random weights).
 
     ignore: fnmatch patterns matched against a module's full name or its last name component.
     report: a list to receive one Conversion per linear layer; a summary is logged either way.
+    pack_experts: a mixture's experts too, one SparseLinear per expert and projection (module docstring: less
+    memory, likely slower at decode); by default their fused banks stay dense.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes a model (an nn.Module), got {type(model).__name__}")
@@ -75,7 +81,8 @@ def convert(model, ignore=("lm_head",), report=None):
     total = sum(p.numel() for p in model.parameters())  # before packing (a SparseLinear holds buffers)
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
     # each fused experts module as per-expert linears viewing its banks (no copy), converted with the rest
-    unfused = {name: experts.for_inference(m) for name, m in model.named_modules() if experts.is_fused_experts(m)}
+    unfused = {name: experts.for_inference(m) for name, m in model.named_modules()
+               if pack_experts and experts.is_fused_experts(m)}
     named = list(model.named_modules(remove_duplicate=False)) + [
         (f"{owner}.{name}", m) for owner, module in unfused.items() for name, m in module.named_modules() if name]
     # Every replacement is made before any is put in place: a failure (a layer offloaded to the meta device,
@@ -96,8 +103,8 @@ def convert(model, ignore=("lm_head",), report=None):
     _log_summary(records, already)
     share = fused_bank_share(model, total)
     if share:
-        log.info("  kept dense: a mixture's fused experts, %.0f%% of the model's weights (none of their experts' "
-                 "linears converts)", 100 * share)
+        log.info("  kept dense: a mixture's fused experts, %.0f%% of the model's weights (%s)", 100 * share,
+                 "none of their linears converts" if pack_experts else "pack_experts=True packs them")
     if already or any(m is not None for m in done.values()):
         _refuse_save_pretrained(model)
     if any(m is not None and m.values.dtype == torch.float32 for m in done.values()):  # prune's default dtype
