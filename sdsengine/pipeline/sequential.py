@@ -443,9 +443,10 @@ def _check_ignore_matches(model, layers, ignore):
                          f"{examples[0]!r}{more}")
 
 
-def check_prunable(targets, pattern, prefix="model.layers"):
+def check_prunable(targets, pattern, prefix):
     """Fail before any work if a weight cannot hold the pattern, or holds inf/NaN (which every method would
-    keep or spread: SparseGPT's updates carry one NaN along its row)."""
+    keep or spread: SparseGPT's updates carry one NaN along its row). prefix: the decoder layers' name in the model
+    (layout.layers), for the --ignore pattern a refusal suggests."""
     for i, layer_targets in enumerate(targets):
         for name, module in layer_targets.items():
             weight = adapters.get_weight(module)
