@@ -215,3 +215,20 @@ def test_sdsengine_bench_times_each_experts_shapes(family):
     from sdsengine.bench import model_shapes
     shapes = model_shapes(tiny_model(family))
     assert "experts.gate_up_proj" in shapes[(256, 64)] and "experts.down_proj" in shapes[(64, 128)]
+
+
+def test_a_damaged_layout_leaves_the_skeleton_its_fused_banks(tmp_path):
+    """A meta that is no 2:4 layout is found after the weights are assigned: the skeleton passed in gets its fused
+    modules back with their very banks, not emptied ones (settle comes after the check)."""
+    model = sdsengine.convert(_pruned(), pack_experts=True)
+    model.model.layers[0].mlp.experts.get_submodule("0.down_proj").meta[1, 0] = 0x44444440  # column 0 kept twice
+    out = sdsengine.save_compressed(model, tmp_path / "packed")
+    skeleton = transformers_compat.cast(tiny_model("mixtral", seed=5), torch.bfloat16)
+    fused = skeleton.model.layers[0].mlp.experts
+    banks = {n: (p, p.detach().clone()) for n, p in skeleton.named_parameters() if p.dim() == 3}
+    with pytest.raises(ValueError, match=r"packed, model\.layers\.0\.mlp\.experts\.0\.down_proj: meta is not a 2:4"):
+        sdsengine.load_compressed(out, model=skeleton)
+    assert skeleton.model.layers[0].mlp.experts is fused and not _unfused(skeleton)
+    held = {n: p for n, p in skeleton.named_parameters() if p.dim() == 3}
+    assert held.keys() == banks.keys()
+    assert all(held[n] is p and torch.equal(p, value) for n, (p, value) in banks.items())

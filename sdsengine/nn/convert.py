@@ -260,11 +260,15 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         undo()
         raise ValueError(f"compressed checkpoint {directory} does not load: {exc}") from exc
+    try:  # before settle empties the skeleton's fused banks: a damaged layout leaves the caller's model as it was
+        for name, shell in shells.items():
+            check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
+    except Exception:
+        undo()
+        raise
     for module in unfused:  # loaded: the fused banks (the skeleton's) are no longer needed
         experts.settle(module)
     model.to(device)  # the buffers the model made itself (rotary frequencies)
-    for name, shell in shells.items():
-        check_meta(shell.meta, f"compressed checkpoint {directory}, {name}")
     _refuse_save_pretrained(model)
     return model.eval()
 
