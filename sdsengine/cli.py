@@ -17,7 +17,7 @@ from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_di
 from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_zeroshot, results_table, task_list
 from sdsengine.models import default_gguf, load_model
 from sdsengine.nn import convert, save_compressed, set_lean
-from sdsengine.nn.convert import fused_bank_share, is_compressed_checkpoint, skip_reasons
+from sdsengine.nn.convert import fused_bank_share, is_compressed_checkpoint, skip_reasons, weight_count
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -331,7 +331,7 @@ def cmd_convert(args):
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
     model, tokenizer, source = load_model(args.model, _dtype(args) or "auto", needs_tokenizer=False)
     model = _half_for_kernels(model, args)
-    records, total = [], sum(p.numel() for p in model.parameters())  # before SparseLinears hold buffers
+    records, total = [], weight_count(model)  # before convert frees a packed mixture's banks
     with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
         warnings.simplefilter("ignore")
         convert(model, ignore=("lm_head", *(p for v in args.ignore or () for p in v.split(",") if p)), report=records,

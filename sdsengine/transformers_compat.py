@@ -30,9 +30,13 @@ def float32_names(model, dtype) -> set[str]:
     config = getattr(model, "config", None)
     if dtype == torch.float32 or config is None or not hasattr(type(model), "_from_config"):
         return set()
-    with torch.device("meta"):
-        skeleton = type(model)._from_config(copy.deepcopy(config), **dtype_kwargs(dtype))
-    tensors = dict((*skeleton.named_parameters(), *skeleton.named_buffers()))
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)._from_config(copy.deepcopy(config), **dtype_kwargs(dtype))
+        built = dict((*skeleton.named_parameters(), *skeleton.named_buffers()))
+    except Exception:  # a class that cannot be built on the meta device: its lists alone say
+        skeleton, built = model, {}
+    tensors = {**dict((*model.named_parameters(), *model.named_buffers())), **built}
     listed = set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or ())
     if dtype == torch.float16:
         listed |= set(getattr(skeleton, "_keep_in_fp32_modules", None) or ())
@@ -40,7 +44,7 @@ def float32_names(model, dtype) -> set[str]:
     # mlp.shared_expert_gate.weight)
     pattern = re.compile("|".join(rf"(^|\.){re.escape(n)}($|\.)" for n in sorted(listed))) if listed else None
     return {name for name, t in tensors.items() if t.is_floating_point() and (
-        t.dtype == torch.float32 or pattern is not None and pattern.search(name))}
+        name in built and t.dtype == torch.float32 or pattern is not None and pattern.search(name))}
 
 
 def cast(model, dtype):

@@ -96,6 +96,10 @@ def test_experts_none_of_whose_linears_converts_stay_fused(caplog):
         sdsengine.convert(model, ignore=("lm_head", "*experts*"), pack_experts=True)
     seen = [r.getMessage() for r in caplog.records]
     assert not _unfused(model) and sum(p.dim() == 3 for p in model.parameters()) == 4
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdsengine"):  # again: its SparseLinears count as the weights they hold
+        sdsengine.convert(model, ignore=("lm_head", "*experts*"), pack_experts=True)
+    assert any("a mixture's fused experts, 84% of the model's weights" in r.getMessage() for r in caplog.records)
     assert any("kept dense: model.layers.0.mlp.experts.*.down_proj (64, 128): ignored (4 experts)" in m for m in seen), seen
     assert any("a mixture's fused experts, 84% of the model's weights" in m for m in seen)
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
@@ -125,6 +129,9 @@ def test_a_converted_mixture_loads_into_a_skeleton_and_a_failed_load_leaves_it_a
     loaded = sdsengine.load_compressed(out, model=skeleton)
     assert loaded is skeleton and len(_unfused(loaded)) == 2
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    again = sdsengine.load_compressed(out, model=loaded)  # into its own unfused experts: they take the file's
+    assert again is loaded and len(_unfused(again)) == 2
+    torch.testing.assert_close(_logits(again), _logits(model), rtol=0, atol=0)
 
     other = tiny_model("mixtral", seed=6)  # a skeleton whose lm_head the file's does not fit
     other.lm_head = torch.nn.Linear(64, 95, bias=False)
@@ -141,6 +148,10 @@ def test_a_manifest_naming_experts_wrongly_is_refused(tmp_path):
     out = sdsengine.save_compressed(sdsengine.convert(_pruned(), pack_experts=True), tmp_path / "packed")
     manifest = json.loads((out / "sdsengine_compressed.json").read_text())
     assert manifest["unfused_experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert manifest["version"] == 2  # a reader of version 1 cannot build them
+    (out / "sdsengine_compressed.json").write_text(json.dumps(dict(manifest, version=3)))
+    with pytest.raises(ValueError, match=r"format version 3, from a newer sdsengine \(this one reads 1 and 2\)"):
+        sdsengine.load_compressed(out)
     manifest["unfused_experts"] = ["model.layers.0.self_attn"]
     (out / "sdsengine_compressed.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"holds model\.layers\.0\.self_attn as a mixture's experts, unfused; the "
@@ -166,6 +177,17 @@ def test_a_cast_keeps_what_transformers_keeps_in_float32(family, tmp_path):
         assert t.dtype == held[name].dtype and torch.equal(t, held[name]), name
     assert any(t.dtype == torch.float32 for n, t in cast.named_parameters())
     assert transformers_compat.float32_names(cast, torch.float32) == set()
+
+
+def test_a_model_that_cannot_be_built_on_the_meta_device_keeps_what_its_class_lists(monkeypatch):
+    model = tiny_model("deepseek_v3")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no meta device here")
+
+    monkeypatch.setattr(type(model), "_from_config", classmethod(refuse))
+    names = transformers_compat.float32_names(model, torch.bfloat16)
+    assert names == {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"}
 
 
 @pytest.mark.gpu

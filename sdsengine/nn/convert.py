@@ -51,6 +51,9 @@ MANIFEST = "sdsengine_compressed.json"
 WEIGHTS = "sdsengine_compressed.safetensors"
 LEGACY_WEIGHTS = "model.safetensors"  # checkpoints written before 2026-12-02
 FORMAT = "sdsengine-2:4-compressed"
+# 1: SparseLinears only; 2: also a mixture's experts modules unfused ("unfused_experts"), which a reader of 1 cannot
+# build (sdsengine before 2026-12-02 does not check the version: it fails on the first expert's name)
+VERSIONS = (1, 2)
 
 log = logging.getLogger("sdsengine")
 
@@ -78,7 +81,7 @@ def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
     records = [] if report is None else report
     ignore = ignore_patterns(ignore)
     already = sum(isinstance(m, SparseLinear) for m in model.modules())  # converted before: no warning for them
-    total = sum(p.numel() for p in model.parameters())  # before packing (a SparseLinear holds buffers)
+    total = weight_count(model)  # before packing
     done = {}  # id(module) -> its replacement: a module registered under two names is replaced under both
     # each fused experts module as per-expert linears viewing its banks (no copy), converted with the rest
     unfused = {name: experts.for_inference(m) for name, m in model.named_modules()
@@ -121,12 +124,17 @@ def fused_banks(model) -> dict[str, nn.Parameter]:
             for name, p in module.named_parameters(recurse=False) if p.dim() >= 3}
 
 
+def weight_count(model) -> int:
+    """The model's weights: its parameters, and a SparseLinear's as the dense ones it holds compressed (buffers)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, SparseLinear))
+
+
 def fused_bank_share(model, total=None) -> float:
-    """The share of `total` weights (default: the model's parameters) held in fused expert banks, which run dense:
-    convert leaves a bank fused when none of its experts' linears converts. Pass the total counted before convert,
-    after which SparseLinears hold buffers, not parameters."""
+    """The share of `total` weights (default: weight_count) held in fused expert banks, which run dense: convert
+    leaves them unless asked to pack them. Pass the total counted before convert, which frees packed banks."""
     banks = sum(p.numel() for p in fused_banks(model).values())
-    return banks / max(sum(p.numel() for p in model.parameters()) if total is None else total, 1)
+    return banks / max(weight_count(model) if total is None else total, 1)
 
 
 def _convert_one(name, module, ignore):
@@ -206,7 +214,7 @@ def _manifest(model):
               for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     unfused = [name for name, m in model.named_modules() if isinstance(m, experts.UnfusedExperts)]
-    return {"format": FORMAT, "version": 1, "pattern": "2:4", "sparse_modules": sparse,
+    return {"format": FORMAT, "version": 2 if unfused else 1, "pattern": "2:4", "sparse_modules": sparse,
             **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),
             **({"unfused_experts": unfused} if unfused else {})}
 
@@ -229,19 +237,8 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     that dtype (a cast of the whole model would round them too, and change its outputs).
     """
     directory = Path(directory).expanduser()
-    if not is_compressed_checkpoint(directory):
-        raise FileNotFoundError(f"{directory} is not an sdsengine compressed checkpoint (no {MANIFEST}; "
-                                "`sdsengine convert` writes one)")
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{directory / MANIFEST} is damaged (not valid JSON: {exc.msg})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
-            manifest.get("sparse_modules"), dict):
-        raise ValueError(f"{directory / MANIFEST} is not an sdsengine compressed checkpoint manifest")
+    manifest = _read_manifest(directory)
     unfused = manifest.get("unfused_experts", [])
-    if not isinstance(unfused, list) or not all(isinstance(name, str) for name in unfused):
-        raise ValueError(f"{directory / MANIFEST}: 'unfused_experts' is damaged (not a list of module names)")
     weights = next((directory / name for name in (WEIGHTS, LEGACY_WEIGHTS) if (directory / name).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"compressed checkpoint {directory} has no {WEIGHTS}")
@@ -273,9 +270,35 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     return model.eval()
 
 
+def _read_manifest(directory):
+    """The checkpoint's manifest, checked: a clear error for a directory that holds none, a damaged one, or one
+    written by a newer sdsengine."""
+    if not is_compressed_checkpoint(directory):
+        raise FileNotFoundError(f"{directory} is not an sdsengine compressed checkpoint (no {MANIFEST}; "
+                                "`sdsengine convert` writes one)")
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is damaged (not valid JSON: {exc.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+            manifest.get("sparse_modules"), dict):
+        raise ValueError(f"{path} is not an sdsengine compressed checkpoint manifest")
+    if manifest.get("version", 1) not in VERSIONS:
+        raise ValueError(f"{path}: format version {manifest.get('version')!r}, from a newer sdsengine (this one "
+                         f"reads {' and '.join(map(str, VERSIONS))}): upgrade sdsengine to load it")
+    unfused = manifest.get("unfused_experts", [])
+    if not isinstance(unfused, list) or not all(isinstance(name, str) for name in unfused):
+        raise ValueError(f"{path}: 'unfused_experts' is damaged (not a list of module names)")
+    return manifest
+
+
 def _unfuse(model, name):
-    """The skeleton's fused experts module `name` as the UnfusedExperts the checkpoint holds, put in its place."""
+    """The skeleton's fused experts module `name` as the UnfusedExperts the checkpoint holds, put in its place (one
+    that is unfused already, by an earlier load or convert, takes the checkpoint's linears as it is)."""
     fused = model.get_submodule(name)
+    if isinstance(fused, experts.UnfusedExperts):
+        return fused
     if not experts.is_fused_experts(fused):
         raise ValueError(f"the checkpoint holds {name} as a mixture's experts, unfused; the model has a "
                          f"{type(fused).__name__} there, not transformers' fused experts")
