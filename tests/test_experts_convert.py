@@ -38,7 +38,8 @@ def _unfused(model):
 
 
 def _expert_linears(module):
-    return {f"{e}.{name}": linear for e, expert in enumerate(module.experts()) for name, linear in expert.named_children()}
+    return {f"{e}.{name}": linear for e, expert in enumerate(module.experts())
+            for name, linear in expert.named_children()}
 
 
 def test_a_converted_mixtures_experts_run_compressed_and_its_banks_are_freed():
@@ -100,7 +101,8 @@ def test_experts_none_of_whose_linears_converts_stay_fused(caplog):
     with caplog.at_level(logging.INFO, logger="sdsengine"):  # again: its SparseLinears count as the weights they hold
         sdsengine.convert(model, ignore=("lm_head", "*experts*"), pack_experts=True)
     assert any("a mixture's fused experts, 84% of the model's weights" in r.getMessage() for r in caplog.records)
-    assert any("kept dense: model.layers.0.mlp.experts.*.down_proj (64, 128): ignored (4 experts)" in m for m in seen), seen
+    assert any("kept dense: model.layers.0.mlp.experts.*.down_proj (64, 128): ignored (4 experts)" in m
+               for m in seen), seen
     assert any("a mixture's fused experts, 84% of the model's weights" in m for m in seen)
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
 
