@@ -82,10 +82,9 @@ def autotune_choices():
 def weight_bytes(model):
     """What the linear weights of `model` hold, in bytes, as it stands (forms are derived on first use):
     {"dense": nn.Linear weights and a mixture's fused expert banks, "compressed": SparseLinear values and meta,
-    "forms": the backends' forms
-    derived from those (the dense decompression on the CPU and wherever dense is chosen, cuSPARSELt's packed
-    weight, our kernel's fragment order, which a lean layer keeps in place of its values and meta)}. Biases
-    are left out; a storage shared by two modules counts once."""
+    "forms": the backends' forms derived from those (the dense decompression on the CPU and wherever dense is
+    chosen, cuSPARSELt's packed weight, our kernel's fragment order, which a lean layer keeps in place of its
+    values and meta)}. Biases are left out; a storage shared by two modules counts once."""
     seen, held = set(), {"dense": 0, "compressed": 0, "forms": 0}
     for module in model.modules():
         if isinstance(module, SparseLinear):
