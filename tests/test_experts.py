@@ -396,12 +396,11 @@ def test_routing_by_one_sort_picks_what_asking_each_expert_picks():
     g = torch.Generator().manual_seed(0)
     chosen = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(40)])  # 40 tokens, 2 of 6 experts
     chosen[3, 1] = 5 + 1  # expert parallelism's sentinel: nobody's
-    for e, (token, position) in enumerate(experts._routed(chosen, 5)):
+    token, position, counts = experts._routed(chosen, 5)
+    assert len(counts) == 5 and sum(counts) == int((chosen < 5).sum())  # experts 5 and the sentinel: nobody's
+    for e, (mine, where) in enumerate(zip(token.split(counts), position.split(counts))):
         want = torch.where(chosen == e)
-        if token is None:
-            assert want[0].numel() == 0
-        else:
-            assert torch.equal(token, want[0]) and torch.equal(position, want[1]), e
+        assert torch.equal(mine, want[0]) and torch.equal(where, want[1]), e
 
 
 @pytest.mark.gpu

@@ -111,20 +111,33 @@ class UnfusedExperts(nn.Module):
         return [getattr(self, str(e)) for e in range(self.num_experts)]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
+        """Each token through its experts, batched where the experts need not be told apart: one gather of the
+        routed rows (grouped by expert), the gate once, the weighting and sum once; only the linears run per expert,
+        on their slices. Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time)."""
         fused = self.fused
-        for expert, (token, position) in zip(self.experts(), _routed(top_k_index, self.num_experts)):
-            if token is None:
-                continue
-            for bank in bank_names(fused) if self.records_routes else ():  # for the pairing
-                getattr(expert, bank).routed_tokens = token
-            h = getattr(expert, _first(fused))(hidden_states[token])
-            h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
-            h = expert.down_proj(h)
-            if hasattr(self, "post_expert_norm"):
-                h = self.post_expert_norm(h)
-            out.index_add_(0, token, (h * top_k_weights[token, position, None]).to(out.dtype))
-        return out
+        token, position, counts = _routed(top_k_index, self.num_experts)
+        first, down = bank_names(fused)
+        h = self._per_expert(first, hidden_states[token], token, counts)
+        h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
+        h = self._per_expert(down, h, token, counts)
+        if hasattr(self, "post_expert_norm"):
+            h = self.post_expert_norm(h)
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, token, (h * top_k_weights[token, position, None]).to(out.dtype))
+
+    def _per_expert(self, bank, x, token, counts):
+        """Each expert's linear `bank` on its rows of x (grouped by expert, counts[e] rows for expert e)."""
+        parts, start = [], 0
+        for expert, n in zip(self.experts(), counts):
+            if n:
+                linear = getattr(expert, bank)
+                if self.records_routes:  # which tokens these are, for the dense stream's pairing
+                    linear.routed_tokens = token[start:start + n]
+                parts.append(linear(x[start:start + n]))
+            start += n
+        if not parts:  # no token at all
+            return x.new_empty((0, getattr(self.experts()[0], bank).out_features))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # banks built under a caller's torch.inference_mode() would be inference tensors, which no training step can
     # use afterwards; a dense model's weights, pruned in place, stay ordinary tensors
@@ -147,15 +160,16 @@ def _put(fused, name, tensor):
 
 
 def _routed(top_k_index, num_experts):
-    """Per expert, (the tokens routed to it, in order, and where it stands in each one's top k), or (None, None).
-    One sort and one read of the counts by the host, where asking each expert would stop a GPU once per expert (128
-    in Qwen3-30B-A3B). An index past the experts (expert parallelism's sentinel) is nobody's."""
+    """(token, position, counts): every routed (token, place in its top k) grouped by expert, in token order within
+    each, and how many each expert got (a list: the host reads the counts once, where asking each expert would stop
+    a GPU once per expert, 128 in Qwen3-30B-A3B). An index past the experts (expert parallelism's sentinel) is
+    nobody's."""
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: each expert's tokens in order, as torch.where gives them
     counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
-    for pick in order[:sum(counts)].split(counts):
-        yield (pick // k, pick % k) if len(pick) else (None, None)
+    pick = order[:sum(counts)]
+    return pick // k, pick % k, counts
 
 
 def paired(x, tokens, dense_x, dense_tokens):
