@@ -38,13 +38,38 @@ def _slices(model):
     return out
 
 
+def _mixture(family):
+    """The family's tiny model, skipped where transformers here gives it no experts sdsengine can unfuse: experts
+    in another layout (GraniteMoE's input_linear/output_linear before transformers fused it like the rest), or a
+    router handing every expert's weight (PhiMoE and HunYuan-MoE in 5.0, refused by UnfusedExperts)."""
+    model = tiny_model(family)
+    fused = [m for m in model.modules() if experts.is_fused_experts(m)]
+    if not fused:
+        pytest.skip(f"transformers here keeps {family}'s experts in a layout other than the fused one")
+    shapes = []
+
+    def look(module, args, kwargs):
+        index, weights = [*args, *kwargs.values()][1:3]
+        shapes.append((index.shape[-1], weights.shape[-1]))
+
+    hook = fused[0].register_forward_pre_hook(look, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(tiny_tokens(1, 4))
+    finally:
+        hook.remove()
+    if any(k != w for k, w in shapes):
+        pytest.skip(f"transformers here hands {family}'s experts every expert's routing weight (its own mixture wrong)")
+    return model
+
+
 def test_every_supported_mixture_is_in_the_tests():
     assert sorted(MOE) == sorted(adapters.MOE_FAMILIES)
 
 
 @pytest.mark.parametrize("family", MOE)
 def test_unfused_experts_compute_what_the_fused_ones_do_and_go_back_unchanged(family):
-    model = tiny_model(family)
+    model = _mixture(family)
     for bank in (p for p in model.parameters() if p.dim() == 3):
         torch.nn.init.normal_(bank, std=0.05)  # weights that matter (some families start experts at zero)
     ids, before = tiny_tokens(2, 12), _state(model)
@@ -137,7 +162,7 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
     """SparseGPT 2:4 on every expert of every layer (each slice 2:4 along its inputs), routers untouched; the
     checkpoint has the model's own fused layout and reloads with transformers computing what the pruned model did;
     the converted model too."""
-    model = tiny_model(family)
+    model = _mixture(family)
     routers = {n: p.clone() for n, p in model.named_parameters()
                if any(f".{r}." in n for r in experts.ROUTERS) and "experts" not in n}
     assert routers or family in ("granitemoe",)
@@ -390,6 +415,36 @@ def test_a_mixture_under_transformers_4_is_refused_before_its_weights_load(tmp_p
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=r"mixtures of experts \(qwen2_moe\) are pruned with transformers 5 or later"):
         load_model(str(tmp_path / "model"))
+
+
+def test_experts_without_the_has_gate_flag_are_gated_ones():
+    """transformers before has_gate (5.0 to 5.5 at least) sets only is_transposed and has_bias: its experts were
+    all gated, gate and up in gate_up_proj. Found none there, sdsengine refused every mixture's layout."""
+    model = tiny_model("mixtral")
+    for bank in (p for p in model.parameters() if p.dim() == 3):
+        torch.nn.init.normal_(bank, std=0.05)
+    fused = [m for m in model.modules() if experts.is_fused_experts(m)]
+    ids = tiny_tokens(2, 12)
+    with torch.no_grad():
+        expected = model(ids).logits  # transformers' own experts read the flag where it has one
+        for module in fused:
+            module.__dict__.pop("has_gate", None)
+            assert not hasattr(module, "has_gate") and experts.is_fused_experts(module)
+        with experts.unfused(adapters.decoder_layers(model)) as swapped:
+            assert swapped == len(fused) > 0
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_weights_for_every_expert_are_refused_naming_the_release():
+    """transformers 5.0's PhiMoE and HunYuan-MoE routers hand the experts (tokens, experts) weights, which the
+    experts read by top-k position: unfused experts computing that would be pruned for a wrong mixture."""
+    fused = next(m for m in tiny_model("mixtral").modules() if experts.is_fused_experts(m))
+    unfused = experts.UnfusedExperts(fused)
+    x, index = torch.randn(5, 64), torch.tensor([[0, 1]] * 5)
+    unfused(x, index, torch.full((5, 2), 0.5))  # one weight per chosen expert: fine
+    with pytest.raises(ValueError, match="4 routing weights per token for 2 chosen experts.*newer transformers"):
+        unfused(x, index, torch.full((5, 4), 0.25))
 
 
 def test_routing_by_one_sort_picks_what_asking_each_expert_picks():

@@ -26,10 +26,16 @@ ROUTERS = ("gate", "router", "shared_expert_gate")
 
 def is_fused_experts(module) -> bool:
     """A transformers-5 experts module: the decorator's flags and a 3-D bank per projection."""
-    if not all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "has_bias")):
+    if not all(hasattr(module, flag) for flag in ("is_transposed", "has_bias")):
         return False
     banks = [getattr(module, name, None) for name in bank_names(module)]
     return all(isinstance(b, nn.Parameter) and b.dim() == 3 for b in banks)
+
+
+def has_gate(module) -> bool:
+    """Whether the experts gate (gate and up fused in gate_up_proj) or not (up_proj alone). The decorator of
+    transformers 5.0 to 5.x sets no has_gate flag: every experts module it knew was gated."""
+    return getattr(module, "has_gate", True)
 
 
 def bank_names(module) -> tuple[str, str]:
@@ -39,7 +45,7 @@ def bank_names(module) -> tuple[str, str]:
 
 def _first(module) -> str:
     """The bank the tokens meet first: gate and up fused, or up alone (experts without a gate)."""
-    return "gate_up_proj" if module.has_gate else "up_proj"
+    return "gate_up_proj" if has_gate(module) else "up_proj"
 
 
 def router_names(layer) -> set[str]:
@@ -114,12 +120,13 @@ class UnfusedExperts(nn.Module):
         """Each token through its experts, batched where the experts need not be told apart: one gather of the
         routed rows (grouped by expert), the gate once, the weighting and sum once; only the linears run per expert,
         on their slices. Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time)."""
+        _check_weights(top_k_index, top_k_weights)
         fused = self.fused
         token, position, counts = _routed(top_k_index, self.num_experts)
         spans = _spans(counts)
         first, down = bank_names(fused)
         h = self._per_expert(first, hidden_states[token], token, spans)
-        h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
+        h = fused._apply_gate(h) if has_gate(fused) else fused.act_fn(h)
         h = self._per_expert(down, h, token, spans)
         if hasattr(self, "post_expert_norm"):
             h = self.post_expert_norm(h)
@@ -158,6 +165,19 @@ def _put(fused, name, tensor):
     """tensor as the data of the fused module's parameter `name`. The Parameter itself stays, as a dense model's
     weights, pruned in place, do: an optimizer, a hook or a caller that held it holds the pruned bank."""
     getattr(fused, name).data = tensor
+
+
+def _check_weights(top_k_index, top_k_weights):
+    """Refuses routing weights that are not one per chosen expert. Some transformers releases (5.0 for PhiMoE and
+    HunYuan-MoE; 5.5 no longer) hand the experts every expert's weight, zeros where not chosen, while the experts
+    read them by position in the top k: transformers' own eager and grouped_mm experts then disagree (0.6 apart in
+    the tiny models' logits), and neither computes the mixture the model was trained as. Pruning calibrated on
+    that would fit the wrong function."""
+    if top_k_weights.shape[-1] != top_k_index.shape[-1]:
+        raise ValueError(f"this model's router hands its experts {top_k_weights.shape[-1]} routing weights per token "
+                         f"for {top_k_index.shape[-1]} chosen experts: transformers of this release computes this "
+                         "mixture wrongly itself (PhiMoE and HunYuan-MoE under transformers 5.0); use a newer "
+                         "transformers (5.5 or later) to prune or convert it")
 
 
 def _routed(top_k_index, num_experts):
