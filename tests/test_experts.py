@@ -40,7 +40,7 @@ def _slices(model):
 
 def _mixture(family):
     """The family's tiny model, skipped where transformers here gives it no experts sdsengine can unfuse: experts
-    in another layout (GraniteMoE's input_linear/output_linear before transformers fused it like the rest), or a
+    in another layout (GraniteMoE's input_linear/output_linear up to 5.10 at least; fused like the rest by 5.17), or a
     router handing every expert's weight (PhiMoE and HunYuan-MoE in 5.0, refused by UnfusedExperts)."""
     model = tiny_model(family)
     fused = [m for m in model.modules() if experts.is_fused_experts(m)]
@@ -418,7 +418,7 @@ def test_a_mixture_under_transformers_4_is_refused_before_its_weights_load(tmp_p
 
 
 def test_experts_without_the_has_gate_flag_are_gated_ones():
-    """transformers before has_gate (5.0 to 5.5 at least) sets only is_transposed and has_bias: its experts were
+    """transformers before has_gate (5.0 to 5.2) sets only is_transposed and has_bias: its experts were
     all gated, gate and up in gate_up_proj. Found none there, sdsengine refused every mixture's layout."""
     model = tiny_model("mixtral")
     for bank in (p for p in model.parameters() if p.dim() == 3):

@@ -34,7 +34,7 @@ def is_fused_experts(module) -> bool:
 
 def has_gate(module) -> bool:
     """Whether the experts gate (gate and up fused in gate_up_proj) or not (up_proj alone). The decorator of
-    transformers 5.0 to 5.x sets no has_gate flag: every experts module it knew was gated."""
+    transformers 5.0 to 5.2 sets no has_gate flag (5.3 added it): every experts module it knew was gated."""
     return getattr(module, "has_gate", True)
 
 
@@ -169,7 +169,7 @@ def _put(fused, name, tensor):
 
 def _check_weights(top_k_index, top_k_weights):
     """Refuses routing weights that are not one per chosen expert. Some transformers releases (5.0 for PhiMoE and
-    HunYuan-MoE; 5.5 no longer) hand the experts every expert's weight, zeros where not chosen, while the experts
+    HunYuan-MoE; 5.1 no longer) hand the experts every expert's weight, zeros where not chosen, while the experts
     read them by position in the top k: transformers' own eager and grouped_mm experts then disagree (0.6 apart in
     the tiny models' logits), and neither computes the mixture the model was trained as. Pruning calibrated on
     that would fit the wrong function."""
@@ -177,7 +177,7 @@ def _check_weights(top_k_index, top_k_weights):
         raise ValueError(f"this model's router hands its experts {top_k_weights.shape[-1]} routing weights per token "
                          f"for {top_k_index.shape[-1]} chosen experts: transformers of this release computes this "
                          "mixture wrongly itself (PhiMoE and HunYuan-MoE under transformers 5.0); use a newer "
-                         "transformers (5.5 or later) to prune or convert it")
+                         "transformers (5.1 or later) to prune or convert it")
 
 
 def _routed(top_k_index, num_experts):
