@@ -40,7 +40,7 @@ def _slices(model):
 
 def _mixture(family):
     """The family's tiny model, skipped where transformers here gives it no experts sdsengine can unfuse: experts
-    in another layout (GraniteMoE's input_linear/output_linear up to 5.10 at least; fused like the rest by 5.17), or a
+    in another layout (GraniteMoE's input_linear/output_linear up to 5.12; fused like the rest from 5.13), or a
     router handing every expert's weight (PhiMoE and HunYuan-MoE in 5.0, refused by UnfusedExperts)."""
     model = tiny_model(family)
     fused = [m for m in model.modules() if experts.is_fused_experts(m)]
