@@ -447,6 +447,33 @@ def test_routing_weights_for_every_expert_are_refused_naming_the_release():
         unfused(x, index, torch.full((5, 4), 0.25))
 
 
+def test_experts_outputs_are_summed_in_expert_order_without_a_repeated_index(monkeypatch):
+    """One index_add_ over every routed row repeats each token (once per expert): CUDA adds repeated rows
+    atomically, in no fixed order, so the sums changed from run to run there. The sums are the eager loop's, one
+    index_add_ per expert, bit for bit (bfloat16: every add rounds)."""
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("eager")
+    fused = next(m for m in model.modules() if experts.is_fused_experts(m)).to(torch.bfloat16)
+    for bank in (p for p in fused.parameters() if p.dim() == 3):
+        torch.nn.init.normal_(bank, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 64, generator=g).to(torch.bfloat16)
+    index = torch.stack([torch.randperm(fused.gate_up_proj.shape[0], generator=g)[:2] for _ in range(30)])
+    weights = torch.rand(30, 2, generator=g)
+    with torch.no_grad():
+        expected = fused(x, index, weights)  # transformers' eager loop: one index_add_ per expert
+        unfused = experts.UnfusedExperts(fused)
+        add = torch.Tensor.index_add_
+
+        def unique_only(self, dim, idx, source, **kwargs):
+            assert idx.unique().numel() == idx.numel(), "index_add_ over a repeated index"
+            return add(self, dim, idx, source, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "index_add_", unique_only)
+        got = unfused(x, index, weights)
+    assert torch.equal(got, expected)
+
+
 def test_routing_by_one_sort_picks_what_asking_each_expert_picks():
     g = torch.Generator().manual_seed(0)
     chosen = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(40)])  # 40 tokens, 2 of 6 experts

@@ -119,7 +119,8 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         """Each token through its experts, batched where the experts need not be told apart: one gather of the
         routed rows (grouped by expert), the gate once, the weighting and sum once; only the linears run per expert,
-        on their slices. Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time)."""
+        on their slices. Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time):
+        _summed adds each token's outputs in expert order, on every device."""
         _check_weights(top_k_index, top_k_weights)
         fused = self.fused
         token, position, counts = _routed(top_k_index, self.num_experts)
@@ -130,8 +131,8 @@ class UnfusedExperts(nn.Module):
         h = self._per_expert(down, h, token, spans)
         if hasattr(self, "post_expert_norm"):
             h = self.post_expert_norm(h)
-        out = torch.zeros_like(hidden_states)
-        return out.index_add_(0, token, (h * top_k_weights[token, position, None]).to(out.dtype))
+        return _summed((h * top_k_weights[token, position, None]).to(hidden_states.dtype), token, position,
+                       top_k_index, hidden_states)
 
     def _per_expert(self, bank, x, token, spans):
         """Each expert's linear `bank` on its rows of x (grouped by expert: spans holds (expert, start, stop) of
@@ -191,6 +192,22 @@ def _routed(top_k_index, num_experts):
     counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
     pick = order[:sum(counts)]
     return pick // k, pick % k, counts
+
+
+def _summed(rows, token, position, top_k_index, like):
+    """Each token's weighted expert outputs (rows, one per routed (token, position)) summed in the order of its
+    experts' indices, into a tensor like `like`: what the eager loop's index_add_ per expert adds, in its order. Not
+    one index_add_ over all rows: a token repeats there (once per expert), and CUDA adds repeated rows atomically,
+    in no fixed order, so the sums' last bits changed from run to run (transformers' own experts avoid it too)."""
+    k = top_k_index.shape[-1]
+    rank = (top_k_index[:, None, :] < top_k_index[:, :, None]).sum(-1)  # each choice's place in its token's expert order
+    slots = like.new_zeros((like.shape[0] * k, like.shape[-1]))
+    slots.index_copy_(0, token * k + rank[token, position], rows)  # each slot once: no repeated index
+    slots = slots.view(like.shape[0], k, like.shape[-1])
+    out = torch.zeros_like(like)
+    for j in range(k):  # a slot no expert filled (expert parallelism's sentinel) adds zero
+        out += slots[:, j]
+    return out
 
 
 def _spans(counts):
