@@ -114,7 +114,7 @@ def model_shapes(model, ignore=("lm_head",)):
                      module.weight.shape}
         elif experts.is_fused_experts(module):
             found = {f"experts.{bank}": getattr(module, bank).shape[1:][::-1 if module.is_transposed else 1]
-                     for bank in experts.bank_names(module)}
+                     for bank in experts.bank_names(module) if bank not in ignore}
         else:
             continue
         for short, out_in in found.items():

@@ -151,9 +151,11 @@ def test_a_manifest_naming_experts_wrongly_is_refused(tmp_path):
     manifest = json.loads((out / "sdsengine_compressed.json").read_text())
     assert manifest["unfused_experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert manifest["version"] == 2  # a reader of version 1 cannot build them
-    (out / "sdsengine_compressed.json").write_text(json.dumps(dict(manifest, version=3)))
-    with pytest.raises(ValueError, match=r"format version 3, from a newer sdsengine \(this one reads 1 and 2\)"):
-        sdsengine.load_compressed(out)
+    for version in (3, True):
+        (out / "sdsengine_compressed.json").write_text(json.dumps(dict(manifest, version=version)))
+        with pytest.raises(ValueError, match=rf"format version {version} is none this sdsengine reads \(1 and 2\): "
+                                             r"a newer sdsengine wrote it"):
+            sdsengine.load_compressed(out)
     manifest["unfused_experts"] = ["model.layers.0.self_attn"]
     (out / "sdsengine_compressed.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"holds model\.layers\.0\.self_attn as a mixture's experts, unfused; the "
@@ -243,6 +245,8 @@ def test_sdsengine_bench_times_each_experts_shapes(family):
     from sdsengine.bench import model_shapes
     shapes = model_shapes(tiny_model(family))
     assert "experts.gate_up_proj" in shapes[(256, 64)] and "experts.down_proj" in shapes[(64, 128)]
+    ignored = model_shapes(tiny_model(family), ignore=("lm_head", "down_proj"))
+    assert "experts.down_proj" not in ignored.get((64, 128), "")
 
 
 def test_a_damaged_layout_leaves_the_skeleton_its_fused_banks(tmp_path):

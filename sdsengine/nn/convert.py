@@ -284,9 +284,10 @@ def _read_manifest(directory):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
             manifest.get("sparse_modules"), dict):
         raise ValueError(f"{path} is not an sdsengine compressed checkpoint manifest")
-    if manifest.get("version", 1) not in VERSIONS:
-        raise ValueError(f"{path}: format version {manifest.get('version')!r}, from a newer sdsengine (this one "
-                         f"reads {' and '.join(map(str, VERSIONS))}): upgrade sdsengine to load it")
+    if type(manifest.get("version", 1)) is not int or manifest.get("version", 1) not in VERSIONS:  # true == 1
+        raise ValueError(f"{path}: format version {manifest.get('version')!r} is none this sdsengine reads "
+                         f"({' and '.join(map(str, VERSIONS))}): a newer sdsengine wrote it (upgrade to load it), or "
+                         "the manifest is damaged")
     unfused = manifest.get("unfused_experts", [])
     if not isinstance(unfused, list) or not all(isinstance(name, str) for name in unfused):
         raise ValueError(f"{path}: 'unfused_experts' is damaged (not a list of module names)")
