@@ -264,3 +264,12 @@ def test_a_damaged_layout_leaves_the_skeleton_its_fused_banks(tmp_path):
     held = {n: p for n, p in skeleton.named_parameters() if p.dim() == 3}
     assert held.keys() == banks.keys()
     assert all(held[n] is p and torch.equal(p, value) for n, (p, value) in banks.items())
+
+
+def test_packing_a_bare_experts_module_is_refused_naming_what_to_convert():
+    model = _pruned()
+    fused = model.model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match="convert packs a MixtralExperts inside the model that holds it"):
+        sdsengine.convert(fused, pack_experts=True)
+    sdsengine.convert(model.model.layers[0], pack_experts=True)  # its layer: fine
+    assert isinstance(model.model.layers[0].mlp.experts, experts.UnfusedExperts)

@@ -78,6 +78,9 @@ def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes a model (an nn.Module), got {type(model).__name__}")
+    if pack_experts and experts.is_fused_experts(model):  # it would have to replace itself
+        raise ValueError(f"convert packs a {type(model).__name__} inside the model that holds it: convert the whole "
+                         "model (or the layer holding these experts)")
     records = [] if report is None else report
     ignore = ignore_patterns(ignore)
     already = sum(isinstance(m, SparseLinear) for m in model.modules())  # converted before: no warning for them
