@@ -68,8 +68,13 @@ def _config_from(args, cls):
             continue
         if name not in names:
             continue
-        values[name] = tuple(p for v in value for p in v.split(",") if p) if isinstance(value, list) else value
+        values[name] = _listed(value) if isinstance(value, list) else value
     return cls(**values)
+
+
+def _listed(flags):
+    """The items of a repeatable list flag (action="append"), each occurrence comma-separated."""
+    return tuple(item for flag in flags or () for item in flag.split(",") if item)
 
 
 def _reject_foreign_flags(args, config_class):
@@ -334,8 +339,7 @@ def cmd_convert(args):
     records, total = [], weight_count(model)  # before convert frees a packed mixture's banks
     with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
         warnings.simplefilter("ignore")
-        convert(model, ignore=("lm_head", *(p for v in args.ignore or () for p in v.split(",") if p)), report=records,
-                pack_experts=args.pack_experts)
+        convert(model, ignore=("lm_head", *_listed(args.ignore)), report=records, pack_experts=args.pack_experts)
     done = sum(r.action == "converted" for r in records)
     if done == 0:  # a copy with nothing compressed is neither smaller nor faster: say why instead
         raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({skip_reasons(records)}); "
