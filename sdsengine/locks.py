@@ -83,7 +83,7 @@ def held(folder):
     except OSError:
         return None
     fd = _holding.get((stat.st_dev, stat.st_ino))
-    return fd if fd is not None and _held_here(fd) else None
+    return fd if fd is not None and os.fstat(fd).st_nlink > 0 else None
 
 
 def _forget_deleted():
