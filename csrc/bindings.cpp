@@ -67,14 +67,20 @@ void check_x(const at::Tensor& x) {
             " is ", major, ".", device_attribute(x.device(), cudaDevAttrComputeCapabilityMinor));
 }
 
-// values [Mt, KB*8, 32, 8] and meta [Mt, KB, 32, 4] as written by sdsengine.ops.reorder_24.
-void check_weight(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t m) {
+// values [Mt, KB*8, 32, 8] and meta [Mt, KB, 32, 4] as written by sdsengine.ops.reorder_24; a grouped call's
+// stack them, one per expert ([E, Mt, ...]: experts = E; -1 for one weight).
+void check_weight(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t m,
+                  int64_t experts = -1) {
   const int64_t k = x.size(1), mt = ceil_div(m, kRowsPerTile), kb = ceil_div(k, kColsPerBlock);
   SDS_CHECK(m > 0, "out_features must be positive, got ", m);
   SDS_CHECK(values.scalar_type() == x.scalar_type(), "values dtype ", values.scalar_type(), " differs from x dtype ",
             x.scalar_type());
   SDS_CHECK(meta.scalar_type() == at::kInt, "meta must be int32, got ", meta.scalar_type());
-  const std::vector<int64_t> values_shape{mt, kb * 8, 32, 8}, meta_shape{mt, kb, 32, 4};
+  std::vector<int64_t> values_shape{mt, kb * 8, 32, 8}, meta_shape{mt, kb, 32, 4};
+  if (experts >= 0) {
+    values_shape.insert(values_shape.begin(), experts);
+    meta_shape.insert(meta_shape.begin(), experts);
+  }
   const at::IntArrayRef want_values(values_shape), want_meta(meta_shape);
   SDS_CHECK(values.sizes() == want_values, "values must have the reordered shape ", dims(want_values),
             " for out_features=", m, ", in_features=", k, "; got ", dims(values.sizes()),
@@ -99,14 +105,15 @@ void check_grid(int blocks, const char* what, int64_t tokens) {
             "split the call into fewer tokens");
 }
 
-sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k) {
+// rows: the most rows one group has (all of x's for one weight); groups: a grouped call's, else 1.
+sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k, int64_t rows, int64_t groups = 1) {
   SDS_CHECK(split_k >= 0, "split_k must be >= 0 (0 = automatic), got ", split_k);
   SDS_CHECK(m < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), "sizes must fit in int32, got M=", m,
             ", N=", x.size(0));
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
-  const auto plan = sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(x.size(0)),
-                                           static_cast<int>(x.size(1)), sms, static_cast<int>(split_k));
-  check_grid(plan.token_blocks, "token blocks", x.size(0));
+  const auto plan = sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(rows), static_cast<int>(x.size(1)),
+                                           sms, static_cast<int>(split_k), static_cast<int>(groups));
+  check_grid(plan.token_blocks * static_cast<int>(groups), "token blocks", x.size(0));
   return plan;
 }
 
@@ -214,7 +221,7 @@ at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0) return y;
-  const auto plan = plan_for(x, out_features, split_k);
+  const auto plan = plan_for(x, out_features, split_k, x.size(0));
   at::Tensor workspace, counters;
   if (plan.splits > 1) {
     workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
@@ -228,14 +235,68 @@ at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   return y;
 }
 
+// One launch for the experts of a mixture: Y[r] = X[r] . W_e^T (+ bias_e) for the rows r of each expert e, x's rows
+// grouped by expert (offsets[e] .. offsets[e + 1]), values/meta/bias stacked per expert ([E, ...]). groups names
+// the experts to run, -1 for none; max_rows bounds each expert's rows. Rows of no listed expert are zeros. The
+// routing (offsets, groups) stays on the device and is read by the kernel, not here: nothing waits for the GPU,
+// and CUDA graphs can capture the call. It trusts them to be well formed (offsets non-decreasing from 0, no
+// expert listed twice, none with more than max_rows rows: the blocks cover max_rows rows of each expert, rounded
+// up to whole token tiles, and leave any further rows zero), as sdsengine.nn.grouped builds them.
+at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                          const at::Tensor& offsets, const at::Tensor& groups, int64_t out_features, int64_t max_rows,
+                          const c10::optional<at::Tensor>& bias, int64_t split_k,
+                          const c10::optional<at::Tensor>& locks) {
+  check_x(x);
+  SDS_CHECK(values.dim() == 5 && meta.dim() == 5, "grouped values and meta must be 5-D (experts first), got ",
+            dims(values.sizes()), " and ", dims(meta.sizes()));
+  const int64_t experts = values.size(0);
+  check_weight(x, values, meta, out_features, experts);
+  for (const auto& [t, name] : {std::pair{&offsets, "offsets"}, std::pair{&groups, "groups"}}) {
+    SDS_CHECK(t->scalar_type() == at::kInt && t->dim() == 1, name, " must be a 1-D int32 tensor, got ",
+              t->scalar_type(), " of shape ", dims(t->sizes()));
+    check_placed(*t, name, x.device());
+  }
+  SDS_CHECK(offsets.size(0) == experts + 1, "offsets must have experts + 1 = ", experts + 1, " entries, got ",
+            offsets.size(0));
+  SDS_CHECK(groups.size(0) > 0, "groups is empty: name at least one expert (or -1)");
+  SDS_CHECK(max_rows > 0 && max_rows <= x.size(0), "max_rows must be in [1, ", x.size(0), "] (x's rows), got ",
+            max_rows);
+  if (bias.has_value()) {
+    SDS_CHECK(bias->dim() == 2 && bias->size(0) == experts && bias->size(1) == out_features,
+              "grouped bias must have shape (", experts, ", ", out_features, "), got ", dims(bias->sizes()));
+    SDS_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(), " differs from x dtype ",
+              x.scalar_type());
+    check_placed(*bias, "bias", x.device());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::zeros({x.size(0), out_features}, x.options());  // rows of no listed expert stay zero
+  const auto plan = plan_for(x, out_features, split_k, max_rows, groups.size(0));
+  at::Tensor workspace, counters;
+  if (plan.splits > 1) {
+    workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
+    counters = counters_for(x, locks, int64_t{plan.m_blocks} * plan.token_blocks * plan.groups);
+  }
+  auto args = kernel_args(x, values, meta, bias, y, plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
+                          plan.splits > 1 ? counters.data_ptr<int>() : nullptr);
+  args.Mt = static_cast<int>(values.size(1));
+  args.KB = static_cast<int>(meta.size(2));
+  args.offsets = offsets.data_ptr<int32_t>();
+  args.groups = groups.data_ptr<int32_t>();
+  const cudaError_t err =
+      sdsengine::spmm24_launch(args, plan, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream());
+  SDS_CHECK(err == cudaSuccess, "grouped kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 // The launch plan the kernel would use, for tests and benchmarks: a dict of ints.
 pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t split_k) {
   check_x(x);
   SDS_CHECK(x.size(0) > 0, "x has no rows: a launch plan needs at least one token");  // the plan divides by them
-  const auto plan = plan_for(x, out_features, split_k);
+  const auto plan = plan_for(x, out_features, split_k, x.size(0));
   pybind11::dict d;
   d["n_tiles"] = plan.n_tiles;
   d["token_blocks"] = plan.token_blocks;
+  d["groups"] = plan.groups;
   d["m_blocks"] = plan.m_blocks;
   d["splits"] = plan.splits;
   d["kb_per_split"] = plan.kb_per_split;
@@ -284,6 +345,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("split_k") = 0,
         pybind11::arg("locks") = pybind11::none());
+  m.def("spmm24_grouped", &spmm24_grouped,
+        "Y = X W_e^T (+ bias_e) for each expert e's rows of X, one launch (mixtures of experts)", pybind11::arg("x"),
+        pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("offsets"), pybind11::arg("groups"),
+        pybind11::arg("out_features"), pybind11::arg("max_rows"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("split_k") = 0, pybind11::arg("locks") = pybind11::none());
   m.def("spmm24_plan", &spmm24_plan, "launch plan of spmm24 for x and out_features", pybind11::arg("x"),
         pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
   m.def("spmm24_sm90", &spmm24_sm90, "Y = X W^T (+ bias) with wgmma.sp (compute capability 9.0, sm_90a build)",

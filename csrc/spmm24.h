@@ -18,7 +18,8 @@ enum class DType { kHalf, kBFloat16 };
 // How one call is cut into thread blocks; computed on the host, also reported to Python for tests.
 struct Spmm24Plan {
   int n_tiles;       // 8-token MMA tiles per warp: 1, 2, 4 or 8
-  int token_blocks;  // grid.z: blocks of n_tiles * 8 tokens
+  int token_blocks;  // blocks of n_tiles * 8 tokens (per group in a grouped call); grid.z = token_blocks * groups
+  int groups;        // 1, or a grouped call's groups (spmm24_grouped below)
   int m_blocks;      // grid.x: blocks of kWarps m-tiles of 16 rows
   int splits;        // grid.y: K is cut into this many slices (1: no workspace)
   int kb_per_split;  // 256-wide K blocks per slice
@@ -35,10 +36,19 @@ struct Spmm24Args {
   float* workspace;      // [splits, N, M] fp32 partial sums; used only when splits > 1
   int* counters;         // [m_blocks * token_blocks] zeros, left zero again; used only when splits > 1
   int M, N, K, Mt, KB;
+  // A grouped call (one launch for the experts of a mixture): x's rows are grouped by expert, and values, meta
+  // and bias hold one weight per expert, [E][...] of the shapes above. Block z serves group z / group_blocks:
+  // expert groups[g] (-1: none), the rows offsets[e] .. offsets[e + 1] of x (at most N), token block
+  // z % group_blocks of them. Both arrays live on the device, so the launch needs nothing from the host that
+  // depends on the routing, and CUDA graphs can capture it. Null offsets: one weight, every row.
+  const int32_t* offsets = nullptr;  // [E + 1]
+  const int32_t* groups = nullptr;   // [G]
+  int group_blocks = 0;
 };
 
-// split_k > 0 forces the number of K slices (clamped to [1, KB]); 0 picks one that fills num_sms.
-Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k);
+// split_k > 0 forces the number of K slices (clamped to [1, KB]); 0 picks one that fills num_sms. For a grouped
+// call N is the most rows one group can have and groups the number of groups.
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups = 1);
 
 cudaError_t spmm24_launch(const Spmm24Args& args, const Spmm24Plan& plan, DType dtype, cudaStream_t stream);
 

@@ -8,7 +8,8 @@
 // memory with cp.async and turned into B fragments with ldmatrix.
 //
 // Grid: x = groups of kWarps m-tiles, y = K slices (split-K, so that decode with M = 4096 still puts
-// several blocks on every SM), z = groups of 8 * n_tiles tokens. With more than one slice, every block
+// several blocks on every SM), z = groups of 8 * n_tiles tokens (in a grouped call, per group of rows: each
+// expert of a mixture its own weight and rows, spmm24.h). With more than one slice, every block
 // writes its fp32 partial sums to a workspace and takes a ticket from its tile's counter; the last to
 // arrive adds the slices in slice order (deterministic), writes Y and resets the counter to zero, so the
 // counters stay zero between calls and no second kernel or memset is launched.
@@ -104,10 +105,12 @@ __device__ __forceinline__ void load_block(Block& blk, const uint4* values, cons
 }
 
 // Copies X[n0 : n0 + 8 NT, K blocks c0 : c1] to shared memory. Rows are padded by 16 bytes so the
-// 8 row addresses of one ldmatrix fall in different bank groups. Tokens past N and K past the end
-// (the zero padding of the reordered weight) read as zeros, so they add nothing and never NaN.
+// 8 row addresses of one ldmatrix fall in different bank groups. Rows from `end` on (past N, or another
+// expert's) and K past the end (the zero padding of the reordered weight) read as zeros, so they add nothing
+// and never NaN.
 template <int NT>
-__device__ __forceinline__ void stage_x(uint4* xs, const Spmm24Args& p, int n0, int c0, int c1, int stride) {
+__device__ __forceinline__ void stage_x(uint4* xs, const Spmm24Args& p, int n0, int end, int c0, int c1,
+                                        int stride) {
   const int cols = (c1 - c0) * kU4PerBlockRow;
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   for (int i = threadIdx.x; i < NT * 8 * cols; i += kThreads) {
@@ -116,7 +119,7 @@ __device__ __forceinline__ void stage_x(uint4* xs, const Spmm24Args& p, int n0, 
     const int n = n0 + r;
     const int k = (c0 * kU4PerBlockRow + c) * 8;
     uint4* dst = xs + r * stride + c;
-    if (n < p.N && k < p.K) {
+    if (n < end && k < p.K) {
       cp_async16(dst, x + static_cast<size_t>(n) * p.K + k);
     } else {
       *dst = make_uint4(0u, 0u, 0u, 0u);
@@ -147,9 +150,8 @@ __device__ __forceinline__ void mma_block(float (&acc)[NT][4], const Block& blk,
 
 // Accumulator c[i] of n-tile j is Yt[m][n]: m = 16 mt + g + 8 (i / 2), n = n0 + 8 j + 2 t + i % 2.
 template <typename T, int NT>
-__device__ __forceinline__ void store(const float (&acc)[NT][4], const Spmm24Args& p, int mt, int n0, int split,
-                                      int lane) {
-  const T* bias = static_cast<const T*>(p.bias);
+__device__ __forceinline__ void store(const float (&acc)[NT][4], const Spmm24Args& p, const T* bias, int mt, int n0,
+                                      int end, int split, int lane) {
   T* y = static_cast<T*>(p.y);
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
@@ -157,7 +159,7 @@ __device__ __forceinline__ void store(const float (&acc)[NT][4], const Spmm24Arg
     for (int i = 0; i < 4; ++i) {
       const int m = mt * 16 + (lane >> 2) + (i >> 1) * 8;
       const int n = n0 + j * 8 + (lane & 3) * 2 + (i & 1);
-      if (m >= p.M || n >= p.N) continue;
+      if (m >= p.M || n >= end) continue;
       if (p.workspace != nullptr) {
         p.workspace[(static_cast<size_t>(split) * p.N + n) * p.M + m] = acc[j][i];
       } else {
@@ -172,7 +174,7 @@ __device__ __forceinline__ void store(const float (&acc)[NT][4], const Spmm24Arg
 // partial-sum stores before the ticket, and the ticket before the last block's reads (the CUDA
 // programming guide's threadFenceReduction pattern); __ldcg reads them from L2, past this SM's L1.
 template <typename T, int NT>
-__device__ __forceinline__ void reduce_if_last(const Spmm24Args& p, int n0) {
+__device__ __forceinline__ void reduce_if_last(const Spmm24Args& p, const T* bias, int n0, int end) {
   __shared__ int is_last;
   const int tile = blockIdx.z * gridDim.x + blockIdx.x;
   __threadfence();
@@ -181,13 +183,12 @@ __device__ __forceinline__ void reduce_if_last(const Spmm24Args& p, int n0) {
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
   const int m0 = blockIdx.x * kWarps * 16;
   for (int i = threadIdx.x; i < NT * 8 * kWarps * 16; i += kThreads) {  // m fastest: coalesced
     const int n = n0 + i / (kWarps * 16);
     const int m = m0 + i % (kWarps * 16);
-    if (n >= p.N || m >= p.M) continue;
+    if (n >= end || m >= p.M) continue;
     float sum = bias != nullptr ? Cvt<T>::to(bias[m]) : 0.f;
     for (int s = 0; s < static_cast<int>(gridDim.y); ++s) {
       sum += __ldcg(p.workspace + (static_cast<size_t>(s) * p.N + n) * p.M + m);
@@ -197,21 +198,42 @@ __device__ __forceinline__ void reduce_if_last(const Spmm24Args& p, int n0) {
   if (threadIdx.x == 0) p.counters[tile] = 0;  // ready for the next call
 }
 
+// This block's rows of X, [n0, end), and their weight's index (0 but in a grouped call). False where the block
+// has no rows: a group without an expert, or a token block past its expert's rows. Every split of a tile
+// decides alike, so no split-K ticket of a tile is taken unless all of its splits take one.
+template <int NT>
+__device__ __forceinline__ bool block_rows(const Spmm24Args& p, int& n0, int& end, int& expert) {
+  if (p.offsets == nullptr) {
+    n0 = blockIdx.z * NT * 8;
+    end = p.N;
+    expert = 0;
+    return true;
+  }
+  const int g = blockIdx.z / p.group_blocks;
+  expert = p.groups[g];
+  if (expert < 0) return false;
+  n0 = p.offsets[expert] + (blockIdx.z - g * p.group_blocks) * NT * 8;
+  end = min(p.offsets[expert + 1], p.N);  // offsets past x's rows read nothing past them
+  return n0 < end;
+}
+
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, int kb_per_split, int kb_per_chunk) {
   extern __shared__ uint4 xs[];
+  int n0, end, expert;
+  if (!block_rows<NT>(p, n0, end, expert)) return;  // the whole block, before any barrier
   const int lane = threadIdx.x & 31;
   const int mt = blockIdx.x * kWarps + (threadIdx.x >> 5);
   const bool active = mt < p.Mt;  // idle warps still take part in the block's barriers
   const int split = blockIdx.y;
-  const int n0 = blockIdx.z * NT * 8;
   const int kb_begin = split * kb_per_split;
   const int kb_end = min(p.KB, kb_begin + kb_per_split);
   const int stride = kb_per_chunk * kU4PerBlockRow + 1;
 
-  const uint4* values = reinterpret_cast<const uint4*>(p.values) +
-                        static_cast<size_t>(active ? mt : 0) * p.KB * kStepsPerBlock * 32 + lane;
-  const uint4* meta = reinterpret_cast<const uint4*>(p.meta) + static_cast<size_t>(active ? mt : 0) * p.KB * 32 + lane;
+  const size_t tiles = static_cast<size_t>(expert) * p.Mt + (active ? mt : 0);  // m-tiles before this warp's
+  const uint4* values = reinterpret_cast<const uint4*>(p.values) + tiles * p.KB * kStepsPerBlock * 32 + lane;
+  const uint4* meta = reinterpret_cast<const uint4*>(p.meta) + tiles * p.KB * 32 + lane;
+  const T* bias = p.bias != nullptr ? static_cast<const T*>(p.bias) + static_cast<size_t>(expert) * p.M : nullptr;
   float acc[NT][4] = {};
   Block cur;
   if (active) load_block(cur, values + static_cast<size_t>(kb_begin) * kStepsPerBlock * 32, meta + kb_begin * 32);
@@ -219,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, in
   for (int c0 = kb_begin; c0 < kb_end; c0 += kb_per_chunk) {
     const int c1 = min(c0 + kb_per_chunk, kb_end);
     __syncthreads();  // the previous chunk is no longer read
-    stage_x<NT>(xs, p, n0, c0, c1, stride);
+    stage_x<NT>(xs, p, n0, end, c0, c1, stride);
     cp_async_wait_all();
     __syncthreads();
     if (!active) continue;
@@ -231,15 +253,16 @@ __global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, in
       if (more) cur = next;
     }
   }
-  if (active) store<T, NT>(acc, p, mt, n0, split, lane);
-  if (p.workspace != nullptr) reduce_if_last<T, NT>(p, n0);
+  if (active) store<T, NT>(acc, p, bias, mt, n0, end, split, lane);
+  if (p.workspace != nullptr) reduce_if_last<T, NT>(p, bias, n0, end);
 }
 
 template <typename T, int NT>
 cudaError_t launch_typed(const Spmm24Args& args, const Spmm24Plan& plan, cudaStream_t stream) {
   Spmm24Args a = args;
   if (plan.splits == 1) a.workspace = nullptr;  // the kernel writes y itself, no tickets
-  const dim3 grid(plan.m_blocks, plan.splits, plan.token_blocks);
+  a.group_blocks = plan.token_blocks;
+  const dim3 grid(plan.m_blocks, plan.splits, plan.token_blocks * plan.groups);
   spmm24_kernel<T, NT><<<grid, kThreads, plan.smem_bytes, stream>>>(a, plan.kb_per_split, plan.kb_per_chunk);
   return cudaGetLastError();
 }
@@ -257,14 +280,16 @@ cudaError_t launch_tiles(const Spmm24Args& args, const Spmm24Plan& plan, cudaStr
 
 }  // namespace
 
-Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k) {
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups) {
   Spmm24Plan plan{};
+  plan.groups = std::max(groups, 1);
   plan.n_tiles = N <= 8 ? 1 : N <= 16 ? 2 : N <= 32 ? 4 : 8;
   const int rows = plan.n_tiles * 8;
   const int kb = ceil_div(K, kStepsPerBlock * 32);
   plan.token_blocks = ceil_div(N, rows);
   plan.m_blocks = ceil_div(ceil_div(M, 16), kWarps);
-  const int wanted = split_k > 0 ? split_k : ceil_div(kCtasPerSm * num_sms, plan.m_blocks * plan.token_blocks);
+  const int wanted =
+      split_k > 0 ? split_k : ceil_div(kCtasPerSm * num_sms, plan.m_blocks * plan.token_blocks * plan.groups);
   plan.kb_per_split = ceil_div(kb, std::min(std::max(wanted, 1), kb));
   plan.splits = ceil_div(kb, plan.kb_per_split);
   const int chunk_cap = std::max(1, (kSmemLimit / rows - 16) / kBlockRowBytes);

@@ -544,6 +544,43 @@ def _search_split(form, x, bias, out_features):
     return best if times[best] < times[0] * (1 - SPLIT_MARGIN) else 0
 
 
+# ---------------------------------------------------------------------------------------------------
+# Grouped: one launch for a mixture's experts, routing read on the device (sdsengine.nn.grouped)
+# ---------------------------------------------------------------------------------------------------
+
+def grouped_form(canonicals):
+    """The grouped kernel's form of E experts' weights of one shape, from their canonical (values, meta) pairs:
+    each expert's reorder_24 form, stacked ([E, Mt, ...]), and per-stream split-K tickets."""
+    forms = []
+    for e, (values, meta) in enumerate(canonicals):
+        check_meta(meta, f"grouped_form(expert {e})")  # the kernel trusts the metadata's order
+        forms.append(reorder_24(values, meta))
+    return torch.stack([f[0] for f in forms]), torch.stack([f[1] for f in forms]), {}
+
+
+def run_grouped(form, x, offsets, groups, max_rows, bias, out_features):
+    """Y (R, out_features): for each expert e in groups (-1: none), x's rows offsets[e]:offsets[e + 1] (at most
+    max_rows) times W_e^T + bias[e]; zeros in rows no listed expert owns. The kernel's own split-K plan: a timed
+    choice, as single weights get, would need the routing on the host."""
+    values_r, meta_r, locks = form
+    return load_extension().spmm24_grouped(_aligned(x), values_r, meta_r, offsets, groups, out_features, max_rows,
+                                           bias, 0, stream_locks(locks, x))
+
+
+def grouped_reference(x, weights, offsets, groups, max_rows, bias=None):
+    """run_grouped's contract in plain PyTorch (fp32 accumulation), from dense weights [E, M, K]: for tests."""
+    y = torch.zeros(x.shape[0], weights.shape[1], dtype=torch.float32, device=x.device)
+    bounds = offsets.tolist()
+    for e in groups.tolist():
+        if e < 0:
+            continue
+        start, stop = bounds[e], min(bounds[e + 1], bounds[e] + max_rows, x.shape[0])
+        y[start:stop] = x[start:stop].float() @ weights[e].float().T
+        if bias is not None:
+            y[start:stop] += bias[e].float()
+    return y.to(x.dtype)
+
+
 def split_choices():
     """{(out_features, in_features, tokens, dtype, device, bias): split_k} chosen so far in this process."""
     return dict(_splits)

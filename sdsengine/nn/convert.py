@@ -36,6 +36,7 @@ from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns
 from sdsengine.kernels import check_meta
 from sdsengine.masks import nm_violations
+from sdsengine.nn.grouped import GroupedBanks
 from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import experts
 
@@ -105,7 +106,7 @@ def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
         if done.get(id(module)) is not None:
             _set_submodule(model, name, done[id(module)])
     for module in packed.values():
-        experts.settle(module)
+        _settle(module)
     _log_summary(records, already)
     share = fused_bank_share(model, total)
     if share:
@@ -267,7 +268,7 @@ def load_compressed(directory, model=None, dtype=None, device=None):
         undo()
         raise
     for module in unfused:  # loaded: the fused banks (the skeleton's) are no longer needed
-        experts.settle(module)
+        _settle(module)
     model.to(device)  # the buffers the model made itself (rotary frequencies)
     _refuse_save_pretrained(model)
     return model.eval()
@@ -295,6 +296,13 @@ def _read_manifest(directory):
     if not isinstance(unfused, list) or not all(isinstance(name, str) for name in unfused):
         raise ValueError(f"{path}: 'unfused_experts' is damaged (not a list of module names)")
     return manifest
+
+
+def _settle(unfused):
+    """A packed UnfusedExperts in the model for good: its banks freed (experts.settle), and where every expert linear
+    converted, its grouped path for decode (grouped.py)."""
+    experts.settle(unfused)
+    unfused.grouped = GroupedBanks.of(unfused)
 
 
 def _unfuse(model, name):

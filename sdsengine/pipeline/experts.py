@@ -100,6 +100,7 @@ class UnfusedExperts(nn.Module):
     clamped or not), the optional post-expert norm, then weighted by its routing weight and summed."""
 
     records_routes = False  # set while a model is pruned: the dense stream's pairing reads the routes
+    grouped = None  # a packed model's sdsengine.nn.grouped.GroupedBanks: all experts in one launch, at decode
 
     def __init__(self, fused, copy=True):
         super().__init__()
@@ -119,16 +120,21 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         """Each token through its experts, batched where the experts need not be told apart: one gather of the
         routed rows (grouped by expert), the gate once, the weighting and sum once; only the linears run per expert,
-        on their slices. Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time):
+        on their slices (or, packed for decode, each projection of all experts in one launch: `grouped`). Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time):
         _summed adds each token's outputs in expert order, on every device."""
         _check_weights(top_k_index, top_k_weights)
         fused = self.fused
-        token, position, counts = _routed(top_k_index, self.num_experts)
-        spans = _spans(counts)
+        if self.grouped is not None and self.grouped.applies(self, hidden_states):
+            token, position, offsets, groups = self.grouped.routes(top_k_index, self.num_experts)
+            linear = lambda bank, x: self.grouped.run(self, bank, x, offsets, groups, hidden_states.shape[0])  # noqa: E731
+        else:
+            token, position, counts = _routed(top_k_index, self.num_experts)
+            spans = _spans(counts)
+            linear = lambda bank, x: self._per_expert(bank, x, token, spans)  # noqa: E731
         first, down = bank_names(fused)
-        h = self._per_expert(first, hidden_states[token], token, spans)
+        h = linear(first, hidden_states[token])
         h = fused._apply_gate(h) if has_gate(fused) else fused.act_fn(h)
-        h = self._per_expert(down, h, token, spans)
+        h = linear(down, h)
         if hasattr(self, "post_expert_norm"):
             h = self.post_expert_norm(h)
         return _summed((h * top_k_weights[token, position, None]).to(hidden_states.dtype), token, position,

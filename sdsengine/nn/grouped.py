@@ -1,0 +1,108 @@
+"""A packed mixture's experts in one launch per projection: the routing stays on the GPU.
+
+A converted mixture whose experts are packed (`convert(model, pack_experts=True)`) holds them as an UnfusedExperts
+of SparseLinears. Its eager forward runs them one expert at a time, and to cut the routed rows into experts it
+reads the experts' token counts on the host: a synchronization per layer, and nothing CUDA graphs can capture.
+At decode that host work costs more than the halved weight bytes save.
+
+GroupedBanks runs each projection of all experts as one launch of the mma.sp kernel's grouped form
+(ops.run_grouped): the experts' compressed weights stacked, the routed rows grouped by expert, and where each
+expert's rows start (offsets) and which experts have rows (groups) computed and read on the device. Nothing
+waits for the GPU, and a decode step can be captured whole.
+
+It runs where the kernel can and the regime is the kernel's: CUDA, float16/bfloat16, at most MAX_TOKENS tokens
+(decode; the per-expert path's SparseLinears pick their fastest backend, dense included, for longer inputs), no
+autocast or autograd, and no backend forced other than ours (`use_backend`). A fixed rule, not timed per shape as
+a SparseLinear's backends are: timing a block needs real routing. The stacked form is a second copy of the
+experts' weights (9/16 of their dense bytes) beside their compressed buffers, made on the first call on a
+device and dropped when the buffers move or are reloaded.
+"""
+import torch
+
+from sdsengine import ops
+from sdsengine.nn import sparse_linear
+from sdsengine.nn.sparse_linear import SparseLinear
+from sdsengine.pipeline import experts as experts_mod
+
+MAX_TOKENS = 64  # the mma.sp kernel's decode regime (ops.SPLIT_SEARCH_TOKENS): past it dense wins on the H100
+
+
+def device_routes(top_k_index, num_experts):
+    """(token, position, offsets, groups), all on top_k_index's device, without reading anything back: every
+    routed (token, place in its top k) grouped by expert (stable: in token order within each; an index past the
+    experts, or negative, last, in no expert), offsets (int32, E + 1) where each expert's rows start, and groups
+    (int32, min(E, rows)): the experts with rows, in index order, then -1s."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # nobody's: after every expert
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    offsets[1:] = counts[:num_experts].cumsum(0)
+    empty = counts[:num_experts] == 0
+    groups = torch.argsort(empty.to(torch.int8), stable=True)[:min(num_experts, flat.numel())]
+    groups = torch.where(empty[groups], -1, groups).to(torch.int32)
+    return order // k, order % k, offsets, groups
+
+
+class GroupedBanks:
+    """The grouped path of one UnfusedExperts whose every expert linear is a SparseLinear (of() builds one)."""
+
+    def __init__(self, unfused):
+        self.banks = experts_mod.bank_names(unfused.fused)
+        self._forms = {}  # bank -> (source, (values_r, meta_r, locks), stacked bias or None, out_features)
+        self._runs = {}  # (device, dtype) -> whether our kernel runs there
+
+    @classmethod
+    def of(cls, unfused):
+        """A GroupedBanks for `unfused`, or None where some expert linear is not a SparseLinear (kept dense) or the
+        experts' shapes differ."""
+        for bank in experts_mod.bank_names(unfused.fused):
+            linears = [getattr(e, bank) for e in unfused.experts()]
+            if not all(isinstance(m, SparseLinear) for m in linears):
+                return None
+            if len({(m.in_features, m.out_features, m.bias is not None) for m in linears}) != 1:
+                return None
+        return cls(unfused)
+
+    routes = staticmethod(device_routes)
+
+    def applies(self, unfused, x):
+        """Whether the grouped path serves this call (x: the layer's hidden states, tokens first)."""
+        if not x.is_cuda or not 0 < x.shape[0] <= MAX_TOKENS or sparse_linear._forced not in (None, "sdsengine"):
+            return False
+        if torch.is_autocast_enabled("cuda") or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        if x.dtype != _first_linear(unfused, self.banks[0]).values.dtype:
+            return False  # as a SparseLinear, the per-expert path names the mismatch
+        key = (x.device, x.dtype)
+        if key not in self._runs:  # asked once: the answer needs the device's capability and the extension
+            self._runs[key] = "sdsengine" in ops.available(x.device, x.dtype)
+        return self._runs[key]
+
+    def run(self, unfused, bank, x, offsets, groups, max_rows):
+        """The experts' `bank` projection on their rows of x (grouped by expert as offsets says)."""
+        form, bias, out_features = self._form(unfused, bank)
+        return ops.run_grouped(form, x, offsets, groups, max_rows, bias, out_features)
+
+    def _form(self, unfused, bank):
+        """The stacked form of the experts' weights, made again where the first expert's buffers are no longer the
+        tensors, at the versions, it was made from (moved, reloaded), as a SparseLinear's own forms are."""
+        values = _first_linear(unfused, bank).values
+        source = (values.data_ptr(), values._version, values.device, values.dtype)
+        kept = self._forms.get(bank)
+        if kept is None or kept[0] != source:
+            if ops.capturing():
+                raise RuntimeError("the grouped experts' weights are first prepared inside CUDA-graph capture: run the "
+                                   "model once before capturing")
+            linears = [getattr(e, bank) for e in unfused.experts()]
+            with torch.inference_mode(False):
+                form = ops.grouped_form([m._canonical() for m in linears])
+                bias = torch.stack([m.bias for m in linears]) if linears[0].bias is not None else None
+            self._forms[bank] = kept = (source, form, bias, linears[0].out_features)
+        return kept[1:]
+
+
+def _first_linear(unfused, bank):
+    return unfused._modules["0"]._modules[bank]  # not attribute lookups: this runs on every decode call

@@ -1,0 +1,237 @@
+"""A packed mixture's experts in one launch per projection (sdsengine.nn.grouped): the routing it builds on the
+device, the stacked form, the contract of the grouped kernel against its reference, and the kernel itself (GPU)."""
+import pytest
+import torch
+
+import sdsengine
+from sdsengine import ops, transformers_compat
+from sdsengine.config import MagnitudeConfig
+from sdsengine.kernels import compress_24, decompress_24
+from sdsengine.nn import grouped
+from sdsengine.nn.sparse_linear import use_backend
+from sdsengine.pipeline import experts
+from tiny_models import tiny_model, tiny_tokens
+
+pytestmark = pytest.mark.skipif(transformers_compat.major() < 5, reason="fused experts came with transformers 5")
+
+
+def _top_k(tokens, experts_, k, seed=0, sentinel=0):
+    """Random routing: k distinct experts per token (as topk gives), the last `sentinel` tokens' last choice
+    replaced by an index past the experts (expert parallelism's nobody)."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(experts_, generator=g)[:k] for _ in range(tokens)])
+    if sentinel:
+        index[-sentinel:, -1] = experts_
+    return index
+
+
+@pytest.mark.parametrize("tokens, experts_, k, sentinel", [(1, 8, 2, 0), (5, 4, 2, 0), (16, 128, 8, 0),
+                                                         (7, 6, 3, 2), (3, 64, 8, 0)])
+def test_device_routes_group_the_rows_as_the_host_routing_does(tokens, experts_, k, sentinel):
+    index = _top_k(tokens, experts_, k, sentinel=sentinel)
+    token, position, offsets, groups = grouped.device_routes(index, experts_)
+    want_token, want_position, counts = experts._routed(index, experts_)
+    routed = len(want_token)  # the host routing drops nobody's rows; the device one puts them last
+    assert torch.equal(token[:routed], want_token) and torch.equal(position[:routed], want_position)
+    assert len(token) == tokens * k and (index[token[routed:], position[routed:]] == experts_).all()
+    assert offsets.dtype == groups.dtype == torch.int32
+    assert offsets.tolist() == [sum(counts[:e]) for e in range(experts_ + 1)]
+    used = [e for e in range(experts_) if counts[e]]
+    assert groups.tolist() == used + [-1] * (min(experts_, tokens * k) - len(used))
+
+
+def test_device_routes_of_a_negative_index_put_its_row_in_no_expert():
+    index = torch.tensor([[1, -1], [0, 1]])
+    token, position, offsets, groups = grouped.device_routes(index, 3)
+    assert offsets.tolist() == [0, 1, 3, 3] and groups.tolist() == [0, 1, -1]
+    assert (token[-1], position[-1]) == (0, 1)
+
+
+def _weights(experts_, rows, cols, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(experts_, rows, cols, generator=g).to(dtype)
+    return torch.stack([decompress_24(*compress_24(w)) for w in dense])  # 2:4, canonical
+
+
+def _from_form(form, rows, cols):
+    """The dense weights [E, rows, cols] a grouped form holds."""
+    values_r, meta_r, _ = form
+    return torch.stack([decompress_24(*ops.unreorder_24(v, m, rows, cols)) for v, m in zip(values_r, meta_r)])
+
+
+def test_the_grouped_form_stacks_each_experts_kernel_form():
+    w = _weights(3, 40, 96, torch.bfloat16)
+    form = ops.grouped_form([compress_24(x) for x in w])
+    assert form[0].shape[0] == form[1].shape[0] == 3 and form[1].dtype == torch.int32
+    for e in range(3):
+        v, m = ops.reorder_24(*compress_24(w[e]))
+        assert torch.equal(form[0][e], v) and torch.equal(form[1][e], m)
+    assert torch.equal(_from_form(form, 40, 96), w)
+
+
+def test_the_grouped_form_refuses_damaged_metadata_naming_the_expert():
+    values, meta = compress_24(_weights(1, 16, 64, torch.float16)[0])
+    bad = meta.clone()
+    bad[0, 0] = 0x0  # every group keeping column 0 twice: not an ordered pair
+    with pytest.raises(ValueError, match="expert 1"):
+        ops.grouped_form([(values, meta), (values, bad)])
+
+
+def test_the_grouped_reference_fills_each_listed_experts_rows_and_zeros_elsewhere():
+    w = _weights(4, 8, 32, torch.float32)
+    bias = torch.randn(4, 8)
+    x = torch.randn(7, 32)
+    offsets = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)  # expert 1 has no rows; row 6 is nobody's
+    y = ops.grouped_reference(x, w, offsets, torch.tensor([0, 2, -1, 3], dtype=torch.int32), 3, bias)
+    for e, (start, stop) in {0: (0, 2), 2: (2, 5), 3: (5, 6)}.items():
+        torch.testing.assert_close(y[start:stop], x[start:stop] @ w[e].T + bias[e])
+    assert not y[6].any()
+
+
+def _packed(family="mixtral", dtype=torch.bfloat16):
+    model = tiny_model(family)
+    sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), tiny_tokens(), progress=False)
+    model = transformers_compat.cast(model, dtype)
+    model.set_experts_implementation("eager")
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _fake_kernel(calls):
+    """ops.run_grouped on the CPU: the grouped reference on the weights the stacked form holds."""
+    def run(form, x, offsets, groups, max_rows, bias, out_features):
+        calls.append((x.shape[0], max_rows))
+        return ops.grouped_reference(x, _from_form(form, out_features, x.shape[1]), offsets, groups, max_rows, bias)
+    return run
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
+def test_a_packed_mixture_through_its_grouped_path_computes_what_the_per_expert_path_does(family, monkeypatch):
+    """The routing, stacking and gate around the grouped kernel, on the CPU with the kernel's reference in its place
+    (GPT-OSS: transposed banks with biases and a clamped gate): bit for bit, as each row's sums round once both ways."""
+    model = _packed(family)
+    ids = tiny_tokens(2, 8, seed=1)
+    sdsengine.convert(model, pack_experts=True)
+    per_expert = _logits(model, ids).float()
+    packed = [m for m in model.modules() if isinstance(m, experts.UnfusedExperts)]
+    assert packed and all(isinstance(m.grouped, grouped.GroupedBanks) for m in packed)
+    calls = []
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(ops, "run_grouped", _fake_kernel(calls))
+    torch.testing.assert_close(_logits(model, ids).float(), per_expert, rtol=0, atol=0)  # each sum rounded once
+    assert calls and all(call == (16 * model.config.num_experts_per_tok, 16) for call in calls)
+
+
+def test_experts_kept_dense_have_no_grouped_path():
+    model = _packed()
+    sdsengine.convert(model, pack_experts=True, ignore=["*.experts.1.down_proj"])
+    layers = [m for m in model.modules() if isinstance(m, experts.UnfusedExperts)]
+    assert layers and all(m.grouped is None for m in layers)
+
+
+def test_the_grouped_path_serves_decode_on_our_kernel_only():
+    model = _packed()
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    assert not unfused.grouped.applies(unfused, torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16))
+
+
+def test_the_stacked_form_is_made_again_when_the_experts_weights_are_reloaded(monkeypatch):
+    model = _packed()
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    first = unfused.grouped._form(unfused, "down_proj")
+    assert unfused.grouped._form(unfused, "down_proj")[0] is first[0]  # kept between calls
+    linear = unfused._modules["0"].down_proj
+    state = {k: v.clone() for k, v in linear.state_dict().items()}
+    state["values"].neg_()
+    linear.load_state_dict(state)
+    again = unfused.grouped._form(unfused, "down_proj")
+    assert again[0] is not first[0] and torch.equal(again[0][0][0], -first[0][0][0])
+
+
+# -- the kernel (GPU) ----------------------------------------------------------------------------------------------
+
+def _grouped_call(tokens, experts_, k, rows, cols, dtype, bias, seed=0, sentinel=0):
+    index = _top_k(tokens, experts_, k, seed=seed, sentinel=sentinel).cuda()
+    token, _, offsets, groups = grouped.device_routes(index, experts_)
+    w = _weights(experts_, rows, cols, dtype, seed=seed).cuda()
+    x = torch.randn(tokens, cols, dtype=dtype, device="cuda")[token]
+    b = torch.randn(experts_, rows, dtype=dtype, device="cuda") if bias else None
+    form = ops.grouped_form([compress_24(m) for m in w])
+    return (form, x, offsets, groups, tokens, b, rows), ops.grouped_reference(x, w, offsets, groups, tokens, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, experts_, k, rows, cols, bias, sentinel", [
+    (1, 8, 2, 1536, 2048, False, 0),  # one decode token: a Qwen3-30B-A3B-like gate_up, shrunk
+    (3, 6, 2, 200, 96, True, 1),  # odd rows and columns, biases, a row of nobody's
+    (16, 128, 8, 64, 768, False, 0),  # 128 experts, most with one row or none
+    (64, 4, 2, 48, 256, True, 0),  # every expert's rows past one token tile
+])
+def test_the_grouped_kernel_matches_its_reference(dtype, tokens, experts_, k, rows, cols, bias, sentinel):
+    args, want = _grouped_call(tokens, experts_, k, rows, cols, dtype, bias, sentinel=sentinel)
+    got = ops.run_grouped(*args)
+    assert ops.relative_error(got, want) < 1e-2
+    assert not got[args[2][-1].item():].any()  # nobody's rows stay zero
+
+
+@pytest.mark.gpu
+def test_the_grouped_kernel_waits_for_nothing_and_replays_in_a_cuda_graph():
+    args, want = _grouped_call(8, 16, 4, 256, 512, torch.bfloat16, True)
+    ops.run_grouped(*args)  # split-K tickets made outside capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.run_grouped(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.run_grouped(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ops.relative_error(out, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_packed_mixtures_decode_step_runs_grouped_and_matches_the_per_expert_path(family, fresh_choices):
+    model = _packed(family).cuda()
+    sdsengine.convert(model, pack_experts=True)
+    ids = tiny_tokens(1, 4, seed=3).cuda()
+    with use_backend("dense"):  # the per-expert path: the grouped one serves our kernel only
+        per_expert = _logits(model, ids).float()
+    torch.testing.assert_close(_logits(model, ids).float(), per_expert, rtol=2e-2, atol=2e-2)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    assert unfused.grouped.applies(unfused, torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16,
+                                                        device="cuda"))
+
+
+@pytest.mark.gpu
+def test_a_packed_experts_module_at_decode_waits_for_nothing_and_replays_in_a_cuda_graph(fresh_choices):
+    model = _packed().cuda()
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    hidden = torch.randn(2, model.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    index = _top_k(2, unfused.num_experts, model.config.num_experts_per_tok, seed=4).cuda()
+    weights = torch.rand(index.shape, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = unfused(hidden, index, weights)  # forms and tickets made here, outside capture
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            unfused(hidden, index, weights)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = unfused(hidden, index, weights)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
