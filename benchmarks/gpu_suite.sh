@@ -24,10 +24,12 @@
 #  10. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
 #  11. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e), where time is left: it checks
 #                   the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
-#  12. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token), where time
-#                   is left: converted experts (SparseLinear per expert) against transformers' grouped dense run,
-#                   both without CUDA graphs
-#  13. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
+#  12. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
+#                   packed mixture runs at decode) against torch._grouped_mm, Qwen3-30B-A3B and Mixtral-8x7B experts
+#  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token), where time
+#                   is left: packed experts (grouped kernel at decode, SparseLinear per expert at prefill) against
+#                   transformers' grouped dense run, both without CUDA graphs
+#  14. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
 # after a fix within a short device lease; only the selected steps' results files are replaced (the summary
@@ -48,7 +50,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full e2e_moe"
+BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full grouped e2e_moe"
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for s in $SUITE_STEPS; do
@@ -177,8 +179,9 @@ suite() {
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
-  # --no-graphs: a converted mixture's routing reads token counts on the host, which no graph capture allows;
-  # both sides eager, alike
+  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64 --iters 10 --out "$RESULTS"
+  # --no-graphs: a packed mixture's prefill (per expert) reads token counts on the host, which no graph capture
+  # allows (its decode does not: bench_grouped's device_ms is that case); both sides eager, alike
   step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
     --dtype bfloat16 --no-graphs --name e2e_moe --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="

@@ -4,7 +4,7 @@ many records met their target; then every suite step, record and target that fai
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
 Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch,
-spmm_bf16, e2e_full and e2e_moe (lists of records; see README.md), the step table gpu_suite.sh writes (and, after a
+spmm_bf16, e2e_full, grouped and e2e_moe (lists of records; see README.md), the step table gpu_suite.sh writes (and, after a
 SUITE_STEPS re-run, suite_steps_earlier.tsv: how the other steps ended when they last ran), and the test
 steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). A record whose output
 disagrees with its reference (mismatch > 0, rel_err > REL_ERR_MAX) counts as failed, its timing left out of
@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch", "spmm_bf16",
-           "e2e_full", "e2e_moe")
+           "e2e_full", "grouped", "e2e_moe")
 GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2e": ("bench", "backend", "dtype"),
             "e2e_full": ("bench", "backend", "dtype"), "e2e_moe": ("bench", "backend", "dtype"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
-            "dispatch": ("tokens", "dtype")}  # default: pattern, dtype
+            "dispatch": ("tokens", "dtype"), "grouped": ("layers", "dtype")}  # default: pattern, dtype
 # device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side;
 # weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's
 RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense")

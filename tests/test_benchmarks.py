@@ -763,3 +763,28 @@ def test_model_benchmarks_name_the_transformers_they_need(benchmark, name, monke
     monkeypatch.setattr(transformers, "__version__", "4.55.2")
     with pytest.raises(SystemExit, match=r"needs transformers >= 4\.56 .*; this is 4\.55\.2"):
         benchmark(name).main(["--model", str(tmp_path)] if name == "bench_lean" else [])
+
+
+def test_grouped_bench_records_both_sides_on_the_same_routed_rows(benchmark, monkeypatch):
+    """bench_grouped's measurement on the CPU, the kernel's reference and a per-expert loop standing in for the
+    GPU's grouped kernel and torch._grouped_mm: the fields, the ratios, and a wrong answer flagged."""
+    bench = benchmark("bench_grouped")
+    monkeypatch.setattr(ops, "run_grouped", lambda form, x, offsets, groups, rows, bias, out: ops.grouped_reference(
+        x, torch.stack([ops.decompress_24(*ops.unreorder_24(v, m, out, x.shape[1])) for v, m in zip(*form[:2])]),
+        offsets, groups, rows, bias))
+
+    def grouped_mm(x, w_t, offs):  # rows offs[e - 1]:offs[e] through expert e
+        starts = [0, *offs.tolist()[:-1]]
+        out = torch.zeros(x.shape[0], w_t.shape[2], dtype=x.dtype)
+        for e, (start, stop) in enumerate(zip(starts, offs.tolist())):
+            out[start:stop] = x[start:stop] @ w_t[e]
+        return out
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm, raising=False)
+    dense, form = bench.random_experts(6, (48, 64), torch.float32, device="cpu")
+    record = bench.measure("tiny", "down", (48, 64), 6, 2, dense, form, 3, torch.float32, iters=2)
+    assert record["status"] == "ok" and record["shape"] == "6x48x64" and record["tokens"] == 3
+    assert record["speedup"] == pytest.approx(record["dense_ms"] / record["ms"])
+    assert record["tbps"] > 0 and record["rel_err"] < 1e-6
+    monkeypatch.setattr(torch, "_grouped_mm", lambda x, w_t, offs: torch.zeros(x.shape[0], w_t.shape[2]))
+    assert bench.measure("tiny", "down", (48, 64), 6, 2, dense, form, 3, torch.float32, iters=2)["status"] == "wrong"
+    assert bench.main(["--tokens", "1"]) == 1  # no GPU here: nothing measured, said so

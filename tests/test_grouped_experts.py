@@ -235,3 +235,27 @@ def test_a_packed_experts_module_at_decode_waits_for_nothing_and_replays_in_a_cu
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+def test_lean_experts_give_their_buffers_up_to_the_grouped_stack_and_hold_their_weights_once(monkeypatch):
+    model = _packed()
+    ids = tiny_tokens(1, 4, seed=2)
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    canonical = {n: t.clone() for n, t in unfused.state_dict().items()}
+    per_expert = _logits(model, ids)
+    sdsengine.nn.set_lean(unfused)  # the experts alone: the attention's layers would try our kernel on the CPU
+    before = sdsengine.nn.weight_bytes(unfused)["compressed"]
+    monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    assert torch.equal(_logits(model, ids), per_expert)
+    linears = [getattr(e, bank) for e in unfused.experts() for bank in ("gate_up_proj", "down_proj")]
+    assert all(m._holds_released() for m in linears)
+    stack = unfused.grouped._form(unfused, "down_proj")[0][0]
+    assert all(m._forms["sdsengine"][0].data_ptr() == stack[e].data_ptr()
+               for e, m in enumerate(linears[1::2]))  # views of the stack, not copies
+    assert sdsengine.nn.weight_bytes(unfused)["compressed"] < 0.15 * before  # stand-ins; the stack is not a buffer
+    assert torch.equal(_logits(model, ids), per_expert)
+    assert unfused.grouped._form(unfused, "down_proj")[0][0] is stack  # not made again by the release
+    assert all(torch.equal(t, canonical[n]) for n, t in unfused.state_dict().items())

@@ -3,7 +3,7 @@
 A converted mixture whose experts are packed (`convert(model, pack_experts=True)`) holds them as an UnfusedExperts
 of SparseLinears. Its eager forward runs them one expert at a time, and to cut the routed rows into experts it
 reads the experts' token counts on the host: a synchronization per layer, and nothing CUDA graphs can capture.
-At decode that host work costs more than the halved weight bytes save.
+At decode that host work likely costs more than the halved weight bytes save (not measured on a GPU).
 
 GroupedBanks runs each projection of all experts as one launch of the mma.sp kernel's grouped form
 (ops.run_grouped): the experts' compressed weights stacked, the routed rows grouped by expert, and where each
@@ -13,9 +13,11 @@ waits for the GPU, and a decode step can be captured whole.
 It runs where the kernel can and the regime is the kernel's: CUDA, float16/bfloat16, at most MAX_TOKENS tokens
 (decode; the per-expert path's SparseLinears pick their fastest backend, dense included, for longer inputs), no
 autocast or autograd, and no backend forced other than ours (`use_backend`). A fixed rule, not timed per shape as
-a SparseLinear's backends are: timing a block needs real routing. The stacked form is a second copy of the
-experts' weights (9/16 of their dense bytes) beside their compressed buffers, made on the first call on a
-device and dropped when the buffers move or are reloaded.
+a SparseLinear's backends are: timing a block needs real routing. The stack holds the experts' weights in the
+kernel's layout (9/16 of their dense bytes); it is made on the first grouped call on a device, and again when the
+buffers move or are reloaded. Each expert's SparseLinear shares its slice as its own kernel form, so a lean
+expert (set_lean) gives its buffers up to it and the experts hold their weights once; not lean, they hold the
+compressed buffers beside it (9/8 of the dense bytes in all).
 """
 import torch
 
@@ -88,21 +90,29 @@ class GroupedBanks:
 
     def _form(self, unfused, bank):
         """The stacked form of the experts' weights, made again where the first expert's buffers are no longer the
-        tensors, at the versions, it was made from (moved, reloaded), as a SparseLinear's own forms are."""
-        values = _first_linear(unfused, bank).values
-        source = (values.data_ptr(), values._version, values.device, values.dtype)
+        tensors, at the versions, they were after it was made (moved, reloaded), or its lean setting changed. Each
+        expert then shares its slice of the stack as its own kernel form (SparseLinear.share_form): a lean expert
+        gives its buffers up to it, so the experts' weights are held once."""
         kept = self._forms.get(bank)
-        if kept is None or kept[0] != source:
+        if kept is None or kept[0] != _source(unfused, bank):
             if ops.capturing():
                 raise RuntimeError("the grouped experts' weights are first prepared inside CUDA-graph capture: run the "
                                    "model once before capturing")
             linears = [getattr(e, bank) for e in unfused.experts()]
+            self._forms.pop(bank, None)  # the old stack freed before the new one is made
             with torch.inference_mode(False):
                 form = ops.grouped_form([m._canonical() for m in linears])
                 bias = torch.stack([m.bias for m in linears]) if linears[0].bias is not None else None
-            self._forms[bank] = kept = (source, form, bias, linears[0].out_features)
+            for linear, values_r, meta_r in zip(linears, form[0], form[1]):
+                linear.share_form(values_r, meta_r)
+            self._forms[bank] = kept = (_source(unfused, bank), form, bias, linears[0].out_features)
         return kept[1:]
 
 
 def _first_linear(unfused, bank):
     return unfused._modules["0"]._modules[bank]  # not attribute lookups: this runs on every decode call
+
+
+def _source(unfused, bank):
+    linear = _first_linear(unfused, bank)
+    return linear.values.data_ptr(), linear.values._version, linear.values.device, linear.values.dtype, linear.lean

@@ -288,6 +288,15 @@ class SparseLinear(nn.Module):
                     self._forms[key] = ops.prepare(backend, *self._canonical())
         return self._forms[key]
 
+    def share_form(self, values_r, meta_r):
+        """Take our kernel's form of this very weight, made elsewhere (a packed mixture's experts: views of their
+        grouped stack, sdsengine.nn.grouped), as its own, so the weight is not held twice; a lean layer then
+        releases its buffers to it, as at its first call."""
+        self._check_source(self.values, self.meta)  # forms of other buffers go first
+        self._forms["sdsengine"], self._routes = (values_r, meta_r, {}, {}), {}
+        if self._lean and self._released is None:
+            self._release_buffers()
+
     def _check_source(self, v, m):
         """Drop every derived form and route unless values v and meta m are the very tensors, unchanged,
         that they were derived from (a lean layer's released form is kept apart: see _canonical)."""
