@@ -10,7 +10,8 @@ statistics are that expert's own, and its 2:4 groups lie along the input dimensi
 the pruned slices go back into the 3-D parameters: the model saves and loads as it came.
 
 A converted model keeps its UnfusedExperts for good (`for_inference`, `settle`): its 2:4 experts' linears become
-SparseLinears like any other, so the experts, most of a mixture's weights, run compressed too.
+SparseLinears like any other, so the experts, most of a mixture's weights, run compressed too (at decode on a GPU
+all in one launch per projection: `grouped`, sdsengine/nn/grouped.py).
 
 Routers (the experts' siblings named in ROUTERS) stay dense: they are tiny, and a pruned router sends tokens to
 other experts than the ones the calibration statistics were taken for.
