@@ -35,7 +35,7 @@ def device_routes(top_k_index, num_experts):
     experts, or negative, last, in no expert), offsets (int32, E + 1) where each expert's rows start, and groups
     (int32, min(E, rows)): the experts with rows, in index order, then -1s."""
     k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
+    flat = top_k_index.reshape(-1).long()  # scatter_add_ takes int64 indices
     flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # nobody's: after every expert
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
