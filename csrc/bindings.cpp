@@ -46,12 +46,13 @@ int device_attribute(const at::Device& device, cudaDeviceAttr attr) {
   return it->second;
 }
 
-void check_placed(const at::Tensor& t, const char* name, const at::Device& device) {
+// align: the bytes the kernels read at once from this tensor (16 where they copy 16-byte vectors)
+void check_placed(const at::Tensor& t, const char* name, const at::Device& device, int64_t align = 16) {
   SDS_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
   SDS_CHECK(t.is_contiguous(), name, " must be contiguous (shape ", dims(t.sizes()), ", strides ", dims(t.strides()),
             ")");
-  SDS_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned, its data starts at ",
-            t.data_ptr());
+  SDS_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0, name, " must be ", align,
+            "-byte aligned, its data starts at ", t.data_ptr());
 }
 
 void check_x(const at::Tensor& x) {
@@ -254,7 +255,7 @@ at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const a
   for (const auto& [t, name] : {std::pair{&offsets, "offsets"}, std::pair{&groups, "groups"}}) {
     SDS_CHECK(t->scalar_type() == at::kInt && t->dim() == 1, name, " must be a 1-D int32 tensor, got ",
               t->scalar_type(), " of shape ", dims(t->sizes()));
-    check_placed(*t, name, x.device());
+    check_placed(*t, name, x.device(), 4);  // read one int32 at a time
   }
   SDS_CHECK(offsets.size(0) == experts + 1, "offsets must have experts + 1 = ", experts + 1, " entries, got ",
             offsets.size(0));
@@ -266,7 +267,7 @@ at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const a
               "grouped bias must have shape (", experts, ", ", out_features, "), got ", dims(bias->sizes()));
     SDS_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(), " differs from x dtype ",
               x.scalar_type());
-    check_placed(*bias, "bias", x.device());
+    check_placed(*bias, "bias", x.device(), bias->element_size());
   }
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::zeros({x.size(0), out_features}, x.options());  // rows of no listed expert stay zero

@@ -141,18 +141,32 @@ def test_the_grouped_path_serves_decode_on_our_kernel_only():
     assert not unfused.grouped.applies(unfused, torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16))
 
 
-def test_the_stacked_form_is_made_again_when_the_experts_weights_are_reloaded(monkeypatch):
+@pytest.mark.parametrize("expert", [0, 3])
+def test_the_stacked_form_is_made_again_when_an_experts_weights_are_reloaded(expert):
     model = _packed()
     sdsengine.convert(model, pack_experts=True)
     unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
     first = unfused.grouped._form(unfused, "down_proj")
     assert unfused.grouped._form(unfused, "down_proj")[0] is first[0]  # kept between calls
-    linear = unfused._modules["0"].down_proj
+    model.model.layers[1].self_attn.q_proj.load_state_dict(model.model.layers[1].self_attn.q_proj.state_dict())
+    assert unfused.grouped._form(unfused, "down_proj")[0] is first[0]  # another layer reloaded: looked, kept
+    linear = unfused._modules[str(expert)].down_proj
     state = {k: v.clone() for k, v in linear.state_dict().items()}
     state["values"].neg_()
     linear.load_state_dict(state)
     again = unfused.grouped._form(unfused, "down_proj")
-    assert again[0] is not first[0] and torch.equal(again[0][0][0], -first[0][0][0])
+    assert again[0] is not first[0] and torch.equal(again[0][0][expert], -first[0][0][expert])
+    assert torch.equal(again[0][0][expert - 1], first[0][0][expert - 1])
+
+
+def test_a_moved_mixture_drops_its_stacks():
+    model = _packed()
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    unfused.grouped._form(unfused, "down_proj")
+    model.to(torch.float16)
+    assert unfused.grouped._forms == {}
+    assert unfused.grouped._form(unfused, "down_proj")[0][0].dtype == torch.float16
 
 
 # -- the kernel (GPU) ----------------------------------------------------------------------------------------------
@@ -174,12 +188,14 @@ def _grouped_call(tokens, experts_, k, rows, cols, dtype, bias, seed=0, sentinel
     (3, 6, 2, 200, 96, True, 1),  # odd rows and columns, biases, a row of nobody's
     (16, 128, 8, 64, 768, False, 0),  # 128 experts, most with one row or none
     (64, 4, 2, 48, 256, True, 0),  # every expert's rows past one token tile
+    (100, 4, 2, 48, 256, False, 0),  # more rows per expert than one token block: a second block per group
 ])
 def test_the_grouped_kernel_matches_its_reference(dtype, tokens, experts_, k, rows, cols, bias, sentinel):
     args, want = _grouped_call(tokens, experts_, k, rows, cols, dtype, bias, sentinel=sentinel)
     got = ops.run_grouped(*args)
     assert ops.relative_error(got, want) < 1e-2
     assert not got[args[2][-1].item():].any()  # nobody's rows stay zero
+    assert all(not locks.any() for locks in args[0][2].values())  # split-K tickets left zero, blocks that left too
 
 
 @pytest.mark.gpu
@@ -206,16 +222,22 @@ def test_a_packed_mixtures_decode_step_runs_grouped_and_matches_the_per_expert_p
     model = _packed(family).cuda()
     sdsengine.convert(model, pack_experts=True)
     ids = tiny_tokens(1, 4, seed=3).cuda()
-    with use_backend("dense"):  # the per-expert path: the grouped one serves our kernel only
-        per_expert = _logits(model, ids).float()
-    torch.testing.assert_close(_logits(model, ids).float(), per_expert, rtol=2e-2, atol=2e-2)
-    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
-    assert unfused.grouped.applies(unfused, torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16,
-                                                        device="cuda"))
+    packed = [m for m in model.modules() if isinstance(m, experts.UnfusedExperts)]
+    decode = torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    assert all(m.grouped.applies(m, decode) for m in packed)
+    with use_backend("dense"):
+        assert not any(m.grouped.applies(m, decode) for m in packed)  # a forced backend: each expert on it
+    grouped_logits = _logits(model, ids).float()
+    paths = [m.grouped for m in packed]
+    for m in packed:
+        m.grouped = None  # the per-expert path
+    torch.testing.assert_close(grouped_logits, _logits(model, ids).float(), rtol=2e-2, atol=2e-2)
+    for m, path in zip(packed, paths):
+        m.grouped = path
 
 
 @pytest.mark.gpu
-def test_a_packed_experts_module_at_decode_waits_for_nothing_and_replays_in_a_cuda_graph(fresh_choices):
+def test_a_packed_experts_module_at_decode_waits_for_nothing_and_replays_new_routing_in_a_cuda_graph(fresh_choices):
     model = _packed().cuda()
     sdsengine.convert(model, pack_experts=True)
     unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
@@ -234,8 +256,13 @@ def test_a_packed_experts_module_at_decode_waits_for_nothing_and_replays_in_a_cu
         with torch.cuda.graph(graph):
             out = unfused(hidden, index, weights)
         graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        index.copy_(_top_k(2, unfused.num_experts, model.config.num_experts_per_tok, seed=5))  # another step's routing
+        hidden.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, unfused(hidden, index, weights))
 
 
 def test_lean_experts_give_their_buffers_up_to_the_grouped_stack_and_hold_their_weights_once(monkeypatch):

@@ -19,6 +19,8 @@ buffers move or are reloaded. Each expert's SparseLinear shares its slice as its
 expert (set_lean) gives its buffers up to it and the experts hold their weights once; not lean, they hold the
 compressed buffers beside it (9/8 of the dense bytes in all).
 """
+import weakref
+
 import torch
 
 from sdsengine import ops
@@ -53,7 +55,7 @@ class GroupedBanks:
 
     def __init__(self, unfused):
         self.banks = experts_mod.bank_names(unfused.fused)
-        self._forms = {}  # bank -> (source, (values_r, meta_r, locks), stacked bias or None, out_features)
+        self._forms = {}  # bank -> (weights epoch, snapshot, (values_r, meta_r, locks), stacked bias, out_features)
         self._runs = {}  # (device, dtype) -> whether our kernel runs there
 
     @classmethod
@@ -64,7 +66,8 @@ class GroupedBanks:
             linears = [getattr(e, bank) for e in unfused.experts()]
             if not all(isinstance(m, SparseLinear) for m in linears):
                 return None
-            if len({(m.in_features, m.out_features, m.bias is not None) for m in linears}) != 1:
+            if len({(m.in_features, m.out_features, m.bias is not None, m.values.dtype, m.values.device)
+                    for m in linears}) != 1:
                 return None
         return cls(unfused)
 
@@ -88,16 +91,26 @@ class GroupedBanks:
         form, bias, out_features = self._form(unfused, bank)
         return ops.run_grouped(form, x, offsets, groups, max_rows, bias, out_features)
 
+    def drop(self):
+        """Forget the stacks (the module is moving: SparseLinears drop their forms then too)."""
+        self._forms = {}
+
     def _form(self, unfused, bank):
-        """The stacked form of the experts' weights, made again where the first expert's buffers are no longer the
-        tensors, at the versions, they were after it was made (moved, reloaded), or its lean setting changed. Each
-        expert then shares its slice of the stack as its own kernel form (SparseLinear.share_form): a lean expert
-        gives its buffers up to it, so the experts' weights are held once."""
+        """The stacked form of the experts' weights. Kept while no SparseLinear anywhere was made, moved, reloaded or
+        changed lean (sparse_linear.weights_epoch, one comparison per call); after that, while every expert's
+        buffers are still the tensors, at the versions and lean setting, they were after it was made. Each expert
+        then shares its slice of the stack as its own kernel form (SparseLinear.share_form): a lean expert gives
+        its buffers up to it, so the experts' weights are held once. In-place edits of the buffers are not seen
+        (change a layer through load_state_dict, as under torch.compile)."""
         kept = self._forms.get(bank)
-        if kept is None or kept[0] != _source(unfused, bank):
+        epoch = sparse_linear.weights_epoch()
+        if kept is not None and kept[0] != epoch:
+            linears = [getattr(e, bank) for e in unfused.experts()]
+            kept = self._forms[bank] = (epoch, *kept[1:]) if kept[1] == _snapshot(linears) else None
+        if kept is None:
             if ops.capturing():
-                raise RuntimeError("the grouped experts' weights are first prepared inside CUDA-graph capture: run the "
-                                   "model once before capturing")
+                raise RuntimeError("the grouped experts' weights are prepared inside CUDA-graph capture: run the model "
+                                   "once before capturing, and again after moving or reloading it")
             linears = [getattr(e, bank) for e in unfused.experts()]
             self._forms.pop(bank, None)  # the old stack freed before the new one is made
             with torch.inference_mode(False):
@@ -105,14 +118,28 @@ class GroupedBanks:
                 bias = torch.stack([m.bias for m in linears]) if linears[0].bias is not None else None
             for linear, values_r, meta_r in zip(linears, form[0], form[1]):
                 linear.share_form(values_r, meta_r)
-            self._forms[bank] = kept = (_source(unfused, bank), form, bias, linears[0].out_features)
-        return kept[1:]
+            self._forms[bank] = kept = (sparse_linear.weights_epoch(), _snapshot(linears), form, bias,
+                                        linears[0].out_features)
+        return kept[2:]
 
 
 def _first_linear(unfused, bank):
     return unfused._modules["0"]._modules[bank]  # not attribute lookups: this runs on every decode call
 
 
-def _source(unfused, bank):
-    linear = _first_linear(unfused, bank)
-    return linear.values.data_ptr(), linear.values._version, linear.values.device, linear.values.dtype, linear.lean
+class _Same:
+    """A tensor as a key part: equal only to the very same tensor at the same version (a weak reference: a key
+    must not keep a replaced buffer alive)."""
+
+    def __init__(self, tensor):
+        self.ref = None if tensor is None else weakref.ref(tensor)
+        self.version = None if tensor is None else tensor._version
+
+    def __eq__(self, other):
+        mine, theirs = (None if s.ref is None else s.ref() for s in (self, other))
+        return mine is theirs and (mine is None or self.version == other.version)
+
+
+def _snapshot(linears):
+    """What each expert's buffers are now, to tell later whether the stack still holds them."""
+    return [(m, _Same(m.values), _Same(m.meta), _Same(m.bias), m.lean) for m in linears]

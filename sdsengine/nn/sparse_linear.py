@@ -46,6 +46,7 @@ MAX_ROUTES = 64  # routes a layer remembers (by exact token count) before it sta
 _choices = {}  # (out, in, bucket, dtype, device, has_bias, lean) -> backend name, shared by layers of one shape
 _forced = None
 _epoch = 0  # bumped whenever a layer's remembered routes may be stale
+_weights_epoch = 0  # bumped whenever a layer is made or its buffers may change (moved, reloaded, lean changed)
 
 
 @contextlib.contextmanager
@@ -61,6 +62,18 @@ def use_backend(name):
     finally:
         _forced = previous
         _expire_routes()
+
+
+def _weights_changed():
+    global _weights_epoch
+    _weights_epoch += 1
+
+
+def weights_epoch():
+    """A number that changes whenever some SparseLinear is made, or its weight buffers may have been replaced or
+    changed (a move, a reload, a change of lean): forms made from many layers (a mixture's grouped stack) look at
+    their layers again only then, not on every call."""
+    return _weights_epoch
 
 
 def clear_autotune_cache():
@@ -166,6 +179,7 @@ class SparseLinear(nn.Module):
                                                 dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
         self._forms, self._source = {}, None  # the forms' source: (values, its version, meta, its version)
+        _weights_changed()  # it may take another layer's place (forms made of many layers look again)
         self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
 
     @property
@@ -362,6 +376,7 @@ class SparseLinear(nn.Module):
     def _derive_again(self):
         """Before a move, a reload or a change of lean: the canonical pair back in the buffers (a layer whose
         buffers were swapped by hand since its release keeps those), every form and route dropped."""
+        _weights_changed()
         if self._holds_released():
             with torch.inference_mode(False):
                 self._buffers["values"], self._buffers["meta"] = self._canonical()

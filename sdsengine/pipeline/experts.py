@@ -155,6 +155,11 @@ class UnfusedExperts(nn.Module):
             return x.new_empty((0, getattr(self.experts()[0], bank).out_features))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
+    def _apply(self, fn, recurse=True):
+        if self.grouped is not None:  # moved: the stacks made on the old device go, as the linears' forms do
+            self.grouped.drop()
+        return super()._apply(fn, recurse)
+
     # banks built under a caller's torch.inference_mode() would be inference tensors, which no training step can
     # use afterwards; a dense model's weights, pruned in place, stay ordinary tensors
     @torch.inference_mode(False)
