@@ -181,7 +181,8 @@ def _time_steps(run, pos, prompt, steps):
 
 def measure_model(model, args):
     prefill_ms = time_prefill(model, args.batch, args.prefill)
-    graph_ms = None if args.no_graphs else time_prefill(model, args.batch, args.prefill, graph=True)
+    prefill_graph = not (args.no_graphs or getattr(args, "no_prefill_graph", False))
+    graph_ms = time_prefill(model, args.batch, args.prefill, graph=True) if prefill_graph else None
     decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs)
     # the linear weights as held once run: a converted model's layers keep each form they chose
     held = sum(weight_bytes(model).values())
@@ -268,6 +269,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--no-graphs", action="store_true",
                         help="no CUDA graphs: decode eagerly, and no graph-replayed prefill")
+    parser.add_argument("--no-prefill-graph", action="store_true",
+                        help="no graph-replayed prefill (a packed mixture's prefill runs its experts one at a time, "
+                             "reading their token counts on the host: no capture can hold it); decode still in graphs")
     parser.add_argument("--profile", action="store_true",
                         help="also write <name>_prefill_profile.md: profiler tables of dense and 2:4 prefills")
     parser.add_argument("--lean", action="store_true",

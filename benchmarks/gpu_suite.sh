@@ -28,7 +28,7 @@
 #                   packed mixture runs at decode) against torch._grouped_mm, Qwen3-30B-A3B and Mixtral-8x7B experts
 #  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token), where time
 #                   is left: packed experts (grouped kernel at decode, SparseLinear per expert at prefill) against
-#                   transformers' grouped dense run, both without CUDA graphs
+#                   transformers' grouped dense run, decode in CUDA graphs, prefill eager
 #  14. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
@@ -180,10 +180,10 @@ suite() {
     --out "$RESULTS"
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
   step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64 --iters 10 --out "$RESULTS"
-  # --no-graphs: a packed mixture's prefill (per expert) reads token counts on the host, which no graph capture
-  # allows (its decode does not: bench_grouped's device_ms is that case); both sides eager, alike
+  # --no-prefill-graph: a packed mixture's prefill (per expert) reads token counts on the host, which no graph
+  # capture allows; its decode (grouped) and transformers' grouped_mm are both captured
   step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
-    --dtype bfloat16 --no-graphs --name e2e_moe --out "$RESULTS"
+    --dtype bfloat16 --no-prefill-graph --name e2e_moe --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'
