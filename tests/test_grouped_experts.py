@@ -1,5 +1,8 @@
 """A packed mixture's experts in one launch per projection (sdsengine.nn.grouped): the routing it builds on the
 device, the stacked form, the contract of the grouped kernel against its reference, and the kernel itself (GPU)."""
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -157,6 +160,19 @@ def test_the_stacked_form_is_made_again_when_an_experts_weights_are_reloaded(exp
     again = unfused.grouped._form(unfused, "down_proj")
     assert again[0] is not first[0] and torch.equal(again[0][0][expert], -first[0][0][expert])
     assert torch.equal(again[0][0][expert - 1], first[0][0][expert - 1])
+
+
+def test_a_packed_mixture_pickles_and_copies_without_its_stacks(monkeypatch):
+    model = _packed()
+    ids = tiny_tokens(1, 4, seed=2)
+    sdsengine.convert(model, pack_experts=True)
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    expected = _logits(model, ids)  # stacks made
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        packed = [m for m in copied.modules() if isinstance(m, experts.UnfusedExperts)]
+        assert packed and all(m.grouped._forms == {} for m in packed)
+        assert torch.equal(_logits(copied, ids), expected)
 
 
 def test_a_moved_mixture_drops_its_stacks():

@@ -95,6 +95,11 @@ class GroupedBanks:
         """Forget the stacks (the module is moving: SparseLinears drop their forms then too)."""
         self._forms = {}
 
+    def __getstate__(self):
+        """Pickled or deep-copied without its stacks: derived from the experts' weights, made again on first use
+        (and their weak references cannot be pickled)."""
+        return {**self.__dict__, "_forms": {}, "_runs": {}}
+
     def _form(self, unfused, bank):
         """The stacked form of the experts' weights. Kept while no SparseLinear anywhere was made, moved, reloaded or
         changed lean (sparse_linear.weights_epoch, one comparison per call); after that, while every expert's
