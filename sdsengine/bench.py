@@ -2,7 +2,9 @@
 
 Every call reads its weight from HBM, as in a real forward pass: the weights are rotated over enough random
 2:4 copies to overflow the L2 cache. Each backend is checked against dense once before it is timed. The
-`auto` column is what SparseLinear picks for that token count after its own measurement.
+`auto` column is what SparseLinear picks for that token count after its own measurement. For a mixture of
+experts, also each experts projection as a packed mixture runs it at decode (all experts in one launch of the
+grouped kernel) against the dense grouped product transformers runs (torch._grouped_mm), on random routing.
 
 The second half of this module is the one benchmark harness (timing, GPU and library versions, copy
 bandwidth, records as JSON and Markdown); benchmarks/harness.py re-exports it.
@@ -21,9 +23,9 @@ import torch
 
 from sdsengine import ops
 from sdsengine.files import check_new_file, write_whole
-from sdsengine.kernels import compress_24
+from sdsengine.kernels import compress_24, decompress_24
 from sdsengine.masks import nm_mask
-from sdsengine.nn import sparse_linear
+from sdsengine.nn import grouped, sparse_linear
 
 LLAMA_SHAPES = {  # (out_features, in_features): projections sharing it
     "llama-2-7b": {(4096, 4096): "q,k,v,o", (11008, 4096): "gate,up", (4096, 11008): "down"},
@@ -58,29 +60,34 @@ def run(args, load_model=None):
     if not torch.cuda.is_available():
         print("sdsengine bench: needs a CUDA GPU; none is visible, nothing measured")
         return 1
-    shapes = _shapes_from_args(args, load_model)
+    shapes, groups = _shapes_from_args(args, load_model)
     dtype = getattr(torch, args.dtype)
     checked = ops.probe("cuda", dtype, self_check=True)["backends"]
     print("backends (self-checked against dense): " + "; ".join(f"{b}: {s}" for b, s in checked.items()))
     records = []
     for shape, users in shapes.items():
         records += measure(shape, tokens, dtype, iters=args.iters, users=users)
+    decode = [n for n in tokens if n <= grouped.MAX_TOKENS]  # the grouped path's regime
+    for (experts, k, *shape), users in groups.items() if decode else ():
+        records += measure_grouped(tuple(shape), experts, k, decode, dtype, iters=args.iters, users=users)
     print(header(dtype))
     print(table(records))
     if args.json:
         write_json(args.json, records)
-    return int(any(r["status"] == "failed" for r in records))
+    return int(any(r["status"] in ("failed", "wrong") for r in records))
 
 
 def _shapes_from_args(args, load_model):
+    """({(out, in): users} to time as single layers, {(experts, top_k, out, in): users} as grouped experts)."""
     if args.shapes:
-        return dict.fromkeys(parse_shapes(args.shapes), "")
+        return dict.fromkeys(parse_shapes(args.shapes), ""), {}
     if args.model:
         if load_model is None:
             raise ValueError("--model needs a model loader; pass --shapes instead")
         loaded = load_model(args.model)
-        return model_shapes(loaded[0] if isinstance(loaded, tuple) else loaded)
-    return LLAMA_SHAPES["llama-2-7b"]
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        return model_shapes(model), expert_groups(model)
+    return LLAMA_SHAPES["llama-2-7b"], {}
 
 
 def parse_shapes(text):
@@ -121,6 +128,24 @@ def model_shapes(model, ignore=("lm_head",)):
             if out_in[1] % 32 == 0:
                 shapes.setdefault(tuple(out_in), set()).add(short)
     return {shape: ",".join(sorted(names)) for shape, names in shapes.items()}
+
+
+def expert_groups(model, ignore=("lm_head",)):
+    """{(experts, top_k, out, in): 'names'} of a mixture's fused experts projections that a packed model runs
+    grouped (in % 32 == 0); top_k from the config (num_experts_per_tok, or the names ERNIE and HunYuan use)."""
+    from sdsengine.pipeline import experts
+    k = next((v for v in (getattr(model.config, n, None) for n in ("num_experts_per_tok", "moe_k", "moe_topk"))
+              if v is not None), None)
+    k = max(k) if isinstance(k, (list, tuple)) else k  # HunYuan may list one per layer
+    groups = {}
+    for module in model.modules() if isinstance(k, int) else ():
+        if experts.is_fused_experts(module):
+            for bank in experts.bank_names(module):
+                count, *out_in = getattr(module, bank).shape
+                out_in = out_in[::-1] if module.is_transposed else out_in
+                if bank not in ignore and out_in[1] % 32 == 0:
+                    groups.setdefault((count, min(k, count), *out_in), set()).add(f"experts.{bank}")
+    return {key: ",".join(sorted(names)) for key, names in groups.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +238,59 @@ def _cycling(backend, copies, x, out_features):
         state["i"] = (state["i"] + 1) % len(copies)
         return ops.run(backend, copies[state["i"]], x, None, out_features)
     return call
+
+
+def measure_grouped(shape, experts, k, tokens, dtype, iters=20, users="", device="cuda"):
+    """Records for one experts projection (each expert's weight `shape`): per token count, the grouped 2:4 kernel
+    (ops.run_grouped) against torch._grouped_mm on the same routed rows (random distinct top-k, seed 0), L2
+    overwritten before each call. ms as called from Python; device_ms the GPU's own time, as a graph replays it."""
+    dense, form = random_experts(experts, shape, dtype, device)
+    return [_measure_grouped_tokens(shape, experts, k, dense, form, n, iters, users) for n in tokens]
+
+
+def random_experts(experts, shape, dtype, device="cuda"):
+    """(dense 2:4 weights [E, out, in], the grouped form of the same)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    dense = torch.empty(experts, *shape, device=device, dtype=dtype)
+    pairs = []
+    for e in range(experts):
+        w = torch.randn(*shape, device=device, dtype=dtype, generator=g)
+        pairs.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
+        dense[e] = decompress_24(*pairs[-1])
+    return dense, ops.grouped_form(pairs)
+
+
+def random_routing(tokens, experts, k, device, seed=0):
+    """k distinct experts per token, as a router's topk picks them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(device)
+
+
+def _measure_grouped_tokens(shape, experts, k, dense, form, tokens, iters, users):
+    index = random_routing(tokens, experts, k, dense.device)
+    token, _, offsets, groups = grouped.device_routes(index, experts)
+    x = torch.randn(tokens, shape[1], device=dense.device, dtype=dense.dtype)[token]
+    base = {"bench": "grouped", "layers": users, "shape": f"{experts}x{shape[0]}x{shape[1]}", "tokens": tokens,
+            "top_k": k, "dtype": str(dense.dtype).removeprefix("torch."), "gpu": gpu_info()["gpu"],
+            "backend": "sdsengine", "baseline": "torch._grouped_mm"}
+    sparse = lambda: ops.run_grouped(form, x, offsets, groups, tokens, None, shape[0])  # noqa: E731
+    # torch._grouped_mm's offs: where each expert's rows end
+    grouped_mm = lambda: torch._grouped_mm(x, dense.transpose(1, 2), offs=offsets[1:])  # noqa: E731
+    try:
+        ref = ops.grouped_reference(x, dense, offsets, groups, tokens)
+        err = ops.relative_error(sparse(), ref)
+        dense_err = ops.relative_error(grouped_mm(), ref)
+        (ms, device_ms), (dense_ms, dense_device_ms) = (
+            (time_ms(fn, 5, iters, flush=True), time_ms(fn, 5, iters, flush=True, hide_host=True))
+            for fn in (sparse, grouped_mm))
+    except (RuntimeError, AttributeError) as exc:  # a torch without _grouped_mm for this dtype or GPU: a result
+        return dict(base, status="failed", error=str(exc)[:400])
+    active = len(set(index.flatten().tolist()))
+    read = active * shape[0] * shape[1] * dense.element_size() * 9 / 16  # the compressed bytes of experts with rows
+    bad = max(err, dense_err) > 2e-2
+    return dict(base, ms=ms, device_ms=device_ms, dense_ms=dense_ms, dense_device_ms=dense_device_ms,
+                speedup=dense_ms / ms, device_speedup=dense_device_ms / device_ms, tbps=read / device_ms / 1e9,
+                rel_err=err, mismatch=bad, status="wrong" if bad else "ok")
 
 
 def rates(shape, n, ms, sparse):

@@ -765,10 +765,11 @@ def test_model_benchmarks_name_the_transformers_they_need(benchmark, name, monke
         benchmark(name).main(["--model", str(tmp_path)] if name == "bench_lean" else [])
 
 
-def test_grouped_bench_records_both_sides_on_the_same_routed_rows(benchmark, monkeypatch):
-    """bench_grouped's measurement on the CPU, the kernel's reference and a per-expert loop standing in for the
-    GPU's grouped kernel and torch._grouped_mm: the fields, the ratios, and a wrong answer flagged."""
-    bench = benchmark("bench_grouped")
+def test_grouped_records_time_both_sides_on_the_same_routed_rows(benchmark, monkeypatch):
+    """The grouped measurement (sdsengine bench on a mixture, bench_grouped) on the CPU, the kernel's reference and a
+    per-expert loop standing in for the GPU's grouped kernel and torch._grouped_mm: the fields, the ratios, and a
+    wrong answer flagged."""
+    from sdsengine import bench
     monkeypatch.setattr(ops, "run_grouped", lambda form, x, offsets, groups, rows, bias, out: ops.grouped_reference(
         x, torch.stack([ops.decompress_24(*ops.unreorder_24(v, m, out, x.shape[1])) for v, m in zip(*form[:2])]),
         offsets, groups, rows, bias))
@@ -780,11 +781,25 @@ def test_grouped_bench_records_both_sides_on_the_same_routed_rows(benchmark, mon
             out[start:stop] = x[start:stop] @ w_t[e]
         return out
     monkeypatch.setattr(torch, "_grouped_mm", grouped_mm, raising=False)
-    dense, form = bench.random_experts(6, (48, 64), torch.float32, device="cpu")
-    record = bench.measure("tiny", "down", (48, 64), 6, 2, dense, form, 3, torch.float32, iters=2)
-    assert record["status"] == "ok" and record["shape"] == "6x48x64" and record["tokens"] == 3
-    assert record["speedup"] == pytest.approx(record["dense_ms"] / record["ms"])
-    assert record["tbps"] > 0 and record["rel_err"] < 1e-6
+    records = bench.measure_grouped((48, 64), 6, 2, [1, 3], torch.float32, iters=2, users="experts.down_proj",
+                                    device="cpu")
+    assert [r["tokens"] for r in records] == [1, 3]
+    for record in records:
+        assert record["status"] == "ok" and record["shape"] == "6x48x64" and record["top_k"] == 2
+        assert record["speedup"] == pytest.approx(record["dense_ms"] / record["ms"])
+        assert record["tbps"] > 0 and record["rel_err"] < 1e-6
     monkeypatch.setattr(torch, "_grouped_mm", lambda x, w_t, offs: torch.zeros(x.shape[0], w_t.shape[2]))
-    assert bench.measure("tiny", "down", (48, 64), 6, 2, dense, form, 3, torch.float32, iters=2)["status"] == "wrong"
-    assert bench.main(["--tokens", "1"]) == 1  # no GPU here: nothing measured, said so
+    assert bench.measure_grouped((48, 64), 6, 2, [3], torch.float32, iters=2, device="cpu")[0]["status"] == "wrong"
+    assert benchmark("bench_grouped").main(["--tokens", "1"]) == 1  # no GPU here: nothing measured, said so
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "hunyuan_v1_moe", "ernie4_5_moe"])
+def test_sdsengine_bench_finds_a_mixtures_grouped_projections(family):
+    from sdsengine.bench import expert_groups
+    model = tiny_model(family)
+    experts_ = model.config.num_local_experts if hasattr(model.config, "num_local_experts") else 4
+    ffn = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size
+    hidden = model.config.hidden_size  # GPT-OSS keeps its banks transposed: the same (out, in) read back
+    assert expert_groups(model) == {(experts_, 2, 2 * ffn, hidden): "experts.gate_up_proj",
+                                    (experts_, 2, hidden, ffn): "experts.down_proj"}
+    assert expert_groups(tiny_model("llama")) == {}
