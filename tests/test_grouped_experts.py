@@ -175,6 +175,26 @@ def test_a_packed_mixture_pickles_and_copies_without_its_stacks(monkeypatch):
         assert torch.equal(_logits(copied, ids), expected)
 
 
+@pytest.mark.parametrize("lean", [False, True])
+def test_a_pickled_packed_mixture_holds_each_experts_weight_once(lean, monkeypatch):
+    """Each expert's kernel form views the grouped stack: pickled as it is, every expert would carry the whole stack."""
+    model = _packed()
+    ids = tiny_tokens(1, 4, seed=2)
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    sdsengine.nn.set_lean(unfused, lean)
+    expected = _logits(model, ids)
+    size = len(pickle.dumps(unfused))
+    monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    assert torch.equal(_logits(model, ids), expected)  # stacks made, shared by the experts
+    assert len(pickle.dumps(unfused)) < 1.1 * size
+    copied = pickle.loads(pickle.dumps(model))
+    assert torch.equal(_logits(copied, ids), expected)
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), model.state_dict().values()))
+
+
 def test_a_moved_mixture_drops_its_stacks():
     model = _packed()
     sdsengine.convert(model, pack_experts=True)
@@ -303,3 +323,32 @@ def test_lean_experts_give_their_buffers_up_to_the_grouped_stack_and_hold_their_
     assert torch.equal(_logits(model, ids), per_expert)
     assert unfused.grouped._form(unfused, "down_proj")[0][0] is stack  # not made again by the release
     assert all(torch.equal(t, canonical[n]) for n, t in unfused.state_dict().items())
+
+
+def test_lean_experts_released_before_their_first_grouped_call_hold_their_weights_once(monkeypatch):
+    """A prefill (past MAX_TOKENS: one expert at a time) releases each lean expert's buffers to a form of its own;
+    the first decode call's stack must then take that form's place, not sit beside it."""
+    model = _packed()
+    ids = tiny_tokens(1, 4, seed=2)
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    per_expert = _logits(model, ids)
+    sdsengine.nn.set_lean(unfused)
+    why_not = ops._why_not
+    monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
+    monkeypatch.setattr(ops, "_why_not", lambda b, device, dtype: None if b == "sdsengine" else why_not(b, device, dtype))
+    decode = []
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: bool(decode))
+    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    with use_backend("dense"):  # the prefill: per expert, each lean expert released to its own form
+        assert torch.equal(_logits(model, ids), per_expert)
+    linears = {bank: [getattr(e, bank) for e in unfused.experts()] for bank in ("gate_up_proj", "down_proj")}
+    assert all(m._holds_released() for ms in linears.values() for m in ms)
+    decode.append(True)
+    assert torch.equal(_logits(model, ids), per_expert)
+    for bank, ms in linears.items():
+        stack = unfused.grouped._form(unfused, bank)[0][0].untyped_storage()
+        assert all(m._released[2][0].untyped_storage().data_ptr() == stack.data_ptr() for m in ms)
+    stacks = sum(unfused.grouped._form(unfused, b)[0][i].untyped_storage().nbytes() for b in linears for i in (0, 1))
+    assert sdsengine.nn.weight_bytes(unfused)["forms"] == stacks  # the experts' own forms freed
+    assert torch.equal(_logits(model, ids), per_expert)

@@ -307,8 +307,11 @@ class SparseLinear(nn.Module):
         grouped stack, sdsengine.nn.grouped), as its own, so the weight is not held twice; a lean layer then
         releases its buffers to it, as at its first call."""
         self._check_source(self.values, self.meta)  # forms of other buffers go first
-        self._forms["sdsengine"], self._routes = (values_r, meta_r, {}, {}), {}
-        if self._lean and self._released is None:
+        form = (values_r, meta_r, {}, {})
+        self._forms["sdsengine"], self._routes = form, {}
+        if self._holds_released():  # released to a form of its own before (a prefill): the shared one replaces it
+            self._released = (*self._released[:2], form)
+        elif self._lean and self._released is None:
             self._release_buffers()
 
     def _check_source(self, v, m):
@@ -382,6 +385,17 @@ class SparseLinear(nn.Module):
                 self._buffers["values"], self._buffers["meta"] = self._canonical()
         self._released = None
         self._forms, self._routes, self._source = {}, {}, None
+
+    def __getstate__(self):
+        """Pickled (or deep-copied) without its derived forms and routes, made again on first use: a form may view a
+        larger tensor (a packed mixture's grouped stack), which pickle would store whole for every layer. A released
+        lean layer goes with its canonical pair in its buffers."""
+        state = dict(self.__dict__)
+        if self._holds_released():
+            values, meta = self._canonical()
+            state["_buffers"] = {**self._buffers, "values": values, "meta": meta}
+        state.update(_forms={}, _routes={}, _source=None, _released=None)
+        return state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
