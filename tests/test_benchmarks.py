@@ -788,8 +788,17 @@ def test_grouped_records_time_both_sides_on_the_same_routed_rows(benchmark, monk
         assert record["status"] == "ok" and record["shape"] == "6x48x64" and record["top_k"] == 2
         assert record["speedup"] == pytest.approx(record["dense_ms"] / record["ms"])
         assert record["tbps"] > 0 and record["rel_err"] < 1e-6
+    def measured():
+        return bench.measure_grouped((48, 64), 6, 2, [3], torch.float32, iters=2, device="cpu")[0]
+    real_kernel = ops.run_grouped
+    monkeypatch.setattr(ops, "run_grouped", lambda form, x, *args: torch.zeros(x.shape[0], 48))
+    assert measured()["status"] == "wrong"
+    monkeypatch.setattr(ops, "run_grouped", real_kernel)
     monkeypatch.setattr(torch, "_grouped_mm", lambda x, w_t, offs: torch.zeros(x.shape[0], w_t.shape[2]))
-    assert bench.measure_grouped((48, 64), 6, 2, [3], torch.float32, iters=2, device="cpu")[0]["status"] == "wrong"
+    assert measured()["status"] == "baseline wrong" and measured()["rel_err"] < 1e-6  # not ours
+    monkeypatch.delattr(torch, "_grouped_mm")  # a torch without it: ours still timed, unrated
+    record = measured()
+    assert record["status"] == "failed" and "no dense baseline" in record["error"] and record["ms"] > 0
     assert benchmark("bench_grouped").main(["--tokens", "1"]) == 1  # no GPU here: nothing measured, said so
 
 
@@ -803,3 +812,16 @@ def test_sdsengine_bench_finds_a_mixtures_grouped_projections(family):
     assert expert_groups(model) == {(experts_, 2, 2 * ffn, hidden): "experts.gate_up_proj",
                                     (experts_, 2, hidden, ffn): "experts.down_proj"}
     assert expert_groups(tiny_model("llama")) == {}
+
+
+def test_sdsengine_bench_leaves_out_experts_that_cannot_all_convert():
+    """The grouped path needs every projection of a module converted: an ffn width past 32's multiples keeps
+    gate_up per expert too."""
+    from sdsengine.bench import expert_groups
+    model = tiny_model("mixtral")
+    experts_ = model.model.layers[0].mlp.experts
+    experts_.down_proj.data = experts_.down_proj.data[..., :40]  # 40 inputs: not a multiple of 32
+    experts_.gate_up_proj.data = experts_.gate_up_proj.data[:, :80]
+    assert expert_groups(model) == {(4, 2, 2 * model.config.intermediate_size, model.config.hidden_size):
+                                    "experts.gate_up_proj", (4, 2, model.config.hidden_size,
+                                                             model.config.intermediate_size): "experts.down_proj"}

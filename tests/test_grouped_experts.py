@@ -113,11 +113,13 @@ def _fake_kernel(calls):
     return run
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
-def test_a_packed_mixture_through_its_grouped_path_computes_what_the_per_expert_path_does(family, monkeypatch):
+@pytest.mark.parametrize("family, dtype", [("mixtral", torch.bfloat16), ("gpt_oss", torch.bfloat16),
+                                           ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16),
+                                           ("gpt_oss", torch.float16)])
+def test_a_packed_mixture_through_its_grouped_path_computes_what_the_per_expert_path_does(family, dtype, monkeypatch):
     """The routing, stacking and gate around the grouped kernel, on the CPU with the kernel's reference in its place
     (GPT-OSS: transposed banks with biases and a clamped gate): bit for bit, as each row's sums round once both ways."""
-    model = _packed(family)
+    model = _packed(family, dtype)
     ids = tiny_tokens(2, 8, seed=1)
     sdsengine.convert(model, pack_experts=True)
     per_expert = _logits(model, ids).float()
@@ -137,7 +139,7 @@ def test_experts_kept_dense_have_no_grouped_path():
     assert layers and all(m.grouped is None for m in layers)
 
 
-def test_the_grouped_path_serves_decode_on_our_kernel_only():
+def test_the_grouped_path_does_not_serve_the_cpu():
     model = _packed()
     sdsengine.convert(model, pack_experts=True)
     unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
