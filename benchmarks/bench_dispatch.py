@@ -19,8 +19,7 @@ import time
 import torch
 from torch import nn
 
-from harness import RESULTS, gpu_info, write_results
-from sdsengine.bench import parse_tokens
+from harness import RESULTS, gpu_info, tokens_argument, write_results
 from sdsengine.masks import nm_mask
 from sdsengine.nn import SparseLinear, sparse_linear
 
@@ -69,15 +68,12 @@ def measure(tokens, device, dtype, calls):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1,512", help="token counts, comma-separated")
+    parser.add_argument("--tokens", type=tokens_argument, default="1,512", help="token counts, comma-separated")
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed loop")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--name", default=None, help="results file stem (default dispatch, or dispatch-cpu)")
     args = parser.parse_args(argv)
-    try:
-        tokens = parse_tokens(args.tokens)
-    except ValueError as exc:
-        parser.error(str(exc))
+    tokens = args.tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     records = [measure(n, device, dtype, args.calls) for n in tokens]

@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from harness import RESULTS, gpu_info, write_results
+from harness import RESULTS, gpu_info, tokens_argument, write_results
 from sdsengine import ops
-from sdsengine.bench import LLAMA_SHAPES, measure, parse_tokens, table
+from sdsengine.bench import LLAMA_SHAPES, measure, table
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -30,16 +30,13 @@ def llm_shapes():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--tokens", type=tokens_argument, default=",".join(map(str, TOKENS)))
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--name", default="spmm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
-    try:
-        tokens = parse_tokens(args.tokens)
-    except ValueError as exc:
-        parser.error(str(exc))
+    tokens = args.tokens
     dtypes = [d for d in args.dtypes.split(",") if d]
     if not dtypes or set(dtypes) - {"float16", "bfloat16"}:
         parser.error(f"--dtypes takes float16 and/or bfloat16, got {args.dtypes!r}")

@@ -18,16 +18,24 @@ if not torch.cuda.is_available():  # Triton runs under its interpreter on CPU; m
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sdsengine import kernels  # noqa: E402
-from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, table, time_ms,  # noqa: E402
-                             write_results)
+from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, parse_tokens, table,  # noqa: E402
+                             time_ms, write_results)
 
-__all__ = ["RESULTS", "require_transformers", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "main",
+__all__ = ["RESULTS", "require_transformers", "tokens_argument", "gpu_info", "measure_copy_bandwidth", "table", "time_ms", "write_results", "main",
            "parse_args", "run", "time_backends", "record", "bandwidth", "target", "mismatch"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"  # Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up
 SMOKE_SHAPES = "64x128,96x256"
 SMOKE_COPY_BYTES = 16 << 20
+
+
+def tokens_argument(text):
+    """parse_tokens as an argparse type: a bad list of token counts is a usage error naming it."""
+    try:
+        return parse_tokens(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def require_transformers(minimum, why):
