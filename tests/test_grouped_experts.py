@@ -338,7 +338,8 @@ def test_lean_experts_released_before_their_first_grouped_call_hold_their_weight
     sdsengine.nn.set_lean(unfused)
     why_not = ops._why_not
     monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
-    monkeypatch.setattr(ops, "_why_not", lambda b, device, dtype: None if b == "sdsengine" else why_not(b, device, dtype))
+    monkeypatch.setattr(ops, "_why_not",
+                        lambda b, device, dtype: None if b == "sdsengine" else why_not(b, device, dtype))
     decode = []
     monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: bool(decode))
     monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))

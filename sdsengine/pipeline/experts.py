@@ -121,13 +121,15 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         """Each token through its experts, batched where the experts need not be told apart: one gather of the
         routed rows (grouped by expert), the gate once, the weighting and sum once; only the linears run per expert,
-        on their slices (or, packed for decode, each projection of all experts in one launch: `grouped`). Each row's arithmetic, and each sum's order, are the eager loop's (one expert at a time):
-        _summed adds each token's outputs in expert order, on every device."""
+        on their slices (or, packed for decode, each projection of all experts in one launch: `grouped`). Each row's
+        arithmetic, and each sum's order, are the eager loop's (one expert at a time): _summed adds each token's
+        outputs in expert order, on every device."""
         _check_weights(top_k_index, top_k_weights)
         fused = self.fused
         if self.grouped is not None and self.grouped.applies(self, hidden_states):
             token, position, offsets, groups = self.grouped.routes(top_k_index, self.num_experts)
-            linear = lambda bank, x: self.grouped.run(self, bank, x, offsets, groups, hidden_states.shape[0])  # noqa: E731
+            tokens = hidden_states.shape[0]  # each token picks an expert once: no expert has more rows
+            linear = lambda bank, x: self.grouped.run(self, bank, x, offsets, groups, tokens)  # noqa: E731
         else:
             token, position, counts = _routed(top_k_index, self.num_experts)
             spans = _spans(counts)
