@@ -814,6 +814,17 @@ def test_sdsengine_bench_finds_a_mixtures_grouped_projections(family):
     assert expert_groups(tiny_model("llama")) == {}
 
 
+def test_sdsengine_bench_on_a_mixture_times_single_layers_and_grouped_experts():
+    """`sdsengine bench --model` takes both from the loaded model: every layer shape, and the experts grouped."""
+    from argparse import Namespace
+
+    from sdsengine.bench import _shapes_from_args, expert_groups, model_shapes
+    model = tiny_model("mixtral")
+    args = Namespace(shapes=None, model="some/mixtral")
+    assert _shapes_from_args(args, lambda name: (model, None)) == (model_shapes(model), expert_groups(model))
+    assert _shapes_from_args(Namespace(shapes="64x128", model="some/mixtral"), None) == ({(64, 128): ""}, {})
+
+
 def test_sdsengine_bench_leaves_out_experts_that_cannot_all_convert():
     """The grouped path needs every projection of a module converted: an ffn width past 32's multiples keeps
     gate_up per expert too."""
