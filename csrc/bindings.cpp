@@ -92,8 +92,12 @@ void check_weight(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   check_placed(meta, "meta", x.device());
 }
 
-void check_bias(const at::Tensor& x, const at::Tensor& bias, int64_t m) {
-  SDS_CHECK(bias.dim() == 1 && bias.size(0) == m, "bias must have shape (", m, ",), got ", dims(bias.sizes()));
+// bias [M], or a grouped call's [E, M] (experts = E; -1 for one weight)
+void check_bias(const at::Tensor& x, const at::Tensor& bias, int64_t m, int64_t experts = -1) {
+  const bool fits = experts < 0 ? bias.dim() == 1 && bias.size(0) == m
+                                : bias.dim() == 2 && bias.size(0) == experts && bias.size(1) == m;
+  SDS_CHECK(fits, "bias must have shape (", experts < 0 ? "" : std::to_string(experts) + ", ", m,
+            experts < 0 ? ",)" : ")", ", got ", dims(bias.sizes()));
   SDS_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(), " differs from x dtype ",
             x.scalar_type());
   SDS_CHECK(bias.device() == x.device(), "bias is on ", bias.device(), " but x is on ", x.device());
@@ -187,7 +191,8 @@ sdsengine::Spmm24Sm90Plan sm90_plan_for(const at::Tensor& x, int64_t m, int64_t 
   return plan;
 }
 
-// The kernels' arguments from checked tensors; y is (N, out_features) = (x.size(0), y.size(1)).
+// The kernels' arguments from checked tensors; y is (N, out_features) = (x.size(0), y.size(1)); values and meta are
+// one weight's or a grouped call's stack (Mt and KB read from their trailing dims).
 sdsengine::Spmm24Args kernel_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& y, float* workspace,
                                   int* counters) {
@@ -201,8 +206,8 @@ sdsengine::Spmm24Args kernel_args(const at::Tensor& x, const at::Tensor& values,
           static_cast<int>(y.size(1)),
           static_cast<int>(x.size(0)),
           static_cast<int>(x.size(1)),
-          static_cast<int>(values.size(0)),
-          static_cast<int>(meta.size(1))};
+          static_cast<int>(values.size(values.dim() - 4)),  // Mt (after the experts dim of a grouped call)
+          static_cast<int>(meta.size(meta.dim() - 3))};     // KB
 }
 
 sdsengine::DType dtype_of(const at::Tensor& x) {
@@ -262,13 +267,7 @@ at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const a
   SDS_CHECK(groups.size(0) > 0, "groups is empty: name at least one expert (or -1)");
   SDS_CHECK(max_rows > 0 && max_rows <= x.size(0), "max_rows must be in [1, ", x.size(0), "] (x's rows), got ",
             max_rows);
-  if (bias.has_value()) {
-    SDS_CHECK(bias->dim() == 2 && bias->size(0) == experts && bias->size(1) == out_features,
-              "grouped bias must have shape (", experts, ", ", out_features, "), got ", dims(bias->sizes()));
-    SDS_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(), " differs from x dtype ",
-              x.scalar_type());
-    check_placed(*bias, "bias", x.device(), bias->element_size());
-  }
+  if (bias.has_value()) check_bias(x, *bias, out_features, experts);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::zeros({x.size(0), out_features}, x.options());  // rows of no listed expert stay zero
   const auto plan = plan_for(x, out_features, split_k, max_rows, groups.size(0));
@@ -279,8 +278,6 @@ at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const a
   }
   auto args = kernel_args(x, values, meta, bias, y, plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
                           plan.splits > 1 ? counters.data_ptr<int>() : nullptr);
-  args.Mt = static_cast<int>(values.size(1));
-  args.KB = static_cast<int>(meta.size(2));
   args.offsets = offsets.data_ptr<int32_t>();
   args.groups = groups.data_ptr<int32_t>();
   const cudaError_t err =
