@@ -181,12 +181,13 @@ def random_24_weights(shape, dtype):
     11008x4096 got 2 copies, 48 MiB each compressed, against the H100's 50 MiB L2."""
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     copies = max(3, min(16, math.ceil(3 * l2 / (shape[0] * shape[1] * 9 / 8))))
-    weights = []
-    for seed in range(copies):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        w = torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
-        weights.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
-    return weights
+    return [random_24(shape, dtype, torch.Generator(device="cuda").manual_seed(seed)) for seed in range(copies)]
+
+
+def random_24(shape, dtype, generator):
+    """A random weight pruned 2:4 by magnitude, compressed (values, meta), on the generator's device."""
+    w = torch.randn(*shape, device=generator.device, dtype=dtype, generator=generator)
+    return compress_24(w * nm_mask(w.abs(), 2, 4))
 
 
 def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
@@ -255,12 +256,10 @@ def measure_grouped(shape, experts, k, tokens, dtype, iters=20, users="", device
 def random_experts(experts, shape, dtype, device="cuda"):
     """(dense 2:4 weights [E, out, in], the grouped form of the same)."""
     g = torch.Generator(device=device).manual_seed(0)
-    dense = torch.empty(experts, *shape, device=device, dtype=dtype)
-    pairs = []
-    for e in range(experts):
-        w = torch.randn(*shape, device=device, dtype=dtype, generator=g)
-        pairs.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
-        dense[e] = decompress_24(*pairs[-1])
+    pairs = [random_24(shape, dtype, g) for _ in range(experts)]
+    dense = torch.empty(experts, *shape, device=device, dtype=dtype)  # filled in place: no second dense copy
+    for e, pair in enumerate(pairs):
+        dense[e] = decompress_24(*pair)
     return dense, ops.grouped_form(pairs)
 
 
