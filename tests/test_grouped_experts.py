@@ -8,6 +8,7 @@ import torch
 
 import sdsengine
 from sdsengine import ops, transformers_compat
+from sdsengine.bench import random_routing
 from sdsengine.config import MagnitudeConfig
 from sdsengine.kernels import compress_24, decompress_24
 from sdsengine.nn import grouped
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.skipif(transformers_compat.major() < 5, reason="fused e
 def _top_k(tokens, experts_, k, seed=0, sentinel=0):
     """Random routing: k distinct experts per token (as topk gives), the last `sentinel` tokens' last choice
     replaced by an index past the experts (expert parallelism's nobody)."""
-    g = torch.Generator().manual_seed(seed)
-    index = torch.stack([torch.randperm(experts_, generator=g)[:k] for _ in range(tokens)])
+    index = random_routing(tokens, experts_, k, "cpu", seed)
     if sentinel:
         index[-sentinel:, -1] = experts_
     return index
@@ -105,8 +105,9 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-def _fake_kernel(calls):
-    """ops.run_grouped on the CPU: the grouped reference on the weights the stacked form holds."""
+def fake_grouped_kernel(calls):
+    """ops.run_grouped on the CPU (test_benchmarks uses it too): the grouped reference on the weights the stacked
+    form holds."""
     def run(form, x, offsets, groups, max_rows, bias, out_features):
         calls.append((x.shape[0], max_rows))
         return ops.grouped_reference(x, _from_form(form, out_features, x.shape[1]), offsets, groups, max_rows, bias)
@@ -127,7 +128,7 @@ def test_a_packed_mixture_through_its_grouped_path_computes_what_the_per_expert_
     assert packed and all(isinstance(m.grouped, grouped.GroupedBanks) for m in packed)
     calls = []
     monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
-    monkeypatch.setattr(ops, "run_grouped", _fake_kernel(calls))
+    monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel(calls))
     torch.testing.assert_close(_logits(model, ids).float(), per_expert, rtol=0, atol=0)  # each sum rounded once
     assert calls and all(call == (16 * model.config.num_experts_per_tok, 16) for call in calls)
 
@@ -169,7 +170,7 @@ def test_a_packed_mixture_pickles_and_copies_without_its_stacks(monkeypatch):
     ids = tiny_tokens(1, 4, seed=2)
     sdsengine.convert(model, pack_experts=True)
     monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
-    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     expected = _logits(model, ids)  # stacks made
     for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         packed = [m for m in copied.modules() if isinstance(m, experts.UnfusedExperts)]
@@ -189,7 +190,7 @@ def test_a_pickled_packed_mixture_holds_each_experts_weight_once(lean, monkeypat
     size = len(pickle.dumps(unfused))
     monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
     monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
-    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     assert torch.equal(_logits(model, ids), expected)  # stacks made, shared by the experts
     assert len(pickle.dumps(unfused)) < 1.1 * size
     copied = pickle.loads(pickle.dumps(model))
@@ -314,7 +315,7 @@ def test_lean_experts_give_their_buffers_up_to_the_grouped_stack_and_hold_their_
     before = sdsengine.nn.weight_bytes(unfused)["compressed"]
     monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
     monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
-    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     assert torch.equal(_logits(model, ids), per_expert)
     linears = [getattr(e, bank) for e in unfused.experts() for bank in ("gate_up_proj", "down_proj")]
     assert all(m._holds_released() for m in linears)
@@ -342,7 +343,7 @@ def test_lean_experts_released_before_their_first_grouped_call_hold_their_weight
                         lambda b, device, dtype: None if b == "sdsengine" else why_not(b, device, dtype))
     decode = []
     monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: bool(decode))
-    monkeypatch.setattr(ops, "run_grouped", _fake_kernel([]))
+    monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     with use_backend("dense"):  # the prefill: per expert, each lean expert released to its own form
         assert torch.equal(_logits(model, ids), per_expert)
     linears = {bank: [getattr(e, bank) for e in unfused.experts()] for bank in ("gate_up_proj", "down_proj")}
