@@ -44,8 +44,9 @@ def test_device_routes_group_the_rows_as_the_host_routing_does(tokens, experts_,
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_device_routes_of_a_negative_index_put_its_row_in_no_expert(dtype):
-    index = torch.tensor([[1, -1], [0, 1]], dtype=dtype)
+@pytest.mark.parametrize("nobody", [-1, -4, 3, 9])
+def test_device_routes_put_the_row_of_an_index_outside_the_experts_in_no_expert(dtype, nobody):
+    index = torch.tensor([[1, nobody], [0, 1]], dtype=dtype)
     token, position, offsets, groups = grouped.device_routes(index, 3)
     assert offsets.tolist() == [0, 1, 3, 3] and groups.tolist() == [0, 1, -1]
     assert (token[-1], position[-1]) == (0, 1)

@@ -37,16 +37,15 @@ def device_routes(top_k_index, num_experts):
     experts, or negative, last, in no expert), offsets (int32, E + 1) where each expert's rows start, and groups
     (int32, min(E, rows)): the experts with rows, in index order, then -1s."""
     k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1).long()  # scatter_add_ takes int64 indices
-    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # nobody's: after every expert
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    offsets[1:] = counts[:num_experts].cumsum(0)
-    empty = counts[:num_experts] == 0
-    groups = torch.argsort(empty.to(torch.int8), stable=True)[:min(num_experts, flat.numel())]
-    groups = torch.where(empty[groups], -1, groups).to(torch.int32)
+    # Nobody's index (negative, or past the experts) becomes num_experts: after every expert. Few launches, since a
+    # decode step of a mixture makes this routing once per layer: clamp, then remainder maps -1 to num_experts.
+    key = top_k_index.reshape(-1).clamp(-1, num_experts).remainder(num_experts + 1)
+    key, order = torch.sort(key, stable=True)
+    experts = torch.arange(num_experts + 1, dtype=key.dtype, device=key.device)
+    offsets = torch.searchsorted(key, experts, out_int32=True)  # rows with a smaller key: where each expert starts
+    has_rows = offsets[1:] > offsets[:-1]
+    groups = torch.where(has_rows, experts[:-1], num_experts).sort().values[:min(num_experts, key.numel())]
+    groups = torch.where(groups < num_experts, groups, -1).to(torch.int32)
     return order // k, order % k, offsets, groups
 
 
@@ -109,23 +108,28 @@ class GroupedBanks:
         (change a layer through load_state_dict, as under torch.compile)."""
         kept = self._forms.get(bank)
         epoch = sparse_linear.weights_epoch()
-        if kept is not None and kept[0] != epoch:
-            linears = [getattr(e, bank) for e in unfused.experts()]
-            kept = self._forms[bank] = (epoch, *kept[1:]) if kept[1] == _snapshot(linears) else None
-        if kept is None:
-            if ops.capturing():
-                raise RuntimeError("the grouped experts' weights are prepared inside CUDA-graph capture: run the model "
-                                   "once before capturing, and again after moving or reloading it")
-            linears = [getattr(e, bank) for e in unfused.experts()]
-            self._forms.pop(bank, None)  # the old stack freed before the new one is made
-            with torch.inference_mode(False):
-                form = ops.grouped_form([m._canonical() for m in linears])
-                bias = torch.stack([m.bias for m in linears]) if linears[0].bias is not None else None
-            for linear, values_r, meta_r in zip(linears, form[0], form[1]):
-                linear.share_form(values_r, meta_r)
-            self._forms[bank] = kept = (sparse_linear.weights_epoch(), _snapshot(linears), form, bias,
-                                        linears[0].out_features)
-        return kept[2:]
+        if kept is not None and kept[0] == epoch:
+            return kept[2:]
+        linears = [getattr(e, bank) for e in unfused.experts()]
+        if kept is not None and kept[1] == _snapshot(linears):
+            self._forms[bank] = (epoch, *kept[1:])
+            return kept[2:]
+        return self._stack(bank, linears)[2:]
+
+    def _stack(self, bank, linears):
+        """A new stack of the linears' weights, shared with each of them; the old one freed first."""
+        if ops.capturing():
+            raise RuntimeError("the grouped experts' weights are prepared inside CUDA-graph capture: run the model "
+                               "once before capturing, and again after moving or reloading it")
+        self._forms.pop(bank, None)
+        with torch.inference_mode(False):
+            form = ops.grouped_form([m._canonical() for m in linears])
+            bias = torch.stack([m.bias for m in linears]) if linears[0].bias is not None else None
+        for linear, values_r, meta_r in zip(linears, form[0], form[1]):
+            linear.share_form(values_r, meta_r)
+        kept = self._forms[bank] = (sparse_linear.weights_epoch(), _snapshot(linears), form, bias,
+                                    linears[0].out_features)
+        return kept
 
 
 def _first_linear(unfused, bank):
