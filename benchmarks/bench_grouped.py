@@ -7,7 +7,9 @@ which `sdsengine bench --model` runs on a mixture's own shapes).
     python benchmarks/bench_grouped.py [--tokens 1,4,16,64] [--models qwen3-30b-a3b,mixtral-8x7b] [--iters 20]
 
 ms: as called from Python (the host's work included, as in eager decode); device_ms: the GPU's own time, as a CUDA
-graph replays it. Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no
+graph replays it. tiles_for_all_rows_device_ms: the same kernel with its token tile sized for every token rather
+than for the rows an expert gets when the routing is even (the default since 2026-12-02; which serves better is
+unmeasured), where the two differ. Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no
 CUDA GPU is visible.
 """
 import argparse

@@ -111,13 +111,15 @@ void check_grid(int blocks, const char* what, int64_t tokens) {
 }
 
 // rows: the most rows one group has (all of x's for one weight); groups: a grouped call's, else 1.
-sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k, int64_t rows, int64_t groups = 1) {
+sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k, int64_t rows, int64_t groups = 1,
+                               int64_t typical_rows = 0) {
   SDS_CHECK(split_k >= 0, "split_k must be >= 0 (0 = automatic), got ", split_k);
   SDS_CHECK(m < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), "sizes must fit in int32, got M=", m,
             ", N=", x.size(0));
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
   const auto plan = sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(rows), static_cast<int>(x.size(1)),
-                                           sms, static_cast<int>(split_k), static_cast<int>(groups));
+                                           sms, static_cast<int>(split_k), static_cast<int>(groups),
+                                           static_cast<int>(typical_rows));
   check_grid(plan.token_blocks * static_cast<int>(groups), "token blocks", x.size(0));
   return plan;
 }
@@ -251,7 +253,7 @@ at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                           const at::Tensor& offsets, const at::Tensor& groups, int64_t out_features, int64_t max_rows,
                           const c10::optional<at::Tensor>& bias, int64_t split_k,
-                          const c10::optional<at::Tensor>& locks) {
+                          const c10::optional<at::Tensor>& locks, int64_t typical_rows) {
   check_x(x);
   SDS_CHECK(values.dim() == 5 && meta.dim() == 5, "grouped values and meta must be 5-D (experts first), got ",
             dims(values.sizes()), " and ", dims(meta.sizes()));
@@ -267,10 +269,12 @@ at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const a
   SDS_CHECK(groups.size(0) > 0, "groups is empty: name at least one expert (or -1)");
   SDS_CHECK(max_rows > 0 && max_rows <= x.size(0), "max_rows must be in [1, ", x.size(0), "] (x's rows), got ",
             max_rows);
+  SDS_CHECK(typical_rows >= 0 && typical_rows <= max_rows, "typical_rows must be in [0, max_rows = ", max_rows,
+            "] (0: max_rows), got ", typical_rows);
   if (bias.has_value()) check_bias(x, *bias, out_features, experts);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::zeros({x.size(0), out_features}, x.options());  // rows of no listed expert stay zero
-  const auto plan = plan_for(x, out_features, split_k, max_rows, groups.size(0));
+  const auto plan = plan_for(x, out_features, split_k, max_rows, groups.size(0), typical_rows);
   at::Tensor workspace, counters;
   if (plan.splits > 1) {
     workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
@@ -347,7 +351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Y = X W_e^T (+ bias_e) for each expert e's rows of X, one launch (mixtures of experts)", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("offsets"), pybind11::arg("groups"),
         pybind11::arg("out_features"), pybind11::arg("max_rows"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("split_k") = 0, pybind11::arg("locks") = pybind11::none());
+        pybind11::arg("split_k") = 0, pybind11::arg("locks") = pybind11::none(), pybind11::arg("typical_rows") = 0);
   m.def("spmm24_plan", &spmm24_plan, "launch plan of spmm24 for x and out_features", pybind11::arg("x"),
         pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
   m.def("spmm24_sm90", &spmm24_sm90, "Y = X W^T (+ bias) with wgmma.sp (compute capability 9.0, sm_90a build)",

@@ -47,8 +47,11 @@ struct Spmm24Args {
 };
 
 // split_k > 0 forces the number of K slices (clamped to [1, KB]); 0 picks one that fills num_sms. For a grouped
-// call N is the most rows one group can have and groups the number of groups.
-Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups = 1);
+// call N is the most rows one group can have, groups the number of groups, and typical_rows (0: N) the rows a
+// group usually has: the token tile is sized for those, token blocks cover N, and the split-K counts only the
+// blocks with rows (the rest leave at once). At decode a mixture's expert gets a few of the N rows (Qwen3-30B-A3B,
+// 64 tokens: 512 rows over 128 experts, ~4 each), and a tile sized for N would multiply mostly zero rows.
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups = 1, int typical_rows = 0);
 
 cudaError_t spmm24_launch(const Spmm24Args& args, const Spmm24Plan& plan, DType dtype, cudaStream_t stream);
 

@@ -280,16 +280,17 @@ cudaError_t launch_tiles(const Spmm24Args& args, const Spmm24Plan& plan, cudaStr
 
 }  // namespace
 
-Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups) {
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups, int typical_rows) {
   Spmm24Plan plan{};
   plan.groups = std::max(groups, 1);
-  plan.n_tiles = N <= 8 ? 1 : N <= 16 ? 2 : N <= 32 ? 4 : 8;
+  const int typical = typical_rows > 0 ? std::min(typical_rows, N) : N;
+  plan.n_tiles = typical <= 8 ? 1 : typical <= 16 ? 2 : typical <= 32 ? 4 : 8;
   const int rows = plan.n_tiles * 8;
   const int kb = ceil_div(K, kStepsPerBlock * 32);
   plan.token_blocks = ceil_div(N, rows);
   plan.m_blocks = ceil_div(ceil_div(M, 16), kWarps);
-  const int wanted =
-      split_k > 0 ? split_k : ceil_div(kCtasPerSm * num_sms, plan.m_blocks * plan.token_blocks * plan.groups);
+  const int busy_blocks = plan.m_blocks * ceil_div(typical, rows) * plan.groups;
+  const int wanted = split_k > 0 ? split_k : ceil_div(kCtasPerSm * num_sms, busy_blocks);
   plan.kb_per_split = ceil_div(kb, std::min(std::max(wanted, 1), kb));
   plan.splits = ceil_div(kb, plan.kb_per_split);
   const int chunk_cap = std::max(1, (kSmemLimit / rows - 16) / kBlockRowBytes);

@@ -558,13 +558,22 @@ def grouped_form(canonicals):
     return torch.stack([f[0] for f in forms]), torch.stack([f[1] for f in forms]), {}
 
 
-def run_grouped(form, x, offsets, groups, max_rows, bias, out_features):
+def run_grouped(form, x, offsets, groups, max_rows, bias, out_features, typical_rows=None):
     """Y (R, out_features): for each expert e in groups (-1: none), x's rows offsets[e]:offsets[e + 1] (at most
     max_rows) times W_e^T + bias[e]; zeros in rows no listed expert owns. The kernel's own split-K plan: a timed
-    choice, as single weights get, would need the routing on the host."""
+    choice, as single weights get, would need the routing on the host. Its token tile is sized for typical_rows
+    (default: even_rows); blocks cover max_rows all the same."""
     values_r, meta_r, locks = form
+    if typical_rows is None:
+        typical_rows = even_rows(x, groups, max_rows)
     return load_extension().spmm24_grouped(_aligned(x), values_r, meta_r, offsets, groups, out_features, max_rows,
-                                           bias, 0, stream_locks(locks, x))
+                                           bias, 0, stream_locks(locks, x), typical_rows)
+
+
+def even_rows(x, groups, max_rows):
+    """The rows each listed group of a grouped call gets when the routing is even: known from the shapes, so
+    sizing the kernel's token tile by it reads nothing back."""
+    return min(max_rows, -(-x.shape[0] // max(groups.shape[0], 1)))
 
 
 def grouped_reference(x, weights, offsets, groups, max_rows, bias=None):

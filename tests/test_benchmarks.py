@@ -787,10 +787,18 @@ def test_grouped_records_time_both_sides_on_the_same_routed_rows(benchmark, monk
         assert record["status"] == "ok" and record["shape"] == "6x48x64" and record["top_k"] == 2
         assert record["speedup"] == pytest.approx(record["dense_ms"] / record["ms"])
         assert record["tbps"] > 0 and record["rel_err"] < 1e-6
+    # 3 tokens: 6 rows over 6 experts, 1 each when even: the tile sized for all 3 rows is timed beside it
+    assert "tiles_for_all_rows_device_ms" not in records[0] and records[1]["tiles_for_all_rows_device_ms"] > 0
     def measured():
         return bench.measure_grouped((48, 64), 6, 2, [3], torch.float32, iters=2, device="cpu")[0]
     real_kernel = ops.run_grouped
     monkeypatch.setattr(ops, "run_grouped", lambda form, x, *args: torch.zeros(x.shape[0], 48))
+    assert measured()["status"] == "wrong"
+
+    def wrong_when_tiled_for_all_rows(form, x, offsets, groups, max_rows, bias, out_features, typical_rows=None):
+        y = real_kernel(form, x, offsets, groups, max_rows, bias, out_features)
+        return y * 0 if typical_rows == max_rows else y
+    monkeypatch.setattr(ops, "run_grouped", wrong_when_tiled_for_all_rows)
     assert measured()["status"] == "wrong"
     monkeypatch.setattr(ops, "run_grouped", real_kernel)
     monkeypatch.setattr(torch, "_grouped_mm", lambda x, w_t, offs: torch.zeros(x.shape[0], w_t.shape[2]))

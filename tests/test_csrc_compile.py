@@ -216,3 +216,53 @@ def test_every_function_the_objects_share_is_defined_once(compilers):
     twice = {f for f in everywhere if everywhere.count(f) > 1}
     missing = {name: sorted(set(fs) - set(everywhere)) for name, fs in needed.items() if set(fs) - set(everywhere)}
     assert not twice and not missing, f"defined twice: {sorted(twice)}; needed but defined nowhere: {missing}"
+
+
+_PLAN_MAIN = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "spmm24.h"
+int main(int argc, char** argv) {
+  int a[7];
+  for (int i = 0; i < 7; ++i) a[i] = std::atoi(argv[i + 1]);
+  const auto p = sdsengine::spmm24_plan(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
+  std::printf("%d %d %d %d %d\n", p.n_tiles, p.token_blocks, p.groups, p.m_blocks, p.splits);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def decode_plan(compilers, tmp_path_factory):
+    """The decode kernel's launch plan (spmm24_plan, host code) run here: the sm_80 object linked into a small
+    program. plan(M, N, K, sms, split_k, groups, typical_rows) -> the plan's fields."""
+    proc = compilers["spmm24_sm80.cu-sm_80"]
+    _finish(proc)
+    out = tmp_path_factory.mktemp("plan")
+    (out / "main.cpp").write_text(_PLAN_MAIN)
+    link = subprocess.run([NVCC, "-std=c++17", f"-I{CSRC}", str(out / "main.cpp"), proc.args[proc.args.index("-o") + 1],
+                           "-o", str(out / "plan")], capture_output=True, text=True)
+    assert link.returncode == 0, link.stdout + link.stderr
+
+    def plan(m, n, k, sms=132, split_k=0, groups=1, typical_rows=0):
+        line = subprocess.run([str(out / "plan"), *map(str, (m, n, k, sms, split_k, groups, typical_rows))],
+                              capture_output=True, text=True, check=True).stdout
+        return dict(zip(("n_tiles", "token_blocks", "groups", "m_blocks", "splits"), map(int, line.split())))
+    return plan
+
+
+def test_the_decode_plan_sizes_its_token_tile_for_the_rows(decode_plan):
+    tiles = {n: decode_plan(4096, n, 4096) for n in (1, 8, 9, 16, 17, 33, 64, 100)}
+    assert {n: p["n_tiles"] for n, p in tiles.items()} == {1: 1, 8: 1, 9: 2, 16: 2, 17: 4, 33: 8, 64: 8, 100: 8}
+    assert tiles[100]["token_blocks"] == 2 and tiles[64]["token_blocks"] == 1
+    assert decode_plan(4096, 1, 4096)["splits"] > decode_plan(4096, 64, 4096, groups=16)["splits"] >= 1
+
+
+def test_a_grouped_plan_tiles_for_the_typical_rows_and_counts_only_blocks_with_rows(decode_plan):
+    """64 decode tokens of Qwen3-30B-A3B (gate_up 1536 x 2048, 128 experts, 8 per token): ~4 rows per expert."""
+    plan = decode_plan(1536, 64, 2048, groups=128, typical_rows=4)
+    assert (plan["n_tiles"], plan["token_blocks"], plan["groups"]) == (1, 8, 128)  # blocks still cover 64 rows
+    assert decode_plan(1536, 64, 2048, groups=128)["n_tiles"] == 8  # without the hint: tiles for all 64
+    # blocks past a group's typical rows leave at once, so they do not count toward filling the GPU: the split-K
+    # is that of a call whose groups have the typical rows only
+    few = decode_plan(64, 64, 65536, groups=2, typical_rows=8)
+    assert few["token_blocks"] == 8 and few["splits"] == decode_plan(64, 8, 65536, groups=2)["splits"] == 256

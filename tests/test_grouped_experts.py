@@ -2,6 +2,7 @@
 device, the stacked form, the contract of the grouped kernel against its reference, and the kernel itself (GPU)."""
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def _logits(model, ids):
 def fake_grouped_kernel(calls):
     """ops.run_grouped on the CPU (test_benchmarks uses it too): the grouped reference on the weights the stacked
     form holds."""
-    def run(form, x, offsets, groups, max_rows, bias, out_features):
+    def run(form, x, offsets, groups, max_rows, bias, out_features, typical_rows=None):
         calls.append((x.shape[0], max_rows))
         return ops.grouped_reference(x, _from_form(form, out_features, x.shape[1]), offsets, groups, max_rows, bias)
     return run
@@ -230,12 +231,30 @@ def _grouped_call(tokens, experts_, k, rows, cols, dtype, bias, seed=0, sentinel
     (64, 4, 2, 48, 256, True, 0),  # every expert's rows past one token tile
     (100, 4, 2, 48, 256, False, 0),  # more rows per expert than one token block: a second block per group
 ])
-def test_the_grouped_kernel_matches_its_reference(dtype, tokens, experts_, k, rows, cols, bias, sentinel):
+@pytest.mark.parametrize("typical", [None, 1, "max"])  # tiles for even routing (the default), 8 rows, every row
+def test_the_grouped_kernel_matches_its_reference(dtype, tokens, experts_, k, rows, cols, bias, sentinel, typical):
     args, want = _grouped_call(tokens, experts_, k, rows, cols, dtype, bias, sentinel=sentinel)
-    got = ops.run_grouped(*args)
+    got = ops.run_grouped(*args, typical_rows=tokens if typical == "max" else typical)
     assert ops.relative_error(got, want) < 1e-2
     assert not got[args[2][-1].item():].any()  # nobody's rows stay zero
     assert all(not locks.any() for locks in args[0][2].values())  # split-K tickets left zero, blocks that left too
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "offsets": a["offsets"].long()}, "offsets must be a 1-D int32 tensor"),
+    (lambda a: {**a, "offsets": a["offsets"][:-1]}, "offsets must have experts + 1 = 7 entries, got 6"),
+    (lambda a: {**a, "groups": a["groups"][:0]}, "groups is empty"),
+    (lambda a: {**a, "max_rows": 0}, "max_rows must be in [1, 6]"),
+    (lambda a: {**a, "typical_rows": 4}, "typical_rows must be in [0, max_rows = 3]"),
+    (lambda a: {**a, "bias": a["bias"][:5]}, "bias must have shape (6, 200), got [5, 200]"),
+])
+def test_the_grouped_binding_names_bad_inputs(change, message):
+    (form, x, offsets, groups, tokens, bias, rows), _ = _grouped_call(3, 6, 2, 200, 96, torch.float16, True)
+    args = change({"offsets": offsets, "groups": groups, "max_rows": tokens, "bias": bias, "typical_rows": 0})
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        ops.load_extension().spmm24_grouped(x, form[0], form[1], args["offsets"], args["groups"], rows,
+                                            args["max_rows"], args["bias"], typical_rows=args["typical_rows"])
 
 
 @pytest.mark.gpu
