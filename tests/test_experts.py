@@ -555,3 +555,21 @@ def test_a_module_that_cannot_be_fused_back_does_not_keep_the_others_from_going_
             pass
     assert len(calls) == 2 and experts.is_fused_experts(model.model.layers[1].mlp.experts)
     assert model.model.layers[1].mlp.experts.down_proj.shape == (4, 64, 128)
+
+
+def test_an_expert_chosen_twice_by_a_token_adds_both_choices():
+    """No topk router picks an expert twice, but a custom one may: each choice is added (they once shared a slot,
+    one lost without a word)."""
+    model = tiny_model("mixtral")
+    fused = next(m for m in model.modules() if experts.is_fused_experts(m))
+    for bank in (p for p in fused.parameters() if p.dim() == 3):
+        torch.nn.init.normal_(bank, std=0.05)
+    unfused = experts.UnfusedExperts(fused)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    twice = torch.tensor([[2, 2], [1, 3], [0, 0]])
+    weights = torch.tensor([[0.25, 0.5], [0.5, 0.5], [0.75, 0.125]])
+    with torch.no_grad():
+        once = unfused(x, twice[:, :1], torch.ones(3, 1))  # each token's first expert alone, weight 1
+        other = unfused(x, twice[:, 1:], torch.ones(3, 1))
+        got = unfused(x, twice, weights)
+    torch.testing.assert_close(got, weights[:, :1] * once + weights[:, 1:] * other)

@@ -135,6 +135,19 @@ def test_a_packed_mixture_through_its_grouped_path_computes_what_the_per_expert_
     assert calls and all(call == (16 * model.config.num_experts_per_tok, 16) for call in calls)
 
 
+def test_the_grouped_path_adds_both_choices_of_an_expert_a_token_chose_twice(monkeypatch):
+    model = _packed()
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    x = torch.randn(3, model.config.hidden_size).to(torch.bfloat16)
+    twice, weights = torch.tensor([[2, 2], [1, 3], [0, 0]]), torch.tensor([[0.25, 0.5], [0.5, 0.5], [0.75, 0.125]])
+    with torch.no_grad():
+        per_expert = unfused(x, twice, weights)
+        monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+        monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
+        torch.testing.assert_close(unfused(x, twice, weights), per_expert, rtol=0, atol=0)
+
+
 def test_experts_kept_dense_have_no_grouped_path():
     model = _packed()
     sdsengine.convert(model, pack_experts=True, ignore=["*.experts.1.down_proj"])

@@ -212,9 +212,11 @@ def _summed(rows, token, position, top_k_index, like):
     """Each token's weighted expert outputs (rows, one per routed (token, position)) summed in the order of its
     experts' indices, into a tensor like `like`: what the eager loop's index_add_ per expert adds, in its order. Not
     one index_add_ over all rows: a token repeats there (once per expert), and CUDA adds repeated rows atomically,
-    in no fixed order, so the sums' last bits changed from run to run (transformers' own experts avoid it too)."""
+    in no fixed order, so the sums' last bits changed from run to run (transformers' own experts avoid it too).
+    An expert a token chose twice (no topk router does) fills two slots, in top-k order, rather than one twice."""
     k = top_k_index.shape[-1]
-    rank = (top_k_index[:, None, :] < top_k_index[:, :, None]).sum(-1)  # each choice's place in its token's expert order
+    key = torch.add(torch.arange(k, device=top_k_index.device), top_k_index, alpha=k)  # by expert, then position
+    rank = (key[:, None, :] < key[:, :, None]).sum(-1)  # each choice's place in its token's expert order
     slots = like.new_zeros((like.shape[0] * k, like.shape[-1]))
     slots.index_copy_(0, token * k + rank[token, position], rows)  # each slot once: no repeated index
     slots = slots.view(like.shape[0], k, like.shape[-1])
