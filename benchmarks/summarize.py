@@ -25,8 +25,9 @@ GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
             "dispatch": ("tokens", "dtype"), "grouped": ("layers", "dtype")}  # default: pattern, dtype
 # device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side;
-# weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's
-RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense")
+# weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's;
+# all-rows tile x: grouped's kernel with its token tile sized for every token against the default (> 1: default faster)
+RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense", "all-rows tile x")
 MAX_LISTED = 25
 REL_ERR_MAX = 2e-2  # against dense (spmm, wgmma) or the PyTorch reference (sparsegpt): ops._self_check's bound
 TEST_STEPS = ("kernel_tests", "gpu_tests")
@@ -81,6 +82,9 @@ def _ratio(record, name):
     if name == "weight x dense":
         held, dense = record.get("weight_mib"), record.get("dense_weight_mib")
         return held / dense if held and dense else None
+    if name == "all-rows tile x":
+        all_rows, default = record.get("tiles_for_all_rows_device_ms"), record.get("device_ms")
+        return all_rows / default if all_rows and default else None
     return record.get(name)
 
 

@@ -205,6 +205,18 @@ def test_summary_flags_a_decode_speedup_of_unlike_runs(benchmark, tmp_path, caps
     assert "weight x dense" in out and "2.1 [2.1, 2.1]" in out  # the linear weights held against dense
 
 
+def test_summary_compares_the_grouped_kernels_two_token_tiles(benchmark, tmp_path, capsys):
+    base = {"bench": "grouped", "shape": "128x1536x2048", "layers": "qwen3-30b-a3b gate_up", "dtype": "bfloat16",
+            "status": "ok", "ms": 0.2, "device_ms": 0.1, "dense_ms": 0.3, "speedup": 1.5}
+    records = [{**base, "tokens": 64, "tiles_for_all_rows_device_ms": 0.13},
+               {**base, "tokens": 16, "tiles_for_all_rows_device_ms": 0.09}, {**base, "tokens": 1}]
+    (tmp_path / "grouped.json").write_text(json.dumps(records))
+    capsys.readouterr()
+    assert benchmark("summarize").main(["--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "all-rows tile x" in out and "1.1 [0.9, 1.3]" in out  # tokens 1: one tile either way, not counted
+
+
 @pytest.mark.gpu
 def test_hide_host_times_the_gpu_work_alone():
     """The timer's two readings of a call that spends 0.5 ms on the host before a tiny kernel: plain events
