@@ -3,6 +3,7 @@ device, the stacked form, the contract of the grouped kernel against its referen
 import copy
 import pickle
 import re
+import weakref
 
 import pytest
 import torch
@@ -178,6 +179,20 @@ def test_the_stacked_form_is_made_again_when_an_experts_weights_are_reloaded(exp
     again = unfused.grouped._form(unfused, "down_proj")
     assert again[0] is not first[0] and torch.equal(again[0][0][expert], -first[0][0][expert])
     assert torch.equal(again[0][0][expert - 1], first[0][0][expert - 1])
+
+
+def test_the_old_stack_is_freed_before_a_reloaded_mixtures_new_one_is_made(monkeypatch):
+    """A whole model reloaded changes every expert: the old stack, as large as the experts' weights, must not
+    live on beside the new one while it is made."""
+    model = _packed()
+    sdsengine.convert(model, pack_experts=True)
+    unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
+    old = weakref.ref(unfused.grouped._form(unfused, "down_proj")[0][0])
+    model.load_state_dict(model.state_dict())
+    alive, make = [], ops.grouped_form
+    monkeypatch.setattr(ops, "grouped_form", lambda forms: alive.append(old() is not None) or make(forms))
+    unfused.grouped._form(unfused, "down_proj")
+    assert alive == [False]
 
 
 def test_a_packed_mixture_pickles_and_copies_without_its_stacks(monkeypatch):

@@ -114,10 +114,13 @@ class GroupedBanks:
         if kept is not None and kept[1] == _snapshot(linears):
             self._forms[bank] = (epoch, *kept[1:])
             return kept[2:]
+        del kept  # no reference from here to the old stack while the new one is made
         return self._stack(bank, linears)[2:]
 
     def _stack(self, bank, linears):
-        """A new stack of the linears' weights, shared with each of them; the old one freed first."""
+        """A new stack of the linears' weights, shared with each of them. The old one is dropped first: freed
+        before the new one is made unless an expert's form still views it (a lean expert's weight lives only
+        there until it shares the new stack)."""
         if ops.capturing():
             raise RuntimeError("the grouped experts' weights are prepared inside CUDA-graph capture: run the model "
                                "once before capturing, and again after moving or reloading it")
