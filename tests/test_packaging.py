@@ -5,6 +5,7 @@ call *with* build isolation: it tried to download setuptools and failed offline.
 table, pip calls the PEP 660 hook directly; this test calls that hook, offline, the way pip does.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -24,10 +25,17 @@ def test_build_goes_through_pep_517():
 
 
 def _build(hook, out_dir):
-    """Names in the wheel that setuptools' PEP 517 `hook` (build_wheel, build_editable) writes, offline."""
+    """Names in the wheel that setuptools' PEP 517 `hook` (build_wheel, build_editable) writes, offline, from a
+    copy of the sources: in the checkout, setuptools would add whatever an earlier build left in build/lib."""
+    source = out_dir / "source"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("sdsengine", "kernels", "csrc"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     code = f"import sys, setuptools.build_meta as b; print(b.{hook}(sys.argv[1]))"
     env = {**os.environ, "SDSENGINE_BUILD_CUDA": "0"}
-    done = subprocess.run([sys.executable, "-c", code, str(out_dir)], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, str(out_dir)], cwd=source, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return zipfile.ZipFile(out_dir / done.stdout.strip().splitlines()[-1]).namelist()
@@ -38,14 +46,29 @@ def test_editable_wheel_builds_offline_with_the_installed_setuptools(tmp_path):
     assert any(n.endswith(".pth") for n in names), names  # the editable hook that maps sdsengine(.kernels)
 
 
-def test_wheel_installs_kernels_only_inside_sdsengine(tmp_path):
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory):
+    return _build("build_wheel", tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_installs_kernels_only_inside_sdsengine(wheel_names):
     # kernels/ ships as sdsengine.kernels; a top-level `kernels` would shadow Hugging Face's package
-    names = _build("build_wheel", tmp_path)
+    names = wheel_names
     assert "sdsengine/kernels/__init__.py" in names
     sources = {Path(p).name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h")}
     assert sources <= {n.removeprefix("sdsengine/csrc/") for n in names}  # for a JIT build without the checkout
     stray = [n for n in names if not n.startswith(("sdsengine/", "sdsengine-"))]
     assert not stray, stray
+
+
+def test_the_wheel_ships_every_module(wheel_names):
+    """setup.py names its packages one by one: a subpackage left off that list would be missing from the wheel
+    while every test of the checkout passes."""
+    modules = {f"sdsengine/{p.relative_to(ROOT / 'sdsengine').as_posix()}" for p in (ROOT / "sdsengine").rglob("*.py")}
+    modules |= {f"sdsengine/kernels/{p.relative_to(ROOT / 'kernels').as_posix()}" for p in (ROOT / "kernels").rglob("*.py")}
+    assert "sdsengine/pipeline/sequential.py" in modules
+    missing = sorted(modules - set(wheel_names))
+    assert not missing, missing
 
 
 def _fake_toolkit(root, release):
