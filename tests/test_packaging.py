@@ -53,19 +53,19 @@ def wheel_names(tmp_path_factory):
 
 def test_wheel_installs_kernels_only_inside_sdsengine(wheel_names):
     # kernels/ ships as sdsengine.kernels; a top-level `kernels` would shadow Hugging Face's package
-    names = wheel_names
-    assert "sdsengine/kernels/__init__.py" in names
+    assert "sdsengine/kernels/__init__.py" in wheel_names
     sources = {Path(p).name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h")}
-    assert sources <= {n.removeprefix("sdsengine/csrc/") for n in names}  # for a JIT build without the checkout
-    stray = [n for n in names if not n.startswith(("sdsengine/", "sdsengine-"))]
+    assert sources <= {n.removeprefix("sdsengine/csrc/") for n in wheel_names}  # for a JIT build without the checkout
+    stray = [n for n in wheel_names if not n.startswith(("sdsengine/", "sdsengine-"))]
     assert not stray, stray
 
 
 def test_the_wheel_ships_every_module(wheel_names):
     """setup.py names its packages one by one: a subpackage left off that list would be missing from the wheel
     while every test of the checkout passes."""
-    modules = {f"sdsengine/{p.relative_to(ROOT / 'sdsengine').as_posix()}" for p in (ROOT / "sdsengine").rglob("*.py")}
-    modules |= {f"sdsengine/kernels/{p.relative_to(ROOT / 'kernels').as_posix()}" for p in (ROOT / "kernels").rglob("*.py")}
+    shipped_as = {ROOT / "sdsengine": "sdsengine", ROOT / "kernels": "sdsengine/kernels"}  # setup.py's package_dir
+    modules = {f"{prefix}/{p.relative_to(folder).as_posix()}" for folder, prefix in shipped_as.items()
+               for p in folder.rglob("*.py")}
     assert "sdsengine/pipeline/sequential.py" in modules
     missing = sorted(modules - set(wheel_names))
     assert not missing, missing
