@@ -98,6 +98,47 @@ def test_batched_loglikelihood_matches_direct_computation(llama, tokenizer):
         assert got == pytest.approx(direct_ll(llama, whole, n_cont), abs=1e-4), (ctx, cont)
 
 
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no logits_to_keep: every position's logits come back."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids, use_cache=None):
+        return self.model(input_ids, use_cache=use_cache)
+
+
+# Every context is several tokens long, so no row's scored span starts at position 0.
+BATCH_CASES = [("Q: and", " a longer answer, padded around it"), ("x y z", " w"),
+               ("Question: is the sky blue?\nAnswer:", " yes"), ("Question: pick\nAnswer:", " the second one")]
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["logits_to_keep", "all_logits"])
+def test_rows_of_different_lengths_and_spans_score_as_alone(llama, tokenizer, wrap):
+    # One batch of rows whose scored spans start at different positions: each row's log-likelihood must be
+    # read at its own positions whether the model returns every position's logits or only the last ones.
+    pairs = [encode_pair(tokenizer, ctx, cont) for ctx, cont in BATCH_CASES]
+    model = WithoutLogitsToKeep(llama) if wrap else llama
+    batched = loglikelihoods(model, pairs, batch_size=len(pairs), progress=False)
+    for (ctx, cont), got in zip(pairs, batched):
+        assert got == pytest.approx(direct_ll(llama, ctx + cont, len(cont)), abs=1e-4), (ctx, cont)
+
+
+def test_the_vocabulary_projection_skips_positions_before_the_scored_ones(llama, tokenizer):
+    pairs = [encode_pair(tokenizer, "Question: is the sky blue?\nAnswer:", choice) for choice in (" yes", " no")]
+    rows = []
+    hook = llama.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        loglikelihoods(llama, pairs, progress=False)
+    finally:
+        hook.remove()
+    assert rows == [1]  # one shared row ending in the one-token answers: only its last position is projected
+
+
 def test_long_context_is_truncated_from_the_left(llama, tokenizer):
     context = "Passage: " + "lorem ipsum " * 10 + "\nAnswer:"  # longer than the 48-position window
     ctx, cont = encode_pair(tokenizer, context, " yes")
