@@ -17,6 +17,7 @@ from sdsengine.eval.tasks import Item, load_task
 from sdsengine.eval.runner import evaluate
 from sdsengine.eval.zeroshot import (encode_pair, evaluate_zeroshot, loglikelihoods,
                                      predictions, wants_bos)
+from tiny_models import MOE_SETTINGS, VOCAB, tiny_model
 
 # Where the Makefile points SDSENGINE_DATA_DIR by default: ../shared/data beside the repository.
 DATA_DIR = Path(os.environ.get("SDSENGINE_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -126,6 +127,24 @@ def test_rows_of_different_lengths_and_spans_score_as_alone(llama, tokenizer, wr
     batched = loglikelihoods(model, pairs, batch_size=len(pairs), progress=False)
     for (ctx, cont), got in zip(pairs, batched):
         assert got == pytest.approx(direct_ll(llama, ctx + cont, len(cont)), abs=1e-4), (ctx, cont)
+
+
+DENSE_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite",
+                  "cohere", "starcoder2", "stablelm", "phi", "persimmon", "gpt_neox", "falcon", "bloom", "gptj", "opt",
+                  "gpt2"]
+
+
+@pytest.mark.parametrize("family", DENSE_FAMILIES + list(MOE_SETTINGS))
+def test_every_familys_kept_logits_score_as_its_full_logits(family):
+    # Some families scale or cap the logits after the projection (granite, cohere, gemma2): the positions that
+    # logits_to_keep keeps must give what the full logits give there.
+    model = tiny_model(family)
+    generator = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(VOCAB, (n_ctx,), generator=generator).tolist(),
+              torch.randint(VOCAB, (n_cont,), generator=generator).tolist())
+             for n_ctx, n_cont in [(9, 3), (5, 1), (7, 6)]]
+    kept = loglikelihoods(model, pairs, batch_size=len(pairs), progress=False)
+    assert kept == pytest.approx(loglikelihoods(WithoutLogitsToKeep(model), pairs, progress=False), abs=1e-5)
 
 
 def test_the_vocabulary_projection_skips_positions_before_the_scored_ones(llama, tokenizer):
