@@ -4,6 +4,8 @@ Before pyproject.toml, pip fell back to `setup.py develop`, which recent setupto
 call *with* build isolation: it tried to download setuptools and failed offline. With the build-system
 table, pip calls the PEP 660 hook directly; this test calls that hook, offline, the way pip does.
 """
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -109,3 +111,34 @@ def test_a_toolkit_without_its_headers_is_named(tmp_path, monkeypatch):
     conda.mkdir(parents=True)
     (conda / "cuda_runtime.h").write_text("")
     assert toolkit_problem(str(tmp_path)) is None
+
+
+def _python_in_the_checkout(code):
+    """`python -c code` started in the checkout's root, which is then first on sys.path."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_checkouts_kernels_folder_does_not_hide_hugging_faces_package():
+    # transformers >= 5.25 requires Hugging Face's `kernels` and imports it by name; started in the checkout's
+    # root, `import kernels` found our folder first and every transformers model failed to import
+    done = _python_in_the_checkout("import kernels; print(kernels.__file__)")
+    if importlib.util.find_spec("kernels") is None or not _distribution("kernels"):
+        assert done.returncode != 0 and "No module named 'kernels'" in done.stderr, done.stderr[-2000:]
+    else:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not Path(done.stdout.strip()).is_relative_to(ROOT / "kernels"), done.stdout
+
+
+def test_transformers_and_sdsengine_kernels_import_in_the_checkouts_root():
+    code = ("from transformers import LlamaConfig, LlamaForCausalLM; import transformers.activations; "
+            "import sdsengine.kernels as k; print(k.__name__, k.__file__)")
+    done = _python_in_the_checkout(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["sdsengine.kernels", str(ROOT / "kernels" / "__init__.py")]
+
+
+def _distribution(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
