@@ -131,8 +131,9 @@ def build_parser():
     c.add_argument("--ignore", action="append", default=None,
                    help="module-name patterns kept dense besides lm_head (comma-separated; the flag may be repeated)")
     c.add_argument("--pack-experts", action="store_true",
-                   help="a mixture's experts too, one SparseLinear per expert: less memory, likely slower at decode "
-                        "than its fused dense experts (see the README); by default they stay fused and dense")
+                   help="a mixture's experts too, one SparseLinear per expert: less memory; at decode on a GPU one "
+                        "grouped launch per projection, whose speed against the fused dense experts is not measured "
+                        "yet (see the README); by default they stay fused and dense")
 
     b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
     bench.add_arguments(b)
@@ -349,7 +350,7 @@ def cmd_convert(args):
     share = fused_bank_share(model, total)
     if share:
         why = "none of their linears was converted: ignored, or not 2:4" if args.pack_experts else (
-            "--pack-experts packs them: less memory, likely slower at decode")
+            "--pack-experts packs them: less memory; its speed is not measured on a GPU yet")
         print(f"{source}: experts' fused weights, {share:.0%} of the model's, stay dense in it ({why})")
 
 

@@ -68,7 +68,7 @@ def test_generate_on_a_converted_mixture_gives_the_dense_tokens():
 
 
 def test_by_default_convert_leaves_the_fused_experts_and_says_how_to_pack_them(caplog):
-    """Packed, the experts run one at a time (likely slower at decode than transformers' fused run): asked for."""
+    """Packing the experts (less memory, speed unmeasured against transformers' fused run) is asked for."""
     model = _pruned()
     banks = {n: p for n, p in model.named_parameters() if p.dim() == 3}
     expected = _logits(model)

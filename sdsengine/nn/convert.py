@@ -75,7 +75,7 @@ def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
     ignore: fnmatch patterns matched against a module's full name or its last name component.
     report: a list to receive one Conversion per linear layer; a summary is logged either way.
     pack_experts: a mixture's experts too, one SparseLinear per expert and projection (module docstring: less
-    memory, likely slower at decode); by default their fused banks stay dense.
+    memory, speed against the fused banks not measured on a GPU yet); by default their fused banks stay dense.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes a model (an nn.Module), got {type(model).__name__}")
