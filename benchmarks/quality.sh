@@ -13,7 +13,9 @@
 # (which is written first, so a failed or stopped zero-shot run loses no perplexity).
 # TASKS (default wikitext2), CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), EVAL_LIMIT
 # (WikiText-2 windows; default all) and QUALITY_OUT (default benchmarks/results/quality) can be overridden:
-# a reduced protocol must go to its own QUALITY_OUT, never beside the full-protocol results.
+# a reduced protocol must go to its own QUALITY_OUT, never beside the full-protocol results. MODEL (a hub
+# id, HF directory or .gguf file; default the embedded SmolLM2-135M) is pruned, or evaluated for a dense
+# NAME, instead: another model's records go to their own QUALITY_OUT too.
 #
 #   ZS_ONLY=1 bash benchmarks/quality.sh NAME    # zero-shot only, added to an existing NAME.json record:
 #                                                # the model is runs/NAME (none for a NAME ending in dense)
@@ -49,7 +51,8 @@ os.remove(base + ".zs.json")
 PY
 }
 
-model_args=()
+base_model=(${MODEL:+--model "$MODEL"})  # the model a prune starts from, and a dense NAME's
+model_args=(${base_model[@]+"${base_model[@]}"})
 if [ -n "${ZS_ONLY:-}" ]; then
   [ -f "$out/$name.json" ] || { echo "quality.sh: no record $out/$name.json to add zero-shot results to" >&2; exit 2; }
   if [[ $name != *dense ]]; then
@@ -63,7 +66,7 @@ prune_cmd=""
 prune_s=0
 report=""
 if [ $# -gt 0 ]; then
-  prune=(sdsengine prune "$@" "${calib[@]}" --out "$runs/$name" --overwrite)
+  prune=(sdsengine prune ${base_model[@]+"${base_model[@]}"} "$@" "${calib[@]}" --out "$runs/$name" --overwrite)
   prune_cmd=$(shell_words "${prune[@]}")
   if [ -z "${EVAL_ONLY:-}" ]; then
     "${prune[@]}" --resume-dir "$runs/$name.progress"  # results do not depend on it: not in the record

@@ -768,6 +768,28 @@ def test_quality_sh_runs_and_records_its_commands_word_for_word(tmp_path):
     assert str(out / "x_2-4.eval.json") in shlex.split(record["eval_command"])
 
 
+def test_quality_sh_takes_another_model(tmp_path):
+    """MODEL (a path with a space here) is the model a prune starts from and the one a dense NAME evaluates;
+    a pruned NAME evaluates its own saved model."""
+    bin_dir, out, runs = tmp_path / "bin", tmp_path / "out", tmp_path / "runs"
+    bin_dir.mkdir()
+    recorder = FAKE_SDSENGINE.replace("cmd=$1; shift", 'printf "%s\\n" "$@" > "$ARGS.$1"\ncmd=$1; shift')
+    (bin_dir / "sdsengine").write_text(recorder)
+    (bin_dir / "sdsengine").chmod(0o755)
+    model = str(tmp_path / "other model.gguf")
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", "PRUNE_SECONDS": "1",
+           "ARGS": str(tmp_path / "args"), "MODEL": model}
+    quality = ["bash", str(BENCHMARKS / "quality.sh")]
+    subprocess.run([*quality, "x_2-4", "--method", "wanda"], env=env, check=True, capture_output=True)
+    assert (tmp_path / "args.prune").read_text().splitlines()[:5] == ["prune", "--model", model, "--method", "wanda"]
+    evaluated = (tmp_path / "args.eval").read_text().splitlines()
+    assert evaluated[:3] == ["eval", "--model", str(runs / "x_2-4")] and model not in evaluated
+    subprocess.run([*quality, "dense"], env=env, check=True, capture_output=True)
+    assert (tmp_path / "args.eval").read_text().splitlines()[:3] == ["eval", "--model", model]
+    assert shlex.split(json.loads((out / "dense.json").read_text())["eval_command"])[1:4] == ["eval", "--model", model]
+
+
 @pytest.mark.parametrize("name", ["bench_e2e", "bench_lean"])
 def test_model_benchmarks_name_the_transformers_they_need(benchmark, name, monkeypatch, tmp_path):
     """setup.py admits transformers 4.45; these call from_config(dtype=) and logits_to_keep, which came later: on an
