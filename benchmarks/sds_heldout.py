@@ -1,12 +1,13 @@
 """Does a pruning step that lowers a linear's calibration error also lower its error on held-out text?
 
-For a few decoder layers of the embedded model: H_cal from C4 calibration windows and H_val from
-WikiText-2 *validation* windows (the test split stays untouched), both from the dense model's inputs.
+For a few decoder layers of a model (--model; default the embedded one): H_cal from C4 calibration windows
+and H_val from WikiText-2 *validation* windows (the test split stays untouched), both from the dense model's
+inputs.
 Each variant prunes with H_cal only; the table gives its relative output error
 tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) under H_cal and under H_val, as a ratio to SparseGPT's. A variant that lowers
 the first and raises the second fits the calibration set, not the layer.
 
-    python benchmarks/sds_heldout.py [--layers 0,7,15,23] [--nsamples 16] [--json FILE]
+    python benchmarks/sds_heldout.py [--model M] [--layers 0,7,15,23] [--nsamples 16] [--json FILE]
 """
 import argparse
 import json
@@ -90,6 +91,7 @@ def variant_configs(parser, base, names=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="hub id, HF directory or .gguf file (default: the embedded SmolLM2-135M)")
     parser.add_argument("--layers", default="0,7,15,23")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--sparsity", default="2:4")
@@ -100,8 +102,11 @@ def main(argv=None):
     base = SDSConfig(sparsity=args.sparsity, base=args.base)
     configs = variant_configs(parser, base, args.variants)  # before the Hessians (minutes)
     torch.manual_seed(0)
-    model, tokenizer, _ = load_model()
+    model, tokenizer, _ = load_model(args.model)
     layers = [int(i) for i in args.layers.split(",")]
+    count = len(adapters.decoder_layers(model))
+    if max(layers) >= count:
+        parser.error(f"--layers {args.layers}: the model has decoder layers 0 to {count - 1}")
     H_cal = dense_hessians(model, tokenizer, "c4", args.nsamples, layers)
     H_val = dense_hessians(model, tokenizer, "wikitext2", args.nsamples, layers)
     variants = {**dict.fromkeys(REFERENCES), **configs}
@@ -129,8 +134,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             recipes = {name: config.to_dict() for name, config in configs.items()}
-            json.dump({"layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity, "base": args.base,
-                       "recipes": recipes, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "layers": layers, "nsamples": args.nsamples, "sparsity": args.sparsity,
+                       "base": args.base, "recipes": recipes, "rows": rows}, f, indent=1)
     return 0
 
 
