@@ -725,15 +725,25 @@ esac
 '''
 
 
+def _quality_env(tmp_path, out, runs, script=FAKE_SDSENGINE, **extra):
+    """The environment for quality.sh with `script` standing in for sdsengine on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sdsengine").write_text(script)
+    (bin_dir / "sdsengine").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", **extra}
+
+
+# Also records each call's arguments, one per line, in $ARGS.prune / $ARGS.eval
+RECORDING_SDSENGINE = FAKE_SDSENGINE.replace("cmd=$1; shift", 'printf "%s\\n" "$@" > "$ARGS.$1"\ncmd=$1; shift')
+
+
 def test_quality_sh_replaces_record_and_report_together(tmp_path):
     """A run whose evaluation fails leaves the earlier record and its report as they were: never the old
     perplexity beside the new run's report."""
-    bin_dir, out, runs = tmp_path / "bin", tmp_path / "out", tmp_path / "runs"
-    bin_dir.mkdir()
-    (bin_dir / "sdsengine").write_text(FAKE_SDSENGINE)
-    (bin_dir / "sdsengine").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", "PRUNE_SECONDS": "12"}
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = _quality_env(tmp_path, out, runs, PRUNE_SECONDS="12")
     command = ["bash", str(BENCHMARKS / "quality.sh"), "x_2-4", "--method", "wanda", "--sparsity", "2:4"]
     subprocess.run(command, env=env, check=True, capture_output=True)
     assert json.loads((out / "x_2-4.prune.json").read_text()) == {"seconds": 12}
@@ -748,14 +758,8 @@ def test_quality_sh_runs_and_records_its_commands_word_for_word(tmp_path):
     """Paths with spaces and --ignore patterns reach sdsengine as given (a pattern matching a file in the
     repository root, where quality.sh runs, is not globbed), and the record holds a command a shell gives
     back the same words."""
-    bin_dir, out, runs = tmp_path / "bin", tmp_path / "q out", tmp_path / "r uns"
-    bin_dir.mkdir()
-    recorder = FAKE_SDSENGINE.replace("cmd=$1; shift", 'printf "%s\\n" "$@" > "$ARGS.$1"\ncmd=$1; shift')
-    (bin_dir / "sdsengine").write_text(recorder)
-    (bin_dir / "sdsengine").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", "PRUNE_SECONDS": "1",
-           "ARGS": str(tmp_path / "args")}
+    out, runs = tmp_path / "q out", tmp_path / "r uns"
+    env = _quality_env(tmp_path, out, runs, RECORDING_SDSENGINE, PRUNE_SECONDS="1", ARGS=str(tmp_path / "args"))
     flags = ["--method", "wanda", "--ignore", "README*"]
     subprocess.run(["bash", str(BENCHMARKS / "quality.sh"), "x_2-4", *flags], env=env, check=True,
                    capture_output=True)
@@ -771,15 +775,10 @@ def test_quality_sh_runs_and_records_its_commands_word_for_word(tmp_path):
 def test_quality_sh_takes_another_model(tmp_path):
     """MODEL (a path with a space here) is the model a prune starts from and the one a dense NAME evaluates;
     a pruned NAME evaluates its own saved model."""
-    bin_dir, out, runs = tmp_path / "bin", tmp_path / "out", tmp_path / "runs"
-    bin_dir.mkdir()
-    recorder = FAKE_SDSENGINE.replace("cmd=$1; shift", 'printf "%s\\n" "$@" > "$ARGS.$1"\ncmd=$1; shift')
-    (bin_dir / "sdsengine").write_text(recorder)
-    (bin_dir / "sdsengine").chmod(0o755)
+    out, runs = tmp_path / "out", tmp_path / "runs"
     model = str(tmp_path / "other model.gguf")
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "QUALITY_OUT": str(out), "SDSENGINE_RUNS": str(runs), "ZS_TASKS": "", "PRUNE_SECONDS": "1",
-           "ARGS": str(tmp_path / "args"), "MODEL": model}
+    env = _quality_env(tmp_path, out, runs, RECORDING_SDSENGINE, PRUNE_SECONDS="1", ARGS=str(tmp_path / "args"),
+                       MODEL=model)
     quality = ["bash", str(BENCHMARKS / "quality.sh")]
     subprocess.run([*quality, "x_2-4", "--method", "wanda"], env=env, check=True, capture_output=True)
     assert (tmp_path / "args.prune").read_text().splitlines()[:5] == ["prune", "--model", model, "--method", "wanda"]
