@@ -5,7 +5,9 @@ untouched): the relative squared error ||h_pruned - h_dense||² / ||h_dense||² 
 every decoder layer, and the mean KL(dense || pruned) of the next-token distributions. Unlike the layer
 report's `error` (one layer, both fed the pruned stream), this is the accumulated drift the perplexity sees.
 
-    python benchmarks/drift.py runs/sparsegpt_2-4 runs/sds-sparsegpt_2-4 [--windows 4] [--json FILE]
+    python benchmarks/drift.py runs/sparsegpt_2-4 runs/sds-sparsegpt_2-4 [--model M] [--windows 4] [--json FILE]
+
+--model is the dense model the runs were pruned from (default: the embedded SmolLM2-135M).
 """
 import argparse
 import json
@@ -62,6 +64,8 @@ def table(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="saved pruned-model directories")
+    parser.add_argument("--model", help="the dense model they were pruned from: hub id, HF directory or .gguf file "
+                                        "(default: the embedded SmolLM2-135M)")
     parser.add_argument("--windows", type=int, default=4, help="WikiText-2 validation windows of 2048 tokens")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -70,16 +74,20 @@ def main(argv=None):
             raise SystemExit(f"{run} is not a saved model directory (no config.json)")
     if len({Path(run).name for run in args.runs}) < len(args.runs):  # results are keyed by the folder's name
         raise SystemExit(f"two runs share a folder name ({' '.join(args.runs)}): their results would collide")
-    dense, tokenizer, _ = load_model()
+    dense, tokenizer, _ = load_model(args.model)
+    count = len(adapters.decoder_layers(dense))
     windows = calibration_samples(tokenizer, CalibrationConfig("wikitext2", nsamples=args.windows, seqlen=2048, seed=0))
     results = {}
     for run in args.runs:
         pruned, _, _ = load_model(run)
+        if len(adapters.decoder_layers(pruned)) != count:  # pruned from another model than --model
+            raise SystemExit(f"{run} has {len(adapters.decoder_layers(pruned))} decoder layers and the dense "
+                             f"model {count}: pass the model it was pruned from as --model")
         results[Path(run).name] = drift(dense, pruned, windows)
         del pruned
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"windows": args.windows, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": args.model, "windows": args.windows, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -476,6 +476,22 @@ def test_drift_reads_every_decoder_layers_output(benchmark):
     torch.testing.assert_close(after[0], hidden[1].float())
 
 
+def test_drift_refuses_a_run_pruned_from_another_model(benchmark, tmp_path, monkeypatch):
+    """drift.py --model: a run whose decoder-layer count differs from the dense model's is refused by name
+    (comparing layer by layer would silently pair the wrong layers)."""
+    drift = benchmark("drift")
+    dense, other = tiny_model("llama"), tiny_model("llama")
+    del other.model.layers[1:]
+    run = tmp_path / "other_2-4"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    loaded = {None: dense, str(run): other}
+    monkeypatch.setattr(drift, "load_model", lambda path=None: (loaded[path], None, None))
+    monkeypatch.setattr(drift, "calibration_samples", lambda *a: tiny_tokens(nsamples=1))
+    with pytest.raises(SystemExit, match=r"other_2-4 has 1 decoder layers and the dense model 2: pass"):
+        drift.main([str(run)])
+
+
 def test_quality_versus_table_pairs_runs_with_their_base(benchmark, tmp_path, capsys):
     """--versus: each SDS/BESA record against its pattern's base record, targets named, the issue's SDS pairs
     listed as not measured when their record is missing, and a missing base shown as '-'. Seconds are the
