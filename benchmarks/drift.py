@@ -2,7 +2,9 @@
 
 For each pruned model (a saved run directory), on WikiText-2 *validation* windows (the test split stays
 untouched): the relative squared error ||h_pruned - h_dense||² / ||h_dense||² of the residual stream after
-every decoder layer, and the mean KL(dense || pruned) of the next-token distributions. Unlike the layer
+every decoder layer; the same after RMS-normalizing each token's state (what the next layer's norm passes on:
+a few tokens of large norm dominate the first and count no more than the others in the second); and the mean
+KL(dense || pruned) of the next-token distributions. Unlike the layer
 report's `error` (one layer, both fed the pruned stream), this is the accumulated drift the perplexity sees.
 
     python benchmarks/drift.py runs/sparsegpt_2-4 runs/sds-sparsegpt_2-4 [--model M] [--windows 4] [--json FILE]
@@ -36,27 +38,36 @@ def states(model, window):
     return after, torch.log_softmax(logits.float(), dim=-1)
 
 
+def rms_normalized(h):
+    return h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
 @torch.no_grad()
 def drift(dense, pruned, windows):
-    """{"layers": [relative error after layer i], "kl": mean KL(dense || pruned) per token}."""
-    err = ref = None
+    """{"layers": [relative error after layer i], "normalized": [the same per token after RMS normalization,
+    averaged over tokens], "kl": mean KL(dense || pruned) per token}."""
+    err = ref = normed = 0
     kl, tokens = 0.0, 0
     for window in windows:
         hd, ld = states(dense, window.unsqueeze(0))
         hp, lp = states(pruned, window.unsqueeze(0))
-        e = torch.tensor([float((a - b).pow(2).sum()) for a, b in zip(hp, hd)])
-        r = torch.tensor([float(b.pow(2).sum()) for b in hd])
-        err, ref = (e, r) if err is None else (err + e, ref + r)
+        err = err + torch.tensor([float((a - b).pow(2).sum()) for a, b in zip(hp, hd)])
+        ref = ref + torch.tensor([float(b.pow(2).sum()) for b in hd])
+        # a normalized state has mean square 1, so its mean squared error is already relative
+        normed = normed + torch.tensor([float((rms_normalized(a) - rms_normalized(b)).pow(2).mean(dim=-1).sum())
+                                        for a, b in zip(hp, hd)])
         kl += float((ld.exp() * (ld - lp)).sum())
         tokens += window.numel()
-    return {"layers": (err / ref).tolist(), "kl": kl / tokens}
+    return {"layers": (err / ref).tolist(), "normalized": (normed / tokens).tolist(), "kl": kl / tokens}
 
 
 def table(results):
+    """Each cell: relative error / RMS-normalized error."""
     names = list(results)
     lines = ["| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i in range(len(results[names[0]]["layers"])):
-        lines.append(f"| {i} | " + " | ".join(f"{results[n]['layers'][i]:.4f}" for n in names) + " |")
+        cells = (f"{results[n]['layers'][i]:.4f} / {results[n]['normalized'][i]:.4f}" for n in names)
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines.append("| KL/token | " + " | ".join(f"{results[n]['kl']:.4f}" for n in names) + " |")
     return "\n".join(lines)
 

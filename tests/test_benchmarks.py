@@ -468,12 +468,23 @@ def test_drift_reads_every_decoder_layers_output(benchmark):
     with torch.no_grad():
         changed.model.layers[1].mlp.down_proj.weight.mul_(0.5)
     window = tiny_tokens(nsamples=1)[0]
-    errors = drift.drift(dense, changed, [window])["layers"]
-    assert len(errors) == len(dense.model.layers) and errors[0] == 0 and all(e > 0 for e in errors[1:])
+    result = drift.drift(dense, changed, [window])
+    for errors in result["layers"], result["normalized"]:
+        assert len(errors) == len(dense.model.layers) and errors[0] == 0 and all(e > 0 for e in errors[1:])
     after, _ = drift.states(dense, window.unsqueeze(0))
     hidden = dense(window.unsqueeze(0), output_hidden_states=True).hidden_states
     torch.testing.assert_close(dense.model.norm(after[-1]), hidden[-1].float())
     torch.testing.assert_close(after[0], hidden[1].float())
+
+
+def test_drift_normalizes_each_token_to_unit_mean_square(benchmark):
+    """drift.py's normalized error compares token states at one scale: a state scaled by 100 normalizes to
+    the same, and each normalized token has mean square 1 (so its error needs no further division)."""
+    drift = benchmark("drift")
+    h = torch.randn(1, 3, 8)
+    h[0, 1] *= 50  # one token of large norm
+    torch.testing.assert_close(drift.rms_normalized(100 * h), drift.rms_normalized(h))
+    torch.testing.assert_close(drift.rms_normalized(h).pow(2).mean(dim=-1), torch.ones(1, 3))
 
 
 def test_drift_refuses_a_run_pruned_from_another_model(benchmark, tmp_path, monkeypatch):
