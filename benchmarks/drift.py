@@ -4,8 +4,8 @@ For each pruned model (a saved run directory), on WikiText-2 *validation* window
 untouched): the relative squared error ||h_pruned - h_dense||² / ||h_dense||² of the residual stream after
 every decoder layer; the same after RMS-normalizing each token's state (what the next layer's norm passes on:
 a few tokens of large norm dominate the first and count no more than the others in the second); and the mean
-KL(dense || pruned) of the next-token distributions. Unlike the layer
-report's `error` (one layer, both fed the pruned stream), this is the accumulated drift the perplexity sees.
+KL(dense || pruned) of the next-token distributions. Unlike the layer report's `error` (one layer, both fed
+the pruned stream), this is the accumulated drift the perplexity sees.
 
     python benchmarks/drift.py runs/sparsegpt_2-4 runs/sds-sparsegpt_2-4 [--model M] [--windows 4] [--json FILE]
 
@@ -91,14 +91,16 @@ def main(argv=None):
     results = {}
     for run in args.runs:
         pruned, _, _ = load_model(run)
-        if len(adapters.decoder_layers(pruned)) != count:  # pruned from another model than --model
-            raise SystemExit(f"{run} has {len(adapters.decoder_layers(pruned))} decoder layers and the dense "
-                             f"model {count}: pass the model it was pruned from as --model")
+        layers = len(adapters.decoder_layers(pruned))
+        if layers != count:  # pruned from another model than --model
+            raise SystemExit(f"{run} has {layers} decoder layers and the dense model {count}: "
+                             "pass the model it was pruned from as --model")
         results[Path(run).name] = drift(dense, pruned, windows)
         del pruned
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "windows": args.windows, "results": results}, indent=2))
+        record = {"model": args.model, "windows": args.windows, "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
