@@ -6,24 +6,48 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "spmm24.h"
 
 namespace {
 
-#define SDS_CHECK(cond, ...) TORCH_CHECK(cond, "sdsengine._C.spmm24: ", __VA_ARGS__)
+// Error messages are built here as one plain string, and TORCH_CHECK gets that string alone. A number
+// streamed into TORCH_CHECK (c10::str's ostringstream) crashed the process on the GPU machines instead of
+// raising (torch 2.11+cu130, the extension built there by gcc 13): shapes on the H100 (11-23), a plain int64
+// on the H200 (12-04), inside ostream::_M_insert<long> resolved to this module (gdb, benchmarks/NOTES.md).
+// Strings went through unharmed; std::to_string and snprintf touch no stream or locale facet.
+std::string piece(const std::string& text) { return text; }
+std::string piece(const char* text) { return text; }
+std::string piece(at::ScalarType dtype) { return c10::toString(dtype); }
+std::string piece(const at::Device& device) { return device.str(); }
+std::string piece(const void* address) {
+  char out[32];
+  std::snprintf(out, sizeof out, "%p", address);
+  return out;
+}
+template <typename Number, std::enable_if_t<std::is_arithmetic_v<Number>, int> = 0>
+std::string piece(Number number) {
+  return std::to_string(number);
+}
+template <typename... Pieces>
+std::string message(const Pieces&... pieces) {
+  return (std::string("sdsengine._C.spmm24: ") + ... + piece(pieces));
+}
+
+#define SDS_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
 
 constexpr int64_t kRowsPerTile = 16;
 constexpr int64_t kColsPerBlock = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// "[a, b, c]" for error messages. Streaming an IntArrayRef into TORCH_CHECK crashed the process (SIGSEGV) on
-// the H100 machine (torch 2.11+cu130) instead of raising; plain strings do not go through c10's printer.
+// "[a, b, c]" for error messages (see piece: an IntArrayRef streamed into TORCH_CHECK crashed the process).
 std::string dims(at::IntArrayRef sizes) {
   std::string out = "[";
   for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);

@@ -106,11 +106,12 @@ def test_input_errors_name_the_values(call, message, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_a_trusted_decompression_skips_the_metadata_check(backend, monkeypatch):
+def test_a_trusted_decompression_skips_the_metadata_check(backend, monkeypatch, device):
     """A lean SparseLinear decompresses on every call a weight checked once: no GPU synchronization per call."""
     checked = []
     monkeypatch.setattr(kernels, "check_meta", lambda meta, what: checked.append(what))
-    values, meta = compress_24(torch.randn(2, 32) * torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(8))
+    keep = torch.tensor([1.0, 1.0, 0.0, 0.0], device=device).repeat(8)
+    values, meta = compress_24(torch.randn(2, 32, device=device) * keep)
     with use_backend(backend):
         decompress_24(values, meta, trusted=True)
         assert checked == []
@@ -134,13 +135,13 @@ def test_the_metadata_check_reads_every_entry_of_a_word(lane):
                 kernels.check_meta(meta, "word")
 
 
-def test_no_kernel_is_differentiable_on_either_backend(both_backends):
+def test_no_kernel_is_differentiable_on_either_backend(both_backends, device):
     """One contract for both backends: outputs never require grad (the reference kept autograd where the
     Triton path dropped it, so the same call was differentiable on the CPU and detached on a GPU)."""
     from sdsengine.kernels import compress_24, decompress_24, sparsegpt_block, wanda_prune
-    w = torch.randn(8, 32, requires_grad=True)
-    calls = (lambda: wanda_prune(w, torch.rand(32), nm=(2, 4)), lambda: compress_24(w),
-             lambda: sparsegpt_block(w[:, :4], torch.eye(4), nm=(2, 4)),
+    w = torch.randn(8, 32, device=device, requires_grad=True)
+    calls = (lambda: wanda_prune(w, torch.rand(32, device=device), nm=(2, 4)), lambda: compress_24(w),
+             lambda: sparsegpt_block(w[:, :4], torch.eye(4, device=device), nm=(2, 4)),
              lambda: decompress_24(*(t.detach() for t in compress_24(w))))
     for call in calls:
         for outputs in both_backends(call):
@@ -148,15 +149,16 @@ def test_no_kernel_is_differentiable_on_either_backend(both_backends):
                 not (isinstance(outputs, torch.Tensor) and outputs.requires_grad)
 
 
-def test_empty_inputs_agree(both_backends, assert_exact):
+def test_empty_inputs_agree(both_backends, assert_exact, device):
     """A weight of no rows decompresses on the reference too (its reshape could not infer a size), and a
     block of no columns loses nothing (the kernel's losses were uninitialized memory)."""
     from sdsengine.kernels import compress_24, decompress_24, sparsegpt_block
-    values, meta = compress_24(torch.randn(0, 32))
+    values, meta = compress_24(torch.randn(0, 32, device=device))
     fast, ref = both_backends(lambda: decompress_24(values, meta))
     assert_exact(fast, ref)
     assert fast.shape == (0, 32)
-    fast, ref = both_backends(lambda: sparsegpt_block(torch.randn(16, 0), torch.zeros(0, 0)))
+    fast, ref = both_backends(lambda: sparsegpt_block(torch.randn(16, 0, device=device),
+                                                      torch.zeros(0, 0, device=device)))
     assert_exact(fast[2], ref[2], "losses")
     assert not fast[2].any()
 
