@@ -12,7 +12,9 @@ Prefill is also timed as a CUDA-graph replay (no host overhead), the converted m
 SparseLinear forced onto the dense backend, and last both models once more, the dense one first (a copy
 kept for that), so that one run tells a host-bound gap, SparseLinear's own overhead and drift between
 measurements (the converted model is first timed right after its tuning) apart; they go into the
-e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms, dense_ms_after and ms_after. The record's
+e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms, dense_ms_after and ms_after. Last, both
+models are timed in turn, eager and as graphs, five rounds each (in_turn_ms, graph_in_turn_ms and their dense_
+twins): what drift is left out of. The record's
 ms and dense_ms are each model's lower eager timing of the two (first_ms, dense_first_ms: the first ones).
 
     python benchmarks/bench_e2e.py [--model llama-3-8b|llama-2-7b|mixtral-8x7b|qwen3-30b-a3b] [--layers 32]
@@ -23,6 +25,7 @@ Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a 
 import argparse
 import copy
 import inspect
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,21 +98,41 @@ def layers_that_fit(name, wanted, dtype):
     return max(1, min(wanted, int(free // (4 * per_layer))))
 
 
+def _prefill_run(model, batch, tokens, graph=False):
+    """A function that runs one prefill (under no_grad); graph=True: a CUDA graph's replay, or None where
+    capture fails."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=model.device)
+
+    @torch.no_grad()
+    def prefill():
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    prefill()  # tunes SparseLinear for this token count before any capture
+    if not graph:
+        return prefill
+    with torch.no_grad():
+        run, mode = _captured(prefill)
+    if mode != "cuda-graph":
+        print(f"prefill graph: {mode}")
+        return None
+    return run
+
+
 def time_prefill(model, batch, tokens, graph=False):
     """ms per prefill; graph=True: replayed as a CUDA graph, or None where capture fails."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=model.device)
-    with torch.no_grad():
-        def prefill():
-            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
-        prefill()  # tunes SparseLinear for this token count before any capture
-        run = prefill
-        if graph:
-            run, mode = _captured(prefill)
-            if mode != "cuda-graph":
-                print(f"prefill graph: {mode}")
-                return None
-        # enough warm-up for the clocks to rise from idle: 2 warm-ups and 5 calls once timed dense 7.1 and 11.9 ms
-        return time_ms(run, 10, 20)
+    run = _prefill_run(model, batch, tokens, graph)
+    # enough warm-up for the clocks to rise from idle: 2 warm-ups and 5 calls once timed dense 7.1 and 11.9 ms
+    return None if run is None else time_ms(run, 10, 20)
+
+
+def time_prefills_in_turn(models, batch, tokens, graph=False, rounds=5):
+    """ms per prefill of each model, the models timed in turn for `rounds` rounds (the median of each's rounds):
+    drift during the run (clocks, heat) then falls on all alike, where a model timed after another carries it
+    alone. None where a graph capture fails."""
+    runs = [_prefill_run(model, batch, tokens, graph) for model in models]
+    if any(run is None for run in runs):
+        return None
+    rounds_ms = [[time_ms(run, 2, 10) for run in runs] for _ in range(rounds)]
+    return [statistics.median(column) for column in zip(*rounds_ms)]
 
 
 def time_decode(model, batch, prompt, steps, graphs=True):
@@ -239,7 +262,9 @@ def records_for(args, layers, dense, sparse, gpu, backend="sparse"):
              graph_ms=sparse["prefill_graph"], dense_graph_ms=dense["prefill_graph"],
              graph_speedup=_ratio(dense["prefill_graph"], sparse["prefill_graph"]),
              forced_dense_ms=sparse.get("prefill_forced_dense"), dense_ms_after=dense.get("prefill_after"),
-             ms_after=sparse.get("prefill_after")),
+             ms_after=sparse.get("prefill_after"), dense_in_turn_ms=dense.get("prefill_in_turn"),
+             in_turn_ms=sparse.get("prefill_in_turn"), dense_graph_in_turn_ms=dense.get("prefill_graph_in_turn"),
+             graph_in_turn_ms=sparse.get("prefill_graph_in_turn")),
         dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend=backend, ms=sparse["decode"],
              dense_ms=dense["decode"], speedup=dense["decode"] / sparse["decode"], mode=sparse["mode"],
              dense_mode=dense["mode"], tokens_per_s=decode_tokens / sparse["decode"] * 1e3,
@@ -257,11 +282,12 @@ def _eager_prefill(measured):
 def prefill_diagnosis(record):
     """One line that reads the e2e_prefill record's extra timings (None: not measured)."""
     ms = {k: record.get(k) for k in ("dense_ms", "ms", "dense_first_ms", "first_ms", "dense_graph_ms", "graph_ms",
-                                      "forced_dense_ms", "dense_ms_after", "ms_after")}
+                                      "forced_dense_ms", "dense_ms_after", "ms_after", "dense_in_turn_ms",
+                                      "in_turn_ms", "dense_graph_in_turn_ms", "graph_in_turn_ms")}
     text = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in ms.items())
     return (f"prefill ms: {text} (dense_ms, ms: the lower of first and after; graph: replayed as a CUDA graph, "
             "no host overhead; forced_dense: the converted model with every SparseLinear on the dense backend; "
-            "dense_ms_after, ms_after: each model again, last)")
+            "dense_ms_after, ms_after: each model again, last; in_turn: both models timed in turn, 5 rounds)")
 
 
 def _ratio(a, b):
@@ -310,6 +336,12 @@ def main(argv=None):
     sparse["prefill_after"] = time_prefill(model, args.batch, args.prefill)  # and since the tuning
     print(f"prefill again, last: dense {dense['prefill_after']:.3f} ms, converted {sparse['prefill_after']:.3f} ms",
           flush=True)
+    for graph, key in ((False, "prefill_in_turn"), (True, "prefill_graph_in_turn")):
+        if graph and (args.no_graphs or args.no_prefill_graph):
+            continue
+        in_turn = time_prefills_in_turn([dense_model, model], args.batch, args.prefill, graph=graph)
+        if in_turn is not None:
+            dense[key], sparse[key] = in_turn
     records = _write(args, layers, dense, sparse, note)
     print(prefill_diagnosis(records[0]))
     if args.profile:

@@ -327,6 +327,10 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     # the headline: each model's lower eager timing, so that the first one's warm-up is not charged to one side
     assert prefill["ms"] == min(sparse["prefill"], sparse["prefill_after"]) and prefill["first_ms"] == sparse["prefill"]
     assert prefill["speedup"] == pytest.approx(min(dense["prefill"], dense["prefill_after"]) / prefill["ms"])
+    # both models timed in turn (rounds of each): two numbers eager; None where capture fails (the CPU)
+    in_turn = e2e.time_prefills_in_turn([model, model], 1, 8, rounds=2)
+    assert len(in_turn) == 2 and min(in_turn) > 0
+    assert e2e.time_prefills_in_turn([model], 1, 8, graph=True, rounds=1) is None
     # --lean: the same converted model holding no dense copies, below the dense model's bytes
     sparse_linear.set_lean(model)
     lean_prefill, lean_decode = e2e.records_for(args, 2, dense, e2e.measure_model(model, args), "cpu", "sparse_lean")
