@@ -192,7 +192,9 @@ suite() {
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
-  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64 --iters 10 --out "$RESULTS"
+  # 256 and 512 tokens too: a packed mixture's prefill runs its experts one at a time above 64 tokens (0.25x dense
+  # at 512 on the H200); these tell whether the grouped kernel would still win there
+  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64,256,512 --iters 10 --out "$RESULTS"
   # --no-prefill-graph: a packed mixture's prefill (per expert) reads token counts on the host, which no graph
   # capture allows; its decode (grouped) and transformers' grouped_mm are both captured
   step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
