@@ -29,7 +29,9 @@
 #  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token), where time
 #                   is left: packed experts (grouped kernel at decode, SparseLinear per expert at prefill) against
 #                   transformers' grouped dense run, decode in CUDA graphs, prefill eager
-#  14. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
+#  14. methods      benchmarks/bench_methods.py, where time is left: each pruning method's seconds per layer and peak
+#                   GPU memory on one random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6)
+#  15. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
 # after a fix within a short device lease; only the selected steps' results files are replaced (the summary
@@ -50,7 +52,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full grouped e2e_moe"
+BENCHES="e2e spmm wanda compress dispatch sparsegpt wgmma_tiles wgmma_tma spmm_bf16 e2e_full grouped e2e_moe methods"
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
 for s in $SUITE_STEPS; do
@@ -199,6 +201,10 @@ suite() {
   # capture allows; its decode (grouped) and transformers' grouped_mm are both captured
   step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
     --dtype bfloat16 --no-prefill-graph --name e2e_moe --out "$RESULTS"
+  local methods_budget
+  methods_budget=$(fit 150)
+  step methods "$methods_budget" "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
+    --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

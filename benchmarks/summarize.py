@@ -19,15 +19,18 @@ import sys
 from pathlib import Path
 
 BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch", "spmm_bf16",
-           "e2e_full", "grouped", "e2e_moe")
+           "e2e_full", "grouped", "e2e_moe", "methods")
 GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "e2e": ("bench", "backend", "dtype"),
             "e2e_full": ("bench", "backend", "dtype"), "e2e_moe": ("bench", "backend", "dtype"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
-            "dispatch": ("tokens", "dtype"), "grouped": ("layers", "dtype")}  # default: pattern, dtype
+            "dispatch": ("tokens", "dtype"), "grouped": ("layers", "dtype"),
+            "methods": ("method", "pattern")}  # default: pattern, dtype
 # device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side;
 # weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's;
-# all-rows tile x: grouped's kernel with its token tile sized for every token against the default (> 1: default faster)
-RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense", "all-rows tile x")
+# all-rows tile x: grouped's kernel with its token tile sized for every token against the default (> 1: default faster);
+# s/layer and GPU GiB, not ratios: a pruning method's seconds per decoder layer and peak GPU memory (methods)
+RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense", "all-rows tile x",
+          "s/layer", "GPU GiB")
 MAX_LISTED = 25
 REL_ERR_MAX = 2e-2  # against dense (spmm, wgmma) or the PyTorch reference (sparsegpt): ops._self_check's bound
 TEST_STEPS = ("kernel_tests", "gpu_tests")
@@ -85,6 +88,8 @@ def _ratio(record, name):
     if name == "all-rows tile x":
         all_rows, default = record.get("tiles_for_all_rows_device_ms"), record.get("device_ms")
         return all_rows / default if all_rows and default else None
+    if name in ("s/layer", "GPU GiB"):
+        return record.get({"s/layer": "seconds_per_layer", "GPU GiB": "gpu_peak_allocated_gib"}[name])
     return record.get(name)
 
 

@@ -338,6 +338,21 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     assert lean_decode["weight_mib"] < 0.6 * lean_decode["dense_weight_mib"]
 
 
+@pytest.mark.parametrize("method", ["wanda", "sds"])
+def test_methods_benchmark_times_a_copy_and_leaves_the_model(benchmark, method):
+    """bench_methods' record on the CPU, a tiny model: seconds and memory filled, the model itself not pruned."""
+    from tiny_models import tiny_model
+    bench = benchmark("bench_methods")
+    model = tiny_model("llama")
+    before = [p.clone() for p in model.parameters()]
+    calibration = torch.randint(0, model.config.vocab_size, (2, 16))
+    record = bench.measure_method(model, method, calibration, "cpu", "tiny")
+    assert record["layers"] == model.config.num_hidden_layers and record["seconds"] > 0
+    assert record["seconds_per_layer"] == pytest.approx(record["seconds"] / record["layers"])
+    assert record["cpu_peak_rss_gib"] > 0 and record["gpu_peak_allocated_gib"] is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_e2e_measures_a_mixture_with_its_experts_pruned_and_converted(benchmark):
     """bench_e2e's mixture shapes: every expert 2:4 along its inputs (routers dense), the dense banks counted in
     the dense model's weights, the converted experts as SparseLinears, both timed."""

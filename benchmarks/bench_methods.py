@@ -1,0 +1,91 @@
+"""Each pruning method's time and peak memory on a GPU, on a random-weight model of a real shape (time and memory do
+not depend on the weights' values): Llama-2-7B's decoder layers, cut to --layers, fp16, kept on the CPU and pruned
+layer by layer on the GPU as `sdsengine prune --device cuda` does, calibrated on random token ids (--nsamples
+windows of --seqlen tokens). Quality is measured on the CPU, on the real model and real data (docs/QUALITY.md);
+this measures what the SDS and BESA issues ask beside it: seconds per layer and peak GPU memory, against the
+baselines run the same way.
+
+    python benchmarks/bench_methods.py [--model llama-2-7b] [--layers 1] [--nsamples 64] [--seqlen 2048]
+                                       [--methods magnitude,wanda,sparsegpt,sds,sds-wanda,besa] [--budget 300]
+
+Every method prunes its own copy of the same model to 2:4, in the order given; none starts after --budget seconds.
+Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is
+visible.
+"""
+import argparse
+import copy
+import sys
+import time
+
+import torch
+
+from bench_e2e import CONFIGS, model_config
+from harness import RESULTS, gpu_info, write_results
+from sdsengine import BESAConfig, MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig, prune
+
+METHODS = {  # name -> the method's config at 2:4 on `device`, each at its defaults
+    "magnitude": lambda device: MagnitudeConfig(sparsity="2:4", device=device),
+    "wanda": lambda device: WandaConfig(sparsity="2:4", device=device),
+    "sparsegpt": lambda device: SparseGPTConfig(sparsity="2:4", device=device),
+    "sds": lambda device: SDSConfig(sparsity="2:4", device=device),
+    "sds-wanda": lambda device: SDSConfig(sparsity="2:4", base="wanda", device=device),
+    "besa": lambda device: BESAConfig(sparsity="2:4", device=device),
+}
+
+
+def measure_method(model, name, calibration, device, shape):
+    """One record: `name` pruning a copy of `model` (left as it is) on `device`: seconds in all and per decoder
+    layer, and the run's peak memory (GPU allocated where the device is CUDA; the process's RSS)."""
+    pruned = copy.deepcopy(model)
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = prune(pruned, METHODS[name](device), calibration=calibration, progress=False)
+    seconds = time.perf_counter() - start
+    memory = result.report.get("memory", {})
+    return {"bench": "methods", "method": name, "pattern": "2:4", "shape": shape, "layers": len(result.layers),
+            "nsamples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "device": str(device),
+            "seconds": seconds, "seconds_per_layer": seconds / len(result.layers),
+            "gpu_peak_allocated_gib": memory.get("gpu_peak_allocated_gib"),
+            "cpu_peak_rss_gib": memory.get("cpu_peak_rss_gib"), "status": "ok"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-2-7b", choices=[n for n, c in CONFIGS.items() if "model_type" not in c])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
+    parser.add_argument("--budget", type=float, default=300, help="seconds after which no method starts")
+    parser.add_argument("--name", default="methods", help="results file stem")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods takes {', '.join(METHODS)}, got {args.methods!r}")
+    if not torch.cuda.is_available():
+        print("bench_methods: no CUDA GPU visible; nothing measured")
+        return 1
+    from transformers import AutoModelForCausalLM
+    config = model_config(args.model, args.layers, args.seqlen)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()  # on the CPU, as prune keeps it
+    calibration = torch.randint(0, config.vocab_size, (args.nsamples, args.seqlen))
+    shape = f"{args.model}/{args.layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
+    print(f"bench_methods: {shape}, {args.nsamples} x {args.seqlen} random tokens; {gpu_info()}")
+    records, start = [], time.perf_counter()
+    for name in methods:
+        if time.perf_counter() - start > args.budget:
+            records.append({"bench": "methods", "method": name, "shape": shape, "status": "skipped (budget)"})
+            continue
+        records.append(measure_method(model, name, calibration, "cuda", shape))
+        print(f"{name}: {records[-1]['seconds']:.1f} s, GPU peak {records[-1]['gpu_peak_allocated_gib']} GiB",
+              flush=True)
+        write_results(args.name, records, args.out)  # after each method: a run cut short keeps them
+    print(f"wrote {write_results(args.name, records, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
