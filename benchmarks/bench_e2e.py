@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import RESULTS, gpu_info, require_transformers, time_ms, write_results
+from harness import RESULTS, gpu_info, no_gpu, require_transformers, time_ms, write_results
 from sdsengine.masks import nm_mask
 from sdsengine.nn import convert, sparse_linear, weight_bytes
 from sdsengine.pipeline import adapters, experts
@@ -316,8 +316,7 @@ def main(argv=None):
     parser.add_argument("--name", default="e2e", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_e2e: no CUDA GPU visible; nothing measured")
+    if no_gpu("bench_e2e"):
         return 1
     dtype = getattr(torch, args.dtype)
     layers = layers_that_fit(args.model, args.layers, dtype)

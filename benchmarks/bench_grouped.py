@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from harness import RESULTS, tokens_argument, write_results
+from harness import RESULTS, names_argument, no_gpu, tokens_argument, write_results
 from sdsengine.bench import measure_grouped
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -28,19 +28,15 @@ MODELS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 143
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=tokens_argument, default=",".join(map(str, TOKENS)))
-    parser.add_argument("--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)}")
+    parser.add_argument("--models", type=names_argument(MODELS), default=",".join(MODELS))
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"],
                         help="bfloat16 (the default) is what torch._grouped_mm serves on every build")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--name", default="grouped", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
-    tokens = args.tokens
-    models = [m for m in args.models.split(",") if m]
-    if not models or set(models) - set(MODELS):
-        parser.error(f"--models takes {', '.join(MODELS)}, got {args.models!r}")
-    if not torch.cuda.is_available():
-        print("bench_grouped: no CUDA GPU visible; nothing measured")
+    tokens, models = args.tokens, args.models
+    if no_gpu("bench_grouped"):
         return 1
     records = []
     for model in models:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench_e2e import CONFIGS, model_config
-from harness import RESULTS, gpu_info, write_results
+from harness import RESULTS, gpu_info, names_argument, no_gpu, write_results
 from sdsengine import BESAConfig, MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig, prune
 
 METHODS = {  # name -> the method's config at 2:4 on `device`, each at its defaults
@@ -57,16 +57,12 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
+    parser.add_argument("--methods", type=names_argument(METHODS), default=",".join(METHODS))
     parser.add_argument("--budget", type=float, default=300, help="seconds after which no method starts")
     parser.add_argument("--name", default="methods", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    if not methods or set(methods) - set(METHODS):
-        parser.error(f"--methods takes {', '.join(METHODS)}, got {args.methods!r}")
-    if not torch.cuda.is_available():
-        print("bench_methods: no CUDA GPU visible; nothing measured")
+    if no_gpu("bench_methods"):
         return 1
     from transformers import AutoModelForCausalLM
     config = model_config(args.model, args.layers, args.seqlen)
@@ -75,7 +71,7 @@ def main(argv=None):
     shape = f"{args.model}/{args.layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
     print(f"bench_methods: {shape}, {args.nsamples} x {args.seqlen} random tokens; {gpu_info()}")
     records, start = [], time.perf_counter()
-    for name in methods:
+    for name in args.methods:
         if time.perf_counter() - start > args.budget:
             records.append({"bench": "methods", "method": name, "shape": shape, "status": "skipped (budget)"})
             continue

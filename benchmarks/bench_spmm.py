@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from harness import RESULTS, gpu_info, tokens_argument, write_results
+from harness import RESULTS, gpu_info, no_gpu, tokens_argument, write_results
 from sdsengine import ops
 from sdsengine.bench import LLAMA_SHAPES, measure, table
 
@@ -40,8 +40,7 @@ def main(argv=None):
     dtypes = [d for d in args.dtypes.split(",") if d]
     if not dtypes or set(dtypes) - {"float16", "bfloat16"}:
         parser.error(f"--dtypes takes float16 and/or bfloat16, got {args.dtypes!r}")
-    if not torch.cuda.is_available():
-        print("bench_spmm: no CUDA GPU visible; nothing measured")
+    if no_gpu("bench_spmm"):
         return 1
     print(f"bench_spmm on {gpu_info()}; backends {ops.probe()['backends']}")
     records = []

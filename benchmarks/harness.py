@@ -21,7 +21,7 @@ from sdsengine import kernels  # noqa: E402
 from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, parse_tokens, table,  # noqa: E402
                              time_ms, write_results)
 
-__all__ = ["RESULTS", "require_transformers", "tokens_argument", "gpu_info", "measure_copy_bandwidth", "table",
+__all__ = ["RESULTS", "require_transformers", "no_gpu", "names_argument", "tokens_argument", "gpu_info", "measure_copy_bandwidth", "table",
            "time_ms", "write_results", "main", "parse_args", "run", "time_backends", "record", "bandwidth", "target",
            "mismatch"]
 
@@ -29,6 +29,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"  # Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up
 SMOKE_SHAPES = "64x128,96x256"
 SMOKE_COPY_BYTES = 16 << 20
+
+
+def no_gpu(script):
+    """True, once said, where no CUDA GPU is visible: the GPU benchmarks then measure nothing."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script}: no CUDA GPU visible; nothing measured")
+    return True
+
+
+def names_argument(allowed):
+    """An argparse type: a comma-separated list of names, each one of `allowed`; anything else a usage error
+    naming them."""
+    def parse(text):
+        names = [name for name in text.split(",") if name]
+        if not names or set(names) - set(allowed):
+            raise argparse.ArgumentTypeError(f"takes any of {', '.join(allowed)}, got {text!r}")
+        return names
+    return parse
 
 
 def tokens_argument(text):

@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from harness import RESULTS, gpu_info, write_results
+from harness import RESULTS, gpu_info, no_gpu, write_results
 from sdsengine import ops
 from sdsengine.bench import parse_shapes, random_24_weights, rates, table
 
@@ -68,8 +68,7 @@ def main(argv=None):
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
         parser.error(f"unknown pipelines {unknown}; expected some of {', '.join(PIPELINES)}")
-    if not torch.cuda.is_available():
-        print("sweep_wgmma: no CUDA GPU visible; nothing measured")
+    if no_gpu("sweep_wgmma"):
         return 1
     if torch.cuda.get_device_capability() != (9, 0):  # by design: the kernel is sm_90a code
         print("sweep_wgmma: needs a GPU of compute capability 9.0; nothing measured")
