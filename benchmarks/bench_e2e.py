@@ -14,8 +14,8 @@ kept for that), so that one run tells a host-bound gap, SparseLinear's own overh
 measurements (the converted model is first timed right after its tuning) apart; they go into the
 e2e_prefill record as graph_ms / dense_graph_ms, forced_dense_ms, dense_ms_after and ms_after. Last, both
 models are timed in turn, eager and as graphs, five rounds each (in_turn_ms, graph_in_turn_ms and their dense_
-twins): what drift is left out of. The record's
-ms and dense_ms are each model's lower eager timing of the two (first_ms, dense_first_ms: the first ones).
+twins), so that drift falls on both alike. The record's ms and dense_ms are each model's lower eager timing of
+the two (first_ms, dense_first_ms: the first ones).
 
     python benchmarks/bench_e2e.py [--model llama-3-8b|llama-2-7b|mixtral-8x7b|qwen3-30b-a3b] [--layers 32]
                                    [--dtype float16]
@@ -109,8 +109,7 @@ def _prefill_run(model, batch, tokens, graph=False):
     prefill()  # tunes SparseLinear for this token count before any capture
     if not graph:
         return prefill
-    with torch.no_grad():
-        run, mode = _captured(prefill)
+    run, mode = _captured(prefill)  # prefill itself runs under no_grad, captured too
     if mode != "cuda-graph":
         print(f"prefill graph: {mode}")
         return None

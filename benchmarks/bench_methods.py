@@ -53,7 +53,8 @@ def measure_method(model, name, calibration, device, shape):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-2-7b", choices=[n for n, c in CONFIGS.items() if "model_type" not in c])
+    parser.add_argument("--model", default="llama-2-7b",
+                        choices=[name for name, config in CONFIGS.items() if "model_type" not in config])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -74,12 +75,12 @@ def main(argv=None):
     for name in args.methods:
         if time.perf_counter() - start > args.budget:
             records.append({"bench": "methods", "method": name, "shape": shape, "status": "skipped (budget)"})
-            continue
-        records.append(measure_method(model, name, calibration, "cuda", shape))
-        print(f"{name}: {records[-1]['seconds']:.1f} s, GPU peak {records[-1]['gpu_peak_allocated_gib']} GiB",
-              flush=True)
-        write_results(args.name, records, args.out)  # after each method: a run cut short keeps them
-    print(f"wrote {write_results(args.name, records, args.out)}")
+        else:
+            records.append(measure_method(model, name, calibration, "cuda", shape))
+            print(f"{name}: {records[-1]['seconds']:.1f} s, GPU peak {records[-1]['gpu_peak_allocated_gib']} GiB",
+                  flush=True)
+        path = write_results(args.name, records, args.out)  # after each method: a run cut short keeps them
+    print(f"wrote {path}")
     return 0
 
 

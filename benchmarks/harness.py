@@ -21,9 +21,9 @@ from sdsengine import kernels  # noqa: E402
 from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, parse_tokens, table,  # noqa: E402
                              time_ms, write_results)
 
-__all__ = ["RESULTS", "require_transformers", "no_gpu", "names_argument", "tokens_argument", "gpu_info", "measure_copy_bandwidth", "table",
-           "time_ms", "write_results", "main", "parse_args", "run", "time_backends", "record", "bandwidth", "target",
-           "mismatch"]
+__all__ = ["RESULTS", "require_transformers", "no_gpu", "names_argument", "tokens_argument", "gpu_info",
+           "measure_copy_bandwidth", "table", "time_ms", "write_results", "main", "parse_args", "run", "time_backends",
+           "record", "bandwidth", "target", "mismatch"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"  # Llama-2-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up
