@@ -27,7 +27,8 @@
 #  12. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
 #                   packed mixture runs at decode) against torch._grouped_mm, Qwen3-30B-A3B and Mixtral-8x7B experts
 #  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token), where time
-#                   is left: packed experts (grouped kernel at decode, SparseLinear per expert at prefill) against
+#                   is left: packed experts (the grouped kernel up to 32 rows per expert: decode and the 512-token
+#                   prefill) against
 #                   transformers' grouped dense run, decode in CUDA graphs, prefill eager
 #  14. methods      benchmarks/bench_methods.py, where time is left: each pruning method's seconds per layer and peak
 #                   GPU memory on one random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6)
@@ -194,11 +195,12 @@ suite() {
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
-  # 256 and 512 tokens too: a packed mixture's prefill runs its experts one at a time above 64 tokens (0.25x dense
-  # at 512 on the H200); these tell whether the grouped kernel would still win there
-  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64,256,512 --iters 10 --out "$RESULTS"
-  # --no-prefill-graph: a packed mixture's prefill (per expert) reads token counts on the host, which no graph
-  # capture allows; its decode (grouped) and transformers' grouped_mm are both captured
+  # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
+  # these (12-04: Mixtral-8x7B's experts lose from 64 rows, 256 tokens); 128 tokens is Mixtral's 32
+  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64,128,256,512 --iters 10 --out "$RESULTS"
+  # --no-prefill-graph: a packed mixture's prefill past the grouped path's regime (per expert) reads token counts
+  # on the host, which no graph capture allows (Qwen3's 512 tokens are within it, timed eager as before); its
+  # decode (grouped) and transformers' grouped_mm are both captured
   step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
     --dtype bfloat16 --no-prefill-graph --name e2e_moe --out "$RESULTS"
   local methods_budget

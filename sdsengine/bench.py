@@ -67,9 +67,10 @@ def run(args, load_model=None):
     records = []
     for shape, users in shapes.items():
         records += measure(shape, tokens, dtype, iters=args.iters, users=users)
-    decode = [n for n in tokens if n <= grouped.MAX_TOKENS]  # the grouped path's regime
-    for (experts, k, *shape), users in groups.items() if decode else ():
-        records += measure_grouped(tuple(shape), experts, k, decode, dtype, iters=args.iters, users=users)
+    for (experts, k, *shape), users in groups.items():
+        served = [n for n in tokens if grouped.in_regime(n, k, experts)]  # the grouped path's regime
+        if served:
+            records += measure_grouped(tuple(shape), experts, k, served, dtype, iters=args.iters, users=users)
     print(header(dtype))
     print(table(records))
     if args.json:
@@ -322,10 +323,11 @@ def rates(shape, n, ms, sparse):
 # harness.py re-exports these); the CUDA-event timer itself is ops.time_ms, shared with the autotuner
 # ---------------------------------------------------------------------------------------------------
 
-COLUMNS = ("bench", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms", "device_ms",
+COLUMNS = ("bench", "method", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms", "device_ms",
            "baseline_ms", "dense_ms", "dense_device_ms", "tiles_for_all_rows_device_ms", "copy_ms", "speedup",
            "device_speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "weight_mib", "baseline_weight_mib",
-           "dense_weight_mib", "mismatch", "rel_err", "target_met", "status")
+           "dense_weight_mib", "seconds", "seconds_per_layer", "gpu_peak_allocated_gib", "cpu_peak_rss_gib", "mismatch",
+           "rel_err", "target_met", "status")
 
 
 def time_ms(fn, warmup=5, reps=50, flush=False, hide_host=False):

@@ -130,7 +130,7 @@ def test_a_packed_mixture_through_its_grouped_path_computes_what_the_per_expert_
     packed = [m for m in model.modules() if isinstance(m, experts.UnfusedExperts)]
     assert packed and all(isinstance(m.grouped, grouped.GroupedBanks) for m in packed)
     calls = []
-    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x, top_k_index: True)
     monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel(calls))
     torch.testing.assert_close(_logits(model, ids).float(), per_expert, rtol=0, atol=0)  # each sum rounded once
     assert calls and all(call == (16 * model.config.num_experts_per_tok, 16) for call in calls)
@@ -144,7 +144,7 @@ def test_the_grouped_path_adds_both_choices_of_an_expert_a_token_chose_twice(mon
     twice, weights = torch.tensor([[2, 2], [1, 3], [0, 0]]), torch.tensor([[0.25, 0.5], [0.5, 0.5], [0.75, 0.125]])
     with torch.no_grad():
         per_expert = unfused(x, twice, weights)
-        monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+        monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x, top_k_index: True)
         monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
         torch.testing.assert_close(unfused(x, twice, weights), per_expert, rtol=0, atol=0)
 
@@ -160,7 +160,16 @@ def test_the_grouped_path_does_not_serve_the_cpu():
     model = _packed()
     sdsengine.convert(model, pack_experts=True)
     unfused = next(m for m in model.modules() if isinstance(m, experts.UnfusedExperts))
-    assert not unfused.grouped.applies(unfused, torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16))
+    hidden = torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16)
+    assert not unfused.grouped.applies(unfused, hidden, torch.zeros(4, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tokens, top_k, experts, served", [
+    (1, 8, 128, True), (512, 8, 128, True), (513, 8, 128, False),  # Qwen3-30B-A3B: 32 rows per expert at 512
+    (64, 2, 8, True), (128, 2, 8, True), (129, 2, 8, False), (256, 2, 8, False),  # Mixtral: 0.66x at 256
+    (0, 2, 8, False)])
+def test_the_grouped_kernel_serves_up_to_its_measured_rows_per_expert(tokens, top_k, experts, served):
+    assert grouped.in_regime(tokens, top_k, experts) is served
 
 
 @pytest.mark.parametrize("expert", [0, 3])
@@ -199,7 +208,7 @@ def test_a_packed_mixture_pickles_and_copies_without_its_stacks(monkeypatch):
     model = _packed()
     ids = tiny_tokens(1, 4, seed=2)
     sdsengine.convert(model, pack_experts=True)
-    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x, top_k_index: True)
     monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     expected = _logits(model, ids)  # stacks made
     for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
@@ -219,7 +228,7 @@ def test_a_pickled_packed_mixture_holds_each_experts_weight_once(lean, monkeypat
     expected = _logits(model, ids)
     size = len(pickle.dumps(unfused))
     monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
-    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x, top_k_index: True)
     monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     assert torch.equal(_logits(model, ids), expected)  # stacks made, shared by the experts
     assert len(pickle.dumps(unfused)) < 1.1 * size
@@ -311,9 +320,10 @@ def test_a_packed_mixtures_decode_step_runs_grouped_and_matches_the_per_expert_p
     ids = tiny_tokens(1, 4, seed=3).cuda()
     packed = [m for m in model.modules() if isinstance(m, experts.UnfusedExperts)]
     decode = torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16, device="cuda")
-    assert all(m.grouped.applies(m, decode) for m in packed)
+    routes = torch.zeros(4, model.config.num_experts_per_tok, dtype=torch.long, device="cuda")
+    assert all(m.grouped.applies(m, decode, routes) for m in packed)
     with use_backend("dense"):
-        assert not any(m.grouped.applies(m, decode) for m in packed)  # a forced backend: each expert on it
+        assert not any(m.grouped.applies(m, decode, routes) for m in packed)  # a forced backend: each expert on it
     grouped_logits = _logits(model, ids).float()
     paths = [m.grouped for m in packed]
     for m in packed:
@@ -362,7 +372,7 @@ def test_lean_experts_give_their_buffers_up_to_the_grouped_stack_and_hold_their_
     sdsengine.nn.set_lean(unfused)  # the experts alone: the attention's layers would try our kernel on the CPU
     before = sdsengine.nn.weight_bytes(unfused)["compressed"]
     monkeypatch.setattr(ops, "available", lambda device, dtype: ["sdsengine", "dense"])  # as on a GPU
-    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: True)
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x, top_k_index: True)
     monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     assert torch.equal(_logits(model, ids), per_expert)
     linears = [getattr(e, bank) for e in unfused.experts() for bank in ("gate_up_proj", "down_proj")]
@@ -377,7 +387,7 @@ def test_lean_experts_give_their_buffers_up_to_the_grouped_stack_and_hold_their_
 
 
 def test_lean_experts_released_before_their_first_grouped_call_hold_their_weights_once(monkeypatch):
-    """A prefill (past MAX_TOKENS: one expert at a time) releases each lean expert's buffers to a form of its own;
+    """A prefill (past MAX_ROWS_PER_EXPERT: one expert at a time) releases each lean expert's buffers to a form of its own;
     the first decode call's stack must then take that form's place, not sit beside it."""
     model = _packed()
     ids = tiny_tokens(1, 4, seed=2)
@@ -390,7 +400,7 @@ def test_lean_experts_released_before_their_first_grouped_call_hold_their_weight
     monkeypatch.setattr(ops, "_why_not",
                         lambda b, device, dtype: None if b == "sdsengine" else why_not(b, device, dtype))
     decode = []
-    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x: bool(decode))
+    monkeypatch.setattr(grouped.GroupedBanks, "applies", lambda self, unfused, x, top_k_index: bool(decode))
     monkeypatch.setattr(ops, "run_grouped", fake_grouped_kernel([]))
     with use_backend("dense"):  # the prefill: per expert, each lean expert released to its own form
         assert torch.equal(_logits(model, ids), per_expert)

@@ -5,10 +5,11 @@ transformers' GPT-2 Conv1D keeps its weight as (in, out); it is transposed to nn
 A mixture's fused experts (3-D banks, which no linear holds) stay as they are unless asked (pack_experts): then
 each becomes an UnfusedExperts (pipeline/experts.py) whose experts' linears are converted like any other; where
 at least one of them converts, the module stays unfused in the converted model, else the fused module stays.
-Where every expert linear of a module converts, it gets a grouped path (nn/grouped.py): at decode on a GPU, each
-projection of all experts in one launch, routing read on the device; elsewhere its experts run one at a time,
-with a host sync per call for the routing. Not by default: none of it has run on a GPU yet, and no layer is to
-be slower than dense. What packing surely saves is memory: the experts are most of a mixture's weights.
+Where every expert linear of a module converts, it gets a grouped path (nn/grouped.py): at decode and short
+prefills on a GPU, each projection of all experts in one launch, routing read on the device; elsewhere its experts
+run one at a time, with a host sync per call for the routing. Not by default: past the grouped path's regime that
+is slower than dense (README, Mixtures of experts), and no layer is to be slower than dense. What packing surely
+saves is memory: the experts are most of a mixture's weights.
 
 A compressed checkpoint is a directory holding sdsengine_compressed.safetensors (the state dict:
 values/meta/bias buffers for every SparseLinear, tied tensors stored once; named so that transformers'

@@ -10,10 +10,11 @@ GroupedBanks runs each projection of all experts as one launch of the mma.sp ker
 expert's rows start (offsets) and which experts have rows (groups) computed and read on the device. Nothing
 waits for the GPU, and a decode step can be captured whole.
 
-It runs where the kernel can and the regime is the kernel's: CUDA, float16/bfloat16, at most MAX_TOKENS tokens
-(decode; the per-expert path's SparseLinears pick their fastest backend, dense included, for longer inputs), no
-autocast or autograd, and no backend forced other than ours (`use_backend`). A fixed rule, not timed per shape as
-a SparseLinear's backends are: timing a block needs real routing. The stack holds the experts' weights in the
+It runs where the kernel can and the regime is the kernel's: CUDA, float16/bfloat16, at most MAX_ROWS_PER_EXPERT
+routed rows per expert on average (decode, and a many-expert mixture's prefill; the per-expert path's SparseLinears
+pick their fastest backend, dense included, for longer inputs), no autocast or autograd, and no backend forced
+other than ours (`use_backend`). A fixed rule, not timed per shape as a SparseLinear's backends are: timing a block
+needs real routing. The stack holds the experts' weights in the
 kernel's layout (9/16 of their dense bytes); it is made on the first grouped call on a device, and again when the
 buffers move or are reloaded. Each expert's SparseLinear shares its slice as its own kernel form, so a lean
 expert (set_lean) gives its buffers up to it and the experts hold their weights once; not lean, they hold the
@@ -28,7 +29,16 @@ from sdsengine.nn import sparse_linear
 from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import experts as experts_mod
 
-MAX_TOKENS = 64  # the mma.sp kernel's decode regime (ops.SPLIT_SEARCH_TOKENS): past it dense wins on the H100
+# Routed rows per expert, on average, up to which the grouped kernel serves a call. On the H200 (bench_grouped, 12-04)
+# it ran 1.07-2.8x torch._grouped_mm up to 32 (Qwen3-30B-A3B's experts at 512 tokens, Mixtral-8x7B's at 64) and
+# 0.51-0.66x from 64 (Mixtral's at 256 and 512 tokens); past it the per-expert path runs, each expert's SparseLinear
+# on its fastest backend. By rows, not tokens: a 128-expert mixture's 512-token prefill routes 32 rows to an expert.
+MAX_ROWS_PER_EXPERT = 32
+
+
+def in_regime(tokens, top_k, num_experts):
+    """Whether the grouped kernel serves `tokens` tokens routed to `top_k` of `num_experts` experts each."""
+    return 0 < tokens and tokens * top_k <= MAX_ROWS_PER_EXPERT * num_experts
 
 
 def device_routes(top_k_index, num_experts):
@@ -72,9 +82,12 @@ class GroupedBanks:
 
     routes = staticmethod(device_routes)
 
-    def applies(self, unfused, x):
-        """Whether the grouped path serves this call (x: the layer's hidden states, tokens first)."""
-        if not x.is_cuda or not 0 < x.shape[0] <= MAX_TOKENS or sparse_linear._forced not in (None, "sdsengine"):
+    def applies(self, unfused, x, top_k_index):
+        """Whether the grouped path serves this call (x: the layer's hidden states, tokens first; top_k_index: each
+        token's experts)."""
+        if not x.is_cuda or sparse_linear._forced not in (None, "sdsengine"):
+            return False
+        if not in_regime(x.shape[0], top_k_index.shape[-1], unfused.num_experts):
             return False
         if torch.is_autocast_enabled("cuda") or (x.requires_grad and torch.is_grad_enabled()):
             return False

@@ -126,7 +126,7 @@ class UnfusedExperts(nn.Module):
         outputs in expert order, on every device."""
         _check_weights(top_k_index, top_k_weights)
         fused = self.fused
-        if self.grouped is not None and self.grouped.applies(self, hidden_states):
+        if self.grouped is not None and self.grouped.applies(self, hidden_states, top_k_index):
             token, position, offsets, groups = self.grouped.routes(top_k_index, self.num_experts)
             tokens = hidden_states.shape[0]  # each token picks an expert once: no expert has more rows
             linear = lambda bank, x: self.grouped.run(self, bank, x, offsets, groups, tokens)  # noqa: E731
