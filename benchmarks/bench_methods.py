@@ -48,7 +48,19 @@ def measure_method(model, name, calibration, device, shape):
             "nsamples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "device": str(device),
             "seconds": seconds, "seconds_per_layer": seconds / len(result.layers),
             "gpu_peak_allocated_gib": memory.get("gpu_peak_allocated_gib"),
-            "cpu_peak_rss_gib": memory.get("cpu_peak_rss_gib"), "status": "ok"}
+            "cpu_peak_rss_gib": memory.get("cpu_peak_rss_gib"), "step_seconds": step_seconds(result.layers),
+            "status": "ok"}
+
+
+def step_seconds(layers):
+    """Seconds per step summed over every linear, where the method times its steps (SDS: its base's prune, the
+    re-dense, the second prune, the adjustment, the refit, the swaps); None where it does not."""
+    total = {}
+    for layer in layers:
+        for info in layer.steps.values():
+            for step, seconds in info.get("seconds", {}).items():
+                total[step] = total.get(step, 0.0) + seconds
+    return total or None
 
 
 def main(argv=None):
@@ -77,8 +89,8 @@ def main(argv=None):
             records.append({"bench": "methods", "method": name, "shape": shape, "status": "skipped (budget)"})
         else:
             records.append(measure_method(model, name, calibration, "cuda", shape))
-            print(f"{name}: {records[-1]['seconds']:.1f} s, GPU peak {records[-1]['gpu_peak_allocated_gib']} GiB",
-                  flush=True)
+            print(f"{name}: {records[-1]['seconds']:.1f} s, GPU peak {records[-1]['gpu_peak_allocated_gib']} GiB; "
+                  f"by step: {records[-1]['step_seconds']}", flush=True)
         path = write_results(args.name, records, args.out)  # after each method: a run cut short keeps them
     print(f"wrote {path}")
     return 0

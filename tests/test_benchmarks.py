@@ -350,6 +350,8 @@ def test_methods_benchmark_times_a_copy_and_leaves_the_model(benchmark, method):
     assert record["layers"] == model.config.num_hidden_layers and record["seconds"] > 0
     assert record["seconds_per_layer"] == pytest.approx(record["seconds"] / record["layers"])
     assert record["cpu_peak_rss_gib"] > 0 and record["gpu_peak_allocated_gib"] is None
+    assert (record["step_seconds"] is not None) == (method == "sds")  # SDS times its steps, Wanda has none
+    assert method != "sds" or record["step_seconds"]["initial"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

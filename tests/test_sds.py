@@ -276,6 +276,8 @@ def test_pipeline_reports_every_step():
         assert set(layer.steps) == set(adapters.linear_modules(model.model.layers[0]))
         for name, info in layer.steps.items():
             assert all(isinstance(info[s], float) and info[s] >= 0 for s in STEPS), name
+            timed = set(STEPS) - {"chosen"}  # each step's seconds, the base's initial prune included
+            assert timed <= set(info["seconds"]) and min(info["seconds"].values()) >= 0, name
             assert info["redense"] < info["initial"], name  # unregularized, the D step nears the dense output
             assert info["refit"] <= info["adjust"] <= info["second"], name
             assert info["chosen"] <= info["initial"], name

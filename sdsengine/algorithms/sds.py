@@ -32,6 +32,7 @@ also handed to the pipeline as the linear's fallback: the decoder layer then ret
 when they give a lower layer output error (the per-linear errors need not add up within a layer).
 """
 import sys
+import time
 
 import torch
 
@@ -60,9 +61,10 @@ def needs_dense_stream(config):
 def prune(weight, stats, config):
     """(pruned weight, info): info holds the relative calibration error after each step."""
     base = _base(stats, config)
-    w1 = base(weight.float())
+    laps = Laps(weight.device)
+    w1 = laps.after("initial", base(weight.float()))
     objective = Objective(weight, stats, config.teacher)
-    chosen, info = reconstruct(objective, w1, config, base)
+    chosen, info = reconstruct(objective, w1, config, base, laps=laps)
     if config.guard == "layer":
         info["fallback"] = w1.to(weight.dtype)
     return chosen.to(weight.dtype), info
@@ -78,28 +80,52 @@ def _base(stats, config):
     return lambda v: sparsegpt.obs_prune(v, stats, config, factors.pop() if factors else None).float()
 
 
-def reconstruct(objective, w1, config, second_prune, keep=None):
+def reconstruct(objective, w1, config, second_prune, keep=None, laps=None):
     """The D-S-adjust steps after an initial prune w1, and the guard; second_prune(W_re) is the base's.
     keep: the mask whose counts the adjustment and the refit hold (default: W1's nonzeros, the pattern's
     counts; W2 may hold fewer where the re-dense's L1 zeroed weights, and the refit fills those back, the
-    empty slots ranked by benefit: refit_support)."""
+    empty slots ranked by benefit: refit_support). laps: the Laps that timed the initial prune, if any; the
+    info's "seconds" holds each step's time."""
     error = objective.error
+    laps = Laps(w1.device) if laps is None else laps
     if not objective.determined:  # as refit: re-fits on a singular H fit the few tokens and shrink the rest
-        return w1, {"initial": error(w1), "chosen": error(w1), "choice": "base", "undetermined": True}
+        return w1, {"initial": error(w1), "chosen": error(w1), "choice": "base", "undetermined": True,
+                    "seconds": dict(laps)}
     keep = w1 != 0 if keep is None else keep
-    w_re = redense(w1, objective, config)
-    w2 = second_prune(w_re)
-    w3 = adjust(w2, objective, config, keep) if config.adjust == "on" else w2
+    w_re = laps.after("redense", redense(w1, objective, config))
+    w2 = laps.after("second", second_prune(w_re))
+    w3 = laps.after("adjust", adjust(w2, objective, config, keep) if config.adjust == "on" else w2)
     steps = {"initial": error(w1), "redense": error(w_re), "second": error(w2), "adjust": error(w3)}
+    laps.after("errors", None)
     if config.refit:
-        w3 = refit(w3, objective, config.refit, support=refit_support(w3, objective, _projector(keep, config)))
+        support = refit_support(w3, objective, _projector(keep, config))
+        w3 = laps.after("refit", refit(w3, objective, config.refit, support=support))
         steps["refit"] = error(w3)
     if config.swaps:  # w3 holds the N:M pattern here: the adjustment's iterates and W2 all do
-        w3 = refine_mask(w3, objective, config.sparsity.nm, config.swaps, config.refit)
+        w3 = laps.after("swaps", refine_mask(w3, objective, config.sparsity.nm, config.swaps, config.refit))
         steps["swaps"] = error(w3)
     final = list(steps.values())[-1]  # the last step's error: w3's
     chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
-    return chosen, {**steps, "chosen": error(chosen), "choice": choice}
+    return chosen, {**steps, "chosen": error(chosen), "choice": choice, "seconds": dict(laps)}
+
+
+class Laps(dict):
+    """Seconds per step, name -> time since the previous lap (or creation), the device's queue drained first so
+    that a GPU step is charged its own work; work between two laps (an error's evaluation) counts in the later."""
+
+    def __init__(self, device):
+        super().__init__()
+        self._cuda = torch.device(device).type == "cuda"
+        self._last = time.perf_counter()
+
+    def after(self, name, value):
+        """value, once the step that made it is timed under `name`."""
+        if self._cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self[name] = self.get(name, 0.0) + now - self._last
+        self._last = now
+        return value
 
 
 def refit_support(w, objective, project):
