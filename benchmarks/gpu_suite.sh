@@ -34,10 +34,14 @@
 #                   left: it checks the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
 #                   (measured 12-04: 1.28x against 8 layers' 1.22x)
 #  15. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
+#  Only when named in SUITE_STEPS (it does not fit beside the rest in one device call):
+#      spmm_sweep   bench_spmm.py over issue 4's whole sweep: tokens 1, 2, 4, ..., 4096 (13 counts), fp16 and bf16,
+#                   every backend that passed its check (about 3 minutes; SUITE_STEPS=spmm_sweep after a suite run
+#                   on the same machine, whose install and check results it reuses)
 #
-# SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all), to re-run what failed
-# after a fix within a short device lease; only the selected steps' results files are replaced (the summary
-# names the files from an earlier run, with how their steps ended then: suite_steps_earlier.tsv), and the
+# SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep), to re-run
+# what failed after a fix within a short device lease; only the selected steps' results files are replaced (the
+# summary names the files from an earlier run, with how their steps ended then: suite_steps_earlier.tsv), and the
 # backends' check results of the last `versions` are reused.
 # Each step runs under `timeout` with its own budget (seconds, below) and never past SUITE_SECONDS in all
 # (default 560: a device call allows 600); a step that fails, times out or finds no time left is recorded and
@@ -55,14 +59,15 @@ SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
 BENCHES="e2e spmm wanda compress grouped e2e_moe methods dispatch wgmma_tiles wgmma_tma spmm_bf16 sparsegpt e2e_full"
-ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES"
-SUITE_STEPS=${SUITE_STEPS:-$ALL_STEPS}
+OPTIONAL_BENCHES="spmm_sweep"  # run only when named
+ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
+SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
 for s in $SUITE_STEPS; do
   case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_suite: unknown step '$s' in SUITE_STEPS; steps: $ALL_STEPS" >&2; exit 2 ;; esac
 done
 selected() { case " $SUITE_STEPS " in *" ${1%_python} "*) return 0 ;; *) return 1 ;; esac; }  # install_python: install's
 FILES="suite_steps.tsv"
-for b in $BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
+for b in $BENCHES $OPTIONAL_BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
 selected e2e && FILES="$FILES e2e_prefill_profile.md"  # the e2e step's --profile tables
 selected versions && FILES="$FILES switches.env"
 for t in kernel_tests gpu_tests; do selected "$t" && FILES="$FILES ${t}_skips.tsv"; done  # each skip and why
@@ -124,7 +129,8 @@ step() {  # step NAME BUDGET COMMAND...: run it under timeout, record its status
     timeout -k 10 "$budget" "$@"
     rc=$?
     case $rc in 0) status=ok ;; 5) status=no-tests ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
-    case " $BENCHES " in  # a benchmark that measured nothing (no GPU, no backend passed its check) exits 0 too
+    # a benchmark that measured nothing (no GPU, no backend passed its check) exits 0 too
+    case " $BENCHES $OPTIONAL_BENCHES " in
       *" $name "*) [ "$status" != ok ] || [ -s "$RESULTS/$name.json" ] || status=no-results ;;
     esac
   fi
@@ -209,6 +215,7 @@ suite() {
     --out "$RESULTS"
   bench sparsegpt 90
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
+  step spmm_sweep 300 "$PY" benchmarks/bench_spmm.py --iters 10 --name spmm_sweep --out "$RESULTS"  # all tokens, dtypes
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

@@ -754,6 +754,18 @@ def test_suite_installs_without_the_extension_when_the_build_fails(tmp_path):
     assert steps == [["install", "failed"], ["install_python", "ok"]], done.stdout + done.stderr
 
 
+def test_the_full_spmm_sweep_runs_only_when_named(tmp_path):
+    """spmm_sweep (issue 4's 13 token counts) does not fit beside the rest in one device call: the default steps
+    leave it out, and SUITE_STEPS=spmm_sweep runs it (on a CPU bench_spmm finds no GPU and exits 1)."""
+    suite = (BENCHMARKS / "gpu_suite.sh").read_text()
+    default = re.search(r"SUITE_STEPS=\$\{SUITE_STEPS:-(.*)\}", suite).group(1)
+    assert "$BENCHES" in default and "spmm_sweep" not in default and "OPTIONAL" not in default
+    done = _suite(tmp_path, "spmm_sweep")
+    steps = [line.split("\t")[:2] for line in (tmp_path / "suite_steps.tsv").read_text().splitlines()[1:]]
+    assert steps == [["spmm_sweep", "failed"]], done.stdout + done.stderr
+    assert "bench_spmm: no CUDA GPU visible" in done.stdout
+
+
 def test_suite_names_an_unknown_step(tmp_path):
     done = _suite(tmp_path, "install gpu_test")
     assert done.returncode == 2
