@@ -443,7 +443,18 @@ def prepare(backend, values, meta):
 
 
 def run(backend, form, x, bias, out_features):
-    """Y (N, out_features) = x (N, K) · Wᵀ + bias with a prepared form."""
+    """Y (..., out_features) = x (..., K) · Wᵀ + bias with a prepared form. Dense takes x as it is (no reshape:
+    a host-bound eager prefill pays for every view); the others see it as (tokens, K)."""
+    if backend == "dense":  # the form: the dense weight, or (a lean layer's) a function that decompresses it
+        return F.linear(x, form() if callable(form) else form, bias)
+    if x.dim() == 2:
+        return _run_rows(backend, form, x, bias, out_features)
+    y = _run_rows(backend, form, x.reshape(-1, x.shape[-1]), bias, out_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _run_rows(backend, form, x, bias, out_features):
+    """run on x (N, K), for the backends other than dense."""
     if backend == "sdsengine":
         values_r, meta_r, locks, splits = form
         x = _aligned(x)
@@ -459,8 +470,6 @@ def run(backend, form, x, bias, out_features):
         values_r, meta_r = form[:2]
         return load_extension().spmm24_sm90(_aligned(x), values_r, meta_r, out_features, bias, 0,
                                             WGMMA_PIPELINES[backend])
-    if backend == "dense":  # the form: the dense weight, or (a lean layer's) a function that decompresses it
-        return F.linear(x, form() if callable(form) else form, bias)
     if backend == "cusparselt":
         return _run_cusparselt(form, x, bias)
     return F.linear(x, form, bias)  # cutlass: PyTorch's subclass dispatches (and pads) itself

@@ -967,3 +967,17 @@ def test_stream_id_is_the_current_streams_handle():
     side = torch.cuda.Stream(device)
     with torch.cuda.stream(side):
         assert ops._stream_id(device) == side.cuda_stream != torch.cuda.default_stream(device).cuda_stream
+
+
+def test_run_hands_the_kernels_rows_and_gives_back_the_leading_dimensions(monkeypatch):
+    """ops.run takes x (..., K): the kernel backends see (tokens, K), dense sees x as it is."""
+    seen = []
+    monkeypatch.setattr(ops, "_run_rows", lambda backend, form, x, bias, out: seen.append(tuple(x.shape))
+                        or torch.zeros(x.shape[0], out))
+    assert ops.run("sdsengine", None, torch.randn(2, 3, 64), None, 32).shape == (2, 3, 32)
+    assert ops.run("cusparselt", None, torch.randn(5, 64), None, 32).shape == (5, 32)
+    assert seen == [(6, 64), (5, 64)]
+    weight = torch.randn(32, 64)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(ops.run("dense", weight, x, None, 32), torch.nn.functional.linear(x, weight))
+    assert seen == [(6, 64), (5, 64)]

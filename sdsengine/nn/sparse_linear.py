@@ -45,6 +45,10 @@ MAX_ROUTES = 64  # routes a layer remembers (by exact token count) before it sta
 
 _choices = {}  # (out, in, bucket, dtype, device, has_bias, lean) -> backend name, shared by layers of one shape
 _forced = None
+# Whether any autocast is on, one C call: forward asks before the per-device check, whose torch.device and string
+# parsing cost more than the rest of a call's checks (an eager prefill is host-bound: every microsecond of a
+# linear's call shows). Private in torch, so taken where it exists.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _epoch = 0  # bumped whenever a layer's remembered routes may be stale
 _weights_epoch = 0  # bumped whenever a layer is made or its buffers may change (moved, reloaded, lean changed)
 
@@ -250,20 +254,19 @@ class SparseLinear(nn.Module):
                              f"be {self.in_features}, got shape {tuple(x.shape)}")
         if self.training and x.requires_grad and not torch.compiler.is_compiling():  # fine-tuning it?
             _warn_frozen()
-        if torch.is_autocast_enabled(x.device.type):
+        if _any_autocast() and torch.is_autocast_enabled(x.device.type):
             if torch.get_autocast_dtype(x.device.type) != values.dtype:  # as nn.Linear: in autocast's dtype
                 return F.linear(x, self._dense_weight(), buffers["bias"])
             x = x.to(values.dtype)  # autocast casts nn.Linear's operands; ours is compressed in its dtype
-        x2 = x.reshape(-1, self.in_features)
         if not torch.compiler.is_compiling():  # compiled code guards on the buffers itself; moves and reloads
             self._check_source(values, buffers["meta"])  # drop the forms either way (below)
-        route = self._routes.get((x2.shape[0], x2.dtype)) if self._routes_epoch == _epoch else None
+        tokens = x.numel() // self.in_features  # x's rows as (tokens, in_features), without reshaping it
+        route = self._routes.get((tokens, x.dtype)) if self._routes_epoch == _epoch else None
         if route is None:
-            if x2.shape[0] == 0:  # as nn.Linear: its dtype check, and an output autograd can go through
+            if tokens == 0:  # as nn.Linear: its dtype check, and an output autograd can go through
                 return F.linear(x, self._dense_weight(), buffers["bias"])
-            route = self._route(x2.shape[0], x2.dtype)
-        y = ops.run(*route, x2, buffers["bias"], self.out_features)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            route = self._route(tokens, x.dtype)
+        return ops.run(*route, x, buffers["bias"], self.out_features)
 
     def _route(self, tokens, dtype):
         """(backend, form) for this call, remembered for the next call of its size unless the decision was

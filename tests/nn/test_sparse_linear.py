@@ -124,6 +124,22 @@ def test_forms_follow_the_buffers_they_came_from():
         torch.testing.assert_close(sa(x), x @ (2 * a.weight).T + a.bias)
 
 
+@pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 64), (2, 1, 3, 64), (0, 4, 64)])
+def test_any_leading_dimensions_give_nn_linears_output(shape):
+    """Dense takes x as it is (no reshapes: an eager prefill is host-bound), as nn.Linear does: bit for bit."""
+    linear = pruned_linear(64, 32)
+    x = torch.randn(shape)
+    torch.testing.assert_close(SparseLinear.from_linear(linear)(x), linear(x), rtol=0, atol=0)
+
+
+def test_a_kernel_backend_sees_rows_and_returns_the_inputs_leading_dimensions(fake_backends, fresh_choices):
+    layer, linear = SparseLinear.from_linear(pruned_linear(64, 32)), pruned_linear(64, 32)
+    fake_backends.update(wrong=5.0, broken=5.0)  # ours (fake: its reordered form decompressed) is fastest
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(layer(x), linear(x))
+    assert layer._routes[6, torch.float32][0] == "sdsengine"
+
+
 def test_autocast_runs_in_the_weights_dtype():
     linear = pruned_linear(64, 32).to(torch.bfloat16)
     sparse = SparseLinear.from_linear(linear)
@@ -203,7 +219,7 @@ def fake_backends(monkeypatch):
         last.append(backend)
         if backend == "broken":
             raise RuntimeError("unsupported token count")
-        y = torch.nn.functional.linear(x, dense_of(form, out_features, x.shape[1]), bias)
+        y = torch.nn.functional.linear(x, dense_of(form, out_features, x.shape[-1]), bias)  # x (..., K)
         return 3 * y if backend == "wrong" else y
 
     def time_ms(fn, device):
