@@ -6,13 +6,21 @@ eager mode. A converted Llama runs 7 linears per decoder layer, so at 32 layers 
 call, an eager prefill or decode step costs 224 X more host time; it shows wherever the step is host-bound.
 Runs on the CPU too (there the only backend is dense, reached by the same dispatch as on a GPU).
 
+A layer timed alone shows less than a model pays: in a model each call's Python runs among the rest of the
+forward's, with colder caches (on the CPU, 4 us more per call alone against 11 in an 8-layer model, 12-04). So
+each token count is also timed through a whole small Llama (8 decoder layers of width 256, 56 linears pruned
+2:4, shape `llama-tiny/8layers`), dense and converted, a forward at a time; its `extra_us` is per linear call.
+
     python benchmarks/bench_dispatch.py [--tokens 1,512] [--calls 2000]
 
-Writes benchmarks/results/dispatch[-cpu].json and .md: per token count, `ms` (SparseLinear) and `dense_ms`
-(nn.Linear) per call, `extra_us` = the difference in microseconds, and `speedup` = dense_ms / ms.
+Writes benchmarks/results/dispatch[-cpu].json and .md: per token count and shape, `ms` (SparseLinear, or the
+converted model) and `dense_ms` (nn.Linear, or the dense model) per call, `extra_us` = the difference in
+microseconds (per linear call), and `speedup` = dense_ms / ms.
 """
 import argparse
+import copy
 import statistics
+import warnings
 import sys
 import time
 
@@ -21,9 +29,10 @@ from torch import nn
 
 from harness import RESULTS, gpu_info, tokens_argument, write_results
 from sdsengine.masks import nm_mask
-from sdsengine.nn import SparseLinear, sparse_linear
+from sdsengine.nn import SparseLinear, convert, sparse_linear
 
 SHAPE = (64, 256)  # (out, in): a GEMM of a few microseconds, so the host side is what is timed
+MODEL_LAYERS, MODEL_WIDTH = 8, 256  # the small Llama: its forward is host-bound on any device
 
 
 def per_call_ms(layer, x, calls, repeats=7):
@@ -66,6 +75,33 @@ def measure(tokens, device, dtype, calls):
                 dense_ms=dense_ms, extra_us=(ms - dense_ms) * 1e3, speedup=dense_ms / ms)
 
 
+def small_llamas(device, dtype):
+    """(dense, converted): the same small Llama, every decoder linear pruned 2:4, and its number of linears."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=MODEL_WIDTH, intermediate_size=2 * MODEL_WIDTH, num_hidden_layers=MODEL_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    dense = AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
+    linears = [m for m in dense.model.layers.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for m in linears:
+            m.weight.mul_(nm_mask(m.weight.abs(), 2, 4))
+    with warnings.catch_warnings():  # on the CPU, float32: "always the dense fallback", as measured here
+        warnings.simplefilter("ignore")
+        converted = convert(copy.deepcopy(dense))
+    return dense, converted, len(linears)
+
+
+def measure_model(tokens, device, dtype, calls):
+    dense, converted, linears = small_llamas(device, dtype)
+    ids = torch.randint(0, 1000, (1, tokens), device=device)
+    dense_ms = per_call_ms(dense, ids, calls)
+    ms = per_call_ms(converted, ids, calls)
+    return dict(bench="dispatch", shape=f"llama-tiny/{MODEL_LAYERS}layers", tokens=tokens,
+                dtype=str(dtype).removeprefix("torch."), gpu=gpu_info()["gpu"], linears=linears, ms=ms,
+                dense_ms=dense_ms, extra_us=(ms - dense_ms) * 1e3 / linears, speedup=dense_ms / ms)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=tokens_argument, default="1,512", help="token counts, comma-separated")
@@ -77,9 +113,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     records = [measure(n, device, dtype, args.calls) for n in tokens]
+    records += [measure_model(n, device, dtype, max(1, args.calls // 20)) for n in tokens]  # ~60 calls a forward
     for r in records:
-        print(f"{r['tokens']:>5} tokens on {r['gpu']}: SparseLinear {r['ms'] * 1e3:.2f} us, nn.Linear "
-              f"{r['dense_ms'] * 1e3:.2f} us per call ({r['extra_us']:+.2f} us, backend {r['backend']})")
+        print(f"{r['tokens']:>5} tokens, {r['shape']} on {r['gpu']}: SparseLinear {r['ms'] * 1e3:.2f} us, dense "
+              f"{r['dense_ms'] * 1e3:.2f} us per call ({r['extra_us']:+.2f} us per linear call)")
     name = args.name or ("dispatch" if device.type == "cuda" else "dispatch-cpu")
     print(f"wrote {write_results(name, records, args.out)}")
     return 0

@@ -24,7 +24,7 @@ GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "sp
             "e2e": ("bench", "backend", "dtype"),
             "e2e_full": ("bench", "backend", "dtype"), "e2e_moe": ("bench", "backend", "dtype"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
-            "dispatch": ("tokens", "dtype"), "grouped": ("layers", "dtype"),
+            "dispatch": ("shape", "tokens", "dtype"), "grouped": ("layers", "dtype"),
             "methods": ("method", "pattern")}  # default: pattern, dtype
 # device_speedup: spmm's against dense in the GPU's own time; ms/device_ms > 1: the call waited on its host side;
 # weight x dense: e2e's linear weights as the converted model holds them (all chosen forms) against dense's;

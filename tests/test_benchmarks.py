@@ -429,13 +429,19 @@ def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_p
     argv = ["--tokens", "1,3", "--calls", "5", "--out", str(tmp_path), "--name", "dispatch"]
     assert benchmark("bench_dispatch").main(argv) == 0
     records = json.loads((tmp_path / "dispatch.json").read_text())
-    assert [r["tokens"] for r in records] == [1, 3] and {r["backend"] for r in records} == {"dense"}
-    assert len(calls) == 2 * (20 + 7 * 5)  # warm-up, then 7 timed loops of 5, per token count
+    layer, model = records[:2], records[2:]
+    assert [r["tokens"] for r in layer] == [1, 3] and {r["backend"] for r in layer} == {"dense"}
+    assert [(r["tokens"], r["shape"], r["linears"]) for r in model] == [(1, "llama-tiny/8layers", 56),
+                                                                        (3, "llama-tiny/8layers", 56)]
+    # warm-up, then 7 timed loops of 5, per token count; then the model's: 20 + 7 forwards of 56 linears
+    assert len(calls) == 2 * (20 + 7 * 5) + 2 * 56 * (20 + 7)
     for r in records:
-        assert r["extra_us"] == pytest.approx((r["ms"] - r["dense_ms"]) * 1e3)
+        per = r.get("linears", 1)
+        assert r["extra_us"] == pytest.approx((r["ms"] - r["dense_ms"]) * 1e3 / per)
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
     rows, _ = benchmark("summarize").collect(tmp_path)
-    assert {row["group"] for row in rows if row["bench"] == "dispatch"} == {"1 float32", "3 float32"}
+    assert {row["group"] for row in rows if row["bench"] == "dispatch"} == {
+        "64x256 1 float32", "64x256 3 float32", "llama-tiny/8layers 1 float32", "llama-tiny/8layers 3 float32"}
 
 
 def test_zeroshot_answers_compares_item_by_item(benchmark, tmp_path, capsys):
