@@ -323,11 +323,11 @@ def rates(shape, n, ms, sparse):
 # harness.py re-exports these); the CUDA-event timer itself is ops.time_ms, shared with the autotuner
 # ---------------------------------------------------------------------------------------------------
 
-COLUMNS = ("bench", "method", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms", "device_ms",
-           "baseline_ms", "dense_ms", "dense_device_ms", "tiles_for_all_rows_device_ms", "copy_ms", "speedup",
-           "device_speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "weight_mib", "baseline_weight_mib",
-           "dense_weight_mib", "seconds", "seconds_per_layer", "gpu_peak_allocated_gib", "cpu_peak_rss_gib", "mismatch",
-           "rel_err", "target_met", "status")
+COLUMNS = ("bench", "method", "shape", "layers", "tokens", "dtype", "pattern", "backend", "split_k", "ms",
+           "device_ms", "baseline_ms", "dense_ms", "dense_device_ms", "tiles_for_all_rows_device_ms", "copy_ms",
+           "speedup", "device_speedup", "vs_copy", "tflops", "tbps", "gbps", "frac_copy_bw", "weight_mib",
+           "baseline_weight_mib", "dense_weight_mib", "seconds", "seconds_per_layer", "gpu_peak_allocated_gib",
+           "cpu_peak_rss_gib", "mismatch", "rel_err", "target_met", "status")
 
 
 def time_ms(fn, warmup=5, reps=50, flush=False, hide_host=False):

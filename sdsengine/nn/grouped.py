@@ -14,11 +14,11 @@ It runs where the kernel can and the regime is the kernel's: CUDA, float16/bfloa
 routed rows per expert on average (decode, and a many-expert mixture's prefill; the per-expert path's SparseLinears
 pick their fastest backend, dense included, for longer inputs), no autocast or autograd, and no backend forced
 other than ours (`use_backend`). A fixed rule, not timed per shape as a SparseLinear's backends are: timing a block
-needs real routing. The stack holds the experts' weights in the
-kernel's layout (9/16 of their dense bytes); it is made on the first grouped call on a device, and again when the
-buffers move or are reloaded. Each expert's SparseLinear shares its slice as its own kernel form, so a lean
-expert (set_lean) gives its buffers up to it and the experts hold their weights once; not lean, they hold the
-compressed buffers beside it (9/8 of the dense bytes in all).
+needs real routing. The stack holds the experts' weights in the kernel's layout (9/16 of their dense bytes); it is
+made on the first grouped call on a device, and again when the buffers move or are reloaded. Each expert's
+SparseLinear shares its slice as its own kernel form, so a lean expert (set_lean) gives its buffers up to it and the
+experts hold their weights once; not lean, they hold the compressed buffers beside it (9/8 of the dense bytes in
+all).
 """
 import weakref
 
