@@ -25,7 +25,8 @@
 #                   run, decode in CUDA graphs, prefill eager
 #   9. methods      benchmarks/bench_methods.py: each pruning method's seconds per layer and peak GPU memory on one
 #                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), BESA first
-#  10. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's
+#  10. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's, alone and
+#                   in a small 8-layer Llama
 #  11. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
 #                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #  12. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
@@ -206,7 +207,7 @@ suite() {
   methods_budget=$(fit 130)
   step methods "$methods_budget" "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
     --methods besa,wanda,sparsegpt,sds,magnitude --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
-  step dispatch 20 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
+  step dispatch 40 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
   step wgmma_tiles 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines plain,overlap \
     --out "$RESULTS"
   step wgmma_tma 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines tma,tma_multicast \
