@@ -70,9 +70,14 @@ def measure(tokens, device, dtype, calls):
     dense_ms = per_call_ms(dense, x, calls)
     ms = per_call_ms(sparse, x, calls)
     backend = sparse_linear.autotune_choices().get(sparse._key(tokens), "?")
-    return dict(bench="dispatch", shape=f"{SHAPE[0]}x{SHAPE[1]}", tokens=tokens,
-                dtype=str(dtype).removeprefix("torch."), gpu=gpu_info()["gpu"], backend=backend, ms=ms,
-                dense_ms=dense_ms, extra_us=(ms - dense_ms) * 1e3, speedup=dense_ms / ms)
+    return _record(f"{SHAPE[0]}x{SHAPE[1]}", tokens, dtype, ms, dense_ms, backend=backend)
+
+
+def _record(shape, tokens, dtype, ms, dense_ms, **fields):
+    """One record; extra_us is per linear call (a model's forward makes fields["linears"] of them)."""
+    per_call = (ms - dense_ms) * 1e3 / fields.get("linears", 1)
+    return dict(bench="dispatch", shape=shape, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
+                gpu=gpu_info()["gpu"], **fields, ms=ms, dense_ms=dense_ms, extra_us=per_call, speedup=dense_ms / ms)
 
 
 def small_llamas(device, dtype):
@@ -97,9 +102,7 @@ def measure_model(tokens, device, dtype, calls):
     ids = torch.randint(0, 1000, (1, tokens), device=device)
     dense_ms = per_call_ms(dense, ids, calls)
     ms = per_call_ms(converted, ids, calls)
-    return dict(bench="dispatch", shape=f"llama-tiny/{MODEL_LAYERS}layers", tokens=tokens,
-                dtype=str(dtype).removeprefix("torch."), gpu=gpu_info()["gpu"], linears=linears, ms=ms,
-                dense_ms=dense_ms, extra_us=(ms - dense_ms) * 1e3 / linears, speedup=dense_ms / ms)
+    return _record(f"llama-tiny/{MODEL_LAYERS}layers", tokens, dtype, ms, dense_ms, linears=linears)
 
 
 def main(argv=None):
@@ -113,7 +116,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     records = [measure(n, device, dtype, args.calls) for n in tokens]
-    records += [measure_model(n, device, dtype, max(1, args.calls // 20)) for n in tokens]  # ~60 calls a forward
+    # a forward makes 56 linear calls: a loop of calls / 20 forwards takes about as long as the layer's
+    records += [measure_model(n, device, dtype, max(1, args.calls // 20)) for n in tokens]
     for r in records:
         print(f"{r['tokens']:>5} tokens, {r['shape']} on {r['gpu']}: SparseLinear {r['ms'] * 1e3:.2f} us, dense "
               f"{r['dense_ms'] * 1e3:.2f} us per call ({r['extra_us']:+.2f} us per linear call)")
