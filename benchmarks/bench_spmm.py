@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from harness import RESULTS, gpu_info, no_gpu, tokens_argument, write_results
+from harness import RESULTS, gpu_info, names_argument, no_gpu, tokens_argument, write_results
 from sdsengine import ops
 from sdsengine.bench import LLAMA_SHAPES, measure, table
 
@@ -31,15 +31,13 @@ def llm_shapes():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=tokens_argument, default=",".join(map(str, TOKENS)))
-    parser.add_argument("--dtypes", default="float16,bfloat16")
+    parser.add_argument("--dtypes", type=names_argument(("float16", "bfloat16")), default="float16,bfloat16")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--name", default="spmm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
     tokens = args.tokens
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    if not dtypes or set(dtypes) - {"float16", "bfloat16"}:
-        parser.error(f"--dtypes takes float16 and/or bfloat16, got {args.dtypes!r}")
+    dtypes = args.dtypes
     if no_gpu("bench_spmm"):
         return 1
     print(f"bench_spmm on {gpu_info()}; backends {ops.probe()['backends']}")
