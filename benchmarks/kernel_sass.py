@@ -69,8 +69,9 @@ def kernels(ty):
     tile = {"BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_C": compress_mod.TILE_CHUNKS}
     per_program = compress_mod.TILE_ROWS * compress_mod.TILE_CHUNKS * 32
     out.append(Kernel("compress 2:4", compress_mod._compress_kernel,
-                      {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META": "*i32", "rows": "i32", "cols": "i32"},
-                      {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program, True))
+                      {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META_BYTES": "*u8", "rows": "i32",
+                       "cols": "i32"},
+                      {"HAS_SCORES": False, "BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_P": compress_mod.TILE_CHUNKS * 4}, compress_mod.WARPS, per_program, True))
     out.append(Kernel("decompress 2:4", compress_mod._decompress_kernel,
                       {"VALUES": f"*{ty}", "META": "*i32", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
                       tile, compress_mod.WARPS, per_program, True))

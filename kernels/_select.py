@@ -20,6 +20,13 @@ def sort_key(x):
 
 
 @triton.jit
+def magnitude_key(x):
+    """sort_key(|x|) in fewer steps: |x| has no sign, so its bits order like it; only NaNs need one key."""
+    bits = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)
+    return tl.where(bits > 0x7F800000, 0x7FC00000, bits)
+
+
+@triton.jit
 def nm_keep(key, pos, AXIS: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
     """Keep mask of the N best keys in each group of M along AXIS (pos = index inside the group).
 
@@ -33,6 +40,33 @@ def nm_keep(key, pos, AXIS: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
         beats = tl.where(pos > j, peer >= key, peer > key)
         rank += beats.to(tl.int32)
     return rank < N
+
+
+@triton.jit
+def keep_of_4(k0, k1, k2, k3, N: tl.constexpr):
+    """nm_keep for M = 4 with the group's keys as 4 tensors (a thread's own registers): an entry is kept when
+    fewer than N entries are ahead of it (a higher key, or an equal one at a lower index): 6 compares.
+    Where a thread's groups are laid out as (.., 4), the compiler already reduces nm_keep's masked sums to
+    about as much (the Wanda kernel's SASS is the same either way); the 2:4 compress kernel, whose thread
+    holds pairs of groups, takes its columns apart first."""
+    a01, a02, a03 = k0 >= k1, k0 >= k2, k0 >= k3  # a_ij: entry i is ahead of entry j (i < j)
+    a12, a13, a23 = k1 >= k2, k1 >= k3, k2 >= k3
+    keep0 = ((~a01).to(tl.int32) + (~a02).to(tl.int32) + (~a03).to(tl.int32)) < N
+    keep1 = (a01.to(tl.int32) + (~a12).to(tl.int32) + (~a13).to(tl.int32)) < N
+    keep3 = (a03.to(tl.int32) + a13.to(tl.int32) + a23.to(tl.int32)) < N
+    keep2 = (keep0.to(tl.int32) + keep1.to(tl.int32) + keep3.to(tl.int32)) < N  # exactly N are kept
+    return keep0, keep1, keep2, keep3
+
+
+@triton.jit
+def columns_of_4(x):
+    """A (.., 4) tensor's 4 columns as (..) tensors, in the registers that held them (a thread owns whole
+    groups of 4)."""
+    pairs = tl.reshape(x, x.shape[:-1] + (2, 2))  # column 2a + b at [a, b]
+    b0, b1 = tl.split(pairs)
+    x0, x2 = tl.split(b0)
+    x1, x3 = tl.split(b1)
+    return x0, x1, x2, x3
 
 
 @triton.jit

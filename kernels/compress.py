@@ -1,14 +1,15 @@
 """2:4 select-and-compress and its inverse, in the layout of reference.compress_24 (see kernels/README.md).
 
-A program owns a tile of (rows, 32-column chunks); the tile is addressed as (rows, chunks, 8 groups, 4),
-so each group's select, each chunk's int32 of metadata and each group's pair of values are plain
-reductions and broadcasts in registers, and every load and store is a contiguous run per row.
+Compress: a program owns a tile of (rows, pairs of groups); a thread holds whole pairs (8 columns), so each
+group's select, its pair of values and the pair's byte of metadata are formed in its registers, with no
+value crossing lanes. Decompress: the tile is addressed as (rows, 32-column chunks, 8 groups, 4), each chunk's
+int32 of metadata broadcast to its groups. Every load and store is a contiguous run per row.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._select import nm_keep, sort_key
+from ._select import columns_of_4, keep_of_4, magnitude_key, sort_key
 
 TILE_ROWS = 16
 TILE_CHUNKS = 4  # 16 rows x 128 columns per program
@@ -26,34 +27,62 @@ def _tile(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _compress_kernel(W, S, VALUES, META, rows, cols, HAS_SCORES: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r, c, g, pos = _tile(BLOCK_R, BLOCK_C, 4)
-    inside = (r < rows) & (c < cols // 32)
-    offs = r.to(tl.int64) * cols + c * 32 + g * 4 + pos
-    w = tl.load(W + offs, mask=inside, other=0.0)
+def _load_groups(PTR, first, inside):
+    """The two groups of 4 columns from `first` (a (rows, pairs, 1) tile of offsets) as two (rows, pairs, 4)
+    tensors, a thread holding both of its pair: one 16-byte load at 2 bytes an element; two at 4, where one
+    load of 8 would leave half of each thread's pair to its neighbour lane and cost trips through shared
+    memory to bring it back."""
+    mask = inside[:, :, None]
+    if PTR.dtype.element_ty.primitive_bitwidth == 32:
+        return (tl.load(PTR + first + tl.arange(0, 4)[None, None, :], mask=mask, other=0.0),
+                tl.load(PTR + first + 4 + tl.arange(0, 4)[None, None, :], mask=mask, other=0.0))
+    both = tl.load(PTR + first + tl.arange(0, 8)[None, None, :], mask=mask, other=0.0)
+    both = tl.reshape(both, (both.shape[0], both.shape[1], 2, 4))  # column 4 group + position
+    return tl.split(tl.permute(both, (0, 1, 3, 2)))
+
+
+@triton.jit
+def _pick_2of4(key, w):
+    """(first kept value, second kept value, nibble i0 | i1 << 2) of each group of (rows, pairs, 4) keys and
+    weights: the 2 highest keys, ties to the lower index."""
+    keep0, keep1, keep2, keep3 = keep_of_4(*columns_of_4(key), 2)
+    w0, w1, w2, w3 = columns_of_4(w)
+    # exactly two are kept: the first is 0, else 1, else 2; the second is 3, else 2, else 1
+    i0 = tl.where(keep0, 0, tl.where(keep1, 1, 2))
+    i1 = tl.where(keep3, 3, tl.where(keep2, 2, 1))
+    v0 = tl.where(keep0, w0, tl.where(keep1, w1, w2))
+    v1 = tl.where(keep3, w3, tl.where(keep2, w2, w1))
+    return v0, v1, i0 | (i1 << 2)
+
+
+@triton.jit
+def _positive_zero(v):
+    return tl.where(v == 0, tl.zeros_like(v), v)  # -0.0 is written as +0.0; NaN != 0 passes through
+
+
+@triton.jit
+def _compress_kernel(W, S, VALUES, META_BYTES, rows, cols, HAS_SCORES: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    # A thread owns whole pairs of groups (8 columns, one 16-byte load at fp16): both groups are selected in
+    # its registers, and their two nibbles form one byte of the int32 meta (little-endian: byte j of a chunk's
+    # word holds groups 2j and 2j + 1), so no value crosses lanes.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    inside = (r < rows) & (p < cols // 8)
+    first = (r.to(tl.int64) * cols + p * 8)[:, :, None]
+    wa, wb = _load_groups(W, first, inside)
     if HAS_SCORES:
-        score = tl.load(S + offs, mask=inside, other=0.0).to(tl.float32)
+        sa, sb = _load_groups(S, first, inside)
+        ka, kb = sort_key(sa.to(tl.float32)), sort_key(sb.to(tl.float32))
     else:
-        score = tl.abs(w.to(tl.float32))
-    keep = nm_keep(sort_key(score), pos, 3, 2, 4)
-    # the kept pair in increasing column order: i0 < i1
-    i0 = tl.min(tl.where(keep, pos, 4), axis=3, keep_dims=True)
-    i1 = tl.max(tl.where(keep, pos, -1), axis=3, keep_dims=True)
-    wf = w.to(tl.float32)
-    # sums of one value and zeros: exact, and -0.0 + 0.0 = +0.0 canonicalizes negative zero
-    v0 = tl.sum(tl.where(pos == i0, wf, 0.0), axis=3, keep_dims=True) + 0.0
-    v1 = tl.sum(tl.where(pos == i1, wf, 0.0), axis=3, keep_dims=True) + 0.0
-    pair = tl.arange(0, 2)[None, None, None, :]
-    values = tl.where(pair == 0, v0, v1)
-    v_offs = r.to(tl.int64) * (cols // 2) + c * 16 + g * 2 + pair
-    tl.store(VALUES + v_offs, values.to(VALUES.dtype.element_ty), mask=inside)
-    # one int32 per chunk: group g's nibble i0 | i1 << 2 at bits 4g; summed in int64 (bit 31 is data)
-    nibble = (i0 | (i1 << 2)).to(tl.int64) << (g * 4)
-    meta = tl.sum(tl.sum(nibble, axis=3), axis=2).to(tl.int32)  # truncation keeps the 32 bits
-    r2 = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    c2 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    tl.store(META + r2.to(tl.int64) * (cols // 32) + c2, meta, mask=(r2 < rows) & (c2 < cols // 32))
+        ka, kb = magnitude_key(wa), magnitude_key(wb)
+    a0, a1, nibble_a = _pick_2of4(ka, wa)
+    b0, b1, nibble_b = _pick_2of4(kb, wb)
+    values = tl.join(tl.join(a0, b0), tl.join(a1, b1))  # [.., group, position]: columns 4p + 2 group + position
+    values = _positive_zero(tl.reshape(values, (BLOCK_R, BLOCK_P, 4)))
+    v_offs = (r.to(tl.int64) * (cols // 2) + p * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    tl.store(VALUES + v_offs, values, mask=inside[:, :, None])
+    tl.store(META_BYTES + r.to(tl.int64) * (cols // 8) + p, (nibble_a | (nibble_b << 4)).to(tl.uint8), mask=inside)
 
 
 @triton.jit
@@ -80,8 +109,9 @@ def compress_24(weight, scores=None):
     if rows and cols:
         has_scores = scores is not None
         scores = scores.contiguous() if has_scores else weight  # unused pointer when HAS_SCORES is off
-        _compress_kernel[_grid(rows, cols)](weight, scores, values, meta, rows, cols, HAS_SCORES=has_scores,
-                                            BLOCK_R=TILE_ROWS, BLOCK_C=TILE_CHUNKS, num_warps=WARPS)
+        _compress_kernel[_grid(rows, cols)](weight, scores, values, meta.view(torch.uint8), rows, cols,
+                                            HAS_SCORES=has_scores, BLOCK_R=TILE_ROWS, BLOCK_P=TILE_CHUNKS * 4,
+                                            num_warps=WARPS)
     return values, meta
 
 

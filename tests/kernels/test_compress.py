@@ -49,6 +49,18 @@ def test_ties_and_negative_zero(both_backends, assert_exact, device, kind):
     assert not torch.signbit(values[values == 0]).any(), "-0.0 must be written as +0.0"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_weights(both_backends, assert_exact, device, dtype):
+    """NaN (of either sign: its |.| must key like any NaN) ranks above inf, NaNs tie lower index first, as
+    torch.sort ranks them; inf above every finite value."""
+    weight = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    nan = torch.tensor(float("nan"))
+    weight[0, :8] = torch.tensor([nan, 1.0, -nan, 2.0, float("inf"), -nan, 3.0, float("-inf")])
+    weight[1, :4] = torch.tensor([float("-inf"), -nan, 5.0, float("inf")])
+    weight[2, :4] = -nan
+    _check(both_backends, assert_exact, device, weight.to(dtype))
+
+
 def test_negative_zero_scores_tie_with_positive_zero(both_backends, assert_exact, device):
     """Scores (not weights, whose |.| is +0.0) can be -0.0: it must tie with +0.0, lower index first, as in
     the reference (the kernel's sort key canonicalizes it)."""
