@@ -62,6 +62,19 @@ def test_swaps_keep_the_pattern_and_lower_the_error(nm):
     assert objective.error(again) <= objective.error(swapped)
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_deferred_updates_are_the_same_descent(nm):
+    """Blocks of 16 columns (later columns caught up once per block) against a block of one group (every
+    later column updated after each group): the same sweep, to rounding."""
+    w, stats = _layer(out=12, inp=64)
+    objective = least_squares.Objective(w, stats)
+    start = w * nm_mask(w.abs(), *nm)
+    every_group = least_squares.group_swaps(start, objective, nm, sweeps=2, block=nm[1])
+    blocked = least_squares.group_swaps(start, objective, nm, sweeps=2, block=16)
+    assert not torch.equal(every_group != 0, start != 0)
+    torch.testing.assert_close(blocked, every_group, atol=1e-5, rtol=1e-5)
+
+
 def test_a_group_with_an_input_never_seen_is_still_refined():
     """An input never seen makes every subset holding it singular; the ridge (damp) keeps their solves
     finite, so the group still gets its best subset (the others' least squares) instead of being skipped."""

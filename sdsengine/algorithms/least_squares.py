@@ -122,13 +122,21 @@ def _safe_ratio(a, b):
     return torch.where(b > 0, a / b.clamp_min(1e-30), torch.zeros_like(a))
 
 
-def group_swaps(w, objective, nm, sweeps, damp=1e-4):
+SWAP_BLOCK = 128  # columns whose groups are swapped before the gradient of the later columns catches up
+
+
+def group_swaps(w, objective, nm, sweeps, damp=1e-4, block=SWAP_BLOCK):
     """N:M mask refinement by exact block coordinate descent (ours): group after group of M inputs, every row
     re-chooses which N of its M weights to keep and solves them, the rest of the row fixed. A row takes a
     candidate only if it lowers the exact calibration error, so no step raises it; a sweep costs about two
     products with H. The adjustment's gradient steps and the refit move weights within a mask; this moves
     the mask itself (docs/SDS.md, "Mask refinement"). damp (a fraction of H's mean diagonal) keeps each
-    subset's solve defined for inputs never seen."""
+    subset's solve defined for inputs never seen.
+
+    Each group's change reaches the gradient of the columns after it at once inside its block of `block`
+    columns, and the columns after the block in one product per block, as SparseGPT defers its updates:
+    updating every later column after each group moved 4 x rows x in^2 / (2 M) floats through memory per
+    sweep (on the CPU, 8192 x 2048 at 2:4: 9.9 s, 26 products with H; deferred 3.3 s)."""
     n, m = nm
     if w.shape[1] % m or ((w.reshape(-1, m) != 0).sum(dim=1) > n).any():
         raise ValueError(f"group_swaps refines a valid {n}:{m} mask; the weight given is not one")
@@ -137,15 +145,21 @@ def group_swaps(w, objective, nm, sweeps, damp=1e-4):
     H, x = objective.H, w.clone()
     subsets = torch.tensor(list(itertools.combinations(range(m), n)), device=w.device)  # (P, N): 6 for 2:4
     H_ss, H_ss_inv = _subset_blocks(H, m, subsets, damp)
+    block = max(m, block // m * m)
     for _ in range(sweeps):
         grad = objective.grad(x)  # recomputed each sweep so that the incremental updates do not drift
-        for group, start in enumerate(range(0, w.shape[1], m)):
-            cols, later = slice(start, start + m), slice(start + m, None)
-            H_gg, x_g = H[cols, cols], x[:, cols]
-            q = grad[:, cols] - x_g @ H_gg  # each row's gradient on this group with the group zeroed
-            new = _best_group(q, x_g, H_gg, subsets, H_ss[group], H_ss_inv[group])
-            grad[:, later] += (new - x_g) @ H[cols, later]  # this sweep reads no earlier column's gradient again
-            x[:, cols] = new
+        for start in range(0, w.shape[1], block):
+            end = min(start + block, w.shape[1])
+            before = x[:, start:end].clone()
+            for first in range(start, end, m):
+                group = first // m
+                cols, later = slice(first, first + m), slice(first + m, end)
+                H_gg, x_g = H[cols, cols], x[:, cols]
+                q = grad[:, cols] - x_g @ H_gg  # each row's gradient on this group with the group zeroed
+                new = _best_group(q, x_g, H_gg, subsets, H_ss[group], H_ss_inv[group])
+                grad[:, later] += (new - x_g) @ H[cols, later]  # no earlier column's gradient is read again
+                x[:, cols] = new
+            grad[:, end:] += (x[:, start:end] - before) @ H[start:end, end:]
     return x if objective.error(x) <= objective.error(w) else w
 
 
