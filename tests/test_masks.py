@@ -14,6 +14,25 @@ def test_nm_mask_ties_keep_lower_index():
     assert nm_mask(torch.ones(1, 4), 2, 4).tolist() == [[True, True, False, False]]
 
 
+def _nm_by_stable_sort(scores, n, m):
+    order = torch.sort(scores.reshape(-1, m), dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(order, dtype=torch.bool).scatter_(1, order[:, :n], True).reshape(scores.shape)
+
+
+SPECIAL = torch.tensor([0.0, -0.0, 1.0, -1.0, float("nan"), -float("nan"), float("inf"), float("-inf"), 2.0, 1e-40])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", range(5))
+def test_groups_of_4_rank_as_the_stable_sort(dtype, n):
+    """M = 4 is ranked by compares, not a sort: every group of 4 special values (NaN of either sign above
+    inf, -0.0 tied with 0.0, ties to the lower index) and random rows give the sort's mask."""
+    every_group = SPECIAL[torch.cartesian_prod(*[torch.arange(len(SPECIAL))] * 4)].reshape(1, -1).to(dtype)
+    rows = torch.randn(30, 64, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
+    for scores in (every_group, rows, rows.T.contiguous().T):
+        assert torch.equal(nm_mask(scores, n, 4), _nm_by_stable_sort(scores, n, 4))
+
+
 def test_prune_lowest_per_row_and_whole():
     scores = torch.tensor([[1.0, 4.0, 2.0, 3.0], [9.0, 8.0, 7.0, 6.0]])
     assert prune_lowest_mask(scores, 0.5).tolist() == [[False, True, False, True], [True, True, False, False]]
