@@ -12,7 +12,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(f"an N:M pattern needs 0 <= N <= M and M >= 1, got {n}:{m}")
     if scores.shape[-1] % m:
         raise ValueError(f"last dimension {scores.shape[-1]} is not divisible by M={m} for an {n}:{m} pattern")
-    if m == 4 and scores.is_floating_point():
+    if m == 4 and scores.is_floating_point() and scores.device.type == "cpu":
         return _keep_of_4(scores, n)
     groups = scores.reshape(-1, m)
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
@@ -25,7 +25,8 @@ def _keep_of_4(scores, n):
     """nm_mask for M = 4 by 6 compares per group: an entry is kept when fewer than n entries are ahead of it
     (a higher key, or an equal one at a lower index), as in the stable descending sort, on sort keys so that
     NaN and -0.0 rank as the sort ranks them. On the CPU 3x faster than the sort at SmolLM2's shapes (576 x 576,
-    1536 x 576: 1.4 against 4.1 ms, 3.4 against 11.3), as fast at 4096 x 4096."""
+    1536 x 576: 1.4 against 4.1 ms, 3.4 against 11.3), as fast at 4096 x 4096. Not used on a GPU until timed
+    there: its ~20 elementwise passes may cost more than a sort of rows of 4 in one kernel."""
     k0, k1, k2, k3 = sort_key(scores).reshape(-1, 4).unbind(1)
     a01, a02, a03, a12, a13, a23 = k0 >= k1, k0 >= k2, k0 >= k3, k1 >= k2, k1 >= k3, k2 >= k3  # i ahead of j
     keep0 = (~a01).int() + (~a02).int() + (~a03).int() < n
