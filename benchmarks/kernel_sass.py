@@ -33,6 +33,7 @@ from sdsengine.kernels import sparsegpt as sparsegpt_mod
 from sdsengine.kernels import wanda as wanda_mod
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # the unstructured Wanda kernel holds a row padded to a power of two: Llama-7B/8B widths, and 28672 (the
 # down projection of 70B-class models), padded past 16384, where a 16-warp program runs out of registers
 ROW_LENGTHS = (4096, 11008, 28672)
@@ -59,7 +60,8 @@ def kernels(ty):
     wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8"}
     rows, cols, warps = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS, wanda_mod.NM_WARPS
     out = [Kernel(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, {**wanda_sig, "rows": "i32", "cols": "i32"},
-                  {"N": n, "M": m, "BLOCK_R": rows, "BLOCK_G": cols // m}, warps, rows * cols, True)
+                  {"N": n, "M": m, "PACK": wanda_mod.pack_of(m, BYTES[ty]), "BLOCK_R": rows, "BLOCK_G": cols // m},
+                  warps, rows * cols, True)
            for n, m in ((2, 4), (4, 8))]
     for length in ROW_LENGTHS:
         block, warps, tie_block = wanda_mod.row_launch(length)

@@ -29,21 +29,27 @@ def _write(OUT, MASK, offs, w, keep, inside):
 
 
 @triton.jit
-def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr,
+def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr, PACK: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    # The tile is (BLOCK_R * BLOCK_G groups, M): one group per tile row, so a thread holds whole groups and
-    # the rank's masked sums stay in its registers. The 3-D (rows, groups, M) tile this replaced spread a
-    # group over lanes: the sums took warp shuffles and the loads a trip through shared memory.
-    i = tl.arange(0, BLOCK_R * BLOCK_G)[:, None]
-    r = tl.program_id(0) * BLOCK_R + i // BLOCK_G
-    pos = tl.arange(0, M)[None, :]
-    col = (tl.program_id(1) * BLOCK_G + i % BLOCK_G) * M + pos
+    # The tile is (BLOCK_R * BLOCK_G / PACK, PACK * M): PACK whole groups per tile row, so a thread holds whole
+    # groups and the rank's masked sums stay in its registers, and its loads and stores are 16 bytes wide
+    # (pack_of). The 3-D (rows, groups, M) tile before spread a group over lanes: the sums took warp shuffles.
+    i = tl.arange(0, BLOCK_R * BLOCK_G // PACK)[:, None]
+    r = tl.program_id(0) * BLOCK_R + i // (BLOCK_G // PACK)
+    pos = tl.arange(0, PACK * M)[None, :]
+    col = (tl.program_id(1) * BLOCK_G + i % (BLOCK_G // PACK) * PACK) * M + pos
     inside = (r < rows) & (col < cols)
     offs = r.to(tl.int64) * cols + col
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
-    keep = nm_keep(_scores(w, norm), pos, 1, N, M)
-    _write(OUT, MASK, offs, w, keep, inside)
+    key = tl.reshape(_scores(w, norm), (BLOCK_R * BLOCK_G // PACK, PACK, M))
+    keep = nm_keep(key, tl.arange(0, M)[None, None, :], 2, N, M)
+    _write(OUT, MASK, offs, w, tl.reshape(keep, (BLOCK_R * BLOCK_G // PACK, PACK * M)), inside)
+
+
+def pack_of(m, element_size):
+    """Groups of M a thread takes at once: as many as make 16 bytes of weight (one vector load), at least one."""
+    return max(1, 16 // (m * element_size))
 
 
 @triton.jit
@@ -101,7 +107,8 @@ def _launch(weight, act_norm, out, mask, sparsity, nm):
         block_g = max(1, NM_TILE_COLS // m)
         grid = (triton.cdiv(rows, NM_TILE_ROWS), triton.cdiv(cols // m, block_g))
         _wanda_nm_kernel[grid](weight, act_norm, out, mask, rows, cols, N=n, M=m,
-                               BLOCK_R=NM_TILE_ROWS, BLOCK_G=block_g, num_warps=NM_WARPS)
+                               PACK=min(block_g, pack_of(m, weight.element_size())), BLOCK_R=NM_TILE_ROWS,
+                               BLOCK_G=block_g, num_warps=NM_WARPS)
     else:
         block, warps, tie_block = row_launch(cols)
         n_prune = int(cols * sparsity)  # the count prune_lowest_mask drops, computed the same way

@@ -48,6 +48,15 @@ def test_other_nm(both_backends, assert_exact, device, nm):
     _check(both_backends, assert_exact, device, *_inputs(4, 64, torch.float16), 0.5, nm)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 2), (3, 4)])
+@pytest.mark.parametrize("cols", [4, 36, 260])
+def test_nm_odd_group_counts(both_backends, assert_exact, device, dtype, nm, cols):
+    """A thread takes groups in packs (two of 4 at 2 bytes an element): an odd number of groups per row leaves
+    the last pack half outside the row."""
+    _check(both_backends, assert_exact, device, *_inputs(5, cols, dtype), 0.5, nm)
+
+
 def _tied(kind, rows=5, cols=64):
     """Weights and norms full of exact ties, signed zeros and non-finite values."""
     gen = torch.Generator().manual_seed(1)
