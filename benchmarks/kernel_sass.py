@@ -68,14 +68,14 @@ def kernels(ty):
         out.append(Kernel(f"wanda 50% ({length} cols)", wanda_mod._wanda_row_kernel,
                           {**wanda_sig, "cols": "i32", "n_prune": "i32"}, {"BLOCK": block, "TIE_BLOCK": tie_block},
                           warps, block, False))
-    tile = {"BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_C": compress_mod.TILE_CHUNKS}
+    tile = {"BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_P": compress_mod.TILE_CHUNKS * 4}  # pairs of groups
     per_program = compress_mod.TILE_ROWS * compress_mod.TILE_CHUNKS * 32
     out.append(Kernel("compress 2:4", compress_mod._compress_kernel,
                       {"W": f"*{ty}", "S": f"*{ty}", "VALUES": f"*{ty}", "META_BYTES": "*u8", "rows": "i32",
                        "cols": "i32"},
-                      {"HAS_SCORES": False, "BLOCK_R": compress_mod.TILE_ROWS, "BLOCK_P": compress_mod.TILE_CHUNKS * 4}, compress_mod.WARPS, per_program, True))
+                      {"HAS_SCORES": False, **tile}, compress_mod.WARPS, per_program, True))
     out.append(Kernel("decompress 2:4", compress_mod._decompress_kernel,
-                      {"VALUES": f"*{ty}", "META": "*i32", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
+                      {"VALUES": f"*{ty}", "META_BYTES": "*u8", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
                       tile, compress_mod.WARPS, per_program, True))
     return out + sparsegpt_kernels(ty)
 

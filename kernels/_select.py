@@ -70,6 +70,12 @@ def columns_of_4(x):
 
 
 @triton.jit
+def join_of_4(x0, x1, x2, x3):
+    """columns_of_4's inverse: the (.., 4) tensor with these columns."""
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), x0.shape + (4,))  # column 2a + b at [a, b]
+
+
+@triton.jit
 def kth_key(key, k, SIZE: tl.constexpr):
     """T, the k-th smallest of the 1-D keys (the smallest for k == 0): a stable ascending sort puts the
     keys below T and the first k - #(key < T) ties at T into its first k places (prune_lowest_mask).

@@ -1,15 +1,14 @@
 """2:4 select-and-compress and its inverse, in the layout of reference.compress_24 (see kernels/README.md).
 
-Compress: a program owns a tile of (rows, pairs of groups); a thread holds whole pairs (8 columns), so each
-group's select, its pair of values and the pair's byte of metadata are formed in its registers, with no
-value crossing lanes. Decompress: the tile is addressed as (rows, 32-column chunks, 8 groups, 4), each chunk's
-int32 of metadata broadcast to its groups. Every load and store is a contiguous run per row.
+A program owns a tile of (rows, pairs of groups); a thread holds whole pairs (8 columns), so each group's
+select, its pair of values and the pair's byte of metadata are formed (compress) or read back (decompress) in
+its registers, with no value crossing lanes. Every load and store is a contiguous run per row.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._select import columns_of_4, keep_of_4, magnitude_key, sort_key
+from ._select import columns_of_4, join_of_4, keep_of_4, magnitude_key, sort_key
 
 TILE_ROWS = 16
 TILE_CHUNKS = 4  # 16 rows x 128 columns per program
@@ -17,13 +16,11 @@ WARPS = 4
 
 
 @triton.jit
-def _tile(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDTH: tl.constexpr):
-    """Index pieces of a (rows, chunks, 8, WIDTH) tile; WIDTH = 4 for dense, 2 for values."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None, None]
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None, None]
-    g = tl.arange(0, 8)[None, None, :, None]
-    pos = tl.arange(0, WIDTH)[None, None, None, :]
-    return r, c, g, pos
+def _pairs(BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, rows, cols):
+    """Row and pair-of-groups indices of this program's (rows, pairs) tile, and which are in the weight."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    return r, p, (r < rows) & (p < cols // 8)
 
 
 @triton.jit
@@ -39,6 +36,19 @@ def _load_groups(PTR, first, inside):
     both = tl.load(PTR + first + tl.arange(0, 8)[None, None, :], mask=mask, other=0.0)
     both = tl.reshape(both, (both.shape[0], both.shape[1], 2, 4))  # column 4 group + position
     return tl.split(tl.permute(both, (0, 1, 3, 2)))
+
+
+@triton.jit
+def _store_groups(PTR, first, inside, group_a, group_b):
+    """_load_groups' inverse: two (rows, pairs, 4) groups stored from `first`, 16 bytes at a time."""
+    mask = inside[:, :, None]
+    if PTR.dtype.element_ty.primitive_bitwidth == 32:
+        tl.store(PTR + first + tl.arange(0, 4)[None, None, :], group_a, mask=mask)
+        tl.store(PTR + first + 4 + tl.arange(0, 4)[None, None, :], group_b, mask=mask)
+    else:
+        both = tl.permute(tl.join(group_a, group_b), (0, 1, 3, 2))  # [.., group, position]
+        both = tl.reshape(both, (both.shape[0], both.shape[1], 8))
+        tl.store(PTR + first + tl.arange(0, 8)[None, None, :], both, mask=mask)
 
 
 @triton.jit
@@ -66,9 +76,7 @@ def _compress_kernel(W, S, VALUES, META_BYTES, rows, cols, HAS_SCORES: tl.conste
     # A thread owns whole pairs of groups (8 columns, one 16-byte load at fp16): both groups are selected in
     # its registers, and their two nibbles form one byte of the int32 meta (little-endian: byte j of a chunk's
     # word holds groups 2j and 2j + 1), so no value crosses lanes.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-    inside = (r < rows) & (p < cols // 8)
+    r, p, inside = _pairs(BLOCK_R, BLOCK_P, rows, cols)
     first = (r.to(tl.int64) * cols + p * 8)[:, :, None]
     wa, wb = _load_groups(W, first, inside)
     if HAS_SCORES:
@@ -78,26 +86,36 @@ def _compress_kernel(W, S, VALUES, META_BYTES, rows, cols, HAS_SCORES: tl.conste
         ka, kb = magnitude_key(wa), magnitude_key(wb)
     a0, a1, nibble_a = _pick_2of4(ka, wa)
     b0, b1, nibble_b = _pick_2of4(kb, wb)
-    values = tl.join(tl.join(a0, b0), tl.join(a1, b1))  # [.., group, position]: columns 4p + 2 group + position
-    values = _positive_zero(tl.reshape(values, (BLOCK_R, BLOCK_P, 4)))
+    values = _positive_zero(join_of_4(a0, a1, b0, b1))  # the pair's 4 values: columns 4p..4p + 3
     v_offs = (r.to(tl.int64) * (cols // 2) + p * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
     tl.store(VALUES + v_offs, values, mask=inside[:, :, None])
     tl.store(META_BYTES + r.to(tl.int64) * (cols // 8) + p, (nibble_a | (nibble_b << 4)).to(tl.uint8), mask=inside)
 
 
 @triton.jit
-def _decompress_kernel(VALUES, META, OUT, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r, c, g, pos = _tile(BLOCK_R, BLOCK_C, 4)
-    inside = (r < rows) & (c < cols // 32)
-    meta = tl.load(META + r.to(tl.int64) * (cols // 32) + c, mask=inside, other=0)
-    nibble = (meta >> (g * 4)) & 0xF  # arithmetic shift is fine: only the low 4 bits are kept
+def _place_2of4(v0, v1, nibble):
+    """A group's 4 columns, (rows, pairs, 4), from its kept pair and the nibble i0 | i1 << 2 that names their
+    columns; values pass through bit for bit."""
     i0, i1 = nibble & 3, nibble >> 2
-    # the pair as two (.., 8, 1) loads of the same cache lines: values pass through bit for bit
-    pairs = VALUES + r.to(tl.int64) * (cols // 2) + c * 16 + g * 2
-    v0 = tl.load(pairs, mask=inside, other=0.0)
-    v1 = tl.load(pairs + 1, mask=inside, other=0.0)
-    dense = tl.where(pos == i0, v0, tl.where(pos == i1, v1, tl.zeros_like(v1)))
-    tl.store(OUT + r.to(tl.int64) * cols + c * 32 + g * 4 + pos, dense.to(OUT.dtype.element_ty), mask=inside)
+    zero = tl.zeros_like(v0)
+    return join_of_4(tl.where(i0 == 0, v0, zero), tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero)),
+                     tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero)), tl.where(i1 == 3, v1, zero))
+
+
+@triton.jit
+def _decompress_kernel(VALUES, META_BYTES, OUT, rows, cols, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    # _compress_kernel's tile backwards: a thread reads its pair's 4 values and byte of metadata, writes 8 columns
+    r, p, inside = _pairs(BLOCK_R, BLOCK_P, rows, cols)
+    four = tl.arange(0, 4)[None, None, :]
+    values = (r.to(tl.int64) * (cols // 2) + p * 4)[:, :, None] + four
+    a0, a1, b0, b1 = columns_of_4(tl.load(VALUES + values, mask=inside[:, :, None], other=0.0))
+    # the pair's byte read beside each of its values, so that it lies where they do (one cached line; read once
+    # as (rows, pairs), it took a trip through shared memory to meet them)
+    byte_offs = (r.to(tl.int64) * (cols // 8) + p)[:, :, None] + four * 0
+    bytes4 = tl.load(META_BYTES + byte_offs, mask=inside[:, :, None], other=0)
+    byte = columns_of_4(bytes4.to(tl.int32))[0]
+    _store_groups(OUT, (r.to(tl.int64) * cols + p * 8)[:, :, None], inside,
+                  _place_2of4(a0, a1, byte & 0xF), _place_2of4(b0, b1, (byte >> 4) & 0xF))
 
 
 def compress_24(weight, scores=None):
@@ -121,8 +139,8 @@ def decompress_24(values, meta):
     rows, cols = values.shape[0], values.shape[1] * 2
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if rows and cols:
-        _decompress_kernel[_grid(rows, cols)](values, meta, out, rows, cols, BLOCK_R=TILE_ROWS,
-                                              BLOCK_C=TILE_CHUNKS, num_warps=WARPS)
+        _decompress_kernel[_grid(rows, cols)](values, meta.view(torch.uint8), out, rows, cols, BLOCK_R=TILE_ROWS,
+                                              BLOCK_P=TILE_CHUNKS * 4, num_warps=WARPS)
     return out
 
 
