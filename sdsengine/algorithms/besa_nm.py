@@ -34,7 +34,8 @@ def log_score(score):
     are only among exact zeros (as in Wanda's own comparison)."""
     score = score.double()
     positive = score > 0
-    floor = torch.log(score[positive]).min() - 1 if positive.any() else torch.tensor(0.0, dtype=score.dtype)
+    smallest = torch.where(positive, score, torch.inf).amin()  # log is increasing: no boolean indexing (a sync)
+    floor = torch.log(smallest) - 1 if bool(positive.any()) else torch.tensor(0.0, dtype=score.dtype)
     return torch.where(positive, torch.log(score.clamp_min(1e-300)), floor.to(score.device))
 
 
