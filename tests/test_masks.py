@@ -28,8 +28,10 @@ def test_groups_of_4_rank_as_the_stable_sort(dtype, n):
     """M = 4 is ranked by compares, not a sort: every group of 4 special values (NaN of either sign above
     inf, -0.0 tied with 0.0, ties to the lower index) and random rows give the sort's mask."""
     every_group = SPECIAL[torch.cartesian_prod(*[torch.arange(len(SPECIAL))] * 4)].reshape(1, -1).to(dtype)
+    signless = SPECIAL[SPECIAL >= 0]  # 0.0, -0.0 and positives, no NaN: keyed by their bits
+    every_signless_group = signless[torch.cartesian_prod(*[torch.arange(len(signless))] * 4)].reshape(1, -1).to(dtype)
     rows = torch.randn(30, 64, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
-    for scores in (every_group, rows, rows.T.contiguous().T):
+    for scores in (every_group, every_signless_group, rows, rows.abs(), rows.T.contiguous().T):
         assert torch.equal(nm_mask(scores, n, 4), _nm_by_stable_sort(scores, n, 4))
 
 
