@@ -81,7 +81,7 @@ def _record(shape, tokens, dtype, ms, dense_ms, **fields):
 
 
 def small_llamas(device, dtype):
-    """(dense, converted): the same small Llama, every decoder linear pruned 2:4, and its number of linears."""
+    """(dense, converted, linears): the same small Llama, every decoder linear pruned 2:4, and their number."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=MODEL_WIDTH, intermediate_size=2 * MODEL_WIDTH, num_hidden_layers=MODEL_LAYERS,

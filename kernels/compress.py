@@ -17,10 +17,13 @@ WARPS = 4
 
 @triton.jit
 def _pairs(BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, rows, cols):
-    """Row and pair-of-groups indices of this program's (rows, pairs) tile, and which are in the weight."""
+    """This program's (rows, pairs) tile: which pairs are in the weight, and each pair's offsets: its first
+    dense column (rows, pairs, 1), its 4 values (rows, pairs, 4) and its metadata byte (rows, pairs)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-    return r, p, (r < rows) & (p < cols // 8)
+    row = r.to(tl.int64)
+    values = (row * (cols // 2) + p * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    return (r < rows) & (p < cols // 8), (row * cols + p * 8)[:, :, None], values, row * (cols // 8) + p
 
 
 @triton.jit
@@ -76,8 +79,7 @@ def _compress_kernel(W, S, VALUES, META_BYTES, rows, cols, HAS_SCORES: tl.conste
     # A thread owns whole pairs of groups (8 columns, one 16-byte load at fp16): both groups are selected in
     # its registers, and their two nibbles form one byte of the int32 meta (little-endian: byte j of a chunk's
     # word holds groups 2j and 2j + 1), so no value crosses lanes.
-    r, p, inside = _pairs(BLOCK_R, BLOCK_P, rows, cols)
-    first = (r.to(tl.int64) * cols + p * 8)[:, :, None]
+    inside, first, values_at, byte_at = _pairs(BLOCK_R, BLOCK_P, rows, cols)
     wa, wb = _load_groups(W, first, inside)
     if HAS_SCORES:
         sa, sb = _load_groups(S, first, inside)
@@ -87,9 +89,8 @@ def _compress_kernel(W, S, VALUES, META_BYTES, rows, cols, HAS_SCORES: tl.conste
     a0, a1, nibble_a = _pick_2of4(ka, wa)
     b0, b1, nibble_b = _pick_2of4(kb, wb)
     values = _positive_zero(join_of_4(a0, a1, b0, b1))  # the pair's 4 values: columns 4p..4p + 3
-    v_offs = (r.to(tl.int64) * (cols // 2) + p * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
-    tl.store(VALUES + v_offs, values, mask=inside[:, :, None])
-    tl.store(META_BYTES + r.to(tl.int64) * (cols // 8) + p, (nibble_a | (nibble_b << 4)).to(tl.uint8), mask=inside)
+    tl.store(VALUES + values_at, values, mask=inside[:, :, None])
+    tl.store(META_BYTES + byte_at, (nibble_a | (nibble_b << 4)).to(tl.uint8), mask=inside)
 
 
 @triton.jit
@@ -105,17 +106,13 @@ def _place_2of4(v0, v1, nibble):
 @triton.jit
 def _decompress_kernel(VALUES, META_BYTES, OUT, rows, cols, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     # _compress_kernel's tile backwards: a thread reads its pair's 4 values and byte of metadata, writes 8 columns
-    r, p, inside = _pairs(BLOCK_R, BLOCK_P, rows, cols)
-    four = tl.arange(0, 4)[None, None, :]
-    values = (r.to(tl.int64) * (cols // 2) + p * 4)[:, :, None] + four
-    a0, a1, b0, b1 = columns_of_4(tl.load(VALUES + values, mask=inside[:, :, None], other=0.0))
+    inside, first, values_at, byte_at = _pairs(BLOCK_R, BLOCK_P, rows, cols)
+    a0, a1, b0, b1 = columns_of_4(tl.load(VALUES + values_at, mask=inside[:, :, None], other=0.0))
     # the pair's byte read beside each of its values, so that it lies where they do (one cached line; read once
     # as (rows, pairs), it took a trip through shared memory to meet them)
-    byte_offs = (r.to(tl.int64) * (cols // 8) + p)[:, :, None] + four * 0
-    bytes4 = tl.load(META_BYTES + byte_offs, mask=inside[:, :, None], other=0)
+    bytes4 = tl.load(META_BYTES + byte_at[:, :, None] + values_at * 0, mask=inside[:, :, None], other=0)
     byte = columns_of_4(bytes4.to(tl.int32))[0]
-    _store_groups(OUT, (r.to(tl.int64) * cols + p * 8)[:, :, None], inside,
-                  _place_2of4(a0, a1, byte & 0xF), _place_2of4(b0, b1, (byte >> 4) & 0xF))
+    _store_groups(OUT, first, inside, _place_2of4(a0, a1, byte & 0xF), _place_2of4(b0, b1, (byte >> 4) & 0xF))
 
 
 def compress_24(weight, scores=None):

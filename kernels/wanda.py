@@ -34,17 +34,17 @@ def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.cons
     # The tile is (BLOCK_R * BLOCK_G / PACK, PACK * M): PACK whole groups per tile row, so a thread holds whole
     # groups and the rank's masked sums stay in its registers, and its loads and stores are 16 bytes wide
     # (pack_of). The 3-D (rows, groups, M) tile before spread a group over lanes: the sums took warp shuffles.
-    i = tl.arange(0, BLOCK_R * BLOCK_G // PACK)[:, None]
-    r = tl.program_id(0) * BLOCK_R + i // (BLOCK_G // PACK)
-    pos = tl.arange(0, PACK * M)[None, :]
-    col = (tl.program_id(1) * BLOCK_G + i % (BLOCK_G // PACK) * PACK) * M + pos
+    PACKS: tl.constexpr = BLOCK_G // PACK  # tile rows per weight row
+    i = tl.arange(0, BLOCK_R * PACKS)[:, None]
+    r = tl.program_id(0) * BLOCK_R + i // PACKS
+    col = (tl.program_id(1) * BLOCK_G + i % PACKS * PACK) * M + tl.arange(0, PACK * M)[None, :]
     inside = (r < rows) & (col < cols)
     offs = r.to(tl.int64) * cols + col
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
-    key = tl.reshape(_scores(w, norm), (BLOCK_R * BLOCK_G // PACK, PACK, M))
+    key = tl.reshape(_scores(w, norm), (BLOCK_R * PACKS, PACK, M))
     keep = nm_keep(key, tl.arange(0, M)[None, None, :], 2, N, M)
-    _write(OUT, MASK, offs, w, tl.reshape(keep, (BLOCK_R * BLOCK_G // PACK, PACK * M)), inside)
+    _write(OUT, MASK, offs, w, tl.reshape(keep, (BLOCK_R * PACKS, PACK * M)), inside)
 
 
 def pack_of(m, element_size):
