@@ -12,7 +12,7 @@
 #                   verified on hardware: a trap would end the process), so mma.sp, cuSPARSELt and dense
 #                   (the sweeps below time wgmma)
 #   4. wanda, compress   benchmarks/bench_<name>.py: Triton vs the PyTorch reference
-#   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto)
+#   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto), 8 workers
 #   6. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible);
 #                   a wgmma pipeline that fails its isolated cases is off for the later steps too. Both test
 #                   steps write <step>_skips.tsv (each skipped test and why); the summary names the skips
@@ -23,10 +23,10 @@
 #   8. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token): packed
 #                   experts (the grouped kernel: decode and the 512-token prefill) against transformers' grouped dense
 #                   run, decode in CUDA graphs, prefill eager
-#   9. methods      benchmarks/bench_methods.py: each pruning method's seconds per layer and peak GPU memory on one
-#                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), BESA first
-#  10. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's, alone and
+#   9. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's, alone and
 #                   in a small 8-layer Llama
+#  10. methods      benchmarks/bench_methods.py: each pruning method's seconds per layer and peak GPU memory on one
+#                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), BESA first
 #  11. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
 #                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #  12. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
@@ -59,7 +59,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress grouped e2e_moe methods dispatch wgmma_tiles wgmma_tma spmm_bf16 sparsegpt e2e_full"
+BENCHES="e2e spmm wanda compress grouped e2e_moe dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt e2e_full"
 OPTIONAL_BENCHES="spmm_sweep"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
@@ -179,20 +179,25 @@ suite() {
     --out "$RESULTS"
   bench wanda 40
   bench compress 30
-  # One xdist worker where pytest-xdist is there (the GPU image has it): the tests still run one at a time, in
-  # order, but a test that crashes the process (SIGSEGV in the extension, twice on 12-04) fails alone and a
-  # fresh worker runs the rest, instead of the step ending there
-  local isolate=""
-  "$PY" -c "import xdist" 2>/dev/null && isolate="-n 1 --max-worker-restart 20"
+  # Under pytest-xdist where it is there (the GPU image has it), so that a test that crashes the process (SIGSEGV in
+  # the extension, twice on 12-04) fails alone and a fresh worker runs the rest, instead of the step ending there.
+  # The GPU tests keep one worker: the tests still run one at a time, in order, so the wgmma pipelines' isolated
+  # cases come first (conftest.py) and what they turn off holds for the rest. The Triton kernels' tests take 8:
+  # they are independent and their time is mostly each case's compile on the host (184 tests, 83 s on 12-04).
+  # --durations: where each test step's time goes, for the next cut to fit the call
+  local isolate="" spread=""
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    isolate="-n 1 --max-worker-restart 20" spread="-n 8 --max-worker-restart 20"
+  fi
   if [ -d tests/kernels ]; then
-    step kernel_tests 120 env SDSENGINE_SKIPS="$RESULTS/kernel_tests_skips.tsv" "$PY" -m pytest -v $isolate \
-      -p no:cacheprovider tests/kernels
+    step kernel_tests 120 env SDSENGINE_SKIPS="$RESULTS/kernel_tests_skips.tsv" "$PY" -m pytest -v $spread \
+      --durations=15 -p no:cacheprovider tests/kernels
   elif selected kernel_tests; then
     printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
   fi
   # -v: a step cut off by its timeout still shows how far it got and what had failed
   step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" "$PY" -m pytest -v $isolate \
-    -p no:cacheprovider -m gpu tests --ignore=tests/kernels
+    --durations=25 -p no:cacheprovider -m gpu tests --ignore=tests/kernels
   [ -s "$SWITCHES" ] && . "$SWITCHES"
   # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
   # these (12-04: Mixtral-8x7B's experts lose from 64 rows, 256 tokens); 128 tokens is Mixtral's 32
@@ -202,12 +207,12 @@ suite() {
   # decode (grouped) and transformers' grouped_mm are both captured
   step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
     --dtype bfloat16 --no-prefill-graph --name e2e_moe --out "$RESULTS"
+  step dispatch 40 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
   # BESA first: the one method not yet timed on a GPU (12-04: the step's budget ran out during it, after SDS's 67 s)
   local methods_budget
   methods_budget=$(fit 130)
   step methods "$methods_budget" "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
     --methods besa,wanda,sparsegpt,sds,magnitude --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
-  step dispatch 40 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
   step wgmma_tiles 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines plain,overlap \
     --out "$RESULTS"
   step wgmma_tma 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines tma,tma_multicast \
