@@ -54,7 +54,8 @@ def measure_method(model, name, calibration, device, shape):
 
 def step_seconds(layers):
     """Seconds per step summed over every linear, where the method times its steps (SDS: its base's prune, the
-    re-dense, the second prune, the adjustment, the refit, the swaps); None where it does not."""
+    re-dense, the second prune, the adjustment, the refit, the swaps; BESA per block: the learner's setup, the
+    learning steps, the hard-mask checks, applying the masks); None where it does not."""
     total = {}
     for layer in layers:
         for info in layer.steps.values():

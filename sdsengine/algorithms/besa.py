@@ -30,6 +30,7 @@ from sdsengine.pipeline import adapters
 from . import besa_nm
 from .besa_block import learn, loss_summary, ste
 from .stats import InputNorms
+from .timing import Laps
 
 STATS = InputNorms
 
@@ -40,14 +41,15 @@ def needs_dense_stream(config):
 
 def prune_layer(ctx, config):
     """Learn the block's masks, apply them to ctx.targets in place; returns {linear: info, '_block': info}."""
-    learner = (besa_nm.SelectionLearner if config.sparsity.nm else RateLearner)(ctx, config)
+    laps = Laps(ctx.device)  # the report's seconds per phase: setup, steps, checks, apply
+    learner = laps.after("setup", (besa_nm.SelectionLearner if config.sparsity.nm else RateLearner)(ctx, config))
     # Only N:M compares iterates: its count is fixed, while an unstructured iterate's hard mask is not yet
     # projected onto the block's count, so its loss is not comparable.
-    losses, checked = learn(ctx, learner, config, checks=config.nm_checks if config.sparsity.nm else 0)
+    losses, checked = learn(ctx, learner, config, checks=config.nm_checks if config.sparsity.nm else 0, laps=laps)
     with torch.no_grad():
         starts = learner.start() if config.guard == "layer" else {}  # after learning: no copy held through it
-        info = learner.apply()
-        info["_block"] = {**loss_summary(losses), **checked, **learner.block_info()}
+        info = laps.after("apply", learner.apply())
+        info["_block"] = {**loss_summary(losses), **checked, **learner.block_info(), "seconds": dict(laps)}
     for name, (weight, summary) in starts.items():
         # the layer guard may keep these instead; the report then describes them (fallback_info)
         info[name].update(fallback=weight, fallback_info=summary)

@@ -10,32 +10,37 @@ from torch.func import functional_call
 
 from sdsengine.pipeline import adapters
 
+from .timing import Laps
 
-def learn(ctx, learner, config, checks=0):
+
+def learn(ctx, learner, config, checks=0, laps=None):
     """Run config.epochs passes of one calibration window per step; returns the block losses seen and the
     step size used plus, with checks > 0, the BestIterate record (the learner is left at its best checked
-    iterate)."""
+    iterate). laps (timing.Laps), if given, is charged the setup, the steps and the checks apart."""
     if config.epochs == 0:
         return [], {}
+    laps = Laps(ctx.device) if laps is None else laps
     steps = config.epochs * ctx.inps.shape[0]
     lr = config.step_size(steps)
     optimizer = make_optimizer(learner.parameters(), config, lr)
     targets = block_targets(ctx, config)
-    energy = channel_energy(targets, ctx.device)
+    energy = laps.after("setup", channel_energy(targets, ctx.device))
     best = BestIterate(ctx, learner, targets, energy, checks) if checks else None
     losses = []
     with torch.enable_grad():
         for _ in range(config.epochs):
             for j in range(ctx.inps.shape[0]):
                 if best and best.due(len(losses)):
-                    best.check(len(losses))
+                    laps.after("steps", None)
+                    laps.after("checks", best.check(len(losses)))
                 rec = block_loss(ctx, learner.masked_weights("ste"), j, targets, energy)
                 loss = rec + learner.penalty()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(rec.detach()))
-    return losses, {"lr": lr, **(best.restore(steps) if best else {})}
+    laps.after("steps", None)
+    return losses, {"lr": lr, **(laps.after("checks", best.restore(steps)) if best else {})}
 
 
 class BestIterate:

@@ -32,7 +32,6 @@ also handed to the pipeline as the linear's fallback: the decoder layer then ret
 when they give a lower layer output error (the per-linear errors need not add up within a layer).
 """
 import sys
-import time
 
 import torch
 
@@ -41,6 +40,7 @@ from sdsengine.masks import nm_mask, top_k_mask
 from . import sparsegpt, wanda
 from .least_squares import Objective, refine_mask, refit
 from .stats import Hessian
+from .timing import Laps
 
 STATS = Hessian
 BASES = {"sparsegpt": sparsegpt.obs_prune, "wanda": wanda.prune}  # the base pruners, without any refit
@@ -107,25 +107,6 @@ def reconstruct(objective, w1, config, second_prune, keep=None, laps=None):
     final = list(steps.values())[-1]  # the last step's error: w3's
     chosen, choice = (w3, "sds") if final <= steps["initial"] else (w1, "base")
     return chosen, {**steps, "chosen": error(chosen), "choice": choice, "seconds": dict(laps)}
-
-
-class Laps(dict):
-    """Seconds per step, name -> time since the previous lap (or creation), the device's queue drained first so
-    that a GPU step is charged its own work; work between two laps (an error's evaluation) counts in the later."""
-
-    def __init__(self, device):
-        super().__init__()
-        self._cuda = torch.device(device).type == "cuda"
-        self._last = time.perf_counter()
-
-    def after(self, name, value):
-        """value, once the step that made it is timed under `name`."""
-        if self._cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self[name] = self.get(name, 0.0) + now - self._last
-        self._last = now
-        return value
 
 
 def refit_support(w, objective, project):
