@@ -3,9 +3,9 @@
 // Yt = W . Xt: each warp owns one 16-row m-tile of W and walks a slice of K in 256-wide blocks. A block
 // is 8 k-steps; per lane it is eight 16-byte value loads (one per k-step, already in A-fragment order)
 // and one 16-byte metadata load (four registers, each serving two k-steps through the two sparsity
-// selectors). The next block is loaded into registers while the current one multiplies, so every warp
-// keeps weight bytes in flight. X is tiny in decode: the block's tokens x K-chunk are copied to shared
-// memory with cp.async and turned into B fragments with ldmatrix.
+// selectors). The next two blocks are loaded into registers while the current one multiplies (a ring of
+// three), so every warp keeps two blocks of weight bytes in flight. X is tiny in decode: the block's
+// tokens x K-chunk are copied to shared memory with cp.async and turned into B fragments with ldmatrix.
 //
 // Grid: x = groups of kWarps m-tiles, y = K slices (split-K, so that decode with M = 4096 still puts
 // several blocks on every SM), z = groups of 8 * n_tiles tokens (in a grouped call, per group of rows: each
@@ -29,7 +29,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kStepsPerBlock = 8;   // k-steps of 32 in one 256-wide K block
 constexpr int kU4PerBlockRow = 32;  // 256 elements of one X row = 32 x 16 bytes
 constexpr int kBlockRowBytes = kU4PerBlockRow * 16;
-constexpr int kCtasPerSm = 4;       // what the split-K heuristic aims to keep resident per SM
+// What the split-K heuristic aims to keep resident per SM: what the registers allow at 128 threads (ptxas,
+// sm_80 and sm_90a, with the three-block ring: 158-165 registers per thread up to 4 token tiles, 227-234 at 8).
+constexpr int ctas_per_sm(int n_tiles) { return n_tiles >= 8 ? 2 : 3; }
 constexpr int kSmemLimit = 48 * 1024;
 
 // ordered_metadata is the form PTX recommends from ISA 8.5 on; our indices are sorted, which it needs.
@@ -102,6 +104,11 @@ __device__ __forceinline__ void load_block(Block& blk, const uint4* values, cons
 #pragma unroll
   for (int s = 0; s < kStepsPerBlock; ++s) blk.a[s] = ld_stream(values + s * 32);
   blk.e = ld_stream(meta);
+}
+
+// Block kb of this warp's m-tile (values and meta point at the tile's first block, for this lane).
+__device__ __forceinline__ void load_block_at(Block& blk, const uint4* values, const uint4* meta, int kb) {
+  load_block(blk, values + static_cast<size_t>(kb) * kStepsPerBlock * 32, meta + kb * 32);
 }
 
 // Copies X[n0 : n0 + 8 NT, K blocks c0 : c1] to shared memory. Rows are padded by 16 bytes so the
@@ -235,8 +242,15 @@ __global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, in
   const uint4* meta = reinterpret_cast<const uint4*>(p.meta) + tiles * p.KB * 32 + lane;
   const T* bias = p.bias != nullptr ? static_cast<const T*>(p.bias) + static_cast<size_t>(expert) * p.M : nullptr;
   float acc[NT][4] = {};
-  Block cur;
-  if (active) load_block(cur, values + static_cast<size_t>(kb_begin) * kStepsPerBlock * 32, meta + kb_begin * 32);
+  // The ring: block kb sits in ring[(kb - kb_begin) % 3]. Each buffer keeps its registers (the switch below
+  // names them statically): moving a block from one to another waits for its loads, which is how the
+  // two-buffer form before kept only one block in flight (SASS: 36 SELs at the loop's end, 12-04).
+  Block b0, b1, b2;
+  if (active) {
+    load_block_at(b0, values, meta, kb_begin);
+    if (kb_begin + 1 < kb_end) load_block_at(b1, values, meta, kb_begin + 1);
+  }
+  int phase = 0;  // (kb - kb_begin) % 3 of the next block to multiply
 
   for (int c0 = kb_begin; c0 < kb_end; c0 += kb_per_chunk) {
     const int c1 = min(c0 + kb_per_chunk, kb_end);
@@ -246,11 +260,22 @@ __global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, in
     __syncthreads();
     if (!active) continue;
     for (int kb = c0; kb < c1; ++kb) {
-      Block next;
-      const bool more = kb + 1 < kb_end;
-      if (more) load_block(next, values + static_cast<size_t>(kb + 1) * kStepsPerBlock * 32, meta + (kb + 1) * 32);
-      mma_block<T, NT>(acc, cur, xs + (kb - c0) * kU4PerBlockRow, stride, lane);
-      if (more) cur = next;
+      const uint4* x = xs + (kb - c0) * kU4PerBlockRow;
+      const bool ahead = kb + 2 < kb_end;  // the block two ahead goes where this one's came from two ago
+      switch (phase) {
+        case 0:
+          if (ahead) load_block_at(b2, values, meta, kb + 2);
+          mma_block<T, NT>(acc, b0, x, stride, lane);
+          break;
+        case 1:
+          if (ahead) load_block_at(b0, values, meta, kb + 2);
+          mma_block<T, NT>(acc, b1, x, stride, lane);
+          break;
+        default:
+          if (ahead) load_block_at(b1, values, meta, kb + 2);
+          mma_block<T, NT>(acc, b2, x, stride, lane);
+      }
+      phase = phase == 2 ? 0 : phase + 1;
     }
   }
   if (active) store<T, NT>(acc, p, bias, mt, n0, end, split, lane);
@@ -290,7 +315,7 @@ Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups
   plan.token_blocks = ceil_div(N, rows);
   plan.m_blocks = ceil_div(ceil_div(M, 16), kWarps);
   const int busy_blocks = plan.m_blocks * ceil_div(typical, rows) * plan.groups;
-  const int wanted = split_k > 0 ? split_k : ceil_div(kCtasPerSm * num_sms, busy_blocks);
+  const int wanted = split_k > 0 ? split_k : ceil_div(ctas_per_sm(plan.n_tiles) * num_sms, busy_blocks);
   plan.kb_per_split = ceil_div(kb, std::min(std::max(wanted, 1), kb));
   plan.splits = ceil_div(kb, plan.kb_per_split);
   const int chunk_cap = std::max(1, (kSmemLimit / rows - 16) / kBlockRowBytes);

@@ -476,7 +476,7 @@ def _run_rows(backend, form, x, bias, out_features):
 
 
 # Split-K of the mma.sp kernel, per weight shape and token count. The kernel's own plan (split_k 0) aims at
-# kCtasPerSm blocks per SM from a formula; how much that leaves on the table (a partial last wave, the
+# the blocks per SM its registers allow (ctas_per_sm), from a formula; how much that leaves on the table (a partial last wave, the
 # slices' reduction) depends on the GPU, so the splits that give other plans are timed once per shape and
 # token count, like cuSPARSELt's algorithm, and the fastest is kept unless the plan's own is within
 # SPLIT_MARGIN of it. Only up to SPLIT_SEARCH_TOKENS tokens, the decode regime this kernel is for (from 128

@@ -165,6 +165,20 @@ def test_no_wgmma_operand_register_reused_in_flight(compilers, source):
     assert not any(hazards.values()), {name: h for name, h in hazards.items() if h}
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_decode_kernel_multiplies_from_three_resident_blocks(compilers, arch):
+    """The mma.sp kernel's ring: its MMAs read their A fragments from three sets of 8 registers (a block each,
+    the current one and the two in flight), not one set that every block is copied into: a copy waits for
+    the block's loads, which left one block in flight per warp (SASS of 12-04: 36 SELs at the loop's end)."""
+    _, sass = _sass(compilers, f"spmm24_sm80.cu-sm_{arch}")
+    kernels = [f for f in sass.split("Function : ")[1:] if f.split()[0].find("spmm24_kernel") >= 0]
+    assert len(kernels) == 8, len(kernels)  # 2 dtypes x 4 token tiles
+    for kernel in kernels:
+        fragments = set(re.findall(r"HMMA\.SP\.16832\.F32(?:\.BF16)? R\d+, (R\d+),", kernel))
+        assert len(fragments) == 24, (kernel.split()[0], sorted(fragments))
+        assert kernel.count("LDG.E.NA.128.CONSTANT") == 5 * 9, kernel.split()[0]  # 2 blocks first, 3 loop sites
+
+
 def test_hazard_check_finds_a_write_across_a_loop_back_edge():
     """The check itself, on SASS shaped like the 11-30 finding: the loop's head rewrites the metadata register
     of the group left in flight by the loop's last stage."""
@@ -265,4 +279,4 @@ def test_a_grouped_plan_tiles_for_the_typical_rows_and_counts_only_blocks_with_r
     # blocks past a group's typical rows leave at once, so they do not count toward filling the GPU: the split-K
     # is that of a call whose groups have the typical rows only
     few = decode_plan(64, 64, 65536, groups=2, typical_rows=8)
-    assert few["token_blocks"] == 8 and few["splits"] == decode_plan(64, 8, 65536, groups=2)["splits"] == 256
+    assert few["token_blocks"] == 8 and few["splits"] == decode_plan(64, 8, 65536, groups=2)["splits"] == 128
