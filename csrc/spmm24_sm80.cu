@@ -315,7 +315,9 @@ Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups
   plan.token_blocks = ceil_div(N, rows);
   plan.m_blocks = ceil_div(ceil_div(M, 16), kWarps);
   const int busy_blocks = plan.m_blocks * ceil_div(typical, rows) * plan.groups;
-  const int wanted = split_k > 0 ? split_k : ceil_div(ctas_per_sm(plan.n_tiles) * num_sms, busy_blocks);
+  // as many splits as fit in one wave of resident blocks (rounding up left a partial second wave: 11008x4096 at
+  // one token, 172 m-blocks x 3 splits = 516 for 396 slots, where 2 splits fit)
+  const int wanted = split_k > 0 ? split_k : ctas_per_sm(plan.n_tiles) * num_sms / std::max(busy_blocks, 1);
   plan.kb_per_split = ceil_div(kb, std::min(std::max(wanted, 1), kb));
   plan.splits = ceil_div(kb, plan.kb_per_split);
   const int chunk_cap = std::max(1, (kSmemLimit / rows - 16) / kBlockRowBytes);

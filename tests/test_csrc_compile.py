@@ -271,6 +271,17 @@ def test_the_decode_plan_sizes_its_token_tile_for_the_rows(decode_plan):
     assert decode_plan(4096, 1, 4096)["splits"] > decode_plan(4096, 64, 4096, groups=16)["splits"] >= 1
 
 
+def test_the_decode_plan_fills_one_wave_at_most(decode_plan):
+    """At one token the plan splits K into as many slices as one wave of resident blocks holds (3 per SM with
+    the three-block ring), never a partial second wave: at 132 SMs, 396 slots."""
+    plans = {shape: decode_plan(*shape, 132) for shape in
+             [(4096, 1, 4096), (11008, 1, 4096), (14336, 1, 4096), (4096, 1, 11008), (1024, 1, 4096)]}
+    blocks = {shape: p["m_blocks"] * p["splits"] for shape, p in plans.items()}
+    assert all(b <= 3 * 132 for b in blocks.values()), blocks
+    assert {shape[:3:2]: p["splits"] for shape, p in plans.items()} == {
+        (4096, 4096): 6, (11008, 4096): 2, (14336, 4096): 1, (4096, 11008): 6, (1024, 4096): 16}
+
+
 def test_a_grouped_plan_tiles_for_the_typical_rows_and_counts_only_blocks_with_rows(decode_plan):
     """64 decode tokens of Qwen3-30B-A3B (gate_up 1536 x 2048, 128 experts, 8 per token): ~4 rows per expert."""
     plan = decode_plan(1536, 64, 2048, groups=128, typical_rows=4)
