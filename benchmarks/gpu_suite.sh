@@ -11,7 +11,8 @@
 #                   fit, first: the figures the issues ask for; with the wgmma.sp pipelines off (never
 #                   verified on hardware: a trap would end the process), so mma.sp, cuSPARSELt and dense
 #                   (the sweeps below time wgmma)
-#   4. wanda, compress   benchmarks/bench_<name>.py: Triton vs the PyTorch reference
+#   4. wanda, compress, nm_mask   benchmarks/bench_<name>.py: Triton vs the PyTorch reference (nm_mask: the N:M
+#                   mask every method's N:M step takes on a GPU)
 #   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto), 8 workers
 #   6. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible);
 #                   a wgmma pipeline that fails its isolated cases is off for the later steps too. Both test
@@ -59,7 +60,8 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress grouped e2e_moe dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt e2e_full"
+BENCHES="e2e spmm wanda compress nm_mask grouped e2e_moe dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt"
+BENCHES="$BENCHES e2e_full"
 OPTIONAL_BENCHES="spmm_sweep"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
@@ -179,6 +181,7 @@ suite() {
     --out "$RESULTS"
   bench wanda 40
   bench compress 30
+  bench nm_mask 25
   # Under pytest-xdist where it is there (the GPU image has it), so that a test that crashes the process (SIGSEGV in
   # the extension, twice on 12-04) fails alone and a fresh worker runs the rest, instead of the step ending there.
   # The GPU tests keep one worker: the tests still run one at a time, in order, so the wgmma pipelines' isolated

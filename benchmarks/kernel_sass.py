@@ -29,11 +29,12 @@ from triton.backends.compiler import GPUTarget
 
 from sdsengine.bench import table, write_json
 from sdsengine.kernels import compress as compress_mod
+from sdsengine.kernels import nm_select as nm_select_mod
 from sdsengine.kernels import sparsegpt as sparsegpt_mod
 from sdsengine.kernels import wanda as wanda_mod
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 # the unstructured Wanda kernel holds a row padded to a power of two: Llama-7B/8B widths, and 28672 (the
 # down projection of 70B-class models), padded past 16384, where a 16-warp program runs out of registers
 ROW_LENGTHS = (4096, 11008, 28672)
@@ -77,7 +78,16 @@ def kernels(ty):
     out.append(Kernel("decompress 2:4", compress_mod._decompress_kernel,
                       {"VALUES": f"*{ty}", "META_BYTES": "*u8", "OUT": f"*{ty}", "rows": "i32", "cols": "i32"},
                       tile, compress_mod.WARPS, per_program, True))
-    return out + sparsegpt_kernels(ty)
+    return out + [nm_mask_kernel(ty)] + sparsegpt_kernels(ty)
+
+
+def nm_mask_kernel(ty):
+    """The N:M mask kernel on scores of type ty (fp64 too: BESA's learned scores), 2:4, its default tile."""
+    rows, cols = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS
+    return Kernel("nm_mask 2:4", nm_select_mod._nm_mask_kernel, {"S": f"*{ty}", "MASK": "*i8", "rows": "i32",
+                                                              "cols": "i32"},
+                  {"N": 2, "M": 4, "PACK": wanda_mod.pack_of(4, BYTES[ty]), "BLOCK_R": rows, "BLOCK_G": cols // 4,
+                   "WIDE": ty == "fp64"}, wanda_mod.NM_WARPS, rows * cols, True)
 
 
 def sparsegpt_kernels(ty, block=128):
@@ -138,8 +148,8 @@ def profile(text, elements_per_thread):
 
 def run(arch):
     records = []
-    for dtype, ty in DTYPES.items():
-        for k in kernels(ty):
+    for dtype, ty in {**DTYPES, "float64": "fp64"}.items():
+        for k in kernels(ty) if ty != "fp64" else [nm_mask_kernel(ty)]:  # only nm_mask takes fp64
             text, regs, stack, shared = compile_sass(k, arch)
             stats = profile(text, k.elements / (32 * k.warps) if k.straight else None)
             records.append({"bench": "kernel_sass", "kernel": k.name, "dtype": dtype, "arch": f"sm_{arch}",

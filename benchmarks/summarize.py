@@ -18,8 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-BENCHES = ("wanda", "sparsegpt", "compress", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch", "spmm_bf16",
-           "e2e_full", "grouped", "e2e_moe", "methods", "spmm_sweep")
+BENCHES = ("wanda", "sparsegpt", "compress", "nm_mask", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch",
+           "spmm_bf16", "e2e_full", "grouped", "e2e_moe", "methods", "spmm_sweep")
 GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "spmm_sweep": ("backend", "dtype"),
             "e2e": ("bench", "backend", "dtype"),
             "e2e_full": ("bench", "backend", "dtype"), "e2e_moe": ("bench", "backend", "dtype"),

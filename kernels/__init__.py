@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from sdsengine import masks
+
 from . import reference
 
 _forced = None
@@ -100,6 +102,20 @@ def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
     with _device_of(weight):
         return _kernel("wanda").wanda_prune(weight, norm if norm.dtype in _KERNEL_DTYPES else norm.float(),
                                             sparsity, nm)
+
+
+@torch.no_grad()
+def nm_mask(scores, n, m):
+    """Keep mask of the n highest scores in every group of m along the last dim (sdsengine.masks.nm_mask,
+    which hands its CUDA tensors here)."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"nm_mask: scores must be a tensor, got {type(scores).__name__}")
+    masks.check_nm(scores, n, m)
+    covered = scores.dtype in _KERNEL_DTYPES + (torch.float64,) and scores.dim() >= 1 and _m_covered((n, m))
+    if not _use_triton(scores, covered):
+        return reference.nm_mask(scores, n, m)
+    with _device_of(scores):
+        return _kernel("nm_select").nm_mask(scores, n, m)
 
 
 @torch.no_grad()

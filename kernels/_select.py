@@ -20,6 +20,27 @@ def sort_key(x):
 
 
 @triton.jit
+def sort_key64(x):
+    """sort_key of fp64 x, as int64 (the same rules: -0.0 ties 0.0, every NaN one key above +inf)."""
+    bits = x.to(tl.int64, bitcast=True)
+    key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+    key = tl.where(x == 0, 0, key)
+    return tl.where(x != x, 0x7FF8000000000000, key)
+
+
+@triton.jit
+def group_tile(rows, cols, M: tl.constexpr, PACK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's tile of an N:M kernel: (offsets, columns, inside) of BLOCK_R rows x BLOCK_G groups of M,
+    addressed as (BLOCK_R * BLOCK_G / PACK, PACK * M): PACK whole groups per tile row, so a thread holds whole
+    groups (its rank's masked sums stay in its registers) and loads them PACK * M elements at a time."""
+    PACKS: tl.constexpr = BLOCK_G // PACK  # tile rows per matrix row
+    i = tl.arange(0, BLOCK_R * PACKS)[:, None]
+    r = tl.program_id(0) * BLOCK_R + i // PACKS
+    col = (tl.program_id(1) * BLOCK_G + i % PACKS * PACK) * M + tl.arange(0, PACK * M)[None, :]
+    return r.to(tl.int64) * cols + col, col, (r < rows) & (col < cols)
+
+
+@triton.jit
 def magnitude_key(x):
     """sort_key(|x|) in fewer steps: |x| has no sign, so its bits order like it; only NaNs need one key."""
     bits = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)

@@ -5,14 +5,14 @@ Masks follow sdsengine.masks: True = keep, ties broken by lower index first.
 """
 import torch
 
-from sdsengine.masks import nm_mask, prune_lowest_mask
+from sdsengine.masks import nm_mask_torch, prune_lowest_mask
 
 
 def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
     """Wanda (Sun et al. 2023): score S_ij = |W_ij| * ||X_j||_2, compared per output row
     (unstructured) or per group of M inputs (N:M). Returns (pruned weight, keep mask)."""
     scores = weight.abs().float() * act_norm.float().reshape(1, -1)
-    mask = nm_mask(scores, *nm) if nm else prune_lowest_mask(scores, sparsity, dim=-1)
+    mask = nm_mask_torch(scores, *nm) if nm else prune_lowest_mask(scores, sparsity, dim=-1)
     # where, not weight * mask: pruned entries are +0.0 even for -x, inf and NaN weights, as Wanda's W[~M] = 0
     return torch.where(mask, weight, torch.zeros_like(weight)), mask
 
@@ -37,7 +37,7 @@ def sparsegpt_block(w_block, hinv_block, sparsity=0.5, nm=None):
     for i in range(width):
         if nm and i % nm[1] == 0:
             group = slice(i, i + nm[1])
-            keep_group = nm_mask(w[:, group] ** 2 / diag[group].reshape(1, -1) ** 2, *nm)
+            keep_group = nm_mask_torch(w[:, group] ** 2 / diag[group].reshape(1, -1) ** 2, *nm)
             keep = keep_group if i == 0 else torch.cat([keep, keep_group], dim=1)
         col = w[:, i]
         q[:, i] = col * keep[:, i]
@@ -58,7 +58,7 @@ def compress_24(weight, scores=None):
     rows, cols = weight.shape
     if cols % 32:
         raise ValueError(f"2:4 compression needs in_features divisible by 32, got {cols}")
-    keep = nm_mask((weight.abs() if scores is None else scores).float(), 2, 4).reshape(rows, cols // 4, 4)
+    keep = nm_mask_torch((weight.abs() if scores is None else scores).float(), 2, 4).reshape(rows, cols // 4, 4)
     idx = torch.arange(4, device=weight.device).expand_as(keep)
     kept_idx = torch.sort(torch.where(keep, idx, 4), dim=-1).values[..., :2]  # ascending column order
     groups = weight.reshape(rows, cols // 4, 4)
@@ -85,3 +85,8 @@ def decompress_24(values, meta):
     dense = torch.zeros(rows, cols // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, kept_idx, values.reshape(rows, cols // 4, 2))
     return dense.reshape(rows, cols)
+
+
+def nm_mask(scores, n, m):
+    """Keep mask of the n highest scores in every group of m along the last dim (sdsengine.masks.nm_mask)."""
+    return nm_mask_torch(scores, n, m)

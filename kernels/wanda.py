@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import PAD_KEY, kth_key, nm_keep, sort_key
+from ._select import PAD_KEY, group_tile, kth_key, nm_keep, sort_key
 
 NM_TILE_ROWS = 16
 NM_TILE_COLS = 256  # per program: 16 x 256 elements, 16 per thread at 8 warps
@@ -31,20 +31,13 @@ def _write(OUT, MASK, offs, w, keep, inside):
 @triton.jit
 def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr, PACK: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    # The tile is (BLOCK_R * BLOCK_G / PACK, PACK * M): PACK whole groups per tile row, so a thread holds whole
-    # groups and the rank's masked sums stay in its registers, and its loads and stores are 16 bytes wide
-    # (pack_of). The 3-D (rows, groups, M) tile before spread a group over lanes: the sums took warp shuffles.
-    PACKS: tl.constexpr = BLOCK_G // PACK  # tile rows per weight row
-    i = tl.arange(0, BLOCK_R * PACKS)[:, None]
-    r = tl.program_id(0) * BLOCK_R + i // PACKS
-    col = (tl.program_id(1) * BLOCK_G + i % PACKS * PACK) * M + tl.arange(0, PACK * M)[None, :]
-    inside = (r < rows) & (col < cols)
-    offs = r.to(tl.int64) * cols + col
+    # group_tile: whole groups per thread, loads and stores 16 bytes wide (pack_of). The 3-D (rows, groups, M)
+    # tile before spread a group over lanes: the rank's sums took warp shuffles.
+    offs, col, inside = group_tile(rows, cols, M, PACK, BLOCK_R, BLOCK_G)
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
-    key = tl.reshape(_scores(w, norm), (BLOCK_R * PACKS, PACK, M))
-    keep = nm_keep(key, tl.arange(0, M)[None, None, :], 2, N, M)
-    _write(OUT, MASK, offs, w, tl.reshape(keep, (BLOCK_R * PACKS, PACK * M)), inside)
+    keep = nm_keep(tl.reshape(_scores(w, norm), (offs.shape[0], PACK, M)), tl.arange(0, M)[None, None, :], 2, N, M)
+    _write(OUT, MASK, offs, w, tl.reshape(keep, offs.shape), inside)
 
 
 def pack_of(m, element_size):

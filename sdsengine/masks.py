@@ -7,11 +7,27 @@ import torch
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim."""
+    """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim. CUDA
+    tensors go to sdsengine.kernels.nm_mask (one Triton pass, under the kernels' switch): a stable sort of
+    groups of 4 gives each group a warp's 128-wide merge sort there."""
+    check_nm(scores, n, m)
+    if scores.is_cuda:
+        from sdsengine import kernels  # not at import: the kernels' reference imports this module
+        return kernels.nm_mask(scores, n, m)
+    return nm_mask_torch(scores, n, m)
+
+
+def check_nm(scores, n, m):
     if not (0 <= n <= m and m >= 1):  # a negative n would slice from the end
         raise ValueError(f"an N:M pattern needs 0 <= N <= M and M >= 1, got {n}:{m}")
     if scores.shape[-1] % m:
         raise ValueError(f"last dimension {scores.shape[-1]} is not divisible by M={m} for an {n}:{m} pattern")
+
+
+def nm_mask_torch(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """nm_mask in plain PyTorch on any device (sdsengine.kernels' reference): by compares for M = 4 on the
+    CPU, else a stable sort of each group."""
+    check_nm(scores, n, m)
     if m == 4 and scores.is_floating_point() and scores.device.type == "cpu":
         return _keep_of_4(scores, n)
     groups = scores.reshape(-1, m)

@@ -28,6 +28,7 @@ BENCHES = {  # name: (fields beyond REQUIRED, patterns, dtypes)
     "wanda": (BANDWIDTH | {"mismatch"}, {"2:4", "0.5"}, {"float16", "bfloat16"}),
     "compress": (BANDWIDTH | {"mismatch", "copy_ms", "vs_copy"}, {"2:4"}, {"float16", "bfloat16"}),
     "sparsegpt": ({"rel_err"}, {"2:4", "0.5"}, {"float32"}),
+    "nm_mask": (BANDWIDTH | {"mismatch"}, {"2:4"}, {"float32", "float64"}),
 }
 
 
@@ -683,14 +684,16 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
     kernels = ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "wanda 50% (11008 cols)", "wanda 50% (28672 cols)",
                "compress 2:4", "decompress 2:4", "sparsegpt 2:4", "sparsegpt 50%")
     assert {(r["kernel"], r["dtype"]) for r in records} == {
-        (k, d) for k in kernels for d in ("float16", "bfloat16", "float32")}
+        (k, d) for k in kernels + ("nm_mask 2:4",) for d in ("float16", "bfloat16", "float32")} | {
+        ("nm_mask 2:4", "float64")}
     assert all(re.match(r"\d+\.\d+", r["triton"]) and r["stack_bytes"] >= 0 for r in records)
     assert all(r["instructions"] > 0 and "LDG" in r["global_accesses"] and r["programs_per_sm"] >= 1
                for r in records)
     for r in records:
-        if r["kernel"] in ("wanda 2:4", "wanda 4:8") and r["dtype"] != "float32":
+        if r["kernel"] in ("wanda 2:4", "wanda 4:8", "nm_mask 2:4") and r["dtype"] != "float32":
             assert (r["shfl"], r["shared"]) == (0, 0), r
-        if r["kernel"] in ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "compress 2:4", "decompress 2:4"):
+        if r["kernel"] in ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "compress 2:4", "decompress 2:4",
+                           "nm_mask 2:4"):
             assert r["stack_bytes"] == 0, r
         if r["kernel"] == "wanda 50% (4096 cols)":
             assert r["per_element"] is None, r

@@ -30,7 +30,7 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-KERNEL_FUNCTIONS = ("wanda_prune", "sparsegpt_block", "compress_24", "decompress_24")
+KERNEL_FUNCTIONS = ("wanda_prune", "sparsegpt_block", "compress_24", "decompress_24", "nm_mask")
 
 
 @pytest.fixture
