@@ -42,7 +42,8 @@ def _keep_of_4(scores, n):
     (a higher key, or an equal one at a lower index), as in the stable descending sort, on sort keys so that
     NaN and -0.0 rank as the sort ranks them. On the CPU at SmolLM2's shapes (576 x 576, 1536 x 576), 0.43 and
     0.95 ms on magnitudes (sort_key's 2-pass case) against the sort's 4.1 and 11.3; 1.4 and 3.4 on signed scores.
-    Not used on a GPU until timed there: its ~20 elementwise passes may cost more than one sort kernel."""
+    The CPU's only: a GPU takes the Triton kernel (sdsengine.kernels.nm_mask), one pass where these compares
+    would be ~20."""
     k0, k1, k2, k3 = sort_key(scores).reshape(-1, 4).unbind(1)
     a01, a02, a03, a12, a13, a23 = k0 >= k1, k0 >= k2, k0 >= k3, k1 >= k2, k1 >= k3, k2 >= k3  # i ahead of j
     u8 = lambda b: b.view(torch.uint8)  # bools counted as bytes, in place: no conversion pass per term
