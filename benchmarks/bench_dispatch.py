@@ -1,9 +1,10 @@
 """SparseLinear's host cost per call against nn.Linear's, on shapes too small for the GEMM to matter.
 
 Each layer is called in a loop and timed with the host clock (the device synchronized after the loop),
-so what is measured is Python, dispatch and launch: the cost a converted model pays on every linear in
-eager mode. A converted Llama runs 7 linears per decoder layer, so at 32 layers and X microseconds more per
-call, an eager prefill or decode step costs 224 X more host time; it shows wherever the step is host-bound.
+nn.Linear's and SparseLinear's loops in turn, so what is measured is Python, dispatch and launch: the cost a
+converted model pays on every linear in eager mode. A converted Llama runs 7 linears per decoder layer, so at
+32 layers and X microseconds more per call, an eager prefill or decode step costs 224 X more host time; it
+shows wherever the step is host-bound.
 Runs on the CPU too (there the only backend is dense, reached by the same dispatch as on a GPU).
 
 A layer timed alone shows less than a model pays: in a model each call's Python runs among the rest of the
@@ -35,20 +36,25 @@ SHAPE = (64, 256)  # (out, in): a GEMM of a few microseconds, so the host side i
 MODEL_LAYERS, MODEL_WIDTH = 8, 256  # the small Llama: its forward is host-bound on any device
 
 
-def per_call_ms(layer, x, calls, repeats=7):
-    """Median over `repeats` of the mean host time of `calls` calls in a row."""
+def per_call_ms(dense, sparse, x, calls, repeats=7):
+    """(dense's, sparse's) median over `repeats` of the mean host time of `calls` calls in a row, the two timed in
+    turn: timed one after the other, the second model's figure took whatever the host drifted to meanwhile (on
+    the CPU, 512 tokens through the small Llama: +51 to +264 us per linear call in three runs one after the
+    other, +3.7 in turn)."""
+    times = {dense: [], sparse: []}
     with torch.no_grad():
-        for _ in range(20):
-            layer(x)  # tunes SparseLinear and warms every cache
-        times = []
+        for layer in times:
+            for _ in range(20):
+                layer(x)  # tunes SparseLinear and warms every cache
         for _ in range(repeats):
-            _sync(x.device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                layer(x)
-            _sync(x.device)
-            times.append((time.perf_counter() - start) * 1e3 / calls)
-    return statistics.median(times)
+            for layer, seen in times.items():
+                _sync(x.device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    layer(x)
+                _sync(x.device)
+                seen.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(times[dense]), statistics.median(times[sparse])
 
 
 def _sync(device):
@@ -67,8 +73,7 @@ def layers(device, dtype):
 def measure(tokens, device, dtype, calls):
     dense, sparse = layers(device, dtype)
     x = torch.randn(1, tokens, SHAPE[1], device=device, dtype=dtype)
-    dense_ms = per_call_ms(dense, x, calls)
-    ms = per_call_ms(sparse, x, calls)
+    dense_ms, ms = per_call_ms(dense, sparse, x, calls)
     backend = sparse_linear.autotune_choices().get(sparse._key(tokens), "?")
     return _record(f"{SHAPE[0]}x{SHAPE[1]}", tokens, dtype, ms, dense_ms, backend=backend)
 
@@ -100,8 +105,7 @@ def small_llamas(device, dtype):
 def measure_model(tokens, device, dtype, calls):
     dense, converted, linears = small_llamas(device, dtype)
     ids = torch.randint(0, 1000, (1, tokens), device=device)
-    dense_ms = per_call_ms(dense, ids, calls)
-    ms = per_call_ms(converted, ids, calls)
+    dense_ms, ms = per_call_ms(dense, converted, ids, calls)
     return _record(f"llama-tiny/{MODEL_LAYERS}layers", tokens, dtype, ms, dense_ms, linears=linears)
 
 
