@@ -171,7 +171,7 @@ def test_the_decode_kernel_multiplies_from_three_resident_blocks(compilers, arch
     the current one and the two in flight), not one set that every block is copied into: a copy waits for
     the block's loads, which left one block in flight per warp (SASS of 12-04: 36 SELs at the loop's end)."""
     _, sass = _sass(compilers, f"spmm24_sm80.cu-sm_{arch}")
-    kernels = [f for f in sass.split("Function : ")[1:] if f.split()[0].find("spmm24_kernel") >= 0]
+    kernels = [f for f in sass.split("Function : ")[1:] if "spmm24_kernel" in f.split()[0]]
     assert len(kernels) == 8, len(kernels)  # 2 dtypes x 4 token tiles
     for kernel in kernels:
         fragments = set(re.findall(r"HMMA\.SP\.16832\.F32(?:\.BF16)? R\d+, (R\d+),", kernel))
