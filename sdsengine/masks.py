@@ -9,8 +9,7 @@ import torch
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim. CUDA
     tensors go to sdsengine.kernels.nm_mask (one Triton pass, under the kernels' switch): a stable sort of
-    groups of 4 gives each group a warp's 128-wide merge sort there."""
-    check_nm(scores, n, m)
+    groups of 4 gives each group a warp's 128-wide merge sort there. Either path checks the pattern."""
     if scores.is_cuda:
         from sdsengine import kernels  # not at import: the kernels' reference imports this module
         return kernels.nm_mask(scores, n, m)
@@ -18,6 +17,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def check_nm(scores, n, m):
+    """Raise, naming the problem, unless n:m is a pattern and the last dim of scores holds whole groups."""
     if not (0 <= n <= m and m >= 1):  # a negative n would slice from the end
         raise ValueError(f"an N:M pattern needs 0 <= N <= M and M >= 1, got {n}:{m}")
     if scores.shape[-1] % m:
