@@ -61,8 +61,7 @@ def kernels(ty):
     wanda_sig = {"W": f"*{ty}", "NORM": "*fp32", "OUT": f"*{ty}", "MASK": "*i8"}
     rows, cols, warps = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS, wanda_mod.NM_WARPS
     out = [Kernel(f"wanda {n}:{m}", wanda_mod._wanda_nm_kernel, {**wanda_sig, "rows": "i32", "cols": "i32"},
-                  {"N": n, "M": m, "PACK": wanda_mod.pack_of(m, BYTES[ty]), "BLOCK_R": rows, "BLOCK_G": cols // m},
-                  warps, rows * cols, True)
+                  {"N": n, "M": m, **wanda_mod.nm_tile(m, BYTES[ty])}, warps, rows * cols, True)
            for n, m in ((2, 4), (4, 8))]
     for length in ROW_LENGTHS:
         block, warps, tie_block = wanda_mod.row_launch(length)
@@ -83,11 +82,10 @@ def kernels(ty):
 
 def nm_mask_kernel(ty):
     """The N:M mask kernel on scores of type ty (fp64 too: BESA's learned scores), 2:4, its default tile."""
-    rows, cols = wanda_mod.NM_TILE_ROWS, wanda_mod.NM_TILE_COLS
-    return Kernel("nm_mask 2:4", nm_select_mod._nm_mask_kernel, {"S": f"*{ty}", "MASK": "*i8", "rows": "i32",
-                                                              "cols": "i32"},
-                  {"N": 2, "M": 4, "PACK": wanda_mod.pack_of(4, BYTES[ty]), "BLOCK_R": rows, "BLOCK_G": cols // 4,
-                   "WIDE": ty == "fp64"}, wanda_mod.NM_WARPS, rows * cols, True)
+    return Kernel("nm_mask 2:4", nm_select_mod._nm_mask_kernel,
+                  {"S": f"*{ty}", "MASK": "*i8", "rows": "i32", "cols": "i32"},
+                  {"N": 2, "M": 4, **wanda_mod.nm_tile(4, BYTES[ty])},
+                  wanda_mod.NM_WARPS, wanda_mod.NM_TILE_ROWS * wanda_mod.NM_TILE_COLS, True)
 
 
 def sparsegpt_kernels(ty, block=128):

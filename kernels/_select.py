@@ -12,20 +12,19 @@ PAD_KEY = tl.constexpr(0x7FFFFFFF)  # above every real key (a NaN's is 0x7FC0000
 
 @triton.jit
 def sort_key(x):
-    """int32 key of fp32 x, ordered like x (flip the magnitude bits of negatives)."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    """Integer key of float x, ordered like x (flip the magnitude bits of negatives): int64 for fp64, else int32
+    (fp16/bf16 widened to fp32 exactly)."""
+    if x.dtype.is_fp64():
+        bits = x.to(tl.int64, bitcast=True)
+        key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+        nan_key = 0x7FF8000000000000
+    else:
+        x = x.to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        nan_key = 0x7FC00000
     key = tl.where(x == 0, 0, key)  # -0.0 ties with 0.0, as in torch.sort
-    return tl.where(x != x, 0x7FC00000, key)
-
-
-@triton.jit
-def sort_key64(x):
-    """sort_key of fp64 x, as int64 (the same rules: -0.0 ties 0.0, every NaN one key above +inf)."""
-    bits = x.to(tl.int64, bitcast=True)
-    key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
-    key = tl.where(x == 0, 0, key)
-    return tl.where(x != x, 0x7FF8000000000000, key)
+    return tl.where(x != x, nan_key, key)  # every NaN one key above +inf
 
 
 @triton.jit

@@ -2,23 +2,22 @@
 
 Ranks as sdsengine.masks.nm_mask does, bit for bit: each group's n highest scores are kept, ties to the lower
 index (a stable descending sort), NaN above everything, -0.0 equal to 0.0. Scores are compared as sort keys
-(_select.py): int32 from fp16/bf16/fp32 (widened to fp32 exactly), int64 from fp64. The tile is the fused
+(_select.sort_key): int32 from fp16/bf16/fp32 (widened to fp32 exactly), int64 from fp64. The tile is the fused
 Wanda N:M kernel's (group_tile), the score read as it is.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._select import group_tile, nm_keep, sort_key, sort_key64
-from .wanda import NM_TILE_COLS, NM_TILE_ROWS, NM_WARPS, pack_of
+from ._select import group_tile, nm_keep, sort_key
+from .wanda import NM_WARPS, nm_grid, nm_tile
 
 
 @triton.jit
 def _nm_mask_kernel(S, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr, PACK: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, WIDE: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     offs, col, inside = group_tile(rows, cols, M, PACK, BLOCK_R, BLOCK_G)
-    s = tl.load(S + offs, mask=inside, other=0.0)
-    key = sort_key64(s) if WIDE else sort_key(s.to(tl.float32))
+    key = sort_key(tl.load(S + offs, mask=inside, other=0.0))
     keep = nm_keep(tl.reshape(key, (offs.shape[0], PACK, M)), tl.arange(0, M)[None, None, :], 2, N, M)
     tl.store(MASK + offs, tl.reshape(keep, offs.shape).to(tl.int8), mask=inside)
 
@@ -29,9 +28,7 @@ def nm_mask(scores, n, m):
     flat = scores.contiguous().reshape(-1, cols)
     mask = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
     if flat.numel():
-        block_g = max(1, NM_TILE_COLS // m)
-        grid = (triton.cdiv(flat.shape[0], NM_TILE_ROWS), triton.cdiv(cols // m, block_g))
-        _nm_mask_kernel[grid](flat, mask, flat.shape[0], cols, N=n, M=m,
-                              PACK=min(block_g, pack_of(m, scores.element_size())), BLOCK_R=NM_TILE_ROWS,
-                              BLOCK_G=block_g, WIDE=scores.dtype == torch.float64, num_warps=NM_WARPS)
+        tile = nm_tile(m, scores.element_size())
+        _nm_mask_kernel[nm_grid(flat.shape[0], cols, tile, m)](flat, mask, flat.shape[0], cols, N=n, M=m, **tile,
+                                                               num_warps=NM_WARPS)
     return mask.view(torch.bool).reshape(scores.shape)

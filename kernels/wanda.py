@@ -45,6 +45,18 @@ def pack_of(m, element_size):
     return max(1, 16 // (m * element_size))
 
 
+def nm_tile(m, element_size):
+    """The tile constexprs of an N:M kernel on group_tile (this one, kernels/nm_select.py), for elements of
+    element_size bytes."""
+    block_g = max(1, NM_TILE_COLS // m)
+    return {"PACK": min(block_g, pack_of(m, element_size)), "BLOCK_R": NM_TILE_ROWS, "BLOCK_G": block_g}
+
+
+def nm_grid(rows, cols, tile, m):
+    """The launch grid of an N:M kernel with nm_tile's `tile` on a (rows, cols) matrix."""
+    return triton.cdiv(rows, tile["BLOCK_R"]), triton.cdiv(cols // m, tile["BLOCK_G"])
+
+
 @triton.jit
 def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr, TIE_BLOCK: tl.constexpr):
     # One program per row: the row's keys stay in registers while kth_key searches its threshold T.
@@ -97,11 +109,9 @@ def _launch(weight, act_norm, out, mask, sparsity, nm):
     rows, cols = weight.shape
     if nm:
         n, m = nm
-        block_g = max(1, NM_TILE_COLS // m)
-        grid = (triton.cdiv(rows, NM_TILE_ROWS), triton.cdiv(cols // m, block_g))
-        _wanda_nm_kernel[grid](weight, act_norm, out, mask, rows, cols, N=n, M=m,
-                               PACK=min(block_g, pack_of(m, weight.element_size())), BLOCK_R=NM_TILE_ROWS,
-                               BLOCK_G=block_g, num_warps=NM_WARPS)
+        tile = nm_tile(m, weight.element_size())
+        _wanda_nm_kernel[nm_grid(rows, cols, tile, m)](weight, act_norm, out, mask, rows, cols, N=n, M=m, **tile,
+                                                       num_warps=NM_WARPS)
     else:
         block, warps, tie_block = row_launch(cols)
         n_prune = int(cols * sparsity)  # the count prune_lowest_mask drops, computed the same way
