@@ -14,8 +14,9 @@
 #   4. wanda, compress, nm_mask   benchmarks/bench_<name>.py: Triton vs the PyTorch reference (nm_mask: the N:M
 #                   mask every method's N:M step takes on a GPU)
 #   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto), 8 workers
-#   6. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible);
-#                   a wgmma pipeline that fails its isolated cases is off for the later steps too. Both test
+#   6. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible): the
+#                   wgmma kernel's isolated cases first, then the rest under 4 workers; a wgmma pipeline that
+#                   fails its isolated cases is off for the rest and for the later steps too. Both test
 #                   steps write <step>_skips.tsv (each skipped test and why); the summary names the skips
 #                   that are not by design (CUTLASS off 8.x, wgmma off 9.0)
 #   7. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
@@ -81,6 +82,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} SDSENGINE_JIT=0 PIP_DISABLE_P
 # the tests: no CUDA device is an error, not 1600 skips that end ok (tests/conftest.py)
 export SDSENGINE_GPU_SUITE=1
 VERSIONS='import os, shlex
+from concurrent.futures import ThreadPoolExecutor
 import torch
 from sdsengine import ops
 from sdsengine.bench import gpu_info
@@ -89,9 +91,13 @@ def keep(settings):
     open(os.environ["SWITCHES"], "w").write(switches)
     return switches
 print(gpu_info())
-if torch.cuda.is_available():  # cuSPARSELt first (its child check only where the build and GPU have it), its
-    ops._why_not("cusparselt", torch.device("cuda"), torch.float16)  # result kept with the wgmma pipelines off
-    keep({**ops.checked_switches(), "SDSENGINE_WGMMA": "0"})  # until checked: a hang must not cost it that
+if torch.cuda.is_available():  # the child checks (each only where the build and GPU have it) two at once: the
+    cuda = torch.device("cuda")  # wgmma pipelines in a thread while cuSPARSELt is checked, then kept with the
+    with ThreadPoolExecutor(1) as pool:  # pipelines off until theirs ends: a hang must not cost it that
+        wgmma = pool.submit(ops._why_not, "wgmma", cuda, torch.float16)
+        ops._why_not("cusparselt", cuda, torch.float16)
+        keep({**ops.checked_switches(), "SDSENGINE_WGMMA": "0"})
+        wgmma.result()
 info = ops.probe("cuda", self_check=True)
 print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))
 print("child-check results passed on to later steps:\n" + keep(ops.checked_switches()))'
@@ -148,6 +154,21 @@ bench() {  # bench NAME BUDGET ARGS...: a kernel benchmark, told to start no cas
     --budget $((budget * 3 / 4)) $BENCH_ARGS "$@"
 }
 
+gpu_tests() {  # the GPU tests in two pytest runs: the wgmma kernel's 512 isolated cases first, in child processes
+  # (a pipeline that fails one is turned off in $SWITCHES for the rest), then the other ~1150, in-process, under 4
+  # xdist workers ($WORKERS: xdist's flags, or none) where one ran them all in order on 12-04 (103 s with the first)
+  # -v: a step cut off by its timeout still shows how far it got and what had failed
+  local wgmma=test_wgmma_kernel_against_fp32 first rest
+  "$PY" -m pytest -v ${WORKERS:+$WORKERS 1} --durations=5 -p no:cacheprovider -m gpu tests/test_ops.py -k "$wgmma"
+  first=$?
+  [ -s "$SWITCHES" ] && . "$SWITCHES"
+  "$PY" -m pytest -v ${WORKERS:+$WORKERS 4} --durations=25 -p no:cacheprovider -m gpu tests --ignore=tests/kernels \
+    -k "not $wgmma"
+  rest=$?
+  return $((rest ? rest : first))
+}
+export -f gpu_tests
+
 suite() {
   mkdir -p "$RESULTS"
   keep_earlier_steps
@@ -184,23 +205,18 @@ suite() {
   bench nm_mask 25
   # Under pytest-xdist where it is there (the GPU image has it), so that a test that crashes the process (SIGSEGV in
   # the extension, twice on 12-04) fails alone and a fresh worker runs the rest, instead of the step ending there.
-  # The GPU tests keep one worker: the tests still run one at a time, in order, so the wgmma pipelines' isolated
-  # cases come first (conftest.py) and what they turn off holds for the rest. The Triton kernels' tests take 8:
-  # they are independent and their time is mostly each case's compile on the host (184 tests, 83 s on 12-04).
+  # The Triton kernels' tests take 8 workers: they are independent and their time is mostly each case's compile on
+  # the host (184 tests, 83 s on 12-04). The GPU tests: gpu_tests() above.
   # --durations: where each test step's time goes, for the next cut to fit the call
-  local isolate="" spread=""
-  if "$PY" -c "import xdist" 2>/dev/null; then
-    isolate="-n 1 --max-worker-restart 20" spread="-n 8 --max-worker-restart 20"
-  fi
+  local workers=""
+  "$PY" -c "import xdist" 2>/dev/null && workers="--max-worker-restart 20 -n"
   if [ -d tests/kernels ]; then
-    step kernel_tests 120 env SDSENGINE_SKIPS="$RESULTS/kernel_tests_skips.tsv" "$PY" -m pytest -v $spread \
-      --durations=15 -p no:cacheprovider tests/kernels
+    step kernel_tests 120 env SDSENGINE_SKIPS="$RESULTS/kernel_tests_skips.tsv" "$PY" -m pytest -v \
+      ${workers:+$workers 8} --durations=15 -p no:cacheprovider tests/kernels
   elif selected kernel_tests; then
     printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
   fi
-  # -v: a step cut off by its timeout still shows how far it got and what had failed
-  step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" "$PY" -m pytest -v $isolate \
-    --durations=25 -p no:cacheprovider -m gpu tests --ignore=tests/kernels
+  step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" PY="$PY" WORKERS="$workers" bash -c gpu_tests
   [ -s "$SWITCHES" ] && . "$SWITCHES"
   # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
   # these (12-04: Mixtral-8x7B's experts lose from 64 rows, 256 tokens); 128 tokens is Mixtral's 32

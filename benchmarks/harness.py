@@ -97,10 +97,15 @@ def parse_args(doc, bench, dtypes, warmup, reps, argv=None):
     return args
 
 
-def main(doc, bench, patterns, measure, dtypes, warmup, reps, argv=None):
+def main(doc, bench, patterns, measure, dtypes, warmup, reps, argv=None, baseline_reps=None):
     """A kernel benchmark's whole run: its flags, then `run`; returns the exit code, 1 where a case failed (the
-    suite's step table must not read ok over failed records)."""
-    records = run(parse_args(doc, bench, dtypes, warmup, reps, argv), patterns, measure)
+    suite's step table must not read ok over failed records). baseline_reps: the reference's timed calls where
+    fewer than reps (a reference call of a second is timed exactly once: the call whose output is checked
+    warmed it up)."""
+    args = parse_args(doc, bench, dtypes, warmup, reps, argv)
+    fewer = baseline_reps and baseline_reps < args.reps
+    args.baseline_timing = (0, baseline_reps) if fewer else (args.warmup, args.reps)
+    records = run(args, patterns, measure)
     return int(any(r["status"] == "failed" for r in records))
 
 
@@ -144,7 +149,8 @@ def _case_fields(args, case):
     out_features, in_features = case["shape"]
     return {"bench": args.bench, "shape": f"{out_features}x{in_features}",
             "dtype": str(case["dtype"]).removeprefix("torch."), "pattern": case["pattern"],
-            "backend": args.backend, "baseline": "torch", "device": args.device, "reps": args.reps}
+            "backend": args.backend, "baseline": "torch", "device": args.device, "reps": args.reps,
+            "baseline_reps": getattr(args, "baseline_timing", (0, args.reps))[1]}
 
 
 def time_backends(fn, args, flush):
@@ -154,9 +160,10 @@ def time_backends(fn, args, flush):
     alone, its host side hidden (ops.time_ms). Where ms exceeds device_ms, the call waits on its host side."""
     times, outputs = {}, []
     for backend, name in ((args.backend, "ms"), ("torch", "baseline_ms")):
+        warmup, reps = (args.warmup, args.reps) if name == "ms" else args.baseline_timing
         with kernels.use_backend(backend):
             outputs.append(fn())
-            times[name] = time_ms(fn, args.warmup, args.reps, flush=flush)
+            times[name] = time_ms(fn, warmup, reps, flush=flush)
             if name == "ms" and args.device == "cuda":
                 times["device_ms"] = time_ms(fn, args.warmup, args.reps, flush=flush, hide_host=True)
     return times, *outputs

@@ -766,6 +766,35 @@ def test_suite_installs_without_the_extension_when_the_build_fails(tmp_path):
     assert steps == [["install", "failed"], ["install_python", "ok"]], done.stdout + done.stderr
 
 
+def test_gpu_tests_run_the_wgmma_cases_first_then_the_rest_under_four_workers(tmp_path):
+    """The gpu_tests step is two pytest runs: the wgmma kernel's isolated cases alone, then, with what they turned
+    off (appended to the switches file) in the environment, the rest under 4 xdist workers; the step fails where
+    either run failed (a stand-in python that logs its calls; its `import xdist` succeeds)."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(f'''#!/bin/bash
+echo "$* | WGMMA=${{SDSENGINE_WGMMA:-}}" >> {log}
+case "$*" in
+  *"-k test_wgmma"*) echo "export SDSENGINE_WGMMA=wgmma" >> "$SUITE_SWITCHES"; exit ${{FIRST_RC:-0}} ;;
+  *"-k not"*) exit 0 ;;
+esac
+''')
+    fake.chmod(0o755)
+    for first_rc, status in (("0", "ok"), ("1", "failed")):
+        log.unlink(missing_ok=True)
+        env = dict(os.environ, SUITE_STEPS="gpu_tests", RESULTS=str(tmp_path), PYTHON=str(fake), SUITE_SECONDS="60",
+                   FIRST_RC=first_rc)
+        env.pop("OUT", None)
+        done = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh")], capture_output=True, text=True, env=env,
+                              timeout=120)
+        calls = [line for line in log.read_text().splitlines() if line.startswith("-m pytest")]
+        assert len(calls) == 2, done.stdout + done.stderr
+        assert "-n 1 " in calls[0] and "tests/test_ops.py -k test_wgmma_kernel_against_fp32" in calls[0]
+        assert "-n 4 " in calls[1] and "-k not test_wgmma_kernel_against_fp32" in calls[1]
+        assert calls[1].endswith("WGMMA=wgmma")
+        steps = [line.split("\t")[:2] for line in (tmp_path / "suite_steps.tsv").read_text().splitlines()[1:]]
+        assert steps == [["gpu_tests", status]], done.stdout + done.stderr
+
+
 def test_the_full_spmm_sweep_runs_only_when_named(tmp_path):
     """spmm_sweep (issue 4's 13 token counts) does not fit beside the rest in one device call: the default steps
     leave it out, and SUITE_STEPS=spmm_sweep runs it (on a CPU bench_spmm finds no GPU and exits 1)."""
