@@ -6,7 +6,9 @@ captured as CUDA graphs (the record's mode says so).
 
 Prefill: one forward over --prefill tokens (only the last position's logits). Decode: --steps single-token
 steps against a static KV cache, replayed as a CUDA graph (the eager fallback is reported as such: Python
-overhead then hides kernel time). The layer count is cut to fit GPU memory, and the output says so.
+overhead then hides kernel time). The layer count is cut to fit GPU memory, and the output says so. --compile:
+the decode steps of both models through torch.compile first (inductor fuses what lies between the linears), then
+replayed as CUDA graphs, as a user's compiled model runs (SparseLinear's kernels run as one opaque op there).
 
 Prefill is also timed as a CUDA-graph replay (no host overhead), the converted model again with every
 SparseLinear forced onto the dense backend, and last both models once more, the dense one first (a copy
@@ -18,7 +20,7 @@ twins), so that drift falls on both alike. The record's ms and dense_ms are each
 the two (first_ms, dense_first_ms: the first ones).
 
     python benchmarks/bench_e2e.py [--model llama-3-8b|llama-2-7b|mixtral-8x7b|qwen3-30b-a3b] [--layers 32]
-                                   [--dtype float16]
+                                   [--dtype float16] [--compile]
 
 Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is visible.
 """
@@ -134,8 +136,9 @@ def time_prefills_in_turn(models, batch, tokens, graph=False, rounds=5):
     return [statistics.median(column) for column in zip(*rounds_ms)]
 
 
-def time_decode(model, batch, prompt, steps, graphs=True):
-    """(ms per step, mode): single-token steps over a StaticCache holding `prompt` tokens."""
+def time_decode(model, batch, prompt, steps, graphs=True, compile_backend=None):
+    """(ms per step, mode): single-token steps over a StaticCache holding `prompt` tokens; compile_backend: the
+    steps run through torch.compile with that backend (tuned by an eager step first), then as a CUDA graph."""
     from transformers import StaticCache
     # slack for the untimed calls (tuning, warm-up, capture, warm replays): a StaticCache of transformers 5.24
     # advances its own position on each call and replay, whatever cache_position says
@@ -144,17 +147,22 @@ def time_decode(model, batch, prompt, steps, graphs=True):
     step_ids = ids[:, -1:].clone()
     pos = torch.zeros(1, dtype=torch.long, device=model.device)
     kv = {_cache_argument(model): cache}
+    forward = model
     with torch.no_grad():
         model(input_ids=ids, **kv, cache_position=torch.arange(prompt, device=model.device))
 
         def step():
-            return model(input_ids=step_ids, **kv, cache_position=pos,
-                         position_ids=pos.view(1, 1).expand(batch, 1)).logits
+            return forward(input_ids=step_ids, **kv, cache_position=pos,
+                           position_ids=pos.view(1, 1).expand(batch, 1)).logits
         pos.fill_(prompt)
-        step()  # tunes SparseLinear for this token count before any capture
+        step()  # tunes SparseLinear for this token count before any compile or capture
+        if compile_backend:  # inductor fuses what lies between the linears (norms, rotary, SiLU), in both models
+            forward = torch.compile(model, backend=compile_backend)
+            step()
         run, mode = step, "eager"
         if graphs:
             run, mode = _captured(step)
+        mode = f"compiled ({compile_backend}), {mode}" if compile_backend else mode
         return _time_steps(run, pos, prompt, steps), mode
 
 
@@ -206,7 +214,8 @@ def measure_model(model, args):
     prefill_ms = time_prefill(model, args.batch, args.prefill)
     prefill_graph = not (args.no_graphs or getattr(args, "no_prefill_graph", False))
     graph_ms = time_prefill(model, args.batch, args.prefill, graph=True) if prefill_graph else None
-    decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs)
+    decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs,
+                                  compile_backend=getattr(args, "compile", None))
     # the linear weights as held once run: a converted model's layers keep each form they chose
     held = sum(weight_bytes(model).values())
     return {"prefill": prefill_ms, "prefill_graph": graph_ms, "decode": decode_ms, "mode": mode, "weight_bytes": held}
@@ -308,6 +317,9 @@ def main(argv=None):
     parser.add_argument("--no-prefill-graph", action="store_true",
                         help="no graph-replayed prefill (a packed mixture's prefill runs its experts one at a time, "
                              "reading their token counts on the host: no capture can hold it); decode still in graphs")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="decode steps through torch.compile (default backend inductor) for both models, then "
+                             "as CUDA graphs: what lies between the linears fused, as a user's compiled model runs")
     parser.add_argument("--profile", action="store_true",
                         help="also write <name>_prefill_profile.md: profiler tables of dense and 2:4 prefills")
     parser.add_argument("--lean", action="store_true",

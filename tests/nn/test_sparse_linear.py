@@ -164,6 +164,53 @@ def test_torch_compile_traces_a_fresh_layer_in_one_graph(lean):
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
 
 
+class StandInExtension:
+    """sdsengine._C's spmm24 on a CPU: the reference product of the reordered form it is given, calls counted."""
+    def __init__(self):
+        self.calls = 0
+
+    def spmm24(self, x, values_r, meta_r, out_features, bias, split_k, locks):
+        self.calls += 1
+        values, meta = ops.unreorder_24(values_r, meta_r, out_features, x.shape[1])
+        return torch.nn.functional.linear(x, decompress_24(values, meta), bias)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)])
+def test_torch_compile_runs_our_kernel_through_one_opaque_op(monkeypatch, shape):
+    """Compiled, a layer routed to our kernel calls it through the custom op sdsengine::linear24: one graph, no
+    break (the launch, the split-K choice and the tickets are host code Dynamo cannot trace); the op's eager body
+    finds the layer's prepared form by its weight and gives the eager result. On a CPU: the route set by hand,
+    the kernel a stand-in (the reference product of the same reordered form)."""
+    import torch._dynamo as dynamo
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    extension = StandInExtension()
+    monkeypatch.setattr(ops, "load_extension", lambda: extension)
+    monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        sparse(x)  # eager: the layer notes its buffers (_check_source) and routes this count to dense
+        form = ops._file_form("sdsengine", (*ops.reorder_24(sparse.values, sparse.meta), {}, {}))
+        sparse._routes[x.numel() // 64, x.dtype] = ("sdsengine", form)
+        eager = sparse(x)
+        assert extension.calls == 1
+        explained = dynamo.explain(sparse)(x)
+        dynamo.reset()
+        compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)(x)
+        dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    assert extension.calls >= 3  # explain's run and the compiled one called the kernel too
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(eager, linear(x))
+
+
+def test_the_op_names_a_weight_without_a_prepared_form():
+    values, meta = compress_24(pruned_linear(64, 32).weight.detach())
+    stray = ops.reorder_24(values, meta)
+    with pytest.raises(RuntimeError, match="no prepared sdsengine form holds this weight"):
+        torch.ops.sdsengine.linear24(torch.randn(2, 64), *stray, None, 32, "sdsengine")
+
+
 def test_a_first_call_under_inference_mode_does_not_block_autograd():
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
@@ -929,6 +976,42 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
     assert not any(isinstance(m._forms.get("dense"), torch.Tensor) for m in layers)
     assert all(m.values.untyped_storage().nbytes() == 2 for m in layers if "sdsengine" in m._forms)  # given up
     assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in ops.BACKENDS if b != "cutlass"])  # PyTorch's subclass: its support
+def test_a_compiled_layer_is_one_graph_on_every_backend(backend, fresh_choices):
+    """Compiled after an eager call (which prepares the form and routes the token count), a layer is one graph,
+    with no break, and gives the eager result: ours and cuSPARSELt run through the op sdsengine::linear24."""
+    import torch._dynamo as dynamo
+    if backend not in ops.available("cuda", torch.float16):
+        pytest.skip(ops.probe("cuda", torch.float16)["backends"][backend])
+    linear = pruned_linear(512, 384, dtype=torch.float16).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(1, 7, 512, device="cuda", dtype=torch.float16)
+    with use_backend(backend), torch.no_grad():
+        try:
+            eager = sparse(x)
+        except ops.BackendUnavailable as exc:
+            pytest.skip(str(exc))
+        explained = dynamo.explain(sparse)(x)
+        dynamo.reset()
+        compiled = torch.compile(sparse, fullgraph=True)(x)
+        dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_a_converted_model_compiles_and_matches_eager(fresh_choices):
+    """torch.compile of a converted model, tuned by an eager call first: the same logits."""
+    import torch._dynamo as dynamo
+    model = convert(tiny_llama().cuda().half())
+    ids = tokens().cuda()
+    eager = logits(model, ids)
+    compiled = logits(torch.compile(model), ids)
+    dynamo.reset()
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
