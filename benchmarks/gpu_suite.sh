@@ -41,6 +41,8 @@
 #      spmm_sweep   bench_spmm.py over issue 4's whole sweep: tokens 1, 2, 4, ..., 4096 (13 counts), fp16 and bf16,
 #                   every backend that passed its check (about 3 minutes; SUITE_STEPS=spmm_sweep after a suite run
 #                   on the same machine, whose install and check results it reuses)
+#      e2e_compiled bench_e2e.py as e2e, with both models' decode steps through torch.compile (inductor) before
+#                   their CUDA graphs: what a user's compiled model gets (inductor's compiles take minutes)
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep), to re-run
 # what failed after a fix within a short device lease; only the selected steps' results files are replaced (the
@@ -63,7 +65,7 @@ RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
 BENCHES="e2e spmm wanda compress nm_mask grouped e2e_moe dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt"
 BENCHES="$BENCHES e2e_full"
-OPTIONAL_BENCHES="spmm_sweep"  # run only when named
+OPTIONAL_BENCHES="spmm_sweep e2e_compiled"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
 for s in $SUITE_STEPS; do
@@ -241,6 +243,8 @@ suite() {
   bench sparsegpt 90
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
   step spmm_sweep 300 "$PY" benchmarks/bench_spmm.py --iters 10 --name spmm_sweep --out "$RESULTS"  # all tokens, dtypes
+  step e2e_compiled 240 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --compile \
+    --name e2e_compiled --out "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'
