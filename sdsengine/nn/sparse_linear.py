@@ -265,15 +265,14 @@ class SparseLinear(nn.Module):
         if route is None:
             if tokens == 0:  # as nn.Linear: its dtype check, and an output autograd can go through
                 return F.linear(x, self._dense_weight(), buffers["bias"])
-            # compiled, a GPU layer tunes (times) and prepares outside the graph: a break here, once per token
-            # count it meets untuned (run each count eagerly before compiling, as before CUDA-graph capture)
-            outside = torch.compiler.is_compiling() and values.is_cuda
-            route = (self._route_eagerly if outside else self._route)(tokens, x.dtype)
+            if torch.compiler.is_compiling() and values.is_cuda:  # a GPU layer tunes (times) and prepares
+                # outside the graph, once per token count it meets untuned (run each eagerly before compiling, as
+                # before CUDA-graph capture). Wrapped here, not by a decorator: that imports Dynamo, and Triton
+                # with it, with the package (TRITON_INTERPRET must be set before Triton loads)
+                route = torch.compiler.disable(self._route)(tokens, x.dtype)
+            else:
+                route = self._route(tokens, x.dtype)
         return ops.run(*route, x, buffers["bias"], self.out_features)
-
-    @torch.compiler.disable
-    def _route_eagerly(self, tokens, dtype):
-        return self._route(tokens, dtype)
 
     def _route(self, tokens, dtype):
         """(backend, form) for this call, remembered for the next call of its size unless the decision was
