@@ -100,14 +100,16 @@ def kth_key(key, k, SIZE: tl.constexpr):
     """T, the k-th smallest of the 1-D keys (the smallest for k == 0): a stable ascending sort puts the
     keys below T and the first k - #(key < T) ties at T into its first k places (prune_lowest_mask).
 
-    Finds T by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi = #(key <= hi). Each step
-    probes by interpolating the counts (keys are near log-scale, so the counts are smooth and ~7 steps
-    suffice on LLM rows) and falls back to bisection when a step did not halve the bracket (at most ~2 x 32
-    steps on adversarial rows). Bracket ends snap to real keys, which ends the search as soon as a count
-    hits k exactly.
+    Finds T by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi = #(key <= hi). Each step counts
+    the keys at or below one probe, its only reduction across the row, placed by interpolating the counts (keys
+    are near log-scale, so the counts are smooth: about 8 steps on random and LLM rows) or by bisection when a
+    step did not halve the bracket (at most ~2 x 32 steps on adversarial rows). It ends when a count hits k (T is
+    the largest key at or below hi), or k - 1 (T is the smallest key above lo), or the bracket is one key wide;
+    one more reduction then names T. The ends were once snapped to real keys by a maximum and a minimum each step,
+    3 reductions a step where this takes 1, for 0.4-0.8 steps fewer (benchmarks/NOTES.md).
     """
-    lo = tl.min(key, axis=0).to(tl.int64) - 1  # lo + 1 is always a real key
-    hi = tl.max(key, axis=0).to(tl.int64)      # hi is always a real key
+    lo = tl.min(key, axis=0).to(tl.int64) - 1  # int64: the bracket's arithmetic must not wrap
+    hi = tl.max(key, axis=0).to(tl.int64)
     n_lo = lo * 0
     n_hi = n_lo + SIZE
     k = n_lo + k
@@ -117,13 +119,13 @@ def kth_key(key, k, SIZE: tl.constexpr):
         frac = ((k - n_lo).to(tl.float32) - 0.5) / (n_hi - n_lo).to(tl.float32)
         guess = lo + (width.to(tl.float32) * frac).to(tl.int64)
         probe = tl.where(bisect, lo + width // 2, guess)
-        probe = tl.minimum(tl.maximum(probe, lo + 1), hi - 1).to(tl.int32)
-        below = key <= probe
-        n = tl.sum(below.to(tl.int32), axis=0).to(tl.int64)
-        top_below = tl.max(tl.where(below, key, -PAD_KEY), axis=0).to(tl.int64)
-        low_above = tl.min(tl.where(below, PAD_KEY, key), axis=0).to(tl.int64)
-        hi, n_hi = tl.where(n >= k, top_below, hi), tl.where(n >= k, n, n_hi)
-        lo, n_lo = tl.where(n >= k, lo, low_above - 1), tl.where(n >= k, n_lo, n)
+        probe = tl.minimum(tl.maximum(probe, lo + 1), hi - 1)
+        n = tl.sum((key <= probe.to(tl.int32)).to(tl.int32), axis=0).to(tl.int64)
+        hi, n_hi = tl.where(n >= k, probe, hi), tl.where(n >= k, n, n_hi)
+        lo, n_lo = tl.where(n >= k, lo, probe), tl.where(n >= k, n_lo, n)
         bisect = (hi - lo) * 2 > width
-    # n_lo == k - 1 means T is the first key above lo; k == 0 takes the smallest key
-    return tl.where((n_lo == k - 1) | (k == 0), lo + 1, hi).to(tl.int32)
+    if (n_lo == k - 1) | (k == 0):  # k == 0 takes the smallest key: the first above lo = min - 1
+        T = tl.min(tl.where(key > lo.to(tl.int32), key, PAD_KEY), axis=0)
+    else:  # #(key <= hi) == k, or hi == lo + 1: the largest key at or below hi
+        T = tl.max(tl.where(key <= hi.to(tl.int32), key, -PAD_KEY), axis=0)
+    return T
