@@ -272,7 +272,12 @@ class SparseLinear(nn.Module):
                 route = torch.compiler.disable(self._route)(tokens, x.dtype)
             else:
                 route = self._route(tokens, x.dtype)
-        return ops.run(*route, x, buffers["bias"], self.out_features)
+        backend, form = route
+        if backend != "dense" and x.requires_grad and torch.is_grad_enabled():  # our kernels and cuSPARSELt have
+            # no backward: an input that needs its gradient (attribution, a prompt or an adapter trained through
+            # the frozen layer) takes the dense weight, as nn.Linear would, instead of an output autograd cannot see
+            return F.linear(x, self._dense_weight(), buffers["bias"])
+        return ops.run(backend, form, x, buffers["bias"], self.out_features)
 
     def _route(self, tokens, dtype):
         """(backend, form) for this call, remembered for the next call of its size unless the decision was

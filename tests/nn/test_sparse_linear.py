@@ -172,7 +172,19 @@ class StandInExtension:
     def spmm24(self, x, values_r, meta_r, out_features, bias, split_k, locks):
         self.calls += 1
         values, meta = ops.unreorder_24(values_r, meta_r, out_features, x.shape[1])
-        return torch.nn.functional.linear(x, decompress_24(values, meta), bias)
+        return torch.nn.functional.linear(x, decompress_24(values, meta), bias).detach()  # as the kernel: no history
+
+
+def route_to_stand_in(monkeypatch, sparse, x):
+    """Route sparse's calls of x's size to our kernel (its form made and filed as on a GPU), run by a stand-in."""
+    extension = StandInExtension()
+    monkeypatch.setattr(ops, "load_extension", lambda: extension)
+    monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
+    with torch.no_grad():
+        sparse(x)  # eager: the layer notes its buffers (_check_source) and routes this count to dense
+    form = ops._file_form("sdsengine", (*ops.reorder_24(sparse.values, sparse.meta), {}, {}))
+    sparse._routes[x.numel() // sparse.in_features, x.dtype] = ("sdsengine", form)
+    return extension
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)])
@@ -184,14 +196,9 @@ def test_torch_compile_runs_our_kernel_through_one_opaque_op(monkeypatch, shape)
     import torch._dynamo as dynamo
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
-    extension = StandInExtension()
-    monkeypatch.setattr(ops, "load_extension", lambda: extension)
-    monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
     x = torch.randn(*shape)
+    extension = route_to_stand_in(monkeypatch, sparse, x)
     with torch.no_grad():
-        sparse(x)  # eager: the layer notes its buffers (_check_source) and routes this count to dense
-        form = ops._file_form("sdsengine", (*ops.reorder_24(sparse.values, sparse.meta), {}, {}))
-        sparse._routes[x.numel() // 64, x.dtype] = ("sdsengine", form)
         eager = sparse(x)
         assert extension.calls == 1
         explained = dynamo.explain(sparse)(x)
@@ -202,6 +209,23 @@ def test_torch_compile_runs_our_kernel_through_one_opaque_op(monkeypatch, shape)
     assert extension.calls >= 3  # explain's run and the compiled one called the kernel too
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(eager, linear(x))
+
+
+def test_an_input_that_needs_its_gradient_takes_the_dense_weight(monkeypatch):
+    """Our kernel has no backward (its output carries no autograd history): where the input requires grad, the
+    layer computes through the dense weight, so the gradient reaches the input; without grad, the kernel runs."""
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(3, 64)
+    extension = route_to_stand_in(monkeypatch, sparse, x)
+    sparse(x.clone().requires_grad_()).sum().backward()  # no error: the output has a history
+    leaf = x.clone().requires_grad_()
+    sparse(leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, linear.weight.detach().sum(0).expand(3, -1))
+    assert extension.calls == 0
+    with torch.no_grad():
+        sparse(x.clone().requires_grad_())
+    assert extension.calls == 1
 
 
 def test_the_op_names_a_weight_without_a_prepared_form():
@@ -928,6 +952,21 @@ def test_forced_backend_matches_dense(backend, dtype, n_tokens):
         ref = linear(x)
     scale = ref.abs().max().item()
     assert (y.float() - ref.float()).abs().max().item() <= 2e-2 * scale, backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_forced_backend_passes_the_gradient_to_its_input(backend):
+    """On every backend an input that requires grad gets nn.Linear's gradient (through the dense weight where the
+    backend has no backward)."""
+    linear = pruned_linear(512, 384, dtype=torch.float16).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    if backend not in ops.available("cuda", torch.float16):
+        pytest.skip(ops.probe("cuda", torch.float16)["backends"][backend])
+    x = torch.randn(7, 512, device="cuda", dtype=torch.float16, requires_grad=True)
+    with use_backend(backend):
+        sparse(x).float().sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(7, -1), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu
