@@ -298,19 +298,25 @@ def test_prefill_profile_names_the_linears(benchmark, tmp_path):
     assert written.count("## ") == 2 and "aten::" in written
 
 
-def test_e2e_decode_runs_compiled_on_a_tiny_model(benchmark):
-    """bench_e2e --compile's decode path on the CPU (backend aot_eager there): a converted model's steps run
-    through torch.compile after an eager step tuned them, and the mode says so."""
-    import torch._dynamo as dynamo
+def _tiny_llama_pruned_24():
+    """tiny_models' llama with every decoder linear pruned 2:4 by magnitude."""
     from tiny_models import tiny_model
     from sdsengine.masks import nm_mask
-    from sdsengine.nn import convert
-    e2e = benchmark("bench_e2e")
     model = tiny_model("llama")
     with torch.no_grad():
         for module in model.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+    return model
+
+
+def test_e2e_decode_runs_compiled_on_a_tiny_model(benchmark):
+    """bench_e2e --compile's decode path on the CPU (backend aot_eager there): a converted model's steps run
+    through torch.compile after an eager step tuned them, and the mode says so."""
+    import torch._dynamo as dynamo
+    from sdsengine.nn import convert
+    e2e = benchmark("bench_e2e")
+    model = _tiny_llama_pruned_24()
     ms, mode = e2e.time_decode(convert(model), batch=1, prompt=4, steps=2, graphs=False, compile_backend="aot_eager")
     dynamo.reset()
     assert ms > 0 and mode == "compiled (aot_eager), eager"
@@ -319,15 +325,9 @@ def test_e2e_decode_runs_compiled_on_a_tiny_model(benchmark):
 def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     """bench_e2e's timing path on the CPU (no graphs there: prefill_graph is None, decode eager): every
     field the e2e_prefill record and its diagnosis line read is filled, forced_dense included."""
-    from tiny_models import tiny_model
-    from sdsengine.masks import nm_mask
     from sdsengine.nn import convert, sparse_linear
     e2e = benchmark("bench_e2e")
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for module in model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.mul_(nm_mask(module.weight.abs(), 2, 4))
+    model = _tiny_llama_pruned_24()
     args = type("Args", (), {"batch": 1, "prefill": 8, "prompt": 4, "steps": 2, "no_graphs": False,
                              "model": "llama-3-8b", "dtype": "float32"})()
     dense = e2e.measure_model(model, args)
