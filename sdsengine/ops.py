@@ -431,13 +431,13 @@ def prepare(backend, values, meta):
         # zeroed: no memset per call; and the split-K chosen per token count (split_k), kept with the weight
         # so a call only looks it up
         check_meta(meta, f"prepare({backend!r})")  # the kernels trust the metadata's order
-        return _file_form(backend, (*reorder_24(values, meta), {}, {}))
+        return file_form(backend, (*reorder_24(values, meta), {}, {}))
     dense = decompress_24(values, meta)
     if backend == "dense":
         return dense
     try:  # the libraries have their own shape constraints (CUTLASS fp16: rows % 32, cols % 64)
         if backend == "cusparselt":
-            return _file_form(backend, _cusparselt_state(torch._cslt_compress(dense)))
+            return file_form(backend, _cusparselt_state(torch._cslt_compress(dense)))
         from torch.sparse import SparseSemiStructuredTensorCUTLASS
         return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
     except (RuntimeError, ValueError) as exc:
@@ -477,8 +477,9 @@ def _joined_form(backend, tensors, state):
     return {"packed": tensors[0], **state} if backend == "cusparselt" else (*tensors, *state)
 
 
-def _file_form(backend, form):
-    """form, filed for sdsengine::linear24 (dead entries dropped)."""
+def file_form(backend, form):
+    """form, filed for sdsengine::linear24 (dead entries dropped): every form of ours or cuSPARSELt's that a layer
+    runs, made here by prepare() or elsewhere (a packed mixture's experts share slices of their grouped stack)."""
     (first, _), state = _form_parts(backend, form)
     for address in [a for a, (ref, _) in _forms_by_address.items() if ref() is None]:
         del _forms_by_address[address]

@@ -321,7 +321,7 @@ class SparseLinear(nn.Module):
         grouped stack, sdsengine.nn.grouped), as its own, so the weight is not held twice; a lean layer then
         releases its buffers to it, as at its first call."""
         self._check_source(self.values, self.meta)  # forms of other buffers go first
-        form = (values_r, meta_r, {}, {})
+        form = ops.file_form("sdsengine", (values_r, meta_r, {}, {}))  # as prepare() files its forms
         self._forms["sdsengine"], self._routes = form, {}
         if self._holds_released():  # released to a form of its own before (a prefill): the shared one replaces it
             self._released = (*self._released[:2], form)

@@ -182,7 +182,7 @@ def route_to_stand_in(monkeypatch, sparse, x):
     monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
     with torch.no_grad():
         sparse(x)  # eager: the layer notes its buffers (_check_source) and routes this count to dense
-    form = ops._file_form("sdsengine", (*ops.reorder_24(sparse.values, sparse.meta), {}, {}))
+    form = ops.file_form("sdsengine", (*ops.reorder_24(sparse.values, sparse.meta), {}, {}))
     sparse._routes[x.numel() // sparse.in_features, x.dtype] = ("sdsengine", form)
     return extension
 
@@ -228,11 +228,22 @@ def test_an_input_that_needs_its_gradient_takes_the_dense_weight(monkeypatch):
     assert extension.calls == 1
 
 
-def test_the_op_names_a_weight_without_a_prepared_form():
-    values, meta = compress_24(pruned_linear(64, 32).weight.detach())
-    stray = ops.reorder_24(values, meta)
+def test_the_op_finds_shared_forms_and_names_a_weight_without_one(monkeypatch):
+    """A form a layer takes from elsewhere (share_form: a packed mixture's grouped stack) is filed for the op as
+    prepare()'s are; a weight no form holds is named."""
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    extension = StandInExtension()
+    monkeypatch.setattr(ops, "load_extension", lambda: extension)
+    monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
+    shared = ops.reorder_24(sparse.values, sparse.meta)
+    sparse.share_form(*shared)
+    x = torch.randn(2, 64)
+    y = torch.ops.sdsengine.linear24(x, *shared, sparse.bias, 32, "sdsengine")
+    torch.testing.assert_close(y, linear(x).detach())
+    stray = ops.reorder_24(*compress_24(pruned_linear(64, 32, seed=1).weight.detach()))
     with pytest.raises(RuntimeError, match="no prepared sdsengine form holds this weight"):
-        torch.ops.sdsengine.linear24(torch.randn(2, 64), *stray, None, 32, "sdsengine")
+        torch.ops.sdsengine.linear24(x, *stray, None, 32, "sdsengine")
 
 
 def test_a_first_call_under_inference_mode_does_not_block_autograd():
