@@ -97,8 +97,9 @@ def join_of_4(x0, x1, x2, x3):
 
 @triton.jit
 def kth_key(key, k, SIZE: tl.constexpr):
-    """T, the k-th smallest of the 1-D keys (the smallest for k == 0): a stable ascending sort puts the
-    keys below T and the first k - #(key < T) ties at T into its first k places (prune_lowest_mask).
+    """(T, #(key <= T)): T the k-th smallest of the 1-D keys (the smallest for k == 0): a stable ascending sort
+    puts the keys below T and the first k - #(key < T) ties at T into its first k places (prune_lowest_mask);
+    the count tells whether ties at T straddle place k.
 
     Finds T by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi = #(key <= hi). Each step counts
     the keys at or below one probe, its only reduction across the row, placed by interpolating the counts (keys
@@ -126,6 +127,8 @@ def kth_key(key, k, SIZE: tl.constexpr):
         bisect = (hi - lo) * 2 > width
     if (n_lo == k - 1) | (k == 0):  # k == 0 takes the smallest key: the first above lo = min - 1
         T = tl.min(tl.where(key > lo.to(tl.int32), key, PAD_KEY), axis=0)
-    else:  # #(key <= hi) == k, or hi == lo + 1: the largest key at or below hi
+        n_at_most = tl.sum((key <= T).to(tl.int32), axis=0)
+    else:  # #(key <= hi) == k, or hi == lo + 1: the largest key at or below hi, with none in (T, hi]
         T = tl.max(tl.where(key <= hi.to(tl.int32), key, -PAD_KEY), axis=0)
-    return T
+        n_at_most = n_hi.to(tl.int32)
+    return T, n_at_most

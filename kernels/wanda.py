@@ -69,8 +69,8 @@ def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr, TI
     w = tl.load(W + row + c, mask=inside, other=0.0)
     norm = tl.load(NORM + c, mask=inside, other=0.0)
     key = tl.where(inside, _scores(w, norm), PAD_KEY)
-    T = kth_key(key, n_prune, BLOCK)
-    if tl.sum((key <= T).to(tl.int32), axis=0) == n_prune:  # every tie at T goes: the usual case
+    T, n_at_most = kth_key(key, n_prune, BLOCK)
+    if n_at_most == n_prune:  # every tie at T goes: the usual case
         keep = key > T
         # w read again (from L2, where the row just was: .cg keeps the compiler from reusing the first load), so
         # that the search holds only the keys: under Triton 3.6, 4096 fp16 columns take 80 registers instead of
