@@ -44,10 +44,10 @@
 #      e2e_compiled bench_e2e.py as e2e, with both models' decode steps through torch.compile (inductor) before
 #                   their CUDA graphs: what a user's compiled model gets (inductor's compiles take minutes)
 #
-# SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep), to re-run
-# what failed after a fix within a short device lease; only the selected steps' results files are replaced (the
-# summary names the files from an earlier run, with how their steps ended then: suite_steps_earlier.tsv), and the
-# backends' check results of the last `versions` are reused.
+# SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep and
+# e2e_compiled), to re-run what failed after a fix within a short device lease; only the selected steps' results
+# files are replaced (the summary names the files from an earlier run, with how their steps ended then:
+# suite_steps_earlier.tsv), and the backends' check results of the last `versions` are reused.
 # Each step runs under `timeout` with its own budget (seconds, below) and never past SUITE_SECONDS in all
 # (default 560: a device call allows 600); a step that fails, times out or finds no time left is recorded and
 # the suite goes on; a benchmark step that exits 0 without its results file is recorded as no-results. The
