@@ -106,8 +106,12 @@ def _row(name, group, rows):
 
 
 def _kind(mode):
-    """'cuda-graph' or 'eager' of an e2e mode, without the reason a capture failed (which may differ by side)."""
-    return None if mode is None else str(mode).split(" ")[0]
+    """'cuda-graph' or 'eager' of an e2e mode, without the reason a capture failed (which may differ by side), after
+    'compiled (backend)' where bench_e2e --compile ran the steps through torch.compile."""
+    if mode is None:
+        return None
+    compiled, _, rest = str(mode).partition(", ") if str(mode).startswith("compiled (") else ("", "", str(mode))
+    return " ".join(filter(None, (compiled, rest.split(" ")[0])))
 
 
 def problems(name, records):

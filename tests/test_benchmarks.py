@@ -195,14 +195,20 @@ def test_summary_flags_a_decode_speedup_of_unlike_runs(benchmark, tmp_path, caps
                {**base, "bench": "e2e_prefill", "dtype": "bfloat16"},
                # eager on both sides, each with its own reason: like runs
                {**base, "shape": "llama-2-7b/8of32layers", "mode": "eager (graph capture failed: RuntimeError: a)",
-                "dense_mode": "eager (graph capture failed: OutOfMemoryError: b)"}]
+                "dense_mode": "eager (graph capture failed: OutOfMemoryError: b)"},
+               # bench_e2e --compile: compiled on both sides, the capture failed on one
+               {**base, "shape": "llama-2-7b/4of32layers", "mode": "compiled (inductor), cuda-graph",
+                "dense_mode": "compiled (inductor), eager (graph capture failed: RuntimeError: c)"},
+               {**base, "shape": "llama-2-7b/2of32layers", "mode": "compiled (inductor), cuda-graph",
+                "dense_mode": "compiled (inductor), cuda-graph"}]
     (tmp_path / "e2e.json").write_text(json.dumps(records))
     capsys.readouterr()
     benchmark("summarize").main(["--dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert ("e2e llama-3-8b/8of32layers float16 sparse: timed cuda-graph against dense eager (graph capture "
             "failed: RuntimeError: x): its speedup compares unlike runs") in out
-    assert out.count("compares unlike runs") == 1
+    assert "e2e llama-2-7b/4of32layers float16 sparse: timed compiled (inductor), cuda-graph against dense" in out
+    assert out.count("compares unlike runs") == 2
     assert "weight x dense" in out and "2.1 [2.1, 2.1]" in out  # the linear weights held against dense
 
 
