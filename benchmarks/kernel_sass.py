@@ -42,7 +42,8 @@ ROW_LENGTHS = (4096, 11008, 28672)
 # capability (the CUDA programming guide's table of limits): shared memory (KiB) usable by programs, each of
 # which also reserves 1 KiB, and the most warps and programs resident
 SM_LIMITS = {80: (164, 64, 32), 86: (100, 48, 16), 89: (100, 48, 24), 90: (228, 64, 32)}
-INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)")
+INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)(.*)")
+BACKWARD = re.compile(r"BRA\b.*?0x([0-9a-f]+)")  # a branch's target address
 
 
 class Kernel(NamedTuple):
@@ -131,17 +132,30 @@ def programs_per_sm(regs, shared, warps, arch):
 
 
 def profile(text, elements_per_thread):
-    """Counts from SASS text: per-element instructions (None: a loop's trip count is not in the code), and the
-    instructions that show the kernel's shape."""
-    ops = collections.Counter()
-    for line in text.splitlines():
-        if m := INSTRUCTION.match(line):
-            ops[m.group(1) + (m.group(2) if m.group(1) in ("LDG", "STG") else "")] += 1
+    """Counts from SASS text: per-element instructions (None: a loop's trip count is not in the code), the
+    instructions that show the kernel's shape, and for a kernel with loops its first loop's body (one trip:
+    the unstructured Wanda kernel's threshold search, SparseGPT's walk over a block's columns)."""
+    code = [(int(m.group(1), 16), m.group(2), m.group(3), m.group(4)) for line in text.splitlines()
+            if (m := INSTRUCTION.match(line))]
+    ops = collections.Counter(op + (suffix if op in ("LDG", "STG") else "") for _, op, suffix, _ in code)
     total = sum(ops.values())
+    loop = _first_loop(code)
     return {"instructions": total,
             "per_element": round(total / elements_per_thread, 1) if elements_per_thread else None,
             "shfl": ops["SHFL"], "bar": ops["BAR"], "shared": ops["LDS"] + ops["STS"],
-            "global_accesses": ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()) if op.startswith(("LDG", "STG")))}
+            "global_accesses": ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()) if op.startswith(("LDG", "STG"))),
+            "loop_instructions": len(loop) if loop else None,
+            "loop_bar": sum(op == "BAR" for op in loop) if loop else None,
+            "loop_shfl": sum(op == "SHFL" for op in loop) if loop else None}
+
+
+def _first_loop(code):
+    """The opcodes from the first backward branch's target to that branch, or None (straight-line code)."""
+    for address, op, _, operands in code:
+        if op == "BRA" and (target := BACKWARD.search(op + operands)) and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            return [o for a, o, _, _ in code if start <= a <= address]
+    return None
 
 
 def run(arch):
@@ -158,13 +172,14 @@ def run(arch):
 
 
 COLUMNS = ("kernel", "dtype", "arch", "warps", "elements_per_program", "per_element", "shfl", "bar", "shared",
-           "regs", "stack_bytes", "programs_per_sm", "global_accesses")
+           "loop_instructions", "loop_bar", "loop_shfl", "regs", "stack_bytes", "programs_per_sm", "global_accesses")
 
 
 def markdown(records):
     return (f"Static SASS counts per thread, Triton {triton.__version__}, compiled without a GPU "
             "(`python benchmarks/kernel_sass.py`): a proxy for a kernel's structure, not a speed. per_element: "
-            "instructions / elements per thread (- for a kernel with loops); shared: LDS + STS; regs: registers per "
+            "instructions / elements per thread (- for a kernel with loops); shared: LDS + STS; loop_*: one trip "
+            "of the first loop, where there is one (instructions, barriers, shuffles); regs: registers per "
             "thread; stack_bytes: a thread's stack frame in local memory (register spills); programs_per_sm: programs an SM holds at "
             "once.\n\n" + table(records, COLUMNS) + "\n")
 

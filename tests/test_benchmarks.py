@@ -696,8 +696,10 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
 
     The N:M Wanda kernel's tile puts each group in one thread: its rank needs no warp shuffle and no trip
     through shared memory (the 3-D tile it replaced had both, at 61 instructions per element against 30).
-    The unstructured one splits ties at its threshold without a scan over the row, which leaves registers
-    for 4 rows of 4096 per SM at fp16/bf16 (the scan's 75 registers allowed 3), under Triton 3.6 and 3.9."""
+    The unstructured one's threshold search is one reduction across the row per step (its first loop: at most 3
+    barriers a trip, where the search that also took the keys on either side of each probe had 6 under Triton 3.9
+    and 9 under 3.6), and the row's keys are all its registers hold through it (ties are split without a scan, W
+    is re-read for the write): an SM holds 6 rows of 4096 at fp16/bf16 under Triton 3.6, 8 under 3.9 (4 before)."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton has no CUDA toolchain to compile with")
@@ -719,10 +721,10 @@ def test_kernel_sass_profiles_every_kernel_and_wanda_keeps_groups_in_a_thread(tm
         if r["kernel"] in ("wanda 2:4", "wanda 4:8", "wanda 50% (4096 cols)", "compress 2:4", "decompress 2:4",
                            "nm_mask 2:4"):
             assert r["stack_bytes"] == 0, r
-        if r["kernel"] == "wanda 50% (4096 cols)":
-            assert r["per_element"] is None, r
-            if r["dtype"] != "float32":  # fp32 holds 3 under Triton 3.6 (71 registers), 4 under 3.9
-                assert r["programs_per_sm"] >= 4, r
+        if r["kernel"].startswith("wanda 50%"):
+            assert r["per_element"] is None and r["loop_instructions"] > 0 and r["loop_bar"] <= 3, r
+        if r["kernel"] == "wanda 50% (4096 cols)" and r["dtype"] != "float32":  # fp32: 5 under 3.6, 6 under 3.9
+            assert r["programs_per_sm"] >= 6, r
     assert "| wanda 2:4 |" in (tmp_path / "sass.md").read_text()
 
 
