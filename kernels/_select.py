@@ -103,11 +103,12 @@ def kth_key(key, k, SIZE: tl.constexpr):
 
     Finds T by bracketing: lo < T <= hi with n_lo = #(key <= lo) < k <= n_hi = #(key <= hi). Each step counts
     the keys at or below one probe, its only reduction across the row, placed by interpolating the counts (keys
-    are near log-scale, so the counts are smooth: about 8 steps on random and LLM rows) or by bisection when a
-    step did not halve the bracket (at most ~2 x 32 steps on adversarial rows). It ends when a count hits k (T is
-    the largest key at or below hi), or k - 1 (T is the smallest key above lo), or the bracket is one key wide;
-    one more reduction then names T. The ends were once snapped to real keys by a maximum and a minimum each step,
-    3 reductions a step where this takes 1, for 0.4-0.8 steps fewer (benchmarks/NOTES.md).
+    are near log-scale, so the counts are smooth: about 8 steps on random rows of |N(0, 1)| x lognormal or
+    uniform norms) or by bisection when a step did not halve the bracket (at most ~2 x 32 steps on adversarial
+    rows). It ends when a count hits k (T is the largest key at or below hi), or k - 1 (T is the smallest key
+    above lo), or the bracket is one key wide; one more reduction then names T. The ends were once snapped to
+    real keys by a maximum and a minimum each step, 3 reductions a step where this takes 1, for 0.4-0.8 steps
+    fewer (benchmarks/NOTES.md).
     """
     lo = tl.min(key, axis=0).to(tl.int64) - 1  # int64: the bracket's arithmetic must not wrap
     hi = tl.max(key, axis=0).to(tl.int64)
