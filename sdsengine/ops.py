@@ -19,9 +19,7 @@ import fcntl
 import logging
 import os
 import statistics
-import weakref
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -431,13 +429,13 @@ def prepare(backend, values, meta):
         # zeroed: no memset per call; and the split-K chosen per token count (split_k), kept with the weight
         # so a call only looks it up
         check_meta(meta, f"prepare({backend!r})")  # the kernels trust the metadata's order
-        return file_form(backend, (*reorder_24(values, meta), {}, {}))
+        return (*reorder_24(values, meta), {}, {})
     dense = decompress_24(values, meta)
     if backend == "dense":
         return dense
     try:  # the libraries have their own shape constraints (CUTLASS fp16: rows % 32, cols % 64)
         if backend == "cusparselt":
-            return file_form(backend, _cusparselt_state(torch._cslt_compress(dense)))
+            return _cusparselt_state(torch._cslt_compress(dense))
         from torch.sparse import SparseSemiStructuredTensorCUTLASS
         return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
     except (RuntimeError, ValueError) as exc:
@@ -449,64 +447,10 @@ def run(backend, form, x, bias, out_features):
     a host-bound eager prefill pays for every view); the others see it as (tokens, K)."""
     if backend == "dense":  # the form: the dense weight, or (a lean layer's) a function that decompresses it
         return F.linear(x, form() if callable(form) else form, bias)
-    run_rows = _compiled_rows if torch.compiler.is_compiling() else _run_rows
     if x.dim() == 2:
-        return run_rows(backend, form, x, bias, out_features)
-    y = run_rows(backend, form, x.reshape(-1, x.shape[-1]), bias, out_features)
+        return _run_rows(backend, form, x, bias, out_features)
+    y = _run_rows(backend, form, x.reshape(-1, x.shape[-1]), bias, out_features)
     return y.reshape(*x.shape[:-1], out_features)
-
-
-# torch.compile. Our kernels' launches, the split-K and cuSPARSELt searches and the per-stream tickets are host
-# code that Dynamo cannot trace: each call would break the graph, and a decode step would get neither inductor's
-# fusion of what lies between the linears nor one CUDA graph. Compiled, run() calls them through one custom op
-# instead, opaque to the compiler, whose output shape it knows. The op takes the form's tensors as inputs and
-# finds the rest of the form (tickets, chosen splits, searched algorithms: Python state) by its first tensor's
-# address: prepare() files every such form, holding that tensor weakly, so the entry goes with its layer.
-_forms_by_address = {}  # data_ptr of the form's first tensor -> (weakref to it, the form's Python state)
-
-
-def _form_parts(backend, form):
-    """((first tensor, second tensor), Python state) of a filed form: ours (values_r, meta_r) and its tickets
-    and splits; cuSPARSELt's packed weight (twice) and its algorithms and result form."""
-    if backend == "cusparselt":
-        return (form["packed"], form["packed"]), {k: v for k, v in form.items() if k != "packed"}
-    return form[:2], form[2:]
-
-
-def _joined_form(backend, tensors, state):
-    return {"packed": tensors[0], **state} if backend == "cusparselt" else (*tensors, *state)
-
-
-def file_form(backend, form):
-    """form, filed for sdsengine::linear24 (dead entries dropped): every form of ours or cuSPARSELt's that a layer
-    runs, made here by prepare() or elsewhere (a packed mixture's experts share slices of their grouped stack)."""
-    (first, _), state = _form_parts(backend, form)
-    for address in [a for a, (ref, _) in _forms_by_address.items() if ref() is None]:
-        del _forms_by_address[address]
-    _forms_by_address[first.data_ptr()] = (weakref.ref(first), state)
-    return form
-
-
-@torch.library.custom_op("sdsengine::linear24", mutates_args=())  # the tickets it uses it leaves zeroed
-def _linear24(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, bias: Optional[torch.Tensor],
-              out_features: int, backend: str) -> torch.Tensor:
-    ref, state = _forms_by_address.get(first.data_ptr(), (None, None))
-    if ref is None or ref() is None:
-        raise RuntimeError(f"sdsengine::linear24: no prepared {backend} form holds this weight (prepare() files one)")
-    return _run_rows(backend, _joined_form(backend, (first, second), state), x, bias, out_features)
-
-
-@_linear24.register_fake
-def _(x, first, second, bias, out_features, backend):
-    return x.new_empty(x.shape[0], out_features)
-
-
-def _compiled_rows(backend, form, x, bias, out_features):
-    """_run_rows under torch.compile: PyTorch's own CUTLASS subclass as it is, the others through the op."""
-    if backend == "cutlass":
-        return F.linear(x, form, bias)
-    tensors, _ = _form_parts(backend, form)
-    return torch.ops.sdsengine.linear24(x, *tensors, bias, out_features, backend)
 
 
 def _run_rows(backend, form, x, bias, out_features):

@@ -28,6 +28,7 @@ they were derived from (moved, reloaded, changed in place, swapped by torch.func
 import contextlib
 import functools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -157,14 +158,36 @@ def token_bucket(n):
     return min(1 << max(0, (n - 1).bit_length()), MAX_BUCKET)
 
 
+# torch.compile. A layer's call is host code Dynamo cannot trace (our kernels' launches, the split-K and cuSPARSELt
+# searches, the per-stream tickets), and its route depends on the token count, on which traced code would
+# specialize (a compile per count). Compiled, each call is instead one custom op, opaque to the compiler, whose
+# output shape it knows: its body is the layer's eager call, which chooses the route for the actual count (tuning
+# it on first meeting it) on any backend. So a compiled model is one graph whatever its token counts, and inductor
+# fuses what lies between the linears. The op finds its layer by id in _layers, which holds every layer weakly.
+_layers = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("sdsengine::sparse_linear", mutates_args=())  # state it changes (routes, tickets) is its own
+def _compiled_call(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    module = _layers.get(layer)
+    if module is None:
+        raise RuntimeError("sdsengine::sparse_linear: the SparseLinear this code was compiled for is gone")
+    return module._forward(x)
+
+
+@_compiled_call.register_fake
+def _(x, layer, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W stored 2:4-compressed; same constructor arguments and forward as nn.Linear.
 
     For inference: W (and b) are buffers, not parameters, so an optimizer never sees them (a forward in
     training mode on an input that requires grad warns). `.weight` is a decompressed copy: editing it changes
-    nothing, and assigning it is refused. Change a layer through load_state_dict or from_dense, not in place,
-    where it runs under torch.compile (compiled code does not see in-place edits of the buffers). Not an
-    nn.Linear subclass, so code that looks for nn.Linear (PEFT's LoRA) passes it by.
+    nothing, and assigning it is refused. Change a layer through load_state_dict or from_dense (an in-place edit
+    of its buffers is seen too, compiled or not: the next call derives its forms again). Not an nn.Linear
+    subclass, so code that looks for nn.Linear (PEFT's LoRA) passes it by.
     """
 
     _lean = False
@@ -185,6 +208,7 @@ class SparseLinear(nn.Module):
         self._forms, self._source = {}, None  # the forms' source: (values, its version, meta, its version)
         _weights_changed()  # it may take another layer's place (forms made of many layers look again)
         self._routes, self._routes_epoch = {}, _epoch  # (tokens, dtype) -> (backend, form)
+        _layers[id(self)] = self  # for sdsengine::sparse_linear
 
     @property
     def lean(self):
@@ -247,6 +271,13 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # one op (_compiled_call), which has no backward: an input that requires
+            if x.requires_grad and torch.is_grad_enabled():  # grad runs eagerly (a break in the graph there)
+                return torch.compiler.disable(self._forward)(x)
+            return torch.ops.sdsengine.sparse_linear(x, id(self), self.out_features)
+        return self._forward(x)
+
+    def _forward(self, x):
         buffers = self._buffers  # read directly: nn.Module's lookup of a buffer costs ~0.5 us, per call
         values = buffers["values"]
         if x.shape[-1] != self.in_features:  # reshape alone would accept any multiple of in_features
@@ -265,13 +296,7 @@ class SparseLinear(nn.Module):
         if route is None:
             if tokens == 0:  # as nn.Linear: its dtype check, and an output autograd can go through
                 return F.linear(x, self._dense_weight(), buffers["bias"])
-            if torch.compiler.is_compiling() and values.is_cuda:  # a GPU layer tunes (times) and prepares
-                # outside the graph, once per token count it meets untuned (run each eagerly before compiling, as
-                # before CUDA-graph capture). Wrapped here, not by a decorator: that imports Dynamo, and Triton
-                # with it, with the package (TRITON_INTERPRET must be set before Triton loads)
-                route = torch.compiler.disable(self._route)(tokens, x.dtype)
-            else:
-                route = self._route(tokens, x.dtype)
+            route = self._route(tokens, x.dtype)
         backend, form = route
         if backend != "dense" and x.requires_grad and torch.is_grad_enabled():  # our kernels and cuSPARSELt have
             # no backward: an input that needs its gradient (attribution, a prompt or an adapter trained through
@@ -321,7 +346,7 @@ class SparseLinear(nn.Module):
         grouped stack, sdsengine.nn.grouped), as its own, so the weight is not held twice; a lean layer then
         releases its buffers to it, as at its first call."""
         self._check_source(self.values, self.meta)  # forms of other buffers go first
-        form = ops.file_form("sdsengine", (values_r, meta_r, {}, {}))  # as prepare() files its forms
+        form = (values_r, meta_r, {}, {})
         self._forms["sdsengine"], self._routes = form, {}
         if self._holds_released():  # released to a form of its own before (a prefill): the shared one replaces it
             self._released = (*self._released[:2], form)
@@ -399,6 +424,10 @@ class SparseLinear(nn.Module):
                 self._buffers["values"], self._buffers["meta"] = self._canonical()
         self._released = None
         self._forms, self._routes, self._source = {}, {}, None
+
+    def __setstate__(self, state):  # unpickled or deep-copied: a layer of its own for sdsengine::sparse_linear
+        super().__setstate__(state)
+        _layers[id(self)] = self
 
     def __getstate__(self):
         """Pickled (or deep-copied) without its derived forms and routes, made again on first use: a form may view a

@@ -182,17 +182,17 @@ def route_to_stand_in(monkeypatch, sparse, x):
     monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
     with torch.no_grad():
         sparse(x)  # eager: the layer notes its buffers (_check_source) and routes this count to dense
-    form = ops.file_form("sdsengine", (*ops.reorder_24(sparse.values, sparse.meta), {}, {}))
+    form = (*ops.reorder_24(sparse.values, sparse.meta), {}, {})
     sparse._routes[x.numel() // sparse.in_features, x.dtype] = ("sdsengine", form)
     return extension
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)])
 def test_torch_compile_runs_our_kernel_through_one_opaque_op(monkeypatch, shape):
-    """Compiled, a layer routed to our kernel calls it through the custom op sdsengine::linear24: one graph, no
-    break (the launch, the split-K choice and the tickets are host code Dynamo cannot trace); the op's eager body
-    finds the layer's prepared form by its weight and gives the eager result. On a CPU: the route set by hand,
-    the kernel a stand-in (the reference product of the same reordered form)."""
+    """Compiled, a layer's call is the custom op sdsengine::sparse_linear: one graph, no break (the launch, the
+    split-K choice and the tickets are host code Dynamo cannot trace); the op's eager body takes the layer's route
+    and gives the eager result. On a CPU: the route set by hand, the kernel a stand-in (the reference product of
+    the same reordered form)."""
     import torch._dynamo as dynamo
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
@@ -228,22 +228,68 @@ def test_an_input_that_needs_its_gradient_takes_the_dense_weight(monkeypatch):
     assert extension.calls == 1
 
 
-def test_the_op_finds_shared_forms_and_names_a_weight_without_one(monkeypatch):
-    """A form a layer takes from elsewhere (share_form: a packed mixture's grouped stack) is filed for the op as
-    prepare()'s are; a weight no form holds is named."""
+def test_the_op_finds_its_layer_after_a_copy_and_names_one_gone():
+    """sdsengine::sparse_linear runs the layer whose id it was compiled with: a deep copy (as bench_e2e makes) is a
+    layer of its own; an id no layer has any more is named."""
+    import copy
+    linear = pruned_linear(64, 32)
+    twin = copy.deepcopy(SparseLinear.from_linear(linear))
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.sdsengine.sparse_linear(x, id(twin), 32), linear(x))
+        gone = SparseLinear.from_linear(linear)
+        key = id(gone)
+        del gone
+        with pytest.raises(RuntimeError, match="the SparseLinear this code was compiled for is gone"):
+            torch.ops.sdsengine.sparse_linear(x, key, 32)
+
+
+def test_a_compiled_layer_passes_the_gradient_to_its_input(monkeypatch):
+    """The op has no backward: compiled, an input that requires grad runs the layer eagerly, through the dense weight
+    where its route is our kernel (a stand-in here, whose output has no history)."""
+    import torch._dynamo as dynamo
     linear = pruned_linear(64, 32)
     sparse = SparseLinear.from_linear(linear)
-    extension = StandInExtension()
-    monkeypatch.setattr(ops, "load_extension", lambda: extension)
-    monkeypatch.setenv("SDSENGINE_SPLIT_K", "0")
-    shared = ops.reorder_24(sparse.values, sparse.meta)
-    sparse.share_form(*shared)
-    x = torch.randn(2, 64)
-    y = torch.ops.sdsengine.linear24(x, *shared, sparse.bias, 32, "sdsengine")
-    torch.testing.assert_close(y, linear(x).detach())
-    stray = ops.reorder_24(*compress_24(pruned_linear(64, 32, seed=1).weight.detach()))
-    with pytest.raises(RuntimeError, match="no prepared sdsengine form holds this weight"):
-        torch.ops.sdsengine.linear24(x, *stray, None, 32, "sdsengine")
+    x = torch.randn(3, 64)
+    route_to_stand_in(monkeypatch, sparse, x)
+    leaf = x.clone().requires_grad_()
+    torch.compile(sparse, backend="aot_eager")(leaf).sum().backward()
+    dynamo.reset()
+    torch.testing.assert_close(leaf.grad, linear.weight.detach().sum(0).expand(3, -1))
+
+
+def test_compiled_code_serves_every_token_count():
+    """The route is chosen inside the op, per actual count: after the first two counts (static, then dynamic
+    shapes) no count compiles again, and each gives nn.Linear's result."""
+    import torch._dynamo as dynamo
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(sparse, backend=counting)
+    with torch.no_grad():
+        for tokens in (3, 5, 7, 9, 11, 13, 17, 19, 23, 29, 64):
+            x = torch.randn(tokens, 64)
+            torch.testing.assert_close(compiled(x), linear(x))
+    dynamo.reset()
+    assert len(graphs) <= 2, len(graphs)
+
+
+def test_compiled_code_sees_an_in_place_edit_of_the_buffers():
+    import torch._dynamo as dynamo
+    linear = pruned_linear(64, 32)
+    sparse = SparseLinear.from_linear(linear)
+    compiled = torch.compile(sparse, backend="aot_eager")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        compiled(x)
+        sparse.values.mul_(2)
+        sparse.bias.zero_()
+        torch.testing.assert_close(compiled(x), x @ (2 * linear.weight).t())
+    dynamo.reset()
 
 
 def test_a_first_call_under_inference_mode_does_not_block_autograd():
@@ -1031,8 +1077,8 @@ def test_converted_model_on_gpu_matches_dense(fresh_choices):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in ops.BACKENDS if b != "cutlass"])  # PyTorch's subclass: its support
 def test_a_compiled_layer_is_one_graph_on_every_backend(backend, fresh_choices):
-    """Compiled after an eager call (which prepares the form and routes the token count), a layer is one graph,
-    with no break, and gives the eager result: ours and cuSPARSELt run through the op sdsengine::linear24."""
+    """Compiled, a layer is one graph (the op sdsengine::sparse_linear), with no break, and gives the eager result
+    on every backend it can be forced onto."""
     import torch._dynamo as dynamo
     if backend not in ops.available("cuda", torch.float16):
         pytest.skip(ops.probe("cuda", torch.float16)["backends"][backend])
