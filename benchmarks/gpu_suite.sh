@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/gpu_suite.sh
 #
-#   1. install      pip install --no-deps --no-build-isolation --no-index -e .  (builds sdsengine._C with ninja);
-#                   if that fails, install_python: the same without the extension, so the other steps can run
+#   1. install      pip install --no-deps --no-build-isolation --no-index -e . without the extension (seconds), then
+#                   install_cuda: setup.py build_ext --inplace builds sdsengine._C with ninja (where it fails, the
+#                   other steps run without it), while kernel_tests (5.) runs beside it and `versions`
 #   2. versions     nvidia-smi, nvcc, torch/triton/CUDA/driver, and which 2:4 matmul backends self-check ok
 #   3. e2e, spmm    benchmarks/bench_e2e.py (last, lean too: no dense copies) and bench_spmm.py, cut down to
 #                   fit, first: the figures the issues ask for; with the wgmma.sp pipelines off (never
@@ -13,7 +14,9 @@
 #                   (the sweeps below time wgmma)
 #   4. wanda, compress, nm_mask   benchmarks/bench_<name>.py: Triton vs the PyTorch reference (nm_mask: the N:M
 #                   mask every method's N:M step takes on a GPU)
-#   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto), 8 workers
+#   5. kernel_tests pytest tests/kernels (CUDA tensors take the Triton kernels: SDSENGINE_KERNELS=auto), 8 workers,
+#                   in the background from the end of install to the first benchmark (it needs no extension and
+#                   times nothing; its output is printed when it ends)
 #   6. gpu_tests    pytest -m gpu on the rest of tests/ (conftest.py skips these where no GPU is visible): the
 #                   wgmma kernel's isolated cases first, then the rest under 4 workers; a wgmma pipeline that
 #                   fails its isolated cases is off for the rest and for the later steps too. Both test
@@ -71,7 +74,7 @@ SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
 for s in $SUITE_STEPS; do
   case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_suite: unknown step '$s' in SUITE_STEPS; steps: $ALL_STEPS" >&2; exit 2 ;; esac
 done
-selected() { case " $SUITE_STEPS " in *" ${1%_python} "*) return 0 ;; *) return 1 ;; esac; }  # install_python: install's
+selected() { case " $SUITE_STEPS " in *" ${1%_cuda} "*) return 0 ;; *) return 1 ;; esac; }  # install_cuda: install's
 FILES="suite_steps.tsv"
 for b in $BENCHES $OPTIONAL_BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
 selected e2e && FILES="$FILES e2e_prefill_profile.md"  # the e2e step's --profile tables
@@ -123,7 +126,7 @@ save() {  # this run's results so far to $OUT, so that a call cut off at its lim
 keep_earlier_steps() {  # the rows of the steps not selected now, as they last ended (the last table's rows over
   local rows           # those kept before it): a re-run must not erase an earlier step's timeout
   rows=$(cat "$EARLIER" "$STEPS" 2>/dev/null | awk -F'\t' -v selected=" $SUITE_STEPS " '
-    NF >= 4 && $1 != "step" { s = $1; sub(/_python$/, "", s); if (!index(selected, " " s " ")) row[$1] = $0 }
+    NF >= 4 && $1 != "step" { s = $1; sub(/_cuda$/, "", s); if (!index(selected, " " s " ")) row[$1] = $0 }
     END { for (s in row) print row[s] }' | sort)
   { printf 'step\tstatus\trc\tseconds\n'; [ -z "$rows" ] || printf '%s\n' "$rows"; } >"$EARLIER"
 }
@@ -146,6 +149,22 @@ step() {  # step NAME BUDGET COMMAND...: run it under timeout, record its status
     esac
   fi
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" $((SECONDS - start)) >>"$STEPS"
+  [ -n "${IN_BACKGROUND:-}" ] || save  # one tar at a time: join saves for a background step
+}
+
+in_background() {  # in_background STEP ARGS...: `step STEP ARGS...` in the background, its output held until join
+  selected "$2" || return 0
+  BACKGROUND_LOG=$RESULTS/$2.log
+  (IN_BACKGROUND=1 "$@") >"$BACKGROUND_LOG" 2>&1 &
+  BACKGROUND_PID=$!
+}
+
+join() {  # wait for the background step (before anything timed), then show its output
+  [ -n "${BACKGROUND_PID:-}" ] || return 0
+  echo "=== waiting for the background step ($((SUITE_SECONDS - SECONDS))s of the suite left) ==="
+  wait "$BACKGROUND_PID"
+  cat "$BACKGROUND_LOG" && rm -f "$BACKGROUND_LOG"
+  BACKGROUND_PID=
   save
 }
 
@@ -176,12 +195,23 @@ suite() {
   keep_earlier_steps
   (cd "$RESULTS" && rm -f $FILES)  # a step that does not run must not leave an older run's numbers behind
   printf 'step\tstatus\trc\tseconds\n' >"$STEPS"
-  step install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
-  if selected install && [ "$(tail -n 1 "$STEPS" | cut -f2)" != ok ]; then  # without the package no step runs:
-    echo "install: again without the CUDA extension (the Triton steps need only the package)"
-    step install_python 60 env SDSENGINE_BUILD_CUDA=0 "$PY" -m pip install --no-deps --no-build-isolation \
-      --no-index -e .
+  # The package first, without the extension: the Triton kernels' tests need no more and run beside its build.
+  # (pip's editable install maps sdsengine to this folder, so the module built in place is the installed one.)
+  step install 60 env SDSENGINE_BUILD_CUDA=0 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+  # Under pytest-xdist where it is there (the GPU image has it), so that a test that crashes the process (SIGSEGV in
+  # the extension, twice on 12-04) fails alone and a fresh worker runs the rest, instead of the step ending there.
+  # The Triton kernels' tests take 8 workers: they are independent and their time is mostly each case's compile on
+  # the host (184 tests, 83 s on 12-04), on cores the build leaves (4 sources). The GPU tests: gpu_tests() above.
+  # --durations: where each test step's time goes, for the next cut to fit the call
+  local workers=""
+  "$PY" -c "import xdist" 2>/dev/null && workers="--max-worker-restart 20 -n"
+  if [ -d tests/kernels ]; then
+    in_background step kernel_tests 150 env SDSENGINE_SKIPS="$RESULTS/kernel_tests_skips.tsv" "$PY" -m pytest -v \
+      ${workers:+$workers 8} --durations=15 -p no:cacheprovider tests/kernels
+  elif selected kernel_tests; then
+    printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
   fi
+  step install_cuda 150 "$PY" setup.py build_ext --inplace
   # what the built extension defines of libstdc++ and links against: on 12-04 gdb placed the crash of a number
   # streamed into an error message inside ostream::_M_insert<long> "from" sdsengine/_C (benchmarks/NOTES.md)
   for so in sdsengine/_C*.so; do
@@ -198,6 +228,7 @@ suite() {
     printf 'export SDSENGINE_CUSPARSELT=0\nexport SDSENGINE_WGMMA=0\n' >"$SWITCHES"
   fi
   [ -s "$SWITCHES" ] && . "$SWITCHES"
+  join  # nothing may run beside a timed step
   step e2e 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --lean \
     --out "$RESULTS"
   step spmm 50 $NO_WGMMA "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 \
@@ -205,19 +236,6 @@ suite() {
   bench wanda 40
   bench compress 30
   bench nm_mask 25
-  # Under pytest-xdist where it is there (the GPU image has it), so that a test that crashes the process (SIGSEGV in
-  # the extension, twice on 12-04) fails alone and a fresh worker runs the rest, instead of the step ending there.
-  # The Triton kernels' tests take 8 workers: they are independent and their time is mostly each case's compile on
-  # the host (184 tests, 83 s on 12-04). The GPU tests: gpu_tests() above.
-  # --durations: where each test step's time goes, for the next cut to fit the call
-  local workers=""
-  "$PY" -c "import xdist" 2>/dev/null && workers="--max-worker-restart 20 -n"
-  if [ -d tests/kernels ]; then
-    step kernel_tests 120 env SDSENGINE_SKIPS="$RESULTS/kernel_tests_skips.tsv" "$PY" -m pytest -v \
-      ${workers:+$workers 8} --durations=15 -p no:cacheprovider tests/kernels
-  elif selected kernel_tests; then
-    printf 'kernel_tests\tskipped\t-\t0\n' >>"$STEPS"
-  fi
   step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" PY="$PY" WORKERS="$workers" bash -c gpu_tests
   [ -s "$SWITCHES" ] && . "$SWITCHES"
   # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
