@@ -46,6 +46,8 @@
 #                   on the same machine, whose install and check results it reuses)
 #      e2e_compiled bench_e2e.py as e2e, with both models' decode steps through torch.compile (inductor) before
 #                   their CUDA graphs: what a user's compiled model gets (inductor's compiles take minutes)
+#      sweep_tiles  benchmarks/sweep_tiles.py on the unstructured Wanda kernel: its warps per row (512 to 4096
+#                   elements a warp) on Llama's shapes, the data behind kernels/wanda.py's ROW_ELEMS_PER_WARP
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep and
 # e2e_compiled), to re-run what failed after a fix within a short device lease; only the selected steps' results
@@ -68,7 +70,7 @@ RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
 BENCHES="e2e spmm wanda compress nm_mask grouped e2e_moe dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt"
 BENCHES="$BENCHES e2e_full"
-OPTIONAL_BENCHES="spmm_sweep e2e_compiled"  # run only when named
+OPTIONAL_BENCHES="spmm_sweep e2e_compiled sweep_tiles"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
 for s in $SUITE_STEPS; do
@@ -263,6 +265,8 @@ suite() {
   step spmm_sweep 300 "$PY" benchmarks/bench_spmm.py --iters 10 --name spmm_sweep --out "$RESULTS"  # all tokens, dtypes
   step e2e_compiled 240 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --compile \
     --name e2e_compiled --out "$RESULTS"
+  step sweep_tiles 120 "$PY" benchmarks/sweep_tiles.py --kernels wanda_0.5 --shapes 4096x4096,14336x4096,4096x11008 \
+    --json "$RESULTS/sweep_tiles.json"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

@@ -1,7 +1,8 @@
 """Tile and warp settings of the memory-bound kernels (fused Wanda, 2:4 compress), timed against the copy
 bandwidth of the same run: the data behind the defaults in kernels/wanda.py and kernels/compress.py.
 
-    python benchmarks/sweep_tiles.py [--shapes 4096x4096,14336x4096] [--dtype float16] [--json FILE]
+    python benchmarks/sweep_tiles.py [--shapes 4096x4096,14336x4096] [--dtype float16] [--kernels wanda_0.5,...]
+                                     [--json FILE]
 
 Each setting is applied by setting the module's tile constants, timed with L2 flushed before every call,
 and its output compared with the defaults' (a tile setting must not change a single bit). GPU only.
@@ -23,7 +24,7 @@ from sdsengine.kernels import wanda as wanda_mod
 SETTINGS = {
     "wanda_2:4": (wanda_mod, {"NM_TILE_ROWS": (16, 32, 64), "NM_TILE_COLS": (128, 256, 512),
                               "NM_WARPS": (4, 8)}),
-    "wanda_0.5": (wanda_mod, {"ROW_ELEMS_PER_WARP": (128, 256, 512, 1024)}),
+    "wanda_0.5": (wanda_mod, {"ROW_ELEMS_PER_WARP": (512, 1024, 2048, 4096)}),
     "compress": (compress_mod, {"TILE_ROWS": (8, 16, 32, 64), "TILE_CHUNKS": (2, 4, 8), "WARPS": (4, 8)}),
 }
 
@@ -67,6 +68,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="4096x4096,14336x4096")
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--kernels", type=harness.names_argument(SETTINGS), default=",".join(SETTINGS))
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -77,6 +79,8 @@ def main(argv=None):
     results = []
     for shape in harness.parse_shapes(args.shapes):
         for name, (call, nbytes) in calls(shape, getattr(torch, args.dtype)).items():
+            if name not in args.kernels:
+                continue
             rows = sweep(name, call, nbytes, copy_gbps)
             for r in rows:
                 r["shape"] = "x".join(map(str, shape))

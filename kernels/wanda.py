@@ -12,10 +12,13 @@ from ._select import PAD_KEY, group_tile, kth_key, nm_keep, sort_key
 NM_TILE_ROWS = 16
 NM_TILE_COLS = 256  # per program: 16 x 256 elements, 16 per thread at 8 warps
 NM_WARPS = 8
-# unstructured: one program per row, warps = row length / this, 1 to 16. Each search step is one reduction across
-# the row's warps (kth_key), so fewer warps per row, and more rows per SM: 4096 columns take 4 warps (6 rows per SM
-# under Triton 3.6, where 8 warps held 4; the H100's sweep of 11-23 found 1024 per warp 9% faster than 512 even then)
-ROW_ELEMS_PER_WARP = 1024
+# unstructured: one program per row, warps = row length (padded to a power of two) / this, 1 to 16. Each search
+# step is one reduction across the row's warps (kth_key): a row of one warp reduces by shuffles alone, no barrier.
+# SASS (Triton 3.6, sm_90, fp16) for 4096 columns: 1 warp, 202 registers, 9 rows per SM, 488 instructions a step
+# per row; at 1024 a warp it was 4 warps, 6 rows, 4 x 182 and 3 barriers. 11008 columns: 4 warps, 2 rows per SM,
+# 4 x 496 (16 warps, 1 row, 16 x 184 before). The H100's sweep of 11-23 found fewer warps a row faster (1024 a warp
+# 9% faster than 512, the most it tried); benchmarks/sweep_tiles.py times 512 to 4096.
+ROW_ELEMS_PER_WARP = 4096
 TIE_BLOCK = 1024  # unstructured rows whose threshold has ties to split are re-read in pieces of this size
 
 
