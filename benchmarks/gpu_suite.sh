@@ -22,22 +22,22 @@
 #                   fails its isolated cases is off for the rest and for the later steps too. Both test
 #                   steps write <step>_skips.tsv (each skipped test and why); the summary names the skips
 #                   that are not by design (CUTLASS off 8.x, wgmma off 9.0)
-#   7. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
+#   7. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's, alone and
+#                   in a small 8-layer Llama
+#   8. methods      benchmarks/bench_methods.py: each pruning method's seconds per layer and peak GPU memory on one
+#                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), BESA first
+#   9. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
+#                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
+#  10. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
+#  11. sparsegpt    bench_sparsegpt.py (its reference loops are slow; measured: target met)
+#  Then, where time is left, what no issue names (a device call holds the steps above first):
+#  12. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
 #                   packed mixture runs up to 32 routed rows per expert) against torch._grouped_mm, Qwen3-30B-A3B and
 #                   Mixtral-8x7B experts
-#   8. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token): packed
+#  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token): packed
 #                   experts (the grouped kernel: decode and the 512-token prefill) against transformers' grouped dense
 #                   run, decode in CUDA graphs, prefill eager
-#   9. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's, alone and
-#                   in a small 8-layer Llama
-#  10. methods      benchmarks/bench_methods.py: each pruning method's seconds per layer and peak GPU memory on one
-#                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), BESA first
-#  11. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
-#                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
-#  12. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
-#  13. sparsegpt    bench_sparsegpt.py, where time is left (its reference loops are slow; measured: target met)
-#  14. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e), where time is
-#                   left: it checks the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
+#  14. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e): it checks the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
 #                   (measured 12-04: 1.28x against 8 layers' 1.22x)
 #  15. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #  Only when named in SUITE_STEPS (it does not fit beside the rest in one device call):
@@ -68,8 +68,8 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress nm_mask grouped e2e_moe dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt"
-BENCHES="$BENCHES e2e_full"
+BENCHES="e2e spmm wanda compress nm_mask dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt"
+BENCHES="$BENCHES grouped e2e_moe e2e_full"
 OPTIONAL_BENCHES="spmm_sweep e2e_compiled sweep_tiles"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
@@ -240,14 +240,6 @@ suite() {
   bench nm_mask 25
   step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" PY="$PY" WORKERS="$workers" bash -c gpu_tests
   [ -s "$SWITCHES" ] && . "$SWITCHES"
-  # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
-  # these (12-04: Mixtral-8x7B's experts lose from 64 rows, 256 tokens); 128 tokens is Mixtral's 32
-  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64,128,256,512 --iters 10 --out "$RESULTS"
-  # --no-prefill-graph: a packed mixture's prefill past the grouped path's regime (per expert) reads token counts
-  # on the host, which no graph capture allows (Qwen3's 512 tokens are within it, timed eager as before); its
-  # decode (grouped) and transformers' grouped_mm are both captured
-  step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
-    --dtype bfloat16 --no-prefill-graph --name e2e_moe --out "$RESULTS"
   step dispatch 40 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
   # BESA first: the one method not yet timed on a GPU (12-04: the step's budget ran out during it, after SDS's 67 s)
   local methods_budget
@@ -261,6 +253,14 @@ suite() {
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
   bench sparsegpt 90
+  # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
+  # these (12-04: Mixtral-8x7B's experts lose from 64 rows, 256 tokens); 128 tokens is Mixtral's 32
+  step grouped 40 "$PY" benchmarks/bench_grouped.py --tokens 1,4,16,64,128,256,512 --iters 10 --out "$RESULTS"
+  # --no-prefill-graph: a packed mixture's prefill past the grouped path's regime (per expert) reads token counts
+  # on the host, which no graph capture allows (Qwen3's 512 tokens are within it, timed eager as before); its
+  # decode (grouped) and transformers' grouped_mm are both captured
+  step e2e_moe 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 --prefill 512 --steps 16 \
+    --dtype bfloat16 --no-prefill-graph --name e2e_moe --out "$RESULTS"
   step e2e_full 120 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 32 --prefill 512 --steps 32 --name e2e_full --out "$RESULTS"
   step spmm_sweep 300 "$PY" benchmarks/bench_spmm.py --iters 10 --name spmm_sweep --out "$RESULTS"  # all tokens, dtypes
   step e2e_compiled 240 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --compile \
