@@ -22,7 +22,7 @@ from sdsengine.kernels import compress_24, wanda_prune
 from sdsengine.kernels import wanda as wanda_mod
 
 SETTINGS = {
-    "wanda_2:4": (wanda_mod, {"NM_TILE_ROWS": (16, 32, 64), "NM_TILE_COLS": (128, 256, 512),
+    "wanda_2:4": (wanda_mod, {"NM_TILE_ROWS": (8, 16, 32), "NM_TILE_COLS": (128, 256, 512),
                               "NM_WARPS": (4, 8)}),
     "wanda_0.5": (wanda_mod, {"ROW_ELEMS_PER_WARP": (512, 1024, 2048, 4096)}),
     "compress": (compress_mod, {"TILE_ROWS": (8, 16, 32, 64), "TILE_CHUNKS": (2, 4, 8), "WARPS": (4, 8)}),

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import columns_of_4, join_of_4, keep_of_4, magnitude_key, sort_key
+from ._select import columns_of_4, join_of_4, keep_of_4
 
 TILE_ROWS = 16
 TILE_CHUNKS = 4  # 16 rows x 128 columns per program
@@ -55,10 +55,10 @@ def _store_groups(PTR, first, inside, group_a, group_b):
 
 
 @triton.jit
-def _pick_2of4(key, w):
-    """(first kept value, second kept value, nibble i0 | i1 << 2) of each group of (rows, pairs, 4) keys and
-    weights: the 2 highest keys, ties to the lower index."""
-    keep0, keep1, keep2, keep3 = keep_of_4(*columns_of_4(key), 2)
+def _pick_2of4(score, w):
+    """(first kept value, second kept value, nibble i0 | i1 << 2) of each group of (rows, pairs, 4) fp32 scores
+    and weights: the 2 highest scores, ties to the lower index."""
+    keep0, keep1, keep2, keep3 = keep_of_4(*columns_of_4(score), 2)
     w0, w1, w2, w3 = columns_of_4(w)
     # exactly two are kept: the first is 0, else 1, else 2; the second is 3, else 2, else 1
     i0 = tl.where(keep0, 0, tl.where(keep1, 1, 2))
@@ -70,7 +70,9 @@ def _pick_2of4(key, w):
 
 @triton.jit
 def _positive_zero(v):
-    return tl.where(v == 0, tl.zeros_like(v), v)  # -0.0 is written as +0.0; NaN != 0 passes through
+    # -0.0 is written as +0.0; NaN != 0 passes through. Compared as fp32 (exact): the interpreter of Triton 3.9
+    # compares bf16 as bits, which left -0.0 (a kept -0.0 beside NaNs that its group keeps) as it was
+    return tl.where(v.to(tl.float32) == 0, tl.zeros_like(v), v)
 
 
 @triton.jit
@@ -81,11 +83,11 @@ def _compress_kernel(W, S, VALUES, META_BYTES, rows, cols, HAS_SCORES: tl.conste
     # word holds groups 2j and 2j + 1), so no value crosses lanes.
     inside, first, values_at, byte_at = _pairs(BLOCK_R, BLOCK_P, rows, cols)
     wa, wb = _load_groups(W, first, inside)
-    if HAS_SCORES:
+    if HAS_SCORES:  # compared as fp32: widened exactly (the interpreter compares bf16 as bits)
         sa, sb = _load_groups(S, first, inside)
-        ka, kb = sort_key(sa.to(tl.float32)), sort_key(sb.to(tl.float32))
+        ka, kb = sa.to(tl.float32), sb.to(tl.float32)
     else:
-        ka, kb = magnitude_key(wa), magnitude_key(wb)
+        ka, kb = tl.abs(wa.to(tl.float32)), tl.abs(wb.to(tl.float32))
     a0, a1, nibble_a = _pick_2of4(ka, wa)
     b0, b1, nibble_b = _pick_2of4(kb, wb)
     values = _positive_zero(join_of_4(a0, a1, b0, b1))  # the pair's 4 values: columns 4p..4p + 3

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import group_tile, nm_keep, sort_key
+from ._select import columns_of_4, group_tile, join_of_4, keep_of_4, nm_keep, sort_key
 from .wanda import NM_WARPS, nm_grid, nm_tile
 
 
@@ -17,8 +17,12 @@ from .wanda import NM_WARPS, nm_grid, nm_tile
 def _nm_mask_kernel(S, MASK, rows, cols, N: tl.constexpr, M: tl.constexpr, PACK: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     offs, col, inside = group_tile(rows, cols, M, PACK, BLOCK_R, BLOCK_G)
-    key = sort_key(tl.load(S + offs, mask=inside, other=0.0))
-    keep = nm_keep(tl.reshape(key, (offs.shape[0], PACK, M)), tl.arange(0, M)[None, None, :], 2, N, M)
+    score = tl.reshape(tl.load(S + offs, mask=inside, other=0.0), (offs.shape[0], PACK, M))
+    if M == 4:  # compared as fp32 (fp64 as it is): widened exactly, and the interpreter compares bf16 as bits
+        wide = score if score.dtype == tl.float64 else score.to(tl.float32)
+        keep = join_of_4(*keep_of_4(*columns_of_4(wide), N))
+    else:
+        keep = nm_keep(sort_key(score), tl.arange(0, M)[None, None, :], 2, N, M)
     tl.store(MASK + offs, tl.reshape(keep, offs.shape).to(tl.int8), mask=inside)
 
 

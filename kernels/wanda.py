@@ -7,10 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import PAD_KEY, group_tile, kth_key, nm_keep, sort_key
+from ._select import PAD_KEY, columns_of_4, group_tile, join_of_4, keep_of_4, kth_key, nm_keep, sort_key
 
-NM_TILE_ROWS = 16
-NM_TILE_COLS = 256  # per program: 16 x 256 elements, 16 per thread at 8 warps
+NM_TILE_ROWS = 8
+NM_TILE_COLS = 256  # per program: 8 x 256 elements, 8 per thread at 8 warps (one 16-byte load at fp16)
 NM_WARPS = 8
 # unstructured: one program per row, warps = row length (padded to a power of two) / this, 1 to 16. Each search
 # step is one reduction across the row's warps (kth_key): a row of one warp reduces by shuffles alone, no barrier.
@@ -42,7 +42,11 @@ def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.cons
     offs, col, inside = group_tile(rows, cols, M, PACK, BLOCK_R, BLOCK_G)
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
-    keep = nm_keep(tl.reshape(_scores(w, norm), (offs.shape[0], PACK, M)), tl.arange(0, M)[None, None, :], 2, N, M)
+    score = tl.reshape(tl.abs(w.to(tl.float32)) * norm.to(tl.float32), (offs.shape[0], PACK, M))
+    if M == 4:
+        keep = join_of_4(*keep_of_4(*columns_of_4(score), N))
+    else:
+        keep = nm_keep(sort_key(score), tl.arange(0, M)[None, None, :], 2, N, M)
     _write(OUT, MASK, offs, w, tl.reshape(keep, offs.shape), inside)
 
 

@@ -1,5 +1,7 @@
 """2:4 select-and-compress (kernels/compress.py) against reference.compress_24: values, metadata and the
 decompressed weight exact, bit for bit (-0.0 written as 0)."""
+import itertools
+
 import pytest
 import torch
 
@@ -67,6 +69,19 @@ def test_negative_zero_scores_tie_with_positive_zero(both_backends, assert_exact
     weight = torch.randn(2, 32, generator=torch.Generator().manual_seed(4))
     scores = torch.tensor([[1.0, -0.0, 0.0, -1.0] * 8, [-0.0, 0.0, -0.0, 0.0] * 8])
     _check(both_backends, assert_exact, device, weight, scores)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_combination_of_special_values(both_backends, assert_exact, device, dtype):
+    """Every 4-combination (with repeats) of NaN of either sign, +-inf, +-0, 1 and -1 as a group of weights
+    (ranked by magnitude), then as a group of scores: the kernel compares the floats themselves (NaN above all,
+    NaNs and +-0 tied, lower index first) and must pick what the reference's sort picks."""
+    nan = float("nan")
+    special = [nan, -nan, float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0]
+    groups = torch.tensor(list(itertools.product(special, repeat=4))).reshape(512, 32).to(dtype)  # 8 a row
+    _check(both_backends, assert_exact, device, groups)
+    weight = torch.randn(groups.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    _check(both_backends, assert_exact, device, weight, groups)
 
 
 def test_layout_by_hand(device):
