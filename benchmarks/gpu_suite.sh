@@ -244,7 +244,8 @@ suite() {
   # BESA first: the one method not yet timed on a GPU (12-04: the step's budget ran out during it, after SDS's 67 s)
   local methods_budget
   methods_budget=$(fit 130)
-  step methods "$methods_budget" "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
+  # SDSENGINE_TRACE: each SDS and BESA step's seconds in the log as it ends (the 12-04 lease lost BESA's to the limit)
+  step methods "$methods_budget" env SDSENGINE_TRACE=1 "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
     --methods besa,wanda,sparsegpt,sds,magnitude --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
   step wgmma_tiles 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines plain,overlap \
     --out "$RESULTS"

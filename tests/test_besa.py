@@ -1,5 +1,6 @@
 """BESA: gradients of the relaxation, exact block sparsity, Wanda at zero steps, N:M validity, end to end."""
 import json
+import re
 
 import pytest
 import torch
@@ -160,6 +161,20 @@ def test_zero_epochs_is_wanda_exactly(pattern, mode):
     wanda = _pruned_weights(WandaConfig(sparsity=pattern))
     for name in wanda:
         assert torch.equal(ours[name], wanda[name]), name
+
+
+def test_trace_shows_the_learning_steps_pace_and_each_phase(monkeypatch, capsys):
+    """SDSENGINE_TRACE=1: every TRACE_EVERY learning steps a line with the steps' seconds so far (the steps are one
+    phase, minutes long on a large layer), and each phase's seconds as it ends."""
+    from sdsengine.algorithms import besa_block
+    monkeypatch.setenv("SDSENGINE_TRACE", "1")
+    monkeypatch.setattr(besa_block, "TRACE_EVERY", 2)
+    sdsengine.prune(tiny_model("llama"), BESAConfig(sparsity="2:4", epochs=2, lr=0.5), tiny_tokens(), progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdsengine: besa ")]
+    paced = [m for line in lines if (m := re.match(r"sdsengine: besa (\d+) of (\d+) steps: [\d.]+ s$", line))]
+    per_block = list(range(2, int(paced[0].group(2)) + 1, 2))  # each decoder layer (block) in turn
+    assert [int(m.group(1)) for m in paced] == per_block * (len(paced) // len(per_block)) and per_block
+    assert {line.split()[2] for line in lines} >= {"setup:", "steps:", "checks:", "apply:"}
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])

@@ -269,6 +269,19 @@ def test_sparsegpt_base_builds_its_inverse_hessian_factor_once(monkeypatch):
     assert "second" in info and len(built) == 1
 
 
+def test_trace_prints_each_step_as_it_ends(monkeypatch, capsys):
+    """SDSENGINE_TRACE=1: each step's seconds on stderr as it ends, in order (a run cut short by a time limit
+    still shows where its time went); without it, nothing."""
+    w, stats = _layer()
+    sds.prune(w, stats, _config(iters=5))
+    assert "sdsengine:" not in capsys.readouterr().err
+    monkeypatch.setenv("SDSENGINE_TRACE", "1")
+    _, info = sds.prune(w, stats, _config(iters=5))
+    lines = [line.split() for line in capsys.readouterr().err.splitlines() if line.startswith("sdsengine: sds ")]
+    assert [words[2].rstrip(":") for words in lines] == list(info["seconds"])
+    assert all(float(words[3]) >= 0 and words[4] == "s" for words in lines)
+
+
 def test_pipeline_reports_every_step():
     model = tiny_model("llama")
     result = sdsengine.prune(model, _config(iters=20, l1=0.0, l2=0.0, lr=1.0), tiny_tokens(), progress=False)

@@ -41,7 +41,7 @@ def needs_dense_stream(config):
 
 def prune_layer(ctx, config):
     """Learn the block's masks, apply them to ctx.targets in place; returns {linear: info, '_block': info}."""
-    laps = Laps(ctx.device)  # the report's seconds per phase: setup, steps, checks, apply
+    laps = Laps(ctx.device, "besa")  # the report's seconds per phase: setup, steps, checks, apply
     learner = laps.after("setup", (besa_nm.SelectionLearner if config.sparsity.nm else RateLearner)(ctx, config))
     # Only N:M compares iterates: its count is fixed, while an unstructured iterate's hard mask is not yet
     # projected onto the block's count, so its loss is not comparable.

@@ -10,7 +10,9 @@ from torch.func import functional_call
 
 from sdsengine.pipeline import adapters
 
-from .timing import Laps
+from .timing import Laps, trace, tracing
+
+TRACE_EVERY = 16  # learning steps between two SDSENGINE_TRACE lines
 
 
 def learn(ctx, learner, config, checks=0, laps=None):
@@ -19,7 +21,7 @@ def learn(ctx, learner, config, checks=0, laps=None):
     iterate). laps (timing.Laps), if given, is charged the setup, the steps and the checks apart."""
     if config.epochs == 0:
         return [], {}
-    laps = Laps(ctx.device) if laps is None else laps
+    laps = Laps(ctx.device, "besa") if laps is None else laps
     steps = config.epochs * ctx.inps.shape[0]
     lr = config.step_size(steps)
     optimizer = make_optimizer(learner.parameters(), config, lr)
@@ -39,6 +41,8 @@ def learn(ctx, learner, config, checks=0, laps=None):
                 loss.backward()
                 optimizer.step()
                 losses.append(float(rec.detach()))
+                if tracing() and len(losses) % TRACE_EVERY == 0:  # the steps are one lap: show their pace
+                    trace(f"besa {len(losses)} of {steps} steps: {laps.running():.3f} s")
     laps.after("steps", None)
     return losses, {"lr": lr, **(laps.after("checks", best.restore(steps)) if best else {})}
 

@@ -61,7 +61,7 @@ def needs_dense_stream(config):
 def prune(weight, stats, config):
     """(pruned weight, info): info holds the relative calibration error after each step."""
     base = _base(stats, config)
-    laps = Laps(weight.device)
+    laps = Laps(weight.device, "sds")
     w1 = laps.after("initial", base(weight.float()))
     objective = Objective(weight, stats, config.teacher)
     chosen, info = reconstruct(objective, w1, config, base, laps=laps)
@@ -87,7 +87,7 @@ def reconstruct(objective, w1, config, second_prune, keep=None, laps=None):
     empty slots ranked by benefit: refit_support). laps: the Laps that timed the initial prune, if any; the
     info's "seconds" holds each step's time."""
     error = objective.error
-    laps = Laps(w1.device) if laps is None else laps
+    laps = Laps(w1.device, "sds") if laps is None else laps
     if not objective.determined:  # as refit: re-fits on a singular H fit the few tokens and shrink the rest
         return w1, {"initial": error(w1), "chosen": error(w1), "choice": "base", "undetermined": True,
                     "seconds": dict(laps)}
