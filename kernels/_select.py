@@ -94,6 +94,15 @@ def keep_of_4(s0, s1, s2, s3, N: tl.constexpr):
 
 
 @triton.jit
+def group_keep(score, N: tl.constexpr, M: tl.constexpr):
+    """Keep mask of the N best in each group of a (.., P, M) tile of fp32 or fp64 scores: groups of 4 by
+    keep_of_4 on the floats, others by nm_keep on their sort keys."""
+    if M == 4:
+        return join_of_4(*keep_of_4(*columns_of_4(score), N))
+    return nm_keep(sort_key(score), tl.arange(0, M)[None, None, :], 2, N, M)
+
+
+@triton.jit
 def columns_of_4(x):
     """A (.., 4) tensor's 4 columns as (..) tensors, in the registers that held them (a thread owns whole
     groups of 4)."""

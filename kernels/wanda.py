@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._select import PAD_KEY, columns_of_4, group_tile, join_of_4, keep_of_4, kth_key, nm_keep, sort_key
+from ._select import PAD_KEY, group_keep, group_tile, kth_key, sort_key
 
 NM_TILE_ROWS = 8
 NM_TILE_COLS = 256  # per program: 8 x 256 elements, 8 per thread at 8 warps (one 16-byte load at fp16)
@@ -23,8 +23,8 @@ TIE_BLOCK = 1024  # unstructured rows whose threshold has ties to split are re-r
 
 
 @triton.jit
-def _scores(w, norm):
-    return sort_key(tl.abs(w.to(tl.float32)) * norm.to(tl.float32))  # same fp32 product as the reference
+def _score(w, norm):
+    return tl.abs(w.to(tl.float32)) * norm.to(tl.float32)  # the same fp32 product as the reference
 
 
 @triton.jit
@@ -42,11 +42,7 @@ def _wanda_nm_kernel(W, NORM, OUT, MASK, rows, cols, N: tl.constexpr, M: tl.cons
     offs, col, inside = group_tile(rows, cols, M, PACK, BLOCK_R, BLOCK_G)
     w = tl.load(W + offs, mask=inside, other=0.0)
     norm = tl.load(NORM + col, mask=col < cols, other=0.0)
-    score = tl.reshape(tl.abs(w.to(tl.float32)) * norm.to(tl.float32), (offs.shape[0], PACK, M))
-    if M == 4:
-        keep = join_of_4(*keep_of_4(*columns_of_4(score), N))
-    else:
-        keep = nm_keep(sort_key(score), tl.arange(0, M)[None, None, :], 2, N, M)
+    keep = group_keep(tl.reshape(_score(w, norm), (offs.shape[0], PACK, M)), N, M)
     _write(OUT, MASK, offs, w, tl.reshape(keep, offs.shape), inside)
 
 
@@ -75,7 +71,7 @@ def _wanda_row_kernel(W, NORM, OUT, MASK, cols, n_prune, BLOCK: tl.constexpr, TI
     row = tl.program_id(0).to(tl.int64) * cols
     w = tl.load(W + row + c, mask=inside, other=0.0)
     norm = tl.load(NORM + c, mask=inside, other=0.0)
-    key = tl.where(inside, _scores(w, norm), PAD_KEY)
+    key = tl.where(inside, sort_key(_score(w, norm)), PAD_KEY)
     T, n_at_most = kth_key(key, n_prune, BLOCK)
     if n_at_most == n_prune:  # every tie at T goes: the usual case
         keep = key > T
@@ -100,7 +96,7 @@ def _prune_ties_in_order(W, NORM, OUT, MASK, row, cols, T, need, TIE_BLOCK: tl.c
         c = start + tl.arange(0, TIE_BLOCK)
         inside = c < cols
         w = tl.load(W + row + c, mask=inside, other=0.0)
-        key = _scores(w, tl.load(NORM + c, mask=inside, other=0.0))
+        key = sort_key(_score(w, tl.load(NORM + c, mask=inside, other=0.0)))
         ties = (key == T) & inside
         order = seen + tl.cumsum(ties.to(tl.int32), axis=0)
         keep = (key > T) | (ties & (order > need))
