@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 DEVICE_KINDS = ("cpu", "cuda")
+MATMUL = ("fp32", "tf32")  # SDS's iteration products (algorithms.least_squares.Objective)
 
 
 def check_device_name(device):
@@ -311,6 +312,10 @@ class SDSConfig(SparseGPTConfig):
     swaps: int | None = field(default=None, metadata={
         "help": "SDS, N:M patterns: the same sweeps after SDS's refit (ours). Default: 1 on N:M patterns "
                 "(measured on every base: docs/SDS.md), 0 off N:M"})
+    matmul: str = field(default="fp32", metadata={
+        "help": "SDS: precision of the re-dense, adjustment and refit iterations' products with the Hessian: "
+                "fp32, or tf32 (CUDA tensor cores, several times fp32's rate; on the CPU emulated by rounding "
+                "the operands, so a CPU run shows a GPU run's quality); errors and choices stay fp32"})
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "
@@ -331,7 +336,7 @@ class SDSConfig(SparseGPTConfig):
         super().__post_init__()
         for name, allowed in (("base", ("sparsegpt", "wanda", "besa")), ("solver", ("fista", "ista", "closed")),
                               ("reduction", ("element", "token")), ("adjust", ("on", "off")), ("teacher", ("sd", "dense")),
-                              ("guard", ("linear", "layer"))):
+                              ("guard", ("linear", "layer")), ("matmul", MATMUL)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"sds {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 < self.lr <= 1.0:

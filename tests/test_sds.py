@@ -269,6 +269,59 @@ def test_sparsegpt_base_builds_its_inverse_hessian_factor_once(monkeypatch):
     assert "second" in info and len(built) == 1
 
 
+def test_tf32_rounds_to_ten_mantissa_bits_ties_away():
+    """The operand a TF32 product reads: 10 mantissa bits, to nearest, a tie away from zero (cvt.rna); inf, zeros
+    of either sign and TF32 values unchanged."""
+    tie, above = 1 + 2 ** -11, 1 + 2 ** -11 + 2 ** -13
+    x = torch.tensor([1.0, tie, -tie, above, 1 + 2 ** -12, float("inf"), -float("inf"), 0.0, -0.0, 3.0 * 2 ** -130])
+    want = [1.0, 1 + 2 ** -10, -(1 + 2 ** -10), 1 + 2 ** -10, 1.0, float("inf"), -float("inf"), 0.0, -0.0, 3.0 * 2 ** -130]
+    got = least_squares.tf32(x)
+    assert got.tolist() == want and torch.equal(torch.signbit(got), torch.signbit(torch.tensor(want)))
+
+
+def test_tf32_iterations_use_rounded_operands_and_keep_the_errors_exact():
+    """matmul="tf32" on the CPU: the iterations' products are those of the rounded operands (what the tensor cores
+    compute, up to the order of the sums); the errors and exact_grad are fp32 as before; and SDS ends close to
+    its fp32 result, the pattern held."""
+    w, stats = _layer()
+    fp32, tf32 = (least_squares.Objective(w, stats, matmul=m) for m in ("fp32", "tf32"))
+    v = torch.randn_like(w)
+    rounded = least_squares.tf32(v) @ least_squares.tf32(stats.H.float())
+    assert torch.equal(tf32.product(v), rounded) and not torch.equal(fp32.product(v), rounded)
+    assert torch.equal(tf32.exact_grad(v), fp32.grad(v)) and tf32.error(v) == fp32.error(v)
+    ours, info = sds.prune(w, stats, _config(sparsity="2:4", iters=50, matmul="tf32"))
+    theirs, fp32_info = sds.prune(w, stats, _config(sparsity="2:4", iters=50))
+    assert nm_violations(ours, 2, 4) == 0 and not torch.equal(ours, theirs)
+    assert info["chosen"] == pytest.approx(fp32_info["chosen"], rel=0.05)
+
+
+def test_tf32_is_named_when_unknown():
+    with pytest.raises(ValueError, match="matmul must be one of fp32, tf32, got 'bf16'"):
+        _config(matmul="bf16")
+    with pytest.raises(ValueError, match="matmul must be one of fp32, tf32"):
+        least_squares.Objective(*_layer(), matmul="fp16")
+
+
+@pytest.mark.gpu
+def test_tf32_on_the_gpu_matches_the_cpus_emulation():
+    """On CUDA the iterations' products run on the tensor cores in TF32, with torch's setting restored after: an
+    error of the CPU emulation's size (its rounding to nearest; the GPU's may truncate, which errs more), far
+    above fp32's."""
+    w, stats = _layer(out=256, inp=512, tokens=1024)
+    v = torch.randn_like(w)
+    cpu = least_squares.Objective(w, stats, matmul="tf32").product(v)
+    gpu_stats = Hessian(w.shape[1], "cuda")
+    gpu_stats.H, gpu_stats.tokens = stats.H.cuda(), stats.tokens
+    settings = lambda: [getattr(torch.backends.cuda.matmul, n, None) for n in ("fp32_precision", "allow_tf32")]
+    before = settings()
+    gpu = least_squares.Objective(w.cuda(), gpu_stats, matmul="tf32").product(v.cuda()).cpu()
+    assert settings() == before
+    exact = v.double() @ stats.H.double()
+    error = lambda product: float((product.double() - exact).abs().max() / exact.abs().max())
+    fp32 = error(v.cuda() @ stats.H.cuda())
+    assert 10 * fp32 < error(cpu) and 10 * fp32 < error(gpu) < 50 * error(cpu)
+
+
 def test_trace_prints_each_step_as_it_ends(monkeypatch, capsys):
     """SDSENGINE_TRACE=1: each step's seconds on stderr as it ends, in order (a run cut short by a time limit
     still shows where its time went); without it, nothing."""

@@ -6,10 +6,13 @@ With H = 2/N sum x x^T over the linear's calibration inputs, ½ tr(ΔW H ΔW^T) 
 averaged over tokens: every step below works from H (and C, T for a teacher on other inputs), never from
 the tokens.
 """
+import contextlib
 import itertools
 import math
 
 import torch
+
+from sdsengine.config import MATMUL
 
 
 class Objective:
@@ -19,9 +22,15 @@ class Objective:
 
     x: this linear's inputs in the pruned model (H); d: the teacher's inputs, the same x ("sd": C = T = H)
     or the dense model's (C, T from the dense stream). error() is relative to the teacher's output energy.
+    matmul: the precision of the iterations' products with H (grad, product): "fp32", or "tf32" (10-bit
+    mantissas in, fp32 sums: on CUDA the tensor cores', elsewhere emulated by rounding both operands to nearest,
+    so a CPU run shows errors of the size a GPU run gets). error() and exact_grad() are fp32 either way.
     """
 
-    def __init__(self, weight, stats, teacher="sd"):
+    def __init__(self, weight, stats, teacher="sd", matmul="fp32"):
+        if matmul not in MATMUL:
+            raise ValueError(f"matmul must be one of {', '.join(MATMUL)}, got {matmul!r}")
+        self.matmul = matmul
         self.w, self.H = weight.float(), stats.H.float()
         self.dense = teacher == "dense"
         if self.dense and stats.C is None:
@@ -35,14 +44,30 @@ class Objective:
         # H = 0 (a linear whose inputs were all zero) constrains nothing
         self.determined = stats.tokens >= self.H.shape[0] and bool(torch.diagonal(self.H).amax() > 0)
         self._top = None
+        self._H_tf32 = None
+
+    def product(self, v):
+        """v @ H in the iterations' precision (self.matmul)."""
+        if self.matmul == "fp32":
+            return v @ self.H
+        if v.is_cuda:
+            with tf32_matmul():
+                return v @ self.H
+        if self._H_tf32 is None:
+            self._H_tf32 = tf32(self.H)
+        return tf32(v) @ self._H_tf32
 
     def grad(self, v):
+        """The gradient of the error for the iterations: product(v) - B."""
+        return self.product(v) - self.B
+
+    def exact_grad(self, v):
         return v @ self.H - self.B
 
     def error(self, v, grad=None):
         if not self.dense:  # the difference form: no cancellation when V is close to W
             return float(quadratic(v - self.w, self.H)) / self.ref
-        g = self.grad(v) if grad is None else grad
+        g = self.exact_grad(v) if grad is None else grad
         return (float(((g - self.B).double() * v.double()).sum()) + self.ref) / self.ref
 
     @property
@@ -54,6 +79,25 @@ class Objective:
 
 def quadratic(d, H):
     return ((d @ H) * d).sum()
+
+
+def tf32(x):
+    """fp32 x rounded to TF32 (10 mantissa bits), to nearest with ties away from zero as the tensor cores' cvt.rna
+    rounds: the operand a TF32 product reads."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+@contextlib.contextmanager
+def tf32_matmul():
+    """CUDA fp32 matrix products on the tensor cores in TF32 inside (torch's setting restored after)."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # torch >= 2.9, older
+    saved = getattr(matmul, name)
+    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, saved)
 
 
 def top_eigenvalue(H, iters=64, margin=1.05):
@@ -107,7 +151,7 @@ def refit(w, objective, iters, support=None):
     z = r * inv_diag
     p, rz = z, (r * z).sum(dim=1, keepdim=True)
     for _ in range(iters):
-        hp = (p @ objective.H) * keep
+        hp = objective.product(p) * keep
         alpha = _safe_ratio(rz, (p * hp).sum(dim=1, keepdim=True))
         x = x + alpha * p
         r = r - alpha * hp
@@ -147,7 +191,8 @@ def group_swaps(w, objective, nm, sweeps, damp=1e-4, block=SWAP_BLOCK):
     H_ss, H_ss_inv = _subset_blocks(H, m, subsets, damp)
     block = max(m, block // m * m)
     for _ in range(sweeps):
-        grad = objective.grad(x)  # recomputed each sweep so that the incremental updates do not drift
+        # exact, as the choices compare exact errors; recomputed each sweep so the incremental updates do not drift
+        grad = objective.exact_grad(x)
         for start in range(0, w.shape[1], block):
             end = min(start + block, w.shape[1])
             before = x[:, start:end].clone()

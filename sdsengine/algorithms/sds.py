@@ -63,7 +63,7 @@ def prune(weight, stats, config):
     base = _base(stats, config)
     laps = Laps(weight.device, "sds")
     w1 = laps.after("initial", base(weight.float()))
-    objective = Objective(weight, stats, config.teacher)
+    objective = Objective(weight, stats, config.teacher, config.matmul)
     chosen, info = reconstruct(objective, w1, config, base, laps=laps)
     if config.guard == "layer":
         info["fallback"] = w1.to(weight.dtype)

@@ -28,7 +28,7 @@ def prune_layer(ctx, config):
     for name, module in ctx.targets.items():
         w1 = adapters.get_weight(module).float().clone()  # a copy: set_weight below overwrites the module's
         keep = w1 != 0
-        objective = Objective(dense[name], ctx.stats[name], config.teacher)
+        objective = Objective(dense[name], ctx.stats[name], config.teacher, config.matmul)
         chosen, steps = sds.reconstruct(objective, w1, config, lambda v: v * keep, keep)
         adapters.set_weight(module, chosen.to(dense[name].dtype))
         info[name] = {**info.get(name, {}), "sds": steps}
