@@ -6,7 +6,8 @@ this measures what the SDS and BESA issues ask beside it: seconds per layer and 
 baselines run the same way.
 
     python benchmarks/bench_methods.py [--model llama-2-7b] [--layers 1] [--nsamples 64] [--seqlen 2048]
-                                       [--methods magnitude,wanda,sparsegpt,sds,sds-wanda,besa] [--budget 300]
+                                       [--methods magnitude,wanda,sparsegpt,sds,sds-wanda,sds-tf32,besa]
+                                       [--budget 300]
 
 Every method prunes its own copy of the same model to 2:4, in the order given; none starts after --budget seconds.
 Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is
@@ -29,6 +30,7 @@ METHODS = {  # name -> the method's config at 2:4 on `device`, each at its defau
     "sparsegpt": lambda device: SparseGPTConfig(sparsity="2:4", device=device),
     "sds": lambda device: SDSConfig(sparsity="2:4", device=device),
     "sds-wanda": lambda device: SDSConfig(sparsity="2:4", base="wanda", device=device),
+    "sds-tf32": lambda device: SDSConfig(sparsity="2:4", matmul="tf32", device=device),
     "besa": lambda device: BESAConfig(sparsity="2:4", device=device),
 }
 

@@ -242,12 +242,13 @@ suite() {
   step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" PY="$PY" WORKERS="$workers" bash -c gpu_tests
   [ -s "$SWITCHES" ] && . "$SWITCHES"
   step dispatch 40 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
-  # BESA first: the one method not yet timed on a GPU (12-04: the step's budget ran out during it, after SDS's 67 s)
+  # BESA first: the one method not yet timed on a GPU (12-04: the step's budget ran out during it, after SDS's 67 s);
+  # then SDS with its products in TF32 (--matmul tf32, new), the baselines, SDS in fp32 (67 s on 12-04) last
   local methods_budget
   methods_budget=$(fit 130)
   # SDSENGINE_TRACE: each SDS and BESA step's seconds in the log as it ends (the 12-04 lease lost BESA's to the limit)
   step methods "$methods_budget" env SDSENGINE_TRACE=1 "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
-    --methods besa,wanda,sparsegpt,sds,magnitude --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
+    --methods besa,sds-tf32,wanda,sparsegpt,magnitude,sds --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
   step wgmma_tiles 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines plain,overlap \
     --out "$RESULTS"
   step wgmma_tma 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines tma,tma_multicast \

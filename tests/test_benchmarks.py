@@ -363,7 +363,7 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     assert lean_decode["weight_mib"] < 0.6 * lean_decode["dense_weight_mib"]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sds", "besa"])
+@pytest.mark.parametrize("method", ["wanda", "sds", "sds-tf32", "besa"])
 def test_methods_benchmark_times_a_copy_and_leaves_the_model(benchmark, method):
     """bench_methods' record on the CPU, a tiny model: seconds and memory filled, the model itself not pruned."""
     from tiny_models import tiny_model
@@ -376,7 +376,7 @@ def test_methods_benchmark_times_a_copy_and_leaves_the_model(benchmark, method):
     assert record["seconds_per_layer"] == pytest.approx(record["seconds"] / record["layers"])
     assert record["cpu_peak_rss_gib"] > 0 and record["gpu_peak_allocated_gib"] is None
     assert (record["step_seconds"] is not None) == (method != "wanda")  # SDS and BESA time their steps
-    first = {"wanda": None, "sds": "initial", "besa": "setup"}[method]
+    first = {"wanda": None, "sds": "initial", "sds-tf32": "initial", "besa": "setup"}[method]
     assert first is None or record["step_seconds"][first] > 0
     if method == "besa":  # 2:4 checks its hard-mask iterates
         assert set(record["step_seconds"]) == {"setup", "steps", "checks", "apply"}, record["step_seconds"]
