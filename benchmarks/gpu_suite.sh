@@ -37,8 +37,9 @@
 #  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token): packed
 #                   experts (the grouped kernel: decode and the 512-token prefill) against transformers' grouped dense
 #                   run, decode in CUDA graphs, prefill eager
-#  14. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e): it checks the estimate in NOTES.md that the 8-layer cut changes the decode ratio little
-#                   (measured 12-04: 1.28x against 8 layers' 1.22x)
+#  14. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e): it checks the
+#                   estimate in NOTES.md that the 8-layer cut changes the decode ratio little (measured 12-04:
+#                   1.28x against 8 layers' 1.22x)
 #  15. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #  Only when named in SUITE_STEPS (it does not fit beside the rest in one device call):
 #      spmm_sweep   bench_spmm.py over issue 4's whole sweep: tokens 1, 2, 4, ..., 4096 (13 counts), fp16 and bf16,
