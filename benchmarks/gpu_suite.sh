@@ -29,18 +29,20 @@
 #   9. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
 #                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #  10. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
-#  11. sparsegpt    bench_sparsegpt.py (its reference loops are slow; measured: target met)
+#  11. decode_xbuf  benchmarks/sweep_decode.py: the mma.sp decode kernel with X staged in one buffer (default) or two
+#                   (the next chunk's copies in flight while one multiplies), 1-32 tokens, fp16, against dense
+#  12. sparsegpt    bench_sparsegpt.py (its reference loops are slow; measured: target met)
 #  Then, where time is left, what no issue names (a device call holds the steps above first):
-#  12. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
+#  13. grouped      benchmarks/bench_grouped.py: a mixture's experts in one launch, our grouped 2:4 kernel (what a
 #                   packed mixture runs up to 32 routed rows per expert) against torch._grouped_mm, Qwen3-30B-A3B and
 #                   Mixtral-8x7B experts
-#  13. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token): packed
+#  14. e2e_moe      bench_e2e.py on a Qwen3-30B-A3B-shaped mixture (4 layers, 128 experts, 8 per token): packed
 #                   experts (the grouped kernel: decode and the 512-token prefill) against transformers' grouped dense
 #                   run, decode in CUDA graphs, prefill eager
-#  14. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e): it checks the
+#  15. e2e_full     bench_e2e.py with all 32 decoder layers (as many as fit; wgmma off, as in e2e): it checks the
 #                   estimate in NOTES.md that the 8-layer cut changes the decode ratio little (measured 12-04:
 #                   1.28x against 8 layers' 1.22x)
-#  15. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
+#  16. the summary  benchmarks/summarize.py: key ratios, targets met, and what failed or was skipped
 #  Only when named in SUITE_STEPS (it does not fit beside the rest in one device call):
 #      spmm_sweep   bench_spmm.py over issue 4's whole sweep: tokens 1, 2, 4, ..., 4096 (13 counts), fp16 and bf16,
 #                   every backend that passed its check (about 3 minutes; SUITE_STEPS=spmm_sweep after a suite run
@@ -70,7 +72,7 @@ PY=${PYTHON:-python3}
 SUITE_SECONDS=${SUITE_SECONDS:-560}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
-BENCHES="e2e spmm wanda compress nm_mask dispatch methods wgmma_tiles wgmma_tma spmm_bf16 sparsegpt"
+BENCHES="e2e spmm wanda compress nm_mask dispatch methods wgmma_tiles wgmma_tma spmm_bf16 decode_xbuf sparsegpt"
 BENCHES="$BENCHES grouped e2e_moe e2e_full"
 OPTIONAL_BENCHES="spmm_sweep e2e_compiled sweep_tiles"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
@@ -256,6 +258,8 @@ suite() {
     --name wgmma_tma --out "$RESULTS"
   step spmm_bf16 30 "$PY" benchmarks/bench_spmm.py --tokens 1,2048 --dtypes bfloat16 --iters 20 --name spmm_bf16 \
     --out "$RESULTS"
+  # the decode kernel's second X buffer, an experiment (csrc/spmm24.h): each shape's splits timed for both
+  step decode_xbuf 40 "$PY" benchmarks/sweep_decode.py --tokens 1,2,4,8,16,32 --iters 20 --out "$RESULTS"
   bench sparsegpt 90
   # up to 512 tokens: the grouped path serves up to 32 routed rows per expert (nn/grouped.py), a rule set from
   # these (12-04: Mixtral-8x7B's experts lose from 64 rows, 256 tokens); 128 tokens is Mixtral's 32

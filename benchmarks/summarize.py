@@ -4,7 +4,7 @@ many records met their target; then every suite step, record and target that fai
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
 Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch,
-spmm_bf16, e2e_full, grouped, e2e_moe, methods, spmm_sweep and e2e_compiled (lists of records; see README.md), the step table
+spmm_bf16, decode_xbuf, e2e_full, grouped, e2e_moe, methods, spmm_sweep and e2e_compiled (lists of records; see README.md), the step table
 gpu_suite.sh writes (and, after a SUITE_STEPS re-run, suite_steps_earlier.tsv: how the other steps ended when they
 last ran), and the test steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). A record
 whose output disagrees with its reference (mismatch > 0, rel_err > REL_ERR_MAX) counts as failed, its timing left
@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 BENCHES = ("wanda", "sparsegpt", "compress", "nm_mask", "spmm", "wgmma_tiles", "wgmma_tma", "e2e", "dispatch",
-           "spmm_bf16", "e2e_full", "grouped", "e2e_moe", "methods", "spmm_sweep", "e2e_compiled")
+           "spmm_bf16", "decode_xbuf", "e2e_full", "grouped", "e2e_moe", "methods", "spmm_sweep", "e2e_compiled")
 GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "spmm_sweep": ("backend", "dtype"),
+            "decode_xbuf": ("backend", "dtype"),
             "e2e": ("bench", "backend", "dtype"),
             "e2e_full": ("bench", "backend", "dtype"), "e2e_moe": ("bench", "backend", "dtype"),
             "e2e_compiled": ("bench", "backend", "dtype"),

@@ -141,14 +141,15 @@ void check_grid(int blocks, const char* what, int64_t tokens) {
 
 // rows: the most rows one group has (all of x's for one weight); groups: a grouped call's, else 1.
 sdsengine::Spmm24Plan plan_for(const at::Tensor& x, int64_t m, int64_t split_k, int64_t rows, int64_t groups = 1,
-                               int64_t typical_rows = 0) {
+                               int64_t typical_rows = 0, int64_t x_buffers = 1) {
   SDS_CHECK(split_k >= 0, "split_k must be >= 0 (0 = automatic), got ", split_k);
+  SDS_CHECK(x_buffers == 1 || x_buffers == 2, "x_buffers must be 1 or 2, got ", x_buffers);
   SDS_CHECK(m < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), "sizes must fit in int32, got M=", m,
             ", N=", x.size(0));
   const int sms = device_attribute(x.device(), cudaDevAttrMultiProcessorCount);
   const auto plan = sdsengine::spmm24_plan(static_cast<int>(m), static_cast<int>(rows), static_cast<int>(x.size(1)),
                                            sms, static_cast<int>(split_k), static_cast<int>(groups),
-                                           static_cast<int>(typical_rows));
+                                           static_cast<int>(typical_rows), static_cast<int>(x_buffers));
   check_grid(plan.token_blocks * static_cast<int>(groups), "token blocks", x.size(0));
   return plan;
 }
@@ -251,14 +252,15 @@ sdsengine::DType dtype_of(const at::Tensor& x) {
 // locks: optional int32 zeros reused across calls (see counters_for); they must not be shared by calls
 // that run concurrently on different streams.
 at::Tensor spmm24(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
-                  const c10::optional<at::Tensor>& bias, int64_t split_k, const c10::optional<at::Tensor>& locks) {
+                  const c10::optional<at::Tensor>& bias, int64_t split_k, const c10::optional<at::Tensor>& locks,
+                  int64_t x_buffers) {
   check_x(x);
   check_weight(x, values, meta, out_features);
   if (bias.has_value()) check_bias(x, *bias, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0) return y;
-  const auto plan = plan_for(x, out_features, split_k, x.size(0));
+  const auto plan = plan_for(x, out_features, split_k, x.size(0), 1, 0, x_buffers);
   at::Tensor workspace, counters;
   if (plan.splits > 1) {
     workspace = at::empty({plan.splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
@@ -320,10 +322,10 @@ at::Tensor spmm24_grouped(const at::Tensor& x, const at::Tensor& values, const a
 }
 
 // The launch plan the kernel would use, for tests and benchmarks: a dict of ints.
-pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t split_k) {
+pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t split_k, int64_t x_buffers) {
   check_x(x);
   SDS_CHECK(x.size(0) > 0, "x has no rows: a launch plan needs at least one token");  // the plan divides by them
-  const auto plan = plan_for(x, out_features, split_k, x.size(0));
+  const auto plan = plan_for(x, out_features, split_k, x.size(0), 1, 0, x_buffers);
   pybind11::dict d;
   d["n_tiles"] = plan.n_tiles;
   d["token_blocks"] = plan.token_blocks;
@@ -332,6 +334,7 @@ pybind11::dict spmm24_plan(const at::Tensor& x, int64_t out_features, int64_t sp
   d["splits"] = plan.splits;
   d["kb_per_split"] = plan.kb_per_split;
   d["kb_per_chunk"] = plan.kb_per_chunk;
+  d["x_buffers"] = plan.x_buffers;
   d["smem_bytes"] = plan.smem_bytes;
   return d;
 }
@@ -375,14 +378,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm24", &spmm24, "Y = X W^T (+ bias), W 2:4 in the reorder_24 layout", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("split_k") = 0,
-        pybind11::arg("locks") = pybind11::none());
+        pybind11::arg("locks") = pybind11::none(), pybind11::arg("x_buffers") = 1);
   m.def("spmm24_grouped", &spmm24_grouped,
         "Y = X W_e^T (+ bias_e) for each expert e's rows of X, one launch (mixtures of experts)", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("offsets"), pybind11::arg("groups"),
         pybind11::arg("out_features"), pybind11::arg("max_rows"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("split_k") = 0, pybind11::arg("locks") = pybind11::none(), pybind11::arg("typical_rows") = 0);
   m.def("spmm24_plan", &spmm24_plan, "launch plan of spmm24 for x and out_features", pybind11::arg("x"),
-        pybind11::arg("out_features"), pybind11::arg("split_k") = 0);
+        pybind11::arg("out_features"), pybind11::arg("split_k") = 0, pybind11::arg("x_buffers") = 1);
   m.def("spmm24_sm90", &spmm24_sm90, "Y = X W^T (+ bias) with wgmma.sp (compute capability 9.0, sm_90a build)",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("tile_n") = 0, pybind11::arg("pipeline") = "plain");

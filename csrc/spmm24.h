@@ -24,6 +24,7 @@ struct Spmm24Plan {
   int splits;        // grid.y: K is cut into this many slices (1: no workspace)
   int kb_per_split;  // 256-wide K blocks per slice
   int kb_per_chunk;  // K blocks of X staged in shared memory at a time
+  int x_buffers;     // 1: each chunk of X is staged, then multiplied; 2: staged while the one before multiplies
   int smem_bytes;
 };
 
@@ -46,12 +47,16 @@ struct Spmm24Args {
   int group_blocks = 0;
 };
 
-// split_k > 0 forces the number of K slices (clamped to [1, KB]); 0 picks one that fills num_sms. For a grouped
+// split_k > 0 forces the number of K slices (clamped to [1, KB]); 0 picks one that fills num_sms. x_buffers 2 asks
+// for X staged in two buffers of half the size, the next chunk's copies in flight while the current one multiplies
+// (an experiment against the default 1: the plan keeps 1 where two buffers of one K block exceed the shared memory
+// or a slice is one chunk of the halved size anyway). For a grouped
 // call N is the most rows one group can have, groups the number of groups, and typical_rows (0: N) the rows a
 // group usually has: the token tile is sized for those, token blocks cover N, and the split-K counts only the
 // blocks with rows (the rest leave at once). At decode a mixture's expert gets a few of the N rows (Qwen3-30B-A3B,
 // 64 tokens: 512 rows over 128 experts, ~4 each), and a tile sized for N would multiply mostly zero rows.
-Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups = 1, int typical_rows = 0);
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups = 1, int typical_rows = 0,
+                       int x_buffers = 1);
 
 cudaError_t spmm24_launch(const Spmm24Args& args, const Spmm24Plan& plan, DType dtype, cudaStream_t stream);
 

@@ -5,7 +5,8 @@
 // and one 16-byte metadata load (four registers, each serving two k-steps through the two sparsity
 // selectors). The next two blocks are loaded into registers while the current one multiplies (a ring of
 // three), so every warp keeps two blocks of weight bytes in flight. X is tiny in decode: the block's
-// tokens x K-chunk are copied to shared memory with cp.async and turned into B fragments with ldmatrix.
+// tokens x K-chunk are copied to shared memory with cp.async and turned into B fragments with ldmatrix;
+// with two X buffers (the plan's x_buffers, an experiment) the next chunk's copies fly while this one multiplies.
 //
 // Grid: x = groups of kWarps m-tiles, y = K slices (split-K, so that decode with M = 4096 still puts
 // several blocks on every SM), z = groups of 8 * n_tiles tokens (in a grouped call, per group of rows: each
@@ -58,6 +59,14 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 }
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most `pending` of this thread's committed groups of copies are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
 
 // Four 8x8 b16 matrices: lane l names row l % 8 of matrix l / 8 and receives row l / 4, columns
 // 2 * (l % 4) and + 1 of each, which is exactly the m16n8k32 B fragment (k = 2t + 8j, n = g).
@@ -225,7 +234,8 @@ __device__ __forceinline__ bool block_rows(const Spmm24Args& p, int& n0, int& en
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, int kb_per_split, int kb_per_chunk) {
+__global__ void __launch_bounds__(kThreads)
+    spmm24_kernel(const Spmm24Args p, int kb_per_split, int kb_per_chunk, int x_buffers) {
   extern __shared__ uint4 xs[];
   int n0, end, expert;
   if (!block_rows<NT>(p, n0, end, expert)) return;  // the whole block, before any barrier
@@ -251,32 +261,52 @@ __global__ void __launch_bounds__(kThreads) spmm24_kernel(const Spmm24Args p, in
     if (kb_begin + 1 < kb_end) load_block_at(b1, values, meta, kb_begin + 1);
   }
   int phase = 0;  // (kb - kb_begin) % 3 of the next block to multiply
+  const int buffer = NT * 8 * stride;  // uint4s of one X buffer
+  if (x_buffers == 2) {  // the first chunk now; every later one is staged while the one before it multiplies
+    stage_x<NT>(xs, p, n0, end, kb_begin, min(kb_begin + kb_per_chunk, kb_end), stride);
+    cp_async_commit();
+  }
 
-  for (int c0 = kb_begin; c0 < kb_end; c0 += kb_per_chunk) {
+  for (int c0 = kb_begin, chunk = 0; c0 < kb_end; c0 += kb_per_chunk, ++chunk) {
     const int c1 = min(c0 + kb_per_chunk, kb_end);
-    __syncthreads();  // the previous chunk is no longer read
-    stage_x<NT>(xs, p, n0, end, c0, c1, stride);
-    cp_async_wait_all();
-    __syncthreads();
-    if (!active) continue;
-    for (int kb = c0; kb < c1; ++kb) {
-      const uint4* x = xs + (kb - c0) * kU4PerBlockRow;
-      const bool ahead = kb + 2 < kb_end;  // the block two ahead goes where this one's came from two ago
-      switch (phase) {
-        case 0:
-          if (ahead) load_block_at(b2, values, meta, kb + 2);
-          mma_block<T, NT>(acc, b0, x, stride, lane);
-          break;
-        case 1:
-          if (ahead) load_block_at(b0, values, meta, kb + 2);
-          mma_block<T, NT>(acc, b1, x, stride, lane);
-          break;
-        default:
-          if (ahead) load_block_at(b1, values, meta, kb + 2);
-          mma_block<T, NT>(acc, b2, x, stride, lane);
+    const uint4* xc = xs;
+    if (x_buffers == 2) {
+      xc = xs + (chunk & 1) * buffer;
+      if (c1 < kb_end) {  // into the buffer the chunk before this one was read from (the barrier below)
+        stage_x<NT>(xs + ((chunk + 1) & 1) * buffer, p, n0, end, c1, min(c1 + kb_per_chunk, kb_end), stride);
+        cp_async_commit();
+        cp_async_wait_group<1>();  // this chunk's copies have landed; the next chunk's may still be flying
+      } else {
+        cp_async_wait_group<0>();
       }
-      phase = phase == 2 ? 0 : phase + 1;
+      __syncthreads();  // every thread's copies and zero fills of this chunk are visible
+    } else {
+      __syncthreads();  // the previous chunk is no longer read
+      stage_x<NT>(xs, p, n0, end, c0, c1, stride);
+      cp_async_wait_all();
+      __syncthreads();
     }
+    if (active) {
+      for (int kb = c0; kb < c1; ++kb) {
+        const uint4* x = xc + (kb - c0) * kU4PerBlockRow;
+        const bool ahead = kb + 2 < kb_end;  // the block two ahead goes where this one's came from two ago
+        switch (phase) {
+          case 0:
+            if (ahead) load_block_at(b2, values, meta, kb + 2);
+            mma_block<T, NT>(acc, b0, x, stride, lane);
+            break;
+          case 1:
+            if (ahead) load_block_at(b0, values, meta, kb + 2);
+            mma_block<T, NT>(acc, b1, x, stride, lane);
+            break;
+          default:
+            if (ahead) load_block_at(b1, values, meta, kb + 2);
+            mma_block<T, NT>(acc, b2, x, stride, lane);
+        }
+        phase = phase == 2 ? 0 : phase + 1;
+      }
+    }
+    if (x_buffers == 2) __syncthreads();  // the next iteration stages over the buffer read here
   }
   if (active) store<T, NT>(acc, p, bias, mt, n0, end, split, lane);
   if (p.workspace != nullptr) reduce_if_last<T, NT>(p, bias, n0, end);
@@ -288,7 +318,8 @@ cudaError_t launch_typed(const Spmm24Args& args, const Spmm24Plan& plan, cudaStr
   if (plan.splits == 1) a.workspace = nullptr;  // the kernel writes y itself, no tickets
   a.group_blocks = plan.token_blocks;
   const dim3 grid(plan.m_blocks, plan.splits, plan.token_blocks * plan.groups);
-  spmm24_kernel<T, NT><<<grid, kThreads, plan.smem_bytes, stream>>>(a, plan.kb_per_split, plan.kb_per_chunk);
+  spmm24_kernel<T, NT><<<grid, kThreads, plan.smem_bytes, stream>>>(a, plan.kb_per_split, plan.kb_per_chunk,
+                                                                      plan.x_buffers);
   return cudaGetLastError();
 }
 
@@ -305,7 +336,7 @@ cudaError_t launch_tiles(const Spmm24Args& args, const Spmm24Plan& plan, cudaStr
 
 }  // namespace
 
-Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups, int typical_rows) {
+Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups, int typical_rows, int x_buffers) {
   Spmm24Plan plan{};
   plan.groups = std::max(groups, 1);
   const int typical = typical_rows > 0 ? std::min(typical_rows, N) : N;
@@ -320,9 +351,12 @@ Spmm24Plan spmm24_plan(int M, int N, int K, int num_sms, int split_k, int groups
   const int wanted = split_k > 0 ? split_k : ctas_per_sm(plan.n_tiles) * num_sms / std::max(busy_blocks, 1);
   plan.kb_per_split = ceil_div(kb, std::min(std::max(wanted, 1), kb));
   plan.splits = ceil_div(kb, plan.kb_per_split);
-  const int chunk_cap = std::max(1, (kSmemLimit / rows - 16) / kBlockRowBytes);
-  plan.kb_per_chunk = std::min(plan.kb_per_split, chunk_cap);
-  plan.smem_bytes = rows * (plan.kb_per_chunk * kBlockRowBytes + 16);
+  // K blocks of X per buffer; two buffers share the limit, and are worth it only where a slice takes more than
+  // one chunk (64 tokens: one block of X already takes more than half of it)
+  const auto chunk_cap = [&](int buffers) { return (kSmemLimit / buffers / rows - 16) / kBlockRowBytes; };
+  plan.x_buffers = x_buffers == 2 && chunk_cap(2) >= 1 && plan.kb_per_split > chunk_cap(2) ? 2 : 1;
+  plan.kb_per_chunk = std::min(plan.kb_per_split, std::max(1, chunk_cap(plan.x_buffers)));
+  plan.smem_bytes = plan.x_buffers * rows * (plan.kb_per_chunk * kBlockRowBytes + 16);
   return plan;
 }
 

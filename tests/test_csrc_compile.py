@@ -237,10 +237,11 @@ _PLAN_MAIN = r"""
 #include <cstdlib>
 #include "spmm24.h"
 int main(int argc, char** argv) {
-  int a[7];
-  for (int i = 0; i < 7; ++i) a[i] = std::atoi(argv[i + 1]);
-  const auto p = sdsengine::spmm24_plan(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
-  std::printf("%d %d %d %d %d\n", p.n_tiles, p.token_blocks, p.groups, p.m_blocks, p.splits);
+  int a[8];
+  for (int i = 0; i < 8; ++i) a[i] = std::atoi(argv[i + 1]);
+  const auto p = sdsengine::spmm24_plan(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+  std::printf("%d %d %d %d %d %d %d %d %d\n", p.n_tiles, p.token_blocks, p.groups, p.m_blocks, p.splits,
+              p.kb_per_split, p.kb_per_chunk, p.x_buffers, p.smem_bytes);
 }
 """
 
@@ -248,7 +249,7 @@ int main(int argc, char** argv) {
 @pytest.fixture(scope="module")
 def decode_plan(compilers, tmp_path_factory):
     """The decode kernel's launch plan (spmm24_plan, host code) run here: the sm_80 object linked into a small
-    program. plan(M, N, K, sms, split_k, groups, typical_rows) -> the plan's fields."""
+    program. plan(M, N, K, sms, split_k, groups, typical_rows, x_buffers) -> the plan's fields."""
     proc = compilers["spmm24_sm80.cu-sm_80"]
     _finish(proc)
     out = tmp_path_factory.mktemp("plan")
@@ -257,10 +258,12 @@ def decode_plan(compilers, tmp_path_factory):
                            "-o", str(out / "plan")], capture_output=True, text=True)
     assert link.returncode == 0, link.stdout + link.stderr
 
-    def plan(m, n, k, sms=132, split_k=0, groups=1, typical_rows=0):
-        line = subprocess.run([str(out / "plan"), *map(str, (m, n, k, sms, split_k, groups, typical_rows))],
-                              capture_output=True, text=True, check=True).stdout
-        return dict(zip(("n_tiles", "token_blocks", "groups", "m_blocks", "splits"), map(int, line.split())))
+    def plan(m, n, k, sms=132, split_k=0, groups=1, typical_rows=0, x_buffers=1):
+        args = (m, n, k, sms, split_k, groups, typical_rows, x_buffers)
+        line = subprocess.run([str(out / "plan"), *map(str, args)], capture_output=True, text=True, check=True).stdout
+        fields = ("n_tiles", "token_blocks", "groups", "m_blocks", "splits", "kb_per_split", "kb_per_chunk",
+                  "x_buffers", "smem_bytes")
+        return dict(zip(fields, map(int, line.split())))
     return plan
 
 
@@ -280,6 +283,21 @@ def test_the_decode_plan_fills_one_wave_at_most(decode_plan):
     assert all(b <= 3 * 132 for b in blocks.values()), blocks
     assert {shape[:3:2]: p["splits"] for shape, p in plans.items()} == {
         (4096, 4096): 6, (11008, 4096): 2, (14336, 4096): 1, (4096, 11008): 6, (1024, 4096): 16}
+
+
+def test_two_x_buffers_halve_the_chunk_within_the_same_shared_memory(decode_plan):
+    """x_buffers=2 (the experiment): two buffers of half the chunk, within the 48 KiB a block gets without
+    opting in; one buffer where a slice is one chunk of the halved size anyway, and at 33-64 tokens, where one
+    256-wide block of X (64 rows, 33 KiB) is more than half."""
+    chunks = {}
+    for tokens in (1, 16, 32, 64):
+        one, two = (decode_plan(14336, tokens, 4096, split_k=1, x_buffers=b) for b in (1, 2))
+        assert one["x_buffers"] == 1 and max(one["smem_bytes"], two["smem_bytes"]) <= 48 * 1024, (one, two)
+        assert (one["splits"], one["kb_per_split"]) == (two["splits"], two["kb_per_split"]) == (1, 16)
+        chunks[tokens] = (one["kb_per_chunk"], two["kb_per_chunk"], two["x_buffers"])
+    assert chunks == {1: (11, 5, 2), 16: (5, 2, 2), 32: (2, 1, 2), 64: (1, 1, 1)}
+    short = decode_plan(14336, 16, 512, split_k=1, x_buffers=2)  # 2 blocks: one chunk of the halved size
+    assert (short["x_buffers"], short["kb_per_chunk"]) == (1, 2)
 
 
 def test_a_grouped_plan_tiles_for_the_typical_rows_and_counts_only_blocks_with_rows(decode_plan):

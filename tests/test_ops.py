@@ -205,6 +205,25 @@ def test_kernel_split_k_and_token_tiles(dtype, tokens, split_k, bias):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", (1, 7, 9, 16, 17, 32, 40, 64))
+@pytest.mark.parametrize("split_k", (0, 1, 3))
+def test_two_x_buffers_give_the_single_buffers_sums(dtype, tokens, split_k):
+    """x_buffers=2 stages each chunk of X while the one before multiplies; the MMAs and their order stay, so the
+    outputs equal the single buffer's bit for bit. K of 12 blocks (the last one partial): slices of several
+    chunks of 5, 2 or 1 blocks at 8, 16 and 32 tokens, odd and even counts of chunks, idle warps."""
+    ext = extension()
+    w, x, b = gpu_case((272, 3000), tokens, dtype)
+    values_r, meta_r = ops.reorder_24(*compress_24(w))
+    one = ext.spmm24(x, values_r, meta_r, w.shape[0], b, split_k)
+    two = ext.spmm24(x, values_r, meta_r, w.shape[0], b, split_k, None, 2)
+    plan = ext.spmm24_plan(x, w.shape[0], split_k, 2)
+    assert plan["x_buffers"] == (2 if tokens <= 32 and plan["kb_per_split"] > plan["kb_per_chunk"] else 1), plan
+    assert torch.equal(one, two), f"{dtype} x {tokens} split_k={split_k} plan={plan}"
+    assert_matches_reference(two, x, w, b, f"{dtype} x {tokens} split_k={split_k} plan={plan}")
+
+
+@pytest.mark.gpu
 def test_decode_plan_splits_k_to_fill_the_gpu():
     ext = extension()
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
