@@ -427,7 +427,7 @@ def test_reorder_on_gpu_equals_cpu():
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
 
 
-BAD_INPUTS = [  # (the arguments, from a good case x, v, m, b; the error message expected)
+BAD_INPUTS = [  # (the arguments, from a good case x, v, m, b[, more]; the error message expected)
     ("x.float(), v, m, b", "x must be float16 or bfloat16"),
     ("x.t().contiguous().t(), v, m, b", "x must be contiguous"),
     ("x, v.bfloat16(), m, b", "values dtype"),
@@ -437,6 +437,7 @@ BAD_INPUTS = [  # (the arguments, from a good case x, v, m, b; the error message
     ("x, v, m, b[:-1]", "bias must have shape"),
     ("x.cpu(), v, m, b", "x must be a CUDA tensor"),
     ("x.new_zeros(65535 * 64 + 1, 256), v, m, b", "more than the launch grid's 65535"),  # 2 GiB of x
+    ("x, v, m, b, 0, None, 3", "x_buffers must be 1 or 2, got 3"),  # then split_k, locks, x_buffers
 ]
 _BAD_INPUT_CHILD = """
 import sys, torch
@@ -451,7 +452,7 @@ for i in range(int(sys.argv[1]), len(cases)):
     print(f"CASE {i}", flush=True)
     args = eval(cases[i])
     try:
-        ext.spmm24(*args[:3], 64, args[3])
+        ext.spmm24(*args[:3], 64, *args[3:])
         print(f"RESULT {i} no error", flush=True)
     except RuntimeError as exc:
         print(f"RESULT {i} " + " ".join(str(exc).split()), flush=True)
