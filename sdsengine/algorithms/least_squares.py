@@ -22,9 +22,10 @@ class Objective:
 
     x: this linear's inputs in the pruned model (H); d: the teacher's inputs, the same x ("sd": C = T = H)
     or the dense model's (C, T from the dense stream). error() is relative to the teacher's output energy.
-    matmul: the precision of the iterations' products with H (grad, product): "fp32", or "tf32" (10-bit
-    mantissas in, fp32 sums: on CUDA the tensor cores', elsewhere emulated by rounding both operands to nearest,
-    so a CPU run shows errors of the size a GPU run gets). error() and exact_grad() are fp32 either way.
+    matmul: the precision of the re-dense and adjustment iterations' products with H (grad, product): "fp32", or
+    "tf32" (10-bit mantissas in, fp32 sums: on CUDA the tensor cores', elsewhere emulated by rounding both operands
+    to nearest, so a CPU run shows errors of the size a GPU run gets). error(), exact_grad() and exact_product()
+    (the refit's and the swaps') are fp32 either way.
     """
 
     def __init__(self, weight, stats, teacher="sd", matmul="fp32"):
@@ -61,8 +62,11 @@ class Objective:
         """The gradient of the error for the iterations: product(v) - B."""
         return self.product(v) - self.B
 
+    def exact_product(self, v):
+        return v @ self.H
+
     def exact_grad(self, v):
-        return v @ self.H - self.B
+        return self.exact_product(v) - self.B
 
     def error(self, v, grad=None):
         if not self.dense:  # the difference form: no cancellation when V is close to W
@@ -147,11 +151,13 @@ def refit(w, objective, iters, support=None):
     keep = ((w != 0) if support is None else support).to(w.dtype)
     inv_diag = 1.0 / torch.diagonal(objective.H).clamp_min(1e-12)
     x = w
-    r = -objective.grad(x) * keep
+    # fp32 products whatever objective.matmul says: CG's residual is updated, not recomputed, so each product's
+    # rounding stays in it, and TF32's (~1e-3) capped how far the refit, most of SDS's gain here, got
+    r = -objective.exact_grad(x) * keep
     z = r * inv_diag
     p, rz = z, (r * z).sum(dim=1, keepdim=True)
     for _ in range(iters):
-        hp = objective.product(p) * keep
+        hp = objective.exact_product(p) * keep
         alpha = _safe_ratio(rz, (p * hp).sum(dim=1, keepdim=True))
         x = x + alpha * p
         r = r - alpha * hp
