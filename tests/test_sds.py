@@ -297,8 +297,8 @@ def test_tf32_iterations_use_rounded_operands_and_keep_the_errors_exact():
 
 def test_the_refit_runs_in_fp32_whatever_the_iterations_precision():
     """CG updates its residual instead of recomputing it, so TF32's rounding in each product stays in it: the
-    refit takes exact products under matmul="tf32" too (reduced protocol, two seeds: 1.041x and 1.054x the
-    perplexity with a TF32 refit)."""
+    refit takes exact products under matmul="tf32" too (reduced protocol, two seeds: 1.041x and 1.054x fp32's
+    perplexity with a TF32 refit, 1.012x and 1.023x without)."""
     w, stats = _layer()
     pruned = w * nm_mask(w.abs(), 2, 4)
     fp32, tf32 = (least_squares.Objective(w, stats, matmul=m) for m in ("fp32", "tf32"))
