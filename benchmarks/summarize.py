@@ -3,12 +3,12 @@ many records met their target; then every suite step, record and target that fai
 
     python benchmarks/summarize.py [--dir benchmarks/results] [--steps benchmarks/results/suite_steps.tsv]
 
-Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch,
-spmm_bf16, decode_xbuf, e2e_full, grouped, e2e_moe, methods, spmm_sweep and e2e_compiled (lists of records; see
-README.md), the step table gpu_suite.sh writes (and, after a SUITE_STEPS re-run, suite_steps_earlier.tsv: how the
-other steps ended when they last ran), and the test steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). A record
-whose output disagrees with its reference (mismatch > 0, rel_err > REL_ERR_MAX) counts as failed, its timing left
-out of the ratios. Standard library only, so it still reports when the install failed.
+Reads <dir>/<bench>.json for wanda, sparsegpt, compress, spmm, wgmma_tiles, wgmma_tma, e2e, dispatch, spmm_bf16,
+decode_xbuf, e2e_full, grouped, e2e_moe, methods, spmm_sweep and e2e_compiled (lists of records; see README.md), the
+step table gpu_suite.sh writes (and, after a SUITE_STEPS re-run, suite_steps_earlier.tsv: how the other steps ended
+when they last ran), and the test steps' skips (<step>_skips.tsv: a test step whose tests skipped still exits 0). A
+record whose output disagrees with its reference (mismatch > 0, rel_err > REL_ERR_MAX) counts as failed, its timing
+left out of the ratios. Standard library only, so it still reports when the install failed.
 """
 import argparse
 import csv
