@@ -4,8 +4,8 @@ same run, on the Llama layer shapes at decode token counts: the data for keeping
 
     python benchmarks/sweep_decode.py [--shapes 4096x4096,14336x4096] [--tokens 1,2,4,8,16,32] [--dtype float16]
 
-Per token count and buffer count, every split-K that gives its own plan is timed and the fastest kept, as
-SparseLinear's autotuner keeps one; then that split, the plan's own (split 0) and dense are timed again. Device
+Per token count and buffer count, the split-K is chosen as SparseLinear's autotuner chooses it (ops.search_split);
+then that split, the plan's own (split 0) and dense are timed again. Device
 time (the host's share hidden, as a CUDA graph runs it), L2 flushed before every call; each output checked
 against dense. Writes <out>/<name>.json and .md (bench "decode_xbuf"; backend "dense", "sdsengine:xb1",
 "sdsengine:xb2", and "...:own" for the plan's own split). Exits 1 where no CUDA GPU or no extension is there.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from harness import RESULTS, gpu_info, no_gpu, write_results
 from sdsengine import ops
-from sdsengine.bench import parse_shapes, random_24_weights, rates, table
+from sdsengine.bench import parse_shapes, random_24, rates, table
 
 SHAPES = "4096x4096,11008x4096,4096x11008,1024x4096,14336x4096,4096x14336"  # Llama-2-7B's and Llama-3-8B's
 
@@ -27,19 +27,8 @@ def timed(call, iters):
     return ops.time_ms(call, warmup=3, iters=iters, flush=True, hide_host=True)
 
 
-def best_split(ext, form, x, out_features, x_buffers):
-    """The split_k timed fastest among those giving distinct plans (the plan's own, 0, first)."""
-    values_r, meta_r, locks = form[0], form[1], ops.stream_locks(form[2], x)
-    by_plan = {}
-    for s in (0, *ops.SPLIT_CANDIDATES):
-        by_plan.setdefault(ext.spmm24_plan(x, out_features, s, x_buffers)["splits"], s)
-    times = {s: timed(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, None, s, locks, x_buffers), 5)
-             for s in by_plan.values()}
-    return min(times, key=times.get)
-
-
 def sweep_shape(ext, shape, tokens, dtype, iters):
-    values, meta = random_24_weights(shape, dtype)[0]
+    values, meta = random_24(shape, dtype, torch.Generator(device="cuda").manual_seed(0))  # L2 is flushed per call
     form = ops.prepare("sdsengine", values, meta)
     dense = ops.prepare("dense", values, meta)
     records = []
@@ -53,7 +42,7 @@ def sweep_shape(ext, shape, tokens, dtype, iters):
                             **rates(shape, n, dense_ms, sparse=False)))
         locks = ops.stream_locks(form[2], x)
         for x_buffers in (1, 2):
-            best = best_split(ext, form, x, shape[0], x_buffers)
+            best = ops.search_split(form, x, None, shape[0], x_buffers)
             for split, label in ((best, ""), (0, ":own")):
                 def call(split=split, x_buffers=x_buffers):
                     return ext.spmm24(x, form[0], form[1], shape[0], None, split, locks, x_buffers)

@@ -313,10 +313,10 @@ class SDSConfig(SparseGPTConfig):
         "help": "SDS, N:M patterns: the same sweeps after SDS's refit (ours). Default: 1 on N:M patterns "
                 "(measured on every base: docs/SDS.md), 0 off N:M"})
     matmul: str = field(default="fp32", metadata={
-        "help": "SDS: precision of the re-dense, adjustment and refit iterations' products with the Hessian: "
+        "help": "SDS: precision of the re-dense and adjustment iterations' products with the Hessian: "
                 "fp32, or tf32 (CUDA tensor cores, several times fp32's rate; on the CPU emulated by rounding "
-                "the operands, so a CPU run shows a GPU run's quality); the steps' errors, the guard and "
-                "the swaps stay fp32"})
+                "the operands, so a CPU run shows a GPU run's quality); the steps' errors, the guard, the refit "
+                "and the swaps stay fp32"})
     guard: str = field(default="layer", metadata={
         "help": "SDS: what falls back to the base's weights when SDS raises the calibration error: linear "
                 "(each linear on its own output) or layer (then also the whole decoder layer on its output; "

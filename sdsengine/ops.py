@@ -534,21 +534,22 @@ def split_k(form, x, bias, out_features):
     if key not in _splits:
         if capturing():
             return 0
-        _splits[key] = _search_split(form, x, bias, out_features)
+        _splits[key] = search_split(form, x, bias, out_features)
     return _splits[key]
 
 
-def _search_split(form, x, bias, out_features):
-    """The fastest split_k among those giving distinct plans, the plan's own (0) unless beaten by SPLIT_MARGIN."""
+def search_split(form, x, bias, out_features, x_buffers=1):
+    """The fastest split_k among those giving distinct plans, the plan's own (0) unless beaten by SPLIT_MARGIN.
+    x_buffers: the decode kernel's X buffers (csrc/spmm24.h; 2 is an experiment, benchmarks/sweep_decode.py)."""
     values_r, meta_r, locks, _ = form
     ext = load_extension()
-    own = ext.spmm24_plan(x, out_features, 0)["splits"]
+    own = ext.spmm24_plan(x, out_features, 0, x_buffers)["splits"]
     by_plan = {own: 0}
     for s in SPLIT_CANDIDATES:
-        by_plan.setdefault(ext.spmm24_plan(x, out_features, s)["splits"], s)
+        by_plan.setdefault(ext.spmm24_plan(x, out_features, s, x_buffers)["splits"], s)
     locks = stream_locks(locks, x)
-    times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks), warmup=2,
-                        iters=10, device=x.device) for s in by_plan.values()}
+    times = {s: time_ms(lambda s=s: ext.spmm24(x, values_r, meta_r, out_features, bias, s, locks, x_buffers),
+                        warmup=2, iters=10, device=x.device) for s in by_plan.values()}
     best = min(times, key=times.get)
     return best if times[best] < times[0] * (1 - SPLIT_MARGIN) else 0
 

@@ -854,26 +854,6 @@ def test_the_full_spmm_sweep_runs_only_when_named(tmp_path):
     assert "bench_spmm: no CUDA GPU visible" in done.stdout
 
 
-def test_decode_sweep_keeps_the_fastest_split_for_each_buffer_count(benchmark, monkeypatch):
-    """sweep_decode times every split_k that gives its own plan, per x_buffers, and keeps the fastest (a stand-in
-    kernel whose plan has min(s, 8) splits, 4 for its own; ms by buffers and splits)."""
-    sweep = benchmark("sweep_decode")
-    ms = {(1, 4): 3.0, (1, 2): 2.0, (2, 8): 1.0}
-
-    class Ext:
-        def spmm24_plan(self, x, out_features, split_k, x_buffers):
-            return {"splits": min(split_k, 8) if split_k else 4}
-
-        def spmm24(self, x, values, meta, out_features, bias, split_k, locks, x_buffers):
-            self.last = (x_buffers, self.spmm24_plan(x, out_features, split_k, x_buffers)["splits"])
-
-    ext = Ext()
-    monkeypatch.setattr(sweep, "timed", lambda call, iters: (call(), ms.get(ext.last, 5.0))[1])
-    x = torch.zeros(1, 256)
-    assert sweep.best_split(ext, (None, None, {}), x, 512, 1) == 2
-    assert sweep.best_split(ext, (None, None, {}), x, 512, 2) == 8
-
-
 def test_suite_names_an_unknown_step(tmp_path):
     done = _suite(tmp_path, "install gpu_test")
     assert done.returncode == 2

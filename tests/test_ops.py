@@ -239,10 +239,10 @@ class FakeSplitKernel:
         self.ms_by_splits, self.launched, self.now, self.timed_on = ms_by_splits, [], None, set()
         self.locks = []
 
-    def spmm24_plan(self, x, out_features, split_k):
+    def spmm24_plan(self, x, out_features, split_k, x_buffers=1):
         return {"splits": min(split_k, 8) if split_k else 4}
 
-    def spmm24(self, x, values, meta, out_features, bias, split_k, locks):
+    def spmm24(self, x, values, meta, out_features, bias, split_k, locks, x_buffers=1):
         self.launched.append(split_k)
         self.locks.append(locks)
         self.now = self.ms_by_splits[self.spmm24_plan(x, out_features, split_k)["splits"]]
@@ -376,6 +376,22 @@ def test_split_k_tickets_are_left_zero_for_the_next_call(tokens):
     assert_matches_reference(outputs[0], x, w, b, f"split-K with reused tickets x {tokens}")
     tiny = torch.zeros(1, dtype=torch.int32, device="cuda")  # too small: the binding uses its own zeros
     assert torch.equal(ext.spmm24(x, values_r, meta_r, 1024, b, 4, tiny), outputs[0]) and not tiny.any()
+
+
+def test_the_split_search_times_the_buffer_count_it_is_given(monkeypatch):
+    """search_split passes x_buffers to the plan and the kernel (benchmarks/sweep_decode.py times both counts) and
+    keeps the fastest split for it (ms by buffers and the plan's splits: min(s, 8), 4 for its own)."""
+    ms = {(1, 4): 3.0, (1, 2): 2.0, (2, 8): 1.0}
+
+    class Kernel(FakeSplitKernel):
+        def spmm24(self, x, values, meta, out_features, bias, split_k, locks, x_buffers=1):
+            self.now = ms.get((x_buffers, self.spmm24_plan(x, out_features, split_k)["splits"]), 5.0)
+
+    fake = Kernel({})
+    monkeypatch.setattr(ops, "load_extension", lambda: fake)
+    monkeypatch.setattr(ops, "time_ms", fake.time_ms)
+    form, x = (None, None, {}, {}), torch.zeros(1, 256)
+    assert ops.search_split(form, x, None, 512, 1) == 2 and ops.search_split(form, x, None, 512, 2) == 8
 
 
 @pytest.mark.gpu
