@@ -37,7 +37,7 @@ from torch import nn
 
 from harness import RESULTS, gpu_info, no_gpu, require_transformers, time_ms, write_results
 from sdsengine.masks import nm_mask
-from sdsengine.nn import convert, sparse_linear, weight_bytes
+from sdsengine.nn import convert, set_graphs, sparse_linear, weight_bytes
 from sdsengine.pipeline import adapters, experts
 
 CONFIGS = {  # transformers model type (llama unless named) and config; mixtures keep their experts fused
@@ -102,7 +102,8 @@ def layers_that_fit(name, wanted, dtype):
 
 def _prefill_run(model, batch, tokens, graph=False):
     """A function that runs one prefill (under no_grad); graph=True: a CUDA graph's replay, or None where
-    capture fails."""
+    capture fails. A converted model's layers are tuned as the prefill will run: eagerly, or replayed."""
+    set_graphs(model, graph)
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=model.device)
 
     @torch.no_grad()
@@ -138,8 +139,10 @@ def time_prefills_in_turn(models, batch, tokens, graph=False, rounds=5):
 
 def time_decode(model, batch, prompt, steps, graphs=True, compile_backend=None):
     """(ms per step, mode): single-token steps over a StaticCache holding `prompt` tokens; compile_backend: the
-    steps run through torch.compile with that backend (tuned by an eager step first), then as a CUDA graph."""
+    steps run through torch.compile with that backend (tuned by an eager step first), then as a CUDA graph.
+    A converted model's layers are tuned as the steps will run: replayed (graphs), or eagerly."""
     from transformers import StaticCache
+    set_graphs(model, graphs)
     # slack for the untimed calls (tuning, warm-up, capture, warm replays): a StaticCache of transformers 5.24
     # advances its own position on each call and replay, whatever cache_position says
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
@@ -255,8 +258,8 @@ def records_for(args, layers, dense, sparse, gpu, backend="sparse"):
     same model holding no dense copies) against the dense one."""
     shape = f"{args.model}/{layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
     lean = backend == "sparse_lean"
-    choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}:{b}" for k, b in sorted(sparse_linear.autotune_choices().items(),
-                                                                       key=str) if k[-1] == lean)
+    choices = ", ".join(f"{k[0]}x{k[1]}@{k[2]}{'(graphs)' if k[7] else ''}:{b}"  # (graphs): tuned for a replay
+                        for k, b in sorted(sparse_linear.autotune_choices().items(), key=str) if k[6] == lean)
     base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices,
             "weight_mib": sparse["weight_bytes"] / 2**20, "dense_weight_mib": dense["weight_bytes"] / 2**20}
     prefill_tokens, decode_tokens = args.batch * args.prefill, args.batch

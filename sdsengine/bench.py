@@ -2,7 +2,8 @@
 
 Every call reads its weight from HBM, as in a real forward pass: the weights are rotated over enough random
 2:4 copies to overflow the L2 cache. Each backend is checked against dense once before it is timed. The
-`auto` column is what SparseLinear picks for that token count after its own measurement. For a mixture of
+`auto` row is what SparseLinear picks for that token count after its own measurement, timing calls as eager code
+makes them; `auto-graphs` what a layer set for CUDA graphs picks (SparseLinear.graphs: the GPU's time alone). For a mixture of
 experts, also each experts projection as a packed mixture runs it at decode (all experts in one launch of the
 grouped kernel) against the dense grouped product transformers runs (torch._grouped_mm), on random routing.
 
@@ -167,12 +168,16 @@ def measure(shape, tokens, dtype, iters=50, users=""):
                 forms[backend] = [ops.prepare(backend, v, m) for v, m in weights]
             except ops.BackendUnavailable:
                 pass
-    layer = sparse_linear.SparseLinear(shape[1], shape[0], bias=False, device="cuda", dtype=dtype)
-    layer.values.copy_(weights[0][0])
-    layer.meta.copy_(weights[0][1])
+    layers = []
+    for graphs in (False, True):  # tuned as eager code calls it, and as a CUDA graph replays it
+        layer = sparse_linear.SparseLinear(shape[1], shape[0], bias=False, device="cuda", dtype=dtype)
+        layer.values.copy_(weights[0][0])
+        layer.meta.copy_(weights[0][1])
+        layer.graphs = graphs
+        layers.append(layer)
     records = []
     for n in tokens:
-        records += _measure_tokens(shape, n, dtype, forms, layer, iters, users)
+        records += _measure_tokens(shape, n, dtype, forms, layers, iters, users)
     return records
 
 
@@ -191,8 +196,9 @@ def random_24(shape, dtype, generator):
     return compress_24(w * nm_mask(w.abs(), 2, 4))
 
 
-def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
-    """Records at n tokens: {backend: [prepared weight copies]} forms, dense's first; layer holds copy 0."""
+def _measure_tokens(shape, n, dtype, forms, layers, iters, users):
+    """Records at n tokens: {backend: [prepared weight copies]} forms, dense's first; each of layers holds copy 0
+    (an auto row for each: auto, or auto-graphs for a layer set for CUDA graphs)."""
     x = torch.randn(n, shape[1], device=forms["dense"][0].device, dtype=dtype)
     ref = ops.run("dense", forms["dense"][0], x, None, shape[0])
     base = {"bench": "spmm", "shape": f"{shape[0]}x{shape[1]}", "layers": users, "tokens": n,
@@ -215,18 +221,20 @@ def _measure_tokens(shape, n, dtype, forms, layer, iters, users):
     if "dense" not in times:  # nothing to compare with: the backends that ran are recorded, unrated
         return records + [dict(base, backend=b, status="failed", error="no dense baseline at this token count")
                           for b in times]
-    with torch.no_grad():
-        layer(x)
-    choice = sparse_linear.autotune_choices()[layer._key(n)]
     records += [_record(base, shape, n, b, times[b], times["dense"]) for b in times]
     for record in records:
         if record["backend"] == "sdsengine" and "ms" in record:  # its split-K (ops.split_k), cached by then
             record["split_k"] = ops.split_k(forms["sdsengine"][0], x, None, shape[0])
-    if choice in times:
-        records.append(_record(base, shape, n, choice, times[choice], times["dense"], label=f"auto:{choice}"))
-    else:
-        records.append(dict(base, backend=f"auto:{choice}", status="failed",
-                            error=f"the layer chose {choice}, which failed at this token count"))
+    for layer in layers:
+        with torch.no_grad():
+            layer(x)
+        choice = sparse_linear.autotune_choices()[layer._key(n)]
+        label = f"{'auto-graphs' if layer.graphs else 'auto'}:{choice}"
+        if choice in times:
+            records.append(_record(base, shape, n, choice, times[choice], times["dense"], label=label))
+        else:
+            records.append(dict(base, backend=label, status="failed",
+                                error=f"the layer chose {choice}, which failed at this token count"))
     return records
 
 

@@ -249,9 +249,9 @@ def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypat
     searched = []
     monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda packed, xt, **k: packed @ xt, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or 2, raising=False)
-    shape, forms, layer = _spmm_forms(monkeypatch)
-    records = bench._measure_tokens(shape, 5, torch.float32, forms, layer, iters=3, users="q_proj")
-    assert [r["backend"] for r in records] == ["dense", "cusparselt", "auto:dense"]
+    shape, forms, layers = _spmm_forms(monkeypatch)
+    records = bench._measure_tokens(shape, 5, torch.float32, forms, layers, iters=3, users="q_proj")
+    assert [r["backend"] for r in records] == ["dense", "cusparselt", "auto:dense", "auto-graphs:dense"]
     for r in records:
         assert r["gpu"] == "cpu" and r["ms"] > 0 and r["device_ms"] > 0 and r["rel_err"] < 1e-5
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"]) and r["status"] == "ok"
@@ -260,8 +260,9 @@ def test_spmm_records_time_each_backend_as_called_and_on_the_gpu_alone(monkeypat
 
 
 def _spmm_forms(monkeypatch):
-    """(shape, {backend: three prepared copies of random 2:4 weights}, a SparseLinear of the first) for
-    bench._measure_tokens on the CPU: dense and cuSPARSELt, whose torch calls the caller stands in for."""
+    """(shape, {backend: three prepared copies of random 2:4 weights}, two SparseLinears of the first: eager and
+    set for graphs) for bench._measure_tokens on the CPU: dense and cuSPARSELt, whose torch calls the caller stands
+    in for."""
     from sdsengine.kernels import compress_24, decompress_24
     from sdsengine.masks import nm_mask
     from sdsengine.nn.sparse_linear import SparseLinear
@@ -272,7 +273,9 @@ def _spmm_forms(monkeypatch):
         weights.append(compress_24(w * nm_mask(w.abs(), 2, 4)))
     forms = {"dense": [ops.prepare("dense", v, m) for v, m in weights],
              "cusparselt": [ops._cusparselt_state(decompress_24(v, m)) for v, m in weights]}
-    return shape, forms, SparseLinear.from_dense(decompress_24(*weights[0]))
+    layers = [SparseLinear.from_dense(decompress_24(*weights[0])) for _ in range(2)]
+    layers[1].graphs = True
+    return shape, forms, layers
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the host-clock path, on a machine without a CUDA GPU")
@@ -285,11 +288,11 @@ def test_spmm_records_a_backend_that_fails_at_a_token_count(monkeypatch, fresh_c
         raise RuntimeError("CUDA error: misaligned address")
     monkeypatch.setattr(torch, "_cslt_sparse_mm", refuse, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 2, raising=False)
-    shape, forms, layer = _spmm_forms(monkeypatch)
-    records = bench._measure_tokens(shape, 5, torch.float32, forms, layer, iters=3, users="q_proj")
+    shape, forms, layers = _spmm_forms(monkeypatch)
+    records = bench._measure_tokens(shape, 5, torch.float32, forms, layers, iters=3, users="q_proj")
     failed = [r for r in records if r["status"] == "failed"]
     assert [r["backend"] for r in failed] == ["cusparselt"] and "misaligned address" in failed[0]["error"]
-    assert {r["backend"] for r in records if r["status"] == "ok"} == {"dense", "auto:dense"}
+    assert {r["backend"] for r in records if r["status"] == "ok"} == {"dense", "auto:dense", "auto-graphs:dense"}
 
 
 def test_prefill_profile_names_the_linears(benchmark, tmp_path):

@@ -7,7 +7,10 @@ is derived on first use and dropped whenever the buffers move or are reloaded.
 On CUDA, forward picks per (weight shape, token-count bucket, dtype, device, bias) the backend measured
 fastest: every available backend, dense included, is timed once on a random input of the bucket's size and
 checked against dense (one that disagrees is dropped with a warning). A sparse backend wins only if it
-beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. On the CPU
+beats dense by more than the noise margin, so the layer is never slower than dense beyond noise. Timed as
+called by default, host work included, as eager code runs it; a layer set for CUDA graphs (set_graphs) is timed
+by the GPU's own time, as a graph replays it: there cuSPARSELt's host cost is gone, and a kernel chosen for its
+light call can be the slower one. On the CPU
 the only backend is dense (decompressed once and cached, unless lean), reached by the same path, so
 everything is testable without a GPU. A lean layer (set_lean) holds one copy of its weight, trading time for
 memory: no decompressed copy (its dense backend decompresses on every call, and that is the dense time its
@@ -44,7 +47,7 @@ NOISE_MARGIN = 0.02  # a sparse backend must beat dense by this fraction to be c
 MAX_BUCKET = 8192
 MAX_ROUTES = 64  # routes a layer remembers (by exact token count) before it starts over: a few decode and prefill sizes
 
-_choices = {}  # (out, in, bucket, dtype, device, has_bias, lean) -> backend name, shared by layers of one shape
+_choices = {}  # (out, in, bucket, dtype, device, has_bias, lean, graphs) -> backend name, shared by layers of one shape
 _forced = None
 # Whether any autocast is on, one C call: forward asks before the per-device check, whose torch.device and string
 # parsing cost more than the rest of a call's checks (an eager prefill is host-bound: every microsecond of a
@@ -93,7 +96,7 @@ def _expire_routes():
 
 
 def autotune_choices():
-    """A copy of the decisions so far: {(out, in, bucket, dtype, device, has_bias, lean): backend}."""
+    """A copy of the decisions so far: {(out, in, bucket, dtype, device, has_bias, lean, graphs): backend}."""
     return dict(_choices)
 
 
@@ -153,6 +156,14 @@ def set_lean(model, lean=True):
     return len(layers)
 
 
+def set_graphs(model, graphs=True):
+    """Set `graphs` on every SparseLinear of `model` (see SparseLinear.graphs); returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    for layer in layers:
+        layer.graphs = graphs
+    return len(layers)
+
+
 def token_bucket(n):
     """Token counts share a decision by power-of-two bucket: 3 -> 4, 100 -> 128."""
     return min(1 << max(0, (n - 1).bit_length()), MAX_BUCKET)
@@ -197,6 +208,7 @@ class SparseLinear(nn.Module):
     """
 
     _lean = False
+    _graphs = False
     _released = None  # lean, the buffers given up: (values stand-in, meta stand-in, our kernel's form)
     _pinned = False  # a CUDA graph may read the buffers (captured before their release): never release them
 
@@ -230,6 +242,20 @@ class SparseLinear(nn.Module):
             return
         self._derive_again()  # the dense form as asked
         self._lean = bool(lean)  # a pin stays: a graph captured before may still read the buffers
+
+    @property
+    def graphs(self):
+        """False (the default): backends are compared by their time as called, host work included, as eager code
+        runs them. True: by the GPU's time alone, as a CUDA graph (or torch.compile's reduce-overhead mode)
+        replays them; set it before the warm-up that precedes capture, where tuning happens. On the H200
+        (2026-12-04, spmm.json) at 16 tokens our kernel's light call won eagerly on 1024x4096 where dense took
+        0.87x its GPU time, and cuSPARSELt, 0.9 ms a call eagerly, ran 1.16-1.22x dense's GPU time on the four
+        large Llama shapes. The two are decided and remembered apart. See set_graphs."""
+        return self._graphs
+
+    @graphs.setter
+    def graphs(self, graphs):
+        self._graphs, self._routes = bool(graphs), {}  # the routes were decided the other way
 
     @classmethod
     def from_dense(cls, weight, bias=None):
@@ -463,7 +489,8 @@ class SparseLinear(nn.Module):
 
     def _key(self, tokens):
         return (self.out_features, self.in_features, token_bucket(tokens), self.values.dtype,
-                str(self.values.device), self.bias is not None, self._lean)  # lean: dense costs more
+                str(self.values.device), self.bias is not None, self._lean,  # lean: dense costs more
+                self._graphs)  # graphs: timed by the GPU's time alone
 
     def _backend_for(self, tokens):
         if _forced is not None:
@@ -515,7 +542,7 @@ class SparseLinear(nn.Module):
                           f"shape ({self.out_features}, {self.in_features}) x {x.shape[0]} tokens; not using it")
             self._forms.pop(ops.form_key(backend), None)
             return None
-        return ops.time_ms(fn, device=x.device)
+        return ops.time_ms(fn, device=x.device, hide_host=self._graphs)
 
     def _keep_chosen_forms(self):
         """Tuning prepared every backend's form; keep only those some bucket of this shape chose."""

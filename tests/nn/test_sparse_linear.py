@@ -338,8 +338,8 @@ def dense_of(form, out_features, in_features):
 
 @pytest.fixture
 def fake_backends(monkeypatch):
-    """The tuning policy on the CPU: backends with made-up timings; 'wrong' returns a wrong answer and
-    'broken' raises. Returns the dict of timings to edit."""
+    """The tuning policy on the CPU: backends with made-up timings (ms, or a pair: as called and the GPU's time
+    alone); 'wrong' returns a wrong answer and 'broken' raises. Returns the dict of timings to edit."""
     timings = {"sdsengine": 1.0, "wrong": 0.5, "broken": 0.1, "dense": 2.0}
     last = []
 
@@ -350,10 +350,11 @@ def fake_backends(monkeypatch):
         y = torch.nn.functional.linear(x, dense_of(form, out_features, x.shape[-1]), bias)  # x (..., K)
         return 3 * y if backend == "wrong" else y
 
-    def time_ms(fn, device):
+    def time_ms(fn, device, hide_host):
         assert device == torch.device("cpu")  # timed on the weight's device, whatever the current one
         fn()
-        return timings[last[-1]]
+        timed = timings[last[-1]]  # a number, or (as called, the GPU's time alone)
+        return timed[hide_host] if isinstance(timed, tuple) else timed
     monkeypatch.setattr(ops, "available", lambda device, dtype: list(timings))
     monkeypatch.setattr(ops, "prepare", lambda backend, values, meta: (*ops.reorder_24(values, meta), {}, {})
                         if backend == "sdsengine" else decompress_24(values, meta))  # ours: its real form
@@ -368,9 +369,28 @@ def test_autotune_takes_the_fastest_correct_backend(fake_backends, fresh_choices
         assert layer._backend_for(3) == "sdsengine"
     messages = " ".join(str(w.message) for w in caught)
     assert "'wrong' disagrees with dense" in messages and "'broken' failed" in messages
-    assert sl.autotune_choices() == {(32, 64, 4, torch.float32, "cpu", True, False): "sdsengine"}
+    assert sl.autotune_choices() == {(32, 64, 4, torch.float32, "cpu", True, False, False): "sdsengine"}
     assert set(layer._forms) == {"sdsengine"}  # forms prepared for tuning and not chosen are released
     assert layer._backend_for(4) == "sdsengine"  # same bucket: no new measurement
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_layer_set_for_cuda_graphs_is_tuned_by_the_gpus_time_and_decided_apart(fake_backends, fresh_choices):
+    """Ours has the lighter call but the longer GPU time (as 1024x4096 at 16 tokens on the H200): eagerly it
+    wins, under graphs dense does; each decision is kept under its own key and a layer's routes follow its mode."""
+    fake_backends.update(sdsengine=(1.0, 2.5), wrong=5.0, broken=5.0)
+    eager, graphs = (SparseLinear.from_linear(pruned_linear(64, 32)) for _ in range(2))
+    x = torch.randn(16, 64)
+    assert sl.set_graphs(torch.nn.Sequential(graphs)) == 1 and graphs.graphs and not eager.graphs
+    for layer in (eager, graphs):
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+    key = (32, 64, 16, torch.float32, "cpu", True, False)
+    assert sl.autotune_choices() == {(*key, False): "sdsengine", (*key, True): "dense"}
+    assert graphs._routes[16, torch.float32][0] == "dense" and eager._routes[16, torch.float32][0] == "sdsengine"
+    graphs.graphs = False  # back to eager: the route decided for graphs is not reused
+    assert graphs._routes == {}
+    graphs(x)
+    assert graphs._routes[16, torch.float32][0] == "sdsengine"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -855,7 +875,7 @@ def test_a_lean_layers_tuning_times_dense_with_its_decompression(fake_backends, 
     x = torch.randn(256, 64)
     calls.clear()
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
-    assert sl.autotune_choices()[32, 64, 256, torch.float32, "cpu", True, True] == "dense"  # lean decides apart
+    assert sl.autotune_choices()[32, 64, 256, torch.float32, "cpu", True, True, False] == "dense"  # lean apart
     assert not isinstance(layer._forms["dense"], torch.Tensor) and {"trusted": True} in calls
 
 
@@ -1137,6 +1157,55 @@ def test_a_checkpoint_loads_into_a_skeleton_on_the_gpu(tmp_path, fresh_choices):
     off = [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.device.type != "cuda"]
     assert not off, f"left on the CPU: {off}"
     torch.testing.assert_close(logits(loaded, ids.cuda()).float().cpu(), before.float(), rtol=2e-2, atol=2e-2)
+
+
+def _replayed(layer, x):
+    """layer's output on a new x from a CUDA graph captured after eager warm-ups (where tuning, forms and
+    cuSPARSELt's algorithm search happen), and the x it was given."""
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.no_grad():
+        layer(x)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+    return y, x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_every_backend_replays_in_a_cuda_graph(backend, fresh_choices):
+    """What a layer set for graphs may choose must replay correctly: each backend forced, captured, replayed."""
+    dtype = torch.float16
+    if backend not in ops.available("cuda", dtype):
+        pytest.skip(ops.probe("cuda", dtype)["backends"][backend])
+    linear = pruned_linear(1024, 512, dtype=dtype).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    with use_backend(backend):
+        try:
+            y, x = _replayed(sparse, torch.randn(13, 1024, device="cuda", dtype=dtype))
+        except ops.BackendUnavailable as exc:
+            pytest.skip(str(exc))
+    ref = linear(x).detach()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_a_layer_set_for_graphs_tunes_by_gpu_time_and_replays(fresh_choices):
+    """On the GPU: the graphs decision is its own entry, and the layer's choice replays in a graph."""
+    linear = pruned_linear(4096, 1024, bias=False, dtype=torch.float16).cuda()
+    sparse = SparseLinear.from_linear(linear)
+    sl.set_graphs(sparse)
+    y, x = _replayed(sparse, torch.randn(16, 4096, device="cuda", dtype=torch.float16))
+    (key, backend), = sl.autotune_choices().items()
+    assert key[-1] is True and backend in ops.available("cuda", torch.float16)
+    ref = linear(x).detach()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 @pytest.mark.gpu
