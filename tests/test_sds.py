@@ -1,6 +1,9 @@
 """SDS (Sparse-Dense-Sparse): each step on hand-made statistics, the pattern invariants, the guard, the
 per-step report through the pipeline, and the config/CLI surface."""
+import ast
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -310,6 +313,37 @@ def test_tf32_is_named_when_unknown():
         _config(matmul="bf16")
     with pytest.raises(ValueError, match="matmul must be one of fp32, tf32"):
         least_squares.Objective(*_layer(), matmul="fp16")
+
+
+TF32_SETTINGS = """
+import sys, torch
+from sdsengine.algorithms.least_squares import tf32_matmul
+matmul = torch.backends.cuda.matmul
+exec(sys.argv[1])
+def settings():
+    try:
+        return matmul.allow_tf32, getattr(matmul, "fp32_precision", None)
+    except RuntimeError:
+        return "disagree", getattr(matmul, "fp32_precision", None)
+before = settings()
+with tf32_matmul():
+    inside = settings()
+print(repr((before, inside, settings())))
+"""
+
+
+@pytest.mark.parametrize("setup,inside", [("pass", True), ("matmul.allow_tf32 = True", True),
+                                          ("matmul.fp32_precision = 'ieee'", True),
+                                          ("matmul.fp32_precision = 'tf32'", "disagree")])
+def test_tf32_products_leave_torchs_settings_readable_and_as_they_were(setup, inside):
+    """Inside, TF32 is on and torch's two settings agree (its reader of the older one does not raise), unless they
+    disagreed before (the newer one alone set to tf32, as torch advises); after, both are as they were. In a process
+    of its own: the settings are global."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has one setting")
+    out = subprocess.run([sys.executable, "-c", TF32_SETTINGS, setup], capture_output=True, text=True, check=True)
+    before, during, after = ast.literal_eval(out.stdout.strip())
+    assert during == (inside, "tf32") and after == before
 
 
 @pytest.mark.gpu

@@ -93,15 +93,30 @@ def tf32(x):
 
 @contextlib.contextmanager
 def tf32_matmul():
-    """CUDA fp32 matrix products on the tensor cores in TF32 inside (torch's setting restored after)."""
+    """CUDA fp32 matrix products on the tensor cores in TF32 inside, torch's settings as they were after. Since torch
+    2.9 it has two: allow_tf32 (older; setting it sets the newer along with it) and fp32_precision (which leaves the
+    older as it was). Where they disagree, torch's readers of the older raise (a profiler reads it on every op), so
+    TF32 goes on through allow_tf32, unless they disagreed before: then through fp32_precision, as the user did."""
     matmul = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # torch >= 2.9, older
-    saved = getattr(matmul, name)
-    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
+    newer = getattr(matmul, "fp32_precision", None)  # None before torch 2.9
+    if newer == "tf32":  # on already
+        yield
+        return
+    try:
+        older = matmul.allow_tf32
+    except RuntimeError:  # the two disagree already
+        older = None
+    if older is None:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
     try:
         yield
     finally:
-        setattr(matmul, name, saved)
+        if older is not None:
+            matmul.allow_tf32 = older  # which sets the newer to "ieee" where it may have been "none" (inherit)
+        if newer is not None:
+            matmul.fp32_precision = newer
 
 
 def top_eigenvalue(H, iters=64, margin=1.05):
