@@ -545,7 +545,8 @@ class SparseLinear(nn.Module):
         return ops.time_ms(fn, device=x.device, hide_host=self._graphs)
 
     def _keep_chosen_forms(self):
-        """Tuning prepared every backend's form; keep only those some bucket of this shape chose."""
+        """Tuning prepared every backend's form; keep only those some bucket of this shape chose, eagerly or for
+        graphs (a model can run both ways: an eager prefill, decode steps as graphs)."""
         mine = self._key(1)
-        chosen = {ops.form_key(b) for k, b in _choices.items() if k[:2] == mine[:2] and k[3:] == mine[3:]}
+        chosen = {ops.form_key(b) for k, b in _choices.items() if k[:2] == mine[:2] and k[3:7] == mine[3:7]}
         self._forms = {key: f for key, f in self._forms.items() if key in chosen}

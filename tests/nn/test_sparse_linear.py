@@ -387,6 +387,8 @@ def test_a_layer_set_for_cuda_graphs_is_tuned_by_the_gpus_time_and_decided_apart
     key = (32, 64, 16, torch.float32, "cpu", True, False)
     assert sl.autotune_choices() == {(*key, False): "sdsengine", (*key, True): "dense"}
     assert graphs._routes[16, torch.float32][0] == "dense" and eager._routes[16, torch.float32][0] == "sdsengine"
+    # tuning for graphs kept the form the shape chose eagerly: a model may prefill eagerly and decode as graphs
+    assert set(graphs._forms) == {"dense", "sdsengine"}
     graphs.graphs = False  # back to eager: the route decided for graphs is not reused
     assert graphs._routes == {}
     graphs(x)
