@@ -249,7 +249,7 @@ class SparseLinear(nn.Module):
         runs them. True: by the GPU's time alone, as a CUDA graph (or torch.compile's reduce-overhead mode)
         replays them; set it before the warm-up that precedes capture, where tuning happens. On the H200
         (2026-12-04, spmm.json) at 16 tokens our kernel's light call won eagerly on 1024x4096 where dense took
-        0.87x its GPU time, and cuSPARSELt, 0.9 ms a call eagerly, ran 1.16-1.22x dense's GPU time on the four
+        0.87x its GPU time, and cuSPARSELt, 0.9 ms a call eagerly, took 0.82-0.86x dense's GPU time on the four
         large Llama shapes. The two are decided and remembered apart. See set_graphs."""
         return self._graphs
 
