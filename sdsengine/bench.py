@@ -4,8 +4,9 @@ Every call reads its weight from HBM, as in a real forward pass: the weights are
 2:4 copies to overflow the L2 cache. Each backend is checked against dense once before it is timed. The
 `auto` row is what SparseLinear picks for that token count after its own measurement, timing calls as eager code
 makes them; `auto-graphs` what a layer set for CUDA graphs picks (SparseLinear.graphs: the GPU's time alone). For
-a mixture of experts, also each experts projection as a packed mixture runs it at decode (all experts in one launch of the
-grouped kernel) against the dense grouped product transformers runs (torch._grouped_mm), on random routing.
+a mixture of experts, also each experts projection as a packed mixture runs it at decode (all experts in one
+launch of the grouped kernel) against the dense grouped product transformers runs (torch._grouped_mm), on random
+routing.
 
 The second half of this module is the one benchmark harness (timing, GPU and library versions, copy
 bandwidth, records as JSON and Markdown); benchmarks/harness.py re-exports it.
