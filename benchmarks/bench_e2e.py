@@ -20,12 +20,13 @@ twins), so that drift falls on both alike. The record's ms and dense_ms are each
 the two (first_ms, dense_first_ms: the first ones).
 
     python benchmarks/bench_e2e.py [--model llama-3-8b|llama-2-7b|mixtral-8x7b|qwen3-30b-a3b] [--layers 32]
-                                   [--dtype float16] [--compile]
+                                   [--dtype float16] [--compile] [--decode-batches 16]
 
 Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is visible.
 """
 import argparse
 import copy
+import functools
 import inspect
 import statistics
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import RESULTS, gpu_info, no_gpu, require_transformers, time_ms, write_results
+from harness import RESULTS, gpu_info, no_gpu, require_transformers, time_ms, tokens_argument, write_results
 from sdsengine.masks import nm_mask
 from sdsengine.nn import convert, set_graphs, sparse_linear, weight_bytes
 from sdsengine.pipeline import adapters, experts
@@ -217,11 +218,16 @@ def measure_model(model, args):
     prefill_ms = time_prefill(model, args.batch, args.prefill)
     prefill_graph = not (args.no_graphs or getattr(args, "no_prefill_graph", False))
     graph_ms = time_prefill(model, args.batch, args.prefill, graph=True) if prefill_graph else None
-    decode_ms, mode = time_decode(model, args.batch, args.prompt, args.steps, graphs=not args.no_graphs,
-                                  compile_backend=getattr(args, "compile", None))
+    decode = functools.partial(time_decode, model, prompt=args.prompt, steps=args.steps, graphs=not args.no_graphs,
+                               compile_backend=getattr(args, "compile", None))
+    decode_ms, mode = decode(batch=args.batch)
     # the linear weights as held once run: a converted model's layers keep each form they chose
     held = sum(weight_bytes(model).values())
-    return {"prefill": prefill_ms, "prefill_graph": graph_ms, "decode": decode_ms, "mode": mode, "weight_bytes": held}
+    # --decode-batches: steps of several sequences at once, each layer's call at that many tokens (after the bytes
+    # were counted, as the suite's first runs counted them)
+    batches = {batch: decode(batch=batch) for batch in getattr(args, "decode_batches", ())}
+    return {"prefill": prefill_ms, "prefill_graph": graph_ms, "decode": decode_ms, "mode": mode, "weight_bytes": held,
+            "decode_batches": batches}
 
 
 def measure_converted(model, args):
@@ -262,7 +268,7 @@ def records_for(args, layers, dense, sparse, gpu, backend="sparse"):
                         for k, b in sorted(sparse_linear.autotune_choices().items(), key=str) if k[6] == lean)
     base = {"shape": shape, "dtype": args.dtype, "gpu": gpu, "batch": args.batch, "choices": choices,
             "weight_mib": sparse["weight_bytes"] / 2**20, "dense_weight_mib": dense["weight_bytes"] / 2**20}
-    prefill_tokens, decode_tokens = args.batch * args.prefill, args.batch
+    prefill_tokens = args.batch * args.prefill
     prefill_ms, dense_prefill_ms = _eager_prefill(sparse), _eager_prefill(dense)
     return [
         dict(base, bench="e2e_prefill", tokens=args.prefill, backend=backend, ms=prefill_ms,
@@ -276,11 +282,18 @@ def records_for(args, layers, dense, sparse, gpu, backend="sparse"):
              ms_after=sparse.get("prefill_after"), dense_in_turn_ms=dense.get("prefill_in_turn"),
              in_turn_ms=sparse.get("prefill_in_turn"), dense_graph_in_turn_ms=dense.get("prefill_graph_in_turn"),
              graph_in_turn_ms=sparse.get("prefill_graph_in_turn")),
-        dict(base, bench="e2e_decode", tokens=1, prompt=args.prompt, backend=backend, ms=sparse["decode"],
-             dense_ms=dense["decode"], speedup=dense["decode"] / sparse["decode"], mode=sparse["mode"],
-             dense_mode=dense["mode"], tokens_per_s=decode_tokens / sparse["decode"] * 1e3,
-             dense_tokens_per_s=decode_tokens / dense["decode"] * 1e3),
-    ]
+        _decode_record(base, args.prompt, backend, args.batch, (sparse["decode"], sparse["mode"]),
+                       (dense["decode"], dense["mode"])),
+    ] + [_decode_record(base, args.prompt, backend, batch, timed, dense["decode_batches"][batch])
+         for batch, timed in sparse.get("decode_batches", {}).items() if batch in dense.get("decode_batches", {})]
+
+
+def _decode_record(base, prompt, backend, batch, timed, dense_timed):
+    """An e2e_decode record: steps of `batch` sequences, one token each; timed and dense_timed: (ms, mode)."""
+    (ms, mode), (dense_ms, dense_mode) = timed, dense_timed
+    return dict(base, bench="e2e_decode", batch=batch, tokens=1, prompt=prompt, backend=backend, ms=ms,
+                dense_ms=dense_ms, speedup=dense_ms / ms, mode=mode, dense_mode=dense_mode,
+                tokens_per_s=batch / ms * 1e3, dense_tokens_per_s=batch / dense_ms * 1e3)
 
 
 def _eager_prefill(measured):
@@ -315,6 +328,9 @@ def main(argv=None):
     parser.add_argument("--prefill", type=int, default=2048, help="prefill tokens per sequence")
     parser.add_argument("--prompt", type=int, default=512, help="tokens in the KV cache while decoding")
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    parser.add_argument("--decode-batches", type=tokens_argument, default=(),
+                        help="also decode these many sequences at once (e.g. 16: each linear at 16 tokens), both "
+                             "models, tuned as the steps run (CUDA graphs: by the GPU's time)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="no CUDA graphs: decode eagerly, and no graph-replayed prefill")
     parser.add_argument("--no-prefill-graph", action="store_true",

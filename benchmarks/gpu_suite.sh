@@ -236,7 +236,7 @@ suite() {
   [ -s "$SWITCHES" ] && . "$SWITCHES"
   join  # nothing may run beside a timed step
   step e2e 90 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --profile --lean \
-    --out "$RESULTS"
+    --decode-batches 16 --out "$RESULTS"
   step spmm 50 $NO_WGMMA "$PY" benchmarks/bench_spmm.py --tokens 1,16,128,2048 --dtypes float16 --iters 20 \
     --out "$RESULTS"
   bench wanda 40

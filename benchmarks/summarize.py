@@ -22,9 +22,9 @@ BENCHES = ("wanda", "sparsegpt", "compress", "nm_mask", "spmm", "wgmma_tiles", "
            "spmm_bf16", "decode_xbuf", "e2e_full", "grouped", "e2e_moe", "methods", "spmm_sweep", "e2e_compiled")
 GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "spmm_sweep": ("backend", "dtype"),
             "decode_xbuf": ("backend", "dtype"),
-            "e2e": ("bench", "backend", "dtype"),
-            "e2e_full": ("bench", "backend", "dtype"), "e2e_moe": ("bench", "backend", "dtype"),
-            "e2e_compiled": ("bench", "backend", "dtype"),
+            "e2e": ("bench", "backend", "dtype", "batch"),
+            "e2e_full": ("bench", "backend", "dtype", "batch"), "e2e_moe": ("bench", "backend", "dtype", "batch"),
+            "e2e_compiled": ("bench", "backend", "dtype", "batch"),
             "wgmma_tiles": ("backend", "tokens"), "wgmma_tma": ("backend", "tokens"),
             "dispatch": ("shape", "tokens", "dtype"), "grouped": ("layers", "dtype"),
             "methods": ("method", "pattern")}  # default: pattern, dtype

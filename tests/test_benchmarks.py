@@ -338,14 +338,17 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     e2e = benchmark("bench_e2e")
     model = _tiny_llama_pruned_24()
     args = type("Args", (), {"batch": 1, "prefill": 8, "prompt": 4, "steps": 2, "no_graphs": False,
-                             "model": "llama-3-8b", "dtype": "float32"})()
+                             "model": "llama-3-8b", "dtype": "float32", "decode_batches": [3]})()
     dense = e2e.measure_model(model, args)
     assert dense["prefill_graph"] is None and dense["mode"].startswith("eager (graph capture failed")
     sparse = e2e.measure_converted(convert(model), args)
     assert sparse["prefill_forced_dense"] > 0 and sparse["decode"] > 0
     dense["prefill_after"] = sparse["prefill_after"] = e2e.time_prefill(model, 1, 8)
-    prefill, decode = e2e.records_for(args, 2, dense, sparse, "cpu")
-    assert prefill["bench"] == "e2e_prefill" and decode["bench"] == "e2e_decode"
+    prefill, decode, decode3 = e2e.records_for(args, 2, dense, sparse, "cpu")
+    assert prefill["bench"] == "e2e_prefill" and decode["bench"] == decode3["bench"] == "e2e_decode"
+    # --decode-batches: a step of 3 sequences, one token each, against the dense model's
+    assert decode["batch"] == 1 and decode3["batch"] == 3 and decode3["ms"] == sparse["decode_batches"][3][0]
+    assert decode3["tokens_per_s"] == pytest.approx(3e3 / decode3["ms"]) and decode3["dense_ms"] > 0
     assert prefill["graph_speedup"] is None and prefill["forced_dense_ms"] == sparse["prefill_forced_dense"]
     # on the CPU a converted layer keeps its dense form beside the compressed one (fp32: 17/32 more)
     assert decode["dense_weight_mib"] < decode["weight_mib"] < 1.6 * decode["dense_weight_mib"]
@@ -361,7 +364,8 @@ def test_e2e_measurements_run_on_a_tiny_model(benchmark):
     assert e2e.time_prefills_in_turn([model], 1, 8, graph=True, rounds=1) is None
     # --lean: the same converted model holding no dense copies, below the dense model's bytes
     sparse_linear.set_lean(model)
-    lean_prefill, lean_decode = e2e.records_for(args, 2, dense, e2e.measure_model(model, args), "cpu", "sparse_lean")
+    lean_prefill, lean_decode, _ = e2e.records_for(args, 2, dense, e2e.measure_model(model, args), "cpu",
+                                                   "sparse_lean")
     assert lean_prefill["backend"] == lean_decode["backend"] == "sparse_lean" and lean_prefill["ms"] > 0
     assert lean_decode["weight_mib"] < 0.6 * lean_decode["dense_weight_mib"]
 
