@@ -106,15 +106,16 @@ if torch.cuda.is_available():  # the child checks (each only where the build and
     cuda = torch.device("cuda")  # wgmma pipelines in a thread while cuSPARSELt is checked, then kept with the
     with ThreadPoolExecutor(1) as pool:  # pipelines off until theirs ends: a hang must not cost it that
         wgmma = pool.submit(ops._why_not, "wgmma", cuda, torch.float16)
-        ops._why_not("cusparselt", cuda, torch.float16)
+        if ops._why_not("cusparselt", cuda, torch.float16) is None:
+            ops.capture_error("cusparselt")  # whether layers set for CUDA graphs may take it
         keep({**ops.checked_switches(), "SDSENGINE_WGMMA": "0"})
         wgmma.result()
 info = ops.probe("cuda", self_check=True)
 print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cusparselt_form"))
 print("child-check results passed on to later steps:\n" + keep(ops.checked_switches()))'
-# The backends' child checks (cuSPARSELt's forms, the wgmma pipelines) run once, in `versions`; later steps
-# take their results from these settings instead of checking again in every process (seconds each, and a
-# hanging pipeline's trap would cost ~35 s per process). gpu_tests appends what its isolated cases turn off.
+# The backends' child checks (cuSPARSELt's forms and CUDA-graph capture, the wgmma pipelines) run once, in
+# `versions`; later steps take their results from these settings instead of checking again in every process
+# (seconds each, and a hanging pipeline's trap would cost ~35 s per process). gpu_tests appends what its isolated cases turn off.
 # Kept with the results, so that a SUITE_STEPS re-run without `versions` reuses them.
 export SWITCHES=$RESULTS/switches.env SUITE_SWITCHES=$RESULTS/switches.env
 NO_WGMMA="env SDSENGINE_WGMMA=0"  # for the steps that must not meet an unverified pipeline

@@ -296,6 +296,8 @@ def checked_switches():
             settings["SDSENGINE_CUSPARSELT_FORM"] = passed
     if set(_wgmma) == set(WGMMA_PIPELINES):
         settings["SDSENGINE_WGMMA"] = wgmma_setting(b for b in WGMMA_PIPELINES if _wgmma[b] is None)
+    if "cusparselt" in _captures:
+        settings["SDSENGINE_CUSPARSELT_GRAPHS"] = "0" if _captures["cusparselt"] else "1"
     return settings
 
 
@@ -403,6 +405,59 @@ def _self_check(backend, device, dtype):
                         f"{'' if bias is None else ', with a bias'}")
         checked += 1
     return "ok" if checked else f"failed: it takes none of the self-check shapes {SELF_CHECK_SHAPES}"
+
+
+# A layer set for CUDA graphs (SparseLinear.graphs) chooses only among backends whose calls can be captured and
+# replayed. Ours and dense launch kernels alone (our kernel's capture is a GPU test); a library's call (cuSPARSELt
+# builds a plan and takes a workspace on every call) is first captured once in a child process, never in this
+# one: a capture that fails can leave torch's allocator believing a capture is still under way (fixed in torch
+# 2.12, pytorch#180395), and a later synchronize then ends the process. SDSENGINE_CUSPARSELT_GRAPHS=1 or 0 decides
+# for cuSPARSELt without the check; checked_switches() passes the result on.
+CAPTURE_CHECKED = ("cusparselt", "cutlass")
+_CAPTURE_CHILD = """
+import os
+os.environ.update({env!r})
+from sdsengine import ops
+ops._capture_check({backend!r})
+"""
+_captures = {}
+
+
+def capture_error(backend):
+    """None if a layer set for CUDA graphs may choose `backend`: its call, captured and replayed, matches dense
+    (checked once per process for the library backends), else why not."""
+    if backend not in CAPTURE_CHECKED:
+        return None
+    switch = _switched("SDSENGINE_CUSPARSELT_GRAPHS") if backend == "cusparselt" else None
+    if switch is not None:
+        return switch or None
+    if backend not in _captures:
+        env = {"SDSENGINE_CUSPARSELT": "1", "SDSENGINE_CUSPARSELT_FORM": cusparselt_form()}
+        _, failure = isolated.run_child(_CAPTURE_CHILD.format(env=env, backend=backend))
+        _captures[backend] = None if failure is None else (
+            f"{backend}'s call failed its CUDA-graph capture in a child process: {failure}")
+        if failure is not None:
+            log.warning("sdsengine: %s; layers set for CUDA graphs do not use it", _captures[backend])
+    return _captures[backend]
+
+
+def _capture_check(backend, rows=256, cols=512, tokens=16):
+    """The child's check: `backend` on a random 2:4 fp16 weight, called once eagerly (its one-off work: a form, an
+    algorithm search), captured as torch.cuda.graph captures, replayed on a new input; raises unless the replay
+    matches dense."""
+    g = torch.Generator().manual_seed(0)
+    values, meta = compress_24(torch.randn(rows, cols, generator=g))
+    form = prepare(backend, values.to("cuda", torch.float16), meta.cuda())
+    x = torch.randn(tokens, cols, generator=g).to("cuda", torch.float16)
+    run(backend, form, x, None, rows)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run(backend, form, x, None, rows)
+    x.copy_(torch.randn(tokens, cols, generator=g))
+    graph.replay()
+    err = relative_error(y.float().cpu(), F.linear(x.float().cpu(), decompress_24(values, meta).half().float()))
+    if not err < 2e-2:
+        raise AssertionError(f"{backend} replayed from a CUDA graph differs from dense: relative error {err:.3g}")
 
 
 def relative_error(y, ref):

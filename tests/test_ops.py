@@ -1017,3 +1017,37 @@ def test_run_hands_the_kernels_rows_and_gives_back_the_leading_dimensions(monkey
     x = torch.randn(2, 3, 64)
     assert torch.equal(ops.run("dense", weight, x, None, 32), torch.nn.functional.linear(x, weight))
     assert seen == [(6, 64), (5, 64)]
+
+
+@pytest.fixture
+def fresh_captures(monkeypatch):
+    monkeypatch.setattr(ops, "_captures", {})
+    monkeypatch.delenv("SDSENGINE_CUSPARSELT_GRAPHS", raising=False)
+
+
+def test_a_library_backend_is_capture_checked_once_in_a_child_and_the_result_passed_on(fresh_captures, monkeypatch):
+    """cuSPARSELt's capture is tried in a child process, once; its verdict goes to later processes through
+    checked_switches; our kernel and dense are never checked that way; the switch decides without a child."""
+    children = []
+    monkeypatch.setattr(ops, "cusparselt_form", lambda: "plain")
+    monkeypatch.setattr(isolated, "run_child", lambda code, *a, **k: children.append(code) or (
+        "", "exit status 1: RuntimeError: CUDA error: operation not permitted when stream is capturing"))
+    assert ops.capture_error("sdsengine") is None and ops.capture_error("dense") is None and not children
+    why = ops.capture_error("cusparselt")
+    assert why == ("cusparselt's call failed its CUDA-graph capture in a child process: exit status 1: "
+                   "RuntimeError: CUDA error: operation not permitted when stream is capturing")
+    assert ops.capture_error("cusparselt") == why and len(children) == 1
+    assert "ops._capture_check('cusparselt')" in children[0] and "'SDSENGINE_CUSPARSELT_FORM': 'plain'" in children[0]
+    assert ops.checked_switches()["SDSENGINE_CUSPARSELT_GRAPHS"] == "0"
+    monkeypatch.setattr(ops, "_captures", {})
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT_GRAPHS", "1")
+    assert ops.capture_error("cusparselt") is None and len(children) == 1
+    monkeypatch.setenv("SDSENGINE_CUSPARSELT_GRAPHS", "0")
+    assert ops.capture_error("cusparselt") == "turned off by SDSENGINE_CUSPARSELT_GRAPHS=0"
+
+
+@pytest.mark.gpu
+def test_our_kernel_passes_the_capture_check_a_library_gets():
+    """The child's check itself, run here on our kernel (whose capture is known to work): eager call, capture,
+    replay on a new input, against dense."""
+    ops._capture_check("sdsengine")

@@ -250,7 +250,9 @@ class SparseLinear(nn.Module):
         replays them; set it before the warm-up that precedes capture, where tuning happens. On the H200
         (2026-12-04, spmm.json) at 16 tokens our kernel's light call won eagerly on 1024x4096 where dense took
         0.87x its GPU time, and cuSPARSELt, 0.9 ms a call eagerly, took 0.82-0.86x dense's GPU time on the four
-        large Llama shapes. The two are decided and remembered apart. See set_graphs."""
+        large Llama shapes. The two are decided and remembered apart. Such a layer takes only backends whose calls
+        capture and replay correctly (ops.capture_error: cuSPARSELt's is checked once, in a child process). See
+        set_graphs."""
         return self._graphs
 
     @graphs.setter
@@ -507,6 +509,8 @@ class SparseLinear(nn.Module):
         """The fastest correct backend for `tokens` rows; dense unless a sparse one beats it beyond noise (or
         dense cannot run here: then the fastest correct sparse one, with a warning)."""
         candidates = ops.available(self.values.device, self.values.dtype)
+        if self._graphs:  # only what captures and replays correctly
+            candidates = [b for b in candidates if ops.capture_error(b) is None]
         if candidates == ["dense"]:
             return "dense"
         g = torch.Generator(device=self.values.device).manual_seed(0)
