@@ -414,6 +414,7 @@ def _self_check(backend, device, dtype):
 # 2.12, pytorch#180395), and a later synchronize then ends the process. SDSENGINE_CUSPARSELT_GRAPHS=1 or 0 decides
 # for cuSPARSELt without the check; checked_switches() passes the result on.
 CAPTURE_CHECKED = ("cusparselt", "cutlass")
+CAPTURE_CHECK_TIMEOUT_S = 120  # a child's start, one small product, one capture: seconds; a hang is a refusal
 _CAPTURE_CHILD = """
 import os
 os.environ.update({env!r})
@@ -433,7 +434,8 @@ def capture_error(backend):
         return switch or None
     if backend not in _captures:
         env = {"SDSENGINE_CUSPARSELT": "1", "SDSENGINE_CUSPARSELT_FORM": cusparselt_form()}
-        _, failure = isolated.run_child(_CAPTURE_CHILD.format(env=env, backend=backend))
+        code = _CAPTURE_CHILD.format(env=env, backend=backend)
+        _, failure = isolated.run_child(code, timeout_s=CAPTURE_CHECK_TIMEOUT_S)
         _captures[backend] = None if failure is None else (
             f"{backend}'s call failed its CUDA-graph capture in a child process: {failure}")
         if failure is not None:
