@@ -51,9 +51,9 @@ def names_argument(allowed):
 
 
 def tokens_argument(text):
-    """parse_tokens as an argparse type: a bad list of token counts is a usage error naming it."""
+    """parse_tokens as an argparse type: a bad list of token counts is a usage error (argparse names the flag)."""
     try:
-        return parse_tokens(text)
+        return parse_tokens(text, flag="")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -104,11 +104,12 @@ def parse_shapes(text):
     return shapes
 
 
-def parse_tokens(text):
-    """'1,16,128' -> [1, 16, 128]: positive token counts."""
+def parse_tokens(text, flag="--tokens"):
+    """'1,16,128' -> [1, 16, 128]: positive token counts; a bad list is an error naming `flag` ("" where the caller
+    names it, as argparse does)."""
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items or not all(t.isdigit() and int(t) > 0 for t in items):
-        raise ValueError(f"--tokens takes positive integers such as 1,16,128, got {text!r}")
+        raise ValueError(f"{flag} takes positive integers such as 1,16,128, got {text!r}".lstrip())
     return [int(t) for t in items]
 
 

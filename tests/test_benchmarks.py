@@ -1034,3 +1034,13 @@ def test_sdsengine_bench_leaves_out_experts_that_cannot_all_convert():
     assert expert_groups(model) == {(4, 2, 2 * model.config.intermediate_size, model.config.hidden_size):
                                     "experts.gate_up_proj", (4, 2, model.config.hidden_size,
                                                              model.config.intermediate_size): "experts.down_proj"}
+
+
+def test_a_bad_token_list_is_a_usage_error_naming_its_flag(benchmark, capsys):
+    """The benchmarks' token lists go through one parser; argparse names the flag that was wrong."""
+    for module, argv in (("bench_e2e", ["--decode-batches", "0"]), ("bench_spmm", ["--tokens", "1,x"])):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark(module).main(argv)
+        assert exit_info.value.code == 2
+        flag = argv[0]
+        assert f"argument {flag}: takes positive integers such as 1,16,128, got '{argv[1]}'" in capsys.readouterr().err
