@@ -115,7 +115,8 @@ print("2:4 matmul backends:", info["backends"], "cuSPARSELt form:", info.get("cu
 print("child-check results passed on to later steps:\n" + keep(ops.checked_switches()))'
 # The backends' child checks (cuSPARSELt's forms and CUDA-graph capture, the wgmma pipelines) run once, in
 # `versions`; later steps take their results from these settings instead of checking again in every process
-# (seconds each, and a hanging pipeline's trap would cost ~35 s per process). gpu_tests appends what its isolated cases turn off.
+# (seconds each, and a hanging pipeline's trap would cost ~35 s per process). gpu_tests appends what its
+# isolated cases turn off.
 # Kept with the results, so that a SUITE_STEPS re-run without `versions` reuses them.
 export SWITCHES=$RESULTS/switches.env SUITE_SWITCHES=$RESULTS/switches.env
 NO_WGMMA="env SDSENGINE_WGMMA=0"  # for the steps that must not meet an unverified pipeline

@@ -150,17 +150,18 @@ def _warn_frozen():
 
 def set_lean(model, lean=True):
     """Set `lean` on every SparseLinear of `model` (see SparseLinear.lean); returns how many there are."""
-    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    for layer in layers:
-        layer.lean = lean
-    return len(layers)
+    return _set_on_every_layer(model, "lean", lean)
 
 
 def set_graphs(model, graphs=True):
     """Set `graphs` on every SparseLinear of `model` (see SparseLinear.graphs); returns how many there are."""
+    return _set_on_every_layer(model, "graphs", graphs)
+
+
+def _set_on_every_layer(model, setting, value):
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
     for layer in layers:
-        layer.graphs = graphs
+        setattr(layer, setting, value)
     return len(layers)
 
 
