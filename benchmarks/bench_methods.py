@@ -10,11 +10,14 @@ baselines run the same way.
                                        [--budget 300]
 
 Every method prunes its own copy of the same model to 2:4, in the order given; none starts after --budget seconds.
-Writes benchmarks/results/<name>.json (a list of records) and .md; exits with a message where no CUDA GPU is
-visible.
+Writes benchmarks/results/<name>.json (a list of records) and .md after each method; a SIGTERM (the suite's step
+limit) ends the method in progress with a record of how long it had run, written before the process exits (124).
+Exits with a message where no CUDA GPU is visible.
 """
 import argparse
+import contextlib
 import copy
+import signal
 import sys
 import time
 
@@ -87,16 +90,50 @@ def main(argv=None):
     shape = f"{args.model}/{args.layers}of{CONFIGS[args.model]['num_hidden_layers']}layers"
     print(f"bench_methods: {shape}, {args.nsamples} x {args.seqlen} random tokens; {gpu_info()}")
     records, start = [], time.perf_counter()
-    for name in args.methods:
-        if time.perf_counter() - start > args.budget:
-            records.append({"bench": "methods", "method": name, "shape": shape, "status": "skipped (budget)"})
-        else:
-            records.append(measure_method(model, name, calibration, "cuda", shape))
-            print(f"{name}: {records[-1]['seconds']:.1f} s, GPU peak {records[-1]['gpu_peak_allocated_gib']} GiB; "
-                  f"by step: {records[-1]['step_seconds']}", flush=True)
-        path = write_results(args.name, records, args.out)  # after each method: a run cut short keeps them
+    with stopped_by_sigterm():
+        for name in args.methods:
+            if time.perf_counter() - start > args.budget:
+                records.append({"bench": "methods", "method": name, "shape": shape, "status": "skipped (budget)"})
+            else:
+                records.append(measure_or_cut(model, name, calibration, "cuda", shape))
+            path = write_results(args.name, records, args.out)  # after each method: a run cut short keeps them
+            if records[-1]["status"] == "cut":
+                print(f"wrote {path}; {name} cut by SIGTERM", flush=True)
+                return 124
     print(f"wrote {path}")
     return 0
+
+
+class Stopped(Exception):
+    """The process was sent SIGTERM (the GPU suite's step limit) while a method ran."""
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    """Inside: SIGTERM raises Stopped in the main thread (between two Python steps, so within a CUDA call's
+    time), where it would end the process at once and lose the method in progress (12-04: BESA's)."""
+    def stop(signum, frame):
+        raise Stopped()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def measure_or_cut(model, name, calibration, device, shape):
+    """measure_method, or, where SIGTERM stopped it, a `cut` record with the seconds it had run: a lower
+    bound on the method's time (SDSENGINE_TRACE=1 prints its steps' times as they end)."""
+    start = time.perf_counter()
+    try:
+        record = measure_method(model, name, calibration, device, shape)
+    except Stopped:
+        seconds = time.perf_counter() - start
+        return {"bench": "methods", "method": name, "pattern": "2:4", "shape": shape, "status": "cut",
+                "seconds_at_cut": seconds, "error": f"stopped by SIGTERM after {seconds:.0f} s, unfinished"}
+    print(f"{name}: {record['seconds']:.1f} s, GPU peak {record['gpu_peak_allocated_gib']} GiB; "
+          f"by step: {record['step_seconds']}", flush=True)
+    return record
 
 
 if __name__ == "__main__":

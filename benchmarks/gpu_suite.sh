@@ -25,7 +25,7 @@
 #   7. dispatch     benchmarks/bench_dispatch.py: SparseLinear's host cost per call against nn.Linear's, alone and
 #                   in a small 8-layer Llama
 #   8. methods      benchmarks/bench_methods.py: each pruning method's seconds per layer and peak GPU memory on one
-#                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), BESA first
+#                   random Llama-2-7B-shaped layer, 64 x 2048 random tokens (issues 5 and 6), baselines, BESA, SDS
 #   9. wgmma_tiles, wgmma_tma  benchmarks/sweep_wgmma.py: the Hopper wgmma.sp kernel's tile widths against
 #                   dense (9.0 only), its cp.async pipelines, then its TMA ones in a process of their own
 #  10. spmm_bf16    bench_spmm.py in bf16 at 1 and 2048 tokens (wgmma pipelines as checked)
@@ -247,13 +247,14 @@ suite() {
   step gpu_tests 170 env SDSENGINE_SKIPS="$RESULTS/gpu_tests_skips.tsv" PY="$PY" WORKERS="$workers" bash -c gpu_tests
   [ -s "$SWITCHES" ] && . "$SWITCHES"
   step dispatch 40 "$PY" benchmarks/bench_dispatch.py --calls 1000 --out "$RESULTS"
-  # BESA first: the one method not yet timed on a GPU (12-04: the step's budget ran out during it, after SDS's 67 s);
-  # then SDS with its products in TF32 (--matmul tf32, new), the baselines, SDS in fp32 (67 s on 12-04) last
+  # the baselines first (3.5-5.7 s each on 12-04), that BESA's and SDS's times have theirs beside them; then BESA, the
+  # one method not yet timed on a GPU (12-04: the step's limit ended it, after SDS's 67 s); then SDS with its products
+  # in TF32 (--matmul tf32, new), SDS in fp32 (67 s on 12-04) last. The limit's SIGTERM leaves a `cut` record
   local methods_budget
   methods_budget=$(fit 130)
   # SDSENGINE_TRACE: each SDS and BESA step's seconds in the log as it ends (the 12-04 lease lost BESA's to the limit)
   step methods "$methods_budget" env SDSENGINE_TRACE=1 "$PY" benchmarks/bench_methods.py --layers 1 --nsamples 64 \
-    --methods besa,sds-tf32,wanda,sparsegpt,magnitude,sds --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
+    --methods magnitude,wanda,sparsegpt,besa,sds-tf32,sds --budget $((methods_budget * 3 / 4)) --out "$RESULTS"
   step wgmma_tiles 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines plain,overlap \
     --out "$RESULTS"
   step wgmma_tma 30 "$PY" benchmarks/sweep_wgmma.py --tokens 512,2048,4096 --iters 10 --pipelines tma,tma_multicast \

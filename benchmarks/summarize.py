@@ -119,7 +119,8 @@ def problems(name, records):
     """(lines for records that failed or were skipped, lines for records that missed their target)."""
     failed, missed = [], []
     for r in records:
-        where = f"{name} {r.get('shape')} {r.get('dtype')} {r.get('pattern', r.get('backend', ''))}"
+        what = r.get("method", r.get("dtype"))  # a pruning method's record names no dtype
+        where = f"{name} {r.get('shape')} {what} {r.get('pattern', r.get('backend', ''))}"
         where += f" x {r['tokens']} tokens" if "tokens" in r else ""
         if r.get("status") == "skipped" and _by_design(r.get("error", "")):
             continue

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,8 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     tiny = ("--shapes", "32x64", "--dtypes", "float16")
     run_smoke(benchmark, "wanda", tmp_path, "--name", "wanda", *tiny, stem="wanda")
     run_smoke(benchmark, "compress", tmp_path, "--name", "compress", *tiny, "--budget", "0", stem="compress")
+    cut = {"bench": "methods", "method": "besa", "pattern": "2:4", "shape": "7b/1", "status": "cut", "error": "97 s"}
+    (tmp_path / "methods.json").write_text(json.dumps([cut]))
     steps = ["step\tstatus\trc\tseconds", "install\tok\t0\t50", "e2e\ttimeout\t124\t60"]
     (tmp_path / "suite_steps.tsv").write_text("\n".join(steps) + "\n")
     capsys.readouterr()
@@ -105,6 +109,7 @@ def test_summary_lists_ratios_and_problems(benchmark, tmp_path, capsys):
     assert ["wanda", "0.5", "float16", "1"] in [row[:4] for row in rows]
     assert "step e2e: timeout (rc 124, 60 s)" in out and "step install" not in out
     assert "compress 32x64 float16 2:4: skipped (time budget spent)" in out
+    assert "methods 7b/1 besa 2:4: cut (97 s)" in out  # a method's record names the method
     # of the steps this run had, e2e wrote nothing; those it did not have are not missed
     assert "e2e: no results" in out and "sparsegpt" not in out and "spmm" not in out
     # wanda and compress ran, yet are no step of this run's table: a SUITE_STEPS re-run keeps older files
@@ -388,6 +393,24 @@ def test_methods_benchmark_times_a_copy_and_leaves_the_model(benchmark, method):
     if method == "besa":  # 2:4 checks its hard-mask iterates
         assert set(record["step_seconds"]) == {"setup", "steps", "checks", "apply"}, record["step_seconds"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_method_stopped_by_sigterm_leaves_a_record_of_how_long_it_ran(benchmark, monkeypatch):
+    """The suite's step limit (SIGTERM) ends the method in progress with a `cut` record, not the process; the
+    handler is the previous one again afterwards."""
+    bench = benchmark("bench_methods")
+
+    def slow_method(model, name, calibration, device, shape):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted by the handler
+        raise AssertionError("not stopped")
+    monkeypatch.setattr(bench, "measure_method", slow_method)
+    before = signal.getsignal(signal.SIGTERM)
+    with bench.stopped_by_sigterm():
+        record = bench.measure_or_cut(None, "besa", None, "cpu", "tiny")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert record["status"] == "cut" and record["method"] == "besa" and 0 <= record["seconds_at_cut"] < 5
+    assert "SIGTERM" in record["error"]
 
 
 def test_e2e_measures_a_mixture_with_its_experts_pruned_and_converted(benchmark):
