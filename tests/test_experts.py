@@ -12,7 +12,7 @@ from sdsengine import transformers_compat
 from sdsengine.algorithms import magnitude, wanda
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.checkpoint import save_checkpoint
-from sdsengine.config import MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig
+from sdsengine.config import BESAConfig, MagnitudeConfig, SDSConfig, SparseGPTConfig, WandaConfig
 from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters, experts, sequential
 from sdsengine.pipeline.capture import capture_layer_inputs
@@ -194,6 +194,32 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
         packed = sdsengine.load_compressed(sdsengine.save_compressed(converted, tmp_path / "packed"))
         assert _packed_experts(packed) == _packed_experts(converted)
         torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_besa_learns_a_mixtures_experts_within_each_block(family, pattern):
+    """BESA on a mixture: each expert's linears are learned in their decoder layer's block like the attention's;
+    every block's counted sparsity is the target (2:4: every expert slice holds it), routers stay as they were, and
+    the first layer's error, on the same inputs as Wanda's, is no higher (the layer guard)."""
+    model, baseline = _mixture(family), tiny_model(family)
+    routers = {n: p.clone() for n, p in model.named_parameters()
+               if any(f".{r}." in n for r in experts.ROUTERS) and "experts" not in n}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experts that saw few tokens: test_each_experts_token_count_is_reported...
+        result = sdsengine.prune(model, BESAConfig(sparsity=pattern), tiny_tokens(), progress=False)
+        wanda_result = sdsengine.prune(baseline, WandaConfig(sparsity=pattern), tiny_tokens(), progress=False)
+    assert any(".experts." in name for layer in result.layers for name in layer.linears)  # (DeepSeek's first: dense)
+    for layer in result.layers:
+        sizes = {name: info["shape"][0] * info["shape"][1] for name, info in layer.linears.items()}
+        zeros = sum(info["sparsity"] * sizes[name] for name, info in layer.linears.items())
+        assert abs(zeros / sum(sizes.values()) - 0.5) <= 1e-3, layer.index
+    if pattern == "2:4":
+        assert all(nm_violations(w, 2, 4) == 0 for w in _slices(model).values())
+    assert all(torch.equal(p, routers[n]) for n, p in model.named_parameters() if n in routers)
+    assert result.layers[0].error <= wanda_result.layers[0].error * (1 + 1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(model(tiny_tokens(1, 8)).logits).all()
 
 
 def _packed_experts(model, every=False):
