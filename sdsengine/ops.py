@@ -307,13 +307,15 @@ def wgmma_setting(backends):
     return ",".join(backends) or "0"
 
 
-WGMMA_CHECK_TIMEOUT_S = 60  # per child: the checks take seconds; a hang must not hold a short GPU lease for long
+# Every child check (cuSPARSELt's, the wgmma pipelines', a library's capture) takes seconds; a hang is a failure
+# after this long, so that it cannot hold a short GPU lease (the GPU suite's `versions` step runs all of them)
+CHECK_TIMEOUT_S = 60
 
 
 def _check_wgmma_pipelines():
     """All pipelines' self-checks in one child; one that ends the child fails alone (sdsengine.isolated)."""
     backends = list(WGMMA_PIPELINES)
-    results = isolated.run_isolated(_WGMMA_CHILD, backends, timeout_s=WGMMA_CHECK_TIMEOUT_S)
+    results = isolated.run_isolated(_WGMMA_CHILD, backends, timeout_s=CHECK_TIMEOUT_S)
     return {b: None if results[i] == "ok" else _wgmma_failure(b, results[i]) for i, b in enumerate(backends)}
 
 
@@ -331,7 +333,7 @@ def cusparselt_form():
 
 def _run_check(code, what):
     """None if `code` ran cleanly in a child process, else why not, naming `what` was checked."""
-    _, failure = isolated.run_child(code)
+    _, failure = isolated.run_child(code, timeout_s=CHECK_TIMEOUT_S)
     return None if failure is None else f"{what} failed its self-check in a child process: {failure}"
 
 
@@ -414,7 +416,6 @@ def _self_check(backend, device, dtype):
 # 2.12, pytorch#180395), and a later synchronize then ends the process. SDSENGINE_CUSPARSELT_GRAPHS=1 or 0 decides
 # for cuSPARSELt without the check; checked_switches() passes the result on.
 CAPTURE_CHECKED = ("cusparselt", "cutlass")
-CAPTURE_CHECK_TIMEOUT_S = 120  # a child's start, one small product, one capture: seconds; a hang is a refusal
 _CAPTURE_CHILD = """
 import os
 os.environ.update({env!r})
@@ -435,7 +436,7 @@ def capture_error(backend):
     if backend not in _captures:
         env = {"SDSENGINE_CUSPARSELT": "1", "SDSENGINE_CUSPARSELT_FORM": cusparselt_form()}
         code = _CAPTURE_CHILD.format(env=env, backend=backend)
-        _, failure = isolated.run_child(code, timeout_s=CAPTURE_CHECK_TIMEOUT_S)
+        _, failure = isolated.run_child(code, timeout_s=CHECK_TIMEOUT_S)
         _captures[backend] = None if failure is None else (
             f"{backend}'s call failed its CUDA-graph capture in a child process: {failure}")
         if failure is not None:

@@ -1025,6 +1025,25 @@ def fresh_captures(monkeypatch):
     monkeypatch.delenv("SDSENGINE_CUSPARSELT_GRAPHS", raising=False)
 
 
+def test_every_child_check_gives_up_after_the_one_limit(fresh_captures, monkeypatch):
+    """cuSPARSELt's check, the wgmma pipelines' and a library's capture each end a hung child after
+    CHECK_TIMEOUT_S: a capture that hangs after cuSPARSELt's check passed (seconds) still leaves the GPU suite's
+    `versions` step (120 s) time to pass the results on."""
+    limits = []
+
+    def child(code, args=(), timeout_s=None, cwd=None):
+        limits.append(timeout_s)
+        return "", "no result"
+    monkeypatch.setattr(isolated, "run_child", child)
+    monkeypatch.setattr(ops, "_wgmma", {})
+    monkeypatch.delenv("SDSENGINE_WGMMA", raising=False)
+    monkeypatch.setattr(ops, "cusparselt_form", lambda: "plain")
+    ops._run_check("pass", "cuSPARSELt")
+    ops.wgmma_error("wgmma")
+    ops.capture_error("cusparselt")
+    assert len(limits) == 3 and set(limits) == {ops.CHECK_TIMEOUT_S} and ops.CHECK_TIMEOUT_S <= 60
+
+
 def test_a_library_backend_is_capture_checked_once_in_a_child_and_the_result_passed_on(fresh_captures, monkeypatch):
     """cuSPARSELt's capture is tried in a child process, once; its verdict goes to later processes through
     checked_switches; our kernel and dense are never checked that way; the switch decides without a child."""
