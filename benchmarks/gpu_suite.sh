@@ -50,8 +50,10 @@
 #      e2e_compiled bench_e2e.py as e2e, with both models' decode steps through torch.compile (inductor) before
 #                   their CUDA graphs: what a user's compiled model gets (inductor's compiles take minutes)
 #      sweep_tiles  benchmarks/sweep_tiles.py on the Wanda kernels: the unstructured one's warps per row (512 to
-#                   4096 elements a warp) and the N:M one's tiles (8 to 32 rows, 128 to 512 columns, 4 or 8 warps)
-#                   on two Llama shapes, the data behind kernels/wanda.py's ROW_ELEMS_PER_WARP and NM_TILE_*
+#                   4096 elements a warp) and the N:M one's tiles (8 to 32 rows, 128 to 512 columns, 4 or 8 warps),
+#                   then the compress kernel's (8 to 32 rows, 64 to 256 columns, 4 or 8 warps; 4096x11008 missed
+#                   its target on 12-04) on two Llama shapes: the data behind the tile constants of kernels/wanda.py
+#                   and kernels/compress.py
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep and
 # e2e_compiled), to re-run what failed after a fix within a short device lease; only the selected steps' results
@@ -276,8 +278,8 @@ suite() {
   step spmm_sweep 300 "$PY" benchmarks/bench_spmm.py --iters 10 --name spmm_sweep --out "$RESULTS"  # all tokens, dtypes
   step e2e_compiled 240 $NO_WGMMA "$PY" benchmarks/bench_e2e.py --layers 8 --prefill 512 --steps 32 --compile \
     --name e2e_compiled --out "$RESULTS"
-  step sweep_tiles 180 "$PY" benchmarks/sweep_tiles.py --kernels wanda_0.5,wanda_2:4 --shapes 14336x4096,4096x11008 \
-    --json "$RESULTS/sweep_tiles.json"
+  step sweep_tiles 180 "$PY" benchmarks/sweep_tiles.py --kernels wanda_0.5,wanda_2:4,compress \
+    --shapes 4096x11008,14336x4096 --json "$RESULTS/sweep_tiles.json"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

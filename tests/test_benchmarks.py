@@ -395,6 +395,31 @@ def test_methods_benchmark_times_a_copy_and_leaves_the_model(benchmark, method):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_tile_sweep_compares_every_setting_with_the_defaults_output_and_puts_them_back(benchmark, monkeypatch):
+    """sweep_tiles on the compress kernel (the interpreter here): each setting's output bit for bit against the
+    defaults', the default setting marked, the module's constants as they were after."""
+    from sdsengine.kernels import compress_24, use_backend
+    from sdsengine.kernels import compress as compress_mod
+    sweep_tiles = benchmark("sweep_tiles")
+    space = {"TILE_ROWS": (8, 16), "TILE_CHUNKS": (2, 4)}
+    monkeypatch.setitem(sweep_tiles.SETTINGS, "compress", (compress_mod, space))
+    monkeypatch.setattr(sweep_tiles.harness, "time_ms", lambda call, *args, **kwargs: 1.0)  # the GPU's to time
+    weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))  # rows end inside a 16-row tile
+    grids, grid = [], compress_mod._grid
+    monkeypatch.setattr(compress_mod, "_grid", lambda rows, cols: grids.append(grid(rows, cols)) or grids[-1])
+
+    def call():
+        with use_backend("triton"):
+            return compress_24(weight)
+    defaults = (compress_mod.TILE_ROWS, compress_mod.TILE_CHUNKS)
+    rows = sweep_tiles.sweep("compress", call, 1000, 1.0)
+    assert [(r["TILE_ROWS"], r["TILE_CHUNKS"]) for r in rows] == [(8, 2), (8, 4), (16, 2), (16, 4)]
+    assert all(r["same_output"] for r in rows), rows
+    assert len(set(grids)) == 4  # each setting launched its own tiles
+    assert [r["default"] for r in rows] == [(r["TILE_ROWS"], r["TILE_CHUNKS"]) == defaults for r in rows]
+    assert (compress_mod.TILE_ROWS, compress_mod.TILE_CHUNKS) == defaults
+
+
 def test_a_method_stopped_by_sigterm_leaves_a_record_of_how_long_it_ran(benchmark, monkeypatch):
     """The suite's step limit (SIGTERM) ends the method in progress with a `cut` record, not the process; the
     handler is the previous one again afterwards."""
