@@ -121,6 +121,35 @@ def test_ste_gradient_is_hard_path_gradient_through_soft_keep(which):
         assert float(grads[k].view(-1)[i]) == pytest.approx(expected, rel=1e-5, abs=1e-10), (k, i)
 
 
+@pytest.mark.parametrize("weight_dtype,soft_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
+                                                     (torch.bfloat16, torch.float32)])
+def test_the_one_op_ste_is_the_three_op_form_bit_for_bit(weight_dtype, soft_dtype):
+    """masked_weight(.., 'ste') against sg(W) ⊙ (M_hard − sg(P) + P) cast to W's dtype, as the block runs it:
+    the same masked weight (signed zeros included) and the same gradient reaching P."""
+    from sdsengine.algorithms.besa_block import masked_weight
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 96, generator=g).to(weight_dtype)
+    logits = torch.randn(64, 96, generator=g, dtype=soft_dtype) * 4
+    hard = torch.rand(64, 96, generator=g) < 0.5
+    upstream = torch.randn(64, 96, generator=g).to(weight_dtype)
+
+    class Part:
+        def hard_and_soft(self):
+            return hard, torch.sigmoid(theta)
+
+    results = []
+    for one_op in (True, False):
+        theta = logits.clone().requires_grad_()
+        soft = torch.sigmoid(theta)
+        masked = (masked_weight(weight, Part(), "ste") if one_op else
+                  (weight * (hard.to(soft_dtype) - soft.detach() + soft)).to(weight_dtype))
+        masked.backward(upstream)
+        results.append((masked.detach(), theta.grad))
+    (one, one_grad), (three, three_grad) = results
+    assert torch.equal(one, three) and torch.equal(torch.signbit(one), torch.signbit(three))
+    assert one.dtype == weight_dtype and torch.equal(one_grad, three_grad)
+
+
 def test_project_counts_hand_checked():
     alpha = torch.tensor([0.25, 0.5, 0.75])
     cols = torch.tensor([4.0, 4.0, 4.0])

@@ -28,7 +28,7 @@ import torch
 from sdsengine.pipeline import adapters
 
 from . import besa_nm
-from .besa_block import learn, loss_summary, ste
+from .besa_block import learn, loss_summary, masked_weight
 from .stats import InputNorms
 from .timing import Laps
 
@@ -116,12 +116,14 @@ class RowRates:
         return self.rank >= zeros.long().reshape(-1, 1)
 
     def mask(self, kind):
-        """'hard' (forward of the STE), 'soft' (the relaxed objective) or 'ste' (hard forward, soft grad)."""
+        """'hard' (the STE's forward) or 'soft' (the relaxed objective)."""
         beta = self.beta()
-        if kind == "hard":
-            return self.hard(self.alpha(beta))
-        soft = self.keep_prob(beta)
-        return soft if kind == "soft" else ste(self.hard(self.alpha(beta)), soft)
+        return self.hard(self.alpha(beta)) if kind == "hard" else self.keep_prob(beta)
+
+    def hard_and_soft(self):
+        """(hard mask, soft keep probabilities): the STE's forward and its gradient's path."""
+        beta = self.beta()
+        return self.hard(self.alpha(beta)), self.keep_prob(beta)
 
     def row_alpha(self):
         """Learned row sparsity in float64 (what the final projection starts from)."""
@@ -146,7 +148,8 @@ class RateLearner:
         return [r.theta for r in self.rates.values()]
 
     def masked_weights(self, kind="ste"):
-        return {name: adapters.get_weight(self.targets[name]) * r.mask(kind) for name, r in self.rates.items()}
+        return {name: masked_weight(adapters.get_weight(self.targets[name]), r, kind)
+                for name, r in self.rates.items()}
 
     def expected_sparsity(self):
         zeros = sum(r.cols * r.alpha().sum() * (r.rows // r.theta.shape[0]) for r in self.rates.values())

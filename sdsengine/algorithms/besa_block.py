@@ -139,9 +139,30 @@ def make_optimizer(params, config, lr):
     return torch.optim.Adam(params, lr=lr)
 
 
-def ste(hard, soft):
-    """Forward value of `hard`, gradient of `soft`."""
-    return hard.to(soft.dtype) - soft.detach() + soft
+def masked_weight(weight, part, kind):
+    """weight ⊙ the mask of `part` (a learner's RowRates or GroupSelection): its 'hard' or 'soft' mask, or 'ste',
+    the straight-through estimator sg(W) ⊙ (M_hard − sg(P) + P)."""
+    if kind == "ste":
+        return _SteMasked.apply(weight, *part.hard_and_soft())
+    return weight * part.mask(kind)
+
+
+class _SteMasked(torch.autograd.Function):
+    """sg(W) ⊙ (M_hard − sg(P) + P) as one op: forward W ⊙ M_hard in W's dtype, backward P's gradient g ⊙ W in
+    P's dtype. Bit for bit what the three-op form gives ((1 − P) + P is exactly 1 and (0 − P) + P exactly +0
+    under round-to-nearest, and g ⊙ W of two 32-bit floats is exact in float64), without its copies in P's
+    dtype: the N:M learner's P is float64, which made every masked weight a float64 copy of W, each step."""
+
+    @staticmethod
+    def forward(ctx, weight, hard, soft):
+        ctx.save_for_backward(weight)
+        ctx.soft_dtype = soft.dtype
+        return weight * hard.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        return None, None, grad.to(ctx.soft_dtype) * weight.to(ctx.soft_dtype)
 
 
 def loss_summary(losses):

@@ -21,7 +21,7 @@ import torch
 from sdsengine.masks import nm_mask
 from sdsengine.pipeline import adapters
 
-from .besa_block import ste
+from .besa_block import masked_weight
 
 
 def standardized(x):
@@ -75,12 +75,15 @@ class GroupSelection:
         return torch.sigmoid((groups - tau.unsqueeze(-1)) / self.temperature).reshape(c.shape)
 
     def mask(self, kind):
-        c = self.score()
-        hard = nm_mask(c.detach(), self.n, self.m)
+        """'hard' (the STE's forward: top-n of the score in each group) or 'soft' (keep_prob)."""
         if kind == "hard":
-            return hard
-        soft = self.keep_prob(c)
-        return soft if kind == "soft" else ste(hard, soft)
+            return nm_mask(self.score().detach(), self.n, self.m)
+        return self.keep_prob(self.score())
+
+    def hard_and_soft(self):
+        """(hard mask, soft keep probabilities) from one score: the STE's forward and its gradient's path."""
+        c = self.score()
+        return nm_mask(c.detach(), self.n, self.m), self.keep_prob(c)
 
     def changed(self, keep):
         """The fraction of kept weights that Wanda's mask drops (each one replaces one that Wanda keeps)."""
@@ -112,7 +115,8 @@ class SelectionLearner:
         return [p for s in self.selections.values() for p in s.parameters()]
 
     def masked_weights(self, kind="ste"):
-        return {name: adapters.get_weight(self.targets[name]) * s.mask(kind) for name, s in self.selections.items()}
+        return {name: masked_weight(adapters.get_weight(self.targets[name]), s, kind)
+                for name, s in self.selections.items()}
 
     def start(self):
         """{name: (masked weight, its summary)} where learning starts: Wanda's N:M masks."""
