@@ -54,6 +54,10 @@
 #                   then the compress kernel's (8 to 32 rows, 64 to 256 columns, 4 or 8 warps; 4096x11008 missed
 #                   its target on 12-04) on two Llama shapes: the data behind the tile constants of kernels/wanda.py
 #                   and kernels/compress.py
+#      ncu          benchmarks/ncu_kernels.py under Nsight Compute (clocks as the card has them): one call each of the
+#                   kernels that miss their targets (fused Wanda 2:4 and 50%, compress, our decode kernel at 1 and 16
+#                   tokens) beside a copy and dense, their bandwidth, occupancy and stalls as % of peak, into
+#                   ncu.json/.md (ncu_kernels.csv: ncu's own output); $NCU, else ncu on PATH or under /opt/nvidia
 #
 # SUITE_STEPS="install gpu_tests" runs only those steps (names as above; default: all but spmm_sweep and
 # e2e_compiled), to re-run what failed after a fix within a short device lease; only the selected steps' results
@@ -76,7 +80,7 @@ RESULTS=${RESULTS:-benchmarks/results}
 STEPS=$RESULTS/suite_steps.tsv EARLIER=$RESULTS/suite_steps_earlier.tsv
 BENCHES="e2e spmm wanda compress nm_mask dispatch methods wgmma_tiles wgmma_tma spmm_bf16 decode_xbuf sparsegpt"
 BENCHES="$BENCHES grouped e2e_moe e2e_full"
-OPTIONAL_BENCHES="spmm_sweep e2e_compiled sweep_tiles"  # run only when named
+OPTIONAL_BENCHES="spmm_sweep e2e_compiled sweep_tiles ncu"  # run only when named
 ALL_STEPS="install versions kernel_tests gpu_tests $BENCHES $OPTIONAL_BENCHES"
 SUITE_STEPS=${SUITE_STEPS:-install versions kernel_tests gpu_tests $BENCHES}
 for s in $SUITE_STEPS; do
@@ -86,6 +90,7 @@ selected() { case " $SUITE_STEPS " in *" ${1%_cuda} "*) return 0 ;; *) return 1 
 FILES="suite_steps.tsv"
 for b in $BENCHES $OPTIONAL_BENCHES; do selected "$b" && FILES="$FILES $b.json $b.md"; done
 selected e2e && FILES="$FILES e2e_prefill_profile.md"  # the e2e step's --profile tables
+selected ncu && FILES="$FILES ncu_kernels.csv"  # ncu's own output, behind ncu.json
 selected versions && FILES="$FILES switches.env"
 for t in kernel_tests gpu_tests; do selected "$t" && FILES="$FILES ${t}_skips.tsv"; done  # each skip and why
 BENCH_ARGS=${BENCH_ARGS:-}  # more flags for the kernel benchmarks, e.g. --smoke for a quick dry run
@@ -280,6 +285,12 @@ suite() {
     --name e2e_compiled --out "$RESULTS"
   step sweep_tiles 180 "$PY" benchmarks/sweep_tiles.py --kernels wanda_0.5,wanda_2:4,compress \
     --shapes 4096x11008,14336x4096 --json "$RESULTS/sweep_tiles.json"
+  local ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
+  step ncu 240 bash -c '"$0" --clock-control none --profile-from-start off --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --csv \
+    --page details \
+    "$1" benchmarks/ncu_kernels.py >"$2/ncu_kernels.csv" && "$1" benchmarks/ncu_kernels.py --summarize \
+    "$2/ncu_kernels.csv" --out "$2"' "${ncu:-ncu}" "$PY" "$RESULTS"
   echo "=== summary ($SECONDS s) ==="
   "$PY" benchmarks/summarize.py --dir "$RESULTS" --steps "$STEPS" | tee ${OUT:+"$OUT/summary.txt"}
   ! cut -f2 "$STEPS" | tail -n +2 | grep -qv '^ok$'

@@ -420,6 +420,42 @@ def test_a_tile_sweep_compares_every_setting_with_the_defaults_output_and_puts_t
     assert (compress_mod.TILE_ROWS, compress_mod.TILE_CHUNKS) == defaults
 
 
+NCU_CSV = """==PROF== Connected to process 7 (/usr/bin/python3.12)
+==PROF== Profiling "_compress_kernel" - 0: 0%....50%....100% - 38 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC",\
+"Section Name","Metric Name","Metric Unit","Metric Value","Rule Name","Rule Type","Rule Description"
+"0","7","python3.12","h","_compress_kernel","1","7","(128, 1, 1)","(256, 86, 1)","0","9.0","GPU Speed Of Light \
+Throughput","DRAM Throughput","%","41.52","","",""
+"0","7","python3.12","h","_compress_kernel","1","7","(128, 1, 1)","(256, 86, 1)","0","9.0","GPU Speed Of Light \
+Throughput","Duration","us","97.60","","",""
+"0","7","python3.12","h","_compress_kernel","1","7","(128, 1, 1)","(256, 86, 1)","0","9.0","Occupancy","Achieved \
+Occupancy","%","71.2","","",""
+"0","7","python3.12","h","_compress_kernel","1","7","(128, 1, 1)","(256, 86, 1)","0","9.0","Occupancy","","","",\
+"AchievedOccupancy","OPT","The difference between calculated theoretical and measured achieved occupancy ..."
+"1","7","python3.12","h","gemv2T_kernel","1","7","(128, 1, 1)","(112, 1, 1)","0","9.0","Launch Statistics",\
+"Registers Per Thread","register/thread","1,024","","",""
+==PROF== Disconnected from process 7
+"""
+
+
+def test_ncu_counters_become_one_record_per_launch(benchmark, tmp_path, capsys):
+    """ncu_kernels --summarize: ncu's own lines skipped, each launch's metrics by name, numbers with thousands
+    separators read, advice kept; the profiling form refuses without a GPU."""
+    ncu = benchmark("ncu_kernels")
+    (tmp_path / "ncu.csv").write_text(NCU_CSV)
+    assert ncu.main(["--summarize", str(tmp_path / "ncu.csv"), "--out", str(tmp_path)]) == 0
+    first, second = json.loads((tmp_path / "ncu.json").read_text())
+    assert first["kernel"] == "_compress_kernel" and first["grid"] == "(256, 86, 1)" and first["dram_pct"] == 41.52
+    assert first["duration"] == 97.6 and first["duration_unit"] == "us" and first["achieved_occupancy_pct"] == 71.2
+    assert first["advice"][0].startswith("The difference between") and "advice" not in second
+    assert second["kernel"] == "gemv2T_kernel" and second["registers"] == 1024.0 and "dram_pct" not in second
+    assert "| 0 | _compress_kernel |" in (tmp_path / "ncu.md").read_text()
+    with pytest.raises(ValueError, match="no ncu CSV header"):
+        ncu.parse("==PROF== Connected\nno kernels were profiled\n")
+    if not torch.cuda.is_available():
+        assert ncu.main([]) == 1 and "no CUDA GPU visible" in capsys.readouterr().out
+
+
 def test_a_method_stopped_by_sigterm_leaves_a_record_of_how_long_it_ran(benchmark, monkeypatch):
     """The suite's step limit (SIGTERM) ends the method in progress with a `cut` record, not the process; the
     handler is the previous one again afterwards."""
@@ -907,6 +943,25 @@ def test_the_full_spmm_sweep_runs_only_when_named(tmp_path):
     steps = [line.split("\t")[:2] for line in (tmp_path / "suite_steps.tsv").read_text().splitlines()[1:]]
     assert steps == [["spmm_sweep", "failed"]], done.stdout + done.stderr
     assert "bench_spmm: no CUDA GPU visible" in done.stdout
+
+
+def test_the_ncu_step_profiles_under_ncu_and_summarizes_its_csv(tmp_path, monkeypatch):
+    """SUITE_STEPS=ncu: ncu ($NCU; here a stand-in that records its arguments and prints a CSV) runs
+    ncu_kernels.py with the clocks left alone, its CSV is kept, and the summary's records are the step's results."""
+    fake = tmp_path / "bin" / "ncu"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/ncu_args\ncat <<'CSV'\n{NCU_CSV}CSV\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("NCU", str(fake))
+    done = _suite(tmp_path, "ncu")
+    steps = [line.split("\t")[:2] for line in (tmp_path / "suite_steps.tsv").read_text().splitlines()[1:]]
+    assert steps == [["ncu", "ok"]], done.stdout + done.stderr
+    args = (tmp_path / "ncu_args").read_text()
+    assert "--clock-control none" in args and "--profile-from-start off" in args
+    assert args.rstrip().endswith("benchmarks/ncu_kernels.py")
+    assert (tmp_path / "ncu_kernels.csv").read_text() == NCU_CSV
+    assert [r["kernel"] for r in json.loads((tmp_path / "ncu.json").read_text())] == ["_compress_kernel",
+                                                                                       "gemv2T_kernel"]
 
 
 def test_suite_names_an_unknown_step(tmp_path):
