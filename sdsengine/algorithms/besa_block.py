@@ -149,9 +149,10 @@ def masked_weight(weight, part, kind):
 
 class _SteMasked(torch.autograd.Function):
     """sg(W) ⊙ (M_hard − sg(P) + P) as one op: forward W ⊙ M_hard in W's dtype, backward P's gradient g ⊙ W in
-    P's dtype. Bit for bit what the three-op form gives ((1 − P) + P is exactly 1 and (0 − P) + P exactly +0
-    under round-to-nearest, and g ⊙ W of two 32-bit floats is exact in float64), without its copies in P's
-    dtype: the N:M learner's P is float64, which made every masked weight a float64 copy of W, each step."""
+    P's dtype. Bit for bit what the three-op form gives, cast to W's dtype as the block runs it ((1 − P) + P is
+    exactly 1 and (0 − P) + P exactly +0 under round-to-nearest; its backward takes the same product in P's
+    dtype), without its copies in P's dtype: the N:M learner's P is float64, which made every masked weight a
+    float64 copy of W, each step."""
 
     @staticmethod
     def forward(ctx, weight, hard, soft):
