@@ -20,12 +20,10 @@ import argparse
 import csv
 import io
 import sys
-from pathlib import Path
 
 import torch
 
-from harness import RESULTS, no_gpu, table
-from sdsengine.bench import write_json
+from harness import RESULTS, no_gpu, table, write_results
 
 # ncu's details-page metric names -> the record's fields
 METRICS = {"Duration": "duration", "DRAM Throughput": "dram_pct", "Memory Throughput": "memory_pct",
@@ -110,10 +108,8 @@ def _number(text):
 
 def summarize(path, out, name):
     records = parse(open(path, encoding="utf-8", errors="replace").read())
-    write_json(out / f"{name}.json", records)
-    (out / f"{name}.md").write_text(f"Nsight Compute, one launch each (`{path}`)\n\n{table(records, COLUMNS)}\n")
     print(table(records, COLUMNS))
-    return out / f"{name}.json"
+    return write_results(name, records, out, COLUMNS)
 
 
 def main(argv=None):
@@ -123,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--name", default="ncu", help="results file stem")
     args = parser.parse_args(argv)
     if args.summarize:
-        print(f"wrote {summarize(args.summarize, Path(args.out), args.name)}")
+        print(f"wrote {summarize(args.summarize, args.out, args.name)}")
         return 0
     if no_gpu("ncu_kernels"):
         return 1

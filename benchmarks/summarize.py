@@ -35,7 +35,7 @@ GROUP_BY = {"spmm": ("backend", "dtype"), "spmm_bf16": ("backend", "dtype"), "sp
 RATIOS = ("speedup", "device_speedup", "frac_copy_bw", "vs_copy", "ms/device_ms", "weight x dense", "all-rows tile x",
           "s/layer", "GPU GiB")
 MAX_LISTED = 25
-REL_ERR_MAX = 2e-2  # against dense (spmm, wgmma) or the PyTorch reference (sparsegpt): ops._self_check's bound
+REL_ERR_MAX = 2e-2  # against dense (spmm, wgmma) or the PyTorch reference (sparsegpt): ops.MATCHES_DENSE
 TEST_STEPS = ("kernel_tests", "gpu_tests")
 SKIPS_BY_DESIGN = (  # a backend this GPU cannot have; a CPU-only check that a GPU run leaves to the GPU tests
     "PyTorch's CUTLASS 2:4 kernel needs compute capability 8.x",

@@ -408,12 +408,13 @@ def write_json(path, records):
     write_whole(path, json.dumps(stamped(records), indent=1) + "\n")
 
 
-def write_results(name, records, directory="benchmarks/results"):
-    """<directory>/<name>.json (a list of records, versions stamped in each) and <name>.md (the table)."""
+def write_results(name, records, directory="benchmarks/results", columns=COLUMNS):
+    """<directory>/<name>.json (a list of records, versions stamped in each) and <name>.md (the table of those
+    `columns` that some record has)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", records)
-    (out / f"{name}.md").write_text(f"{header()}\n\n{table(records)}\n")
+    (out / f"{name}.md").write_text(f"{header()}\n\n{table(records, columns)}\n")
     return out / f"{name}.json"
 
 
