@@ -10,7 +10,7 @@ from sdsengine.algorithms import algorithm_for
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import CALIBRATION_FILES, calibration_protocol, calibration_samples, resolve_data_dir
 from sdsengine.nn.sparse_linear import SparseLinear
-from sdsengine.pipeline import adapters, experts
+from sdsengine.pipeline import adapters, experts, parallel
 from sdsengine.pipeline.resume import ResumeStore
 from sdsengine.pipeline.sequential import plan_targets, prune_model
 
@@ -31,6 +31,8 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     `resume_dir`: keep the progress there after every layer, and continue from the progress of the same
     run if it holds some (see pipeline/resume.py); the directory stays, held by this process (another one
     is refused it), until `ResumeStore(d).clear()`.
+    Inside a torch.distributed group of several processes (torchrun), each calling this with the same model and
+    calibration and its own device in config.device, the run is data-parallel (pipeline/parallel.py).
     The model is pruned in place, layer by layer: where the call raises, the layers and linears done so far
     stay pruned (and a weight the run stopped on, inf/NaN, stays in the model): load it again to start over.
     """
@@ -57,6 +59,8 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
         seconds += store.earlier_seconds
     info = report.build(config, protocol, layers, seconds, model_source, memory_at_start)
     info["decoder_sparsity"] = decoder_sparsity
+    if parallel.world() > 1:
+        info["data_parallel"] = parallel.describe(samples, info["memory"])
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from sdsengine import api, bench, checkpoint, files, report, transformers_compat
-from sdsengine.algorithms import METHODS, lookup
+from sdsengine.algorithms import METHODS, algorithm_for, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
 from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_zeroshot, results_table, task_list
 from sdsengine.models import default_gguf, load_model
 from sdsengine.nn import convert, save_compressed, set_lean
 from sdsengine.nn.convert import fused_bank_share, is_compressed_checkpoint, skip_reasons, weight_count
+from sdsengine.pipeline import parallel
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -208,6 +209,13 @@ def cmd_prune(args):
         args.resume_dir = None  # ignored: neither checked nor cleared (it may hold another run's progress)
     config, calib = prune_configs(args)
     check_device(config.device)  # before any work, as is the output directory
+    with parallel.joined(config.device) as device:  # under torchrun: data-parallel (pipeline/parallel.py)
+        config.device = device  # this process's GPU there
+        parallel.check(algorithm_for(config), config, args.resume_dir)
+        _prune_and_save(args, config, calib, needs_data)
+
+
+def _prune_and_save(args, config, calib, needs_data):
     _note_unused_gpu(config.device)
     _refuse_out_over_inputs(args, "pruned", calib)
     try:
@@ -225,6 +233,8 @@ def cmd_prune(args):
     model, tokenizer, source = load_model(args.model, _dtype(args))
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)
+    if parallel.rank() != 0:  # every process holds the same pruned model: the first saves it
+        return
     checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
     args._saved = out  # a Ctrl-C from here on comes after the result is safe
     if args.resume_dir:

@@ -22,6 +22,13 @@ class InputNorms:
     def norms(self):
         return self.sq.sqrt()
 
+    def merge(self, summed):
+        """Add the statistics of the other processes' tokens (data-parallel: pipeline/parallel.py); summed(*t)
+        sums tensors across the processes in place."""
+        tokens = torch.tensor(float(self.tokens), dtype=torch.float64, device=self.sq.device)
+        summed(tokens, self.sq)
+        self.tokens = int(tokens)
+
 
 class Hessian:
     """H = 2/N * sum x x^T over the calibration tokens (SparseGPT's layer-wise Hessian). Given the dense
@@ -45,6 +52,23 @@ class Hessian:
                 self.C, self.T = torch.zeros_like(self.H), torch.zeros_like(self.H)
             self.C.mul_(keep).addmm_(d.T, x)
             self.T.mul_(keep).addmm_(d.T, d)
+        self.tokens = total
+
+    def merge(self, summed):
+        """Add the statistics of the other processes' tokens (data-parallel: pipeline/parallel.py); summed(*t)
+        sums tensors across the processes in place. Each process's sums are means over its own tokens: weighted
+        by its share of all the tokens, they add up to the means over all. A process whose inputs had no dense
+        stream (an expert its windows did not reach) adds zeros to C and T."""
+        counts = torch.tensor([float(self.tokens), float(self.C is not None)], dtype=torch.float64,
+                              device=self.H.device)
+        summed(counts)
+        total, dense = int(counts[0]), bool(counts[1])
+        if dense and self.C is None:
+            self.C, self.T = torch.zeros_like(self.H), torch.zeros_like(self.H)
+        sums = [self.H, self.C, self.T] if dense else [self.H]
+        for t in sums:
+            t.mul_(self.tokens / max(total, 1))
+        summed(*sums)
         self.tokens = total
 
     def norms(self):

@@ -29,7 +29,7 @@ from sdsengine.algorithms import algorithm_for, magnitude
 from sdsengine.masks import counted_sparsity, nm_violations
 from sdsengine.report import peak_memory
 
-from . import adapters, experts, memory
+from . import adapters, experts, memory, parallel
 from .capture import capture_layer_inputs, to_device
 
 
@@ -50,11 +50,14 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     resume: a ResumeStore (methods with calibration data): keeps the progress after every layer and
     continues from it; another run's progress is refused before the inputs are captured."""
     algo = algorithm_for(config)
+    parallel.check(algo, config, resume)
+    progress = progress and parallel.rank() == 0  # one bar and one log for a group of processes
     layers, targets = plan_targets(model, config)
     if algo.STATS is None:
         return [_prune_without_data(i, layers[i], t, algo, config) for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
         raise ValueError(f"method {config.method!r} needs calibration samples")
+    samples = parallel.share(samples)  # data-parallel: this process's windows (pipeline/parallel.py)
     if resume:
         resume.identify(model, config, samples)
     device = torch.device(config.device)
@@ -133,7 +136,7 @@ def _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, 
             collect_stats(layer, group, stats, inps, outs if g == 0 else None, kwargs, device, dense, unpruned)
             unreached, reached = _prune_unreached(group, stats, config)
             steps.update(unreached)
-            steps.update({name: _prune_linear(algo, module, stats[name], config) for name, module in reached.items()})
+            steps.update(parallel.spread(reached, lambda name: _prune_linear(algo, reached[name], stats[name], config)))
             del stats
         del unpruned
     fallbacks = {name: info.pop("fallback") for name, info in (steps or {}).items() if info and "fallback" in info}
@@ -278,7 +281,10 @@ def run_layer(layer, inps, outs, kwargs, device, reference=None):
             ref = ref + target.pow(2).sum().double()
         if outs is not None:
             outs[j:j + 1] = y.to(outs.device)
-    return float(err) / max(float(ref), 1e-30) if reference is not None else None
+    if reference is None:
+        return None
+    parallel.summed(err, ref)  # data-parallel: over every process's windows
+    return float(err) / max(float(ref), 1e-30)
 
 
 class _StopForward(Exception):
@@ -337,6 +343,8 @@ def collect_stats(layer, targets, stats, inps, outs, kwargs, device, dense=None,
     finally:
         for h in hooks:
             h.remove()
+    if stats:
+        parallel.merge_stats(stats)  # data-parallel: every process's windows in every process's statistics
 
 
 def _dense_input(seen, module, x):

@@ -1,0 +1,213 @@
+"""Data-parallel pruning: several processes (torchrun), each calibrating on its share of the windows.
+
+Inside a torch.distributed process group of more than one process, sdsengine.prune runs data-parallel. Every
+process holds the whole model and the same calibration windows, and replays only its share of the windows
+through each layer: the forward passes, and the activations kept between layers (a prune's largest buffers),
+are split between the processes. Per layer:
+- each linear's input statistics (Wanda's norms, the Hessian) are summed across the processes, so that every
+  process holds those of all the windows (merge_stats);
+- each linear is pruned by one process, the linears spread over the processes by their cost, largest first,
+  and its result is sent to the others: every process ends each layer with the same weights (spread);
+- the layer's output error, and the layer guard's, are summed across the processes (summed).
+The result is a one-process run's on the same windows, up to the rounding of sums taken in another order.
+BESA, which learns from the block's windows, and resuming are refused by name in a group (check).
+"""
+import contextlib
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from . import adapters
+
+
+def world() -> int:
+    """The size of the process group this process is in, 1 outside one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+@contextlib.contextmanager
+def joined(device):
+    """Inside torchrun (WORLD_SIZE above 1 in the environment), this process in torchrun's group for the block:
+    NCCL for --device cuda, each process on the GPU of its LOCAL_RANK, or gloo on the CPU. Yields the process's
+    device; elsewhere `device` itself, and nothing else happens."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or world() > 1:
+        yield device
+        return
+    kind, _, index = str(device).partition(":")
+    if index:
+        raise ValueError(f"--device {device} under torchrun: each process takes the GPU of its LOCAL_RANK; pass "
+                         "--device cuda")
+    if kind == "cuda":
+        local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= count:  # NCCL takes one GPU per process
+            raise ValueError(f"torchrun started more processes on this machine than the {count} GPU(s) visible "
+                             f"here (this one's LOCAL_RANK is {local}): start one process per GPU")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def check(algo, config, resume):
+    """Refuse, by name, what does not run data-parallel yet."""
+    if world() == 1:
+        return
+    if hasattr(algo, "prune_layer"):
+        raise ValueError(f"--method {config.method}{' --base besa' if config.method == 'sds' else ''} learns from "
+                         f"the block's windows in one process: it does not run data-parallel yet (here in a group "
+                         f"of {world()} processes); run it in one process")
+    if resume is not None:
+        raise ValueError(f"--resume-dir does not run data-parallel yet (here in a group of {world()} processes); "
+                         "run without it, or in one process")
+
+
+def share(samples):
+    """This process's windows: one contiguous slice each (the first ones one window more where the count does not
+    divide). Every process must have been given the same windows: their fingerprints are compared first."""
+    if world() == 1:
+        return samples
+    if samples.shape[0] < world():
+        raise ValueError(f"{samples.shape[0]} calibration windows cannot be shared by {world()} processes: "
+                         "give at least one window per process (--nsamples)")
+    prints = [None] * world()
+    dist.all_gather_object(prints, _fingerprint(samples))
+    if len(set(prints)) > 1:
+        raise ValueError(f"the processes were given different calibration windows ({prints}): each must build the "
+                         "same ones (the same --calib, --nsamples, --seqlen and --seed)")
+    return torch.tensor_split(samples, world())[rank()]
+
+
+def _fingerprint(samples):
+    return f"{tuple(samples.shape)} {hashlib.sha1(samples.cpu().numpy().tobytes()).hexdigest()[:12]}"
+
+
+def summed(*tensors):
+    """Each tensor summed across the processes, in place (each on the run's device)."""
+    if world() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+    return tensors
+
+
+def merge_stats(stats):
+    """Sum each linear's statistics across the processes. Linears that read one tensor share one statistics
+    object (q/k/v); a process whose windows never reached a mixture's expert holds unshared empty ones for its
+    projections: the sharing is joined across the processes first, so that each object is summed once, by
+    every process, in one order."""
+    if world() == 1:
+        return
+    # every order here is by name: a mixture's linears may come in another order in each process (the experts
+    # its first window reached first), and the processes must meet in each collective call in one order
+    for names in sorted(_joined(gathered(_shared_names(stats)))):
+        one = _the_object(stats, names)
+        for name in names:
+            stats[name] = one
+        one.merge(summed)
+
+
+def _shared_names(stats):
+    """The names in `stats` grouped by the object they hold."""
+    groups = {}
+    for name, s in stats.items():
+        groups.setdefault(id(s), []).append(name)
+    return list(groups.values())
+
+
+def _joined(partitions):
+    """The finest partition that every one of `partitions` refines: names grouped in any are grouped here."""
+    group_of = {}
+    for partition in partitions:
+        for names in partition:
+            merged = set(names).union(*(group_of.get(n, ()) for n in names))
+            for n in merged:
+                group_of[n] = merged
+    return list({id(g): sorted(g) for g in group_of.values()}.values())
+
+
+def _the_object(stats, names):
+    """The one statistics object these linears share here: the one that saw tokens (a process holds one at most,
+    or the linears did not read one tensor), else the first."""
+    held = list({id(stats[n]): stats[n] for n in names}.values())
+    reached = [s for s in held if s.tokens]
+    if len(reached) > 1:
+        raise RuntimeError(f"linears {names} share their statistics in one process and read different inputs in "
+                           "another")
+    return reached[0] if reached else held[0]
+
+
+def spread(modules, prune_one):
+    """{name: prune_one(name)} for every module of {name: module}, each pruned by one process (the largest first,
+    each to the process with the least work so far) and its weight and info sent to the others."""
+    if world() == 1:
+        return {name: prune_one(name) for name in modules}
+    owners = _owners({name: adapters.get_weight(m) for name, m in modules.items()})
+    infos = {name: prune_one(name) for name in sorted(modules) if owners[name] == rank()}
+    for name in sorted(modules):  # every process in one order (see merge_stats)
+        infos[name] = _broadcast_result(modules[name], infos.get(name), owners[name])
+    return {name: infos[name] for name in modules}
+
+
+def _owners(weights):
+    """name -> the process that prunes it: longest first to the least loaded, by rows x columns² (the Hessian
+    methods' cost; any order by size would do for the others)."""
+    load = [0] * world()
+    owners = {}
+    for name in sorted(weights, key=lambda n: (-weights[n].numel() * weights[n].shape[1], n)):
+        owners[name] = min(range(world()), key=lambda r: load[r])
+        load[owners[name]] += weights[name].numel() * weights[name].shape[1]
+    return owners
+
+
+def _broadcast_result(module, info, src):
+    """The pruned weight and the info of the process `src`, in every process; returns the info. The info's tensors
+    (a fallback weight) go as tensors, to each process's device; the rest as a picklable object."""
+    weight = adapters.get_weight(module).contiguous()
+    dist.broadcast(weight, src)
+    if rank() != src:
+        adapters.set_weight(module, weight)
+    light = [None if info is None else {k: _Shape(v) if torch.is_tensor(v) else v for k, v in info.items()}]
+    dist.broadcast_object_list(light, src, device=weight.device if weight.is_cuda else None)
+    if light[0] is None:
+        return None
+    received = dict(light[0])
+    for key, value in received.items():
+        if isinstance(value, _Shape):
+            tensor = info[key].contiguous() if rank() == src else value.empty(weight.device)
+            dist.broadcast(tensor, src)
+            received[key] = tensor
+    return received
+
+
+class _Shape:
+    """A tensor's shape and dtype, sent in its place."""
+
+    def __init__(self, tensor):
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+    def empty(self, device):
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+
+def describe(samples, memory):
+    """The run report's account of a data-parallel run: its processes, each one's windows and peak memory (the
+    report's `memory` is the first process's)."""
+    windows = None if samples is None else [len(s) for s in torch.tensor_split(samples, world())]
+    return {"processes": world(), "backend": dist.get_backend(), "windows": windows, "memory": gathered(memory)}
+
+
+def gathered(obj):
+    """[obj of each process], in rank order."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,201 @@
+"""Data-parallel pruning (pipeline/parallel.py) in real process groups: two CPU processes under gloo.
+
+Each check runs in both processes of one group (torch.multiprocessing), which write what they hold; the test
+compares it with a one-process run on the same windows, and the two processes with each other."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sdsengine
+from sdsengine.algorithms.stats import Hessian, InputNorms
+from sdsengine.pipeline import parallel
+
+from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+CASES = {  # family, config
+    "wanda 2:4": ("llama", sdsengine.WandaConfig(sparsity="2:4")),
+    "sparsegpt 50%": ("llama", sdsengine.SparseGPTConfig(sparsity=0.5)),
+    "sds 2:4": ("llama", sdsengine.SDSConfig(sparsity="2:4", iters=4, refit=4)),
+    # the dense stream, linear groups (SDS's default order) and a mixture's experts, each with its own statistics;
+    # no swaps: their greedy exchanges flip with sums taken in another order, as one process's do with the windows
+    # reversed (250 of this model's 62400 weights)
+    "sds 2:4 dense teacher, mixture": ("qwen2_moe", sdsengine.SDSConfig(sparsity="2:4", iters=4, refit=4,
+                                                                        teacher="dense", swaps=0)),
+}
+
+
+def _in_group(rank, store, out, job, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(job(*args), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_in_group(tmp_path, job, *args):
+    """[what job(*args) returned in each process of a group of WORLD], in rank order (job: a module-level function,
+    which the processes import)."""
+    out = tmp_path / "result"
+    mp.spawn(_in_group, args=(str(tmp_path / "store"), str(out), job, args), nprocs=WORLD)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 5, 8, generator=g)
+    return x, x + 0.1 * torch.randn(6, 5, 8, generator=g)
+
+
+def _merge_statistics():
+    """Each process's statistics of its share of the windows, merged; the dense stream's (C, T) only in the
+    first process's share, as a mixture's expert may see it."""
+    x, dense_x = _inputs()
+    mine = torch.tensor_split(torch.arange(6), WORLD)[parallel.rank()]
+    hessian, norms, lopsided = Hessian(8, "cpu"), InputNorms(8, "cpu"), Hessian(8, "cpu")
+    for j in mine:
+        hessian.add_batch(x[j], dense_x[j])
+        norms.add_batch(x[j])
+        lopsided.add_batch(x[j], dense_x[j] if parallel.rank() == 0 else None)
+    for s in (hessian, norms, lopsided):
+        s.merge(parallel.summed)
+    return hessian, norms, lopsided
+
+
+def test_statistics_merged_across_processes_equal_one_process(tmp_path):
+    x, dense_x = _inputs()
+    whole, norms, first_only = Hessian(8, "cpu"), InputNorms(8, "cpu"), Hessian(8, "cpu")
+    for j in range(6):
+        whole.add_batch(x[j], dense_x[j])
+        norms.add_batch(x[j])
+    for j in torch.tensor_split(torch.arange(6), WORLD)[0]:
+        first_only.add_batch(x[j], dense_x[j])
+    for hessian, merged_norms, lopsided in run_in_group(tmp_path, _merge_statistics):
+        assert hessian.tokens == merged_norms.tokens == lopsided.tokens == whole.tokens == 30
+        for name in "HCT":
+            torch.testing.assert_close(getattr(hessian, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged_norms.sq, norms.sq, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lopsided.H, whole.H, rtol=1e-5, atol=1e-6)
+        # the dense stream's sums hold the first process's tokens, averaged over all tokens
+        torch.testing.assert_close(lopsided.C, first_only.C * first_only.tokens / 30, rtol=1e-5, atol=1e-6)
+
+
+def _shared_unevenly():
+    """q/k/v share one object in process 0; in process 1, which saw no tokens, each holds its own."""
+    if parallel.rank() == 0:
+        shared = InputNorms(4, "cpu")
+        shared.add_batch(torch.ones(3, 4))
+        stats = {"q": shared, "k": shared, "v": shared, "o": InputNorms(4, "cpu")}
+    else:
+        stats = {name: InputNorms(4, "cpu") for name in "qkvo"}
+    stats["o"].add_batch(torch.full((2, 4), 2.0))
+    parallel.merge_stats(stats)
+    return {name: (id(s), s.tokens, s.sq.tolist()) for name, s in stats.items()}
+
+
+def test_shared_statistics_are_summed_once(tmp_path):
+    for held in run_in_group(tmp_path, _shared_unevenly):
+        assert held["q"][0] == held["k"][0] == held["v"][0] != held["o"][0]
+        assert held["q"][1:] == (3, [3.0] * 4)  # once, not three times
+        assert held["o"][1:] == (4, [16.0] * 4)
+
+
+def _prune(case):
+    family, config = CASES[case]
+    model = tiny_model(family)
+    result = sdsengine.prune(model, config, tiny_tokens(nsamples=5), progress=False)
+    return {"weights": {k: v for k, v in model.state_dict().items() if v.is_floating_point()},  # experts' banks too
+            "errors": [layer.error for layer in result.layers], "report": result.report}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_data_parallel_prune_matches_one_process(case, tmp_path):
+    family, config = CASES[case]
+    model = tiny_model(family)
+    alone = sdsengine.prune(model, config, tiny_tokens(nsamples=5), progress=False)
+    first, second = run_in_group(tmp_path, _prune, case)
+    for key, value in first["weights"].items():
+        assert torch.equal(value, second["weights"][key]), key  # every process holds the same model
+    kept = agree = 0
+    for key, weight in model.state_dict().items():
+        if key in first["weights"]:
+            got = first["weights"][key]
+            agree += ((weight != 0) == (got != 0)).sum().item()
+            kept += weight.numel()
+            assert (weight - got).abs().max() <= 1e-3 * weight.abs().max(), key
+            if "layers" not in key:
+                assert torch.equal(weight, got)
+    assert agree / kept > 0.999  # masks differ at near ties only (sums taken in another order)
+    for a, b in zip(first["errors"], [layer.error for layer in alone.layers]):
+        assert a == pytest.approx(b, rel=1e-4)
+    parallel_info = first["report"]["data_parallel"]
+    assert parallel_info["processes"] == WORLD and parallel_info["windows"] == [3, 2]
+    assert len(parallel_info["memory"]) == WORLD
+
+
+def _refusal(config, nsamples):
+    try:
+        sdsengine.prune(tiny_model("llama"), config, tiny_tokens(nsamples=nsamples), progress=False)
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_what_is_not_data_parallel_is_refused_by_name(tmp_path):
+    for message in run_in_group(tmp_path, _refusal, sdsengine.BESAConfig(sparsity=0.5), 4):
+        assert "--method besa" in message and "data-parallel" in message
+
+
+def test_too_few_windows_are_refused(tmp_path):
+    for message in run_in_group(tmp_path, _refusal, CASES["wanda 2:4"][1], 1):
+        assert "1 calibration windows cannot be shared by 2 processes" in message
+
+
+def test_linears_spread_by_their_cost(monkeypatch):
+    """A Llama-2-7B layer's linears over 3 processes: the three 11008-wide ones first, one each, then the 4096
+    squares to the least loaded; the same owners whatever order the names come in."""
+    monkeypatch.setattr(parallel, "world", lambda: 3)
+    shapes = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (11008, 4096),
+              "up": (11008, 4096), "down": (4096, 11008)}
+    weights = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    owners = parallel._owners(weights)
+    assert owners == {"down": 0, "gate": 1, "up": 2, "k": 1, "o": 2, "q": 1, "v": 2}
+    assert parallel._owners(dict(reversed(weights.items()))) == owners
+
+
+def test_torchrun_prunes_in_each_process_and_saves_once(tmp_path):
+    """`torchrun -m sdsengine.cli prune` with 2 CPU processes (gloo): one checkpoint, one summary, and the run
+    report's account of the processes."""
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("a " * 2000)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "-m", "sdsengine.cli", "prune", "--model", str(tmp_path / "model"), "--method", "sparsegpt",
+               "--sparsity", "2:4", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "3", "--seqlen", "16",
+               "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved to") == 1
+    report = json.loads((out / "sdsengine.json").read_text())
+    assert report["data_parallel"]["processes"] == WORLD and report["data_parallel"]["windows"] == [2, 1]
+    assert report["data_parallel"]["backend"] == "gloo" and report["recipe"]["device"] == "cpu"
+    assert report["overall_sparsity"] == 0.5
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="each process takes the GPU of its LOCAL_RANK; pass --device cuda"):
+        with parallel.joined("cuda:1"):
+            pass
