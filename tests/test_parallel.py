@@ -2,6 +2,7 @@
 
 Each check runs in both processes of one group (torch.multiprocessing), which write what they hold; the test
 compares it with a one-process run on the same windows, and the two processes with each other."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -111,20 +112,34 @@ def test_shared_statistics_are_summed_once(tmp_path):
         assert held["o"][1:] == (4, [16.0] * 4)
 
 
-def _prune(case):
+def _prune(case, device="cpu"):
     family, config = CASES[case]
     model = tiny_model(family)
-    result = sdsengine.prune(model, config, tiny_tokens(nsamples=5), progress=False)
+    result = sdsengine.prune(model, dataclasses.replace(config, device=device), tiny_tokens(nsamples=5),
+                             progress=False)
     return {"weights": {k: v for k, v in model.state_dict().items() if v.is_floating_point()},  # experts' banks too
             "errors": [layer.error for layer in result.layers], "report": result.report}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_data_parallel_prune_matches_one_process(case, tmp_path):
+    _check_data_parallel(case, "cpu", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["sparsegpt 50%", "sds 2:4"])
+def test_data_parallel_prune_on_a_gpu_matches_one_process(case, tmp_path):
+    """The pipeline's CUDA side of a group (statistics, weights and fallbacks on the GPU, objects sent from it):
+    both processes on one GPU under gloo (NCCL takes a GPU per process; the lent machine has one)."""
+    _check_data_parallel(case, "cuda", tmp_path)
+
+
+def _check_data_parallel(case, device, tmp_path):
     family, config = CASES[case]
     model = tiny_model(family)
-    alone = sdsengine.prune(model, config, tiny_tokens(nsamples=5), progress=False)
-    first, second = run_in_group(tmp_path, _prune, case)
+    alone = sdsengine.prune(model, dataclasses.replace(config, device=device), tiny_tokens(nsamples=5),
+                            progress=False)
+    first, second = run_in_group(tmp_path, _prune, case, device)
     for key, value in first["weights"].items():
         assert torch.equal(value, second["weights"][key]), key  # every process holds the same model
     kept = agree = 0
