@@ -197,7 +197,7 @@ class BESAConfig(PruneConfig):
     epochs: int = field(default=1, metadata={"help": "BESA: passes over the calibration windows (0: Wanda)"})
     lr: float | None = field(default=None, metadata={
         "help": "BESA: learning rate; default: Prodigy 1.0, Adam 0.05 for unstructured and 0.8 / steps for N:M "
-                "(steps = epochs x windows: 0.05 at 16 windows, 0.00625 at 128; docs/BESA.md)"})
+                "(steps = epochs x windows / batch: 0.05 at 16 steps, 0.00625 at 128; docs/BESA.md)"})
     optimizer: str = field(default="adam", metadata={"help": "BESA: adam, or prodigy (needs prodigyopt)"})
     penalty: float = field(default=5.0, metadata={"help": "BESA: weight of the ((S - s*)/s*)^2 sparsity penalty"})
     candidates: int = field(default=100, metadata={"help": "BESA: rates k/candidates, k = 0..candidates"})
@@ -214,6 +214,9 @@ class BESAConfig(PruneConfig):
     nm_checks: int = field(default=16, metadata={
         "help": "BESA N:M: measure the hard-mask block loss on this many windows at the start and at steps 8, 16, "
                 "32, ... and the last, and keep the lowest iterate (0: always the last)"})
+    batch: int | None = field(default=None, metadata={
+        "help": "BESA: calibration windows per learning step, their mean loss (default: 1; in a data-parallel "
+                "group of P processes, P: one each; there a multiple of P)"})
     guard: str = field(default="layer", metadata={
         "help": "BESA: layer (a decoder layer whose output error Wanda's masks at the target make lower "
                 "keeps those; one more forward pass per layer) or off (always the learned masks)"})
@@ -232,10 +235,10 @@ class BESAConfig(PruneConfig):
         self._check_choice("target", ("dense_block", "dense_model"))
         self._check_choice("guard", ("layer", "off"))
         if (self.epochs < 0 or self.candidates < 2 or (self.lr is not None and self.lr <= 0) or self.penalty < 0
-                or self.nm_temperature <= 0 or self.nm_checks < 0):
+                or self.nm_temperature <= 0 or self.nm_checks < 0 or (self.batch is not None and self.batch < 1)):
             raise ValueError(f"besa needs epochs >= 0, candidates >= 2, lr > 0, penalty >= 0, nm_temperature > 0, "
-                             f"nm_checks >= 0; got {self.epochs}, {self.candidates}, {self.lr}, {self.penalty}, "
-                             f"{self.nm_temperature}, {self.nm_checks}")
+                             f"nm_checks >= 0, batch >= 1; got {self.epochs}, {self.candidates}, {self.lr}, "
+                             f"{self.penalty}, {self.nm_temperature}, {self.nm_checks}, {self.batch}")
         self.nm_scores = ",".join(s.strip() for s in str(self.nm_scores).split(",") if s.strip())
         unknown = set(self.nm_score_list) - {"magnitude", "channel"}
         if unknown:

@@ -410,7 +410,7 @@ def test_nm_learning_keeps_the_best_checked_iterate(lr):
         now = sum(float(block_loss(ctx, weights, j, ctx.outs, energy)) for j in windows) / len(windows)
     assert now == pytest.approx(min(losses), rel=1e-12) and min(losses) <= losses[0]
     last = SelectionLearner(ctx, config)
-    assert learn(ctx, last, config)[1] == {"lr": lr}  # no checks: no record of them
+    assert learn(ctx, last, config)[1] == {"lr": lr, "batch": 1}  # no checks: no record of them
     with torch.no_grad():
         moved = [float(p.abs().sum()) for p in last.parameters()]
     assert max(moved) > 0

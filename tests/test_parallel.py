@@ -33,6 +33,11 @@ CASES = {  # family, config
     # reversed (250 of this model's 62400 weights)
     "sds 2:4 dense teacher, mixture": ("qwen2_moe", sdsengine.SDSConfig(sparsity="2:4", iters=4, refit=4,
                                                                         teacher="dense", swaps=0)),
+    # BESA: two processes learn as one process with --batch 2 (one window each a step; 5 windows: the last step's
+    # in one process only); N:M with its checks of the hard-mask loss
+    "besa 50%": ("llama", sdsengine.BESAConfig(sparsity=0.5)),
+    "besa 2:4 dense model": ("llama", sdsengine.BESAConfig(sparsity="2:4", nm_checks=3, target="dense_model")),
+    "sds on besa 2:4": ("llama", sdsengine.SDSConfig(sparsity="2:4", base="besa", iters=4, refit=4)),
 }
 
 
@@ -137,8 +142,10 @@ def test_data_parallel_prune_on_a_gpu_matches_one_process(case, tmp_path):
 def _check_data_parallel(case, device, tmp_path):
     family, config = CASES[case]
     model = tiny_model(family)
-    alone = sdsengine.prune(model, dataclasses.replace(config, device=device), tiny_tokens(nsamples=5),
-                            progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parallel, "batch_of", lambda asked: WORLD)  # BESA's steps: as the group's (--batch 2)
+        alone = sdsengine.prune(model, dataclasses.replace(config, device=device), tiny_tokens(nsamples=5),
+                                progress=False)
     first, second = run_in_group(tmp_path, _prune, case, device)
     for key, value in first["weights"].items():
         assert torch.equal(value, second["weights"][key]), key  # every process holds the same model
@@ -159,16 +166,24 @@ def _check_data_parallel(case, device, tmp_path):
     assert len(parallel_info["memory"]) == WORLD
 
 
-def _refusal(config, nsamples):
+def _refusal(config, nsamples, resume_dir=None):
     try:
-        sdsengine.prune(tiny_model("llama"), config, tiny_tokens(nsamples=nsamples), progress=False)
+        sdsengine.prune(tiny_model("llama"), config, tiny_tokens(nsamples=nsamples), progress=False,
+                        resume_dir=resume_dir)
     except ValueError as exc:
         return str(exc)
 
 
-def test_what_is_not_data_parallel_is_refused_by_name(tmp_path):
-    for message in run_in_group(tmp_path, _refusal, sdsengine.BESAConfig(sparsity=0.5), 4):
-        assert "--method besa" in message and "data-parallel" in message
+def test_a_besa_batch_the_processes_cannot_share_is_refused(tmp_path):
+    for message in run_in_group(tmp_path, _refusal, sdsengine.BESAConfig(sparsity=0.5, batch=3), 4):
+        assert "--batch 3 in a group of 2 processes" in message and "pass a multiple of 2" in message
+
+
+def test_resuming_in_a_group_is_refused(tmp_path):
+    config = CASES["wanda 2:4"][1]
+    for message in run_in_group(tmp_path, _refusal, config, 4, str(tmp_path / "progress")):
+        assert "--resume-dir does not run data-parallel yet" in message
+    assert not (tmp_path / "progress").exists()
 
 
 def test_too_few_windows_are_refused(tmp_path):

@@ -8,7 +8,7 @@ is passed detached so no gradient reaches the model.
 import torch
 from torch.func import functional_call
 
-from sdsengine.pipeline import adapters
+from sdsengine.pipeline import adapters, parallel
 
 from .timing import Laps, trace, tracing
 
@@ -16,35 +16,61 @@ TRACE_EVERY = 16  # learning steps between two SDSENGINE_TRACE lines
 
 
 def learn(ctx, learner, config, checks=0, laps=None):
-    """Run config.epochs passes of one calibration window per step; returns the block losses seen and the
-    step size used plus, with checks > 0, the BestIterate record (the learner is left at its best checked
-    iterate). laps (timing.Laps), if given, is charged the setup, the steps and the checks apart."""
+    """Run config.epochs passes over the calibration windows, `batch` windows a step (their mean loss: one in one
+    process, by default); returns the block losses seen, the step size and batch used plus, with checks > 0, the
+    BestIterate record (the learner is left at its best checked iterate). laps (timing.Laps), if given, is
+    charged the setup, the steps and the checks apart. In a data-parallel group each process takes its own of a
+    step's windows and the gradients are summed (pipeline/parallel.py): P processes learn as one process with
+    --batch P, up to rounding."""
     if config.epochs == 0:
         return [], {}
     laps = Laps(ctx.device, "besa") if laps is None else laps
-    steps = config.epochs * ctx.inps.shape[0]
+    windows = parallel.Windows(ctx.inps.shape[0], ctx.device)
+    batch = parallel.batch_of(config.batch)
+    steps = config.epochs * -(-windows.total // batch)
     lr = config.step_size(steps)
-    optimizer = make_optimizer(learner.parameters(), config, lr)
+    params = list(learner.parameters())
+    optimizer = make_optimizer(params, config, lr)
     targets = block_targets(ctx, config)
     energy = laps.after("setup", channel_energy(targets, ctx.device))
-    best = BestIterate(ctx, learner, targets, energy, checks) if checks else None
+    best = BestIterate(ctx, learner, targets, energy, checks, windows) if checks else None
     losses = []
     with torch.enable_grad():
         for _ in range(config.epochs):
-            for j in range(ctx.inps.shape[0]):
+            for start in range(0, windows.total, batch):
                 if best and best.due(len(losses)):
                     laps.after("steps", None)
                     laps.after("checks", best.check(len(losses)))
-                rec = block_loss(ctx, learner.masked_weights("ste"), j, targets, energy)
-                loss = rec + learner.penalty()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                count = min(batch, windows.total - start)
+                rec = _backward(ctx, learner, windows.mine(start, start + count), count, targets, energy)
+                parallel.summed_grads(params)
                 optimizer.step()
-                losses.append(float(rec.detach()))
+                losses.append(parallel.summed_float(rec))
                 if tracing() and len(losses) % TRACE_EVERY == 0:  # the steps are one lap: show their pace
                     trace(f"besa {len(losses)} of {steps} steps: {laps.running():.3f} s")
     laps.after("steps", None)
-    return losses, {"lr": lr, **(laps.after("checks", best.restore(steps)) if best else {})}
+    record = laps.after("checks", best.restore(steps)) if best else {}
+    parallel.same_everywhere(params)  # a group's processes apply one learned mask (summed gradients agree anyway)
+    return losses, {"lr": lr, "batch": batch, **record}
+
+
+def _backward(ctx, learner, mine, count, targets, energy):
+    """Backpropagate one step's loss over this process's windows `mine` of the step's `count`: each window's loss
+    over count, one window at a time (one window's activations held at once), and the penalty (over the
+    processes, whose gradients are summed) with the last. Returns the block loss of those windows (a tensor)."""
+    weights = learner.masked_weights("ste")
+    penalty = learner.penalty() / parallel.world()
+    rec = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for i, j in enumerate(mine):
+        loss = block_loss(ctx, weights, j, targets, energy) / count
+        rec = rec + loss.detach()
+        last = i == len(mine) - 1
+        (loss + penalty if last else loss).backward(retain_graph=not last)  # the masked weights' graph is shared
+        del loss  # this window's activations, before the next window's forward
+    if not mine and torch.is_tensor(penalty):  # no window of this step here: the penalty's share only
+        penalty.backward()
+    return rec
 
 
 class BestIterate:
@@ -54,9 +80,10 @@ class BestIterate:
     1.36x by step 128 (SmolLM2-135M layer 0; docs/BESA.md). The start is a candidate, so the kept
     iterate never measures worse than the starting masks."""
 
-    def __init__(self, ctx, learner, targets, energy, windows):
-        n = ctx.inps.shape[0]
-        self.windows = sorted(set(torch.linspace(0, n - 1, min(windows, n)).round().long().tolist()))
+    def __init__(self, ctx, learner, targets, energy, count, windows):
+        n = windows.total
+        chosen = set(torch.linspace(0, n - 1, min(count, n)).round().long().tolist())
+        self.count, self.windows = len(chosen), windows.among(chosen)  # this process's of them
         self.ctx, self.learner, self.targets, self.energy = ctx, learner, targets, energy
         self.history, self.best = [], None
 
@@ -68,8 +95,8 @@ class BestIterate:
     @torch.no_grad()
     def check(self, step):
         weights = self.learner.masked_weights("hard")
-        loss = sum(float(block_loss(self.ctx, weights, j, self.targets, self.energy))
-                   for j in self.windows) / len(self.windows)
+        loss = parallel.summed_float(sum(float(block_loss(self.ctx, weights, j, self.targets, self.energy))
+                                         for j in self.windows)) / self.count
         self.history.append([step, loss])
         if self.best is None or loss < self.best[1]:
             self.best = (step, loss, [p.detach().clone() for p in self.learner.parameters()])
@@ -123,7 +150,8 @@ def channel_energy(outs, device):
     energy = torch.zeros(outs.shape[-1], device=device, dtype=_accumulation_dtype(outs))
     for j in range(outs.shape[0]):
         energy += outs[j].to(device, energy.dtype).pow(2).mean(dim=0)
-    energy /= outs.shape[0]
+    parallel.summed(energy)  # data-parallel: every process's windows
+    energy /= parallel.Windows(outs.shape[0], device).total
     return energy.clamp_min(1e-6 * float(energy.mean()) + 1e-30)
 
 

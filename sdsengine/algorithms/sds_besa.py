@@ -8,7 +8,7 @@
 STATS is the Hessian: SDS needs it, and BESA's Wanda ranking reads its diagonal (norms up to a common
 scale, which ranks the same).
 """
-from sdsengine.pipeline import adapters
+from sdsengine.pipeline import adapters, parallel
 
 from . import besa, sds
 from .least_squares import Objective
@@ -25,14 +25,18 @@ def prune_layer(ctx, config):
     """Prune ctx.targets in place; returns BESA's report with SDS's per-step errors under 'sds'."""
     dense = {name: adapters.get_weight(m).detach().clone() for name, m in ctx.targets.items()}
     info = besa.prune_layer(ctx, config.besa_base())
-    for name, module in ctx.targets.items():
+
+    def reconstruct(name):
+        module = ctx.targets[name]
         w1 = adapters.get_weight(module).float().clone()  # a copy: set_weight below overwrites the module's
         keep = w1 != 0
         objective = Objective(dense[name], ctx.stats[name], config.teacher, config.matmul)
         chosen, steps = sds.reconstruct(objective, w1, config, lambda v: v * keep, keep)
         adapters.set_weight(module, chosen.to(dense[name].dtype))
-        info[name] = {**info.get(name, {}), "sds": steps}
+        own = {**info.get(name, {}), "sds": steps}
         if config.guard == "layer":
-            info[name]["fallback"] = w1.to(dense[name].dtype)
-    return info
+            own["fallback"] = w1.to(dense[name].dtype)
+        return own
+    # each linear by one process of a data-parallel group (pipeline/parallel.py), all of them here otherwise
+    return {**info, **parallel.spread(ctx.targets, reconstruct)}
 

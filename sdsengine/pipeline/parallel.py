@@ -10,7 +10,9 @@ are split between the processes. Per layer:
   and its result is sent to the others: every process ends each layer with the same weights (spread);
 - the layer's output error, and the layer guard's, are summed across the processes (summed).
 The result is a one-process run's on the same windows, up to the rounding of sums taken in another order.
-BESA, which learns from the block's windows, and resuming are refused by name in a group (check).
+BESA learns data-parallel too: each process takes its own of each step's windows and the gradients are summed,
+so that P processes learn as one process with --batch P (algorithms/besa_block.py); SDS on BESA's masks spreads its
+reconstruction like the other per-linear steps. Resuming is refused by name in a group (check).
 """
 import contextlib
 import hashlib
@@ -61,18 +63,16 @@ def check(algo, config, resume):
     """Refuse, by name, what does not run data-parallel yet."""
     if world() == 1:
         return
-    if hasattr(algo, "prune_layer"):
-        raise ValueError(f"--method {config.method}{' --base besa' if config.method == 'sds' else ''} learns from "
-                         f"the block's windows in one process: it does not run data-parallel yet (here in a group "
-                         f"of {world()} processes); run it in one process")
+    batch_of(getattr(config, "batch", None))
     if resume is not None:
         raise ValueError(f"--resume-dir does not run data-parallel yet (here in a group of {world()} processes); "
                          "run without it, or in one process")
 
 
 def share(samples):
-    """This process's windows: one contiguous slice each (the first ones one window more where the count does not
-    divide). Every process must have been given the same windows: their fingerprints are compared first."""
+    """This process's windows: of P processes, process r takes windows r, r + P, r + 2P, ... (so that the windows of
+    one BESA step spread over the processes). Every process must have been given the same windows: their
+    fingerprints are compared first."""
     if world() == 1:
         return samples
     if samples.shape[0] < world():
@@ -83,7 +83,7 @@ def share(samples):
     if len(set(prints)) > 1:
         raise ValueError(f"the processes were given different calibration windows ({prints}): each must build the "
                          "same ones (the same --calib, --nsamples, --seqlen and --seed)")
-    return torch.tensor_split(samples, world())[rank()]
+    return samples[rank()::world()]
 
 
 def _fingerprint(samples):
@@ -197,10 +197,69 @@ class _Shape:
         return torch.empty(self.shape, dtype=self.dtype, device=device)
 
 
+class Windows:
+    """This process's calibration windows (count, as share() dealt them) in the numbering of all the processes'
+    windows (total)."""
+
+    def __init__(self, count, device):
+        self.count = count
+        self.total = count if world() == 1 else int(summed(torch.tensor(count, device=device))[0])
+
+    def mine(self, start, stop):
+        """This process's indices of windows start, ..., stop - 1 of all."""
+        return [i for i in range(self.count) if start <= rank() + i * world() < stop]
+
+    def among(self, chosen):
+        """This process's indices of the windows of all in `chosen`, in order."""
+        return [i for i in range(self.count) if rank() + i * world() in chosen]
+
+
+def batch_of(asked):
+    """BESA's windows per step: --batch, by default 1 in one process and one per process in a group."""
+    if asked is None:
+        return world()
+    if asked % world():
+        raise ValueError(f"--batch {asked} in a group of {world()} processes: the processes take equal shares of a "
+                         f"step's windows; pass a multiple of {world()}")
+    return asked
+
+
+def summed_float(x):
+    """A number (or a 0-d tensor) summed across the processes, as a Python float."""
+    if world() == 1:
+        return float(x)
+    t = x.detach().double().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+    return float(summed(t.to(_collective_device()))[0])
+
+
+def summed_grads(params):
+    """Each parameter's gradient summed across the processes (a process that saw no window of the step adds
+    zeros)."""
+    if world() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    summed(*(p.grad for p in params))
+
+
+def same_everywhere(tensors):
+    """The first process's values of these tensors, in every process."""
+    if world() > 1:
+        with torch.no_grad():
+            for t in tensors:
+                dist.broadcast(t.data, 0)
+
+
+def _collective_device():
+    """Where a small tensor must sit for a collective: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def describe(samples, memory):
     """The run report's account of a data-parallel run: its processes, each one's windows and peak memory (the
     report's `memory` is the first process's)."""
-    windows = None if samples is None else [len(s) for s in torch.tensor_split(samples, world())]
+    windows = None if samples is None else [len(range(r, samples.shape[0], world())) for r in range(world())]
     return {"processes": world(), "backend": dist.get_backend(), "windows": windows, "memory": gathered(memory)}
 
 
