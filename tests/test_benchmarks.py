@@ -538,6 +538,24 @@ def test_load_bench_loads_each_checkpoint_in_a_fresh_process(benchmark, tmp_path
     assert all(r[k] >= 0 for k in ("peak_mib", "baseline_peak_mib", "held_mib", "baseline_held_mib"))
 
 
+def test_parallel_bench_times_one_process_against_a_group(benchmark, tmp_path):
+    """bench_parallel on a tiny model: the baseline (one process, both threads), two processes of one thread and one
+    process of one thread, each record against the baseline of the same run."""
+    from tiny_models import save_tiny_tokenizer, tiny_model
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("a " * 500)
+    argv = ["--model", str(tmp_path / "model"), "--methods", "wanda", "--calib", str(tmp_path / "calib.txt"),
+            "--nsamples", "2", "--seqlen", "8", "--processes", "2", "--threads", "2", "--out", str(tmp_path)]
+    assert benchmark("bench_parallel").main(argv) == 0
+    records = json.loads((tmp_path / "parallel_cpu.json").read_text())
+    assert [(r["processes"], r["threads"]) for r in records] == [(1, 2), (2, 1), (1, 1)]
+    for r in records:
+        assert r["bench"] == "parallel" and r["method"] == "wanda" and r["seconds"] > 0
+        assert r["speedup"] == pytest.approx(records[0]["seconds"] / r["seconds"]) and r["max_error_ratio"] >= 1
+    assert "| parallel | wanda | 2:4 | cpu | 2 | 1 |" in (tmp_path / "parallel_cpu.md").read_text()
+
+
 def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_path, monkeypatch):
     """bench_dispatch on the CPU: one record per token count, SparseLinear's calls really made (counted),
     and the summary lists the bench."""

@@ -15,6 +15,7 @@ so that P processes learn as one process with --batch P (algorithms/besa_block.p
 reconstruction like the other per-linear steps. Resuming is refused by name in a group (check).
 """
 import contextlib
+import datetime
 import hashlib
 import os
 
@@ -22,6 +23,11 @@ import torch
 import torch.distributed as dist
 
 from . import adapters
+
+
+# How long a process waits in a collective call: while one process prunes a linear, the others wait for it (SDS on a
+# 70B-class down_proj takes minutes), beyond NCCL's default of 10 minutes
+WAIT = datetime.timedelta(hours=2)
 
 
 def world() -> int:
@@ -52,7 +58,7 @@ def joined(device):
                              f"here (this one's LOCAL_RANK is {local}): start one process per GPU")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=WAIT)
     try:
         yield device
     finally:
