@@ -224,8 +224,13 @@ def test_torchrun_prunes_in_each_process_and_saves_once(tmp_path):
     assert report["overall_sparsity"] == 0.5
 
 
-def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+def test_a_numbered_gpu_or_more_processes_than_gpus_under_torchrun_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="each process takes the GPU of its LOCAL_RANK; pass --device cuda"):
         with parallel.joined("cuda:1"):
+            pass
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="torchrun started 2 processes on this machine and 1 GPU"):
+        with parallel.joined("cuda"):
             pass

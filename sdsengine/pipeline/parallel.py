@@ -52,11 +52,11 @@ def joined(device):
         raise ValueError(f"--device {device} under torchrun: each process takes the GPU of its LOCAL_RANK; pass "
                          "--device cuda")
     if kind == "cuda":
-        local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-        if local >= count:  # NCCL takes one GPU per process
-            raise ValueError(f"torchrun started more processes on this machine than the {count} GPU(s) visible "
-                             f"here (this one's LOCAL_RANK is {local}): start one process per GPU")
-        device = f"cuda:{local}"
+        here, count = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if here > count:  # NCCL takes one GPU per process; every process refuses, none waits for the others
+            raise ValueError(f"torchrun started {here} processes on this machine and {count} GPU(s) are visible "
+                             "here: start one process per GPU (--nproc-per-node)")
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=WAIT)
     try:
