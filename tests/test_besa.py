@@ -299,6 +299,8 @@ def test_step_size_default_follows_the_step_count():
     assert BESAConfig(sparsity="2:4").step_size(16) == pytest.approx(0.05)
     assert BESAConfig(sparsity="4:8").step_size(128) == pytest.approx(0.00625)
     assert BESAConfig(sparsity="0.5").step_size(128) == 0.05
+    assert BESAConfig(sparsity="0.5").step_size(64, batch=2) == 0.1  # half the steps, as far
+    assert BESAConfig(sparsity="2:4").step_size(64, batch=2) == pytest.approx(0.0125)  # 0.8 / steps already
     assert BESAConfig(sparsity="2:4", lr=0.3).step_size(128) == 0.3
     assert BESAConfig(sparsity="2:4", optimizer="prodigy").step_size(128) == 1.0
 

@@ -23,16 +23,26 @@ def _args(command):
 
 def _differences(recipe, config, calibration_recorded, calibration):
     """Settings the record ran with that the command now sets otherwise. A None in today's config is a default
-    resolved at run time (BESA's lr), and BESA's nm_* settings do nothing off N:M patterns: both skipped."""
-    nm = config.sparsity.nm is not None
-    today = config.to_dict()
-    differ = {key: (value, today[key]) for key, value in recipe.items()
-              if key in today and today[key] is not None and (nm or not key.startswith("nm_"))
-              and today[key] != value}
+    resolved at run time (BESA's lr), and BESA's nm_* settings do nothing off N:M patterns: both skipped. A setting
+    added since (not in the record) is not compared, inside a nested recipe (SDS's base_recipe) too."""
+    differ = _differing(recipe, config.to_dict(), config.sparsity.nm is not None)
     today_calibration = calibration.to_dict()
     differ.update({f"calibration.{key}": (value, today_calibration[key])
                    for key, value in (calibration_recorded or {}).items()
                    if key in today_calibration and key != "data_dir" and today_calibration[key] != value})
+    return differ
+
+
+def _differing(recorded, today, nm, prefix=""):
+    differ = {}
+    for key, value in recorded.items():
+        now = today.get(key)
+        if now is None or (not nm and key.startswith("nm_")):
+            continue
+        if isinstance(value, dict) and isinstance(now, dict):
+            differ.update(_differing(value, now, nm, f"{prefix}{key}."))
+        elif now != value:
+            differ[prefix + key] = (value, now)
     return differ
 
 
@@ -58,3 +68,8 @@ def test_a_changed_default_is_caught():
     config, calibration = cli.prune_configs(_args("sdsengine prune --method sds --sparsity 2:4 --out x"))
     recipe = {**config.to_dict(), "refit": 0}
     assert _differences(recipe, config, {"seed": 1}, calibration) == {"refit": (0, 50), "calibration.seed": (1, 0)}
+    config, calibration = cli.prune_configs(_args("sdsengine prune --method sds --base besa --sparsity 2:4 --out x"))
+    recipe = config.to_dict()
+    recipe["base_recipe"] = {**recipe["base_recipe"], "epochs": 2}
+    del recipe["base_recipe"]["batch"]  # a setting added since the record: not compared
+    assert _differences(recipe, config, {}, calibration) == {"base_recipe.epochs": (2, 1)}

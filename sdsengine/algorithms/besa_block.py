@@ -28,7 +28,7 @@ def learn(ctx, learner, config, checks=0, laps=None):
     windows = parallel.Windows(ctx.inps.shape[0], ctx.device)
     batch = parallel.batch_of(config.batch)
     steps = config.epochs * -(-windows.total // batch)
-    lr = config.step_size(steps)
+    lr = config.step_size(steps, batch)
     params = list(learner.parameters())
     optimizer = make_optimizer(params, config, lr)
     targets = block_targets(ctx, config)

@@ -84,8 +84,7 @@ def share(samples):
     if samples.shape[0] < world():
         raise ValueError(f"{samples.shape[0]} calibration windows cannot be shared by {world()} processes: "
                          "give at least one window per process (--nsamples)")
-    prints = [None] * world()
-    dist.all_gather_object(prints, _fingerprint(samples))
+    prints = gathered(_fingerprint(samples))
     if len(set(prints)) > 1:
         raise ValueError(f"the processes were given different calibration windows ({prints}): each must build the "
                          "same ones (the same --calib, --nsamples, --seqlen and --seed)")
