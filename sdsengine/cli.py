@@ -102,7 +102,9 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="sdsengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model layer by layer and save a HF checkpoint")
+    p = sub.add_parser("prune", help="prune a model layer by layer and save a HF checkpoint",
+                       epilog="several GPUs: torchrun --nproc-per-node N -m sdsengine.cli prune ... --device cuda "
+                              "(data-parallel: each process calibrates on its share of the windows; README)")
     _add_model_flags(p)
     p.add_argument("--method", "--prune_method", required=True, action=_Once,
                    help=f"one of: {', '.join(sorted(METHODS))}")
