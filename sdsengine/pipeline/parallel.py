@@ -88,7 +88,14 @@ def share(samples):
     if len(set(prints)) > 1:
         raise ValueError(f"the processes were given different calibration windows ({prints}): each must build the "
                          "same ones (the same --calib, --nsamples, --seqlen and --seed)")
-    return samples[rank()::world()]
+    mine = dealt(samples.shape[0])
+    return samples[mine.start::mine.step]
+
+
+def dealt(total, r=None):
+    """The windows of `total` that process r (default: this one) replays, in the numbering of all of them: r,
+    r + P, r + 2P, ... of P processes (so that the windows of one BESA step spread over the processes)."""
+    return range(rank() if r is None else r, total, world())
 
 
 def _fingerprint(samples):
@@ -203,20 +210,19 @@ class _Shape:
 
 
 class Windows:
-    """This process's calibration windows (count, as share() dealt them) in the numbering of all the processes'
-    windows (total)."""
+    """This process's `count` calibration windows, as share() dealt them, among the `total` of all processes."""
 
     def __init__(self, count, device):
-        self.count = count
         self.total = count if world() == 1 else int(summed(torch.tensor(count, device=device))[0])
+        self.numbers = dealt(self.total)  # of this process's windows, in the numbering of all
 
     def mine(self, start, stop):
         """This process's indices of windows start, ..., stop - 1 of all."""
-        return [i for i in range(self.count) if start <= rank() + i * world() < stop]
+        return [i for i, n in enumerate(self.numbers) if start <= n < stop]
 
     def among(self, chosen):
         """This process's indices of the windows of all in `chosen`, in order."""
-        return [i for i in range(self.count) if rank() + i * world() in chosen]
+        return [i for i, n in enumerate(self.numbers) if n in chosen]
 
 
 def batch_of(asked):
@@ -264,7 +270,7 @@ def _collective_device():
 def describe(samples, memory):
     """The run report's account of a data-parallel run: its processes, each one's windows and peak memory (the
     report's `memory` is the first process's)."""
-    windows = None if samples is None else [len(range(r, samples.shape[0], world())) for r in range(world())]
+    windows = None if samples is None else [len(dealt(samples.shape[0], r)) for r in range(world())]
     return {"processes": world(), "backend": dist.get_backend(), "windows": windows, "memory": gathered(memory)}
 
 
