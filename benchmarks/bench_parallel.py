@@ -9,8 +9,9 @@ Times are the run reports' `seconds` (the calibration capture and every layer; e
 outside them). With --device cuda each process takes one GPU (--processes at most the GPUs visible), and the
 baseline is one process on one GPU. Writes benchmarks/results/<name>.json and .md: per method and setting, a record
 of bench "parallel" with processes, threads (per process), seconds, baseline_seconds and speedup, the peak RSS and
-GPU memory of the first process, and the layer errors' largest ratio to the baseline's (the runs differ by the
-rounding of sums taken in another order; SparseGPT on SmolLM2 is that sensitive to it).
+GPU memory of the first process, the largest peak RSS of the others (which load no weights), and the layer errors'
+largest ratio to the baseline's (the runs differ by the rounding of sums taken in another order; SparseGPT on
+SmolLM2 is that sensitive to it).
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 from harness import RESULTS, names_argument, write_results
 
 COLUMNS = ("bench", "method", "pattern", "device", "processes", "threads", "seconds", "baseline_seconds", "speedup",
-           "cpu_peak_rss_gib", "gpu_peak_allocated_gib", "max_error_ratio")
+           "cpu_peak_rss_gib", "gpu_peak_allocated_gib", "others_cpu_peak_rss_gib", "max_error_ratio")
 
 
 def prune(args, method, processes, threads, out):
@@ -49,8 +50,16 @@ def record(args, method, processes, threads, report, baseline):
     return {"bench": "parallel", "method": method, "pattern": args.sparsity, "device": args.device,
             "processes": processes, "threads": threads, "seconds": report["seconds"],
             "baseline_seconds": baseline["seconds"], "speedup": baseline["seconds"] / report["seconds"],
-            **report["memory"], "max_error_ratio": max((max(a / b, b / a) for a, b in errors), default=None),
+            **report["memory"], "others_cpu_peak_rss_gib": _others_peak(report),
+            "max_error_ratio": max((max(a / b, b / a) for a, b in errors), default=None),
             "calibration": f"{args.calib} {args.nsamples} x {args.seqlen}, seed 0", "model": report["model"]}
+
+
+def _others_peak(report):
+    """The largest peak RSS of the processes after the first (which hold the model's skeleton: the first lends them
+    each layer), None in one process."""
+    others = [m.get("cpu_peak_rss_gib") for m in report.get("data_parallel", {}).get("memory", [])[1:]]
+    return max(others) if others else None
 
 
 def main(argv=None):

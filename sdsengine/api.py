@@ -53,7 +53,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
         with adapters.eval_mode(model):  # no dropout in the calibration forwards (a model from training has it on)
             layers = prune_model(model, config, samples, progress=progress, resume=store)
         seconds = time.perf_counter() - start
-        decoder_sparsity = report.decoder_sparsity(model)
+        decoder_sparsity = parallel.from_first(report.decoder_sparsity, model)  # the others may hold a skeleton
     _warn_few_tokens(report.few_token_experts(layers))
     if store and store.resumed_from:
         seconds += store.earlier_seconds

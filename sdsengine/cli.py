@@ -232,7 +232,8 @@ def _prune_and_save(args, config, calib, needs_data):
         ResumeStore(args.resume_dir).check()
     if needs_data:
         check_calibration_source(calib)
-    model, tokenizer, source = load_model(args.model, _dtype(args))
+    # data-parallel: the first process lends the others each layer's weights (parallel.lent), who load none
+    model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=parallel.rank() > 0)
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)
     if parallel.rank() != 0:  # every process holds the same pruned model: the first saves it

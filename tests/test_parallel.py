@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sdsengine
+from sdsengine import models
 from sdsengine.algorithms.stats import Hessian, InputNorms
 from sdsengine.pipeline import parallel
 
@@ -117,13 +118,16 @@ def test_shared_statistics_are_summed_once(tmp_path):
         assert held["o"][1:] == (4, [16.0] * 4)
 
 
-def _prune(case, device="cpu"):
+def _prune(case, device="cpu", skeleton=False):
     family, config = CASES[case]
     model = tiny_model(family)
+    if skeleton and parallel.rank() > 0:  # as the CLI's processes after the first: no weights, each layer lent
+        model = models.skeleton(model.config)
     result = sdsengine.prune(model, dataclasses.replace(config, device=device), tiny_tokens(nsamples=5),
                              progress=False)
-    return {"weights": {k: v for k, v in model.state_dict().items() if v.is_floating_point()},  # experts' banks too
-            "errors": [layer.error for layer in result.layers], "report": result.report}
+    return {"weights": {k: v for k, v in model.state_dict().items() if v.is_floating_point() and not v.is_meta},
+            "errors": [layer.error for layer in result.layers], "report": result.report,  # experts' banks too
+            "skeleton": all(p.is_meta for p in model.parameters())}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -131,24 +135,35 @@ def test_data_parallel_prune_matches_one_process(case, tmp_path):
     _check_data_parallel(case, "cpu", tmp_path)
 
 
+@pytest.mark.parametrize("case", ["wanda 2:4", "sparsegpt 50%", "sds 2:4 dense teacher, mixture",
+                                  "besa 2:4 dense model"])
+def test_a_process_holding_a_skeleton_is_lent_each_layer(case, tmp_path):
+    """The second process holds the model without weights (parameters on the meta device); the first lends it each
+    layer for the layer's turn: the first's result is the one of two processes holding the model (the linears the
+    second prunes, its windows' statistics and gradients included), and the second holds no weights after."""
+    _check_data_parallel(case, "cpu", tmp_path, skeleton=True)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["sparsegpt 50%", "sds 2:4"])
-def test_data_parallel_prune_on_a_gpu_matches_one_process(case, tmp_path):
-    """The pipeline's CUDA side of a group (statistics, weights and fallbacks on the GPU, objects sent from it):
-    both processes on one GPU under gloo (NCCL takes a GPU per process; the lent machine has one)."""
-    _check_data_parallel(case, "cuda", tmp_path)
+@pytest.mark.parametrize("case, skeleton", [("sparsegpt 50%", False), ("sds 2:4", False), ("wanda 2:4", True)])
+def test_data_parallel_prune_on_a_gpu_matches_one_process(case, skeleton, tmp_path):
+    """The pipeline's CUDA side of a group (statistics, weights and fallbacks on the GPU, objects sent from it; layers
+    lent to a skeleton there): both processes on one GPU under gloo (NCCL takes a GPU per process; the lent machine
+    has one)."""
+    _check_data_parallel(case, "cuda", tmp_path, skeleton)
 
 
-def _check_data_parallel(case, device, tmp_path):
+def _check_data_parallel(case, device, tmp_path, skeleton=False):
     family, config = CASES[case]
     model = tiny_model(family)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parallel, "batch_of", lambda asked: WORLD)  # BESA's steps: as the group's (--batch 2)
         alone = sdsengine.prune(model, dataclasses.replace(config, device=device), tiny_tokens(nsamples=5),
                                 progress=False)
-    first, second = run_in_group(tmp_path, _prune, case, device)
-    for key, value in first["weights"].items():
-        assert torch.equal(value, second["weights"][key]), key  # every process holds the same model
+    first, second = run_in_group(tmp_path, _prune, case, device, skeleton)
+    assert not first["skeleton"] and second["skeleton"] == skeleton
+    for key, value in second["weights"].items():
+        assert torch.equal(value, first["weights"][key]), key  # every process holds the same model
     kept = agree = 0
     for key, weight in model.state_dict().items():
         if key in first["weights"]:
@@ -167,11 +182,8 @@ def _check_data_parallel(case, device, tmp_path):
 
 
 def _refusal(config, nsamples, resume_dir=None):
-    try:
-        sdsengine.prune(tiny_model("llama"), config, tiny_tokens(nsamples=nsamples), progress=False,
-                        resume_dir=resume_dir)
-    except ValueError as exc:
-        return str(exc)
+    return _refusal_of(lambda: sdsengine.prune(tiny_model("llama"), config, tiny_tokens(nsamples=nsamples),
+                                               progress=False, resume_dir=resume_dir))
 
 
 def test_a_besa_batch_the_processes_cannot_share_is_refused(tmp_path):
@@ -184,6 +196,58 @@ def test_resuming_in_a_group_is_refused(tmp_path):
     for message in run_in_group(tmp_path, _refusal, config, 4, str(tmp_path / "progress")):
         assert "--resume-dir does not run data-parallel yet" in message
     assert not (tmp_path / "progress").exists()
+
+
+def _magnitude(skeleton):
+    model = tiny_model("llama")
+    if skeleton and parallel.rank() > 0:
+        model = models.skeleton(model.config)
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
+    return {k: v for k, v in model.state_dict().items() if not v.is_meta}
+
+
+def test_a_skeleton_is_lent_the_layers_of_a_method_without_data(tmp_path):
+    """Magnitude: every process prunes each layer itself, a skeleton's lent."""
+    model = tiny_model("llama")
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
+    first, second = run_in_group(tmp_path, _magnitude, True)
+    assert not second and first.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, first[key]), key
+
+
+def _other_model(family):
+    model = tiny_model(family if parallel.rank() == 0 else "qwen2")
+    return _refusal_of(lambda: sdsengine.prune(model, CASES["wanda 2:4"][1], tiny_tokens(nsamples=4),
+                                               progress=False))
+
+
+def _refusal_of(run):
+    try:
+        run()
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_processes_holding_different_models_are_refused(tmp_path):
+    for message in run_in_group(tmp_path, _other_model, "llama"):
+        assert "process 1 holds another model than the first: model.layers.0.self_attn.q_proj.bias" in message
+
+
+def test_a_skeleton_alone_or_first_is_refused(tmp_path):
+    model = models.skeleton(tiny_model("llama").config)
+    with pytest.raises(ValueError, match=r"parameters are on the meta device \(a skeleton, no weights\): load the"):
+        sdsengine.prune(model, CASES["wanda 2:4"][1], tiny_tokens(nsamples=4), progress=False)
+    for message in run_in_group(tmp_path, _skeleton_first):
+        assert "(the first process of a group lends the others the weights)" in message
+
+
+def _skeleton_first():
+    model = tiny_model("llama")
+    if parallel.rank() == 0:
+        model = models.skeleton(model.config)
+    return _refusal_of(lambda: sdsengine.prune(model, CASES["wanda 2:4"][1], tiny_tokens(nsamples=4),
+                                               progress=False))
 
 
 def test_too_few_windows_are_refused(tmp_path):

@@ -11,12 +11,10 @@ The hidden states go straight into one buffer of all windows, allocated at the f
 the windows and concatenating them held the activations twice, and that set a whole prune's peak memory:
 SparseGPT 4:8 on SmolLM2-135M at 128 x 2048 windows peaked at 2.76 GiB that way, 2.42 GiB with one buffer.
 """
-import itertools
-
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, placement
 
 
 class _Stop(Exception):
@@ -79,22 +77,16 @@ def capture_layer_inputs(model, samples, device, store_device):
     originals = list(layers)
     for i, layer in enumerate(originals):
         layers[i] = _Recorder(layer, i, i == len(originals) - 1, inputs, kwargs)
-    moved = adapters.pre_layer_modules(model)
-    # a module with buffers only (rotary embeddings) has its home where its buffers are
-    homes = [next(itertools.chain(m.parameters(), m.buffers()), torch.empty(0)).device for m in moved]
-    for m in moved:
-        m.to(device)
     try:
-        for row in samples:
-            try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
-            except _Stop:
-                pass
+        with placement.visiting(adapters.pre_layer_modules(model), device):
+            for row in samples:
+                try:
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-        for m, d in zip(moved, homes):
-            m.to(d)
     return inputs.buffer, [_replay_kwargs(kwargs[i]) for i in range(len(originals))]
 
 

@@ -1,9 +1,9 @@
 """Data-parallel pruning: several processes (torchrun), each calibrating on its share of the windows.
 
 Inside a torch.distributed process group of more than one process, sdsengine.prune runs data-parallel. Every
-process holds the whole model and the same calibration windows, and replays only its share of the windows
-through each layer: the forward passes, and the activations kept between layers (a prune's largest buffers),
-are split between the processes. Per layer:
+process holds the model (or its skeleton: see the end) and the same calibration windows, and replays only its
+share of the windows through each layer: the forward passes, and the activations kept between layers (a prune's
+largest buffers), are split between the processes. Per layer:
 - each linear's input statistics (Wanda's norms, the Hessian) are summed across the processes, so that every
   process holds those of all the windows (merge_stats);
 - each linear is pruned by one process, the linears spread over the processes by their cost, largest first,
@@ -13,6 +13,8 @@ The result is a one-process run's on the same windows, up to the rounding of sum
 BESA learns data-parallel too: each process takes its own of each step's windows and the gradients are summed,
 so that P processes learn as one process with --batch P (algorithms/besa_block.py); SDS on BESA's masks spreads its
 reconstruction like the other per-linear steps. Resuming is refused by name in a group (check).
+Only the first process needs the model's weights: a process holding it as a skeleton (parameters on the meta device,
+as the CLI loads it in every process after the first) is lent each layer's weights for the layer's turn (lent).
 """
 import contextlib
 import datetime
@@ -61,6 +63,9 @@ def joined(device):
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=WAIT)
     try:
         yield device
+        # the processes leave together: one that left its group while the first still saved was seen to abort
+        # in gloo's teardown ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -73,6 +78,75 @@ def check(algo, config, resume):
     if resume is not None:
         raise ValueError(f"--resume-dir does not run data-parallel yet (here in a group of {world()} processes); "
                          "run without it, or in one process")
+
+
+def same_model(model):
+    """Refuse processes that hold different models: each must load the same one (compared by its parameters' and
+    buffers' names, shapes and dtypes; a skeleton's, on the meta device, count as the model's)."""
+    if world() == 1:
+        return
+    held = gathered([(name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(),
+                                                                           *model.named_buffers())])
+    for r, theirs in enumerate(held[1:], 1):
+        if theirs != held[0]:
+            first, other = next(((a, b) for a, b in zip(held[0] + [None], theirs + [None]) if a != b))
+            raise ValueError(f"process {r} holds another model than the first: {_described(other)} where the first "
+                             f"holds {_described(first)} (each process must load the same model, in one --dtype)")
+
+
+def _described(entry):
+    return "nothing more" if entry is None else f"{entry[0]} {list(entry[1])} {entry[2]}"
+
+
+@contextlib.contextmanager
+def lent(modules, device):
+    """Inside the block, a process that holds `modules` as a skeleton (parameters on the meta device: the CLI's
+    processes after the first load no weights) holds the first process's parameters and buffers of them on `device`,
+    and lets them go after. So only the first process holds the whole model in memory; the others hold the layer
+    they run. Every process enters together, the first with its modules on `device`. Where no process holds a
+    skeleton, nothing happens."""
+    mine = any(p.is_meta for m in modules for p in m.parameters())
+    borrowing = gathered(mine)
+    if borrowing[0]:
+        lends = " (the first process of a group lends the others the weights)" if world() > 1 else ""
+        raise ValueError(f"the model's parameters are on the meta device (a skeleton, no weights): load the model with "
+                         f"its weights{lends}")
+    if not any(borrowing):
+        yield
+        return
+    taken = [_borrowed(store, name, device, mine) for store, name in _slots(modules)]
+    try:
+        yield
+    finally:
+        for store, name, own in taken:
+            store[name] = own
+
+
+def _slots(modules):
+    """(the dict that holds it, its name) of every parameter and buffer of `modules`, in one order everywhere."""
+    subs = list({id(s): s for m in modules for s in m.modules()}.values())
+    return [(store, name) for s in subs for store in (s._parameters, s._buffers)
+            for name, t in store.items() if t is not None]
+
+
+def _borrowed(store, name, device, keep):
+    """The first process's tensor store[name], sent to every process; put in its place where `keep` (returns what to
+    put back after), received and dropped elsewhere."""
+    own = store[name]
+    tensor = own.detach().contiguous() if rank() == 0 else torch.empty(own.shape, dtype=own.dtype, device=device)
+    dist.broadcast(tensor, 0)
+    if keep:
+        store[name] = torch.nn.Parameter(tensor, own.requires_grad) if isinstance(own, torch.nn.Parameter) else tensor
+    return store, name, own
+
+
+def from_first(compute, *args):
+    """compute(*args) as the first process finds it, in every process (the others may hold a skeleton)."""
+    if world() == 1:
+        return compute(*args)
+    value = [compute(*args) if rank() == 0 else None]
+    dist.broadcast_object_list(value, 0, device=_collective_device())
+    return value[0]
 
 
 def share(samples):

@@ -29,7 +29,7 @@ from sdsengine.algorithms import algorithm_for, magnitude
 from sdsengine.masks import counted_sparsity, nm_violations
 from sdsengine.report import peak_memory
 
-from . import adapters, experts, memory, parallel
+from . import adapters, experts, memory, parallel, placement
 from .capture import capture_layer_inputs, to_device
 
 
@@ -51,6 +51,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     continues from it; another run's progress is refused before the inputs are captured."""
     algo = algorithm_for(config)
     parallel.check(algo, config, resume)
+    parallel.same_model(model)
     progress = progress and parallel.rank() == 0  # one bar and one log for a group of processes
     layers, targets = plan_targets(model, config)
     if algo.STATS is None:
@@ -91,24 +92,11 @@ def _needs_dense_stream(algo, config):
 
 def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device, dense=None):
     start = time.perf_counter()
-    with _visiting(layer, device):
+    with placement.visiting([layer], device):  # the report counts the weights there: a skeleton's are only lent
         steps, error = _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, dense)
-    report = _report(index, targets, config, time.perf_counter() - start, error)
+        report = _report(index, targets, config, time.perf_counter() - start, error)
     report.steps = {name: info for name, info in (steps or {}).items() if info}
     return report
-
-
-@contextlib.contextmanager
-def _visiting(layer, device):
-    """The layer on the compute device inside the block and back where it was after, whatever happens there:
-    a layer an OOM or Ctrl-C left on the GPU split the model across devices, and the next prune took the GPU
-    for that layer's home."""
-    home = next(layer.parameters()).device
-    layer.to(device)
-    try:
-        yield
-    finally:
-        layer.to(home)
 
 
 def _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, dense):
@@ -392,10 +380,10 @@ def _forward(layer, x, kwargs, device):
 def _prune_without_data(index, layer, targets, algo, config):
     """Magnitude: each weight pruned where --device says, like every other method's, then moved home."""
     start = time.perf_counter()
-    with _visiting(layer, config.device):
+    with placement.visiting([layer], config.device):
         for module in targets.values():
             adapters.set_weight(module, algo.prune(adapters.get_weight(module), None, config))
-    return _report(index, targets, config, time.perf_counter() - start, None)
+        return _report(index, targets, config, time.perf_counter() - start, None)
 
 
 def plan_targets(model, config):
@@ -474,6 +462,8 @@ def _every_expert(prefix, name):
 
 
 def _non_finite(weight):
+    if weight.is_meta:  # a skeleton's, data-parallel: the first process checks the weights it lends
+        return 0
     return int(weight.numel() - torch.isfinite(weight).sum())
 
 
