@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sdsengine import api, bench, checkpoint, files, report, transformers_compat
-from sdsengine.algorithms import METHODS, algorithm_for, lookup
+from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
 from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_zeroshot, results_table, task_list
@@ -213,7 +213,7 @@ def cmd_prune(args):
     check_device(config.device)  # before any work, as is the output directory
     with parallel.joined(config.device) as device:  # under torchrun: data-parallel (pipeline/parallel.py)
         config.device = device  # this process's GPU there
-        parallel.check(algorithm_for(config), config, args.resume_dir)
+        parallel.check(config)
         _prune_and_save(args, config, calib, needs_data)
 
 

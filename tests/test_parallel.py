@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
 
 import sdsengine
 from sdsengine import models
 from sdsengine.algorithms.stats import Hessian, InputNorms
-from sdsengine.pipeline import parallel
+from sdsengine.pipeline import parallel, sequential
 
-from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
+from tiny_models import save_tiny_tokenizer, tiny_config, tiny_model, tiny_tokens
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -191,11 +192,61 @@ def test_a_besa_batch_the_processes_cannot_share_is_refused(tmp_path):
         assert "--batch 3 in a group of 2 processes" in message and "pass a multiple of 2" in message
 
 
-def test_resuming_in_a_group_is_refused(tmp_path):
-    config = CASES["wanda 2:4"][1]
-    for message in run_in_group(tmp_path, _refusal, config, 4, str(tmp_path / "progress")):
-        assert "--resume-dir does not run data-parallel yet" in message
-    assert not (tmp_path / "progress").exists()
+RESUMED = sdsengine.SDSConfig(sparsity="2:4", base="wanda", iters=5, refit=3, teacher="dense")  # a dense stream too
+
+
+class _Stopped(BaseException):  # as a kill would: no handler of Exception catches it
+    pass
+
+
+def _three_layers():
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _resumable(progress, stop_at):
+    """A group's prune of a 3-layer Llama with --resume-dir `progress` (None: without), the second process holding a
+    skeleton, stopped in both processes as they reach layer `stop_at` (None: never)."""
+    model = _three_layers()
+    if parallel.rank() > 0:
+        model = models.skeleton(model.config)
+    real, calls = sequential._prune_layer, []
+
+    def prune_layer(i, *args, **kwargs):
+        calls.append(i)
+        if i == stop_at:
+            raise _Stopped
+        return real(i, *args, **kwargs)
+    sequential._prune_layer = prune_layer  # in this spawned process only
+    try:
+        result = sdsengine.prune(model, RESUMED, tiny_tokens(3, 48), progress=False, resume_dir=progress)
+    except _Stopped:
+        return {"files": sorted(p.name for p in Path(progress).iterdir())}
+    return {"calls": calls, "weights": {k: v for k, v in model.state_dict().items() if not v.is_meta},
+            "errors": [layer.error for layer in result.layers], "resumed": result.report.get("resumed")}
+
+
+def test_a_group_stopped_then_resumed_equals_an_unbroken_group(tmp_path):
+    """Each process keeps its own windows' activations (the dense stream's too), the first the weights and the
+    manifest; the same group run again goes on from the last finished layer, bit for bit the unbroken run. Another
+    number of processes is refused, naming it."""
+    progress = tmp_path / "progress"
+    for run in "abc":
+        (tmp_path / run).mkdir()
+    stopped = run_in_group(tmp_path / "a", _resumable, str(progress), 2)
+    assert stopped[0]["files"] == ["activations-0002-0of2.pt", "activations-0002-1of2.pt", "layer-0000.pt",
+                                   "layer-0001.pt", "progress.json"]
+    with pytest.raises(ValueError, match="progress of another run .*processes: 2 there, 1 here"):
+        sdsengine.prune(_three_layers(), RESUMED, tiny_tokens(3, 48), progress=False,
+                        resume_dir=progress)
+    resumed, _ = run_in_group(tmp_path / "b", _resumable, str(progress), None)
+    unbroken, _ = run_in_group(tmp_path / "c", _resumable, None, None)
+    assert resumed["calls"] == [2] and resumed["resumed"]["from_layer"] == 2
+    assert resumed["errors"] == unbroken["errors"]
+    for key, value in unbroken["weights"].items():
+        assert torch.equal(value, resumed["weights"][key]), key
 
 
 def _magnitude(skeleton):
@@ -267,9 +318,10 @@ def test_linears_spread_by_their_cost(monkeypatch):
     assert parallel._owners(dict(reversed(weights.items()))) == owners
 
 
-def test_torchrun_prunes_in_each_process_and_saves_once(tmp_path):
+@pytest.mark.parametrize("resumable", [False, True])
+def test_torchrun_prunes_in_each_process_and_saves_once(tmp_path, resumable):
     """`torchrun -m sdsengine.cli prune` with 2 CPU processes (gloo): one checkpoint, one summary, and the run
-    report's account of the processes."""
+    report's account of the processes; with --resume-dir, its progress gone once the checkpoint is saved."""
     tiny_model("llama").save_pretrained(tmp_path / "model")
     save_tiny_tokenizer(tmp_path / "model")
     (tmp_path / "calib.txt").write_text("a " * 2000)
@@ -277,11 +329,11 @@ def test_torchrun_prunes_in_each_process_and_saves_once(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
                "-m", "sdsengine.cli", "prune", "--model", str(tmp_path / "model"), "--method", "sparsegpt",
                "--sparsity", "2:4", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "3", "--seqlen", "16",
-               "--out", str(out)]
+               "--out", str(out)] + (["--resume-dir", str(tmp_path / "progress")] if resumable else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("saved to") == 1
+    assert done.stdout.count("saved to") == 1 and not (tmp_path / "progress").exists()
     report = json.loads((out / "sdsengine.json").read_text())
     assert report["data_parallel"]["processes"] == WORLD and report["data_parallel"]["windows"] == [2, 1]
     assert report["data_parallel"]["backend"] == "gloo" and report["recipe"]["device"] == "cpu"

@@ -12,7 +12,8 @@ largest buffers), are split between the processes. Per layer:
 The result is a one-process run's on the same windows, up to the rounding of sums taken in another order.
 BESA learns data-parallel too: each process takes its own of each step's windows and the gradients are summed,
 so that P processes learn as one process with --batch P (algorithms/besa_block.py); SDS on BESA's masks spreads its
-reconstruction like the other per-linear steps. Resuming is refused by name in a group (check).
+reconstruction like the other per-linear steps. A resumable run (pipeline/resume.py) keeps each process's
+activations in a file of its own; the first process keeps the weights and the manifest.
 Only the first process needs the model's weights: a process holding it as a skeleton (parameters on the meta device,
 as the CLI loads it in every process after the first) is lent each layer's weights for the layer's turn (lent).
 """
@@ -70,14 +71,10 @@ def joined(device):
         dist.destroy_process_group()
 
 
-def check(algo, config, resume):
-    """Refuse, by name, what does not run data-parallel yet."""
-    if world() == 1:
-        return
-    batch_of(getattr(config, "batch", None))
-    if resume is not None:
-        raise ValueError(f"--resume-dir does not run data-parallel yet (here in a group of {world()} processes); "
-                         "run without it, or in one process")
+def check(config):
+    """Refuse, by name, a setting the processes cannot share (BESA's --batch)."""
+    if world() > 1:
+        batch_of(getattr(config, "batch", None))
 
 
 def same_model(model):
@@ -141,12 +138,30 @@ def _borrowed(store, name, device, keep):
 
 
 def from_first(compute, *args):
-    """compute(*args) as the first process finds it, in every process (the others may hold a skeleton)."""
+    """compute(*args) as the first process finds it, in every process (the others may hold a skeleton, or must not
+    repeat it: a write); where it raises there, the same error is raised in every process, none left waiting."""
     if world() == 1:
         return compute(*args)
-    value = [compute(*args) if rank() == 0 else None]
-    dist.broadcast_object_list(value, 0, device=_collective_device())
-    return value[0]
+    outcome = [None]
+    if rank() == 0:
+        try:
+            outcome = [(None, compute(*args))]
+        except Exception as exc:
+            outcome = [(exc, None)]
+    dist.broadcast_object_list(outcome, 0, device=_collective_device())
+    error, value = outcome[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def raised_anywhere(error):
+    """Every process passes the error it met (None: none), and every process raises the first process's in rank
+    order, if any: one that failed alone (a full disk) would leave the others waiting in the next collective call."""
+    errors = gathered(error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def share(samples):

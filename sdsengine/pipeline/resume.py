@@ -12,6 +12,12 @@ progress.json last, and the activations it no longer names are deleted only afte
 any point while saving resumes from the layer before or the one just saved. Progress made with another
 recipe, other calibration tokens or another model is refused, naming which of them differs (the manifest
 keeps the recipe and digests of the tokens and weights), never mixed in.
+
+In a data-parallel group (pipeline/parallel.py) the directory is shared by the processes (one machine, or a file
+system they all see). The first process fingerprints the run, holds the directory, and writes the layers' weights and
+the manifest; each process writes the activations of its own windows (activations-NNNN-RofP.pt) before the manifest
+moves on to them. Progress is resumed by as many processes as made it (the number is in the fingerprint: each one's
+windows, and the order of the sums, depend on it).
 """
 import dataclasses
 import functools
@@ -27,9 +33,12 @@ import torch
 from sdsengine import locks
 from sdsengine.files import unwritable
 
+from . import parallel
+
 MANIFEST = "progress.json"
 LEGACY_ACTIVATIONS = "activations.pt"  # progress saved before the file was named by its layer count
-OWN_FILE = re.compile(r"(layer-\d{4,}\.pt|activations-\d{4,}\.pt|activations\.pt)(\.tmp)?|progress\.json\.tmp")
+OWN_FILE = re.compile(r"(layer-\d{4,}\.pt|activations-\d{4,}(-\d+of\d+)?\.pt|activations\.pt)(\.tmp)?"
+                      r"|progress\.json\.tmp")
 
 
 class ResumeStore:
@@ -50,19 +59,26 @@ class ResumeStore:
         self._manifest()
         if blocked := unwritable(self.dir):
             raise PermissionError(f"resume directory {self.dir}: {blocked} is not a writable directory")
-        if self.dir.is_dir() and locks.held(self.dir) is None:  # a resubmitted job: named before its model loads
+        # a resubmitted job: named before its model loads (by the first process of a group: it holds the directory
+        # for the group, and the others' tries would meet its hold)
+        if self.dir.is_dir() and locks.held(self.dir) is None and parallel.rank() == 0:
             if (fd := self._hold()) is not None:
                 locks.release(fd)  # taken for good by identify()
         return self
 
     def identify(self, model, config, samples):
-        """Fingerprint the run (before any weight changes) and refuse another run's progress; called before
-        the calibration inputs are captured, so a wrong directory is named before that work."""
+        """Fingerprint the run (before any weight changes; `samples`: all the windows, of every process) and refuse
+        another run's progress; called before the calibration inputs are captured, so a wrong directory is named
+        before that work. In a group, the first process does it for all (it holds the weights)."""
+        self.fingerprint, self.run = parallel.from_first(self._identify, model, config, samples)
+        return self
+
+    def _identify(self, model, config, samples):
         self.fingerprint, self.run = identity(model, config, samples)
         self._own_progress()
         self._lock()
         self._own_progress()  # again: another run may have begun here before the lock was taken
-        return self
+        return self.fingerprint, self.run
 
     def _lock(self):
         """Hold the directory (made here if new: a lock needs it) for this process, or refuse it where another
@@ -88,15 +104,16 @@ class ResumeStore:
         `dense` and return the finished layers' reports, else return []."""
         if self.fingerprint is None:
             raise RuntimeError("ResumeStore.begin() before identify()")
-        manifest = self._own_progress()  # again: another run may have begun here since identify()
-        if manifest is None or manifest["done"] == 0:
-            self._start(len(layers))
+        manifest = parallel.from_first(self._started, len(layers))
+        if manifest is None:
             return []
         done = manifest["done"]
         _warn_other_threads(manifest.get("run") or {}, self.run)
         for i in range(done):
-            layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
-        activations = self.dir / manifest.get("activations", LEGACY_ACTIVATIONS)
+            if not any(p.is_meta for p in layers[i].parameters()):  # a skeleton's (data-parallel): the first's only
+                layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
+        name = manifest.get("activations", LEGACY_ACTIVATIONS) if parallel.world() == 1 else None
+        activations = self.dir / name if name else self._activations_file(done)
         saved = self._ours(activations, mmap=True)  # copied in below: no 2nd copy
         if saved["done"] != done:
             raise ValueError(f"resume directory {self.dir}: activations after layer {saved['done']} do not "
@@ -108,6 +125,14 @@ class ResumeStore:
         self.resumed_from = done
         self.earlier_seconds = sum(r.seconds for r in reports)
         return reports
+
+    def _started(self, layers):
+        """This run's manifest with some layers done, else None once a new run's manifest is written."""
+        manifest = self._own_progress()  # again: another run may have begun here since identify()
+        if manifest is None or manifest["done"] == 0:
+            self._start(layers)
+            return None
+        return manifest
 
     def _own_progress(self):
         """This run's manifest, None if the directory holds none; refuses another run's."""
@@ -132,20 +157,27 @@ class ResumeStore:
                               "activations": None, "reports": []})
 
     def save(self, layers, reports, inps, dense):
-        """After layer len(reports)-1: its weights, the next layer's inputs, then the manifest."""
+        """After layer len(reports)-1: its weights, the next layer's inputs (each process its own), then the
+        manifest, once every process's files are written."""
         done = len(reports)
-        layer = {"fingerprint": self.fingerprint, "state": layers[done - 1].state_dict()}
-        self._write(self._layer_file(done - 1), functools.partial(torch.save, layer))
         activations = self._activations_file(done)
-        saved = {"fingerprint": self.fingerprint, "done": done, "inps": inps,
-                 "dense": dense.inps if dense is not None else None}
-        self._write(activations, functools.partial(torch.save, saved))
-        self._write_manifest({"fingerprint": self.fingerprint, "run": self.run, "done": done,
-                              "layers": len(layers), "activations": activations.name,
-                              "reports": [dataclasses.asdict(r) for r in reports]})
+        error = None
+        try:
+            if parallel.rank() == 0:
+                layer = {"fingerprint": self.fingerprint, "state": layers[done - 1].state_dict()}
+                self._write(self._layer_file(done - 1), functools.partial(torch.save, layer))
+            saved = {"fingerprint": self.fingerprint, "done": done, "inps": inps,
+                     "dense": dense.inps if dense is not None else None}
+            self._write(activations, functools.partial(torch.save, saved))
+        except OSError as exc:  # (a full disk) raised in every process of a group, none left waiting
+            error = exc
+        parallel.raised_anywhere(error)
+        parallel.from_first(self._write_manifest, {
+            "fingerprint": self.fingerprint, "run": self.run, "done": done, "layers": len(layers),
+            "activations": activations.name, "reports": [dataclasses.asdict(r) for r in reports]})
         for older in self._activations_files():  # only now: until the manifest moved on, they were its
             if older != activations:
-                older.unlink()
+                older.unlink(missing_ok=True)  # the first process's clear() may be deleting them already
 
     def finished(self):
         """The number of layers where the progress here has them all done (what a run stopped after saving its
@@ -248,10 +280,18 @@ class ResumeStore:
         return self.dir / f"layer-{index:04d}.pt"
 
     def _activations_file(self, done):
-        return self.dir / f"activations-{done:04d}.pt"
+        """This process's activations after `done` layers."""
+        return self.dir / f"activations-{done:04d}{_process()}.pt"
 
     def _activations_files(self):
-        return [p for p in self._own_files() if p.name.startswith("activations") and p.suffix == ".pt"]
+        """This process's activations files (in a group, each process deletes its own)."""
+        mine = re.compile(rf"activations(-\d{{4,}}{_process()})?\.pt")
+        return [p for p in self._own_files() if mine.fullmatch(p.name)]
+
+
+def _process():
+    """How this process's activations files are told apart from the others' in a group: -RofP."""
+    return f"-{parallel.rank()}of{parallel.world()}" if parallel.world() > 1 else ""
 
 
 def fingerprint(model, config, samples) -> str:
@@ -268,6 +308,8 @@ def identity(model, config, samples):
     tokens = samples.cpu().numpy().tobytes()
     h, weights, dtypes = hashlib.sha256(recipe.encode()), hashlib.sha256(), set()
     h.update(tokens)
+    if parallel.world() > 1:  # each process's windows and the sums' order depend on it (one process: as before)
+        h.update(f"processes {parallel.world()}".encode())
     with torch.no_grad():
         for name, t in model.state_dict().items():
             total, absolute = _sums(t)
@@ -278,7 +320,8 @@ def identity(model, config, samples):
     parts = {"recipe": json.loads(recipe),
              "calibration": {"windows": list(samples.shape), "sha256": hashlib.sha256(tokens).hexdigest()},
              "model": {"dtypes": sorted(dtypes), "sha256": weights.hexdigest()},
-             "threads": torch.get_num_threads()}  # not in the fingerprint: a resume may change it (with a warning)
+             "threads": torch.get_num_threads(),  # not in the fingerprint: a resume may change it (with a warning)
+             "processes": parallel.world()}
     return h.hexdigest(), parts
 
 
@@ -304,6 +347,9 @@ def differences(saved, current) -> list[str]:
         found.append(f"calibration: {_windows(old)} windows there, {_windows(new)} here"
                      if old.get("windows") != new["windows"] else
                      "calibration: other tokens in as many windows (another seed or data)")
+    old, new = saved.get("processes", 1), current.get("processes", 1)
+    if old != new:
+        found.append(f"processes: {old} there, {new} here")
     old, new = saved.get("model", {}), current["model"]
     if old != new:
         found.append(f"model: {'/'.join(old.get('dtypes', ['?']))} weights there, {'/'.join(new['dtypes'])} here"

@@ -50,7 +50,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     resume: a ResumeStore (methods with calibration data): keeps the progress after every layer and
     continues from it; another run's progress is refused before the inputs are captured."""
     algo = algorithm_for(config)
-    parallel.check(algo, config, resume)
+    parallel.check(config)
     parallel.same_model(model)
     progress = progress and parallel.rank() == 0  # one bar and one log for a group of processes
     layers, targets = plan_targets(model, config)
@@ -58,9 +58,9 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
         return [_prune_without_data(i, layers[i], t, algo, config) for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
         raise ValueError(f"method {config.method!r} needs calibration samples")
-    samples = parallel.share(samples)  # data-parallel: this process's windows (pipeline/parallel.py)
     if resume:
-        resume.identify(model, config, samples)
+        resume.identify(model, config, samples)  # all the windows, in every process of a group
+    samples = parallel.share(samples)  # data-parallel: this process's windows (pipeline/parallel.py)
     device = torch.device(config.device)
     dense_stream = _needs_dense_stream(algo, config)
     inps, layer_kwargs = capture_layer_inputs(model, samples, device,
