@@ -301,6 +301,19 @@ def _skeleton_first():
                                                progress=False))
 
 
+def _short_of_host_memory():
+    """A prune in a machine whose host memory holds one process's activations and not both processes'."""
+    from sdsengine.pipeline import memory
+    one = memory.activation_bytes(tiny_model("llama"), 3, tiny_tokens(nsamples=5).shape[1], False)  # 3 windows of 5
+    memory.available_bytes = lambda device: int(1.5 * one)  # in this spawned process only
+    return _refusal(CASES["wanda 2:4"][1], 5)
+
+
+def test_the_host_memory_a_machines_processes_share_is_checked_for_all_of_them(tmp_path):
+    for message in run_in_group(tmp_path, _short_of_host_memory):
+        assert "and this machine's other processes" in message and "lower --nsamples or --seqlen" in message
+
+
 def test_too_few_windows_are_refused(tmp_path):
     for message in run_in_group(tmp_path, _refusal, CASES["wanda 2:4"][1], 1):
         assert "1 calibration windows cannot be shared by 2 processes" in message

@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -361,6 +362,14 @@ def describe(samples, memory):
     report's `memory` is the first process's)."""
     windows = None if samples is None else [len(dealt(samples.shape[0], r)) for r in range(world())]
     return {"processes": world(), "backend": dist.get_backend(), "windows": windows, "memory": gathered(memory)}
+
+
+def on_this_machine(value):
+    """The sum of `value` over the processes on this machine (by host name): this one's alone outside a group."""
+    if world() == 1:
+        return value
+    here = socket.gethostname()
+    return sum(v for host, v in gathered((here, value)) if host == here)
 
 
 def gathered(obj):

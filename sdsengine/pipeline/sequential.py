@@ -497,7 +497,8 @@ def _activation_store(model, samples, device, dense_stream, progress):
     """Where the calibration activations will live; refuses before any work if they cannot fit there."""
     need = memory.activation_bytes(model, *samples.shape, dense_stream)
     store = memory.store_device(device, need)
-    memory.check_fits(need, store, tuple(samples.shape))
+    hosted = need if store.type == "cpu" else 0  # data-parallel: a machine's processes share its host memory
+    memory.check_fits(need, store, tuple(samples.shape), parallel.on_this_machine(hosted) - hosted)
     if progress:
         print(f"calibration activations: {memory.describe(need)} on {store}", file=sys.stderr)
     return store
