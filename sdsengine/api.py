@@ -11,8 +11,9 @@ from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import CALIBRATION_FILES, calibration_protocol, calibration_samples, resolve_data_dir
 from sdsengine.nn.sparse_linear import SparseLinear
 from sdsengine.pipeline import adapters, experts, parallel
+from sdsengine.pipeline.memory import available_bytes
 from sdsengine.pipeline.resume import ResumeStore
-from sdsengine.pipeline.sequential import plan_targets, prune_model
+from sdsengine.pipeline.sequential import activation_plan, needs_dense_stream, plan_targets, prune_model
 
 
 @dataclass
@@ -36,13 +37,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     The model is pruned in place, layer by layer: where the call raises, the layers and linears done so far
     stay pruned (and a weight the run stopped on, inf/NaN, stays in the model): load it again to start over.
     """
-    if not isinstance(config, PruneConfig):
-        raise TypeError("config must be a method config such as sdsengine.SparseGPTConfig, got "
-                        f"{type(config).__name__}")
-    check_device(config.device)
-    adapters.layout_for(model)  # an unsupported model is named before its inputs are looked at
-    if any(isinstance(m, SparseLinear) for m in model.modules()):  # its linears would all be skipped
-        raise ValueError("the model holds SparseLinear layers (it was converted): prune the model it came from")
+    _check(model, config)
     memory_at_start = report.peak_memory(config.device)
     # a mixture of experts' fused expert banks as per-expert linears, put back pruned whatever happens
     with experts.unfused(adapters.decoder_layers(model)):
@@ -64,6 +59,50 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)
+
+
+def plan(model, config, calibration=None, tokenizer=None) -> dict:
+    """What sdsengine.prune(model, config, calibration, tokenizer) would prune and the memory it would keep, checked as
+    prune checks before its work (the calibration windows built), nothing pruned. `model` may be a skeleton
+    (models.load_model(M, skeleton=True)): no weight is read, so a large model's plan takes seconds. Sizes in bytes;
+    a layer's statistics counted one per linear (linears that read one input share theirs in a prune). In one
+    process (a group's processes would plan their shares)."""
+    _check(model, config)
+    if parallel.world() > 1:
+        raise ValueError("a prune's plan is made in one process (run the dry run without torchrun)")
+    algo = algorithm_for(config)
+    with experts.unfused(adapters.decoder_layers(model)):
+        layers, targets = plan_targets(model, config)
+        samples, protocol = _calibration(model, config, calibration, tokenizer)
+        every = sum(len(adapters.pruned_linears(layer)) for layer in layers)
+        dense_stream = needs_dense_stream(algo, config)
+        statistics = None if algo.STATS is None else max(
+            sum(algo.STATS.nbytes(adapters.get_weight(m).shape[1], dense_stream) for m in t.values()) for t in targets)
+        weights = [_bytes(layer.parameters()) for layer in layers]
+        activations, store = activation_plan(model, config, samples) if samples is not None else (0, None)
+    return {"method": config.method, "sparsity": str(config.sparsity), "device": str(config.device),
+            "layers": len(layers), "linears_pruned": sum(map(len, targets)),
+            "linears_kept_dense": every - sum(map(len, targets)), "calibration": protocol,
+            "weights_bytes": _bytes(model.parameters()), "dtype": str(next(model.parameters()).dtype),
+            "host_available_bytes": available_bytes(torch.device("cpu")),
+            "largest_layer_bytes": max(weights), "layer_statistics_bytes": statistics,
+            "activations_bytes": activations, "activations_on": store and str(store)}
+
+
+def _bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check(model, config):
+    """What prune and plan refuse before anything else: not a method config, an unusable device, a layout not
+    supported, a converted model."""
+    if not isinstance(config, PruneConfig):
+        raise TypeError("config must be a method config such as sdsengine.SparseGPTConfig, got "
+                        f"{type(config).__name__}")
+    check_device(config.device)
+    adapters.layout_for(model)  # an unsupported model is named before its inputs are looked at
+    if any(isinstance(m, SparseLinear) for m in model.modules()):  # its linears would all be skipped
+        raise ValueError("the model holds SparseLinear layers (it was converted): prune the model it came from")
 
 
 def _warn_few_tokens(few):

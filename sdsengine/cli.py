@@ -18,7 +18,7 @@ from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_ze
 from sdsengine.models import default_gguf, load_model
 from sdsengine.nn import convert, save_compressed, set_lean
 from sdsengine.nn.convert import fused_bank_share, is_compressed_checkpoint, skip_reasons, weight_count
-from sdsengine.pipeline import parallel
+from sdsengine.pipeline import memory, parallel
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -116,6 +116,9 @@ def build_parser():
     p.add_argument("--resume-dir", default=None, action=_Once,
                    help="keep the run's progress here after every layer; the same command run again goes on after "
                         "the last finished layer (removed once saved)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the command (model layout, --ignore, pattern, calibration data, --out) and print what "
+                        "it would prune and the memory it would keep, reading no weights; nothing is pruned or saved")
 
     e = sub.add_parser("eval", help="perplexity (and zero-shot) evaluation")
     _add_model_flags(e)
@@ -233,7 +236,10 @@ def _prune_and_save(args, config, calib, needs_data):
     if needs_data:
         check_calibration_source(calib)
     # data-parallel: the first process lends the others each layer's weights (parallel.lent), who load none
-    model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=parallel.rank() > 0)
+    model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=args.dry_run or parallel.rank() > 0)
+    if args.dry_run:
+        print(_plan_text(api.plan(model, config, calib if needs_data else None, tokenizer), source))
+        return
     result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
                        resume_dir=args.resume_dir)
     if parallel.rank() != 0:  # every process holds the same pruned model: the first saves it
@@ -247,6 +253,34 @@ def _prune_and_save(args, config, calib, needs_data):
         if config.ignore else ""
     print(f"\n{config.method} {config.sparsity}: sparsity {result.report['overall_sparsity']:.4f} of the pruned "
           f"linears{ignored}, {result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
+
+
+def _plan_text(plan, source):
+    """A prune's plan (api.plan) for people."""
+    size = memory.describe
+    lines = [f"dry run, nothing pruned or saved: {plan['method']} {plan['sparsity']} of {source}",
+             f"  {plan['layers']} decoder layers; {plan['linears_pruned']} linears to prune, "
+             f"{plan['linears_kept_dense']} kept dense (--ignore)",
+             f"  model weights: {size(plan['weights_bytes'])} ({plan['dtype'].removeprefix('torch.')}) in host "
+             f"memory{_beyond(plan)}; each layer in turn on {plan['device']}, the largest "
+             f"{size(plan['largest_layer_bytes'])}"]
+    if plan["calibration"]:
+        calib = plan["calibration"]
+        lines += [f"  a layer's statistics (float32): up to {size(plan['layer_statistics_bytes'])} on "
+                  f"{plan['device']}",
+                  f"  calibration activations: {size(plan['activations_bytes'])} on {plan['activations_on']} "
+                  f"({calib['nsamples']} windows x {calib['seqlen']} tokens of {calib['dataset']})"]
+    lines.append("  plus the method's own working memory, not estimated here (measured ones: README, Speed)")
+    return "\n".join(lines)
+
+
+def _beyond(plan):
+    """Where the weights alone exceed the host memory available now: said, with what lowers it."""
+    free = plan["host_available_bytes"]
+    if free is None or plan["weights_bytes"] <= free:
+        return ""
+    halves = "; --dtype bfloat16 or float16 halves them" if plan["dtype"] == "torch.float32" else ""
+    return f" (MORE than the {memory.describe(free)} available here: the load would fail{halves})"
 
 
 def _finished_progress(args):

@@ -173,3 +173,14 @@ def test_sparsegpt_matches_slow_reference(pattern, nm, rows, cols, blocksize):
     slow = slow_sparsegpt(w, stats.H, cfg.sparsity.sparsity, nm, blocksize, 0.01)
     assert torch.equal(fast != 0, slow != 0)
     torch.testing.assert_close(fast, slow, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dense_stream", [False, True])
+def test_statistics_say_the_bytes_they_hold(dense_stream):
+    """What a prune's plan (sdsengine.plan) counts for a linear's statistics is what they hold once fed."""
+    for stats_type in (InputNorms, Hessian):
+        stats = stats_type(12, "cpu")
+        x = torch.randn(5, 12)
+        stats.add_batch(x, x + 1 if dense_stream else None)
+        held = sum(t.numel() * t.element_size() for t in vars(stats).values() if torch.is_tensor(t))
+        assert stats_type.nbytes(12, dense_stream) == held

@@ -374,3 +374,30 @@ def test_a_prune_interrupted_after_its_save_names_the_checkpoint(tmp_path, capsy
     assert (f"interrupted after the checkpoint was saved to {out}; {progress} (--resume-dir) is no longer needed: "
             "delete it") in capsys.readouterr().err
     assert (out / "config.json").is_file()
+
+
+def test_a_dry_run_checks_and_plans_without_reading_a_weight(tmp_path, capsys, monkeypatch):
+    """--dry-run: the model as a skeleton (from_pretrained never called), the calibration windows built, the plan
+    printed, nothing pruned or saved; a mistake a run would refuse is refused the same."""
+    import transformers
+
+    from tiny_models import save_tiny_tokenizer, tiny_model
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("a " * 2000)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", None)  # any weight load fails
+    flags = ["prune", "--model", str(tmp_path / "model"), "--method", "sds", "--teacher", "dense", "--sparsity", "2:4",
+             "--calib", str(tmp_path / "calib.txt"), "--nsamples", "3", "--seqlen", "16", "--out", str(tmp_path / "out"),
+             "--dry-run", "--ignore", "model.layers.0.mlp"]
+    assert main(flags) == 0
+    text = capsys.readouterr().out
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    assert "dry run, nothing pruned or saved: sds 2:4" in text and "2 decoder layers; 11 linears to prune, 3 kept" in text
+    assert f"model weights: {sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20:.1f} MiB (float32)" in text
+    # the dense stream: four activation buffers; a layer's Hessians with their two dense-stream companions
+    assert f"calibration activations: {4 * 3 * 16 * hidden * 4 / 2 ** 20:.1f} MiB on cpu (3 windows x 16" in text
+    assert f"up to {3 * 4 * (6 * hidden ** 2 + inner ** 2) / 2 ** 20:.1f} MiB" in text
+    assert not (tmp_path / "out").exists()
+    assert main(flags[:-1] + ["model.layer.0.mlp"]) == 2
+    assert "--ignore pattern(s) ['model.layer.0.mlp'] match no module" in capsys.readouterr().err

@@ -250,3 +250,22 @@ def test_dense_stream_carries_the_unpruned_model(monkeypatch):
     torch.testing.assert_close(C0, H0)
     C1, H1 = method.cross[1]
     assert not torch.allclose(C1, H1, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_a_plan_prunes_nothing_and_is_the_same_for_a_skeleton(family):
+    """sdsengine.plan: the model's weights untouched, the same plan from its skeleton (no weights), and the linears
+    it counts are the ones a prune then prunes (a mixture's experts one by one)."""
+    from sdsengine.models import skeleton
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = SparseGPTConfig(sparsity="2:4", ignore=["model.layers.0.self_attn.q_proj"])
+    plan = sdsengine.plan(model, config, tiny_tokens(nsamples=3))
+    planned = sdsengine.plan(skeleton(model.config), config, tiny_tokens(nsamples=3))
+    assert planned.pop("host_available_bytes") > 0 and plan.pop("host_available_bytes") > 0  # read at each call
+    assert plan == planned
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    result = sdsengine.prune(model, config, tiny_tokens(nsamples=3), progress=False)
+    assert plan["linears_pruned"] == sum(len(layer.linears) for layer in result.layers)
+    assert plan["linears_kept_dense"] == 1 and plan["layers"] == len(result.layers)
+    assert plan["weights_bytes"] == sum(p.numel() * 4 for p in model.parameters())

@@ -14,6 +14,11 @@ class InputNorms:
         self.sq = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
+    @staticmethod
+    def nbytes(in_features, dense_stream):
+        """The bytes one holds (a prune's plan, api.plan)."""
+        return 4 * in_features
+
     def add_batch(self, x, dense_x=None):
         x = x.reshape(-1, x.shape[-1]).float()
         self.sq += (x * x).sum(dim=0)
@@ -39,6 +44,11 @@ class Hessian:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.C = self.T = None
         self.tokens = 0
+
+    @staticmethod
+    def nbytes(in_features, dense_stream):
+        """The bytes one holds (a prune's plan, api.plan): H, and C and T with the dense stream."""
+        return 4 * in_features ** 2 * (3 if dense_stream else 1)
 
     def add_batch(self, x, dense_x=None):
         x = x.reshape(-1, x.shape[-1]).float()

@@ -62,11 +62,12 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
         resume.identify(model, config, samples)  # all the windows, in every process of a group
     samples = parallel.share(samples)  # data-parallel: this process's windows (pipeline/parallel.py)
     device = torch.device(config.device)
-    dense_stream = _needs_dense_stream(algo, config)
-    inps, layer_kwargs = capture_layer_inputs(model, samples, device,
-                                              _activation_store(model, samples, device, dense_stream, progress))
+    need, store = activation_plan(model, config, samples)
+    if progress:
+        print(f"calibration activations: {memory.describe(need)} on {store}", file=sys.stderr)
+    inps, layer_kwargs = capture_layer_inputs(model, samples, device, store)
     outs = torch.empty_like(inps)
-    dense = DenseStream(inps.clone(), torch.empty_like(inps)) if dense_stream else None
+    dense = DenseStream(inps.clone(), torch.empty_like(inps)) if needs_dense_stream(algo, config) else None
     reports = resume.begin(layers, inps, dense, LayerReport) if resume else []
     for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
         kwargs = to_device(layer_kwargs[i], device)
@@ -86,7 +87,7 @@ class DenseStream:
     outs: torch.Tensor
 
 
-def _needs_dense_stream(algo, config):
+def needs_dense_stream(algo, config):
     return bool(getattr(algo, "needs_dense_stream", lambda c: False)(config))
 
 
@@ -493,15 +494,14 @@ def _refuse_broken(where, weight, violations, config):
                            f"pattern (a bug: please report it); {stopped}")
 
 
-def _activation_store(model, samples, device, dense_stream, progress):
-    """Where the calibration activations will live; refuses before any work if they cannot fit there."""
-    need = memory.activation_bytes(model, *samples.shape, dense_stream)
-    store = memory.store_device(device, need)
+def activation_plan(model, config, samples):
+    """(bytes, device) of the calibration activations that a prune on `samples` (this process's windows) keeps between
+    layers; refuses before any work if they cannot fit there."""
+    need = memory.activation_bytes(model, *samples.shape, needs_dense_stream(algorithm_for(config), config))
+    store = memory.store_device(torch.device(config.device), need)
     hosted = need if store.type == "cpu" else 0  # data-parallel: a machine's processes share its host memory
     memory.check_fits(need, store, tuple(samples.shape), parallel.on_this_machine(hosted) - hosted)
-    if progress:
-        print(f"calibration activations: {memory.describe(need)} on {store}", file=sys.stderr)
-    return store
+    return need, store
 
 
 def _bar(items, progress, **kwargs):
