@@ -51,7 +51,7 @@ def check_fits(need, store, samples_shape, others=0):
     free = available_bytes(store)
     if free is not None and need + others > free:
         nsamples, seqlen = samples_shape
-        beside = f", and this machine's other processes {describe(others)} beside them," if others else ""
+        beside = f", and this machine's other processes {describe(others)} beside them" if others else ""
         raise ValueError(f"the calibration activations need {describe(need)} on {store} ({nsamples} windows "
-                         f"x {seqlen} tokens){beside} but {describe(free)} is available there: lower --nsamples "
+                         f"x {seqlen} tokens){beside}, but {describe(free)} is available there: lower --nsamples "
                          "or --seqlen")

@@ -463,7 +463,7 @@ def _every_expert(prefix, name):
 
 
 def _non_finite(weight):
-    if weight.is_meta:  # a skeleton's, data-parallel: the first process checks the weights it lends
+    if weight.is_meta:  # a skeleton's (data-parallel: the first process checks the weights it lends; a dry run)
         return 0
     return int(weight.numel() - torch.isfinite(weight).sum())
 
