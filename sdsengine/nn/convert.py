@@ -419,7 +419,7 @@ def _model_from_config(directory, dtype):
         config = AutoConfig.from_pretrained(directory)
     except Exception as exc:
         raise ValueError(f"compressed checkpoint {directory} has no usable config.json: {exc}") from exc
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, **transformers_compat.dtype_kwargs(dtype))
     if (directory / "generation_config.json").is_file():  # from_config does not read it; from_pretrained does
         from transformers import GenerationConfig
@@ -428,7 +428,7 @@ def _model_from_config(directory, dtype):
 
 
 @contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Parameters registered inside go to the meta device: no memory, and their initialisation costs
     nothing. Buffers stay where they are made: rotary frequencies and the like are computed at
     construction and are not in a checkpoint. (It patches nn.Module for the while: modules another thread
