@@ -249,6 +249,26 @@ def test_a_group_stopped_then_resumed_equals_an_unbroken_group(tmp_path):
         assert torch.equal(value, resumed["weights"][key]), key
 
 
+def _wanda_with_a_skeleton(family):
+    model = tiny_model(family)
+    if parallel.rank() > 0:
+        model = models.skeleton(model.config)
+    sdsengine.prune(model, CASES["wanda 2:4"][1], tiny_tokens(nsamples=4), progress=False)
+    return model.state_dict() if parallel.rank() == 0 else all(p.is_meta for p in model.parameters())
+
+
+# what each forward reads before layer 0 differs: OPT's learned positions and projections, BLOOM's embedding norm,
+# GPT-2's position table, Gemma 3's embedding scale (a buffer), DeepSeek-V3's dense first layer beside its experts
+@pytest.mark.parametrize("family", ["opt", "bloom", "gpt2", "gemma3", "deepseek_v3"])
+def test_a_skeleton_is_lent_what_each_family_reads(family, tmp_path):
+    model = tiny_model(family)
+    sdsengine.prune(model, CASES["wanda 2:4"][1], tiny_tokens(nsamples=4), progress=False)
+    first, skeleton_after = run_in_group(tmp_path, _wanda_with_a_skeleton, family)
+    assert skeleton_after and first.keys() == model.state_dict().keys()
+    for key, weight in model.state_dict().items():
+        assert ((weight != 0) == (first[key] != 0)).float().mean() > 0.99, key
+
+
 def _magnitude(skeleton):
     model = tiny_model("llama")
     if skeleton and parallel.rank() > 0:
