@@ -58,7 +58,7 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     # what was tried, for the errors: a mistyped local 'dir/name' reads as a hub id
     tried = "" if path.exists() else f" (no local {path} exists, so it was looked up as a hub id)"
     tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"), needs_tokenizer)
-    if not kwargs.get("gguf_file") and not any_layout:
+    if not kwargs.get("gguf_file") and not any_layout and not skeleton:  # a skeleton is checked as built, below
         _refuse_layout_before_loading(location)
     try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
         if skeleton:

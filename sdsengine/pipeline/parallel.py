@@ -103,7 +103,7 @@ def lent(modules, device):
     and lets them go after. So only the first process holds the whole model in memory; the others hold the layer
     they run. Every process enters together, the first with its modules on `device`. Where no process holds a
     skeleton, nothing happens."""
-    mine = any(p.is_meta for m in modules for p in m.parameters())
+    mine = any(map(is_skeleton, modules))
     borrowing = gathered(mine)
     if borrowing[0]:
         lends = " (the first process of a group lends the others the weights)" if world() > 1 else ""
@@ -118,6 +118,11 @@ def lent(modules, device):
     finally:
         for store, name, own in taken:
             store[name] = own
+
+
+def is_skeleton(module):
+    """Whether the module's parameters are on the meta device (a skeleton's, lent its weights: see lent)."""
+    return any(p.is_meta for p in module.parameters())
 
 
 def _slots(modules):
@@ -277,7 +282,7 @@ def _broadcast_result(module, info, src):
     if rank() != src:
         adapters.set_weight(module, weight)
     light = [None if info is None else {k: _Shape(v) if torch.is_tensor(v) else v for k, v in info.items()}]
-    dist.broadcast_object_list(light, src, device=weight.device if weight.is_cuda else None)
+    dist.broadcast_object_list(light, src, device=_collective_device())
     if light[0] is None:
         return None
     received = dict(light[0])

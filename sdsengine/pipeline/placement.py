@@ -16,7 +16,7 @@ def visiting(modules, device):
     OOM or Ctrl-C left on the GPU split the model across devices, and the next prune took the GPU for that layer's
     home. A skeleton's modules are lent theirs by the first process instead (parallel.lent)."""
     # a module with buffers only (rotary embeddings) has its home where its buffers are
-    homes = [(m, _home(m)) for m in modules if not any(p.is_meta for p in m.parameters())]
+    homes = [(m, _home(m)) for m in modules if not parallel.is_skeleton(m)]
     for module, _ in homes:
         module.to(device)
     try:

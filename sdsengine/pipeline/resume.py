@@ -110,7 +110,7 @@ class ResumeStore:
         done = manifest["done"]
         _warn_other_threads(manifest.get("run") or {}, self.run)
         for i in range(done):
-            if not any(p.is_meta for p in layers[i].parameters()):  # a skeleton's (data-parallel): the first's only
+            if not parallel.is_skeleton(layers[i]):  # data-parallel: a skeleton's layers are the first process's
                 layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
         name = manifest.get("activations", LEGACY_ACTIVATIONS) if parallel.world() == 1 else None
         activations = self.dir / name if name else self._activations_file(done)
