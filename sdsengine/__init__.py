@@ -1,7 +1,7 @@
 """sdsengine: one-shot pruning of language models to 2:4 and other sparsity."""
 __version__ = "0.1.0"
 
-from sdsengine.api import PruneResult, plan, prune  # noqa: E402
+from sdsengine.api import PruneResult, plan, prune, prune_checkpoint  # noqa: E402
 from sdsengine.config import (  # noqa: E402
     BESAConfig,
     CalibrationConfig,
@@ -15,6 +15,6 @@ from sdsengine.config import (  # noqa: E402
 
 from sdsengine.nn import SparseLinear, convert, load_compressed, save_compressed  # noqa: E402
 
-__all__ = ["convert", "SparseLinear", "load_compressed", "save_compressed", "prune", "plan", "PruneResult",
-           "BESAConfig", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SDSConfig", "SparseGPTConfig",
-           "SparsityPattern", "WandaConfig"]
+__all__ = ["convert", "SparseLinear", "load_compressed", "save_compressed", "prune", "prune_checkpoint", "plan",
+           "PruneResult", "BESAConfig", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SDSConfig",
+           "SparseGPTConfig", "SparsityPattern", "WandaConfig"]

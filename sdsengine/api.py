@@ -1,4 +1,5 @@
 """The Python API: one verb per job. `prune(model, config, calibration)` prunes in place."""
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from sdsengine.algorithms import algorithm_for
 from sdsengine.config import CalibrationConfig, PruneConfig, check_device
 from sdsengine.data import CALIBRATION_FILES, calibration_protocol, calibration_samples, resolve_data_dir
 from sdsengine.nn.sparse_linear import SparseLinear
-from sdsengine.pipeline import adapters, experts, parallel
+from sdsengine.pipeline import adapters, experts, parallel, streaming
 from sdsengine.pipeline.memory import available_bytes
 from sdsengine.pipeline.resume import ResumeStore
 from sdsengine.pipeline.sequential import activation_plan, needs_dense_stream, plan_targets, prune_model
@@ -24,7 +25,7 @@ class PruneResult:
 
 
 def prune(model, config, calibration=None, tokenizer=None, progress=True, model_source=None,
-          resume_dir=None) -> PruneResult:
+          resume_dir=None, weights=None) -> PruneResult:
     """Prune `model` in place by `config` (a method config such as SparseGPTConfig).
 
     `calibration` is a (nsamples, seqlen) LongTensor of token ids, or a CalibrationConfig (then
@@ -36,8 +37,13 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     calibration and its own device in config.device, the run is data-parallel (pipeline/parallel.py).
     The model is pruned in place, layer by layer: where the call raises, the layers and linears done so far
     stay pruned (and a weight the run stopped on, inf/NaN, stays in the model): load it again to start over.
+    `weights`: a streaming.WeightStream for a skeleton `model`, which reads each layer from the checkpoint and writes
+    it pruned (prune_checkpoint makes one).
     """
     _check(model, config)
+    if weights is not None and resume_dir is not None:
+        raise ValueError("a prune streamed from the checkpoint cannot be resumed yet: drop --resume-dir "
+                         "(resume_dir) or --stream-weights")
     memory_at_start = report.peak_memory(config.device)
     # a mixture of experts' fused expert banks as per-expert linears, put back pruned whatever happens
     with experts.unfused(adapters.decoder_layers(model)):
@@ -46,9 +52,11 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
         store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None
         start = time.perf_counter()
         with adapters.eval_mode(model):  # no dropout in the calibration forwards (a model from training has it on)
-            layers = prune_model(model, config, samples, progress=progress, resume=store)
+            layers = prune_model(model, config, samples, progress=progress, resume=store, weights=weights)
         seconds = time.perf_counter() - start
-        decoder_sparsity = parallel.from_first(report.decoder_sparsity, model)  # the others may hold a skeleton
+        # the others may hold a skeleton; a streamed model's layers were counted as they were written
+        counted = weights.decoder_sparsity if weights is not None else functools.partial(report.decoder_sparsity, model)
+        decoder_sparsity = parallel.from_first(counted)
     _warn_few_tokens(report.few_token_experts(layers))
     if store and store.resumed_from:
         seconds += store.earlier_seconds
@@ -59,6 +67,27 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     if store and store.resumed_from:
         info["resumed"] = {"from_layer": store.resumed_from, "earlier_seconds": round(store.earlier_seconds, 2)}
     return PruneResult(layers, seconds, info)
+
+
+def prune_checkpoint(model, out, config, calibration=None, dtype=None, overwrite=False, progress=True) -> PruneResult:
+    """Prune the model at `model` (a safetensors checkpoint directory, or a hub id) into the checkpoint directory `out`,
+    a layer at a time from its files: the host holds about one layer's weights, so a model larger than its memory can
+    be pruned (pipeline/streaming.py). Otherwise as prune(load_model(model, dtype), config, calibration, tokenizer)
+    followed by a save to `out`, and with the same result; out is written only once complete (replaced with
+    overwrite). In a group of processes (torchrun) every process calls it; the first reads and writes the files."""
+    from sdsengine import checkpoint
+    from sdsengine.models import load_model, weights_directory
+    out = checkpoint.check_output_dir(out, overwrite) if parallel.rank() == 0 else None
+    model, tokenizer, source = load_model(model, dtype, skeleton=True)
+    if parallel.rank() > 0:  # lent each layer by the first process (parallel.lent)
+        return prune(model, config, calibration, tokenizer, progress, source)
+    files = streaming.checkpoint_files(weights_directory(source))
+    with checkpoint.staged_directory(out, overwrite) as staged:
+        weights = streaming.WeightStream(model, files, staged)
+        result = prune(model, config, calibration, tokenizer, progress, source, weights=weights)
+        weights.finish()
+        checkpoint.save_beside_weights(model, tokenizer, staged, result.report)
+    return result
 
 
 def plan(model, config, calibration=None, tokenizer=None) -> dict:

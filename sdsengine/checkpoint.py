@@ -155,10 +155,26 @@ def save_checkpoint(model, tokenizer, out, report, overwrite=False) -> Path:
     out = check_output_dir(out, overwrite)
     with staged_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        _save_with_model(tokenizer, tmp, report)
     return out
+
+
+def save_beside_weights(model, tokenizer, directory, report):
+    """What save_checkpoint writes besides the weights, into a directory that already holds them (written by a stream,
+    pipeline/streaming.py): the config as save_pretrained writes it (the model's dtype and class in it), the generation
+    config, the tokenizer and the report."""
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    _save_with_model(tokenizer, directory, report)
+
+
+def _save_with_model(tokenizer, directory, report):
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / REPORT_NAME).write_text(json.dumps(report, indent=2))
 
 
 def _move_contents(tmp, out):

@@ -15,10 +15,10 @@ from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
 from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_zeroshot, results_table, task_list
-from sdsengine.models import default_gguf, load_model
+from sdsengine.models import default_gguf, load_model, weights_directory
 from sdsengine.nn import convert, save_compressed, set_lean
 from sdsengine.nn.convert import fused_bank_share, is_compressed_checkpoint, skip_reasons, weight_count
-from sdsengine.pipeline import memory, parallel
+from sdsengine.pipeline import memory, parallel, streaming
 from sdsengine.pipeline.resume import ResumeStore
 
 
@@ -116,6 +116,10 @@ def build_parser():
     p.add_argument("--resume-dir", default=None, action=_Once,
                    help="keep the run's progress here after every layer; the same command run again goes on after "
                         "the last finished layer (removed once saved)")
+    p.add_argument("--stream-weights", action="store_true",
+                   help="read each layer's weights from the model's safetensors files for its turn and write it pruned "
+                        "to --out as it is done: host memory holds about one layer, for a model larger than it (a "
+                        "checkpoint directory or hub id whose tensor names are the model's; not with --resume-dir)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the command (model layout, --ignore, pattern, calibration data, --out) and print what "
                         "it would prune and the memory it would keep, reading no weights; nothing is pruned or saved")
@@ -235,16 +239,25 @@ def _prune_and_save(args, config, calib, needs_data):
         ResumeStore(args.resume_dir).check()
     if needs_data:
         check_calibration_source(calib)
-    # data-parallel: the first process lends the others each layer's weights (parallel.lent), who load none
-    model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=args.dry_run or parallel.rank() > 0)
+    if args.stream_weights and args.resume_dir:
+        raise ValueError("--stream-weights cannot be resumed yet: drop --resume-dir or --stream-weights")
     if args.dry_run:
-        print(_plan_text(api.plan(model, config, calib if needs_data else None, tokenizer), source))
+        model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=True)
+        if args.stream_weights:  # the names and shapes checked now, as the run will (reading no weight)
+            streaming.WeightStream(model, streaming.checkpoint_files(weights_directory(source)))
+        plan = api.plan(model, config, calib if needs_data else None, tokenizer)
+        print(_plan_text(plan, source, args.stream_weights))
         return
-    result = api.prune(model, config, calib if needs_data else None, tokenizer, model_source=source,
-                       resume_dir=args.resume_dir)
-    if parallel.rank() != 0:  # every process holds the same pruned model: the first saves it
+    calib = calib if needs_data else None
+    if args.stream_weights:  # the first process writes each layer to --out as it is done
+        result = api.prune_checkpoint(args.model, out, config, calib, _dtype(args), args.overwrite)
+    else:  # data-parallel: the first process lends the others each layer's weights (parallel.lent), who load none
+        model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=parallel.rank() > 0)
+        result = api.prune(model, config, calib, tokenizer, model_source=source, resume_dir=args.resume_dir)
+        if parallel.rank() == 0:  # every process holds the same pruned model: the first saves it
+            checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
+    if parallel.rank() != 0:
         return
-    checkpoint.save_checkpoint(model, tokenizer, out, result.report, args.overwrite)
     args._saved = out  # a Ctrl-C from here on comes after the result is safe
     if args.resume_dir:
         ResumeStore(args.resume_dir).clear()
@@ -255,15 +268,16 @@ def _prune_and_save(args, config, calib, needs_data):
           f"linears{ignored}, {result.seconds:.1f} s, memory {result.report['memory']}; saved to {out}")
 
 
-def _plan_text(plan, source):
-    """A prune's plan (api.plan) for people."""
+def _plan_text(plan, source, streamed=False):
+    """A prune's plan (api.plan) for people; streamed: with --stream-weights."""
     size = memory.describe
+    held = ("read from the checkpoint a layer at a time (--stream-weights), not held in host memory" if streamed
+            else f"in host memory{_beyond(plan)}")
     lines = [f"dry run, nothing pruned or saved: {plan['method']} {plan['sparsity']} of {source}",
              f"  {plan['layers']} decoder layers; {plan['linears_pruned']} linears to prune, "
              f"{plan['linears_kept_dense']} kept dense (--ignore)",
-             f"  model weights: {size(plan['weights_bytes'])} ({plan['dtype'].removeprefix('torch.')}) in host "
-             f"memory{_beyond(plan)}; each layer in turn on {plan['device']}, the largest "
-             f"{size(plan['largest_layer_bytes'])}"]
+             f"  model weights: {size(plan['weights_bytes'])} ({plan['dtype'].removeprefix('torch.')}) {held}; each "
+             f"layer in turn on {plan['device']}, the largest {size(plan['largest_layer_bytes'])}"]
     if plan["calibration"]:
         calib = plan["calibration"]
         lines += [f"  a layer's statistics (float32): up to {size(plan['layer_statistics_bytes'])} on "

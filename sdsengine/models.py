@@ -75,6 +75,20 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     return model, tokenizer, source
 
 
+def weights_directory(source) -> Path:
+    """The local directory of the weights files of `source` as load_model names it (a directory or a hub id, whose
+    safetensors files are downloaded here), for reading them one tensor at a time (pipeline/streaming.py)."""
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        raise ValueError(f"{source} is a GGUF file, whose weights transformers dequantizes whole as it loads them: "
+                         "streaming needs a safetensors checkpoint directory (drop --stream-weights, or save the model "
+                         "with save_pretrained and stream that)")
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+
+
 def _skeleton_of(location, gguf_file, dtype):
     """skeleton() of the model at location (a GGUF file's in it, if named), in dtype ("auto": its config's)."""
     from transformers import AutoConfig

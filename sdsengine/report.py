@@ -65,7 +65,7 @@ def build(config, calibration, layers, seconds, model_source, memory_at_start=No
 
 def overall_sparsity(layers) -> float:
     """Counted sparsity of the pruned linears (the --ignore'd ones are not in the layer reports)."""
-    return _weighted_sparsity(_sized(info) for layer in layers for info in layer.linears.values())
+    return weighted_sparsity(_sized(info) for layer in layers for info in layer.linears.values())
 
 
 def decoder_sparsity(model) -> float:
@@ -73,9 +73,14 @@ def decoder_sparsity(model) -> float:
     included; a mixture's routers, never pruned, are not (they are linears in some families, bare weights in
     others: counted, the figure differed between families pruned alike)."""
     from sdsengine.pipeline import adapters
-    weights = (adapters.get_weight(m) for layer in adapters.decoder_layers(model)
-               for m in adapters.pruned_linears(layer).values())
-    return _weighted_sparsity((counted_sparsity(w), w.numel()) for w in weights)
+    return weighted_sparsity(pair for layer in adapters.decoder_layers(model) for pair in linear_sizes(layer))
+
+
+def linear_sizes(layer) -> list[tuple]:
+    """(counted sparsity, weight count) of each linear of a decoder layer that a method may prune."""
+    from sdsengine.pipeline import adapters
+    weights = (adapters.get_weight(m) for m in adapters.pruned_linears(layer).values())
+    return [(counted_sparsity(w), w.numel()) for w in weights]
 
 
 def few_token_experts(layers) -> list[tuple]:
@@ -91,7 +96,7 @@ def _sized(info):
     return info["sparsity"], info["shape"][0] * info["shape"][1]
 
 
-def _weighted_sparsity(pairs) -> float:
+def weighted_sparsity(pairs) -> float:
     """Zeros over weights of (sparsity, weight count) pairs: a count, not a mean of the fractions."""
     zeros = total = 0
     for sparsity, n in pairs:
@@ -106,7 +111,7 @@ def layer_table(layers) -> str:
     head = "layer  sparsity  rel.error   seconds  peak RSS GiB" + ("  peak GPU GiB" if gpu else "")
     rows = [head, "-----  --------  ---------  --------  ------------" + ("  ------------" if gpu else "")]
     for r in layers:
-        sp = _weighted_sparsity(_sized(info) for info in r.linears.values())
+        sp = weighted_sparsity(_sized(info) for info in r.linears.values())
         err = f"{r.error:.3e}" if r.error is not None else "      n/a"
         peaks = [r.memory.get("cpu_peak_rss_gib")] + ([r.memory.get("gpu_peak_allocated_gib")] if gpu else [])
         cells = "".join(f"  {p:12.3f}" if p is not None else f"  {'n/a':>12}" for p in peaks)

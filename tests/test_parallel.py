@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import sdsengine
-from sdsengine import models
+from sdsengine import checkpoint, models
 from sdsengine.algorithms.stats import Hessian, InputNorms
 from sdsengine.pipeline import parallel, sequential
 
@@ -268,6 +269,34 @@ def test_a_skeleton_is_lent_what_each_family_reads(family, tmp_path):
     assert skeleton_after and first.keys() == model.state_dict().keys()
     for key, weight in model.state_dict().items():
         assert ((weight != 0) == (first[key] != 0)).float().mean() > 0.99, key
+
+
+def _streamed_or_saved(source, out, streamed):
+    """A group's SparseGPT 2:4 of the checkpoint at source, saved to out: streamed from its files, or loaded (whole in
+    the first process, a skeleton in the other) and saved."""
+    config, tokens = sdsengine.SparseGPTConfig(sparsity="2:4"), tiny_tokens(nsamples=4)
+    if streamed:
+        return sdsengine.prune_checkpoint(source, out, config, tokens, progress=False).report["decoder_sparsity"]
+    model, tokenizer, _ = models.load_model(source, skeleton=parallel.rank() > 0)
+    result = sdsengine.prune(model, config, tokens, tokenizer, progress=False)
+    if parallel.rank() == 0:
+        checkpoint.save_checkpoint(model, tokenizer, out, result.report)
+    return result.report["decoder_sparsity"]
+
+
+def test_a_group_streams_the_checkpoint_as_it_prunes_it_loaded(tmp_path):
+    """The first process reads and writes the files and lends each layer to the other, which loads nothing."""
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    save_tiny_tokenizer(source)
+    loaded = run_in_group(tmp_path, _streamed_or_saved, str(source), str(tmp_path / "loaded"), False)
+    streamed = run_in_group(tmp_path, _streamed_or_saved, str(source), str(tmp_path / "streamed"), True)
+    assert streamed == loaded and loaded[0] == 0.5
+    written = [sorted((tmp_path / d).glob("*.safetensors")) for d in ("loaded", "streamed")]
+    assert len(written[1]) == 3  # a file per layer and one for the rest
+    tensors = [{k: v for f in files for k, v in load_file(f).items()} for files in written]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
 
 
 def _magnitude(skeleton):

@@ -69,16 +69,16 @@ def to_device(obj, device):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model, samples, device, store_device):
+def capture_layer_inputs(model, samples, device, store_device, weights=None):
     """Run `samples` (nsamples, seqlen) through the model's set-up; returns (layer 0's inputs on
-    store_device, one dict of keyword arguments per decoder layer)."""
+    store_device, one dict of keyword arguments per decoder layer). weights: as placement.visiting's."""
     layers = adapters.decoder_layers(model)
     inputs, kwargs = _Inputs(samples.shape[0], store_device), {}
     originals = list(layers)
     for i, layer in enumerate(originals):
         layers[i] = _Recorder(layer, i, i == len(originals) - 1, inputs, kwargs)
     try:
-        with placement.visiting(adapters.pre_layer_modules(model), device):
+        with placement.visiting(adapters.pre_layer_modules(model), device, weights):
             for row in samples:
                 try:
                     model(row.unsqueeze(0).to(device), use_cache=False)

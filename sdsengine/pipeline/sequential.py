@@ -45,17 +45,20 @@ class LayerReport:
     memory: dict = field(default_factory=dict)
 
 
-def prune_model(model, config, samples=None, progress=True, resume=None) -> list[LayerReport]:
+def prune_model(model, config, samples=None, progress=True, resume=None, weights=None) -> list[LayerReport]:
     """Prune every targeted linear of every decoder layer in place; returns one report per layer.
     resume: a ResumeStore (methods with calibration data): keeps the progress after every layer and
-    continues from it; another run's progress is refused before the inputs are captured."""
+    continues from it; another run's progress is refused before the inputs are captured.
+    weights: a streaming.WeightStream that lends a skeleton each module's weights for its turn and writes each
+    pruned layer out."""
     algo = algorithm_for(config)
     parallel.check(config)
     parallel.same_model(model)
     progress = progress and parallel.rank() == 0  # one bar and one log for a group of processes
     layers, targets = plan_targets(model, config)
     if algo.STATS is None:
-        return [_prune_without_data(i, layers[i], t, algo, config) for i, t in enumerate(_bar(targets, progress))]
+        return [_prune_without_data(i, layers[i], t, algo, config, weights)
+                for i, t in enumerate(_bar(targets, progress))]
     if samples is None:
         raise ValueError(f"method {config.method!r} needs calibration samples")
     if resume:
@@ -65,13 +68,14 @@ def prune_model(model, config, samples=None, progress=True, resume=None) -> list
     need, store = activation_plan(model, config, samples)
     if progress:
         print(f"calibration activations: {memory.describe(need)} on {store}", file=sys.stderr)
-    inps, layer_kwargs = capture_layer_inputs(model, samples, device, store)
+    inps, layer_kwargs = capture_layer_inputs(model, samples, device, store, weights)
     outs = torch.empty_like(inps)
     dense = DenseStream(inps.clone(), torch.empty_like(inps)) if needs_dense_stream(algo, config) else None
     reports = resume.begin(layers, inps, dense, LayerReport) if resume else []
     for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
         kwargs = to_device(layer_kwargs[i], device)
-        reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense))
+        reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense,
+                                    weights))
         inps, outs = outs, inps
         if dense is not None:
             dense.inps, dense.outs = dense.outs, dense.inps
@@ -91,9 +95,10 @@ def needs_dense_stream(algo, config):
     return bool(getattr(algo, "needs_dense_stream", lambda c: False)(config))
 
 
-def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device, dense=None):
+def _prune_layer(index, layer, targets, algo, config, inps, outs, kwargs, device, dense=None, weights=None):
     start = time.perf_counter()
-    with placement.visiting([layer], device):  # the report counts the weights there: a skeleton's are only lent
+    # the report counts the weights inside the block: a skeleton's are only lent there
+    with placement.visiting([layer], device, weights):
         steps, error = _prune_layer_here(layer, targets, algo, config, inps, outs, kwargs, device, dense)
         report = _report(index, targets, config, time.perf_counter() - start, error)
     report.steps = {name: info for name, info in (steps or {}).items() if info}
@@ -378,10 +383,10 @@ def _forward(layer, x, kwargs, device):
     return adapters.layer_output(layer(x.to(device), **kwargs))
 
 
-def _prune_without_data(index, layer, targets, algo, config):
+def _prune_without_data(index, layer, targets, algo, config, weights=None):
     """Magnitude: each weight pruned where --device says, like every other method's, then moved home."""
     start = time.perf_counter()
-    with placement.visiting([layer], config.device):
+    with placement.visiting([layer], config.device, weights):
         for module in targets.values():
             adapters.set_weight(module, algo.prune(adapters.get_weight(module), None, config))
         return _report(index, targets, config, time.perf_counter() - start, None)

@@ -1,0 +1,195 @@
+"""A model larger than the host's memory, pruned a layer at a time from its files (`sdsengine prune --stream-weights`,
+`sdsengine.prune_checkpoint`).
+
+The model is a skeleton (models.skeleton: its parameters on the meta device, no memory). Each module's weights are read
+from the safetensors checkpoint when its turn comes (the embeddings for the capture, then each decoder layer), and each
+pruned layer is written out as soon as it is done, in a shard of its own; what no layer holds (embeddings, final norm,
+head) is copied from the checkpoint at the end. So the host holds about one layer's weights besides the calibration
+activations, where a prune of the loaded model holds all of them.
+
+The tensors a prune reads (the embeddings', the decoder layers') must have the model's own names and shapes in the
+checkpoint: transformers renames some families' keys as it loads them (it fuses a mixture's experts in transformers 5),
+and a name that does not match is refused, not guessed. What no layer holds is copied under the checkpoint's own names
+(GPT-NeoX's head is embed_out there, lm_head in the model), as save_pretrained writes it back.
+"""
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdsengine.report import linear_sizes, weighted_sparsity
+
+from . import adapters, experts
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+FLOATS = {"F32", "F16", "BF16", "F64"}  # what a checkpoint's dtype names a plain float tensor
+
+
+def checkpoint_files(directory) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of `directory` that holds it (its index, or its one model.safetensors)."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    if (directory / SINGLE).is_file():
+        with safe_open(directory / SINGLE, "pt") as f:
+            return dict.fromkeys(f.keys(), directory / SINGLE)
+    found = sorted(p.name for p in directory.glob("*.bin")) or ["no weights"]
+    raise FileNotFoundError(f"streaming reads a safetensors checkpoint ({INDEX} or {SINGLE}), and {directory} holds "
+                            f"{', '.join(found)}: drop --stream-weights to load it whole")
+
+
+class WeightStream:
+    """Lends a skeleton's modules their weights from the checkpoint for their turn (`lent`, used by
+    placement.visiting), writes each decoder layer as it leaves its turn, and the rest at `finish`, into `out`."""
+
+    def __init__(self, model, files: dict, out=None):
+        """Refuses a model or checkpoint it cannot stream (out: None to check only)."""
+        refuse_unstreamable(model)
+        self.model, self.out, self.files = model, out and Path(out), files
+        self.prefixes = {id(m): name for name, m in model.named_modules()}
+        self.layers = {id(layer): i for i, layer in enumerate(adapters.decoder_layers(model))}
+        self.state = model.state_dict(keep_vars=True)  # every tensor a save writes, by name
+        read = [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + self._layer_prefixes()
+        self.keys = _source_keys(self.state, files, read)
+        self.weight_map, self.total_size = {}, 0  # the output's index
+        self.sizes = {}  # layer index -> its linears' (sparsity, count), as written
+
+    @contextlib.contextmanager
+    def lent(self, modules, device):
+        """Inside the block, each of `modules` that holds meta parameters holds the checkpoint's, on `device`; a decoder
+        layer is written to the output as it leaves, unless the block raised. After it, the meta parameters again."""
+        slots = [slot for module in modules for slot in self._meta_slots(module)]
+        read = self._read(self.keys[full] for _, _, full in slots)
+        taken = []
+        try:
+            for store, name, full in slots:
+                own = store[name]
+                tensor = read[self.keys[full]].to(device=device, dtype=own.dtype)
+                if bad := int(tensor.numel() - torch.isfinite(tensor).sum()):
+                    raise ValueError(f"checkpoint tensor {self.keys[full]} holds {bad} inf/NaN values; a damaged "
+                                     "checkpoint cannot be pruned")
+                store[name] = torch.nn.Parameter(tensor, own.requires_grad)
+                taken.append((store, name, own))
+            del read  # the host copies, where the weights went to another device
+            yield
+            for module in modules:
+                if id(module) in self.layers:
+                    self._write_layer(module)
+        finally:
+            for store, name, own in taken:
+                store[name] = own
+
+    def finish(self):
+        """Write what no decoder layer holds and the index: the checkpoint's tensors under its names, in the model's
+        dtypes (a name the model does not have, in the model's dtype), and the model's persistent buffers that the
+        checkpoint lacks (save_pretrained writes them)."""
+        if len(self.sizes) != len(self.layers):
+            raise RuntimeError(f"the stream was finished with {len(self.sizes)} of {len(self.layers)} decoder layers "
+                               "written")
+        under = tuple(p + "." for p in self._layer_prefixes())
+        names = {key: name for name, key in self.keys.items()}
+        rest = {key: t.to(self.state[names[key]].dtype if key in names else self.model.dtype)
+                for key, t in self._read(key for key in self.files if not key.startswith(under)).items()}
+        rest.update({name: t for name, t in self.state.items()
+                     if not t.is_meta and name not in self.keys and not name.startswith(under)})
+        self._write(len(self.layers), rest)
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2))
+
+    def decoder_sparsity(self):
+        """report.decoder_sparsity of the model written: counted as each layer was."""
+        return weighted_sparsity(pair for pairs in self.sizes.values() for pair in pairs)
+
+    def _meta_slots(self, module):
+        """(the dict holding it, its name, its full name) of each meta parameter of module: the weights to read."""
+        prefix = self.prefixes[id(module)]
+        for sub_name, sub in module.named_modules():
+            for name, p in sub._parameters.items():
+                if p is not None and p.is_meta:
+                    yield sub._parameters, name, ".".join(filter(None, (prefix, sub_name, name)))
+
+    def _read(self, keys):
+        """Key -> tensor (on the host) of the checkpoint's `keys`. Each file is mapped only while it is read: kept
+        mapped, the pages read stay counted in the process's resident memory, and by the last layer that was the whole
+        checkpoint's size again."""
+        by_file = {}
+        for key in dict.fromkeys(keys):  # a tied weight's one tensor, read once
+            by_file.setdefault(self.files[key], []).append(key)
+        read = {}
+        for path, names in by_file.items():
+            with safe_open(path, "pt") as f:
+                read.update({key: f.get_tensor(key) for key in names})
+        return read
+
+    def _write_layer(self, layer):
+        prefix = self.prefixes[id(layer)]
+        tensors = {f"{prefix}.{name}": t for name, t in layer.state_dict().items()}
+        self._write(self.layers[id(layer)], tensors)
+        self.sizes[self.layers[id(layer)]] = linear_sizes(layer)
+
+    def _layer_prefixes(self):
+        return [self.prefixes[i] for i in self.layers]
+
+    def _write(self, shard, tensors):
+        """tensors (name -> tensor) as shard number `shard` of len(layers) + 1 (the last holds what no layer does)."""
+        file = f"model-{shard + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
+        # cloned on the host: save_file refuses tensors that share memory (views of one another)
+        saved = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+        save_file(saved, self.out / file, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(saved, file))
+        self.total_size += sum(t.numel() * t.element_size() for t in saved.values())
+
+
+def refuse_unstreamable(model):
+    """A mixture whose experts the model holds fused (transformers 5): prune it whole, or say so plainly."""
+    for i, layer in enumerate(adapters.decoder_layers(model)):
+        if any(experts.is_fused_experts(m) for m in layer.modules()):
+            raise ValueError(f"layer {i} holds a mixture's experts fused in one tensor per projection, which streaming "
+                             "does not read: drop --stream-weights to load the model whole")
+
+
+def _source_keys(state, files, read):
+    """The skeleton's tensor names -> the checkpoint's name that holds its values (its own, or where it is tied to
+    another, the other's), checked against the checkpoint's shapes and dtypes. Each parameter under the prefixes `read`
+    must be found; a buffer the checkpoint lacks keeps the skeleton's value, as from_pretrained keeps it."""
+    read = tuple(p + "." if p else "" for p in read)
+    names_of = {}
+    for name, tensor in state.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    keys, missing = {}, []
+    for name, tensor in state.items():
+        key = next((n for n in [name, *names_of[id(tensor)]] if n in files), None)
+        if key is None:
+            if tensor.is_meta and name.startswith(read):
+                missing.append(name)
+            continue
+        keys[name] = key
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ValueError(f"the checkpoint holds no tensor named {', '.join(missing[:3])}{more}: its names are not the "
+                         "model's (transformers converts them on load), so it cannot be streamed: drop "
+                         "--stream-weights to load it whole")
+    _check_shapes(state, keys, files)
+    return keys
+
+
+def _check_shapes(state, keys, files):
+    opened = {}
+    with contextlib.ExitStack() as stack:
+        for name, key in keys.items():
+            path = files[key]
+            if path not in opened:
+                opened[path] = stack.enter_context(safe_open(path, "pt"))
+            info = opened[path].get_slice(key)
+            shape, dtype = tuple(info.get_shape()), info.get_dtype()
+            if shape != tuple(state[name].shape):
+                raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model's {name} "
+                                 f"{tuple(state[name].shape)}: it cannot be streamed (drop --stream-weights)")
+            if state[name].is_floating_point() and dtype not in FLOATS:
+                raise ValueError(f"checkpoint tensor {key} is {dtype}, not a float tensor (a quantized checkpoint?): "
+                                 "it cannot be streamed")

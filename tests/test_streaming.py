@@ -1,0 +1,192 @@
+"""A prune streamed from the checkpoint's files (pipeline/streaming.py, sdsengine.prune_checkpoint, `prune
+--stream-weights`) writes what a prune of the loaded model saves, bit for bit, holding one layer at a time."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import sdsengine
+from sdsengine import checkpoint
+from sdsengine.algorithms import lookup
+from sdsengine.cli import main
+from sdsengine.models import load_model
+from sdsengine.pipeline import streaming
+
+from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
+
+
+def _source(tmp_path, family="llama", dtype=torch.float32, **save):
+    path = tmp_path / f"{family}-src"
+    tiny_model(family).to(dtype).save_pretrained(path, **save)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def _whole(source, out, config, dtype=None):
+    """The baseline: the loaded model pruned and saved."""
+    model, tokenizer, name = load_model(str(source), dtype)
+    result = sdsengine.prune(model, config, tiny_tokens(), tokenizer, progress=False, model_source=name)
+    checkpoint.save_checkpoint(model, tokenizer, out, result.report)
+    return result
+
+
+def _tensors(directory):
+    """name -> tensor of every safetensors file in directory, as written (names and dtypes)."""
+    found = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def _same_checkpoint(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    loaded_a = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    loaded_b = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    assert all(torch.equal(loaded_a[k], loaded_b[k]) for k in loaded_a)
+
+
+# gpt_neox: its head is embed_out in the files, lm_head in the model; gpt2: Conv1D weights, (in, out); gemma3: a
+# tied head and layers of two kinds; opt: a projection before the layers. Each with one linear kept dense (--ignore).
+KEPT = {"llama": "*.1.mlp.down_proj", "gpt_neox": "*.1.mlp.dense_4h_to_h", "gpt2": "*.1.mlp.c_proj",
+        "gemma3": "*.1.mlp.down_proj", "opt": "*.1.fc2"}
+
+
+@pytest.mark.parametrize("family", KEPT)
+def test_streamed_prune_writes_what_the_whole_prune_saves(family, tmp_path):
+    source = _source(tmp_path, family)
+    config = sdsengine.SparseGPTConfig(sparsity="2:4", ignore=[KEPT[family]])
+    whole = _whole(source, tmp_path / "whole", config)
+    streamed = sdsengine.prune_checkpoint(str(source), tmp_path / "streamed", config, tiny_tokens(), progress=False)
+    _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+    # the layers' sparsity counted as they were written, --ignore'd linears included
+    assert streamed.report["decoder_sparsity"] == whole.report["decoder_sparsity"] < 0.5
+    written = json.loads((tmp_path / "streamed" / streaming.INDEX).read_text())["weight_map"]
+    assert len(set(written.values())) == len(streamed.layers) + 1  # a shard per layer, one for the rest
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sds", "besa"])
+def test_every_method_streams(method, tmp_path):
+    source = _source(tmp_path)
+    config_class, _ = lookup(method)
+    _whole(source, tmp_path / "whole", config_class(sparsity="2:4"))
+    sdsengine.prune_checkpoint(str(source), tmp_path / "streamed", config_class(sparsity="2:4"), tiny_tokens(),
+                               progress=False)
+    _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+
+
+@pytest.mark.parametrize("stored, run", [(torch.bfloat16, None), (torch.float32, "bfloat16"),
+                                         (torch.bfloat16, "auto")])
+def test_a_checkpoint_streams_in_any_dtype_from_any_dtype_and_shards(stored, run, tmp_path):
+    source = _source(tmp_path, "qwen3", stored, max_shard_size="20KB")  # sharded: an index and several files
+    assert (source / streaming.INDEX).is_file()
+    config = sdsengine.WandaConfig(sparsity="2:4")
+    _whole(source, tmp_path / "whole", config, run)
+    sdsengine.prune_checkpoint(str(source), tmp_path / "streamed", config, tiny_tokens(), dtype=run, progress=False)
+    _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+
+
+def test_only_the_module_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
+    """While a layer is written, every other parameter of the model is still on the meta device."""
+    source = _source(tmp_path)
+    held = []
+    write = streaming.WeightStream._write_layer
+
+    def counting(self, layer):
+        held.append((sum(p.numel() for p in self.model.parameters() if not p.is_meta),
+                     sum(p.numel() for p in layer.parameters())))
+        write(self, layer)
+
+    monkeypatch.setattr(streaming.WeightStream, "_write_layer", counting)
+    sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(),
+                               progress=False)
+    assert len(held) == 2 and all(total == layer for total, layer in held)
+
+
+def _replace_tensors(source, change):
+    """Rewrite the one safetensors file of source with change(tensors) applied."""
+    tensors = load_file(source / streaming.SINGLE)
+    change(tensors)
+    save_file(tensors, source / streaming.SINGLE, metadata={"format": "pt"})
+
+
+def _renamed(tensors):
+    tensors["model.layers.1.mlp.up.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
+
+
+def _reshaped(tensors):
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:-1].contiguous()
+
+
+def _quantized(tensors):
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+
+
+def _damaged(tensors):
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+
+
+@pytest.mark.parametrize("change, error", [
+    (_renamed, "holds no tensor named model.layers.1.mlp.up_proj.weight"),
+    (_reshaped, r"model.layers.0.mlp.up_proj.weight has shape \(127, 64\), the model's"),
+    (_quantized, "is I8, not a float tensor"),
+    (_damaged, "model.layers.1.mlp.down_proj.weight holds 1 inf/NaN values"),
+])
+def test_a_checkpoint_that_cannot_be_streamed_is_refused_and_nothing_is_written(change, error, tmp_path):
+    source = _source(tmp_path)
+    _replace_tensors(source, change)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=error):
+        sdsengine.prune_checkpoint(str(source), out, sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(),
+                                   progress=False)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [source.name]
+
+
+def test_what_streaming_does_not_read_is_refused_by_name(tmp_path):
+    source = _source(tmp_path, "mixtral")  # fused experts (transformers 5)
+    with pytest.raises(ValueError, match="layer 0 holds a mixture's experts fused"):
+        sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"),
+                                   tiny_tokens(), progress=False)
+    with pytest.raises(ValueError, match="is a GGUF file"):
+        sdsengine.models.weights_directory(str(tmp_path / "model.gguf"))
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="holds pytorch_model.bin: drop --stream-weights"):
+        streaming.checkpoint_files(tmp_path)
+    model, _, _ = load_model(str(_source(tmp_path)), skeleton=True)
+    with pytest.raises(ValueError, match="cannot be resumed yet"):
+        sdsengine.prune(model, sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(), resume_dir=tmp_path / "progress",
+                        weights=object())
+
+
+def test_cli_streams_and_its_dry_run_says_so(tmp_path, capsys):
+    source = _source(tmp_path)
+    tokens = tmp_path / "calib.txt"
+    tokens.write_text("a " * 4000)
+    flags = ["prune", "--model", str(source), "--method", "wanda", "--sparsity", "2:4", "--calib", str(tokens),
+             "--nsamples", "4", "--seqlen", "32", "--stream-weights"]
+    assert main(flags + ["--out", str(tmp_path / "whole"), "--dry-run"]) == 0
+    assert "read from the checkpoint a layer at a time (--stream-weights)" in capsys.readouterr().out
+    assert not (tmp_path / "whole").exists()
+    assert main(flags[:-1] + ["--out", str(tmp_path / "whole")]) == 0
+    assert main(flags + ["--out", str(tmp_path / "streamed")]) == 0
+    assert "saved to" in capsys.readouterr().out
+    _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+    assert main(flags + ["--out", str(tmp_path / "again"), "--resume-dir", str(tmp_path / "progress")]) == 2
+    assert "--stream-weights cannot be resumed yet" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_other_names_is_refused_by_the_dry_run(tmp_path, capsys):
+    source = _source(tmp_path)
+    _replace_tensors(source, _renamed)
+    assert main(["prune", "--model", str(source), "--method", "magnitude", "--sparsity", "2:4", "--stream-weights",
+                 "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    assert "holds no tensor named model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+    with safe_open(source / streaming.SINGLE, "pt") as f:  # the checkpoint is as it was
+        assert "model.layers.1.mlp.up.weight" in f.keys()
