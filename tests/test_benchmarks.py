@@ -557,6 +557,33 @@ def test_parallel_bench_times_one_process_against_a_group(benchmark, tmp_path):
     assert "| parallel | wanda | 2:4 | cpu | 2 | 1 |" in (tmp_path / "parallel_cpu.md").read_text()
 
 
+def test_streaming_bench_prunes_a_checkpoint_whole_and_streamed(benchmark, tmp_path):
+    """bench_streaming on a tiny model: one record per mode, the same checkpoint written both ways."""
+    from tiny_models import save_tiny_tokenizer, tiny_model
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("a " * 500)
+    argv = ["--model", str(tmp_path / "model"), "--methods", "wanda,magnitude", "--calib", str(tmp_path / "calib.txt"),
+            "--nsamples", "2", "--seqlen", "8", "--out", str(tmp_path)]
+    assert benchmark("bench_streaming").main(argv) == 0
+    records = json.loads((tmp_path / "streaming_cpu.json").read_text())
+    assert [(r["method"], r["mode"]) for r in records] == [("wanda", "whole"), ("wanda", "streamed"),
+                                                          ("magnitude", "whole"), ("magnitude", "streamed")]
+    for r in records:
+        assert r["bench"] == "streaming" and r["identical"] and r["seconds"] > 0 and r["cpu_peak_rss_gib"] > 0
+        assert 0 < r["largest_layer_gib"] < r["weights_gib"]
+    assert records[0]["rss_saved_gib"] == 0
+
+
+def test_streaming_bench_sees_checkpoints_that_differ(benchmark, tmp_path):
+    from safetensors.torch import save_file
+    for name, value in (("a", 0.0), ("b", 0.0), ("c", 1.0)):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.full((2, 2), value)}, tmp_path / name / "model.safetensors")
+    identical = benchmark("bench_streaming").identical
+    assert identical(tmp_path / "a", tmp_path / "b") and not identical(tmp_path / "a", tmp_path / "c")
+
+
 def test_dispatch_bench_times_both_layers_through_sparse_linear(benchmark, tmp_path, monkeypatch):
     """bench_dispatch on the CPU: one record per token count, SparseLinear's calls really made (counted),
     and the summary lists the bench."""

@@ -1,0 +1,133 @@
+"""What `sdsengine prune --stream-weights` saves in host memory: the same prune with the model loaded whole (the
+baseline) and streamed from its files a layer at a time (sdsengine/pipeline/streaming.py), each in a fresh process,
+in the same run, and whether the two checkpoints are equal, tensor by tensor.
+
+    python benchmarks/bench_streaming.py [--model DIR] [--layers 4] [--methods wanda] [--dtype float32] \
+        [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--device cpu] [--name streaming_cpu]
+
+Without --model, a checkpoint of random weights with Llama-2-7B's layer shapes (hidden 4096, MLP 11008, 32 heads) and
+--layers decoder layers is written to a scratch folder (speed and memory do not depend on the values); its vocabulary
+is the embedded SmolLM2's (49152), whose tokenizer builds the calibration windows. Writes
+benchmarks/results/<name>.json and .md: per method and mode ("whole", "streamed") a record of bench "streaming" with
+the process's peak RSS (ru_maxrss: the load, the prune and the save), the prune's seconds (the report's), the whole
+command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
+checkpoint equal to the baseline's, names and dtypes too).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from harness import RESULTS, names_argument, write_results
+from safetensors import safe_open
+
+COLUMNS = ("bench", "method", "mode", "dtype", "weights_gib", "largest_layer_gib", "cpu_peak_rss_gib",
+           "rss_saved_gib", "seconds", "wall_seconds", "identical")
+
+
+def random_checkpoint(directory, layers, dtype):
+    """A Llama-2-7B-shaped checkpoint of `layers` layers with random weights, and SmolLM2's tokenizer, in directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sdsengine.models import load_model
+    config = LlamaConfig(vocab_size=49152, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(directory)
+    _, tokenizer, _ = load_model(None)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def prune(args, model, method, out, streamed):
+    """(the run report, the command's wall seconds) of one prune in a fresh process."""
+    flags = ["prune", "--model", model, "--method", method, "--sparsity", args.sparsity, "--calib", args.calib,
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--device", args.device,
+             "--dtype", args.dtype, "--out", out] + (["--stream-weights"] if streamed else [])
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "sdsengine.cli"] + flags, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{method} ({'streamed' if streamed else 'whole'}) failed:\n{done.stderr[-3000:]}")
+    return json.loads((Path(out) / "sdsengine.json").read_text()), time.perf_counter() - start
+
+
+def identical(a, b):
+    """Whether checkpoints a and b hold the same tensors (names, dtypes, values), read one tensor at a time."""
+    def index(directory):
+        found = {}
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                found.update(dict.fromkeys(f.keys(), file))
+        return found
+    ia, ib = index(a), index(b)
+    if ia.keys() != ib.keys():
+        return False
+    for name in ia:
+        with safe_open(ia[name], "pt") as fa, safe_open(ib[name], "pt") as fb:
+            ta, tb = fa.get_tensor(name), fb.get_tensor(name)
+            if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+                return False
+    return True
+
+
+def sizes(model, dtype):
+    """(the weights, the largest decoder layer) in GiB, in dtype, from the checkpoint's index of shapes."""
+    from sdsengine.pipeline.streaming import checkpoint_files
+    files, element = checkpoint_files(model), torch.finfo(getattr(torch, dtype)).bits // 8
+    per_layer, total = {}, 0
+    for name, path in files.items():
+        with safe_open(path, "pt") as f:
+            count = torch.Size(f.get_slice(name).get_shape()).numel() * element
+        total += count
+        if ".layers." in name:
+            index = name.split(".layers.")[1].split(".")[0]
+            per_layer[index] = per_layer.get(index, 0) + count
+    return total / 2**30, max(per_layer.values(), default=0) / 2**30
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a safetensors checkpoint directory (default: random weights)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random checkpoint")
+    parser.add_argument("--methods", type=names_argument(("magnitude", "wanda", "sparsegpt", "sds", "besa")),
+                        default=["wanda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--calib", default="c4")
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="streaming_cpu", help="results file stem")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    args = parser.parse_args(argv)
+    records = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
+        model = args.model or str(random_checkpoint(Path(scratch) / "model", args.layers, args.dtype))
+        weights, largest = sizes(model, args.dtype)
+        for method in args.methods:
+            runs = {mode: prune(args, model, method, f"{scratch}/{method}-{mode}", mode == "streamed")
+                    for mode in ("whole", "streamed")}
+            same = identical(f"{scratch}/{method}-whole", f"{scratch}/{method}-streamed")
+            for mode, (report, wall) in runs.items():
+                peak = report["memory"]["cpu_peak_rss_gib"]
+                records.append({"bench": "streaming", "method": method, "mode": mode, "dtype": args.dtype,
+                                "pattern": args.sparsity, "device": args.device, "weights_gib": weights,
+                                "largest_layer_gib": largest, "cpu_peak_rss_gib": peak,
+                                "rss_saved_gib": round(runs["whole"][0]["memory"]["cpu_peak_rss_gib"] - peak, 3),
+                                "seconds": report["seconds"], "wall_seconds": round(wall, 1), "identical": same,
+                                "calibration": f"{args.calib} {args.nsamples} x {args.seqlen}, seed 0",
+                                "model": args.model or f"random Llama-2-7B-shaped, {args.layers} layers",
+                                "versions": report["versions"]})
+                print(f"{method} {args.sparsity} {mode}: peak RSS {peak:.2f} GiB, {report['seconds']:.1f} s prune, "
+                      f"{wall:.1f} s wall; identical: {same}")
+    print(f"wrote {write_results(args.name, records, args.out, COLUMNS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
