@@ -190,3 +190,23 @@ def test_a_checkpoint_with_other_names_is_refused_by_the_dry_run(tmp_path, capsy
     assert "holds no tensor named model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
     with safe_open(source / streaming.SINGLE, "pt") as f:  # the checkpoint is as it was
         assert "model.layers.1.mlp.up.weight" in f.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool])
+def test_a_file_written_a_tensor_at_a_time_reads_as_safetensors_wrote_it(dtype, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"matrix": torch.randn(5, 7, generator=g) * 100, "scalar": torch.tensor(3.5),
+               "empty": torch.empty(0, 4), "row": torch.randn(1, 3, generator=g)[0]}
+    tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    entries = [(name, t.dtype, t.shape, lambda t=t: t) for name, t in tensors.items()]
+    size = streaming.write_safetensors(tmp_path / "ours.safetensors", entries)
+    save_file(tensors, tmp_path / "theirs.safetensors")
+    ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "theirs.safetensors")
+    assert ours.keys() == theirs.keys() and size == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert all(ours[k].dtype == dtype and ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k])
+               for k in ours)
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    wrong = [("matrix", dtype, (5, 7), lambda: torch.zeros(5, 7, dtype=torch.float64))]
+    with pytest.raises(RuntimeError, match=r"matrix: torch.float64 \(5, 7\), not the header's"):
+        streaming.write_safetensors(tmp_path / "bad.safetensors", wrong)

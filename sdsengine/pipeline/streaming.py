@@ -14,11 +14,12 @@ and a name that does not match is refused, not guessed. What no layer holds is c
 """
 import contextlib
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from sdsengine.report import linear_sizes, weighted_sparsity
 
@@ -27,6 +28,8 @@ from . import adapters, experts
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FLOATS = {"F32", "F16", "BF16", "F64"}  # what a checkpoint's dtype names a plain float tensor
+CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+         torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def checkpoint_files(directory) -> dict[str, Path]:
@@ -93,11 +96,16 @@ class WeightStream:
                                "written")
         under = tuple(p + "." for p in self._layer_prefixes())
         names = {key: name for name, key in self.keys.items()}
-        rest = {key: t.to(self.state[names[key]].dtype if key in names else self.model.dtype)
-                for key, t in self._read(key for key in self.files if not key.startswith(under)).items()}
-        rest.update({name: t for name, t in self.state.items()
-                     if not t.is_meta and name not in self.keys and not name.startswith(under)})
-        self._write(len(self.layers), rest)
+        entries = []
+        for key in self.files:  # read one at a time as the file is written: embeddings and head can be GBs each
+            if not key.startswith(under):
+                dtype = self.state[names[key]].dtype if key in names else self.model.dtype
+                with safe_open(self.files[key], "pt") as f:
+                    shape = f.get_slice(key).get_shape()
+                entries.append((key, dtype, shape, lambda key=key, dtype=dtype: self._read([key])[key].to(dtype)))
+        entries += [(name, t.dtype, t.shape, lambda t=t: t) for name, t in self.state.items()
+                    if not t.is_meta and name not in self.keys and not name.startswith(under)]
+        self._write(len(self.layers), entries)
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out / INDEX).write_text(json.dumps(index, indent=2))
 
@@ -128,21 +136,42 @@ class WeightStream:
 
     def _write_layer(self, layer):
         prefix = self.prefixes[id(layer)]
-        tensors = {f"{prefix}.{name}": t for name, t in layer.state_dict().items()}
-        self._write(self.layers[id(layer)], tensors)
+        entries = [(f"{prefix}.{name}", t.dtype, t.shape, lambda t=t: t) for name, t in layer.state_dict().items()]
+        self._write(self.layers[id(layer)], entries)
         self.sizes[self.layers[id(layer)]] = linear_sizes(layer)
 
     def _layer_prefixes(self):
         return [self.prefixes[i] for i in self.layers]
 
-    def _write(self, shard, tensors):
-        """tensors (name -> tensor) as shard number `shard` of len(layers) + 1 (the last holds what no layer does)."""
+    def _write(self, shard, entries):
+        """entries as shard number `shard` of len(layers) + 1 (the last holds what no layer does)."""
         file = f"model-{shard + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
-        # cloned on the host: save_file refuses tensors that share memory (views of one another)
-        saved = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-        save_file(saved, self.out / file, metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(saved, file))
-        self.total_size += sum(t.numel() * t.element_size() for t in saved.values())
+        self.total_size += write_safetensors(self.out / file, entries)
+        self.weight_map.update(dict.fromkeys((name for name, *_ in entries), file))
+
+
+def write_safetensors(path, entries) -> int:
+    """Write entries [(name, dtype, shape, make)] as a safetensors file, each tensor made (make()) only as its bytes are
+    written, and return the bytes of tensor data. safetensors' save_file takes every tensor at once and copies each to
+    bytes before writing: for a pruned layer that held it twice, for embeddings and head (GBs each) all of them twice.
+    The format: the header's length (8 bytes, little-endian), the JSON header (padded with spaces to 8 bytes), then each
+    tensor's bytes, little-endian and row-major, at the offsets the header gives."""
+    header, start = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [start, start + size]}
+        start += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, dtype, shape, make in entries:
+            tensor = make().detach()
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, not the header's {dtype} {shape}")
+            # one tensor on the host at a time (a layer on the GPU comes over tensor by tensor)
+            f.write(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return start
 
 
 def refuse_unstreamable(model):
