@@ -9,7 +9,7 @@ Without --model, a checkpoint of random weights with Llama-2-7B's layer shapes (
 --layers decoder layers is written to a scratch folder (speed and memory do not depend on the values); its vocabulary
 is the embedded SmolLM2's (49152), whose tokenizer builds the calibration windows. Writes
 benchmarks/results/<name>.json and .md: per method and mode ("whole", "streamed") a record of bench "streaming" with
-the process's peak RSS (ru_maxrss: the load, the prune and the save), the prune's seconds (the report's), the whole
+the process's peak RSS (VmHWM: the load, the prune and the save), the prune's seconds (the report's), the whole
 command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
 checkpoint equal to the baseline's, names and dtypes too).
 """

@@ -210,3 +210,12 @@ def test_a_file_written_a_tensor_at_a_time_reads_as_safetensors_wrote_it(dtype, 
     wrong = [("matrix", dtype, (5, 7), lambda: torch.zeros(5, 7, dtype=torch.float64))]
     with pytest.raises(RuntimeError, match=r"matrix: torch.float64 \(5, 7\), not the header's"):
         streaming.write_safetensors(tmp_path / "bad.safetensors", wrong)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 24])
+def test_inf_and_nan_are_counted_across_slices(chunk):
+    from sdsengine.pipeline.sequential import non_finite
+    weight = torch.randn(40, 37)
+    weight[0, 0], weight[3, 4], weight[39, 36] = -float("inf"), float("nan"), float("inf")
+    assert non_finite(weight, chunk) == non_finite(weight.T, chunk) == 3
+    assert non_finite(torch.empty(0, 3), chunk) == 0 and non_finite(torch.tensor(float("nan")), chunk) == 1

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from sdsengine.report import linear_sizes, weighted_sparsity
 
 from . import adapters, experts
+from .sequential import non_finite
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -73,7 +74,7 @@ class WeightStream:
             for store, name, full in slots:
                 own = store[name]
                 tensor = read[self.keys[full]].to(device=device, dtype=own.dtype)
-                if bad := int(tensor.numel() - torch.isfinite(tensor).sum()):
+                if bad := non_finite(tensor):
                     raise ValueError(f"checkpoint tensor {self.keys[full]} holds {bad} inf/NaN values; a damaged "
                                      "checkpoint cannot be pruned")
                 store[name] = torch.nn.Parameter(tensor, own.requires_grad)
@@ -122,9 +123,7 @@ class WeightStream:
                     yield sub._parameters, name, ".".join(filter(None, (prefix, sub_name, name)))
 
     def _read(self, keys):
-        """Key -> tensor (on the host) of the checkpoint's `keys`. Each file is mapped only while it is read: kept
-        mapped, the pages read stay counted in the process's resident memory, and by the last layer that was the whole
-        checkpoint's size again."""
+        """Key -> tensor (on the host) of the checkpoint's `keys`, each file opened once for them."""
         by_file = {}
         for key in dict.fromkeys(keys):  # a tied weight's one tensor, read once
             by_file.setdefault(self.files[key], []).append(key)
