@@ -41,9 +41,6 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     it pruned (prune_checkpoint makes one).
     """
     _check(model, config)
-    if weights is not None and resume_dir is not None:
-        raise ValueError("a prune streamed from the checkpoint cannot be resumed yet: drop --resume-dir "
-                         "(resume_dir) or --stream-weights")
     memory_at_start = report.peak_memory(config.device)
     # a mixture of experts' fused expert banks as per-expert linears, put back pruned whatever happens
     with experts.unfused(adapters.decoder_layers(model)):
@@ -69,22 +66,24 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     return PruneResult(layers, seconds, info)
 
 
-def prune_checkpoint(model, out, config, calibration=None, dtype=None, overwrite=False, progress=True) -> PruneResult:
+def prune_checkpoint(model, out, config, calibration=None, dtype=None, overwrite=False, progress=True,
+                     resume_dir=None) -> PruneResult:
     """Prune the model at `model` (a safetensors checkpoint directory, or a hub id) into the checkpoint directory `out`,
     a layer at a time from its files: the host holds about one layer's weights, so a model larger than its memory can
     be pruned (pipeline/streaming.py). Otherwise as prune(load_model(model, dtype), config, calibration, tokenizer)
     followed by a save to `out`, and with the same result; out is written only once complete (replaced with
-    overwrite). In a group of processes (torchrun) every process calls it; the first reads and writes the files."""
+    overwrite). In a group of processes (torchrun) every process calls it; the first reads and writes the files.
+    resume_dir: as prune's; a resumed run writes the finished layers from there."""
     from sdsengine import checkpoint
     from sdsengine.models import load_model, weights_directory
     out = checkpoint.check_output_dir(out, overwrite) if parallel.rank() == 0 else None
     model, tokenizer, source = load_model(model, dtype, skeleton=True)
     if parallel.rank() > 0:  # lent each layer by the first process (parallel.lent)
-        return prune(model, config, calibration, tokenizer, progress, source)
+        return prune(model, config, calibration, tokenizer, progress, source, resume_dir)
     files = streaming.checkpoint_files(weights_directory(source))
     with checkpoint.staged_directory(out, overwrite) as staged:
         weights = streaming.WeightStream(model, files, staged)
-        result = prune(model, config, calibration, tokenizer, progress, source, weights=weights)
+        result = prune(model, config, calibration, tokenizer, progress, source, resume_dir, weights)
         weights.finish()
         checkpoint.save_beside_weights(model, tokenizer, staged, result.report)
     return result

@@ -119,7 +119,7 @@ def build_parser():
     p.add_argument("--stream-weights", action="store_true",
                    help="read each layer's weights from the model's safetensors files for its turn and write it pruned "
                         "to --out as it is done: host memory holds about one layer, for a model larger than it (a "
-                        "checkpoint directory or hub id whose tensor names are the model's; not with --resume-dir)")
+                        "checkpoint directory or hub id whose tensor names are the model's)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the command (model layout, --ignore, pattern, calibration data, --out) and print what "
                         "it would prune and the memory it would keep, reading no weights; nothing is pruned or saved")
@@ -239,8 +239,6 @@ def _prune_and_save(args, config, calib, needs_data):
         ResumeStore(args.resume_dir).check()
     if needs_data:
         check_calibration_source(calib)
-    if args.stream_weights and args.resume_dir:
-        raise ValueError("--stream-weights cannot be resumed yet: drop --resume-dir or --stream-weights")
     if args.dry_run:
         model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=True)
         if args.stream_weights:  # the names and shapes checked now, as the run will (reading no weight)
@@ -250,7 +248,8 @@ def _prune_and_save(args, config, calib, needs_data):
         return
     calib = calib if needs_data else None
     if args.stream_weights:  # the first process writes each layer to --out as it is done
-        result = api.prune_checkpoint(args.model, out, config, calib, _dtype(args), args.overwrite)
+        result = api.prune_checkpoint(args.model, out, config, calib, _dtype(args), args.overwrite,
+                                      resume_dir=args.resume_dir)
     else:  # data-parallel: the first process lends the others each layer's weights (parallel.lent), who load none
         model, tokenizer, source = load_model(args.model, _dtype(args), skeleton=parallel.rank() > 0)
         result = api.prune(model, config, calib, tokenizer, model_source=source, resume_dir=args.resume_dir)

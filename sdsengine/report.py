@@ -87,10 +87,12 @@ def decoder_sparsity(model) -> float:
     return weighted_sparsity(pair for layer in adapters.decoder_layers(model) for pair in linear_sizes(layer))
 
 
-def linear_sizes(layer) -> list[tuple]:
-    """(counted sparsity, weight count) of each linear of a decoder layer that a method may prune."""
+def linear_sizes(layer, state=None) -> list[tuple]:
+    """(counted sparsity, weight count) of each linear of a decoder layer that a method may prune; state: the layer's
+    state dict to count instead of its modules' weights."""
     from sdsengine.pipeline import adapters
-    weights = (adapters.get_weight(m) for m in adapters.pruned_linears(layer).values())
+    linears = adapters.pruned_linears(layer)
+    weights = (state[f"{name}.weight"] if state is not None else adapters.get_weight(m) for name, m in linears.items())
     return [(counted_sparsity(w), w.numel()) for w in weights]
 
 

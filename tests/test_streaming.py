@@ -14,7 +14,7 @@ from sdsengine import checkpoint
 from sdsengine.algorithms import lookup
 from sdsengine.cli import main
 from sdsengine.models import load_model
-from sdsengine.pipeline import streaming
+from sdsengine.pipeline import sequential, streaming
 
 from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
 
@@ -110,6 +110,48 @@ def test_only_the_module_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
     assert len(held) == 2 and all(total == layer for total, layer in held)
 
 
+class _Stop(BaseException):  # as a kill would: no handler of Exception catches it
+    pass
+
+
+def _stop_at(monkeypatch, index):
+    real = sequential._prune_layer
+
+    def prune_layer(i, *args, **kwargs):
+        if i == index:
+            raise _Stop
+        return real(i, *args, **kwargs)
+    monkeypatch.setattr(sequential, "_prune_layer", prune_layer)
+
+
+def _prune_resumable(how, source, out, config, progress):
+    """A prune with progress kept, streamed or of the loaded model (then saved to out)."""
+    if how == "streamed":
+        return sdsengine.prune_checkpoint(str(source), out, config, tiny_tokens(), progress=False, resume_dir=progress)
+    model, tokenizer, _ = load_model(str(source))
+    result = sdsengine.prune(model, config, tiny_tokens(), tokenizer, progress=False, resume_dir=progress)
+    checkpoint.save_checkpoint(model, tokenizer, out, result.report)
+    return result
+
+
+@pytest.mark.parametrize("stopped, resumed", [("streamed", "streamed"), ("whole", "streamed"), ("streamed", "whole")])
+def test_progress_resumes_streamed_or_not_into_the_unbroken_runs_checkpoint(stopped, resumed, tmp_path, monkeypatch):
+    """A run stopped at its second layer, then resumed, streamed or with the model loaded either time (the fingerprints
+    agree: a stream's is made of the checkpoint's tensors as the loaded model holds them): SDS with the dense stream,
+    whose activations come back from the progress too."""
+    source, progress = _source(tmp_path), tmp_path / "progress"
+    config = sdsengine.SDSConfig(sparsity="2:4", base="wanda", iters=5, refit=3, teacher="dense")
+    _whole(source, tmp_path / "whole", config)
+    _stop_at(monkeypatch, 1)
+    with pytest.raises(_Stop):
+        _prune_resumable(stopped, source, tmp_path / "out", config, progress)
+    assert not (tmp_path / "out").exists() and (progress / "layer-0000.pt").is_file()
+    monkeypatch.undo()
+    result = _prune_resumable(resumed, source, tmp_path / "out", config, progress)
+    assert result.report["resumed"]["from_layer"] == 1
+    _same_checkpoint(tmp_path / "whole", tmp_path / "out")
+
+
 def _replace_tensors(source, change):
     """Rewrite the one safetensors file of source with change(tensors) applied."""
     tensors = load_file(source / streaming.SINGLE)
@@ -159,10 +201,6 @@ def test_what_streaming_does_not_read_is_refused_by_name(tmp_path):
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="holds pytorch_model.bin: drop --stream-weights"):
         streaming.checkpoint_files(tmp_path)
-    model, _, _ = load_model(str(_source(tmp_path)), skeleton=True)
-    with pytest.raises(ValueError, match="cannot be resumed yet"):
-        sdsengine.prune(model, sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(), resume_dir=tmp_path / "progress",
-                        weights=object())
 
 
 def test_cli_streams_and_its_dry_run_says_so(tmp_path, capsys):
@@ -178,8 +216,9 @@ def test_cli_streams_and_its_dry_run_says_so(tmp_path, capsys):
     assert main(flags + ["--out", str(tmp_path / "streamed")]) == 0
     assert "saved to" in capsys.readouterr().out
     _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
-    assert main(flags + ["--out", str(tmp_path / "again"), "--resume-dir", str(tmp_path / "progress")]) == 2
-    assert "--stream-weights cannot be resumed yet" in capsys.readouterr().err
+    assert main(flags + ["--out", str(tmp_path / "resumable"), "--resume-dir", str(tmp_path / "progress")]) == 0
+    _same_checkpoint(tmp_path / "whole", tmp_path / "resumable")
+    assert not (tmp_path / "progress").exists()  # removed once saved
 
 
 def test_a_checkpoint_with_other_names_is_refused_by_the_dry_run(tmp_path, capsys):

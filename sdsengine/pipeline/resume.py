@@ -18,6 +18,8 @@ system they all see). The first process fingerprints the run, holds the director
 the manifest; each process writes the activations of its own windows (activations-NNNN-RofP.pt) before the manifest
 moves on to them. Progress is resumed by as many processes as made it (the number is in the fingerprint: each one's
 windows, and the order of the sums, depend on it).
+A run streamed from the checkpoint's files (streaming.py) fingerprints the files' tensors as the loaded model would hold
+them, keeps each layer as the stream wrote it, and on resuming has the stream write the finished layers.
 """
 import dataclasses
 import functools
@@ -66,15 +68,17 @@ class ResumeStore:
                 locks.release(fd)  # taken for good by identify()
         return self
 
-    def identify(self, model, config, samples):
+    def identify(self, model, config, samples, weights=None):
         """Fingerprint the run (before any weight changes; `samples`: all the windows, of every process) and refuse
         another run's progress; called before the calibration inputs are captured, so a wrong directory is named
-        before that work. In a group, the first process does it for all (it holds the weights)."""
-        self.fingerprint, self.run = parallel.from_first(self._identify, model, config, samples)
+        before that work. In a group, the first process does it for all (it holds the weights). weights: a
+        streaming.WeightStream, whose checkpoint tensors are fingerprinted instead of the (skeleton) model's."""
+        self.fingerprint, self.run = parallel.from_first(self._identify, model, config, samples, weights)
         return self
 
-    def _identify(self, model, config, samples):
-        self.fingerprint, self.run = identity(model, config, samples)
+    def _identify(self, model, config, samples, weights):
+        tensors = weights.tensors() if weights is not None else model.state_dict().items()
+        self.fingerprint, self.run = identity(tensors, config, samples)
         self._own_progress()
         self._lock()
         self._own_progress()  # again: another run may have begun here before the lock was taken
@@ -99,9 +103,10 @@ class ResumeStore:
                                "until ResumeStore(dir).clear() or its end): wait for it to end, or pass another "
                                "directory") from None
 
-    def begin(self, layers, inps, dense, report_type) -> list:
+    def begin(self, layers, inps, dense, report_type, weights=None) -> list:
         """After identify(): if the directory holds this run's progress, load it into `layers`, `inps` and
-        `dense` and return the finished layers' reports, else return []."""
+        `dense` and return the finished layers' reports, else return []. weights: a streaming.WeightStream, which
+        writes the finished layers to its output instead (the model is a skeleton)."""
         if self.fingerprint is None:
             raise RuntimeError("ResumeStore.begin() before identify()")
         manifest = parallel.from_first(self._started, len(layers))
@@ -110,7 +115,9 @@ class ResumeStore:
         done = manifest["done"]
         _warn_other_threads(manifest.get("run") or {}, self.run)
         for i in range(done):
-            if not parallel.is_skeleton(layers[i]):  # data-parallel: a skeleton's layers are the first process's
+            if weights is not None:
+                weights.write_saved(layers[i], self._ours(self._layer_file(i), mmap=True)["state"])
+            elif not parallel.is_skeleton(layers[i]):  # data-parallel: a skeleton's layers are the first process's
                 layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
         name = manifest.get("activations", LEGACY_ACTIVATIONS) if parallel.world() == 1 else None
         activations = self.dir / name if name else self._activations_file(done)
@@ -156,15 +163,16 @@ class ResumeStore:
         self._write_manifest({"fingerprint": self.fingerprint, "run": self.run, "done": 0, "layers": layers,
                               "activations": None, "reports": []})
 
-    def save(self, layers, reports, inps, dense):
-        """After layer len(reports)-1: its weights, the next layer's inputs (each process its own), then the
-        manifest, once every process's files are written."""
+    def save(self, layers, reports, inps, dense, weights=None):
+        """After layer len(reports)-1: its weights (a stream's as it wrote them), the next layer's inputs (each
+        process its own), then the manifest, once every process's files are written."""
         done = len(reports)
         activations = self._activations_file(done)
         error = None
         try:
             if parallel.rank() == 0:
-                layer = {"fingerprint": self.fingerprint, "state": layers[done - 1].state_dict()}
+                state = weights.written(layers[done - 1]) if weights is not None else layers[done - 1].state_dict()
+                layer = {"fingerprint": self.fingerprint, "state": state}
                 self._write(self._layer_file(done - 1), functools.partial(torch.save, layer))
             saved = {"fingerprint": self.fingerprint, "done": done, "inps": inps,
                      "dense": dense.inps if dense is not None else None}
@@ -297,13 +305,13 @@ def _process():
 def fingerprint(model, config, samples) -> str:
     """What the result depends on: the recipe, the calibration tokens and the original weights (each
     tensor's name, shape, dtype and two sums: cheap, and any different checkpoint changes them)."""
-    return identity(model, config, samples)[0]
+    return identity(model.state_dict().items(), config, samples)[0]
 
 
-def identity(model, config, samples):
-    """(fingerprint, parts): the parts (the recipe, and digests of the calibration tokens and of the weights)
-    are kept in the manifest so that a refusal can name what differs; the fingerprint is unchanged by them,
-    so progress saved before they were kept still resumes."""
+def identity(tensors, config, samples):
+    """(fingerprint, parts) of the run on the model's (name, tensor) pairs `tensors`: the parts (the recipe, and
+    digests of the calibration tokens and of the weights) are kept in the manifest so that a refusal can name what
+    differs; the fingerprint is unchanged by them, so progress saved before they were kept still resumes."""
     recipe = json.dumps(config.to_dict(), sort_keys=True, default=str)
     tokens = samples.cpu().numpy().tobytes()
     h, weights, dtypes = hashlib.sha256(recipe.encode()), hashlib.sha256(), set()
@@ -311,7 +319,7 @@ def identity(model, config, samples):
     if parallel.world() > 1:  # each process's windows and the sums' order depend on it (one process: as before)
         h.update(f"processes {parallel.world()}".encode())
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in tensors:
             total, absolute = _sums(t)
             line = f"{name}{tuple(t.shape)}{t.dtype}{total!r}{absolute!r}".encode()
             h.update(line)

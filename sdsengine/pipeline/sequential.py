@@ -62,7 +62,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None, weights
     if samples is None:
         raise ValueError(f"method {config.method!r} needs calibration samples")
     if resume:
-        resume.identify(model, config, samples)  # all the windows, in every process of a group
+        resume.identify(model, config, samples, weights)  # all the windows, in every process of a group
     samples = parallel.share(samples)  # data-parallel: this process's windows (pipeline/parallel.py)
     device = torch.device(config.device)
     need, store = activation_plan(model, config, samples)
@@ -71,7 +71,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None, weights
     inps, layer_kwargs = capture_layer_inputs(model, samples, device, store, weights)
     outs = torch.empty_like(inps)
     dense = DenseStream(inps.clone(), torch.empty_like(inps)) if needs_dense_stream(algo, config) else None
-    reports = resume.begin(layers, inps, dense, LayerReport) if resume else []
+    reports = resume.begin(layers, inps, dense, LayerReport, weights) if resume else []
     for i in _bar(range(len(reports), len(layers)), progress, initial=len(reports), total=len(layers)):
         kwargs = to_device(layer_kwargs[i], device)
         reports.append(_prune_layer(i, layers[i], targets[i], algo, config, inps, outs, kwargs, device, dense,
@@ -80,7 +80,7 @@ def prune_model(model, config, samples=None, progress=True, resume=None, weights
         if dense is not None:
             dense.inps, dense.outs = dense.outs, dense.inps
         if resume:
-            resume.save(layers, reports, inps, dense)
+            resume.save(layers, reports, inps, dense, weights)
     return reports
 
 

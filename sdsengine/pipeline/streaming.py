@@ -5,7 +5,9 @@ The model is a skeleton (models.skeleton: its parameters on the meta device, no 
 from the safetensors checkpoint when its turn comes (the embeddings for the capture, then each decoder layer), and each
 pruned layer is written out as soon as it is done, in a shard of its own; what no layer holds (embeddings, final norm,
 head) is copied from the checkpoint at the end. So the host holds about one layer's weights besides the calibration
-activations, where a prune of the loaded model holds all of them.
+activations, where a prune of the loaded model holds all of them. A resumable run (resume.py) fingerprints the
+checkpoint's tensors (`tensors`), keeps each layer as written (`written`) and writes those an earlier run finished from
+the progress (`write_saved`).
 
 The tensors a prune reads (the embeddings', the decoder layers') must have the model's own names and shapes in the
 checkpoint: transformers renames some families' keys as it loads them (it fuses a mixture's experts in transformers 5),
@@ -110,6 +112,32 @@ class WeightStream:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out / INDEX).write_text(json.dumps(index, indent=2))
 
+    def tensors(self):
+        """(name, tensor) of the model's state dict, read from the checkpoint one at a time where the skeleton holds
+        none (as the loaded model would hold them); then the checkpoint's tensors under names the model does not
+        have (a resumed run's fingerprint: resume.identity)."""
+        for name, t in self.state.items():
+            if not t.is_meta:
+                yield name, t
+            elif name in self.keys:
+                yield name, self._read([self.keys[name]])[self.keys[name]].to(t.dtype)
+        named = set(self.keys.values())
+        for key in self.files:
+            if key not in named:
+                yield key, self._read([key])[key]
+
+    def write_saved(self, layer, state):
+        """Write a layer pruned by an earlier run (its state dict, from the resume directory) as if pruned now."""
+        prefix, index = self.prefixes[id(layer)], self.layers[id(layer)]
+        self._write(index, [(f"{prefix}.{name}", t.dtype, t.shape, lambda t=t: t) for name, t in state.items()])
+        self.sizes[index] = linear_sizes(layer, state)
+
+    def written(self, layer):
+        """The layer's state dict as this stream wrote it (for the resume directory: the layer is a skeleton again)."""
+        prefix, index = self.prefixes[id(layer)] + ".", self.layers[id(layer)]
+        with safe_open(self.out / self._file(index), "pt") as f:
+            return {key.removeprefix(prefix): f.get_tensor(key) for key in f.keys()}
+
     def decoder_sparsity(self):
         """report.decoder_sparsity of the model written: counted as each layer was."""
         return weighted_sparsity(pair for pairs in self.sizes.values() for pair in pairs)
@@ -139,12 +167,15 @@ class WeightStream:
         self._write(self.layers[id(layer)], entries)
         self.sizes[self.layers[id(layer)]] = linear_sizes(layer)
 
+    def _file(self, shard):
+        return f"model-{shard + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
+
     def _layer_prefixes(self):
         return [self.prefixes[i] for i in self.layers]
 
     def _write(self, shard, entries):
         """entries as shard number `shard` of len(layers) + 1 (the last holds what no layer does)."""
-        file = f"model-{shard + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
+        file = self._file(shard)
         self.total_size += write_safetensors(self.out / file, entries)
         self.weight_map.update(dict.fromkeys((name for name, *_ in entries), file))
 
