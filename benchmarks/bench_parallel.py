@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import RESULTS, names_argument, write_results
+from harness import prune_arguments, prune_flags, write_results
 
 COLUMNS = ("bench", "method", "pattern", "device", "processes", "threads", "seconds", "baseline_seconds", "speedup",
            "cpu_peak_rss_gib", "gpu_peak_allocated_gib", "others_cpu_peak_rss_gib", "max_error_ratio")
@@ -29,8 +29,7 @@ COLUMNS = ("bench", "method", "pattern", "device", "processes", "threads", "seco
 
 def prune(args, method, processes, threads, out):
     """The run report of one prune, run by `processes` processes of `threads` threads each."""
-    flags = ["prune", "--method", method, "--sparsity", args.sparsity, "--calib", args.calib, "--nsamples",
-             str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--device", args.device, "--out", out]
+    flags = prune_flags(args, method, out)
     if args.model:
         flags += ["--model", args.model]
     launcher = [sys.executable, "-m", "sdsengine.cli"]
@@ -65,18 +64,10 @@ def _others_peak(report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
-    parser.add_argument("--methods", type=names_argument(("magnitude", "wanda", "sparsegpt", "sds", "besa")),
-                        default=["sparsegpt", "wanda"])
+    prune_arguments(parser, ["sparsegpt", "wanda"], 16, "parallel_cpu")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the threads of the baseline, shared "
                         "by the processes")
-    parser.add_argument("--sparsity", default="2:4")
-    parser.add_argument("--calib", default="c4")
-    parser.add_argument("--nsamples", type=int, default=16)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--name", default="parallel_cpu", help="results file stem")
-    parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
     if args.processes < 2 or args.threads < args.processes:
         parser.error(f"--processes must be at least 2 and --threads at least --processes, got {args.processes} and "

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS, names_argument, write_results
+from harness import prune_arguments, prune_flags, write_results
 from safetensors import safe_open
 
 COLUMNS = ("bench", "method", "mode", "dtype", "weights_gib", "largest_layer_gib", "cpu_peak_rss_gib",
@@ -46,9 +46,8 @@ def random_checkpoint(directory, layers, dtype):
 
 def prune(args, model, method, out, streamed):
     """(the run report, the command's wall seconds) of one prune in a fresh process."""
-    flags = ["prune", "--model", model, "--method", method, "--sparsity", args.sparsity, "--calib", args.calib,
-             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--device", args.device,
-             "--dtype", args.dtype, "--out", out] + (["--stream-weights"] if streamed else [])
+    flags = prune_flags(args, method, out) + ["--model", model, "--dtype", args.dtype]
+    flags += ["--stream-weights"] if streamed else []
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "sdsengine.cli"] + flags, capture_output=True, text=True)
     if done.returncode:
@@ -94,16 +93,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a safetensors checkpoint directory (default: random weights)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random checkpoint")
-    parser.add_argument("--methods", type=names_argument(("magnitude", "wanda", "sparsegpt", "sds", "besa")),
-                        default=["wanda"])
+    prune_arguments(parser, ["wanda"], 8, "streaming_cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--sparsity", default="2:4")
-    parser.add_argument("--calib", default="c4")
-    parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--name", default="streaming_cpu", help="results file stem")
-    parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
     records = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:

@@ -21,7 +21,8 @@ from sdsengine import kernels  # noqa: E402
 from sdsengine.bench import (gpu_info, measure_copy_bandwidth, parse_shapes, parse_tokens, table,  # noqa: E402
                              time_ms, write_results)
 
-__all__ = ["RESULTS", "require_transformers", "no_gpu", "names_argument", "tokens_argument", "gpu_info",
+__all__ = ["RESULTS", "require_transformers", "no_gpu", "names_argument", "tokens_argument", "prune_arguments",
+           "prune_flags", "gpu_info",
            "measure_copy_bandwidth", "table", "time_ms", "write_results", "main", "parse_args", "run", "time_backends",
            "record", "bandwidth", "target", "mismatch"]
 
@@ -48,6 +49,26 @@ def names_argument(allowed):
             raise argparse.ArgumentTypeError(f"takes any of {', '.join(allowed)}, got {text!r}")
         return names
     return parse
+
+
+def prune_arguments(parser, methods, nsamples, name):
+    """The flags of the benchmarks that run `sdsengine prune` (bench_parallel, bench_streaming), with their defaults:
+    methods (a list), nsamples, and the results file stem."""
+    parser.add_argument("--methods", type=names_argument(("magnitude", "wanda", "sparsegpt", "sds", "besa")),
+                        default=methods)
+    parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--calib", default="c4")
+    parser.add_argument("--nsamples", type=int, default=nsamples)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default=name, help="results file stem")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+
+
+def prune_flags(args, method, out):
+    """`sdsengine prune`'s arguments for method, as prune_arguments' flags set them, seed 0, saving to out."""
+    return ["prune", "--method", method, "--sparsity", args.sparsity, "--calib", args.calib, "--nsamples",
+            str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--device", args.device, "--out", out]
 
 
 def tokens_argument(text):
