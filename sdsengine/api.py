@@ -73,7 +73,7 @@ def prune_checkpoint(model, out, config, calibration=None, dtype=None, overwrite
     be pruned (pipeline/streaming.py). Otherwise as prune(load_model(model, dtype), config, calibration, tokenizer)
     followed by a save to `out`, and with the same result; out is written only once complete (replaced with
     overwrite). In a group of processes (torchrun) every process calls it; the first reads and writes the files.
-    resume_dir: as prune's; a resumed run writes the finished layers from there."""
+    resume_dir: as prune's (a resumed run writes the finished layers from there); removed once `out` is written."""
     from sdsengine import checkpoint
     from sdsengine.models import load_model, weights_directory
     out = checkpoint.check_output_dir(out, overwrite) if parallel.rank() == 0 else None
@@ -86,6 +86,8 @@ def prune_checkpoint(model, out, config, calibration=None, dtype=None, overwrite
         result = prune(model, config, calibration, tokenizer, progress, source, resume_dir, weights)
         weights.finish()
         checkpoint.save_beside_weights(model, tokenizer, staged, result.report)
+    if resume_dir is not None:
+        ResumeStore(resume_dir).clear()
     return result
 
 

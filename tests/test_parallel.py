@@ -299,6 +299,41 @@ def test_a_group_streams_the_checkpoint_as_it_prunes_it_loaded(tmp_path):
     assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
 
 
+def _streamed_resumable(source, out, progress, stop_at):
+    """_streamed_or_saved's streamed prune with --resume-dir `progress`, stopped in both processes as they reach layer
+    `stop_at` (None: never); what the report says was resumed, or "stopped"."""
+    real = sequential._prune_layer
+
+    def prune_layer(i, *args, **kwargs):
+        if i == stop_at:
+            raise _Stopped
+        return real(i, *args, **kwargs)
+    sequential._prune_layer = prune_layer  # in this spawned process only
+    try:
+        result = sdsengine.prune_checkpoint(source, out, sdsengine.SparseGPTConfig(sparsity="2:4"),
+                                            tiny_tokens(nsamples=4), progress=False, resume_dir=progress)
+    except _Stopped:
+        return "stopped"
+    return result.report.get("resumed")
+
+
+def test_a_streaming_group_stopped_then_resumed_writes_the_unbroken_groups_checkpoint(tmp_path):
+    source, progress = tmp_path / "source", str(tmp_path / "progress")
+    _three_layers().save_pretrained(source)
+    save_tiny_tokenizer(source)
+    for run in "abc":
+        (tmp_path / run).mkdir()
+    stopped = run_in_group(tmp_path / "a", _streamed_resumable, str(source), str(tmp_path / "out"), progress, 2)
+    assert stopped == ["stopped", "stopped"] and not (tmp_path / "out").exists()
+    resumed = run_in_group(tmp_path / "b", _streamed_resumable, str(source), str(tmp_path / "out"), progress, None)
+    assert resumed[0]["from_layer"] == 2 and not Path(progress).exists()
+    run_in_group(tmp_path / "c", _streamed_or_saved, str(source), str(tmp_path / "loaded"), False)
+    written = [{k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+               for d in ("loaded", "out")]
+    assert written[0].keys() == written[1].keys()
+    assert all(torch.equal(written[0][k], written[1][k]) for k in written[0])
+
+
 def _magnitude(skeleton):
     model = tiny_model("llama")
     if skeleton and parallel.rank() > 0:
