@@ -258,3 +258,21 @@ def test_inf_and_nan_are_counted_across_slices(chunk):
     weight[0, 0], weight[3, 4], weight[39, 36] = -float("inf"), float("nan"), float("inf")
     assert non_finite(weight, chunk) == non_finite(weight.T, chunk) == 3
     assert non_finite(torch.empty(0, 3), chunk) == 0 and non_finite(torch.tensor(float("nan")), chunk) == 1
+
+
+@pytest.mark.gpu
+def test_a_prune_on_the_gpu_streams_each_layer_there(tmp_path):
+    """Read to the host, then lent on the GPU: the same masks as the loaded model pruned there (the kept weights are the
+    checkpoint's; Wanda's norms are sums the GPU may take in another order, hence the agreement rather than equality)."""
+    source = _source(tmp_path)
+    _whole(source, tmp_path / "whole", sdsengine.WandaConfig(sparsity="2:4", device="cuda"))
+    sdsengine.prune_checkpoint(str(source), tmp_path / "streamed", sdsengine.WandaConfig(sparsity="2:4", device="cuda"),
+                               tiny_tokens(), progress=False)
+    whole, streamed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert whole.keys() == streamed.keys()
+    for name, w in whole.items():
+        s = streamed[name]
+        assert s.dtype == w.dtype and s.device.type == "cpu"
+        assert ((w != 0) == (s != 0)).float().mean() > 0.99, name
+        both = (w != 0) & (s != 0)
+        assert torch.equal(w[both], s[both]), name
