@@ -116,6 +116,7 @@ def plan(model, config, calibration=None, tokenizer=None) -> dict:
             "weights_bytes": _bytes(model.parameters()), "dtype": str(next(model.parameters()).dtype),
             "host_available_bytes": available_bytes(torch.device("cpu")),
             "largest_layer_bytes": max(weights), "layer_statistics_bytes": statistics,
+            "before_layers_bytes": _bytes(p for m in adapters.pre_layer_modules(model) for p in m.parameters()),
             "activations_bytes": activations, "activations_on": store and str(store)}
 
 

@@ -270,8 +270,9 @@ def _prune_and_save(args, config, calib, needs_data):
 def _plan_text(plan, source, streamed=False):
     """A prune's plan (api.plan) for people; streamed: with --stream-weights."""
     size = memory.describe
-    held = ("read from the checkpoint a layer at a time (--stream-weights), not held in host memory" if streamed
-            else f"in host memory{_beyond(plan)}")
+    held = (f"read from the checkpoint a layer at a time (--stream-weights): the host holds at most "
+            f"{size(max(plan['before_layers_bytes'], plan['largest_layer_bytes']))} of them at once (the embeddings "
+            f"for the capture, then each layer)" if streamed else f"in host memory{_beyond(plan)}")
     lines = [f"dry run, nothing pruned or saved: {plan['method']} {plan['sparsity']} of {source}",
              f"  {plan['layers']} decoder layers; {plan['linears_pruned']} linears to prune, "
              f"{plan['linears_kept_dense']} kept dense (--ignore)",

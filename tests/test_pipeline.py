@@ -269,3 +269,4 @@ def test_a_plan_prunes_nothing_and_is_the_same_for_a_skeleton(family):
     assert plan["linears_pruned"] == sum(len(layer.linears) for layer in result.layers)
     assert plan["linears_kept_dense"] == 1 and plan["layers"] == len(result.layers)
     assert plan["weights_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert plan["before_layers_bytes"] == model.get_input_embeddings().weight.numel() * 4  # what the capture reads

@@ -14,7 +14,7 @@ from sdsengine import checkpoint
 from sdsengine.algorithms import lookup
 from sdsengine.cli import main
 from sdsengine.models import load_model
-from sdsengine.pipeline import sequential, streaming
+from sdsengine.pipeline import memory, sequential, streaming
 
 from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
 
@@ -210,7 +210,9 @@ def test_cli_streams_and_its_dry_run_says_so(tmp_path, capsys):
     flags = ["prune", "--model", str(source), "--method", "wanda", "--sparsity", "2:4", "--calib", str(tokens),
              "--nsamples", "4", "--seqlen", "32", "--stream-weights"]
     assert main(flags + ["--out", str(tmp_path / "whole"), "--dry-run"]) == 0
-    assert "read from the checkpoint a layer at a time (--stream-weights)" in capsys.readouterr().out
+    layer = sum(p.numel() * 4 for p in tiny_model("llama").model.layers[0].parameters())  # more than the embeddings
+    assert (f"read from the checkpoint a layer at a time (--stream-weights): the host holds at most "
+            f"{memory.describe(layer)} of them at once") in capsys.readouterr().out
     assert not (tmp_path / "whole").exists()
     assert main(flags[:-1] + ["--out", str(tmp_path / "whole")]) == 0
     assert main(flags + ["--out", str(tmp_path / "streamed")]) == 0
