@@ -75,13 +75,12 @@ def identical(a, b):
 
 
 def sizes(model, dtype):
-    """(the weights, the largest decoder layer) in GiB, in dtype, from the checkpoint's index of shapes."""
-    from sdsengine.pipeline.streaming import checkpoint_files
-    files, element = checkpoint_files(model), torch.finfo(getattr(torch, dtype)).bits // 8
+    """(the weights, the largest decoder layer) in GiB, in dtype, from the checkpoint's headers of shapes."""
+    from sdsengine.pipeline.streaming import checkpoint_files, headers
+    element = torch.finfo(getattr(torch, dtype)).bits // 8
     per_layer, total = {}, 0
-    for name, path in files.items():
-        with safe_open(path, "pt") as f:
-            count = torch.Size(f.get_slice(name).get_shape()).numel() * element
+    for name, (shape, _) in headers(checkpoint_files(model)).items():
+        count = torch.Size(shape).numel() * element
         total += count
         if ".layers." in name:
             index = name.split(".layers.")[1].split(".")[0]

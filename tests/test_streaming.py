@@ -97,14 +97,14 @@ def test_only_the_module_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
     """While a layer is written, every other parameter of the model is still on the meta device."""
     source = _source(tmp_path)
     held = []
-    write = streaming.WeightStream._write_layer
+    write = streaming.WeightStream.write_layer
 
-    def counting(self, layer):
+    def counting(self, layer, state):
         held.append((sum(p.numel() for p in self.model.parameters() if not p.is_meta),
                      sum(p.numel() for p in layer.parameters())))
-        write(self, layer)
+        write(self, layer, state)
 
-    monkeypatch.setattr(streaming.WeightStream, "_write_layer", counting)
+    monkeypatch.setattr(streaming.WeightStream, "write_layer", counting)
     sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(),
                                progress=False)
     assert len(held) == 2 and all(total == layer for total, layer in held)

@@ -116,7 +116,7 @@ class ResumeStore:
         _warn_other_threads(manifest.get("run") or {}, self.run)
         for i in range(done):
             if weights is not None:
-                weights.write_saved(layers[i], self._ours(self._layer_file(i), mmap=True)["state"])
+                weights.write_layer(layers[i], self._ours(self._layer_file(i), mmap=True)["state"])
             elif not parallel.is_skeleton(layers[i]):  # data-parallel: a skeleton's layers are the first process's
                 layers[i].load_state_dict(self._ours(self._layer_file(i))["state"])
         name = manifest.get("activations", LEGACY_ACTIVATIONS) if parallel.world() == 1 else None

@@ -7,7 +7,7 @@ pruned layer is written out as soon as it is done, in a shard of its own; what n
 head) is copied from the checkpoint at the end. So the host holds about one layer's weights besides the calibration
 activations, where a prune of the loaded model holds all of them. A resumable run (resume.py) fingerprints the
 checkpoint's tensors (`tensors`), keeps each layer as written (`written`) and writes those an earlier run finished from
-the progress (`write_saved`).
+the progress (`write_layer`).
 
 The tensors a prune reads (the embeddings', the decoder layers') must have the model's own names and shapes in the
 checkpoint: transformers renames some families' keys as it loads them (it fuses a mixture's experts in transformers 5),
@@ -35,6 +35,18 @@ CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch
          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def headers(files: dict) -> dict[str, tuple]:
+    """Tensor name -> (shape, the file's dtype name, e.g. "BF16") of every tensor of checkpoint_files' `files`, each
+    file's header read once (no tensor read)."""
+    found = {}
+    for path in dict.fromkeys(files.values()):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                info = f.get_slice(key)
+                found[key] = (tuple(info.get_shape()), info.get_dtype())
+    return found
+
+
 def checkpoint_files(directory) -> dict[str, Path]:
     """Tensor name -> the safetensors file of `directory` that holds it (its index, or its one model.safetensors)."""
     directory = Path(directory)
@@ -60,8 +72,9 @@ class WeightStream:
         self.prefixes = {id(m): name for name, m in model.named_modules()}
         self.layers = {id(layer): i for i, layer in enumerate(adapters.decoder_layers(model))}
         self.state = model.state_dict(keep_vars=True)  # every tensor a save writes, by name
+        self.headers = headers(files)
         read = [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + self._layer_prefixes()
-        self.keys = _source_keys(self.state, files, read)
+        self.keys = _source_keys(self.state, self.headers, read)
         self.weight_map, self.total_size = {}, 0  # the output's index
         self.sizes = {}  # layer index -> its linears' (sparsity, count), as written
 
@@ -85,7 +98,7 @@ class WeightStream:
             yield
             for module in modules:
                 if id(module) in self.layers:
-                    self._write_layer(module)
+                    self.write_layer(module, module.state_dict())
         finally:
             for store, name, own in taken:
                 store[name] = own
@@ -103,8 +116,7 @@ class WeightStream:
         for key in self.files:  # read one at a time as the file is written: embeddings and head can be GBs each
             if not key.startswith(under):
                 dtype = self.state[names[key]].dtype if key in names else self.model.dtype
-                with safe_open(self.files[key], "pt") as f:
-                    shape = f.get_slice(key).get_shape()
+                shape = self.headers[key][0]
                 entries.append((key, dtype, shape, lambda key=key, dtype=dtype: self._read([key])[key].to(dtype)))
         entries += [(name, t.dtype, t.shape, lambda t=t: t) for name, t in self.state.items()
                     if not t.is_meta and name not in self.keys and not name.startswith(under)]
@@ -126,8 +138,9 @@ class WeightStream:
             if key not in named:
                 yield key, self._read([key])[key]
 
-    def write_saved(self, layer, state):
-        """Write a layer pruned by an earlier run (its state dict, from the resume directory) as if pruned now."""
+    def write_layer(self, layer, state):
+        """Write decoder layer `layer` holding `state` (its state dict: its own as it leaves its turn, or an earlier
+        run's from the resume directory) as its shard, and count its linears' sparsity."""
         prefix, index = self.prefixes[id(layer)], self.layers[id(layer)]
         self._write(index, [(f"{prefix}.{name}", t.dtype, t.shape, lambda t=t: t) for name, t in state.items()])
         self.sizes[index] = linear_sizes(layer, state)
@@ -160,12 +173,6 @@ class WeightStream:
             with safe_open(path, "pt") as f:
                 read.update({key: f.get_tensor(key) for key in names})
         return read
-
-    def _write_layer(self, layer):
-        prefix = self.prefixes[id(layer)]
-        entries = [(f"{prefix}.{name}", t.dtype, t.shape, lambda t=t: t) for name, t in layer.state_dict().items()]
-        self._write(self.layers[id(layer)], entries)
-        self.sizes[self.layers[id(layer)]] = linear_sizes(layer)
 
     def _file(self, shard):
         return f"model-{shard + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
@@ -212,7 +219,7 @@ def refuse_unstreamable(model):
                              "does not read: drop --stream-weights to load the model whole")
 
 
-def _source_keys(state, files, read):
+def _source_keys(state, headers, read):
     """The skeleton's tensor names -> the checkpoint's name that holds its values (its own, or where it is tied to
     another, the other's), checked against the checkpoint's shapes and dtypes. Each parameter under the prefixes `read`
     must be found; a buffer the checkpoint lacks keeps the skeleton's value, as from_pretrained keeps it."""
@@ -222,7 +229,7 @@ def _source_keys(state, files, read):
         names_of.setdefault(id(tensor), []).append(name)
     keys, missing = {}, []
     for name, tensor in state.items():
-        key = next((n for n in [name, *names_of[id(tensor)]] if n in files), None)
+        key = next((n for n in [name, *names_of[id(tensor)]] if n in headers), None)
         if key is None:
             if tensor.is_meta and name.startswith(read):
                 missing.append(name)
@@ -233,22 +240,12 @@ def _source_keys(state, files, read):
         raise ValueError(f"the checkpoint holds no tensor named {', '.join(missing[:3])}{more}: its names are not the "
                          "model's (transformers converts them on load), so it cannot be streamed: drop "
                          "--stream-weights to load it whole")
-    _check_shapes(state, keys, files)
+    for name, key in keys.items():
+        shape, dtype = headers[key]
+        if shape != tuple(state[name].shape):
+            raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model's {name} "
+                             f"{tuple(state[name].shape)}: it cannot be streamed (drop --stream-weights)")
+        if state[name].is_floating_point() and dtype not in FLOATS:
+            raise ValueError(f"checkpoint tensor {key} is {dtype}, not a float tensor (a quantized checkpoint?): "
+                             "it cannot be streamed")
     return keys
-
-
-def _check_shapes(state, keys, files):
-    opened = {}
-    with contextlib.ExitStack() as stack:
-        for name, key in keys.items():
-            path = files[key]
-            if path not in opened:
-                opened[path] = stack.enter_context(safe_open(path, "pt"))
-            info = opened[path].get_slice(key)
-            shape, dtype = tuple(info.get_shape()), info.get_dtype()
-            if shape != tuple(state[name].shape):
-                raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model's {name} "
-                                 f"{tuple(state[name].shape)}: it cannot be streamed (drop --stream-weights)")
-            if state[name].is_floating_point() and dtype not in FLOATS:
-                raise ValueError(f"checkpoint tensor {key} is {dtype}, not a float tensor (a quantized checkpoint?): "
-                                 "it cannot be streamed")
