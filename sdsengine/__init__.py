@@ -13,8 +13,8 @@ from sdsengine.config import (  # noqa: E402
     WandaConfig,
 )
 
-from sdsengine.nn import SparseLinear, convert, load_compressed, save_compressed  # noqa: E402
+from sdsengine.nn import SparseLinear, convert, convert_checkpoint, load_compressed, save_compressed  # noqa: E402
 
-__all__ = ["convert", "SparseLinear", "load_compressed", "save_compressed", "prune", "prune_checkpoint", "plan",
-           "PruneResult", "BESAConfig", "CalibrationConfig", "MagnitudeConfig", "PruneConfig", "SDSConfig",
-           "SparseGPTConfig", "SparsityPattern", "WandaConfig"]
+__all__ = ["convert", "convert_checkpoint", "SparseLinear", "load_compressed", "save_compressed", "prune",
+           "prune_checkpoint", "plan", "PruneResult", "BESAConfig", "CalibrationConfig", "MagnitudeConfig",
+           "PruneConfig", "SDSConfig", "SparseGPTConfig", "SparsityPattern", "WandaConfig"]

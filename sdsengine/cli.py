@@ -17,7 +17,8 @@ from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_di
 from sdsengine.eval.runner import TASK_HELP, check_perplexity, evaluate, load_zeroshot, results_table, task_list
 from sdsengine.models import default_gguf, load_model, weights_directory
 from sdsengine.nn import convert, save_compressed, set_lean
-from sdsengine.nn.convert import fused_bank_share, is_compressed_checkpoint, skip_reasons, weight_count
+from sdsengine.nn.convert import check_some_converted, fused_bank_share, is_compressed_checkpoint, weight_count
+from sdsengine.nn.convert_streamed import write_converted
 from sdsengine.pipeline import memory, parallel, streaming
 from sdsengine.pipeline.resume import ResumeStore
 
@@ -144,6 +145,9 @@ def build_parser():
                    help="a mixture's experts too, one SparseLinear per expert: less memory; at decode on a GPU one "
                         "grouped launch per projection, whose speed against the fused dense experts is not measured "
                         "yet (see the README); by default they stay fused and dense")
+    c.add_argument("--stream-weights", action="store_true",
+                   help="read each linear's weight from the checkpoint's safetensors files and write it compressed as "
+                        "it comes: host memory holds about one linear's weight, for a checkpoint larger than it")
 
     b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
     bench.add_arguments(b)
@@ -396,23 +400,35 @@ def _check_result_files(args, tasks):
 def cmd_convert(args):
     _refuse_out_over_inputs(args, "converted")
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
-    model, tokenizer, source = load_model(args.model, _dtype(args) or "auto", needs_tokenizer=False)
+    if args.stream_weights and args.pack_experts:
+        raise ValueError("--pack-experts reads a mixture's fused experts whole, which --stream-weights does not: "
+                         "drop one of them")
+    model, tokenizer, source = load_model(args.model, _dtype(args) or "auto", needs_tokenizer=False,
+                                          skeleton=args.stream_weights)
     model = _half_for_kernels(model, args)
-    records, total = [], weight_count(model)  # before convert frees a packed mixture's banks
-    with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
-        warnings.simplefilter("ignore")
-        convert(model, ignore=("lm_head", *_listed(args.ignore)), report=records, pack_experts=args.pack_experts)
+    ignore = ("lm_head", *_listed(args.ignore))
+    if args.stream_weights:  # its weights read a linear at a time, written to --out as they come
+        records, share = write_converted(model, source, out, tokenizer, ignore, args.overwrite), 0
+    else:
+        records, share = _convert_loaded(model, source, out, tokenizer, ignore, args)
     done = sum(r.action == "converted" for r in records)
-    if done == 0:  # a copy with nothing compressed is neither smaller nor faster: say why instead
-        raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({skip_reasons(records)}); "
-                         "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
-    save_compressed(model, out, tokenizer, args.overwrite)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
-    share = fused_bank_share(model, total)
     if share:
         why = "none of their linears was converted: ignored, or not 2:4" if args.pack_experts else (
             "--pack-experts packs them: less memory; its speed is not measured on a GPU yet")
         print(f"{source}: experts' fused weights, {share:.0%} of the model's, stay dense in it ({why})")
+
+
+def _convert_loaded(model, source, out, tokenizer, ignore, args):
+    """(records, the share of the model's weights left in fused expert banks) of the loaded model converted and
+    saved to out."""
+    records, total = [], weight_count(model)  # before convert frees a packed mixture's banks
+    with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
+        warnings.simplefilter("ignore")
+        convert(model, ignore=ignore, report=records, pack_experts=args.pack_experts)
+    check_some_converted(records, source)
+    save_compressed(model, out, tokenizer, args.overwrite)
+    return records, fused_bank_share(model, total)
 
 
 def _half_for_kernels(model, args):

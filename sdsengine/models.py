@@ -105,7 +105,9 @@ def skeleton(config, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
-    return cast(model, dtype).eval()
+    model = cast(model, dtype).eval()
+    model.config.dtype = dtype  # as from_pretrained records the dtype it loaded in (save_pretrained writes it)
+    return model
 
 
 def _refuse_layout_before_loading(location):

@@ -97,3 +97,17 @@ def _gguf_field(path, key):
     from gguf import GGUFReader
     field = GGUFReader(str(path)).fields.get(key)
     return None if field is None or not field.data else field.parts[field.data[0]][0].item()
+
+
+def loading_names(model, keys) -> dict:
+    """Checkpoint key -> the name of `model`'s tensor that transformers loads it into, for the keys among `keys` that it
+    renames as it loads (transformers 5's conversion mapping, renames only: GPT-NeoX's embed_out is the model's
+    lm_head); none where this transformers has no such mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        renamings = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+        renamed = {key: rename_source_key(key, renamings, [])[0] for key in keys}
+    except (ImportError, TypeError, AttributeError):  # another transformers: none renamed (a missing name is refused)
+        return {}
+    return {key: name for key, name in renamed.items() if name != key}

@@ -96,19 +96,18 @@ def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
     # Every replacement is made before any is put in place: a failure (a layer offloaded to the meta device,
     # Ctrl-C) leaves the model as it was, not half converted with transformers' save_pretrained, which would
     # save the converted linears' weights where from_pretrained cannot find them.
-    for name, module in named:
-        if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in done:
-            record, done[id(module)] = _convert_one(name, module, ignore)
-            records.append(record)
+    for name, module in linears_of(named).items():
+        record, done[id(module)] = convert_linear(name, module, ignore)
+        records.append(record)
     packed = {name: m for name, m in unfused.items() if any(done.get(id(sub)) is not None for sub in m.modules())}
     for name, module in packed.items():  # before the linears inside, whose names pass through it
-        _set_submodule(model, name, module)
+        set_submodule(model, name, module)
     for name, module in named:
         if done.get(id(module)) is not None:
-            _set_submodule(model, name, done[id(module)])
+            set_submodule(model, name, done[id(module)])
     for module in packed.values():
         _settle(module)
-    _log_summary(records, already)
+    log_summary(records, already)
     share = fused_bank_share(model, total)
     if share:
         log.info("  kept dense: a mixture's fused experts, %.0f%% of the model's weights (%s)", 100 * share,
@@ -142,11 +141,29 @@ def fused_bank_share(model, total=None) -> float:
     return banks / max(weight_count(model) if total is None else total, 1)
 
 
-def _convert_one(name, module, ignore):
+def linears_of(named) -> dict:
+    """name -> module of each linear (nn.Linear, GPT-2's Conv1D) among (name, module) pairs, under its first name: a
+    module registered under two names is converted once."""
+    found, seen = {}, set()
+    for name, module in named:
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in seen:
+            found[name] = module
+            seen.add(id(module))
+    return found
+
+
+def linear_shape(module) -> tuple:
+    """(out_features, in_features) of a linear: GPT-2's Conv1D holds its weight as (in, out)."""
+    shape = tuple(module.weight.shape)
+    return shape[::-1] if isinstance(module, Conv1D) else shape
+
+
+def convert_linear(name, module, ignore):
+    """(Conversion, its SparseLinear or None where it stays dense) of the linear `module` named `name`."""
     weight = module.weight.detach()
     weight = weight.T if isinstance(module, Conv1D) else weight
-    out_features, in_features = weight.shape
-    shape = (out_features, in_features)
+    shape = linear_shape(module)
+    in_features = shape[1]
     if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], p) for p in ignore):
         return Conversion(name, shape, "skipped", "ignored"), None
     if in_features % 32:
@@ -157,7 +174,7 @@ def _convert_one(name, module, ignore):
     return Conversion(name, shape, "converted"), SparseLinear.from_dense(weight, module.bias)
 
 
-def _set_submodule(model, name, module):
+def set_submodule(model, name, module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -175,7 +192,7 @@ def _save_pretrained_refused(*args, **kwargs):
                     "that transformers loads with random weights in place of every compressed linear")
 
 
-def _log_summary(records, already=0):
+def log_summary(records, already=0):
     done = [r for r in records if r.action == "converted"]
     log.info("sdsengine.convert: %d of %d linear layers converted to SparseLinear", len(done), len(records))
     kept = {}  # a mixture's experts once per projection and reason, not once per expert (128 in some)
@@ -187,6 +204,13 @@ def _log_summary(records, already=0):
     if records and not done and not already:  # the usual cause: a model pruned unstructured, or not pruned at all
         warnings.warn(f"sdsengine.convert: none of the {len(records)} linear layers is converted "
                       f"({skip_reasons(records)}); SparseLinear needs 2:4 weights")
+
+
+def check_some_converted(records, source):
+    """A copy with nothing compressed is neither smaller nor faster: refuse it, saying why (before anything is kept)."""
+    if not any(r.action == "converted" for r in records):
+        raise ValueError(f"{source}: none of its {len(records)} linears can be converted ({skip_reasons(records)}); "
+                         "SparseLinear needs 2:4 weights: prune with --sparsity 2:4 first. Nothing was written")
 
 
 def skip_reasons(records):
@@ -204,13 +228,20 @@ def save_compressed(model, directory, tokenizer=None, overwrite=False):
     out = check_output_dir(directory, overwrite)
     with staged_directory(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS))
-        for part in ("config", "generation_config"):  # generation_config: the sampling defaults
-            if hasattr(getattr(model, part, None), "save_pretrained"):
-                getattr(model, part).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(model), indent=2))
+        write_beside(model, tmp, tokenizer)
     return out
+
+
+def write_beside(model, directory, tokenizer=None):
+    """What a compressed checkpoint holds besides its weights file, into `directory`: the model's configs, the
+    tokenizer's files if given, the manifest (of the model after convert, or a skeleton holding empty SparseLinears
+    where the file has compressed ones)."""
+    for part in ("config", "generation_config"):  # generation_config: the sampling defaults
+        if hasattr(getattr(model, part, None), "save_pretrained"):
+            getattr(model, part).save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / MANIFEST).write_text(json.dumps(_manifest(model), indent=2))
 
 
 def _manifest(model):
@@ -257,7 +288,7 @@ def load_compressed(directory, model=None, dtype=None, device=None):
     try:
         unfused = [_unfuse(model, name) for name in unfused]  # before the shells: their names pass through it
         for name, shell in shells.items():
-            _set_submodule(model, name, shell)
+            set_submodule(model, name, shell)
         _load_weights(model, weights, device, dtype)
     except Exception as exc:  # safetensors' own errors, a module the model lacks, a missing or extra tensor
         undo()
@@ -316,7 +347,7 @@ def _unfuse(model, name):
         raise ValueError(f"the checkpoint holds {name} as a mixture's experts, unfused; the model has a "
                          f"{type(fused).__name__} there, not transformers' fused experts")
     unfused = experts.for_inference(fused)
-    _set_submodule(model, name, unfused)
+    set_submodule(model, name, unfused)
     return unfused
 
 
@@ -332,7 +363,7 @@ def _undo_for(model, names):
 
     def undo():
         for name, module in modules.items():
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         model.load_state_dict(tensors, strict=False, assign=True)
     return undo
 
@@ -370,7 +401,7 @@ def _load_weights(model, path, device, dtype):
     model.load_state_dict(state, strict=True, assign=True)
     for first, *others in shared:
         for name in others:
-            _set_submodule(model, name, _tensor_at(model, first))
+            set_submodule(model, name, _tensor_at(model, first))
     empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if empty:
         raise ValueError(f"no tensor for {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}")

@@ -16,13 +16,13 @@ and a name that does not match is refused, not guessed. What no layer holds is c
 """
 import contextlib
 import json
-import math
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from sdsengine import transformers_compat
 from sdsengine.report import linear_sizes, weighted_sparsity
 
 from . import adapters, experts
@@ -129,14 +129,28 @@ class WeightStream:
         none (as the loaded model would hold them); then the checkpoint's tensors under names the model does not
         have (a resumed run's fingerprint: resume.identity)."""
         for name, t in self.state.items():
-            if not t.is_meta:
-                yield name, t
-            elif name in self.keys:
-                yield name, self._read([self.keys[name]])[self.keys[name]].to(t.dtype)
+            if not t.is_meta or name in self.keys:
+                yield name, self.read(name)
         named = set(self.keys.values())
         for key in self.files:
             if key not in named:
                 yield key, self._read([key])[key]
+
+    def read(self, name):
+        """The model's tensor `name` as the loaded model would hold it: the skeleton's own where it holds one (a buffer
+        its constructor computes), else the checkpoint's in the model's dtype."""
+        own = self.state[name]
+        if not own.is_meta:
+            return own
+        key = self.keys[name]
+        return self._read([key])[key].to(own.dtype)
+
+    def find_all(self):
+        """Find every tensor of the model in the checkpoint (a convert reads them all, a prune only the embeddings' and
+        the layers'): under its own name, a tied one's, or the name transformers renames to it as it loads (GPT-NeoX's
+        embed_out is the model's lm_head); refuse the checkpoint where one is missing."""
+        renamed = transformers_compat.loading_names(self.model, self.headers)
+        self.keys = _source_keys(self.state, self.headers, [""], renamed)
 
     def write_layer(self, layer, state):
         """Write decoder layer `layer` holding `state` (its state dict: its own as it leaves its turn, or an earlier
@@ -190,25 +204,70 @@ class WeightStream:
 def write_safetensors(path, entries) -> int:
     """Write entries [(name, dtype, shape, make)] as a safetensors file, each tensor made (make()) only as its bytes are
     written, and return the bytes of tensor data. safetensors' save_file takes every tensor at once and copies each to
-    bytes before writing: for a pruned layer that held it twice, for embeddings and head (GBs each) all of them twice.
-    The format: the header's length (8 bytes, little-endian), the JSON header (padded with spaces to 8 bytes), then each
-    tensor's bytes, little-endian and row-major, at the offsets the header gives."""
-    header, start = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape, _ in entries:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [start, start + size]}
-        start += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
+    bytes before writing: for a pruned layer that held it twice, for embeddings and head (GBs each) all of them
+    twice."""
+    room = header_room((name, dtype, shape) for name, dtype, shape, _ in entries)
+    with SafetensorsWriter(path, room) as file:
         for name, dtype, shape, make in entries:
-            tensor = make().detach()
+            tensor = make()
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, not the header's {dtype} {shape}")
-            # one tensor on the host at a time (a layer on the GPU comes over tensor by tensor)
-            f.write(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return start
+            file.add(name, tensor)
+    return file.size
+
+
+class SafetensorsWriter:
+    """A safetensors file written a tensor at a time (`add`), whose tensors need not be known before the first is
+    written (a linear is compressed or not once its weight is read): their bytes go after room kept for the header,
+    which is written when the file closes, padded with spaces as the format allows. The format: the header's length
+    (8 bytes, little-endian), the JSON header, then each tensor's bytes, little-endian and row-major, at the offsets
+    the header gives from the end of the header."""
+
+    def __init__(self, path, room):
+        """room: bytes kept for the header (header_room of every tensor that may be added)."""
+        self.room, self.size = room, 0
+        self.header = {"__metadata__": {"format": "pt"}}
+        self.file = open(path, "wb")
+        self.file.seek(8 + room)
+
+    def add(self, name, tensor):
+        """Append `tensor` under `name` (one tensor on the host at a time: one on the GPU comes over alone)."""
+        if name in self.header:
+            raise ValueError(f"{name} is in the file already")
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        self.header[name] = {"dtype": CODES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.size, self.size + size]}
+        self.file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self.size += size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        try:
+            if kind is None:  # a file left without its header is no safetensors file: the caller's staging discards it
+                text = json.dumps(self.header, separators=(",", ":")).encode()
+                if len(text) > self.room:
+                    raise RuntimeError(f"the header takes {len(text)} bytes, over the {self.room} kept for it")
+                self.file.seek(0)
+                self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
+        finally:
+            self.file.close()
+
+
+# an offset's most digits: files up to 10**20 bytes
+_LARGEST_OFFSET = 10 ** 20
+
+
+def header_room(entries) -> int:
+    """Bytes that the header of a file holding any of entries [(name, dtype, shape)] fits in, a multiple of 8 (the
+    tensors' data stays aligned): each entry's text with the longest offsets."""
+    header = {"__metadata__": {"format": "pt"}}
+    header.update({name: {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [_LARGEST_OFFSET] * 2}
+                   for name, dtype, shape in entries})
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return len(text) + (-len(text) % 8)
 
 
 def refuse_unstreamable(model):
@@ -219,17 +278,20 @@ def refuse_unstreamable(model):
                              "does not read: drop --stream-weights to load the model whole")
 
 
-def _source_keys(state, headers, read):
+def _source_keys(state, headers, read, renamed=None):
     """The skeleton's tensor names -> the checkpoint's name that holds its values (its own, or where it is tied to
-    another, the other's), checked against the checkpoint's shapes and dtypes. Each parameter under the prefixes `read`
-    must be found; a buffer the checkpoint lacks keeps the skeleton's value, as from_pretrained keeps it."""
+    another, the other's; else one that `renamed` maps to either), checked against the checkpoint's shapes and dtypes.
+    Each parameter under the prefixes `read` must be found; a buffer the checkpoint lacks keeps the skeleton's value, as
+    from_pretrained keeps it."""
     read = tuple(p + "." if p else "" for p in read)
+    aliases = {name: key for key, name in (renamed or {}).items()}
     names_of = {}
     for name, tensor in state.items():
         names_of.setdefault(id(tensor), []).append(name)
     keys, missing = {}, []
     for name, tensor in state.items():
-        key = next((n for n in [name, *names_of[id(tensor)]] if n in headers), None)
+        named = [name, *names_of[id(tensor)]]
+        key = next((n for n in named if n in headers), None) or next((aliases[n] for n in named if n in aliases), None)
         if key is None:
             if tensor.is_meta and name.startswith(read):
                 missing.append(name)
