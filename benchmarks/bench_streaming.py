@@ -1,6 +1,8 @@
-"""What `sdsengine prune --stream-weights` saves in host memory: the same prune with the model loaded whole (the
-baseline) and streamed from its files a layer at a time (sdsengine/pipeline/streaming.py), each in a fresh process,
-in the same run, and whether the two checkpoints are equal, tensor by tensor.
+"""What `sdsengine prune --stream-weights` and `sdsengine convert --stream-weights` save in host memory: the same prune
+with the model loaded whole (the baseline) and streamed from its files a layer at a time (sdsengine/pipeline/
+streaming.py), then the same convert of the pruned checkpoint loaded whole and streamed a linear at a time
+(sdsengine/nn/convert_streamed.py), each in a fresh process, in the same run, and whether the two checkpoints are
+equal, tensor by tensor.
 
     python benchmarks/bench_streaming.py [--model DIR] [--layers 4] [--methods wanda] [--dtype float32] \
         [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--device cpu] [--name streaming_cpu]
@@ -11,7 +13,9 @@ is the embedded SmolLM2's (49152), whose tokenizer builds the calibration window
 benchmarks/results/<name>.json and .md: per method and mode ("whole", "streamed") a record of bench "streaming" with
 the process's peak RSS (VmHWM: the load, the prune and the save), the prune's seconds (the report's), the whole
 command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
-checkpoint equal to the baseline's, names and dtypes too).
+checkpoint equal to the baseline's, names and dtypes too); then per method and mode a record of bench
+"streaming_convert" for the convert of the loaded prune's checkpoint (its peak RSS, wall seconds, `identical`; dtype
+the converted model's: bfloat16 from a float32 checkpoint).
 """
 import argparse
 import json
@@ -55,6 +59,18 @@ def prune(args, model, method, out, streamed):
     return json.loads((Path(out) / "sdsengine.json").read_text()), time.perf_counter() - start
 
 
+def convert(pruned, out, streamed):
+    """(peak RSS in GiB, wall seconds) of `sdsengine convert` of the checkpoint `pruned` in a fresh process."""
+    code = ("import json, sys; from sdsengine.cli import main; from sdsengine.report import peak_memory; "
+            "rc = main(sys.argv[1:]); print(json.dumps(peak_memory('cpu'))); sys.exit(rc)")
+    flags = ["convert", "--model", pruned, "--out", out] + (["--stream-weights"] if streamed else [])
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code] + flags, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"convert ({'streamed' if streamed else 'whole'}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])["cpu_peak_rss_gib"], time.perf_counter() - start
+
+
 def identical(a, b):
     """Whether checkpoints a and b hold the same tensors (names, dtypes, values), read one tensor at a time."""
     def index(directory):
@@ -88,6 +104,22 @@ def sizes(model, dtype):
     return total / 2**30, max(per_layer.values(), default=0) / 2**30
 
 
+def converts(args, pruned, method, weights, largest):
+    """The records of the checkpoint `pruned` converted loaded whole and streamed."""
+    runs = {mode: convert(pruned, f"{pruned}-{mode}-compressed", mode == "streamed") for mode in ("whole", "streamed")}
+    same = identical(f"{pruned}-whole-compressed", f"{pruned}-streamed-compressed")
+    dtype = json.loads((Path(f"{pruned}-whole-compressed") / "sdsengine_compressed.json").read_text())["dtype"]
+    records = []
+    for mode, (peak, wall) in runs.items():
+        records.append({"bench": "streaming_convert", "method": method, "mode": mode, "dtype": dtype,
+                        "pattern": args.sparsity, "weights_gib": weights, "largest_layer_gib": largest,
+                        "cpu_peak_rss_gib": peak, "rss_saved_gib": round(runs["whole"][0] - peak, 3),
+                        "wall_seconds": round(wall, 1), "identical": same,
+                        "model": f"the {method} {args.sparsity} checkpoint above (loaded whole)"})
+        print(f"convert {mode}: peak RSS {peak:.2f} GiB, {wall:.1f} s wall; identical: {same}")
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a safetensors checkpoint directory (default: random weights)")
@@ -115,6 +147,7 @@ def main(argv=None):
                                 "versions": report["versions"]})
                 print(f"{method} {args.sparsity} {mode}: peak RSS {peak:.2f} GiB, {report['seconds']:.1f} s prune, "
                       f"{wall:.1f} s wall; identical: {same}")
+            records += converts(args, f"{scratch}/{method}-whole", method, weights, largest)
     print(f"wrote {write_results(args.name, records, args.out, COLUMNS)}")
     return 0
 

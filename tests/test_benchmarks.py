@@ -567,12 +567,16 @@ def test_streaming_bench_prunes_a_checkpoint_whole_and_streamed(benchmark, tmp_p
             "--nsamples", "2", "--seqlen", "8", "--out", str(tmp_path)]
     assert benchmark("bench_streaming").main(argv) == 0
     records = json.loads((tmp_path / "streaming_cpu.json").read_text())
-    assert [(r["method"], r["mode"]) for r in records] == [("wanda", "whole"), ("wanda", "streamed"),
-                                                          ("magnitude", "whole"), ("magnitude", "streamed")]
+    modes = [("whole", "streaming"), ("streamed", "streaming"), ("whole", "streaming_convert"),
+             ("streamed", "streaming_convert")]
+    assert [(r["method"], r["mode"], r["bench"]) for r in records] == [
+        (method, mode, bench) for method in ("wanda", "magnitude") for mode, bench in modes]
     for r in records:
-        assert r["bench"] == "streaming" and r["identical"] and r["seconds"] > 0 and r["cpu_peak_rss_gib"] > 0
+        assert r["identical"] and r["wall_seconds"] > 0 and r["cpu_peak_rss_gib"] > 0
         assert 0 < r["largest_layer_gib"] < r["weights_gib"]
-    assert records[0]["rss_saved_gib"] == 0
+    assert all(r["seconds"] > 0 for r in records if r["bench"] == "streaming")
+    assert {r["dtype"] for r in records if r["bench"] == "streaming_convert"} == {"bfloat16"}  # from float32
+    assert records[0]["rss_saved_gib"] == records[2]["rss_saved_gib"] == 0
 
 
 def test_streaming_bench_sees_checkpoints_that_differ(benchmark, tmp_path):
