@@ -95,8 +95,8 @@ def sizes(model, dtype):
     from sdsengine.pipeline.streaming import checkpoint_files, headers
     element = torch.finfo(getattr(torch, dtype)).bits // 8
     per_layer, total = {}, 0
-    for name, (shape, _) in headers(checkpoint_files(model)).items():
-        count = torch.Size(shape).numel() * element
+    for name, stored in headers(checkpoint_files(model)).items():
+        count = torch.Size(stored.shape).numel() * element
         total += count
         if ".layers." in name:
             index = name.split(".layers.")[1].split(".")[0]

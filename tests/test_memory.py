@@ -71,11 +71,12 @@ def test_host_free_memory_is_read():
     assert isinstance(free, int) and 0 < free <= total
 
 
-def _peak_rise(code):
-    """Run `code` in a fresh process (tests/ on its path) after `hwm()` is defined; returns what it prints last."""
+def _peak_rise(code, *argv):
+    """Run `code` with argv in a fresh process (tests/ on its path) after `hwm()` is defined; returns what it prints
+    last."""
     prelude = ("def hwm():\n    with open('/proc/self/status') as f:\n"
                "        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))\n")
-    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", prelude + code, *argv], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr
     return float(done.stdout.split()[-1])
@@ -166,3 +167,26 @@ def test_a_resumed_runs_peak_includes_the_earlier_processes_layers(monkeypatch):
     later = [LayerReport(index=2, seconds=1.0, memory={"cpu_peak_rss_gib": 1.9})]
     assert report.run_peak("cpu", earlier + later) == {"cpu_peak_rss_gib": 2.5}
     assert report.run_peak("cpu", later) == {"cpu_peak_rss_gib": 2.0}
+
+
+
+_READ_PEAK = """
+import sys
+import torch
+from sdsengine.pipeline import streaming
+
+found = streaming.file_header(sys.argv[1])
+streaming.read_tensor(found["small"], torch.bfloat16)  # first-call work off the measurement
+before = hwm()
+read = streaming.read_tensor(found["w"], torch.bfloat16)
+print((hwm() - before) / (1 << 27))
+"""
+
+
+@linux_only
+def test_a_streamed_tensor_is_read_without_a_copy_in_the_files_dtype(tmp_path):
+    """read_tensor's peak: the result (half the float32 tensor, in bfloat16) and one 64 MiB slice, where safetensors'
+    mapped file, its copy and the cast held 2.5 times the tensor."""
+    from safetensors.torch import save_file  # written here: the file's tensors would count in the reader's peak
+    save_file({"w": torch.ones(1 << 25), "small": torch.ones(64)}, tmp_path / "w.safetensors")  # w: 128 MiB
+    assert _peak_rise(_READ_PEAK, str(tmp_path / "w.safetensors")) < 1.1  # times the float32 tensor's bytes

@@ -278,3 +278,33 @@ def test_a_prune_on_the_gpu_streams_each_layer_there(tmp_path):
         assert ((w != 0) == (s != 0)).float().mean() > 0.99, name
         both = (w != 0) & (s != 0)
         assert torch.equal(w[both], s[both]), name
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool])
+def test_a_tensor_read_in_slices_is_the_one_safetensors_reads(stored, tmp_path, monkeypatch):
+    """read_tensor (plain reads, a slice at a time where the dtype changes) gives safetensors' tensor, cast as .to()
+    casts it: scalars, empty tensors, a slice that ends inside an element's row."""
+    monkeypatch.setattr(streaming, "_SLICE_BYTES", 24)  # several slices per tensor
+    g = torch.Generator().manual_seed(0)
+    tensors = {"matrix": torch.randn(5, 7, generator=g) * 100, "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4),
+               "row": torch.randn(1, 3, generator=g)[0]}
+    tensors = {name: t.to(stored) for name, t in tensors.items()}
+    save_file(tensors, tmp_path / "t.safetensors")
+    found = streaming.file_header(tmp_path / "t.safetensors")
+    assert found.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        for dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+            read = streaming.read_tensor(found[name], dtype)
+            expected = tensor if dtype is None else tensor.to(dtype)
+            assert read.dtype == expected.dtype and torch.equal(read, expected), (name, dtype)
+
+
+def test_a_truncated_or_damaged_file_is_named(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "t.safetensors")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="short.safetensors ends inside a tensor: the file is truncated"):
+        streaming.read_tensor(streaming.file_header(tmp_path / "short.safetensors")["w"])
+    (tmp_path / "bad.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
+        streaming.file_header(tmp_path / "bad.safetensors")

@@ -15,12 +15,13 @@ and a name that does not match is refused, not guessed. What no layer holds is c
 (GPT-NeoX's head is embed_out there, lm_head in the model), as save_pretrained writes it back.
 """
 import contextlib
+import dataclasses
 import json
+import math
 import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from sdsengine import transformers_compat
 from sdsengine.report import linear_sizes, weighted_sparsity
@@ -33,18 +34,81 @@ SINGLE = "model.safetensors"
 FLOATS = {"F32", "F16", "BF16", "F64"}  # what a checkpoint's dtype names a plain float tensor
 CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPES = {code: dtype for dtype, code in CODES.items()}
 
 
-def headers(files: dict) -> dict[str, tuple]:
-    """Tensor name -> (shape, the file's dtype name, e.g. "BF16") of every tensor of checkpoint_files' `files`, each
-    file's header read once (no tensor read)."""
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """Where a checkpoint tensor lies: its file, its shape, the file's dtype name (e.g. "BF16") and its bytes' span in
+    the file."""
+    path: Path
+    shape: tuple
+    dtype: str
+    start: int
+    end: int
+
+
+def headers(files: dict) -> dict[str, Stored]:
+    """Tensor name -> Stored of every tensor of checkpoint_files' `files`, each file's header read once (no tensor
+    read)."""
     found = {}
     for path in dict.fromkeys(files.values()):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                info = f.get_slice(key)
-                found[key] = (tuple(info.get_shape()), info.get_dtype())
+        found.update(file_header(path))
     return found
+
+
+def file_header(path) -> dict[str, Stored]:
+    """Tensor name -> Stored of the safetensors file at path: its 8-byte little-endian header length, the JSON header,
+    then the tensors' bytes at the header's offsets from the header's end."""
+    try:
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {key: Stored(Path(path), tuple(spec["shape"]), spec["dtype"], 8 + length + spec["data_offsets"][0],
+                            8 + length + spec["data_offsets"][1]) for key, spec in header.items()}
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, MemoryError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+# bytes read at a time where the dtype changes (the slice held in the file's dtype beside the result)
+_SLICE_BYTES = 1 << 26
+
+
+def read_tensor(stored: Stored, dtype=None) -> torch.Tensor:
+    """The stored tensor on the host in dtype (default: the file's), by plain reads. safetensors' own reader maps the
+    file, and the mapped pages count in the process's RSS while it is open, then copies the tensor out: twice the
+    tensor, and a cast made a third copy. Here the result is the only copy, but a slice's where the dtype changes.
+    Little-endian, as the format and every host torch runs on."""
+    source = DTYPES.get(stored.dtype)
+    if source is None:
+        raise ValueError(f"{stored.path} holds a {stored.dtype} tensor, which streaming does not read")
+    if stored.end - stored.start != math.prod(stored.shape) * source.itemsize:
+        raise ValueError(f"{stored.path}: a tensor's bytes do not match its shape {stored.shape} (a damaged file)")
+    out = torch.empty(stored.shape, dtype=dtype or source)
+    flat = out.view(-1)
+    with open(stored.path, "rb") as f:
+        f.seek(stored.start)
+        if out.dtype == source:
+            _fill(f, flat, stored.path)
+            return out
+        step = max(1, _SLICE_BYTES // source.itemsize)
+        part = torch.empty(min(step, flat.numel()), dtype=source)
+        for i in range(0, flat.numel(), step):
+            piece = part[:min(step, flat.numel() - i)]
+            _fill(f, piece, stored.path)
+            flat[i:i + piece.numel()].copy_(piece)
+    return out
+
+
+def _fill(f, tensor, path):
+    """Read the 1-D tensor's bytes from f's position."""
+    buffer, done = memoryview(tensor.view(torch.uint8).numpy()), 0
+    while done < len(buffer):
+        count = f.readinto(buffer[done:])
+        if not count:
+            raise ValueError(f"{path} ends inside a tensor: the file is truncated")
+        done += count
 
 
 def checkpoint_files(directory) -> dict[str, Path]:
@@ -54,8 +118,7 @@ def checkpoint_files(directory) -> dict[str, Path]:
         weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
         return {name: directory / file for name, file in weight_map.items()}
     if (directory / SINGLE).is_file():
-        with safe_open(directory / SINGLE, "pt") as f:
-            return dict.fromkeys(f.keys(), directory / SINGLE)
+        return dict.fromkeys(file_header(directory / SINGLE), directory / SINGLE)
     found = sorted(p.name for p in directory.glob("*.bin")) or ["no weights"]
     raise FileNotFoundError(f"streaming reads a safetensors checkpoint ({INDEX} or {SINGLE}), and {directory} holds "
                             f"{', '.join(found)}: drop --stream-weights to load it whole")
@@ -83,12 +146,15 @@ class WeightStream:
         """Inside the block, each of `modules` that holds meta parameters holds the checkpoint's, on `device`; a decoder
         layer is written to the output as it leaves, unless the block raised. After it, the meta parameters again."""
         slots = [slot for module in modules for slot in self._meta_slots(module)]
-        read = self._read(self.keys[full] for _, _, full in slots)
+        read = {}
+        for store, name, full in slots:  # in the skeleton's dtypes; a tied weight's one tensor once
+            if self.keys[full] not in read:
+                read[self.keys[full]] = self._read(self.keys[full], store[name].dtype)
         taken = []
         try:
             for store, name, full in slots:
                 own = store[name]
-                tensor = read[self.keys[full]].to(device=device, dtype=own.dtype)
+                tensor = read[self.keys[full]].to(device)
                 if bad := non_finite(tensor):
                     raise ValueError(f"checkpoint tensor {self.keys[full]} holds {bad} inf/NaN values; a damaged "
                                      "checkpoint cannot be pruned")
@@ -116,8 +182,8 @@ class WeightStream:
         for key in self.files:  # read one at a time as the file is written: embeddings and head can be GBs each
             if not key.startswith(under):
                 dtype = self.state[names[key]].dtype if key in names else self.model.dtype
-                shape = self.headers[key][0]
-                entries.append((key, dtype, shape, lambda key=key, dtype=dtype: self._read([key])[key].to(dtype)))
+                shape = self.headers[key].shape
+                entries.append((key, dtype, shape, lambda key=key, dtype=dtype: self._read(key, dtype)))
         entries += [(name, t.dtype, t.shape, lambda t=t: t) for name, t in self.state.items()
                     if not t.is_meta and name not in self.keys and not name.startswith(under)]
         self._write(len(self.layers), entries)
@@ -134,7 +200,7 @@ class WeightStream:
         named = set(self.keys.values())
         for key in self.files:
             if key not in named:
-                yield key, self._read([key])[key]
+                yield key, self._read(key)
 
     def read(self, name):
         """The model's tensor `name` as the loaded model would hold it: the skeleton's own where it holds one (a buffer
@@ -143,7 +209,7 @@ class WeightStream:
         if not own.is_meta:
             return own
         key = self.keys[name]
-        return self._read([key])[key].to(own.dtype)
+        return self._read(key, own.dtype)
 
     def find_all(self):
         """Find every tensor of the model in the checkpoint (a convert reads them all, a prune only the embeddings' and
@@ -162,8 +228,8 @@ class WeightStream:
     def written(self, layer):
         """The layer's state dict as this stream wrote it (for the resume directory: the layer is a skeleton again)."""
         prefix, index = self.prefixes[id(layer)] + ".", self.layers[id(layer)]
-        with safe_open(self.out / self._file(index), "pt") as f:
-            return {key.removeprefix(prefix): f.get_tensor(key) for key in f.keys()}
+        return {key.removeprefix(prefix): read_tensor(stored)
+                for key, stored in file_header(self.out / self._file(index)).items()}
 
     def decoder_sparsity(self):
         """report.decoder_sparsity of the model written: counted as each layer was."""
@@ -177,16 +243,9 @@ class WeightStream:
                 if p is not None and p.is_meta:
                     yield sub._parameters, name, ".".join(filter(None, (prefix, sub_name, name)))
 
-    def _read(self, keys):
-        """Key -> tensor (on the host) of the checkpoint's `keys`, each file opened once for them."""
-        by_file = {}
-        for key in dict.fromkeys(keys):  # a tied weight's one tensor, read once
-            by_file.setdefault(self.files[key], []).append(key)
-        read = {}
-        for path, names in by_file.items():
-            with safe_open(path, "pt") as f:
-                read.update({key: f.get_tensor(key) for key in names})
-        return read
+    def _read(self, key, dtype=None):
+        """The checkpoint's tensor `key` on the host, in dtype (default: the file's)."""
+        return read_tensor(self.headers[key], dtype)
 
     def _file(self, shard):
         return f"model-{shard + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
@@ -303,7 +362,7 @@ def _source_keys(state, headers, read, renamed=None):
                          "model's (transformers converts them on load), so it cannot be streamed: drop "
                          "--stream-weights to load it whole")
     for name, key in keys.items():
-        shape, dtype = headers[key]
+        shape, dtype = headers[key].shape, headers[key].dtype
         if shape != tuple(state[name].shape):
             raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model's {name} "
                              f"{tuple(state[name].shape)}: it cannot be streamed (drop --stream-weights)")
