@@ -26,6 +26,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_M = 32          # N:M groups are ranked with M^2 compares, unrolled
 _MAX_ROW = 65536     # unstructured Wanda keeps a whole row in registers
 _MAX_BLOCK = 1024    # SparseGPT keeps rows x the whole block in registers
+_REFERENCE_BLOCK = 1 << 20  # a weight's elements the compress references take at a time (_row_blocks)
 
 
 @contextlib.contextmanager
@@ -149,7 +150,7 @@ def compress_24(weight, scores=None):
                              f"got {tuple(scores.shape)} {scores.dtype}")
     covered = weight.dtype in _KERNEL_DTYPES and (scores is None or scores.dtype in _KERNEL_DTYPES)
     if not _use_triton(weight, covered):
-        return reference.compress_24(weight, scores)
+        return _row_blocks(reference.compress_24, weight, scores)
     with _device_of(weight):
         return _kernel("compress").compress_24(weight, scores)
 
@@ -168,7 +169,7 @@ def decompress_24(values, meta, trusted=False):
     if not trusted:
         check_meta(meta, "decompress_24")
     if not _use_triton(values, values.dtype in _KERNEL_DTYPES):
-        return reference.decompress_24(values, meta)
+        return _row_blocks(reference.decompress_24, values, meta)
     with _device_of(values):
         return _kernel("compress").decompress_24(values, meta)
 
@@ -201,6 +202,25 @@ def _pairs_ordered(meta):
     low, high = word & 0x33333333, (word >> 2) & 0x33333333
     lanes = (high | 0x88888888) - low - 0x11111111
     return bool(((lanes & 0x88888888) == 0x88888888).all())
+
+
+def _row_blocks(function, *matrices):
+    """function(*matrices) (a reference that works row by row), computed a block of rows at a time into outputs of all
+    the rows: the references' int64 indices held some 13x a bf16 weight (1.1 GB for an 11008x4096 compress on the CPU,
+    where they are the engine's path); a block's are a few tens of MB. None stays None."""
+    rows, cols = matrices[0].shape
+    step = max(1, _REFERENCE_BLOCK // max(cols, 1))
+    if rows <= step:
+        return function(*matrices)
+    outs = None
+    for start in range(0, rows, step):
+        parts = function(*(m if m is None else m[start:start + step] for m in matrices))
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        if outs is None:
+            outs = tuple(part.new_empty((rows, *part.shape[1:])) for part in parts)
+        for out, part in zip(outs, parts):
+            out[start:start + step] = part
+    return outs if len(outs) > 1 else outs[0]
 
 
 def _kernel(name):

@@ -184,3 +184,12 @@ def test_statistics_say_the_bytes_they_hold(dense_stream):
         stats.add_batch(x, x + 1 if dense_stream else None)
         held = sum(t.numel() * t.element_size() for t in vars(stats).values() if torch.is_tensor(t))
         assert stats_type.nbytes(12, dense_stream) == held
+
+
+def test_nm_violations_counts_across_its_chunks():
+    """nm_violations counts a million groups at a time: a weight of more than one chunk counts every group."""
+    weight = torch.zeros(2048, 2060)  # 1,054,720 groups of 4
+    weight.view(-1, 4)[::1000] = 1.0  # 1055 groups with 4 nonzeros, the last in the second chunk
+    weight.view(-1, 4)[1:1000:7, :2] = 1.0  # and groups with 2, which hold
+    assert nm_violations(weight, 2, 4) == 1055 and nm_violations(weight, 3, 4) == 1055
+    assert nm_violations(weight[:, :2056], 4, 4) == 0

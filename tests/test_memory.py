@@ -190,3 +190,23 @@ def test_a_streamed_tensor_is_read_without_a_copy_in_the_files_dtype(tmp_path):
     from safetensors.torch import save_file  # written here: the file's tensors would count in the reader's peak
     save_file({"w": torch.ones(1 << 25), "small": torch.ones(64)}, tmp_path / "w.safetensors")  # w: 128 MiB
     assert _peak_rise(_READ_PEAK, str(tmp_path / "w.safetensors")) < 1.1  # times the float32 tensor's bytes
+
+
+_COMPRESS_PEAK = """
+import torch
+from sdsengine.nn.sparse_linear import SparseLinear
+
+weight = torch.randn(11008, 4096, dtype=torch.bfloat16)
+weight.view(-1, 4)[:, :2] = 0
+SparseLinear.from_dense(torch.zeros(64, 64, dtype=torch.bfloat16))  # first-call work off the measurement
+before = hwm()
+layer = SparseLinear.from_dense(weight)
+print((hwm() - before) / (weight.numel() * weight.element_size()))
+"""
+
+
+@linux_only
+def test_a_weight_compressed_on_the_cpu_takes_a_block_of_rows_at_a_time():
+    """SparseLinear.from_dense on the CPU (convert's, and a streamed convert's peak): its check and compression take a
+    block of rows at a time, where the whole weight's int64 temporaries were 13x a bf16 weight (1.1 GB here)."""
+    assert _peak_rise(_COMPRESS_PEAK) < 3  # times the weight's bytes: the layer's buffers, a block's temporaries

@@ -107,3 +107,23 @@ def test_decompress_any_valid_meta(both_backends, assert_exact, device):
     values, meta = values.to(device), meta.to(device)
     dense, ref_dense = both_backends(lambda: decompress_24(values, meta))
     assert_exact(_bits(dense), _bits(ref_dense), "decompressed bits")
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (33, 96), (5, 320)])
+def test_the_reference_path_in_blocks_of_rows_is_the_reference(monkeypatch, shape):
+    """Where the references run (the CPU), compress and decompress go a block of rows at a time (their int64
+    temporaries are some 13x a bf16 weight): blocks of one row, and of rows that do not divide the weight's, give the
+    whole reference's values, metadata and weight bit for bit, with scores and without."""
+    import sdsengine.kernels as kernels
+    from sdsengine.kernels import reference
+    gen = torch.Generator().manual_seed(5)
+    weight, scores = torch.randn(*shape, generator=gen).bfloat16(), torch.rand(*shape, generator=gen)
+    whole = [reference.compress_24(weight), reference.compress_24(weight, scores)]
+    for block in (shape[1], 3 * shape[1]):  # one row; three rows
+        monkeypatch.setattr(kernels, "_REFERENCE_BLOCK", block)
+        with use_backend("torch"):
+            for (values, meta), scored in zip(whole, (None, scores)):
+                got_values, got_meta = compress_24(weight, scored)
+                assert torch.equal(_bits(got_values), _bits(values)) and torch.equal(got_meta, meta)
+                dense = decompress_24(values, meta)
+                assert torch.equal(_bits(dense), _bits(reference.decompress_24(values, meta)))
