@@ -407,10 +407,12 @@ def cmd_convert(args):
                                           skeleton=args.stream_weights)
     model = _half_for_kernels(model, args)
     ignore = ("lm_head", *_listed(args.ignore))
-    if args.stream_weights:  # its weights read a linear at a time, written to --out as they come
-        records, share = write_converted(model, source, out, tokenizer, ignore, args.overwrite), 0
-    else:
-        records, share = _convert_loaded(model, source, out, tokenizer, ignore, args)
+    with warnings.catch_warnings():  # convert's: said above (_half_for_kernels) and below, with the remedies
+        warnings.simplefilter("ignore")
+        if args.stream_weights:  # its weights read a linear at a time, written to --out as they come
+            records, share = write_converted(model, source, out, tokenizer, ignore, args.overwrite), 0
+        else:
+            records, share = _convert_loaded(model, source, out, tokenizer, ignore, args)
     done = sum(r.action == "converted" for r in records)
     print(f"{source}: {done} of {len(records)} linears converted to SparseLinear; saved to {args.out}")
     if share:
@@ -423,9 +425,7 @@ def _convert_loaded(model, source, out, tokenizer, ignore, args):
     """(records, the share of the model's weights left in fused expert banks) of the loaded model converted and
     saved to out."""
     records, total = [], weight_count(model)  # before convert frees a packed mixture's banks
-    with warnings.catch_warnings():  # convert's nothing-converted warning: refused below, with the remedy
-        warnings.simplefilter("ignore")
-        convert(model, ignore=ignore, report=records, pack_experts=args.pack_experts)
+    convert(model, ignore=ignore, report=records, pack_experts=args.pack_experts)
     check_some_converted(records, source)
     save_compressed(model, out, tokenizer, args.overwrite)
     return records, fused_bank_share(model, total)

@@ -2,6 +2,7 @@
 sdsengine.convert_checkpoint, `convert --stream-weights`) is the compressed checkpoint that convert and save_compressed
 write for the loaded model."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -70,6 +71,15 @@ def test_a_streamed_convert_writes_what_convert_of_the_loaded_model_saves(family
     streamed = sdsengine.convert_checkpoint(str(source), tmp_path / "streamed")
     assert streamed == whole and sum(r.action == "converted" for r in streamed) == len(streamed) - 2  # head, KEPT
     _same_compressed(tmp_path / "whole", tmp_path / "streamed", tiny_model(family))
+
+
+def test_float32_layers_are_warned_of_as_convert_warns(tmp_path):
+    source = _pruned(tmp_path)
+    with pytest.warns(UserWarning, match="float32 SparseLinears always run the dense fallback.*pass dtype=torch.bf"):
+        sdsengine.convert_checkpoint(str(source), tmp_path / "fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sdsengine.convert_checkpoint(str(source), tmp_path / "bf16", dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("stored, run", [(torch.bfloat16, None), (torch.float32, torch.float16),

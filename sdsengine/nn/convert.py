@@ -114,10 +114,15 @@ def convert(model, ignore=("lm_head",), report=None, pack_experts=False):
                  "none of their linears converts" if pack_experts else "pack_experts=True packs them")
     if already or any(m is not None for m in done.values()):
         _refuse_save_pretrained(model)
-    if any(m is not None and m.values.dtype == torch.float32 for m in done.values()):  # prune's default dtype
-        warnings.warn("sdsengine.convert: float32 SparseLinears always run the dense fallback (the sparse kernels "
-                      "need float16 or bfloat16): convert model.to(torch.bfloat16) or .half() instead")
+    warn_float32(done.values(), "convert model.to(torch.bfloat16) or .half() instead")
     return model
+
+
+def warn_float32(layers, remedy):
+    """Warn where a SparseLinear among `layers` (None: a linear left dense) holds float32, prune's default dtype."""
+    if any(m is not None and m.values.dtype == torch.float32 for m in layers):
+        warnings.warn("sdsengine.convert: float32 SparseLinears always run the dense fallback (the sparse kernels "
+                      f"need float16 or bfloat16): {remedy}")
 
 
 def fused_banks(model) -> dict[str, nn.Parameter]:

@@ -12,7 +12,7 @@ whole), names or shapes that are not the model's, GGUF, `.bin` weights.
 from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns
 from sdsengine.nn.convert import (WEIGHTS, Conversion, check_some_converted, convert_linear, linear_shape, linears_of,
-                                  log_summary, set_submodule, write_beside)
+                                  log_summary, set_submodule, warn_float32, write_beside)
 from sdsengine.nn.sparse_linear import SparseLinear
 
 
@@ -57,6 +57,7 @@ def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), ove
                 set_submodule(model, name, shells[first[id(module)]])
         write_beside(model, staged, tokenizer)
     log_summary(records)
+    warn_float32(shells.values(), "pass dtype=torch.bfloat16 (or `sdsengine convert`, which does)")
     return records
 
 
