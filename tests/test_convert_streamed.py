@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdsengine
-from sdsengine import checkpoint
+from sdsengine import checkpoint, tensorfiles
 from sdsengine.cli import main
 from sdsengine.models import load_model
 from sdsengine.nn import convert_streamed
@@ -96,7 +96,7 @@ def test_a_sharded_checkpoint_converts_in_any_dtype(stored, run, tmp_path):
 
 def test_only_the_linear_being_converted_holds_its_weight(tmp_path, monkeypatch):
     source = _pruned(tmp_path)
-    held, add = [], streaming.SafetensorsWriter.add
+    held, add = [], tensorfiles.SafetensorsWriter.add
     skeleton = {}
     real_stream = streaming.WeightStream.__init__
 
@@ -109,7 +109,7 @@ def test_only_the_linear_being_converted_holds_its_weight(tmp_path, monkeypatch)
         add(self, name, tensor)
 
     monkeypatch.setattr(streaming.WeightStream, "__init__", keep)
-    monkeypatch.setattr(streaming.SafetensorsWriter, "add", counting)
+    monkeypatch.setattr(tensorfiles.SafetensorsWriter, "add", counting)
     sdsengine.convert_checkpoint(str(source), tmp_path / "out")
     largest = max(p.numel() + (0 if m.bias is None else m.bias.numel())
                   for m in tiny_model("llama").modules() if isinstance(m, torch.nn.Linear) for p in [m.weight])
@@ -171,17 +171,17 @@ def test_a_file_whose_tensors_come_as_they_are_made_keeps_room_for_any_of_them(t
     """The header is written last, into room kept for every tensor that might be added; fewer fit too."""
     entries = [("a.weight", torch.bfloat16, (64, 128)), ("a.values", torch.bfloat16, (64, 64)),
                ("a.meta", torch.int32, (64, 4)), ("scale", torch.float32, ())]
-    room = streaming.header_room(entries)
+    room = tensorfiles.header_room(entries)
     assert room % 8 == 0
     tensors = {"a.values": torch.randn(64, 64).bfloat16(), "a.meta": torch.arange(256, dtype=torch.int32).view(64, 4),
                "scale": torch.tensor(2.5)}
-    with streaming.SafetensorsWriter(tmp_path / "some.safetensors", room) as file:
+    with tensorfiles.SafetensorsWriter(tmp_path / "some.safetensors", room) as file:
         for name, tensor in tensors.items():
             file.add(name, tensor)
     read = load_file(tmp_path / "some.safetensors")
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
     with pytest.raises(RuntimeError, match="over the 16 kept for it"):
-        with streaming.SafetensorsWriter(tmp_path / "small.safetensors", 16) as file:
+        with tensorfiles.SafetensorsWriter(tmp_path / "small.safetensors", 16) as file:
             file.add("a.values", tensors["a.values"])
 
 

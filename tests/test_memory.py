@@ -173,12 +173,12 @@ def test_a_resumed_runs_peak_includes_the_earlier_processes_layers(monkeypatch):
 _READ_PEAK = """
 import sys
 import torch
-from sdsengine.pipeline import streaming
+from sdsengine import tensorfiles
 
-found = streaming.file_header(sys.argv[1])
-streaming.read_tensor(found["small"], torch.bfloat16)  # first-call work off the measurement
+found = tensorfiles.file_header(sys.argv[1])
+tensorfiles.read_tensor(found["small"], torch.bfloat16)  # first-call work off the measurement
 before = hwm()
-read = streaming.read_tensor(found["w"], torch.bfloat16)
+read = tensorfiles.read_tensor(found["w"], torch.bfloat16)
 print((hwm() - before) / (1 << 27))
 """
 

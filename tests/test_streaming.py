@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import sdsengine
-from sdsengine import checkpoint
+from sdsengine import checkpoint, tensorfiles
 from sdsengine.algorithms import lookup
 from sdsengine.cli import main
 from sdsengine.models import load_model
@@ -240,7 +240,7 @@ def test_a_file_written_a_tensor_at_a_time_reads_as_safetensors_wrote_it(dtype, 
                "empty": torch.empty(0, 4), "row": torch.randn(1, 3, generator=g)[0]}
     tensors = {name: t.to(dtype) for name, t in tensors.items()}
     entries = [(name, t.dtype, t.shape, lambda t=t: t) for name, t in tensors.items()]
-    size = streaming.write_safetensors(tmp_path / "ours.safetensors", entries)
+    size = tensorfiles.write_safetensors(tmp_path / "ours.safetensors", entries)
     save_file(tensors, tmp_path / "theirs.safetensors")
     ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "theirs.safetensors")
     assert ours.keys() == theirs.keys() and size == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -250,7 +250,7 @@ def test_a_file_written_a_tensor_at_a_time_reads_as_safetensors_wrote_it(dtype, 
         assert f.metadata() == {"format": "pt"}
     wrong = [("matrix", dtype, (5, 7), lambda: torch.zeros(5, 7, dtype=torch.float64))]
     with pytest.raises(RuntimeError, match=r"matrix: torch.float64 \(5, 7\), not the header's"):
-        streaming.write_safetensors(tmp_path / "bad.safetensors", wrong)
+        tensorfiles.write_safetensors(tmp_path / "bad.safetensors", wrong)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 24])
@@ -284,17 +284,17 @@ def test_a_prune_on_the_gpu_streams_each_layer_there(tmp_path):
 def test_a_tensor_read_in_slices_is_the_one_safetensors_reads(stored, tmp_path, monkeypatch):
     """read_tensor (plain reads, a slice at a time where the dtype changes) gives safetensors' tensor, cast as .to()
     casts it: scalars, empty tensors, a slice that ends inside an element's row."""
-    monkeypatch.setattr(streaming, "_SLICE_BYTES", 24)  # several slices per tensor
+    monkeypatch.setattr(tensorfiles, "_SLICE_BYTES", 24)  # several slices per tensor
     g = torch.Generator().manual_seed(0)
     tensors = {"matrix": torch.randn(5, 7, generator=g) * 100, "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4),
                "row": torch.randn(1, 3, generator=g)[0]}
     tensors = {name: t.to(stored) for name, t in tensors.items()}
     save_file(tensors, tmp_path / "t.safetensors")
-    found = streaming.file_header(tmp_path / "t.safetensors")
+    found = tensorfiles.file_header(tmp_path / "t.safetensors")
     assert found.keys() == tensors.keys()
     for name, tensor in tensors.items():
         for dtype in (None, torch.float32, torch.bfloat16, torch.float16):
-            read = streaming.read_tensor(found[name], dtype)
+            read = tensorfiles.read_tensor(found[name], dtype)
             expected = tensor if dtype is None else tensor.to(dtype)
             assert read.dtype == expected.dtype and torch.equal(read, expected), (name, dtype)
 
@@ -304,7 +304,7 @@ def test_a_truncated_or_damaged_file_is_named(tmp_path):
     data = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "short.safetensors").write_bytes(data[:-100])
     with pytest.raises(ValueError, match="short.safetensors ends inside a tensor: the file is truncated"):
-        streaming.read_tensor(streaming.file_header(tmp_path / "short.safetensors")["w"])
+        tensorfiles.read_tensor(tensorfiles.file_header(tmp_path / "short.safetensors")["w"])
     (tmp_path / "bad.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
     with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
-        streaming.file_header(tmp_path / "bad.safetensors")
+        tensorfiles.file_header(tmp_path / "bad.safetensors")

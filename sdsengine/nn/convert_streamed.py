@@ -4,15 +4,16 @@ linear's weight at a time, so a checkpoint larger than the host's memory convert
 
 The model is a skeleton (models.skeleton: its parameters on the meta device). Each linear's weight is read from the
 safetensors files when its turn comes (pipeline/streaming.py's WeightStream) and converted by convert's own rule; its
-tensors, compressed or dense, go straight into the compressed checkpoint's one file, whose header is written last
-(streaming.SafetensorsWriter). Every other tensor of the model follows in its state dict's order, one at a time, a tied
-one once. Refused as a streamed prune refuses: a mixture whose experts transformers fuses (--pack-experts needs them
-whole), names or shapes that are not the model's, GGUF, `.bin` weights.
+tensors, compressed or dense, go straight into the compressed checkpoint's one file, whose header is written
+last (tensorfiles.SafetensorsWriter). Every other tensor of the model follows in its state dict's order, one at a
+time, a tied one once. Refused as a streamed prune refuses: a mixture whose experts transformers fuses
+(--pack-experts needs them whole), names or shapes that are not the model's, GGUF, `.bin` weights.
 """
 from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns
 from sdsengine.nn.convert import (WEIGHTS, Conversion, check_some_converted, convert_linear, linear_shape, linears_of,
                                   log_summary, set_submodule, warn_float32, write_beside)
+from sdsengine import tensorfiles
 from sdsengine.nn.sparse_linear import SparseLinear
 
 
@@ -41,8 +42,8 @@ def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), ove
     owner = {f"{name}.{leaf}": first[id(m)] for name, m in named if id(m) in first for leaf in m.state_dict()}
     records, shells = {}, {}
     with staged_directory(out, overwrite) as staged:
-        room = streaming.header_room(_candidates(stream, linears))
-        with streaming.SafetensorsWriter(staged / WEIGHTS, room) as file:
+        room = tensorfiles.header_room(_candidates(stream, linears))
+        with tensorfiles.SafetensorsWriter(staged / WEIGHTS, room) as file:
             written = set()  # the checkpoint's tensors written dense: a tied embedding and head once
             for name in stream.state:
                 if name not in owner:
