@@ -1,10 +1,11 @@
-"""safetensors files read and written a tensor at a time, by plain file reads and writes: the host holds one tensor
-(and a slice of it where its dtype changes), where safetensors' own load maps the whole file (its pages count in the
-process's RSS while it is open) and copies each tensor out, and its save copies every tensor to bytes before writing.
+"""safetensors files read and written a tensor at a time, by plain file reads and writes. A tensor is read straight
+into the dtype it is wanted in, a slice at a time where that is not the file's: safetensors gives it in the file's
+dtype, and a cast then holds both (1.5x an fp32 tensor read as bf16). A file is written a tensor at a time, each made
+only as it is written: safetensors' save takes every tensor at once and copies each to bytes before writing.
 
 The format: the header's length (8 bytes, little-endian), the JSON header (each tensor's dtype name, shape and byte
 span counted from the header's end; "__metadata__"), then the tensors' bytes, little-endian and row-major. Used by the
-streamed prune and convert (pipeline/streaming.py, nn/convert_streamed.py) and by load_compressed.
+streamed prune and convert (pipeline/streaming.py, nn/convert_streamed.py).
 """
 import dataclasses
 import json
@@ -48,10 +49,8 @@ _SLICE_BYTES = 1 << 26
 
 
 def read_tensor(stored: Stored, dtype=None) -> torch.Tensor:
-    """The stored tensor on the host in dtype (default: the file's), by plain reads. safetensors' own reader maps the
-    file, and the mapped pages count in the process's RSS while it is open, then copies the tensor out: twice the
-    tensor, and a cast made a third copy. Here the result is the only copy, but a slice's where the dtype changes.
-    Little-endian, as the format and every host torch runs on."""
+    """The stored tensor on the host in dtype (default: the file's), by plain reads into the result, a 64 MiB slice at
+    a time where the dtype changes. Little-endian, as the format and every host torch runs on."""
     source = DTYPES.get(stored.dtype)
     if source is None:
         raise ValueError(f"{stored.path} holds a {stored.dtype} tensor, which streaming does not read")
