@@ -208,8 +208,9 @@ print((hwm() - before) / (weight.numel() * weight.element_size()))
 @linux_only
 def test_a_weight_compressed_on_the_cpu_takes_a_block_of_rows_at_a_time():
     """SparseLinear.from_dense on the CPU (convert's, and a streamed convert's peak): its check and compression take a
-    block of rows at a time, where the whole weight's int64 temporaries were 13x a bf16 weight (1.1 GB here)."""
-    assert _peak_rise(_COMPRESS_PEAK) < 3  # times the weight's bytes: the layer's buffers, a block's temporaries
+    block of rows at a time, where the whole weight's int64 temporaries were 13x a bf16 weight (1.1 GB here), and the
+    layer takes the compressed tensors as they are made (its own buffers filled by a copy held them twice: 1.8x)."""
+    assert _peak_rise(_COMPRESS_PEAK) < 1.5  # times the weight's bytes: the compressed weight, a block's temporaries
 
 
 _LOAD_PEAK = """

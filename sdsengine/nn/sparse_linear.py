@@ -276,12 +276,12 @@ class SparseLinear(nn.Module):
         if violations:
             raise ValueError(f"weight ({out_features}, {in_features}) is not 2:4 sparse: {violations} groups of 4 "
                              "hold more than 2 nonzeros (prune it to 2:4 first)")
-        layer = cls(in_features, out_features, bias is not None, device=weight.device, dtype=weight.dtype)
-        values, meta = compress_24(weight.detach())
-        layer.values.copy_(values)
-        layer.meta.copy_(meta)
+        # built empty on the meta device and handed the compressed tensors: buffers of its own, filled by a copy, held
+        # the compressed weight twice for a while (convert's peak on the CPU)
+        layer = cls(in_features, out_features, bias is not None, device="meta", dtype=weight.dtype)
+        layer.values, layer.meta = compress_24(weight.detach())
         if bias is not None:
-            layer.bias.copy_(bias.detach())
+            layer.bias = bias.detach().to(weight.device, weight.dtype, copy=True)
         return layer
 
     @classmethod
