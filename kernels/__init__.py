@@ -26,7 +26,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_M = 32          # N:M groups are ranked with M^2 compares, unrolled
 _MAX_ROW = 65536     # unstructured Wanda keeps a whole row in registers
 _MAX_BLOCK = 1024    # SparseGPT keeps rows x the whole block in registers
-_REFERENCE_BLOCK = 1 << 20  # a weight's elements the compress references take at a time (_row_blocks)
+_REFERENCE_BLOCK = 1 << 20  # a weight's elements the references take at a time (_row_blocks)
 
 
 @contextlib.contextmanager
@@ -97,8 +97,8 @@ def wanda_prune(weight, act_norm, sparsity=0.5, nm=None):
                          f"got shape {tuple(act_norm.shape)} {act_norm.dtype}")
     _check_pattern("wanda_prune", weight.shape[1], sparsity, nm)
     covered = weight.dtype in _KERNEL_DTYPES and _m_covered(nm) and (bool(nm) or weight.shape[1] <= _MAX_ROW)
-    if not _use_triton(weight, covered):
-        return reference.wanda_prune(weight, act_norm, sparsity, nm)
+    if not _use_triton(weight, covered):  # its rows are pruned each on its own (per row, or per group of M)
+        return _row_blocks(lambda rows: reference.wanda_prune(rows, act_norm, sparsity, nm), weight)
     norm = act_norm.reshape(-1)
     with _device_of(weight):
         return _kernel("wanda").wanda_prune(weight, norm if norm.dtype in _KERNEL_DTYPES else norm.float(),
@@ -206,8 +206,9 @@ def _pairs_ordered(meta):
 
 def _row_blocks(function, *matrices):
     """function(*matrices) (a reference that works row by row), computed a block of rows at a time into outputs of all
-    the rows: the references' int64 indices held some 13x a bf16 weight (1.1 GB for an 11008x4096 compress on the CPU,
-    where they are the engine's path); a block's are a few tens of MB. None stays None."""
+    the rows: the references' temporaries held some 13x a bf16 weight in a compress (int64 indices; 1.1 GB for
+    11008x4096 on the CPU, where they are the engine's path) and 2x an fp32 one in Wanda; a block's are a few tens of
+    MB. None stays None."""
     rows, cols = matrices[0].shape
     step = max(1, _REFERENCE_BLOCK // max(cols, 1))
     if rows <= step:

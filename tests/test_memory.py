@@ -192,6 +192,25 @@ def test_a_streamed_tensor_is_read_without_a_copy_in_the_files_dtype(tmp_path):
     assert _peak_rise(_READ_PEAK, str(tmp_path / "w.safetensors")) < 1.1  # times the float32 tensor's bytes
 
 
+_WANDA_PEAK = """
+import torch
+from sdsengine import kernels
+
+weight, norm = torch.empty(11008, 4096).normal_(), torch.rand(4096)
+kernels.wanda_prune(torch.randn(64, 64), torch.rand(64), nm=(2, 4))  # first-call work off the measurement
+before = hwm()
+pruned, mask = kernels.wanda_prune(weight, norm, nm=(2, 4))
+print((hwm() - before) / (weight.numel() * weight.element_size()))
+"""
+
+
+@linux_only
+def test_wanda_on_the_cpu_takes_a_block_of_rows_at_a_time():
+    """Wanda's reference (the CPU's path) a block of rows at a time: the outputs (the pruned weight, 1x, and its mask,
+    0.25x) and a block's scores and indices, where the whole weight's held 3.25x an fp32 weight."""
+    assert _peak_rise(_WANDA_PEAK) < 1.8  # times the weight's bytes
+
+
 _COMPRESS_PEAK = """
 import torch
 from sdsengine.nn.sparse_linear import SparseLinear

@@ -129,3 +129,19 @@ def test_algorithm_same_under_both_backends(both_backends, assert_exact, device,
     fast, ref = both_backends(lambda: wanda.prune(weight, stats, WandaConfig(sparsity=pattern)))
     assert_exact(fast != 0, ref != 0, "mask")
     assert_exact(fast, ref, "pruned weight")
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), None])
+def test_the_reference_path_in_blocks_of_rows_is_the_reference(monkeypatch, nm):
+    """Where the reference runs (the CPU), Wanda goes a block of rows at a time (its scores and indices held 2x an
+    fp32 weight): blocks of one row, and of rows that do not divide the weight's, give the whole reference's pruned
+    weight and mask."""
+    import sdsengine.kernels as kernels
+    from sdsengine.kernels import reference
+    weight, norm = _inputs(33, 96, torch.float32, seed=4)
+    whole, whole_mask = reference.wanda_prune(weight, norm, 0.5, nm)
+    for block in (96, 3 * 96):  # one row; three rows
+        monkeypatch.setattr(kernels, "_REFERENCE_BLOCK", block)
+        with use_backend("torch"):
+            pruned, mask = wanda_prune(weight, norm, 0.5, nm)
+        assert torch.equal(pruned, whole) and torch.equal(mask, whole_mask)
