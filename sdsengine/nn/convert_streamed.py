@@ -34,8 +34,7 @@ def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), ove
     from sdsengine.pipeline import streaming  # it imports nn (through the pipeline): not at the top
     ignore = ignore_patterns(ignore)
     files = streaming.checkpoint_files(weights_directory(source))
-    stream = streaming.WeightStream(model, files)
-    stream.find_all()  # every name checked before a byte is written
+    stream = streaming.WeightStream(model, files, every=True)  # every name checked before a byte is written
     named = list(model.named_modules(remove_duplicate=False))
     linears = linears_of(named)
     first = {id(m): name for name, m in linears.items()}
@@ -80,16 +79,20 @@ def _convert(stream, name, linears, ignore, file, written):
             return record, None
         for full, tensor in sparse.state_dict(prefix=f"{name}.").items():
             file.add(full, tensor)
-    return record, SparseLinear(sparse.in_features, sparse.out_features, sparse.bias is not None, device="meta",
-                                dtype=sparse.values.dtype)
+    return record, _shell(linear)
 
 
 def _candidates(stream, linears):
     """(name, dtype, shape) of every tensor the file may hold: the model's, and each linear's compressed ones."""
     yield from ((name, t.dtype, t.shape) for name, t in stream.state.items())
     for name, linear in linears.items():
-        out_features, in_features = linear_shape(linear)
-        if in_features % 32 == 0 and in_features > 0 and out_features > 0:
-            shell = SparseLinear(in_features, out_features, linear.bias is not None, device="meta",
-                                 dtype=linear.weight.dtype)
+        if (shell := _shell(linear)) is not None:
             yield from ((f"{name}.{leaf}", t.dtype, t.shape) for leaf, t in shell.state_dict().items())
+
+
+def _shell(linear):
+    """An empty SparseLinear (on the meta device) of the linear's shape, bias and dtype, or None where none can be."""
+    out_features, in_features = linear_shape(linear)
+    if in_features % 32 or in_features <= 0 or out_features <= 0:
+        return None
+    return SparseLinear(in_features, out_features, linear.bias is not None, device="meta", dtype=linear.weight.dtype)

@@ -58,16 +58,22 @@ class WeightStream:
     """Lends a skeleton's modules their weights from the checkpoint for their turn (`lent`, used by
     placement.visiting), writes each decoder layer as it leaves its turn, and the rest at `finish`, into `out`."""
 
-    def __init__(self, model, files: dict, out=None):
-        """Refuses a model or checkpoint it cannot stream (out: None to check only)."""
+    def __init__(self, model, files: dict, out=None, every=False):
+        """Refuses a model or checkpoint it cannot stream (out: None to check only). every: find every tensor of the
+        model in the checkpoint (a convert reads them all, a prune only the embeddings' and the layers'), also under
+        the name transformers renames to it as it loads (GPT-NeoX's embed_out is the model's lm_head)."""
         refuse_unstreamable(model)
         self.model, self.out, self.files = model, out and Path(out), files
         self.prefixes = {id(m): name for name, m in model.named_modules()}
         self.layers = {id(layer): i for i, layer in enumerate(adapters.decoder_layers(model))}
         self.state = model.state_dict(keep_vars=True)  # every tensor a save writes, by name
         self.headers = headers(files)
-        read = [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + self._layer_prefixes()
-        self.keys = _source_keys(self.state, self.headers, read)
+        if every:
+            read, renamed = [""], transformers_compat.loading_names(model, self.headers)
+        else:
+            read = [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + self._layer_prefixes()
+            renamed = None
+        self.keys = _source_keys(self.state, self.headers, read, renamed)
         self.weight_map, self.total_size = {}, 0  # the output's index
         self.sizes = {}  # layer index -> its linears' (sparsity, count), as written
 
@@ -140,13 +146,6 @@ class WeightStream:
             return own
         key = self.keys[name]
         return self._read(key, own.dtype)
-
-    def find_all(self):
-        """Find every tensor of the model in the checkpoint (a convert reads them all, a prune only the embeddings' and
-        the layers'): under its own name, a tied one's, or the name transformers renames to it as it loads (GPT-NeoX's
-        embed_out is the model's lm_head); refuse the checkpoint where one is missing."""
-        renamed = transformers_compat.loading_names(self.model, self.headers)
-        self.keys = _source_keys(self.state, self.headers, [""], renamed)
 
     def write_layer(self, layer, state):
         """Write decoder layer `layer` holding `state` (its state dict: its own as it leaves its turn, or an earlier
