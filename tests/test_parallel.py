@@ -438,6 +438,32 @@ def test_torchrun_prunes_in_each_process_and_saves_once(tmp_path, resumable):
     assert report["overall_sparsity"] == 0.5
 
 
+GROUP_LEFT = """
+import os, sys
+from sdsengine.models import load_model
+from sdsengine.pipeline import parallel
+with parallel.joined("cpu"):
+    load_model(sys.argv[1], needs_tokenizer=False)
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads after the group:", sum("gloo" in name for name in threads))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process's threads from /proc")
+def test_the_group_is_gone_when_its_processes_leave_it(tmp_path):
+    """A model loaded inside the group (transformers then imports torch.distributed.nn, whose default arguments held
+    the group) must not keep it alive past destroy_process_group: its gloo threads ran into the interpreter's exit
+    and aborted the process now and then."""
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    (tmp_path / "job.py").write_text(GROUP_LEFT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               str(tmp_path / "job.py"), str(tmp_path / "model")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("gloo threads after the group: 0") == WORLD, done.stdout
+
+
 def test_a_numbered_gpu_or_more_processes_than_gpus_under_torchrun_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -25,6 +25,11 @@ import socket
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: its functions take `group=group.WORLD` as a default argument, so an import
+# after init_process_group (transformers' model load makes one) keeps the default group alive past
+# destroy_process_group, and its worker threads then ran into the interpreter's exit: one still dropping a finished
+# all_gather's tensors needed the GIL there and aborted the process ("terminate called without an active exception")
+import torch.distributed.nn  # noqa: F401
 
 from . import adapters
 
@@ -65,9 +70,7 @@ def joined(device):
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=WAIT)
     try:
         yield device
-        # the processes leave together: one that left its group while the first still saved was seen to abort
-        # in gloo's teardown ("terminate called without an active exception")
-        dist.barrier()
+        dist.barrier()  # the processes leave together
     finally:
         dist.destroy_process_group()
 
