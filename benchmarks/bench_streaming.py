@@ -2,10 +2,11 @@
 with the model loaded whole (the baseline) and streamed from its files a layer at a time (sdsengine/pipeline/
 streaming.py), then the same convert of the pruned checkpoint loaded whole and streamed a linear at a time
 (sdsengine/nn/convert_streamed.py), each in a fresh process, in the same run, and whether the two checkpoints are
-equal, tensor by tensor.
+equal, tensor by tensor; then the same perplexity evaluation of the pruned checkpoint loaded whole and streamed a
+decoder layer at a time (sdsengine/eval/streamed.py).
 
     python benchmarks/bench_streaming.py [--model DIR] [--layers 4] [--methods wanda] [--dtype float32] \
-        [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--device cpu] [--name streaming_cpu]
+        [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--eval-windows 8] [--device cpu] [--name streaming_cpu]
 
 Without --model, a checkpoint of random weights with Llama-2-7B's layer shapes (hidden 4096, MLP 11008, 32 heads) and
 --layers decoder layers is written to a scratch folder (speed and memory do not depend on the values); its vocabulary
@@ -15,7 +16,9 @@ the process's peak RSS (VmHWM: the load, the prune and the save), the prune's se
 command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
 checkpoint equal to the baseline's, names and dtypes too); then per method and mode a record of bench
 "streaming_convert" for the convert of the loaded prune's checkpoint (its peak RSS, wall seconds, `identical`; dtype
-the converted model's: bfloat16 from a float32 checkpoint).
+the converted model's: bfloat16 from a float32 checkpoint); then per mode a record of bench "streaming_eval" for
+`sdsengine eval --tasks wikitext2 --seqlen <seqlen> --limit <eval-windows>` of that checkpoint (peak RSS, wall seconds,
+the perplexity, and `identical`: the two results equal).
 """
 import argparse
 import json
@@ -31,7 +34,7 @@ from harness import prune_arguments, prune_flags, write_results
 from safetensors import safe_open
 
 COLUMNS = ("bench", "method", "mode", "dtype", "weights_gib", "largest_layer_gib", "cpu_peak_rss_gib",
-           "rss_saved_gib", "seconds", "wall_seconds", "identical")
+           "rss_saved_gib", "seconds", "wall_seconds", "identical", "ppl")
 
 
 def random_checkpoint(directory, layers, dtype):
@@ -59,15 +62,16 @@ def prune(args, model, method, out, streamed):
     return json.loads((Path(out) / "sdsengine.json").read_text()), time.perf_counter() - start
 
 
-def convert(pruned, out, streamed):
-    """(peak RSS in GiB, wall seconds) of `sdsengine convert` of the checkpoint `pruned` in a fresh process."""
+def measured(flags, streamed):
+    """(peak RSS in GiB, wall seconds) of the sdsengine command `flags` (with --stream-weights where `streamed`) in a
+    fresh process."""
     code = ("import json, sys; from sdsengine.cli import main; from sdsengine.report import peak_memory; "
             "rc = main(sys.argv[1:]); print(json.dumps(peak_memory('cpu'))); sys.exit(rc)")
-    flags = ["convert", "--model", pruned, "--out", out] + (["--stream-weights"] if streamed else [])
+    flags = flags + (["--stream-weights"] if streamed else [])
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code] + flags, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"convert ({'streamed' if streamed else 'whole'}) failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])["cpu_peak_rss_gib"], time.perf_counter() - start
 
 
@@ -106,7 +110,8 @@ def sizes(model, dtype):
 
 def converts(args, pruned, method, weights, largest):
     """The records of the checkpoint `pruned` converted loaded whole and streamed."""
-    runs = {mode: convert(pruned, f"{pruned}-{mode}-compressed", mode == "streamed") for mode in ("whole", "streamed")}
+    runs = {mode: measured(["convert", "--model", pruned, "--out", f"{pruned}-{mode}-compressed"], mode == "streamed")
+            for mode in ("whole", "streamed")}
     same = identical(f"{pruned}-whole-compressed", f"{pruned}-streamed-compressed")
     dtype = json.loads((Path(f"{pruned}-whole-compressed") / "sdsengine_compressed.json").read_text())["dtype"]
     records = []
@@ -120,12 +125,35 @@ def converts(args, pruned, method, weights, largest):
     return records
 
 
+def evaluates(args, pruned, method, weights, largest):
+    """The records of the checkpoint `pruned` evaluated (WikiText-2 perplexity) loaded whole and streamed."""
+    runs, results = {}, {}
+    for mode in ("whole", "streamed"):
+        out = f"{pruned}-{mode}-eval.json"
+        runs[mode] = measured(["eval", "--model", pruned, "--tasks", "wikitext2", "--seqlen", str(args.seqlen),
+                               "--limit", str(args.eval_windows), "--dtype", args.dtype, "--json", out],
+                              mode == "streamed")
+        results[mode] = json.loads(Path(out).read_text())["results"]["wikitext2"]
+    same = results["whole"] == results["streamed"]
+    records = []
+    for mode, (peak, wall) in runs.items():
+        records.append({"bench": "streaming_eval", "method": method, "mode": mode, "dtype": args.dtype,
+                        "pattern": args.sparsity, "weights_gib": weights, "largest_layer_gib": largest,
+                        "cpu_peak_rss_gib": peak, "rss_saved_gib": round(runs["whole"][0] - peak, 3),
+                        "wall_seconds": round(wall, 1), "identical": same, "ppl": results[mode]["ppl"],
+                        "protocol": f"wikitext2 test, {results[mode]['windows']} x {results[mode]['seqlen']}",
+                        "model": f"the {method} {args.sparsity} checkpoint above (loaded whole)"})
+        print(f"eval {mode}: peak RSS {peak:.2f} GiB, {wall:.1f} s wall, ppl {results[mode]['ppl']}; identical: {same}")
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a safetensors checkpoint directory (default: random weights)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random checkpoint")
     prune_arguments(parser, ["wanda"], 8, "streaming_cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 windows of --seqlen evaluated")
     args = parser.parse_args(argv)
     records = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
@@ -148,6 +176,7 @@ def main(argv=None):
                 print(f"{method} {args.sparsity} {mode}: peak RSS {peak:.2f} GiB, {report['seconds']:.1f} s prune, "
                       f"{wall:.1f} s wall; identical: {same}")
             records += converts(args, f"{scratch}/{method}-whole", method, weights, largest)
+            records += evaluates(args, f"{scratch}/{method}-whole", method, weights, largest)
     print(f"wrote {write_results(args.name, records, args.out, COLUMNS)}")
     return 0
 

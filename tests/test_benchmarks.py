@@ -564,11 +564,11 @@ def test_streaming_bench_prunes_a_checkpoint_whole_and_streamed(benchmark, tmp_p
     save_tiny_tokenizer(tmp_path / "model")
     (tmp_path / "calib.txt").write_text("a " * 500)
     argv = ["--model", str(tmp_path / "model"), "--methods", "wanda,magnitude", "--calib", str(tmp_path / "calib.txt"),
-            "--nsamples", "2", "--seqlen", "8", "--out", str(tmp_path)]
+            "--nsamples", "2", "--seqlen", "8", "--eval-windows", "3", "--out", str(tmp_path)]
     assert benchmark("bench_streaming").main(argv) == 0
     records = json.loads((tmp_path / "streaming_cpu.json").read_text())
-    modes = [("whole", "streaming"), ("streamed", "streaming"), ("whole", "streaming_convert"),
-             ("streamed", "streaming_convert")]
+    modes = [(mode, bench) for bench in ("streaming", "streaming_convert", "streaming_eval")
+             for mode in ("whole", "streamed")]
     assert [(r["method"], r["mode"], r["bench"]) for r in records] == [
         (method, mode, bench) for method in ("wanda", "magnitude") for mode, bench in modes]
     for r in records:
@@ -576,7 +576,10 @@ def test_streaming_bench_prunes_a_checkpoint_whole_and_streamed(benchmark, tmp_p
         assert 0 < r["largest_layer_gib"] < r["weights_gib"]
     assert all(r["seconds"] > 0 for r in records if r["bench"] == "streaming")
     assert {r["dtype"] for r in records if r["bench"] == "streaming_convert"} == {"bfloat16"}  # from float32
-    assert records[0]["rss_saved_gib"] == records[2]["rss_saved_gib"] == 0
+    assert records[0]["rss_saved_gib"] == records[2]["rss_saved_gib"] == records[4]["rss_saved_gib"] == 0
+    for method in ("wanda", "magnitude"):
+        whole, streamed = [r for r in records if r["bench"] == "streaming_eval" and r["method"] == method]
+        assert whole["ppl"] == streamed["ppl"] > 1 and whole["protocol"] == "wikitext2 test, 3 x 8"
 
 
 def test_streaming_bench_sees_checkpoints_that_differ(benchmark, tmp_path):

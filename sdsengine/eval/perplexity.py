@@ -10,6 +10,7 @@ from tqdm import tqdm
 from sdsengine.pipeline.adapters import check_ids, eval_mode
 
 from .checks import model_device, non_finite
+from .streamed import final_states
 
 # Positions per fp32 cross-entropy call: a 2048-token window's fp32 log-probabilities over a 128k vocabulary
 # take 1 GiB, beside the logits themselves; a chunk's take an eighth of that.
@@ -21,19 +22,25 @@ MAX_NLL = math.log(sys.float_info.max)
 
 
 @torch.no_grad()
-def perplexity(model, ids, seqlen, device=None, limit=None, progress=True) -> dict:
+def perplexity(model, ids, seqlen, device=None, limit=None, progress=True, weights=None) -> dict:
     """ppl, its mean nll, tokens, windows, seqlen. device: the model's (the default); a window whose
     log-likelihood is not finite is named. ppl is None where the mean nll is past MAX_NLL (exp overflows; inf
-    would make the --json file invalid JSON), so that the tasks evaluated beside it keep their results."""
+    would make the --json file invalid JSON), so that the tasks evaluated beside it keep their results.
+    weights: a streaming.WeightStream that lends a skeleton `model` its weights a layer at a time (streamed.py); the
+    model then runs on `device` (default: the CPU)."""
     check_windows(seqlen, limit)
-    device = model_device(model, device)
+    device = model_device(model, device) if weights is None else torch.device(device or "cpu")
     check_ids(model, ids, "the perplexity text's token ids (is it the model's tokenizer?)")
     windows = ids.shape[1] // seqlen
     if windows == 0:
         raise ValueError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = windows if limit is None else min(windows, limit)
     with eval_mode(model):
-        nll = _mean_nll(model, ids, seqlen, windows, device, progress)
+        if weights is None:
+            nll = _mean_nll(model, ids, seqlen, windows, device, progress)
+        else:
+            with final_states(model, ids[0, :windows * seqlen].view(windows, seqlen), weights, device, progress):
+                nll = _mean_nll(model, ids, seqlen, windows, device, progress)
     return {"ppl": math.exp(nll) if nll <= MAX_NLL else None, "nll": nll, "tokens": windows * seqlen,
             "windows": windows, "seqlen": seqlen}
 

@@ -1,4 +1,6 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
+import torch
+
 from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, check_eval_source, eval_tokens
 from sdsengine.pipeline.adapters import check_ids, check_seqlen, eval_mode
@@ -13,18 +15,23 @@ TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-s
 
 
 def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device=None, progress=True,
-             samples=None, items=None) -> dict:
+             samples=None, items=None, weights=None) -> dict:
     """{task: result}: perplexity tasks give ppl, nll, tokens, windows, seqlen, protocol; zero-shot ones acc,
     acc_norm, n. `tasks`: a list of names, or one comma-separated string as --tasks takes. `limit` caps
     windows (perplexity) or items (zero-shot). `samples`: a dict that receives, per zero-shot task, its
     per-item records (zeroshot.item_records). `items`: zero-shot items already read by
     load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model). The model runs in
-    eval mode and is left in the mode it came in."""
+    eval mode and is left in the mode it came in. weights: a streaming.WeightStream that lends a skeleton `model` its
+    weights a layer at a time (perplexity tasks only; on `device`, by default the CPU: eval/streamed.py)."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
     tasks = task_list(tasks)
     if device is not None:
         check_device(device)
-    device = model_device(model, device)  # the model's, unless another is asked (refused: move the model)
+    if weights is not None:
+        check_streamable(tasks)
+        device = torch.device(device or "cpu")
+    else:
+        device = model_device(model, device)  # the model's, unless another is asked (refused: move the model)
     check_perplexity(tasks, seqlen, limit, data_dir)
     if any(t in EVAL_TASKS for t in tasks):
         check_seqlen(model, seqlen)
@@ -33,17 +40,47 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     for task, (ids, _) in streams.items():
         check_ids(model, ids, f"{task}: the tokenizer's ids (is it the model's tokenizer?)")
     with eval_mode(model):
-        return {task: _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples)
+        return {task: _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights)
                 for task in tasks}
 
 
-def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples) -> dict:
+def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", dtype=None,
+                        progress=True) -> dict:
+    """evaluate(load_model(model, dtype), tasks, ...) read from the files of `model` (a safetensors checkpoint
+    directory or a hub id) a decoder layer at a time: the host holds one layer's weights (the embeddings and head for
+    their turns) beside the windows' hidden states, so a model larger than its memory is evaluated. Perplexity tasks
+    only (check_streamable); the result is the loaded model's (eval/streamed.py)."""
+    from sdsengine.models import load_model, weights_directory
+    from sdsengine.nn.convert import is_compressed_checkpoint
+    from sdsengine.pipeline import streaming
+    check_streamable(tasks)
+    if is_compressed_checkpoint(model):
+        raise ValueError(f"{model} is a compressed checkpoint (written by sdsengine convert): streaming reads the "
+                         "dense safetensors checkpoint it was converted from; evaluate this one loaded (drop "
+                         "--stream-weights)")
+    check_perplexity(task_list(tasks), seqlen, limit, data_dir)  # before the model's config is read
+    skeleton, tokenizer, source = load_model(model, dtype, skeleton=True)
+    weights = streaming.WeightStream(skeleton, streaming.checkpoint_files(weights_directory(source)), every=True)
+    return evaluate(skeleton, tokenizer, tasks, seqlen, limit, data_dir, device, progress, weights=weights)
+
+
+def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights) -> dict:
     if task in items:
         records = samples.setdefault(task, []) if samples is not None else None
         return evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task, progress=progress,
                                  samples=records)
     ids, protocol = streams[task]
-    return {**perplexity(model, ids, seqlen, device, limit, progress), "protocol": protocol}
+    return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
+
+
+def check_streamable(tasks):
+    """A model streamed from its files is evaluated on perplexity tasks only: a zero-shot task's items differ in
+    length, and the layer-at-a-time replay holds one set of masks and positions for windows of one length."""
+    zeroshot = [t for t in task_list(tasks) if t not in EVAL_TASKS]
+    if zeroshot:
+        raise ValueError(f"--stream-weights evaluates perplexity tasks ({', '.join(EVAL_TASKS)}) only, and "
+                         f"{', '.join(zeroshot)} {'is' if len(zeroshot) == 1 else 'are'} zero-shot: load the model "
+                         "whole for those (drop --stream-weights)")
 
 
 def task_list(tasks) -> list:

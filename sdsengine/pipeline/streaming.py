@@ -80,7 +80,7 @@ class WeightStream:
     @contextlib.contextmanager
     def lent(self, modules, device):
         """Inside the block, each of `modules` that holds meta parameters holds the checkpoint's, on `device`; a decoder
-        layer is written to the output as it leaves, unless the block raised. After it, the meta parameters again."""
+        layer is written to the output (if any) as it leaves, unless the block raised. After it, the meta parameters again."""
         slots = [slot for module in modules for slot in self._meta_slots(module)]
         read = {}
         for store, name, full in slots:  # in the skeleton's dtypes; a tied weight's one tensor once
@@ -93,13 +93,13 @@ class WeightStream:
                 tensor = read[self.keys[full]].to(device)
                 if bad := non_finite(tensor):
                     raise ValueError(f"checkpoint tensor {self.keys[full]} holds {bad} inf/NaN values; a damaged "
-                                     "checkpoint cannot be pruned")
+                                     "checkpoint cannot be used")
                 store[name] = torch.nn.Parameter(tensor, own.requires_grad)
                 taken.append((store, name, own))
             del read  # the host copies, where the weights went to another device
             yield
             for module in modules:
-                if id(module) in self.layers:
+                if id(module) in self.layers and self.out is not None:
                     self.write_layer(module, module.state_dict())
         finally:
             for store, name, own in taken:
