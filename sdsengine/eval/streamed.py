@@ -5,8 +5,8 @@ The model is a skeleton lent its weights by a streaming.WeightStream, as the str
 window goes through the model's set-up (embeddings, rotary tables, masks: capture.py), then through each decoder layer
 in turn, its weights read for its turn: one buffer holds every window's hidden states, each layer's outputs written
 over its inputs. Last, the model's own forward runs again with its decoder layers replaced by stand-ins that hand on
-each window's final hidden states, so that what follows the layers (final norm, head, a family's logit scaling or
-soft-capping) is the model's own code, not a copy of it. The windows then score as perplexity.py scores them.
+each window's final hidden states (and its input embeddings by zeros: not read again beside the head), so that what
+follows the layers (final norm, head, a family's logit scaling or soft-capping) is the model's own code, not a copy. The windows then score as perplexity.py scores them.
 """
 import contextlib
 import sys
@@ -36,14 +36,16 @@ def final_states(model, windows, weights, device, progress=True):
     for layer, kwargs in zip(tqdm(layers, desc="layers", unit="layer", disable=not progress), layer_kwargs):
         with placement.visiting([layer], device, weights):
             as_tuple = _replay(layer, hidden, to_device(kwargs, device), device)
-    originals = list(layers)
+    originals, embeddings = list(layers), model.get_input_embeddings()
     feed = _Feed(hidden, device, as_tuple)
     for i in range(len(layers)):
         layers[i] = _StandIn(feed, first=i == 0, attention_type=getattr(originals[i], "attention_type", None))
+    model.set_input_embeddings(_NoEmbeddings(embeddings))
     try:
         with placement.visiting(_outside_layers(model), device, weights):
             yield
     finally:
+        model.set_input_embeddings(embeddings)
         for i, layer in enumerate(originals):
             layers[i] = layer
 
@@ -84,6 +86,19 @@ class _StandIn(nn.Module):
         if self.first:
             self.feed.window += 1
         return self.feed.current()
+
+
+class _NoEmbeddings(nn.Module):
+    """Stands in for the input embeddings once the final states are known: the layers' stand-ins drop what they are
+    given, so zeros of the embeddings' shape do, and the embeddings (vocabulary x hidden: as large as the head) are not
+    read again beside the head."""
+
+    def __init__(self, embeddings):
+        super().__init__()
+        self.width, self.dtype = embeddings.embedding_dim, embeddings.weight.dtype
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, self.width, dtype=self.dtype, device=ids.device)
 
 
 def _outside_layers(model):

@@ -66,8 +66,8 @@ def test_a_sharded_checkpoint_streams_in_any_dtype(stored, run, tmp_path):
 
 
 def test_only_the_layer_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
-    """While a decoder layer runs, the rest of the model is still on the meta device; while the head runs, no layer
-    holds a weight."""
+    """While a decoder layer runs, the rest of the model is still on the meta device; while the head runs, only the
+    head and the final norm hold weights (not the embeddings, as large as the head)."""
     source = _saved(tmp_path)
     model, weights = _stream(source)
     held = []
@@ -85,6 +85,8 @@ def test_only_the_layer_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
     layer = sum(p.numel() for p in adapters.decoder_layers(tiny_model("llama"))[0].parameters())
     assert len(held) == 4 and all(total == turn for total, turn in held)  # the capture, two layers, the head
     assert held[1][0] == held[2][0] == layer
+    tiny = tiny_model("llama")
+    assert held[3][0] == tiny.lm_head.weight.numel() + tiny.model.norm.weight.numel()
 
 
 def test_inf_in_a_layer_is_named_and_the_skeleton_is_left_as_it_came(tmp_path):
