@@ -1,12 +1,13 @@
 """Perplexity of a model larger than the host's memory, a decoder layer at a time from its checkpoint
-(`sdsengine eval --stream-weights`, `sdsengine.evaluate_checkpoint`).
+(`sdsengine eval --stream-weights`, `sdsengine.eval.runner.evaluate_checkpoint`).
 
 The model is a skeleton lent its weights by a streaming.WeightStream, as the streamed prune is. Every evaluation
 window goes through the model's set-up (embeddings, rotary tables, masks: capture.py), then through each decoder layer
 in turn, its weights read for its turn: one buffer holds every window's hidden states, each layer's outputs written
 over its inputs. Last, the model's own forward runs again with its decoder layers replaced by stand-ins that hand on
 each window's final hidden states (and its input embeddings by zeros: not read again beside the head), so that what
-follows the layers (final norm, head, a family's logit scaling or soft-capping) is the model's own code, not a copy. The windows then score as perplexity.py scores them.
+follows the layers (final norm, head, a family's logit scaling or soft-capping) is the model's own code, not a copy.
+The windows then score as perplexity.py scores them.
 """
 import contextlib
 import sys

@@ -80,7 +80,8 @@ class WeightStream:
     @contextlib.contextmanager
     def lent(self, modules, device):
         """Inside the block, each of `modules` that holds meta parameters holds the checkpoint's, on `device`; a decoder
-        layer is written to the output (if any) as it leaves, unless the block raised. After it, the meta parameters again."""
+        layer is written to the output (if any) as it leaves, unless the block raised. After it, the meta parameters
+        again."""
         slots = [slot for module in modules for slot in self._meta_slots(module)]
         read = {}
         for store, name, full in slots:  # in the skeleton's dtypes; a tied weight's one tensor once
