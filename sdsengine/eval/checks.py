@@ -12,6 +12,12 @@ def model_device(model, device=None):
     return home
 
 
+def eval_device(model, device=None, weights=None):
+    """Where the evaluation runs: model_device's answer, or for a skeleton lent its weights by `weights` (a
+    streaming.WeightStream), `device` itself (default: the CPU)."""
+    return model_device(model, device) if weights is None else torch.device(device or "cpu")
+
+
 def non_finite(model, where):
     """The error for log-likelihoods that are inf or NaN, which would otherwise average into a NaN
     perplexity or make every zero-shot answer choice 0."""

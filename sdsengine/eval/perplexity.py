@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from sdsengine.pipeline.adapters import check_ids, eval_mode
 
-from .checks import model_device, non_finite
+from .checks import eval_device, non_finite
 from .streamed import final_states
 
 # Positions per fp32 cross-entropy call: a 2048-token window's fp32 log-probabilities over a 128k vocabulary
@@ -29,7 +29,7 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True, weigh
     weights: a streaming.WeightStream that lends a skeleton `model` its weights a layer at a time (streamed.py); the
     model then runs on `device` (default: the CPU)."""
     check_windows(seqlen, limit)
-    device = model_device(model, device) if weights is None else torch.device(device or "cpu")
+    device = eval_device(model, device, weights)
     check_ids(model, ids, "the perplexity text's token ids (is it the model's tokenizer?)")
     windows = ids.shape[1] // seqlen
     if windows == 0:

@@ -1,11 +1,9 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
-import torch
-
 from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, check_eval_source, eval_tokens
 from sdsengine.pipeline.adapters import check_ids, check_seqlen, eval_mode
 
-from .checks import model_device
+from .checks import eval_device
 from .perplexity import check_windows, perplexity
 from .tasks import TASKS, check_task_name, load_task
 from .zeroshot import evaluate_zeroshot
@@ -29,9 +27,7 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
         check_device(device)
     if weights is not None:
         check_streamable(tasks)
-        device = torch.device(device or "cpu")
-    else:
-        device = model_device(model, device)  # the model's, unless another is asked (refused: move the model)
+    device = eval_device(model, device, weights)  # the model's, unless another is asked (refused: move the model)
     check_perplexity(tasks, seqlen, limit, data_dir)
     if any(t in EVAL_TASKS for t in tasks):
         check_seqlen(model, seqlen)

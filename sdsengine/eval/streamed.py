@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sdsengine.pipeline import adapters, memory, placement
 from sdsengine.pipeline.capture import capture_layer_inputs, to_device
+from sdsengine.pipeline.sequential import run_layer
 
 
 @contextlib.contextmanager
@@ -26,19 +27,19 @@ def final_states(model, windows, weights, device, progress=True):
     gives the logits the loaded model gives: its decoder layers are stand-ins that return each window's final hidden
     states, computed here a layer at a time, and what runs outside them is lent its weights from `weights`."""
     device = torch.device(device)
-    need = windows.numel() * model.config.hidden_size * model.dtype.itemsize
+    need = memory.buffer_bytes(model, *windows.shape)
     store = memory.store_device(device, need)
     memory.check_fits(need, store, tuple(windows.shape))
     if progress:
         print(f"evaluation activations: {memory.describe(need)} on {store}", file=sys.stderr)
     hidden, layer_kwargs = capture_layer_inputs(model, windows, device, store, weights)
     layers = adapters.decoder_layers(model)
-    as_tuple = False
+    returned = []  # whether each call of a layer returned a tuple
     for layer, kwargs in zip(tqdm(layers, desc="layers", unit="layer", disable=not progress), layer_kwargs):
-        with placement.visiting([layer], device, weights):
-            as_tuple = _replay(layer, hidden, to_device(kwargs, device), device)
+        with placement.visiting([layer], device, weights), _returns_noted(layer, returned):
+            run_layer(layer, hidden, hidden, to_device(kwargs, device), device)  # each window's outputs over its inputs
     originals, embeddings = list(layers), model.get_input_embeddings()
-    feed = _Feed(hidden, device, as_tuple)
+    feed = _Feed(hidden, device, any(returned))
     for i in range(len(layers)):
         layers[i] = _StandIn(feed, first=i == 0, attention_type=getattr(originals[i], "attention_type", None))
     model.set_input_embeddings(_NoEmbeddings(embeddings))
@@ -51,16 +52,15 @@ def final_states(model, windows, weights, device, progress=True):
             layers[i] = layer
 
 
-@torch.no_grad()
-def _replay(layer, hidden, kwargs, device) -> bool:
-    """hidden[j] = layer(hidden[j]) for every window; returns whether the layer returned a tuple (what the model's
-    forward expects of its layers: some families take [0] of their output, others the tensor itself)."""
-    as_tuple = False
-    for j in range(hidden.shape[0]):
-        out = layer(hidden[j:j + 1].to(device), **kwargs)
-        as_tuple = isinstance(out, (tuple, list))
-        hidden[j:j + 1] = adapters.layer_output(out).to(hidden.device)
-    return as_tuple
+@contextlib.contextmanager
+def _returns_noted(layer, returned):
+    """Inside the block, each call of `layer` appends to `returned` whether it returned a tuple: what the model's
+    forward expects of its layers (some families take [0] of their output, others the tensor itself)."""
+    handle = layer.register_forward_hook(lambda module, args, out: returned.append(isinstance(out, (tuple, list))))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Feed:

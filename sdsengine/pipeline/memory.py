@@ -18,8 +18,12 @@ def describe(nbytes) -> str:
 
 def activation_bytes(model, nsamples, seqlen, dense_stream) -> int:
     """Bytes of the activation buffers kept between layers (in the model's dtype)."""
-    buffers = 4 if dense_stream else 2
-    return buffers * nsamples * seqlen * model.config.hidden_size * next(model.parameters()).element_size()
+    return (4 if dense_stream else 2) * buffer_bytes(model, nsamples, seqlen)
+
+
+def buffer_bytes(model, nsamples, seqlen) -> int:
+    """Bytes of one buffer of hidden states of nsamples windows of seqlen tokens, in the model's dtype."""
+    return nsamples * seqlen * model.config.hidden_size * next(model.parameters()).element_size()
 
 
 def available_bytes(device) -> int | None:
