@@ -445,7 +445,8 @@ from sdsengine.pipeline import parallel
 with parallel.joined("cpu"):
     load_model(sys.argv[1], needs_tokenizer=False)
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print("gloo threads after the group:", sum("gloo" in name for name in threads))
+with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"]), "w") as f:  # one file each: prints interleave
+    f.write(str(sum("gloo" in name for name in threads)))
 """
 
 
@@ -457,11 +458,12 @@ def test_the_group_is_gone_when_its_processes_leave_it(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "model")
     (tmp_path / "job.py").write_text(GROUP_LEFT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-               str(tmp_path / "job.py"), str(tmp_path / "model")]
+               str(tmp_path / "job.py"), str(tmp_path / "model"), str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("gloo threads after the group: 0") == WORLD, done.stdout
+    left = {r: (tmp_path / f"rank{r}").read_text() for r in range(WORLD)}  # gloo threads after the group, per process
+    assert left == dict.fromkeys(range(WORLD), "0"), left
 
 
 def test_a_numbered_gpu_or_more_processes_than_gpus_under_torchrun_are_refused(monkeypatch):
