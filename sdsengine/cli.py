@@ -14,7 +14,7 @@ from sdsengine import api, bench, checkpoint, files, report, transformers_compat
 from sdsengine.algorithms import METHODS, lookup
 from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, check_device
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
-from sdsengine.eval.runner import (TASK_HELP, check_perplexity, check_streamable, evaluate, evaluate_checkpoint,
+from sdsengine.eval.runner import (TASK_HELP, check_perplexity, evaluate, evaluate_checkpoint,
                                    load_zeroshot, results_table, task_list)
 from sdsengine.models import default_gguf, load_model, weights_directory
 from sdsengine.nn import convert, save_compressed, set_lean
@@ -136,9 +136,9 @@ def build_parser():
     e.add_argument("--lean", action="store_true", help="a compressed checkpoint's SparseLinears hold no "
                    "decompressed copy of their weights: less memory, slower where the dense backend runs")
     e.add_argument("--stream-weights", action="store_true",
-                   help="perplexity tasks only: read each decoder layer's weights from the model's safetensors files "
-                        "for its turn, all windows going through one layer before the next: host memory holds about "
-                        "one layer beside the windows' hidden states, for a model larger than it")
+                   help="read each decoder layer's weights from the model's safetensors files for its turn, a task's "
+                        "windows (a zero-shot task's inputs) all going through one layer before the next: host memory "
+                        "holds about one layer beside their hidden states, for a model larger than it")
 
     c = sub.add_parser("convert", help="replace the 2:4 linears of a pruned checkpoint by SparseLinear and save")
     _add_model_flags(c)
@@ -363,8 +363,6 @@ def _note_unused_gpu(device):
 
 def cmd_eval(args):
     tasks = task_list(args.tasks)
-    if args.stream_weights:
-        check_streamable(tasks)
     if args.samples and all(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     _check_result_files(args, tasks)
@@ -380,7 +378,7 @@ def cmd_eval(args):
     if args.stream_weights:
         source = args.model or str(default_gguf())
         results = evaluate_checkpoint(source, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
-                                      device=args.device, dtype=_dtype(args))
+                                      device=args.device, dtype=_dtype(args), samples=samples, items=items)
     else:
         model, tokenizer, source = load_model(args.model, _dtype(args), compressed_ok=True, device=args.device,
                                               any_layout=True)

@@ -42,7 +42,7 @@ def test_refused_before_any_work_when_they_cannot_fit(monkeypatch, config, buffe
     need = buffers * 4 * 32 * model.config.hidden_size * 4
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
     before = _weights(model)
-    with pytest.raises(ValueError, match=r"calibration activations need .* MiB on cpu .*4 windows x 32 tokens.*--nsamples"):
+    with pytest.raises(ValueError, match=r"activations of 4 windows x 32 tokens need .* MiB on cpu.*--nsamples"):
         sdsengine.prune(model, config, samples, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
     monkeypatch.setattr(memory, "available_bytes", lambda device: need)
@@ -57,7 +57,7 @@ def test_sizes_read_in_mib_or_gib():
 
 def test_unknown_free_memory_does_not_refuse(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)
-    memory.check_fits(10 ** 15, CPU, (128, 2048))
+    memory.check_fits(10 ** 15, CPU, "activations", "lower them")
 
 
 def test_host_free_memory_is_read():

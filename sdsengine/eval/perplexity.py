@@ -39,7 +39,7 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True, weigh
         if weights is None:
             nll = _mean_nll(model, ids, seqlen, windows, device, progress)
         else:
-            with final_states(model, ids[0, :windows * seqlen].view(windows, seqlen), weights, device, progress):
+            with final_states(model, [ids[0, :windows * seqlen].view(windows, seqlen)], weights, device, progress):
                 nll = _mean_nll(model, ids, seqlen, windows, device, progress)
     return {"ppl": math.exp(nll) if nll <= MAX_NLL else None, "nll": nll, "tokens": windows * seqlen,
             "windows": windows, "seqlen": seqlen}

@@ -20,13 +20,11 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     per-item records (zeroshot.item_records). `items`: zero-shot items already read by
     load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model). The model runs in
     eval mode and is left in the mode it came in. weights: a streaming.WeightStream that lends a skeleton `model` its
-    weights a layer at a time (perplexity tasks only; on `device`, by default the CPU: eval/streamed.py)."""
+    weights a layer at a time (on `device`, by default the CPU: eval/streamed.py)."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
     tasks = task_list(tasks)
     if device is not None:
         check_device(device)
-    if weights is not None:
-        check_streamable(tasks)
     device = eval_device(model, device, weights)  # the model's, unless another is asked (refused: move the model)
     check_perplexity(tasks, seqlen, limit, data_dir)
     if any(t in EVAL_TASKS for t in tasks):
@@ -41,42 +39,34 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
 
 
 def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", dtype=None,
-                        progress=True) -> dict:
+                        progress=True, samples=None, items=None) -> dict:
     """evaluate(load_model(model, dtype), tasks, ...) read from the files of `model` (a safetensors checkpoint
-    directory or a hub id) a decoder layer at a time: the host holds one layer's weights (the embeddings and head for
-    their turns) beside the windows' hidden states, so a model larger than its memory is evaluated. Perplexity tasks
-    only (check_streamable); the result is the loaded model's (eval/streamed.py)."""
+    directory or a hub id) a decoder layer at a time, once per task: the host holds one layer's weights (the
+    embeddings and head for their turns) beside the hidden states of the task's windows (a zero-shot task's: of its
+    distinct inputs), so a model larger than its memory is evaluated. The result is the loaded model's: perplexity to
+    the last bit; zero-shot, each input run alone, as the loaded model's at batch size 1 (eval/streamed.py)."""
     from sdsengine.models import load_model, weights_directory
     from sdsengine.nn.convert import is_compressed_checkpoint
     from sdsengine.pipeline import streaming
-    check_streamable(tasks)
     if is_compressed_checkpoint(model):
         raise ValueError(f"{model} is a compressed checkpoint (written by sdsengine convert): streaming reads the "
                          "dense safetensors checkpoint it was converted from; evaluate this one loaded (drop "
                          "--stream-weights)")
-    check_perplexity(task_list(tasks), seqlen, limit, data_dir)  # before the model's config is read
+    tasks = task_list(tasks)
+    check_perplexity(tasks, seqlen, limit, data_dir)  # before the model's config is read
+    items = load_zeroshot(tasks, data_dir, limit) if items is None else items
     skeleton, tokenizer, source = load_model(model, dtype, skeleton=True)
     weights = streaming.WeightStream(skeleton, streaming.checkpoint_files(weights_directory(source)), every=True)
-    return evaluate(skeleton, tokenizer, tasks, seqlen, limit, data_dir, device, progress, weights=weights)
+    return evaluate(skeleton, tokenizer, tasks, seqlen, limit, data_dir, device, progress, samples, items, weights)
 
 
 def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights) -> dict:
     if task in items:
         records = samples.setdefault(task, []) if samples is not None else None
         return evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task, progress=progress,
-                                 samples=records)
+                                 samples=records, weights=weights)
     ids, protocol = streams[task]
     return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
-
-
-def check_streamable(tasks):
-    """A model streamed from its files is evaluated on perplexity tasks only: a zero-shot task's items differ in
-    length, and the layer-at-a-time replay holds one set of masks and positions for windows of one length."""
-    zeroshot = [t for t in task_list(tasks) if t not in EVAL_TASKS]
-    if zeroshot:
-        raise ValueError(f"--stream-weights evaluates perplexity tasks ({', '.join(EVAL_TASKS)}) only, and "
-                         f"{', '.join(zeroshot)} {'is' if len(zeroshot) == 1 else 'are'} zero-shot: load the model "
-                         "whole for those (drop --stream-weights)")
 
 
 def task_list(tasks) -> list:

@@ -1,13 +1,14 @@
-"""Perplexity of a model larger than the host's memory, a decoder layer at a time from its checkpoint
-(`sdsengine eval --stream-weights`, `sdsengine.eval.runner.evaluate_checkpoint`).
+"""Perplexity and zero-shot log-likelihoods of a model larger than the host's memory, a decoder layer at a time from
+its checkpoint (`sdsengine eval --stream-weights`, `sdsengine.eval.runner.evaluate_checkpoint`).
 
 The model is a skeleton lent its weights by a streaming.WeightStream, as the streamed prune is. Every evaluation
-window goes through the model's set-up (embeddings, rotary tables, masks: capture.py), then through each decoder layer
-in turn, its weights read for its turn: one buffer holds every window's hidden states, each layer's outputs written
-over its inputs. Last, the model's own forward runs again with its decoder layers replaced by stand-ins that hand on
-each window's final hidden states (and its input embeddings by zeros: not read again beside the head), so that what
-follows the layers (final norm, head, a family's logit scaling or soft-capping) is the model's own code, not a copy.
-The windows then score as perplexity.py scores them.
+window (a zero-shot request's tokens are a window of their own length) goes through the model's set-up (embeddings,
+rotary tables, masks: capture.py), then through each decoder layer in turn, its weights read once for its turn: one
+buffer per window length holds those windows' hidden states, each layer's outputs written over its inputs. Last, the
+model's own forward runs again, once per window, with its decoder layers replaced by stand-ins that hand on that
+window's final hidden states (and its input embeddings by zeros: not read again beside the head), so that what follows
+the layers (final norm, head, a family's logit scaling or soft-capping) is the model's own code, not a copy. The
+windows then score as perplexity.py and zeroshot.py score them.
 """
 import contextlib
 import sys
@@ -17,29 +18,33 @@ from torch import nn
 from tqdm import tqdm
 
 from sdsengine.pipeline import adapters, memory, placement
-from sdsengine.pipeline.capture import capture_layer_inputs, to_device
+from sdsengine.pipeline.capture import capture_groups, to_device
 from sdsengine.pipeline.sequential import run_layer
 
 
 @contextlib.contextmanager
-def final_states(model, windows, weights, device, progress=True):
-    """Inside the block, `model` (a skeleton) run on each of `windows` (n, seqlen) in order, one window per call,
-    gives the logits the loaded model gives: its decoder layers are stand-ins that return each window's final hidden
-    states, computed here a layer at a time, and what runs outside them is lent its weights from `weights`."""
+def final_states(model, groups, weights, device, progress=True):
+    """Inside the block, `model` (a skeleton) run on each window of `groups` (a list of (windows, seqlen) ids, the
+    length differing from group to group), one window per call, group after group, gives the logits the loaded model
+    gives: its decoder layers are stand-ins that return each window's final hidden states, computed here a layer at a
+    time, and what runs outside them is lent its weights from `weights`."""
     device = torch.device(device)
-    need = memory.buffer_bytes(model, *windows.shape)
+    need = sum(memory.buffer_bytes(model, *ids.shape) for ids in groups)
     store = memory.store_device(device, need)
-    memory.check_fits(need, store, tuple(windows.shape))
+    windows, tokens = sum(ids.shape[0] for ids in groups), sum(ids.numel() for ids in groups)
+    memory.check_fits(need, store, f"the hidden states of {windows} evaluation windows ({tokens} tokens)",
+                      "lower --limit (or --seqlen)")
     if progress:
         print(f"evaluation activations: {memory.describe(need)} on {store}", file=sys.stderr)
-    hidden, layer_kwargs = capture_layer_inputs(model, windows, device, store, weights)
+    captured = capture_groups(model, groups, device, store, weights)
     layers = adapters.decoder_layers(model)
     returned = []  # whether each call of a layer returned a tuple
-    for layer, kwargs in zip(tqdm(layers, desc="layers", unit="layer", disable=not progress), layer_kwargs):
+    for i, layer in enumerate(tqdm(layers, desc="layers", unit="layer", disable=not progress)):
         with placement.visiting([layer], device, weights), _returns_noted(layer, returned):
-            run_layer(layer, hidden, hidden, to_device(kwargs, device), device)  # each window's outputs over its inputs
+            for hidden, layer_kwargs in captured:  # each window's outputs over its inputs
+                run_layer(layer, hidden, hidden, to_device(layer_kwargs[i], device), device)
     originals, embeddings = list(layers), model.get_input_embeddings()
-    feed = _Feed(hidden, device, any(returned))
+    feed = _Feed([hidden for hidden, _ in captured], device, any(returned))
     for i in range(len(layers)):
         layers[i] = _StandIn(feed, first=i == 0, attention_type=getattr(originals[i], "attention_type", None))
     model.set_input_embeddings(_NoEmbeddings(embeddings))
@@ -64,13 +69,24 @@ def _returns_noted(layer, returned):
 
 
 class _Feed:
-    """The windows' final hidden states, handed out one window per forward call, in order."""
+    """The windows' final hidden states (a list of (windows, seqlen, hidden) buffers), handed out one window per
+    forward call, in order."""
 
-    def __init__(self, hidden, device, as_tuple):
-        self.hidden, self.device, self.as_tuple, self.window = hidden, device, as_tuple, -1
+    def __init__(self, groups, device, as_tuple):
+        self.device, self.as_tuple = device, as_tuple
+        self.windows = [hidden[w:w + 1] for hidden in groups for w in range(hidden.shape[0])]
+        self.window = -1
+
+    def advance(self, given):
+        """Move on to the next window; `given`: what the forward gave the first layer, for its shape."""
+        self.window += 1
+        if self.window >= len(self.windows) or given.shape[:2] != self.windows[self.window].shape[:2]:
+            raise RuntimeError(f"the forward's call {self.window} gives the decoder layers {tuple(given.shape[:2])} "
+                               "(batch, tokens), not the window computed for it: the windows must be run in the order "
+                               "they were computed, one per call")
 
     def current(self):
-        h = self.hidden[self.window:self.window + 1].to(self.device)
+        h = self.windows[self.window].to(self.device)
         return (h,) if self.as_tuple else h
 
 
@@ -85,7 +101,7 @@ class _StandIn(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.first:
-            self.feed.window += 1
+            self.feed.advance(hidden_states)
         return self.feed.current()
 
 

@@ -15,14 +15,17 @@ replaced by the BOS token, or EOS where there is none, and so is a context the t
 tokens. Sequences longer than the model's window lose tokens from the left. evaluate_zeroshot runs the
 model in eval mode (and leaves it in the mode it came in); loglikelihoods expects it there.
 """
+import contextlib
 import inspect
+import itertools
 import math
 from collections import defaultdict
 
 import torch
 from tqdm import tqdm
 
-from sdsengine.eval.checks import model_device, non_finite
+from sdsengine.eval.checks import eval_device, non_finite
+from sdsengine.eval.streamed import final_states
 from sdsengine.eval.tasks import TASKS, Item, load_task
 from sdsengine.pipeline.adapters import check_ids, eval_mode
 
@@ -33,15 +36,16 @@ DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenize
 
 
 def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_length=None,
-                      desc="zero-shot", progress=True, samples=None) -> dict:
+                      desc="zero-shot", progress=True, samples=None, weights=None) -> dict:
     """acc, acc_norm and their standard errors over `items` (a list of Item), and n. `samples`: a list that
-    receives one record per item (see item_records), for looking at answers rather than scores."""
+    receives one record per item (see item_records), for looking at answers rather than scores. weights: as
+    loglikelihoods'."""
     if not items:
         raise ValueError("no items to evaluate")
     max_length = max_length or model_max_length(model, tokenizer)
     pairs = encode_items(tokenizer, items, wants_bos(model), max_length, desc)
     with eval_mode(model):
-        lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress)
+        lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress, weights)
     preds = predictions(items, lls)
     if samples is not None:
         samples.extend(item_records(items, lls, preds))
@@ -120,9 +124,12 @@ def model_max_length(model, tokenizer=None) -> int:
 
 @torch.inference_mode()
 def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, desc="loglikelihood",
-                   progress=True) -> list[float]:
-    """Summed log-probability of each (context ids, continuation ids) pair's continuation."""
-    device = model_device(model, device)
+                   progress=True, weights=None) -> list[float]:
+    """Summed log-probability of each (context ids, continuation ids) pair's continuation. weights: a
+    streaming.WeightStream that lends a skeleton `model` its weights a layer at a time (streamed.py; on `device`, by
+    default the CPU); each input then runs alone (batch_size 1), as the loaded model's do at batch_size=1, bit for
+    bit."""
+    device = eval_device(model, device, weights)
     max_length = max_length or model_max_length(model)
     if pairs:
         check_ids(model, torch.tensor([i for ctx, cont in pairs for i in (*ctx, *cont)]),
@@ -136,7 +143,11 @@ def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, des
     order = sorted(users, key=lambda inp: (-len(inp), inp))
     keeps_logits = _keeps_logits(model)
     out = [0.0] * len(pairs)
-    with tqdm(total=len(pairs), desc=desc, unit="choice", disable=not progress) as bar:
+    if weights is None or not order:
+        streamed = contextlib.nullcontext()
+    else:  # the stand-ins hand on one input's final states per call, in this order
+        batch_size, streamed = 1, final_states(model, _by_length(order), weights, device, progress)
+    with streamed, tqdm(total=len(pairs), desc=desc, unit="choice", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             requests = [[(i, windows[i][1]) for i in users[inp]] for inp in batch]
@@ -149,6 +160,11 @@ def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, des
             if not all(math.isfinite(out[i]) for inp in batch for i in users[inp]):
                 raise ValueError(non_finite(model, desc))
     return out
+
+
+def _by_length(order):
+    """The inputs of `order` (longest first) as one (inputs, length) id tensor per length, in that order."""
+    return [torch.tensor(list(run)) for _, run in itertools.groupby(order, key=len)]
 
 
 def _window(ctx, cont, max_length):

@@ -39,22 +39,32 @@ class _Inputs:
 class _Recorder(nn.Module):
     """Stands in for decoder layer `index`: records its keyword arguments (the first window's only: later
     ones hold the same values, and keeping every window's masks would cost memory), layer 0's also the
-    hidden states, into `inputs`; passes the hidden states on, and the last layer's stops the forward (the
+    hidden states, into `group`; passes the hidden states on, and the last layer's stops the forward (the
     head is moot)."""
 
-    def __init__(self, layer, index, last, inputs, kwargs):
+    def __init__(self, layer, index, last, group):
         super().__init__()
-        self.index, self.last, self.inputs, self.kwargs = index, last, inputs, kwargs
+        self.index, self.last, self.group = index, last, group
         # some models' forward reads it to pick this layer's mask
         self.attention_type = getattr(layer, "attention_type", None)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
-            self.inputs.add(hidden_states)
-        self.kwargs.setdefault(self.index, kwargs)
+            self.group.inputs.add(hidden_states)
+        self.group.kwargs.setdefault(self.index, kwargs)
         if self.last:
             raise _Stop
         return hidden_states
+
+
+class _Group:
+    """What the recorders write into: the current group of windows' inputs and keyword arguments."""
+
+    def __init__(self):
+        self.inputs, self.kwargs = None, None
+
+    def begin(self, windows, store_device):
+        self.inputs, self.kwargs = _Inputs(windows, store_device), {}
 
 
 def to_device(obj, device):
@@ -72,22 +82,32 @@ def to_device(obj, device):
 def capture_layer_inputs(model, samples, device, store_device, weights=None):
     """Run `samples` (nsamples, seqlen) through the model's set-up; returns (layer 0's inputs on
     store_device, one dict of keyword arguments per decoder layer). weights: as placement.visiting's."""
+    return capture_groups(model, [samples], device, store_device, weights)[0]
+
+
+@torch.no_grad()
+def capture_groups(model, groups, device, store_device, weights=None):
+    """capture_layer_inputs of each of `groups` (a list of (windows, seqlen) ids, the length differing from group to
+    group, and with it the masks and positions), the model's set-up lent its weights once for all of them."""
     layers = adapters.decoder_layers(model)
-    inputs, kwargs = _Inputs(samples.shape[0], store_device), {}
+    group, captured = _Group(), []
     originals = list(layers)
     for i, layer in enumerate(originals):
-        layers[i] = _Recorder(layer, i, i == len(originals) - 1, inputs, kwargs)
+        layers[i] = _Recorder(layer, i, i == len(originals) - 1, group)
     try:
         with placement.visiting(adapters.pre_layer_modules(model), device, weights):
-            for row in samples:
-                try:
-                    model(row.unsqueeze(0).to(device), use_cache=False)
-                except _Stop:
-                    pass
+            for samples in groups:
+                group.begin(samples.shape[0], store_device)
+                for row in samples:
+                    try:
+                        model(row.unsqueeze(0).to(device), use_cache=False)
+                    except _Stop:
+                        pass
+                captured.append((group.inputs.buffer, [_replay_kwargs(group.kwargs[i]) for i in range(len(originals))]))
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-    return inputs.buffer, [_replay_kwargs(kwargs[i]) for i in range(len(originals))]
+    return captured
 
 
 def _replay_kwargs(kwargs):

@@ -49,13 +49,12 @@ def store_device(device, need) -> torch.device:
     return torch.device("cpu")
 
 
-def check_fits(need, store, samples_shape, others=0):
-    """Raise before any work if the activations cannot fit where they are to be stored. others: the bytes that other
-    processes of a data-parallel group keep in the same memory (this machine's host memory)."""
+def check_fits(need, store, what, remedy, others=0):
+    """Raise before any work if `what` (buffers of `need` bytes, named for people) cannot fit where it is to be stored;
+    `remedy`: what the user can lower. others: the bytes that other processes of a data-parallel group keep in the same
+    memory (this machine's host memory)."""
     free = available_bytes(store)
     if free is not None and need + others > free:
-        nsamples, seqlen = samples_shape
         beside = f", and this machine's other processes {describe(others)} beside them" if others else ""
-        raise ValueError(f"the calibration activations need {describe(need)} on {store} ({nsamples} windows "
-                         f"x {seqlen} tokens){beside}, but {describe(free)} is available there: lower --nsamples "
-                         "or --seqlen")
+        raise ValueError(f"{what} need {describe(need)} on {store}{beside}, but {describe(free)} is available there: "
+                         f"{remedy}")

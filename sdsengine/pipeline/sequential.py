@@ -509,7 +509,8 @@ def activation_plan(model, config, samples):
     need = memory.activation_bytes(model, *samples.shape, needs_dense_stream(algorithm_for(config), config))
     store = memory.store_device(torch.device(config.device), need)
     hosted = need if store.type == "cpu" else 0  # data-parallel: a machine's processes share its host memory
-    memory.check_fits(need, store, tuple(samples.shape), parallel.on_this_machine(hosted) - hosted)
+    what = f"the calibration activations of {samples.shape[0]} windows x {samples.shape[1]} tokens"
+    memory.check_fits(need, store, what, "lower --nsamples or --seqlen", parallel.on_this_machine(hosted) - hosted)
     return need, store
 
 
