@@ -2,8 +2,8 @@
 with the model loaded whole (the baseline) and streamed from its files a layer at a time (sdsengine/pipeline/
 streaming.py), then the same convert of the pruned checkpoint loaded whole and streamed a linear at a time
 (sdsengine/nn/convert_streamed.py), each in a fresh process, in the same run, and whether the two checkpoints are
-equal, tensor by tensor; then the same perplexity evaluation of the pruned checkpoint loaded whole and streamed a
-decoder layer at a time (sdsengine/eval/streamed.py).
+equal, tensor by tensor; then the same evaluation (perplexity and zero-shot) of the pruned checkpoint loaded whole and
+streamed a decoder layer at a time (sdsengine/eval/streamed.py).
 
     python benchmarks/bench_streaming.py [--model DIR] [--layers 4] [--methods wanda] [--dtype float32] \
         [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--eval-windows 8] [--device cpu] [--name streaming_cpu]
@@ -17,8 +17,8 @@ command's wall seconds, the model's weights in GiB, the largest layer's, and `id
 checkpoint equal to the baseline's, names and dtypes too); then per method and mode a record of bench
 "streaming_convert" for the convert of the loaded prune's checkpoint (its peak RSS, wall seconds, `identical`; dtype
 the converted model's: bfloat16 from a float32 checkpoint); then per mode a record of bench "streaming_eval" for
-`sdsengine eval --tasks wikitext2 --seqlen <seqlen> --limit <eval-windows>` of that checkpoint (peak RSS, wall seconds,
-the perplexity, and `identical`: the two results equal).
+`sdsengine eval --tasks wikitext2,piqa --seqlen <seqlen> --limit <eval-windows>` of that checkpoint (peak RSS, wall
+seconds, the perplexity, PIQA's accuracy, and `identical`: the two results equal).
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ from harness import prune_arguments, prune_flags, write_results
 from safetensors import safe_open
 
 COLUMNS = ("bench", "method", "mode", "dtype", "weights_gib", "largest_layer_gib", "cpu_peak_rss_gib",
-           "rss_saved_gib", "seconds", "wall_seconds", "identical", "ppl")
+           "rss_saved_gib", "seconds", "wall_seconds", "identical", "ppl", "piqa_acc")
 
 
 def random_checkpoint(directory, layers, dtype):
@@ -126,25 +126,31 @@ def converts(args, pruned, method, weights, largest):
 
 
 def evaluates(args, pruned, method, weights, largest):
-    """The records of the checkpoint `pruned` evaluated (WikiText-2 perplexity) loaded whole and streamed."""
+    """The records of the checkpoint `pruned` evaluated (WikiText-2 perplexity, PIQA) loaded whole and streamed."""
     runs, results = {}, {}
     for mode in ("whole", "streamed"):
         out = f"{pruned}-{mode}-eval.json"
-        runs[mode] = measured(["eval", "--model", pruned, "--tasks", "wikitext2", "--seqlen", str(args.seqlen),
+        runs[mode] = measured(["eval", "--model", pruned, "--tasks", "wikitext2,piqa", "--seqlen", str(args.seqlen),
                                "--limit", str(args.eval_windows), "--dtype", args.dtype, "--json", out],
                               mode == "streamed")
-        results[mode] = json.loads(Path(out).read_text())["results"]["wikitext2"]
+        results[mode] = json.loads(Path(out).read_text())["results"]
     same = results["whole"] == results["streamed"]
     records = []
     for mode, (peak, wall) in runs.items():
         records.append({"bench": "streaming_eval", "method": method, "mode": mode, "dtype": args.dtype,
                         "pattern": args.sparsity, "weights_gib": weights, "largest_layer_gib": largest,
                         "cpu_peak_rss_gib": peak, "rss_saved_gib": round(runs["whole"][0] - peak, 3),
-                        "wall_seconds": round(wall, 1), "identical": same, "ppl": results[mode]["ppl"],
-                        "protocol": f"wikitext2 test, {results[mode]['windows']} x {results[mode]['seqlen']}",
+                        "wall_seconds": round(wall, 1), "identical": same, "ppl": results[mode]["wikitext2"]["ppl"],
+                        "piqa_acc": results[mode]["piqa"]["acc"], "protocol": _protocol(results[mode]),
                         "model": f"the {method} {args.sparsity} checkpoint above (loaded whole)"})
-        print(f"eval {mode}: peak RSS {peak:.2f} GiB, {wall:.1f} s wall, ppl {results[mode]['ppl']}; identical: {same}")
+        print(f"eval {mode}: peak RSS {peak:.2f} GiB, {wall:.1f} s wall, ppl {results[mode]['wikitext2']['ppl']}, "
+              f"piqa acc {results[mode]['piqa']['acc']}; identical: {same}")
     return records
+
+
+def _protocol(results):
+    ppl = results["wikitext2"]
+    return f"wikitext2 test, {ppl['windows']} x {ppl['seqlen']}; piqa validation, first {results['piqa']['n']} items"
 
 
 def main(argv=None):
@@ -153,7 +159,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random checkpoint")
     prune_arguments(parser, ["wanda"], 8, "streaming_cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 windows of --seqlen evaluated")
+    parser.add_argument("--eval-windows", type=int, default=8,
+                        help="WikiText-2 windows of --seqlen, and PIQA items, evaluated")
     args = parser.parse_args(argv)
     records = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:

@@ -579,7 +579,8 @@ def test_streaming_bench_prunes_a_checkpoint_whole_and_streamed(benchmark, tmp_p
     assert records[0]["rss_saved_gib"] == records[2]["rss_saved_gib"] == records[4]["rss_saved_gib"] == 0
     for method in ("wanda", "magnitude"):
         whole, streamed = [r for r in records if r["bench"] == "streaming_eval" and r["method"] == method]
-        assert whole["ppl"] == streamed["ppl"] > 1 and whole["protocol"] == "wikitext2 test, 3 x 8"
+        assert whole["ppl"] == streamed["ppl"] > 1 and whole["piqa_acc"] == streamed["piqa_acc"]
+        assert whole["protocol"] == "wikitext2 test, 3 x 8; piqa validation, first 3 items"
 
 
 def test_streaming_bench_sees_checkpoints_that_differ(benchmark, tmp_path):
