@@ -85,9 +85,10 @@ def encode_pair(tokenizer, context: str, continuation: str, bos=False) -> tuple[
         return [_prefix_token(tokenizer)], _encode(tokenizer, continuation)
     prefix = [_prefix_token(tokenizer)] if bos else []
     whole = _encode(tokenizer, context + continuation)
-    if whole[:len(ctx)] == ctx:
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
         return prefix + ctx, whole[len(ctx):]
-    # A token spans the boundary: splitting `whole` at len(ctx) would score context text as answer text.
+    # A token spans the boundary: splitting `whole` at len(ctx) would score context text as answer text (or, where
+    # the merged token is one a lossy vocabulary reads as its unknown token, as the context's, leave no answer).
     return prefix + ctx, _encode(tokenizer, continuation)
 
 

@@ -3,7 +3,8 @@
 Every decoder layer is swapped for a recorder that passes its input through unchanged: the model's forward
 then runs its own set-up (embeddings, rotary tables, one attention mask per kind of layer) at the cost of
 the embeddings alone. Layer 0's recorder keeps the hidden states; each layer's keeps its keyword arguments,
-once: all calibration windows have the same length. Per layer, because some families give layers different
+once: all calibration windows have the same length (windows of several lengths, a zero-shot task's inputs, are
+captured as one group per length: capture_groups). Per layer, because some families give layers different
 masks (Gemma 2/3 alternate sliding-window and full attention). The KV cache is dropped (see PITFALLS: a cache
 replayed across samples makes every sample attend to the previous ones).
 

@@ -263,6 +263,17 @@ def test_merge_across_the_boundary_encodes_the_parts_apart(tokenizer):
     assert tokenizer.convert_ids_to_tokens(ctx) == ["ab"] and tokenizer.convert_ids_to_tokens(cont) == ["c"]
 
 
+def test_a_merge_into_the_unknown_token_encodes_the_parts_apart():
+    """A word-level vocabulary reads both "b" and the merged "ba" as its unknown token: the whole text's tokens then
+    start with the context's and hold no more, and the answer is encoded alone."""
+    vocab = {"[UNK]": 0, "a": 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert words.encode("a b a ba") == words.encode("a b a b") == [1, 0, 1, 0]
+    assert encode_pair(words, "a b a b", "a") == ([1, 0, 1, 0], [1])
+
+
 def test_a_context_the_tokenizer_drops_whole_is_an_empty_context(tokenizer):
     dropping = copy.deepcopy(tokenizer)  # a normalizer that drops control characters, as BERT's does
     dropping.backend_tokenizer.normalizer = normalizers.BertNormalizer(
