@@ -135,6 +135,9 @@ def build_parser():
     e.add_argument("--overwrite", action="store_true", help="replace existing --json / --samples files")
     e.add_argument("--lean", action="store_true", help="a compressed checkpoint's SparseLinears hold no "
                    "decompressed copy of their weights: less memory, slower where the dense backend runs")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="zero-shot inputs per forward, padded to the longest (default 8; --stream-weights runs each "
+                        "alone, as --batch-size 1 does)")
     e.add_argument("--stream-weights", action="store_true",
                    help="read each decoder layer's weights from the model's safetensors files for its turn, a task's "
                         "windows (a zero-shot task's inputs) all going through one layer before the next: host memory "
@@ -363,6 +366,11 @@ def _note_unused_gpu(device):
 
 def cmd_eval(args):
     tasks = task_list(args.tasks)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive number of inputs, got {args.batch_size}")
+    if args.stream_weights and args.batch_size not in (None, 1):
+        raise ValueError(f"--stream-weights runs each zero-shot input alone (--batch-size 1), so --batch-size "
+                         f"{args.batch_size} cannot apply: drop it, or drop --stream-weights to load the model whole")
     if args.samples and all(t in EVAL_TASKS for t in tasks):
         raise ValueError(f"--samples records zero-shot answers, and none of the tasks {args.tasks!r} is zero-shot")
     _check_result_files(args, tasks)
@@ -386,7 +394,7 @@ def cmd_eval(args):
             set_lean(model)
         model.to(args.device)  # a no-op where load_model loaded it there
         results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
-                           device=args.device, samples=samples, items=items)
+                           device=args.device, samples=samples, items=items, batch_size=args.batch_size or 8)
     print(results_table({source: results}))
     if args.json:
         payload = {"model": source, "versions": report.versions(), "results": results}

@@ -260,6 +260,28 @@ def test_eval_perplexity_inputs_are_checked_before_the_model_load(tmp_path, caps
     _refused(["eval", "--model", NO_MODEL] + [a.format(data=tmp_path) for a in argv], capsys, message)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive number of inputs, got 0"),
+    (["--batch-size", "4", "--stream-weights"],
+     r"--stream-weights runs each zero-shot input alone \(--batch-size 1\), so --batch-size 4 cannot apply"),
+])
+def test_eval_batch_size_is_checked_before_the_model_load(capsys, argv, message):
+    _refused(["eval", "--model", NO_MODEL, "--tasks", "wikitext2"] + argv, capsys, message)
+
+
+def test_evaluate_runs_zero_shot_inputs_in_the_batches_asked_for(tmp_path, monkeypatch):
+    runner = importlib.import_module("sdsengine.eval.runner")
+    (tmp_path / "mine.jsonl").write_text('{"context": "a", "choices": [" a", " b"], "label": 0}\n')
+    sizes = []
+    monkeypatch.setattr(runner, "evaluate_zeroshot", lambda model, tok, items, batch_size, *a, **k: sizes.append(
+        batch_size) or {})
+    for size in (1, 5):
+        evaluate(tiny_model("llama"), None, str(tmp_path / "mine.jsonl"), batch_size=size)
+    assert sizes == [1, 5]
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be a positive number of inputs, got 0"):
+        evaluate(tiny_model("llama"), None, str(tmp_path / "mine.jsonl"), batch_size=0)
+
+
 def test_evaluate_takes_a_comma_separated_string_and_refuses_no_tasks(tmp_path):
     task = tmp_path / "mine.jsonl"
     task.write_text('{"context": "a", "choices": [" a", " b"], "label": 0}\n')

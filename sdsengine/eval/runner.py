@@ -13,16 +13,19 @@ TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-s
 
 
 def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device=None, progress=True,
-             samples=None, items=None, weights=None) -> dict:
+             samples=None, items=None, weights=None, batch_size=8) -> dict:
     """{task: result}: perplexity tasks give ppl, nll, tokens, windows, seqlen, protocol; zero-shot ones acc,
     acc_norm, n. `tasks`: a list of names, or one comma-separated string as --tasks takes. `limit` caps
     windows (perplexity) or items (zero-shot). `samples`: a dict that receives, per zero-shot task, its
     per-item records (zeroshot.item_records). `items`: zero-shot items already read by
     load_zeroshot(tasks, data_dir, limit) (the CLI reads them before loading the model). The model runs in
     eval mode and is left in the mode it came in. weights: a streaming.WeightStream that lends a skeleton `model` its
-    weights a layer at a time (on `device`, by default the CPU: eval/streamed.py)."""
+    weights a layer at a time (on `device`, by default the CPU: eval/streamed.py). batch_size: zero-shot inputs per
+    forward (a streamed model runs each alone)."""
     # Check and load every task's input first: a bad name, file, length or device fails before any model time.
     tasks = task_list(tasks)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be a positive number of inputs, got {batch_size!r}")
     if device is not None:
         check_device(device)
     device = eval_device(model, device, weights)  # the model's, unless another is asked (refused: move the model)
@@ -34,8 +37,8 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     for task, (ids, _) in streams.items():
         check_ids(model, ids, f"{task}: the tokenizer's ids (is it the model's tokenizer?)")
     with eval_mode(model):
-        return {task: _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights)
-                for task in tasks}
+        return {task: _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights,
+                           batch_size) for task in tasks}
 
 
 def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", dtype=None,
@@ -60,10 +63,10 @@ def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, de
     return evaluate(skeleton, tokenizer, tasks, seqlen, limit, data_dir, device, progress, samples, items, weights)
 
 
-def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights) -> dict:
+def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights, batch_size):
     if task in items:
         records = samples.setdefault(task, []) if samples is not None else None
-        return evaluate_zeroshot(model, tokenizer, items[task], device=device, desc=task, progress=progress,
+        return evaluate_zeroshot(model, tokenizer, items[task], batch_size, device, desc=task, progress=progress,
                                  samples=records, weights=weights)
     ids, protocol = streams[task]
     return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
