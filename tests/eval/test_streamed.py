@@ -43,6 +43,25 @@ def _ids(vocab, tokens=16 * 5 + 3):
     return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
 
 
+def _pairs(vocab, count=12, seed=0):
+    """Random (context, continuation) ids of several lengths, two of them one input (one-token answers)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [(int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)))
+               for _ in range(count)]
+    pairs = [(torch.randint(0, vocab, (c,), generator=g).tolist(), torch.randint(0, vocab, (k,), generator=g).tolist())
+             for c, k in lengths]
+    return pairs + [(pairs[0][0], pairs[0][1][:1])]
+
+
+def _realigned(model):
+    """The model with each weight copied to memory of its own. transformers can leave a loaded weight inside the file's
+    mapping at an address that is not 64-byte aligned, where the CPU's one-row matrix product rounds differently; the
+    streamed model's weights are read into fresh (aligned) memory."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_streamed_model_scores_as_the_loaded_one(family, tmp_path):
     """The same operations on the same windows: equal to the last bit, and the skeleton is left as it came."""
@@ -66,9 +85,11 @@ def test_a_sharded_checkpoint_streams_in_any_dtype(stored, run, tmp_path):
     assert perplexity(model, ids, 16, progress=False, weights=weights) == perplexity(loaded, ids, 16, progress=False)
 
 
-def test_only_the_layer_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["perplexity", "zero-shot"])
+def test_only_the_layer_whose_turn_it_is_holds_weights(task, tmp_path, monkeypatch):
     """While a decoder layer runs, the rest of the model is still on the meta device; while the head runs, only the
-    head and the final norm hold weights (not the embeddings, as large as the head)."""
+    head and the final norm hold weights (not the embeddings, as large as the head). Each is lent once: a zero-shot
+    task's inputs of many lengths too."""
     source = _saved(tmp_path)
     model, weights = _stream(source)
     held = []
@@ -82,7 +103,12 @@ def test_only_the_layer_whose_turn_it_is_holds_weights(tmp_path, monkeypatch):
             yield
 
     monkeypatch.setattr(placement, "visiting", counting)
-    perplexity(model, _ids(model.config.vocab_size), 16, progress=False, weights=weights)
+    if task == "perplexity":
+        perplexity(model, _ids(model.config.vocab_size), 16, progress=False, weights=weights)
+    else:
+        pairs = _pairs(model.config.vocab_size)
+        assert len({len(c) + len(k) for c, k in pairs}) > 5
+        loglikelihoods(model, pairs, progress=False, weights=weights)
     layer = sum(p.numel() for p in adapters.decoder_layers(tiny_model("llama"))[0].parameters())
     assert len(held) == 4 and all(total == turn for total, turn in held)  # the capture, two layers, the head
     assert held[1][0] == held[2][0] == layer
@@ -122,25 +148,6 @@ def test_the_stand_ins_refuse_a_window_out_of_order():
         streamed._StandIn(feed, True, None)(torch.zeros(1, 2, 2))
 
 
-def _pairs(vocab, count=12, seed=0):
-    """Random (context, continuation) ids of several lengths, two of them one input (one-token answers)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [(int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)))
-               for _ in range(count)]
-    pairs = [(torch.randint(0, vocab, (c,), generator=g).tolist(), torch.randint(0, vocab, (k,), generator=g).tolist())
-             for c, k in lengths]
-    return pairs + [(pairs[0][0], pairs[0][1][:1])]
-
-
-def _realigned(model):
-    """The model with each weight copied to memory of its own. transformers can leave a loaded weight inside the file's
-    mapping at an address that is not 64-byte aligned, where the CPU's one-row matrix product rounds differently; the
-    streamed model's weights are read into fresh (aligned) memory."""
-    for p in model.parameters():
-        p.data = p.data.clone()
-    return model
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_streamed_model_gives_the_loaded_ones_zero_shot_loglikelihoods(family, tmp_path):
     """Each input run alone through each layer in turn, its inputs of several lengths: the loaded model's
@@ -155,25 +162,6 @@ def test_a_streamed_model_gives_the_loaded_ones_zero_shot_loglikelihoods(family,
     assert streamed_lls == loglikelihoods(loaded, pairs, batch_size=1, progress=False)
     assert streamed_lls == pytest.approx(loglikelihoods(loaded, pairs, progress=False), abs=1e-5)
     assert list(adapters.decoder_layers(model)) == layers and all(p.is_meta for p in model.parameters())
-
-
-def test_a_zero_shot_task_reads_each_layer_once_whatever_its_inputs_lengths(tmp_path, monkeypatch):
-    source = _saved(tmp_path)
-    model, weights = _stream(source)
-    turns = []
-    visiting = placement.visiting
-
-    @contextlib.contextmanager
-    def counting(modules, device, lender=None):
-        turns.append(len(modules))
-        with visiting(modules, device, lender):
-            yield
-
-    monkeypatch.setattr(placement, "visiting", counting)
-    pairs = _pairs(model.config.vocab_size)
-    assert len({len(c) + len(k) for c, k in pairs}) > 5
-    loglikelihoods(model, pairs, progress=False, weights=weights)
-    assert len(turns) == 4 and turns[1:3] == [1, 1]  # the capture, the two layers, the head
 
 
 @needs_data
