@@ -36,9 +36,17 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     streams = {t: eval_tokens(tokenizer, t, data_dir, seqlen) for t in tasks if t in EVAL_TASKS}
     for task, (ids, _) in streams.items():
         check_ids(model, ids, f"{task}: the tokenizer's ids (is it the model's tokenizer?)")
+
+    def run(task):
+        if task in items:
+            records = samples.setdefault(task, []) if samples is not None else None
+            return evaluate_zeroshot(model, tokenizer, items[task], batch_size, device, desc=task, progress=progress,
+                                     samples=records, weights=weights)
+        ids, protocol = streams[task]
+        return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
+
     with eval_mode(model):
-        return {task: _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights,
-                           batch_size) for task in tasks}
+        return {task: run(task) for task in tasks}
 
 
 def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", dtype=None,
@@ -61,15 +69,6 @@ def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, de
     skeleton, tokenizer, source = load_model(model, dtype, skeleton=True)
     weights = streaming.WeightStream(skeleton, streaming.checkpoint_files(weights_directory(source)), every=True)
     return evaluate(skeleton, tokenizer, tasks, seqlen, limit, data_dir, device, progress, samples, items, weights)
-
-
-def _run(model, tokenizer, task, items, streams, seqlen, limit, device, progress, samples, weights, batch_size):
-    if task in items:
-        records = samples.setdefault(task, []) if samples is not None else None
-        return evaluate_zeroshot(model, tokenizer, items[task], batch_size, device, desc=task, progress=progress,
-                                 samples=records, weights=weights)
-    ids, protocol = streams[task]
-    return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
 
 
 def task_list(tasks) -> list:
