@@ -16,6 +16,7 @@ from sdsengine.config import CalibrationConfig, PruneConfig, SparsityPattern, ch
 from sdsengine.data import EVAL_TASKS, check_calibration_source, resolve_data_dir
 from sdsengine.eval.runner import (TASK_HELP, check_perplexity, evaluate, evaluate_checkpoint,
                                    load_zeroshot, results_table, task_list)
+from sdsengine.eval.zeroshot import BATCH_SIZE
 from sdsengine.models import default_gguf, load_model, weights_directory
 from sdsengine.nn import convert, save_compressed, set_lean
 from sdsengine.nn.convert import check_some_converted, fused_bank_share, is_compressed_checkpoint, weight_count
@@ -136,8 +137,8 @@ def build_parser():
     e.add_argument("--lean", action="store_true", help="a compressed checkpoint's SparseLinears hold no "
                    "decompressed copy of their weights: less memory, slower where the dense backend runs")
     e.add_argument("--batch-size", type=int, default=None,
-                   help="zero-shot inputs per forward, padded to the longest (default 8; --stream-weights runs each "
-                        "alone, as --batch-size 1 does)")
+                   help=f"zero-shot inputs per forward, padded to the longest (default {BATCH_SIZE}; "
+                        "--stream-weights runs each alone, as --batch-size 1 does)")
     e.add_argument("--stream-weights", action="store_true",
                    help="read each decoder layer's weights from the model's safetensors files for its turn, a task's "
                         "windows (a zero-shot task's inputs) all going through one layer before the next: host memory "
@@ -394,7 +395,7 @@ def cmd_eval(args):
             set_lean(model)
         model.to(args.device)  # a no-op where load_model loaded it there
         results = evaluate(model, tokenizer, tasks, seqlen=args.seqlen, limit=args.limit, data_dir=args.data_dir,
-                           device=args.device, samples=samples, items=items, batch_size=args.batch_size or 8)
+                           device=args.device, samples=samples, items=items, batch_size=args.batch_size or BATCH_SIZE)
     print(results_table({source: results}))
     if args.json:
         payload = {"model": source, "versions": report.versions(), "results": results}

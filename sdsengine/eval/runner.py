@@ -6,14 +6,14 @@ from sdsengine.pipeline.adapters import check_ids, check_seqlen, eval_mode
 from .checks import eval_device
 from .perplexity import check_windows, perplexity
 from .tasks import TASKS, check_task_name, load_task
-from .zeroshot import evaluate_zeroshot
+from .zeroshot import BATCH_SIZE, evaluate_zeroshot
 
 TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-shot tasks {', '.join(TASKS)}, "
              "or a .jsonl file of {context, choices, label}")
 
 
 def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, device=None, progress=True,
-             samples=None, items=None, weights=None, batch_size=8) -> dict:
+             samples=None, items=None, weights=None, batch_size=BATCH_SIZE) -> dict:
     """{task: result}: perplexity tasks give ppl, nll, tokens, windows, seqlen, protocol; zero-shot ones acc,
     acc_norm, n. `tasks`: a list of names, or one comma-separated string as --tasks takes. `limit` caps
     windows (perplexity) or items (zero-shot). `samples`: a dict that receives, per zero-shot task, its

@@ -33,9 +33,10 @@ __all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_items", "e
            "loglikelihoods", "predictions", "item_records", "model_max_length"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
+BATCH_SIZE = 8  # inputs per forward by default (--batch-size)
 
 
-def evaluate_zeroshot(model, tokenizer, items, batch_size=8, device=None, max_length=None,
+def evaluate_zeroshot(model, tokenizer, items, batch_size=BATCH_SIZE, device=None, max_length=None,
                       desc="zero-shot", progress=True, samples=None, weights=None) -> dict:
     """acc, acc_norm and their standard errors over `items` (a list of Item), and n. `samples`: a list that
     receives one record per item (see item_records), for looking at answers rather than scores. weights: as
@@ -124,7 +125,7 @@ def model_max_length(model, tokenizer=None) -> int:
 # ---- scoring ---------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def loglikelihoods(model, pairs, batch_size=8, device=None, max_length=None, desc="loglikelihood",
+def loglikelihoods(model, pairs, batch_size=BATCH_SIZE, device=None, max_length=None, desc="loglikelihood",
                    progress=True, weights=None) -> list[float]:
     """Summed log-probability of each (context ids, continuation ids) pair's continuation. weights: a
     streaming.WeightStream that lends a skeleton `model` its weights a layer at a time (streamed.py; on `device`, by
