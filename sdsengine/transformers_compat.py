@@ -111,3 +111,35 @@ def loading_names(model, keys) -> dict:
     except (ImportError, TypeError, AttributeError):  # another transformers: none renamed (a missing name is refused)
         return {}
     return {key: name for key, name in renamed.items() if name != key}
+
+
+def fused_sources(model, keys) -> dict:
+    """The model's tensors that transformers 5 builds as it loads from several checkpoint tensors (a mixture's experts,
+    stored one by one, fused into 3-D banks): name -> (its converter, {source pattern: the checkpoint keys among `keys`
+    that it reads, in the loader's order}); none where this transformers has no such mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        found = {}
+        for key in sorted(keys, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, converters)
+            if pattern is not None:
+                converter = next(c for c in converters if pattern in c.source_patterns)
+                found.setdefault(name, (converter, {}))[1].setdefault(pattern, []).append(key)
+    except (ImportError, TypeError, AttributeError, StopIteration):  # another transformers: none (refused as missing)
+        return {}
+    return found
+
+
+def fused(model, name, converter, tensors):
+    """The model's tensor `name` built from its checkpoint tensors ({source pattern: [tensors]}) by `converter`'s
+    operations, as transformers builds it on load."""
+    for op in converter.operations:
+        tensors = op.convert(tensors, source_patterns=converter.source_patterns,
+                             target_patterns=converter.target_patterns, full_layer_name=name, model=model,
+                             config=model.config)
+    (tensor,) = tensors.values()
+    return tensor

@@ -58,22 +58,26 @@ class WeightStream:
     """Lends a skeleton's modules their weights from the checkpoint for their turn (`lent`, used by
     placement.visiting), writes each decoder layer as it leaves its turn, and the rest at `finish`, into `out`."""
 
-    def __init__(self, model, files: dict, out=None, every=False):
+    def __init__(self, model, files: dict, out=None, every=False, fused=False):
         """Refuses a model or checkpoint it cannot stream (out: None to check only). every: find every tensor of the
         model in the checkpoint (a convert reads them all, a prune only the embeddings' and the layers'), also under
-        the name transformers renames to it as it loads (GPT-NeoX's embed_out is the model's lm_head)."""
-        refuse_unstreamable(model)
+        the name transformers renames to it as it loads (GPT-NeoX's embed_out is the model's lm_head). fused: lend a
+        mixture's fused expert banks too, built as transformers builds them from experts stored one by one (an
+        evaluation's reading; a prune or convert would write them back, which is not built)."""
+        if not fused:
+            refuse_unstreamable(model)
         self.model, self.out, self.files = model, out and Path(out), files
         self.prefixes = {id(m): name for name, m in model.named_modules()}
         self.layers = {id(layer): i for i, layer in enumerate(adapters.decoder_layers(model))}
         self.state = model.state_dict(keep_vars=True)  # every tensor a save writes, by name
         self.headers = headers(files)
+        self.built = transformers_compat.fused_sources(model, self.headers) if fused else {}
         if every:
             read, renamed = [""], transformers_compat.loading_names(model, self.headers)
         else:
             read = [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + self._layer_prefixes()
             renamed = None
-        self.keys = _source_keys(self.state, self.headers, read, renamed)
+        self.keys = _source_keys(self.state, self.headers, read, renamed, self.built)
         self.weight_map, self.total_size = {}, 0  # the output's index
         self.sizes = {}  # layer index -> its linears' (sparsity, count), as written
 
@@ -85,15 +89,15 @@ class WeightStream:
         slots = [slot for module in modules for slot in self._meta_slots(module)]
         read = {}
         for store, name, full in slots:  # in the skeleton's dtypes; a tied weight's one tensor once
-            if self.keys[full] not in read:
-                read[self.keys[full]] = self._read(self.keys[full], store[name].dtype)
+            if self._source(full) not in read:
+                read[self._source(full)] = self._model_tensor(full, store[name].dtype)
         taken = []
         try:
             for store, name, full in slots:
                 own = store[name]
-                tensor = read[self.keys[full]].to(device)
+                tensor = read[self._source(full)].to(device)
                 if bad := non_finite(tensor):
-                    raise ValueError(f"checkpoint tensor {self.keys[full]} holds {bad} inf/NaN values; a damaged "
+                    raise ValueError(f"checkpoint tensor {self._source(full)} holds {bad} inf/NaN values; a damaged "
                                      "checkpoint cannot be used")
                 store[name] = torch.nn.Parameter(tensor, own.requires_grad)
                 taken.append((store, name, own))
@@ -143,10 +147,7 @@ class WeightStream:
         """The model's tensor `name` as the loaded model would hold it: the skeleton's own where it holds one (a buffer
         its constructor computes), else the checkpoint's in the model's dtype."""
         own = self.state[name]
-        if not own.is_meta:
-            return own
-        key = self.keys[name]
-        return self._read(key, own.dtype)
+        return own if not own.is_meta else self._model_tensor(name, own.dtype)
 
     def write_layer(self, layer, state):
         """Write decoder layer `layer` holding `state` (its state dict: its own as it leaves its turn, or an earlier
@@ -173,6 +174,27 @@ class WeightStream:
                 if p is not None and p.is_meta:
                     yield sub._parameters, name, ".".join(filter(None, (prefix, sub_name, name)))
 
+    def _source(self, name):
+        """What holds the model's tensor `name`: its checkpoint key, or for a fused bank built from several, its own
+        name."""
+        return name if name in self.built else self.keys[name]
+
+    def _model_tensor(self, name, dtype):
+        """The model's tensor `name` in dtype: the checkpoint's, or a fused bank built from the experts' tensors."""
+        if name not in self.built:
+            return self._read(self.keys[name], dtype)
+        converter, sources = self.built[name]
+        tensors = {pattern: [self._read(key, dtype) for key in keys] for pattern, keys in sources.items()}
+        try:
+            tensor = transformers_compat.fused(self.model, name, converter, tensors).contiguous()
+        except RuntimeError as exc:  # the experts' tensors do not stack (one missing, or of another shape)
+            raise ValueError(f"the checkpoint's {sum(map(len, sources.values()))} tensors for {name} do not build it "
+                             f"({exc}): it cannot be streamed (drop --stream-weights)") from None
+        if tuple(tensor.shape) != tuple(self.state[name].shape):
+            raise ValueError(f"the checkpoint's experts build {name} as {tuple(tensor.shape)}, the model's is "
+                             f"{tuple(self.state[name].shape)}: it cannot be streamed (drop --stream-weights)")
+        return tensor
+
     def _read(self, key, dtype=None):
         """The checkpoint's tensor `key` on the host, in dtype (default: the file's)."""
         return read_tensor(self.headers[key], dtype)
@@ -191,18 +213,21 @@ class WeightStream:
 
 
 def refuse_unstreamable(model):
-    """A mixture whose experts the model holds fused (transformers 5): prune it whole, or say so plainly."""
+    """A mixture whose experts the model holds fused (transformers 5): a streamed evaluation reads them, a streamed
+    prune or convert does not yet (the pruned banks would go back to the checkpoint's names, and a prune unfuses them
+    into linears first: benchmarks/NOTES.md, the thirty-second session)."""
     for i, layer in enumerate(adapters.decoder_layers(model)):
         if any(experts.is_fused_experts(m) for m in layer.modules()):
-            raise ValueError(f"layer {i} holds a mixture's experts fused in one tensor per projection, which streaming "
-                             "does not read: drop --stream-weights to load the model whole")
+            raise ValueError(f"layer {i} holds a mixture's experts fused in one tensor per projection, which a "
+                             "streamed prune or convert does not handle (eval --stream-weights does): drop "
+                             "--stream-weights to load the model whole")
 
 
-def _source_keys(state, headers, read, renamed=None):
+def _source_keys(state, headers, read, renamed=None, built=()):
     """The skeleton's tensor names -> the checkpoint's name that holds its values (its own, or where it is tied to
     another, the other's; else one that `renamed` maps to either), checked against the checkpoint's shapes and dtypes.
-    Each parameter under the prefixes `read` must be found; a buffer the checkpoint lacks keeps the skeleton's value, as
-    from_pretrained keeps it."""
+    Each parameter under the prefixes `read` must be found, or be among `built` (made from several checkpoint tensors);
+    a buffer the checkpoint lacks keeps the skeleton's value, as from_pretrained keeps it."""
     read = tuple(p + "." if p else "" for p in read)
     aliases = {name: key for key, name in (renamed or {}).items()}
     names_of = {}
@@ -213,7 +238,7 @@ def _source_keys(state, headers, read, renamed=None):
         named = [name, *names_of[id(tensor)]]
         key = next((n for n in named if n in headers), None) or next((aliases[n] for n in named if n in aliases), None)
         if key is None:
-            if tensor.is_meta and name.startswith(read):
+            if tensor.is_meta and name.startswith(read) and name not in built:
                 missing.append(name)
             continue
         keys[name] = key

@@ -17,7 +17,7 @@ from sdsengine.eval.zeroshot import loglikelihoods
 from sdsengine.models import load_model
 from sdsengine.pipeline import adapters, memory, placement, streaming
 
-from tiny_models import save_tiny_tokenizer, tiny_model
+from tiny_models import MOE_SETTINGS, save_tiny_tokenizer, tiny_model
 
 DATA_DIR = Path(os.environ.get("SDSENGINE_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"offline data directory {DATA_DIR} not found")
@@ -36,7 +36,7 @@ def _saved(tmp_path, family="llama", dtype=torch.float32, **save):
 
 def _stream(source, dtype=None):
     model, _, _ = load_model(str(source), dtype, needs_tokenizer=False, skeleton=True)
-    return model, streaming.WeightStream(model, streaming.checkpoint_files(source), every=True)
+    return model, streaming.WeightStream(model, streaming.checkpoint_files(source), every=True, fused=True)
 
 
 def _ids(vocab, tokens=16 * 5 + 3):
@@ -72,6 +72,30 @@ def test_a_streamed_model_scores_as_the_loaded_one(family, tmp_path):
     layers = list(adapters.decoder_layers(model))
     assert perplexity(model, ids, 16, progress=False, weights=weights) == perplexity(loaded, ids, 16, progress=False)
     assert list(adapters.decoder_layers(model)) == layers and all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", [f for f in MOE_SETTINGS if f != "llama4_text"])  # the mixtures sdsengine prunes
+def test_a_streamed_mixture_scores_as_the_loaded_one(family, tmp_path):
+    """Experts stored one by one (Mixtral, Qwen-MoE, ...) are lent as the fused banks transformers builds from them on
+    load; stored fused (GPT-OSS) or renamed (GraniteMoE), as any tensor."""
+    source = _saved(tmp_path, family)
+    loaded = _realigned(load_model(str(source), needs_tokenizer=False)[0])
+    ids = _ids(loaded.config.vocab_size)
+    model, weights = _stream(source)
+    assert perplexity(model, ids, 16, progress=False, weights=weights) == perplexity(loaded, ids, 16, progress=False)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_an_expert_missing_from_the_checkpoint_is_named(tmp_path):
+    source = _saved(tmp_path, "mixtral")
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w1.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    model, weights = _stream(source)
+    with pytest.raises(ValueError, match=r"the checkpoint's 7 tensors for model.layers.1.mlp.experts.gate_up_proj do "
+                                         r"not build it .*: it cannot be streamed"):
+        perplexity(model, _ids(model.config.vocab_size), 16, progress=False, weights=weights)
+    assert all(p.is_meta for p in model.parameters())
 
 
 @pytest.mark.parametrize("stored, run", [(torch.bfloat16, None), (torch.float32, torch.bfloat16),
