@@ -172,7 +172,7 @@ def test_the_stand_ins_refuse_a_window_out_of_order():
         streamed._StandIn(feed, True, None)(torch.zeros(1, 2, 2))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["mixtral", "qwen2_moe"])
 def test_a_streamed_model_gives_the_loaded_ones_zero_shot_loglikelihoods(family, tmp_path):
     """Each input run alone through each layer in turn, its inputs of several lengths: the loaded model's
     log-likelihoods at batch size 1 to the last bit (batched, they differ by the batch's rounding); the skeleton is left
