@@ -122,7 +122,7 @@ def build_parser():
     p.add_argument("--stream-weights", action="store_true",
                    help="read each layer's weights from the model's safetensors files for its turn and write it pruned "
                         "to --out as it is done: host memory holds about one layer, for a model larger than it (a "
-                        "checkpoint directory or hub id whose tensor names are the model's)")
+                        "safetensors checkpoint directory or hub id, a mixture's experts included)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the command (model layout, --ignore, pattern, calibration data, --out) and print what "
                         "it would prune and the memory it would keep, reading no weights; nothing is pruned or saved")

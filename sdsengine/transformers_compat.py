@@ -134,6 +134,13 @@ def fused_sources(model, keys) -> dict:
     return found
 
 
+def reverted(model, tensors) -> dict:
+    """The model's tensors ({name: tensor}) under the checkpoint's names, as save_pretrained writes them: transformers'
+    conversion mapping reversed (a fused experts bank split back into each expert's tensors)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    return revert_weight_conversion(model, dict(tensors))
+
+
 def fused(model, name, converter, tensors):
     """The model's tensor `name` built from its checkpoint tensors ({source pattern: [tensors]}) by `converter`'s
     operations, as transformers builds it on load."""

@@ -16,7 +16,7 @@ from sdsengine.nn import convert_streamed
 from sdsengine.nn.convert import MANIFEST, WEIGHTS
 from sdsengine.pipeline import streaming
 
-from tiny_models import save_tiny_tokenizer, tiny_model
+from tiny_models import MOE_SETTINGS, save_tiny_tokenizer, tiny_model
 
 # as in test_streaming: GPT-NeoX's head is embed_out in the files; GPT-2's Conv1D weights are (in, out); Gemma 3, OPT
 # and GPT-2 tie their head to the embeddings. In each, one linear left unpruned stays dense (not 2:4).
@@ -159,12 +159,18 @@ def test_a_checkpoint_that_cannot_be_converted_streamed_is_refused_and_nothing_i
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == [source.name]
 
 
-def test_a_mixture_with_fused_experts_is_refused(tmp_path):
-    source = tmp_path / "mixtral"
-    tiny_model("mixtral").save_pretrained(source)
-    with pytest.raises(ValueError, match="layer 0 holds a mixture's experts fused"):
-        sdsengine.convert_checkpoint(str(source), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("family", [f for f in MOE_SETTINGS if f != "llama4_text"])  # the mixtures sdsengine prunes
+def test_a_streamed_mixture_converts_as_the_loaded_one(family, tmp_path):
+    """Its experts stay fused and dense, as convert leaves them: each bank built from the experts stored one by one
+    (Mixtral, Qwen-MoE, ...) as transformers builds it, and written as save_compressed writes it."""
+    source = tmp_path / family
+    model = tiny_model(family)
+    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
+    model.save_pretrained(source)
+    save_tiny_tokenizer(source)
+    whole = _whole(source, tmp_path / "whole")
+    assert sdsengine.convert_checkpoint(str(source), tmp_path / "streamed") == whole
+    _same_compressed(tmp_path / "whole", tmp_path / "streamed", tiny_model(family))
 
 
 def test_a_file_whose_tensors_come_as_they_are_made_keeps_room_for_any_of_them(tmp_path):

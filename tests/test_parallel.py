@@ -284,10 +284,12 @@ def _streamed_or_saved(source, out, streamed):
     return result.report["decoder_sparsity"]
 
 
-def test_a_group_streams_the_checkpoint_as_it_prunes_it_loaded(tmp_path):
-    """The first process reads and writes the files and lends each layer to the other, which loads nothing."""
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_a_group_streams_the_checkpoint_as_it_prunes_it_loaded(family, tmp_path):
+    """The first process reads and writes the files and lends each layer to the other, which loads nothing (a
+    mixture's experts as their linears)."""
     source = tmp_path / "source"
-    tiny_model("llama").save_pretrained(source)
+    tiny_model(family).save_pretrained(source)
     save_tiny_tokenizer(source)
     loaded = run_in_group(tmp_path, _streamed_or_saved, str(source), str(tmp_path / "loaded"), False)
     streamed = run_in_group(tmp_path, _streamed_or_saved, str(source), str(tmp_path / "streamed"), True)

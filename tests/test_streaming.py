@@ -16,7 +16,7 @@ from sdsengine.cli import main
 from sdsengine.models import load_model
 from sdsengine.pipeline import memory, sequential, streaming
 
-from tiny_models import save_tiny_tokenizer, tiny_model, tiny_tokens
+from tiny_models import MOE_SETTINGS, save_tiny_tokenizer, tiny_model, tiny_tokens
 
 
 def _source(tmp_path, family="llama", dtype=torch.float32, **save):
@@ -70,6 +70,37 @@ def test_streamed_prune_writes_what_the_whole_prune_saves(family, tmp_path):
     assert streamed.report["decoder_sparsity"] == whole.report["decoder_sparsity"] < 0.5
     written = json.loads((tmp_path / "streamed" / streaming.INDEX).read_text())["weight_map"]
     assert len(set(written.values())) == len(streamed.layers) + 1  # a shard per layer, one for the rest
+
+
+@pytest.mark.parametrize("family", [f for f in MOE_SETTINGS if f != "llama4_text"])  # the mixtures sdsengine prunes
+def test_a_streamed_mixture_writes_what_the_whole_prune_saves(family, tmp_path):
+    """Experts stored one by one (Mixtral, Qwen-MoE, ...) are read into the banks transformers fuses them into, each
+    expert's linears pruned on their slices, and the banks split back into the checkpoint's tensors; stored fused
+    (GPT-OSS) or renamed (GraniteMoE; Mixtral's router), read and written under their names."""
+    source = _source(tmp_path, family)
+    config = sdsengine.WandaConfig(sparsity="2:4")
+    whole = _whole(source, tmp_path / "whole", config)
+    streamed = sdsengine.prune_checkpoint(str(source), tmp_path / "streamed", config, tiny_tokens(), progress=False)
+    _same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+    assert streamed.report["decoder_sparsity"] == whole.report["decoder_sparsity"] == 0.5
+
+
+def _expert_with_nan(tensors):
+    tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"][0, 1] = float("nan")
+
+
+@pytest.mark.parametrize("change, error", [
+    (_expert_with_nan, r"model.layers.1.mlp.experts.gate_up_proj, built from the checkpoint's experts, holds 1 inf/NaN"),
+    (lambda tensors: tensors.pop("model.layers.1.block_sparse_moe.experts.3.w1.weight"),
+     r"tensors for model.layers.1.mlp.experts.gate_up_proj do not build it"),
+])
+def test_a_mixture_whose_experts_cannot_be_read_is_refused_by_name(change, error, tmp_path):
+    source = _source(tmp_path, "mixtral")
+    _replace_tensors(source, change)
+    with pytest.raises(ValueError, match=error):
+        sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"),
+                                   tiny_tokens(), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sds", "besa"])
@@ -134,14 +165,16 @@ def _prune_resumable(how, source, out, config, progress):
     return result
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
 @pytest.mark.parametrize("stopped, resumed", [("streamed", "streamed"), ("whole", "streamed"), ("streamed", "whole")])
-def test_progress_resumes_streamed_or_not_into_the_unbroken_runs_checkpoint(stopped, resumed, tmp_path, monkeypatch):
+def test_progress_resumes_streamed_or_not_into_the_unbroken_runs_checkpoint(stopped, resumed, family, tmp_path,
+                                                                            monkeypatch):
     """A run stopped at its second layer, then resumed, streamed or with the model loaded either time (the fingerprints
-    agree: a stream's is made of the checkpoint's tensors as the loaded model holds them): SDS with the dense stream,
-    whose activations come back from the progress too."""
-    source, progress = _source(tmp_path), tmp_path / "progress"
+    agree: a stream's is made of the checkpoint's tensors as the loaded model holds them, a mixture's experts as their
+    linears): SDS with the dense stream, whose activations come back from the progress too."""
+    source, progress = _source(tmp_path, family), tmp_path / "progress"
     config = sdsengine.SDSConfig(sparsity="2:4", base="wanda", iters=5, refit=3, teacher="dense")
-    _whole(source, tmp_path / "whole", config)
+    whole = _whole(source, tmp_path / "whole", config)
     _stop_at(monkeypatch, 1)
     with pytest.raises(_Stop):
         _prune_resumable(stopped, source, tmp_path / "out", config, progress)
@@ -149,6 +182,7 @@ def test_progress_resumes_streamed_or_not_into_the_unbroken_runs_checkpoint(stop
     monkeypatch.undo()
     result = _prune_resumable(resumed, source, tmp_path / "out", config, progress)
     assert result.report["resumed"]["from_layer"] == 1
+    assert result.report["decoder_sparsity"] == whole.report["decoder_sparsity"]
     _same_checkpoint(tmp_path / "whole", tmp_path / "out")
 
 
@@ -191,11 +225,22 @@ def test_a_checkpoint_that_cannot_be_streamed_is_refused_and_nothing_is_written(
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [source.name]
 
 
+def test_a_layers_tensor_that_transformers_renames_from_outside_the_layer_is_written_back_once(tmp_path, monkeypatch):
+    """Read under the checkpoint's name, written back pruned under it, in the layer's shard, and not copied again."""
+    source = _source(tmp_path)
+    _replace_tensors(source, lambda t: t.update({"elsewhere.up.weight": t.pop("model.layers.1.mlp.up_proj.weight")}))
+    monkeypatch.setattr(streaming.transformers_compat, "loading_names",
+                        lambda model, keys: {"elsewhere.up.weight": "model.layers.1.mlp.up_proj.weight"})
+    sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(),
+                               progress=False)
+    index = json.loads((tmp_path / "out" / streaming.INDEX).read_text())["weight_map"]
+    assert index["elsewhere.up.weight"] == index["model.layers.1.mlp.down_proj.weight"]
+    written = _tensors(tmp_path / "out")
+    assert "model.layers.1.mlp.up_proj.weight" not in written
+    assert (written["elsewhere.up.weight"] == 0).float().mean() == 0.5
+
+
 def test_what_streaming_does_not_read_is_refused_by_name(tmp_path):
-    source = _source(tmp_path, "mixtral")  # fused experts (transformers 5)
-    with pytest.raises(ValueError, match="layer 0 holds a mixture's experts fused"):
-        sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"),
-                                   tiny_tokens(), progress=False)
     with pytest.raises(ValueError, match="is a GGUF file"):
         sdsengine.models.weights_directory(str(tmp_path / "model.gguf"))
     torch.save({}, tmp_path / "pytorch_model.bin")
@@ -203,14 +248,15 @@ def test_what_streaming_does_not_read_is_refused_by_name(tmp_path):
         streaming.checkpoint_files(tmp_path)
 
 
-def test_cli_streams_and_its_dry_run_says_so(tmp_path, capsys):
-    source = _source(tmp_path)
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_cli_streams_and_its_dry_run_says_so(family, tmp_path, capsys):
+    source = _source(tmp_path, family)
     tokens = tmp_path / "calib.txt"
     tokens.write_text("a " * 4000)
     flags = ["prune", "--model", str(source), "--method", "wanda", "--sparsity", "2:4", "--calib", str(tokens),
              "--nsamples", "4", "--seqlen", "32", "--stream-weights"]
     assert main(flags + ["--out", str(tmp_path / "whole"), "--dry-run"]) == 0
-    layer = sum(p.numel() * 4 for p in tiny_model("llama").model.layers[0].parameters())  # more than the embeddings
+    layer = sum(p.numel() * 4 for p in tiny_model(family).model.layers[0].parameters())  # more than the embeddings
     assert (f"read from the checkpoint a layer at a time (--stream-weights): the host holds at most "
             f"{memory.describe(layer)} of them at once") in capsys.readouterr().out
     assert not (tmp_path / "whole").exists()

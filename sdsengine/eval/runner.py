@@ -67,8 +67,7 @@ def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, de
     check_perplexity(tasks, seqlen, limit, data_dir)  # before the model's config is read
     items = load_zeroshot(tasks, data_dir, limit) if items is None else items
     skeleton, tokenizer, source = load_model(model, dtype, skeleton=True)
-    weights = streaming.WeightStream(skeleton, streaming.checkpoint_files(weights_directory(source)), every=True,
-                                     fused=True)
+    weights = streaming.WeightStream(skeleton, streaming.checkpoint_files(weights_directory(source)), every=True)
     return evaluate(skeleton, tokenizer, tasks, seqlen, limit, data_dir, device, progress, samples, items, weights)
 
 

@@ -6,8 +6,10 @@ The model is a skeleton (models.skeleton: its parameters on the meta device). Ea
 safetensors files when its turn comes (pipeline/streaming.py's WeightStream) and converted by convert's own rule; its
 tensors, compressed or dense, go straight into the compressed checkpoint's one file, whose header is written
 last (tensorfiles.SafetensorsWriter). Every other tensor of the model follows in its state dict's order, one at a
-time, a tied one once. Refused as a streamed prune refuses: a mixture whose experts transformers fuses
-(--pack-experts needs them whole), names or shapes that are not the model's, GGUF, `.bin` weights.
+time, a tied one once: a mixture's fused experts banks too (built as transformers builds them on load from experts
+stored one by one), which convert leaves dense and fused (--pack-experts, which would convert each expert, reads them
+whole and is not streamed). Refused as a streamed prune refuses: names or shapes that are not the model's, GGUF, `.bin`
+weights.
 """
 from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns

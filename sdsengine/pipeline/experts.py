@@ -17,6 +17,8 @@ Routers (the experts' siblings named in ROUTERS) stay dense: they are tiny, and 
 other experts than the ones the calibration statistics were taken for.
 """
 import contextlib
+import functools
+import itertools
 import re
 
 import torch
@@ -80,14 +82,27 @@ class Expert(nn.Module):
 
 def _linear(fused, bank, index, copy) -> nn.Linear:
     """The expert's slice of a bank as an nn.Linear: its own copy, or (copy False) a view of the bank."""
-    weight = getattr(fused, bank)[index]
-    weight = weight.T if fused.is_transposed else weight  # (out, in) as nn.Linear holds it
+    weight = _expert_slice(getattr(fused, bank), index, fused.is_transposed)
     bias = getattr(fused, f"{bank}_bias")[index] if fused.has_bias else None
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(_own(weight) if copy else weight.detach(), requires_grad=weight.requires_grad)
     if bias is not None:
         linear.bias = nn.Parameter(_own(bias) if copy else bias.detach(), requires_grad=bias.requires_grad)
     return linear
+
+
+def _expert_slice(bank, index, transposed=False):
+    """Expert `index`'s slice of a bank (a weight (out, in) as nn.Linear holds it, or a bias)."""
+    return bank[index].T if transposed else bank[index]
+
+
+def _own_slice(bank, index, transposed=False):
+    return _own(_expert_slice(bank, index, transposed))
+
+
+def _stacked(weights, transposed):
+    """A bank from its experts' weights ((out, in) each): _expert_slice's inverse."""
+    return torch.stack([w.T if transposed else w for w in weights])
 
 
 def _own(tensor):
@@ -170,10 +185,42 @@ class UnfusedExperts(nn.Module):
         fused = self.fused
         for bank in bank_names(fused):
             linears = [getattr(expert, bank) for expert in self.experts()]
-            weights = torch.stack([(m.weight.T if fused.is_transposed else m.weight).detach() for m in linears])
-            _put(fused, bank, weights)
+            _put(fused, bank, _stacked([m.weight.detach() for m in linears], fused.is_transposed))
             if fused.has_bias:
                 _put(fused, f"{bank}_bias", torch.stack([m.bias.detach() for m in linears]))
+
+
+def slices(module, prefix) -> dict:
+    """Where the parameters of the UnfusedExperts within `module` (named `prefix`) come from: {a parameter's name: (the
+    name of the fused module's tensor it is a slice of, take: that tensor -> the parameter's values)}. A skeleton's
+    experts are lent theirs so (pipeline/streaming.py): the checkpoint holds banks, or what transformers fuses into
+    them."""
+    found = {}
+    for name, unfused in module.named_modules(prefix=prefix):
+        if isinstance(unfused, UnfusedExperts):
+            fused = unfused.fused
+            for bank, e in itertools.product(bank_names(fused), range(unfused.num_experts)):
+                found[f"{name}.{e}.{bank}.weight"] = (
+                    f"{name}.{bank}", functools.partial(_own_slice, index=e, transposed=fused.is_transposed))
+                if fused.has_bias:
+                    found[f"{name}.{e}.{bank}.bias"] = (f"{name}.{bank}_bias", functools.partial(_own_slice, index=e))
+    return found
+
+
+def fused_state(layer, state) -> dict:
+    """The state dict `state` of `layer` (its experts unfused, while a prune runs) with each UnfusedExperts' linears'
+    tensors in the fused module's banks instead, as the model holds and saves them (fuse_back's stacking)."""
+    state = dict(state)
+    for name, unfused in layer.named_modules():
+        if isinstance(unfused, UnfusedExperts):
+            fused = unfused.fused
+            for bank in bank_names(fused):
+                weights = [state.pop(f"{name}.{e}.{bank}.weight") for e in range(unfused.num_experts)]
+                state[f"{name}.{bank}"] = _stacked(weights, fused.is_transposed)
+                if fused.has_bias:
+                    state[f"{name}.{bank}_bias"] = torch.stack(
+                        [state.pop(f"{name}.{e}.{bank}.bias") for e in range(unfused.num_experts)])
+    return state
 
 
 def _put(fused, name, tensor):

@@ -9,10 +9,14 @@ activations, where a prune of the loaded model holds all of them. A resumable ru
 checkpoint's tensors (`tensors`), keeps each layer as written (`written`) and writes those an earlier run finished from
 the progress (`write_layer`).
 
-The tensors a prune reads (the embeddings', the decoder layers') must have the model's own names and shapes in the
-checkpoint: transformers renames some families' keys as it loads them (it fuses a mixture's experts in transformers 5),
-and a name that does not match is refused, not guessed. What no layer holds is copied under the checkpoint's own names
-(GPT-NeoX's head is embed_out there, lm_head in the model), as save_pretrained writes it back.
+The tensors a prune reads (the embeddings', the decoder layers') are found in the checkpoint under the model's own
+names or under those transformers renames to them as it loads (Mixtral's block_sparse_moe is the model's mlp), with the
+model's shapes; a name that matches neither is refused, not guessed. A mixture whose experts transformers 5 fuses on load
+(Mixtral, Qwen-MoE, ...: stored one by one, held as one 3-D bank per projection) is lent each bank as transformers builds
+it, and while a prune runs (its experts unfused into linears: experts.py) each expert's linears their slices of it.
+Every tensor is written back as it was read: under its checkpoint name, a bank split back into the experts' tensors by
+transformers' own reversal (what save_pretrained does). What no layer holds is copied under the checkpoint's own names
+(GPT-NeoX's head is embed_out there, lm_head in the model).
 """
 import contextlib
 import json
@@ -58,25 +62,20 @@ class WeightStream:
     """Lends a skeleton's modules their weights from the checkpoint for their turn (`lent`, used by
     placement.visiting), writes each decoder layer as it leaves its turn, and the rest at `finish`, into `out`."""
 
-    def __init__(self, model, files: dict, out=None, every=False, fused=False):
+    def __init__(self, model, files: dict, out=None, every=False):
         """Refuses a model or checkpoint it cannot stream (out: None to check only). every: find every tensor of the
-        model in the checkpoint (a convert reads them all, a prune only the embeddings' and the layers'), also under
-        the name transformers renames to it as it loads (GPT-NeoX's embed_out is the model's lm_head). fused: lend a
-        mixture's fused expert banks too, built as transformers builds them from experts stored one by one (an
-        evaluation's reading; a prune or convert would write them back, which is not built)."""
-        if not fused:
-            refuse_unstreamable(model)
+        model in the checkpoint (a convert and an evaluation read them all, a prune only the embeddings' and the
+        layers')."""
         self.model, self.out, self.files = model, out and Path(out), files
         self.prefixes = {id(m): name for name, m in model.named_modules()}
         self.layers = {id(layer): i for i, layer in enumerate(adapters.decoder_layers(model))}
         self.state = model.state_dict(keep_vars=True)  # every tensor a save writes, by name
+        self.shapes = {name: tuple(t.shape) for name, t in self.state.items()}  # a prune empties the fused banks
         self.headers = headers(files)
-        self.built = transformers_compat.fused_sources(model, self.headers) if fused else {}
-        if every:
-            read, renamed = [""], transformers_compat.loading_names(model, self.headers)
-        else:
-            read = [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + self._layer_prefixes()
-            renamed = None
+        self.built = transformers_compat.fused_sources(model, self.headers)  # name -> (converter, its sources)
+        read = [""] if every else [self.prefixes[id(m)] for m in adapters.pre_layer_modules(model)] + \
+            self._layer_prefixes()
+        renamed = transformers_compat.loading_names(model, self.headers)
         self.keys = _source_keys(self.state, self.headers, read, renamed, self.built)
         self.weight_map, self.total_size = {}, 0  # the output's index
         self.sizes = {}  # layer index -> its linears' (sparsity, count), as written
@@ -88,17 +87,17 @@ class WeightStream:
         again."""
         slots = [slot for module in modules for slot in self._meta_slots(module)]
         read = {}
-        for store, name, full in slots:  # in the skeleton's dtypes; a tied weight's one tensor once
+        for *_, full, _ in slots:  # in the skeleton's dtypes; a tied weight's one tensor once, a bank once
             if self._source(full) not in read:
-                read[self._source(full)] = self._model_tensor(full, store[name].dtype)
+                read[self._source(full)] = self._model_tensor(full)
         taken = []
         try:
-            for store, name, full in slots:
+            for store, name, full, take in slots:
                 own = store[name]
-                tensor = read[self._source(full)].to(device)
+                tensor = take(read[self._source(full)]).to(device)
                 if bad := non_finite(tensor):
-                    raise ValueError(f"checkpoint tensor {self._source(full)} holds {bad} inf/NaN values; a damaged "
-                                     "checkpoint cannot be used")
+                    raise ValueError(f"{self._described(full)} holds {bad} inf/NaN values; a damaged checkpoint "
+                                     "cannot be used")
                 store[name] = torch.nn.Parameter(tensor, own.requires_grad)
                 taken.append((store, name, own))
             del read  # the host copies, where the weights went to another device
@@ -121,7 +120,7 @@ class WeightStream:
         names = {key: name for name, key in self.keys.items()}
         entries = []
         for key in self.files:  # read one at a time as the file is written: embeddings and head can be GBs each
-            if not key.startswith(under):
+            if not key.startswith(under) and key not in self.weight_map:  # a layer's, read under another name
                 dtype = self.state[names[key]].dtype if key in names else self.model.dtype
                 shape = self.headers[key].shape
                 entries.append((key, dtype, shape, lambda key=key, dtype=dtype: self._read(key, dtype)))
@@ -132,13 +131,12 @@ class WeightStream:
         (self.out / INDEX).write_text(json.dumps(index, indent=2))
 
     def tensors(self):
-        """(name, tensor) of the model's state dict, read from the checkpoint one at a time where the skeleton holds
-        none (as the loaded model would hold them); then the checkpoint's tensors under names the model does not
-        have (a resumed run's fingerprint: resume.identity)."""
-        for name, t in self.state.items():
-            if not t.is_meta or name in self.keys:
-                yield name, self.read(name)
-        named = set(self.keys.values())
+        """(name, tensor) of the model's state dict as it is now, read from the checkpoint one at a time where the
+        skeleton holds none, as the loaded model would hold them (a mixture's experts, unfused while a prune runs, as
+        their slices of the banks); then the checkpoint's tensors that none of them is read from (a resumed run's
+        fingerprint: resume.identity)."""
+        yield from self._model_state(self.model, self.headers)
+        named = set(self.keys.values()) | {key for name in self.built for key in self._built_from(name)}
         for key in self.files:
             if key not in named:
                 yield key, self._read(key)
@@ -147,52 +145,103 @@ class WeightStream:
         """The model's tensor `name` as the loaded model would hold it: the skeleton's own where it holds one (a buffer
         its constructor computes), else the checkpoint's in the model's dtype."""
         own = self.state[name]
-        return own if not own.is_meta else self._model_tensor(name, own.dtype)
+        return own if not own.is_meta else self._model_tensor(name)
 
     def write_layer(self, layer, state):
-        """Write decoder layer `layer` holding `state` (its state dict: its own as it leaves its turn, or an earlier
-        run's from the resume directory) as its shard, and count its linears' sparsity."""
+        """Write decoder layer `layer` holding `state` (its state dict, the model's names: its own as it leaves its
+        turn, a mixture's experts as linears while a prune runs; or an earlier run's from the resume directory) as its
+        shard, under the checkpoint's names, and count its linears' sparsity."""
         prefix, index = self.prefixes[id(layer)], self.layers[id(layer)]
-        self._write(index, [(f"{prefix}.{name}", t.dtype, t.shape, lambda t=t: t) for name, t in state.items()])
+        stored = self._as_read(prefix, experts.fused_state(layer, state))
+        self._write(index, [(key, t.dtype, t.shape, lambda t=t: t) for key, t in stored.items()])
         self.sizes[index] = linear_sizes(layer, state)
 
     def written(self, layer):
-        """The layer's state dict as this stream wrote it (for the resume directory: the layer is a skeleton again)."""
-        prefix, index = self.prefixes[id(layer)] + ".", self.layers[id(layer)]
-        return {key.removeprefix(prefix): read_tensor(stored)
-                for key, stored in file_header(self.out / self._file(index)).items()}
+        """The layer's state dict (the model's names, as it left its turn) read back from the shard this stream wrote,
+        for the resume directory (the layer is a skeleton again), from which write_layer takes it back."""
+        under = self.prefixes[id(layer)] + "."
+        shard = file_header(self.out / self._file(self.layers[id(layer)]))
+        return {name.removeprefix(under): t for name, t in self._model_state(layer, shard)}
 
     def decoder_sparsity(self):
         """report.decoder_sparsity of the model written: counted as each layer was."""
         return weighted_sparsity(pair for pairs in self.sizes.values() for pair in pairs)
 
-    def _meta_slots(self, module):
-        """(the dict holding it, its name, its full name) of each meta parameter of module: the weights to read."""
+    def _model_state(self, module, headers):
+        """(name, tensor) of `module`'s state dict now, as the loaded model holds it: the skeleton's own tensors, the
+        rest read from `headers` (the checkpoint's, or a layer's shard this stream wrote: the same names). An unfused
+        expert's linear is its slice of its bank (the banks of one experts module held at a time)."""
         prefix = self.prefixes[id(module)]
+        slices, banks = experts.slices(module, prefix), {}
+        for name, t in module.state_dict(prefix=prefix and prefix + ".", keep_vars=True).items():
+            if name in slices:
+                bank, take = slices[name]
+                if bank not in banks:
+                    owner = bank.rpartition(".")[0]
+                    banks = {b: v for b, v in banks.items() if b.rpartition(".")[0] == owner}
+                    banks[bank] = self._model_tensor(bank, headers)
+                yield name, take(banks[bank])
+            elif not t.is_meta:
+                yield name, t
+            elif name in self.keys or name in self.built:
+                yield name, self._model_tensor(name, headers)
+
+    def _meta_slots(self, module):
+        """(the dict holding it, its name, the model's tensor it is read from, how it is taken from that tensor) of
+        each meta parameter of module: the weights to read. An unfused expert's linear is its slice of the fused
+        module's bank."""
+        prefix = self.prefixes[id(module)]
+        slices = experts.slices(module, prefix)
         for sub_name, sub in module.named_modules():
             for name, p in sub._parameters.items():
                 if p is not None and p.is_meta:
-                    yield sub._parameters, name, ".".join(filter(None, (prefix, sub_name, name)))
+                    full = ".".join(filter(None, (prefix, sub_name, name)))
+                    yield sub._parameters, name, *slices.get(full, (full, _whole))
 
     def _source(self, name):
         """What holds the model's tensor `name`: its checkpoint key, or for a fused bank built from several, its own
         name."""
         return name if name in self.built else self.keys[name]
 
-    def _model_tensor(self, name, dtype):
-        """The model's tensor `name` in dtype: the checkpoint's, or a fused bank built from the experts' tensors."""
+    def _described(self, name):
+        return f"checkpoint tensor {self.keys[name]}" if name not in self.built else \
+            f"{name}, built from the checkpoint's experts,"
+
+    def _built_from(self, name):
+        """The checkpoint keys a built bank is made of."""
+        return [key for keys in self.built[name][1].values() for key in keys]
+
+    def _as_read(self, prefix, state):
+        """A layer's state dict (the model's names and tensors, relative to `prefix`) under the checkpoint's names, as
+        the layer was read: each tensor under its key (a buffer the checkpoint lacks under its own name), each built
+        bank split back into the tensors it was built from, by transformers (as save_pretrained splits it)."""
+        full = {f"{prefix}.{name}": t for name, t in state.items()}
+        banks = {name: full.pop(name) for name in list(full) if name in self.built}
+        stored = {self.keys.get(name, name): t for name, t in full.items()}
+        if banks:
+            split = transformers_compat.reverted(self.model, banks)
+            if split.keys() != (read := {key for name in banks for key in self._built_from(name)}):
+                raise RuntimeError(f"transformers splits {', '.join(banks)} into {len(split)} tensors, not the "
+                                   f"{len(read)} it was built from: it cannot be written as read")
+            stored.update((key, t.contiguous()) for key, t in split.items())
+        return stored
+
+    def _model_tensor(self, name, headers=None):
+        """The model's tensor `name` in the skeleton's dtype: the checkpoint's (or those of `headers`, under the same
+        names), or a fused bank built from the experts' tensors."""
+        headers, dtype = self.headers if headers is None else headers, self.state[name].dtype
         if name not in self.built:
-            return self._read(self.keys[name], dtype)
+            return read_tensor(headers[self.keys[name]], dtype)
         converter, sources = self.built[name]
-        tensors = {pattern: [self._read(key, dtype) for key in keys] for pattern, keys in sources.items()}
+        tensors = {pattern: [read_tensor(headers[key], dtype) for key in keys] for pattern, keys in sources.items()}
         try:
             tensor = transformers_compat.fused(self.model, name, converter, tensors).contiguous()
         except RuntimeError as exc:  # the experts' tensors do not stack (one missing, or of another shape)
             raise ValueError(f"the checkpoint's {sum(map(len, sources.values()))} tensors for {name} do not build it "
                              f"({exc}): it cannot be streamed (drop --stream-weights)") from None
-        if tuple(tensor.shape) != tuple(self.state[name].shape):
+        if tuple(tensor.shape) != self.shapes[name]:
             raise ValueError(f"the checkpoint's experts build {name} as {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(self.state[name].shape)}: it cannot be streamed (drop --stream-weights)")
+                             f"{self.shapes[name]}: it cannot be streamed (drop --stream-weights)")
         return tensor
 
     def _read(self, key, dtype=None):
@@ -212,15 +261,8 @@ class WeightStream:
         self.weight_map.update(dict.fromkeys((name for name, *_ in entries), file))
 
 
-def refuse_unstreamable(model):
-    """A mixture whose experts the model holds fused (transformers 5): a streamed evaluation reads them, a streamed
-    prune or convert does not yet (the pruned banks would go back to the checkpoint's names, and a prune unfuses them
-    into linears first: benchmarks/NOTES.md, the thirty-second session)."""
-    for i, layer in enumerate(adapters.decoder_layers(model)):
-        if any(experts.is_fused_experts(m) for m in layer.modules()):
-            raise ValueError(f"layer {i} holds a mixture's experts fused in one tensor per projection, which a "
-                             "streamed prune or convert does not handle (eval --stream-weights does): drop "
-                             "--stream-weights to load the model whole")
+def _whole(tensor):
+    return tensor
 
 
 def _source_keys(state, headers, read, renamed=None, built=()):

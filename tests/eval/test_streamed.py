@@ -36,7 +36,7 @@ def _saved(tmp_path, family="llama", dtype=torch.float32, **save):
 
 def _stream(source, dtype=None):
     model, _, _ = load_model(str(source), dtype, needs_tokenizer=False, skeleton=True)
-    return model, streaming.WeightStream(model, streaming.checkpoint_files(source), every=True, fused=True)
+    return model, streaming.WeightStream(model, streaming.checkpoint_files(source), every=True)
 
 
 def _ids(vocab, tokens=16 * 5 + 3):
