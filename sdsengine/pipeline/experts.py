@@ -96,8 +96,9 @@ def _expert_slice(bank, index, transposed=False):
     return bank[index].T if transposed else bank[index]
 
 
-def _own_slice(bank, index, transposed=False):
-    return _own(_expert_slice(bank, index, transposed))
+def _viewed_slice(bank, index, transposed=False):
+    """_expert_slice as a view where it is contiguous (a copy where transposed): the bank lives while a slice does."""
+    return _expert_slice(bank, index, transposed).contiguous()
 
 
 def _stacked(weights, transposed):
@@ -192,35 +193,37 @@ class UnfusedExperts(nn.Module):
 
 def slices(module, prefix) -> dict:
     """Where the parameters of the UnfusedExperts within `module` (named `prefix`) come from: {a parameter's name: (the
-    name of the fused module's tensor it is a slice of, take: that tensor -> the parameter's values)}. A skeleton's
-    experts are lent theirs so (pipeline/streaming.py): the checkpoint holds banks, or what transformers fuses into
-    them."""
+    name of the fused module's tensor it is a slice of, take: that tensor -> the parameter's values, a view of it where
+    the layout allows)}. A skeleton's experts are lent theirs so (pipeline/streaming.py): the checkpoint holds banks,
+    or what transformers fuses into them, and a bank read for its slices is held once."""
     found = {}
     for name, unfused in module.named_modules(prefix=prefix):
         if isinstance(unfused, UnfusedExperts):
             fused = unfused.fused
             for bank, e in itertools.product(bank_names(fused), range(unfused.num_experts)):
                 found[f"{name}.{e}.{bank}.weight"] = (
-                    f"{name}.{bank}", functools.partial(_own_slice, index=e, transposed=fused.is_transposed))
+                    f"{name}.{bank}", functools.partial(_viewed_slice, index=e, transposed=fused.is_transposed))
                 if fused.has_bias:
-                    found[f"{name}.{e}.{bank}.bias"] = (f"{name}.{bank}_bias", functools.partial(_own_slice, index=e))
+                    found[f"{name}.{e}.{bank}.bias"] = (f"{name}.{bank}_bias",
+                                                        functools.partial(_viewed_slice, index=e))
     return found
 
 
-def fused_state(layer, state) -> dict:
-    """The state dict `state` of `layer` (its experts unfused, while a prune runs) with each UnfusedExperts' linears'
-    tensors in the fused module's banks instead, as the model holds and saves them (fuse_back's stacking)."""
-    state = dict(state)
+def fused_banks(layer, state) -> tuple[dict, dict]:
+    """(the rest, banks) of the state dict `state` of `layer` (its experts unfused, while a prune runs): banks maps the
+    name of each fused module's bank to a function that stacks it from its linears' tensors in state (fuse_back's
+    stacking), when called: a layer's banks need not all be held at once beside its linears."""
+    rest, banks = dict(state), {}
     for name, unfused in layer.named_modules():
         if isinstance(unfused, UnfusedExperts):
             fused = unfused.fused
             for bank in bank_names(fused):
-                weights = [state.pop(f"{name}.{e}.{bank}.weight") for e in range(unfused.num_experts)]
-                state[f"{name}.{bank}"] = _stacked(weights, fused.is_transposed)
+                weights = [rest.pop(f"{name}.{e}.{bank}.weight") for e in range(unfused.num_experts)]
+                banks[f"{name}.{bank}"] = functools.partial(_stacked, weights, fused.is_transposed)
                 if fused.has_bias:
-                    state[f"{name}.{bank}_bias"] = torch.stack(
-                        [state.pop(f"{name}.{e}.{bank}.bias") for e in range(unfused.num_experts)])
-    return state
+                    biases = [rest.pop(f"{name}.{e}.{bank}.bias") for e in range(unfused.num_experts)]
+                    banks[f"{name}.{bank}_bias"] = functools.partial(torch.stack, biases)
+    return rest, banks
 
 
 def _put(fused, name, tensor):

@@ -19,6 +19,7 @@ transformers' own reversal (what save_pretrained does). What no layer holds is c
 (GPT-NeoX's head is embed_out there, lm_head in the model).
 """
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -85,22 +86,22 @@ class WeightStream:
         """Inside the block, each of `modules` that holds meta parameters holds the checkpoint's, on `device`; a decoder
         layer is written to the output (if any) as it leaves, unless the block raised. After it, the meta parameters
         again."""
-        slots = [slot for module in modules for slot in self._meta_slots(module)]
-        read = {}
-        for *_, full, _ in slots:  # in the skeleton's dtypes; a tied weight's one tensor once, a bank once
-            if self._source(full) not in read:
-                read[self._source(full)] = self._model_tensor(full)
+        sources = {}  # what each is read from: a tied weight's one tensor, a bank for all its experts' slices
+        for slot in (slot for module in modules for slot in self._meta_slots(module)):
+            sources.setdefault(self._source(slot[2]), []).append(slot)
         taken = []
         try:
-            for store, name, full, take in slots:
-                own = store[name]
-                tensor = take(read[self._source(full)]).to(device)
-                if bad := non_finite(tensor):
-                    raise ValueError(f"{self._described(full)} holds {bad} inf/NaN values; a damaged checkpoint "
-                                     "cannot be used")
-                store[name] = torch.nn.Parameter(tensor, own.requires_grad)
-                taken.append((store, name, own))
-            del read  # the host copies, where the weights went to another device
+            for slots in sources.values():  # one source's host copy at a time (a bank: the experts' views of it)
+                read = self._model_tensor(slots[0][2])  # in the skeleton's dtype
+                for store, name, full, take in slots:
+                    own = store[name]
+                    tensor = take(read).to(device)
+                    if bad := non_finite(tensor):
+                        raise ValueError(f"{self._described(full)} holds {bad} inf/NaN values; a damaged checkpoint "
+                                         "cannot be used")
+                    store[name] = torch.nn.Parameter(tensor, own.requires_grad)
+                    taken.append((store, name, own))
+                del read
             yield
             for module in modules:
                 if id(module) in self.layers and self.out is not None:
@@ -152,8 +153,12 @@ class WeightStream:
         turn, a mixture's experts as linears while a prune runs; or an earlier run's from the resume directory) as its
         shard, under the checkpoint's names, and count its linears' sparsity."""
         prefix, index = self.prefixes[id(layer)], self.layers[id(layer)]
-        stored = self._as_read(prefix, experts.fused_state(layer, state))
-        self._write(index, [(key, t.dtype, t.shape, lambda t=t: t) for key, t in stored.items()])
+        rest, banks = experts.fused_banks(layer, state)
+        entries = [(self.keys.get(f"{prefix}.{name}", f"{prefix}.{name}"), t.dtype, t.shape, lambda t=t: t)
+                   for name, t in rest.items()]  # each under the key it was read from (a buffer under its name)
+        for name, make in banks.items():
+            entries += self._bank_entries(f"{prefix}.{name}", make)
+        self._write(index, entries)
         self.sizes[index] = linear_sizes(layer, state)
 
     def written(self, layer):
@@ -211,20 +216,19 @@ class WeightStream:
         """The checkpoint keys a built bank is made of."""
         return [key for keys in self.built[name][1].values() for key in keys]
 
-    def _as_read(self, prefix, state):
-        """A layer's state dict (the model's names and tensors, relative to `prefix`) under the checkpoint's names, as
-        the layer was read: each tensor under its key (a buffer the checkpoint lacks under its own name), each built
-        bank split back into the tensors it was built from, by transformers (as save_pretrained splits it)."""
-        full = {f"{prefix}.{name}": t for name, t in state.items()}
-        banks = {name: full.pop(name) for name in list(full) if name in self.built}
-        stored = {self.keys.get(name, name): t for name, t in full.items()}
-        if banks:
-            split = transformers_compat.reverted(self.model, banks)
-            if split.keys() != (read := {key for name in banks for key in self._built_from(name)}):
-                raise RuntimeError(f"transformers splits {', '.join(banks)} into {len(split)} tensors, not the "
-                                   f"{len(read)} it was built from: it cannot be written as read")
-            stored.update((key, t.contiguous()) for key, t in split.items())
-        return stored
+    def _bank_entries(self, name, make):
+        """Entries that write the fused bank `name` (made by make() when its first tensor is written, let go with its
+        last) as it was read: under its key, or split back into the tensors it was built from by transformers (as
+        save_pretrained splits it)."""
+        dtype, shape = self.state[name].dtype, self.shapes[name]
+        if name not in self.built:
+            return [(self.keys[name], dtype, shape, make)]
+        layout = transformers_compat.reverted(self.model, {name: torch.empty(shape, dtype=dtype, device="meta")})
+        if layout.keys() != set(self._built_from(name)):
+            raise RuntimeError(f"transformers splits {name} into {len(layout)} tensors, not the "
+                               f"{len(self._built_from(name))} it was built from: it cannot be written as read")
+        split = _Split(lambda: transformers_compat.reverted(self.model, {name: make()}), layout)
+        return [(key, t.dtype, t.shape, functools.partial(split.take, key)) for key, t in layout.items()]
 
     def _model_tensor(self, name, headers=None):
         """The model's tensor `name` in the skeleton's dtype: the checkpoint's (or those of `headers`, under the same
@@ -233,9 +237,10 @@ class WeightStream:
         if name not in self.built:
             return read_tensor(headers[self.keys[name]], dtype)
         converter, sources = self.built[name]
-        tensors = {pattern: [read_tensor(headers[key], dtype) for key in keys] for pattern, keys in sources.items()}
-        try:
-            tensor = transformers_compat.fused(self.model, name, converter, tensors).contiguous()
+        try:  # transformers' steps let each input go as they take it (the dict is emptied)
+            tensor = transformers_compat.fused(self.model, name, converter, {
+                pattern: [read_tensor(headers[key], dtype) for key in keys] for pattern, keys in sources.items()
+            }).contiguous()
         except RuntimeError as exc:  # the experts' tensors do not stack (one missing, or of another shape)
             raise ValueError(f"the checkpoint's {sum(map(len, sources.values()))} tensors for {name} do not build it "
                              f"({exc}): it cannot be streamed (drop --stream-weights)") from None
@@ -263,6 +268,23 @@ class WeightStream:
 
 def _whole(tensor):
     return tensor
+
+
+class _Split:
+    """A bank's tensors under the checkpoint's names (split(): {key: tensor}), split when the first is taken and let go
+    with the last: a layer's banks are written one at a time."""
+
+    def __init__(self, split, keys):
+        self.split, self.left, self.tensors = split, set(keys), None
+
+    def take(self, key):
+        if self.tensors is None:
+            self.tensors = self.split()
+        tensor = self.tensors[key].contiguous()
+        self.left.discard(key)
+        if not self.left:
+            self.tensors = None
+        return tensor
 
 
 def _source_keys(state, headers, read, renamed=None, built=()):
