@@ -5,12 +5,15 @@ streaming.py), then the same convert of the pruned checkpoint loaded whole and s
 equal, tensor by tensor; then the same evaluation (perplexity and zero-shot) of the pruned checkpoint loaded whole and
 streamed a decoder layer at a time (sdsengine/eval/streamed.py).
 
-    python benchmarks/bench_streaming.py [--model DIR] [--layers 4] [--methods wanda] [--dtype float32] \
-        [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--eval-windows 8] [--device cpu] [--name streaming_cpu]
+    python benchmarks/bench_streaming.py [--model DIR | --shape llama2-7b] [--layers 4] [--methods wanda] \
+        [--dtype float32] [--sparsity 2:4] [--nsamples 8] [--seqlen 512] [--eval-windows 8] [--device cpu] \
+        [--name streaming_cpu]
 
-Without --model, a checkpoint of random weights with Llama-2-7B's layer shapes (hidden 4096, MLP 11008, 32 heads) and
---layers decoder layers is written to a scratch folder (speed and memory do not depend on the values); its vocabulary
-is the embedded SmolLM2's (49152), whose tokenizer builds the calibration windows. Writes
+Without --model, a checkpoint of random weights with --layers decoder layers of --shape's (speed and memory do not
+depend on the values) is written to a scratch folder: Llama-2-7B's (hidden 4096, MLP 11008, 32 heads), or Qwen3-30B-A3B's
+(qwen3-moe: hidden 2048, 128 experts of 768, 8 per token, 32 query and 4 key-value heads; saved as transformers saves
+it, each expert's projections apart, which transformers 5 fuses on load); its vocabulary is the embedded SmolLM2's
+(49152), whose tokenizer builds the calibration windows. Writes
 benchmarks/results/<name>.json and .md: per method and mode ("whole", "streamed") a record of bench "streaming" with
 the process's peak RSS (VmHWM: the load, the prune and the save), the prune's seconds (the report's), the whole
 command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
@@ -37,15 +40,29 @@ COLUMNS = ("bench", "method", "mode", "dtype", "weights_gib", "largest_layer_gib
            "rss_saved_gib", "seconds", "wall_seconds", "identical", "ppl", "piqa_acc")
 
 
-def random_checkpoint(directory, layers, dtype):
-    """A Llama-2-7B-shaped checkpoint of `layers` layers with random weights, and SmolLM2's tokenizer, in directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+SHAPES = {"llama2-7b": "Llama-2-7B", "qwen3-moe": "Qwen3-30B-A3B"}
+
+
+def random_checkpoint(directory, shape, layers, dtype):
+    """A checkpoint of `layers` layers of `shape` (a key of SHAPES) with random weights, and SmolLM2's tokenizer, in
+    directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     from sdsengine.models import load_model
-    config = LlamaConfig(vocab_size=49152, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    if shape == "qwen3-moe":
+        config = Qwen3MoeConfig(vocab_size=49152, hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                                num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32,
+                                num_key_value_heads=4, head_dim=128, max_position_embeddings=4096)
+    else:
+        config = LlamaConfig(vocab_size=49152, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(directory)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # made in its dtype: a float32 copy of a mixture is GiBs more
+    try:
+        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    finally:
+        torch.set_default_dtype(default)
     _, tokenizer, _ = load_model(None)
     tokenizer.save_pretrained(directory)
     return directory
@@ -156,6 +173,7 @@ def _protocol(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a safetensors checkpoint directory (default: random weights)")
+    parser.add_argument("--shape", default="llama2-7b", choices=SHAPES, help="the random checkpoint's layer shapes")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random checkpoint")
     prune_arguments(parser, ["wanda"], 8, "streaming_cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -164,7 +182,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     records = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as scratch:
-        model = args.model or str(random_checkpoint(Path(scratch) / "model", args.layers, args.dtype))
+        model = args.model or str(random_checkpoint(Path(scratch) / "model", args.shape, args.layers, args.dtype))
         weights, largest = sizes(model, args.dtype)
         for method in args.methods:
             runs = {mode: prune(args, model, method, f"{scratch}/{method}-{mode}", mode == "streamed")
@@ -178,7 +196,7 @@ def main(argv=None):
                                 "rss_saved_gib": round(runs["whole"][0]["memory"]["cpu_peak_rss_gib"] - peak, 3),
                                 "seconds": report["seconds"], "wall_seconds": round(wall, 1), "identical": same,
                                 "calibration": f"{args.calib} {args.nsamples} x {args.seqlen}, seed 0",
-                                "model": args.model or f"random Llama-2-7B-shaped, {args.layers} layers",
+                                "model": args.model or f"random {SHAPES[args.shape]}-shaped, {args.layers} layers",
                                 "versions": report["versions"]})
                 print(f"{method} {args.sparsity} {mode}: peak RSS {peak:.2f} GiB, {report['seconds']:.1f} s prune, "
                       f"{wall:.1f} s wall; identical: {same}")
