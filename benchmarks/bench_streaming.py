@@ -15,8 +15,8 @@ depend on the values) is written to a scratch folder: Llama-2-7B's (hidden 4096,
 it, each expert's projections apart, which transformers 5 fuses on load); its vocabulary is the embedded SmolLM2's
 (49152), whose tokenizer builds the calibration windows. Writes
 benchmarks/results/<name>.json and .md: per method and mode ("whole", "streamed") a record of bench "streaming" with
-the process's peak RSS (VmHWM: the load, the prune and the save), the prune's seconds (the report's), the whole
-command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
+the command's peak RSS (VmHWM at its end: the load, the prune and the save), the prune's own (`prune_peak_rss_gib`, the
+report's: the save not yet made), the prune's seconds (the report's), the whole command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
 checkpoint equal to the baseline's, names and dtypes too); then per method and mode a record of bench
 "streaming_convert" for the convert of the loaded prune's checkpoint (its peak RSS, wall seconds, `identical`; dtype
 the converted model's: bfloat16 from a float32 checkpoint); then per mode a record of bench "streaming_eval" for
@@ -37,7 +37,7 @@ from harness import prune_arguments, prune_flags, write_results
 from safetensors import safe_open
 
 COLUMNS = ("bench", "method", "mode", "dtype", "weights_gib", "largest_layer_gib", "cpu_peak_rss_gib",
-           "rss_saved_gib", "seconds", "wall_seconds", "identical", "ppl", "piqa_acc")
+           "prune_peak_rss_gib", "rss_saved_gib", "seconds", "wall_seconds", "identical", "ppl", "piqa_acc")
 
 
 SHAPES = {"llama2-7b": "Llama-2-7B", "qwen3-moe": "Qwen3-30B-A3B"}
@@ -69,14 +69,9 @@ def random_checkpoint(directory, shape, layers, dtype):
 
 
 def prune(args, model, method, out, streamed):
-    """(the run report, the command's wall seconds) of one prune in a fresh process."""
-    flags = prune_flags(args, method, out) + ["--model", model, "--dtype", args.dtype]
-    flags += ["--stream-weights"] if streamed else []
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sdsengine.cli"] + flags, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{method} ({'streamed' if streamed else 'whole'}) failed:\n{done.stderr[-3000:]}")
-    return json.loads((Path(out) / "sdsengine.json").read_text()), time.perf_counter() - start
+    """(the run report, the command's peak RSS in GiB, its wall seconds) of one prune in a fresh process."""
+    peak, wall = measured(prune_flags(args, method, out) + ["--model", model, "--dtype", args.dtype], streamed)
+    return json.loads((Path(out) / "sdsengine.json").read_text()), peak, wall
 
 
 def measured(flags, streamed):
@@ -188,17 +183,18 @@ def main(argv=None):
             runs = {mode: prune(args, model, method, f"{scratch}/{method}-{mode}", mode == "streamed")
                     for mode in ("whole", "streamed")}
             same = identical(f"{scratch}/{method}-whole", f"{scratch}/{method}-streamed")
-            for mode, (report, wall) in runs.items():
-                peak = report["memory"]["cpu_peak_rss_gib"]
+            for mode, (report, peak, wall) in runs.items():
                 records.append({"bench": "streaming", "method": method, "mode": mode, "dtype": args.dtype,
                                 "pattern": args.sparsity, "device": args.device, "weights_gib": weights,
                                 "largest_layer_gib": largest, "cpu_peak_rss_gib": peak,
-                                "rss_saved_gib": round(runs["whole"][0]["memory"]["cpu_peak_rss_gib"] - peak, 3),
+                                "prune_peak_rss_gib": report["memory"]["cpu_peak_rss_gib"],
+                                "rss_saved_gib": round(runs["whole"][1] - peak, 3),
                                 "seconds": report["seconds"], "wall_seconds": round(wall, 1), "identical": same,
                                 "calibration": f"{args.calib} {args.nsamples} x {args.seqlen}, seed 0",
                                 "model": args.model or f"random {SHAPES[args.shape]}-shaped, {args.layers} layers",
                                 "versions": report["versions"]})
-                print(f"{method} {args.sparsity} {mode}: peak RSS {peak:.2f} GiB, {report['seconds']:.1f} s prune, "
+                print(f"{method} {args.sparsity} {mode}: peak RSS {peak:.2f} GiB (the prune's "
+                      f"{report['memory']['cpu_peak_rss_gib']:.2f}), {report['seconds']:.1f} s prune, "
                       f"{wall:.1f} s wall; identical: {same}")
             records += converts(args, f"{scratch}/{method}-whole", method, weights, largest)
             records += evaluates(args, f"{scratch}/{method}-whole", method, weights, largest)
