@@ -10,18 +10,18 @@ streamed a decoder layer at a time (sdsengine/eval/streamed.py).
         [--name streaming_cpu]
 
 Without --model, a checkpoint of random weights with --layers decoder layers of --shape's (speed and memory do not
-depend on the values) is written to a scratch folder: Llama-2-7B's (hidden 4096, MLP 11008, 32 heads), or Qwen3-30B-A3B's
-(qwen3-moe: hidden 2048, 128 experts of 768, 8 per token, 32 query and 4 key-value heads; saved as transformers saves
-it, each expert's projections apart, which transformers 5 fuses on load); its vocabulary is the embedded SmolLM2's
-(49152), whose tokenizer builds the calibration windows. Writes
-benchmarks/results/<name>.json and .md: per method and mode ("whole", "streamed") a record of bench "streaming" with
-the command's peak RSS (VmHWM at its end: the load, the prune and the save), the prune's own (`prune_peak_rss_gib`, the
-report's: the save not yet made), the prune's seconds (the report's), the whole command's wall seconds, the model's weights in GiB, the largest layer's, and `identical` (every tensor of the streamed
-checkpoint equal to the baseline's, names and dtypes too); then per method and mode a record of bench
-"streaming_convert" for the convert of the loaded prune's checkpoint (its peak RSS, wall seconds, `identical`; dtype
-the converted model's: bfloat16 from a float32 checkpoint); then per mode a record of bench "streaming_eval" for
-`sdsengine eval --tasks wikitext2,piqa --seqlen <seqlen> --limit <eval-windows>` of that checkpoint (peak RSS, wall
-seconds, the perplexity, PIQA's accuracy, and `identical`: the two results equal).
+depend on the values) is written to a scratch folder: Llama-2-7B's (hidden 4096, MLP 11008, 32 heads), or
+Qwen3-30B-A3B's (qwen3-moe: hidden 2048, 128 experts of 768, 8 per token, 32 query and 4 key-value heads; saved as
+transformers saves it, each expert's projections apart, which transformers 5 fuses on load); its vocabulary is the
+embedded SmolLM2's (49152), whose tokenizer builds the calibration windows. Writes benchmarks/results/<name>.json and
+.md: per method and mode ("whole", "streamed") a record of bench "streaming" with the command's peak RSS (VmHWM at its
+end: the load, the prune and the save), the prune's own (`prune_peak_rss_gib`, the report's: the save not yet made),
+the prune's seconds (the report's), the whole command's wall seconds, the model's weights in GiB, the largest layer's,
+and `identical` (every tensor of the streamed checkpoint equal to the baseline's, names and dtypes too); then per
+method and mode a record of bench "streaming_convert" for the convert of the loaded prune's checkpoint (its peak RSS,
+wall seconds, `identical`; dtype the converted model's: bfloat16 from a float32 checkpoint); then per mode a record
+of bench "streaming_eval" for `sdsengine eval --tasks wikitext2,piqa --seqlen <seqlen> --limit <eval-windows>` of that
+checkpoint (peak RSS, wall seconds, the perplexity, PIQA's accuracy, and `identical`: the two results equal).
 """
 import argparse
 import json

@@ -156,7 +156,8 @@ def build_parser():
                         "yet (see the README); by default they stay fused and dense")
     c.add_argument("--stream-weights", action="store_true",
                    help="read each linear's weight from the checkpoint's safetensors files and write it compressed as "
-                        "it comes: host memory holds about one linear's weight, for a checkpoint larger than it")
+                        "it comes: host memory holds about one linear's weight (with --pack-experts, one experts "
+                        "module's), for a checkpoint larger than it")
 
     b = sub.add_parser("bench", help="dense vs 2:4 per layer shape and token count on this GPU")
     bench.add_arguments(b)
@@ -419,9 +420,6 @@ def _check_result_files(args, tasks):
 def cmd_convert(args):
     _refuse_out_over_inputs(args, "converted")
     out = checkpoint.check_output_dir(args.out, args.overwrite)  # before the load and conversion (minutes)
-    if args.stream_weights and args.pack_experts:
-        raise ValueError("--pack-experts reads a mixture's fused experts whole, which --stream-weights does not: "
-                         "drop one of them")
     model, tokenizer, source = load_model(args.model, _dtype(args) or "auto", needs_tokenizer=False,
                                           skeleton=args.stream_weights)
     model = _half_for_kernels(model, args)
@@ -429,7 +427,8 @@ def cmd_convert(args):
     with warnings.catch_warnings():  # convert's: said above (_half_for_kernels) and below, with the remedies
         warnings.simplefilter("ignore")
         if args.stream_weights:  # its weights read a linear at a time, written to --out as they come
-            records, share = write_converted(model, source, out, tokenizer, ignore, args.overwrite), 0
+            records = write_converted(model, source, out, tokenizer, ignore, args.overwrite, args.pack_experts)
+            share = 0
         else:
             records, share = _convert_loaded(model, source, out, tokenizer, ignore, args)
     done = sum(r.action == "converted" for r in records)

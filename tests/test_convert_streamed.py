@@ -14,7 +14,7 @@ from sdsengine.cli import main
 from sdsengine.models import load_model
 from sdsengine.nn import convert_streamed
 from sdsengine.nn.convert import MANIFEST, WEIGHTS
-from sdsengine.pipeline import streaming
+from sdsengine.pipeline import experts, streaming
 
 from tiny_models import MOE_SETTINGS, save_tiny_tokenizer, tiny_model
 
@@ -34,11 +34,11 @@ def _pruned(tmp_path, family="llama", dtype=torch.float32, **save):
     return path
 
 
-def _whole(source, out, dtype=None):
-    """The baseline: the loaded model converted and saved."""
+def _whole(source, out, dtype=None, **convert):
+    """The baseline: the loaded model converted (with `convert`'s options) and saved."""
     model, tokenizer, _ = load_model(str(source), dtype or "auto", needs_tokenizer=False)
     records = []
-    sdsengine.convert(model, report=records)
+    sdsengine.convert(model, report=records, **convert)
     sdsengine.save_compressed(model, out, tokenizer)
     return records
 
@@ -123,9 +123,16 @@ def test_the_cli_converts_streamed_and_the_result_evaluates(tmp_path, capsys):
     assert "converting in bfloat16" in out and "13 of 15 linears converted to SparseLinear" in out
     model, tokenizer, _ = load_model(str(tmp_path / "packed"), compressed_ok=True)
     assert tokenizer is not None and sum(isinstance(m, sdsengine.SparseLinear) for m in model.modules()) == 13
-    assert main(["convert", "--model", str(source), "--out", str(tmp_path / "other"), "--stream-weights",
-                 "--pack-experts"]) == 2
-    assert "--pack-experts reads a mixture's fused experts whole" in capsys.readouterr().err
+
+
+def test_the_cli_packs_a_mixtures_experts_streamed_as_it_packs_them_loaded(tmp_path, capsys):
+    source = _pruned(tmp_path, "qwen2_moe")
+    for how in ("loaded", "streamed"):
+        flags = ["--stream-weights"] if how == "streamed" else []
+        assert main(["convert", "--model", str(source), "--out", str(tmp_path / how), "--pack-experts"] + flags) == 0
+    _same_compressed(tmp_path / "loaded", tmp_path / "streamed", tiny_model("qwen2_moe"))
+    model = sdsengine.load_compressed(tmp_path / "streamed")
+    assert any(isinstance(m, experts.UnfusedExperts) for m in model.modules())
 
 
 def test_a_checkpoint_with_nothing_to_convert_writes_nothing(tmp_path):
@@ -159,18 +166,26 @@ def test_a_checkpoint_that_cannot_be_converted_streamed_is_refused_and_nothing_i
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == [source.name]
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("family", [f for f in MOE_SETTINGS if f != "llama4_text"])  # the mixtures sdsengine prunes
-def test_a_streamed_mixture_converts_as_the_loaded_one(family, tmp_path):
-    """Its experts stay fused and dense, as convert leaves them: each bank built from the experts stored one by one
-    (Mixtral, Qwen-MoE, ...) as transformers builds it, and written as save_compressed writes it."""
-    source = tmp_path / family
-    model = tiny_model(family)
-    sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
-    model.save_pretrained(source)
-    save_tiny_tokenizer(source)
-    whole = _whole(source, tmp_path / "whole")
-    assert sdsengine.convert_checkpoint(str(source), tmp_path / "streamed") == whole
+def test_a_streamed_mixture_converts_as_the_loaded_one(family, pack, tmp_path):
+    """Each bank is built from the experts stored one by one (Mixtral, Qwen-MoE, ...) as transformers builds it. Not
+    packed, the experts stay fused and dense, written as save_compressed writes them; packed, each experts module is
+    lent at once, its linears slices of its banks, and converted as convert(pack_experts=True) converts them."""
+    source = _pruned(tmp_path, family)
+    whole = _whole(source, tmp_path / "whole", pack_experts=pack)
+    assert sdsengine.convert_checkpoint(str(source), tmp_path / "streamed", pack_experts=pack) == whole
+    assert any(".experts." in r.name and r.action == "converted" for r in whole) == pack  # not shared_experts
     _same_compressed(tmp_path / "whole", tmp_path / "streamed", tiny_model(family))
+
+
+def test_packed_experts_none_of_whose_linears_converts_stay_fused_as_convert_leaves_them(tmp_path):
+    source = _pruned(tmp_path, "mixtral")
+    ignore = ("lm_head", "*experts*")
+    whole = _whole(source, tmp_path / "whole", pack_experts=True, ignore=ignore)
+    assert sdsengine.convert_checkpoint(str(source), tmp_path / "streamed", ignore=ignore, pack_experts=True) == whole
+    _same_compressed(tmp_path / "whole", tmp_path / "streamed", tiny_model("mixtral"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(tmp_path / "streamed" / WEIGHTS)
 
 
 def test_a_file_whose_tensors_come_as_they_are_made_keeps_room_for_any_of_them(tmp_path):

@@ -90,7 +90,8 @@ def _expert_with_nan(tensors):
 
 
 @pytest.mark.parametrize("change, error", [
-    (_expert_with_nan, r"model.layers.1.mlp.experts.gate_up_proj, built from the checkpoint's experts, holds 1 inf/NaN"),
+    (_expert_with_nan,
+     r"model.layers.1.mlp.experts.gate_up_proj, built from the checkpoint's experts, holds 1 inf/NaN"),
     (lambda tensors: tensors.pop("model.layers.1.block_sparse_moe.experts.3.w1.weight"),
      r"tensors for model.layers.1.mlp.experts.gate_up_proj do not build it"),
 ])

@@ -7,9 +7,9 @@ safetensors files when its turn comes (pipeline/streaming.py's WeightStream) and
 tensors, compressed or dense, go straight into the compressed checkpoint's one file, whose header is written
 last (tensorfiles.SafetensorsWriter). Every other tensor of the model follows in its state dict's order, one at a
 time, a tied one once: a mixture's fused experts banks too (built as transformers builds them on load from experts
-stored one by one), which convert leaves dense and fused (--pack-experts, which would convert each expert, reads them
-whole and is not streamed). Refused as a streamed prune refuses: names or shapes that are not the model's, GGUF, `.bin`
-weights.
+stored one by one), which convert leaves dense and fused. With pack_experts (--pack-experts), each experts module is
+lent at once, its linears slices of its banks, and converted as convert(pack_experts=True) converts it. Refused as a
+streamed prune refuses: names or shapes that are not the model's, GGUF, `.bin` weights.
 """
 from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns
@@ -17,42 +17,55 @@ from sdsengine.nn.convert import (WEIGHTS, Conversion, check_some_converted, con
                                   log_summary, set_submodule, warn_float32, write_beside)
 from sdsengine import tensorfiles
 from sdsengine.nn.sparse_linear import SparseLinear
+from sdsengine.pipeline import experts
 
 
-def convert_checkpoint(model, out, ignore=("lm_head",), dtype=None, overwrite=False) -> list[Conversion]:
-    """save_compressed(convert(load_model(model, dtype)), out, its tokenizer), read from the files of `model` (a
-    safetensors checkpoint directory or a hub id) a linear at a time. dtype: of the compressed model (default: the
-    checkpoint's; the sparse kernels run float16 and bfloat16). Returns one Conversion per linear; `out` is written
-    whole or not at all (replaced with overwrite), and not when no linear converts."""
+def convert_checkpoint(model, out, ignore=("lm_head",), dtype=None, overwrite=False, pack_experts=False
+                       ) -> list[Conversion]:
+    """save_compressed(convert(load_model(model, dtype), pack_experts=pack_experts), out, its tokenizer), read from the
+    files of `model` (a safetensors checkpoint directory or a hub id) a linear (or a packed experts module) at a time.
+    dtype: of the compressed model (default: the checkpoint's; the sparse kernels run float16 and bfloat16). Returns
+    one Conversion per linear; `out` is written whole or not at all (replaced with overwrite), and not when no linear
+    converts."""
     from sdsengine.models import load_model
     out = check_output_dir(out, overwrite)  # before any work
     model, tokenizer, source = load_model(model, dtype or "auto", needs_tokenizer=False, skeleton=True)
-    return write_converted(model, source, out, tokenizer, ignore, overwrite)
+    return write_converted(model, source, out, tokenizer, ignore, overwrite, pack_experts)
 
 
-def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), overwrite=False) -> list[Conversion]:
+def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), overwrite=False, pack_experts=False
+                    ) -> list[Conversion]:
     """convert_checkpoint of the skeleton `model` (in the dtype to convert in) of `source` (load_model's)."""
     from sdsengine.models import weights_directory
     from sdsengine.pipeline import streaming  # it imports nn (through the pipeline): not at the top
     ignore = ignore_patterns(ignore)
     files = streaming.checkpoint_files(weights_directory(source))
     stream = streaming.WeightStream(model, files, every=True)  # every name checked before a byte is written
+    packed = _unfused(model) if pack_experts else {}
     named = list(model.named_modules(remove_duplicate=False))
     linears = linears_of(named)
     first = {id(m): name for name, m in linears.items()}
     owner = {f"{name}.{leaf}": first[id(m)] for name, m in named if id(m) in first for leaf in m.state_dict()}
+    state = model.state_dict(keep_vars=True)  # a packed experts module's linears where its banks were
     records, shells = {}, {}
     with staged_directory(out, overwrite) as staged:
-        room = tensorfiles.header_room(_candidates(stream, linears))
+        room = tensorfiles.header_room(_candidates(stream, state, linears))
         with tensorfiles.SafetensorsWriter(staged / WEIGHTS, room) as file:
             written = set()  # the checkpoint's tensors written dense: a tied embedding and head once
-            for name in stream.state:
+            for name in state:
                 if name not in owner:
                     _write_once(file, name, stream.read(name), stream.keys.get(name, name), written)
                 elif owner[name] not in records:
-                    records[owner[name]], shells[owner[name]] = _convert(stream, owner[name], linears, ignore, file,
-                                                                         written)
-        records = list(records.values())
+                    lend, together = _lent_with(owner[name], packed, linears)
+                    converted = _convert(stream, lend, together, linears, ignore, file, written)
+                    for linear, (record, shell) in converted.items():
+                        records[linear], shells[linear] = record, shell
+        for name, module in packed.items():  # none of its linears converted: it stays fused, as convert leaves it
+            if all(shells[linear] is None for linear in _inside(name, linears)):
+                set_submodule(model, name, module.fused)
+        in_packed = [linear for name in packed for linear in _inside(name, linears)]
+        skip = set(in_packed)  # convert's order: a packed module's linears after the model's
+        records = [records[n] for n in linears if n not in skip] + [records[n] for n in in_packed]
         check_some_converted(records, source)  # out not written
         for name, module in named:  # the manifest names the converted linears, as it does after convert
             if shells.get(first.get(id(module))) is not None:
@@ -70,23 +83,51 @@ def _write_once(file, name, tensor, key, written):
         written.add(key)
 
 
-def _convert(stream, name, linears, ignore, file, written):
-    """(Conversion, an empty SparseLinear of its shape or None) of linear `name`, its tensors written to `file`."""
-    linear = linears[name]
-    with stream.lent([linear], "cpu"):
-        record, sparse = convert_linear(name, linear, ignore)
-        if sparse is None:
-            for full, tensor in linear.state_dict(prefix=f"{name}.").items():
-                _write_once(file, full, tensor, stream.keys.get(full, full), written)
-            return record, None
-        for full, tensor in sparse.state_dict(prefix=f"{name}.").items():
-            file.add(full, tensor)
-    return record, _shell(linear)
+def _unfused(model) -> dict:
+    """{name: UnfusedExperts} of the skeleton's fused experts modules, each put in its place as convert(pack_experts)
+    puts it: its linears views of the banks, so that the stream lends them their slices a module at a time."""
+    found = {name: experts.for_inference(m) for name, m in model.named_modules() if experts.is_fused_experts(m)}
+    for name, module in found.items():
+        set_submodule(model, name, module)
+    return found
 
 
-def _candidates(stream, linears):
-    """(name, dtype, shape) of every tensor the file may hold: the model's, and each linear's compressed ones."""
-    yield from ((name, t.dtype, t.shape) for name, t in stream.state.items())
+def _inside(prefix, linears) -> list:
+    return [name for name in linears if name.startswith(prefix + ".")]
+
+
+def _lent_with(name, packed, linears):
+    """(the module to lend, the linears converted in its turn) for linear `name`: the packed experts module that holds
+    it and all its linears (their banks read once), else the linear alone."""
+    for prefix, module in packed.items():
+        if name.startswith(prefix + "."):
+            return module, _inside(prefix, linears)
+    return linears[name], [name]
+
+
+def _convert(stream, lend, names, linears, ignore, file, written) -> dict:
+    """{name: (Conversion, an empty SparseLinear of its shape or None)} of the linears `names`, lent together in `lend`
+    (the linear, or the packed experts module holding them), their tensors written to `file`: compressed or dense, or,
+    for an experts module none of whose linears converts, its banks (convert leaves it fused)."""
+    with stream.lent([lend], "cpu"):
+        done = {name: convert_linear(name, linears[name], ignore) for name in names}
+        if isinstance(lend, experts.UnfusedExperts) and all(sparse is None for _, sparse in done.values()):
+            for bank, make in experts.fused_banks(lend, lend.state_dict())[1].items():
+                file.add(f"{stream.name_of(lend)}.{bank}", make())
+            return {name: (record, None) for name, (record, _) in done.items()}
+        for name, (record, sparse) in done.items():
+            for full, tensor in (sparse or linears[name]).state_dict(prefix=f"{name}.").items():
+                if sparse is None:
+                    _write_once(file, full, tensor, stream.keys.get(full, full), written)
+                else:
+                    file.add(full, tensor)
+    return {name: (record, sparse and _shell(linears[name])) for name, (record, sparse) in done.items()}
+
+
+def _candidates(stream, state, linears):
+    """(name, dtype, shape) of every tensor the file may hold: the model's (its fused banks, or a packed experts
+    module's linears), and each linear's compressed ones."""
+    yield from ((name, t.dtype, t.shape) for name, t in {**stream.state, **state}.items())
     for name, linear in linears.items():
         if (shell := _shell(linear)) is not None:
             yield from ((f"{name}.{leaf}", t.dtype, t.shape) for leaf, t in shell.state_dict().items())

@@ -199,13 +199,12 @@ def slices(module, prefix) -> dict:
     found = {}
     for name, unfused in module.named_modules(prefix=prefix):
         if isinstance(unfused, UnfusedExperts):
-            fused = unfused.fused
+            fused, at = unfused.fused, _under(name)
             for bank, e in itertools.product(bank_names(fused), range(unfused.num_experts)):
-                found[f"{name}.{e}.{bank}.weight"] = (
-                    f"{name}.{bank}", functools.partial(_viewed_slice, index=e, transposed=fused.is_transposed))
+                found[f"{at}{e}.{bank}.weight"] = (
+                    f"{at}{bank}", functools.partial(_viewed_slice, index=e, transposed=fused.is_transposed))
                 if fused.has_bias:
-                    found[f"{name}.{e}.{bank}.bias"] = (f"{name}.{bank}_bias",
-                                                        functools.partial(_viewed_slice, index=e))
+                    found[f"{at}{e}.{bank}.bias"] = (f"{at}{bank}_bias", functools.partial(_viewed_slice, index=e))
     return found
 
 
@@ -216,14 +215,19 @@ def fused_banks(layer, state) -> tuple[dict, dict]:
     rest, banks = dict(state), {}
     for name, unfused in layer.named_modules():
         if isinstance(unfused, UnfusedExperts):
-            fused = unfused.fused
+            fused, at = unfused.fused, _under(name)
             for bank in bank_names(fused):
-                weights = [rest.pop(f"{name}.{e}.{bank}.weight") for e in range(unfused.num_experts)]
-                banks[f"{name}.{bank}"] = functools.partial(_stacked, weights, fused.is_transposed)
+                weights = [rest.pop(f"{at}{e}.{bank}.weight") for e in range(unfused.num_experts)]
+                banks[f"{at}{bank}"] = functools.partial(_stacked, weights, fused.is_transposed)
                 if fused.has_bias:
-                    biases = [rest.pop(f"{name}.{e}.{bank}.bias") for e in range(unfused.num_experts)]
-                    banks[f"{name}.{bank}_bias"] = functools.partial(torch.stack, biases)
+                    biases = [rest.pop(f"{at}{e}.{bank}.bias") for e in range(unfused.num_experts)]
+                    banks[f"{at}{bank}_bias"] = functools.partial(torch.stack, biases)
     return rest, banks
+
+
+def _under(name):
+    """The prefix of names under module `name` ('' for the module a state dict is of)."""
+    return f"{name}." if name else ""
 
 
 def _put(fused, name, tensor):

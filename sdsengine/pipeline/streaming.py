@@ -10,10 +10,11 @@ checkpoint's tensors (`tensors`), keeps each layer as written (`written`) and wr
 the progress (`write_layer`).
 
 The tensors a prune reads (the embeddings', the decoder layers') are found in the checkpoint under the model's own
-names or under those transformers renames to them as it loads (Mixtral's block_sparse_moe is the model's mlp), with the
-model's shapes; a name that matches neither is refused, not guessed. A mixture whose experts transformers 5 fuses on load
-(Mixtral, Qwen-MoE, ...: stored one by one, held as one 3-D bank per projection) is lent each bank as transformers builds
-it, and while a prune runs (its experts unfused into linears: experts.py) each expert's linears their slices of it.
+names or under those transformers renames to them as it loads (Mixtral's block_sparse_moe is the model's mlp), with
+the model's shapes; a name that matches neither is refused, not guessed. A mixture whose experts transformers 5 fuses
+on load (Mixtral, Qwen-MoE, ...: stored one by one, held as one 3-D bank per projection) is lent each bank as
+transformers builds it, and while a prune runs (its experts unfused into linears: experts.py) each expert's linears
+their slices of it.
 Every tensor is written back as it was read: under its checkpoint name, a bank split back into the experts' tensors by
 transformers' own reversal (what save_pretrained does). What no layer holds is copied under the checkpoint's own names
 (GPT-NeoX's head is embed_out there, lm_head in the model).
@@ -172,11 +173,17 @@ class WeightStream:
         """report.decoder_sparsity of the model written: counted as each layer was."""
         return weighted_sparsity(pair for pairs in self.sizes.values() for pair in pairs)
 
+    def name_of(self, module):
+        """module's name in the model; one put in since the stream began (a convert's packed experts) looked up anew."""
+        if id(module) not in self.prefixes:
+            self.prefixes = {id(m): name for name, m in self.model.named_modules()}
+        return self.prefixes[id(module)]
+
     def _model_state(self, module, headers):
         """(name, tensor) of `module`'s state dict now, as the loaded model holds it: the skeleton's own tensors, the
         rest read from `headers` (the checkpoint's, or a layer's shard this stream wrote: the same names). An unfused
         expert's linear is its slice of its bank (the banks of one experts module held at a time)."""
-        prefix = self.prefixes[id(module)]
+        prefix = self.name_of(module)
         slices, banks = experts.slices(module, prefix), {}
         for name, t in module.state_dict(prefix=prefix and prefix + ".", keep_vars=True).items():
             if name in slices:
@@ -195,7 +202,7 @@ class WeightStream:
         """(the dict holding it, its name, the model's tensor it is read from, how it is taken from that tensor) of
         each meta parameter of module: the weights to read. An unfused expert's linear is its slice of the fused
         module's bank."""
-        prefix = self.prefixes[id(module)]
+        prefix = self.name_of(module)
         slices = experts.slices(module, prefix)
         for sub_name, sub in module.named_modules():
             for name, p in sub._parameters.items():
