@@ -121,7 +121,8 @@ def _convert(stream, lend, names, linears, ignore, file, written) -> dict:
                     _write_once(file, full, tensor, stream.keys.get(full, full), written)
                 else:
                     file.add(full, tensor)
-    return {name: (record, sparse and _shell(linears[name])) for name, (record, sparse) in done.items()}
+    return {name: (record, None if sparse is None else _shell(linears[name]))
+            for name, (record, sparse) in done.items()}
 
 
 def _candidates(stream, state, linears):
