@@ -310,10 +310,12 @@ def test_inf_and_nan_are_counted_across_slices(chunk):
 
 
 @pytest.mark.gpu
-def test_a_prune_on_the_gpu_streams_each_layer_there(tmp_path):
-    """Read to the host, then lent on the GPU: the same masks as the loaded model pruned there (the kept weights are the
-    checkpoint's; Wanda's norms are sums the GPU may take in another order, hence the agreement rather than equality)."""
-    source = _source(tmp_path)
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_a_prune_on_the_gpu_streams_each_layer_there(family, tmp_path):
+    """Read to the host, then lent on the GPU (a mixture's experts each their slice of a bank built on the host): the
+    same masks as the loaded model pruned there (the kept weights are the checkpoint's; Wanda's norms are sums the GPU
+    may take in another order, hence the agreement rather than equality)."""
+    source = _source(tmp_path, family)
     _whole(source, tmp_path / "whole", sdsengine.WandaConfig(sparsity="2:4", device="cuda"))
     sdsengine.prune_checkpoint(str(source), tmp_path / "streamed", sdsengine.WandaConfig(sparsity="2:4", device="cuda"),
                                tiny_tokens(), progress=False)
