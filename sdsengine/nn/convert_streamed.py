@@ -46,6 +46,8 @@ def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), ove
     linears = linears_of(named)
     first = {id(m): name for name, m in linears.items()}
     owner = {f"{name}.{leaf}": first[id(m)] for name, m in named if id(m) in first for leaf in m.state_dict()}
+    members = {prefix: [n for n in linears if n.startswith(prefix + ".")] for prefix in packed}  # lent together
+    packed_in = {linear: prefix for prefix, names in members.items() for linear in names}
     state = model.state_dict(keep_vars=True)  # a packed experts module's linears where its banks were
     records, shells = {}, {}
     with staged_directory(out, overwrite) as staged:
@@ -55,17 +57,17 @@ def write_converted(model, source, out, tokenizer=None, ignore=("lm_head",), ove
             for name in state:
                 if name not in owner:
                     _write_once(file, name, stream.read(name), stream.keys.get(name, name), written)
-                elif owner[name] not in records:
-                    lend, together = _lent_with(owner[name], packed, linears)
+                elif (linear := owner[name]) not in records:
+                    prefix = packed_in.get(linear)  # a packed experts module's linears go with it: its banks read once
+                    lend, together = (packed[prefix], members[prefix]) if prefix else (linears[linear], [linear])
                     converted = _convert(stream, lend, together, linears, ignore, file, written)
-                    for linear, (record, shell) in converted.items():
-                        records[linear], shells[linear] = record, shell
+                    for done, (record, shell) in converted.items():
+                        records[done], shells[done] = record, shell
         for name, module in packed.items():  # none of its linears converted: it stays fused, as convert leaves it
-            if all(shells[linear] is None for linear in _inside(name, linears)):
+            if all(shells[linear] is None for linear in members[name]):
                 set_submodule(model, name, module.fused)
-        in_packed = [linear for name in packed for linear in _inside(name, linears)]
-        skip = set(in_packed)  # convert's order: a packed module's linears after the model's
-        records = [records[n] for n in linears if n not in skip] + [records[n] for n in in_packed]
+        # convert's order: a packed module's linears after the model's
+        records = [records[n] for n in linears if n not in packed_in] + [records[n] for n in packed_in]
         check_some_converted(records, source)  # out not written
         for name, module in named:  # the manifest names the converted linears, as it does after convert
             if shells.get(first.get(id(module))) is not None:
@@ -90,19 +92,6 @@ def _unfused(model) -> dict:
     for name, module in found.items():
         set_submodule(model, name, module)
     return found
-
-
-def _inside(prefix, linears) -> list:
-    return [name for name in linears if name.startswith(prefix + ".")]
-
-
-def _lent_with(name, packed, linears):
-    """(the module to lend, the linears converted in its turn) for linear `name`: the packed experts module that holds
-    it and all its linears (their banks read once), else the linear alone."""
-    for prefix, module in packed.items():
-        if name.startswith(prefix + "."):
-            return module, _inside(prefix, linears)
-    return linears[name], [name]
 
 
 def _convert(stream, lend, names, linears, ignore, file, written) -> dict:
