@@ -43,7 +43,7 @@ def prune(model, config, calibration=None, tokenizer=None, progress=True, model_
     _check(model, config)
     memory_at_start = report.peak_memory(config.device)
     # a mixture of experts' fused expert banks as per-expert linears, put back pruned whatever happens
-    with experts.unfused(adapters.decoder_layers(model)):
+    with experts.unfused(adapters.decoder_layers(model), config.device):
         plan_targets(model, config)  # --ignore and the pattern checked before the calibration data is built
         samples, protocol = _calibration(model, config, calibration, tokenizer)
         store = ResumeStore(resume_dir) if resume_dir is not None and samples is not None else None

@@ -112,6 +112,28 @@ def test_a_failure_inside_puts_every_bank_back_with_what_was_pruned():
     assert banks.down_proj[1].abs().sum() == 0 and banks.down_proj[0].abs().sum() > 0
 
 
+def test_a_mixture_pruned_where_it_sits_is_pruned_in_its_banks_memory():
+    """On the device its banks sit on, the experts' linears view the banks: the prune writes into them, and no expert
+    is copied nor any bank stacked anew (a loaded mixture's experts, most of its weights, were held twice over)."""
+    model = tiny_model("mixtral")
+    banks = {name: (p, p.data_ptr()) for name, p in model.named_parameters() if p.dim() == 3}
+    sdsengine.prune(model, WandaConfig(sparsity="2:4"), tiny_tokens(2, 8), progress=False)
+    assert banks and all(dict(model.named_parameters())[name] is p and p.data_ptr() == ptr
+                         for name, (p, ptr) in banks.items())
+    assert all(nm_violations(w, 2, 4) == 0 and (w == 0).float().mean() == 0.5 for w in _slices(model).values())
+
+
+def test_linears_given_other_tensors_inside_are_stacked_back():
+    """A layer moved to a compute device and back holds copies, no longer views of its banks: those go back stacked."""
+    model = tiny_model("mixtral")
+    with experts.unfused(adapters.decoder_layers(model), "cpu"):
+        linear = model.model.layers[1].mlp.experts.get_submodule("2").down_proj
+        assert linear.weight.data_ptr() == model.model.layers[1].mlp.experts.fused.down_proj[2].data_ptr()
+        linear.weight.data = torch.zeros_like(linear.weight)  # a copy, as a move makes one
+    bank = model.model.layers[1].mlp.experts.down_proj
+    assert bank[2].abs().sum() == 0 and bank[1].abs().sum() > 0
+
+
 def test_leaving_lets_each_layers_linears_go_once_its_banks_are_rebuilt(monkeypatch):
     """A model's experts are most of its weights: the linears of layers already fused back must not stay alive
     while the next layers' banks are rebuilt (all of them were, to the end: twice the experts' memory)."""

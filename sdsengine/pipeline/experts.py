@@ -6,8 +6,11 @@ hidden) and down_proj (experts, hidden, ffn), or each transposed (GPT-OSS), with
 nn.Linear holds them, so no method would see them. While a model is pruned, `unfused(model)` puts in each such
 module's place an UnfusedExperts: one nn.Linear per expert and projection, holding that expert's slice, routing
 tokens as the fused module does. Each expert's linears then see only the tokens routed to it, so every method's
-statistics are that expert's own, and its 2:4 groups lie along the input dimension as in any linear. On leaving,
-the pruned slices go back into the 3-D parameters: the model saves and loads as it came.
+statistics are that expert's own, and its 2:4 groups lie along the input dimension as in any linear. Where the banks
+sit on the device the prune runs on, the linears are views of them, pruned in place: no expert is copied, and nothing is
+stacked back. Otherwise (each layer visits the device: a view moved there and back would be a copy beside its bank) they
+are copies, and on leaving the pruned slices are stacked back into the 3-D parameters. Either way the model saves and
+loads as it came.
 
 A converted model keeps its UnfusedExperts for good (`for_inference`, `settle`): its 2:4 experts' linears become
 SparseLinears like any other, so the experts, most of a mixture's weights, run compressed too (at decode on a GPU
@@ -182,13 +185,30 @@ class UnfusedExperts(nn.Module):
     # use afterwards; a dense model's weights, pruned in place, stay ordinary tensors
     @torch.inference_mode(False)
     def fuse_back(self):
-        """The linears' weights (and biases) back into the fused module's 3-D parameters, where the linears are."""
+        """The linears' weights (and biases) back into the fused module's 3-D parameters, where the linears are: each
+        bank stacked from them, unless they are still views of it (pruned in place, nothing to do)."""
         fused = self.fused
         for bank in bank_names(fused):
             linears = [getattr(expert, bank) for expert in self.experts()]
-            _put(fused, bank, _stacked([m.weight.detach() for m in linears], fused.is_transposed))
-            if fused.has_bias:
-                _put(fused, f"{bank}_bias", torch.stack([m.bias.detach() for m in linears]))
+            weights = [m.weight.detach() for m in linears]
+            if not _views_of(getattr(fused, bank), weights, fused.is_transposed):
+                _put(fused, bank, _stacked(weights, fused.is_transposed))
+            biases = [m.bias.detach() for m in linears] if fused.has_bias else None
+            if biases and not _views_of(getattr(fused, f"{bank}_bias"), biases):
+                _put(fused, f"{bank}_bias", torch.stack(biases))
+
+
+def _views_of(bank, tensors, transposed=False) -> bool:
+    """Whether tensors[e] is still expert e's slice of bank, in its memory, for every e: linears made as views of it
+    (copy False) and never moved off (a move makes copies)."""
+    if bank.is_meta or len(tensors) != bank.shape[0]:  # an emptied bank (the linears hold copies), or a skeleton's
+        return False
+    for e, tensor in enumerate(tensors):
+        view = _expert_slice(bank, e, transposed)
+        if (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride()) != (
+                view.device, view.data_ptr(), view.shape, view.stride()):
+            return False
+    return True
 
 
 def slices(module, prefix) -> dict:
@@ -316,9 +336,12 @@ def _empty_banks(fused):
 
 
 @contextlib.contextmanager
-def unfused(layers):
+def unfused(layers, device=None):
     """Inside the block, every fused experts module of `layers` is an UnfusedExperts; on leaving, whatever
-    happened inside, each fused module is back in its place holding the linears' (pruned) weights."""
+    happened inside, each fused module is back in its place holding the linears' (pruned) weights. `device`: where
+    the prune runs (None: nothing runs, nothing moves). A module whose banks are there gets linears that view them
+    (no copy); one elsewhere, or transposed (GPT-OSS: its slices are not contiguous, which some kernels need), gets
+    copies, and its banks are freed while they are held."""
     swapped = []
     try:
         for layer in layers:
@@ -326,14 +349,30 @@ def unfused(layers):
                 if is_fused_experts(module):
                     parent_name, _, child = name.rpartition(".")
                     parent = layer.get_submodule(parent_name) if parent_name else layer
-                    replacement = UnfusedExperts(module)
+                    copy = module.is_transposed or not _resident(module, device)
+                    replacement = UnfusedExperts(module, copy)
                     replacement.records_routes = True
                     swapped.append((parent, child, replacement))  # from here on, put back whatever happens
-                    _empty_banks(module)
+                    if copy:
+                        _empty_banks(module)
                     setattr(parent, child, replacement)
         yield len(swapped)
     finally:
         _put_back(swapped)
+
+
+def _resident(fused, device) -> bool:
+    """Whether the fused module's banks are on `device` (None: wherever they are; a skeleton's, on the meta device, are
+    lent elsewhere)."""
+    bank = getattr(fused, _first(fused))
+    if bank.is_meta:
+        return False
+    if device is None:
+        return True
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return bank.device == device
 
 
 def _put_back(swapped):
