@@ -48,15 +48,20 @@ def file_header(path) -> dict[str, Stored]:
 _SLICE_BYTES = 1 << 26
 
 
-def read_tensor(stored: Stored, dtype=None) -> torch.Tensor:
+def read_tensor(stored: Stored, dtype=None, out=None) -> torch.Tensor:
     """The stored tensor on the host in dtype (default: the file's), by plain reads into the result, a 64 MiB slice at
-    a time where the dtype changes. Little-endian, as the format and every host torch runs on."""
+    a time where the dtype changes. Little-endian, as the format and every host torch runs on. `out`: a contiguous
+    tensor of the stored shape to read into, in its own dtype (a place in a larger tensor: no copy of its own)."""
     source = DTYPES.get(stored.dtype)
     if source is None:
         raise ValueError(f"{stored.path} holds a {stored.dtype} tensor, which streaming does not read")
     if stored.end - stored.start != math.prod(stored.shape) * source.itemsize:
         raise ValueError(f"{stored.path}: a tensor's bytes do not match its shape {stored.shape} (a damaged file)")
-    out = torch.empty(stored.shape, dtype=dtype or source)
+    if out is None:
+        out = torch.empty(stored.shape, dtype=dtype or source)
+    elif tuple(out.shape) != tuple(stored.shape) or not out.is_contiguous():
+        raise ValueError(f"{stored.path}: a tensor of shape {stored.shape} is read into a contiguous one of its shape, "
+                         f"not {'a strided one' if out.shape == stored.shape else tuple(out.shape)}")
     flat = out.view(-1)
     with open(stored.path, "rb") as f:
         f.seek(stored.start)

@@ -134,6 +134,15 @@ def fused_sources(model, keys) -> dict:
     return found
 
 
+def stacks_rows(converter) -> bool:
+    """Whether `converter` builds its bank as every fused mixture's converter does (transformers 5.25): each source
+    pattern's tensors stacked along a new first dimension (MergeModulelist, dim 0), and where there are several
+    patterns, their stacks joined along the next (Concatenate, dim 1, in the patterns' order). Expert e's tensor of
+    each pattern then fills rows of bank[e]."""
+    steps = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    return steps in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)])
+
+
 def reverted(model, tensors) -> dict:
     """The model's tensors ({name: tensor}) under the checkpoint's names, as save_pretrained writes them: transformers'
     conversion mapping reversed (a fused experts bank split back into each expert's tensors)."""

@@ -348,6 +348,33 @@ def test_a_tensor_read_in_slices_is_the_one_safetensors_reads(stored, tmp_path, 
             assert read.dtype == expected.dtype and torch.equal(read, expected), (name, dtype)
 
 
+def test_a_tensor_is_read_into_its_place_in_a_larger_one(tmp_path):
+    """read_tensor(out=): a bank's rows filled in place, cast to the bank's dtype; a place of another shape, or not
+    contiguous (the rows would land elsewhere), is refused."""
+    weight = torch.randn(3, 4)
+    save_file({"w": weight}, tmp_path / "t.safetensors")
+    stored = tensorfiles.file_header(tmp_path / "t.safetensors")["w"]
+    bank = torch.zeros(2, 6, 4, dtype=torch.bfloat16)
+    tensorfiles.read_tensor(stored, out=bank[1, 3:6])
+    assert torch.equal(bank[1, 3:6], weight.to(torch.bfloat16)) and bank[0].abs().sum() == bank[1, :3].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"t.safetensors: a tensor of shape \(3, 4\) is read into a contiguous one of "
+                                         r"its shape, not \(2, 4\)"):
+        tensorfiles.read_tensor(stored, out=bank[1, :2])
+    with pytest.raises(ValueError, match="not a strided one"):
+        tensorfiles.read_tensor(stored, out=torch.zeros(4, 3).T)
+
+
+def test_an_expert_of_another_shape_is_refused_by_name(tmp_path):
+    source = _source(tmp_path, "mixtral")
+    _replace_tensors(source, lambda tensors: tensors.update(
+        {"model.layers.0.block_sparse_moe.experts.1.w2.weight": torch.zeros(64, 64)}))
+    error = (r"tensors for model.layers.0.mlp.experts.down_proj do not build it \(4 tensors of .*w2.weight, of shapes "
+             r"\[\(64, 64\), \(64, 128\)\], for 4 experts\)")
+    with pytest.raises(ValueError, match=error):
+        sdsengine.prune_checkpoint(str(source), tmp_path / "out", sdsengine.WandaConfig(sparsity="2:4"),
+                                   tiny_tokens(), progress=False)
+
+
 def test_a_truncated_or_damaged_file_is_named(tmp_path):
     save_file({"w": torch.randn(64, 64)}, tmp_path / "t.safetensors")
     data = (tmp_path / "t.safetensors").read_bytes()

@@ -11,6 +11,8 @@ stored one by one), which convert leaves dense and fused. With pack_experts (--p
 lent at once, its linears slices of its banks, and converted as convert(pack_experts=True) converts it. Refused as a
 streamed prune refuses: names or shapes that are not the model's, GGUF, `.bin` weights.
 """
+import torch
+
 from sdsengine.checkpoint import check_output_dir, staged_directory
 from sdsengine.config import ignore_patterns
 from sdsengine.nn.convert import (WEIGHTS, Conversion, check_some_converted, convert_linear, linear_shape, linears_of,
@@ -101,8 +103,8 @@ def _convert(stream, lend, names, linears, ignore, file, written) -> dict:
     with stream.lent([lend], "cpu"):
         done = {name: convert_linear(name, linears[name], ignore) for name in names}
         if isinstance(lend, experts.UnfusedExperts) and all(sparse is None for _, sparse in done.values()):
-            for bank, make in experts.fused_banks(lend, lend.state_dict())[1].items():
-                file.add(f"{stream.name_of(lend)}.{bank}", make())
+            for bank, parts in experts.fused_banks(lend, lend.state_dict())[1].items():
+                file.add(f"{stream.name_of(lend)}.{bank}", torch.stack(parts))
             return {name: (record, None) for name, (record, _) in done.items()}
         for name, (record, sparse) in done.items():
             for full, tensor in (sparse or linears[name]).state_dict(prefix=f"{name}.").items():

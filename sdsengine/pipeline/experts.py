@@ -106,7 +106,12 @@ def _viewed_slice(bank, index, transposed=False):
 
 def _stacked(weights, transposed):
     """A bank from its experts' weights ((out, in) each): _expert_slice's inverse."""
-    return torch.stack([w.T if transposed else w for w in weights])
+    return torch.stack(_as_in_bank(weights, transposed))
+
+
+def _as_in_bank(weights, transposed):
+    """Each expert's weight ((out, in)) as its slice of the bank lies (views)."""
+    return [w.T if transposed else w for w in weights]
 
 
 def _own(tensor):
@@ -230,18 +235,18 @@ def slices(module, prefix) -> dict:
 
 def fused_banks(layer, state) -> tuple[dict, dict]:
     """(the rest, banks) of the state dict `state` of `layer` (its experts unfused, while a prune runs): banks maps the
-    name of each fused module's bank to a function that stacks it from its linears' tensors in state (fuse_back's
-    stacking), when called: a layer's banks need not all be held at once beside its linears."""
+    name of each fused module's bank to its experts' slices, bank[e] for expert e (its linear's tensor in state, a view
+    of it where transposed), which torch.stack makes the bank of (fuse_back's stacking) when it is needed: a layer's
+    banks need not all be held at once beside its linears, nor at all where their slices are written apart."""
     rest, banks = dict(state), {}
     for name, unfused in layer.named_modules():
         if isinstance(unfused, UnfusedExperts):
             fused, at = unfused.fused, _under(name)
             for bank in bank_names(fused):
                 weights = [rest.pop(f"{at}{e}.{bank}.weight") for e in range(unfused.num_experts)]
-                banks[f"{at}{bank}"] = functools.partial(_stacked, weights, fused.is_transposed)
+                banks[f"{at}{bank}"] = _as_in_bank(weights, fused.is_transposed)
                 if fused.has_bias:
-                    biases = [rest.pop(f"{at}{e}.{bank}.bias") for e in range(unfused.num_experts)]
-                    banks[f"{at}{bank}_bias"] = functools.partial(torch.stack, biases)
+                    banks[f"{at}{bank}_bias"] = [rest.pop(f"{at}{e}.{bank}.bias") for e in range(unfused.num_experts)]
     return rest, banks
 
 

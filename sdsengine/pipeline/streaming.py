@@ -13,11 +13,12 @@ The tensors a prune reads (the embeddings', the decoder layers') are found in th
 names or under those transformers renames to them as it loads (Mixtral's block_sparse_moe is the model's mlp), with
 the model's shapes; a name that matches neither is refused, not guessed. A mixture whose experts transformers 5 fuses
 on load (Mixtral, Qwen-MoE, ...: stored one by one, held as one 3-D bank per projection) is lent each bank as
-transformers builds it, and while a prune runs (its experts unfused into linears: experts.py) each expert's linears
-their slices of it.
-Every tensor is written back as it was read: under its checkpoint name, a bank split back into the experts' tensors by
-transformers' own reversal (what save_pretrained does). What no layer holds is copied under the checkpoint's own names
-(GPT-NeoX's head is embed_out there, lm_head in the model).
+transformers builds it (each expert's tensors read straight into their rows of it, where transformers stacks and joins
+them: every fused mixture in transformers 5.25), and while a prune runs (its experts unfused into linears: experts.py)
+each expert's linears their slices of it.
+Every tensor is written back as it was read: under its checkpoint name, a bank as the experts' tensors it was built
+from (their rows of the linears' weights, or transformers' own reversal, what save_pretrained does). What no layer
+holds is copied under the checkpoint's own names (GPT-NeoX's head is embed_out there, lm_head in the model).
 """
 import contextlib
 import functools
@@ -157,8 +158,8 @@ class WeightStream:
         rest, banks = experts.fused_banks(layer, state)
         entries = [(self.keys.get(f"{prefix}.{name}", f"{prefix}.{name}"), t.dtype, t.shape, lambda t=t: t)
                    for name, t in rest.items()]  # each under the key it was read from (a buffer under its name)
-        for name, make in banks.items():
-            entries += self._bank_entries(f"{prefix}.{name}", make)
+        for name, parts in banks.items():
+            entries += self._bank_entries(f"{prefix}.{name}", parts)
         self._write(index, entries)
         self.sizes[index] = linear_sizes(layer, state)
 
@@ -223,13 +224,17 @@ class WeightStream:
         """The checkpoint keys a built bank is made of."""
         return [key for keys in self.built[name][1].values() for key in keys]
 
-    def _bank_entries(self, name, make):
-        """Entries that write the fused bank `name` (made by make() when its first tensor is written, let go with its
-        last) as it was read: under its key, or split back into the tensors it was built from by transformers (as
-        save_pretrained splits it)."""
+    def _bank_entries(self, name, parts):
+        """Entries that write the fused bank `name` (its experts' slices `parts`, experts.fused_banks) as it was read:
+        under its key, or as the tensors it was built from: each its rows of an expert's slice where transformers
+        stacks and joins them (_filled's inverse: no bank is made), else split back from the bank by transformers (as
+        save_pretrained splits it; the bank stacked when its first tensor is written, let go with its last)."""
         dtype, shape = self.state[name].dtype, self.shapes[name]
+        make = functools.partial(torch.stack, parts)
         if name not in self.built:
             return [(self.keys[name], dtype, shape, make)]
+        if transformers_compat.stacks_rows(self.built[name][0]):
+            return self._rows_entries(name, parts)
         layout = transformers_compat.reverted(self.model, {name: torch.empty(shape, dtype=dtype, device="meta")})
         if layout.keys() != set(self._built_from(name)):
             raise RuntimeError(f"transformers splits {name} into {len(layout)} tensors, not the "
@@ -244,10 +249,13 @@ class WeightStream:
         if name not in self.built:
             return read_tensor(headers[self.keys[name]], dtype)
         converter, sources = self.built[name]
-        try:  # transformers' steps let each input go as they take it (the dict is emptied)
-            tensor = transformers_compat.fused(self.model, name, converter, {
-                pattern: [read_tensor(headers[key], dtype) for key in keys] for pattern, keys in sources.items()
-            }).contiguous()
+        try:
+            if transformers_compat.stacks_rows(converter):
+                tensor = self._filled(name, converter, sources, headers, dtype)
+            else:  # transformers' steps let each input go as they take it (the dict is emptied)
+                tensor = transformers_compat.fused(self.model, name, converter, {
+                    pattern: [read_tensor(headers[key], dtype) for key in keys] for pattern, keys in sources.items()
+                }).contiguous()
         except RuntimeError as exc:  # the experts' tensors do not stack (one missing, or of another shape)
             raise ValueError(f"the checkpoint's {sum(map(len, sources.values()))} tensors for {name} do not build it "
                              f"({exc}): it cannot be streamed (drop --stream-weights)") from None
@@ -255,6 +263,38 @@ class WeightStream:
             raise ValueError(f"the checkpoint's experts build {name} as {tuple(tensor.shape)}, the model's is "
                              f"{self.shapes[name]}: it cannot be streamed (drop --stream-weights)")
         return tensor
+
+    def _filled(self, name, converter, sources, headers, dtype):
+        """Bank `name` built as transformers' stacking and joining build it (transformers_compat.stacks_rows), each
+        expert's tensor read straight into its rows: transformers' steps hold their inputs beside their outputs, up to
+        three of a layer's largest bank at once."""
+        shape = self.shapes[name]
+        bank, row = torch.empty(shape, dtype=dtype), 0
+        for pattern in (p for p in converter.source_patterns if p in sources):
+            keys = sources[pattern]
+            rows = headers[keys[0]].shape[0]
+            if len(keys) != shape[0] or any(tuple(headers[k].shape) != (rows, *shape[2:]) for k in keys):
+                raise RuntimeError(f"{len(keys)} tensors of {pattern}, of shapes "
+                                   f"{sorted({tuple(headers[k].shape) for k in keys})}, for {shape[0]} experts")
+            for e, key in enumerate(keys):
+                read_tensor(headers[key], out=bank[e, row:row + rows])
+            row += rows
+        if row != shape[1]:
+            raise RuntimeError(f"{row} rows for {shape[1]}")
+        return bank
+
+    def _rows_entries(self, name, parts):
+        """Entries that write each checkpoint tensor bank `name` was built from (_filled) as its rows of its expert's
+        slice of the bank, parts[e]: views of what the layer holds, where transformers' split would copy the bank."""
+        converter, sources = self.built[name]
+        entries, row = [], 0
+        for pattern in (p for p in converter.source_patterns if p in sources):
+            rows = self.headers[sources[pattern][0]].shape[0]
+            for key, part in zip(sources[pattern], parts, strict=True):
+                piece = part[row:row + rows]
+                entries.append((key, piece.dtype, piece.shape, lambda piece=piece: piece.contiguous()))
+            row += rows
+        return entries
 
     def _read(self, key, dtype=None):
         """The checkpoint's tensor `key` on the host, in dtype (default: the file's)."""
