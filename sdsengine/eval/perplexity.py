@@ -31,18 +31,29 @@ def perplexity(model, ids, seqlen, device=None, limit=None, progress=True, weigh
     check_windows(seqlen, limit)
     device = eval_device(model, device, weights)
     check_ids(model, ids, "the perplexity text's token ids (is it the model's tokenizer?)")
-    windows = ids.shape[1] // seqlen
-    if windows == 0:
-        raise ValueError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
-    windows = windows if limit is None else min(windows, limit)
+    windows = _count(ids, seqlen, limit)
     with eval_mode(model):
         if weights is None:
             nll = _mean_nll(model, ids, seqlen, windows, device, progress)
         else:
-            with final_states(model, [ids[0, :windows * seqlen].view(windows, seqlen)], weights, device, progress):
+            with final_states(model, streamed_groups(ids, seqlen, limit), weights, device, progress):
                 nll = _mean_nll(model, ids, seqlen, windows, device, progress)
     return {"ppl": math.exp(nll) if nll <= MAX_NLL else None, "nll": nll, "tokens": windows * seqlen,
             "windows": windows, "seqlen": seqlen}
+
+
+def streamed_groups(ids, seqlen, limit=None) -> list:
+    """The windows a streamed perplexity(model, ids, seqlen, limit=limit) runs, as final_states takes them."""
+    windows = _count(ids, seqlen, limit)
+    return [ids[0, :windows * seqlen].view(windows, seqlen)]
+
+
+def _count(ids, seqlen, limit):
+    """The windows of seqlen tokens evaluated: all that ids hold, at most limit."""
+    windows = ids.shape[1] // seqlen
+    if windows == 0:
+        raise ValueError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    return windows if limit is None else min(windows, limit)
 
 
 def check_windows(seqlen, limit=None):

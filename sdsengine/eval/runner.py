@@ -1,12 +1,17 @@
 """Runs a list of evaluation tasks, perplexity and zero-shot, and formats their results."""
+import contextlib
+
 from sdsengine.config import check_device
 from sdsengine.data import EVAL_TASKS, check_eval_source, eval_tokens
 from sdsengine.pipeline.adapters import check_ids, check_seqlen, eval_mode
 
 from .checks import eval_device
 from .perplexity import check_windows, perplexity
+from .perplexity import streamed_groups as perplexity_groups
+from .streamed import one_pass
 from .tasks import TASKS, check_task_name, load_task
 from .zeroshot import BATCH_SIZE, evaluate_zeroshot
+from .zeroshot import streamed_groups as zeroshot_groups
 
 TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-shot tasks {', '.join(TASKS)}, "
              "or a .jsonl file of {context, choices, label}")
@@ -45,16 +50,29 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
         ids, protocol = streams[task]
         return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
 
-    with eval_mode(model):
+    with eval_mode(model), _shared_pass(model, tokenizer, tasks, items, streams, seqlen, limit, weights, device,
+                                        progress):
         return {task: run(task) for task in tasks}
+
+
+def _shared_pass(model, tokenizer, tasks, items, streams, seqlen, limit, weights, device, progress):
+    """A streamed model's tasks, several of them, in one pass over its layers (streamed.one_pass): the model's weights
+    are read once rather than once per task."""
+    if weights is None or len(tasks) < 2:
+        return contextlib.nullcontext()
+    groups = [g for task in tasks for g in (
+        zeroshot_groups(model, tokenizer, items[task], desc=task) if task in items else
+        perplexity_groups(streams[task][0], seqlen, limit))]
+    return one_pass(model, groups, weights, device, progress)
 
 
 def evaluate_checkpoint(model, tasks, seqlen=2048, limit=None, data_dir=None, device="cpu", dtype=None,
                         progress=True, samples=None, items=None) -> dict:
     """evaluate(load_model(model, dtype), tasks, ...) read from the files of `model` (a safetensors checkpoint
-    directory or a hub id) a decoder layer at a time, once per task: the host holds one layer's weights (the
-    embeddings and head for their turns) beside the hidden states of the task's windows (a zero-shot task's: of its
-    distinct inputs), so a model larger than its memory is evaluated. The result is the loaded model's: perplexity to
+    directory or a hub id) a decoder layer at a time, once for all the tasks (once per task where their windows' hidden
+    states do not fit together: streamed.one_pass): the host holds one layer's weights (the embeddings and head for
+    their turns) beside the hidden states of the tasks' windows (a zero-shot task's: of its distinct inputs), so a
+    model larger than its memory is evaluated. The result is the loaded model's: perplexity to
     the last bit; zero-shot, each input run alone, as the loaded model's at batch size 1 (eval/streamed.py)."""
     from sdsengine.models import load_model, weights_directory
     from sdsengine.nn.convert import is_compressed_checkpoint

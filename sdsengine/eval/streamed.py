@@ -8,7 +8,9 @@ buffer per window length holds those windows' hidden states, each layer's output
 model's own forward runs again, once per window, with its decoder layers replaced by stand-ins that hand on that
 window's final hidden states (and its input embeddings by zeros: not read again beside the head), so that what follows
 the layers (final norm, head, a family's logit scaling or soft-capping) is the model's own code, not a copy. The
-windows then score as perplexity.py and zeroshot.py score them.
+windows then score as perplexity.py and zeroshot.py score them. Several tasks run in one such pass (the layers' weights
+read once, not once per task: `one_pass`) where their windows' hidden states fit; each task's own final_states then
+hands on its windows from it.
 """
 import contextlib
 import sys
@@ -28,6 +30,11 @@ def final_states(model, groups, weights, device, progress=True):
     length differing from group to group), one window per call, group after group, gives the logits the loaded model
     gives: its decoder layers are stand-ins that return each window's final hidden states, computed here a layer at a
     time, and what runs outside them is lent its weights from `weights`."""
+    layers = adapters.decoder_layers(model)
+    if layers and isinstance(layers[0], _StandIn):  # inside a pass over several tasks' windows: these are next in it
+        layers[0].feed.check_next(groups)
+        yield
+        return
     device = torch.device(device)
     need = sum(memory.buffer_bytes(model, *ids.shape) for ids in groups)
     store = memory.store_device(device, need)
@@ -37,7 +44,6 @@ def final_states(model, groups, weights, device, progress=True):
     if progress:
         print(f"evaluation activations: {memory.describe(need)} on {store}", file=sys.stderr)
     captured = capture_groups(model, groups, device, store, weights)
-    layers = adapters.decoder_layers(model)
     returned = []  # whether each call of a layer returned a tuple
     for i, layer in enumerate(tqdm(layers, desc="layers", unit="layer", disable=not progress)):
         with placement.visiting([layer], device, weights), _returns_noted(layer, returned):
@@ -55,6 +61,17 @@ def final_states(model, groups, weights, device, progress=True):
         model.set_input_embeddings(embeddings)
         for i, layer in enumerate(originals):
             layers[i] = layer
+
+
+def one_pass(model, groups, weights, device, progress=True):
+    """final_states over `groups` (the windows of several tasks, in the order the tasks run) where their hidden states
+    fit in half the memory they would be kept in (the rest is for the layers and the tasks' work), so the layers are
+    read once for all of them; else nothing, and each task makes its own pass (its windows alone must fit)."""
+    need = sum(memory.buffer_bytes(model, *ids.shape) for ids in groups)
+    free = memory.available_bytes(memory.store_device(torch.device(device), need))
+    if free is not None and need > free / 2:
+        return contextlib.nullcontext()
+    return final_states(model, groups, weights, device, progress)
 
 
 @contextlib.contextmanager
@@ -85,6 +102,14 @@ class _Feed:
                                "(batch, tokens), not the window computed for it: the windows must be run in the order "
                                "they were computed, one per call")
 
+    def check_next(self, groups):
+        """Refuse unless the windows of `groups` ((windows, seqlen) ids each) are the next ones this feed hands on."""
+        start = self.window + 1
+        lengths = [ids.shape[1] for ids in groups for _ in range(ids.shape[0])]
+        if [w.shape[1] for w in self.windows[start:start + len(lengths)]] != lengths:
+            raise RuntimeError(f"a task's {len(lengths)} windows are not the next ones of the pass over several tasks' "
+                               f"windows (from window {start} of {len(self.windows)})")
+
     def current(self):
         h = self.windows[self.window].to(self.device)
         return (h,) if self.as_tuple else h
@@ -113,6 +138,7 @@ class _NoEmbeddings(nn.Module):
     def __init__(self, embeddings):
         super().__init__()
         self.width, self.dtype = embeddings.embedding_dim, embeddings.weight.dtype
+        self.num_embeddings = embeddings.num_embeddings  # the vocabulary the tasks' ids are checked against
 
     def forward(self, ids):
         return torch.zeros(*ids.shape, self.width, dtype=self.dtype, device=ids.device)

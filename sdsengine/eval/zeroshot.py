@@ -136,13 +136,7 @@ def loglikelihoods(model, pairs, batch_size=BATCH_SIZE, device=None, max_length=
     if pairs:
         check_ids(model, torch.tensor([i for ctx, cont in pairs for i in (*ctx, *cont)]),
                   f"{desc}: the tokenizer's ids (is it the model's tokenizer?)")
-    windows = [_window(ctx, cont, max_length) for ctx, cont in pairs]
-    # Pairs with the same model input (one-token answers such as BoolQ's " no"/" yes") share one row.
-    users = defaultdict(list)
-    for index, (inp, _) in enumerate(windows):
-        users[inp].append(index)
-    # Longest first, as lm-eval: batches hold similar lengths, and running out of memory shows at once.
-    order = sorted(users, key=lambda inp: (-len(inp), inp))
+    windows, users, order = _inputs(pairs, max_length)
     keeps_logits = _keeps_logits(model)
     out = [0.0] * len(pairs)
     if weights is None or not order:
@@ -162,6 +156,26 @@ def loglikelihoods(model, pairs, batch_size=BATCH_SIZE, device=None, max_length=
             if not all(math.isfinite(out[i]) for inp in batch for i in users[inp]):
                 raise ValueError(non_finite(model, desc))
     return out
+
+
+def _inputs(pairs, max_length):
+    """(windows, users, order): each pair's (model input, scored tokens), the pairs each distinct model input serves,
+    and the distinct inputs in the order they run."""
+    windows = [_window(ctx, cont, max_length) for ctx, cont in pairs]
+    # Pairs with the same model input (one-token answers such as BoolQ's " no"/" yes") share one row.
+    users = defaultdict(list)
+    for index, (inp, _) in enumerate(windows):
+        users[inp].append(index)
+    # Longest first, as lm-eval: batches hold similar lengths, and running out of memory shows at once.
+    return windows, users, sorted(users, key=lambda inp: (-len(inp), inp))
+
+
+def streamed_groups(model, tokenizer, items, max_length=None, desc="zero-shot") -> list:
+    """The windows a streamed evaluate_zeroshot(model, tokenizer, items) runs, as final_states takes them, in its
+    order (eval/streamed.py: several tasks' windows in one pass over the layers)."""
+    max_length = max_length or model_max_length(model, tokenizer)
+    pairs = encode_items(tokenizer, items, wants_bos(model), max_length, desc)
+    return _by_length(_inputs(pairs, max_length)[2])
 
 
 def _by_length(order):

@@ -217,6 +217,29 @@ def test_evaluate_checkpoint_gives_evaluates_result_on_a_zero_shot_task(tmp_path
         assert got["loglikelihoods"] == pytest.approx(want["loglikelihoods"], abs=1e-5)
 
 
+@needs_data
+@pytest.mark.parametrize("fits", [True, False])
+def test_several_tasks_read_the_layers_once(fits, tmp_path, monkeypatch):
+    """Perplexity and two zero-shot tasks streamed: each layer read once for all three where their windows' hidden
+    states fit together (once per task before: a large model's files read again for every task), else once per task; the
+    loaded model's results either way."""
+    source, task = _saved(tmp_path), _task_file(tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(task).read_text().replace('"label": 1', '"label": 0'))
+    tasks = ["wikitext2", task, str(other)]
+    loaded, tokenizer, _ = load_model(str(source))
+    expected = evaluate(loaded, tokenizer, tasks, seqlen=32, limit=3, data_dir=DATA_DIR, progress=False)
+    visits, visiting = [], placement.visiting
+    monkeypatch.setattr(placement, "visiting",
+                        lambda modules, *args: visits.append(modules) or visiting(modules, *args))
+    if not fits:  # each task's windows fit alone, not the three tasks' together
+        monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * 3 * 32 * loaded.config.hidden_size * 4)
+    got = evaluate_checkpoint(str(source), tasks, seqlen=32, limit=3, data_dir=DATA_DIR, progress=False)
+    assert got == expected
+    layers = [modules for modules in visits if isinstance(modules[0], type(loaded.model.layers[0]))]
+    assert len(layers) == 2 * (1 if fits else 3)
+
+
 def test_hidden_states_that_cannot_fit_are_refused_before_any_layer_is_read(tmp_path, monkeypatch):
     source = _saved(tmp_path)
     model, weights = _stream(source)
