@@ -99,21 +99,34 @@ def _unfused(model) -> dict:
 def _convert(stream, lend, names, linears, ignore, file, written) -> dict:
     """{name: (Conversion, an empty SparseLinear of its shape or None)} of the linears `names`, lent together in `lend`
     (the linear, or the packed experts module holding them), their tensors written to `file`: compressed or dense, or,
-    for an experts module none of whose linears converts, its banks (convert leaves it fused)."""
+    for an experts module none of whose linears converts, its banks (convert leaves it fused). Each linear is written
+    as soon as that is known (a packed module's once one of its linears has converted; those before it are views of
+    its banks), so one SparseLinear is held at a time, not a module's."""
+    banks = isinstance(lend, experts.UnfusedExperts)  # its banks are written instead, unless one of its linears converts
+    done, waiting = {}, []
     with stream.lent([lend], "cpu"):
-        done = {name: convert_linear(name, linears[name], ignore) for name in names}
-        if isinstance(lend, experts.UnfusedExperts) and all(sparse is None for _, sparse in done.values()):
+        for name in names:
+            record, sparse = convert_linear(name, linears[name], ignore)
+            done[name] = (record, None if sparse is None else _shell(linears[name]))
+            waiting.append((name, sparse))
+            banks = banks and sparse is None
+            if not banks:
+                for held, compressed in waiting:
+                    _write_linear(file, stream, held, compressed or linears[held], compressed is None, written)
+                waiting = []
+        if banks:
             for bank, parts in experts.fused_banks(lend, lend.state_dict())[1].items():
                 file.add(f"{stream.name_of(lend)}.{bank}", torch.stack(parts))
-            return {name: (record, None) for name, (record, _) in done.items()}
-        for name, (record, sparse) in done.items():
-            for full, tensor in (sparse or linears[name]).state_dict(prefix=f"{name}.").items():
-                if sparse is None:
-                    _write_once(file, full, tensor, stream.keys.get(full, full), written)
-                else:
-                    file.add(full, tensor)
-    return {name: (record, None if sparse is None else _shell(linears[name]))
-            for name, (record, sparse) in done.items()}
+    return done
+
+
+def _write_linear(file, stream, name, module, dense, written):
+    """The linear `name`'s tensors (module's: the lent linear where dense, else its SparseLinear) into file."""
+    for full, tensor in module.state_dict(prefix=f"{name}.").items():
+        if dense:
+            _write_once(file, full, tensor, stream.keys.get(full, full), written)
+        else:
+            file.add(full, tensor)
 
 
 def _candidates(stream, state, linears):
