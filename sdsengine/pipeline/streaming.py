@@ -269,31 +269,25 @@ class WeightStream:
         expert's tensor read straight into its rows: transformers' steps hold their inputs beside their outputs, up to
         three of a layer's largest bank at once."""
         shape = self.shapes[name]
-        bank, row = torch.empty(shape, dtype=dtype), 0
-        for pattern in (p for p in converter.source_patterns if p in sources):
-            keys = sources[pattern]
-            rows = headers[keys[0]].shape[0]
-            if len(keys) != shape[0] or any(tuple(headers[k].shape) != (rows, *shape[2:]) for k in keys):
+        bank, stop = torch.empty(shape, dtype=dtype), 0
+        for pattern, keys, start, stop in _row_spans(converter, sources, headers):
+            if len(keys) != shape[0] or any(tuple(headers[k].shape) != (stop - start, *shape[2:]) for k in keys):
                 raise RuntimeError(f"{len(keys)} tensors of {pattern}, of shapes "
                                    f"{sorted({tuple(headers[k].shape) for k in keys})}, for {shape[0]} experts")
             for e, key in enumerate(keys):
-                read_tensor(headers[key], out=bank[e, row:row + rows])
-            row += rows
-        if row != shape[1]:
-            raise RuntimeError(f"{row} rows for {shape[1]}")
+                read_tensor(headers[key], out=bank[e, start:stop])
+        if stop != shape[1]:  # the last pattern's rows end where the bank's do
+            raise RuntimeError(f"{stop} rows for {shape[1]}")
         return bank
 
     def _rows_entries(self, name, parts):
         """Entries that write each checkpoint tensor bank `name` was built from (_filled) as its rows of its expert's
         slice of the bank, parts[e]: views of what the layer holds, where transformers' split would copy the bank."""
-        converter, sources = self.built[name]
-        entries, row = [], 0
-        for pattern in (p for p in converter.source_patterns if p in sources):
-            rows = self.headers[sources[pattern][0]].shape[0]
-            for key, part in zip(sources[pattern], parts, strict=True):
-                piece = part[row:row + rows]
+        entries = []
+        for _, keys, start, stop in _row_spans(*self.built[name], self.headers):
+            for key, part in zip(keys, parts, strict=True):
+                piece = part[start:stop]
                 entries.append((key, piece.dtype, piece.shape, lambda piece=piece: piece.contiguous()))
-            row += rows
         return entries
 
     def _read(self, key, dtype=None):
@@ -311,6 +305,17 @@ class WeightStream:
         file = self._file(shard)
         self.total_size += write_safetensors(self.out / file, entries)
         self.weight_map.update(dict.fromkeys((name for name, *_ in entries), file))
+
+
+def _row_spans(converter, sources, headers):
+    """(pattern, its checkpoint keys (one per expert), start, stop) of each source pattern of a bank that
+    transformers_compat.stacks_rows builds: the rows of bank[e] that each pattern's tensor of expert e fills, in the
+    converter's order, as long as its first expert's tensor in `headers`."""
+    row = 0
+    for pattern in (p for p in converter.source_patterns if p in sources):
+        keys = sources[pattern]
+        start, row = row, row + headers[keys[0]].shape[0]
+        yield pattern, keys, start, row
 
 
 def _whole(tensor):
