@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from sdsengine import locks
+from sdsengine import locks, mixture_save
 from sdsengine.files import fresh, unwritable, within
 
 REPORT_NAME = "sdsengine.json"
@@ -154,8 +154,13 @@ def _refuse_taken(out, tmp, overwrite, staged_inside):
 def save_checkpoint(model, tokenizer, out, report, overwrite=False) -> Path:
     out = check_output_dir(out, overwrite)
     with staged_directory(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _save_with_model(tokenizer, tmp, report)
+        entries = mixture_save.checkpoint_entries(model)
+        if entries is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _save_with_model(tokenizer, tmp, report)
+        else:  # a mixture's experts written from views of its banks, where save_pretrained copies them
+            mixture_save.write_shards(tmp, entries)
+            save_beside_weights(model, tokenizer, tmp, report)
     return out
 
 

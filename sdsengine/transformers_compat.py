@@ -143,6 +143,24 @@ def stacks_rows(converter) -> bool:
     return steps in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)])
 
 
+def row_spans(converter, sources, shapes):
+    """(pattern, its checkpoint keys (one per expert), start, stop) of each source pattern of a bank that
+    stacks_rows builds: the rows of bank[e] that each pattern's tensor of expert e fills, in the converter's order, as
+    many as its first expert's tensor's in `shapes` (key -> anything with a shape)."""
+    row = 0
+    for pattern in (p for p in converter.source_patterns if p in sources):
+        keys = sources[pattern]
+        start, row = row, row + shapes[keys[0]].shape[0]
+        yield pattern, keys, start, row
+
+
+def rows_split(converter, sources, shapes, parts) -> dict:
+    """The checkpoint tensors (key -> tensor) a bank that stacks_rows builds from `sources` was built from, each a view
+    of its rows of its expert's slice of the bank, parts[e]: what `reverted` gives, with no copy of the bank."""
+    return {key: part[start:stop] for _, keys, start, stop in row_spans(converter, sources, shapes)
+            for key, part in zip(keys, parts, strict=True)}
+
+
 def reverted(model, tensors) -> dict:
     """The model's tensors ({name: tensor}) under the checkpoint's names, as save_pretrained writes them: transformers'
     conversion mapping reversed (a fused experts bank split back into each expert's tensors)."""

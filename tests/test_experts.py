@@ -1,14 +1,16 @@
 """Mixtures of experts: fused expert banks pruned as per-expert linears (pipeline/experts.py)."""
 import gc
+import json
 import warnings
 import weakref
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import sdsengine
-from sdsengine import transformers_compat
+from sdsengine import mixture_save, transformers_compat
 from sdsengine.algorithms import magnitude, wanda
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.checkpoint import save_checkpoint
@@ -216,6 +218,65 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
         packed = sdsengine.load_compressed(sdsengine.save_compressed(converted, tmp_path / "packed"))
         assert _packed_experts(packed) == _packed_experts(converted)
         torch.testing.assert_close(packed(ids).logits, expected, rtol=0, atol=0)
+
+
+# mixtures whose checkpoints hold their experts' banks fused (GPT-OSS, GraniteMoE, Llama 4): save_pretrained only
+# renames them, without a copy
+_STORED_FUSED = {"gpt_oss", "granitemoe", "llama4_text"}
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_a_pruned_mixture_is_saved_as_save_pretrained_saves_it_each_expert_from_a_view(family, tmp_path):
+    """save_checkpoint writes the tensors (names, dtypes, values) and config save_pretrained writes; where the checkpoint
+    stores the experts one by one, each expert's tensor is written from a view of its rows of the bank, not from
+    transformers' reversal, which copies every gate_up bank (tests/test_memory.py)."""
+    model = _mixture(family)
+    sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
+    assert (mixture_save.checkpoint_entries(model) is None) == (family in _STORED_FUSED)
+    model.save_pretrained(tmp_path / "transformers")
+    out = save_checkpoint(model, None, tmp_path / "ours", {})
+    ours, theirs = (load_file(d / "model.safetensors") for d in (out, tmp_path / "transformers"))
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (out / "config.json").read_text() == (tmp_path / "transformers" / "config.json").read_text()
+
+
+def test_a_mixture_larger_than_a_shard_is_saved_in_shards_with_an_index(tmp_path):
+    model = _mixture("qwen3_moe")
+    sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
+    entries = mixture_save.checkpoint_entries(model)
+    largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    mixture_save.write_shards(tmp_path, entries, shard_bytes=largest)
+    index = json.loads((tmp_path / mixture_save.INDEX).read_text())
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+    assert all(sum(t.numel() * t.element_size() for t in load_file(f).values()) <= largest for f in files)
+    assert index["weight_map"].keys() == {name for name, *_ in entries}
+    model.config.save_pretrained(tmp_path)
+    ids = tiny_tokens(2, 8, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_a_mixture_whose_experts_transformers_would_save_elsewhere_is_saved_by_transformers(tmp_path, monkeypatch):
+    """Where the views do not give every tensor transformers' reversal gives, it is said, and save_pretrained saves the
+    model (copying its banks, as before)."""
+    model = _mixture("qwen3_moe")
+    split = transformers_compat.rows_split
+    monkeypatch.setattr(transformers_compat, "rows_split", lambda *a: dict(list(split(*a).items())[1:]))
+    with pytest.warns(UserWarning, match="saved by save_pretrained"):
+        out = save_checkpoint(model, None, tmp_path / "out", {})
+    ids = tiny_tokens(2, 8, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, model(ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_an_offloaded_mixture_is_saved_by_transformers():
+    model = _mixture("qwen3_moe")
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "disk"}
+    assert mixture_save.checkpoint_entries(model) is None
 
 
 @pytest.mark.parametrize("family", MOE)

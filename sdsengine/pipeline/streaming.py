@@ -270,7 +270,7 @@ class WeightStream:
         three of a layer's largest bank at once."""
         shape = self.shapes[name]
         bank, stop = torch.empty(shape, dtype=dtype), 0
-        for pattern, keys, start, stop in _row_spans(converter, sources, headers):
+        for pattern, keys, start, stop in transformers_compat.row_spans(converter, sources, headers):
             if len(keys) != shape[0] or any(tuple(headers[k].shape) != (stop - start, *shape[2:]) for k in keys):
                 raise RuntimeError(f"{len(keys)} tensors of {pattern}, of shapes "
                                    f"{sorted({tuple(headers[k].shape) for k in keys})}, for {shape[0]} experts")
@@ -283,12 +283,8 @@ class WeightStream:
     def _rows_entries(self, name, parts):
         """Entries that write each checkpoint tensor bank `name` was built from (_filled) as its rows of its expert's
         slice of the bank, parts[e]: views of what the layer holds, where transformers' split would copy the bank."""
-        entries = []
-        for _, keys, start, stop in _row_spans(*self.built[name], self.headers):
-            for key, part in zip(keys, parts, strict=True):
-                piece = part[start:stop]
-                entries.append((key, piece.dtype, piece.shape, lambda piece=piece: piece.contiguous()))
-        return entries
+        pieces = transformers_compat.rows_split(*self.built[name], self.headers, parts)
+        return [(key, piece.dtype, piece.shape, lambda piece=piece: piece) for key, piece in pieces.items()]
 
     def _read(self, key, dtype=None):
         """The checkpoint's tensor `key` on the host, in dtype (default: the file's)."""
@@ -305,17 +301,6 @@ class WeightStream:
         file = self._file(shard)
         self.total_size += write_safetensors(self.out / file, entries)
         self.weight_map.update(dict.fromkeys((name for name, *_ in entries), file))
-
-
-def _row_spans(converter, sources, headers):
-    """(pattern, its checkpoint keys (one per expert), start, stop) of each source pattern of a bank that
-    transformers_compat.stacks_rows builds: the rows of bank[e] that each pattern's tensor of expert e fills, in the
-    converter's order, as long as its first expert's tensor in `headers`."""
-    row = 0
-    for pattern in (p for p in converter.source_patterns if p in sources):
-        keys = sources[pattern]
-        start, row = row, row + headers[keys[0]].shape[0]
-        yield pattern, keys, start, row
 
 
 def _whole(tensor):
