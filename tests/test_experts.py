@@ -227,8 +227,8 @@ _STORED_FUSED = {"gpt_oss", "granitemoe", "llama4_text"}
 
 @pytest.mark.parametrize("family", MOE)
 def test_a_pruned_mixture_is_saved_as_save_pretrained_saves_it_each_expert_from_a_view(family, tmp_path):
-    """save_checkpoint writes the tensors (names, dtypes, values) and config save_pretrained writes; where the checkpoint
-    stores the experts one by one, each expert's tensor is written from a view of its rows of the bank, not from
+    """save_checkpoint writes the tensors (names, dtypes, values) and config save_pretrained writes; where the
+    checkpoint stores the experts one by one, each expert's tensor is written from a view of its rows of the bank, not from
     transformers' reversal, which copies every gate_up bank (tests/test_memory.py)."""
     model = _mixture(family)
     sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
