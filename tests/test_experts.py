@@ -614,11 +614,15 @@ def test_mixtures_prune_on_the_gpu_as_on_the_cpu(family, config):
 
 
 @pytest.mark.gpu
-def test_a_mixture_on_the_gpu_stays_there():
+def test_a_mixture_on_the_gpu_stays_there_and_saves_as_transformers_saves_it(tmp_path):
     model = tiny_model("qwen2_moe").to("cuda")
     sdsengine.prune(model, SparseGPTConfig(sparsity="2:4", blocksize=16, device="cuda"), tiny_tokens(), progress=False)
     moved = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cuda"]
     assert not moved and all(nm_violations(w, 2, 4) == 0 for w in _slices(model).values()), moved
+    model.save_pretrained(tmp_path / "transformers")
+    ours, theirs = (load_file(d / "model.safetensors") for d in (save_checkpoint(model, None, tmp_path / "ours", {}),
+                                                                  tmp_path / "transformers"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_each_experts_token_count_is_reported_and_too_few_are_warned_of():
