@@ -10,7 +10,7 @@ from .perplexity import check_windows, perplexity
 from .perplexity import streamed_groups as perplexity_groups
 from .streamed import one_pass
 from .tasks import TASKS, check_task_name, load_task
-from .zeroshot import BATCH_SIZE, evaluate_zeroshot
+from .zeroshot import BATCH_SIZE, encode_task, evaluate_zeroshot
 from .zeroshot import streamed_groups as zeroshot_groups
 
 TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-shot tasks {', '.join(TASKS)}, "
@@ -41,27 +41,29 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     streams = {t: eval_tokens(tokenizer, t, data_dir, seqlen) for t in tasks if t in EVAL_TASKS}
     for task, (ids, _) in streams.items():
         check_ids(model, ids, f"{task}: the tokenizer's ids (is it the model's tokenizer?)")
+    # a choice that cannot be scored (longer than the window, ...) is named before the first task runs
+    pairs = {task: encode_task(model, tokenizer, items[task], desc=task) for task in tasks if task in items}
 
     def run(task):
         if task in items:
             records = samples.setdefault(task, []) if samples is not None else None
             return evaluate_zeroshot(model, tokenizer, items[task], batch_size, device, desc=task, progress=progress,
-                                     samples=records, weights=weights)
+                                     samples=records, weights=weights, pairs=pairs[task])
         ids, protocol = streams[task]
         return {**perplexity(model, ids, seqlen, device, limit, progress, weights), "protocol": protocol}
 
-    with eval_mode(model), _shared_pass(model, tokenizer, tasks, items, streams, seqlen, limit, weights, device,
+    with eval_mode(model), _shared_pass(model, tokenizer, tasks, pairs, streams, seqlen, limit, weights, device,
                                         progress):
         return {task: run(task) for task in tasks}
 
 
-def _shared_pass(model, tokenizer, tasks, items, streams, seqlen, limit, weights, device, progress):
+def _shared_pass(model, tokenizer, tasks, pairs, streams, seqlen, limit, weights, device, progress):
     """A streamed model's tasks, several of them, in one pass over its layers (streamed.one_pass): the model's weights
-    are read once rather than once per task."""
+    are read once rather than once per task. pairs: each zero-shot task's encode_task."""
     if weights is None or len(tasks) < 2:
         return contextlib.nullcontext()
     groups = [g for task in tasks for g in (
-        zeroshot_groups(model, tokenizer, items[task], desc=task) if task in items else
+        zeroshot_groups(model, tokenizer, pairs[task]) if task in pairs else
         perplexity_groups(streams[task][0], seqlen, limit))]
     return one_pass(model, groups, weights, device, progress)
 

@@ -29,22 +29,23 @@ from sdsengine.eval.streamed import final_states
 from sdsengine.eval.tasks import TASKS, Item, load_task
 from sdsengine.pipeline.adapters import check_ids, eval_mode
 
-__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_items", "encode_pair", "wants_bos",
-           "loglikelihoods", "predictions", "item_records", "model_max_length"]
+__all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_task", "encode_items", "encode_pair",
+           "wants_bos", "loglikelihoods", "predictions", "item_records", "model_max_length"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
 BATCH_SIZE = 8  # inputs per forward by default (--batch-size)
 
 
 def evaluate_zeroshot(model, tokenizer, items, batch_size=BATCH_SIZE, device=None, max_length=None,
-                      desc="zero-shot", progress=True, samples=None, weights=None) -> dict:
+                      desc="zero-shot", progress=True, samples=None, weights=None, pairs=None) -> dict:
     """acc, acc_norm and their standard errors over `items` (a list of Item), and n. `samples`: a list that
     receives one record per item (see item_records), for looking at answers rather than scores. weights: as
-    loglikelihoods'."""
+    loglikelihoods'. pairs: the items' encode_task, where the caller has it (eval/runner.py encodes every task's
+    before any runs)."""
     if not items:
         raise ValueError("no items to evaluate")
     max_length = max_length or model_max_length(model, tokenizer)
-    pairs = encode_items(tokenizer, items, wants_bos(model), max_length, desc)
+    pairs = encode_task(model, tokenizer, items, max_length, desc) if pairs is None else pairs
     with eval_mode(model):
         lls = loglikelihoods(model, pairs, batch_size, device, max_length, desc, progress, weights)
     preds = predictions(items, lls)
@@ -57,6 +58,11 @@ def evaluate_zeroshot(model, tokenizer, items, batch_size=BATCH_SIZE, device=Non
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------
+
+def encode_task(model, tokenizer, items, max_length=None, desc="zero-shot") -> list[tuple[list[int], list[int]]]:
+    """encode_items as `model` is scored: with the BOS it wants, in its window (default: model_max_length)."""
+    return encode_items(tokenizer, items, wants_bos(model), max_length or model_max_length(model, tokenizer), desc)
+
 
 def encode_items(tokenizer, items, bos, max_length, desc) -> list[tuple[list[int], list[int]]]:
     """Every choice's encode_pair, item after item; a choice that cannot be scored (no tokens, longer than
@@ -170,12 +176,11 @@ def _inputs(pairs, max_length):
     return windows, users, sorted(users, key=lambda inp: (-len(inp), inp))
 
 
-def streamed_groups(model, tokenizer, items, max_length=None, desc="zero-shot") -> list:
-    """The windows a streamed evaluate_zeroshot(model, tokenizer, items) runs, as final_states takes them, in its
-    order (eval/streamed.py: several tasks' windows in one pass over the layers)."""
-    max_length = max_length or model_max_length(model, tokenizer)
-    pairs = encode_items(tokenizer, items, wants_bos(model), max_length, desc)
-    return _by_length(_inputs(pairs, max_length)[2])
+def streamed_groups(model, tokenizer, pairs, max_length=None) -> list:
+    """The windows a streamed evaluate_zeroshot(model, tokenizer, items, pairs=pairs) runs (pairs: the items'
+    encode_task), as final_states takes them, in its order (eval/streamed.py: several tasks' windows in one pass over
+    the layers)."""
+    return _by_length(_inputs(pairs, max_length or model_max_length(model, tokenizer))[2])
 
 
 def _by_length(order):

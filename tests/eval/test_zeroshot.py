@@ -379,6 +379,16 @@ def test_bad_name_fails_before_any_evaluation(tmp_path, tokenizer):
     assert model.rows == 0
 
 
+def test_a_choice_that_cannot_be_scored_in_a_later_task_fails_before_any_evaluation(tmp_path, tokenizer):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"context": "c", "choices": [" a", " b"], "label": 0}])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"context": "c", "choices": [" a", " b" * 100], "label": 0}])
+    model = fixed_model(tokenizer, {})
+    with pytest.raises(ValueError, match=r"long\.jsonl: item 0, choice 1: a continuation of \d+ tokens does not "
+                                         r"fit the 64-token window"):
+        evaluate(model, tokenizer, [str(good), str(long)], progress=False)
+    assert model.rows == 0
+
+
 # ---- adapters on the real files ---------------------------------------------------------------------------
 
 @needs_data
