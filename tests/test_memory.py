@@ -315,29 +315,19 @@ def test_a_streamed_prune_of_a_mixture_holds_about_one_layer_at_a_time(tmp_path)
     from those views. Measured 1.3-1.5 layers here; 3.0-3.3 while transformers built the banks (its steps hold their
     inputs beside their outputs) and each bank was stacked and split back as it was written; the six layers of the
     model would be more than 6."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    from tiny_models import save_tiny_tokenizer
-    config = Qwen3MoeConfig(vocab_size=96, hidden_size=512, moe_intermediate_size=512, num_experts=32,
-                            num_experts_per_tok=4, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-                            head_dim=64, max_position_embeddings=64)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")  # 6 layers of 100 MiB in float32
+    from tiny_models import mixture_of_large_layers, save_tiny_tokenizer
+    mixture_of_large_layers().save_pretrained(tmp_path / "model")
     save_tiny_tokenizer(tmp_path / "model")
     assert _peak_rise(_STREAMED_MIXTURE_PEAK, str(tmp_path / "model"), str(tmp_path / "out")) < 2.2  # layers
 
 
 _LOADED_MIXTURE_PEAK = """
-import torch
 import sdsengine
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from sdsengine.pipeline import adapters
-from tiny_models import tiny_model
+from tiny_models import mixture_of_large_layers, tiny_model
 
 sdsengine.prune(tiny_model("qwen3_moe"), sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)  # first-call work
-config = Qwen3MoeConfig(vocab_size=96, hidden_size=512, moe_intermediate_size=512, num_experts=32,
-                        num_experts_per_tok=4, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-                        head_dim=64, max_position_embeddings=64)
-model = AutoModelForCausalLM.from_config(config)
+model = mixture_of_large_layers()
 layer = sum(p.numel() * p.element_size() for p in adapters.decoder_layers(model)[0].parameters())
 before = hwm()
 sdsengine.prune(model, sdsengine.MagnitudeConfig(sparsity="2:4"), progress=False)
@@ -355,17 +345,12 @@ def test_a_loaded_mixtures_prune_copies_no_expert():
 
 _LOADED_MIXTURE_SAVE_PEAK = """
 import sys
-import sdsengine
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from sdsengine.checkpoint import save_checkpoint
 from sdsengine.pipeline import adapters
-from tiny_models import tiny_model
+from tiny_models import mixture_of_large_layers, tiny_model
 
 save_checkpoint(tiny_model("qwen3_moe"), None, sys.argv[1] + "/first", {})  # first-call work
-config = Qwen3MoeConfig(vocab_size=96, hidden_size=512, moe_intermediate_size=512, num_experts=32,
-                        num_experts_per_tok=4, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-                        head_dim=64, max_position_embeddings=64)
-model = AutoModelForCausalLM.from_config(config)
+model = mixture_of_large_layers()
 layer = sum(p.numel() * p.element_size() for p in adapters.decoder_layers(model)[0].parameters())
 before = hwm()
 save_checkpoint(model, None, sys.argv[1] + "/out", {})

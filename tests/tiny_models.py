@@ -98,6 +98,15 @@ def tiny_model(family, seed=0):
     return model.eval()
 
 
+def mixture_of_large_layers():
+    """A Qwen3-MoE of 6 layers of 100 MiB in float32, random weights: memory tests measure in its layers."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    config = Qwen3MoeConfig(vocab_size=96, hidden_size=512, moe_intermediate_size=512, num_experts=32,
+                            num_experts_per_tok=4, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+                            head_dim=64, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config)
+
+
 def save_tiny_tokenizer(path):
     """A two-word tokenizer, enough for load_model to accept a saved tiny model."""
     tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
