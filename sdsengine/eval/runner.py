@@ -10,7 +10,7 @@ from .perplexity import check_windows, perplexity
 from .perplexity import streamed_groups as perplexity_groups
 from .streamed import one_pass
 from .tasks import TASKS, check_task_name, load_task
-from .zeroshot import BATCH_SIZE, encode_task, evaluate_zeroshot
+from .zeroshot import BATCH_SIZE, check_pair_ids, encode_task, evaluate_zeroshot
 from .zeroshot import streamed_groups as zeroshot_groups
 
 TASK_HELP = (f"comma-separated: perplexity tasks {', '.join(EVAL_TASKS)}; zero-shot tasks {', '.join(TASKS)}, "
@@ -41,8 +41,10 @@ def evaluate(model, tokenizer, tasks, seqlen=2048, limit=None, data_dir=None, de
     streams = {t: eval_tokens(tokenizer, t, data_dir, seqlen) for t in tasks if t in EVAL_TASKS}
     for task, (ids, _) in streams.items():
         check_ids(model, ids, f"{task}: the tokenizer's ids (is it the model's tokenizer?)")
-    # a choice that cannot be scored (longer than the window, ...) is named before the first task runs
+    # a choice that cannot be scored (longer than the window, ids past the vocabulary) is named before any task runs
     pairs = {task: encode_task(model, tokenizer, items[task], desc=task) for task in tasks if task in items}
+    for task, task_pairs in pairs.items():
+        check_pair_ids(model, task_pairs, task)
 
     def run(task):
         if task in items:

@@ -30,7 +30,7 @@ from sdsengine.eval.tasks import TASKS, Item, load_task
 from sdsengine.pipeline.adapters import check_ids, eval_mode
 
 __all__ = ["Item", "TASKS", "load_task", "evaluate_zeroshot", "encode_task", "encode_items", "encode_pair",
-           "wants_bos", "loglikelihoods", "predictions", "item_records", "model_max_length"]
+           "check_pair_ids", "wants_bos", "loglikelihoods", "predictions", "item_records", "model_max_length"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names a window
 BATCH_SIZE = 8  # inputs per forward by default (--batch-size)
@@ -139,9 +139,7 @@ def loglikelihoods(model, pairs, batch_size=BATCH_SIZE, device=None, max_length=
     bit."""
     device = eval_device(model, device, weights)
     max_length = max_length or model_max_length(model)
-    if pairs:
-        check_ids(model, torch.tensor([i for ctx, cont in pairs for i in (*ctx, *cont)]),
-                  f"{desc}: the tokenizer's ids (is it the model's tokenizer?)")
+    check_pair_ids(model, pairs, desc)
     windows, users, order = _inputs(pairs, max_length)
     keeps_logits = _keeps_logits(model)
     out = [0.0] * len(pairs)
@@ -162,6 +160,13 @@ def loglikelihoods(model, pairs, batch_size=BATCH_SIZE, device=None, max_length=
             if not all(math.isfinite(out[i]) for inp in batch for i in users[inp]):
                 raise ValueError(non_finite(model, desc))
     return out
+
+
+def check_pair_ids(model, pairs, desc):
+    """Refuses (context, continuation) ids past the model's vocabulary (another model's tokenizer), naming `desc`."""
+    if pairs:
+        check_ids(model, torch.tensor([i for ctx, cont in pairs for i in (*ctx, *cont)]),
+                  f"{desc}: the tokenizer's ids (is it the model's tokenizer?)")
 
 
 def _inputs(pairs, max_length):

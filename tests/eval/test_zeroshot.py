@@ -387,6 +387,11 @@ def test_a_choice_that_cannot_be_scored_in_a_later_task_fails_before_any_evaluat
                                          r"fit the 64-token window"):
         evaluate(model, tokenizer, [str(good), str(long)], progress=False)
     assert model.rows == 0
+    small = FixedLogProbs(torch.full((100,), -math.log(100)))  # a vocabulary without the space's token
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"context": "c", "choices": ["a", "b"], "label": 0}])
+    with pytest.raises(ValueError, match=r"good\.jsonl: the tokenizer's ids \(is it the model's tokenizer\?\)"):
+        evaluate(small, tokenizer, [str(plain), str(good)], progress=False)
+    assert small.rows == 0
 
 
 # ---- adapters on the real files ---------------------------------------------------------------------------
