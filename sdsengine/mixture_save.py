@@ -24,7 +24,18 @@ INDEX = "model.safetensors.index.json"
 
 def checkpoint_entries(model):
     """The entries [(checkpoint name, dtype, shape, make)] of every tensor save_pretrained would write for `model`, each
-    expert's tensor of a stacked-and-joined bank a view of its rows; None where save_pretrained must write them."""
+    expert's tensor of a stacked-and-joined bank a view of its rows; None where save_pretrained must write them. This
+    comes at the end of a run that may have taken hours: where transformers' internals are not what it expects (another
+    release), it says so and leaves the save to save_pretrained rather than fail."""
+    try:
+        return _entries(model)
+    except Exception as exc:  # nothing is written yet, and save_pretrained writes the same checkpoint
+        warnings.warn(f"the experts' tensors could not be laid out as transformers saves them ({type(exc).__name__}: "
+                      f"{exc}): saved by save_pretrained, which copies every bank")
+        return None
+
+
+def _entries(model):
     try:
         from transformers.modeling_utils import PreTrainedModel, remove_tied_weights_from_state_dict
     except ImportError:  # transformers 4: no fused banks

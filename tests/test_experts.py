@@ -273,6 +273,18 @@ def test_a_mixture_whose_experts_transformers_would_save_elsewhere_is_saved_by_t
                                    rtol=0, atol=0)
 
 
+def test_a_failure_laying_out_the_experts_leaves_the_save_to_transformers(tmp_path, monkeypatch):
+    """Another transformers' internals (a reversal that cannot run on meta tensors, say) must not lose a finished run."""
+    model = _mixture("qwen3_moe")
+
+    def broken(*args):
+        raise NotImplementedError("meta tensors")
+
+    monkeypatch.setattr(transformers_compat, "reverted", broken)
+    with pytest.warns(UserWarning, match=r"could not be laid out .*NotImplementedError: meta tensors"):
+        assert mixture_save.checkpoint_entries(model) is None
+
+
 def test_an_offloaded_mixture_is_saved_by_transformers():
     """An offloaded module's parameters are on the meta device, their values in accelerate's hooks."""
     model = _mixture("qwen3_moe")
