@@ -274,7 +274,8 @@ def test_a_mixture_whose_experts_transformers_would_save_elsewhere_is_saved_by_t
 
 
 def test_a_failure_laying_out_the_experts_leaves_the_save_to_transformers(tmp_path, monkeypatch):
-    """Another transformers' internals (a reversal that cannot run on meta tensors, say) must not lose a finished run."""
+    """Another transformers' internals (a reversal that cannot run on meta tensors, say) must not lose a finished
+    run."""
     model = _mixture("qwen3_moe")
 
     def broken(*args):
