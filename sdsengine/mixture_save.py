@@ -87,7 +87,8 @@ def write_shards(directory, entries, shard_bytes=SHARD_BYTES):
 
 
 def _needs_save_pretrained(model, state) -> bool:
-    """What only save_pretrained writes: a quantized model's state, adapters in PEFT's format, remote code's files, an
-    offloaded model's tensors (on the meta device here, their values held by accelerate's hooks)."""
+    """What only save_pretrained writes: a quantized model's state, adapters in PEFT's format, the files of remote code
+    (a model class not of transformers), an offloaded model's tensors (on the meta device here, their values held by
+    accelerate's hooks)."""
     return (getattr(model, "hf_quantizer", None) is not None or getattr(model, "_hf_peft_config_loaded", False)
-            or model.is_remote_code() or any(t.is_meta for t in state.values()))
+            or not type(model).__module__.startswith("transformers.") or any(t.is_meta for t in state.values()))
