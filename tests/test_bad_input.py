@@ -244,7 +244,8 @@ def test_evaluate_finds_a_missing_perplexity_file_before_any_task_runs(tmp_path,
     with pytest.raises(FileNotFoundError, match="ptb/ptb.test.txt"):
         evaluate(tiny_model("llama"), None, [str(tmp_path / "mine.jsonl"), "ptb"], seqlen=64, data_dir=tmp_path)
     assert ran == []
-    assert list(evaluate(tiny_model("llama"), None, [str(tmp_path / "mine.jsonl")] * 2, data_dir=tmp_path)) == [
+    tokenizer = _tiny_tokenizer(tmp_path)  # the zero-shot choices are encoded before any task runs
+    assert list(evaluate(tiny_model("llama"), tokenizer, [str(tmp_path / "mine.jsonl")] * 2, data_dir=tmp_path)) == [
         str(tmp_path / "mine.jsonl")] and len(ran) == 1  # a task named twice runs once
 
 
@@ -276,7 +277,7 @@ def test_evaluate_runs_zero_shot_inputs_in_the_batches_asked_for(tmp_path, monke
     monkeypatch.setattr(runner, "evaluate_zeroshot", lambda model, tok, items, batch_size, *a, **k: sizes.append(
         batch_size) or {})
     for size in (1, 5):
-        evaluate(tiny_model("llama"), None, str(tmp_path / "mine.jsonl"), batch_size=size)
+        evaluate(tiny_model("llama"), _tiny_tokenizer(tmp_path), str(tmp_path / "mine.jsonl"), batch_size=size)
     assert sizes == [1, 5]
     with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be a positive number of inputs, got 0"):
         evaluate(tiny_model("llama"), None, str(tmp_path / "mine.jsonl"), batch_size=0)

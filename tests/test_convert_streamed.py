@@ -16,7 +16,7 @@ from sdsengine.nn import convert_streamed
 from sdsengine.nn.convert import MANIFEST, WEIGHTS
 from sdsengine.pipeline import experts, streaming
 
-from tiny_models import MOE_SETTINGS, save_tiny_tokenizer, tiny_model
+from tiny_models import MOE_SETTINGS, mixture_or_skip, save_tiny_tokenizer, tiny_model
 
 # as in test_streaming: GPT-NeoX's head is embed_out in the files; GPT-2's Conv1D weights are (in, out); Gemma 3, OPT
 # and GPT-2 tie their head to the embeddings. In each, one linear left unpruned stays dense (not 2:4).
@@ -172,6 +172,7 @@ def test_a_streamed_mixture_converts_as_the_loaded_one(family, pack, tmp_path):
     """Each bank is built from the experts stored one by one (Mixtral, Qwen-MoE, ...) as transformers builds it. Not
     packed, the experts stay fused and dense, written as save_compressed writes them; packed, each experts module is
     lent at once, its linears slices of its banks, and converted as convert(pack_experts=True) converts them."""
+    mixture_or_skip(family)  # a mixture this transformers can prune
     source = _pruned(tmp_path, family)
     whole = _whole(source, tmp_path / "whole", pack_experts=pack)
     assert sdsengine.convert_checkpoint(str(source), tmp_path / "streamed", pack_experts=pack) == whole

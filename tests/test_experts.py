@@ -19,7 +19,7 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters, experts, sequential
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import linear_groups, run_layer
-from tiny_models import MOE_SETTINGS, layer_outputs, tiny_config, tiny_model, tiny_tokens
+from tiny_models import MOE_SETTINGS, layer_outputs, mixture_or_skip, tiny_config, tiny_model, tiny_tokens
 
 MOE = [family for family in MOE_SETTINGS if family in adapters.MOE_FAMILIES]
 pytestmark = pytest.mark.skipif(transformers_compat.major() < 5, reason="fused experts came with transformers 5")
@@ -40,38 +40,13 @@ def _slices(model):
     return out
 
 
-def _mixture(family):
-    """The family's tiny model, skipped where transformers here gives it no experts sdsengine can unfuse: experts
-    in another layout (GraniteMoE's input_linear/output_linear up to 5.12; fused like the rest from 5.13), or a
-    router handing every expert's weight (PhiMoE and HunYuan-MoE in 5.0, refused by UnfusedExperts)."""
-    model = tiny_model(family)
-    fused = [m for m in model.modules() if experts.is_fused_experts(m)]
-    if not fused:
-        pytest.skip(f"transformers here keeps {family}'s experts in a layout other than the fused one")
-    shapes = []
-
-    def look(module, args, kwargs):
-        index, weights = [*args, *kwargs.values()][1:3]
-        shapes.append((index.shape[-1], weights.shape[-1]))
-
-    hook = fused[0].register_forward_pre_hook(look, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(tiny_tokens(1, 4))
-    finally:
-        hook.remove()
-    if any(k != w for k, w in shapes):
-        pytest.skip(f"transformers here hands {family}'s experts every expert's routing weight (its own mixture wrong)")
-    return model
-
-
 def test_every_supported_mixture_is_in_the_tests():
     assert sorted(MOE) == sorted(adapters.MOE_FAMILIES)
 
 
 @pytest.mark.parametrize("family", MOE)
 def test_unfused_experts_compute_what_the_fused_ones_do_and_go_back_unchanged(family):
-    model = _mixture(family)
+    model = mixture_or_skip(family)
     for bank in (p for p in model.parameters() if p.dim() == 3):
         torch.nn.init.normal_(bank, std=0.05)  # weights that matter (some families start experts at zero)
     ids, before = tiny_tokens(2, 12), _state(model)
@@ -186,7 +161,7 @@ def test_mixtures_prune_save_reload_and_convert(family, tmp_path):
     """SparseGPT 2:4 on every expert of every layer (each slice 2:4 along its inputs), routers untouched; the
     checkpoint has the model's own fused layout and reloads with transformers computing what the pruned model did;
     the converted model too."""
-    model = _mixture(family)
+    model = mixture_or_skip(family)
     routers = {n: p.clone() for n, p in model.named_parameters()
                if any(f".{r}." in n for r in experts.ROUTERS) and "experts" not in n}
     assert routers or family in ("granitemoe",)
@@ -230,7 +205,7 @@ def test_a_pruned_mixture_is_saved_as_save_pretrained_saves_it_each_expert_from_
     """save_checkpoint writes the tensors (names, dtypes, values) and config save_pretrained writes; where the
     checkpoint stores the experts one by one, each expert's tensor is written from a view of its rows of the bank, not from
     transformers' reversal, which copies every gate_up bank (tests/test_memory.py)."""
-    model = _mixture(family)
+    model = mixture_or_skip(family)
     sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
     assert (mixture_save.checkpoint_entries(model) is None) == (family in _STORED_FUSED)
     model.save_pretrained(tmp_path / "transformers")
@@ -242,7 +217,7 @@ def test_a_pruned_mixture_is_saved_as_save_pretrained_saves_it_each_expert_from_
 
 
 def test_a_mixture_larger_than_a_shard_is_saved_in_shards_with_an_index(tmp_path):
-    model = _mixture("qwen3_moe")
+    model = mixture_or_skip("qwen3_moe")
     sdsengine.prune(model, MagnitudeConfig(sparsity="2:4"), progress=False)
     entries = mixture_save.checkpoint_entries(model)
     largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -262,7 +237,7 @@ def test_a_mixture_larger_than_a_shard_is_saved_in_shards_with_an_index(tmp_path
 def test_a_mixture_whose_experts_transformers_would_save_elsewhere_is_saved_by_transformers(tmp_path, monkeypatch):
     """Where the views do not give every tensor transformers' reversal gives, it is said, and save_pretrained saves the
     model (copying its banks, as before)."""
-    model = _mixture("qwen3_moe")
+    model = mixture_or_skip("qwen3_moe")
     split = transformers_compat.rows_split
     monkeypatch.setattr(transformers_compat, "rows_split", lambda *a: dict(list(split(*a).items())[1:]))
     with pytest.warns(UserWarning, match="saved by save_pretrained"):
@@ -276,7 +251,7 @@ def test_a_mixture_whose_experts_transformers_would_save_elsewhere_is_saved_by_t
 def test_a_failure_laying_out_the_experts_leaves_the_save_to_transformers(tmp_path, monkeypatch):
     """Another transformers' internals (a reversal that cannot run on meta tensors, say) must not lose a finished
     run."""
-    model = _mixture("qwen3_moe")
+    model = mixture_or_skip("qwen3_moe")
 
     def broken(*args):
         raise NotImplementedError("meta tensors")
@@ -288,7 +263,7 @@ def test_a_failure_laying_out_the_experts_leaves_the_save_to_transformers(tmp_pa
 
 def test_an_offloaded_mixture_is_saved_by_transformers():
     """An offloaded module's parameters are on the meta device, their values in accelerate's hooks."""
-    model = _mixture("qwen3_moe")
+    model = mixture_or_skip("qwen3_moe")
     assert mixture_save.checkpoint_entries(model) is not None
     model.model.layers[1].self_attn.q_proj.to("meta")
     assert mixture_save.checkpoint_entries(model) is None
@@ -300,7 +275,7 @@ def test_besa_learns_a_mixtures_experts_within_each_block(family, pattern):
     """BESA on a mixture: each expert's linears are learned in their decoder layer's block like the attention's;
     every block's counted sparsity is the target (2:4: every expert slice holds it), routers stay as they were, and
     the first layer's error, on the same inputs as Wanda's, is no higher (the layer guard)."""
-    model, baseline = _mixture(family), tiny_model(family)
+    model, baseline = mixture_or_skip(family), tiny_model(family)
     routers = {n: p.clone() for n, p in model.named_parameters()
                if any(f".{r}." in n for r in experts.ROUTERS) and "experts" not in n}
     with warnings.catch_warnings():

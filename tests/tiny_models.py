@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
 from sdsengine.algorithms.stats import Hessian
-from sdsengine.pipeline import adapters
+from sdsengine.pipeline import adapters, experts
 
 VOCAB = 96
 
@@ -105,6 +105,31 @@ def mixture_of_large_layers():
                             num_experts_per_tok=4, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
                             head_dim=64, max_position_embeddings=64)
     return AutoModelForCausalLM.from_config(config)
+
+
+def mixture_or_skip(family):
+    """The family's tiny model, skipped where transformers here gives it no experts sdsengine can unfuse: experts
+    in another layout (GraniteMoE's input_linear/output_linear up to 5.12; fused like the rest from 5.13), or a
+    router handing every expert's weight (PhiMoE and HunYuan-MoE in 5.0, refused by UnfusedExperts)."""
+    model = tiny_model(family)
+    fused = [m for m in model.modules() if experts.is_fused_experts(m)]
+    if not fused:
+        pytest.skip(f"transformers here keeps {family}'s experts in a layout other than the fused one")
+    shapes = []
+
+    def look(module, args, kwargs):
+        index, weights = [*args, *kwargs.values()][1:3]
+        shapes.append((index.shape[-1], weights.shape[-1]))
+
+    hook = fused[0].register_forward_pre_hook(look, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(tiny_tokens(1, 4))
+    finally:
+        hook.remove()
+    if any(k != w for k, w in shapes):
+        pytest.skip(f"transformers here hands {family}'s experts every expert's routing weight (its own mixture wrong)")
+    return model
 
 
 def save_tiny_tokenizer(path):
