@@ -2,12 +2,11 @@
 
 transformers 5 holds a mixture's experts fused, one 3-D bank per projection, and save_pretrained splits every bank back
 into the experts' tensors the checkpoint held, the whole state dict at once: the step that parts gate from up copies
-every gate_up bank (3 GiB of a 5 GiB Qwen3-30B-shaped model, all held at once), and safetensors' save then copies each
-tensor to bytes. Where a bank is built as transformers 5.25 builds every fused mixture's (stacked and joined:
-transformers_compat.stacks_rows), each expert's tensor is its rows of the bank, so it is written from a view, a tensor
-at a time (tensorfiles.write_safetensors), under the names, in the dtypes and with the values save_pretrained writes.
-Any other model (none of those banks; quantized, with adapters, offloaded, or of remote code) is saved by
-save_pretrained, as before.
+every gate_up bank (3 GiB of a 5 GiB Qwen3-30B-shaped model, all held at once). Where a bank is built as
+transformers 5.25 builds every fused mixture's (stacked and joined: transformers_compat.stacks_rows), each expert's
+tensor is its rows of the bank, so it is written from a view, a tensor at a time (tensorfiles.write_safetensors), under
+the names, in the dtypes and with the values save_pretrained writes. Any other model (none of those banks; quantized,
+with adapters, offloaded, or of remote code) is saved by save_pretrained, as before.
 """
 import json
 import warnings

@@ -361,7 +361,7 @@ print((hwm() - before) / layer)
 @linux_only
 def test_a_loaded_mixture_is_saved_without_copies_of_its_banks(tmp_path):
     """Each expert's tensors written from views of the banks (mixture_save.py). transformers' save_pretrained copied
-    every gate_up bank at once and safetensors every tensor to bytes: 3.9 layers here; now 0.05."""
+    every gate_up bank at once (two thirds of each layer's bytes): 3.9 layers here; now 0.05."""
     assert _peak_rise(_LOADED_MIXTURE_SAVE_PEAK, str(tmp_path)) < 0.5  # times one layer's bytes
 
 
