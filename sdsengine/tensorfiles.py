@@ -1,7 +1,8 @@
 """safetensors files read and written a tensor at a time, by plain file reads and writes. A tensor is read straight
 into the dtype it is wanted in, a slice at a time where that is not the file's: safetensors gives it in the file's
 dtype, and a cast then holds both (1.5x an fp32 tensor read as bf16). A file is written a tensor at a time, each made
-only as it is written: safetensors' save takes every tensor at once and copies each to bytes before writing.
+only as it is written: safetensors' save takes every tensor at once (and some releases copy each to bytes before
+writing; 0.8 does not).
 
 The format: the header's length (8 bytes, little-endian), the JSON header (each tensor's dtype name, shape and byte
 span counted from the header's end; "__metadata__"), then the tensors' bytes, little-endian and row-major. Used by the
@@ -89,9 +90,9 @@ def _fill(f, tensor, path):
 
 def write_safetensors(path, entries) -> int:
     """Write entries [(name, dtype, shape, make)] as a safetensors file, each tensor made (make()) only as its bytes are
-    written, and return the bytes of tensor data. safetensors' save_file takes every tensor at once and copies each to
-    bytes before writing: for a pruned layer that held it twice, for embeddings and head (GBs each) all of them
-    twice."""
+    written, and return the bytes of tensor data. safetensors' save_file takes every tensor at once: a stream would hold
+    every tensor it reads for the file (embeddings and head, GBs each, at once), and in releases that copy each to
+    bytes before writing (not 0.8), all of them twice."""
     room = header_room((name, dtype, shape) for name, dtype, shape, _ in entries)
     with SafetensorsWriter(path, room) as file:
         for name, dtype, shape, make in entries:
