@@ -152,6 +152,10 @@ def _refuse_taken(out, tmp, overwrite, staged_inside):
 
 
 def save_checkpoint(model, tokenizer, out, report, overwrite=False) -> Path:
+    """Save a pruned `model` (and `tokenizer`, unless None) as a Hugging Face checkpoint in `out`, with the run's
+    `report` (PruneResult.report) beside it, as `sdsengine prune` saves it: staged and put in place whole, a non-empty
+    `out` refused unless `overwrite` and it holds a checkpoint; a loaded mixture's experts written from views of their
+    banks (mixture_save.py), where save_pretrained would copy them. Returns the output's path."""
     out = check_output_dir(out, overwrite)
     with staged_directory(out, overwrite) as tmp:
         entries = mixture_save.checkpoint_entries(model)

@@ -15,7 +15,7 @@ from tiny_models import tiny_model, tiny_tokens
 def test_round_trip_keeps_exact_zeros(tmp_path):
     model = tiny_model("llama")
     result = sdsengine.prune(model, sdsengine.WandaConfig(sparsity="2:4"), tiny_tokens(), progress=False)
-    out = save_checkpoint(model, None, tmp_path / "pruned", result.report)
+    out = sdsengine.save_checkpoint(model, None, tmp_path / "pruned", result.report)  # as `sdsengine prune` saves
     loaded = AutoModelForCausalLM.from_pretrained(out)
     w = loaded.model.layers[0].mlp.up_proj.weight
     assert torch.equal(w, model.model.layers[0].mlp.up_proj.weight) and (w == 0).float().mean() == 0.5
