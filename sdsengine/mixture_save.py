@@ -8,17 +8,14 @@ tensor is its rows of the bank, so it is written from a view, a tensor at a time
 the names, in the dtypes and with the values save_pretrained writes. Any other model (none of those banks; quantized,
 with adapters, offloaded, or of remote code) is saved by save_pretrained, as before.
 """
-import json
 import warnings
 
 import torch
 
 from sdsengine import transformers_compat
-from sdsengine.tensorfiles import write_safetensors
+from sdsengine.tensorfiles import SINGLE, write_index, write_safetensors
 
 SHARD_BYTES = 50 * 10 ** 9  # save_pretrained's default max_shard_size, "50GB"
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 def checkpoint_entries(model):
@@ -81,8 +78,7 @@ def write_shards(directory, entries, shard_bytes=SHARD_BYTES):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         total += write_safetensors(directory / file, shard)
         weight_map.update(dict.fromkeys((name for name, *_ in shard), file))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX).write_text(json.dumps(index, indent=2))
+    write_index(directory, weight_map, total)
 
 
 def _needs_save_pretrained(model, state) -> bool:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+SINGLE = "model.safetensors"  # a Hugging Face checkpoint's weights in one file
+INDEX = "model.safetensors.index.json"  # or in shards, each tensor's named in this index
+
 CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 DTYPES = {code: dtype for dtype, code in CODES.items()}
@@ -101,6 +104,13 @@ def write_safetensors(path, entries) -> int:
                 raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, not the header's {dtype} {shape}")
             file.add(name, tensor)
     return file.size
+
+
+def write_index(directory, weight_map, total_size):
+    """The index of a checkpoint written in shards: each tensor's file (weight_map, name -> file name), and the bytes of
+    tensor data in all (total_size)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(directory) / INDEX).write_text(json.dumps(index, indent=2))
 
 
 class SafetensorsWriter:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import sdsengine
-from sdsengine import mixture_save, transformers_compat
+from sdsengine import mixture_save, tensorfiles, transformers_compat
 from sdsengine.algorithms import magnitude, wanda
 from sdsengine.algorithms.stats import InputNorms
 from sdsengine.checkpoint import save_checkpoint
@@ -222,7 +222,7 @@ def test_a_mixture_larger_than_a_shard_is_saved_in_shards_with_an_index(tmp_path
     entries = mixture_save.checkpoint_entries(model)
     largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
     mixture_save.write_shards(tmp_path, entries, shard_bytes=largest)
-    index = json.loads((tmp_path / mixture_save.INDEX).read_text())
+    index = json.loads((tmp_path / tensorfiles.INDEX).read_text())
     files = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
     assert all(sum(t.numel() * t.element_size() for t in load_file(f).values()) <= largest for f in files)

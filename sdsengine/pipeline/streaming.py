@@ -29,13 +29,11 @@ import torch
 
 from sdsengine import transformers_compat
 from sdsengine.report import linear_sizes, weighted_sparsity
-from sdsengine.tensorfiles import Stored, file_header, read_tensor, write_safetensors
+from sdsengine.tensorfiles import INDEX, SINGLE, Stored, file_header, read_tensor, write_index, write_safetensors
 
 from . import adapters, experts
 from .sequential import non_finite
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 FLOATS = {"F32", "F16", "BF16", "F64"}  # what a checkpoint's dtype names a plain float tensor
 
 
@@ -130,8 +128,7 @@ class WeightStream:
         entries += [(name, t.dtype, t.shape, lambda t=t: t) for name, t in self.state.items()
                     if not t.is_meta and name not in self.keys and not name.startswith(under)]
         self._write(len(self.layers), entries)
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.out / INDEX).write_text(json.dumps(index, indent=2))
+        write_index(self.out, self.weight_map, self.total_size)
 
     def tensors(self):
         """(name, tensor) of the model's state dict as it is now, read from the checkpoint one at a time where the
