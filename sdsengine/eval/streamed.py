@@ -36,8 +36,7 @@ def final_states(model, groups, weights, device, progress=True):
         yield
         return
     device = torch.device(device)
-    need = sum(memory.buffer_bytes(model, *ids.shape) for ids in groups)
-    store = memory.store_device(device, need)
+    need, store = _kept(model, groups, device)
     windows, tokens = sum(ids.shape[0] for ids in groups), sum(ids.numel() for ids in groups)
     memory.check_fits(need, store, f"the hidden states of {windows} evaluation windows ({tokens} tokens)",
                       "lower --limit (or --seqlen)")
@@ -67,11 +66,18 @@ def one_pass(model, groups, weights, device, progress=True):
     """final_states over `groups` (the windows of several tasks, in the order the tasks run) where their hidden states
     fit in half the memory they would be kept in (the rest is for the layers and the tasks' work), so the layers are
     read once for all of them; else nothing, and each task makes its own pass (its windows alone must fit)."""
-    need = sum(memory.buffer_bytes(model, *ids.shape) for ids in groups)
-    free = memory.available_bytes(memory.store_device(torch.device(device), need))
+    need, store = _kept(model, groups, torch.device(device))
+    free = memory.available_bytes(store)
     if free is not None and need > free / 2:
         return contextlib.nullcontext()
     return final_states(model, groups, weights, device, progress)
+
+
+def _kept(model, groups, device):
+    """(bytes, device) of the hidden states of `groups`' windows, kept between layers: on `device` where they fit in
+    half its free memory, else on the host."""
+    need = sum(memory.buffer_bytes(model, *ids.shape) for ids in groups)
+    return need, memory.store_device(device, need)
 
 
 @contextlib.contextmanager
