@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from sdsengine import transformers_compat
-from sdsengine.tensorfiles import SINGLE, write_index, write_safetensors
+from sdsengine.tensorfiles import SINGLE, held, write_index, write_safetensors
 
 SHARD_BYTES = 50 * 10 ** 9  # save_pretrained's default max_shard_size, "50GB"
 
@@ -56,7 +56,7 @@ def _entries(model):
         warnings.warn("the experts' tensors are not where transformers' own save puts them: saved by save_pretrained, "
                       "which copies every bank")
         return None
-    return [(key, t.dtype, t.shape, lambda t=t: t) for key, t in tensors.items()]
+    return held(tensors.items())
 
 
 def write_shards(directory, entries, shard_bytes=SHARD_BYTES):

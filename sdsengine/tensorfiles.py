@@ -91,6 +91,11 @@ def _fill(f, tensor, path):
         done += count
 
 
+def held(pairs) -> list:
+    """write_safetensors' entries for tensors already held, (name, tensor) pairs."""
+    return [(name, t.dtype, t.shape, lambda t=t: t) for name, t in pairs]
+
+
 def write_safetensors(path, entries) -> int:
     """Write entries [(name, dtype, shape, make)] as a safetensors file, each tensor made (make()) only as its bytes are
     written, and return the bytes of tensor data. safetensors' save_file takes every tensor at once: a stream would hold

@@ -29,7 +29,8 @@ import torch
 
 from sdsengine import transformers_compat
 from sdsengine.report import linear_sizes, weighted_sparsity
-from sdsengine.tensorfiles import INDEX, SINGLE, Stored, file_header, read_tensor, write_index, write_safetensors
+from sdsengine.tensorfiles import (INDEX, SINGLE, Stored, file_header, held, read_tensor, write_index,
+                                   write_safetensors)
 
 from . import adapters, experts
 from .sequential import non_finite
@@ -125,8 +126,8 @@ class WeightStream:
                 dtype = self.state[names[key]].dtype if key in names else self.model.dtype
                 shape = self.headers[key].shape
                 entries.append((key, dtype, shape, lambda key=key, dtype=dtype: self._read(key, dtype)))
-        entries += [(name, t.dtype, t.shape, lambda t=t: t) for name, t in self.state.items()
-                    if not t.is_meta and name not in self.keys and not name.startswith(under)]
+        entries += held((name, t) for name, t in self.state.items()
+                        if not t.is_meta and name not in self.keys and not name.startswith(under))
         self._write(len(self.layers), entries)
         write_index(self.out, self.weight_map, self.total_size)
 
@@ -153,8 +154,8 @@ class WeightStream:
         shard, under the checkpoint's names, and count its linears' sparsity."""
         prefix, index = self.prefixes[id(layer)], self.layers[id(layer)]
         rest, banks = experts.fused_banks(layer, state)
-        entries = [(self.keys.get(f"{prefix}.{name}", f"{prefix}.{name}"), t.dtype, t.shape, lambda t=t: t)
-                   for name, t in rest.items()]  # each under the key it was read from (a buffer under its name)
+        # each under the key it was read from (a buffer under its name)
+        entries = held((self.keys.get(f"{prefix}.{name}", f"{prefix}.{name}"), t) for name, t in rest.items())
         for name, parts in banks.items():
             entries += self._bank_entries(f"{prefix}.{name}", parts)
         self._write(index, entries)
@@ -280,8 +281,7 @@ class WeightStream:
     def _rows_entries(self, name, parts):
         """Entries that write each checkpoint tensor bank `name` was built from (_filled) as its rows of its expert's
         slice of the bank, parts[e]: views of what the layer holds, where transformers' split would copy the bank."""
-        pieces = transformers_compat.rows_split(*self.built[name], self.headers, parts)
-        return [(key, piece.dtype, piece.shape, lambda piece=piece: piece) for key, piece in pieces.items()]
+        return held(transformers_compat.rows_split(*self.built[name], self.headers, parts).items())
 
     def _read(self, key, dtype=None):
         """The checkpoint's tensor `key` on the host, in dtype (default: the file's)."""
