@@ -6,17 +6,20 @@ table, pip calls the PEP 660 hook directly; this test calls that hook, offline, 
 """
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
+import types
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from sdsengine.cuda_build import toolkit_problem
+from sdsengine.kernels._shadow import NotInstalled, hand_over
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,7 +126,7 @@ def test_the_checkouts_kernels_folder_does_not_hide_hugging_faces_package():
     # root, `import kernels` found our folder first and every transformers model failed to import
     done = _python_in_the_checkout("import kernels; print(kernels.__file__)")
     if importlib.util.find_spec("kernels") is None or not _distribution("kernels"):
-        assert done.returncode != 0 and "No module named 'kernels'" in done.stderr, done.stderr[-2000:]
+        assert done.returncode != 0 and "no package 'kernels' is installed" in done.stderr, done.stderr[-2000:]
     else:
         assert done.returncode == 0, done.stderr[-2000:]
         assert not Path(done.stdout.strip()).is_relative_to(ROOT / "kernels"), done.stdout
@@ -135,6 +138,75 @@ def test_transformers_and_sdsengine_kernels_import_in_the_checkouts_root():
     done = _python_in_the_checkout(code)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["sdsengine.kernels", str(ROOT / "kernels" / "__init__.py")]
+
+
+def _package_dirs(root, **packages):
+    """Under root: for each name, a folder with an __init__.py (True) or without one (False, a namespace)."""
+    for name, regular in packages.items():
+        (root / name).mkdir()
+        if regular:
+            (root / name / "__init__.py").write_text("__version__ = '1.0'\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("found", ["nothing", "a namespace folder", "a package"])
+def test_the_name_goes_to_an_installed_package_or_to_a_stand_in(tmp_path, monkeypatch, found):
+    """hand_over gives the name to the package installed under it; where there is none, or only a folder without
+    an __init__.py (tests/kernels, where pytest puts tests/ on sys.path), to a stand-in that transformers' probe
+    (getattr with defaults) reads as not installed and that inspect.getmodule passes over."""
+    name = "sds_hand_over_probe"
+    if found != "nothing":
+        monkeypatch.syspath_prepend(_package_dirs(tmp_path, **{name: found == "a package"}))
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # as this folder, running under that name
+    hand_over(name)
+    module = sys.modules.pop(name)
+    if found == "a package":
+        assert module.__file__ == str(tmp_path / name / "__init__.py") and module.__version__ == "1.0"
+        return
+    assert isinstance(module, NotInstalled)
+    assert getattr(module, "__version__", "N/A") == "N/A" and getattr(module, "__file__", None) is None
+    assert not hasattr(module, "__file__")
+    sys.modules[name] = module  # probed again: find_spec answers from sys.modules, and needs a spec there
+    try:
+        assert importlib.util.find_spec(name).name == name
+    finally:
+        del sys.modules[name]
+    with pytest.raises(AttributeError, match=f"no package '{name}' is installed"):
+        module.get_kernel
+    sys.modules[name] = module  # inspect.getmodule looks at every module: a file of None failed it
+    try:
+        assert inspect.getmodule(inspect.currentframe()) is sys.modules[__name__]
+    finally:
+        del sys.modules[name]
+
+
+_WITHOUT_KERNELS = """
+import importlib.machinery, sys
+class Hidden:  # Hugging Face's `kernels` as if not installed: only what lies outside site-packages is found
+    def find_spec(self, name, path=None, target=None):
+        if name == "kernels":
+            spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if "packages" not in p])
+            if spec is None:
+                raise ModuleNotFoundError("No module named 'kernels'", name=name)
+            return spec
+sys.meta_path.insert(0, Hidden())
+sys.path.append("tests")  # as pytest puts it: tests/kernels is then a namespace folder named `kernels`
+"""
+
+
+def test_the_checkouts_root_is_safe_where_no_kernels_package_is_installed():
+    """transformers before 5.25 does not require Hugging Face's `kernels`; its probe finds our folder (find_spec)
+    and imports it unguarded. With none installed, the probe must see no package, and nothing may be left that
+    breaks inspect.getmodule, which torch calls as it registers custom ops (torch._dynamo, which transformers
+    imports): a namespace module did, once torch's import had seen this folder's file under that name."""
+    code = _WITHOUT_KERNELS + (
+        "import kernels, inspect, json, torch._dynamo\n"  # this folder runs (and imports torch) first
+        "print(getattr(kernels, '__version__', 'N/A'), getattr(kernels, '__file__', None))\n"
+        "print(inspect.getmodule(json.dumps.__code__).__name__)\n"  # a scan of every module
+        "import importlib.util; print(importlib.util.find_spec('kernels').origin)\n")  # probed again
+    done = _python_in_the_checkout(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["N/A", "None", "json", "None"], done.stdout
 
 
 def _distribution(name):
