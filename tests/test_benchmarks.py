@@ -20,7 +20,7 @@ import torch
 
 from sdsengine import ops
 from test_grouped_experts import fake_grouped_kernel
-from tiny_models import tiny_model, tiny_tokens
+from tiny_models import needs_fused_experts, tiny_model, tiny_tokens
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 REQUIRED = {"bench", "shape", "dtype", "pattern", "gpu", "torch", "triton", "cuda", "ms", "baseline_ms", "speedup",
@@ -474,6 +474,7 @@ def test_a_method_stopped_by_sigterm_leaves_a_record_of_how_long_it_ran(benchmar
     assert "SIGTERM" in record["error"]
 
 
+@needs_fused_experts
 def test_e2e_measures_a_mixture_with_its_experts_pruned_and_converted(benchmark):
     """bench_e2e's mixture shapes: every expert 2:4 along its inputs (routers dense), the dense banks counted in
     the dense model's weights, the converted experts as SparseLinears, both timed."""

@@ -19,10 +19,11 @@ from sdsengine.masks import nm_violations
 from sdsengine.pipeline import adapters, experts, sequential
 from sdsengine.pipeline.capture import capture_layer_inputs
 from sdsengine.pipeline.sequential import linear_groups, run_layer
-from tiny_models import MOE_SETTINGS, layer_outputs, mixture_or_skip, tiny_config, tiny_model, tiny_tokens
+from tiny_models import (MOE_SETTINGS, layer_outputs, mixture_or_skip, needs_fused_experts, tiny_config, tiny_model,
+                         tiny_tokens)
 
 MOE = [family for family in MOE_SETTINGS if family in adapters.MOE_FAMILIES]
-pytestmark = pytest.mark.skipif(transformers_compat.major() < 5, reason="fused experts came with transformers 5")
+pytestmark = needs_fused_experts
 
 
 def _state(model):

@@ -10,7 +10,7 @@ import sdsengine
 from sdsengine.config import SDSConfig, WandaConfig
 from sdsengine.pipeline import adapters, memory
 from sdsengine.pipeline.capture import capture_layer_inputs
-from tiny_models import tiny_model, tiny_tokens
+from tiny_models import needs_fused_experts, tiny_model, tiny_tokens
 
 CPU = torch.device("cpu")
 
@@ -336,6 +336,7 @@ print((hwm() - before) / layer)
 
 
 @linux_only
+@needs_fused_experts
 def test_a_loaded_mixtures_prune_copies_no_expert():
     """A mixture pruned where it sits: its experts' linears are views of the banks, pruned in place. Copies of every
     expert, stacked back into new banks on leaving, raised the peak by 1.1 layers here (the allocator keeps the freed
@@ -359,6 +360,7 @@ print((hwm() - before) / layer)
 
 
 @linux_only
+@needs_fused_experts
 def test_a_loaded_mixture_is_saved_without_copies_of_its_banks(tmp_path):
     """Each expert's tensors written from views of the banks (mixture_save.py). transformers' save_pretrained copied
     every gate_up bank at once (two thirds of each layer's bytes): 3.9 layers here; now 0.05."""
