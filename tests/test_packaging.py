@@ -166,16 +166,12 @@ def test_the_name_goes_to_an_installed_package_or_to_a_stand_in(tmp_path, monkey
     assert isinstance(module, NotInstalled)
     assert getattr(module, "__version__", "N/A") == "N/A" and getattr(module, "__file__", None) is None
     assert not hasattr(module, "__file__")
-    sys.modules[name] = module  # probed again: find_spec answers from sys.modules, and needs a spec there
-    try:
-        assert importlib.util.find_spec(name).name == name
-    finally:
-        del sys.modules[name]
     with pytest.raises(AttributeError, match=f"no package '{name}' is installed"):
         module.get_kernel
-    sys.modules[name] = module  # inspect.getmodule looks at every module: a file of None failed it
+    sys.modules[name] = module  # as the import leaves it
     try:
-        assert inspect.getmodule(inspect.currentframe()) is sys.modules[__name__]
+        assert importlib.util.find_spec(name).name == name  # probed again: answered from sys.modules, by its spec
+        assert inspect.getmodule(inspect.currentframe()) is sys.modules[__name__]  # a scan: a file of None failed it
     finally:
         del sys.modules[name]
 
